@@ -1,0 +1,202 @@
+//! CPU set-up (GDT, TSS with IST stacks, IDT), feature checks, the exception report, and
+//! stopping the machine.
+
+use core::fmt::Write as _;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use ipc_spec::machine_exit::{MachineExit, DEBUG_EXIT_PORT};
+use pvh::exceptions::{exception_name, exception_stub_addresses, ExceptionFrame, Idt};
+use x86_64::instructions::port::Port;
+use x86_64::instructions::segmentation::{Segment as _, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+use super::serial::{Serial, CONSOLE_LOCK};
+
+pvh::exception_stubs!(crate::arch::cpu::exception_handler);
+
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct Stack([u8; IST_STACK_SIZE]);
+
+/// Separate stacks for faults that may hit with a broken stack: #DF, NMI, #MC.
+static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
+
+static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
+static GDT: spin::Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> =
+    spin::Once::new();
+static IDT: spin::Once<Idt> = spin::Once::new();
+
+/// Install the microvisor's own GDT, TSS and IDT (replacing the boot trampoline's GDT).
+pub fn init() {
+    let tss = TSS.call_once(|| {
+        let mut tss = TaskStateSegment::new();
+        for i in 0..3 {
+            // Only the address of the static is taken (no reference is formed); each IST
+            // stack is used by the CPU alone.
+            let base = (&raw const IST_STACKS) as u64 + (i * IST_STACK_SIZE) as u64;
+            tss.interrupt_stack_table[i] = VirtAddr::new(base + IST_STACK_SIZE as u64);
+        }
+        tss
+    });
+    let (gdt, code, data, tss_sel) = GDT.call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
+        let code = gdt.append(Descriptor::kernel_code_segment());
+        let data = gdt.append(Descriptor::kernel_data_segment());
+        let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+        (gdt, code, data, tss_sel)
+    });
+    gdt.load();
+    // SAFETY: the selectors index the GDT just loaded, whose descriptors are a 64-bit code
+    // segment, a data segment and the TSS above; all are 'static.
+    unsafe {
+        CS::set_reg(*code);
+        SS::set_reg(*data);
+        DS::set_reg(*data);
+        ES::set_reg(*data);
+        load_tss(*tss_sel);
+    }
+    let idt = IDT.call_once(|| {
+        let mut idt = Idt::new();
+        for (vector, stub) in exception_stub_addresses().into_iter().enumerate() {
+            let ist = match vector {
+                8 => 1,
+                2 => 2,
+                18 => 3,
+                _ => 0,
+            };
+            idt.set(vector as u8, stub, code.0, ist);
+        }
+        idt
+    });
+    idt.load();
+}
+
+static CURRENT_DOMAIN: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+static CURRENT_DOMAIN_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Record which domain the microvisor is working for, so an exception report can name it.
+pub fn set_current_domain(name: Option<&'static str>) {
+    let (ptr, len) = name.map_or((core::ptr::null_mut(), 0), |n| (n.as_ptr() as *mut u8, n.len()));
+    CURRENT_DOMAIN_LEN.store(len, Ordering::Relaxed);
+    CURRENT_DOMAIN.store(ptr, Ordering::Release);
+}
+
+fn current_domain() -> Option<&'static str> {
+    let ptr = CURRENT_DOMAIN.load(Ordering::Acquire);
+    if ptr.is_null() {
+        return None;
+    }
+    let len = CURRENT_DOMAIN_LEN.load(Ordering::Relaxed);
+    // SAFETY: the pointer and length were taken together from a &'static str in
+    // set_current_domain, so they describe valid, immutable UTF-8 for the program's life.
+    Some(unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr, len)) })
+}
+
+/// Every CPU exception in root mode is a microvisor bug: report it and stop the machine.
+extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    // The fault may have hit while the console lock was held; a report matters more.
+    // SAFETY: this CPU is the only one running and it is not coming back from here.
+    unsafe { CONSOLE_LOCK.force_unlock() };
+    let mut s = Serial;
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "[microvisor] FATAL: CPU exception {} ({}) in the microvisor",
+        frame.vector,
+        exception_name(frame.vector)
+    );
+    let _ = writeln!(
+        s,
+        "[microvisor]   error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RSP {:#018x}, RFLAGS {:#x}",
+        frame.error_code, frame.rip, cr2, frame.rsp, frame.rflags
+    );
+    match current_domain() {
+        Some(d) => {
+            let _ = writeln!(s, "[microvisor]   while handling domain {d}");
+        }
+        None => {
+            let _ = writeln!(s, "[microvisor]   no domain was being handled");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "[microvisor]   RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x} RSI {:#x} RDI {:#x}",
+        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi
+    );
+    exit_machine(MachineExit::MicrovisorFault);
+}
+
+/// End the QEMU run with `code` (through isa-debug-exit); halt forever if that device is
+/// absent.
+pub fn exit_machine(code: MachineExit) -> ! {
+    // SAFETY: port 0xf4 is QEMU's isa-debug-exit device; writing it terminates the VM. On
+    // a machine without it the write is ignored and we halt below.
+    unsafe { Port::<u32>::new(DEBUG_EXIT_PORT).write(code as u32) };
+    halt_forever()
+}
+
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+/// Why this CPU cannot run the microvisor.
+pub enum CpuProblem {
+    NoSvm,
+    NoNestedPaging,
+    SvmDisabledByFirmware,
+    NoNx,
+}
+
+impl CpuProblem {
+    pub fn explain(&self) -> &'static str {
+        match self {
+            Self::NoSvm => {
+                "this CPU has no AMD SVM (CPUID 0x80000001 ECX bit 2). Start QEMU with \
+                 `-cpu qemu64,+svm,+npt` (or `-cpu max`)."
+            }
+            Self::NoNestedPaging => {
+                "this CPU has SVM but no nested paging (CPUID 0x8000000A EDX bit 0). Start \
+                 QEMU with `-cpu qemu64,+svm,+npt` (the `+npt` is missing)."
+            }
+            Self::SvmDisabledByFirmware => "SVM is disabled by firmware (VM_CR.SVMDIS is set).",
+            Self::NoNx => "this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 \
+                           permissions need. Start QEMU with `-cpu qemu64,+svm,+npt`.",
+        }
+    }
+}
+
+/// Facts about the CPU's SVM implementation the microvisor relies on.
+pub struct SvmFeatures {
+    pub asids: u32,
+    pub next_rip_save: bool,
+}
+
+pub fn check_svm() -> Result<SvmFeatures, CpuProblem> {
+    let ext_max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
+    if ext1.ecx & (1 << 2) == 0 || ext_max < 0x8000_000a {
+        return Err(CpuProblem::NoSvm);
+    }
+    if ext1.edx & (1 << 20) == 0 {
+        return Err(CpuProblem::NoNx);
+    }
+    // Leaf 0x8000000A exists: checked against the maximum extended leaf above.
+    let svm = core::arch::x86_64::__cpuid(0x8000_000a);
+    if svm.edx & 1 == 0 {
+        return Err(CpuProblem::NoNestedPaging);
+    }
+    // SAFETY: VM_CR (0xC0010114) exists on every CPU that reports SVM.
+    let vm_cr = unsafe { x86_64::registers::model_specific::Msr::new(0xc001_0114).read() };
+    if vm_cr & (1 << 4) != 0 {
+        return Err(CpuProblem::SvmDisabledByFirmware);
+    }
+    Ok(SvmFeatures { asids: svm.ebx, next_rip_save: svm.edx & (1 << 3) != 0 })
+}

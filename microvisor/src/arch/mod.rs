@@ -1,0 +1,8 @@
+//! x86-64 hardware glue: everything that touches a CPU instruction, an I/O port or physical
+//! memory directly. Portable decisions live in the library crate.
+
+pub mod acpi;
+pub mod cpu;
+pub mod phys;
+pub mod serial;
+pub mod svm;

@@ -1,0 +1,68 @@
+//! COM1 (16550 UART at 0x3f8): the microvisor's console, which it shares out to domains
+//! through the console hypercall.
+
+use core::fmt;
+use x86_64::instructions::port::Port;
+
+const COM1: u16 = 0x3f8;
+
+pub struct Serial;
+
+impl Serial {
+    pub fn init() {
+        let out = |offset: u16, value: u8| {
+            // SAFETY: COM1's registers are owned by the microvisor alone (no domain is
+            // given port I/O), and these writes only configure the UART.
+            unsafe { Port::<u8>::new(COM1 + offset).write(value) }
+        };
+        out(1, 0x00); // no UART interrupts
+        out(3, 0x80); // DLAB on
+        out(0, 0x01); // divisor 1: 115200 baud
+        out(1, 0x00);
+        out(3, 0x03); // 8N1, DLAB off
+        out(2, 0xc7); // FIFOs on and cleared
+        out(4, 0x03); // DTR, RTS
+    }
+
+    fn write_byte(b: u8) {
+        // SAFETY: reading the line status and writing the data register of the
+        // microvisor-owned UART has no effect beyond sending this byte.
+        unsafe {
+            let mut status = Port::<u8>::new(COM1 + 5);
+            while status.read() & 0x20 == 0 {
+                core::hint::spin_loop();
+            }
+            Port::<u8>::new(COM1).write(b);
+        }
+    }
+
+    pub fn write_bytes(bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                Self::write_byte(b'\r');
+            }
+            Self::write_byte(b);
+        }
+    }
+}
+
+impl fmt::Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        Self::write_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Serialises whole lines from the microvisor and from domains.
+pub static CONSOLE_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// `println!` for the microvisor: every line is prefixed `[microvisor]`.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _guard = $crate::arch::serial::CONSOLE_LOCK.lock();
+        let _ = write!($crate::arch::serial::Serial, "[microvisor] ");
+        let _ = writeln!($crate::arch::serial::Serial, $($arg)*);
+    }};
+}

@@ -1,0 +1,17 @@
+//! Building the stack and running it in QEMU, shared by the `cargo xtask` command line and
+//! the end-to-end tests in `tests/`.
+
+pub mod build;
+pub mod qemu;
+pub mod setup;
+
+use std::path::PathBuf;
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// The bare-metal target every image is built for.
+pub const BARE_METAL_TARGET: &str = "x86_64-unknown-none";

@@ -1,0 +1,166 @@
+//! `cargo xtask <command>`: build, run and test the stack.
+//!
+//! - `build`                 build every image and pack the boot bundle
+//! - `run [options]`         boot the stack in QEMU with the console on this terminal
+//!     `--smoke`             boot, wait until every domain reports ready, summarise, stop
+//!     `--gdb`               wait for a debugger on localhost:1234 before starting
+//!     `--append "<words>"`  extra microvisor command-line words (e.g. `dom0.selftest=...`)
+//!     `--timeout <secs>`    with --smoke: give up after this long (default 120)
+//! - `test`                  host tests, then the QEMU end-to-end tests
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use xtask::build::{self, DOMAIN_IMAGES};
+use xtask::qemu::{self, describe_exit, Ending, Machine};
+use xtask::{setup, workspace_root};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build::build(&build::default_target_dir()).map(|_| ()),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            println!("{}", USAGE);
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+  build                 build the microvisor and domain images, pack target/stack/bundle.bin
+  run [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
+                        boot the stack in QEMU (console on this terminal; Ctrl-A X quits)
+  test                  host tests, then the QEMU end-to-end tests";
+
+struct RunOptions {
+    smoke: bool,
+    gdb: bool,
+    append: String,
+    timeout: Duration,
+}
+
+fn parse_run(args: &[String]) -> Result<RunOptions, String> {
+    let mut o = RunOptions { smoke: false, gdb: false, append: String::new(), timeout: Duration::from_secs(120) };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--smoke" => o.smoke = true,
+            "--gdb" => o.gdb = true,
+            "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
+            "--timeout" => {
+                let v = it.next().ok_or("--timeout needs a number of seconds")?;
+                o.timeout = Duration::from_secs(v.parse().map_err(|_| format!("--timeout: `{v}` is not a number"))?);
+            }
+            other => return Err(format!("run: unknown option `{other}`\n\n{USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let opts = parse_run(args)?;
+    setup::ensure_qemu()?;
+    let artifacts = build::build(&build::default_target_dir())?;
+    let mut machine = Machine::new(&artifacts);
+    machine.append = opts.append.clone();
+    machine.gdb = opts.gdb;
+    if !opts.smoke {
+        println!("xtask: {}", machine.display_command(true));
+        if opts.gdb {
+            println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
+        }
+        println!("xtask: console follows; press Ctrl-A X to quit QEMU");
+        let status = machine.interactive_command().status().map_err(|e| format!("could not start QEMU: {e}"))?;
+        println!("xtask: QEMU ended: {}", describe_exit(status.code()));
+        return Ok(());
+    }
+    smoke(&machine, opts.timeout)
+}
+
+/// Boot, wait until every domain of the stack reports ready, then stop QEMU.
+fn smoke(machine: &Machine, timeout: Duration) -> Result<(), String> {
+    println!("smoke: {}", machine.display_command(false));
+    let domains: Vec<&str> = DOMAIN_IMAGES.iter().map(|(name, _)| *name).collect();
+    let ready = |lines: &[String], d: &str| {
+        let prefix = format!("[{d}] ready");
+        lines.iter().any(|l| l.starts_with(&prefix))
+    };
+    let run = qemu::run_captured(machine, timeout, true, |lines| domains.iter().all(|d| ready(lines, d)))?;
+    let find = |needle: &str| run.lines.iter().find(|l| l.contains(needle)).cloned();
+    match run.ending {
+        Ending::Stopped => {
+            let acpi = find("[microvisor] acpi:").unwrap_or_default();
+            let guest = if run.has_line("[dom0] ready (in SVM guest mode)") { "in SVM guest mode" } else { "" };
+            println!(
+                "smoke: OK in {:.1} s: microvisor booted; {}; ready: {} {}",
+                run.elapsed.as_secs_f64(),
+                acpi.trim_start_matches("[microvisor] "),
+                domains.join(", "),
+                guest
+            );
+            Ok(())
+        }
+        Ending::Exited(code) => {
+            let missing: Vec<_> = domains.iter().filter(|d| !ready(&run.lines, d)).collect();
+            Err(format!(
+                "smoke: QEMU ended before {:?} reported ready: {}{}",
+                missing,
+                describe_exit(code),
+                if run.stderr.trim().is_empty() { String::new() } else { format!("\nQEMU said: {}", run.stderr.trim()) }
+            ))
+        }
+        Ending::TimedOut => Err(format!(
+            "smoke: timed out after {} s waiting for every domain to report ready (see the console above)",
+            timeout.as_secs()
+        )),
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!("test: unknown option `{a}`"));
+    }
+    setup::ensure_target()?;
+    setup::ensure_qemu()?;
+    println!("xtask test: [1/3] host tests of the portable logic (cargo test --workspace --exclude stack-tests)");
+    let ok = cargo()
+        .args(["test", "--workspace", "--exclude", "stack-tests"])
+        .status()
+        .map_err(|e| format!("could not run cargo: {e}"))?
+        .success();
+    if !ok {
+        return Err("host tests failed (see above)".into());
+    }
+    println!("xtask test: [2/3] building the bare-metal images");
+    let target_dir = build::default_target_dir();
+    let artifacts = build::build(&target_dir)?;
+    println!("xtask test: [3/3] end-to-end tests in QEMU (cargo test -p stack-tests)");
+    let ok = cargo()
+        .args(["test", "-p", "stack-tests"])
+        .env("STACK_MICROVISOR", &artifacts.microvisor)
+        .env("STACK_BUNDLE", &artifacts.bundle)
+        .status()
+        .map_err(|e| format!("could not run cargo: {e}"))?
+        .success();
+    if !ok {
+        return Err("end-to-end tests failed (see above)".into());
+    }
+    println!("xtask test: all passed");
+    Ok(())
+}

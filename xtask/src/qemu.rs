@@ -1,0 +1,216 @@
+//! Starting QEMU on the stack, interactively or with the console captured line by line.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ipc_spec::machine_exit::MachineExit;
+
+use crate::build::Artifacts;
+use crate::setup::QEMU;
+
+/// The CPU model with the features the microvisor needs.
+pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
+
+/// One QEMU machine configuration.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub kernel: PathBuf,
+    /// The boot bundle; `None` boots without `-initrd`.
+    pub initrd: Option<PathBuf>,
+    pub cpu: String,
+    pub memory_mib: u32,
+    pub iommu: bool,
+    /// The microvisor's command line (`-append`).
+    pub append: String,
+    /// Wait for a debugger on tcp::1234 before starting.
+    pub gdb: bool,
+}
+
+impl Machine {
+    pub fn new(artifacts: &Artifacts) -> Self {
+        Self {
+            kernel: artifacts.microvisor.clone(),
+            initrd: Some(artifacts.bundle.clone()),
+            cpu: DEFAULT_CPU.into(),
+            memory_mib: 512,
+            iommu: true,
+            append: String::new(),
+            gdb: false,
+        }
+    }
+
+    /// QEMU arguments, without the console options.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-machine".into(),
+            "q35".into(),
+            "-cpu".into(),
+            self.cpu.clone(),
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-smp".into(),
+            "1".into(),
+            "-no-reboot".into(),
+            "-device".into(),
+            "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+        ];
+        if self.iommu {
+            a.extend(["-device".into(), "intel-iommu".into()]);
+        }
+        a.extend(["-kernel".into(), self.kernel.display().to_string()]);
+        if let Some(initrd) = &self.initrd {
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        if !self.append.is_empty() {
+            a.extend(["-append".into(), self.append.clone()]);
+        }
+        if self.gdb {
+            a.extend(["-s".into(), "-S".into()]);
+        }
+        a
+    }
+
+    /// The command for an interactive run: serial console and QEMU monitor on the terminal.
+    pub fn interactive_command(&self) -> Command {
+        let mut c = Command::new(QEMU);
+        c.args(self.args()).args(["-display", "none", "-serial", "mon:stdio"]);
+        c
+    }
+
+    /// The command for a captured run: serial on stdout, no monitor.
+    pub fn captured_command(&self) -> Command {
+        let mut c = Command::new(QEMU);
+        c.args(self.args()).args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    /// The command line as a shell would show it.
+    pub fn display_command(&self, interactive: bool) -> String {
+        let c = if interactive { self.interactive_command() } else { self.captured_command() };
+        let mut s = QEMU.to_string();
+        for a in c.get_args() {
+            let a = a.to_string_lossy();
+            if a.contains(' ') || a.is_empty() {
+                s.push_str(&format!(" '{a}'"));
+            } else {
+                s.push(' ');
+                s.push_str(&a);
+            }
+        }
+        s
+    }
+}
+
+/// How a captured run ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// QEMU exited by itself with this status.
+    Exited(Option<i32>),
+    /// The `stop_when` condition held; QEMU was killed.
+    Stopped,
+    /// Nothing happened in time; QEMU was killed.
+    TimedOut,
+}
+
+/// The console and outcome of a captured run.
+#[derive(Debug)]
+pub struct Run {
+    pub lines: Vec<String>,
+    pub ending: Ending,
+    pub elapsed: Duration,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn machine_exit(&self) -> Option<MachineExit> {
+        match self.ending {
+            Ending::Exited(Some(code)) => MachineExit::from_qemu_status(code),
+            _ => None,
+        }
+    }
+
+    pub fn has_line(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+
+    pub fn console(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// Describe a QEMU exit status in words.
+pub fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        None => "QEMU was killed by a signal".into(),
+        Some(c) => match MachineExit::from_qemu_status(c) {
+            Some(e) => format!("exit status {c} ({e:?})"),
+            None => format!("exit status {c} (QEMU itself failed or the machine reset)"),
+        },
+    }
+}
+
+/// Run `machine`, echoing console lines when `echo`, until QEMU exits, `stop_when`
+/// returns true for the lines so far (QEMU is then killed), or `timeout` passes.
+pub fn run_captured(
+    machine: &Machine,
+    timeout: Duration,
+    echo: bool,
+    mut stop_when: impl FnMut(&[String]) -> bool,
+) -> Result<Run, String> {
+    crate::setup::ensure_qemu()?;
+    let start = Instant::now();
+    let mut child: Child =
+        machine.captured_command().spawn().map_err(|e| format!("could not start {QEMU}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let ending = loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            let _ = child.kill();
+            break Ending::TimedOut;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => {
+                if echo {
+                    println!("{line}");
+                }
+                lines.push(line);
+                if stop_when(&lines) {
+                    let _ = child.kill();
+                    break Ending::Stopped;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
+                break Ending::Exited(status.code());
+            }
+        }
+    };
+    let _ = child.wait();
+    let stderr = err_thread.join().unwrap_or_default();
+    Ok(Run { lines, ending, elapsed: start.elapsed(), stderr })
+}
