@@ -29,8 +29,17 @@ mod dom0 {
 
     fn main(info: &BootInfo) -> u64 {
         let guest_mode = report_guest_mode();
-        let ram: u64 = info.start_info.memmap().filter(|e| e.r#type == 1).map(|e| e.size).sum();
-        println!("dom0 starting: {} MiB RAM, command line \"{}\"", ram >> 20, info.cmdline);
+        let ram: u64 = info
+            .start_info
+            .memmap()
+            .filter(|e| e.r#type == 1)
+            .map(|e| e.size)
+            .sum();
+        println!(
+            "dom0 starting: {} MiB RAM, command line \"{}\"",
+            ram >> 20,
+            info.cmdline
+        );
 
         let Some(module) = info.start_info.modules().next() else {
             println!("no boot bundle module: nothing to build");
@@ -38,7 +47,8 @@ mod dom0 {
         };
         // SAFETY: the microvisor mapped the bundle read-only at this guest-physical range
         // (module 0 of the start info); dom0's page tables identity-map it.
-        let bytes = unsafe { core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize) };
+        let bytes =
+            unsafe { core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize) };
         match Bundle::parse(bytes) {
             Ok(bundle) => {
                 let names: Vec<_> = bundle.entries().map(|e| (e.name, e.data.len())).collect();
@@ -73,16 +83,25 @@ mod dom0 {
             Some("bad-hypercall") => {
                 let status = hypercall::call2(0xdead_beef, 0, 0);
                 println!("selftest: unknown hypercall returned status {status}");
-                let status = hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), OUTSIDE_RAM, 16);
+                let status =
+                    hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), OUTSIDE_RAM, 16);
                 println!("selftest: console write from outside RAM returned status {status}");
-                let status = hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), 0x1000, 1 << 20);
+                let status =
+                    hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), 0x1000, 1 << 20);
                 println!("selftest: oversized console write returned status {status}");
             }
             Some(other) => println!("unknown selftest \"{other}\" ignored"),
             None => {}
         }
 
-        println!("ready{}", if guest_mode { " (in SVM guest mode)" } else { "" });
+        println!(
+            "ready{}",
+            if guest_mode {
+                " (in SVM guest mode)"
+            } else {
+                ""
+            }
+        );
         if info.arg("on_ready") == Some("shutdown") {
             let e = hypercall::shutdown(0);
             println!("shutdown refused: {e}");

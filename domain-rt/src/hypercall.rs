@@ -24,7 +24,11 @@ pub fn call2(number: u64, arg0: u64, arg1: u64) -> u64 {
 /// Write bytes to the console (split into calls of at most CONSOLE_WRITE_MAX bytes).
 pub fn console_write(bytes: &[u8]) -> Result<(), Error> {
     for chunk in bytes.chunks(ipc_spec::hypercall::CONSOLE_WRITE_MAX as usize) {
-        result_of(call2(Hypercall::ConsoleWrite.number(), chunk.as_ptr() as u64, chunk.len() as u64))?;
+        result_of(call2(
+            Hypercall::ConsoleWrite.number(),
+            chunk.as_ptr() as u64,
+            chunk.len() as u64,
+        ))?;
     }
     Ok(())
 }

@@ -69,13 +69,24 @@ pub const fn result_of(status: u64) -> Result<(), Error> {
     }
 }
 
+/// CPUID leaf where the microvisor identifies itself to domains (EBX, ECX, EDX spell
+/// [`CPUID_SIGNATURE`]; EAX is the highest hypervisor leaf). Leaf 1 ECX bit 31 is set too.
+pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// CPUID leaf whose EAX is [`crate::ABI_VERSION`].
+pub const CPUID_LEAF_ABI: u32 = 0x4000_0001;
+pub const CPUID_SIGNATURE: [u8; 12] = *b"Microvisor  ";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn numbers_round_trip() {
-        for h in [Hypercall::ConsoleWrite, Hypercall::DomainExit, Hypercall::Shutdown] {
+        for h in [
+            Hypercall::ConsoleWrite,
+            Hypercall::DomainExit,
+            Hypercall::Shutdown,
+        ] {
             assert_eq!(Hypercall::from_number(h.number()), Some(h));
         }
         assert_eq!(Hypercall::from_number(0), None);
@@ -85,14 +96,10 @@ mod tests {
     #[test]
     fn status_round_trip() {
         assert_eq!(result_of(status_of(Ok(()))), Ok(()));
-        assert_eq!(result_of(status_of(Err(Error::BadAddress))), Err(Error::BadAddress));
+        assert_eq!(
+            result_of(status_of(Err(Error::BadAddress))),
+            Err(Error::BadAddress)
+        );
         assert_eq!(result_of(0xdead_beef), Err(Error::Unknown));
     }
 }
-
-/// CPUID leaf where the microvisor identifies itself to domains (EBX, ECX, EDX spell
-/// [`CPUID_SIGNATURE`]; EAX is the highest hypervisor leaf). Leaf 1 ECX bit 31 is set too.
-pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
-/// CPUID leaf whose EAX is [`crate::ABI_VERSION`].
-pub const CPUID_LEAF_ABI: u32 = 0x4000_0001;
-pub const CPUID_SIGNATURE: [u8; 12] = *b"Microvisor  ";

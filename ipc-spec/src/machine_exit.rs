@@ -50,7 +50,10 @@ mod tests {
     #[test]
     fn status_mapping() {
         assert_eq!(MachineExit::Success.qemu_status(), 33);
-        assert_eq!(MachineExit::from_qemu_status(33), Some(MachineExit::Success));
+        assert_eq!(
+            MachineExit::from_qemu_status(33),
+            Some(MachineExit::Success)
+        );
         assert_eq!(MachineExit::from_qemu_status(1), None);
     }
 }

@@ -10,7 +10,9 @@ use microvisor::svm::vmcb::{control, efer, save, Segment, Vmcb, DEFAULT_PAT};
 use pvh::elf::{ElfError, ElfImage};
 use pvh::start_info::{self, MemmapEntry, ModuleSpec};
 
-use crate::arch::phys::{alloc_zeroed_frames, zero_frames, IdentityMemory, PhysTables, FRAMES, PAGE_SIZE};
+use crate::arch::phys::{
+    alloc_zeroed_frames, zero_frames, IdentityMemory, PhysTables, FRAMES, PAGE_SIZE,
+};
 use crate::arch::svm::{GuestRegs, Svm};
 
 /// Guest-physical address of the page holding the domain's `hvm_start_info`.
@@ -34,19 +36,10 @@ pub struct Vcpu {
     pub state: VcpuState,
 }
 
-/// A contiguous piece of a domain's RAM.
-#[derive(Clone, Copy, Debug)]
-pub struct RamChunk {
-    pub gpa: u64,
-    pub hpa: u64,
-    pub size: u64,
-}
-
 pub struct Domain {
     pub name: &'static str,
     pub id: u16,
     pub ram_size: u64,
-    pub ram: heapless::Vec<RamChunk, 512>,
     pub stage2: NptMap,
     pub vcpu: Vcpu,
     pub console: LineBuffer,
@@ -64,10 +57,14 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::OutOfMemory { wanted } => write!(f, "out of memory (wanted {wanted:#x} bytes more)"),
+            Self::OutOfMemory { wanted } => {
+                write!(f, "out of memory (wanted {wanted:#x} bytes more)")
+            }
             Self::Stage2(e) => write!(f, "stage-2 map: {e}"),
             Self::Image(e) => write!(f, "image: {e}"),
-            Self::NoPvhEntry => f.write_str("image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"),
+            Self::NoPvhEntry => {
+                f.write_str("image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+            }
             Self::StartInfo => f.write_str("start information does not fit in its page"),
         }
     }
@@ -81,24 +78,36 @@ impl From<Stage2Error> for BuildError {
 
 impl Domain {
     /// A domain with `ram_size` bytes of zeroed RAM at guest-physical 0, and an empty vCPU.
-    pub fn create(name: &'static str, id: u16, ram_size: u64, svm: &Svm) -> Result<Self, BuildError> {
+    pub fn create(
+        name: &'static str,
+        id: u16,
+        ram_size: u64,
+        svm: &Svm,
+    ) -> Result<Self, BuildError> {
         let ram_size = ram_size.next_multiple_of(CHUNK);
         let mut stage2 = NptMap::new(&mut PhysTables)?;
-        let mut ram = heapless::Vec::new();
         let mut gpa = 0;
         while gpa < ram_size {
             // 2 MiB chunks let the stage-2 map use large pages.
-            let hpa = FRAMES
-                .lock()
-                .alloc(CHUNK / PAGE_SIZE, CHUNK)
-                .map_err(|_| BuildError::OutOfMemory { wanted: ram_size - gpa })?;
+            let hpa = FRAMES.lock().alloc(CHUNK / PAGE_SIZE, CHUNK).map_err(|_| {
+                BuildError::OutOfMemory {
+                    wanted: ram_size - gpa,
+                }
+            })?;
             // SAFETY: the frames were just allocated for this domain and nobody else holds them.
             unsafe { zero_frames(hpa, CHUNK / PAGE_SIZE) };
-            stage2.map(&mut PhysTables, gpa, hpa, CHUNK, Access::READ | Access::WRITE | Access::EXEC, MemType::WriteBack)?;
-            ram.push(RamChunk { gpa, hpa, size: CHUNK }).map_err(|_| BuildError::OutOfMemory { wanted: ram_size - gpa })?;
+            stage2.map(
+                &mut PhysTables,
+                gpa,
+                hpa,
+                CHUNK,
+                Access::READ | Access::WRITE | Access::EXEC,
+                MemType::WriteBack,
+            )?;
             gpa += CHUNK;
         }
-        let vmcb_pa = alloc_zeroed_frames(1).ok_or(BuildError::OutOfMemory { wanted: PAGE_SIZE })?;
+        let vmcb_pa =
+            alloc_zeroed_frames(1).ok_or(BuildError::OutOfMemory { wanted: PAGE_SIZE })?;
         // SAFETY: vmcb_pa is a freshly allocated, zeroed, page-aligned frame inside the
         // identity map; this vCPU owns it exclusively for the domain's lifetime.
         let vmcb = unsafe { &mut *(vmcb_pa as *mut Vmcb) };
@@ -111,9 +120,13 @@ impl Domain {
             name,
             id,
             ram_size,
-            ram,
             stage2,
-            vcpu: Vcpu { vmcb, vmcb_pa, regs: GuestRegs::default(), state: VcpuState::Stopped },
+            vcpu: Vcpu {
+                vmcb,
+                vmcb_pa,
+                regs: GuestRegs::default(),
+                state: VcpuState::Stopped,
+            },
             console: LineBuffer::new(),
         })
     }
@@ -126,11 +139,18 @@ impl Domain {
     pub fn load_image(&mut self, image: &[u8]) -> Result<u32, BuildError> {
         let elf = ElfImage::parse(image).map_err(BuildError::Image)?;
         let entry = elf.pvh_entry().ok_or(BuildError::NoPvhEntry)?;
-        elf.check_fits(IMAGE_MIN_GPA, self.ram_size - IMAGE_MIN_GPA).map_err(BuildError::Image)?;
+        elf.check_fits(IMAGE_MIN_GPA, self.ram_size - IMAGE_MIN_GPA)
+            .map_err(BuildError::Image)?;
         for seg in elf.segments() {
             let data = elf.segment_data(seg);
-            write_guest(&self.stage2, &PhysTables, &mut IdentityMemory, seg.paddr, data)
-                .map_err(|e| BuildError::Stage2(Stage2Error::NotMapped { gpa: e.gpa }))?;
+            write_guest(
+                &self.stage2,
+                &PhysTables,
+                &mut IdentityMemory,
+                seg.paddr,
+                data,
+            )
+            .map_err(|e| BuildError::Stage2(Stage2Error::NotMapped { gpa: e.gpa }))?;
             // The rest of the segment (.bss) is already zero: the RAM was zeroed at creation.
         }
         Ok(entry)
@@ -139,19 +159,37 @@ impl Domain {
     /// Map host memory read-only into the domain (e.g. the boot bundle for dom0).
     pub fn map_readonly(&mut self, gpa: u64, hpa: u64, size: u64) -> Result<(), BuildError> {
         let size = size.next_multiple_of(PAGE_SIZE);
-        self.stage2.map(&mut PhysTables, gpa, hpa, size, Access::READ, MemType::WriteBack)?;
+        self.stage2.map(
+            &mut PhysTables,
+            gpa,
+            hpa,
+            size,
+            Access::READ,
+            MemType::WriteBack,
+        )?;
         Ok(())
     }
 
     /// Write the start information page and put the vCPU at the PVH entry: 32-bit
     /// protected mode, paging off, flat segments, EBX = start info.
-    pub fn prepare_boot(&mut self, entry: u32, cmdline: &[u8], modules: &[ModuleSpec]) -> Result<(), BuildError> {
+    pub fn prepare_boot(
+        &mut self,
+        entry: u32,
+        cmdline: &[u8],
+        modules: &[ModuleSpec],
+    ) -> Result<(), BuildError> {
         let memmap = [MemmapEntry::new(0, self.ram_size, start_info::MEMMAP_RAM)];
         let mut page = [0u8; 4096];
         start_info::build_start_page(&mut page, START_INFO_GPA, cmdline, &memmap, modules, 0)
             .map_err(|_| BuildError::StartInfo)?;
-        write_guest(&self.stage2, &PhysTables, &mut IdentityMemory, START_INFO_GPA, &page)
-            .map_err(|e| BuildError::Stage2(Stage2Error::NotMapped { gpa: e.gpa }))?;
+        write_guest(
+            &self.stage2,
+            &PhysTables,
+            &mut IdentityMemory,
+            START_INFO_GPA,
+            &page,
+        )
+        .map_err(|e| BuildError::Stage2(Stage2Error::NotMapped { gpa: e.gpa }))?;
 
         let v = &mut *self.vcpu.vmcb;
         v.set_segment(save::CS, Segment::flat_code32(0x08));
@@ -174,7 +212,10 @@ impl Domain {
         v.write_u64(save::RSP, 0);
         v.set_rax(0);
         v.set_rip(entry as u64);
-        self.vcpu.regs = GuestRegs { rbx: START_INFO_GPA, ..GuestRegs::default() };
+        self.vcpu.regs = GuestRegs {
+            rbx: START_INFO_GPA,
+            ..GuestRegs::default()
+        };
         self.vcpu.state = VcpuState::Runnable;
         Ok(())
     }
@@ -182,7 +223,8 @@ impl Domain {
     /// Print one line of this domain's console output, prefixed by its name.
     pub fn console_write(&mut self, bytes: &[u8]) {
         let name = self.name;
-        self.console.push(bytes, |line| print_domain_line(name, line));
+        self.console
+            .push(bytes, |line| print_domain_line(name, line));
     }
 
     pub fn console_flush(&mut self) {

@@ -28,8 +28,12 @@ pub fn read_guest<F: Stage2Format>(
 ) -> Result<(), BadGuestAddress> {
     let mut done = 0usize;
     while done < buf.len() {
-        let addr = gpa.checked_add(done as u64).ok_or(BadGuestAddress { gpa })?;
-        let t = map.translate(tables, addr).ok_or(BadGuestAddress { gpa: addr })?;
+        let addr = gpa
+            .checked_add(done as u64)
+            .ok_or(BadGuestAddress { gpa })?;
+        let t = map
+            .translate(tables, addr)
+            .ok_or(BadGuestAddress { gpa: addr })?;
         if !t.access.contains(Access::READ) || t.mem_type != MemType::WriteBack {
             return Err(BadGuestAddress { gpa: addr });
         }
@@ -58,8 +62,12 @@ pub fn write_guest<F: Stage2Format>(
 ) -> Result<(), BadGuestAddress> {
     let mut done = 0usize;
     while done < data.len() {
-        let addr = gpa.checked_add(done as u64).ok_or(BadGuestAddress { gpa })?;
-        let t = map.translate(tables, addr).ok_or(BadGuestAddress { gpa: addr })?;
+        let addr = gpa
+            .checked_add(done as u64)
+            .ok_or(BadGuestAddress { gpa })?;
+        let t = map
+            .translate(tables, addr)
+            .ok_or(BadGuestAddress { gpa: addr })?;
         if !t.access.contains(Access::WRITE) || t.mem_type != MemType::WriteBack {
             return Err(BadGuestAddress { gpa: addr });
         }

@@ -74,7 +74,10 @@ mod kernel {
 
         let features = match cpu::check_svm() {
             Ok(f) => f,
-            Err(p) => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
+            Err(p) => fail(
+                MachineExit::CpuUnsupported,
+                format_args!("CPU: {}", p.explain()),
+            ),
         };
         println!(
             "cpu: SVM with nested paging, {} ASIDs, next-RIP save {}",
@@ -86,7 +89,10 @@ mod kernel {
 
         // Physical memory: all RAM below 4 GiB except what is in use.
         // Only the addresses of the linker-defined symbols are taken.
-        let (image_start, image_end) = (&raw const __image_start as u64, &raw const __image_end as u64);
+        let (image_start, image_end) = (
+            &raw const __image_start as u64,
+            &raw const __image_end as u64,
+        );
         let mut reserved: heapless::Vec<PhysRange, 4> = heapless::Vec::new();
         let _ = reserved.push(PhysRange::new(0, 0x10_0000)); // firmware, start info, real-mode area
         let _ = reserved.push(PhysRange::new(image_start, image_end));
@@ -117,14 +123,24 @@ mod kernel {
             Ok(b) => b,
             Err(e) => fail(MachineExit::BadBoot, format_args!("boot bundle: {e}")),
         };
-        println!("bundle: {} images, {} bytes", bundle.len(), bundle_bytes.len());
+        println!(
+            "bundle: {} images, {} bytes",
+            bundle.len(),
+            bundle_bytes.len()
+        );
         let Some(dom0_image) = bundle.get(ipc_spec::DOM0_IMAGE) else {
-            fail(MachineExit::BadBoot, format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE))
+            fail(
+                MachineExit::BadBoot,
+                format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE),
+            )
         };
 
         let svm = match Svm::enable() {
             Ok(s) => s,
-            Err(_) => fail(MachineExit::BadBoot, format_args!("out of memory while enabling SVM")),
+            Err(_) => fail(
+                MachineExit::BadBoot,
+                format_args!("out of memory while enabling SVM"),
+            ),
         };
 
         let mut dom0 = match build_dom0(&svm, dom0_image, &boot.cmdline, bundle_range) {
@@ -157,7 +173,10 @@ mod kernel {
             }
             let _ = args.push_str(word);
         }
-        let modules = [ModuleSpec { paddr: BUNDLE_GPA, size: bundle.len() }];
+        let modules = [ModuleSpec {
+            paddr: BUNDLE_GPA,
+            size: bundle.len(),
+        }];
         dom0.prepare_boot(entry, args.as_bytes(), &modules)?;
         Ok(dom0)
     }
@@ -177,7 +196,9 @@ mod kernel {
             }
             cpu::set_current_domain(Some(dom0.name));
             svm.run(dom0.vcpu.vmcb_pa, &mut dom0.vcpu.regs);
-            dom0.vcpu.vmcb.write_u8(microvisor::svm::vmcb::control::TLB_CONTROL, 0);
+            dom0.vcpu
+                .vmcb
+                .write_u8(microvisor::svm::vmcb::control::TLB_CONTROL, 0);
             match vmexit::handle(dom0) {
                 Verdict::Resume => {}
                 Verdict::Halt => dom0.vcpu.state = VcpuState::Halted,
@@ -202,7 +223,12 @@ mod kernel {
         };
         let mut line: heapless::String<256> = heapless::String::new();
         use core::fmt::Write as _;
-        let _ = write!(line, "acpi: {} CPUs (APIC ids {:?})", p.cpus, p.apic_ids.as_slice());
+        let _ = write!(
+            line,
+            "acpi: {} CPUs (APIC ids {:?})",
+            p.cpus,
+            p.apic_ids.as_slice()
+        );
         match p.ecam {
             Some(e) => {
                 let _ = write!(
@@ -223,21 +249,32 @@ mod kernel {
                         line,
                         " at {:#x}{}",
                         u.register_base,
-                        if u.include_pci_all { " (all PCI devices)" } else { "" }
+                        if u.include_pci_all {
+                            " (all PCI devices)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 let _ = write!(
                     line,
                     ", {}-bit DMA, interrupt remapping {}",
                     d.host_address_width,
-                    if d.interrupt_remapping() { "supported" } else { "not supported" }
+                    if d.interrupt_remapping() {
+                        "supported"
+                    } else {
+                        "not supported"
+                    }
                 );
             }
             (None, Some(e)) => {
                 let _ = write!(line, ", IOMMU: DMAR table unreadable ({e})");
             }
             (None, None) => {
-                let _ = write!(line, ", IOMMU: none (no DMAR table; add -device intel-iommu)");
+                let _ = write!(
+                    line,
+                    ", IOMMU: none (no DMAR table; add -device intel-iommu)"
+                );
             }
         }
         println!("{}", line);

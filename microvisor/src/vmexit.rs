@@ -4,7 +4,9 @@
 
 use core::fmt;
 
-use ipc_spec::hypercall::{self, Hypercall, CONSOLE_WRITE_MAX, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
+use ipc_spec::hypercall::{
+    self, Hypercall, CONSOLE_WRITE_MAX, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE,
+};
 use ipc_spec::machine_exit::MachineExit;
 use ipc_spec::Error;
 use microvisor::guest_memory::read_guest;
@@ -26,26 +28,59 @@ pub enum Verdict {
 
 /// Why a domain was stopped; printed as the report.
 pub enum StopReason {
-    Exited { status: u64 },
-    Stage2Fault { gpa: u64, access: &'static str, present: bool, rip: u64 },
-    TripleFault { rip: u64 },
-    Exception { vector: u8, error_code: u64, rip: u64 },
-    PortIo { port: u16, write: bool, rip: u64 },
+    Exited {
+        status: u64,
+    },
+    Stage2Fault {
+        gpa: u64,
+        access: &'static str,
+        present: bool,
+        rip: u64,
+    },
+    TripleFault {
+        rip: u64,
+    },
+    Exception {
+        vector: u8,
+        error_code: u64,
+        rip: u64,
+    },
+    PortIo {
+        port: u16,
+        write: bool,
+        rip: u64,
+    },
     InvalidState,
-    Unexpected { code: u64, rip: u64 },
+    Unexpected {
+        code: u64,
+        rip: u64,
+    },
 }
 
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::Exited { status } => write!(f, "exited with status {status}"),
-            Self::Stage2Fault { gpa, access, present, rip } => write!(
+            Self::Stage2Fault {
+                gpa,
+                access,
+                present,
+                rip,
+            } => write!(
                 f,
                 "stage-2 fault: {access} at guest-physical {gpa:#x} ({}), RIP {rip:#x}",
-                if present { "access not permitted" } else { "not mapped: outside the domain's memory" }
+                if present {
+                    "access not permitted"
+                } else {
+                    "not mapped: outside the domain's memory"
+                }
             ),
             Self::TripleFault { rip } => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
-            Self::Exception { vector, error_code, rip } => write!(
+            Self::Exception {
+                vector,
+                error_code,
+                rip,
+            } => write!(
                 f,
                 "unrecoverable exception {vector} ({}), error code {error_code:#x}, RIP {rip:#x}",
                 exception_name(vector as u64)
@@ -56,7 +91,10 @@ impl fmt::Display for StopReason {
                 if write { "OUT to" } else { "IN from" }
             ),
             Self::InvalidState => f.write_str("VMRUN rejected the vCPU state (exit code -1)"),
-            Self::Unexpected { code, rip } => write!(f, "forbidden instruction (exit code {code:#x}), RIP {rip:#x}"),
+            Self::Unexpected { code, rip } => write!(
+                f,
+                "forbidden instruction (exit code {code:#x}), RIP {rip:#x}"
+            ),
         }
     }
 }
@@ -96,10 +134,14 @@ pub fn handle(domain: &mut Domain) -> Verdict {
             rip,
         }),
         ExitReason::Shutdown => Verdict::Stop(StopReason::TripleFault { rip }),
-        ExitReason::Exception { vector, error_code } => {
-            Verdict::Stop(StopReason::Exception { vector, error_code, rip })
+        ExitReason::Exception { vector, error_code } => Verdict::Stop(StopReason::Exception {
+            vector,
+            error_code,
+            rip,
+        }),
+        ExitReason::Io { port, write, .. } => {
+            Verdict::Stop(StopReason::PortIo { port, write, rip })
         }
-        ExitReason::Io { port, write, .. } => Verdict::Stop(StopReason::PortIo { port, write, rip }),
         ExitReason::Invalid => Verdict::Stop(StopReason::InvalidState),
         ExitReason::Other(code) => Verdict::Stop(StopReason::Unexpected { code, rip }),
     }
@@ -114,7 +156,11 @@ fn hypercall(domain: &mut Domain, rip: u64) -> Verdict {
         Some(Hypercall::Shutdown) => {
             if domain.id == 0 {
                 domain.console_flush();
-                return Verdict::PowerOff(if arg0 == 0 { MachineExit::Success } else { MachineExit::Dom0Failure });
+                return Verdict::PowerOff(if arg0 == 0 {
+                    MachineExit::Success
+                } else {
+                    MachineExit::Dom0Failure
+                });
             }
             Err(Error::PermissionDenied)
         }
@@ -132,7 +178,8 @@ fn console_write(domain: &mut Domain, gpa: u64, len: u64) -> Result<(), Error> {
     }
     let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
     let buf = &mut buf[..len as usize];
-    read_guest(&domain.stage2, &PhysTables, &IdentityMemory, gpa, buf).map_err(|_| Error::BadAddress)?;
+    read_guest(&domain.stage2, &PhysTables, &IdentityMemory, gpa, buf)
+        .map_err(|_| Error::BadAddress)?;
     domain.console_write(buf);
     Ok(())
 }
@@ -142,7 +189,14 @@ fn console_write(domain: &mut Domain, gpa: u64, len: u64) -> Result<(), Error> {
 fn emulate_cpuid(domain: &mut Domain) {
     let leaf = domain.vcpu.vmcb.rax() as u32;
     let subleaf = domain.vcpu.regs.rcx as u32;
-    let sig = |i: usize| u32::from_le_bytes([CPUID_SIGNATURE[i], CPUID_SIGNATURE[i + 1], CPUID_SIGNATURE[i + 2], CPUID_SIGNATURE[i + 3]]);
+    let sig = |i: usize| {
+        u32::from_le_bytes([
+            CPUID_SIGNATURE[i],
+            CPUID_SIGNATURE[i + 1],
+            CPUID_SIGNATURE[i + 2],
+            CPUID_SIGNATURE[i + 3],
+        ])
+    };
     let (a, b, c, d) = match leaf {
         CPUID_LEAF_SIGNATURE => (CPUID_LEAF_ABI, sig(0), sig(4), sig(8)),
         CPUID_LEAF_ABI => (ipc_spec::ABI_VERSION, 0, 0, 0),
@@ -151,7 +205,12 @@ fn emulate_cpuid(domain: &mut Domain) {
             let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
             match leaf {
                 // Hypervisor present; no VMX, no MONITOR/MWAIT.
-                1 => (r.eax, r.ebx, (r.ecx | (1 << 31)) & !((1 << 5) | (1 << 3)), r.edx),
+                1 => (
+                    r.eax,
+                    r.ebx,
+                    (r.ecx | (1 << 31)) & !((1 << 5) | (1 << 3)),
+                    r.edx,
+                ),
                 // No SVM.
                 0x8000_0001 => (r.eax, r.ebx, r.ecx & !(1 << 2), r.edx),
                 _ => (r.eax, r.ebx, r.ecx, r.edx),
@@ -181,7 +240,8 @@ fn emulate_msr(domain: &mut Domain, write: bool, rip: u64) {
             domain.vcpu.vmcb.inject_exception(13, Some(0));
             return;
         }
-        let new = (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
+        let new =
+            (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
         domain.vcpu.vmcb.write_u64(save::EFER, new);
     } else {
         let value = current & !efer::SVME;

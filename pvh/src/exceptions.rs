@@ -90,7 +90,9 @@ impl Idt {
             offset_high: 0,
             reserved: 0,
         };
-        Self { gates: [EMPTY; 256] }
+        Self {
+            gates: [EMPTY; 256],
+        }
     }
 
     /// Point `vector` at `handler` through a present, DPL-0 interrupt gate using code segment

@@ -1,1 +1,101 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: find (or build) the stack's images and boot them in
+//! QEMU with the console captured.
+//!
+//! `cargo xtask test` builds the images first and passes their paths in `STACK_MICROVISOR`
+//! and `STACK_BUNDLE`; a plain `cargo test -p stack-tests` builds them itself into
+//! `target/e2e`.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub use ipc_spec::machine_exit::MachineExit;
+pub use xtask::build::Artifacts;
+pub use xtask::qemu::{Ending, Machine, Run};
+
+/// Generous: a boot takes well under a second of emulation, but CI machines are slow and
+/// run two QEMUs at once.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn artifacts() -> Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS
+        .get_or_init(|| {
+            match (
+                std::env::var_os("STACK_MICROVISOR"),
+                std::env::var_os("STACK_BUNDLE"),
+            ) {
+                (Some(m), Some(b)) => Artifacts {
+                    microvisor: PathBuf::from(m),
+                    bundle: PathBuf::from(b),
+                },
+                _ => {
+                    let dir = xtask::workspace_root().join("target").join("e2e");
+                    xtask::build::build(&dir)
+                        .unwrap_or_else(|e| panic!("building the stack failed: {e}"))
+                }
+            }
+        })
+        .clone()
+}
+
+/// The standard machine with `append` as the microvisor's command line.
+pub fn machine(append: &str) -> Machine {
+    let mut m = Machine::new(&artifacts());
+    m.append = append.to_string();
+    m
+}
+
+/// Boot `machine` until QEMU exits (or the timeout).
+pub fn boot(machine: &Machine) -> Run {
+    let run = xtask::qemu::run_captured(machine, BOOT_TIMEOUT, false, |_| false)
+        .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
+    if let Ending::TimedOut = run.ending {
+        panic!(
+            "QEMU timed out after {:?}; console:\n{}",
+            BOOT_TIMEOUT,
+            run.console()
+        );
+    }
+    run
+}
+
+/// Assert that the console has a line containing `needle`, showing the console if not.
+#[track_caller]
+pub fn assert_line(run: &Run, needle: &str) {
+    assert!(
+        run.has_line(needle),
+        "no console line contains {needle:?}; console was:\n{}",
+        run.console()
+    );
+}
+
+#[track_caller]
+pub fn assert_no_line(run: &Run, needle: &str) {
+    assert!(
+        !run.has_line(needle),
+        "a console line contains {needle:?}; console was:\n{}",
+        run.console()
+    );
+}
+
+#[track_caller]
+pub fn assert_exit(run: &Run, expected: MachineExit) {
+    assert_eq!(
+        run.machine_exit(),
+        Some(expected),
+        "QEMU ended with {:?}, expected {expected:?}; console:\n{}\nQEMU stderr:\n{}",
+        run.ending,
+        run.console(),
+        run.stderr
+    );
+}
+
+/// A file in a fresh per-test temporary directory.
+pub fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stack-tests-{}-{}", std::process::id(), name));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
+}

@@ -20,7 +20,10 @@ pub struct Artifacts {
 impl Artifacts {
     /// Where `build` puts things under a cargo target directory.
     pub fn in_dir(stack_dir: &Path) -> Self {
-        Self { microvisor: stack_dir.join("microvisor.elf"), bundle: stack_dir.join("bundle.bin") }
+        Self {
+            microvisor: stack_dir.join("microvisor.elf"),
+            bundle: stack_dir.join("bundle.bin"),
+        }
     }
 }
 
@@ -30,19 +33,29 @@ pub fn build(target_dir: &Path) -> Result<Artifacts, String> {
     let root = workspace_root();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root)
-        .args(["build", "--release", "--target", BARE_METAL_TARGET, "-p", "microvisor"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            BARE_METAL_TARGET,
+            "-p",
+            "microvisor",
+        ])
         .env("CARGO_TARGET_DIR", target_dir);
     for (_, package) in DOMAIN_IMAGES {
         cmd.args(["-p", package]);
     }
     eprintln!("build: compiling the microvisor and domain images for {BARE_METAL_TARGET}");
-    let status = cmd.status().map_err(|e| format!("could not run cargo: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not run cargo: {e}"))?;
     if !status.success() {
         return Err("cargo build of the bare-metal images failed (see the errors above)".into());
     }
     let out = target_dir.join(BARE_METAL_TARGET).join("release");
     let stack_dir = target_dir.join("stack");
-    std::fs::create_dir_all(&stack_dir).map_err(|e| format!("creating {}: {e}", stack_dir.display()))?;
+    std::fs::create_dir_all(&stack_dir)
+        .map_err(|e| format!("creating {}: {e}", stack_dir.display()))?;
     let artifacts = Artifacts::in_dir(&stack_dir);
     copy(&out.join("microvisor"), &artifacts.microvisor)?;
 
@@ -53,8 +66,10 @@ pub fn build(target_dir: &Path) -> Result<Artifacts, String> {
         images.push((*name, data));
     }
     let entries: Vec<(&str, &[u8])> = images.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-    let bundle = ipc_spec::bundle::build(&entries).map_err(|e| format!("packing the boot bundle: {e}"))?;
-    std::fs::write(&artifacts.bundle, &bundle).map_err(|e| format!("writing {}: {e}", artifacts.bundle.display()))?;
+    let bundle =
+        ipc_spec::bundle::build(&entries).map_err(|e| format!("packing the boot bundle: {e}"))?;
+    std::fs::write(&artifacts.bundle, &bundle)
+        .map_err(|e| format!("writing {}: {e}", artifacts.bundle.display()))?;
     eprintln!(
         "build: {} ({} KiB), {} ({} KiB, {} image(s))",
         artifacts.microvisor.display(),
@@ -67,7 +82,9 @@ pub fn build(target_dir: &Path) -> Result<Artifacts, String> {
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -76,5 +93,7 @@ fn file_len(p: &Path) -> u64 {
 
 /// The default target directory (`<workspace>/target`, or `$CARGO_TARGET_DIR`).
 pub fn default_target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }

@@ -1,12 +1,14 @@
 //! `cargo xtask <command>`: build, run and test the stack.
 //!
-//! - `build`                 build every image and pack the boot bundle
-//! - `run [options]`         boot the stack in QEMU with the console on this terminal
-//!     `--smoke`             boot, wait until every domain reports ready, summarise, stop
-//!     `--gdb`               wait for a debugger on localhost:1234 before starting
-//!     `--append "<words>"`  extra microvisor command-line words (e.g. `dom0.selftest=...`)
-//!     `--timeout <secs>`    with --smoke: give up after this long (default 120)
-//! - `test`                  host tests, then the QEMU end-to-end tests
+//! ```text
+//! build                 build every image and pack the boot bundle
+//! run [options]         boot the stack in QEMU with the console on this terminal
+//!   --smoke             boot, wait until every domain reports ready, summarise, stop
+//!   --gdb               wait for a debugger on localhost:1234 before starting
+//!   --append "<words>"  extra microvisor command-line words (e.g. `dom0.selftest=...`)
+//!   --timeout <secs>    with --smoke: give up after this long (default 120)
+//! test                  host tests, then the QEMU end-to-end tests
+//! ```
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -50,7 +52,12 @@ struct RunOptions {
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions, String> {
-    let mut o = RunOptions { smoke: false, gdb: false, append: String::new(), timeout: Duration::from_secs(120) };
+    let mut o = RunOptions {
+        smoke: false,
+        gdb: false,
+        append: String::new(),
+        timeout: Duration::from_secs(120),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -59,7 +66,10 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
             "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a number of seconds")?;
-                o.timeout = Duration::from_secs(v.parse().map_err(|_| format!("--timeout: `{v}` is not a number"))?);
+                o.timeout = Duration::from_secs(
+                    v.parse()
+                        .map_err(|_| format!("--timeout: `{v}` is not a number"))?,
+                );
             }
             other => return Err(format!("run: unknown option `{other}`\n\n{USAGE}")),
         }
@@ -77,10 +87,16 @@ fn run(args: &[String]) -> Result<(), String> {
     if !opts.smoke {
         println!("xtask: {}", machine.display_command(true));
         if opts.gdb {
-            println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
+            println!(
+                "xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'",
+                artifacts.microvisor.display()
+            );
         }
         println!("xtask: console follows; press Ctrl-A X to quit QEMU");
-        let status = machine.interactive_command().status().map_err(|e| format!("could not start QEMU: {e}"))?;
+        let status = machine
+            .interactive_command()
+            .status()
+            .map_err(|e| format!("could not start QEMU: {e}"))?;
         println!("xtask: QEMU ended: {}", describe_exit(status.code()));
         return Ok(());
     }
@@ -95,7 +111,9 @@ fn smoke(machine: &Machine, timeout: Duration) -> Result<(), String> {
         let prefix = format!("[{d}] ready");
         lines.iter().any(|l| l.starts_with(&prefix))
     };
-    let run = qemu::run_captured(machine, timeout, true, |lines| domains.iter().all(|d| ready(lines, d)))?;
+    let run = qemu::run_captured(machine, timeout, true, |lines| {
+        domains.iter().all(|d| ready(lines, d))
+    })?;
     let find = |needle: &str| run.lines.iter().find(|l| l.contains(needle)).cloned();
     match run.ending {
         Ending::Stopped => {

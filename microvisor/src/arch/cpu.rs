@@ -26,8 +26,12 @@ struct Stack([u8; IST_STACK_SIZE]);
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
 
 static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
-static GDT: spin::Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> =
-    spin::Once::new();
+static GDT: spin::Once<(
+    GlobalDescriptorTable,
+    SegmentSelector,
+    SegmentSelector,
+    SegmentSelector,
+)> = spin::Once::new();
 static IDT: spin::Once<Idt> = spin::Once::new();
 
 /// Install the microvisor's own GDT, TSS and IDT (replacing the boot trampoline's GDT).
@@ -80,7 +84,9 @@ static CURRENT_DOMAIN_LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// Record which domain the microvisor is working for, so an exception report can name it.
 pub fn set_current_domain(name: Option<&'static str>) {
-    let (ptr, len) = name.map_or((core::ptr::null_mut(), 0), |n| (n.as_ptr() as *mut u8, n.len()));
+    let (ptr, len) = name.map_or((core::ptr::null_mut(), 0), |n| {
+        (n.as_ptr() as *mut u8, n.len())
+    });
     CURRENT_DOMAIN_LEN.store(len, Ordering::Relaxed);
     CURRENT_DOMAIN.store(ptr, Ordering::Release);
 }
@@ -167,8 +173,10 @@ impl CpuProblem {
                  QEMU with `-cpu qemu64,+svm,+npt` (the `+npt` is missing)."
             }
             Self::SvmDisabledByFirmware => "SVM is disabled by firmware (VM_CR.SVMDIS is set).",
-            Self::NoNx => "this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 \
-                           permissions need. Start QEMU with `-cpu qemu64,+svm,+npt`.",
+            Self::NoNx => {
+                "this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 \
+                           permissions need. Start QEMU with `-cpu qemu64,+svm,+npt`."
+            }
         }
     }
 }
@@ -198,5 +206,8 @@ pub fn check_svm() -> Result<SvmFeatures, CpuProblem> {
     if vm_cr & (1 << 4) != 0 {
         return Err(CpuProblem::SvmDisabledByFirmware);
     }
-    Ok(SvmFeatures { asids: svm.ebx, next_rip_save: svm.edx & (1 << 3) != 0 })
+    Ok(SvmFeatures {
+        asids: svm.ebx,
+        next_rip_save: svm.edx & (1 << 3) != 0,
+    })
 }

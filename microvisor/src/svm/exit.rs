@@ -19,18 +19,30 @@ pub enum ExitReason {
     Cpuid,
     Hlt,
     /// Port I/O; `info1` carries port, size and direction.
-    Io { port: u16, write: bool, next_rip: u64 },
+    Io {
+        port: u16,
+        write: bool,
+        next_rip: u64,
+    },
     /// RDMSR (`write` false) or WRMSR (`write` true); the MSR number is in guest RCX.
-    Msr { write: bool },
+    Msr {
+        write: bool,
+    },
     /// Triple fault.
     Shutdown,
     Vmmcall,
     /// A physical interrupt or NMI arrived while the guest ran.
     PhysicalInterrupt,
     /// A stage-2 (nested page) fault at a guest-physical address.
-    NestedPageFault { gpa: u64, error: NptFaultError },
+    NestedPageFault {
+        gpa: u64,
+        error: NptFaultError,
+    },
     /// An intercepted exception.
-    Exception { vector: u8, error_code: u64 },
+    Exception {
+        vector: u8,
+        error_code: u64,
+    },
     /// VMRUN refused the guest state.
     Invalid,
     /// An intercept this microvisor sets but does not single out (e.g. VMRUN, STGI).
@@ -71,15 +83,25 @@ impl ExitReason {
         match code {
             CPUID => Self::Cpuid,
             HLT => Self::Hlt,
-            IOIO => Self::Io { port: (info1 >> 16) as u16, write: info1 & 1 == 0, next_rip: info2 },
-            MSR => Self::Msr { write: info1 & 1 != 0 },
+            IOIO => Self::Io {
+                port: (info1 >> 16) as u16,
+                write: info1 & 1 == 0,
+                next_rip: info2,
+            },
+            MSR => Self::Msr {
+                write: info1 & 1 != 0,
+            },
             SHUTDOWN => Self::Shutdown,
             VMMCALL => Self::Vmmcall,
             INTR | NMI => Self::PhysicalInterrupt,
-            NPF => Self::NestedPageFault { gpa: info2, error: NptFaultError(info1) },
-            c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => {
-                Self::Exception { vector: (c - EXCEPTION_BASE) as u8, error_code: info1 }
-            }
+            NPF => Self::NestedPageFault {
+                gpa: info2,
+                error: NptFaultError(info1),
+            },
+            c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => Self::Exception {
+                vector: (c - EXCEPTION_BASE) as u8,
+                error_code: info1,
+            },
             INVALID => Self::Invalid,
             other => Self::Other(other),
         }
@@ -95,16 +117,32 @@ mod tests {
         assert_eq!(ExitReason::decode(0x81, 0, 0), ExitReason::Vmmcall);
         assert_eq!(
             ExitReason::decode(0x400, 0x1_0000_0004, 0x4000_0000),
-            ExitReason::NestedPageFault { gpa: 0x4000_0000, error: NptFaultError(0x1_0000_0004) }
+            ExitReason::NestedPageFault {
+                gpa: 0x4000_0000,
+                error: NptFaultError(0x1_0000_0004)
+            }
         );
-        assert_eq!(ExitReason::decode(0x48, 0, 0), ExitReason::Exception { vector: 8, error_code: 0 });
+        assert_eq!(
+            ExitReason::decode(0x48, 0, 0),
+            ExitReason::Exception {
+                vector: 8,
+                error_code: 0
+            }
+        );
         assert_eq!(ExitReason::decode(u64::MAX, 0, 0), ExitReason::Invalid);
         // IN from port 0x3f8 (type bit set), next RIP in info2.
         assert_eq!(
             ExitReason::decode(0x7b, (0x3f8 << 16) | 1, 0x1234),
-            ExitReason::Io { port: 0x3f8, write: false, next_rip: 0x1234 }
+            ExitReason::Io {
+                port: 0x3f8,
+                write: false,
+                next_rip: 0x1234
+            }
         );
-        assert_eq!(ExitReason::decode(0x7c, 1, 0), ExitReason::Msr { write: true });
+        assert_eq!(
+            ExitReason::decode(0x7c, 1, 0),
+            ExitReason::Msr { write: true }
+        );
         assert_eq!(ExitReason::decode(0x80, 0, 0), ExitReason::Other(0x80));
     }
 

@@ -1,0 +1,49 @@
+//! The normal boot: microvisor, ACPI, dom0 in SVM guest mode.
+
+use stack_tests::*;
+
+#[test]
+fn normal_boot_reaches_dom0_ready_in_guest_mode() {
+    let run = boot(&machine("dom0.on_ready=shutdown"));
+    assert_exit(&run, MachineExit::Success);
+    assert_line(
+        &run,
+        "[microvisor] microvisor 0.1.0 (AMD SVM + nested paging",
+    );
+    assert_line(&run, "[microvisor] cpu: SVM with nested paging");
+    // The ACPI summary names the VT-d unit QEMU's intel-iommu puts at 0xfed90000.
+    assert_line(&run, "IOMMU: 1 VT-d unit(s) at 0xfed90000");
+    assert_line(&run, "interrupt remapping supported");
+    assert_line(&run, "PCI ECAM 0xb0000000");
+    assert_line(&run, "[microvisor] dom0: 32 MiB RAM, ASID 1");
+    // dom0 itself sees the hypervisor through CPUID, i.e. it runs in guest mode.
+    assert_line(
+        &run,
+        "[dom0] CPUID: hypervisor bit set, signature \"Microvisor\", ABI 1",
+    );
+    assert_line(&run, "[dom0] boot bundle: 1 image(s): [(\"dom0\"");
+    assert_line(&run, "[dom0] ready (in SVM guest mode)");
+    assert_line(&run, "[microvisor] dom0 asked to power off (Success)");
+    assert_no_line(&run, "FATAL");
+}
+
+#[test]
+fn dom0_command_line_comes_from_the_microvisor_command_line() {
+    let run = boot(&machine(
+        "dom0.on_ready=shutdown dom0.hello=world unrelated=1",
+    ));
+    assert_exit(&run, MachineExit::Success);
+    assert_line(
+        &run,
+        "[dom0] dom0 starting: 32 MiB RAM, command line \"on_ready=shutdown hello=world\"",
+    );
+}
+
+#[test]
+fn without_an_iommu_the_summary_says_so() {
+    let mut m = machine("dom0.on_ready=shutdown");
+    m.iommu = false;
+    let run = boot(&m);
+    assert_exit(&run, MachineExit::Success);
+    assert_line(&run, "IOMMU: none (no DMAR table; add -device intel-iommu)");
+}
