@@ -166,13 +166,13 @@ fn hypercall(domain: &mut Domain, rip: u64) -> Verdict {
         }
         None => Err(Error::UnknownHypercall),
     };
-    crate::selftest::maybe_fault_in_exit_handler();
     domain.vcpu.vmcb.set_rax(hypercall::status_of(status));
     domain.vcpu.vmcb.set_rip(rip + VMMCALL_LEN);
     Verdict::Resume
 }
 
 fn console_write(domain: &mut Domain, gpa: u64, len: u64) -> Result<(), Error> {
+    crate::selftest::maybe_fault_in_exit_handler();
     if len > CONSOLE_WRITE_MAX {
         return Err(Error::InvalidArgument);
     }

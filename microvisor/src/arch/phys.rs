@@ -22,7 +22,7 @@ pub unsafe fn zero_frames(pa: u64, frames: u64) {
     unsafe { core::ptr::write_bytes(pa as *mut u8, 0, (frames * PAGE_SIZE) as usize) };
 }
 
-/// Allocate one zeroed frame.
+/// Allocate `frames` contiguous zeroed frames.
 pub fn alloc_zeroed_frames(frames: u64) -> Option<u64> {
     let pa = FRAMES.lock().alloc(frames, PAGE_SIZE).ok()?;
     // SAFETY: the allocator just handed these frames out exclusively; they are RAM below
