@@ -103,7 +103,7 @@ mod dom0 {
             }
         );
         if info.arg("on_ready") == Some("shutdown") {
-            let e = hypercall::shutdown(0);
+            let e = hypercall::shutdown(ipc_spec::hypercall::dom0_slots::MACHINE, 0);
             println!("shutdown refused: {e}");
             return 4;
         }

@@ -1,24 +1,152 @@
 //! Hypercall stubs: VMMCALL with the register convention of `ipc_spec::hypercall`.
 
-use ipc_spec::hypercall::{result_of, Hypercall};
+use ipc_spec::hypercall::{result_of, Hypercall, REGISTER_WORDS};
 use ipc_spec::Error;
 
-/// Raw hypercall with up to two arguments; returns the RAX status word.
-pub fn call2(number: u64, arg0: u64, arg1: u64) -> u64 {
-    let status: u64;
-    // SAFETY: VMMCALL traps to the microvisor, which reads RAX/RDI/RSI, may write RAX, and
-    // preserves every other register; it touches no memory of ours except as the call
-    // documents (reads of the buffer we name).
+/// The registers of one hypercall, in and out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    /// RDI, RSI, RDX, R10, R8, R9.
+    pub args: [u64; REGISTER_WORDS],
+}
+
+/// Make a hypercall with every argument register; returns every result register.
+#[inline(always)]
+pub fn raw(number: u64, rbx: u64, rcx: u64, args: [u64; REGISTER_WORDS]) -> Regs {
+    let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5] = args;
+    let (mut rax, mut b, mut c) = (number, rbx, rcx);
+    // SAFETY: VMMCALL traps to the microvisor, which reads and writes only the registers
+    // named here (RBX is swapped in and out around it, as LLVM reserves it) and touches
+    // our memory only as the call documents.
     unsafe {
         core::arch::asm!(
+            "xchg {b}, rbx",
             "vmmcall",
-            inout("rax") number => status,
-            in("rdi") arg0,
-            in("rsi") arg1,
+            "xchg {b}, rbx",
+            b = inout(reg) b,
+            inout("rax") rax,
+            inout("rcx") c,
+            inout("rdi") a0,
+            inout("rsi") a1,
+            inout("rdx") a2,
+            inout("r10") a3,
+            inout("r8") a4,
+            inout("r9") a5,
             options(nostack),
         );
     }
-    status
+    Regs {
+        rax,
+        rbx: b,
+        rcx: c,
+        args: [a0, a1, a2, a3, a4, a5],
+    }
+}
+
+/// A hypercall taking a slot and up to six arguments; on success, the result registers.
+pub fn call(h: Hypercall, slot: u64, args: [u64; REGISTER_WORDS]) -> Result<Regs, Error> {
+    let r = raw(h.number(), slot, 0, args);
+    result_of(r.rax).map(|()| r)
+}
+
+/// Raw hypercall with up to two arguments and no slot; returns the RAX status word.
+pub fn call2(number: u64, arg0: u64, arg1: u64) -> u64 {
+    raw(number, 0, 0, [arg0, arg1, 0, 0, 0, 0]).rax
+}
+
+/// An IPC message: up to six words in registers (longer messages continue in the vCPU's
+/// message page, which the caller fills itself).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Message {
+    pub len: u64,
+    pub words: [u64; REGISTER_WORDS],
+}
+
+impl Message {
+    pub fn new(words: &[u64]) -> Self {
+        let mut m = Self {
+            len: words.len() as u64,
+            words: [0; REGISTER_WORDS],
+        };
+        let n = words.len().min(REGISTER_WORDS);
+        m.words[..n].copy_from_slice(&words[..n]);
+        m
+    }
+}
+
+/// Send `msg` on the endpoint in `slot` and wait for the reply.
+#[inline(always)]
+pub fn ipc_call(slot: u64, msg: &Message) -> Result<Message, Error> {
+    let r = raw(Hypercall::Call.number(), slot, msg.len, msg.words);
+    result_of(r.rax).map(|()| Message {
+        len: r.rcx,
+        words: r.args,
+    })
+}
+
+/// Reply to the last caller and wait for the next message: (message, badge).
+#[inline(always)]
+pub fn ipc_reply_recv(slot: u64, reply: &Message) -> Result<(Message, u64), Error> {
+    let r = raw(Hypercall::ReplyRecv.number(), slot, reply.len, reply.words);
+    result_of(r.rax).map(|()| {
+        (
+            Message {
+                len: r.rcx,
+                words: r.args,
+            },
+            r.rbx,
+        )
+    })
+}
+
+/// Wait for a message: (message, badge).
+pub fn ipc_recv(slot: u64) -> Result<(Message, u64), Error> {
+    let r = raw(Hypercall::Recv.number(), slot, 0, [0; REGISTER_WORDS]);
+    result_of(r.rax).map(|()| {
+        (
+            Message {
+                len: r.rcx,
+                words: r.args,
+            },
+            r.rbx,
+        )
+    })
+}
+
+pub fn signal(slot: u64, bits: u64) -> Result<(), Error> {
+    call(Hypercall::Signal, slot, [bits, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Wait for bits on the notification in `slot`; returns them.
+pub fn wait(slot: u64) -> Result<u64, Error> {
+    call(Hypercall::Wait, slot, [0; 6]).map(|r| r.args[0])
+}
+
+pub fn poll(slot: u64) -> Result<u64, Error> {
+    call(Hypercall::Poll, slot, [0; 6]).map(|r| r.args[0])
+}
+
+/// Signal the notification in `slot` with `bits` after `ns` nanoseconds.
+pub fn timer_set(slot: u64, ns: u64, bits: u64) -> Result<(), Error> {
+    call(Hypercall::TimerSet, slot, [ns, bits, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Nanoseconds since boot.
+pub fn clock_ns() -> u64 {
+    raw(Hypercall::Clock.number(), 0, 0, [0; 6]).args[0]
+}
+
+pub fn yield_now() {
+    raw(Hypercall::Yield.number(), 0, 0, [0; 6]);
+}
+
+/// Sleep for `ns` nanoseconds using the notification in `slot` as the timer.
+pub fn sleep_ns(slot: u64, ns: u64) -> Result<(), Error> {
+    timer_set(slot, ns, 1)?;
+    wait(slot).map(|_| ())
 }
 
 /// Write bytes to the console (split into calls of at most CONSOLE_WRITE_MAX bytes).
@@ -41,11 +169,11 @@ pub fn domain_exit(status: u64) -> ! {
     }
 }
 
-/// Power off the machine (dom0 only); returns only on error.
-pub fn shutdown(status: u64) -> Error {
+/// Power off the machine with the machine capability in `slot`; returns only on error.
+pub fn shutdown(slot: u64, status: u64) -> Error {
     crate::console::flush();
-    match result_of(call2(Hypercall::Shutdown.number(), status, 0)) {
-        Ok(()) => Error::Unknown,
+    match call(Hypercall::Shutdown, slot, [status, 0, 0, 0, 0, 0]) {
+        Ok(_) => Error::Unknown,
         Err(e) => e,
     }
 }

@@ -1,54 +1,255 @@
 //! Hypercall numbers and register convention.
 //!
-//! A domain calls the microvisor with `VMMCALL` (3 bytes; the microvisor advances RIP past it):
+//! A domain calls the microvisor with `VMMCALL` (3 bytes; the microvisor advances RIP past it).
 //!
-//! | register | on entry            | on return                          |
-//! |----------|---------------------|------------------------------------|
-//! | RAX      | hypercall number    | status: 0 = success, else [`Error`] code |
-//! | RDI      | argument 0          | result 0 (if the call has one)     |
-//! | RSI      | argument 1          | result 1                           |
-//! | RDX      | argument 2          | result 2                           |
-//! | R10      | argument 3          |                                    |
-//! | R8       | argument 4          |                                    |
-//! | R9       | argument 5          |                                    |
+//! | register | on entry                                   | on return                              |
+//! |----------|--------------------------------------------|----------------------------------------|
+//! | RAX      | hypercall number                           | status: 0 = success, else [`Error`] code |
+//! | RBX      | capability slot the call acts on (if any)  | IPC receive: the sender's badge        |
+//! | RCX      | IPC: message length in words               | IPC: length of the message received    |
+//! | RDI      | argument 0 / message word 0                | result 0 / message word 0              |
+//! | RSI      | argument 1 / message word 1                | result 1 / message word 1              |
+//! | RDX      | argument 2 / message word 2                | result 2 / message word 2              |
+//! | R10      | argument 3 / message word 3                | message word 3                         |
+//! | R8       | argument 4 / message word 4                | message word 4                         |
+//! | R9       | argument 5 / message word 5                | message word 5                         |
 //!
-//! All other registers are preserved. Arguments that name guest memory are guest-physical
-//! addresses in the caller's own stage-2 space.
+//! All other registers are preserved, and so are argument registers a call does not define
+//! as results. Arguments that name guest memory are guest-physical addresses in the caller's
+//! own stage-2 space and must be the caller's RAM.
+//!
+//! **IPC messages** carry up to [`REGISTER_WORDS`] words in registers. A longer message (up
+//! to [`MAX_MESSAGE_WORDS`]) continues in the vCPU's message page (registered with
+//! [`Hypercall::VcpuSetMessagePage`]): word `6 + i` is the `i`-th u64 of the page. Sender
+//! and receiver both need a message page for such a message.
 
 use crate::error::Error;
 
-/// Every hypercall the microvisor implements, by number (RAX).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Hypercall {
-    /// Write bytes to the console. RDI = guest-physical address, RSI = length
-    /// (at most [`CONSOLE_WRITE_MAX`]). The microvisor prefixes each line with the domain's name.
-    ConsoleWrite = 1,
-    /// Stop the calling domain. RDI = exit status (0 = clean). Does not return.
-    DomainExit = 2,
-    /// Power off the whole machine. RDI = status (0 = success). Only dom0 may call it
-    /// (others get [`Error::PermissionDenied`]). Does not return on success.
-    Shutdown = 3,
-}
-
+/// Message words passed in registers (RDI, RSI, RDX, R10, R8, R9).
+pub const REGISTER_WORDS: usize = 6;
+/// Longest IPC message: the registers plus one 4 KiB message page.
+pub const MAX_MESSAGE_WORDS: usize = REGISTER_WORDS + 512;
 /// Longest single console write; longer output takes several calls.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+/// Longest domain name (bytes, ASCII).
+pub const DOMAIN_NAME_MAX: usize = 31;
+
+macro_rules! hypercalls {
+    ($($(#[$doc:meta])* $name:ident = $num:expr,)*) => {
+        /// Every hypercall the microvisor implements, by number (RAX).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u64)]
+        pub enum Hypercall {
+            $($(#[$doc])* $name = $num,)*
+        }
+
+        impl Hypercall {
+            /// All hypercalls, in number order.
+            pub const ALL: &'static [Hypercall] = &[$(Hypercall::$name,)*];
+
+            /// Decode RAX; `None` for numbers the microvisor does not know.
+            pub const fn from_number(number: u64) -> Option<Self> {
+                match number {
+                    $($num => Some(Self::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+hypercalls! {
+    /// Do nothing and return success: the floor of every hypercall's cost.
+    Null = 0,
+    /// Write bytes to the console. RDI = guest-physical address, RSI = length (at most
+    /// [`CONSOLE_WRITE_MAX`]). The microvisor prefixes each line with the domain's name.
+    ConsoleWrite = 1,
+    /// Stop the calling domain. RDI = exit status (0 = clean). Does not return. If the
+    /// domain has a fault endpoint, its handler receives a [`FaultKind::Exited`] message.
+    DomainExit = 2,
+    /// Power off the whole machine. RBX = slot of a machine capability (right CONTROL),
+    /// RDI = status (0 = success). Does not return on success.
+    Shutdown = 3,
+    /// Give up the rest of this time slice.
+    Yield = 4,
+    /// Nanoseconds since boot → RDI.
+    Clock = 5,
+
+    /// Create a domain. RBX = memory capability (CONTROL), RDI = RAM bytes (rounded up to
+    /// 2 MiB), RSI = priority (1..=254) for its vCPUs, RDX = guest-physical address of its
+    /// name, R10 = name length (1..=[`DOMAIN_NAME_MAX`]). The domain's RAM is fresh zeroed
+    /// memory at guest-physical 0. Returns RDI = slot of the new domain capability.
+    DomainCreate = 10,
+    /// Copy bytes from the caller's RAM into a domain's RAM (to load it). RBX = domain
+    /// capability (CONTROL), RDI = destination guest-physical address in that domain,
+    /// RSI = source guest-physical address in the caller, RDX = length.
+    DomainWrite = 11,
+    /// Destroy a domain: its vCPUs stop, its mappings go, its RAM returns to the free pool,
+    /// every capability to it becomes stale. RBX = domain capability (CONTROL).
+    DomainDestroy = 12,
+    /// Make an endpoint the domain's fault handler. RBX = domain capability (CONTROL),
+    /// RDI = endpoint slot (CALL) in the caller's table, RSI = badge the fault messages
+    /// carry (to tell domains apart).
+    DomainSetFaultEndpoint = 13,
+    /// Create a vCPU in PVH entry state (32-bit protected mode, paging off).
+    /// RBX = domain capability (CONTROL), RDI = entry point, RSI = value for EBX (the
+    /// start info's guest-physical address). Returns RDI = slot of the vCPU capability.
+    VcpuCreate = 14,
+    /// Make a created vCPU runnable. RBX = vCPU capability (CONTROL).
+    VcpuStart = 15,
+    /// Register the calling vCPU's message page for long IPC messages. RDI = guest-physical
+    /// address of a 4 KiB-aligned page of the caller's RAM (0 to unregister).
+    VcpuSetMessagePage = 16,
+
+    /// Create a shared memory region of fresh zeroed frames. RBX = memory capability
+    /// (CONTROL), RDI = bytes (rounded up to 4 KiB). Returns RDI = slot of the region
+    /// capability (READ, WRITE, EXEC, GRANT).
+    RegionCreate = 20,
+    /// Map a region into a domain's stage-2 space. RBX = domain capability (CONTROL),
+    /// RDI = region slot, RSI = guest-physical address (4 KiB aligned), RDX = rights
+    /// ([`rights::READ`] | [`rights::WRITE`] | [`rights::EXEC`], within the region
+    /// capability's rights).
+    Map = 21,
+    /// Remove a region's mapping from a domain. RBX = domain capability (CONTROL),
+    /// RDI = region slot.
+    Unmap = 22,
+
+    /// Create an endpoint for synchronous IPC. RBX = memory capability (CONTROL).
+    /// Returns RDI = slot (CALL, RECV, GRANT).
+    EndpointCreate = 30,
+    /// Create a notification. RBX = memory capability (CONTROL).
+    /// Returns RDI = slot (SIGNAL, WAIT, GRANT).
+    NotificationCreate = 31,
+
+    /// Copy a capability into another domain's table with fewer (or equal) rights.
+    /// RBX = source slot (must have GRANT), RDI = target domain capability slot (CONTROL),
+    /// RSI = rights mask, RDX = badge for an unbadged endpoint or notification
+    /// capability (0 = keep). Returns RDI = the slot in the target domain's table.
+    CapCopy = 40,
+    /// Delete every capability derived from this one by [`Hypercall::CapCopy`], in any
+    /// domain, transitively. The capability itself stays. RBX = slot.
+    CapRevoke = 41,
+    /// Delete a capability from the caller's own table. RBX = slot.
+    CapDelete = 42,
+
+    /// Send a message on an endpoint and wait for the reply. RBX = endpoint slot (CALL),
+    /// RCX = message length, RDI..R9 = words. Returns the reply in RCX, RDI..R9.
+    Call = 50,
+    /// Reply to the last caller (if any) and wait for the next message. RBX = endpoint slot
+    /// (RECV), RCX/RDI..R9 = the reply. Returns the next message, RBX = its badge.
+    ReplyRecv = 51,
+    /// Wait for a message. RBX = endpoint slot (RECV). Returns the message, RBX = badge.
+    Recv = 52,
+
+    /// OR bits into a notification, waking its waiter or bound vCPU. RBX = notification
+    /// slot (SIGNAL), RDI = bits (0 = use the capability's badge).
+    Signal = 60,
+    /// Wait until the notification has bits set; take them. RBX = slot (WAIT). RDI = bits.
+    Wait = 61,
+    /// Take the notification's bits without waiting. RBX = slot (WAIT). RDI = bits.
+    Poll = 62,
+    /// Deliver this notification to the calling vCPU as virtual interrupt RDI (32..=255)
+    /// whenever it is signalled (it also wakes the vCPU from HLT). RBX = slot (WAIT).
+    NotificationBind = 63,
+    /// One-shot virtual timer: signal the notification with RSI bits (0 = bit 0) RDI
+    /// nanoseconds from now (0 cancels). RBX = slot (WAIT).
+    TimerSet = 64,
+}
 
 impl Hypercall {
-    /// Decode RAX; `None` for numbers the microvisor does not know.
-    pub const fn from_number(number: u64) -> Option<Self> {
-        match number {
-            1 => Some(Self::ConsoleWrite),
-            2 => Some(Self::DomainExit),
-            3 => Some(Self::Shutdown),
-            _ => None,
-        }
-    }
-
     pub const fn number(self) -> u64 {
         self as u64
     }
 }
+
+/// Capability rights (a bit set).
+pub mod rights {
+    /// Memory: map readable.
+    pub const READ: u64 = 1 << 0;
+    /// Memory: map writable.
+    pub const WRITE: u64 = 1 << 1;
+    /// Memory: map executable.
+    pub const EXEC: u64 = 1 << 2;
+    /// Endpoint: send and call.
+    pub const CALL: u64 = 1 << 3;
+    /// Endpoint: receive.
+    pub const RECV: u64 = 1 << 4;
+    /// Notification: signal.
+    pub const SIGNAL: u64 = 1 << 5;
+    /// Notification: wait, poll, bind, timer.
+    pub const WAIT: u64 = 1 << 6;
+    /// May be copied into other domains.
+    pub const GRANT: u64 = 1 << 7;
+    /// Domain, vCPU, memory pool, machine: operate on the object.
+    pub const CONTROL: u64 = 1 << 8;
+    pub const ALL: u64 = (1 << 9) - 1;
+}
+
+/// The capability slots dom0 starts with. Other domains start with an empty table and get
+/// what dom0 copies to them.
+pub mod dom0_slots {
+    /// dom0's own domain (CONTROL).
+    pub const SELF_DOMAIN: u64 = 0;
+    /// All free memory (CONTROL, GRANT): creates domains, regions, endpoints, notifications.
+    pub const MEMORY: u64 = 1;
+    /// dom0's vCPU (CONTROL).
+    pub const SELF_VCPU: u64 = 2;
+    /// The machine (CONTROL): power off.
+    pub const MACHINE: u64 = 3;
+}
+
+/// Number of capability slots per domain.
+pub const CAP_SLOTS: usize = 64;
+
+/// What a fault message (delivered to a domain's fault endpoint as a call) says. Message
+/// layout: word 0 = kind, 1 = guest-physical or fault address, 2 = RIP, 3 = detail
+/// (error code / access bits / exit status), 4 = vCPU index within the domain. The badge is
+/// the one given to [`Hypercall::DomainSetFaultEndpoint`]. The handler's reply word 0 is a
+/// [`FaultReply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum FaultKind {
+    /// Stage-2 fault: word 1 = guest-physical address, word 3 = bit 0 write, bit 1 execute,
+    /// bit 2 present.
+    Stage2 = 1,
+    /// Unrecoverable exception (#DF, #MC): word 1 = vector, word 3 = error code.
+    Exception = 2,
+    TripleFault = 3,
+    /// An instruction no domain may use (port I/O, SVM instructions...): word 1 = exit code.
+    Forbidden = 4,
+    /// The domain called DomainExit: word 3 = status.
+    Exited = 5,
+}
+
+impl FaultKind {
+    pub const fn from_word(w: u64) -> Option<Self> {
+        match w {
+            1 => Some(Self::Stage2),
+            2 => Some(Self::Exception),
+            3 => Some(Self::TripleFault),
+            4 => Some(Self::Forbidden),
+            5 => Some(Self::Exited),
+            _ => None,
+        }
+    }
+}
+
+/// The fault handler's answer (reply word 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum FaultReply {
+    /// Stop the vCPU (the handler may then destroy or rebuild the domain).
+    Stop = 0,
+    /// Retry the faulting instruction (e.g. after mapping memory).
+    Resume = 1,
+}
+
+/// CPUID leaf where the microvisor identifies itself to domains (EBX, ECX, EDX spell
+/// [`CPUID_SIGNATURE`]; EAX is the highest hypervisor leaf). Leaf 1 ECX bit 31 is set too.
+pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// CPUID leaf whose EAX is [`crate::ABI_VERSION`].
+pub const CPUID_LEAF_ABI: u32 = 0x4000_0001;
+pub const CPUID_SIGNATURE: [u8; 12] = *b"Microvisor  ";
 
 /// Encode a hypercall result into the RAX status word.
 pub const fn status_of(result: Result<(), Error>) -> u64 {
@@ -69,28 +270,24 @@ pub const fn result_of(status: u64) -> Result<(), Error> {
     }
 }
 
-/// CPUID leaf where the microvisor identifies itself to domains (EBX, ECX, EDX spell
-/// [`CPUID_SIGNATURE`]; EAX is the highest hypervisor leaf). Leaf 1 ECX bit 31 is set too.
-pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
-/// CPUID leaf whose EAX is [`crate::ABI_VERSION`].
-pub const CPUID_LEAF_ABI: u32 = 0x4000_0001;
-pub const CPUID_SIGNATURE: [u8; 12] = *b"Microvisor  ";
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn numbers_round_trip() {
-        for h in [
-            Hypercall::ConsoleWrite,
-            Hypercall::DomainExit,
-            Hypercall::Shutdown,
-        ] {
+        for &h in Hypercall::ALL {
             assert_eq!(Hypercall::from_number(h.number()), Some(h));
         }
-        assert_eq!(Hypercall::from_number(0), None);
+        assert_eq!(Hypercall::from_number(9), None);
         assert_eq!(Hypercall::from_number(u64::MAX), None);
+    }
+
+    #[test]
+    fn numbers_are_unique_and_sorted() {
+        for w in Hypercall::ALL.windows(2) {
+            assert!(w[0].number() < w[1].number());
+        }
     }
 
     #[test]
@@ -101,5 +298,25 @@ mod tests {
             Err(Error::BadAddress)
         );
         assert_eq!(result_of(0xdead_beef), Err(Error::Unknown));
+    }
+
+    #[test]
+    fn rights_are_distinct_bits() {
+        let all = [
+            rights::READ,
+            rights::WRITE,
+            rights::EXEC,
+            rights::CALL,
+            rights::RECV,
+            rights::SIGNAL,
+            rights::WAIT,
+            rights::GRANT,
+            rights::CONTROL,
+        ];
+        assert_eq!(all.iter().fold(0, |a, b| a | b), rights::ALL);
+        assert_eq!(
+            all.iter().map(|r| r.count_ones()).sum::<u32>(),
+            all.len() as u32
+        );
     }
 }

@@ -12,6 +12,8 @@ pub mod bundle;
 pub mod error;
 pub mod hypercall;
 pub mod machine_exit;
+#[cfg(feature = "alloc")]
+pub mod manifest;
 
 pub use error::Error;
 pub use hypercall::Hypercall;

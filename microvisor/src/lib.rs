@@ -9,6 +9,7 @@ pub mod console;
 pub mod dmar;
 pub mod frame_alloc;
 pub mod guest_memory;
+pub mod kernel;
 pub mod npt;
 pub mod stage2;
 pub mod svm;

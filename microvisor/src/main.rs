@@ -15,42 +15,71 @@ mod arch;
 #[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
-mod domain;
+mod machine;
 #[cfg(target_os = "none")]
 mod selftest;
 #[cfg(target_os = "none")]
 mod vmexit;
 
 #[cfg(target_os = "none")]
-mod kernel {
+pub use boot_and_run::fail_out_of_memory;
+
+#[cfg(target_os = "none")]
+mod boot_and_run {
+    use core::fmt;
+
     use ipc_spec::bundle::Bundle;
+    use ipc_spec::hypercall::{dom0_slots, rights};
     use ipc_spec::machine_exit::MachineExit;
     use microvisor::frame_alloc::{FrameAllocator, PhysRange};
-    use pvh::start_info::ModuleSpec;
+    use microvisor::kernel::caps::Object;
+    use microvisor::kernel::{Event, Kernel};
+    use microvisor::npt::Npt;
+    use microvisor::svm::vmcb::control;
+    use pvh::elf::{ElfError, ElfImage};
+    use pvh::start_info::{self, MemmapEntry, ModuleSpec};
 
+    use crate::arch::apic::{self, Clock};
     use crate::arch::cpu::{self, exit_machine};
+    use crate::arch::fpu::FpuStates;
     use crate::arch::phys::{phys_slice, FRAMES, PAGE_SIZE};
     use crate::arch::serial::Serial;
     use crate::arch::{acpi, svm::Svm};
-    use crate::domain::{Domain, VcpuState};
+    use crate::machine::Machine;
     use crate::println;
-    use crate::vmexit::{self, Verdict};
+    use crate::vmexit;
 
     pvh::pvh_entry!(microvisor_main, 64 * 1024);
 
-    /// RAM given to dom0 (until dom0 receives all free memory as capabilities).
+    /// RAM given to dom0 itself; it creates the other domains from the free memory.
     const DOM0_RAM: u64 = 32 << 20;
+    /// dom0 outranks the domains it manages, so it can always handle their faults.
+    const DOM0_PRIORITY: u8 = 200;
     /// Where dom0 sees the boot bundle (read-only), outside its RAM.
     const BUNDLE_GPA: u64 = 0x4000_0000;
+    /// Guest-physical address of the page holding a domain's `hvm_start_info`.
+    const START_INFO_GPA: u64 = 0x1000;
+    /// Images are linked at or above 1 MiB; below stays free for the start info.
+    const IMAGE_MIN_GPA: u64 = 0x10_0000;
+
+    static KERNEL: spin::Mutex<Kernel<Npt>> = spin::Mutex::new(Kernel::new());
+    static MACHINE: spin::Once<spin::Mutex<Machine>> = spin::Once::new();
 
     extern "C" {
         static __image_start: u8;
         static __image_end: u8;
     }
 
-    fn fail(code: MachineExit, args: core::fmt::Arguments) -> ! {
+    fn fail(code: MachineExit, args: fmt::Arguments) -> ! {
         println!("FATAL: {}", args);
         exit_machine(code)
+    }
+
+    pub fn fail_out_of_memory(what: &str) -> ! {
+        fail(
+            MachineExit::MicrovisorFault,
+            format_args!("out of memory for {what}"),
+        )
     }
 
     extern "C" fn microvisor_main(start_info: u32) -> ! {
@@ -88,7 +117,6 @@ mod kernel {
         report_platform(boot.rsdp);
 
         // Physical memory: all RAM below 4 GiB except what is in use.
-        // Only the addresses of the linker-defined symbols are taken.
         let (image_start, image_end) = (
             &raw const __image_start as u64,
             &raw const __image_end as u64,
@@ -142,30 +170,77 @@ mod kernel {
                 format_args!("out of memory while enabling SVM"),
             ),
         };
-
-        let mut dom0 = match build_dom0(&svm, dom0_image, &boot.cmdline, bundle_range) {
-            Ok(d) => d,
-            Err(e) => fail(MachineExit::BadBoot, format_args!("building dom0: {e}")),
-        };
+        FpuStates::enable();
+        let clock = Clock::start();
         println!(
-            "dom0: {} MiB RAM, ASID {}, stage-2 root {:#x}, entry {:#x}: entering SVM guest mode",
-            dom0.ram_size >> 20,
-            dom0.asid(),
-            dom0.stage2.root(),
-            dom0.vcpu.vmcb.rip()
+            "clock: TSC {} MHz, scheduler tick {} us ({} LAPIC timer counts)",
+            clock.tsc_mhz(),
+            apic::TICK_NS / 1000,
+            clock.apic_per_ms
         );
-        run(&svm, &mut dom0)
+        let machine = MACHINE.call_once(|| spin::Mutex::new(Machine::new(svm, clock)));
+        let mut m = machine.lock();
+        let mut k = KERNEL.lock();
+
+        if let Err(e) = build_dom0(&mut k, &mut m, dom0_image, &boot.cmdline, bundle_range) {
+            fail(MachineExit::BadBoot, format_args!("building dom0: {e}"));
+        }
+        let stage2_root = k.domains[0].stage2.as_ref().map_or(0, |s| s.root());
+        let entry = k.vcpus[0].regs.rip;
+        println!(
+            "dom0: {} MiB RAM, ASID 1, stage-2 root {:#x}, entry {:#x}: entering SVM guest mode",
+            DOM0_RAM >> 20,
+            stage2_root,
+            entry
+        );
+        run(&mut k, &mut m)
     }
 
+    enum BuildError {
+        Image(ElfError),
+        NoPvhEntry,
+        Kernel(ipc_spec::Error),
+        StartInfo,
+    }
+
+    impl fmt::Display for BuildError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Self::Image(e) => write!(f, "image: {e}"),
+                Self::NoPvhEntry => {
+                    f.write_str("image: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+                }
+                Self::Kernel(e) => write!(f, "{e}"),
+                Self::StartInfo => f.write_str("start information does not fit in its page"),
+            }
+        }
+    }
+
+    impl From<ipc_spec::Error> for BuildError {
+        fn from(e: ipc_spec::Error) -> Self {
+            Self::Kernel(e)
+        }
+    }
+
+    /// dom0 is built like any domain, and starts with the root capabilities.
     fn build_dom0(
-        svm: &Svm,
+        k: &mut Kernel<Npt>,
+        m: &mut Machine,
         image: &[u8],
         cmdline: &str,
         bundle: PhysRange,
-    ) -> Result<Domain, crate::domain::BuildError> {
-        let mut dom0 = Domain::create("dom0", 0, DOM0_RAM, svm)?;
-        let entry = dom0.load_image(image)?;
-        dom0.map_readonly(BUNDLE_GPA, bundle.start, bundle.len())?;
+    ) -> Result<(), BuildError> {
+        let elf = ElfImage::parse(image).map_err(BuildError::Image)?;
+        let entry = elf.pvh_entry().ok_or(BuildError::NoPvhEntry)?;
+        elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA)
+            .map_err(BuildError::Image)?;
+
+        let d = k.domain_create(m, b"dom0", DOM0_RAM, DOM0_PRIORITY)?;
+        for seg in elf.segments() {
+            k.write_ram(m, d, seg.paddr, elf.segment_data(seg))?;
+        }
+        k.map_fixed(m, d, BUNDLE_GPA, bundle.start, bundle.len())?;
+
         let mut args: heapless::String<512> = heapless::String::new();
         for word in microvisor::cmdline::domain_args(cmdline, "dom0") {
             if !args.is_empty() {
@@ -173,46 +248,120 @@ mod kernel {
             }
             let _ = args.push_str(word);
         }
+        let memmap = [MemmapEntry::new(0, DOM0_RAM, start_info::MEMMAP_RAM)];
         let modules = [ModuleSpec {
             paddr: BUNDLE_GPA,
             size: bundle.len(),
         }];
-        dom0.prepare_boot(entry, args.as_bytes(), &modules)?;
-        Ok(dom0)
+        let mut page = [0u8; 4096];
+        start_info::build_start_page(
+            &mut page,
+            START_INFO_GPA,
+            args.as_bytes(),
+            &memmap,
+            &modules,
+            0,
+        )
+        .map_err(|_| BuildError::StartInfo)?;
+        k.write_ram(m, d, START_INFO_GPA, &page)?;
+
+        // The root capabilities, at the slots ipc-spec promises.
+        let g = k.domains[d as usize].generation;
+        let s0 = k.grant_original(d, Object::Domain(d, g), rights::CONTROL)?;
+        let s1 = k.grant_original(d, Object::Memory, rights::CONTROL | rights::GRANT)?;
+        let v = k.vcpu_create(m, d, entry as u64, START_INFO_GPA)?;
+        let vg = k.vcpus[v as usize].generation;
+        let s2 = k.grant_original(d, Object::Vcpu(v, vg), rights::CONTROL)?;
+        let s3 = k.grant_original(d, Object::Machine, rights::CONTROL)?;
+        debug_assert_eq!(
+            [s0, s1, s2, s3],
+            [
+                dom0_slots::SELF_DOMAIN,
+                dom0_slots::MEMORY,
+                dom0_slots::SELF_VCPU,
+                dom0_slots::MACHINE
+            ]
+        );
+        k.vcpu_start(v)?;
+        Ok(())
     }
 
-    fn run(svm: &Svm, dom0: &mut Domain) -> ! {
+    /// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
+    fn run(k: &mut Kernel<Npt>, m: &mut Machine) -> ! {
+        let mut seen_ticks = apic::ticks();
         loop {
-            match dom0.vcpu.state {
-                VcpuState::Runnable => {}
-                VcpuState::Halted => {
-                    println!("all vCPUs halted and no event source can wake them: idle");
-                    cpu::halt_forever();
-                }
-                VcpuState::Stopped => {
+            let ticks = apic::ticks();
+            if ticks != seen_ticks {
+                seen_ticks = ticks;
+                k.tick(m.clock.now_ns());
+            }
+            k.schedule();
+            let Some(v) = k.current else {
+                if !k.any_alive() {
                     println!("no runnable domains left: stopping the machine");
                     exit_machine(MachineExit::NoDomainsLeft);
                 }
-            }
-            cpu::set_current_domain(Some(dom0.name));
-            svm.run(dom0.vcpu.vmcb_pa, &mut dom0.vcpu.regs);
-            dom0.vcpu
-                .vmcb
-                .write_u8(microvisor::svm::vmcb::control::TLB_CONTROL, 0);
-            match vmexit::handle(dom0) {
-                Verdict::Resume => {}
-                Verdict::Halt => dom0.vcpu.state = VcpuState::Halted,
-                Verdict::Stop(reason) => {
-                    dom0.console_flush();
-                    println!("domain {} stopped: {}", dom0.name, reason);
-                    dom0.vcpu.state = VcpuState::Stopped;
+                apic::wait_for_interrupt();
+                continue;
+            };
+            let d = k.vcpus[v as usize].domain;
+            cpu::set_current_domain(Some((d, k.domains[d as usize].name())));
+            enter(k, m, v);
+            m.svm.run(m.vmcb_pa(v), &mut k.vcpus[v as usize].regs);
+            let vmcb = m.vmcb(v);
+            vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
+            let regs = &mut k.vcpus[v as usize].regs;
+            regs.rax = vmcb.rax();
+            regs.rip = vmcb.rip();
+            match vmexit::handle(k, m, v) {
+                None => {}
+                Some(Event::PowerOff(status)) => {
+                    println!("shutdown requested with status {status}");
+                    exit_machine(if status == 0 {
+                        MachineExit::Success
+                    } else {
+                        MachineExit::Dom0Failure
+                    });
                 }
-                Verdict::PowerOff(code) => {
-                    println!("dom0 asked to power off ({:?})", code);
-                    exit_machine(code);
-                }
+                Some(Event::Exited {
+                    domain,
+                    status,
+                    handled,
+                }) => println!(
+                    "domain {} exited with status {status}{}",
+                    k.domains[domain as usize].name(),
+                    if handled {
+                        "; its fault handler was told"
+                    } else {
+                        ""
+                    }
+                ),
             }
             cpu::set_current_domain(None);
+        }
+    }
+
+    /// Load the kernel's view of vCPU `v` into its VMCB and the CPU.
+    fn enter(k: &mut Kernel<Npt>, m: &mut Machine, v: microvisor::kernel::VcpuId) {
+        m.sync_tlb(v);
+        m.fpu.switch_to(v);
+        let vcpu = &mut k.vcpus[v as usize];
+        let vmcb = m.vmcb(v);
+        vmcb.set_rax(vcpu.regs.rax);
+        vmcb.set_rip(vcpu.regs.rip);
+        // A pending virtual interrupt goes into V_IRQ unless one is already waiting there
+        // (the guest takes it when its RFLAGS.IF allows).
+        let vintr = vmcb.read_u64(control::VINTR);
+        if vintr & (1 << 8) == 0 {
+            if let Some(vector) = vcpu.take_irq() {
+                // V_IRQ, priority 15, ignore V_TPR, masking on, vector.
+                let value = (vintr & (1 << 24))
+                    | (1 << 8)
+                    | (0xf << 16)
+                    | (1 << 20)
+                    | ((vector as u64) << 32);
+                vmcb.write_u64(control::VINTR, value);
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! Boot-time self-tests the machine owner can ask for on the command line, to prove the
 //! failure paths work (the end-to-end tests use them). Domains cannot reach this switch.
 //!
-//! `selftest=exit-handler-fault`: take a #UD inside the #VMEXIT handler, which must produce
+//! `selftest=exit-handler-fault`: take a #UD inside the #VMEXIT handler (at the first CPUID
+//! exit), which must produce
 //! the microvisor's exception report naming the domain being handled.
 
 use core::sync::atomic::{AtomicBool, Ordering};

@@ -1,194 +1,182 @@
 //! What the microvisor does on each #VMEXIT: emulate the little it must (CPUID, EFER),
-//! serve hypercalls, and turn everything a domain is not allowed to do into a stop with a
-//! report. A domain can never crash the microvisor from here: every input is checked.
+//! hand hypercalls and HLT to the kernel, and turn everything a domain may not do into a
+//! fault — a message to the domain's fault handler, or a stop with a report.
 
 use core::fmt;
 
-use ipc_spec::hypercall::{
-    self, Hypercall, CONSOLE_WRITE_MAX, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE,
-};
-use ipc_spec::machine_exit::MachineExit;
-use ipc_spec::Error;
-use microvisor::guest_memory::read_guest;
+use ipc_spec::hypercall::{FaultKind, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
+use microvisor::kernel::{Event, Fault, Kernel, VcpuId};
+use microvisor::npt::Npt;
 use microvisor::svm::exit::ExitReason;
 use microvisor::svm::vmcb::{efer, save};
 use pvh::exceptions::exception_name;
 
-use crate::arch::phys::{IdentityMemory, PhysTables};
-use crate::domain::Domain;
+use crate::arch::apic;
+use crate::machine::Machine;
+use crate::println;
 
-/// What happens to the vCPU after an exit.
-pub enum Verdict {
-    Resume,
-    /// HLT: the vCPU waits for an event.
-    Halt,
-    Stop(StopReason),
-    PowerOff(MachineExit),
-}
-
-/// Why a domain was stopped; printed as the report.
-pub enum StopReason {
-    Exited {
-        status: u64,
-    },
-    Stage2Fault {
-        gpa: u64,
-        access: &'static str,
-        present: bool,
-        rip: u64,
-    },
-    TripleFault {
-        rip: u64,
-    },
-    Exception {
-        vector: u8,
-        error_code: u64,
-        rip: u64,
-    },
-    PortIo {
-        port: u16,
-        write: bool,
-        rip: u64,
-    },
-    InvalidState,
-    Unexpected {
-        code: u64,
-        rip: u64,
-    },
-}
-
-impl fmt::Display for StopReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::Exited { status } => write!(f, "exited with status {status}"),
-            Self::Stage2Fault {
-                gpa,
-                access,
-                present,
-                rip,
-            } => write!(
-                f,
-                "stage-2 fault: {access} at guest-physical {gpa:#x} ({}), RIP {rip:#x}",
-                if present {
-                    "access not permitted"
-                } else {
-                    "not mapped: outside the domain's memory"
-                }
-            ),
-            Self::TripleFault { rip } => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
-            Self::Exception {
-                vector,
-                error_code,
-                rip,
-            } => write!(
-                f,
-                "unrecoverable exception {vector} ({}), error code {error_code:#x}, RIP {rip:#x}",
-                exception_name(vector as u64)
-            ),
-            Self::PortIo { port, write, rip } => write!(
-                f,
-                "port I/O ({} port {port:#x}): domains own no I/O ports, RIP {rip:#x}",
-                if write { "OUT to" } else { "IN from" }
-            ),
-            Self::InvalidState => f.write_str("VMRUN rejected the vCPU state (exit code -1)"),
-            Self::Unexpected { code, rip } => write!(
-                f,
-                "forbidden instruction (exit code {code:#x}), RIP {rip:#x}"
-            ),
-        }
-    }
-}
-
-/// Instruction lengths: TCG offers no next-RIP save, so RIP advances by known lengths.
 const VMMCALL_LEN: u64 = 3;
 const CPUID_LEN: u64 = 2;
 const MSR_LEN: u64 = 2;
 const HLT_LEN: u64 = 1;
 const IA32_EFER: u64 = 0xc000_0080;
 
-pub fn handle(domain: &mut Domain) -> Verdict {
-    let (code, info1, info2, rip) = {
-        let v = &*domain.vcpu.vmcb;
-        (v.exit_code(), v.exit_info1(), v.exit_info2(), v.rip())
+/// Handle the exit of the running vCPU `v` (its RAX and RIP already synced into the
+/// kernel's register file).
+pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> {
+    let (code, info1, info2) = {
+        let vmcb = m.vmcb(v);
+        (vmcb.exit_code(), vmcb.exit_info1(), vmcb.exit_info2())
     };
+    let regs = &mut k.vcpus[v as usize].regs;
     match ExitReason::decode(code, info1, info2) {
-        ExitReason::Vmmcall => hypercall(domain, rip),
+        ExitReason::Vmmcall => {
+            regs.rip += VMMCALL_LEN;
+            return k.hypercall(m, v);
+        }
         ExitReason::Cpuid => {
-            emulate_cpuid(domain);
-            domain.vcpu.vmcb.set_rip(rip + CPUID_LEN);
-            Verdict::Resume
+            crate::selftest::maybe_fault_in_exit_handler();
+            emulate_cpuid(regs);
+            regs.rip += CPUID_LEN;
         }
         ExitReason::Hlt => {
-            domain.vcpu.vmcb.set_rip(rip + HLT_LEN);
-            Verdict::Halt
+            regs.rip += HLT_LEN;
+            k.halt(v);
         }
-        ExitReason::Msr { write } => {
-            emulate_msr(domain, write, rip);
-            Verdict::Resume
+        ExitReason::Msr { write } => emulate_msr(k, m, v, write),
+        ExitReason::PhysicalInterrupt => apic::take_pending_interrupts(),
+        ExitReason::NestedPageFault { gpa, error } => {
+            let detail =
+                error.write() as u64 | (error.fetch() as u64) << 1 | (error.present() as u64) << 2;
+            fault(
+                k,
+                m,
+                v,
+                Fault {
+                    kind: FaultKind::Stage2,
+                    addr: gpa,
+                    detail,
+                },
+            );
         }
-        ExitReason::PhysicalInterrupt => Verdict::Resume,
-        ExitReason::NestedPageFault { gpa, error } => Verdict::Stop(StopReason::Stage2Fault {
-            gpa,
-            access: error.access(),
-            present: error.present(),
-            rip,
-        }),
-        ExitReason::Shutdown => Verdict::Stop(StopReason::TripleFault { rip }),
-        ExitReason::Exception { vector, error_code } => Verdict::Stop(StopReason::Exception {
-            vector,
-            error_code,
-            rip,
-        }),
-        ExitReason::Io { port, write, .. } => {
-            Verdict::Stop(StopReason::PortIo { port, write, rip })
-        }
-        ExitReason::Invalid => Verdict::Stop(StopReason::InvalidState),
-        ExitReason::Other(code) => Verdict::Stop(StopReason::Unexpected { code, rip }),
+        ExitReason::Shutdown => fault(
+            k,
+            m,
+            v,
+            Fault {
+                kind: FaultKind::TripleFault,
+                addr: 0,
+                detail: 0,
+            },
+        ),
+        ExitReason::Exception { vector, error_code } => fault(
+            k,
+            m,
+            v,
+            Fault {
+                kind: FaultKind::Exception,
+                addr: vector as u64,
+                detail: error_code,
+            },
+        ),
+        ExitReason::Io { port, write, .. } => fault(
+            k,
+            m,
+            v,
+            Fault {
+                kind: FaultKind::Forbidden,
+                addr: code,
+                detail: port as u64 | (write as u64) << 16,
+            },
+        ),
+        ExitReason::Invalid | ExitReason::Other(_) => fault(
+            k,
+            m,
+            v,
+            Fault {
+                kind: FaultKind::Forbidden,
+                addr: code,
+                detail: 0,
+            },
+        ),
+    }
+    None
+}
+
+/// A fault: to the domain's handler if it has one, else the vCPU stops; reported either way.
+fn fault(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, f: Fault) {
+    let d = k.vcpus[v as usize].domain;
+    let rip = k.vcpus[v as usize].regs.rip;
+    k.console_flush(m, d);
+    let handled = k.fault(m, v, f);
+    let name = k.domains[d as usize].name();
+    if handled {
+        println!(
+            "domain {name}: {}; sent to its fault handler",
+            Report(f, rip)
+        );
+    } else {
+        println!("domain {name} stopped: {}", Report(f, rip));
     }
 }
 
-fn hypercall(domain: &mut Domain, rip: u64) -> Verdict {
-    let number = domain.vcpu.vmcb.rax();
-    let (arg0, arg1) = (domain.vcpu.regs.rdi, domain.vcpu.regs.rsi);
-    let status = match Hypercall::from_number(number) {
-        Some(Hypercall::ConsoleWrite) => console_write(domain, arg0, arg1),
-        Some(Hypercall::DomainExit) => return Verdict::Stop(StopReason::Exited { status: arg0 }),
-        Some(Hypercall::Shutdown) => {
-            if domain.id == 0 {
-                domain.console_flush();
-                return Verdict::PowerOff(if arg0 == 0 {
-                    MachineExit::Success
+/// A fault in words.
+struct Report(Fault, u64);
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (fault, rip) = (self.0, self.1);
+        match fault.kind {
+            FaultKind::Stage2 => write!(
+                f,
+                "stage-2 fault: {} at guest-physical {:#x} ({}), RIP {rip:#x}",
+                match fault.detail & 3 {
+                    0 => "read",
+                    1 => "write",
+                    _ => "execute",
+                },
+                fault.addr,
+                if fault.detail & 4 != 0 {
+                    "access not permitted"
                 } else {
-                    MachineExit::Dom0Failure
-                });
+                    "not mapped: outside the domain's memory"
+                }
+            ),
+            FaultKind::TripleFault => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
+            FaultKind::Exception => write!(
+                f,
+                "unrecoverable exception {} ({}), error code {:#x}, RIP {rip:#x}",
+                fault.addr,
+                exception_name(fault.addr),
+                fault.detail
+            ),
+            FaultKind::Forbidden if fault.addr == microvisor::svm::exit::IOIO => write!(
+                f,
+                "port I/O ({} port {:#x}): domains own no I/O ports, RIP {rip:#x}",
+                if fault.detail >> 16 != 0 {
+                    "OUT to"
+                } else {
+                    "IN from"
+                },
+                fault.detail & 0xffff
+            ),
+            FaultKind::Forbidden if fault.addr == microvisor::svm::exit::INVALID => {
+                f.write_str("VMRUN rejected the vCPU state (exit code -1)")
             }
-            Err(Error::PermissionDenied)
+            FaultKind::Forbidden => write!(
+                f,
+                "forbidden instruction (exit code {:#x}), RIP {rip:#x}",
+                fault.addr
+            ),
+            FaultKind::Exited => write!(f, "exited with status {}", fault.detail),
         }
-        None => Err(Error::UnknownHypercall),
-    };
-    domain.vcpu.vmcb.set_rax(hypercall::status_of(status));
-    domain.vcpu.vmcb.set_rip(rip + VMMCALL_LEN);
-    Verdict::Resume
-}
-
-fn console_write(domain: &mut Domain, gpa: u64, len: u64) -> Result<(), Error> {
-    crate::selftest::maybe_fault_in_exit_handler();
-    if len > CONSOLE_WRITE_MAX {
-        return Err(Error::InvalidArgument);
     }
-    let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
-    let buf = &mut buf[..len as usize];
-    read_guest(&domain.stage2, &PhysTables, &IdentityMemory, gpa, buf)
-        .map_err(|_| Error::BadAddress)?;
-    domain.console_write(buf);
-    Ok(())
 }
 
 /// CPUID passes the host's answers through, minus what domains must not see (SVM, VMX,
 /// MONITOR/MWAIT, which are intercepted) plus the hypervisor leaves.
-fn emulate_cpuid(domain: &mut Domain) {
-    let leaf = domain.vcpu.vmcb.rax() as u32;
-    let subleaf = domain.vcpu.regs.rcx as u32;
+fn emulate_cpuid(regs: &mut microvisor::kernel::Regs) {
+    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
     let sig = |i: usize| {
         u32::from_le_bytes([
             CPUID_SIGNATURE[i],
@@ -217,36 +205,32 @@ fn emulate_cpuid(domain: &mut Domain) {
             }
         }
     };
-    let regs = &mut domain.vcpu.regs;
-    domain.vcpu.vmcb.set_rax(a as u64);
-    regs.rbx = b as u64;
-    regs.rcx = c as u64;
-    regs.rdx = d as u64;
+    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (a as u64, b as u64, c as u64, d as u64);
 }
 
 /// Every MSR is intercepted. EFER is emulated (a domain may enable long mode and NX, but
 /// SVME stays set, as VMRUN requires); any other MSR raises #GP in the domain.
-fn emulate_msr(domain: &mut Domain, write: bool, rip: u64) {
-    let msr = domain.vcpu.regs.rcx;
-    if msr != IA32_EFER {
-        domain.vcpu.vmcb.inject_exception(13, Some(0));
+fn emulate_msr(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, write: bool) {
+    let regs = &mut k.vcpus[v as usize].regs;
+    let vmcb = m.vmcb(v);
+    if regs.rcx != IA32_EFER {
+        vmcb.inject_exception(13, Some(0));
         return;
     }
-    let current = domain.vcpu.vmcb.read_u64(save::EFER);
+    let current = vmcb.read_u64(save::EFER);
     if write {
-        let value = (domain.vcpu.regs.rdx << 32) | (domain.vcpu.vmcb.rax() & 0xffff_ffff);
-        let allowed = efer::SCE | efer::LME | efer::LMA | efer::NXE;
-        if value & !allowed != 0 {
-            domain.vcpu.vmcb.inject_exception(13, Some(0));
+        let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+        if value & !(efer::SCE | efer::LME | efer::LMA | efer::NXE) != 0 {
+            vmcb.inject_exception(13, Some(0));
             return;
         }
         let new =
             (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
-        domain.vcpu.vmcb.write_u64(save::EFER, new);
+        vmcb.write_u64(save::EFER, new);
     } else {
         let value = current & !efer::SVME;
-        domain.vcpu.vmcb.set_rax(value & 0xffff_ffff);
-        domain.vcpu.regs.rdx = value >> 32;
+        regs.rax = value & 0xffff_ffff;
+        regs.rdx = value >> 32;
     }
-    domain.vcpu.vmcb.set_rip(rip + MSR_LEN);
+    regs.rip += MSR_LEN;
 }

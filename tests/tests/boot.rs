@@ -23,7 +23,7 @@ fn normal_boot_reaches_dom0_ready_in_guest_mode() {
     );
     assert_line(&run, "[dom0] boot bundle: 1 image(s): [(\"dom0\"");
     assert_line(&run, "[dom0] ready (in SVM guest mode)");
-    assert_line(&run, "[microvisor] dom0 asked to power off (Success)");
+    assert_line(&run, "[microvisor] shutdown requested with status 0");
     assert_no_line(&run, "FATAL");
 }
 

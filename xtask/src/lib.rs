@@ -2,8 +2,10 @@
 //! the end-to-end tests in `tests/`.
 
 pub mod build;
+pub mod manifest;
 pub mod qemu;
 pub mod setup;
+pub mod tcb;
 
 use std::path::PathBuf;
 

@@ -8,6 +8,7 @@
 //!   --append "<words>"  extra microvisor command-line words (e.g. `dom0.selftest=...`)
 //!   --timeout <secs>    with --smoke: give up after this long (default 120)
 //! test                  host tests, then the QEMU end-to-end tests
+//! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! ```
 
 use std::process::{Command, ExitCode};
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Some("build") => build::build(&build::default_target_dir()).map(|_| ()),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
             Ok(())
@@ -42,7 +44,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   build                 build the microvisor and domain images, pack target/stack/bundle.bin
   run [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
                         boot the stack in QEMU (console on this terminal; Ctrl-A X quits)
-  test                  host tests, then the QEMU end-to-end tests";
+  test                  host tests, then the QEMU end-to-end tests
+  tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
+                        the reference points; writes target/tcb.json";
 
 struct RunOptions {
     smoke: bool,

@@ -2,7 +2,7 @@
 //! stopping the machine.
 
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use ipc_spec::machine_exit::{MachineExit, DEBUG_EXIT_PORT};
 use pvh::exceptions::{exception_name, exception_stub_addresses, ExceptionFrame, Idt};
@@ -74,32 +74,44 @@ pub fn init() {
             };
             idt.set(vector as u8, stub, code.0, ist);
         }
+        for (vector, entry) in super::apic::interrupt_entries() {
+            idt.set(vector, entry, code.0, 0);
+        }
         idt
     });
     idt.load();
 }
 
-static CURRENT_DOMAIN: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
-static CURRENT_DOMAIN_LEN: AtomicUsize = AtomicUsize::new(0);
+/// The domain the microvisor is working for (id + 1; 0 = none), and a copy of its name, so
+/// an exception report can name it without touching kernel state.
+static CURRENT_DOMAIN: AtomicUsize = AtomicUsize::new(0);
+static CURRENT_NAME: spin::Mutex<([u8; 32], usize)> = spin::Mutex::new(([0; 32], 0));
 
-/// Record which domain the microvisor is working for, so an exception report can name it.
-pub fn set_current_domain(name: Option<&'static str>) {
-    let (ptr, len) = name.map_or((core::ptr::null_mut(), 0), |n| {
-        (n.as_ptr() as *mut u8, n.len())
-    });
-    CURRENT_DOMAIN_LEN.store(len, Ordering::Relaxed);
-    CURRENT_DOMAIN.store(ptr, Ordering::Release);
+/// Record which domain the microvisor is working for. The name is copied only when the
+/// domain changes, which keeps this off the cost of an IPC between two vCPUs of one domain.
+pub fn set_current_domain(domain: Option<(u16, &str)>) {
+    match domain {
+        None => CURRENT_DOMAIN.store(0, Ordering::Relaxed),
+        Some((id, name)) => {
+            let tag = id as usize + 1;
+            if CURRENT_DOMAIN.swap(tag, Ordering::Relaxed) != tag {
+                let mut n = CURRENT_NAME.lock();
+                let len = name.len().min(32);
+                n.0[..len].copy_from_slice(&name.as_bytes()[..len]);
+                n.1 = len;
+            }
+        }
+    }
 }
 
-fn current_domain() -> Option<&'static str> {
-    let ptr = CURRENT_DOMAIN.load(Ordering::Acquire);
-    if ptr.is_null() {
+fn current_domain(buf: &mut [u8; 32]) -> Option<&str> {
+    if CURRENT_DOMAIN.load(Ordering::Relaxed) == 0 {
         return None;
     }
-    let len = CURRENT_DOMAIN_LEN.load(Ordering::Relaxed);
-    // SAFETY: the pointer and length were taken together from a &'static str in
-    // set_current_domain, so they describe valid, immutable UTF-8 for the program's life.
-    Some(unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr, len)) })
+    let n = CURRENT_NAME.try_lock()?;
+    let len = n.1;
+    buf[..len].copy_from_slice(&n.0[..len]);
+    core::str::from_utf8(&buf[..len]).ok()
 }
 
 /// Every CPU exception in root mode is a microvisor bug: report it and stop the machine.
@@ -121,7 +133,8 @@ extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
         "[microvisor]   error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RSP {:#018x}, RFLAGS {:#x}",
         frame.error_code, frame.rip, cr2, frame.rsp, frame.rflags
     );
-    match current_domain() {
+    let mut name = [0u8; 32];
+    match current_domain(&mut name) {
         Some(d) => {
             let _ = writeln!(s, "[microvisor]   while handling domain {d}");
         }

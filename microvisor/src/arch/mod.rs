@@ -2,7 +2,9 @@
 //! memory directly. Portable decisions live in the library crate.
 
 pub mod acpi;
+pub mod apic;
 pub mod cpu;
+pub mod fpu;
 pub mod phys;
 pub mod serial;
 pub mod svm;

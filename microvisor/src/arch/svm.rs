@@ -1,7 +1,8 @@
 //! AMD SVM glue: turning SVM on, the permission maps every domain shares, and the world
 //! switch (VMLOAD, VMRUN, VMSAVE) with the general registers VMRUN does not swap.
 
-use microvisor::svm::vmcb::{control, efer, misc1, misc2, Vmcb};
+use microvisor::kernel::{Regs, VcpuBoot};
+use microvisor::svm::vmcb::{control, efer, misc1, misc2, save, Segment, Vmcb, DEFAULT_PAT};
 use x86_64::registers::model_specific::Msr;
 
 use super::phys::{alloc_zeroed_frames, PAGE_SIZE};
@@ -9,27 +10,6 @@ use super::phys::{alloc_zeroed_frames, PAGE_SIZE};
 /// MSR holding the physical address of the host state-save area VMRUN uses.
 const VM_HSAVE_PA: u32 = 0xc001_0117;
 const IA32_EFER: u32 = 0xc000_0080;
-
-/// Guest general registers that VMRUN/#VMEXIT leave alone (RAX and RSP live in the VMCB).
-/// The layout is fixed: the world-switch assembly indexes it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuestRegs {
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-}
 
 /// Per-CPU SVM state and the maps all guests share.
 pub struct Svm {
@@ -118,8 +98,35 @@ impl Svm {
         vmcb.write_u64(control::VINTR, 1 << 24);
     }
 
+    /// Put a new vCPU's VMCB into PVH entry state: 32-bit protected mode, paging off, flat
+    /// segments, a busy TSS, its own ASID and stage-2 root. (EBX and RIP come from the
+    /// kernel's register file, synced at every entry.)
+    pub fn init_vmcb(&self, v: &mut Vmcb, boot: &VcpuBoot) {
+        *v = Vmcb::zeroed();
+        self.set_standard_intercepts(v);
+        v.write_u32(control::GUEST_ASID, boot.asid);
+        v.write_u8(control::TLB_CONTROL, 1);
+        v.write_u64(control::NP_ENABLE, 1);
+        v.write_u64(control::NESTED_CR3, boot.stage2_root);
+        v.set_segment(save::CS, Segment::flat_code32(0x08));
+        for seg in [save::DS, save::ES, save::SS, save::FS, save::GS] {
+            v.set_segment(seg, Segment::flat_data32(0x10));
+        }
+        v.set_segment(save::TR, Segment::tss32_busy());
+        v.set_segment(save::LDTR, Segment::default());
+        v.set_segment(save::GDTR, Segment::table(0, 0));
+        v.set_segment(save::IDTR, Segment::table(0, 0));
+        v.write_u64(save::CR0, 0x11); // PE | ET
+        v.write_u64(save::EFER, efer::SVME); // VMRUN demands SVME in the guest's EFER
+        v.write_u64(save::RFLAGS, 0x2);
+        v.write_u64(save::DR6, 0xffff_0ff0);
+        v.write_u64(save::DR7, 0x400);
+        v.write_u64(save::G_PAT, DEFAULT_PAT);
+        v.set_rip(boot.entry);
+    }
+
     /// Run the guest described by `vmcb` (at physical `vmcb_pa`) until its next #VMEXIT.
-    pub fn run(&self, vmcb_pa: u64, regs: &mut GuestRegs) {
+    pub fn run(&self, vmcb_pa: u64, regs: &mut Regs) {
         // SAFETY: vmcb_pa is the physical address of a VMCB page owned by the running
         // vCPU, set up by the caller with the standard intercepts (VMRUN intercepted, a
         // non-zero ASID, valid guest state); `regs` is that vCPU's register file;
@@ -132,7 +139,7 @@ impl Svm {
 /// registers, VMLOAD + VMRUN, then stores the guest registers back, VMSAVE the guest's
 /// hidden state and VMLOAD the host's (TR above all: the IST stacks depend on it).
 #[unsafe(naked)]
-unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64) {
+unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u64) {
     core::arch::naked_asm!(
         "push rbx",
         "push rbp",

@@ -1,0 +1,290 @@
+//! Hypercall decoding: registers in, kernel operation, registers out. Every argument is
+//! checked; a bad one becomes an error code in RAX, never a panic.
+
+use ipc_spec::hypercall::{
+    rights, status_of, FaultKind, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX,
+};
+use ipc_spec::Error;
+
+use super::caps::Object;
+use super::{Event, Fault, Kernel, Platform, VcpuId, PAGE};
+use crate::stage2::Stage2Format;
+
+/// How a hypercall ended for its caller.
+enum Done {
+    /// Status (and results already written); the caller continues.
+    Status(Result<(), Error>),
+    /// The call blocked or switched: its status is written when it completes.
+    Pending,
+}
+
+impl<F: Stage2Format> Kernel<F> {
+    /// Handle the hypercall the running vCPU `v` just made (RIP already past VMMCALL).
+    /// Afterwards `self.current` says which vCPU runs next.
+    pub fn hypercall<P: Platform>(&mut self, p: &mut P, v: VcpuId) -> Option<Event> {
+        self.stats.hypercalls += 1;
+        let r = self.vcpus[v as usize].regs;
+        let Some(call) = Hypercall::from_number(r.rax) else {
+            self.vcpus[v as usize].regs.rax = Error::UnknownHypercall.code();
+            return None;
+        };
+        let mut event = None;
+        let done = match call {
+            Hypercall::Null => Done::Status(Ok(())),
+            Hypercall::Call => pending(self.call(p, v, r.rbx)),
+            Hypercall::ReplyRecv => pending(self.reply_recv(p, v, r.rbx)),
+            Hypercall::Recv => pending(self.recv(p, v, r.rbx)),
+            Hypercall::Signal => Done::Status(self.signal(v, r.rbx, r.rdi)),
+            Hypercall::Wait => pending(self.wait(v, r.rbx)),
+            Hypercall::Poll => Done::Status(
+                self.poll(v, r.rbx)
+                    .map(|bits| self.vcpus[v as usize].regs.rdi = bits),
+            ),
+            Hypercall::Yield => {
+                self.vcpus[v as usize].regs.rax = 0;
+                self.yield_current();
+                Done::Pending
+            }
+            Hypercall::Clock => {
+                self.vcpus[v as usize].regs.rdi = p.now_ns();
+                Done::Status(Ok(()))
+            }
+            Hypercall::ConsoleWrite => Done::Status(self.hc_console(p, v, r.rdi, r.rsi)),
+            Hypercall::DomainExit => {
+                event = self.domain_exit(p, v, r.rdi);
+                Done::Pending
+            }
+            Hypercall::Shutdown => {
+                match self.lookup(self.vcpus[v as usize].domain, r.rbx, rights::CONTROL) {
+                    Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(r.rdi)),
+                    Ok(_) => Done::Status(Err(Error::WrongType)),
+                    Err(e) => Done::Status(Err(e)),
+                }
+            }
+            _ => Done::Status(self.management(p, v, call, &r)),
+        };
+        if let Done::Status(result) = done {
+            self.vcpus[v as usize].regs.rax = status_of(result);
+        }
+        event
+    }
+}
+
+fn pending(r: Result<(), Error>) -> Done {
+    match r {
+        Ok(()) => Done::Pending,
+        Err(e) => Done::Status(Err(e)),
+    }
+}
+
+impl<F: Stage2Format> Kernel<F> {
+    fn hc_console<P: Platform>(
+        &mut self,
+        p: &mut P,
+        v: VcpuId,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        if len > CONSOLE_WRITE_MAX {
+            return Err(Error::InvalidArgument);
+        }
+        let d = self.vcpus[v as usize].domain;
+        let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
+        let buf = &mut buf[..len as usize];
+        self.read_ram(p, d, gpa, buf)?;
+        self.console_write(p, d, buf);
+        Ok(())
+    }
+
+    /// The domain of `v` asked to stop. Its fault handler (if any) hears of it.
+    fn domain_exit<P: Platform>(&mut self, p: &mut P, v: VcpuId, status: u64) -> Option<Event> {
+        let d = self.vcpus[v as usize].domain;
+        self.console_flush(p, d);
+        let handled = self.fault(
+            p,
+            v,
+            Fault {
+                kind: FaultKind::Exited,
+                addr: 0,
+                detail: status,
+            },
+        );
+        if !handled {
+            self.stop_domain(d);
+            self.schedule();
+        }
+        Some(Event::Exited {
+            domain: d,
+            status,
+            handled,
+        })
+    }
+
+    /// The object-management hypercalls.
+    fn management<P: Platform>(
+        &mut self,
+        p: &mut P,
+        v: VcpuId,
+        call: Hypercall,
+        r: &super::Regs,
+    ) -> Result<(), Error> {
+        let caller = self.vcpus[v as usize].domain;
+        let memory = |k: &Self| match k.lookup(caller, r.rbx, rights::CONTROL)?.object {
+            Object::Memory => Ok(()),
+            _ => Err(Error::WrongType),
+        };
+        match call {
+            Hypercall::DomainCreate => {
+                memory(self)?;
+                let len = usize::try_from(r.r10).map_err(|_| Error::InvalidArgument)?;
+                if len == 0 || len > DOMAIN_NAME_MAX {
+                    return Err(Error::InvalidArgument);
+                }
+                let mut name = [0u8; DOMAIN_NAME_MAX];
+                self.read_ram(p, caller, r.rdx, &mut name[..len])?;
+                let priority = u8::try_from(r.rsi).map_err(|_| Error::InvalidArgument)?;
+                let d = self.domain_create(p, &name[..len], r.rdi, priority)?;
+                let g = self.domains[d as usize].generation;
+                match self.grant_original(caller, Object::Domain(d, g), rights::CONTROL) {
+                    Ok(slot) => self.set_result(v, slot),
+                    Err(e) => {
+                        self.domain_destroy(p, d);
+                        Err(e)
+                    }
+                }
+            }
+            Hypercall::DomainWrite => {
+                let target = self.lookup_domain(caller, r.rbx)?;
+                let (dst, src, len) = (r.rdi, r.rsi, r.rdx);
+                let mut buf = [0u8; PAGE as usize];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(PAGE) as usize;
+                    let s = src.checked_add(done).ok_or(Error::BadAddress)?;
+                    self.read_ram(p, caller, s, &mut buf[..n])?;
+                    let t = dst.checked_add(done).ok_or(Error::BadAddress)?;
+                    self.write_ram(p, target, t, &buf[..n])?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Hypercall::DomainDestroy => {
+                let target = self.lookup_domain(caller, r.rbx)?;
+                if target == caller {
+                    return Err(Error::InvalidArgument);
+                }
+                self.console_flush(p, target);
+                self.domain_destroy(p, target);
+                Ok(())
+            }
+            Hypercall::DomainSetFaultEndpoint => {
+                let target = self.lookup_domain(caller, r.rbx)?;
+                let e = match self.lookup(caller, r.rdi, rights::CALL)?.object {
+                    Object::Endpoint(e) => e,
+                    _ => return Err(Error::WrongType),
+                };
+                // The handler holds a reference to the endpoint while it is set.
+                self.endpoints[e as usize].refs += 1;
+                if let Some((old, _)) = self.domains[target as usize]
+                    .fault_handler
+                    .replace((e, r.rsi))
+                {
+                    self.release(p, Object::Endpoint(old));
+                }
+                Ok(())
+            }
+            Hypercall::VcpuCreate => {
+                let target = self.lookup_domain(caller, r.rbx)?;
+                let nv = self.vcpu_create(p, target, r.rdi, r.rsi)?;
+                let g = self.vcpus[nv as usize].generation;
+                let slot = self.grant_original(caller, Object::Vcpu(nv, g), rights::CONTROL)?;
+                self.set_result(v, slot)
+            }
+            Hypercall::VcpuStart => match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
+                Object::Vcpu(t, _) => self.vcpu_start(t),
+                _ => Err(Error::WrongType),
+            },
+            Hypercall::VcpuSetMessagePage => {
+                if r.rdi == 0 {
+                    self.vcpus[v as usize].msg_page = None;
+                    return Ok(());
+                }
+                let dom = &self.domains[caller as usize];
+                if r.rdi % PAGE != 0
+                    || r.rdi
+                        .checked_add(PAGE)
+                        .is_none_or(|end| end > dom.ram_size())
+                {
+                    return Err(Error::BadAddress);
+                }
+                let hpa = dom.ram_hpa(r.rdi).ok_or(Error::BadAddress)?;
+                self.vcpus[v as usize].msg_page = Some(hpa);
+                Ok(())
+            }
+            Hypercall::RegionCreate => {
+                memory(self)?;
+                let reg = self.region_create(p, r.rdi)?;
+                let all = rights::READ | rights::WRITE | rights::EXEC | rights::GRANT;
+                match self.grant_original(caller, Object::Region(reg), all) {
+                    Ok(slot) => self.set_result(v, slot),
+                    Err(e) => {
+                        let region = &mut self.regions[reg as usize];
+                        p.free_frames(region.hpa, region.frames);
+                        region.frames = 0;
+                        Err(e)
+                    }
+                }
+            }
+            Hypercall::Map | Hypercall::Unmap => {
+                let target = self.lookup_domain(caller, r.rbx)?;
+                let cap = self.lookup(caller, r.rdi, 0)?;
+                let Object::Region(reg) = cap.object else {
+                    return Err(Error::WrongType);
+                };
+                if call == Hypercall::Unmap {
+                    return self.unmap_region(p, target, reg);
+                }
+                if r.rdx & !cap.rights != 0 {
+                    return Err(Error::PermissionDenied);
+                }
+                self.map_region(p, target, reg, r.rsi, r.rdx)
+            }
+            Hypercall::EndpointCreate => {
+                memory(self)?;
+                let e = self.endpoint_create()?;
+                let slot = self.grant_original(
+                    caller,
+                    Object::Endpoint(e),
+                    rights::CALL | rights::RECV | rights::GRANT,
+                )?;
+                self.set_result(v, slot)
+            }
+            Hypercall::NotificationCreate => {
+                memory(self)?;
+                let n = self.notification_create()?;
+                let all = rights::SIGNAL | rights::WAIT | rights::GRANT;
+                let slot = self.grant_original(caller, Object::Notification(n), all)?;
+                self.set_result(v, slot)
+            }
+            Hypercall::CapCopy => {
+                let target = self.lookup_domain(caller, r.rdi)?;
+                let slot = self.cap_copy(caller, r.rbx, target, r.rsi, r.rdx)?;
+                self.set_result(v, slot)
+            }
+            Hypercall::CapRevoke => {
+                let n = self.cap_revoke(p, caller, r.rbx)?;
+                self.set_result(v, n as u64)
+            }
+            Hypercall::CapDelete => self.cap_delete(p, caller, r.rbx),
+            Hypercall::NotificationBind => self.bind(v, r.rbx, r.rdi),
+            Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
+            // Handled in `hypercall`.
+            _ => Err(Error::UnknownHypercall),
+        }
+    }
+
+    fn set_result(&mut self, v: VcpuId, value: u64) -> Result<(), Error> {
+        self.vcpus[v as usize].regs.rdi = value;
+        Ok(())
+    }
+}

@@ -1,0 +1,226 @@
+//! Synchronous IPC: call, receive, reply-and-receive, and fault messages.
+//!
+//! A call that finds a server waiting switches to it directly (no run-queue round trip):
+//! the message moves register to register and the server holds a one-shot reply to the
+//! caller. A call with no server waiting queues the caller on the endpoint; its message
+//! stays in its registers until a server takes it. Faults travel the same way: the faulting
+//! vCPU "calls" its domain's fault endpoint with a message built from the fault.
+
+use ipc_spec::hypercall::{rights, FaultReply, MAX_MESSAGE_WORDS, REGISTER_WORDS};
+use ipc_spec::Error;
+
+use super::caps::Object;
+use super::{EndpointId, Fault, Kernel, Platform, VcpuId, VcpuState, PAGE};
+use crate::stage2::Stage2Format;
+
+impl<F: Stage2Format> Kernel<F> {
+    /// A blocked vCPU's IPC fails with `err`: it runs again with that status. A vCPU whose
+    /// fault message cannot be delivered stops instead.
+    pub(crate) fn fail_ipc(&mut self, v: VcpuId, err: Error) {
+        let vcpu = &mut self.vcpus[v as usize];
+        if vcpu.fault.take().is_some() {
+            vcpu.state = VcpuState::Stopped;
+            return;
+        }
+        vcpu.regs.rax = err.code();
+        self.make_ready(v);
+    }
+
+    /// Move a message from `from` (its registers, message page, or pending fault) to `to`.
+    fn transfer<P: Platform>(
+        &mut self,
+        p: &mut P,
+        from: VcpuId,
+        to: VcpuId,
+        badge: u64,
+    ) -> Result<(), Error> {
+        let src = &self.vcpus[from as usize];
+        let (words, len) = match src.fault {
+            Some(f) => (
+                [
+                    f.kind as u64,
+                    f.addr,
+                    src.regs.rip,
+                    f.detail,
+                    src.index_in_domain as u64,
+                    0,
+                ],
+                5,
+            ),
+            None => {
+                let r = &src.regs;
+                ([r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9], r.rcx)
+            }
+        };
+        if len > MAX_MESSAGE_WORDS as u64 {
+            return Err(Error::InvalidArgument);
+        }
+        if len > REGISTER_WORDS as u64 {
+            let (Some(sp), Some(dp)) = (src.msg_page, self.vcpus[to as usize].msg_page) else {
+                return Err(Error::NoMessagePage);
+            };
+            let bytes = (len as usize - REGISTER_WORDS) * 8;
+            let mut buf = [0u8; PAGE as usize];
+            p.read_phys(sp, &mut buf[..bytes]);
+            p.write_phys(dp, &buf[..bytes]);
+        }
+        let r = &mut self.vcpus[to as usize].regs;
+        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = words;
+        r.rcx = len;
+        r.rbx = badge;
+        r.rax = 0;
+        Ok(())
+    }
+
+    fn endpoint_of(
+        &self,
+        caller: VcpuId,
+        slot: u64,
+        right: u64,
+    ) -> Result<(EndpointId, u64), Error> {
+        let cap = self.lookup(self.vcpus[caller as usize].domain, slot, right)?;
+        match cap.object {
+            Object::Endpoint(e) => Ok((e, cap.badge)),
+            _ => Err(Error::WrongType),
+        }
+    }
+
+    /// `Call`: on success the caller is blocked (its status arrives with the reply).
+    pub fn call<P: Platform>(&mut self, p: &mut P, caller: VcpuId, slot: u64) -> Result<(), Error> {
+        let (e, badge) = self.endpoint_of(caller, slot, rights::CALL)?;
+        let len = self.vcpus[caller as usize].regs.rcx;
+        if len > MAX_MESSAGE_WORDS as u64 {
+            return Err(Error::InvalidArgument);
+        }
+        if len > REGISTER_WORDS as u64 && self.vcpus[caller as usize].msg_page.is_none() {
+            return Err(Error::NoMessagePage);
+        }
+        self.stats.ipc_calls += 1;
+        self.vcpus[caller as usize].send_badge = badge;
+        self.send(p, caller, e)
+    }
+
+    /// The running vCPU `sender` sends on endpoint `e` and waits for the reply.
+    fn send<P: Platform>(&mut self, p: &mut P, sender: VcpuId, e: EndpointId) -> Result<(), Error> {
+        let badge = self.vcpus[sender as usize].send_badge;
+        while let Some(server) = self.endpoints[e as usize].receivers.pop(&mut self.next) {
+            match self.transfer(p, sender, server, badge) {
+                Ok(()) => {
+                    self.vcpus[server as usize].reply_to = Some(sender);
+                    self.block_current(VcpuState::BlockedReply(server));
+                    self.switch_to(server);
+                    return Ok(());
+                }
+                // This receiver cannot take the message (no message page): it fails, the
+                // next one may.
+                Err(Error::NoMessagePage) => self.fail_ipc(server, Error::NoMessagePage),
+                Err(err) => return Err(err),
+            }
+        }
+        self.block_current(VcpuState::BlockedSend(e));
+        self.endpoints[e as usize]
+            .senders
+            .push(sender, &mut self.next);
+        self.schedule();
+        Ok(())
+    }
+
+    /// `Recv`: a pending reply is dropped (its caller learns the partner is gone).
+    pub fn recv<P: Platform>(&mut self, p: &mut P, server: VcpuId, slot: u64) -> Result<(), Error> {
+        let (e, _) = self.endpoint_of(server, slot, rights::RECV)?;
+        if let Some(client) = self.vcpus[server as usize].reply_to.take() {
+            if self.vcpus[client as usize].state == VcpuState::BlockedReply(server) {
+                self.fail_ipc(client, Error::PartnerGone);
+            }
+        }
+        self.receive(p, server, e);
+        Ok(())
+    }
+
+    /// The running vCPU `server` takes the next message on `e`, or blocks for one.
+    /// Returns true if it got a message (and keeps running).
+    fn receive<P: Platform>(&mut self, p: &mut P, server: VcpuId, e: EndpointId) -> bool {
+        while let Some(sender) = self.endpoints[e as usize].senders.pop(&mut self.next) {
+            let badge = self.vcpus[sender as usize].send_badge;
+            match self.transfer(p, sender, server, badge) {
+                Ok(()) => {
+                    self.vcpus[server as usize].reply_to = Some(sender);
+                    self.vcpus[sender as usize].state = VcpuState::BlockedReply(server);
+                    return true;
+                }
+                Err(err) => self.fail_ipc(sender, err),
+            }
+        }
+        self.block_current(VcpuState::BlockedRecv(e));
+        self.endpoints[e as usize]
+            .receivers
+            .push(server, &mut self.next);
+        false
+    }
+
+    /// `ReplyRecv`: answer the pending caller, then wait for the next message. When no
+    /// other message is waiting, the CPU goes straight back to the caller.
+    pub fn reply_recv<P: Platform>(
+        &mut self,
+        p: &mut P,
+        server: VcpuId,
+        slot: u64,
+    ) -> Result<(), Error> {
+        let (e, _) = self.endpoint_of(server, slot, rights::RECV)?;
+        let len = self.vcpus[server as usize].regs.rcx;
+        if len > MAX_MESSAGE_WORDS as u64 {
+            return Err(Error::InvalidArgument);
+        }
+        let mut resume_client = None;
+        if let Some(client) = self.vcpus[server as usize].reply_to.take() {
+            if self.vcpus[client as usize].state == VcpuState::BlockedReply(server) {
+                if self.vcpus[client as usize].fault.take().is_some() {
+                    // Answer to a fault message: resume the faulting vCPU or stop it.
+                    if self.vcpus[server as usize].regs.rdi == FaultReply::Resume as u64 {
+                        resume_client = Some(client);
+                    } else {
+                        self.vcpus[client as usize].state = VcpuState::Stopped;
+                    }
+                } else {
+                    match self.transfer(p, server, client, 0) {
+                        Ok(()) => resume_client = Some(client),
+                        Err(err) => self.fail_ipc(client, err),
+                    }
+                }
+            }
+        }
+        if self.receive(p, server, e) {
+            if let Some(c) = resume_client {
+                self.make_ready(c);
+            }
+        } else {
+            match resume_client {
+                Some(c) => self.switch_to(c),
+                None => self.schedule(),
+            }
+        }
+        Ok(())
+    }
+
+    /// The running vCPU `v` faulted. With a fault handler, the fault becomes a message to
+    /// it and `v` waits for the verdict (true). Without one, `v` stops (false).
+    pub fn fault<P: Platform>(&mut self, p: &mut P, v: VcpuId, fault: Fault) -> bool {
+        let d = self.vcpus[v as usize].domain;
+        match self.domains[d as usize].fault_handler {
+            Some((e, badge)) if self.endpoints[e as usize].refs > 0 => {
+                self.vcpus[v as usize].fault = Some(fault);
+                self.vcpus[v as usize].send_badge = badge;
+                if self.send(p, v, e).is_ok() {
+                    return true;
+                }
+                self.vcpus[v as usize].fault = None;
+                self.stop_vcpu(v);
+                false
+            }
+            _ => {
+                self.stop_vcpu(v);
+                false
+            }
+        }
+    }
+}

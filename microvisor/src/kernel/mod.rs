@@ -1,0 +1,1112 @@
+//! The microvisor's kernel objects and their state machines: domains, vCPUs, memory
+//! regions, endpoints, notifications, capabilities, the scheduler and IPC.
+//!
+//! Everything here is portable and host-tested. The hardware is reached only through the
+//! [`Platform`] trait (frames, physical memory, the VMCB behind a vCPU), so the same code
+//! runs under `cargo test` with a simulated platform and in root mode on the machine.
+//!
+//! One CPU for now: there is a single `current` vCPU.
+
+pub mod caps;
+pub mod dispatch;
+pub mod ipc;
+pub mod notify;
+pub mod sched;
+
+use ipc_spec::hypercall::{rights, DOMAIN_NAME_MAX};
+use ipc_spec::Error;
+
+use crate::console::LineBuffer;
+use crate::guest_memory::{PhysRead, PhysWrite};
+use crate::stage2::{Access, MemType, Stage2Format, Stage2Map, TableMemory};
+use caps::{CapTable, Capability, Object};
+use sched::{Queue, RunQueue};
+
+pub type DomainId = u16;
+pub type VcpuId = u16;
+pub type RegionId = u16;
+pub type EndpointId = u16;
+pub type NotificationId = u16;
+
+pub const MAX_DOMAINS: usize = 16;
+pub const MAX_VCPUS: usize = 32;
+pub const MAX_REGIONS: usize = 128;
+pub const MAX_ENDPOINTS: usize = 64;
+pub const MAX_NOTIFICATIONS: usize = 64;
+/// 2 MiB chunks of RAM per domain (1 GiB).
+pub const MAX_RAM_CHUNKS: usize = 512;
+pub const MAX_MAPPINGS: usize = 16;
+pub const RAM_CHUNK: u64 = 2 << 20;
+pub const PAGE: u64 = 4096;
+/// Scheduler ticks per time slice.
+pub const TIME_SLICE_TICKS: u32 = 5;
+
+/// A vCPU's general registers. The first fourteen are laid out as the world-switch
+/// assembly expects; RAX and RIP live in the VMCB and are synced around each run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rax: u64,
+    pub rip: u64,
+}
+
+/// What a new vCPU starts with; the platform builds the VMCB from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuBoot {
+    pub entry: u64,
+    pub rbx: u64,
+    pub asid: u32,
+    pub stage2_root: u64,
+}
+
+/// What the kernel needs from the machine.
+pub trait Platform: TableMemory + PhysRead + PhysWrite {
+    /// `frames` contiguous zeroed frames aligned to `align` bytes.
+    fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64>;
+    fn free_frames(&mut self, hpa: u64, frames: u64);
+    /// Nanoseconds since boot.
+    fn now_ns(&self) -> u64;
+    /// Build the hardware state (VMCB) of a new vCPU.
+    fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot);
+    /// The domain's stage-2 mappings shrank: its TLB entries must be flushed.
+    fn stage2_changed(&mut self, domain: DomainId);
+    /// One line of a domain's console output.
+    fn console_line(&mut self, domain: &str, line: &[u8]);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    Free,
+    /// Created, not started yet.
+    Created,
+    /// The one running on the CPU.
+    Running,
+    /// In the run queue.
+    Ready,
+    /// Waiting in an endpoint's send queue (a call, or a fault message).
+    BlockedSend(EndpointId),
+    /// Waiting in an endpoint's receive queue.
+    BlockedRecv(EndpointId),
+    /// Called a server that has the message; waits for its reply.
+    BlockedReply(VcpuId),
+    BlockedWait(NotificationId),
+    /// Executed HLT; a bound notification wakes it.
+    Halted,
+    Stopped,
+}
+
+impl VcpuState {
+    pub fn is_blocked(self) -> bool {
+        matches!(
+            self,
+            Self::BlockedSend(_)
+                | Self::BlockedRecv(_)
+                | Self::BlockedReply(_)
+                | Self::BlockedWait(_)
+                | Self::Halted
+        )
+    }
+}
+
+/// Why a vCPU cannot go on (from a #VMEXIT), turned into a fault message or a stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: ipc_spec::hypercall::FaultKind,
+    pub addr: u64,
+    pub detail: u64,
+}
+
+pub struct Vcpu {
+    pub state: VcpuState,
+    pub domain: DomainId,
+    pub generation: u32,
+    pub priority: u8,
+    pub regs: Regs,
+    /// Server side: the caller waiting for our reply.
+    pub reply_to: Option<VcpuId>,
+    /// Badge of the capability used for a pending call.
+    pub send_badge: u64,
+    /// A fault message waiting to be delivered / answered, instead of the registers.
+    pub fault: Option<Fault>,
+    /// Host-physical address of the message page, if registered.
+    pub msg_page: Option<u64>,
+    /// Pending virtual interrupt vectors (bit n = vector n).
+    pub pending_irqs: [u64; 4],
+    pub slice_left: u32,
+    pub index_in_domain: u8,
+}
+
+impl Vcpu {
+    const FREE: Vcpu = Vcpu {
+        state: VcpuState::Free,
+        domain: 0,
+        generation: 0,
+        priority: 0,
+        regs: Regs {
+            rbx: 0,
+            rcx: 0,
+            rdx: 0,
+            rsi: 0,
+            rdi: 0,
+            rbp: 0,
+            r8: 0,
+            r9: 0,
+            r10: 0,
+            r11: 0,
+            r12: 0,
+            r13: 0,
+            r14: 0,
+            r15: 0,
+            rax: 0,
+            rip: 0,
+        },
+        reply_to: None,
+        send_badge: 0,
+        fault: None,
+        msg_page: None,
+        pending_irqs: [0; 4],
+        slice_left: 0,
+        index_in_domain: 0,
+    };
+
+    /// The lowest pending virtual interrupt, taken out of the pending set.
+    pub fn take_irq(&mut self) -> Option<u8> {
+        for (i, w) in self.pending_irqs.iter_mut().enumerate() {
+            if *w != 0 {
+                let bit = w.trailing_zeros();
+                *w &= !(1 << bit);
+                return Some((i as u32 * 64 + bit) as u8);
+            }
+        }
+        None
+    }
+
+    pub fn has_irq(&self) -> bool {
+        self.pending_irqs.iter().any(|w| *w != 0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainState {
+    Free,
+    Alive,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Mapping {
+    pub region: RegionId,
+    pub gpa: u64,
+}
+
+pub struct Domain<F: Stage2Format> {
+    pub state: DomainState,
+    pub generation: u32,
+    name: [u8; DOMAIN_NAME_MAX],
+    name_len: usize,
+    pub caps: CapTable,
+    pub stage2: Option<Stage2Map<F>>,
+    /// Host-physical address of each 2 MiB chunk of RAM, in guest-physical order from 0.
+    pub ram: heapless::Vec<u64, MAX_RAM_CHUNKS>,
+    pub priority: u8,
+    /// Endpoint, badge.
+    pub fault_handler: Option<(EndpointId, u64)>,
+    pub mappings: heapless::Vec<Mapping, MAX_MAPPINGS>,
+    pub console: LineBuffer,
+    pub vcpus: u8,
+}
+
+impl<F: Stage2Format> Domain<F> {
+    const FREE: Self = Self {
+        state: DomainState::Free,
+        generation: 0,
+        name: [0; DOMAIN_NAME_MAX],
+        name_len: 0,
+        caps: CapTable::new(),
+        stage2: None,
+        ram: heapless::Vec::new(),
+        priority: 0,
+        fault_handler: None,
+        mappings: heapless::Vec::new(),
+        console: LineBuffer::new(),
+        vcpus: 0,
+    };
+
+    pub fn name(&self) -> &str {
+        core::str::from_utf8(&self.name[..self.name_len]).unwrap_or("?")
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram.len() as u64 * RAM_CHUNK
+    }
+
+    /// Host-physical address of guest-physical `gpa` if it is in this domain's RAM.
+    pub fn ram_hpa(&self, gpa: u64) -> Option<u64> {
+        let chunk = self.ram.get(usize::try_from(gpa / RAM_CHUNK).ok()?)?;
+        Some(chunk + gpa % RAM_CHUNK)
+    }
+}
+
+pub struct Region {
+    /// Capabilities plus mappings referring to it; 0 = free.
+    pub refs: u32,
+    pub hpa: u64,
+    pub frames: u64,
+}
+
+pub struct Endpoint {
+    pub refs: u32,
+    pub senders: Queue,
+    pub receivers: Queue,
+}
+
+pub struct Notification {
+    pub refs: u32,
+    pub bits: u64,
+    pub waiter: Option<VcpuId>,
+    /// vCPU and vector it is delivered to as a virtual interrupt.
+    pub bound: Option<(VcpuId, u8)>,
+    /// Virtual timer: deadline (ns) and the bits it signals.
+    pub timer: Option<(u64, u64)>,
+}
+
+/// Something the machine must do after a kernel operation, beyond running `current`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Power off with this status (a shutdown by the holder of the machine capability).
+    PowerOff(u64),
+    /// A domain called DomainExit; `handled`: its fault handler was told.
+    Exited {
+        domain: DomainId,
+        status: u64,
+        handled: bool,
+    },
+}
+
+/// All kernel state.
+pub struct Kernel<F: Stage2Format> {
+    pub domains: [Domain<F>; MAX_DOMAINS],
+    pub vcpus: [Vcpu; MAX_VCPUS],
+    /// Queue links of the vCPUs (run queue or endpoint queue).
+    pub next: [Option<VcpuId>; MAX_VCPUS],
+    pub regions: [Region; MAX_REGIONS],
+    pub endpoints: [Endpoint; MAX_ENDPOINTS],
+    pub notifications: [Notification; MAX_NOTIFICATIONS],
+    pub runq: RunQueue,
+    pub current: Option<VcpuId>,
+    next_cap_id: u32,
+    /// Statistics for the status page and benchmarks.
+    pub stats: Stats,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub hypercalls: u64,
+    pub ipc_calls: u64,
+    pub signals: u64,
+    pub context_switches: u64,
+    pub ticks: u64,
+}
+
+impl<F: Stage2Format> Default for Kernel<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Stage2Format> Kernel<F> {
+    pub const fn new() -> Self {
+        Self {
+            domains: [const { Domain::FREE }; MAX_DOMAINS],
+            vcpus: [Vcpu::FREE; MAX_VCPUS],
+            next: [None; MAX_VCPUS],
+            regions: [const {
+                Region {
+                    refs: 0,
+                    hpa: 0,
+                    frames: 0,
+                }
+            }; MAX_REGIONS],
+            endpoints: [const {
+                Endpoint {
+                    refs: 0,
+                    senders: Queue::new(),
+                    receivers: Queue::new(),
+                }
+            }; MAX_ENDPOINTS],
+            notifications: [const {
+                Notification {
+                    refs: 0,
+                    bits: 0,
+                    waiter: None,
+                    bound: None,
+                    timer: None,
+                }
+            }; MAX_NOTIFICATIONS],
+            runq: RunQueue::new(),
+            current: None,
+            next_cap_id: 1,
+            stats: Stats {
+                hypercalls: 0,
+                ipc_calls: 0,
+                signals: 0,
+                context_switches: 0,
+                ticks: 0,
+            },
+        }
+    }
+
+    // ---- capabilities ------------------------------------------------------------------
+
+    fn new_cap(&mut self, object: Object, rights: u64, badge: u64, parent: u32) -> Capability {
+        let id = self.next_cap_id;
+        self.next_cap_id = self.next_cap_id.wrapping_add(1).max(1);
+        Capability {
+            object,
+            rights,
+            badge,
+            id,
+            parent,
+        }
+    }
+
+    /// Count a new reference to a reference-counted object.
+    fn retain(&mut self, object: Object) {
+        match object {
+            Object::Region(r) => self.regions[r as usize].refs += 1,
+            Object::Endpoint(e) => self.endpoints[e as usize].refs += 1,
+            Object::Notification(n) => self.notifications[n as usize].refs += 1,
+            _ => {}
+        }
+    }
+
+    /// Drop a reference; the object is freed with its last one.
+    fn release<P: Platform>(&mut self, p: &mut P, object: Object) {
+        match object {
+            Object::Region(r) => {
+                let region = &mut self.regions[r as usize];
+                region.refs = region.refs.saturating_sub(1);
+                if region.refs == 0 {
+                    p.free_frames(region.hpa, region.frames);
+                    region.frames = 0;
+                }
+            }
+            Object::Endpoint(e) => {
+                let ep = &mut self.endpoints[e as usize];
+                ep.refs = ep.refs.saturating_sub(1);
+                if ep.refs == 0 {
+                    // Nobody can reach the endpoint any more: fail whoever still waits on it.
+                    while let Some(v) = self.endpoints[e as usize].senders.pop(&mut self.next) {
+                        self.fail_ipc(v, Error::PartnerGone);
+                    }
+                    while let Some(v) = self.endpoints[e as usize].receivers.pop(&mut self.next) {
+                        self.fail_ipc(v, Error::PartnerGone);
+                    }
+                }
+            }
+            Object::Notification(n) => {
+                let ntf = &mut self.notifications[n as usize];
+                ntf.refs = ntf.refs.saturating_sub(1);
+                if ntf.refs == 0 {
+                    let waiter = ntf.waiter.take();
+                    *ntf = Notification {
+                        refs: 0,
+                        bits: 0,
+                        waiter: None,
+                        bound: None,
+                        timer: None,
+                    };
+                    if let Some(v) = waiter {
+                        self.fail_ipc(v, Error::PartnerGone);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Insert an original capability (no parent) into `domain`'s table.
+    pub fn grant_original(
+        &mut self,
+        domain: DomainId,
+        object: Object,
+        rights: u64,
+    ) -> Result<u64, Error> {
+        let cap = self.new_cap(object, rights, 0, 0);
+        let slot = self.domains[domain as usize].caps.insert(cap)?;
+        self.retain(object);
+        Ok(slot)
+    }
+
+    /// The caller's capability in `slot`, with `rights`, checked for staleness.
+    pub fn lookup(&self, domain: DomainId, slot: u64, rights: u64) -> Result<Capability, Error> {
+        let cap = self.domains[domain as usize].caps.get_with(slot, rights)?;
+        match cap.object {
+            Object::Domain(d, g) => {
+                let dom = &self.domains[d as usize];
+                if dom.state != DomainState::Alive || dom.generation != g {
+                    return Err(Error::StaleCapability);
+                }
+            }
+            Object::Vcpu(v, g) => {
+                let vcpu = &self.vcpus[v as usize];
+                if vcpu.state == VcpuState::Free || vcpu.generation != g {
+                    return Err(Error::StaleCapability);
+                }
+            }
+            _ => {}
+        }
+        Ok(cap)
+    }
+
+    pub fn lookup_domain(&self, caller: DomainId, slot: u64) -> Result<DomainId, Error> {
+        match self.lookup(caller, slot, rights::CONTROL)?.object {
+            Object::Domain(d, _) => Ok(d),
+            _ => Err(Error::WrongType),
+        }
+    }
+
+    /// Copy capability `slot` of `from` into `to` with rights masked and, for an unbadged
+    /// endpoint or notification capability, a badge.
+    pub fn cap_copy(
+        &mut self,
+        from: DomainId,
+        slot: u64,
+        to: DomainId,
+        mask: u64,
+        badge: u64,
+    ) -> Result<u64, Error> {
+        let src = self.lookup(from, slot, rights::GRANT)?;
+        let badge = match src.object {
+            Object::Endpoint(_) | Object::Notification(_) if src.badge == 0 => badge,
+            _ if badge != 0 => return Err(Error::InvalidArgument),
+            _ => src.badge,
+        };
+        let cap = self.new_cap(src.object, src.rights & mask, badge, src.id);
+        let slot = self.domains[to as usize].caps.insert(cap)?;
+        self.retain(src.object);
+        Ok(slot)
+    }
+
+    /// Delete every capability derived from `slot`'s capability, transitively.
+    pub fn cap_revoke<P: Platform>(
+        &mut self,
+        p: &mut P,
+        domain: DomainId,
+        slot: u64,
+    ) -> Result<u32, Error> {
+        let root = self.domains[domain as usize].caps.get(slot)?;
+        let mut ids: heapless::Vec<u32, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> =
+            heapless::Vec::new();
+        let _ = ids.push(root.id);
+        let mut removed = 0;
+        let mut dropped: heapless::Vec<Object, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> =
+            heapless::Vec::new();
+        loop {
+            let before = ids.len();
+            for d in self.domains.iter_mut() {
+                let mut found: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> =
+                    heapless::Vec::new();
+                d.caps.remove_children(&ids, |c| {
+                    let _ = found.push(c);
+                });
+                for c in found {
+                    let _ = ids.push(c.id);
+                    let _ = dropped.push(c.object);
+                    removed += 1;
+                }
+            }
+            if ids.len() == before {
+                break;
+            }
+        }
+        for o in dropped {
+            self.release(p, o);
+        }
+        Ok(removed)
+    }
+
+    pub fn cap_delete<P: Platform>(
+        &mut self,
+        p: &mut P,
+        domain: DomainId,
+        slot: u64,
+    ) -> Result<(), Error> {
+        let cap = self.domains[domain as usize].caps.remove(slot)?;
+        self.release(p, cap.object);
+        Ok(())
+    }
+
+    // ---- scheduling --------------------------------------------------------------------
+
+    /// Put a vCPU in the run queue.
+    pub fn make_ready(&mut self, v: VcpuId) {
+        let vcpu = &mut self.vcpus[v as usize];
+        vcpu.state = VcpuState::Ready;
+        let prio = vcpu.priority;
+        self.runq.push(v, prio, &mut self.next);
+        // A higher-priority vCPU takes the CPU at once.
+        if let Some(c) = self.current {
+            if prio > self.vcpus[c as usize].priority {
+                self.preempt();
+            }
+        }
+    }
+
+    /// The running vCPU goes back to the run queue; the best ready one runs.
+    pub fn preempt(&mut self) {
+        if let Some(c) = self.current.take() {
+            let vcpu = &mut self.vcpus[c as usize];
+            vcpu.state = VcpuState::Ready;
+            let prio = vcpu.priority;
+            self.runq.push(c, prio, &mut self.next);
+        }
+        self.schedule();
+    }
+
+    /// If nothing runs, run the highest-priority ready vCPU.
+    pub fn schedule(&mut self) {
+        if self.current.is_some() {
+            return;
+        }
+        if let Some(v) = self.runq.pop_highest(&mut self.next) {
+            self.switch_to(v);
+        }
+    }
+
+    /// Make `v` the running vCPU (it must be out of every queue).
+    pub fn switch_to(&mut self, v: VcpuId) {
+        let vcpu = &mut self.vcpus[v as usize];
+        vcpu.state = VcpuState::Running;
+        if vcpu.slice_left == 0 {
+            vcpu.slice_left = TIME_SLICE_TICKS;
+        }
+        self.current = Some(v);
+        self.stats.context_switches += 1;
+    }
+
+    /// The running vCPU stops running with `state` (a blocked or stopped state).
+    pub fn block_current(&mut self, state: VcpuState) {
+        if let Some(c) = self.current.take() {
+            self.vcpus[c as usize].state = state;
+        }
+    }
+
+    /// Timer tick: fire due virtual timers and rotate equal-priority vCPUs.
+    pub fn tick(&mut self, now_ns: u64) {
+        self.stats.ticks += 1;
+        self.fire_timers(now_ns);
+        if let Some(c) = self.current {
+            let vcpu = &mut self.vcpus[c as usize];
+            vcpu.slice_left = vcpu.slice_left.saturating_sub(1);
+            if vcpu.slice_left == 0 {
+                vcpu.slice_left = TIME_SLICE_TICKS;
+                let prio = vcpu.priority;
+                if self.runq.highest().is_some_and(|h| h >= prio) {
+                    self.preempt();
+                }
+            }
+        } else {
+            self.schedule();
+        }
+    }
+
+    /// The running vCPU executed HLT.
+    pub fn halt(&mut self, v: VcpuId) {
+        if self.vcpus[v as usize].has_irq() {
+            return;
+        }
+        if self.current == Some(v) {
+            self.block_current(VcpuState::Halted);
+            self.schedule();
+        }
+    }
+
+    /// Give up the CPU to an equal- or higher-priority ready vCPU.
+    pub fn yield_current(&mut self) {
+        if let Some(c) = self.current {
+            if self
+                .runq
+                .highest()
+                .is_some_and(|h| h >= self.vcpus[c as usize].priority)
+            {
+                self.preempt();
+            }
+        }
+    }
+
+    // ---- domains and vCPUs --------------------------------------------------------------
+
+    /// Create a domain with `ram_bytes` of zeroed RAM at guest-physical 0.
+    pub fn domain_create<P: Platform>(
+        &mut self,
+        p: &mut P,
+        name: &[u8],
+        ram_bytes: u64,
+        priority: u8,
+    ) -> Result<DomainId, Error> {
+        if name.is_empty()
+            || name.len() > DOMAIN_NAME_MAX
+            || !name.iter().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Error::InvalidArgument);
+        }
+        if ram_bytes == 0
+            || ram_bytes > MAX_RAM_CHUNKS as u64 * RAM_CHUNK
+            || priority == 0
+            || priority == 255
+        {
+            return Err(Error::InvalidArgument);
+        }
+        let d = self
+            .domains
+            .iter()
+            .position(|d| d.state == DomainState::Free)
+            .ok_or(Error::OutOfMemory)?;
+        let mut stage2 = Stage2Map::<F>::new(p).map_err(|_| Error::OutOfMemory)?;
+        let mut ram: heapless::Vec<u64, MAX_RAM_CHUNKS> = heapless::Vec::new();
+        let chunks = ram_bytes.div_ceil(RAM_CHUNK);
+        for i in 0..chunks {
+            let hpa = match p.alloc_frames(RAM_CHUNK / PAGE, RAM_CHUNK) {
+                Some(h) => h,
+                None => {
+                    Self::free_ram(p, &ram);
+                    stage2.destroy(p);
+                    return Err(Error::OutOfMemory);
+                }
+            };
+            let _ = ram.push(hpa);
+            if stage2
+                .map(
+                    p,
+                    i * RAM_CHUNK,
+                    hpa,
+                    RAM_CHUNK,
+                    Access::READ | Access::WRITE | Access::EXEC,
+                    MemType::WriteBack,
+                )
+                .is_err()
+            {
+                Self::free_ram(p, &ram);
+                stage2.destroy(p);
+                return Err(Error::OutOfMemory);
+            }
+        }
+        let dom = &mut self.domains[d];
+        dom.state = DomainState::Alive;
+        dom.generation = dom.generation.wrapping_add(1);
+        dom.name = [0; DOMAIN_NAME_MAX];
+        dom.name[..name.len()].copy_from_slice(name);
+        dom.name_len = name.len();
+        dom.stage2 = Some(stage2);
+        dom.ram = ram;
+        dom.priority = priority;
+        dom.fault_handler = None;
+        dom.mappings.clear();
+        dom.console = LineBuffer::new();
+        dom.vcpus = 0;
+        Ok(d as DomainId)
+    }
+
+    fn free_ram<P: Platform>(p: &mut P, ram: &[u64]) {
+        for &hpa in ram {
+            p.free_frames(hpa, RAM_CHUNK / PAGE);
+        }
+    }
+
+    /// Map host memory that is not a region (the boot bundle for dom0) read-only.
+    pub fn map_fixed<P: Platform>(
+        &mut self,
+        p: &mut P,
+        d: DomainId,
+        gpa: u64,
+        hpa: u64,
+        size: u64,
+    ) -> Result<(), Error> {
+        let stage2 = self.domains[d as usize]
+            .stage2
+            .as_mut()
+            .ok_or(Error::InvalidState)?;
+        stage2
+            .map(
+                p,
+                gpa,
+                hpa,
+                size.next_multiple_of(PAGE),
+                Access::READ,
+                MemType::WriteBack,
+            )
+            .map_err(|_| Error::AlreadyMapped)
+    }
+
+    /// Copy `data` into domain `d`'s RAM at `gpa`.
+    pub fn write_ram<P: Platform>(
+        &mut self,
+        p: &mut P,
+        d: DomainId,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        let dom = &self.domains[d as usize];
+        let end = gpa
+            .checked_add(data.len() as u64)
+            .ok_or(Error::BadAddress)?;
+        if end > dom.ram_size() {
+            return Err(Error::BadAddress);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let addr = gpa + done as u64;
+            let hpa = dom.ram_hpa(addr).ok_or(Error::BadAddress)?;
+            let n = ((PAGE - addr % PAGE) as usize).min(data.len() - done);
+            p.write_phys(hpa, &data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read from domain `d`'s RAM (only its RAM: never MMIO or regions).
+    pub fn read_ram<P: Platform>(
+        &self,
+        p: &P,
+        d: DomainId,
+        gpa: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Error> {
+        let dom = &self.domains[d as usize];
+        let end = gpa.checked_add(buf.len() as u64).ok_or(Error::BadAddress)?;
+        if end > dom.ram_size() {
+            return Err(Error::BadAddress);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = gpa + done as u64;
+            let hpa = dom.ram_hpa(addr).ok_or(Error::BadAddress)?;
+            let n = ((PAGE - addr % PAGE) as usize).min(buf.len() - done);
+            p.read_phys(hpa, &mut buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Create a vCPU of domain `d` in PVH entry state.
+    pub fn vcpu_create<P: Platform>(
+        &mut self,
+        p: &mut P,
+        d: DomainId,
+        entry: u64,
+        rbx: u64,
+    ) -> Result<VcpuId, Error> {
+        let dom = &self.domains[d as usize];
+        if dom.state != DomainState::Alive {
+            return Err(Error::StaleCapability);
+        }
+        let root = dom
+            .stage2
+            .as_ref()
+            .map(|s| s.root())
+            .ok_or(Error::InvalidState)?;
+        let (priority, index) = (dom.priority, dom.vcpus);
+        let v = self
+            .vcpus
+            .iter()
+            .position(|v| v.state == VcpuState::Free)
+            .ok_or(Error::OutOfMemory)?;
+        let generation = self.vcpus[v].generation.wrapping_add(1);
+        self.vcpus[v] = Vcpu {
+            state: VcpuState::Created,
+            domain: d,
+            generation,
+            priority,
+            regs: Regs {
+                rbx,
+                rip: entry,
+                ..Regs::default()
+            },
+            index_in_domain: index,
+            ..Vcpu::FREE
+        };
+        self.domains[d as usize].vcpus += 1;
+        p.vcpu_created(
+            v as VcpuId,
+            &VcpuBoot {
+                entry,
+                rbx,
+                asid: d as u32 + 1,
+                stage2_root: root,
+            },
+        );
+        Ok(v as VcpuId)
+    }
+
+    pub fn vcpu_start(&mut self, v: VcpuId) -> Result<(), Error> {
+        if self.vcpus[v as usize].state != VcpuState::Created {
+            return Err(Error::InvalidState);
+        }
+        self.make_ready(v);
+        Ok(())
+    }
+
+    /// Take a vCPU out of whatever it is waiting in and mark it stopped.
+    pub fn stop_vcpu(&mut self, v: VcpuId) {
+        let state = self.vcpus[v as usize].state;
+        match state {
+            VcpuState::Ready => {
+                let prio = self.vcpus[v as usize].priority;
+                self.runq.remove(v, prio, &mut self.next);
+            }
+            VcpuState::BlockedSend(e) => {
+                self.endpoints[e as usize].senders.remove(v, &mut self.next);
+            }
+            VcpuState::BlockedRecv(e) => {
+                self.endpoints[e as usize]
+                    .receivers
+                    .remove(v, &mut self.next);
+            }
+            VcpuState::BlockedWait(n) => {
+                if self.notifications[n as usize].waiter == Some(v) {
+                    self.notifications[n as usize].waiter = None;
+                }
+            }
+            VcpuState::Running => {
+                self.current = None;
+            }
+            _ => {}
+        }
+        // A caller waiting for this vCPU's reply learns its server is gone.
+        if let Some(client) = self.vcpus[v as usize].reply_to.take() {
+            if self.vcpus[client as usize].state == VcpuState::BlockedReply(v) {
+                self.fail_ipc(client, Error::PartnerGone);
+            }
+        }
+        for n in self.notifications.iter_mut() {
+            if n.bound.is_some_and(|(b, _)| b == v) {
+                n.bound = None;
+            }
+        }
+        self.vcpus[v as usize].state = VcpuState::Stopped;
+    }
+
+    /// Stop every vCPU of domain `d` (it stays alive for its handler to inspect).
+    pub fn stop_domain(&mut self, d: DomainId) {
+        for v in 0..MAX_VCPUS {
+            let vc = &self.vcpus[v];
+            if vc.state != VcpuState::Free && vc.domain == d && vc.state != VcpuState::Stopped {
+                self.stop_vcpu(v as VcpuId);
+            }
+        }
+    }
+
+    /// Destroy domain `d`: vCPUs, capabilities, mappings, RAM, page tables.
+    pub fn domain_destroy<P: Platform>(&mut self, p: &mut P, d: DomainId) {
+        self.stop_domain(d);
+        for v in 0..MAX_VCPUS {
+            if self.vcpus[v].state != VcpuState::Free && self.vcpus[v].domain == d {
+                let g = self.vcpus[v].generation;
+                self.vcpus[v] = Vcpu {
+                    generation: g,
+                    ..Vcpu::FREE
+                };
+            }
+        }
+        let mut caps: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> =
+            heapless::Vec::new();
+        for c in self.domains[d as usize].caps.drain() {
+            let _ = caps.push(c);
+        }
+        for c in caps {
+            self.release(p, c.object);
+        }
+        let mappings = core::mem::take(&mut self.domains[d as usize].mappings);
+        for m in mappings {
+            self.release(p, Object::Region(m.region));
+        }
+        let dom = &mut self.domains[d as usize];
+        if let Some(s) = dom.stage2.take() {
+            s.destroy(p);
+        }
+        let ram = core::mem::take(&mut dom.ram);
+        Self::free_ram(p, &ram);
+        dom.state = DomainState::Free;
+        dom.generation = dom.generation.wrapping_add(1);
+        dom.fault_handler = None;
+        p.stage2_changed(d);
+    }
+
+    // ---- memory regions -----------------------------------------------------------------
+
+    pub fn region_create<P: Platform>(&mut self, p: &mut P, bytes: u64) -> Result<RegionId, Error> {
+        if bytes == 0 || bytes > (256 << 20) {
+            return Err(Error::InvalidArgument);
+        }
+        let r = self
+            .regions
+            .iter()
+            .position(|r| r.refs == 0)
+            .ok_or(Error::OutOfMemory)?;
+        let frames = bytes.div_ceil(PAGE);
+        let hpa = p.alloc_frames(frames, PAGE).ok_or(Error::OutOfMemory)?;
+        self.regions[r] = Region {
+            refs: 0,
+            hpa,
+            frames,
+        };
+        Ok(r as RegionId)
+    }
+
+    pub fn map_region<P: Platform>(
+        &mut self,
+        p: &mut P,
+        d: DomainId,
+        region: RegionId,
+        gpa: u64,
+        access: u64,
+    ) -> Result<(), Error> {
+        if gpa % PAGE != 0 {
+            return Err(Error::InvalidArgument);
+        }
+        let mut a = Access::empty();
+        for (bit, acc) in [
+            (rights::READ, Access::READ),
+            (rights::WRITE, Access::WRITE),
+            (rights::EXEC, Access::EXEC),
+        ] {
+            if access & bit != 0 {
+                a |= acc;
+            }
+        }
+        if access & !(rights::READ | rights::WRITE | rights::EXEC) != 0 || !a.contains(Access::READ)
+        {
+            return Err(Error::InvalidArgument);
+        }
+        let (hpa, frames) = (
+            self.regions[region as usize].hpa,
+            self.regions[region as usize].frames,
+        );
+        let dom = &mut self.domains[d as usize];
+        if dom.mappings.iter().any(|m| m.region == region) {
+            return Err(Error::AlreadyMapped);
+        }
+        // Guest-physical ranges inside the domain's RAM are never remapped.
+        if gpa < dom.ram_size() {
+            return Err(Error::AlreadyMapped);
+        }
+        if dom.mappings.is_full() {
+            return Err(Error::OutOfMemory);
+        }
+        let stage2 = dom.stage2.as_mut().ok_or(Error::InvalidState)?;
+        stage2
+            .map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack)
+            .map_err(|e| match e {
+                crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
+                crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
+                _ => Error::InvalidArgument,
+            })?;
+        let _ = dom.mappings.push(Mapping { region, gpa });
+        self.regions[region as usize].refs += 1;
+        Ok(())
+    }
+
+    pub fn unmap_region<P: Platform>(
+        &mut self,
+        p: &mut P,
+        d: DomainId,
+        region: RegionId,
+    ) -> Result<(), Error> {
+        let dom = &mut self.domains[d as usize];
+        let i = dom
+            .mappings
+            .iter()
+            .position(|m| m.region == region)
+            .ok_or(Error::NotMapped)?;
+        let m = dom.mappings.swap_remove(i);
+        let frames = self.regions[region as usize].frames;
+        if let Some(s) = dom.stage2.as_mut() {
+            let _ = s.unmap(p, m.gpa, frames * PAGE);
+        }
+        p.stage2_changed(d);
+        self.release(p, Object::Region(region));
+        Ok(())
+    }
+
+    pub fn endpoint_create(&mut self) -> Result<EndpointId, Error> {
+        let e = self
+            .endpoints
+            .iter()
+            .position(|e| e.refs == 0)
+            .ok_or(Error::OutOfMemory)?;
+        self.endpoints[e] = Endpoint {
+            refs: 0,
+            senders: Queue::new(),
+            receivers: Queue::new(),
+        };
+        Ok(e as EndpointId)
+    }
+
+    pub fn notification_create(&mut self) -> Result<NotificationId, Error> {
+        let n = self
+            .notifications
+            .iter()
+            .position(|n| n.refs == 0)
+            .ok_or(Error::OutOfMemory)?;
+        self.notifications[n] = Notification {
+            refs: 0,
+            bits: 0,
+            waiter: None,
+            bound: None,
+            timer: None,
+        };
+        Ok(n as NotificationId)
+    }
+
+    /// Console output of domain `d`, assembled into lines for the platform.
+    pub fn console_write<P: Platform>(&mut self, p: &mut P, d: DomainId, bytes: &[u8]) {
+        let dom = &mut self.domains[d as usize];
+        let name_len = dom.name_len;
+        let name = dom.name;
+        let name = core::str::from_utf8(&name[..name_len]).unwrap_or("?");
+        dom.console.push(bytes, |line| p.console_line(name, line));
+    }
+
+    pub fn console_flush<P: Platform>(&mut self, p: &mut P, d: DomainId) {
+        let dom = &mut self.domains[d as usize];
+        let name = dom.name;
+        let name = core::str::from_utf8(&name[..dom.name_len]).unwrap_or("?");
+        dom.console.flush(|line| p.console_line(name, line));
+    }
+
+    /// Does any vCPU still have work (running, ready, or blocked on something that can
+    /// still happen)? False when every vCPU is stopped or free.
+    pub fn any_alive(&self) -> bool {
+        self.vcpus.iter().any(|v| {
+            !matches!(
+                v.state,
+                VcpuState::Free | VcpuState::Stopped | VcpuState::Created
+            )
+        })
+    }
+
+    /// Earliest pending virtual timer deadline, for the idle loop.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.notifications
+            .iter()
+            .filter_map(|n| n.timer.map(|(t, _)| t))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Host tests of the kernel core (see the module docs of `kernel`).
