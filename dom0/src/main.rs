@@ -1,6 +1,6 @@
-//! dom0, the management domain. In this first stage it proves the path from the
-//! microvisor: it runs in SVM guest mode on its own page tables, sees the boot bundle the
-//! microvisor mapped for it, and talks to the microvisor only through hypercalls.
+//! dom0, the management domain. It holds the root capabilities (all free memory, the
+//! machine), reads the stack manifest from the boot bundle the microvisor mapped for it,
+//! builds every domain of the stack with hypercalls, and then handles their faults.
 //!
 //! Command-line switches (given to the microvisor as `dom0.<key>=<value>`):
 //! - `on_ready=shutdown`: power the machine off after reporting ready (tests use it);
@@ -14,12 +14,21 @@ fn main() {
 }
 
 #[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod builder;
+
+#[cfg(target_os = "none")]
 mod dom0 {
-    extern crate alloc;
 
     use alloc::vec::Vec;
     use domain_rt::{hypercall, println, BootInfo};
     use ipc_spec::bundle::Bundle;
+    use ipc_spec::hypercall::FaultKind;
+    use ipc_spec::manifest::{self, MANIFEST_ENTRY};
+
+    use crate::builder;
     use ipc_spec::hypercall::{CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
     domain_rt::domain_main!(main);
@@ -29,17 +38,8 @@ mod dom0 {
 
     fn main(info: &BootInfo) -> u64 {
         let guest_mode = report_guest_mode();
-        let ram: u64 = info
-            .start_info
-            .memmap()
-            .filter(|e| e.r#type == 1)
-            .map(|e| e.size)
-            .sum();
-        println!(
-            "dom0 starting: {} MiB RAM, command line \"{}\"",
-            ram >> 20,
-            info.cmdline
-        );
+        let ram: u64 = info.start_info.memmap().filter(|e| e.r#type == 1).map(|e| e.size).sum();
+        println!("dom0 starting: {} MiB RAM, command line \"{}\"", ram >> 20, info.cmdline);
 
         let Some(module) = info.start_info.modules().next() else {
             println!("no boot bundle module: nothing to build");
@@ -47,18 +47,16 @@ mod dom0 {
         };
         // SAFETY: the microvisor mapped the bundle read-only at this guest-physical range
         // (module 0 of the start info); dom0's page tables identity-map it.
-        let bytes =
-            unsafe { core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize) };
-        match Bundle::parse(bytes) {
-            Ok(bundle) => {
-                let names: Vec<_> = bundle.entries().map(|e| (e.name, e.data.len())).collect();
-                println!("boot bundle: {} image(s): {:?}", names.len(), names);
-            }
+        let bytes = unsafe { core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize) };
+        let bundle = match Bundle::parse(bytes) {
+            Ok(bundle) => bundle,
             Err(e) => {
                 println!("boot bundle unreadable: {e}");
                 return 2;
             }
-        }
+        };
+        let names: Vec<_> = bundle.entries().map(|e| (e.name, e.data.len())).collect();
+        println!("boot bundle: {} entries: {:?}", names.len(), names);
 
         match info.arg("selftest") {
             Some("stage2-fault") => {
@@ -83,34 +81,92 @@ mod dom0 {
             Some("bad-hypercall") => {
                 let status = hypercall::call2(0xdead_beef, 0, 0);
                 println!("selftest: unknown hypercall returned status {status}");
-                let status =
-                    hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), OUTSIDE_RAM, 16);
+                let status = hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), OUTSIDE_RAM, 16);
                 println!("selftest: console write from outside RAM returned status {status}");
-                let status =
-                    hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), 0x1000, 1 << 20);
+                let status = hypercall::call2(ipc_spec::Hypercall::ConsoleWrite.number(), 0x1000, 1 << 20);
                 println!("selftest: oversized console write returned status {status}");
             }
             Some(other) => println!("unknown selftest \"{other}\" ignored"),
             None => {}
         }
 
-        println!(
-            "ready{}",
-            if guest_mode {
-                " (in SVM guest mode)"
-            } else {
-                ""
+        let stack = match bundle.get(MANIFEST_ENTRY) {
+            None => {
+                println!("no stack manifest in the bundle: nothing to build");
+                None
             }
-        );
+            Some(bytes) => match manifest::decode(bytes) {
+                Err(e) => {
+                    println!("stack manifest unreadable: {e}");
+                    return 5;
+                }
+                Ok(m) => {
+                    let images: Vec<&str> = bundle.entries().map(|e| e.name).collect();
+                    if let Err(problems) = manifest::validate(&m, &images) {
+                        for p in problems {
+                            println!("stack manifest: {p}");
+                        }
+                        return 5;
+                    }
+                    match builder::build(&bundle, &m) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            println!("building the stack failed: {e}");
+                            return 6;
+                        }
+                    }
+                }
+            },
+        };
+
+        println!("ready{}", if guest_mode { " (in SVM guest mode)" } else { "" });
         if info.arg("on_ready") == Some("shutdown") {
             let e = hypercall::shutdown(ipc_spec::hypercall::dom0_slots::MACHINE, 0);
             println!("shutdown refused: {e}");
             return 4;
         }
-        // Nothing more to do until later stages give dom0 work: wait for events.
+        match stack {
+            Some(s) => handle_faults(&s),
+            None => loop {
+                // SAFETY: HLT only waits; the microvisor intercepts it and parks this vCPU.
+                unsafe { core::arch::asm!("hlt") };
+            },
+        }
+    }
+
+    /// Every domain's faults (and exits) arrive here as messages; the policy for now is to
+    /// report the fault and tear the domain down, which returns its memory.
+    fn handle_faults(stack: &builder::Stack) -> ! {
+        let mut next = hypercall::ipc_recv(stack.fault_endpoint);
         loop {
-            // SAFETY: HLT only waits; the microvisor intercepts it and parks this vCPU.
-            unsafe { core::arch::asm!("hlt") };
+            let (msg, badge) = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    println!("fault endpoint: {e}");
+                    hypercall::domain_exit(7)
+                }
+            };
+            let w = msg.words;
+            let who = stack.domains.get((badge as usize).wrapping_sub(1));
+            let name = who.map_or("?", |d| d.name.as_str());
+            match FaultKind::from_word(w[0]) {
+                Some(FaultKind::Exited) => println!("{name} exited with status {}", w[3]),
+                Some(FaultKind::Stage2) => println!(
+                    "fault in {name}: stage-2 {} at guest-physical {:#x}, RIP {:#x}",
+                    ["read", "write", "execute", "execute"][(w[3] & 3) as usize],
+                    w[1],
+                    w[2]
+                ),
+                Some(kind) => println!("fault in {name}: {kind:?} ({:#x}, {:#x}) at RIP {:#x}", w[1], w[3], w[2]),
+                None => println!("fault in {name}: unknown message {w:?}"),
+            }
+            if let Some(d) = who {
+                match hypercall::call(ipc_spec::Hypercall::DomainDestroy, d.slot, [0; 6]) {
+                    Ok(_) => println!("destroyed {name}: its memory is free again"),
+                    Err(e) => println!("destroying {name} failed: {e}"),
+                }
+            }
+            next = hypercall::ipc_recv(stack.fault_endpoint);
         }
     }
 

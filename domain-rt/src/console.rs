@@ -15,10 +15,7 @@ pub struct Writer {
 
 impl Writer {
     pub const fn new() -> Self {
-        Self {
-            buf: [0; BUF],
-            len: 0,
-        }
+        Self { buf: [0; BUF], len: 0 }
     }
 
     pub fn flush(&mut self) {

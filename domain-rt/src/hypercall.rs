@@ -38,12 +38,7 @@ pub fn raw(number: u64, rbx: u64, rcx: u64, args: [u64; REGISTER_WORDS]) -> Regs
             options(nostack),
         );
     }
-    Regs {
-        rax,
-        rbx: b,
-        rcx: c,
-        args: [a0, a1, a2, a3, a4, a5],
-    }
+    Regs { rax, rbx: b, rcx: c, args: [a0, a1, a2, a3, a4, a5] }
 }
 
 /// A hypercall taking a slot and up to six arguments; on success, the result registers.
@@ -67,10 +62,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(words: &[u64]) -> Self {
-        let mut m = Self {
-            len: words.len() as u64,
-            words: [0; REGISTER_WORDS],
-        };
+        let mut m = Self { len: words.len() as u64, words: [0; REGISTER_WORDS] };
         let n = words.len().min(REGISTER_WORDS);
         m.words[..n].copy_from_slice(&words[..n]);
         m
@@ -81,39 +73,20 @@ impl Message {
 #[inline(always)]
 pub fn ipc_call(slot: u64, msg: &Message) -> Result<Message, Error> {
     let r = raw(Hypercall::Call.number(), slot, msg.len, msg.words);
-    result_of(r.rax).map(|()| Message {
-        len: r.rcx,
-        words: r.args,
-    })
+    result_of(r.rax).map(|()| Message { len: r.rcx, words: r.args })
 }
 
 /// Reply to the last caller and wait for the next message: (message, badge).
 #[inline(always)]
 pub fn ipc_reply_recv(slot: u64, reply: &Message) -> Result<(Message, u64), Error> {
     let r = raw(Hypercall::ReplyRecv.number(), slot, reply.len, reply.words);
-    result_of(r.rax).map(|()| {
-        (
-            Message {
-                len: r.rcx,
-                words: r.args,
-            },
-            r.rbx,
-        )
-    })
+    result_of(r.rax).map(|()| (Message { len: r.rcx, words: r.args }, r.rbx))
 }
 
 /// Wait for a message: (message, badge).
 pub fn ipc_recv(slot: u64) -> Result<(Message, u64), Error> {
     let r = raw(Hypercall::Recv.number(), slot, 0, [0; REGISTER_WORDS]);
-    result_of(r.rax).map(|()| {
-        (
-            Message {
-                len: r.rcx,
-                words: r.args,
-            },
-            r.rbx,
-        )
-    })
+    result_of(r.rax).map(|()| (Message { len: r.rcx, words: r.args }, r.rbx))
 }
 
 pub fn signal(slot: u64, bits: u64) -> Result<(), Error> {
@@ -152,11 +125,7 @@ pub fn sleep_ns(slot: u64, ns: u64) -> Result<(), Error> {
 /// Write bytes to the console (split into calls of at most CONSOLE_WRITE_MAX bytes).
 pub fn console_write(bytes: &[u8]) -> Result<(), Error> {
     for chunk in bytes.chunks(ipc_spec::hypercall::CONSOLE_WRITE_MAX as usize) {
-        result_of(call2(
-            Hypercall::ConsoleWrite.number(),
-            chunk.as_ptr() as u64,
-            chunk.len() as u64,
-        ))?;
+        result_of(call2(Hypercall::ConsoleWrite.number(), chunk.as_ptr() as u64, chunk.len() as u64))?;
     }
     Ok(())
 }

@@ -27,11 +27,7 @@ pub struct BootInfo {
 impl BootInfo {
     /// The value of `key` in the domain's command line (`key=value` words).
     pub fn arg(&self, key: &str) -> Option<&'static str> {
-        self.cmdline
-            .split_ascii_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
+        self.cmdline.split_ascii_whitespace().filter_map(|w| w.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 }
 

@@ -20,10 +20,7 @@ static IDT: spin::Once<Idt> = spin::Once::new();
 pub fn start(start_info: u32, main: fn(&BootInfo) -> u64) -> ! {
     let idt = IDT.call_once(|| {
         let mut idt = Idt::new();
-        for (vector, stub) in pvh::exceptions::exception_stub_addresses()
-            .into_iter()
-            .enumerate()
-        {
+        for (vector, stub) in pvh::exceptions::exception_stub_addresses().into_iter().enumerate() {
             idt.set(vector as u8, stub, 0x08, 0);
         }
         idt
@@ -44,10 +41,7 @@ pub fn start(start_info: u32, main: fn(&BootInfo) -> u64) -> ! {
         }
     };
     let cmdline = core::str::from_utf8(parsed.cmdline()).unwrap_or("");
-    let info = BootInfo {
-        start_info: parsed,
-        cmdline,
-    };
+    let info = BootInfo { start_info: parsed, cmdline };
     let status = main(&info);
     console::flush();
     hypercall::domain_exit(status)

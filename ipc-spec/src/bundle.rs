@@ -72,10 +72,7 @@ impl EntryName {
         let valid = match core::str::from_utf8(capped) {
             Ok(s) => s,
             // `valid_up_to` is always a char boundary of `capped`, so this cannot fail.
-            Err(e) => capped
-                .get(..e.valid_up_to())
-                .and_then(|p| core::str::from_utf8(p).ok())
-                .unwrap_or(""),
+            Err(e) => capped.get(..e.valid_up_to()).and_then(|p| core::str::from_utf8(p).ok()).unwrap_or(""),
         };
         if valid.is_empty() {
             return None;
@@ -95,10 +92,7 @@ impl EntryName {
 
     /// The (possibly truncated) name.
     pub fn as_str(&self) -> &str {
-        self.buf
-            .get(..usize::from(self.len))
-            .and_then(|b| core::str::from_utf8(b).ok())
-            .unwrap_or("")
+        self.buf.get(..usize::from(self.len)).and_then(|b| core::str::from_utf8(b).ok()).unwrap_or("")
     }
 
     /// Whether [`EntryName::as_str`] is only a prefix of the real name.
@@ -175,10 +169,7 @@ impl fmt::Display for NameProblem {
                  bytes are allowed"
             ),
             NameProblem::InteriorNul { at } => {
-                write!(
-                    f,
-                    "name has a NUL byte at position {at} followed by more text"
-                )
+                write!(f, "name has a NUL byte at position {at} followed by more text")
             }
             NameProblem::NotUtf8 { valid_up_to } => {
                 write!(f, "name is not valid UTF-8 after byte {valid_up_to}")
@@ -306,85 +297,54 @@ impl fmt::Display for BundleError {
                 "bundle is truncated: the header needs {HEADER_SIZE} bytes but only {found} \
                  were found"
             ),
-            BundleError::BadMagic { found } => write!(
-                f,
-                "bundle has bad magic \"{}\" (expected \"MVBUNDL1\")",
-                found.escape_ascii()
-            ),
-            BundleError::UnsupportedVersion { found } => write!(
-                f,
-                "bundle has unsupported version {found} (expected {VERSION})"
-            ),
-            BundleError::ReservedNotZero { found } => write!(
-                f,
-                "bundle header's reserved field is {found:#x} (must be 0)"
-            ),
-            BundleError::TotalSizeTooSmall { total_size } => write!(
-                f,
-                "bundle total_size {total_size:#x} is smaller than its {HEADER_SIZE}-byte header"
-            ),
+            BundleError::BadMagic { found } => {
+                write!(f, "bundle has bad magic \"{}\" (expected \"MVBUNDL1\")", found.escape_ascii())
+            }
+            BundleError::UnsupportedVersion { found } => {
+                write!(f, "bundle has unsupported version {found} (expected {VERSION})")
+            }
+            BundleError::ReservedNotZero { found } => {
+                write!(f, "bundle header's reserved field is {found:#x} (must be 0)")
+            }
+            BundleError::TotalSizeTooSmall { total_size } => {
+                write!(f, "bundle total_size {total_size:#x} is smaller than its {HEADER_SIZE}-byte header")
+            }
             BundleError::Truncated { expected, found } => write!(
                 f,
                 "bundle is truncated: total_size says {expected:#x} bytes but only {found:#x} \
                  were found"
             ),
-            BundleError::TooManyEntries { count } => write!(
-                f,
-                "bundle has {count} entries (at most {MAX_ENTRIES} are allowed)"
-            ),
-            BundleError::EntryTableOutOfBounds {
-                count,
-                table_end,
-                total_size,
-            } => write!(
+            BundleError::TooManyEntries { count } => {
+                write!(f, "bundle has {count} entries (at most {MAX_ENTRIES} are allowed)")
+            }
+            BundleError::EntryTableOutOfBounds { count, table_end, total_size } => write!(
                 f,
                 "bundle entry table ({count} entries) ends at {table_end:#x}, past the end of \
                  the bundle ({total_size:#x} bytes)"
             ),
             BundleError::InvalidName { entry, problem } => write!(f, "{entry}: {problem}"),
-            BundleError::DuplicateName { entry, first_index } => write!(
-                f,
-                "{entry}: name is already used by bundle entry {first_index}"
-            ),
-            BundleError::DataOutOfBounds {
-                entry,
-                offset,
-                size,
-                total_size,
-            } => write!(
+            BundleError::DuplicateName { entry, first_index } => {
+                write!(f, "{entry}: name is already used by bundle entry {first_index}")
+            }
+            BundleError::DataOutOfBounds { entry, offset, size, total_size } => write!(
                 f,
                 "{entry}: data at {offset:#x}+{size:#x} runs past the end of the bundle \
                  ({total_size:#x} bytes)"
             ),
-            BundleError::MisalignedOffset { entry, offset } => write!(
-                f,
-                "{entry}: data offset {offset:#x} is not a multiple of {DATA_ALIGN:#x}"
-            ),
-            BundleError::OverlapsTable {
-                entry,
-                offset,
-                size,
-                table_end,
-            } => write!(
+            BundleError::MisalignedOffset { entry, offset } => {
+                write!(f, "{entry}: data offset {offset:#x} is not a multiple of {DATA_ALIGN:#x}")
+            }
+            BundleError::OverlapsTable { entry, offset, size, table_end } => write!(
                 f,
                 "{entry}: data at {offset:#x}+{size:#x} overlaps the bundle header and entry \
                  table (which end at {table_end:#x})"
             ),
-            BundleError::Overlap {
-                entry,
-                offset,
-                size,
-                other_index,
-                other_offset,
-                other_size,
-            } => write!(
+            BundleError::Overlap { entry, offset, size, other_index, other_offset, other_size } => write!(
                 f,
                 "{entry}: data at {offset:#x}+{size:#x} overlaps the data of bundle entry \
                  {other_index} at {other_offset:#x}+{other_size:#x}"
             ),
-            BundleError::TooLarge => {
-                f.write_str("bundle would be larger than the address space allows")
-            }
+            BundleError::TooLarge => f.write_str("bundle would be larger than the address space allows"),
         }
     }
 }
@@ -461,9 +421,7 @@ fn parse_name(field: &[u8]) -> Result<&str, NameProblem> {
         return Err(NameProblem::InteriorNul { at: nul });
     }
     let bytes = field.get(..nul).ok_or(NameProblem::Empty)?;
-    core::str::from_utf8(bytes).map_err(|e| NameProblem::NotUtf8 {
-        valid_up_to: e.valid_up_to(),
-    })
+    core::str::from_utf8(bytes).map_err(|e| NameProblem::NotUtf8 { valid_up_to: e.valid_up_to() })
 }
 
 /// Checks a name given to [`build`].
@@ -493,10 +451,8 @@ impl<'a> Bundle<'a> {
         if data.len() < HEADER_SIZE {
             return Err(BundleError::HeaderTruncated { found: data.len() });
         }
-        let magic: [u8; 8] = data
-            .get(..8)
-            .and_then(|m| m.try_into().ok())
-            .ok_or(BundleError::HeaderTruncated { found: data.len() })?;
+        let magic: [u8; 8] =
+            data.get(..8).and_then(|m| m.try_into().ok()).ok_or(BundleError::HeaderTruncated { found: data.len() })?;
         if magic != MAGIC {
             return Err(BundleError::BadMagic { found: magic });
         }
@@ -516,32 +472,16 @@ impl<'a> Bundle<'a> {
         }
         let total = match usize::try_from(total_size) {
             Ok(t) if t <= data.len() => t,
-            _ => {
-                return Err(BundleError::Truncated {
-                    expected: total_size,
-                    found: data.len(),
-                })
-            }
+            _ => return Err(BundleError::Truncated { expected: total_size, found: data.len() }),
         };
-        let data = data.get(..total).ok_or(BundleError::Truncated {
-            expected: total_size,
-            found: data.len(),
-        })?;
+        let data = data.get(..total).ok_or(BundleError::Truncated { expected: total_size, found: data.len() })?;
         let count = usize::try_from(count_field)
             .ok()
             .filter(|&c| c <= MAX_ENTRIES)
-            .ok_or(BundleError::TooManyEntries {
-                count: u64::from(count_field),
-            })?;
-        let table_end = table_end(count).ok_or(BundleError::TooManyEntries {
-            count: u64::from(count_field),
-        })?;
+            .ok_or(BundleError::TooManyEntries { count: u64::from(count_field) })?;
+        let table_end = table_end(count).ok_or(BundleError::TooManyEntries { count: u64::from(count_field) })?;
         if table_end > total_size {
-            return Err(BundleError::EntryTableOutOfBounds {
-                count: count_field,
-                table_end,
-                total_size,
-            });
+            return Err(BundleError::EntryTableOutOfBounds { count: count_field, table_end, total_size });
         }
 
         for index in 0..count {
@@ -551,38 +491,20 @@ impl<'a> Bundle<'a> {
                 total_size,
             })?;
             let name = parse_name(raw.name_field).map_err(|problem| BundleError::InvalidName {
-                entry: EntryId {
-                    index,
-                    name: EntryName::from_bytes_lossy(raw.name_field),
-                },
+                entry: EntryId { index, name: EntryName::from_bytes_lossy(raw.name_field) },
                 problem,
             })?;
-            let entry = EntryId {
-                index,
-                name: EntryName::new(name),
-            };
+            let entry = EntryId { index, name: EntryName::new(name) };
             let (offset, size) = (raw.offset, raw.size);
             match offset.checked_add(size) {
                 Some(end) if end <= total_size => {}
-                _ => {
-                    return Err(BundleError::DataOutOfBounds {
-                        entry,
-                        offset,
-                        size,
-                        total_size,
-                    })
-                }
+                _ => return Err(BundleError::DataOutOfBounds { entry, offset, size, total_size }),
             }
             if offset % DATA_ALIGN != 0 {
                 return Err(BundleError::MisalignedOffset { entry, offset });
             }
             if ranges_overlap(offset, size, 0, table_end) {
-                return Err(BundleError::OverlapsTable {
-                    entry,
-                    offset,
-                    size,
-                    table_end,
-                });
+                return Err(BundleError::OverlapsTable { entry, offset, size, table_end });
             }
             for earlier in 0..index {
                 // Entries before `index` were validated above; a missing one would be a bug,
@@ -592,10 +514,7 @@ impl<'a> Bundle<'a> {
                 };
                 let prev_name = parse_name(prev.name_field).ok();
                 if prev_name == Some(name) {
-                    return Err(BundleError::DuplicateName {
-                        entry,
-                        first_index: earlier,
-                    });
+                    return Err(BundleError::DuplicateName { entry, first_index: earlier });
                 }
                 if ranges_overlap(offset, size, prev.offset, prev.size) {
                     return Err(BundleError::Overlap {
@@ -642,11 +561,7 @@ impl<'a> Bundle<'a> {
         let name = parse_name(raw.name_field).ok()?;
         let start = usize::try_from(raw.offset).ok()?;
         let end = start.checked_add(usize::try_from(raw.size).ok()?)?;
-        Some(BundleEntry {
-            name,
-            data: data.get(start..end)?,
-            offset: raw.offset,
-        })
+        Some(BundleEntry { name, data: data.get(start..end)?, offset: raw.offset })
     }
 
     /// The data of the entry called `name`.
@@ -656,10 +571,7 @@ impl<'a> Bundle<'a> {
 
     /// All entries, in entry-table order.
     pub fn entries(&self) -> Entries<'a> {
-        Entries {
-            bundle: *self,
-            next: 0,
-        }
+        Entries { bundle: *self, next: 0 }
     }
 }
 
@@ -714,21 +626,12 @@ fn align_up(value: u64) -> Option<u64> {
 pub fn build(entries: &[(&str, &[u8])]) -> Result<alloc::vec::Vec<u8>, BundleError> {
     let count = entries.len();
     if count > MAX_ENTRIES {
-        return Err(BundleError::TooManyEntries {
-            count: u64::try_from(count).unwrap_or(u64::MAX),
-        });
+        return Err(BundleError::TooManyEntries { count: u64::try_from(count).unwrap_or(u64::MAX) });
     }
     for (index, (name, _)) in entries.iter().enumerate() {
-        let entry = EntryId {
-            index,
-            name: EntryName::new(name),
-        };
+        let entry = EntryId { index, name: EntryName::new(name) };
         check_name(name).map_err(|problem| BundleError::InvalidName { entry, problem })?;
-        if let Some(first_index) = entries
-            .iter()
-            .take(index)
-            .position(|(other, _)| other == name)
-        {
+        if let Some(first_index) = entries.iter().take(index).position(|(other, _)| other == name) {
             return Err(BundleError::DuplicateName { entry, first_index });
         }
     }
@@ -747,8 +650,7 @@ pub fn build(entries: &[(&str, &[u8])]) -> Result<alloc::vec::Vec<u8>, BundleErr
     let total = usize::try_from(total_size).map_err(|_| BundleError::TooLarge)?;
 
     let mut out = alloc::vec::Vec::new();
-    out.try_reserve_exact(total)
-        .map_err(|_| BundleError::TooLarge)?;
+    out.try_reserve_exact(total).map_err(|_| BundleError::TooLarge)?;
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&count_field.to_le_bytes());
@@ -859,10 +761,7 @@ mod tests {
 
         let mut too_many = entries.clone();
         too_many.push(("extra", b""));
-        assert_eq!(
-            build(&too_many),
-            Err(BundleError::TooManyEntries { count: 65 })
-        );
+        assert_eq!(build(&too_many), Err(BundleError::TooManyEntries { count: 65 }));
     }
 
     #[test]
@@ -883,20 +782,11 @@ mod tests {
             if len < HEADER_SIZE {
                 assert_eq!(err, BundleError::HeaderTruncated { found: len });
             } else {
-                assert_eq!(
-                    err,
-                    BundleError::Truncated {
-                        expected: bytes.len() as u64,
-                        found: len
-                    }
-                );
+                assert_eq!(err, BundleError::Truncated { expected: bytes.len() as u64, found: len });
             }
         }
         let msg = Bundle::parse(&bytes[..100]).unwrap_err().to_string();
-        assert_eq!(
-            msg,
-            "bundle is truncated: total_size says 0x3000 bytes but only 0x64 were found"
-        );
+        assert_eq!(msg, "bundle is truncated: total_size says 0x3000 bytes but only 0x64 were found");
         let msg = Bundle::parse(&bytes[..3]).unwrap_err().to_string();
         assert!(msg.contains("32 bytes") && msg.contains("only 3"), "{msg}");
     }
@@ -915,76 +805,38 @@ mod tests {
         b[8] = 2;
         let err = Bundle::parse(&b).unwrap_err();
         assert_eq!(err, BundleError::UnsupportedVersion { found: 2 });
-        assert_eq!(
-            err.to_string(),
-            "bundle has unsupported version 2 (expected 1)"
-        );
+        assert_eq!(err.to_string(), "bundle has unsupported version 2 (expected 1)");
 
         let mut b = good.clone();
         b[31] = 1;
-        assert!(matches!(
-            Bundle::parse(&b),
-            Err(BundleError::ReservedNotZero { .. })
-        ));
+        assert!(matches!(Bundle::parse(&b), Err(BundleError::ReservedNotZero { .. })));
 
         let mut b = good.clone();
         set_u64(&mut b, 16, 8);
-        assert_eq!(
-            Bundle::parse(&b).unwrap_err(),
-            BundleError::TotalSizeTooSmall { total_size: 8 }
-        );
+        assert_eq!(Bundle::parse(&b).unwrap_err(), BundleError::TotalSizeTooSmall { total_size: 8 });
 
         let mut b = good.clone();
         set_u64(&mut b, 16, u64::MAX);
-        assert!(matches!(
-            Bundle::parse(&b),
-            Err(BundleError::Truncated {
-                expected: u64::MAX,
-                ..
-            })
-        ));
+        assert!(matches!(Bundle::parse(&b), Err(BundleError::Truncated { expected: u64::MAX, .. })));
 
         let mut b = good.clone();
         b[12..16].copy_from_slice(&65u32.to_le_bytes());
-        assert_eq!(
-            Bundle::parse(&b).unwrap_err(),
-            BundleError::TooManyEntries { count: 65 }
-        );
+        assert_eq!(Bundle::parse(&b).unwrap_err(), BundleError::TooManyEntries { count: 65 });
         b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Bundle::parse(&b).is_err());
 
         // The entry table does not fit in total_size.
         let b = manual(&[(b"a", 0, 0), (b"b", 0, 0)], 96);
         let err = Bundle::parse(&b).unwrap_err();
-        assert_eq!(
-            err,
-            BundleError::EntryTableOutOfBounds {
-                count: 2,
-                table_end: 160,
-                total_size: 96
-            }
-        );
+        assert_eq!(err, BundleError::EntryTableOutOfBounds { count: 2, table_end: 160, total_size: 96 });
         assert!(err.to_string().contains("0xa0"), "{err}");
     }
 
     #[test]
     fn data_out_of_bounds_message() {
-        let b = manual(
-            &[
-                (b"kernel", 0x1000, 0x10),
-                (b"x", 0x2000, 0),
-                (b"dom0", 0x3000, 0x5000),
-            ],
-            0x6000,
-        );
+        let b = manual(&[(b"kernel", 0x1000, 0x10), (b"x", 0x2000, 0), (b"dom0", 0x3000, 0x5000)], 0x6000);
         let err = Bundle::parse(&b).unwrap_err();
-        assert!(matches!(
-            err,
-            BundleError::DataOutOfBounds {
-                entry: EntryId { index: 2, .. },
-                ..
-            }
-        ));
+        assert!(matches!(err, BundleError::DataOutOfBounds { entry: EntryId { index: 2, .. }, .. }));
         assert_eq!(
             err.to_string(),
             "bundle entry 2 (\"dom0\"): data at 0x3000+0x5000 runs past the end of the bundle \
@@ -993,15 +845,9 @@ mod tests {
 
         // offset + size overflows u64.
         let b = manual(&[(b"a", 0x1000, u64::MAX)], 0x2000);
-        assert!(matches!(
-            Bundle::parse(&b),
-            Err(BundleError::DataOutOfBounds { .. })
-        ));
+        assert!(matches!(Bundle::parse(&b), Err(BundleError::DataOutOfBounds { .. })));
         let b = manual(&[(b"a", !0xFFFu64, 1)], 0x2000);
-        assert!(matches!(
-            Bundle::parse(&b),
-            Err(BundleError::DataOutOfBounds { .. })
-        ));
+        assert!(matches!(Bundle::parse(&b), Err(BundleError::DataOutOfBounds { .. })));
     }
 
     #[test]
@@ -1015,10 +861,7 @@ mod tests {
             matches!(err, BundleError::MisalignedOffset { entry: EntryId { index: 1, .. }, offset } if offset == off + 8)
         );
         assert!(err.to_string().contains("\"manifest\""), "{err}");
-        assert!(
-            err.to_string().contains("not a multiple of 0x1000"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not a multiple of 0x1000"), "{err}");
     }
 
     #[test]
@@ -1026,14 +869,7 @@ mod tests {
         // Second entry's data overlaps the first.
         let b = manual(&[(b"a", 0x1000, 0x1800), (b"b", 0x2000, 0x100)], 0x3000);
         let err = Bundle::parse(&b).unwrap_err();
-        assert!(matches!(
-            err,
-            BundleError::Overlap {
-                entry: EntryId { index: 1, .. },
-                other_index: 0,
-                ..
-            }
-        ));
+        assert!(matches!(err, BundleError::Overlap { entry: EntryId { index: 1, .. }, other_index: 0, .. }));
         assert_eq!(
             err.to_string(),
             "bundle entry 1 (\"b\"): data at 0x2000+0x100 overlaps the data of bundle entry 0 \
@@ -1041,15 +877,9 @@ mod tests {
         );
         // Same offset.
         let b = manual(&[(b"a", 0x1000, 1), (b"b", 0x1000, 1)], 0x2000);
-        assert!(matches!(
-            Bundle::parse(&b),
-            Err(BundleError::Overlap { .. })
-        ));
+        assert!(matches!(Bundle::parse(&b), Err(BundleError::Overlap { .. })));
         // Zero-sized entries overlap nothing.
-        let b = manual(
-            &[(b"a", 0x1000, 0), (b"b", 0x1000, 1), (b"c", 0x2000, 0)],
-            0x2000,
-        );
+        let b = manual(&[(b"a", 0x1000, 0), (b"b", 0x1000, 1), (b"c", 0x2000, 0)], 0x2000);
         assert!(Bundle::parse(&b).is_ok());
         // Data over the header/entry table.
         let b = manual(&[(b"a", 0, 0x10)], 0x1000);
@@ -1060,31 +890,12 @@ mod tests {
 
     #[test]
     fn duplicate_names() {
-        let b = manual(
-            &[
-                (b"dom0", 0x1000, 1),
-                (b"x", 0x2000, 1),
-                (b"dom0", 0x3000, 1),
-            ],
-            0x4000,
-        );
+        let b = manual(&[(b"dom0", 0x1000, 1), (b"x", 0x2000, 1), (b"dom0", 0x3000, 1)], 0x4000);
         let err = Bundle::parse(&b).unwrap_err();
-        assert!(matches!(
-            err,
-            BundleError::DuplicateName {
-                entry: EntryId { index: 2, .. },
-                first_index: 0
-            }
-        ));
-        assert_eq!(
-            err.to_string(),
-            "bundle entry 2 (\"dom0\"): name is already used by bundle entry 0"
-        );
+        assert!(matches!(err, BundleError::DuplicateName { entry: EntryId { index: 2, .. }, first_index: 0 }));
+        assert_eq!(err.to_string(), "bundle entry 2 (\"dom0\"): name is already used by bundle entry 0");
         let err = build(&[("dom0", b"a"), ("dom0", b"b")]).unwrap_err();
-        assert!(matches!(
-            err,
-            BundleError::DuplicateName { first_index: 0, .. }
-        ));
+        assert!(matches!(err, BundleError::DuplicateName { first_index: 0, .. }));
     }
 
     #[test]
@@ -1114,10 +925,7 @@ mod tests {
         );
         let b = manual(&[(&[b'n'; 48], 0x1000, 1)], 0x2000);
         let msg = Bundle::parse(&b).unwrap_err().to_string();
-        assert!(
-            msg.contains(&format!("(\"{}\"...)", "n".repeat(47))),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("(\"{}\"...)", "n".repeat(47))), "{msg}");
         // Names in the field may use all 47 bytes plus the NUL.
         let b = manual(&[(&[b'n'; 47], 0x1000, 1)], 0x2000);
         assert!(Bundle::parse(&b).is_ok());
@@ -1175,18 +983,13 @@ mod tests {
     }
 
     fn arb_entries() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
-        prop::collection::vec(
-            (
-                "[a-z0-9._-]{1,47}",
-                prop::collection::vec(any::<u8>(), 0..5000),
-            ),
-            0..6,
+        prop::collection::vec(("[a-z0-9._-]{1,47}", prop::collection::vec(any::<u8>(), 0..5000)), 0..6).prop_map(
+            |mut v| {
+                let mut seen = std::collections::HashSet::new();
+                v.retain(|(n, _)| seen.insert(n.clone()));
+                v
+            },
         )
-        .prop_map(|mut v| {
-            let mut seen = std::collections::HashSet::new();
-            v.retain(|(n, _)| seen.insert(n.clone()));
-            v
-        })
     }
 
     proptest! {

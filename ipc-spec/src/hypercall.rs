@@ -293,10 +293,7 @@ mod tests {
     #[test]
     fn status_round_trip() {
         assert_eq!(result_of(status_of(Ok(()))), Ok(()));
-        assert_eq!(
-            result_of(status_of(Err(Error::BadAddress))),
-            Err(Error::BadAddress)
-        );
+        assert_eq!(result_of(status_of(Err(Error::BadAddress))), Err(Error::BadAddress));
         assert_eq!(result_of(0xdead_beef), Err(Error::Unknown));
     }
 
@@ -314,9 +311,6 @@ mod tests {
             rights::CONTROL,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), rights::ALL);
-        assert_eq!(
-            all.iter().map(|r| r.count_ones()).sum::<u32>(),
-            all.len() as u32
-        );
+        assert_eq!(all.iter().map(|r| r.count_ones()).sum::<u32>(), all.len() as u32);
     }
 }

@@ -50,10 +50,7 @@ mod tests {
     #[test]
     fn status_mapping() {
         assert_eq!(MachineExit::Success.qemu_status(), 33);
-        assert_eq!(
-            MachineExit::from_qemu_status(33),
-            Some(MachineExit::Success)
-        );
+        assert_eq!(MachineExit::from_qemu_status(33), Some(MachineExit::Success));
         assert_eq!(MachineExit::from_qemu_status(1), None);
     }
 }

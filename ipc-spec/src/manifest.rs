@@ -90,8 +90,11 @@ pub struct ChannelSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelKind {
     /// Synchronous call/reply over an endpoint: the server gets the receive right, the client
-    /// a call right badged with the channel's index in [`Manifest::channels`].
+    /// a call right badged with the channel's index in [`Manifest::channels`] plus one.
     Endpoint,
+    /// Doorbells both ways: two notifications; each side may signal the other's and wait on
+    /// its own.
+    Notification,
 }
 
 impl ChannelKind {
@@ -99,6 +102,7 @@ impl ChannelKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ChannelKind::Endpoint => "endpoint",
+            ChannelKind::Notification => "notification",
         }
     }
 }
@@ -148,10 +152,9 @@ impl fmt::Display for ManifestError {
             ManifestError::MissingVersion => {
                 write!(f, "manifest is empty or does not start with a version number")
             }
-            ManifestError::UnsupportedVersion { found } => write!(
-                f,
-                "manifest version {found} is not supported (this build reads version {MANIFEST_VERSION})"
-            ),
+            ManifestError::UnsupportedVersion { found } => {
+                write!(f, "manifest version {found} is not supported (this build reads version {MANIFEST_VERSION})")
+            }
             ManifestError::Malformed(reason) => write!(f, "malformed manifest: {reason}"),
             ManifestError::TrailingBytes { count } => {
                 write!(f, "malformed manifest: {count} byte(s) after its end")
@@ -168,13 +171,12 @@ pub fn encode(manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
 /// Decodes a manifest written by [`encode`]. Never panics; allocates at most in proportion
 /// to `bytes.len()`. Does not [`validate`] it.
 pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-    let (version, _) =
-        postcard::take_from_bytes::<u32>(bytes).map_err(|_| ManifestError::MissingVersion)?;
+    let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|_| ManifestError::MissingVersion)?;
     if version != MANIFEST_VERSION {
         return Err(ManifestError::UnsupportedVersion { found: version });
     }
-    let (manifest, rest) = postcard::take_from_bytes::<Manifest>(bytes)
-        .map_err(|e| ManifestError::Malformed(e.to_string()))?;
+    let (manifest, rest) =
+        postcard::take_from_bytes::<Manifest>(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(ManifestError::TrailingBytes { count: rest.len() });
     }
@@ -431,12 +433,7 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
     let mut push = |field: Field, kind: ProblemKind| problems.push(Problem { field, kind });
 
     if manifest.version != MANIFEST_VERSION {
-        push(
-            Field::Version,
-            ProblemKind::UnsupportedVersion {
-                found: manifest.version,
-            },
-        );
+        push(Field::Version, ProblemKind::UnsupportedVersion { found: manifest.version });
     }
     if manifest.domains.is_empty() {
         push(Field::Domains, ProblemKind::NoDomains);
@@ -449,12 +446,7 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
             push(field("name"), kind);
         }
         if domain.image == crate::DOM0_IMAGE || domain.image == MANIFEST_ENTRY {
-            push(
-                field("image"),
-                ProblemKind::ReservedImage {
-                    image: domain.image.clone(),
-                },
-            );
+            push(field("image"), ProblemKind::ReservedImage { image: domain.image.clone() });
         } else if !known_images.contains(&domain.image.as_str()) {
             push(
                 field("image"),
@@ -469,36 +461,16 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
             );
         }
         if !(MIN_DOMAIN_MEMORY_MIB..=MAX_DOMAIN_MEMORY_MIB).contains(&domain.memory_mib) {
-            push(
-                field("memory_mib"),
-                ProblemKind::MemoryOutOfRange {
-                    mib: domain.memory_mib.into(),
-                },
-            );
+            push(field("memory_mib"), ProblemKind::MemoryOutOfRange { mib: domain.memory_mib.into() });
         }
         if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&domain.priority) {
-            push(
-                field("priority"),
-                ProblemKind::PriorityOutOfRange {
-                    priority: domain.priority.into(),
-                },
-            );
+            push(field("priority"), ProblemKind::PriorityOutOfRange { priority: domain.priority.into() });
         }
         if domain.vcpus != SUPPORTED_VCPUS {
-            push(
-                field("vcpus"),
-                ProblemKind::UnsupportedVcpus {
-                    vcpus: domain.vcpus.into(),
-                },
-            );
+            push(field("vcpus"), ProblemKind::UnsupportedVcpus { vcpus: domain.vcpus.into() });
         }
         if domain.args.len() > MAX_ARGS_LEN {
-            push(
-                field("args"),
-                ProblemKind::ArgsTooLong {
-                    len: domain.args.len(),
-                },
-            );
+            push(field("args"), ProblemKind::ArgsTooLong { len: domain.args.len() });
         }
     }
 
@@ -514,25 +486,14 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
             }
         }
         if channel.client == channel.server && manifest.domain(&channel.client).is_some() {
-            push(
-                field("server"),
-                ProblemKind::SameDomainBothEnds {
-                    name: channel.server.clone(),
-                },
-            );
+            push(field("server"), ProblemKind::SameDomainBothEnds { name: channel.server.clone() });
         }
     }
 
     let domains_mib = manifest.total_memory_mib();
     let machine_mib = u64::from(manifest.machine_memory_mib);
     if domains_mib + u64::from(RESERVED_MEMORY_MIB) > machine_mib {
-        push(
-            Field::MachineMemoryMib,
-            ProblemKind::MemoryDoesNotFit {
-                domains_mib,
-                machine_mib,
-            },
-        );
+        push(Field::MachineMemoryMib, ProblemKind::MemoryDoesNotFit { domains_mib, machine_mib });
     }
 
     if problems.is_empty() {
@@ -548,10 +509,7 @@ fn check_name<'a>(name: &str, mut earlier: impl Iterator<Item = &'a str>) -> Opt
     if name.is_empty() {
         return Some(ProblemKind::EmptyName);
     }
-    if let Some(ch) = name
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
-    {
+    if let Some(ch) = name.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
         return Some(ProblemKind::NameBadChar { ch });
     }
     if name.len() > MAX_NAME_LEN {
@@ -560,12 +518,7 @@ fn check_name<'a>(name: &str, mut earlier: impl Iterator<Item = &'a str>) -> Opt
     if name == RESERVED_NAME {
         return Some(ProblemKind::ReservedName);
     }
-    earlier
-        .position(|e| e == name)
-        .map(|first| ProblemKind::DuplicateName {
-            name: name.to_string(),
-            first,
-        })
+    earlier.position(|e| e == name).map(|first| ProblemKind::DuplicateName { name: name.to_string(), first })
 }
 
 #[cfg(test)]
@@ -589,12 +542,7 @@ mod tests {
     }
 
     fn channel(name: &str, client: &str, server: &str) -> ChannelSpec {
-        ChannelSpec {
-            name: name.into(),
-            kind: ChannelKind::Endpoint,
-            client: client.into(),
-            server: server.into(),
-        }
+        ChannelSpec { name: name.into(), kind: ChannelKind::Endpoint, client: client.into(), server: server.into() }
     }
 
     fn demo() -> Manifest {
@@ -644,19 +592,13 @@ mod tests {
         let mut m = demo();
         m.version = 2;
         let bytes = encode(&m).unwrap();
-        assert_eq!(
-            decode(&bytes),
-            Err(ManifestError::UnsupportedVersion { found: 2 })
-        );
+        assert_eq!(decode(&bytes), Err(ManifestError::UnsupportedVersion { found: 2 }));
         assert_eq!(decode(&[]), Err(ManifestError::MissingVersion));
         assert_eq!(decode(&[0x80]), Err(ManifestError::MissingVersion));
 
         let mut bytes = encode(&demo()).unwrap();
         bytes.push(0);
-        assert_eq!(
-            decode(&bytes),
-            Err(ManifestError::TrailingBytes { count: 1 })
-        );
+        assert_eq!(decode(&bytes), Err(ManifestError::TrailingBytes { count: 1 }));
     }
 
     #[test]
@@ -735,11 +677,7 @@ mod tests {
     fn images_must_be_known() {
         let mut m = demo();
         m.domains[1].image = "foo".into();
-        assert_one_problem(
-            &m,
-            "domains[1].image",
-            "unknown image \"foo\" (known images: ipc-client, ipc-server)",
-        );
+        assert_one_problem(&m, "domains[1].image", "unknown image \"foo\" (known images: ipc-client, ipc-server)");
         for reserved in [crate::DOM0_IMAGE, MANIFEST_ENTRY] {
             let mut m = demo();
             m.domains[0].image = reserved.into();
@@ -793,11 +731,7 @@ mod tests {
         for vcpus in [0, 2, 255] {
             let mut m = demo();
             m.domains[0].vcpus = vcpus;
-            assert_one_problem(
-                &m,
-                "domains[0].vcpus",
-                "only 1 vCPU per domain is supported yet",
-            );
+            assert_one_problem(&m, "domains[0].vcpus", "only 1 vCPU per domain is supported yet");
         }
     }
 
@@ -854,9 +788,7 @@ mod tests {
             })
             .collect();
         let ps = validate(&m, IMAGES).unwrap_err();
-        assert!(ps
-            .iter()
-            .any(|p| matches!(p.kind, ProblemKind::MemoryDoesNotFit { .. })));
+        assert!(ps.iter().any(|p| matches!(p.kind, ProblemKind::MemoryDoesNotFit { .. })));
     }
 
     #[test]
@@ -888,45 +820,29 @@ mod tests {
     }
 
     fn arb_manifest() -> impl Strategy<Value = Manifest> {
-        let domain = (
-            arb_name(),
-            "[a-z-]{0,12}",
-            any::<u32>(),
-            any::<u8>(),
-            any::<u8>(),
-            ".{0,40}",
-        )
-            .prop_map(
-                |(name, image, memory_mib, priority, vcpus, args)| DomainSpec {
-                    name,
-                    image,
-                    memory_mib,
-                    priority,
-                    vcpus,
-                    args,
-                },
-            );
-        let channel =
-            (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {
+        let domain = (arb_name(), "[a-z-]{0,12}", any::<u32>(), any::<u8>(), any::<u8>(), ".{0,40}").prop_map(
+            |(name, image, memory_mib, priority, vcpus, args)| DomainSpec {
                 name,
-                kind: ChannelKind::Endpoint,
-                client,
-                server,
-            });
-        (
-            any::<u32>(),
-            any::<u32>(),
-            proptest::collection::vec(domain, 0..5),
-            proptest::collection::vec(channel, 0..5),
-        )
-            .prop_map(
-                |(version, machine_memory_mib, domains, channels)| Manifest {
-                    version,
-                    machine_memory_mib,
-                    domains,
-                    channels,
-                },
-            )
+                image,
+                memory_mib,
+                priority,
+                vcpus,
+                args,
+            },
+        );
+        let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {
+            name,
+            kind: ChannelKind::Endpoint,
+            client,
+            server,
+        });
+        (any::<u32>(), any::<u32>(), proptest::collection::vec(domain, 0..5), proptest::collection::vec(channel, 0..5))
+            .prop_map(|(version, machine_memory_mib, domains, channels)| Manifest {
+                version,
+                machine_memory_mib,
+                domains,
+                channels,
+            })
     }
 
     proptest! {

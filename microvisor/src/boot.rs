@@ -39,18 +39,12 @@ impl fmt::Display for BootError {
             Self::StartInfoOutOfReach(a) => {
                 write!(f, "start info at {a:#x} is outside the low 4 GiB")
             }
-            Self::BadStartInfo(why) => write!(
-                f,
-                "bad PVH start info: {why} (was the microvisor booted with QEMU -kernel?)"
-            ),
-            Self::MemmapOutOfReach => {
-                f.write_str("the start info's memory map lies outside the low 4 GiB")
+            Self::BadStartInfo(why) => {
+                write!(f, "bad PVH start info: {why} (was the microvisor booted with QEMU -kernel?)")
             }
+            Self::MemmapOutOfReach => f.write_str("the start info's memory map lies outside the low 4 GiB"),
             Self::ModuleOutOfReach { paddr, size } => {
-                write!(
-                    f,
-                    "boot module at {paddr:#x}+{size:#x} lies outside the low 4 GiB"
-                )
+                write!(f, "boot module at {paddr:#x}+{size:#x} lies outside the low 4 GiB")
             }
             Self::CmdlineNotUtf8 => f.write_str("the command line is not UTF-8"),
         }
@@ -69,8 +63,7 @@ pub fn read(start_info_pa: u32) -> Result<BootInfo, BootError> {
     // SAFETY: the loader put the start info at `pa` (EBX at entry); it is below 4 GiB.
     let si = StartInfo::from_bytes(unsafe { phys_slice(pa, START_INFO_LEN) })
         .map_err(|_| BootError::BadStartInfo("truncated"))?;
-    si.validate()
-        .map_err(|_| BootError::BadStartInfo("wrong magic or version"))?;
+    si.validate().map_err(|_| BootError::BadStartInfo("wrong magic or version"))?;
 
     let mut ram = heapless::Vec::new();
     let n = si.memmap_entries as u64;
@@ -79,12 +72,7 @@ pub fn read(start_info_pa: u32) -> Result<BootInfo, BootError> {
     }
     for i in 0..n {
         // SAFETY: the entry lies inside the memory map array checked above.
-        let bytes = unsafe {
-            phys_slice(
-                si.memmap_paddr + i * MEMMAP_ENTRY_LEN as u64,
-                MEMMAP_ENTRY_LEN,
-            )
-        };
+        let bytes = unsafe { phys_slice(si.memmap_paddr + i * MEMMAP_ENTRY_LEN as u64, MEMMAP_ENTRY_LEN) };
         let Ok(e) = MemmapEntry::from_bytes(bytes) else {
             continue;
         };
@@ -97,14 +85,10 @@ pub fn read(start_info_pa: u32) -> Result<BootInfo, BootError> {
 
     let bundle = if si.nr_modules > 0 && reachable(si.modlist_paddr, MODLIST_ENTRY_LEN as u64) {
         // SAFETY: the first module entry lies below 4 GiB (checked above).
-        let m =
-            ModlistEntry::from_bytes(unsafe { phys_slice(si.modlist_paddr, MODLIST_ENTRY_LEN) })
-                .map_err(|_| BootError::BadStartInfo("truncated module entry"))?;
+        let m = ModlistEntry::from_bytes(unsafe { phys_slice(si.modlist_paddr, MODLIST_ENTRY_LEN) })
+            .map_err(|_| BootError::BadStartInfo("truncated module entry"))?;
         if !reachable(m.paddr, m.size) {
-            return Err(BootError::ModuleOutOfReach {
-                paddr: m.paddr,
-                size: m.size,
-            });
+            return Err(BootError::ModuleOutOfReach { paddr: m.paddr, size: m.size });
         }
         Some(PhysRange::new(m.paddr, m.paddr + m.size))
     } else {
@@ -120,11 +104,5 @@ pub fn read(start_info_pa: u32) -> Result<BootInfo, BootError> {
         let _ = cmdline.push_str(s);
     }
 
-    Ok(BootInfo {
-        cmdline,
-        rsdp: si.rsdp_paddr,
-        ram,
-        bundle,
-        memmap_entries: si.memmap_entries,
-    })
+    Ok(BootInfo { cmdline, rsdp: si.rsdp_paddr, ram, bundle, memmap_entries: si.memmap_entries })
 }

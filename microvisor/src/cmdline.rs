@@ -4,9 +4,7 @@
 
 /// Words of `cmdline` that belong to the domain `name` (prefix `name.` stripped).
 pub fn domain_args<'a>(cmdline: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    cmdline
-        .split_ascii_whitespace()
-        .filter_map(move |w| w.strip_prefix(name)?.strip_prefix('.'))
+    cmdline.split_ascii_whitespace().filter_map(move |w| w.strip_prefix(name)?.strip_prefix('.'))
 }
 
 /// The value of the microvisor's own option `key` (a word `key=value` without a domain
@@ -27,10 +25,7 @@ mod tests {
     #[test]
     fn splits_domain_words() {
         let c = "selftest=x dom0.selftest=stage2-fault  dom0.verbose dom0x.no=1 dom1.a=b";
-        assert_eq!(
-            domain_args(c, "dom0").collect::<Vec<_>>(),
-            vec!["selftest=stage2-fault", "verbose"]
-        );
+        assert_eq!(domain_args(c, "dom0").collect::<Vec<_>>(), vec!["selftest=stage2-fault", "verbose"]);
         assert_eq!(domain_args(c, "dom1").collect::<Vec<_>>(), vec!["a=b"]);
         assert_eq!(domain_args("", "dom0").count(), 0);
     }

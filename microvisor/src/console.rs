@@ -13,10 +13,7 @@ pub struct LineBuffer {
 
 impl LineBuffer {
     pub const fn new() -> Self {
-        Self {
-            buf: [0; LINE_MAX],
-            len: 0,
-        }
+        Self { buf: [0; LINE_MAX], len: 0 }
     }
 
     /// Append `bytes`; `emit` receives every completed line (without its newline). A line
@@ -35,11 +32,7 @@ impl LineBuffer {
                         emit(&self.buf[..self.len]);
                         self.len = 0;
                     }
-                    self.buf[self.len] = if b == b'\t' || (0x20..0x7f).contains(&b) {
-                        b
-                    } else {
-                        b'?'
-                    };
+                    self.buf[self.len] = if b == b'\t' || (0x20..0x7f).contains(&b) { b } else { b'?' };
                     self.len += 1;
                 }
             }
@@ -78,20 +71,14 @@ mod tests {
 
     #[test]
     fn splits_and_joins_lines() {
-        assert_eq!(
-            lines(&[b"hel", b"lo\nwor", b"ld\n"]),
-            vec![b"hello".to_vec(), b"world".to_vec()]
-        );
+        assert_eq!(lines(&[b"hel", b"lo\nwor", b"ld\n"]), vec![b"hello".to_vec(), b"world".to_vec()]);
         assert_eq!(lines(&[b"no newline"]), vec![b"no newline".to_vec()]);
         assert_eq!(lines(&[b"\n"]), vec![Vec::<u8>::new()]);
     }
 
     #[test]
     fn sanitises_control_bytes() {
-        assert_eq!(
-            lines(&[b"a\x1b[2Jb\r\tc\xff\n"]),
-            vec![b"a?[2Jb\tc?".to_vec()]
-        );
+        assert_eq!(lines(&[b"a\x1b[2Jb\r\tc\xff\n"]), vec![b"a?[2Jb\tc?".to_vec()]);
     }
 
     #[test]

@@ -198,17 +198,10 @@ pub struct StructureRef {
 impl fmt::Display for StructureRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
-            TYPE_DRHD..=TYPE_SATC => write!(
-                f,
-                "DMAR {} structure at offset {:#x}",
-                structure_name(self.kind),
-                self.offset
-            ),
-            kind => write!(
-                f,
-                "DMAR structure of unknown type {kind} at offset {:#x}",
-                self.offset
-            ),
+            TYPE_DRHD..=TYPE_SATC => {
+                write!(f, "DMAR {} structure at offset {:#x}", structure_name(self.kind), self.offset)
+            }
+            kind => write!(f, "DMAR structure of unknown type {kind} at offset {:#x}", self.offset),
         }
     }
 }
@@ -351,11 +344,9 @@ impl fmt::Display for DmarError {
                 "DMAR table is truncated: its header needs {DMAR_HEADER_LEN} bytes but only \
                  {found} were found"
             ),
-            DmarError::BadSignature { found } => write!(
-                f,
-                "DMAR table has signature \"{}\" (expected \"DMAR\")",
-                found.escape_ascii()
-            ),
+            DmarError::BadSignature { found } => {
+                write!(f, "DMAR table has signature \"{}\" (expected \"DMAR\")", found.escape_ascii())
+            }
             DmarError::LengthTooSmall { length } => write!(
                 f,
                 "DMAR table length field {length:#x} is smaller than its {DMAR_HEADER_LEN}-byte \
@@ -379,37 +370,26 @@ impl fmt::Display for DmarError {
             DmarError::BadStructureLength { at, length, min } => {
                 write!(f, "{at} has length {length} (must be at least {min})")
             }
-            DmarError::StructureOverrun {
-                at,
-                length,
-                table_length,
-            } => write!(
+            DmarError::StructureOverrun { at, length, table_length } => write!(
                 f,
                 "{at} has length {length:#x}, running past the end of the table \
                  ({table_length:#x} bytes)"
             ),
-            DmarError::TooManyUnits { at } => write!(
-                f,
-                "{at} is one DRHD too many (at most {MAX_UNITS} are supported)"
-            ),
-            DmarError::TooManyReservedRegions { at } => write!(
-                f,
-                "{at} is one RMRR too many (at most {MAX_RESERVED_REGIONS} are supported)"
-            ),
-            DmarError::MisalignedRegisterBase { at, base } => write!(
-                f,
-                "{at} has register base {base:#x}, which is not 4 KiB aligned"
-            ),
+            DmarError::TooManyUnits { at } => {
+                write!(f, "{at} is one DRHD too many (at most {MAX_UNITS} are supported)")
+            }
+            DmarError::TooManyReservedRegions { at } => {
+                write!(f, "{at} is one RMRR too many (at most {MAX_RESERVED_REGIONS} are supported)")
+            }
+            DmarError::MisalignedRegisterBase { at, base } => {
+                write!(f, "{at} has register base {base:#x}, which is not 4 KiB aligned")
+            }
             DmarError::BadReservedRange { at, base, limit } => write!(
                 f,
                 "{at} has bad range {base:#x}..={limit:#x} (base must be 4 KiB aligned, limit \
                  must end a 4 KiB page and not be below base)"
             ),
-            DmarError::ScopeTruncated {
-                at,
-                offset,
-                remaining,
-            } => write!(
+            DmarError::ScopeTruncated { at, offset, remaining } => write!(
                 f,
                 "{at}: device scope at offset {offset:#x} is truncated: only {remaining} byte(s) \
                  left in the structure"
@@ -419,12 +399,7 @@ impl fmt::Display for DmarError {
                 "{at}: device scope at offset {offset:#x} has length {length} (must be an even \
                  number, at least {SCOPE_MIN_LEN})"
             ),
-            DmarError::ScopeOverrun {
-                at,
-                offset,
-                length,
-                structure_end,
-            } => write!(
+            DmarError::ScopeOverrun { at, offset, length, structure_end } => write!(
                 f,
                 "{at}: device scope at offset {offset:#x} has length {length}, running past the \
                  end of the structure at {structure_end:#x}"
@@ -471,33 +446,20 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
     if table.len() < DMAR_HEADER_LEN {
         return Err(too_short);
     }
-    let signature: [u8; 4] = table
-        .get(..4)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(too_short)?;
+    let signature: [u8; 4] = table.get(..4).and_then(|s| s.try_into().ok()).ok_or(too_short)?;
     if &signature != b"DMAR" {
         return Err(DmarError::BadSignature { found: signature });
     }
     let length_field = u32_at(table, 4).ok_or(too_short)?;
-    let length = usize::try_from(length_field).map_err(|_| DmarError::Truncated {
-        expected: length_field,
-        found: table.len(),
-    })?;
+    let length = usize::try_from(length_field)
+        .map_err(|_| DmarError::Truncated { expected: length_field, found: table.len() })?;
     if length < DMAR_HEADER_LEN {
-        return Err(DmarError::LengthTooSmall {
-            length: length_field,
-        });
+        return Err(DmarError::LengthTooSmall { length: length_field });
     }
-    let table = table.get(..length).ok_or(DmarError::Truncated {
-        expected: length_field,
-        found: table.len(),
-    })?;
+    let table = table.get(..length).ok_or(DmarError::Truncated { expected: length_field, found: table.len() })?;
     let sum = table.iter().fold(0u8, |acc, &b| acc.wrapping_add(b));
     if sum != 0 {
-        return Err(DmarError::BadChecksum {
-            checksum: u8_at(table, 9).unwrap_or(0),
-            sum,
-        });
+        return Err(DmarError::BadChecksum { checksum: u8_at(table, 9).unwrap_or(0), sum });
     }
 
     let width_field = u8_at(table, 36).ok_or(too_short)?;
@@ -524,51 +486,29 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
             _ => 4,
         };
         if struct_len < min {
-            return Err(DmarError::BadStructureLength {
-                at,
-                length: struct_len,
-                min,
-            });
+            return Err(DmarError::BadStructureLength { at, length: struct_len, min });
         }
         let end = match offset.checked_add(usize::from(struct_len)) {
             Some(end) if end <= length => end,
-            _ => {
-                return Err(DmarError::StructureOverrun {
-                    at,
-                    length: struct_len,
-                    table_length: length,
-                })
-            }
+            _ => return Err(DmarError::StructureOverrun { at, length: struct_len, table_length: length }),
         };
         let body = table.get(offset..end).ok_or(DmarError::StructureOverrun {
             at,
             length: struct_len,
             table_length: length,
         })?;
-        let overrun = DmarError::StructureOverrun {
-            at,
-            length: struct_len,
-            table_length: length,
-        };
+        let overrun = DmarError::StructureOverrun { at, length: struct_len, table_length: length };
         match kind {
             TYPE_DRHD => {
                 let unit_flags = u8_at(body, 4).ok_or(overrun)?;
                 let segment = u16_at(body, 6).ok_or(overrun)?;
                 let register_base = u64_at(body, 8).ok_or(overrun)?;
                 if register_base & PAGE_MASK != 0 {
-                    return Err(DmarError::MisalignedRegisterBase {
-                        at,
-                        base: register_base,
-                    });
+                    return Err(DmarError::MisalignedRegisterBase { at, base: register_base });
                 }
                 let scopes = parse_scopes(body, usize::from(DRHD_MIN_LEN), at)?;
                 dmar.units
-                    .push(Drhd {
-                        register_base,
-                        segment,
-                        include_pci_all: unit_flags & 1 != 0,
-                        scopes,
-                    })
+                    .push(Drhd { register_base, segment, include_pci_all: unit_flags & 1 != 0, scopes })
                     .map_err(|_| DmarError::TooManyUnits { at })?;
             }
             TYPE_RMRR => {
@@ -580,12 +520,7 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
                 }
                 let scopes = parse_scopes(body, usize::from(RMRR_MIN_LEN), at)?;
                 dmar.reserved_regions
-                    .push(Rmrr {
-                        segment,
-                        base,
-                        limit,
-                        scopes,
-                    })
+                    .push(Rmrr { segment, base, limit, scopes })
                     .map_err(|_| DmarError::TooManyReservedRegions { at })?;
             }
             _ => dmar.other_structures = dmar.other_structures.saturating_add(1),
@@ -597,37 +532,21 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
 
 /// Parses the device scopes of the structure `body` (which starts at `at.offset` in the
 /// table), starting `first` bytes into it.
-fn parse_scopes(
-    body: &[u8],
-    first: usize,
-    at: StructureRef,
-) -> Result<Vec<DeviceScope, MAX_SCOPES>, DmarError> {
+fn parse_scopes(body: &[u8], first: usize, at: StructureRef) -> Result<Vec<DeviceScope, MAX_SCOPES>, DmarError> {
     let mut scopes = Vec::new();
     let structure_end = at.offset.saturating_add(body.len());
     let mut pos = first;
     while pos < body.len() {
         let offset = at.offset.saturating_add(pos);
         let remaining = body.len().saturating_sub(pos);
-        let truncated = DmarError::ScopeTruncated {
-            at,
-            offset,
-            remaining,
-        };
+        let truncated = DmarError::ScopeTruncated { at, offset, remaining };
         let raw_kind = u8_at(body, pos).ok_or(truncated)?;
         let length = u8_at(body, pos.saturating_add(1)).ok_or(truncated)?;
         if length < SCOPE_MIN_LEN || length % 2 != 0 {
             return Err(DmarError::BadScopeLength { at, offset, length });
         }
-        let overrun = DmarError::ScopeOverrun {
-            at,
-            offset,
-            length,
-            structure_end,
-        };
-        let scope = pos
-            .checked_add(usize::from(length))
-            .and_then(|end| body.get(pos..end))
-            .ok_or(overrun)?;
+        let overrun = DmarError::ScopeOverrun { at, offset, length, structure_end };
+        let scope = pos.checked_add(usize::from(length)).and_then(|end| body.get(pos..end)).ok_or(overrun)?;
         let enumeration_id = u8_at(scope, 4).ok_or(overrun)?;
         let start_bus = u8_at(scope, 5).ok_or(overrun)?;
         let hop_bytes = scope.get(usize::from(SCOPE_MIN_LEN)..).unwrap_or(&[]);
@@ -638,17 +557,11 @@ fn parse_scopes(
         let mut path = Vec::new();
         for hop in hop_bytes.chunks_exact(2) {
             if let [device, function] = *hop {
-                path.push((device, function))
-                    .map_err(|_| DmarError::PathTooLong { at, offset, hops })?;
+                path.push((device, function)).map_err(|_| DmarError::PathTooLong { at, offset, hops })?;
             }
         }
         scopes
-            .push(DeviceScope {
-                kind: ScopeKind::from_raw(raw_kind),
-                enumeration_id,
-                start_bus,
-                path,
-            })
+            .push(DeviceScope { kind: ScopeKind::from_raw(raw_kind), enumeration_id, start_bus, path })
             .map_err(|_| DmarError::TooManyScopes { at, offset })?;
         pos = pos.saturating_add(usize::from(length));
     }
@@ -665,8 +578,7 @@ mod tests {
     /// Captured from QEMU 7.2 (`-machine q35 -device intel-iommu`), see tests/data/README.md.
     const QEMU_Q35: &[u8] = include_bytes!("../tests/data/qemu-7.2-q35-dmar.bin");
     /// Same machine with `-device intel-iommu,intremap=off`.
-    const QEMU_Q35_NO_IR: &[u8] =
-        include_bytes!("../tests/data/qemu-7.2-q35-intremap-off-dmar.bin");
+    const QEMU_Q35_NO_IR: &[u8] = include_bytes!("../tests/data/qemu-7.2-q35-intremap-off-dmar.bin");
 
     fn fix_checksum(t: &mut [u8]) {
         t[9] = 0;
@@ -766,15 +678,7 @@ mod tests {
         ];
         assert_eq!(unit.scopes.len(), expected.len());
         for (s, (kind, id, bus, hop)) in unit.scopes.iter().zip(expected) {
-            assert_eq!(
-                *s,
-                DeviceScope {
-                    kind,
-                    enumeration_id: id,
-                    start_bus: bus,
-                    path: path(&[hop]),
-                }
-            );
+            assert_eq!(*s, DeviceScope { kind, enumeration_id: id, start_bus: bus, path: path(&[hop]) });
         }
     }
 
@@ -795,13 +699,7 @@ mod tests {
             if len < DMAR_HEADER_LEN {
                 assert_eq!(err, DmarError::TooShort { found: len });
             } else {
-                assert_eq!(
-                    err,
-                    DmarError::Truncated {
-                        expected: 112,
-                        found: len
-                    }
-                );
+                assert_eq!(err, DmarError::Truncated { expected: 112, found: len });
             }
         }
         assert_eq!(
@@ -820,25 +718,14 @@ mod tests {
             fix_checksum(&mut t);
             let result = parse(&t);
             match len {
-                0..=47 => assert_eq!(
-                    result.unwrap_err(),
-                    DmarError::LengthTooSmall { length: len as u32 }
-                ),
+                0..=47 => assert_eq!(result.unwrap_err(), DmarError::LengthTooSmall { length: len as u32 }),
                 48 => assert!(result.unwrap().units.is_empty()),
-                49..=51 => assert!(matches!(
-                    result.unwrap_err(),
-                    DmarError::StructureHeaderTruncated { offset: 48, .. }
-                )),
+                49..=51 => {
+                    assert!(matches!(result.unwrap_err(), DmarError::StructureHeaderTruncated { offset: 48, .. }))
+                }
                 52..=111 => assert!(matches!(
                     result.unwrap_err(),
-                    DmarError::StructureOverrun {
-                        at: StructureRef {
-                            kind: TYPE_DRHD,
-                            offset: 48
-                        },
-                        length: 64,
-                        ..
-                    }
+                    DmarError::StructureOverrun { at: StructureRef { kind: TYPE_DRHD, offset: 48 }, length: 64, .. }
                 )),
                 _ => assert_eq!(result.unwrap(), parse(QEMU_Q35).unwrap()),
             }
@@ -857,30 +744,18 @@ mod tests {
         let mut t = QEMU_Q35.to_vec();
         t[20] ^= 0x55;
         let err = parse(&t).unwrap_err();
-        assert!(
-            matches!(err, DmarError::BadChecksum { sum: 0x55, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DmarError::BadChecksum { sum: 0x55, .. }), "{err:?}");
         assert!(err.to_string().contains("checksum"), "{err}");
 
         let mut t = QEMU_Q35.to_vec();
         t[0..4].copy_from_slice(b"APIC");
         let err = parse(&t).unwrap_err();
         assert_eq!(err, DmarError::BadSignature { found: *b"APIC" });
-        assert_eq!(
-            err.to_string(),
-            "DMAR table has signature \"APIC\" (expected \"DMAR\")"
-        );
+        assert_eq!(err.to_string(), "DMAR table has signature \"APIC\" (expected \"DMAR\")");
 
         let mut t = QEMU_Q35.to_vec();
         t[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            parse(&t),
-            Err(DmarError::Truncated {
-                expected: u32::MAX,
-                ..
-            })
-        ));
+        assert!(matches!(parse(&t), Err(DmarError::Truncated { expected: u32::MAX, .. })));
     }
 
     #[test]
@@ -891,19 +766,9 @@ mod tests {
         let err = parse(&t).unwrap_err();
         assert_eq!(
             err,
-            DmarError::BadStructureLength {
-                at: StructureRef {
-                    kind: TYPE_DRHD,
-                    offset: 48
-                },
-                length: 0,
-                min: 16
-            }
+            DmarError::BadStructureLength { at: StructureRef { kind: TYPE_DRHD, offset: 48 }, length: 0, min: 16 }
         );
-        assert_eq!(
-            err.to_string(),
-            "DMAR DRHD structure at offset 0x30 has length 0 (must be at least 16)"
-        );
+        assert_eq!(err.to_string(), "DMAR DRHD structure at offset 0x30 has length 0 (must be at least 16)");
 
         // Unknown and skipped types need at least their 4-byte header too.
         for kind in [2u16, 3, 4, 5, 0x77] {
@@ -914,11 +779,7 @@ mod tests {
                 assert!(
                     matches!(
                         parse(&t),
-                        Err(DmarError::BadStructureLength {
-                            at: StructureRef { offset: 64, .. },
-                            min: 4,
-                            ..
-                        })
+                        Err(DmarError::BadStructureLength { at: StructureRef { offset: 64, .. }, min: 4, .. })
                     ),
                     "kind {kind} len {len}"
                 );
@@ -928,14 +789,7 @@ mod tests {
         let mut s = rmrr(0, 0, 0xfff, &[]);
         s[2..4].copy_from_slice(&20u16.to_le_bytes());
         let t = table(38, 0, &[s]);
-        assert!(matches!(
-            parse(&t),
-            Err(DmarError::BadStructureLength {
-                length: 20,
-                min: 24,
-                ..
-            })
-        ));
+        assert!(matches!(parse(&t), Err(DmarError::BadStructureLength { length: 20, min: 24, .. })));
     }
 
     #[test]
@@ -948,29 +802,16 @@ mod tests {
                     0,
                     0,
                     0xfed9_0000,
-                    &[
-                        scope(2, 0, 0, &[(0x1c, 0)]),
-                        scope(1, 0, 3, &[(0x1c, 1), (0, 0), (2, 7), (31, 7)]),
-                    ],
+                    &[scope(2, 0, 0, &[(0x1c, 0)]), scope(1, 0, 3, &[(0x1c, 1), (0, 0), (2, 7), (31, 7)])],
                 ),
-                drhd(
-                    1,
-                    0,
-                    0xfed9_1000,
-                    &[scope(3, 8, 0xf0, &[(0x1f, 0)]), scope(4, 0, 0, &[])],
-                ),
+                drhd(1, 0, 0xfed9_1000, &[scope(3, 8, 0xf0, &[(0x1f, 0)]), scope(4, 0, 0, &[])]),
                 rmrr(0, 0x7c00_0000, 0x7c7f_ffff, &[scope(1, 0, 0, &[(0x14, 0)])]),
                 structure(TYPE_ATSR, &[0, 0, 0, 0]),
                 structure(TYPE_RHSA, &[0; 16]),
                 structure(TYPE_ANDD, &[0, 0, 0, 1, b'X', 0]),
                 structure(TYPE_SATC, &[0; 4]),
                 structure(0x1234, &[]),
-                drhd(
-                    1,
-                    1,
-                    0x1_0000_0000,
-                    &[scope(5, 1, 0, &[(0, 0)]), scope(0x42, 0, 0, &[])],
-                ),
+                drhd(1, 1, 0x1_0000_0000, &[scope(5, 1, 0, &[(0, 0)]), scope(0x42, 0, 0, &[])]),
             ],
         );
         let d = parse(&t).unwrap();
@@ -980,10 +821,7 @@ mod tests {
         assert_eq!(d.units.len(), 3);
         assert!(!d.units[0].include_pci_all);
         assert_eq!(d.units[0].scopes[0].kind, ScopeKind::PciSubHierarchy);
-        assert_eq!(
-            d.units[0].scopes[1].path,
-            path(&[(0x1c, 1), (0, 0), (2, 7), (31, 7)])
-        );
+        assert_eq!(d.units[0].scopes[1].path, path(&[(0x1c, 1), (0, 0), (2, 7), (31, 7)]));
         assert_eq!(d.units[0].scopes[1].start_bus, 3);
         assert!(d.units[1].include_pci_all);
         assert_eq!(d.units[1].register_base, 0xfed9_1000);
@@ -1025,42 +863,22 @@ mod tests {
         // Misaligned register base.
         let t = table(38, 0, &[drhd(1, 0, 0xfed9_0010, &[])]);
         let err = parse(&t).unwrap_err();
-        assert!(matches!(
-            err,
-            DmarError::MisalignedRegisterBase {
-                base: 0xfed9_0010,
-                ..
-            }
-        ));
+        assert!(matches!(err, DmarError::MisalignedRegisterBase { base: 0xfed9_0010, .. }));
         assert!(err.to_string().contains("offset 0x30"), "{err}");
 
         // Bad RMRR ranges: inverted, misaligned base, limit not ending a page.
         for (base, limit) in [(0x2000, 0xfff), (0x10, 0xfff), (0x1000, 0x1ffe)] {
             let t = table(38, 0, &[rmrr(0, base, limit, &[])]);
-            assert!(
-                matches!(parse(&t), Err(DmarError::BadReservedRange { .. })),
-                "{base:#x}..={limit:#x}"
-            );
+            assert!(matches!(parse(&t), Err(DmarError::BadReservedRange { .. })), "{base:#x}..={limit:#x}");
         }
 
         // Too many units and regions.
         let units: StdVec<_> = (0..9).map(|i| drhd(0, 0, 0x1000 * (i + 1), &[])).collect();
         let err = parse(&table(38, 0, &units)).unwrap_err();
-        assert_eq!(
-            err,
-            DmarError::TooManyUnits {
-                at: StructureRef {
-                    kind: TYPE_DRHD,
-                    offset: 48 + 8 * 16
-                }
-            }
-        );
+        assert_eq!(err, DmarError::TooManyUnits { at: StructureRef { kind: TYPE_DRHD, offset: 48 + 8 * 16 } });
         assert!(parse(&table(38, 0, &units[..8])).is_ok());
         let regions: StdVec<_> = (0..9).map(|_| rmrr(0, 0, 0xfff, &[])).collect();
-        assert!(matches!(
-            parse(&table(38, 0, &regions)),
-            Err(DmarError::TooManyReservedRegions { .. })
-        ));
+        assert!(matches!(parse(&table(38, 0, &regions)), Err(DmarError::TooManyReservedRegions { .. })));
 
         // A structure running past the table.
         let mut s = drhd(1, 0, 0x1000, &[]);
@@ -1074,21 +892,12 @@ mod tests {
 
         // Leftover bytes too few for a structure header.
         let t = table(38, 0, &[drhd(1, 0, 0x1000, &[]), vec![0, 0]]);
-        assert_eq!(
-            parse(&t).unwrap_err(),
-            DmarError::StructureHeaderTruncated {
-                offset: 64,
-                remaining: 2
-            }
-        );
+        assert_eq!(parse(&t).unwrap_err(), DmarError::StructureHeaderTruncated { offset: 64, remaining: 2 });
     }
 
     #[test]
     fn scope_errors() {
-        let at = StructureRef {
-            kind: TYPE_DRHD,
-            offset: 48,
-        };
+        let at = StructureRef { kind: TYPE_DRHD, offset: 48 };
         let with_scope_bytes = |bytes: &[u8]| {
             let mut s = drhd(0, 0, 0x1000, &[scope(1, 0, 0, &[(1, 0)])]);
             s.extend_from_slice(bytes);
@@ -1099,68 +908,30 @@ mod tests {
         // Zero, short and odd scope lengths.
         for length in [0u8, 1, 4, 5, 7, 9] {
             let err = with_scope_bytes(&[1, length, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
-            assert_eq!(
-                err,
-                DmarError::BadScopeLength {
-                    at,
-                    offset: 72,
-                    length
-                }
-            );
+            assert_eq!(err, DmarError::BadScopeLength { at, offset: 72, length });
         }
         assert_eq!(
-            with_scope_bytes(&[1, 0, 0, 0, 0, 0])
-                .unwrap_err()
-                .to_string(),
+            with_scope_bytes(&[1, 0, 0, 0, 0, 0]).unwrap_err().to_string(),
             "DMAR DRHD structure at offset 0x30: device scope at offset 0x48 has length 0 \
              (must be an even number, at least 6)"
         );
         // Scope running past its structure.
         assert_eq!(
             with_scope_bytes(&[1, 10, 0, 0, 0, 0, 1, 0]).unwrap_err(),
-            DmarError::ScopeOverrun {
-                at,
-                offset: 72,
-                length: 10,
-                structure_end: 80
-            }
+            DmarError::ScopeOverrun { at, offset: 72, length: 10, structure_end: 80 }
         );
         // One stray byte.
-        assert_eq!(
-            with_scope_bytes(&[1]).unwrap_err(),
-            DmarError::ScopeTruncated {
-                at,
-                offset: 72,
-                remaining: 1
-            }
-        );
+        assert_eq!(with_scope_bytes(&[1]).unwrap_err(), DmarError::ScopeTruncated { at, offset: 72, remaining: 1 });
         // Path too long.
         let long = scope(1, 0, 0, &[(1, 0); 5]);
-        assert_eq!(
-            with_scope_bytes(&long).unwrap_err(),
-            DmarError::PathTooLong {
-                at,
-                offset: 72,
-                hops: 5
-            }
-        );
+        assert_eq!(with_scope_bytes(&long).unwrap_err(), DmarError::PathTooLong { at, offset: 72, hops: 5 });
         // Too many scopes: 16 fit, 17 do not.
         let many: StdVec<_> = (0..16).map(|i| scope(1, 0, 0, &[(i, 0)])).collect();
-        assert_eq!(
-            parse(&table(38, 0, &[drhd(0, 0, 0x1000, &many)]))
-                .unwrap()
-                .units[0]
-                .scopes
-                .len(),
-            16
-        );
+        assert_eq!(parse(&table(38, 0, &[drhd(0, 0, 0x1000, &many)])).unwrap().units[0].scopes.len(), 16);
         let many: StdVec<_> = (0..17).map(|i| scope(1, 0, 0, &[(i, 0)])).collect();
         assert_eq!(
             parse(&table(38, 0, &[drhd(0, 0, 0x1000, &many)])).unwrap_err(),
-            DmarError::TooManyScopes {
-                at,
-                offset: 64 + 16 * 8
-            }
+            DmarError::TooManyScopes { at, offset: 64 + 16 * 8 }
         );
         // The same checks apply to RMRR scopes.
         let mut s = rmrr(0, 0, 0xfff, &[]);
@@ -1169,36 +940,19 @@ mod tests {
         s[2..4].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(
             parse(&table(38, 0, &[s])),
-            Err(DmarError::BadScopeLength {
-                at: StructureRef {
-                    kind: TYPE_RMRR,
-                    offset: 48
-                },
-                offset: 72,
-                length: 0
-            })
+            Err(DmarError::BadScopeLength { at: StructureRef { kind: TYPE_RMRR, offset: 48 }, offset: 72, length: 0 })
         ));
     }
 
     #[test]
     fn every_error_has_a_message() {
-        let at = StructureRef {
-            kind: 9,
-            offset: 0x40,
-        };
-        assert_eq!(
-            at.to_string(),
-            "DMAR structure of unknown type 9 at offset 0x40"
-        );
+        let at = StructureRef { kind: 9, offset: 0x40 };
+        assert_eq!(at.to_string(), "DMAR structure of unknown type 9 at offset 0x40");
         let errors = [
             DmarError::TooShort { found: 3 },
             DmarError::LengthTooSmall { length: 4 },
             DmarError::TooManyReservedRegions { at },
-            DmarError::BadReservedRange {
-                at,
-                base: 1,
-                limit: 0,
-            },
+            DmarError::BadReservedRange { at, base: 1, limit: 0 },
         ];
         for e in errors {
             let msg = e.to_string();

@@ -96,19 +96,16 @@ pub enum AllocError {
 impl fmt::Display for AllocError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AllocError::OutOfMemory { frames, align } => write!(
-                f,
-                "out of physical memory: no {frames} contiguous frame(s) aligned to {align:#x}"
-            ),
-            AllocError::BadAlignment(align) => write!(
-                f,
-                "bad alignment {align:#x}: must be a power of two of at least {FRAME_SIZE:#x}"
-            ),
+            AllocError::OutOfMemory { frames, align } => {
+                write!(f, "out of physical memory: no {frames} contiguous frame(s) aligned to {align:#x}")
+            }
+            AllocError::BadAlignment(align) => {
+                write!(f, "bad alignment {align:#x}: must be a power of two of at least {FRAME_SIZE:#x}")
+            }
             AllocError::ZeroFrames => write!(f, "zero frames requested"),
-            AllocError::NotAllocated { start, frames } => write!(
-                f,
-                "cannot free {frames} frame(s) at {start:#x}: unaligned, not managed, or already free"
-            ),
+            AllocError::NotAllocated { start, frames } => {
+                write!(f, "cannot free {frames} frame(s) at {start:#x}: unaligned, not managed, or already free")
+            }
             AllocError::TooFragmented => {
                 write!(f, "free list full ({MAX_RANGES} ranges): memory too fragmented")
             }
@@ -150,21 +147,12 @@ fn align_down(value: u64, align: u64) -> u64 {
 fn union_into(list: &mut RangeList, r: PhysRange) -> bool {
     // Ranges before `first` end strictly before `r` starts; ranges from `last` on start strictly
     // after `r` ends. Everything in between overlaps or touches `r` and merges with it.
-    let first = list
-        .iter()
-        .position(|c| c.end >= r.start)
-        .unwrap_or(list.len());
-    let last = list
-        .iter()
-        .position(|c| c.start > r.end)
-        .unwrap_or(list.len());
+    let first = list.iter().position(|c| c.end >= r.start).unwrap_or(list.len());
+    let last = list.iter().position(|c| c.start > r.end).unwrap_or(list.len());
     if first >= last {
         return list.insert(first, r).is_ok();
     }
-    let merged = PhysRange::new(
-        list[first].start.min(r.start),
-        list[last - 1].end.max(r.end),
-    );
+    let merged = PhysRange::new(list[first].start.min(r.start), list[last - 1].end.max(r.end));
     list[first] = merged;
     for _ in first + 1..last {
         list.remove(first + 1);
@@ -217,10 +205,7 @@ impl FrameAllocator {
     /// An allocator with no memory: every allocation fails. Useful as a `static` initialiser
     /// before the memory map is known.
     pub const fn empty() -> Self {
-        Self {
-            free: Vec::new(),
-            managed: Vec::new(),
-        }
+        Self { free: Vec::new(), managed: Vec::new() }
     }
 
     /// Build the allocator from the firmware memory map.
@@ -267,10 +252,7 @@ impl FrameAllocator {
             let r = PhysRange::new(align_down(res.start, FRAME_SIZE), end);
             complete &= subtract_from(&mut managed, r);
         }
-        let alloc = Self {
-            free: managed.clone(),
-            managed,
-        };
+        let alloc = Self { free: managed.clone(), managed };
         (alloc, complete)
     }
 
@@ -282,9 +264,7 @@ impl FrameAllocator {
         if !align.is_power_of_two() || align < FRAME_SIZE {
             return Err(AllocError::BadAlignment(align));
         }
-        frames
-            .checked_mul(FRAME_SIZE)
-            .ok_or(AllocError::OutOfMemory { frames, align })
+        frames.checked_mul(FRAME_SIZE).ok_or(AllocError::OutOfMemory { frames, align })
     }
 
     /// Remove `[start, end)` (inside `free[i]`) from the free list. Fails, changing nothing,
@@ -339,11 +319,7 @@ impl FrameAllocator {
             }
             fragmented = true;
         }
-        Err(if fragmented {
-            AllocError::TooFragmented
-        } else {
-            AllocError::OutOfMemory { frames, align }
-        })
+        Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory { frames, align } })
     }
 
     /// Like [`FrameAllocator::alloc`] but returns the highest fitting address, so that low
@@ -365,11 +341,7 @@ impl FrameAllocator {
             }
             fragmented = true;
         }
-        Err(if fragmented {
-            AllocError::TooFragmented
-        } else {
-            AllocError::OutOfMemory { frames, align }
-        })
+        Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory { frames, align } })
     }
 
     /// Return `frames` frames starting at `start` to the free list, coalescing with neighbours.
@@ -386,10 +358,7 @@ impl FrameAllocator {
         if start & (FRAME_SIZE - 1) != 0 {
             return Err(not_allocated);
         }
-        let end = frames
-            .checked_mul(FRAME_SIZE)
-            .and_then(|size| start.checked_add(size))
-            .ok_or(not_allocated)?;
+        let end = frames.checked_mul(FRAME_SIZE).and_then(|size| start.checked_add(size)).ok_or(not_allocated)?;
         let range = PhysRange::new(start, end);
         if !self.managed.iter().any(|m| m.covers(&range)) {
             return Err(not_allocated);
@@ -441,10 +410,7 @@ mod tests {
             }
         }
         for f in a.free_ranges() {
-            assert!(
-                a.managed_ranges().iter().any(|m| m.covers(f)),
-                "free range {f:?} not managed"
-            );
+            assert!(a.managed_ranges().iter().any(|m| m.covers(f)), "free range {f:?} not managed");
         }
     }
 
@@ -469,26 +435,14 @@ mod tests {
     fn empty_allocator_has_nothing() {
         let mut a = FrameAllocator::empty();
         assert_eq!(a.free_frames(), 0);
-        assert_eq!(
-            a.alloc(1, FRAME_SIZE),
-            Err(AllocError::OutOfMemory {
-                frames: 1,
-                align: FRAME_SIZE
-            })
-        );
+        assert_eq!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory { frames: 1, align: FRAME_SIZE }));
         assert!(a.free(0, 1).is_err());
         assert_eq!(FrameAllocator::default().free_frames(), 0);
     }
 
     #[test]
     fn unaligned_usable_rounds_inward() {
-        let a = FrameAllocator::new(
-            &[
-                PhysRange::new(0x1001, 0x5fff),
-                PhysRange::new(0x10_0000, 0x10_0fff),
-            ],
-            &[],
-        );
+        let a = FrameAllocator::new(&[PhysRange::new(0x1001, 0x5fff), PhysRange::new(0x10_0000, 0x10_0fff)], &[]);
         assert_eq!(a.free_ranges(), &[PhysRange::new(0x2000, 0x5000)]);
         assert_eq!(a.free_frames(), 3);
         check_invariants(&a);
@@ -498,18 +452,11 @@ mod tests {
     fn unaligned_reserved_rounds_outward() {
         let a = FrameAllocator::new(
             &[PhysRange::new(0, 0x10000)],
-            &[
-                PhysRange::new(0x2001, 0x2002),
-                PhysRange::new(0x7fff, 0x9001),
-            ],
+            &[PhysRange::new(0x2001, 0x2002), PhysRange::new(0x7fff, 0x9001)],
         );
         assert_eq!(
             a.free_ranges(),
-            &[
-                PhysRange::new(0, 0x2000),
-                PhysRange::new(0x3000, 0x7000),
-                PhysRange::new(0xa000, 0x10000)
-            ]
+            &[PhysRange::new(0, 0x2000), PhysRange::new(0x3000, 0x7000), PhysRange::new(0xa000, 0x10000)]
         );
         check_invariants(&a);
     }
@@ -532,22 +479,13 @@ mod tests {
     #[test]
     fn reserved_covering_everything() {
         let mut a = FrameAllocator::new(
-            &[
-                PhysRange::new(0x1000, 0x9000),
-                PhysRange::new(0x20000, 0x30000),
-            ],
+            &[PhysRange::new(0x1000, 0x9000), PhysRange::new(0x20000, 0x30000)],
             &[PhysRange::new(0, u64::MAX)],
         );
         assert_eq!(a.free_frames(), 0);
         assert!(a.free_ranges().is_empty());
-        assert!(matches!(
-            a.alloc(1, FRAME_SIZE),
-            Err(AllocError::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            a.free(0x1000, 1),
-            Err(AllocError::NotAllocated { .. })
-        ));
+        assert!(matches!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(a.free(0x1000, 1), Err(AllocError::NotAllocated { .. })));
     }
 
     #[test]
@@ -556,31 +494,17 @@ mod tests {
         let a = FrameAllocator::new(&[PhysRange::new(top - 5, u64::MAX)], &[]);
         // The end rounds down to !0xfff_u64; the start rounds up.
         assert_eq!(a.free_ranges(), &[PhysRange::new(top, !(FRAME_SIZE - 1))]);
-        let mut b = FrameAllocator::new(
-            &[PhysRange::new(u64::MAX - 3, u64::MAX)],
-            &[PhysRange::new(u64::MAX - 1, u64::MAX)],
-        );
+        let mut b =
+            FrameAllocator::new(&[PhysRange::new(u64::MAX - 3, u64::MAX)], &[PhysRange::new(u64::MAX - 1, u64::MAX)]);
         assert_eq!(b.free_frames(), 0);
         // Reserved end rounding up past u64::MAX must not wrap and un-reserve memory.
-        let c = FrameAllocator::new(
-            &[PhysRange::new(0, u64::MAX)],
-            &[PhysRange::new(0x1000, u64::MAX)],
-        );
+        let c = FrameAllocator::new(&[PhysRange::new(0, u64::MAX)], &[PhysRange::new(0x1000, u64::MAX)]);
         assert_eq!(c.free_ranges(), &[PhysRange::new(0, 0x1000)]);
         // Huge requests fail cleanly instead of overflowing.
-        assert!(matches!(
-            b.alloc(u64::MAX, FRAME_SIZE),
-            Err(AllocError::OutOfMemory { .. })
-        ));
+        assert!(matches!(b.alloc(u64::MAX, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
         let mut d = a.clone();
-        assert!(matches!(
-            d.alloc(1, 1 << 63),
-            Err(AllocError::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            d.free(!0xfff_u64, 2),
-            Err(AllocError::NotAllocated { .. })
-        ));
+        assert!(matches!(d.alloc(1, 1 << 63), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(d.free(!0xfff_u64, 2), Err(AllocError::NotAllocated { .. })));
     }
 
     #[test]
@@ -612,55 +536,28 @@ mod tests {
 
     #[test]
     fn out_of_memory() {
-        let mut a = FrameAllocator::new(
-            &[PhysRange::new(0, 0x4000), PhysRange::new(0x8000, 0xa000)],
-            &[],
-        );
-        assert_eq!(
-            a.alloc(5, FRAME_SIZE),
-            Err(AllocError::OutOfMemory {
-                frames: 5,
-                align: FRAME_SIZE
-            })
-        );
+        let mut a = FrameAllocator::new(&[PhysRange::new(0, 0x4000), PhysRange::new(0x8000, 0xa000)], &[]);
+        assert_eq!(a.alloc(5, FRAME_SIZE), Err(AllocError::OutOfMemory { frames: 5, align: FRAME_SIZE }));
         assert_eq!(a.alloc(4, FRAME_SIZE), Ok(0));
         assert_eq!(a.alloc(2, FRAME_SIZE), Ok(0x8000));
         assert_eq!(a.free_frames(), 0);
-        assert!(matches!(
-            a.alloc_high(1, FRAME_SIZE),
-            Err(AllocError::OutOfMemory { .. })
-        ));
+        assert!(matches!(a.alloc_high(1, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
         // Aligned request that fits in size but not in alignment.
         let mut b = FrameAllocator::new(&[PhysRange::new(0x1000, 0x20_1000)], &[]);
-        assert!(matches!(
-            b.alloc(512, 2 * MIB),
-            Err(AllocError::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            b.alloc_high(512, 2 * MIB),
-            Err(AllocError::OutOfMemory { .. })
-        ));
+        assert!(matches!(b.alloc(512, 2 * MIB), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(b.alloc_high(512, 2 * MIB), Err(AllocError::OutOfMemory { .. })));
     }
 
     #[test]
     fn free_coalesces_and_rejects_bad_frees() {
-        let mut a = FrameAllocator::new(
-            &[PhysRange::new(0, 0x10000)],
-            &[PhysRange::new(0x8000, 0x9000)],
-        );
+        let mut a = FrameAllocator::new(&[PhysRange::new(0, 0x10000)], &[PhysRange::new(0x8000, 0x9000)]);
         let initial: std::vec::Vec<_> = a.free_ranges().to_vec();
         let x = a.alloc(2, FRAME_SIZE).unwrap();
         let y = a.alloc(2, FRAME_SIZE).unwrap();
         let z = a.alloc(2, FRAME_SIZE).unwrap();
         assert_eq!((x, y, z), (0, 0x2000, 0x4000));
         a.free(y, 2).unwrap();
-        assert_eq!(
-            a.free(y, 2),
-            Err(AllocError::NotAllocated {
-                start: y,
-                frames: 2
-            })
-        );
+        assert_eq!(a.free(y, 2), Err(AllocError::NotAllocated { start: y, frames: 2 }));
         // Partially free (overlapping y's free frames) is also a double free.
         assert!(a.free(y + 0x1000, 2).is_err());
         // Unaligned.
@@ -692,9 +589,7 @@ mod tests {
 
     /// `n` disjoint usable ranges of 36 KiB starting 4 KiB into each 64 KiB block.
     fn many_ranges(n: u64) -> std::vec::Vec<PhysRange> {
-        (0..n)
-            .map(|k| PhysRange::new(k * 0x10000 + 0x1000, k * 0x10000 + 0xa000))
-            .collect()
+        (0..n).map(|k| PhysRange::new(k * 0x10000 + 0x1000, k * 0x10000 + 0xa000)).collect()
     }
 
     #[test]
@@ -708,10 +603,7 @@ mod tests {
         assert_eq!(a.free_ranges().len(), MAX_RANGES);
         // Allocations that do not split still work.
         assert_eq!(a.alloc(1, FRAME_SIZE), Ok(0x1000));
-        assert_eq!(
-            a.alloc_high(1, FRAME_SIZE),
-            Ok(ranges[MAX_RANGES - 1].end - 0x1000)
-        );
+        assert_eq!(a.alloc_high(1, FRAME_SIZE), Ok(ranges[MAX_RANGES - 1].end - 0x1000));
         check_invariants(&a);
     }
 
@@ -740,20 +632,14 @@ mod tests {
 
         // Too many usable ranges: try_new refuses, new drops the excess but stays correct.
         let ranges = many_ranges(MAX_RANGES as u64 + 5);
-        assert_eq!(
-            FrameAllocator::try_new(&ranges, &[]).err(),
-            Some(AllocError::TooFragmented)
-        );
+        assert_eq!(FrameAllocator::try_new(&ranges, &[]).err(), Some(AllocError::TooFragmented));
         let b = FrameAllocator::new(&ranges, &[]);
         assert_eq!(b.free_ranges().len(), MAX_RANGES);
         check_invariants(&b);
         // A reserved hole that would need a split on a full list drops the upper piece.
         let full = many_ranges(MAX_RANGES as u64);
         let c = FrameAllocator::new(&full, &[PhysRange::new(0x3000, 0x4000)]);
-        assert!(c
-            .free_ranges()
-            .iter()
-            .all(|r| !r.overlaps(&PhysRange::new(0x3000, 0x4000))));
+        assert!(c.free_ranges().iter().all(|r| !r.overlaps(&PhysRange::new(0x3000, 0x4000))));
         assert_eq!(c.free_ranges()[0], PhysRange::new(0x1000, 0x3000));
         assert!(FrameAllocator::try_new(&full, &[PhysRange::new(0x3000, 0x4000)]).is_err());
         check_invariants(&c);
@@ -762,16 +648,10 @@ mod tests {
     #[test]
     fn display_messages() {
         let errs = [
-            AllocError::OutOfMemory {
-                frames: 3,
-                align: 0x1000,
-            },
+            AllocError::OutOfMemory { frames: 3, align: 0x1000 },
             AllocError::BadAlignment(3),
             AllocError::ZeroFrames,
-            AllocError::NotAllocated {
-                start: 0x1000,
-                frames: 1,
-            },
+            AllocError::NotAllocated { start: 0x1000, frames: 1 },
             AllocError::TooFragmented,
         ];
         for e in errs {
@@ -796,9 +676,7 @@ mod tests {
         let mut set = BTreeSet::new();
         for f in (0..SPACE + MIB).step_by(FRAME_SIZE as usize) {
             let frame = PhysRange::new(f, f + FRAME_SIZE);
-            if usable.iter().any(|u| u.covers(&frame))
-                && !reserved.iter().any(|r| r.overlaps(&frame))
-            {
+            if usable.iter().any(|u| u.covers(&frame)) && !reserved.iter().any(|r| r.overlaps(&frame)) {
                 set.insert(f);
             }
         }
@@ -813,11 +691,7 @@ mod tests {
     }
 
     fn arb_req() -> impl Strategy<Value = Req> {
-        (1u64..40, 12u32..=22, any::<bool>()).prop_map(|(frames, align_shift, high)| Req {
-            frames,
-            align_shift,
-            high,
-        })
+        (1u64..40, 12u32..=22, any::<bool>()).prop_map(|(frames, align_shift, high)| Req { frames, align_shift, high })
     }
 
     proptest! {

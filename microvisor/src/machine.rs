@@ -26,14 +26,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn new(svm: Svm, clock: Clock) -> Self {
-        Self {
-            svm,
-            clock,
-            vmcbs: [0; MAX_VCPUS],
-            tlb_epoch: 0,
-            seen_epoch: [0; MAX_VCPUS],
-            fpu: FpuStates::new(),
-        }
+        Self { svm, clock, vmcbs: [0; MAX_VCPUS], tlb_epoch: 0, seen_epoch: [0; MAX_VCPUS], fpu: FpuStates::new() }
     }
 
     pub fn vmcb_pa(&self, v: VcpuId) -> u64 {

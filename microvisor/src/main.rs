@@ -6,7 +6,9 @@
 
 #[cfg(not(target_os = "none"))]
 fn main() {
-    eprintln!("the microvisor is a bare-metal image: build it with `cargo xtask build` and boot it with `cargo xtask run`");
+    eprintln!(
+        "the microvisor is a bare-metal image: build it with `cargo xtask build` and boot it with `cargo xtask run`"
+    );
     std::process::exit(2);
 }
 
@@ -76,10 +78,7 @@ mod boot_and_run {
     }
 
     pub fn fail_out_of_memory(what: &str) -> ! {
-        fail(
-            MachineExit::MicrovisorFault,
-            format_args!("out of memory for {what}"),
-        )
+        fail(MachineExit::MicrovisorFault, format_args!("out of memory for {what}"))
     }
 
     extern "C" fn microvisor_main(start_info: u32) -> ! {
@@ -103,10 +102,7 @@ mod boot_and_run {
 
         let features = match cpu::check_svm() {
             Ok(f) => f,
-            Err(p) => fail(
-                MachineExit::CpuUnsupported,
-                format_args!("CPU: {}", p.explain()),
-            ),
+            Err(p) => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
         };
         println!(
             "cpu: SVM with nested paging, {} ASIDs, next-RIP save {}",
@@ -117,10 +113,7 @@ mod boot_and_run {
         report_platform(boot.rsdp);
 
         // Physical memory: all RAM below 4 GiB except what is in use.
-        let (image_start, image_end) = (
-            &raw const __image_start as u64,
-            &raw const __image_end as u64,
-        );
+        let (image_start, image_end) = (&raw const __image_start as u64, &raw const __image_end as u64);
         let mut reserved: heapless::Vec<PhysRange, 4> = heapless::Vec::new();
         let _ = reserved.push(PhysRange::new(0, 0x10_0000)); // firmware, start info, real-mode area
         let _ = reserved.push(PhysRange::new(image_start, image_end));
@@ -151,24 +144,14 @@ mod boot_and_run {
             Ok(b) => b,
             Err(e) => fail(MachineExit::BadBoot, format_args!("boot bundle: {e}")),
         };
-        println!(
-            "bundle: {} images, {} bytes",
-            bundle.len(),
-            bundle_bytes.len()
-        );
+        println!("bundle: {} images, {} bytes", bundle.len(), bundle_bytes.len());
         let Some(dom0_image) = bundle.get(ipc_spec::DOM0_IMAGE) else {
-            fail(
-                MachineExit::BadBoot,
-                format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE),
-            )
+            fail(MachineExit::BadBoot, format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE))
         };
 
         let svm = match Svm::enable() {
             Ok(s) => s,
-            Err(_) => fail(
-                MachineExit::BadBoot,
-                format_args!("out of memory while enabling SVM"),
-            ),
+            Err(_) => fail(MachineExit::BadBoot, format_args!("out of memory while enabling SVM")),
         };
         FpuStates::enable();
         let clock = Clock::start();
@@ -207,9 +190,7 @@ mod boot_and_run {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             match self {
                 Self::Image(e) => write!(f, "image: {e}"),
-                Self::NoPvhEntry => {
-                    f.write_str("image: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
-                }
+                Self::NoPvhEntry => f.write_str("image: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"),
                 Self::Kernel(e) => write!(f, "{e}"),
                 Self::StartInfo => f.write_str("start information does not fit in its page"),
             }
@@ -232,8 +213,7 @@ mod boot_and_run {
     ) -> Result<(), BuildError> {
         let elf = ElfImage::parse(image).map_err(BuildError::Image)?;
         let entry = elf.pvh_entry().ok_or(BuildError::NoPvhEntry)?;
-        elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA)
-            .map_err(BuildError::Image)?;
+        elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA).map_err(BuildError::Image)?;
 
         let d = k.domain_create(m, b"dom0", DOM0_RAM, DOM0_PRIORITY)?;
         for seg in elf.segments() {
@@ -249,20 +229,10 @@ mod boot_and_run {
             let _ = args.push_str(word);
         }
         let memmap = [MemmapEntry::new(0, DOM0_RAM, start_info::MEMMAP_RAM)];
-        let modules = [ModuleSpec {
-            paddr: BUNDLE_GPA,
-            size: bundle.len(),
-        }];
+        let modules = [ModuleSpec { paddr: BUNDLE_GPA, size: bundle.len() }];
         let mut page = [0u8; 4096];
-        start_info::build_start_page(
-            &mut page,
-            START_INFO_GPA,
-            args.as_bytes(),
-            &memmap,
-            &modules,
-            0,
-        )
-        .map_err(|_| BuildError::StartInfo)?;
+        start_info::build_start_page(&mut page, START_INFO_GPA, args.as_bytes(), &memmap, &modules, 0)
+            .map_err(|_| BuildError::StartInfo)?;
         k.write_ram(m, d, START_INFO_GPA, &page)?;
 
         // The root capabilities, at the slots ipc-spec promises.
@@ -275,12 +245,7 @@ mod boot_and_run {
         let s3 = k.grant_original(d, Object::Machine, rights::CONTROL)?;
         debug_assert_eq!(
             [s0, s1, s2, s3],
-            [
-                dom0_slots::SELF_DOMAIN,
-                dom0_slots::MEMORY,
-                dom0_slots::SELF_VCPU,
-                dom0_slots::MACHINE
-            ]
+            [dom0_slots::SELF_DOMAIN, dom0_slots::MEMORY, dom0_slots::SELF_VCPU, dom0_slots::MACHINE]
         );
         k.vcpu_start(v)?;
         Ok(())
@@ -317,24 +282,12 @@ mod boot_and_run {
                 None => {}
                 Some(Event::PowerOff(status)) => {
                     println!("shutdown requested with status {status}");
-                    exit_machine(if status == 0 {
-                        MachineExit::Success
-                    } else {
-                        MachineExit::Dom0Failure
-                    });
+                    exit_machine(if status == 0 { MachineExit::Success } else { MachineExit::Dom0Failure });
                 }
-                Some(Event::Exited {
-                    domain,
-                    status,
-                    handled,
-                }) => println!(
+                Some(Event::Exited { domain, status, handled }) => println!(
                     "domain {} exited with status {status}{}",
                     k.domains[domain as usize].name(),
-                    if handled {
-                        "; its fault handler was told"
-                    } else {
-                        ""
-                    }
+                    if handled { "; its fault handler was told" } else { "" }
                 ),
             }
             cpu::set_current_domain(None);
@@ -355,11 +308,7 @@ mod boot_and_run {
         if vintr & (1 << 8) == 0 {
             if let Some(vector) = vcpu.take_irq() {
                 // V_IRQ, priority 15, ignore V_TPR, masking on, vector.
-                let value = (vintr & (1 << 24))
-                    | (1 << 8)
-                    | (0xf << 16)
-                    | (1 << 20)
-                    | ((vector as u64) << 32);
+                let value = (vintr & (1 << 24)) | (1 << 8) | (0xf << 16) | (1 << 20) | ((vector as u64) << 32);
                 vmcb.write_u64(control::VINTR, value);
             }
         }
@@ -372,12 +321,7 @@ mod boot_and_run {
         };
         let mut line: heapless::String<256> = heapless::String::new();
         use core::fmt::Write as _;
-        let _ = write!(
-            line,
-            "acpi: {} CPUs (APIC ids {:?})",
-            p.cpus,
-            p.apic_ids.as_slice()
-        );
+        let _ = write!(line, "acpi: {} CPUs (APIC ids {:?})", p.cpus, p.apic_ids.as_slice());
         match p.ecam {
             Some(e) => {
                 let _ = write!(
@@ -398,32 +342,21 @@ mod boot_and_run {
                         line,
                         " at {:#x}{}",
                         u.register_base,
-                        if u.include_pci_all {
-                            " (all PCI devices)"
-                        } else {
-                            ""
-                        }
+                        if u.include_pci_all { " (all PCI devices)" } else { "" }
                     );
                 }
                 let _ = write!(
                     line,
                     ", {}-bit DMA, interrupt remapping {}",
                     d.host_address_width,
-                    if d.interrupt_remapping() {
-                        "supported"
-                    } else {
-                        "not supported"
-                    }
+                    if d.interrupt_remapping() { "supported" } else { "not supported" }
                 );
             }
             (None, Some(e)) => {
                 let _ = write!(line, ", IOMMU: DMAR table unreadable ({e})");
             }
             (None, None) => {
-                let _ = write!(
-                    line,
-                    ", IOMMU: none (no DMAR table; add -device intel-iommu)"
-                );
+                let _ = write!(line, ", IOMMU: none (no DMAR table; add -device intel-iommu)");
             }
         }
         println!("{}", line);

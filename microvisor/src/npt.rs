@@ -66,23 +66,14 @@ impl Stage2Format for Npt {
     /// `A` is preset on every leaf and `D` on writable ones: the walker would otherwise set
     /// them with locked read-modify-writes on first use, which buys nothing since the
     /// microvisor never reads them.
-    fn leaf(
-        hpa: u64,
-        access: Access,
-        mem_type: MemType,
-        size: PageSize,
-    ) -> Result<u64, Stage2Error> {
+    fn leaf(hpa: u64, access: Access, mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error> {
         Self::check_access(access)?;
         let mask = Self::leaf_mask(size);
         if hpa >> Self::HPA_BITS != 0 {
             return Err(Stage2Error::HpaOutOfRange { hpa });
         }
         if hpa & !mask != 0 {
-            return Err(Stage2Error::Misaligned {
-                gpa: 0,
-                hpa,
-                size: size.bytes(),
-            });
+            return Err(Stage2Error::Misaligned { gpa: 0, hpa, size: size.bytes() });
         }
         let mut entry = hpa | P | US | A;
         if access.contains(Access::WRITE) {
@@ -152,13 +143,7 @@ mod tests {
 
     #[test]
     fn leaf_encodings() {
-        let e = Npt::leaf(
-            0x1234_5000,
-            Access::RWX,
-            MemType::WriteBack,
-            PageSize::Size4K,
-        )
-        .unwrap();
+        let e = Npt::leaf(0x1234_5000, Access::RWX, MemType::WriteBack, PageSize::Size4K).unwrap();
         assert_eq!(e, 0x1234_5000 | P | RW | US | A | D);
         let e = Npt::leaf(0x20_0000, Access::READ, MemType::Uncached, PageSize::Size2M).unwrap();
         assert_eq!(e, 0x20_0000 | P | US | A | PCD | PWT | PS | NX);
@@ -185,12 +170,7 @@ mod tests {
 
     #[test]
     fn bad_leaves_are_refused() {
-        for access in [
-            Access::empty(),
-            Access::WRITE,
-            Access::EXEC,
-            Access::from_bits_retain(0x11),
-        ] {
+        for access in [Access::empty(), Access::WRITE, Access::EXEC, Access::from_bits_retain(0x11)] {
             assert_eq!(
                 Npt::leaf(0, access, MemType::WriteBack, PageSize::Size4K),
                 Err(Stage2Error::BadAccess { access })

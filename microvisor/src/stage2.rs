@@ -162,19 +162,16 @@ pub enum Stage2Error {
 impl fmt::Display for Stage2Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Stage2Error::Misaligned { gpa, hpa, size } => write!(
-                f,
-                "stage-2 range not 4 KiB aligned: gpa {gpa:#x}, hpa {hpa:#x}, size {size:#x}"
-            ),
+            Stage2Error::Misaligned { gpa, hpa, size } => {
+                write!(f, "stage-2 range not 4 KiB aligned: gpa {gpa:#x}, hpa {hpa:#x}, size {size:#x}")
+            }
             Stage2Error::ZeroSize { gpa } => write!(f, "stage-2 range at gpa {gpa:#x} is empty"),
-            Stage2Error::OutOfRange { gpa } => write!(
-                f,
-                "guest-physical address {gpa:#x} beyond the {GPA_BITS}-bit stage-2 space"
-            ),
-            Stage2Error::HpaOutOfRange { hpa } => write!(
-                f,
-                "host-physical range at {hpa:#x} beyond the stage-2 format's address width"
-            ),
+            Stage2Error::OutOfRange { gpa } => {
+                write!(f, "guest-physical address {gpa:#x} beyond the {GPA_BITS}-bit stage-2 space")
+            }
+            Stage2Error::HpaOutOfRange { hpa } => {
+                write!(f, "host-physical range at {hpa:#x} beyond the stage-2 format's address width")
+            }
             Stage2Error::AlreadyMapped { gpa } => {
                 write!(f, "guest-physical page {gpa:#x} is already mapped")
             }
@@ -182,11 +179,9 @@ impl fmt::Display for Stage2Error {
                 write!(f, "guest-physical page {gpa:#x} is not mapped")
             }
             Stage2Error::NoTableMemory => write!(f, "out of memory for stage-2 tables"),
-            Stage2Error::BadAccess { access } => write!(
-                f,
-                "stage-2 format cannot express access {:#x} (READ=1 WRITE=2 EXEC=4)",
-                access.bits()
-            ),
+            Stage2Error::BadAccess { access } => {
+                write!(f, "stage-2 format cannot express access {:#x} (READ=1 WRITE=2 EXEC=4)", access.bits())
+            }
             Stage2Error::BadTable { addr } => {
                 write!(f, "table allocator returned unusable address {addr:#x}")
             }
@@ -224,12 +219,7 @@ pub trait Stage2Format {
     fn check_access(access: Access) -> Result<(), Stage2Error>;
 
     /// A leaf entry mapping a page of `size` at `hpa` (aligned to `size`).
-    fn leaf(
-        hpa: u64,
-        access: Access,
-        mem_type: MemType,
-        size: PageSize,
-    ) -> Result<u64, Stage2Error>;
+    fn leaf(hpa: u64, access: Access, mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error>;
 
     /// A non-leaf entry pointing to the table at `table` (4 KiB aligned).
     fn table(table: u64) -> u64;
@@ -294,9 +284,7 @@ pub type NptMap = Stage2Map<crate::npt::Npt>;
 
 impl<F: Stage2Format> fmt::Debug for Stage2Map<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stage2Map")
-            .field("root", &format_args!("{:#x}", self.root))
-            .finish()
+        f.debug_struct("Stage2Map").field("root", &format_args!("{:#x}", self.root)).finish()
     }
 }
 
@@ -304,10 +292,7 @@ impl<F: Stage2Format> Stage2Map<F> {
     /// An empty address space with a fresh root table.
     pub fn new<M: TableMemory + ?Sized>(mem: &mut M) -> Result<Self, Stage2Error> {
         let root = Self::new_table(mem)?;
-        Ok(Self {
-            root,
-            _format: PhantomData,
-        })
+        Ok(Self { root, _format: PhantomData })
     }
 
     /// Physical address of the root table: what goes into the VMCB's nested CR3 (or the EPTP).
@@ -349,11 +334,7 @@ impl<F: Stage2Format> Stage2Map<F> {
                 return Walk::Hole { level };
             }
             if level == 1 || (level == 2 && F::is_large(entry)) {
-                return Walk::Leaf {
-                    level,
-                    table,
-                    entry,
-                };
+                return Walk::Leaf { level, table, entry };
             }
             table = F::table_address(entry);
             level -= 1;
@@ -362,13 +343,7 @@ impl<F: Stage2Format> Stage2Map<F> {
 
     /// First page in `[lo, hi)` whose mapped-ness equals `mapped`, skipping whole holes and
     /// large pages at a time.
-    fn first_page<M: TableMemory + ?Sized>(
-        &self,
-        mem: &M,
-        lo: u64,
-        hi: u64,
-        mapped: bool,
-    ) -> Option<u64> {
+    fn first_page<M: TableMemory + ?Sized>(&self, mem: &M, lo: u64, hi: u64, mapped: bool) -> Option<u64> {
         let mut cursor = lo;
         while cursor < hi {
             let (is_mapped, level) = match self.walk(mem, cursor) {
@@ -393,9 +368,7 @@ impl<F: Stage2Format> Stage2Map<F> {
         }
         match gpa.checked_add(size) {
             Some(end) if end <= GPA_LIMIT => Ok(end),
-            Some(_) => Err(Stage2Error::OutOfRange {
-                gpa: gpa.max(GPA_LIMIT),
-            }),
+            Some(_) => Err(Stage2Error::OutOfRange { gpa: gpa.max(GPA_LIMIT) }),
             None => Err(Stage2Error::OutOfRange { gpa }),
         }
     }
@@ -482,12 +455,7 @@ impl<F: Stage2Format> Stage2Map<F> {
     }
 
     /// The table at `level` on the walk for `gpa`, creating missing tables above it.
-    fn descend_alloc<M: TableMemory + ?Sized>(
-        &mut self,
-        mem: &mut M,
-        gpa: u64,
-        level: u8,
-    ) -> Result<u64, Stage2Error> {
+    fn descend_alloc<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64, level: u8) -> Result<u64, Stage2Error> {
         let mut table = self.root;
         let mut current = ROOT_LEVEL;
         while current > level {
@@ -512,12 +480,7 @@ impl<F: Stage2Format> Stage2Map<F> {
     /// [`Stage2Error::NotMapped`] and nothing changes. A 2 MiB page only partly inside the
     /// range is split into 4 KiB pages first (which needs a table, so this can fail with
     /// [`Stage2Error::NoTableMemory`], again changing nothing). Tables left empty are freed.
-    pub fn unmap<M: TableMemory + ?Sized>(
-        &mut self,
-        mem: &mut M,
-        gpa: u64,
-        size: u64,
-    ) -> Result<(), Stage2Error> {
+    pub fn unmap<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64, size: u64) -> Result<(), Stage2Error> {
         let end = Self::check_range(gpa, 0, size)?;
         if let Some(hole) = self.first_page(mem, gpa, end, false) {
             return Err(Stage2Error::NotMapped { gpa: hole });
@@ -526,9 +489,8 @@ impl<F: Stage2Format> Stage2Map<F> {
         // page and the one holding the last. Prepare their replacement tables (unlinked)
         // first, so a failure can still back out without having changed anything.
         let head = self.straddling_large_page(mem, gpa, gpa, end);
-        let tail = self
-            .straddling_large_page(mem, end - PAGE_SIZE_4K, gpa, end)
-            .filter(|t| head.is_none_or(|h| h.0 != t.0));
+        let tail =
+            self.straddling_large_page(mem, end - PAGE_SIZE_4K, gpa, end).filter(|t| head.is_none_or(|h| h.0 != t.0));
         let head_pt = match head {
             Some((_, pd, i, pde)) => Some((pd, i, self.prepare_split(mem, pde)?)),
             None => None,
@@ -562,11 +524,7 @@ impl<F: Stage2Format> Stage2Map<F> {
         hi: u64,
     ) -> Option<(u64, u64, usize, u64)> {
         match self.walk(mem, addr) {
-            Walk::Leaf {
-                level: 2,
-                table,
-                entry,
-            } => {
+            Walk::Leaf { level: 2, table, entry } => {
                 let base = addr & !(PAGE_SIZE_2M - 1);
                 let inside = lo <= base && base + PAGE_SIZE_2M <= hi;
                 (!inside).then_some((base, table, index(addr, 2), entry))
@@ -577,11 +535,7 @@ impl<F: Stage2Format> Stage2Map<F> {
 
     /// A new level-1 table holding 512 4 KiB leaves equivalent to the 2 MiB leaf `pde`. Not
     /// linked anywhere yet; freed again if an entry cannot be encoded.
-    fn prepare_split<M: TableMemory + ?Sized>(
-        &self,
-        mem: &mut M,
-        pde: u64,
-    ) -> Result<u64, Stage2Error> {
+    fn prepare_split<M: TableMemory + ?Sized>(&self, mem: &mut M, pde: u64) -> Result<u64, Stage2Error> {
         let pt = Self::new_table(mem)?;
         let base = F::leaf_address(pde, PageSize::Size2M);
         let (access, mem_type) = (F::access(pde), F::mem_type(pde));
@@ -607,14 +561,7 @@ impl<F: Stage2Format> Stage2Map<F> {
 
     /// [`Stage2Map::clear`] for one table at `level` covering addresses from `base`. Returns
     /// true when the table is empty afterwards.
-    fn clear_table<M: TableMemory + ?Sized>(
-        mem: &mut M,
-        table: u64,
-        level: u8,
-        base: u64,
-        lo: u64,
-        hi: u64,
-    ) -> bool {
+    fn clear_table<M: TableMemory + ?Sized>(mem: &mut M, table: u64, level: u8, base: u64, lo: u64, hi: u64) -> bool {
         let span = span(level);
         let table_end = base + span * ENTRIES_PER_TABLE as u64;
         let (lo, hi) = (lo.max(base), hi.min(table_end));
@@ -653,11 +600,7 @@ impl<F: Stage2Format> Stage2Map<F> {
         match self.walk(mem, gpa) {
             Walk::Hole { .. } => None,
             Walk::Leaf { level, entry, .. } => {
-                let page_size = if level == 1 {
-                    PageSize::Size4K
-                } else {
-                    PageSize::Size2M
-                };
+                let page_size = if level == 1 { PageSize::Size4K } else { PageSize::Size2M };
                 let offset = gpa & (page_size.bytes() - 1);
                 Some(Translation {
                     hpa: F::leaf_address(entry, page_size) + offset,
@@ -717,21 +660,11 @@ pub(crate) mod tests {
 
     impl TestMem {
         pub(crate) fn new() -> Self {
-            Self {
-                slots: Vec::new(),
-                free_slots: Vec::new(),
-                limit: None,
-                allocs: 0,
-                frees: 0,
-                dirty: false,
-            }
+            Self { slots: Vec::new(), free_slots: Vec::new(), limit: None, allocs: 0, frees: 0, dirty: false }
         }
 
         pub(crate) fn with_limit(limit: usize) -> Self {
-            Self {
-                limit: Some(limit),
-                ..Self::new()
-            }
+            Self { limit: Some(limit), ..Self::new() }
         }
 
         pub(crate) fn live(&self) -> usize {
@@ -745,9 +678,7 @@ pub(crate) mod tests {
         }
 
         fn get(&self, table: u64) -> &[u64; 512] {
-            self.slots[Self::slot(table)]
-                .as_deref()
-                .unwrap_or_else(|| panic!("access to freed table {table:#x}"))
+            self.slots[Self::slot(table)].as_deref().unwrap_or_else(|| panic!("access to freed table {table:#x}"))
         }
     }
 
@@ -785,9 +716,7 @@ pub(crate) mod tests {
 
         fn write_entry(&mut self, table: u64, index: usize, entry: u64) {
             let slot = Self::slot(table);
-            self.slots[slot]
-                .as_deref_mut()
-                .unwrap_or_else(|| panic!("write to freed table {table:#x}"))[index] = entry;
+            self.slots[slot].as_deref_mut().unwrap_or_else(|| panic!("write to freed table {table:#x}"))[index] = entry;
         }
     }
 
@@ -818,25 +747,14 @@ pub(crate) mod tests {
 
     /// Full dump of every mapped 4 KiB page in [lo, hi), for before/after comparisons.
     fn snapshot(map: &NptMap, mem: &TestMem, lo: u64, hi: u64) -> Vec<(u64, Translation)> {
-        (lo..hi)
-            .step_by(4096)
-            .filter_map(|g| map.translate(mem, g).map(|t| (g, t)))
-            .collect()
+        (lo..hi).step_by(4096).filter_map(|g| map.translate(mem, g).map(|t| (g, t))).collect()
     }
 
     #[test]
     fn map_translate_roundtrip_4k() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(
-            &mut mem,
-            0x1000,
-            0x20_3000,
-            0x3000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map.map(&mut mem, 0x1000, 0x20_3000, 0x3000, Access::RW, MemType::WriteBack).unwrap();
         let t = map.translate(&mem, 0x1abc).unwrap();
         assert_eq!(
             t,
@@ -859,15 +777,7 @@ pub(crate) mod tests {
     fn large_pages_when_aligned() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(
-            &mut mem,
-            0,
-            0x4000_0000,
-            8 * MIB,
-            Access::RWX,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map.map(&mut mem, 0, 0x4000_0000, 8 * MIB, Access::RWX, MemType::WriteBack).unwrap();
         for g in (0..8 * MIB).step_by(0x1000 * 37) {
             let t = map.translate(&mem, g).unwrap();
             assert_eq!(t.page_size, PageSize::Size2M);
@@ -884,8 +794,7 @@ pub(crate) mod tests {
         // gpa 2M-aligned after 1 MiB; hpa shares the same offset, so the middle is large.
         let gpa = MIB;
         let hpa = 0x1000_0000 + MIB;
-        map.map(&mut mem, gpa, hpa, 6 * MIB, Access::RW, MemType::WriteBack)
-            .unwrap();
+        map.map(&mut mem, gpa, hpa, 6 * MIB, Access::RW, MemType::WriteBack).unwrap();
         let size_at = |g: u64| map.translate(&mem, g).unwrap().page_size;
         assert_eq!(size_at(MIB), PageSize::Size4K);
         assert_eq!(size_at(2 * MIB), PageSize::Size2M);
@@ -899,22 +808,11 @@ pub(crate) mod tests {
 
         // gpa and hpa 2M-aligned differently: only 4 KiB pages.
         let mut map2 = new_map(&mut mem);
-        map2.map(&mut mem, 0, 0x1000, 4 * MIB, Access::RW, MemType::WriteBack)
-            .unwrap();
-        assert!((0..4 * MIB)
-            .step_by(0x1000)
-            .all(|g| map2.translate(&mem, g).unwrap().page_size == PageSize::Size4K));
+        map2.map(&mut mem, 0, 0x1000, 4 * MIB, Access::RW, MemType::WriteBack).unwrap();
+        assert!((0..4 * MIB).step_by(0x1000).all(|g| map2.translate(&mem, g).unwrap().page_size == PageSize::Size4K));
         // Less than 2 MiB left: 4 KiB pages even when aligned.
         let mut map3 = new_map(&mut mem);
-        map3.map(
-            &mut mem,
-            0,
-            0,
-            2 * MIB - 0x1000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map3.map(&mut mem, 0, 0, 2 * MIB - 0x1000, Access::RW, MemType::WriteBack).unwrap();
         assert_eq!(map3.translate(&mem, 0).unwrap().page_size, PageSize::Size4K);
     }
 
@@ -931,33 +829,17 @@ pub(crate) mod tests {
         for (k, (access, mem_type)) in cases.iter().enumerate() {
             let k = k as u64;
             // One 4 KiB page and one 2 MiB page per case.
-            map.map(
-                &mut mem,
-                k * 0x1000,
-                0x9000_0000 + k * 0x1000,
-                0x1000,
-                *access,
-                *mem_type,
-            )
-            .unwrap();
+            map.map(&mut mem, k * 0x1000, 0x9000_0000 + k * 0x1000, 0x1000, *access, *mem_type).unwrap();
             let g2 = 0x4000_0000 + k * 2 * MIB;
-            map.map(&mut mem, g2, g2, 2 * MIB, *access, *mem_type)
-                .unwrap();
+            map.map(&mut mem, g2, g2, 2 * MIB, *access, *mem_type).unwrap();
             let t = map.translate(&mem, k * 0x1000).unwrap();
             assert_eq!((t.access, t.mem_type), (*access, *mem_type));
             let t = map.translate(&mem, g2 + 0x1234).unwrap();
-            assert_eq!(
-                (t.access, t.mem_type, t.page_size),
-                (*access, *mem_type, PageSize::Size2M)
-            );
+            assert_eq!((t.access, t.mem_type, t.page_size), (*access, *mem_type, PageSize::Size2M));
         }
-        for bad in [
-            Access::empty(),
-            Access::WRITE,
-            Access::EXEC,
-            Access::WRITE | Access::EXEC,
-            Access::from_bits_retain(0x9),
-        ] {
+        for bad in
+            [Access::empty(), Access::WRITE, Access::EXEC, Access::WRITE | Access::EXEC, Access::from_bits_retain(0x9)]
+        {
             assert_eq!(
                 map.map(&mut mem, 0x10_0000, 0, 0x1000, bad, MemType::WriteBack),
                 Err(Stage2Error::BadAccess { access: bad })
@@ -969,63 +851,24 @@ pub(crate) mod tests {
     fn overlap_errors_leave_map_unchanged() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(
-            &mut mem,
-            4 * MIB,
-            4 * MIB,
-            2 * MIB,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
-        map.map(
-            &mut mem,
-            0x1000,
-            0x1000,
-            0x1000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map.map(&mut mem, 4 * MIB, 4 * MIB, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
+        map.map(&mut mem, 0x1000, 0x1000, 0x1000, Access::RW, MemType::WriteBack).unwrap();
         let before = snapshot(&map, &mem, 0, 16 * MIB);
         let live = mem.live();
         // Overlapping the tail of a large range with fresh space before it.
         assert_eq!(
-            map.map(
-                &mut mem,
-                2 * MIB,
-                0,
-                4 * MIB,
-                Access::RW,
-                MemType::WriteBack
-            ),
+            map.map(&mut mem, 2 * MIB, 0, 4 * MIB, Access::RW, MemType::WriteBack),
             Err(Stage2Error::AlreadyMapped { gpa: 4 * MIB })
         );
         // Overlapping a single 4 KiB page in the middle.
         assert_eq!(
-            map.map(
-                &mut mem,
-                0,
-                0x10_0000,
-                0x4000,
-                Access::RW,
-                MemType::WriteBack
-            ),
+            map.map(&mut mem, 0, 0x10_0000, 0x4000, Access::RW, MemType::WriteBack),
             Err(Stage2Error::AlreadyMapped { gpa: 0x1000 })
         );
         // Overlapping inside a large page at an unaligned gpa.
         assert_eq!(
-            map.map(
-                &mut mem,
-                5 * MIB + 0x3000,
-                0,
-                0x1000,
-                Access::RW,
-                MemType::WriteBack
-            ),
-            Err(Stage2Error::AlreadyMapped {
-                gpa: 5 * MIB + 0x3000
-            })
+            map.map(&mut mem, 5 * MIB + 0x3000, 0, 0x1000, Access::RW, MemType::WriteBack),
+            Err(Stage2Error::AlreadyMapped { gpa: 5 * MIB + 0x3000 })
         );
         assert_eq!(snapshot(&map, &mem, 0, 16 * MIB), before);
         assert_eq!(mem.live(), live);
@@ -1040,45 +883,21 @@ pub(crate) mod tests {
         let wb = MemType::WriteBack;
         assert_eq!(
             map.map(&mut mem, 0x1001, 0, 0x1000, rw, wb),
-            Err(Stage2Error::Misaligned {
-                gpa: 0x1001,
-                hpa: 0,
-                size: 0x1000
-            })
+            Err(Stage2Error::Misaligned { gpa: 0x1001, hpa: 0, size: 0x1000 })
         );
-        assert!(matches!(
-            map.map(&mut mem, 0, 0x10, 0x1000, rw, wb),
-            Err(Stage2Error::Misaligned { .. })
-        ));
-        assert!(matches!(
-            map.map(&mut mem, 0, 0, 0x10, rw, wb),
-            Err(Stage2Error::Misaligned { .. })
-        ));
-        assert_eq!(
-            map.map(&mut mem, 0, 0, 0, rw, wb),
-            Err(Stage2Error::ZeroSize { gpa: 0 })
-        );
-        assert_eq!(
-            map.map(&mut mem, GPA_LIMIT, 0, 0x1000, rw, wb),
-            Err(Stage2Error::OutOfRange { gpa: GPA_LIMIT })
-        );
+        assert!(matches!(map.map(&mut mem, 0, 0x10, 0x1000, rw, wb), Err(Stage2Error::Misaligned { .. })));
+        assert!(matches!(map.map(&mut mem, 0, 0, 0x10, rw, wb), Err(Stage2Error::Misaligned { .. })));
+        assert_eq!(map.map(&mut mem, 0, 0, 0, rw, wb), Err(Stage2Error::ZeroSize { gpa: 0 }));
+        assert_eq!(map.map(&mut mem, GPA_LIMIT, 0, 0x1000, rw, wb), Err(Stage2Error::OutOfRange { gpa: GPA_LIMIT }));
         assert_eq!(
             map.map(&mut mem, GPA_LIMIT - 0x1000, 0, 0x2000, rw, wb),
             Err(Stage2Error::OutOfRange { gpa: GPA_LIMIT })
         );
-        assert_eq!(
-            map.map(&mut mem, !0xfff_u64, 0, 0x2000, rw, wb),
-            Err(Stage2Error::OutOfRange { gpa: !0xfff_u64 })
-        );
-        assert_eq!(
-            map.map(&mut mem, 0, 1 << 52, 0x1000, rw, wb),
-            Err(Stage2Error::HpaOutOfRange { hpa: 1 << 52 })
-        );
+        assert_eq!(map.map(&mut mem, !0xfff_u64, 0, 0x2000, rw, wb), Err(Stage2Error::OutOfRange { gpa: !0xfff_u64 }));
+        assert_eq!(map.map(&mut mem, 0, 1 << 52, 0x1000, rw, wb), Err(Stage2Error::HpaOutOfRange { hpa: 1 << 52 }));
         assert_eq!(
             map.map(&mut mem, 0, (1 << 52) - 0x1000, 0x2000, rw, wb),
-            Err(Stage2Error::HpaOutOfRange {
-                hpa: (1 << 52) - 0x1000
-            })
+            Err(Stage2Error::HpaOutOfRange { hpa: (1 << 52) - 0x1000 })
         );
         assert_eq!(
             map.map(&mut mem, 0, !0xfff_u64, 0x2000, rw, wb),
@@ -1086,36 +905,15 @@ pub(crate) mod tests {
         );
         assert_eq!(
             map.unmap(&mut mem, 0x800, 0x1000),
-            Err(Stage2Error::Misaligned {
-                gpa: 0x800,
-                hpa: 0,
-                size: 0x1000
-            })
+            Err(Stage2Error::Misaligned { gpa: 0x800, hpa: 0, size: 0x1000 })
         );
-        assert_eq!(
-            map.unmap(&mut mem, 0, 0),
-            Err(Stage2Error::ZeroSize { gpa: 0 })
-        );
-        assert_eq!(
-            map.unmap(&mut mem, GPA_LIMIT, 0x1000),
-            Err(Stage2Error::OutOfRange { gpa: GPA_LIMIT })
-        );
+        assert_eq!(map.unmap(&mut mem, 0, 0), Err(Stage2Error::ZeroSize { gpa: 0 }));
+        assert_eq!(map.unmap(&mut mem, GPA_LIMIT, 0x1000), Err(Stage2Error::OutOfRange { gpa: GPA_LIMIT }));
         assert_eq!(map.translate(&mem, GPA_LIMIT), None);
         assert_eq!(map.translate(&mem, u64::MAX), None);
         // Highest mappable page works.
-        map.map(
-            &mut mem,
-            GPA_LIMIT - 0x1000,
-            (1 << 52) - 0x1000,
-            0x1000,
-            rw,
-            wb,
-        )
-        .unwrap();
-        assert_eq!(
-            map.translate(&mem, GPA_LIMIT - 1).unwrap().hpa,
-            (1 << 52) - 1
-        );
+        map.map(&mut mem, GPA_LIMIT - 0x1000, (1 << 52) - 0x1000, 0x1000, rw, wb).unwrap();
+        assert_eq!(map.translate(&mem, GPA_LIMIT - 1).unwrap().hpa, (1 << 52) - 1);
         // Nothing else was left behind by the failures: root + 3 tables for the last page.
         assert_eq!(mem.live(), 4);
     }
@@ -1124,23 +922,9 @@ pub(crate) mod tests {
     fn unmap_4k_and_free_tables() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(
-            &mut mem,
-            0x1000,
-            0x1000,
-            0x3000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
-        assert_eq!(
-            map.unmap(&mut mem, 0, 0x2000),
-            Err(Stage2Error::NotMapped { gpa: 0 })
-        );
-        assert_eq!(
-            map.unmap(&mut mem, 0x2000, 0x3000),
-            Err(Stage2Error::NotMapped { gpa: 0x4000 })
-        );
+        map.map(&mut mem, 0x1000, 0x1000, 0x3000, Access::RW, MemType::WriteBack).unwrap();
+        assert_eq!(map.unmap(&mut mem, 0, 0x2000), Err(Stage2Error::NotMapped { gpa: 0 }));
+        assert_eq!(map.unmap(&mut mem, 0x2000, 0x3000), Err(Stage2Error::NotMapped { gpa: 0x4000 }));
         assert_eq!(map.translate(&mem, 0x3000).unwrap().hpa, 0x3000);
         map.unmap(&mut mem, 0x2000, 0x1000).unwrap();
         assert_eq!(map.translate(&mem, 0x2000), None);
@@ -1158,15 +942,7 @@ pub(crate) mod tests {
     fn unmap_splits_large_page() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(
-            &mut mem,
-            2 * MIB,
-            0x8000_0000,
-            4 * MIB,
-            Access::RX,
-            MemType::Uncached,
-        )
-        .unwrap();
+        map.map(&mut mem, 2 * MIB, 0x8000_0000, 4 * MIB, Access::RX, MemType::Uncached).unwrap();
         assert_eq!(mem.live(), 3);
         // Punch a hole spanning the boundary between the two large pages.
         map.unmap(&mut mem, 4 * MIB - 0x2000, 0x5000).unwrap();
@@ -1187,22 +963,19 @@ pub(crate) mod tests {
         // A hole inside one large page (head and tail are the same page: one split).
         let live = mem.live();
         let mut map2 = new_map(&mut mem);
-        map2.map(&mut mem, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack)
-            .unwrap();
+        map2.map(&mut mem, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
         map2.unmap(&mut mem, 0x10_0000, 0x1000).unwrap();
         assert_eq!(mem.live(), live + 3 + 1);
         assert_eq!(map2.translate(&mem, 0x10_0000), None);
         assert_eq!(map2.translate(&mem, 0x10_1000).unwrap().hpa, 0x10_1000);
         // Unmap the rest: all tables but the root go away.
         map2.unmap(&mut mem, 0, 0x10_0000).unwrap();
-        map2.unmap(&mut mem, 0x10_1000, 2 * MIB - 0x10_1000)
-            .unwrap();
+        map2.unmap(&mut mem, 0x10_1000, 2 * MIB - 0x10_1000).unwrap();
         assert_eq!(mem.live(), live + 1);
         // Unmapping a whole large page needs no split.
         let mut m3 = TestMem::new();
         let mut map3 = new_map(&mut m3);
-        map3.map(&mut m3, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack)
-            .unwrap();
+        map3.map(&mut m3, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
         m3.limit = Some(m3.live());
         map3.unmap(&mut m3, 0, 2 * MIB).unwrap();
         assert_eq!(m3.live(), 1);
@@ -1212,22 +985,15 @@ pub(crate) mod tests {
     fn unmap_split_out_of_memory_is_clean() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(&mut mem, 0, 0, 4 * MIB, Access::RW, MemType::WriteBack)
-            .unwrap();
+        map.map(&mut mem, 0, 0, 4 * MIB, Access::RW, MemType::WriteBack).unwrap();
         let before = snapshot(&map, &mem, 0, 4 * MIB);
         // Needs two splits; allow only one more table.
         mem.limit = Some(mem.live() + 1);
-        assert_eq!(
-            map.unmap(&mut mem, MIB, 2 * MIB),
-            Err(Stage2Error::NoTableMemory)
-        );
+        assert_eq!(map.unmap(&mut mem, MIB, 2 * MIB), Err(Stage2Error::NoTableMemory));
         assert_eq!(snapshot(&map, &mem, 0, 4 * MIB), before);
         assert_eq!(mem.live(), 3);
         mem.limit = Some(mem.live());
-        assert_eq!(
-            map.unmap(&mut mem, MIB, 2 * MIB),
-            Err(Stage2Error::NoTableMemory)
-        );
+        assert_eq!(map.unmap(&mut mem, MIB, 2 * MIB), Err(Stage2Error::NoTableMemory));
         assert_eq!(snapshot(&map, &mem, 0, 4 * MIB), before);
         assert_eq!(mem.live(), 3);
         mem.limit = None;
@@ -1241,31 +1007,15 @@ pub(crate) mod tests {
         // fails leaving exactly the previous state.
         for budget in 1..12 {
             let mut mem = TestMem::with_limit(budget);
-            let Ok(mut map) = NptMap::new(&mut mem) else {
-                unreachable!("budget >= 1 holds the root")
-            };
+            let Ok(mut map) = NptMap::new(&mut mem) else { unreachable!("budget >= 1 holds the root") };
             // Pre-existing mapping sharing some tables with the new one.
-            let pre = map.map(
-                &mut mem,
-                0x3000,
-                0x3000,
-                0x1000,
-                Access::RW,
-                MemType::WriteBack,
-            );
+            let pre = map.map(&mut mem, 0x3000, 0x3000, 0x1000, Access::RW, MemType::WriteBack);
             let before = snapshot(&map, &mem, 0, 8 * MIB);
             let live = mem.live();
             // Spans two PDPT entries (1 GiB boundary) with 4 KiB and 2 MiB pieces: needs
             // PDPT, 2 PDs and several PTs.
             let gpa = (1 << 30) - 2 * MIB - 0x1000;
-            let res = map.map(
-                &mut mem,
-                gpa,
-                gpa,
-                4 * MIB + 0x3000,
-                Access::RW,
-                MemType::WriteBack,
-            );
+            let res = map.map(&mut mem, gpa, gpa, 4 * MIB + 0x3000, Access::RW, MemType::WriteBack);
             match res {
                 Ok(()) => {
                     assert!(pre.is_ok());
@@ -1274,10 +1024,7 @@ pub(crate) mod tests {
                 Err(e) => {
                     assert_eq!(e, Stage2Error::NoTableMemory);
                     assert_eq!(snapshot(&map, &mem, 0, 8 * MIB), before);
-                    assert_eq!(
-                        snapshot(&map, &mem, gpa, gpa + 4 * MIB + 0x3000),
-                        Vec::new()
-                    );
+                    assert_eq!(snapshot(&map, &mem, gpa, gpa + 4 * MIB + 0x3000), Vec::new());
                     assert_eq!(mem.live(), live, "leak with budget {budget}");
                 }
             }
@@ -1287,36 +1034,16 @@ pub(crate) mod tests {
         }
         // No memory even for the root.
         let mut mem = TestMem::with_limit(0);
-        assert_eq!(
-            NptMap::new(&mut mem).err(),
-            Some(Stage2Error::NoTableMemory)
-        );
+        assert_eq!(NptMap::new(&mut mem).err(), Some(Stage2Error::NoTableMemory));
     }
 
     #[test]
     fn destroy_frees_everything() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(&mut mem, 0, 0, 3 * MIB, Access::RWX, MemType::WriteBack)
-            .unwrap();
-        map.map(
-            &mut mem,
-            1 << 40,
-            0x1000,
-            0x5000,
-            Access::RW,
-            MemType::Uncached,
-        )
-        .unwrap();
-        map.map(
-            &mut mem,
-            1 << 45,
-            1 << 45,
-            64 * MIB,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map.map(&mut mem, 0, 0, 3 * MIB, Access::RWX, MemType::WriteBack).unwrap();
+        map.map(&mut mem, 1 << 40, 0x1000, 0x5000, Access::RW, MemType::Uncached).unwrap();
+        map.map(&mut mem, 1 << 45, 1 << 45, 64 * MIB, Access::RW, MemType::WriteBack).unwrap();
         assert!(mem.live() > 5);
         assert_eq!(reachable_tables(&map, &mem), mem.live());
         map.destroy(&mut mem);
@@ -1330,15 +1057,7 @@ pub(crate) mod tests {
         mem.dirty = true;
         let mut map = new_map(&mut mem);
         assert_eq!(map.translate(&mem, 0), None);
-        map.map(
-            &mut mem,
-            0x5000,
-            0x5000,
-            0x1000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
+        map.map(&mut mem, 0x5000, 0x5000, 0x1000, Access::RW, MemType::WriteBack).unwrap();
         assert_eq!(map.translate(&mem, 0x4000), None);
         assert_eq!(map.translate(&mem, 0x5000).unwrap().hpa, 0x5000);
     }
@@ -1368,15 +1087,8 @@ pub(crate) mod tests {
     #[test]
     fn bad_table_addresses_are_refused() {
         for addr in [0x1234, 1 << 52] {
-            let mut mem = BadMem {
-                inner: TestMem::new(),
-                addr,
-                freed: Vec::new(),
-            };
-            assert_eq!(
-                NptMap::new(&mut mem).err(),
-                Some(Stage2Error::BadTable { addr })
-            );
+            let mut mem = BadMem { inner: TestMem::new(), addr, freed: Vec::new() };
+            assert_eq!(NptMap::new(&mut mem).err(), Some(Stage2Error::BadTable { addr }));
             assert_eq!(mem.freed, [addr]);
         }
     }
@@ -1387,61 +1099,30 @@ pub(crate) mod tests {
         // gets a large page of its own.
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
-        map.map(&mut mem, 0, 0, 0x1000, Access::RW, MemType::WriteBack)
-            .unwrap();
-        map.map(
-            &mut mem,
-            0x1000,
-            0x1000,
-            2 * MIB - 0x1000,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
-        map.map(
-            &mut mem,
-            2 * MIB,
-            2 * MIB,
-            2 * MIB,
-            Access::RW,
-            MemType::WriteBack,
-        )
-        .unwrap();
-        assert_eq!(
-            map.translate(&mem, 0x20_0000).unwrap().page_size,
-            PageSize::Size2M
-        );
-        assert_eq!(
-            map.translate(&mem, 0x1f_f000).unwrap().page_size,
-            PageSize::Size4K
-        );
+        map.map(&mut mem, 0, 0, 0x1000, Access::RW, MemType::WriteBack).unwrap();
+        map.map(&mut mem, 0x1000, 0x1000, 2 * MIB - 0x1000, Access::RW, MemType::WriteBack).unwrap();
+        map.map(&mut mem, 2 * MIB, 2 * MIB, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
+        assert_eq!(map.translate(&mem, 0x20_0000).unwrap().page_size, PageSize::Size2M);
+        assert_eq!(map.translate(&mem, 0x1f_f000).unwrap().page_size, PageSize::Size4K);
     }
 
     #[test]
     fn display_messages() {
         let errs = [
-            Stage2Error::Misaligned {
-                gpa: 1,
-                hpa: 2,
-                size: 3,
-            },
+            Stage2Error::Misaligned { gpa: 1, hpa: 2, size: 3 },
             Stage2Error::ZeroSize { gpa: 0 },
             Stage2Error::OutOfRange { gpa: 1 << 48 },
             Stage2Error::HpaOutOfRange { hpa: 1 << 52 },
             Stage2Error::AlreadyMapped { gpa: 0x1000 },
             Stage2Error::NotMapped { gpa: 0x1000 },
             Stage2Error::NoTableMemory,
-            Stage2Error::BadAccess {
-                access: Access::WRITE,
-            },
+            Stage2Error::BadAccess { access: Access::WRITE },
             Stage2Error::BadTable { addr: 0x123 },
         ];
         for e in errs {
             assert!(!e.to_string().is_empty());
         }
-        assert!(Stage2Error::NotMapped { gpa: 0x1000 }
-            .to_string()
-            .contains("0x1000"));
+        assert!(Stage2Error::NotMapped { gpa: 0x1000 }.to_string().contains("0x1000"));
         assert!(format!("{:?}", NptMap::new(&mut TestMem::new()).unwrap()).contains("root"));
     }
 
@@ -1454,17 +1135,8 @@ pub(crate) mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Map {
-            gpa: u64,
-            hpa: u64,
-            size: u64,
-            access: Access,
-            mem_type: MemType,
-        },
-        Unmap {
-            gpa: u64,
-            size: u64,
-        },
+        Map { gpa: u64, hpa: u64, size: u64, access: Access, mem_type: MemType },
+        Unmap { gpa: u64, size: u64 },
     }
 
     fn arb_gpa_range() -> impl Strategy<Value = (u64, u64)> {
@@ -1491,23 +1163,13 @@ pub(crate) mod tests {
         ];
         let mem_type = prop_oneof![Just(MemType::WriteBack), Just(MemType::Uncached)];
         prop_oneof![
-            (
-                arb_gpa_range(),
-                prop_oneof![Just(0u64), 0u64..8, 0u64..0x1000],
-                access,
-                mem_type
-            )
-                .prop_map(|((gpa, size), hpa_off, access, mem_type)| {
+            (arb_gpa_range(), prop_oneof![Just(0u64), 0u64..8, 0u64..0x1000], access, mem_type).prop_map(
+                |((gpa, size), hpa_off, access, mem_type)| {
                     // hpa_off 0: same 2 MiB phase as gpa (large pages possible).
                     let hpa = 0x10_0000_0000 + (gpa % (1 << 30)) + hpa_off * 4096;
-                    Op::Map {
-                        gpa,
-                        hpa,
-                        size,
-                        access,
-                        mem_type,
-                    }
-                }),
+                    Op::Map { gpa, hpa, size, access, mem_type }
+                }
+            ),
             arb_gpa_range().prop_map(|(gpa, size)| Op::Unmap { gpa, size }),
         ]
     }
@@ -1517,9 +1179,7 @@ pub(crate) mod tests {
     fn check_against_model(map: &NptMap, mem: &TestMem, model: &Model) {
         for &base in &REGIONS {
             for g in (base..base + REGION_SIZE).step_by(4096) {
-                let got = map
-                    .translate(mem, g + 0x123)
-                    .map(|t| (t.hpa - 0x123, t.access, t.mem_type));
+                let got = map.translate(mem, g + 0x123).map(|t| (t.hpa - 0x123, t.access, t.mem_type));
                 assert_eq!(got, model.get(&g).copied(), "gpa {g:#x}");
             }
         }

@@ -46,59 +46,19 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> 
         ExitReason::Msr { write } => emulate_msr(k, m, v, write),
         ExitReason::PhysicalInterrupt => apic::take_pending_interrupts(),
         ExitReason::NestedPageFault { gpa, error } => {
-            let detail =
-                error.write() as u64 | (error.fetch() as u64) << 1 | (error.present() as u64) << 2;
-            fault(
-                k,
-                m,
-                v,
-                Fault {
-                    kind: FaultKind::Stage2,
-                    addr: gpa,
-                    detail,
-                },
-            );
+            let detail = error.write() as u64 | (error.fetch() as u64) << 1 | (error.present() as u64) << 2;
+            fault(k, m, v, Fault { kind: FaultKind::Stage2, addr: gpa, detail });
         }
-        ExitReason::Shutdown => fault(
-            k,
-            m,
-            v,
-            Fault {
-                kind: FaultKind::TripleFault,
-                addr: 0,
-                detail: 0,
-            },
-        ),
-        ExitReason::Exception { vector, error_code } => fault(
-            k,
-            m,
-            v,
-            Fault {
-                kind: FaultKind::Exception,
-                addr: vector as u64,
-                detail: error_code,
-            },
-        ),
-        ExitReason::Io { port, write, .. } => fault(
-            k,
-            m,
-            v,
-            Fault {
-                kind: FaultKind::Forbidden,
-                addr: code,
-                detail: port as u64 | (write as u64) << 16,
-            },
-        ),
-        ExitReason::Invalid | ExitReason::Other(_) => fault(
-            k,
-            m,
-            v,
-            Fault {
-                kind: FaultKind::Forbidden,
-                addr: code,
-                detail: 0,
-            },
-        ),
+        ExitReason::Shutdown => fault(k, m, v, Fault { kind: FaultKind::TripleFault, addr: 0, detail: 0 }),
+        ExitReason::Exception { vector, error_code } => {
+            fault(k, m, v, Fault { kind: FaultKind::Exception, addr: vector as u64, detail: error_code })
+        }
+        ExitReason::Io { port, write, .. } => {
+            fault(k, m, v, Fault { kind: FaultKind::Forbidden, addr: code, detail: port as u64 | (write as u64) << 16 })
+        }
+        ExitReason::Invalid | ExitReason::Other(_) => {
+            fault(k, m, v, Fault { kind: FaultKind::Forbidden, addr: code, detail: 0 })
+        }
     }
     None
 }
@@ -111,10 +71,7 @@ fn fault(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, f: Fault) {
     let handled = k.fault(m, v, f);
     let name = k.domains[d as usize].name();
     if handled {
-        println!(
-            "domain {name}: {}; sent to its fault handler",
-            Report(f, rip)
-        );
+        println!("domain {name}: {}; sent to its fault handler", Report(f, rip));
     } else {
         println!("domain {name} stopped: {}", Report(f, rip));
     }
@@ -136,11 +93,7 @@ impl fmt::Display for Report {
                     _ => "execute",
                 },
                 fault.addr,
-                if fault.detail & 4 != 0 {
-                    "access not permitted"
-                } else {
-                    "not mapped: outside the domain's memory"
-                }
+                if fault.detail & 4 != 0 { "access not permitted" } else { "not mapped: outside the domain's memory" }
             ),
             FaultKind::TripleFault => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
             FaultKind::Exception => write!(
@@ -153,21 +106,13 @@ impl fmt::Display for Report {
             FaultKind::Forbidden if fault.addr == microvisor::svm::exit::IOIO => write!(
                 f,
                 "port I/O ({} port {:#x}): domains own no I/O ports, RIP {rip:#x}",
-                if fault.detail >> 16 != 0 {
-                    "OUT to"
-                } else {
-                    "IN from"
-                },
+                if fault.detail >> 16 != 0 { "OUT to" } else { "IN from" },
                 fault.detail & 0xffff
             ),
             FaultKind::Forbidden if fault.addr == microvisor::svm::exit::INVALID => {
                 f.write_str("VMRUN rejected the vCPU state (exit code -1)")
             }
-            FaultKind::Forbidden => write!(
-                f,
-                "forbidden instruction (exit code {:#x}), RIP {rip:#x}",
-                fault.addr
-            ),
+            FaultKind::Forbidden => write!(f, "forbidden instruction (exit code {:#x}), RIP {rip:#x}", fault.addr),
             FaultKind::Exited => write!(f, "exited with status {}", fault.detail),
         }
     }
@@ -178,12 +123,7 @@ impl fmt::Display for Report {
 fn emulate_cpuid(regs: &mut microvisor::kernel::Regs) {
     let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
     let sig = |i: usize| {
-        u32::from_le_bytes([
-            CPUID_SIGNATURE[i],
-            CPUID_SIGNATURE[i + 1],
-            CPUID_SIGNATURE[i + 2],
-            CPUID_SIGNATURE[i + 3],
-        ])
+        u32::from_le_bytes([CPUID_SIGNATURE[i], CPUID_SIGNATURE[i + 1], CPUID_SIGNATURE[i + 2], CPUID_SIGNATURE[i + 3]])
     };
     let (a, b, c, d) = match leaf {
         CPUID_LEAF_SIGNATURE => (CPUID_LEAF_ABI, sig(0), sig(4), sig(8)),
@@ -193,12 +133,7 @@ fn emulate_cpuid(regs: &mut microvisor::kernel::Regs) {
             let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
             match leaf {
                 // Hypervisor present; no VMX, no MONITOR/MWAIT.
-                1 => (
-                    r.eax,
-                    r.ebx,
-                    (r.ecx | (1 << 31)) & !((1 << 5) | (1 << 3)),
-                    r.edx,
-                ),
+                1 => (r.eax, r.ebx, (r.ecx | (1 << 31)) & !((1 << 5) | (1 << 3)), r.edx),
                 // No SVM.
                 0x8000_0001 => (r.eax, r.ebx, r.ecx & !(1 << 2), r.edx),
                 _ => (r.eax, r.ebx, r.ecx, r.edx),
@@ -224,8 +159,7 @@ fn emulate_msr(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, write: bool) {
             vmcb.inject_exception(13, Some(0));
             return;
         }
-        let new =
-            (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
+        let new = (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
         vmcb.write_u64(save::EFER, new);
     } else {
         let value = current & !efer::SVME;

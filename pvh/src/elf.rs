@@ -55,18 +55,12 @@ impl SegmentFlags {
     /// Decodes the `PF_R`/`PF_W`/`PF_X` bits of `p_flags`; other (OS/processor specific) bits
     /// are ignored because nothing in the loader gives them meaning.
     pub const fn from_p_flags(p_flags: u32) -> Self {
-        Self {
-            read: p_flags & PF_R != 0,
-            write: p_flags & PF_W != 0,
-            execute: p_flags & PF_X != 0,
-        }
+        Self { read: p_flags & PF_R != 0, write: p_flags & PF_W != 0, execute: p_flags & PF_X != 0 }
     }
 
     /// Re-encodes the flags as `p_flags` bits.
     pub const fn to_p_flags(self) -> u32 {
-        (if self.read { PF_R } else { 0 })
-            | (if self.write { PF_W } else { 0 })
-            | (if self.execute { PF_X } else { 0 })
+        (if self.read { PF_R } else { 0 }) | (if self.write { PF_W } else { 0 }) | (if self.execute { PF_X } else { 0 })
     }
 }
 
@@ -195,65 +189,46 @@ impl fmt::Display for ElfError {
             ElfError::Truncated { what } => {
                 write!(f, "ELF image truncated: file ends inside the {what}")
             }
-            ElfError::BadMagic => {
-                f.write_str("not an ELF file: first four bytes are not 0x7f 'E' 'L' 'F'")
+            ElfError::BadMagic => f.write_str("not an ELF file: first four bytes are not 0x7f 'E' 'L' 'F'"),
+            ElfError::NotElf64 => f.write_str("ELF image is not 64-bit: e_ident[EI_CLASS] is not ELFCLASS64 (2)"),
+            ElfError::NotLittleEndian => {
+                f.write_str("ELF image is not little endian: e_ident[EI_DATA] is not ELFDATA2LSB (1)")
             }
-            ElfError::NotElf64 => {
-                f.write_str("ELF image is not 64-bit: e_ident[EI_CLASS] is not ELFCLASS64 (2)")
+            ElfError::WrongMachine(m) => {
+                write!(f, "ELF e_machine is {m} ({}), expected 62 (EM_X86_64)", machine_name(m))
             }
-            ElfError::NotLittleEndian => f.write_str(
-                "ELF image is not little endian: e_ident[EI_DATA] is not ELFDATA2LSB (1)",
-            ),
-            ElfError::WrongMachine(m) => write!(
-                f,
-                "ELF e_machine is {m} ({}), expected 62 (EM_X86_64)",
-                machine_name(m)
-            ),
             ElfError::NotExecutable(t) => write!(
                 f,
                 "ELF e_type is {t} ({}), expected 2 (ET_EXEC): images must be statically linked \
                  at fixed physical addresses",
                 type_name(t)
             ),
-            ElfError::BadProgramHeaderSize(s) => write!(
-                f,
-                "ELF e_phentsize is {s}, expected 56 (sizeof(Elf64_Phdr))"
-            ),
-            ElfError::ProgramHeadersOutOfFile => f.write_str(
-                "ELF program header table (e_phoff + e_phnum * 56) extends past the end of the file",
-            ),
-            ElfError::SegmentOutOfFile { index } => write!(
-                f,
-                "ELF program header {index}: p_offset + p_filesz extends past the end of the file"
-            ),
-            ElfError::FileSizeExceedsMemSize { index } => write!(
-                f,
-                "ELF program header {index}: p_filesz is larger than p_memsz"
-            ),
-            ElfError::AddressOverflow { index } => write!(
-                f,
-                "ELF program header {index}: p_paddr + p_memsz overflows the 64-bit address space"
-            ),
-            ElfError::SegmentOverlap { first, second } => write!(
-                f,
-                "ELF PT_LOAD program headers {first} and {second} overlap in physical memory"
-            ),
-            ElfError::TooManySegments => write!(
-                f,
-                "ELF image has more than {MAX_SEGMENTS} non-empty PT_LOAD segments"
-            ),
-            ElfError::NoLoadableSegments => {
-                f.write_str("ELF image has no PT_LOAD segment with p_memsz > 0")
+            ElfError::BadProgramHeaderSize(s) => write!(f, "ELF e_phentsize is {s}, expected 56 (sizeof(Elf64_Phdr))"),
+            ElfError::ProgramHeadersOutOfFile => {
+                f.write_str("ELF program header table (e_phoff + e_phnum * 56) extends past the end of the file")
             }
+            ElfError::SegmentOutOfFile { index } => {
+                write!(f, "ELF program header {index}: p_offset + p_filesz extends past the end of the file")
+            }
+            ElfError::FileSizeExceedsMemSize { index } => {
+                write!(f, "ELF program header {index}: p_filesz is larger than p_memsz")
+            }
+            ElfError::AddressOverflow { index } => {
+                write!(f, "ELF program header {index}: p_paddr + p_memsz overflows the 64-bit address space")
+            }
+            ElfError::SegmentOverlap { first, second } => {
+                write!(f, "ELF PT_LOAD program headers {first} and {second} overlap in physical memory")
+            }
+            ElfError::TooManySegments => write!(f, "ELF image has more than {MAX_SEGMENTS} non-empty PT_LOAD segments"),
+            ElfError::NoLoadableSegments => f.write_str("ELF image has no PT_LOAD segment with p_memsz > 0"),
             ElfError::BadNote { offset } => write!(
                 f,
                 "malformed ELF note at file offset {offset:#x} (runs past its PT_NOTE segment, \
                  or PVH entry descriptor is not 4 or 8 bytes)"
             ),
-            ElfError::PvhEntryTooHigh(v) => write!(
-                f,
-                "PVH entry point {v:#x} (XEN_ELFNOTE_PHYS32_ENTRY) does not fit in 32 bits"
-            ),
+            ElfError::PvhEntryTooHigh(v) => {
+                write!(f, "PVH entry point {v:#x} (XEN_ELFNOTE_PHYS32_ENTRY) does not fit in 32 bits")
+            }
             ElfError::SegmentOutsideRam { index, paddr, end } => write!(
                 f,
                 "ELF program header {index}: segment [{paddr:#x}, {end:#x}) lies outside the \
@@ -334,11 +309,7 @@ impl Phdr {
 /// Notes are padded to 4 bytes, except in segments with `p_align == 8` which the gABI and GNU
 /// tools pad to 8 (e.g. `.note.gnu.property`); handling both means a stray 8-aligned note
 /// segment does not make an otherwise good image unparseable.
-fn find_pvh_entry(
-    region: &[u8],
-    region_offset: u64,
-    align: usize,
-) -> Result<Option<u32>, ElfError> {
+fn find_pvh_entry(region: &[u8], region_offset: u64, align: usize) -> Result<Option<u32>, ElfError> {
     let mut found = None;
     let mut pos = 0usize;
     while pos < region.len() {
@@ -350,13 +321,9 @@ fn find_pvh_entry(
         let descsz = u32_at(header, 4).ok_or(bad)?;
         let n_type = u32_at(header, 8).ok_or(bad)?;
         let name_start = pos.checked_add(NOTE_HEADER_SIZE).ok_or(bad)?;
-        let name_end = name_start
-            .checked_add(usize::try_from(namesz).map_err(|_| bad)?)
-            .ok_or(bad)?;
+        let name_end = name_start.checked_add(usize::try_from(namesz).map_err(|_| bad)?).ok_or(bad)?;
         let desc_start = align_up(name_end, align).ok_or(bad)?;
-        let desc_end = desc_start
-            .checked_add(usize::try_from(descsz).map_err(|_| bad)?)
-            .ok_or(bad)?;
+        let desc_end = desc_start.checked_add(usize::try_from(descsz).map_err(|_| bad)?).ok_or(bad)?;
         let name = region.get(name_start..name_end).ok_or(bad)?;
         let desc = region.get(desc_start..desc_end).ok_or(bad)?;
 
@@ -389,15 +356,11 @@ impl<'a> ElfImage<'a> {
     /// and size from the file is treated as hostile.
     pub fn parse(data: &'a [u8]) -> Result<Self, ElfError> {
         // Identification first, so a short non-ELF blob reports BadMagic, not Truncated.
-        let magic = data.get(..4).ok_or(ElfError::Truncated {
-            what: "ELF identification (e_ident)",
-        })?;
+        let magic = data.get(..4).ok_or(ElfError::Truncated { what: "ELF identification (e_ident)" })?;
         if magic != b"\x7fELF" {
             return Err(ElfError::BadMagic);
         }
-        let ident_truncated = ElfError::Truncated {
-            what: "ELF identification (e_ident)",
-        };
+        let ident_truncated = ElfError::Truncated { what: "ELF identification (e_ident)" };
         if *data.get(4).ok_or(ident_truncated)? != 2 {
             return Err(ElfError::NotElf64);
         }
@@ -405,9 +368,7 @@ impl<'a> ElfImage<'a> {
             return Err(ElfError::NotLittleEndian);
         }
 
-        let header_truncated = ElfError::Truncated {
-            what: "ELF file header",
-        };
+        let header_truncated = ElfError::Truncated { what: "ELF file header" };
         let ehdr = data.get(..EHDR_SIZE).ok_or(header_truncated)?;
         let e_type = u16_at(ehdr, 16).ok_or(header_truncated)?;
         let e_machine = u16_at(ehdr, 18).ok_or(header_truncated)?;
@@ -428,17 +389,14 @@ impl<'a> ElfImage<'a> {
 
         // e_phnum is a u16, so the table is at most 65535 * 56 bytes: no overflow in the size.
         let table_size = usize::from(e_phnum) * PHDR_SIZE;
-        let table = file_range(data, e_phoff, table_size as u64)
-            .ok_or(ElfError::ProgramHeadersOutOfFile)?;
+        let table = file_range(data, e_phoff, table_size as u64).ok_or(ElfError::ProgramHeadersOutOfFile)?;
 
         let mut segments = heapless::Vec::<LoadSegment, MAX_SEGMENTS>::new();
         let mut phdr_index = heapless::Vec::<usize, MAX_SEGMENTS>::new();
         let mut pvh_entry = None;
 
         for (index, raw) in table.chunks_exact(PHDR_SIZE).enumerate() {
-            let ph = Phdr::read(raw).ok_or(ElfError::Truncated {
-                what: "program header",
-            })?;
+            let ph = Phdr::read(raw).ok_or(ElfError::Truncated { what: "program header" })?;
             match ph.p_type {
                 PT_LOAD => {
                     if file_range(data, ph.p_offset, ph.p_filesz).is_none() {
@@ -462,13 +420,11 @@ impl<'a> ElfImage<'a> {
                         flags: SegmentFlags::from_p_flags(ph.p_flags),
                     };
                     segments.push(seg).map_err(|_| ElfError::TooManySegments)?;
-                    phdr_index
-                        .push(index)
-                        .map_err(|_| ElfError::TooManySegments)?;
+                    phdr_index.push(index).map_err(|_| ElfError::TooManySegments)?;
                 }
                 PT_NOTE => {
-                    let region = file_range(data, ph.p_offset, ph.p_filesz)
-                        .ok_or(ElfError::SegmentOutOfFile { index })?;
+                    let region =
+                        file_range(data, ph.p_offset, ph.p_filesz).ok_or(ElfError::SegmentOutOfFile { index })?;
                     let align = if ph.p_align == 8 { 8 } else { 4 };
                     if let Some(entry) = find_pvh_entry(region, ph.p_offset, align)? {
                         pvh_entry = pvh_entry.or(Some(entry));
@@ -487,21 +443,12 @@ impl<'a> ElfImage<'a> {
             for (b, &bi) in segments.iter().zip(phdr_index.iter()).skip(i + 1) {
                 // End addresses were checked not to overflow above.
                 if a.paddr < b.end() && b.paddr < a.end() {
-                    return Err(ElfError::SegmentOverlap {
-                        first: ai,
-                        second: bi,
-                    });
+                    return Err(ElfError::SegmentOverlap { first: ai, second: bi });
                 }
             }
         }
 
-        Ok(Self {
-            data,
-            entry: e_entry,
-            pvh_entry,
-            segments,
-            phdr_index,
-        })
+        Ok(Self { data, entry: e_entry, pvh_entry, segments, phdr_index })
     }
 
     /// `e_entry`, the 64-bit entry point. Informational only: PVH images are entered at
@@ -551,11 +498,7 @@ impl<'a> ElfImage<'a> {
         for (seg, &index) in self.segments.iter().zip(self.phdr_index.iter()) {
             let end = u128::from(seg.paddr) + u128::from(seg.mem_size);
             if seg.paddr < base || end > limit {
-                return Err(ElfError::SegmentOutsideRam {
-                    index,
-                    paddr: seg.paddr,
-                    end: seg.end(),
-                });
+                return Err(ElfError::SegmentOutsideRam { index, paddr: seg.paddr, end: seg.end() });
             }
         }
         Ok(())
@@ -711,10 +654,12 @@ mod tests {
 
     /// A typical image: text at 1 MiB, data+bss after it, PVH note.
     fn typical() -> Builder {
-        Builder::new()
-            .pvh_note4(0x10_0000)
-            .load(0x10_0000, CODE, 0x1000, PF_R | PF_X)
-            .load(0x10_1000, DATA, 0x3000, PF_R | PF_W)
+        Builder::new().pvh_note4(0x10_0000).load(0x10_0000, CODE, 0x1000, PF_R | PF_X).load(
+            0x10_1000,
+            DATA,
+            0x3000,
+            PF_R | PF_W,
+        )
     }
 
     #[test]
@@ -728,24 +673,10 @@ mod tests {
         assert_eq!(segs[0].paddr, 0x10_0000);
         assert_eq!(segs[0].file_size, CODE.len() as u64);
         assert_eq!(segs[0].mem_size, 0x1000);
-        assert_eq!(
-            segs[0].flags,
-            SegmentFlags {
-                read: true,
-                write: false,
-                execute: true
-            }
-        );
+        assert_eq!(segs[0].flags, SegmentFlags { read: true, write: false, execute: true });
         assert_eq!(segs[1].paddr, 0x10_1000);
         assert_eq!(segs[1].mem_size, 0x3000);
-        assert_eq!(
-            segs[1].flags,
-            SegmentFlags {
-                read: true,
-                write: true,
-                execute: false
-            }
-        );
+        assert_eq!(segs[1].flags, SegmentFlags { read: true, write: true, execute: false });
         assert_eq!(img.segment_data(&segs[0]), CODE);
         assert_eq!(img.segment_data(&segs[1]), DATA);
         assert_eq!(img.span(), (0x10_0000, 0x10_4000));
@@ -757,10 +688,7 @@ mod tests {
 
     #[test]
     fn valid_image_with_8_byte_note() {
-        let bytes = Builder::new()
-            .load(0x20_0000, CODE, 0x100, PF_R | PF_X)
-            .pvh_note8(0x20_0040)
-            .build();
+        let bytes = Builder::new().load(0x20_0000, CODE, 0x100, PF_R | PF_X).pvh_note8(0x20_0040).build();
         let img = ElfImage::parse(&bytes).unwrap();
         assert_eq!(img.pvh_entry(), Some(0x20_0040));
         assert_eq!(img.segments().len(), 1);
@@ -768,28 +696,17 @@ mod tests {
 
     #[test]
     fn eight_byte_note_above_4g_is_rejected() {
-        let bytes = Builder::new()
-            .load(0x20_0000, CODE, 0x100, PF_R | PF_X)
-            .pvh_note8(0x1_0000_0000)
-            .build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::PvhEntryTooHigh(0x1_0000_0000)
-        );
+        let bytes = Builder::new().load(0x20_0000, CODE, 0x100, PF_R | PF_X).pvh_note8(0x1_0000_0000).build();
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::PvhEntryTooHigh(0x1_0000_0000));
     }
 
     #[test]
     fn odd_descriptor_size_is_bad_note() {
         let n = note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &[1, 2, 3, 4, 5, 6], 4);
-        let b = Builder::new()
-            .note_segment(&n, 4)
-            .load(0x10_0000, CODE, 0x100, PF_R);
+        let b = Builder::new().note_segment(&n, 4).load(0x10_0000, CODE, 0x100, PF_R);
         let offset = b.data_start();
         let bytes = b.build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::BadNote { offset }
-        );
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::BadNote { offset });
     }
 
     #[test]
@@ -800,55 +717,29 @@ mod tests {
         let mut second = note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &[0; 4], 4);
         second[4..8].copy_from_slice(&100u32.to_le_bytes());
         n.extend_from_slice(&second);
-        let b = Builder::new()
-            .note_segment(&n, 4)
-            .load(0x10_0000, CODE, 0x100, PF_R);
+        let b = Builder::new().note_segment(&n, 4).load(0x10_0000, CODE, 0x100, PF_R);
         let offset = b.data_start() + first_len;
         let bytes = b.build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::BadNote { offset }
-        );
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::BadNote { offset });
     }
 
     #[test]
     fn pvh_note_found_among_other_notes() {
         let mut n = note(b"GNU\0", 3, &[0xde, 0xad, 0xbe, 0xef, 0x11], 4);
         n.extend_from_slice(&note(b"Xen\0", 6, b"linux\0", 4));
-        n.extend_from_slice(&note(
-            b"Xen",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x1234u32.to_le_bytes(),
-            4,
-        ));
-        n.extend_from_slice(&note(
-            b"Xen\0",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x9999u32.to_le_bytes(),
-            4,
-        ));
-        let bytes = Builder::new()
-            .load(0x1000, CODE, 0x100, PF_R)
-            .note_segment(&n, 4)
-            .build();
+        n.extend_from_slice(&note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, &0x1234u32.to_le_bytes(), 4));
+        n.extend_from_slice(&note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x9999u32.to_le_bytes(), 4));
+        let bytes = Builder::new().load(0x1000, CODE, 0x100, PF_R).note_segment(&n, 4).build();
         let img = ElfImage::parse(&bytes).unwrap();
         assert_eq!(img.pvh_entry(), Some(0x1234));
     }
 
     #[test]
     fn eight_aligned_note_segment() {
-        let n = note(
-            b"Xen\0",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x4000u64.to_le_bytes(),
-            8,
-        );
+        let n = note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x4000u64.to_le_bytes(), 8);
         let mut gnu = note(b"GNU\0", 5, &[0; 12], 8);
         gnu.extend_from_slice(&n);
-        let bytes = Builder::new()
-            .load(0x1000, CODE, 0x100, PF_R)
-            .note_segment(&gnu, 8)
-            .build();
+        let bytes = Builder::new().load(0x1000, CODE, 0x100, PF_R).note_segment(&gnu, 8).build();
         assert_eq!(ElfImage::parse(&bytes).unwrap().pvh_entry(), Some(0x4000));
     }
 
@@ -873,22 +764,16 @@ mod tests {
         let bytes = typical().build();
         assert_eq!(
             ElfImage::parse(&bytes[..2]).unwrap_err(),
-            ElfError::Truncated {
-                what: "ELF identification (e_ident)"
-            }
+            ElfError::Truncated { what: "ELF identification (e_ident)" }
         );
         assert_eq!(
             ElfImage::parse(&bytes[..5]).unwrap_err(),
-            ElfError::Truncated {
-                what: "ELF identification (e_ident)"
-            }
+            ElfError::Truncated { what: "ELF identification (e_ident)" }
         );
         for len in 6..EHDR_SIZE {
             assert_eq!(
                 ElfImage::parse(&bytes[..len]).unwrap_err(),
-                ElfError::Truncated {
-                    what: "ELF file header"
-                },
+                ElfError::Truncated { what: "ELF file header" },
                 "len {len}"
             );
         }
@@ -903,19 +788,12 @@ mod tests {
         let bytes = typical().build();
         let table_end = EHDR_SIZE + 3 * PHDR_SIZE;
         for len in EHDR_SIZE..table_end {
-            assert_eq!(
-                ElfImage::parse(&bytes[..len]).unwrap_err(),
-                ElfError::ProgramHeadersOutOfFile,
-                "len {len}"
-            );
+            assert_eq!(ElfImage::parse(&bytes[..len]).unwrap_err(), ElfError::ProgramHeadersOutOfFile, "len {len}");
         }
         // e_phoff so large that offset + size overflows.
         let mut bytes = typical().build();
         bytes[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::ProgramHeadersOutOfFile
-        );
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::ProgramHeadersOutOfFile);
     }
 
     #[test]
@@ -928,10 +806,7 @@ mod tests {
         assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::NotElf64);
         let mut bytes = typical().build();
         bytes[5] = 2;
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::NotLittleEndian
-        );
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::NotLittleEndian);
     }
 
     #[test]
@@ -954,20 +829,14 @@ mod tests {
     fn dyn_is_not_executable() {
         let mut b = typical();
         b.etype = 3;
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::NotExecutable(3)
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::NotExecutable(3));
     }
 
     #[test]
     fn bad_phentsize() {
         let mut b = typical();
         b.phentsize = 64;
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::BadProgramHeaderSize(64)
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::BadProgramHeaderSize(64));
     }
 
     #[test]
@@ -978,35 +847,14 @@ mod tests {
             .load(0x10_1fff, DATA, 0x20, PF_R)
             .build();
         let err = ElfImage::parse(&bytes).unwrap_err();
-        assert_eq!(
-            err,
-            ElfError::SegmentOverlap {
-                first: 0,
-                second: 2
-            }
-        );
-        assert_eq!(
-            err.to_string(),
-            "ELF PT_LOAD program headers 0 and 2 overlap in physical memory"
-        );
+        assert_eq!(err, ElfError::SegmentOverlap { first: 0, second: 2 });
+        assert_eq!(err.to_string(), "ELF PT_LOAD program headers 0 and 2 overlap in physical memory");
         // Adjacent is fine.
-        let bytes = Builder::new()
-            .load(0x10_0000, CODE, 0x2000, PF_R)
-            .load(0x10_2000, DATA, 0x20, PF_R)
-            .build();
+        let bytes = Builder::new().load(0x10_0000, CODE, 0x2000, PF_R).load(0x10_2000, DATA, 0x20, PF_R).build();
         assert!(ElfImage::parse(&bytes).is_ok());
         // Containment is an overlap too.
-        let bytes = Builder::new()
-            .load(0x10_0000, CODE, 0x10_0000, PF_R)
-            .load(0x10_2000, DATA, 0x20, PF_R)
-            .build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::SegmentOverlap {
-                first: 0,
-                second: 1
-            }
-        );
+        let bytes = Builder::new().load(0x10_0000, CODE, 0x10_0000, PF_R).load(0x10_2000, DATA, 0x20, PF_R).build();
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::SegmentOverlap { first: 0, second: 1 });
     }
 
     #[test]
@@ -1014,23 +862,14 @@ mod tests {
         let mut b = typical();
         b.phs[2].filesz += 1; // DATA is last in the body: one byte past EOF.
         b.phs[2].memsz = 0x3000;
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::SegmentOutOfFile { index: 2 }
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::SegmentOutOfFile { index: 2 });
         let mut b = typical();
         b.phs[1].raw_offset = Some(u64::MAX - 4);
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::SegmentOutOfFile { index: 1 }
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::SegmentOutOfFile { index: 1 });
         // A note segment outside the file is reported the same way.
         let mut b = typical();
         b.phs[0].raw_offset = Some(1 << 40);
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::SegmentOutOfFile { index: 0 }
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::SegmentOutOfFile { index: 0 });
     }
 
     #[test]
@@ -1039,45 +878,26 @@ mod tests {
         b.phs[1].memsz = CODE.len() as u64 - 1;
         let err = ElfImage::parse(&b.build()).unwrap_err();
         assert_eq!(err, ElfError::FileSizeExceedsMemSize { index: 1 });
-        assert_eq!(
-            err.to_string(),
-            "ELF program header 1: p_filesz is larger than p_memsz"
-        );
+        assert_eq!(err.to_string(), "ELF program header 1: p_filesz is larger than p_memsz");
     }
 
     #[test]
     fn address_overflow() {
-        let bytes = Builder::new()
-            .load(u64::MAX - 0xff, CODE, 0x100, PF_R)
-            .build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::AddressOverflow { index: 0 }
-        );
+        let bytes = Builder::new().load(u64::MAX - 0xff, CODE, 0x100, PF_R).build();
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::AddressOverflow { index: 0 });
         // Ending exactly at u64::MAX still has a representable end address.
-        let bytes = Builder::new()
-            .load(u64::MAX - 0x100, CODE, 0x100, PF_R)
-            .build();
+        let bytes = Builder::new().load(u64::MAX - 0x100, CODE, 0x100, PF_R).build();
         assert!(ElfImage::parse(&bytes).is_ok());
     }
 
     #[test]
     fn no_loadable_segments() {
         let bytes = Builder::new().pvh_note4(0x1000).build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::NoLoadableSegments
-        );
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::NoLoadableSegments);
         // A PT_LOAD with p_memsz 0 does not count and is not returned.
         let bytes = Builder::new().load(0x1000, &[], 0, PF_R).build();
-        assert_eq!(
-            ElfImage::parse(&bytes).unwrap_err(),
-            ElfError::NoLoadableSegments
-        );
-        let bytes = Builder::new()
-            .load(0x1000, &[], 0, PF_R)
-            .load(0x1000, CODE, 0x100, PF_R)
-            .build();
+        assert_eq!(ElfImage::parse(&bytes).unwrap_err(), ElfError::NoLoadableSegments);
+        let bytes = Builder::new().load(0x1000, &[], 0, PF_R).load(0x1000, CODE, 0x100, PF_R).build();
         let img = ElfImage::parse(&bytes).unwrap();
         assert_eq!(img.segments().len(), 1);
         assert_eq!(img.segment_phdr_index(0), Some(1));
@@ -1091,18 +911,13 @@ mod tests {
         }
         assert_eq!(ElfImage::parse(&b.build()).unwrap().segments().len(), 16);
         b = b.load(0x20_0000, &[1], 0x1000, PF_R);
-        assert_eq!(
-            ElfImage::parse(&b.build()).unwrap_err(),
-            ElfError::TooManySegments
-        );
+        assert_eq!(ElfImage::parse(&b.build()).unwrap_err(), ElfError::TooManySegments);
     }
 
     #[test]
     fn bss_only_segment() {
-        let bytes = Builder::new()
-            .load(0x10_0000, CODE, 0x100, PF_R | PF_X)
-            .load(0x20_0000, &[], 0x5000, PF_R | PF_W)
-            .build();
+        let bytes =
+            Builder::new().load(0x10_0000, CODE, 0x100, PF_R | PF_X).load(0x20_0000, &[], 0x5000, PF_R | PF_W).build();
         let img = ElfImage::parse(&bytes).unwrap();
         assert_eq!(img.segment_data(&img.segments()[1]), &[] as &[u8]);
         assert_eq!(img.span(), (0x10_0000, 0x20_5000));
@@ -1118,21 +933,10 @@ mod tests {
         assert_eq!(img.check_fits(0x10_0000, u64::MAX), Ok(()));
         assert_eq!(
             img.check_fits(0x10_0000, 0x3fff),
-            Err(ElfError::SegmentOutsideRam {
-                index: 2,
-                paddr: 0x10_1000,
-                end: 0x10_4000
-            })
+            Err(ElfError::SegmentOutsideRam { index: 2, paddr: 0x10_1000, end: 0x10_4000 })
         );
         let err = img.check_fits(0x10_0001, 0x10_0000).unwrap_err();
-        assert_eq!(
-            err,
-            ElfError::SegmentOutsideRam {
-                index: 1,
-                paddr: 0x10_0000,
-                end: 0x10_1000
-            }
-        );
+        assert_eq!(err, ElfError::SegmentOutsideRam { index: 1, paddr: 0x10_0000, end: 0x10_1000 });
         assert_eq!(
             err.to_string(),
             "ELF program header 1: segment [0x100000, 0x101000) lies outside the available RAM window"
@@ -1177,19 +981,12 @@ mod tests {
             ElfError::SegmentOutOfFile { index: 4 },
             ElfError::FileSizeExceedsMemSize { index: 4 },
             ElfError::AddressOverflow { index: 4 },
-            ElfError::SegmentOverlap {
-                first: 1,
-                second: 4,
-            },
+            ElfError::SegmentOverlap { first: 1, second: 4 },
             ElfError::TooManySegments,
             ElfError::NoLoadableSegments,
             ElfError::BadNote { offset: 0x44 },
             ElfError::PvhEntryTooHigh(1 << 33),
-            ElfError::SegmentOutsideRam {
-                index: 4,
-                paddr: 1,
-                end: 2,
-            },
+            ElfError::SegmentOutsideRam { index: 4, paddr: 1, end: 2 },
         ];
         for e in errs {
             let s = e.to_string();

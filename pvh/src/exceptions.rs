@@ -81,18 +81,9 @@ pub struct Idt {
 
 impl Idt {
     pub const fn new() -> Self {
-        const EMPTY: Gate = Gate {
-            offset_low: 0,
-            selector: 0,
-            ist: 0,
-            type_attr: 0,
-            offset_mid: 0,
-            offset_high: 0,
-            reserved: 0,
-        };
-        Self {
-            gates: [EMPTY; 256],
-        }
+        const EMPTY: Gate =
+            Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+        Self { gates: [EMPTY; 256] }
     }
 
     /// Point `vector` at `handler` through a present, DPL-0 interrupt gate using code segment
@@ -117,10 +108,7 @@ impl Idt {
             limit: u16,
             base: u64,
         }
-        let pointer = Pointer {
-            limit: (core::mem::size_of::<Self>() - 1) as u16,
-            base: self as *const Self as u64,
-        };
+        let pointer = Pointer { limit: (core::mem::size_of::<Self>() - 1) as u16, base: self as *const Self as u64 };
         // SAFETY: `self` is 'static, so IDTR never points at freed memory; every gate was
         // written through `set` (or is not present, which raises #NP→#DF as the CPU defines).
         unsafe { core::arch::asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack)) };

@@ -103,18 +103,12 @@ pub enum StartInfoError {
 impl fmt::Display for StartInfoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            StartInfoError::Truncated {
-                what,
-                needed,
-                available,
-            } => write!(
-                f,
-                "{what} truncated: needs {needed} bytes, only {available} available"
-            ),
-            StartInfoError::BadMagic { found } => write!(
-                f,
-                "hvm_start_info.magic is {found:#010x}, expected {MAGIC:#010x}"
-            ),
+            StartInfoError::Truncated { what, needed, available } => {
+                write!(f, "{what} truncated: needs {needed} bytes, only {available} available")
+            }
+            StartInfoError::BadMagic { found } => {
+                write!(f, "hvm_start_info.magic is {found:#010x}, expected {MAGIC:#010x}")
+            }
             StartInfoError::UnsupportedVersion { found } => {
                 write!(f, "hvm_start_info.version is {found}, expected 1 or later")
             }
@@ -131,13 +125,7 @@ impl fmt::Display for StartInfoError {
                 "start page at guest-physical {page_gpa:#x} wraps past the top of the 64-bit \
                  address space"
             ),
-            StartInfoError::OutsidePage {
-                field,
-                paddr,
-                len,
-                page_gpa,
-                page_size,
-            } => write!(
+            StartInfoError::OutsidePage { field, paddr, len, page_gpa, page_size } => write!(
                 f,
                 "hvm_start_info.{field} = {paddr:#x} ({len} bytes) is not inside the start page \
                  [{page_gpa:#x}, {:#x})",
@@ -195,11 +183,7 @@ impl LeWriter<'_> {
 
 fn check_len(what: &'static str, needed: usize, bytes: &[u8]) -> Result<(), StartInfoError> {
     if bytes.len() < needed {
-        Err(StartInfoError::Truncated {
-            what,
-            needed,
-            available: bytes.len(),
-        })
+        Err(StartInfoError::Truncated { what, needed, available: bytes.len() })
     } else {
         Ok(())
     }
@@ -255,11 +239,7 @@ impl StartInfo {
                 reserved: r.u32()?,
             })
         })();
-        decoded.ok_or(StartInfoError::Truncated {
-            what: WHAT,
-            needed: Self::SIZE,
-            available: bytes.len(),
-        })
+        decoded.ok_or(StartInfoError::Truncated { what: WHAT, needed: Self::SIZE, available: bytes.len() })
     }
 
     /// Encodes the structure as the guest sees it.
@@ -286,9 +266,7 @@ impl StartInfo {
             return Err(StartInfoError::BadMagic { found: self.magic });
         }
         if self.version < 1 {
-            return Err(StartInfoError::UnsupportedVersion {
-                found: self.version,
-            });
+            return Err(StartInfoError::UnsupportedVersion { found: self.version });
         }
         Ok(())
     }
@@ -317,19 +295,9 @@ impl ModlistEntry {
         const WHAT: &str = "hvm_modlist_entry";
         check_len(WHAT, Self::SIZE, bytes)?;
         let mut r = LeReader(bytes);
-        let decoded = (|| {
-            Some(Self {
-                paddr: r.u64()?,
-                size: r.u64()?,
-                cmdline_paddr: r.u64()?,
-                reserved: r.u64()?,
-            })
-        })();
-        decoded.ok_or(StartInfoError::Truncated {
-            what: WHAT,
-            needed: Self::SIZE,
-            available: bytes.len(),
-        })
+        let decoded =
+            (|| Some(Self { paddr: r.u64()?, size: r.u64()?, cmdline_paddr: r.u64()?, reserved: r.u64()? }))();
+        decoded.ok_or(StartInfoError::Truncated { what: WHAT, needed: Self::SIZE, available: bytes.len() })
     }
 
     /// Encodes the entry as the guest sees it.
@@ -364,12 +332,7 @@ impl MemmapEntry {
 
     /// A region of the given type with `reserved` zero.
     pub const fn new(addr: u64, size: u64, r#type: u32) -> Self {
-        Self {
-            addr,
-            size,
-            r#type,
-            reserved: 0,
-        }
+        Self { addr, size, r#type, reserved: 0 }
     }
 
     /// Decodes the first [`SIZE`](Self::SIZE) bytes of `bytes`.
@@ -377,19 +340,8 @@ impl MemmapEntry {
         const WHAT: &str = "hvm_memmap_table_entry";
         check_len(WHAT, Self::SIZE, bytes)?;
         let mut r = LeReader(bytes);
-        let decoded = (|| {
-            Some(Self {
-                addr: r.u64()?,
-                size: r.u64()?,
-                r#type: r.u32()?,
-                reserved: r.u32()?,
-            })
-        })();
-        decoded.ok_or(StartInfoError::Truncated {
-            what: WHAT,
-            needed: Self::SIZE,
-            available: bytes.len(),
-        })
+        let decoded = (|| Some(Self { addr: r.u64()?, size: r.u64()?, r#type: r.u32()?, reserved: r.u32()? }))();
+        decoded.ok_or(StartInfoError::Truncated { what: WHAT, needed: Self::SIZE, available: bytes.len() })
     }
 
     /// Encodes the entry as the guest sees it.
@@ -426,17 +378,8 @@ struct Layout {
 }
 
 /// Computes the layout, naming the first region that does not fit.
-fn layout(
-    cmdline_len: usize,
-    memmap_len: usize,
-    modules_len: usize,
-) -> Result<Layout, StartInfoError> {
-    fn region(
-        what: &'static str,
-        off: usize,
-        count: usize,
-        elem: usize,
-    ) -> Result<usize, StartInfoError> {
+fn layout(cmdline_len: usize, memmap_len: usize, modules_len: usize) -> Result<Layout, StartInfoError> {
+    fn region(what: &'static str, off: usize, count: usize, elem: usize) -> Result<usize, StartInfoError> {
         let len = count.saturating_mul(elem);
         let end = off.saturating_add(len);
         if end > PAGE_SIZE {
@@ -449,17 +392,8 @@ fn layout(
     let modlist_off = region("memory map", memmap_off, memmap_len, MemmapEntry::SIZE)?;
     let cmdline_off = region("module list", modlist_off, modules_len, ModlistEntry::SIZE)?;
     // The command line takes one extra byte for its NUL.
-    region(
-        "command line",
-        cmdline_off,
-        cmdline_len.saturating_add(1),
-        1,
-    )?;
-    Ok(Layout {
-        memmap_off,
-        modlist_off,
-        cmdline_off,
-    })
+    region("command line", cmdline_off, cmdline_len.saturating_add(1), 1)?;
+    Ok(Layout { memmap_off, modlist_off, cmdline_off })
 }
 
 /// Lays out a domain's complete start info in one guest page.
@@ -488,15 +422,9 @@ pub fn build_start_page(
     }
     let l = layout(cmdline.len(), memmap.len(), modules.len())?;
     // Counts fit in u32 because they fit in the page; the fallback is unreachable.
-    let too_big = |what, len| StartInfoError::DoesNotFit {
-        what,
-        len,
-        end: usize::MAX,
-    };
-    let memmap_entries =
-        u32::try_from(memmap.len()).map_err(|_| too_big("memory map", memmap.len()))?;
-    let nr_modules =
-        u32::try_from(modules.len()).map_err(|_| too_big("module list", modules.len()))?;
+    let too_big = |what, len| StartInfoError::DoesNotFit { what, len, end: usize::MAX };
+    let memmap_entries = u32::try_from(memmap.len()).map_err(|_| too_big("memory map", memmap.len()))?;
+    let nr_modules = u32::try_from(modules.len()).map_err(|_| too_big("module list", modules.len()))?;
     // Offsets are below PAGE_SIZE and page_gpa + PAGE_SIZE - 1 fits, so these cannot wrap.
     let gpa = |off: usize| page_gpa.saturating_add(off as u64);
 
@@ -505,18 +433,10 @@ pub fn build_start_page(
         version: VERSION,
         flags: 0,
         nr_modules,
-        modlist_paddr: if modules.is_empty() {
-            0
-        } else {
-            gpa(l.modlist_off)
-        },
+        modlist_paddr: if modules.is_empty() { 0 } else { gpa(l.modlist_off) },
         cmdline_paddr: gpa(l.cmdline_off),
         rsdp_paddr: rsdp,
-        memmap_paddr: if memmap.is_empty() {
-            0
-        } else {
-            gpa(l.memmap_off)
-        },
+        memmap_paddr: if memmap.is_empty() { 0 } else { gpa(l.memmap_off) },
         memmap_entries,
         reserved: 0,
     };
@@ -530,16 +450,8 @@ pub fn build_start_page(
         }
     }
     let tail = page.get_mut(l.modlist_off..).unwrap_or_default();
-    for (m, dst) in modules
-        .iter()
-        .zip(tail.chunks_exact_mut(ModlistEntry::SIZE))
-    {
-        let entry = ModlistEntry {
-            paddr: m.paddr,
-            size: m.size,
-            cmdline_paddr: 0,
-            reserved: 0,
-        };
+    for (m, dst) in modules.iter().zip(tail.chunks_exact_mut(ModlistEntry::SIZE)) {
+        let entry = ModlistEntry { paddr: m.paddr, size: m.size, cmdline_paddr: 0, reserved: 0 };
         dst.copy_from_slice(&entry.to_bytes());
     }
     // The NUL is already there from the fill.
@@ -635,13 +547,7 @@ fn resolve(
     paddr: u64,
     len: u64,
 ) -> Result<core::ops::Range<usize>, StartInfoError> {
-    let outside = StartInfoError::OutsidePage {
-        field,
-        paddr,
-        len,
-        page_gpa,
-        page_size: page.len(),
-    };
+    let outside = StartInfoError::OutsidePage { field, paddr, len, page_gpa, page_size: page.len() };
     let off = paddr.checked_sub(page_gpa).ok_or(outside)?;
     let end = off.checked_add(len).ok_or(outside)?;
     let off = usize::try_from(off).map_err(|_| outside)?;
@@ -671,9 +577,7 @@ pub fn parse_start_page(page: &[u8], page_gpa: u64) -> Result<ParsedStartInfo<'_
         let nul = rest
             .iter()
             .position(|&b| b == 0)
-            .ok_or(StartInfoError::CmdlineUnterminated {
-                paddr: info.cmdline_paddr,
-            })?;
+            .ok_or(StartInfoError::CmdlineUnterminated { paddr: info.cmdline_paddr })?;
         rest.get(..nul).unwrap_or_default()
     };
 
@@ -685,25 +589,10 @@ pub fn parse_start_page(page: &[u8], page_gpa: u64) -> Result<ParsedStartInfo<'_
         let range = resolve(page, page_gpa, field, paddr, len)?;
         Ok(page.get(range).unwrap_or_default())
     };
-    let memmap = array(
-        "memmap_paddr",
-        info.memmap_paddr,
-        info.memmap_entries,
-        MemmapEntry::SIZE,
-    )?;
-    let modules = array(
-        "modlist_paddr",
-        info.modlist_paddr,
-        info.nr_modules,
-        ModlistEntry::SIZE,
-    )?;
+    let memmap = array("memmap_paddr", info.memmap_paddr, info.memmap_entries, MemmapEntry::SIZE)?;
+    let modules = array("modlist_paddr", info.modlist_paddr, info.nr_modules, ModlistEntry::SIZE)?;
 
-    Ok(ParsedStartInfo {
-        info,
-        cmdline,
-        memmap,
-        modules,
-    })
+    Ok(ParsedStartInfo { info, cmdline, memmap, modules })
 }
 
 #[cfg(test)]
@@ -722,16 +611,7 @@ mod tests {
     }
 
     fn sample_modules() -> [ModuleSpec; 2] {
-        [
-            ModuleSpec {
-                paddr: 0x200_0000,
-                size: 0x12345,
-            },
-            ModuleSpec {
-                paddr: 0x300_0000,
-                size: 1,
-            },
-        ]
+        [ModuleSpec { paddr: 0x200_0000, size: 0x12345 }, ModuleSpec { paddr: 0x300_0000, size: 1 }]
     }
 
     #[test]
@@ -760,10 +640,7 @@ mod tests {
         assert_eq!(&b[4..8], &[1, 0, 0, 0]);
         assert_eq!(&b[8..12], &[0, 1, 2, 3]);
         assert_eq!(&b[12..16], &[2, 0, 0, 0]);
-        assert_eq!(
-            &b[16..24],
-            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
-        );
+        assert_eq!(&b[16..24], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
         assert_eq!(b[24], 0x10);
         assert_eq!(b[32], 0x20);
         assert_eq!(b[40], 0x30);
@@ -775,12 +652,7 @@ mod tests {
         let mb = m.to_bytes();
         assert_eq!(&mb[16..20], &[3, 0, 0, 0]);
         assert_eq!(MemmapEntry::from_bytes(&mb), Ok(m));
-        let e = ModlistEntry {
-            paddr: 1,
-            size: 2,
-            cmdline_paddr: 3,
-            reserved: 4,
-        };
+        let e = ModlistEntry { paddr: 1, size: 2, cmdline_paddr: 3, reserved: 4 };
         let eb = e.to_bytes();
         assert_eq!(eb[0], 1);
         assert_eq!(eb[8], 2);
@@ -793,11 +665,7 @@ mod tests {
     fn from_bytes_truncated() {
         assert_eq!(
             StartInfo::from_bytes(&[0; 55]),
-            Err(StartInfoError::Truncated {
-                what: "hvm_start_info",
-                needed: 56,
-                available: 55
-            })
+            Err(StartInfoError::Truncated { what: "hvm_start_info", needed: 56, available: 55 })
         );
         assert!(ModlistEntry::from_bytes(&[0; 31]).is_err());
         assert!(MemmapEntry::from_bytes(&[0; 23]).is_err());
@@ -809,11 +677,7 @@ mod tests {
 
     #[test]
     fn validate_names_field() {
-        let mut si = StartInfo {
-            magic: MAGIC,
-            version: 1,
-            ..Default::default()
-        };
+        let mut si = StartInfo { magic: MAGIC, version: 1, ..Default::default() };
         assert_eq!(si.validate(), Ok(()));
         si.version = 2;
         assert_eq!(si.validate(), Ok(()));
@@ -824,10 +688,7 @@ mod tests {
         si.magic = 0x1234;
         let err = si.validate().unwrap_err();
         assert_eq!(err, StartInfoError::BadMagic { found: 0x1234 });
-        assert_eq!(
-            err.to_string(),
-            "hvm_start_info.magic is 0x00001234, expected 0x336ec578"
-        );
+        assert_eq!(err.to_string(), "hvm_start_info.magic is 0x00001234, expected 0x336ec578");
     }
 
     #[test]
@@ -835,15 +696,7 @@ mod tests {
         let mut page = [0xccu8; PAGE_SIZE];
         let memmap = sample_memmap();
         let modules = sample_modules();
-        build_start_page(
-            &mut page,
-            GPA,
-            b"console=ttyS0 loglevel=7",
-            &memmap,
-            &modules,
-            0xe_0000,
-        )
-        .unwrap();
+        build_start_page(&mut page, GPA, b"console=ttyS0 loglevel=7", &memmap, &modules, 0xe_0000).unwrap();
 
         let p = parse_start_page(&page, GPA).unwrap();
         assert_eq!(p.cmdline(), b"console=ttyS0 loglevel=7");
@@ -853,10 +706,7 @@ mod tests {
         let mods: Vec<_> = p.modules().collect();
         assert_eq!(mods.len(), 2);
         for (m, s) in mods.iter().zip(&modules) {
-            assert_eq!(
-                (m.paddr, m.size, m.cmdline_paddr, m.reserved),
-                (s.paddr, s.size, 0, 0)
-            );
+            assert_eq!((m.paddr, m.size, m.cmdline_paddr, m.reserved), (s.paddr, s.size, 0, 0));
         }
 
         // The documented layout: header, memmap, modlist, cmdline, zeros.
@@ -891,10 +741,7 @@ mod tests {
         let mut page = [0u8; PAGE_SIZE];
         let max_cmd = vec![b'a'; PAGE_SIZE - 56 - 1];
         build_start_page(&mut page, GPA, &max_cmd, &[], &[], 0).unwrap();
-        assert_eq!(
-            parse_start_page(&page, GPA).unwrap().cmdline(),
-            &max_cmd[..]
-        );
+        assert_eq!(parse_start_page(&page, GPA).unwrap().cmdline(), &max_cmd[..]);
         assert_eq!(page[PAGE_SIZE - 1], 0);
 
         let too_long = vec![b'a'; PAGE_SIZE - 56];
@@ -902,11 +749,7 @@ mod tests {
         let err = build_start_page(&mut page, GPA, &too_long, &[], &[], 0).unwrap_err();
         assert_eq!(
             err,
-            StartInfoError::DoesNotFit {
-                what: "command line",
-                len: PAGE_SIZE - 56 + 1,
-                end: PAGE_SIZE + 1
-            }
+            StartInfoError::DoesNotFit { what: "command line", len: PAGE_SIZE - 56 + 1, end: PAGE_SIZE + 1 }
         );
         assert_eq!(
             err.to_string(),
@@ -926,22 +769,11 @@ mod tests {
         let err = build_start_page(&mut page, GPA, b"", &entries, &[], 0).unwrap_err();
         assert_eq!(
             err,
-            StartInfoError::DoesNotFit {
-                what: "memory map",
-                len: (fits + 1) * 24,
-                end: 56 + (fits + 1) * 24
-            }
+            StartInfoError::DoesNotFit { what: "memory map", len: (fits + 1) * 24, end: 56 + (fits + 1) * 24 }
         );
         // With a long command line the memmap fits but the command line does not.
-        let err =
-            build_start_page(&mut page, GPA, &[b'x'; 100], &entries[..fits], &[], 0).unwrap_err();
-        assert!(matches!(
-            err,
-            StartInfoError::DoesNotFit {
-                what: "command line",
-                ..
-            }
-        ));
+        let err = build_start_page(&mut page, GPA, &[b'x'; 100], &entries[..fits], &[], 0).unwrap_err();
+        assert!(matches!(err, StartInfoError::DoesNotFit { what: "command line", .. }));
     }
 
     #[test]
@@ -950,10 +782,7 @@ mod tests {
         let mods = vec![ModuleSpec::default(); 200];
         assert!(matches!(
             build_start_page(&mut page, GPA, b"", &[], &mods, 0),
-            Err(StartInfoError::DoesNotFit {
-                what: "module list",
-                ..
-            })
+            Err(StartInfoError::DoesNotFit { what: "module list", .. })
         ));
     }
 
@@ -982,15 +811,7 @@ mod tests {
 
     fn built() -> [u8; PAGE_SIZE] {
         let mut page = [0u8; PAGE_SIZE];
-        build_start_page(
-            &mut page,
-            GPA,
-            b"root=/dev/vda",
-            &sample_memmap(),
-            &sample_modules(),
-            0,
-        )
-        .unwrap();
+        build_start_page(&mut page, GPA, b"root=/dev/vda", &sample_memmap(), &sample_modules(), 0).unwrap();
         page
     }
 
@@ -1004,33 +825,18 @@ mod tests {
     fn bad_magic_rejected() {
         let mut page = built();
         page[0] ^= 1;
-        assert!(matches!(
-            parse_start_page(&page, GPA),
-            Err(StartInfoError::BadMagic { .. })
-        ));
+        assert!(matches!(parse_start_page(&page, GPA), Err(StartInfoError::BadMagic { .. })));
         let mut page = built();
         set_info(&mut page, |si| si.version = 0);
-        assert_eq!(
-            parse_start_page(&page, GPA).unwrap_err(),
-            StartInfoError::UnsupportedVersion { found: 0 }
-        );
-        assert!(matches!(
-            parse_start_page(&page[..40], GPA),
-            Err(StartInfoError::Truncated { .. })
-        ));
+        assert_eq!(parse_start_page(&page, GPA).unwrap_err(), StartInfoError::UnsupportedVersion { found: 0 });
+        assert!(matches!(parse_start_page(&page[..40], GPA), Err(StartInfoError::Truncated { .. })));
     }
 
     #[test]
     fn parse_at_wrong_gpa_fails() {
         let page = built();
         let err = parse_start_page(&page, GPA + 0x1000).unwrap_err();
-        assert!(matches!(
-            err,
-            StartInfoError::OutsidePage {
-                field: "cmdline_paddr",
-                ..
-            }
-        ));
+        assert!(matches!(err, StartInfoError::OutsidePage { field: "cmdline_paddr", .. }));
     }
 
     #[test]
@@ -1082,10 +888,7 @@ mod tests {
         set_info(&mut page, |si| si.nr_modules = u32::MAX);
         assert!(matches!(
             parse_start_page(&page, GPA),
-            Err(StartInfoError::OutsidePage {
-                field: "modlist_paddr",
-                ..
-            })
+            Err(StartInfoError::OutsidePage { field: "modlist_paddr", .. })
         ));
         // Pointer near u64::MAX must not overflow.
         let mut page = built();
@@ -1112,9 +915,7 @@ mod tests {
         set_info(&mut page, |si| si.cmdline_paddr = GPA + off as u64);
         assert_eq!(
             parse_start_page(&page, GPA).unwrap_err(),
-            StartInfoError::CmdlineUnterminated {
-                paddr: GPA + off as u64
-            }
+            StartInfoError::CmdlineUnterminated { paddr: GPA + off as u64 }
         );
         // A zero pointer means no command line.
         set_info(&mut page, |si| si.cmdline_paddr = 0);
@@ -1124,18 +925,10 @@ mod tests {
     #[test]
     fn all_errors_display() {
         let errs = [
-            StartInfoError::Truncated {
-                what: "x",
-                needed: 1,
-                available: 0,
-            },
+            StartInfoError::Truncated { what: "x", needed: 1, available: 0 },
             StartInfoError::BadMagic { found: 0 },
             StartInfoError::UnsupportedVersion { found: 0 },
-            StartInfoError::DoesNotFit {
-                what: "memory map",
-                len: usize::MAX,
-                end: usize::MAX,
-            },
+            StartInfoError::DoesNotFit { what: "memory map", len: usize::MAX, end: usize::MAX },
             StartInfoError::CmdlineContainsNul { offset: 3 },
             StartInfoError::BadPageAddress { page_gpa: u64::MAX },
             StartInfoError::OutsidePage {
@@ -1153,13 +946,11 @@ mod tests {
     }
 
     fn memmap_entry() -> impl Strategy<Value = MemmapEntry> {
-        (any::<u64>(), any::<u64>(), 1u32..=7, any::<u32>()).prop_map(|(addr, size, t, r)| {
-            MemmapEntry {
-                addr,
-                size,
-                r#type: t,
-                reserved: r,
-            }
+        (any::<u64>(), any::<u64>(), 1u32..=7, any::<u32>()).prop_map(|(addr, size, t, r)| MemmapEntry {
+            addr,
+            size,
+            r#type: t,
+            reserved: r,
         })
     }
 

@@ -21,22 +21,48 @@ pub fn artifacts() -> Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS
         .get_or_init(|| {
+            let default_stack = xtask::manifest::default_stack_path();
             match (
                 std::env::var_os("STACK_MICROVISOR"),
                 std::env::var_os("STACK_BUNDLE"),
+                std::env::var_os("STACK_IMAGES"),
             ) {
-                (Some(m), Some(b)) => Artifacts {
-                    microvisor: PathBuf::from(m),
-                    bundle: PathBuf::from(b),
-                },
+                (Some(m), Some(b), Some(i)) => {
+                    let images = PathBuf::from(i);
+                    let scratch = std::env::temp_dir().join(format!("stack-tests-{}-default.bin", std::process::id()));
+                    let stack = xtask::build::pack(&images, &default_stack, &scratch)
+                        .unwrap_or_else(|e| panic!("reading the default stack: {e}"));
+                    Artifacts { microvisor: PathBuf::from(m), bundle: PathBuf::from(b), images, stack }
+                }
                 _ => {
                     let dir = xtask::workspace_root().join("target").join("e2e");
-                    xtask::build::build(&dir)
+                    xtask::build::build(&dir, &default_stack)
                         .unwrap_or_else(|e| panic!("building the stack failed: {e}"))
                 }
             }
         })
         .clone()
+}
+
+/// A machine booting the stack described by `manifest` (a path relative to the workspace).
+pub fn stack_machine(manifest: &str, append: &str) -> Machine {
+    let a = artifacts();
+    let name = manifest.replace(['/', '.'], "-");
+    let out = std::env::temp_dir().join(format!("stack-tests-{}-{name}.bin", std::process::id()));
+    let stack = xtask::build::pack(&a.images, &xtask::workspace_root().join(manifest), &out)
+        .unwrap_or_else(|e| panic!("packing {manifest}: {e}"));
+    let mut m = Machine::new(&Artifacts { bundle: out, stack, ..a });
+    m.append = append.to_string();
+    m
+}
+
+/// Boot until every line in `wanted` has appeared (QEMU is then stopped), QEMU exits, or
+/// the timeout passes.
+pub fn boot_until(machine: &Machine, wanted: &[&str]) -> Run {
+    xtask::qemu::run_captured(machine, BOOT_TIMEOUT, false, |lines| {
+        wanted.iter().all(|w| lines.iter().any(|l| l.contains(w)))
+    })
+    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"))
 }
 
 /// The standard machine with `append` as the microvisor's command line.
@@ -51,11 +77,7 @@ pub fn boot(machine: &Machine) -> Run {
     let run = xtask::qemu::run_captured(machine, BOOT_TIMEOUT, false, |_| false)
         .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
     if let Ending::TimedOut = run.ending {
-        panic!(
-            "QEMU timed out after {:?}; console:\n{}",
-            BOOT_TIMEOUT,
-            run.console()
-        );
+        panic!("QEMU timed out after {:?}; console:\n{}", BOOT_TIMEOUT, run.console());
     }
     run
 }
@@ -63,20 +85,12 @@ pub fn boot(machine: &Machine) -> Run {
 /// Assert that the console has a line containing `needle`, showing the console if not.
 #[track_caller]
 pub fn assert_line(run: &Run, needle: &str) {
-    assert!(
-        run.has_line(needle),
-        "no console line contains {needle:?}; console was:\n{}",
-        run.console()
-    );
+    assert!(run.has_line(needle), "no console line contains {needle:?}; console was:\n{}", run.console());
 }
 
 #[track_caller]
 pub fn assert_no_line(run: &Run, needle: &str) {
-    assert!(
-        !run.has_line(needle),
-        "a console line contains {needle:?}; console was:\n{}",
-        run.console()
-    );
+    assert!(!run.has_line(needle), "a console line contains {needle:?}; console was:\n{}", run.console());
 }
 
 #[track_caller]

@@ -6,10 +6,7 @@ use stack_tests::*;
 fn normal_boot_reaches_dom0_ready_in_guest_mode() {
     let run = boot(&machine("dom0.on_ready=shutdown"));
     assert_exit(&run, MachineExit::Success);
-    assert_line(
-        &run,
-        "[microvisor] microvisor 0.1.0 (AMD SVM + nested paging",
-    );
+    assert_line(&run, "[microvisor] microvisor 0.1.0 (AMD SVM + nested paging");
     assert_line(&run, "[microvisor] cpu: SVM with nested paging");
     // The ACPI summary names the VT-d unit QEMU's intel-iommu puts at 0xfed90000.
     assert_line(&run, "IOMMU: 1 VT-d unit(s) at 0xfed90000");
@@ -17,10 +14,7 @@ fn normal_boot_reaches_dom0_ready_in_guest_mode() {
     assert_line(&run, "PCI ECAM 0xb0000000");
     assert_line(&run, "[microvisor] dom0: 32 MiB RAM, ASID 1");
     // dom0 itself sees the hypervisor through CPUID, i.e. it runs in guest mode.
-    assert_line(
-        &run,
-        "[dom0] CPUID: hypervisor bit set, signature \"Microvisor\", ABI 1",
-    );
+    assert_line(&run, "[dom0] CPUID: hypervisor bit set, signature \"Microvisor\", ABI 1");
     assert_line(&run, "[dom0] boot bundle: 1 image(s): [(\"dom0\"");
     assert_line(&run, "[dom0] ready (in SVM guest mode)");
     assert_line(&run, "[microvisor] shutdown requested with status 0");
@@ -29,14 +23,9 @@ fn normal_boot_reaches_dom0_ready_in_guest_mode() {
 
 #[test]
 fn dom0_command_line_comes_from_the_microvisor_command_line() {
-    let run = boot(&machine(
-        "dom0.on_ready=shutdown dom0.hello=world unrelated=1",
-    ));
+    let run = boot(&machine("dom0.on_ready=shutdown dom0.hello=world unrelated=1"));
     assert_exit(&run, MachineExit::Success);
-    assert_line(
-        &run,
-        "[dom0] dom0 starting: 32 MiB RAM, command line \"on_ready=shutdown hello=world\"",
-    );
+    assert_line(&run, "[dom0] dom0 starting: 32 MiB RAM, command line \"on_ready=shutdown hello=world\"");
 }
 
 #[test]

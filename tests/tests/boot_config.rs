@@ -28,10 +28,7 @@ fn missing_bundle_is_reported() {
     let mut m = machine("");
     m.initrd = None;
     let run = boot(&m);
-    assert_line(
-        &run,
-        "[microvisor] FATAL: boot: no boot bundle module: start QEMU with -initrd",
-    );
+    assert_line(&run, "[microvisor] FATAL: boot: no boot bundle module: start QEMU with -initrd");
     assert_exit(&run, MachineExit::BadBoot);
 }
 
@@ -63,10 +60,7 @@ fn bundle_without_dom0_names_the_missing_image() {
     let mut m = machine("");
     m.initrd = Some(temp_file("no-dom0-bundle.bin", &other));
     let run = boot(&m);
-    assert_line(
-        &run,
-        "[microvisor] FATAL: boot bundle: no image named \"dom0\"",
-    );
+    assert_line(&run, "[microvisor] FATAL: boot bundle: no image named \"dom0\"");
     assert_exit(&run, MachineExit::BadBoot);
 }
 

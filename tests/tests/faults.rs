@@ -7,10 +7,7 @@ use stack_tests::*;
 #[test]
 fn stage2_fault_names_address_and_domain_and_microvisor_survives() {
     let run = boot(&machine("dom0.selftest=stage2-fault"));
-    assert_line(
-        &run,
-        "[dom0] selftest: reading guest-physical 0x80000000, outside my RAM",
-    );
+    assert_line(&run, "[dom0] selftest: reading guest-physical 0x80000000, outside my RAM");
     assert_line(
         &run,
         "[microvisor] domain dom0 stopped: stage-2 fault: read at guest-physical 0x80000000 \
@@ -19,10 +16,7 @@ fn stage2_fault_names_address_and_domain_and_microvisor_survives() {
     assert_no_line(&run, "selftest FAILED");
     // The microvisor is still in control after the report: it notices nothing is left to
     // run and ends the machine in order (not a crash, not a reset).
-    assert_line(
-        &run,
-        "[microvisor] no runnable domains left: stopping the machine",
-    );
+    assert_line(&run, "[microvisor] no runnable domains left: stopping the machine");
     assert_no_line(&run, "FATAL");
     assert_exit(&run, MachineExit::NoDomainsLeft);
 }
@@ -30,10 +24,7 @@ fn stage2_fault_names_address_and_domain_and_microvisor_survives() {
 #[test]
 fn triple_fault_in_a_domain_is_reported_and_contained() {
     let run = boot(&machine("dom0.selftest=triple-fault"));
-    assert_line(
-        &run,
-        "[microvisor] domain dom0 stopped: triple fault (shutdown)",
-    );
+    assert_line(&run, "[microvisor] domain dom0 stopped: triple fault (shutdown)");
     assert_no_line(&run, "selftest FAILED");
     assert_no_line(&run, "FATAL");
     assert_exit(&run, MachineExit::NoDomainsLeft);
@@ -41,30 +32,19 @@ fn triple_fault_in_a_domain_is_reported_and_contained() {
 
 #[test]
 fn bad_hypercalls_get_error_codes_and_dom0_carries_on() {
-    let run = boot(&machine(
-        "dom0.selftest=bad-hypercall dom0.on_ready=shutdown",
-    ));
+    let run = boot(&machine("dom0.selftest=bad-hypercall dom0.on_ready=shutdown"));
     let code = |e: ipc_spec::Error| e.code();
     assert_line(
         &run,
-        &format!(
-            "selftest: unknown hypercall returned status {}",
-            code(ipc_spec::Error::UnknownHypercall)
-        ),
+        &format!("selftest: unknown hypercall returned status {}", code(ipc_spec::Error::UnknownHypercall)),
     );
     assert_line(
         &run,
-        &format!(
-            "selftest: console write from outside RAM returned status {}",
-            code(ipc_spec::Error::BadAddress)
-        ),
+        &format!("selftest: console write from outside RAM returned status {}", code(ipc_spec::Error::BadAddress)),
     );
     assert_line(
         &run,
-        &format!(
-            "selftest: oversized console write returned status {}",
-            code(ipc_spec::Error::InvalidArgument)
-        ),
+        &format!("selftest: oversized console write returned status {}", code(ipc_spec::Error::InvalidArgument)),
     );
     assert_line(&run, "[dom0] ready");
     assert_exit(&run, MachineExit::Success);
@@ -73,10 +53,7 @@ fn bad_hypercalls_get_error_codes_and_dom0_carries_on() {
 #[test]
 fn exception_in_the_microvisor_is_reported_with_its_context() {
     let run = boot(&machine("selftest=exit-handler-fault"));
-    assert_line(
-        &run,
-        "[microvisor] FATAL: CPU exception 6 (#UD invalid opcode) in the microvisor",
-    );
+    assert_line(&run, "[microvisor] FATAL: CPU exception 6 (#UD invalid opcode) in the microvisor");
     assert_line(&run, "error code 0x0, RIP 0x");
     assert_line(&run, "CR2 0x");
     assert_line(&run, "[microvisor]   while handling domain dom0");

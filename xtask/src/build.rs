@@ -1,90 +1,121 @@
-//! Building the bare-metal images and packing the boot bundle.
+//! Building the bare-metal images and packing boot bundles.
+//!
+//! Compiling happens once (`compile`); a bundle is then packed per stack manifest (`pack`):
+//! dom0's image, the images the manifest uses, and the manifest itself (postcard).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{workspace_root, BARE_METAL_TARGET};
 
-/// Domain images packed into the bundle: (bundle name, cargo package).
-pub const DOMAIN_IMAGES: &[(&str, &str)] = &[(ipc_spec::DOM0_IMAGE, "dom0")];
+/// Domain images a manifest may use: (bundle name, cargo package, binary).
+pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
+    ("ipc-client", "domains", "ipc-client"),
+    ("ipc-server", "domains", "ipc-server"),
+    ("rogue", "domains", "rogue"),
+    ("spinner", "domains", "spinner"),
+];
+
+/// The names manifests may use as `image`.
+pub fn known_images() -> Vec<&'static str> {
+    DOMAIN_IMAGES.iter().map(|(name, _, _)| *name).collect()
+}
 
 /// What a build produces.
 #[derive(Clone, Debug)]
 pub struct Artifacts {
     /// The microvisor ELF, booted with QEMU `-kernel`.
     pub microvisor: PathBuf,
-    /// The boot bundle, given with QEMU `-initrd`.
+    /// The boot bundle of the stack, given with QEMU `-initrd`.
     pub bundle: PathBuf,
+    /// Where the compiled images are (to pack other stacks).
+    pub images: PathBuf,
+    /// What the stack's manifest says.
+    pub stack: StackInfo,
 }
 
-impl Artifacts {
-    /// Where `build` puts things under a cargo target directory.
-    pub fn in_dir(stack_dir: &Path) -> Self {
-        Self {
-            microvisor: stack_dir.join("microvisor.elf"),
-            bundle: stack_dir.join("bundle.bin"),
+/// The parts of a stack manifest the tools need.
+#[derive(Clone, Debug, Default)]
+pub struct StackInfo {
+    /// The domains besides dom0, as the manifest names them.
+    pub domains: Vec<String>,
+    /// RAM of the machine (QEMU `-m`).
+    pub memory_mib: u32,
+}
+
+/// Compile every image (release, bare-metal) into `target_dir`; returns the images folder.
+pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
+    crate::setup::ensure_target()?;
+    // The microvisor is built on its own: built together with the domains, cargo would
+    // unify features and link ipc-spec's allocating manifest code into the microvisor.
+    for packages in [&["microvisor"][..], &["dom0", "domains"][..]] {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(workspace_root())
+            .args(["build", "--release", "--target", BARE_METAL_TARGET])
+            .env("CARGO_TARGET_DIR", target_dir);
+        for p in packages {
+            cmd.args(["-p", p]);
+        }
+        eprintln!("build: compiling {} for {BARE_METAL_TARGET}", packages.join(", "));
+        let status = cmd.status().map_err(|e| format!("could not run cargo: {e}"))?;
+        if !status.success() {
+            return Err("cargo build of the bare-metal images failed (see the errors above)".into());
         }
     }
+    Ok(target_dir.join(BARE_METAL_TARGET).join("release"))
 }
 
-/// Build every image (release, bare-metal) into `target_dir` and pack the bundle.
-pub fn build(target_dir: &Path) -> Result<Artifacts, String> {
-    crate::setup::ensure_target()?;
-    let root = workspace_root();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            BARE_METAL_TARGET,
-            "-p",
-            "microvisor",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir);
-    for (_, package) in DOMAIN_IMAGES {
-        cmd.args(["-p", package]);
+/// Pack the bundle for the stack manifest `stack` from compiled `images` into `out`.
+pub fn pack(images: &Path, stack: &Path, out: &Path) -> Result<StackInfo, String> {
+    let manifest = crate::manifest::load(stack, &known_images())?;
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    let read = |bin: &str| {
+        let path = images.join(bin);
+        std::fs::read(&path).map_err(|e| format!("reading {}: {e} (run `cargo xtask build` first)", path.display()))
+    };
+    entries.push((ipc_spec::DOM0_IMAGE.to_string(), read("dom0")?));
+    for image in crate::manifest::images(&manifest) {
+        let bin = DOMAIN_IMAGES
+            .iter()
+            .find(|(name, _, _)| *name == image)
+            .map(|(_, _, bin)| *bin)
+            .ok_or_else(|| format!("{}: image \"{image}\" has no binary", stack.display()))?;
+        entries.push((image.to_string(), read(bin)?));
     }
-    eprintln!("build: compiling the microvisor and domain images for {BARE_METAL_TARGET}");
-    let status = cmd
-        .status()
-        .map_err(|e| format!("could not run cargo: {e}"))?;
-    if !status.success() {
-        return Err("cargo build of the bare-metal images failed (see the errors above)".into());
+    entries.push((ipc_spec::manifest::MANIFEST_ENTRY.to_string(), crate::manifest::pack(&manifest)));
+    let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let bundle = ipc_spec::bundle::build(&refs).map_err(|e| format!("packing the boot bundle: {e}"))?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
-    let out = target_dir.join(BARE_METAL_TARGET).join("release");
+    std::fs::write(out, &bundle).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    Ok(StackInfo {
+        domains: manifest.domains.iter().map(|d| d.name.clone()).collect(),
+        memory_mib: manifest.machine_memory_mib,
+    })
+}
+
+/// Compile everything and pack the bundle of `stack` into `<target>/stack/`.
+pub fn build(target_dir: &Path, stack: &Path) -> Result<Artifacts, String> {
+    let images = compile(target_dir)?;
     let stack_dir = target_dir.join("stack");
-    std::fs::create_dir_all(&stack_dir)
-        .map_err(|e| format!("creating {}: {e}", stack_dir.display()))?;
-    let artifacts = Artifacts::in_dir(&stack_dir);
-    copy(&out.join("microvisor"), &artifacts.microvisor)?;
-
-    let mut images = Vec::new();
-    for (name, package) in DOMAIN_IMAGES {
-        let path = out.join(package);
-        let data = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        images.push((*name, data));
-    }
-    let entries: Vec<(&str, &[u8])> = images.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-    let bundle =
-        ipc_spec::bundle::build(&entries).map_err(|e| format!("packing the boot bundle: {e}"))?;
-    std::fs::write(&artifacts.bundle, &bundle)
-        .map_err(|e| format!("writing {}: {e}", artifacts.bundle.display()))?;
+    std::fs::create_dir_all(&stack_dir).map_err(|e| format!("creating {}: {e}", stack_dir.display()))?;
+    let microvisor = stack_dir.join("microvisor.elf");
+    let from = images.join("microvisor");
+    std::fs::copy(&from, &microvisor)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), microvisor.display()))?;
+    let bundle = stack_dir.join("bundle.bin");
+    let info = pack(&images, stack, &bundle)?;
     eprintln!(
-        "build: {} ({} KiB), {} ({} KiB, {} image(s))",
-        artifacts.microvisor.display(),
-        file_len(&artifacts.microvisor) / 1024,
-        artifacts.bundle.display(),
-        bundle.len() / 1024,
-        images.len()
+        "build: {} ({} KiB), {} ({} KiB: dom0 + {} domain(s) from {})",
+        microvisor.display(),
+        file_len(&microvisor) / 1024,
+        bundle.display(),
+        file_len(&bundle) / 1024,
+        info.domains.len(),
+        stack.display()
     );
-    Ok(artifacts)
-}
-
-fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+    Ok(Artifacts { microvisor, bundle, images, stack: info })
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -93,7 +124,5 @@ fn file_len(p: &Path) -> u64 {
 
 /// The default target directory (`<workspace>/target`, or `$CARGO_TARGET_DIR`).
 pub fn default_target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }

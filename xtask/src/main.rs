@@ -14,14 +14,16 @@
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use xtask::build::{self, DOMAIN_IMAGES};
+use std::path::PathBuf;
+
+use xtask::build;
 use xtask::qemu::{self, describe_exit, Ending, Machine};
 use xtask::{setup, workspace_root};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("build") => build::build(&build::default_target_dir()).map(|_| ()),
+        Some("build") => build_command(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
@@ -41,14 +43,38 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <command>
-  build                 build the microvisor and domain images, pack target/stack/bundle.bin
-  run [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
+  build [--stack file]  build the microvisor and domain images, pack target/stack/bundle.bin
+                        for the stack manifest (default stacks/demo.toml)
+  run [--stack file] [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
                         boot the stack in QEMU (console on this terminal; Ctrl-A X quits)
   test                  host tests, then the QEMU end-to-end tests
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json";
 
+fn stack_option(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
+    let mut stack = xtask::manifest::default_stack_path();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--stack" {
+            stack = PathBuf::from(it.next().ok_or("--stack needs a manifest file")?);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((stack, rest))
+}
+
+fn build_command(args: &[String]) -> Result<(), String> {
+    let (stack, rest) = stack_option(args)?;
+    if let Some(a) = rest.first() {
+        return Err(format!("build: unknown option `{a}`"));
+    }
+    build::build(&build::default_target_dir(), &stack).map(|_| ())
+}
+
 struct RunOptions {
+    stack: PathBuf,
     smoke: bool,
     gdb: bool,
     append: String,
@@ -56,12 +82,10 @@ struct RunOptions {
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions, String> {
-    let mut o = RunOptions {
-        smoke: false,
-        gdb: false,
-        append: String::new(),
-        timeout: Duration::from_secs(120),
-    };
+    let (stack, args) = stack_option(args)?;
+    let args = &args[..];
+    let mut o =
+        RunOptions { stack, smoke: false, gdb: false, append: String::new(), timeout: Duration::from_secs(120) };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -70,10 +94,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
             "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a number of seconds")?;
-                o.timeout = Duration::from_secs(
-                    v.parse()
-                        .map_err(|_| format!("--timeout: `{v}` is not a number"))?,
-                );
+                o.timeout = Duration::from_secs(v.parse().map_err(|_| format!("--timeout: `{v}` is not a number"))?);
             }
             other => return Err(format!("run: unknown option `{other}`\n\n{USAGE}")),
         }
@@ -84,40 +105,33 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
 fn run(args: &[String]) -> Result<(), String> {
     let opts = parse_run(args)?;
     setup::ensure_qemu()?;
-    let artifacts = build::build(&build::default_target_dir())?;
+    let artifacts = build::build(&build::default_target_dir(), &opts.stack)?;
     let mut machine = Machine::new(&artifacts);
     machine.append = opts.append.clone();
     machine.gdb = opts.gdb;
     if !opts.smoke {
         println!("xtask: {}", machine.display_command(true));
         if opts.gdb {
-            println!(
-                "xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'",
-                artifacts.microvisor.display()
-            );
+            println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
         }
         println!("xtask: console follows; press Ctrl-A X to quit QEMU");
-        let status = machine
-            .interactive_command()
-            .status()
-            .map_err(|e| format!("could not start QEMU: {e}"))?;
+        let status = machine.interactive_command().status().map_err(|e| format!("could not start QEMU: {e}"))?;
         println!("xtask: QEMU ended: {}", describe_exit(status.code()));
         return Ok(());
     }
-    smoke(&machine, opts.timeout)
+    smoke(&machine, &artifacts, opts.timeout)
 }
 
 /// Boot, wait until every domain of the stack reports ready, then stop QEMU.
-fn smoke(machine: &Machine, timeout: Duration) -> Result<(), String> {
+fn smoke(machine: &Machine, artifacts: &build::Artifacts, timeout: Duration) -> Result<(), String> {
     println!("smoke: {}", machine.display_command(false));
-    let domains: Vec<&str> = DOMAIN_IMAGES.iter().map(|(name, _)| *name).collect();
+    let mut domains: Vec<&str> = vec![ipc_spec::DOM0_IMAGE];
+    domains.extend(artifacts.stack.domains.iter().map(String::as_str));
     let ready = |lines: &[String], d: &str| {
         let prefix = format!("[{d}] ready");
         lines.iter().any(|l| l.starts_with(&prefix))
     };
-    let run = qemu::run_captured(machine, timeout, true, |lines| {
-        domains.iter().all(|d| ready(lines, d))
-    })?;
+    let run = qemu::run_captured(machine, timeout, true, |lines| domains.iter().all(|d| ready(lines, d)))?;
     let find = |needle: &str| run.lines.iter().find(|l| l.contains(needle)).cloned();
     match run.ending {
         Ending::Stopped => {
@@ -138,7 +152,11 @@ fn smoke(machine: &Machine, timeout: Duration) -> Result<(), String> {
                 "smoke: QEMU ended before {:?} reported ready: {}{}",
                 missing,
                 describe_exit(code),
-                if run.stderr.trim().is_empty() { String::new() } else { format!("\nQEMU said: {}", run.stderr.trim()) }
+                if run.stderr.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("\nQEMU said: {}", run.stderr.trim())
+                }
             ))
         }
         Ending::TimedOut => Err(format!(
@@ -171,12 +189,13 @@ fn test(args: &[String]) -> Result<(), String> {
     }
     println!("xtask test: [2/3] building the bare-metal images");
     let target_dir = build::default_target_dir();
-    let artifacts = build::build(&target_dir)?;
+    let artifacts = build::build(&target_dir, &xtask::manifest::default_stack_path())?;
     println!("xtask test: [3/3] end-to-end tests in QEMU (cargo test -p stack-tests)");
     let ok = cargo()
         .args(["test", "-p", "stack-tests"])
         .env("STACK_MICROVISOR", &artifacts.microvisor)
         .env("STACK_BUNDLE", &artifacts.bundle)
+        .env("STACK_IMAGES", &artifacts.images)
         .status()
         .map_err(|e| format!("could not run cargo: {e}"))?
         .success();

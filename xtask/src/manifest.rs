@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use ipc_spec::manifest::{
-    self, ChannelKind, ChannelSpec, DomainSpec, Field, Manifest, Problem, ProblemKind,
-    MANIFEST_VERSION,
+    self, ChannelKind, ChannelSpec, DomainSpec, Field, Manifest, Problem, ProblemKind, MANIFEST_VERSION,
 };
 use serde::Deserialize;
 
@@ -77,12 +76,14 @@ struct ChannelSection {
 enum KindValue {
     #[default]
     Endpoint,
+    Notification,
 }
 
 impl From<KindValue> for ChannelKind {
     fn from(kind: KindValue) -> Self {
         match kind {
             KindValue::Endpoint => ChannelKind::Endpoint,
+            KindValue::Notification => ChannelKind::Notification,
         }
     }
 }
@@ -96,13 +97,8 @@ impl From<KindValue> for ChannelKind {
 pub fn load(path: &Path, known_images: &[&str]) -> Result<Manifest, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read the stack manifest: {e}", path.display()))?;
-    parse(&text, known_images).map_err(|problems| {
-        problems
-            .iter()
-            .map(|p| format!("{}: {p}", path.display()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
+    parse(&text, known_images)
+        .map_err(|problems| problems.iter().map(|p| format!("{}: {p}", path.display())).collect::<Vec<_>>().join("\n"))
 }
 
 /// Parses and validates manifest text; each error is `<field>: <problem>` (or the toml
@@ -129,55 +125,27 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
         // A value that does not fit its field is reported here and replaced by a valid
         // one, so that `validate` does not report it a second time.
         let memory_mib = u32::try_from(d.memory_mib).unwrap_or_else(|_| {
-            push(
-                field("memory_mib"),
-                ProblemKind::MemoryOutOfRange { mib: d.memory_mib },
-            );
+            push(field("memory_mib"), ProblemKind::MemoryOutOfRange { mib: d.memory_mib });
             manifest::MIN_DOMAIN_MEMORY_MIB
         });
         let priority = u8::try_from(d.priority).unwrap_or_else(|_| {
-            push(
-                field("priority"),
-                ProblemKind::PriorityOutOfRange {
-                    priority: d.priority,
-                },
-            );
+            push(field("priority"), ProblemKind::PriorityOutOfRange { priority: d.priority });
             manifest::MIN_PRIORITY
         });
         let vcpus = u8::try_from(d.vcpus).unwrap_or_else(|_| {
-            push(
-                field("vcpus"),
-                ProblemKind::UnsupportedVcpus { vcpus: d.vcpus },
-            );
+            push(field("vcpus"), ProblemKind::UnsupportedVcpus { vcpus: d.vcpus });
             manifest::SUPPORTED_VCPUS
         });
-        domains.push(DomainSpec {
-            name: d.name,
-            image: d.image,
-            memory_mib,
-            priority,
-            vcpus,
-            args: d.args,
-        });
+        domains.push(DomainSpec { name: d.name, image: d.image, memory_mib, priority, vcpus, args: d.args });
     }
 
     let channels = file
         .channel
         .into_iter()
-        .map(|c| ChannelSpec {
-            name: c.name,
-            kind: c.kind.into(),
-            client: c.client,
-            server: c.server,
-        })
+        .map(|c| ChannelSpec { name: c.name, kind: c.kind.into(), client: c.client, server: c.server })
         .collect();
 
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        machine_memory_mib,
-        domains,
-        channels,
-    };
+    let manifest = Manifest { version: MANIFEST_VERSION, machine_memory_mib, domains, channels };
     if let Err(more) = manifest::validate(&manifest, known_images) {
         problems.extend(more);
     }
@@ -191,8 +159,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
 
 /// Deserializes the TOML text, naming the field of a schema error.
 fn parse_toml(text: &str) -> Result<StackFile, String> {
-    let deserializer =
-        toml::Deserializer::parse(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| e.to_string().trim_end().to_owned())?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         // The path is written like ours (`domain[1].colour`), or `.` for the top level.
         let path = e.path().to_string();
@@ -273,8 +240,7 @@ server = "pong"
     /// Writes `text` to a file of its own in the temp directory, loads it, removes it.
     /// Returns the result and the file's path as shown in messages.
     fn load_text(test: &str, text: &str) -> (Result<Manifest, String>, String) {
-        let path =
-            std::env::temp_dir().join(format!("xtask-manifest-{}-{test}.toml", std::process::id()));
+        let path = std::env::temp_dir().join(format!("xtask-manifest-{}-{test}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
         let result = load(&path, IMAGES);
         std::fs::remove_file(&path).unwrap();
@@ -289,10 +255,7 @@ server = "pong"
             Ok(m) => panic!("{test}: accepted: {m:?}"),
             Err(e) => e,
         };
-        assert!(
-            message.starts_with(&format!("{path}: ")),
-            "{test}: {message}"
-        );
+        assert!(message.starts_with(&format!("{path}: ")), "{test}: {message}");
         assert!(message.contains(&format!("{field}: ")), "{test}: {message}");
         for p in problem {
             assert!(message.contains(p), "{test}: {p:?} not in: {message}");
@@ -337,17 +300,11 @@ server = "pong"
         assert_eq!(names, ["pong", "ping"]);
         assert_eq!(m.domain("pong").unwrap().image, "ipc-server");
         assert_eq!(m.domain("ping").unwrap().image, "ipc-client");
-        assert!(m
-            .domains
-            .iter()
-            .all(|d| d.priority == 10 && d.memory_mib == 4));
+        assert!(m.domains.iter().all(|d| d.priority == 10 && d.memory_mib == 4));
         assert_eq!(m.channels.len(), 1);
         assert_eq!(m.channels[0].name, "ping-pong");
         assert_eq!(m.channels[0].kind, ChannelKind::Endpoint);
-        assert_eq!(
-            (m.channels[0].client.as_str(), m.channels[0].server.as_str()),
-            ("ping", "pong")
-        );
+        assert_eq!((m.channels[0].client.as_str(), m.channels[0].server.as_str()), ("ping", "pong"));
         assert_eq!(manifest::decode(&pack(&m)).unwrap(), m);
     }
 
@@ -384,15 +341,8 @@ server = "pong"
 
     #[test]
     fn duplicate_channel_name() {
-        let text = format!(
-            "{GOOD}\n[[channel]]\nname = \"ping-pong\"\nclient = \"pong\"\nserver = \"ping\"\n"
-        );
-        assert_fails(
-            "duplicate-channel",
-            &text,
-            "channel[1].name",
-            &["duplicate name \"ping-pong\""],
-        );
+        let text = format!("{GOOD}\n[[channel]]\nname = \"ping-pong\"\nclient = \"pong\"\nserver = \"ping\"\n");
+        assert_fails("duplicate-channel", &text, "channel[1].name", &["duplicate name \"ping-pong\""]);
     }
 
     #[test]
@@ -425,17 +375,9 @@ server = "pong"
             "machine.memory_mib",
             &["8 MiB + 64 MiB reserved", "= 72 MiB", "machine's 70 MiB"],
         );
-        let text = good_with("memory_mib = 512", "memory_mib = 1024").replacen(
-            "memory_mib = 4",
-            "memory_mib = 1000",
-            1,
-        );
-        assert_fails(
-            "domains-too-large",
-            &text,
-            "machine.memory_mib",
-            &["1004 MiB + 64 MiB", "machine's 1024 MiB"],
-        );
+        let text =
+            good_with("memory_mib = 512", "memory_mib = 1024").replacen("memory_mib = 4", "memory_mib = 1000", 1);
+        assert_fails("domains-too-large", &text, "machine.memory_mib", &["1004 MiB + 64 MiB", "machine's 1024 MiB"]);
         assert_fails(
             "domain-too-large",
             &good_with("memory_mib = 4", "memory_mib = 2048"),
@@ -459,19 +401,9 @@ server = "pong"
     #[test]
     fn unknown_key_at_top_level() {
         let text = format!("colour = \"blue\"\n{GOOD}");
-        assert_fails(
-            "unknown-top",
-            &text,
-            "colour",
-            &["unknown field `colour`", "line 1, column 1"],
-        );
+        assert_fails("unknown-top", &text, "colour", &["unknown field `colour`", "line 1, column 1"]);
         let text = format!("{GOOD}\n[[device]]\nname = \"disk\"\n");
-        assert_fails(
-            "unknown-table",
-            &text,
-            "device",
-            &["unknown field `device`"],
-        );
+        assert_fails("unknown-table", &text, "device", &["unknown field `device`"]);
     }
 
     #[test]
@@ -521,10 +453,7 @@ server = "pong"
     #[test]
     fn bad_priority() {
         for (value, needle) in [
-            (
-                "0",
-                "priority 0 is out of range 1..=254 (0 is reserved for the idle loop)",
-            ),
+            ("0", "priority 0 is out of range 1..=254 (0 is reserved for the idle loop)"),
             ("255", "255 is reserved for the microvisor's own use"),
             ("300", "priority 300 is out of range 1..=254"),
             ("-1", "priority -1 is out of range 1..=254"),
@@ -542,8 +471,7 @@ server = "pong"
     fn reserved_name_dom0() {
         assert_fails(
             "reserved-name",
-            &good_with("name = \"pong\"", "name = \"dom0\"")
-                .replace("server = \"pong\"", "server = \"dom0\""),
+            &good_with("name = \"pong\"", "name = \"dom0\"").replace("server = \"pong\"", "server = \"dom0\""),
             "domain[0].name",
             &["\"dom0\" is reserved"],
         );
@@ -557,12 +485,7 @@ server = "pong"
             "domain[1].vcpus",
             &["only 1 vCPU per domain is supported yet"],
         );
-        assert_fails(
-            "bad-name",
-            &good_with("name = \"ping\"", "name = \"Ping\""),
-            "domain[1].name",
-            &["contains 'P'"],
-        );
+        assert_fails("bad-name", &good_with("name = \"ping\"", "name = \"Ping\""), "domain[1].name", &["contains 'P'"]);
         let long_args = format!("args = \"{}\"", "x".repeat(201));
         assert_fails(
             "long-args",
@@ -570,27 +493,13 @@ server = "pong"
             "domain[1].args",
             &["201 bytes long; at most 200"],
         );
-        assert_fails(
-            "no-domains",
-            "[machine]\nmemory_mib = 512\n",
-            "domain",
-            &["at least one [[domain]] is required"],
-        );
-        assert_fails(
-            "syntax",
-            "[machine\n",
-            "",
-            &["line 1, column 9", "unclosed table"],
-        );
+        assert_fails("no-domains", "[machine]\nmemory_mib = 512\n", "domain", &["at least one [[domain]] is required"]);
+        assert_fails("syntax", "[machine\n", "", &["line 1, column 9", "unclosed table"]);
     }
 
     #[test]
     fn every_problem_is_reported_on_its_own_line() {
-        let text = good_with("image = \"ipc-client\"", "image = \"foo\"").replacen(
-            "priority = 10",
-            "priority = 0",
-            1,
-        );
+        let text = good_with("image = \"ipc-client\"", "image = \"foo\"").replacen("priority = 10", "priority = 0", 1);
         let (result, path) = load_text("many", &text);
         let message = result.unwrap_err();
         let lines: Vec<&str> = message.lines().collect();

@@ -35,7 +35,7 @@ impl Machine {
             kernel: artifacts.microvisor.clone(),
             initrd: Some(artifacts.bundle.clone()),
             cpu: DEFAULT_CPU.into(),
-            memory_mib: 512,
+            memory_mib: if artifacts.stack.memory_mib > 0 { artifacts.stack.memory_mib } else { 512 },
             iommu: true,
             append: String::new(),
             gdb: false,
@@ -76,29 +76,21 @@ impl Machine {
     /// The command for an interactive run: serial console and QEMU monitor on the terminal.
     pub fn interactive_command(&self) -> Command {
         let mut c = Command::new(QEMU);
-        c.args(self.args())
-            .args(["-display", "none", "-serial", "mon:stdio"]);
+        c.args(self.args()).args(["-display", "none", "-serial", "mon:stdio"]);
         c
     }
 
     /// The command for a captured run: serial on stdout, no monitor.
     pub fn captured_command(&self) -> Command {
         let mut c = Command::new(QEMU);
-        c.args(self.args())
-            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        c.args(self.args()).args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         c
     }
 
     /// The command line as a shell would show it.
     pub fn display_command(&self, interactive: bool) -> String {
-        let c = if interactive {
-            self.interactive_command()
-        } else {
-            self.captured_command()
-        };
+        let c = if interactive { self.interactive_command() } else { self.captured_command() };
         let mut s = QEMU.to_string();
         for a in c.get_args() {
             let a = a.to_string_lossy();
@@ -171,10 +163,7 @@ pub fn run_captured(
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
     let start = Instant::now();
-    let mut child: Child = machine
-        .captured_command()
-        .spawn()
-        .map_err(|e| format!("could not start {QEMU}: {e}"))?;
+    let mut child: Child = machine.captured_command().spawn().map_err(|e| format!("could not start {QEMU}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout pipe")?;
     let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
     let err_thread = std::thread::spawn(move || {
@@ -222,10 +211,5 @@ pub fn run_captured(
     };
     let _ = child.wait();
     let stderr = err_thread.join().unwrap_or_default();
-    Ok(Run {
-        lines,
-        ending,
-        elapsed: start.elapsed(),
-        stderr,
-    })
+    Ok(Run { lines, ending, elapsed: start.elapsed(), stderr })
 }

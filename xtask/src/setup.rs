@@ -17,15 +17,10 @@ fn installed_targets() -> String {
 
 /// Make sure `rustup target add x86_64-unknown-none` has been done.
 pub fn ensure_target() -> Result<(), String> {
-    if installed_targets()
-        .lines()
-        .any(|l| l.trim() == BARE_METAL_TARGET)
-    {
+    if installed_targets().lines().any(|l| l.trim() == BARE_METAL_TARGET) {
         return Ok(());
     }
-    eprintln!(
-        "setup: adding the Rust target {BARE_METAL_TARGET} (rustup target add {BARE_METAL_TARGET})"
-    );
+    eprintln!("setup: adding the Rust target {BARE_METAL_TARGET} (rustup target add {BARE_METAL_TARGET})");
     let ok = Command::new("rustup")
         .args(["target", "add", BARE_METAL_TARGET])
         .status()
@@ -41,19 +36,11 @@ pub fn ensure_target() -> Result<(), String> {
 }
 
 fn qemu_present() -> bool {
-    Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new(QEMU).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Make sure QEMU is installed: apt-get it when running as root, else say how.
@@ -63,9 +50,7 @@ pub fn ensure_qemu() -> Result<(), String> {
     }
     let install = "apt-get update && apt-get install -y qemu-system-x86";
     if !is_root() {
-        return Err(format!(
-            "{QEMU} is not installed; install it with: sudo sh -c '{install}'"
-        ));
+        return Err(format!("{QEMU} is not installed; install it with: sudo sh -c '{install}'"));
     }
     eprintln!("setup: installing QEMU ({install})");
     let ok = Command::new("sh")
@@ -77,8 +62,6 @@ pub fn ensure_qemu() -> Result<(), String> {
     if ok && qemu_present() {
         Ok(())
     } else {
-        Err(format!(
-            "installing QEMU failed; run `{install}` by hand and retry"
-        ))
+        Err(format!("installing QEMU failed; run `{install}` by hand and retry"))
     }
 }

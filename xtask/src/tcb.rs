@@ -32,10 +32,7 @@ pub const LINKED_SHARED_CRATES: &[&str] = &["pvh", "ipc-spec"];
 /// Reference points from ARCHITECTURE.md §4: (system, trusted kernel size).
 pub const REFERENCE_POINTS: &[(&str, &str)] = &[
     ("NOVA (x86_64 build)", "~14.1k SLOC C++"),
-    (
-        "seL4 (x86_64)",
-        "8.7k C, verified on ARM; VT-x/VT-d unverified",
-    ),
+    ("seL4 (x86_64)", "8.7k C, verified on ARM; VT-x/VT-d unverified"),
     ("Muen", "~5.7k SPARK"),
     ("Xen", "~300k C + dom0 Linux"),
 ];
@@ -103,22 +100,13 @@ fn strip(src: &str) -> Vec<Stripped> {
     let c: Vec<char> = src.chars().collect();
     let at = |i: usize| c.get(i).copied().unwrap_or('\0');
     let mut lines = Vec::new();
-    let mut cur = Stripped {
-        code: String::new(),
-        has_code: false,
-    };
+    let mut cur = Stripped { code: String::new(), has_code: false };
     let mut state = State::Code;
     let mut i = 0;
     while i < c.len() {
         let ch = c[i];
         if ch == '\n' {
-            lines.push(std::mem::replace(
-                &mut cur,
-                Stripped {
-                    code: String::new(),
-                    has_code: false,
-                },
-            ));
+            lines.push(std::mem::replace(&mut cur, Stripped { code: String::new(), has_code: false }));
             i += 1;
             continue;
         }
@@ -190,11 +178,7 @@ fn strip(src: &str) -> Vec<Stripped> {
                     state = State::Block(depth + 1);
                     i += 2;
                 } else if ch == '*' && at(i + 1) == '/' {
-                    state = if depth == 1 {
-                        State::Code
-                    } else {
-                        State::Block(depth - 1)
-                    };
+                    state = if depth == 1 { State::Code } else { State::Block(depth - 1) };
                     i += 2;
                 } else {
                     i += 1;
@@ -261,10 +245,7 @@ fn leading_attribute(code: &str) -> Option<(bool, String, usize)> {
             ']' => {
                 depth -= 1;
                 if depth == 0 {
-                    let body: String = rest[open..k]
-                        .chars()
-                        .filter(|c| !c.is_whitespace())
-                        .collect();
+                    let body: String = rest[open..k].chars().filter(|c| !c.is_whitespace()).collect();
                     return Some((inner, body, start + k + 1));
                 }
             }
@@ -280,9 +261,7 @@ fn is_test_attribute(body: &str) -> bool {
         return true;
     }
     match body.strip_prefix("cfg(all(") {
-        Some(args) => {
-            args.starts_with("test,") || args.contains(",test,") || args.contains(",test)")
-        }
+        Some(args) => args.starts_with("test,") || args.contains(",test,") || args.contains(",test)"),
         None => false,
     }
 }
@@ -296,11 +275,7 @@ fn item_end(lines: &[Stripped], line: usize, col: usize) -> (usize, Option<Strin
     let mut opened = false;
     let mut header = String::new();
     for (n, l) in lines.iter().enumerate().skip(line) {
-        let text = if n == line {
-            &l.code[col..]
-        } else {
-            &l.code[..]
-        };
+        let text = if n == line { &l.code[col..] } else { &l.code[..] };
         for ch in text.chars() {
             if !opened {
                 header.push(ch);
@@ -341,10 +316,7 @@ fn item_end(lines: &[Stripped], line: usize, col: usize) -> (usize, Option<Strin
 
 /// `mod name` at the end of an item header (after any attributes and visibility).
 fn module_name(header: &str) -> Option<String> {
-    let words: Vec<&str> = header
-        .split(|c: char| !is_ident(c))
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = header.split(|c: char| !is_ident(c)).filter(|w| !w.is_empty()).collect();
     let k = words.iter().rposition(|w| *w == "mod")?;
     words.get(k + 1).map(|w| w.to_string())
 }
@@ -403,11 +375,7 @@ fn count_unsafe(code: &str) -> UnsafeCounts {
             Some('(') => {
                 // An attribute: #[unsafe(naked)].
                 let before: String = c[..start].iter().filter(|ch| !ch.is_whitespace()).collect();
-                let after: String = c[j..]
-                    .iter()
-                    .take(16)
-                    .filter(|ch| !ch.is_whitespace())
-                    .collect();
+                let after: String = c[j..].iter().take(16).filter(|ch| !ch.is_whitespace()).collect();
                 if before.ends_with("#[") && after.starts_with("(naked)") {
                     counts.naked += 1;
                 }
@@ -424,11 +392,7 @@ fn count_unsafe(code: &str) -> UnsafeCounts {
                         j += 1;
                     }
                     j = skip_ws(j);
-                    next = if j < c.len() {
-                        word_at(j)
-                    } else {
-                        String::new()
-                    };
+                    next = if j < c.len() { word_at(j) } else { String::new() };
                 }
                 match next.as_str() {
                     "fn" => counts.fns += 1,
@@ -445,11 +409,8 @@ fn count_unsafe(code: &str) -> UnsafeCounts {
 /// Counts source lines and `unsafe` of one file; with `exclude_tests`, test code is left out.
 pub fn analyze(src: &str, exclude_tests: bool) -> FileAnalysis {
     let lines = strip(src);
-    let (test, test_modules, all_test) = if exclude_tests {
-        test_lines(&lines)
-    } else {
-        (vec![false; lines.len()], Vec::new(), false)
-    };
+    let (test, test_modules, all_test) =
+        if exclude_tests { test_lines(&lines) } else { (vec![false; lines.len()], Vec::new(), false) };
     let mut code = String::new();
     let mut sloc = 0;
     for (l, t) in lines.iter().zip(&test) {
@@ -462,12 +423,7 @@ pub fn analyze(src: &str, exclude_tests: bool) -> FileAnalysis {
         code.push_str(&l.code);
         code.push('\n');
     }
-    FileAnalysis {
-        sloc,
-        unsafe_counts: count_unsafe(&code),
-        all_test,
-        test_modules,
-    }
+    FileAnalysis { sloc, unsafe_counts: count_unsafe(&code), all_test, test_modules }
 }
 
 /// A part of the stack whose sources are counted.
@@ -495,10 +451,8 @@ pub struct ComponentCount {
 /// The components of the workspace: the microvisor, the shared crates, the domains, every
 /// crate under `driver-vms/` (if any), the host tools and the end-to-end tests.
 pub fn components(root: &Path) -> Vec<Component> {
-    let mut names: Vec<String> = ["microvisor", "pvh", "ipc-spec", "domain-rt", "dom0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut names: Vec<String> =
+        ["microvisor", "pvh", "ipc-spec", "domain-rt", "dom0"].iter().map(|s| s.to_string()).collect();
     if let Ok(dir) = std::fs::read_dir(root.join("driver-vms")) {
         let mut drivers: Vec<String> = dir
             .filter_map(Result::ok)
@@ -511,11 +465,7 @@ pub fn components(root: &Path) -> Vec<Component> {
     names.push("xtask".into());
     let mut list: Vec<Component> = names
         .into_iter()
-        .map(|name| Component {
-            roots: vec![PathBuf::from(&name).join("src")],
-            name,
-            exclude_tests: true,
-        })
+        .map(|name| Component { roots: vec![PathBuf::from(&name).join("src")], name, exclude_tests: true })
         .collect();
     list.push(Component {
         name: "tests".into(),
@@ -559,8 +509,7 @@ pub fn count_component(root: &Path, component: &Component) -> Result<ComponentCo
     let mut analyses = Vec::new();
     let mut excluded: Vec<PathBuf> = Vec::new();
     for f in files {
-        let src =
-            std::fs::read_to_string(&f).map_err(|e| format!("reading {}: {e}", f.display()))?;
+        let src = std::fs::read_to_string(&f).map_err(|e| format!("reading {}: {e}", f.display()))?;
         let a = analyze(&src, component.exclude_tests);
         let dir = module_dir(&f);
         for m in &a.test_modules {
@@ -651,10 +600,7 @@ fn third_party_linked() -> Result<Vec<String>, String> {
         .output()
         .map_err(|e| format!("could not run cargo tree: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(parse_cargo_tree(&String::from_utf8_lossy(&out.stdout)))
 }
@@ -684,11 +630,7 @@ pub struct Report {
 
 impl Report {
     fn get(&self, name: &str) -> ComponentCount {
-        self.components
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.clone())
-            .unwrap_or_default()
+        self.components.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone()).unwrap_or_default()
     }
 }
 
@@ -712,10 +654,8 @@ pub fn render(r: &Report) -> String {
         "Rust source lines (non-blank, non-comment; #[cfg(test)] code, tests/ dirs and build scripts left out)\n"
     );
     let _ = writeln!(o, "  {:<24} {:>7} {:>6}", "component", "SLOC", "files");
-    let tcb_files: usize = std::iter::once("microvisor")
-        .chain(LINKED_SHARED_CRATES.iter().copied())
-        .map(|n| r.get(n).files)
-        .sum();
+    let tcb_files: usize =
+        std::iter::once("microvisor").chain(LINKED_SHARED_CRATES.iter().copied()).map(|n| r.get(n).files).sum();
     for (name, c) in &r.components {
         let note = match name.as_str() {
             "microvisor" => "  trusted core: the only code in root mode",
@@ -723,13 +663,7 @@ pub fn render(r: &Report) -> String {
             "tests" => "  end-to-end tests, counted whole",
             _ => "",
         };
-        let _ = writeln!(
-            o,
-            "  {:<24} {:>7} {:>6}{note}",
-            name,
-            thousands(c.sloc as u64),
-            c.files
-        );
+        let _ = writeln!(o, "  {:<24} {:>7} {:>6}{note}", name, thousands(c.sloc as u64), c.files);
         if name == LINKED_SHARED_CRATES[LINKED_SHARED_CRATES.len() - 1] {
             let _ = writeln!(
                 o,
@@ -743,29 +677,12 @@ pub fn render(r: &Report) -> String {
     }
     let total: usize = r.components.iter().map(|(_, c)| c.sloc).sum();
     let total_files: usize = r.components.iter().map(|(_, c)| c.files).sum();
-    let _ = writeln!(
-        o,
-        "  {:<24} {:>7} {:>6}",
-        "all components",
-        thousands(total as u64),
-        total_files
-    );
+    let _ = writeln!(o, "  {:<24} {:>7} {:>6}", "all components", thousands(total as u64), total_files);
 
     let _ = writeln!(o, "\nunsafe in non-test code");
-    let _ = writeln!(
-        o,
-        "  {:<24} {:>7} {:>6} {:>6} {:>17}",
-        "", "blocks", "fns", "impls", "#[unsafe(naked)]"
-    );
-    for (name, u) in [
-        ("microvisor", r.microvisor_unsafe),
-        (&*LINKED_SHARED_CRATES.join(" + "), r.shared_unsafe),
-    ] {
-        let _ = writeln!(
-            o,
-            "  {:<24} {:>7} {:>6} {:>6} {:>17}",
-            name, u.blocks, u.fns, u.impls, u.naked
-        );
+    let _ = writeln!(o, "  {:<24} {:>7} {:>6} {:>6} {:>17}", "", "blocks", "fns", "impls", "#[unsafe(naked)]");
+    for (name, u) in [("microvisor", r.microvisor_unsafe), (&*LINKED_SHARED_CRATES.join(" + "), r.shared_unsafe)] {
+        let _ = writeln!(o, "  {:<24} {:>7} {:>6} {:>6} {:>17}", name, u.blocks, u.fns, u.impls, u.naked);
     }
 
     let i = &r.image;
@@ -779,16 +696,9 @@ pub fn render(r: &Report) -> String {
         thousands(i.rodata_bytes),
         thousands(i.data_bytes)
     );
-    let _ = writeln!(
-        o,
-        "  in memory: {:>9} bytes (with .bss and stacks)",
-        thousands(i.memory_bytes)
-    );
+    let _ = writeln!(o, "  in memory: {:>9} bytes (with .bss and stacks)", thousands(i.memory_bytes));
 
-    let _ = writeln!(
-        o,
-        "\nnot counted above: third-party crates linked into the microvisor"
-    );
+    let _ = writeln!(o, "\nnot counted above: third-party crates linked into the microvisor");
     match &r.third_party_error {
         Some(e) => {
             let _ = writeln!(o, "  (unknown: {e})");
@@ -798,10 +708,7 @@ pub fn render(r: &Report) -> String {
         }
     }
 
-    let _ = writeln!(
-        o,
-        "\ntrusted kernel size beside the reference points (ARCHITECTURE.md §4)"
-    );
+    let _ = writeln!(o, "\ntrusted kernel size beside the reference points (ARCHITECTURE.md §4)");
     let mv = r.microvisor_sloc as u64;
     let ours = format!(
         "{} SLOC Rust (microvisor {} + {}; third-party crates not counted)",
@@ -817,11 +724,7 @@ pub fn render(r: &Report) -> String {
     for (system, size) in REFERENCE_POINTS {
         let _ = writeln!(o, "  {system:<22} {size}");
     }
-    let verdict = if r.microvisor_sloc < MICROVISOR_SLOC_LIMIT {
-        "OK"
-    } else {
-        "OVER"
-    };
+    let verdict = if r.microvisor_sloc < MICROVISOR_SLOC_LIMIT { "OK" } else { "OVER" };
     let _ = writeln!(
         o,
         "\nbudget: microvisor {} of {} SLOC: {verdict}",
@@ -848,10 +751,7 @@ fn json_str(s: &str) -> String {
 }
 
 fn json_unsafe(u: &UnsafeCounts) -> String {
-    format!(
-        "{{\"blocks\": {}, \"fns\": {}, \"impls\": {}, \"naked\": {}}}",
-        u.blocks, u.fns, u.impls, u.naked
-    )
+    format!("{{\"blocks\": {}, \"fns\": {}, \"impls\": {}, \"naked\": {}}}", u.blocks, u.fns, u.impls, u.naked)
 }
 
 /// The report as JSON (`tcb.json`).
@@ -874,19 +774,10 @@ pub fn to_json(r: &Report) -> String {
                 .join(", ")
         ),
     );
-    field(
-        "microvisor_unsafe_blocks",
-        r.microvisor_unsafe.blocks.to_string(),
-    );
+    field("microvisor_unsafe_blocks", r.microvisor_unsafe.blocks.to_string());
     field("microvisor_unsafe_fns", r.microvisor_unsafe.fns.to_string());
-    field(
-        "microvisor_unsafe_impls",
-        r.microvisor_unsafe.impls.to_string(),
-    );
-    field(
-        "microvisor_naked_fns",
-        r.microvisor_unsafe.naked.to_string(),
-    );
+    field("microvisor_unsafe_impls", r.microvisor_unsafe.impls.to_string());
+    field("microvisor_naked_fns", r.microvisor_unsafe.naked.to_string());
     field("shared_unsafe", json_unsafe(&r.shared_unsafe));
     field("microvisor_image_bytes", r.image.file_bytes.to_string());
     field("microvisor_memory_bytes", r.image.memory_bytes.to_string());
@@ -900,14 +791,7 @@ pub fn to_json(r: &Report) -> String {
     let comps: Vec<String> = r
         .components
         .iter()
-        .map(|(n, c)| {
-            format!(
-                "    {}: {{\"sloc\": {}, \"files\": {}}}",
-                json_str(n),
-                c.sloc,
-                c.files
-            )
-        })
+        .map(|(n, c)| format!("    {}: {{\"sloc\": {}, \"files\": {}}}", json_str(n), c.sloc, c.files))
         .collect();
     field("components", format!("{{\n{}\n  }}", comps.join(",\n")));
     let tp: Vec<String> = r.third_party.iter().map(|s| json_str(s)).collect();
@@ -944,22 +828,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let root = workspace_root();
     let mut report = count_sources(&root)?;
     let target_dir = crate::build::default_target_dir();
-    let artifacts = crate::build::build(&target_dir)?;
-    let elf = std::fs::read(&artifacts.microvisor)
-        .map_err(|e| format!("reading {}: {e}", artifacts.microvisor.display()))?;
-    report.image =
-        image_size(&elf).map_err(|e| format!("parsing {}: {e}", artifacts.microvisor.display()))?;
+    let artifacts = crate::build::build(&target_dir, &crate::manifest::default_stack_path())?;
+    let elf =
+        std::fs::read(&artifacts.microvisor).map_err(|e| format!("reading {}: {e}", artifacts.microvisor.display()))?;
+    report.image = image_size(&elf).map_err(|e| format!("parsing {}: {e}", artifacts.microvisor.display()))?;
     report.image_path = artifacts.microvisor.clone();
     match third_party_linked() {
         Ok(list) => report.third_party = list,
         Err(e) => report.third_party_error = Some(e),
     }
     print!("\n{}", render(&report));
-    std::fs::create_dir_all(&target_dir)
-        .map_err(|e| format!("creating {}: {e}", target_dir.display()))?;
+    std::fs::create_dir_all(&target_dir).map_err(|e| format!("creating {}: {e}", target_dir.display()))?;
     let json_path = target_dir.join("tcb.json");
-    std::fs::write(&json_path, to_json(&report))
-        .map_err(|e| format!("writing {}: {e}", json_path.display()))?;
+    std::fs::write(&json_path, to_json(&report)).map_err(|e| format!("writing {}: {e}", json_path.display()))?;
     println!("tcb: wrote {}", json_path.display());
     if report.microvisor_sloc >= MICROVISOR_SLOC_LIMIT {
         return Err(format!(
@@ -986,8 +867,7 @@ mod tests {
 
     #[test]
     fn line_and_doc_comments_do_not_count() {
-        let src =
-            "//! crate docs\n/// item docs\n// plain\n    // indented\nfn a() {} // trailing\n";
+        let src = "//! crate docs\n/// item docs\n// plain\n    // indented\nfn a() {} // trailing\n";
         assert_eq!(sloc(src), 1);
     }
 
@@ -997,8 +877,7 @@ mod tests {
         assert_eq!(sloc(src), 1);
         // A code line that opens a block comment counts; the comment's lines do not; code after
         // the close on the same line counts.
-        let src =
-            "let x = 1; /* starts here\n still comment\n ends */ let y = 2;\n/* a */ /* b */\n";
+        let src = "let x = 1; /* starts here\n still comment\n ends */ let y = 2;\n/* a */ /* b */\n";
         assert_eq!(sloc(src), 2);
         // Nested block comments.
         assert_eq!(sloc("/* outer /* inner */ still outer */\nfn a() {}\n"), 1);
@@ -1035,10 +914,7 @@ mod tests {
         assert_eq!(a.sloc, 1);
         assert_eq!(a.test_modules, vec!["helpers".to_string()]);
         // cfg(any(test, ..)) is not test-only.
-        assert_eq!(
-            sloc("#[cfg(any(test, feature = \"alloc\"))]\nfn a() {}\n"),
-            2
-        );
+        assert_eq!(sloc("#[cfg(any(test, feature = \"alloc\"))]\nfn a() {}\n"), 2);
         // A whole-file test module.
         assert!(analyze("#![cfg(test)]\nfn a() {}\n", true).all_test);
         // Without exclusion (the tests component) test code counts.
@@ -1057,31 +933,15 @@ mod tests {
                    #[unsafe(naked)]\nextern \"C\" fn n() {}\nfn h() {\n    unsafe { f() };\n    let _ = unsafe{ 1 };\n    // unsafe { in a comment }\n    let s = \"unsafe { in a string }\";\n    let is_unsafe = 1;\n}\n\
                    #[cfg(test)]\nmod tests {\n    fn t() { unsafe { super::f() } }\n}\n";
         let u = analyze(src, true).unsafe_counts;
-        assert_eq!(
-            u,
-            UnsafeCounts {
-                blocks: 2,
-                fns: 2,
-                impls: 1,
-                naked: 1
-            }
-        );
+        assert_eq!(u, UnsafeCounts { blocks: 2, fns: 2, impls: 1, naked: 1 });
         // A block whose brace is on the next line.
-        assert_eq!(
-            analyze("let x = unsafe\n{ 1 };\n", true)
-                .unsafe_counts
-                .blocks,
-            1
-        );
+        assert_eq!(analyze("let x = unsafe\n{ 1 };\n", true).unsafe_counts.blocks, 1);
     }
 
     #[test]
     fn cargo_tree_output_is_deduplicated() {
         let out = "microvisor v0.1.0 (/w/microvisor)\nacpi v5.2.0\nbitflags v2.13.2\nbitflags v2.13.2\npvh v0.1.0 (/w/pvh)\nheapless v0.9.3 (*)\nheapless v0.9.3\nconst_fn v0.4.12 (proc-macro)\n";
-        assert_eq!(
-            parse_cargo_tree(out),
-            vec!["acpi 5.2.0", "bitflags 2.13.2", "heapless 0.9.3"]
-        );
+        assert_eq!(parse_cargo_tree(out), vec!["acpi 5.2.0", "bitflags 2.13.2", "heapless 0.9.3"]);
     }
 
     #[test]

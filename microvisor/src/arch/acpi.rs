@@ -16,16 +16,10 @@ use super::phys::IDENTITY_LIMIT;
 struct IdentityMapped;
 
 impl AcpiHandler for IdentityMapped {
-    unsafe fn map_physical_region<T>(
-        &self,
-        address: usize,
-        size: usize,
-    ) -> PhysicalMapping<Self, T> {
+    unsafe fn map_physical_region<T>(&self, address: usize, size: usize) -> PhysicalMapping<Self, T> {
         let end = (address as u64).saturating_add(size as u64);
         if address == 0 || end > IDENTITY_LIMIT {
-            panic!(
-                "ACPI table at {address:#x}+{size:#x} lies outside the identity-mapped low 4 GiB"
-            );
+            panic!("ACPI table at {address:#x}+{size:#x} lies outside the identity-mapped low 4 GiB");
         }
         let Some(ptr) = NonNull::new(address as *mut T) else {
             panic!("ACPI table at physical address 0");
@@ -80,9 +74,7 @@ pub enum AcpiProblem {
 impl core::fmt::Display for AcpiProblem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::NoRsdp => {
-                f.write_str("no valid ACPI RSDP (neither in the start info nor in the BIOS area)")
-            }
+            Self::NoRsdp => f.write_str("no valid ACPI RSDP (neither in the start info nor in the BIOS area)"),
             Self::NoMadt => f.write_str("the ACPI tables have no MADT (APIC) table"),
         }
     }
@@ -101,9 +93,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, AcpiProblem> {
     }
     .map_err(|_| AcpiProblem::NoRsdp)?;
 
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(|_| AcpiProblem::NoMadt)?;
+    let madt = tables.find_table::<Madt>().map_err(|_| AcpiProblem::NoMadt)?;
     let mut apic_ids = heapless::Vec::new();
     let mut cpus = 0;
     for entry in madt.get().entries() {
@@ -142,12 +132,5 @@ pub fn discover(rsdp: u64) -> Result<Platform, AcpiProblem> {
         Err(_) => (None, None),
     };
 
-    Ok(Platform {
-        cpus,
-        apic_ids,
-        local_apic_base,
-        ecam,
-        dmar,
-        dmar_error,
-    })
+    Ok(Platform { cpus, apic_ids, local_apic_base, ecam, dmar, dmar_error })
 }

@@ -47,10 +47,7 @@ extern "C" {
 
 /// Handler addresses for the IDT.
 pub fn interrupt_entries() -> [(u8, u64); 2] {
-    [
-        (TIMER_VECTOR, apic_timer_entry as *const () as u64),
-        (SPURIOUS_VECTOR, apic_spurious_entry as *const () as u64),
-    ]
+    [(TIMER_VECTOR, apic_timer_entry as *const () as u64), (SPURIOUS_VECTOR, apic_spurious_entry as *const () as u64)]
 }
 
 fn read(reg: u64) -> u32 {
@@ -106,11 +103,8 @@ impl Clock {
             }
             (rdtsc() - tsc0, u32::MAX - read(REG_TIMER_CURRENT))
         };
-        let clock = Self {
-            tsc_start: rdtsc(),
-            tsc_per_ms: (tsc_delta / 10).max(1),
-            apic_per_ms: (apic_delta / 10).max(1),
-        };
+        let clock =
+            Self { tsc_start: rdtsc(), tsc_per_ms: (tsc_delta / 10).max(1), apic_per_ms: (apic_delta / 10).max(1) };
         write(REG_LVT_TIMER, TIMER_VECTOR as u32 | (1 << 17)); // periodic
         write(REG_TIMER_INIT, clock.apic_per_ms);
         clock

@@ -26,12 +26,7 @@ struct Stack([u8; IST_STACK_SIZE]);
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
 
 static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
-static GDT: spin::Once<(
-    GlobalDescriptorTable,
-    SegmentSelector,
-    SegmentSelector,
-    SegmentSelector,
-)> = spin::Once::new();
+static GDT: spin::Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> = spin::Once::new();
 static IDT: spin::Once<Idt> = spin::Once::new();
 
 /// Install the microvisor's own GDT, TSS and IDT (replacing the boot trampoline's GDT).
@@ -219,8 +214,5 @@ pub fn check_svm() -> Result<SvmFeatures, CpuProblem> {
     if vm_cr & (1 << 4) != 0 {
         return Err(CpuProblem::SvmDisabledByFirmware);
     }
-    Ok(SvmFeatures {
-        asids: svm.ebx,
-        next_rip_save: svm.edx & (1 << 3) != 0,
-    })
+    Ok(SvmFeatures { asids: svm.ebx, next_rip_save: svm.edx & (1 << 3) != 0 })
 }

@@ -25,10 +25,7 @@ pub struct FpuStates {
 
 impl FpuStates {
     pub const fn new() -> Self {
-        Self {
-            areas: [RESET; MAX_VCPUS],
-            loaded: None,
-        }
+        Self { areas: [RESET; MAX_VCPUS], loaded: None }
     }
 
     /// Turn on FXSAVE/FXRSTOR of SSE state (CR4.OSFXSR, OSXMMEXCPT).
@@ -61,9 +58,7 @@ impl FpuStates {
             };
         }
         // SAFETY: as above; the image came from FXSAVE or is the valid reset image.
-        unsafe {
-            core::arch::asm!("fxrstor64 [{}]", in(reg) self.areas[v as usize].0.as_ptr(), options(nostack))
-        };
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) self.areas[v as usize].0.as_ptr(), options(nostack)) };
         self.loaded = Some(v);
     }
 }

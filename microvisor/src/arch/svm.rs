@@ -50,11 +50,7 @@ impl Svm {
             Msr::new(VM_HSAVE_PA).write(hsave);
             core::arch::asm!("vmsave rax", in("rax") host_save_pa, options(nostack));
         }
-        Ok(Self {
-            host_save_pa,
-            iopm_pa,
-            msrpm_pa,
-        })
+        Ok(Self { host_save_pa, iopm_pa, msrpm_pa })
     }
 
     /// Intercepts every domain gets: anything that could touch host state, physical

@@ -51,19 +51,13 @@ pub struct CapTable {
 
 impl CapTable {
     pub const fn new() -> Self {
-        Self {
-            slots: [None; CAP_SLOTS],
-        }
+        Self { slots: [None; CAP_SLOTS] }
     }
 
     /// The capability in `slot`, if the slot is in range and filled.
     pub fn get(&self, slot: u64) -> Result<Capability, Error> {
         let i = usize::try_from(slot).map_err(|_| Error::InvalidSlot)?;
-        self.slots
-            .get(i)
-            .copied()
-            .flatten()
-            .ok_or(Error::InvalidSlot)
+        self.slots.get(i).copied().flatten().ok_or(Error::InvalidSlot)
     }
 
     /// The capability in `slot`, which must have `rights`.
@@ -78,11 +72,7 @@ impl CapTable {
 
     /// Put `cap` into the lowest free slot.
     pub fn insert(&mut self, cap: Capability) -> Result<u64, Error> {
-        let i = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(Error::NoFreeSlot)?;
+        let i = self.slots.iter().position(Option::is_none).ok_or(Error::NoFreeSlot)?;
         self.slots[i] = Some(cap);
         Ok(i as u64)
     }
@@ -101,10 +91,7 @@ impl CapTable {
 
     pub fn remove(&mut self, slot: u64) -> Result<Capability, Error> {
         let i = usize::try_from(slot).map_err(|_| Error::InvalidSlot)?;
-        self.slots
-            .get_mut(i)
-            .and_then(Option::take)
-            .ok_or(Error::InvalidSlot)
+        self.slots.get_mut(i).and_then(Option::take).ok_or(Error::InvalidSlot)
     }
 
     /// Take every capability out (when the domain is destroyed).
@@ -126,10 +113,7 @@ impl CapTable {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Capability)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u64, c)))
+        self.slots.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i as u64, c)))
     }
 }
 
@@ -144,13 +128,7 @@ mod tests {
     use super::*;
 
     fn cap(id: u32, parent: u32) -> Capability {
-        Capability {
-            object: Object::Memory,
-            rights: 3,
-            badge: 0,
-            id,
-            parent,
-        }
+        Capability { object: Object::Memory, rights: 3, badge: 0, id, parent }
     }
 
     #[test]
@@ -174,10 +152,7 @@ mod tests {
         }
         assert_eq!(t.insert(cap(999, 0)), Err(Error::NoFreeSlot));
         assert_eq!(t.insert_at(3, cap(1000, 0)), Err(Error::InvalidState));
-        assert_eq!(
-            t.insert_at(CAP_SLOTS, cap(1000, 0)),
-            Err(Error::InvalidSlot)
-        );
+        assert_eq!(t.insert_at(CAP_SLOTS, cap(1000, 0)), Err(Error::InvalidSlot));
     }
 
     #[test]

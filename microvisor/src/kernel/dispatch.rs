@@ -1,9 +1,7 @@
 //! Hypercall decoding: registers in, kernel operation, registers out. Every argument is
 //! checked; a bad one becomes an error code in RAX, never a panic.
 
-use ipc_spec::hypercall::{
-    rights, status_of, FaultKind, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX,
-};
+use ipc_spec::hypercall::{rights, status_of, FaultKind, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX};
 use ipc_spec::Error;
 
 use super::caps::Object;
@@ -36,10 +34,7 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::Recv => pending(self.recv(p, v, r.rbx)),
             Hypercall::Signal => Done::Status(self.signal(v, r.rbx, r.rdi)),
             Hypercall::Wait => pending(self.wait(v, r.rbx)),
-            Hypercall::Poll => Done::Status(
-                self.poll(v, r.rbx)
-                    .map(|bits| self.vcpus[v as usize].regs.rdi = bits),
-            ),
+            Hypercall::Poll => Done::Status(self.poll(v, r.rbx).map(|bits| self.vcpus[v as usize].regs.rdi = bits)),
             Hypercall::Yield => {
                 self.vcpus[v as usize].regs.rax = 0;
                 self.yield_current();
@@ -54,13 +49,11 @@ impl<F: Stage2Format> Kernel<F> {
                 event = self.domain_exit(p, v, r.rdi);
                 Done::Pending
             }
-            Hypercall::Shutdown => {
-                match self.lookup(self.vcpus[v as usize].domain, r.rbx, rights::CONTROL) {
-                    Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(r.rdi)),
-                    Ok(_) => Done::Status(Err(Error::WrongType)),
-                    Err(e) => Done::Status(Err(e)),
-                }
-            }
+            Hypercall::Shutdown => match self.lookup(self.vcpus[v as usize].domain, r.rbx, rights::CONTROL) {
+                Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(r.rdi)),
+                Ok(_) => Done::Status(Err(Error::WrongType)),
+                Err(e) => Done::Status(Err(e)),
+            },
             _ => Done::Status(self.management(p, v, call, &r)),
         };
         if let Done::Status(result) = done {
@@ -78,13 +71,7 @@ fn pending(r: Result<(), Error>) -> Done {
 }
 
 impl<F: Stage2Format> Kernel<F> {
-    fn hc_console<P: Platform>(
-        &mut self,
-        p: &mut P,
-        v: VcpuId,
-        gpa: u64,
-        len: u64,
-    ) -> Result<(), Error> {
+    fn hc_console<P: Platform>(&mut self, p: &mut P, v: VcpuId, gpa: u64, len: u64) -> Result<(), Error> {
         if len > CONSOLE_WRITE_MAX {
             return Err(Error::InvalidArgument);
         }
@@ -100,34 +87,16 @@ impl<F: Stage2Format> Kernel<F> {
     fn domain_exit<P: Platform>(&mut self, p: &mut P, v: VcpuId, status: u64) -> Option<Event> {
         let d = self.vcpus[v as usize].domain;
         self.console_flush(p, d);
-        let handled = self.fault(
-            p,
-            v,
-            Fault {
-                kind: FaultKind::Exited,
-                addr: 0,
-                detail: status,
-            },
-        );
+        let handled = self.fault(p, v, Fault { kind: FaultKind::Exited, addr: 0, detail: status });
         if !handled {
             self.stop_domain(d);
             self.schedule();
         }
-        Some(Event::Exited {
-            domain: d,
-            status,
-            handled,
-        })
+        Some(Event::Exited { domain: d, status, handled })
     }
 
     /// The object-management hypercalls.
-    fn management<P: Platform>(
-        &mut self,
-        p: &mut P,
-        v: VcpuId,
-        call: Hypercall,
-        r: &super::Regs,
-    ) -> Result<(), Error> {
+    fn management<P: Platform>(&mut self, p: &mut P, v: VcpuId, call: Hypercall, r: &super::Regs) -> Result<(), Error> {
         let caller = self.vcpus[v as usize].domain;
         let memory = |k: &Self| match k.lookup(caller, r.rbx, rights::CONTROL)?.object {
             Object::Memory => Ok(()),
@@ -185,10 +154,7 @@ impl<F: Stage2Format> Kernel<F> {
                 };
                 // The handler holds a reference to the endpoint while it is set.
                 self.endpoints[e as usize].refs += 1;
-                if let Some((old, _)) = self.domains[target as usize]
-                    .fault_handler
-                    .replace((e, r.rsi))
-                {
+                if let Some((old, _)) = self.domains[target as usize].fault_handler.replace((e, r.rsi)) {
                     self.release(p, Object::Endpoint(old));
                 }
                 Ok(())
@@ -210,11 +176,7 @@ impl<F: Stage2Format> Kernel<F> {
                     return Ok(());
                 }
                 let dom = &self.domains[caller as usize];
-                if r.rdi % PAGE != 0
-                    || r.rdi
-                        .checked_add(PAGE)
-                        .is_none_or(|end| end > dom.ram_size())
-                {
+                if r.rdi % PAGE != 0 || r.rdi.checked_add(PAGE).is_none_or(|end| end > dom.ram_size()) {
                     return Err(Error::BadAddress);
                 }
                 let hpa = dom.ram_hpa(r.rdi).ok_or(Error::BadAddress)?;
@@ -252,11 +214,8 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::EndpointCreate => {
                 memory(self)?;
                 let e = self.endpoint_create()?;
-                let slot = self.grant_original(
-                    caller,
-                    Object::Endpoint(e),
-                    rights::CALL | rights::RECV | rights::GRANT,
-                )?;
+                let slot =
+                    self.grant_original(caller, Object::Endpoint(e), rights::CALL | rights::RECV | rights::GRANT)?;
                 self.set_result(v, slot)
             }
             Hypercall::NotificationCreate => {

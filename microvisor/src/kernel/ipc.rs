@@ -27,26 +27,10 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Move a message from `from` (its registers, message page, or pending fault) to `to`.
-    fn transfer<P: Platform>(
-        &mut self,
-        p: &mut P,
-        from: VcpuId,
-        to: VcpuId,
-        badge: u64,
-    ) -> Result<(), Error> {
+    fn transfer<P: Platform>(&mut self, p: &mut P, from: VcpuId, to: VcpuId, badge: u64) -> Result<(), Error> {
         let src = &self.vcpus[from as usize];
         let (words, len) = match src.fault {
-            Some(f) => (
-                [
-                    f.kind as u64,
-                    f.addr,
-                    src.regs.rip,
-                    f.detail,
-                    src.index_in_domain as u64,
-                    0,
-                ],
-                5,
-            ),
+            Some(f) => ([f.kind as u64, f.addr, src.regs.rip, f.detail, src.index_in_domain as u64, 0], 5),
             None => {
                 let r = &src.regs;
                 ([r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9], r.rcx)
@@ -72,12 +56,7 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(())
     }
 
-    fn endpoint_of(
-        &self,
-        caller: VcpuId,
-        slot: u64,
-        right: u64,
-    ) -> Result<(EndpointId, u64), Error> {
+    fn endpoint_of(&self, caller: VcpuId, slot: u64, right: u64) -> Result<(EndpointId, u64), Error> {
         let cap = self.lookup(self.vcpus[caller as usize].domain, slot, right)?;
         match cap.object {
             Object::Endpoint(e) => Ok((e, cap.badge)),
@@ -118,9 +97,7 @@ impl<F: Stage2Format> Kernel<F> {
             }
         }
         self.block_current(VcpuState::BlockedSend(e));
-        self.endpoints[e as usize]
-            .senders
-            .push(sender, &mut self.next);
+        self.endpoints[e as usize].senders.push(sender, &mut self.next);
         self.schedule();
         Ok(())
     }
@@ -152,20 +129,13 @@ impl<F: Stage2Format> Kernel<F> {
             }
         }
         self.block_current(VcpuState::BlockedRecv(e));
-        self.endpoints[e as usize]
-            .receivers
-            .push(server, &mut self.next);
+        self.endpoints[e as usize].receivers.push(server, &mut self.next);
         false
     }
 
     /// `ReplyRecv`: answer the pending caller, then wait for the next message. When no
     /// other message is waiting, the CPU goes straight back to the caller.
-    pub fn reply_recv<P: Platform>(
-        &mut self,
-        p: &mut P,
-        server: VcpuId,
-        slot: u64,
-    ) -> Result<(), Error> {
+    pub fn reply_recv<P: Platform>(&mut self, p: &mut P, server: VcpuId, slot: u64) -> Result<(), Error> {
         let (e, _) = self.endpoint_of(server, slot, rights::RECV)?;
         let len = self.vcpus[server as usize].regs.rcx;
         if len > MAX_MESSAGE_WORDS as u64 {

@@ -113,11 +113,7 @@ impl VcpuState {
     pub fn is_blocked(self) -> bool {
         matches!(
             self,
-            Self::BlockedSend(_)
-                | Self::BlockedRecv(_)
-                | Self::BlockedReply(_)
-                | Self::BlockedWait(_)
-                | Self::Halted
+            Self::BlockedSend(_) | Self::BlockedRecv(_) | Self::BlockedReply(_) | Self::BlockedWait(_) | Self::Halted
         )
     }
 }
@@ -289,11 +285,7 @@ pub enum Event {
     /// Power off with this status (a shutdown by the holder of the machine capability).
     PowerOff(u64),
     /// A domain called DomainExit; `handled`: its fault handler was told.
-    Exited {
-        domain: DomainId,
-        status: u64,
-        handled: bool,
-    },
+    Exited { domain: DomainId, status: u64, handled: bool },
 }
 
 /// All kernel state.
@@ -333,39 +325,14 @@ impl<F: Stage2Format> Kernel<F> {
             domains: [const { Domain::FREE }; MAX_DOMAINS],
             vcpus: [Vcpu::FREE; MAX_VCPUS],
             next: [None; MAX_VCPUS],
-            regions: [const {
-                Region {
-                    refs: 0,
-                    hpa: 0,
-                    frames: 0,
-                }
-            }; MAX_REGIONS],
-            endpoints: [const {
-                Endpoint {
-                    refs: 0,
-                    senders: Queue::new(),
-                    receivers: Queue::new(),
-                }
-            }; MAX_ENDPOINTS],
-            notifications: [const {
-                Notification {
-                    refs: 0,
-                    bits: 0,
-                    waiter: None,
-                    bound: None,
-                    timer: None,
-                }
-            }; MAX_NOTIFICATIONS],
+            regions: [const { Region { refs: 0, hpa: 0, frames: 0 } }; MAX_REGIONS],
+            endpoints: [const { Endpoint { refs: 0, senders: Queue::new(), receivers: Queue::new() } }; MAX_ENDPOINTS],
+            notifications: [const { Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None } };
+                MAX_NOTIFICATIONS],
             runq: RunQueue::new(),
             current: None,
             next_cap_id: 1,
-            stats: Stats {
-                hypercalls: 0,
-                ipc_calls: 0,
-                signals: 0,
-                context_switches: 0,
-                ticks: 0,
-            },
+            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, context_switches: 0, ticks: 0 },
         }
     }
 
@@ -374,13 +341,7 @@ impl<F: Stage2Format> Kernel<F> {
     fn new_cap(&mut self, object: Object, rights: u64, badge: u64, parent: u32) -> Capability {
         let id = self.next_cap_id;
         self.next_cap_id = self.next_cap_id.wrapping_add(1).max(1);
-        Capability {
-            object,
-            rights,
-            badge,
-            id,
-            parent,
-        }
+        Capability { object, rights, badge, id, parent }
     }
 
     /// Count a new reference to a reference-counted object.
@@ -422,13 +383,7 @@ impl<F: Stage2Format> Kernel<F> {
                 ntf.refs = ntf.refs.saturating_sub(1);
                 if ntf.refs == 0 {
                     let waiter = ntf.waiter.take();
-                    *ntf = Notification {
-                        refs: 0,
-                        bits: 0,
-                        waiter: None,
-                        bound: None,
-                        timer: None,
-                    };
+                    *ntf = Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
                     if let Some(v) = waiter {
                         self.fail_ipc(v, Error::PartnerGone);
                     }
@@ -439,12 +394,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Insert an original capability (no parent) into `domain`'s table.
-    pub fn grant_original(
-        &mut self,
-        domain: DomainId,
-        object: Object,
-        rights: u64,
-    ) -> Result<u64, Error> {
+    pub fn grant_original(&mut self, domain: DomainId, object: Object, rights: u64) -> Result<u64, Error> {
         let cap = self.new_cap(object, rights, 0, 0);
         let slot = self.domains[domain as usize].caps.insert(cap)?;
         self.retain(object);
@@ -481,14 +431,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// Copy capability `slot` of `from` into `to` with rights masked and, for an unbadged
     /// endpoint or notification capability, a badge.
-    pub fn cap_copy(
-        &mut self,
-        from: DomainId,
-        slot: u64,
-        to: DomainId,
-        mask: u64,
-        badge: u64,
-    ) -> Result<u64, Error> {
+    pub fn cap_copy(&mut self, from: DomainId, slot: u64, to: DomainId, mask: u64, badge: u64) -> Result<u64, Error> {
         let src = self.lookup(from, slot, rights::GRANT)?;
         let badge = match src.object {
             Object::Endpoint(_) | Object::Notification(_) if src.badge == 0 => badge,
@@ -502,24 +445,16 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Delete every capability derived from `slot`'s capability, transitively.
-    pub fn cap_revoke<P: Platform>(
-        &mut self,
-        p: &mut P,
-        domain: DomainId,
-        slot: u64,
-    ) -> Result<u32, Error> {
+    pub fn cap_revoke<P: Platform>(&mut self, p: &mut P, domain: DomainId, slot: u64) -> Result<u32, Error> {
         let root = self.domains[domain as usize].caps.get(slot)?;
-        let mut ids: heapless::Vec<u32, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> =
-            heapless::Vec::new();
+        let mut ids: heapless::Vec<u32, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> = heapless::Vec::new();
         let _ = ids.push(root.id);
         let mut removed = 0;
-        let mut dropped: heapless::Vec<Object, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> =
-            heapless::Vec::new();
+        let mut dropped: heapless::Vec<Object, { MAX_DOMAINS * ipc_spec::hypercall::CAP_SLOTS }> = heapless::Vec::new();
         loop {
             let before = ids.len();
             for d in self.domains.iter_mut() {
-                let mut found: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> =
-                    heapless::Vec::new();
+                let mut found: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> = heapless::Vec::new();
                 d.caps.remove_children(&ids, |c| {
                     let _ = found.push(c);
                 });
@@ -539,12 +474,7 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(removed)
     }
 
-    pub fn cap_delete<P: Platform>(
-        &mut self,
-        p: &mut P,
-        domain: DomainId,
-        slot: u64,
-    ) -> Result<(), Error> {
+    pub fn cap_delete<P: Platform>(&mut self, p: &mut P, domain: DomainId, slot: u64) -> Result<(), Error> {
         let cap = self.domains[domain as usize].caps.remove(slot)?;
         self.release(p, cap.object);
         Ok(())
@@ -638,11 +568,7 @@ impl<F: Stage2Format> Kernel<F> {
     /// Give up the CPU to an equal- or higher-priority ready vCPU.
     pub fn yield_current(&mut self) {
         if let Some(c) = self.current {
-            if self
-                .runq
-                .highest()
-                .is_some_and(|h| h >= self.vcpus[c as usize].priority)
-            {
+            if self.runq.highest().is_some_and(|h| h >= self.vcpus[c as usize].priority) {
                 self.preempt();
             }
         }
@@ -658,24 +584,13 @@ impl<F: Stage2Format> Kernel<F> {
         ram_bytes: u64,
         priority: u8,
     ) -> Result<DomainId, Error> {
-        if name.is_empty()
-            || name.len() > DOMAIN_NAME_MAX
-            || !name.iter().all(|b| b.is_ascii_graphic())
-        {
+        if name.is_empty() || name.len() > DOMAIN_NAME_MAX || !name.iter().all(|b| b.is_ascii_graphic()) {
             return Err(Error::InvalidArgument);
         }
-        if ram_bytes == 0
-            || ram_bytes > MAX_RAM_CHUNKS as u64 * RAM_CHUNK
-            || priority == 0
-            || priority == 255
-        {
+        if ram_bytes == 0 || ram_bytes > MAX_RAM_CHUNKS as u64 * RAM_CHUNK || priority == 0 || priority == 255 {
             return Err(Error::InvalidArgument);
         }
-        let d = self
-            .domains
-            .iter()
-            .position(|d| d.state == DomainState::Free)
-            .ok_or(Error::OutOfMemory)?;
+        let d = self.domains.iter().position(|d| d.state == DomainState::Free).ok_or(Error::OutOfMemory)?;
         let mut stage2 = Stage2Map::<F>::new(p).map_err(|_| Error::OutOfMemory)?;
         let mut ram: heapless::Vec<u64, MAX_RAM_CHUNKS> = heapless::Vec::new();
         let chunks = ram_bytes.div_ceil(RAM_CHUNK);
@@ -690,14 +605,7 @@ impl<F: Stage2Format> Kernel<F> {
             };
             let _ = ram.push(hpa);
             if stage2
-                .map(
-                    p,
-                    i * RAM_CHUNK,
-                    hpa,
-                    RAM_CHUNK,
-                    Access::READ | Access::WRITE | Access::EXEC,
-                    MemType::WriteBack,
-                )
+                .map(p, i * RAM_CHUNK, hpa, RAM_CHUNK, Access::READ | Access::WRITE | Access::EXEC, MemType::WriteBack)
                 .is_err()
             {
                 Self::free_ram(p, &ram);
@@ -736,34 +644,16 @@ impl<F: Stage2Format> Kernel<F> {
         hpa: u64,
         size: u64,
     ) -> Result<(), Error> {
-        let stage2 = self.domains[d as usize]
-            .stage2
-            .as_mut()
-            .ok_or(Error::InvalidState)?;
+        let stage2 = self.domains[d as usize].stage2.as_mut().ok_or(Error::InvalidState)?;
         stage2
-            .map(
-                p,
-                gpa,
-                hpa,
-                size.next_multiple_of(PAGE),
-                Access::READ,
-                MemType::WriteBack,
-            )
+            .map(p, gpa, hpa, size.next_multiple_of(PAGE), Access::READ, MemType::WriteBack)
             .map_err(|_| Error::AlreadyMapped)
     }
 
     /// Copy `data` into domain `d`'s RAM at `gpa`.
-    pub fn write_ram<P: Platform>(
-        &mut self,
-        p: &mut P,
-        d: DomainId,
-        gpa: u64,
-        data: &[u8],
-    ) -> Result<(), Error> {
+    pub fn write_ram<P: Platform>(&mut self, p: &mut P, d: DomainId, gpa: u64, data: &[u8]) -> Result<(), Error> {
         let dom = &self.domains[d as usize];
-        let end = gpa
-            .checked_add(data.len() as u64)
-            .ok_or(Error::BadAddress)?;
+        let end = gpa.checked_add(data.len() as u64).ok_or(Error::BadAddress)?;
         if end > dom.ram_size() {
             return Err(Error::BadAddress);
         }
@@ -779,13 +669,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Read from domain `d`'s RAM (only its RAM: never MMIO or regions).
-    pub fn read_ram<P: Platform>(
-        &self,
-        p: &P,
-        d: DomainId,
-        gpa: u64,
-        buf: &mut [u8],
-    ) -> Result<(), Error> {
+    pub fn read_ram<P: Platform>(&self, p: &P, d: DomainId, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
         let dom = &self.domains[d as usize];
         let end = gpa.checked_add(buf.len() as u64).ok_or(Error::BadAddress)?;
         if end > dom.ram_size() {
@@ -803,52 +687,26 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Create a vCPU of domain `d` in PVH entry state.
-    pub fn vcpu_create<P: Platform>(
-        &mut self,
-        p: &mut P,
-        d: DomainId,
-        entry: u64,
-        rbx: u64,
-    ) -> Result<VcpuId, Error> {
+    pub fn vcpu_create<P: Platform>(&mut self, p: &mut P, d: DomainId, entry: u64, rbx: u64) -> Result<VcpuId, Error> {
         let dom = &self.domains[d as usize];
         if dom.state != DomainState::Alive {
             return Err(Error::StaleCapability);
         }
-        let root = dom
-            .stage2
-            .as_ref()
-            .map(|s| s.root())
-            .ok_or(Error::InvalidState)?;
+        let root = dom.stage2.as_ref().map(|s| s.root()).ok_or(Error::InvalidState)?;
         let (priority, index) = (dom.priority, dom.vcpus);
-        let v = self
-            .vcpus
-            .iter()
-            .position(|v| v.state == VcpuState::Free)
-            .ok_or(Error::OutOfMemory)?;
+        let v = self.vcpus.iter().position(|v| v.state == VcpuState::Free).ok_or(Error::OutOfMemory)?;
         let generation = self.vcpus[v].generation.wrapping_add(1);
         self.vcpus[v] = Vcpu {
             state: VcpuState::Created,
             domain: d,
             generation,
             priority,
-            regs: Regs {
-                rbx,
-                rip: entry,
-                ..Regs::default()
-            },
+            regs: Regs { rbx, rip: entry, ..Regs::default() },
             index_in_domain: index,
             ..Vcpu::FREE
         };
         self.domains[d as usize].vcpus += 1;
-        p.vcpu_created(
-            v as VcpuId,
-            &VcpuBoot {
-                entry,
-                rbx,
-                asid: d as u32 + 1,
-                stage2_root: root,
-            },
-        );
+        p.vcpu_created(v as VcpuId, &VcpuBoot { entry, rbx, asid: d as u32 + 1, stage2_root: root });
         Ok(v as VcpuId)
     }
 
@@ -872,9 +730,7 @@ impl<F: Stage2Format> Kernel<F> {
                 self.endpoints[e as usize].senders.remove(v, &mut self.next);
             }
             VcpuState::BlockedRecv(e) => {
-                self.endpoints[e as usize]
-                    .receivers
-                    .remove(v, &mut self.next);
+                self.endpoints[e as usize].receivers.remove(v, &mut self.next);
             }
             VcpuState::BlockedWait(n) => {
                 if self.notifications[n as usize].waiter == Some(v) {
@@ -916,14 +772,10 @@ impl<F: Stage2Format> Kernel<F> {
         for v in 0..MAX_VCPUS {
             if self.vcpus[v].state != VcpuState::Free && self.vcpus[v].domain == d {
                 let g = self.vcpus[v].generation;
-                self.vcpus[v] = Vcpu {
-                    generation: g,
-                    ..Vcpu::FREE
-                };
+                self.vcpus[v] = Vcpu { generation: g, ..Vcpu::FREE };
             }
         }
-        let mut caps: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> =
-            heapless::Vec::new();
+        let mut caps: heapless::Vec<Capability, { ipc_spec::hypercall::CAP_SLOTS }> = heapless::Vec::new();
         for c in self.domains[d as usize].caps.drain() {
             let _ = caps.push(c);
         }
@@ -952,18 +804,10 @@ impl<F: Stage2Format> Kernel<F> {
         if bytes == 0 || bytes > (256 << 20) {
             return Err(Error::InvalidArgument);
         }
-        let r = self
-            .regions
-            .iter()
-            .position(|r| r.refs == 0)
-            .ok_or(Error::OutOfMemory)?;
+        let r = self.regions.iter().position(|r| r.refs == 0).ok_or(Error::OutOfMemory)?;
         let frames = bytes.div_ceil(PAGE);
         let hpa = p.alloc_frames(frames, PAGE).ok_or(Error::OutOfMemory)?;
-        self.regions[r] = Region {
-            refs: 0,
-            hpa,
-            frames,
-        };
+        self.regions[r] = Region { refs: 0, hpa, frames };
         Ok(r as RegionId)
     }
 
@@ -979,23 +823,15 @@ impl<F: Stage2Format> Kernel<F> {
             return Err(Error::InvalidArgument);
         }
         let mut a = Access::empty();
-        for (bit, acc) in [
-            (rights::READ, Access::READ),
-            (rights::WRITE, Access::WRITE),
-            (rights::EXEC, Access::EXEC),
-        ] {
+        for (bit, acc) in [(rights::READ, Access::READ), (rights::WRITE, Access::WRITE), (rights::EXEC, Access::EXEC)] {
             if access & bit != 0 {
                 a |= acc;
             }
         }
-        if access & !(rights::READ | rights::WRITE | rights::EXEC) != 0 || !a.contains(Access::READ)
-        {
+        if access & !(rights::READ | rights::WRITE | rights::EXEC) != 0 || !a.contains(Access::READ) {
             return Err(Error::InvalidArgument);
         }
-        let (hpa, frames) = (
-            self.regions[region as usize].hpa,
-            self.regions[region as usize].frames,
-        );
+        let (hpa, frames) = (self.regions[region as usize].hpa, self.regions[region as usize].frames);
         let dom = &mut self.domains[d as usize];
         if dom.mappings.iter().any(|m| m.region == region) {
             return Err(Error::AlreadyMapped);
@@ -1008,30 +844,19 @@ impl<F: Stage2Format> Kernel<F> {
             return Err(Error::OutOfMemory);
         }
         let stage2 = dom.stage2.as_mut().ok_or(Error::InvalidState)?;
-        stage2
-            .map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack)
-            .map_err(|e| match e {
-                crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
-                crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
-                _ => Error::InvalidArgument,
-            })?;
+        stage2.map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack).map_err(|e| match e {
+            crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
+            crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
+            _ => Error::InvalidArgument,
+        })?;
         let _ = dom.mappings.push(Mapping { region, gpa });
         self.regions[region as usize].refs += 1;
         Ok(())
     }
 
-    pub fn unmap_region<P: Platform>(
-        &mut self,
-        p: &mut P,
-        d: DomainId,
-        region: RegionId,
-    ) -> Result<(), Error> {
+    pub fn unmap_region<P: Platform>(&mut self, p: &mut P, d: DomainId, region: RegionId) -> Result<(), Error> {
         let dom = &mut self.domains[d as usize];
-        let i = dom
-            .mappings
-            .iter()
-            .position(|m| m.region == region)
-            .ok_or(Error::NotMapped)?;
+        let i = dom.mappings.iter().position(|m| m.region == region).ok_or(Error::NotMapped)?;
         let m = dom.mappings.swap_remove(i);
         let frames = self.regions[region as usize].frames;
         if let Some(s) = dom.stage2.as_mut() {
@@ -1043,32 +868,14 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     pub fn endpoint_create(&mut self) -> Result<EndpointId, Error> {
-        let e = self
-            .endpoints
-            .iter()
-            .position(|e| e.refs == 0)
-            .ok_or(Error::OutOfMemory)?;
-        self.endpoints[e] = Endpoint {
-            refs: 0,
-            senders: Queue::new(),
-            receivers: Queue::new(),
-        };
+        let e = self.endpoints.iter().position(|e| e.refs == 0).ok_or(Error::OutOfMemory)?;
+        self.endpoints[e] = Endpoint { refs: 0, senders: Queue::new(), receivers: Queue::new() };
         Ok(e as EndpointId)
     }
 
     pub fn notification_create(&mut self) -> Result<NotificationId, Error> {
-        let n = self
-            .notifications
-            .iter()
-            .position(|n| n.refs == 0)
-            .ok_or(Error::OutOfMemory)?;
-        self.notifications[n] = Notification {
-            refs: 0,
-            bits: 0,
-            waiter: None,
-            bound: None,
-            timer: None,
-        };
+        let n = self.notifications.iter().position(|n| n.refs == 0).ok_or(Error::OutOfMemory)?;
+        self.notifications[n] = Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
         Ok(n as NotificationId)
     }
 
@@ -1091,20 +898,12 @@ impl<F: Stage2Format> Kernel<F> {
     /// Does any vCPU still have work (running, ready, or blocked on something that can
     /// still happen)? False when every vCPU is stopped or free.
     pub fn any_alive(&self) -> bool {
-        self.vcpus.iter().any(|v| {
-            !matches!(
-                v.state,
-                VcpuState::Free | VcpuState::Stopped | VcpuState::Created
-            )
-        })
+        self.vcpus.iter().any(|v| !matches!(v.state, VcpuState::Free | VcpuState::Stopped | VcpuState::Created))
     }
 
     /// Earliest pending virtual timer deadline, for the idle loop.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.notifications
-            .iter()
-            .filter_map(|n| n.timer.map(|(t, _)| t))
-            .min()
+        self.notifications.iter().filter_map(|n| n.timer.map(|(t, _)| t)).min()
     }
 }
 

@@ -10,12 +10,7 @@ use super::{Kernel, NotificationId, VcpuId, VcpuState};
 use crate::stage2::Stage2Format;
 
 impl<F: Stage2Format> Kernel<F> {
-    fn notification_of(
-        &self,
-        v: VcpuId,
-        slot: u64,
-        right: u64,
-    ) -> Result<(NotificationId, u64), Error> {
+    fn notification_of(&self, v: VcpuId, slot: u64, right: u64) -> Result<(NotificationId, u64), Error> {
         let cap = self.lookup(self.vcpus[v as usize].domain, slot, right)?;
         match cap.object {
             Object::Notification(n) => Ok((n, cap.badge)),
@@ -76,28 +71,14 @@ impl<F: Stage2Format> Kernel<F> {
 
     pub fn bind(&mut self, v: VcpuId, slot: u64, vector: u64) -> Result<(), Error> {
         let (n, _) = self.notification_of(v, slot, rights::WAIT)?;
-        let vector = u8::try_from(vector)
-            .ok()
-            .filter(|&x| x >= 32)
-            .ok_or(Error::InvalidArgument)?;
+        let vector = u8::try_from(vector).ok().filter(|&x| x >= 32).ok_or(Error::InvalidArgument)?;
         self.notifications[n as usize].bound = Some((v, vector));
         Ok(())
     }
 
-    pub fn timer_set(
-        &mut self,
-        v: VcpuId,
-        slot: u64,
-        ns: u64,
-        bits: u64,
-        now: u64,
-    ) -> Result<(), Error> {
+    pub fn timer_set(&mut self, v: VcpuId, slot: u64, ns: u64, bits: u64, now: u64) -> Result<(), Error> {
         let (n, _) = self.notification_of(v, slot, rights::WAIT)?;
-        self.notifications[n as usize].timer = if ns == 0 {
-            None
-        } else {
-            Some((now.saturating_add(ns), bits.max(1)))
-        };
+        self.notifications[n as usize].timer = if ns == 0 { None } else { Some((now.saturating_add(ns), bits.max(1))) };
         Ok(())
     }
 

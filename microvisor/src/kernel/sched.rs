@@ -15,10 +15,7 @@ pub struct Queue {
 
 impl Queue {
     pub const fn new() -> Self {
-        Self {
-            head: None,
-            tail: None,
-        }
+        Self { head: None, tail: None }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,10 +80,7 @@ pub struct RunQueue {
 
 impl RunQueue {
     pub const fn new() -> Self {
-        Self {
-            levels: [Queue::new(); PRIORITIES],
-            bitmap: [0; PRIORITIES / 64],
-        }
+        Self { levels: [Queue::new(); PRIORITIES], bitmap: [0; PRIORITIES / 64] }
     }
 
     pub fn push(&mut self, v: VcpuId, priority: u8, next: &mut [Option<VcpuId>]) {

@@ -83,25 +83,15 @@ impl ExitReason {
         match code {
             CPUID => Self::Cpuid,
             HLT => Self::Hlt,
-            IOIO => Self::Io {
-                port: (info1 >> 16) as u16,
-                write: info1 & 1 == 0,
-                next_rip: info2,
-            },
-            MSR => Self::Msr {
-                write: info1 & 1 != 0,
-            },
+            IOIO => Self::Io { port: (info1 >> 16) as u16, write: info1 & 1 == 0, next_rip: info2 },
+            MSR => Self::Msr { write: info1 & 1 != 0 },
             SHUTDOWN => Self::Shutdown,
             VMMCALL => Self::Vmmcall,
             INTR | NMI => Self::PhysicalInterrupt,
-            NPF => Self::NestedPageFault {
-                gpa: info2,
-                error: NptFaultError(info1),
-            },
-            c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => Self::Exception {
-                vector: (c - EXCEPTION_BASE) as u8,
-                error_code: info1,
-            },
+            NPF => Self::NestedPageFault { gpa: info2, error: NptFaultError(info1) },
+            c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => {
+                Self::Exception { vector: (c - EXCEPTION_BASE) as u8, error_code: info1 }
+            }
             INVALID => Self::Invalid,
             other => Self::Other(other),
         }
@@ -117,32 +107,16 @@ mod tests {
         assert_eq!(ExitReason::decode(0x81, 0, 0), ExitReason::Vmmcall);
         assert_eq!(
             ExitReason::decode(0x400, 0x1_0000_0004, 0x4000_0000),
-            ExitReason::NestedPageFault {
-                gpa: 0x4000_0000,
-                error: NptFaultError(0x1_0000_0004)
-            }
+            ExitReason::NestedPageFault { gpa: 0x4000_0000, error: NptFaultError(0x1_0000_0004) }
         );
-        assert_eq!(
-            ExitReason::decode(0x48, 0, 0),
-            ExitReason::Exception {
-                vector: 8,
-                error_code: 0
-            }
-        );
+        assert_eq!(ExitReason::decode(0x48, 0, 0), ExitReason::Exception { vector: 8, error_code: 0 });
         assert_eq!(ExitReason::decode(u64::MAX, 0, 0), ExitReason::Invalid);
         // IN from port 0x3f8 (type bit set), next RIP in info2.
         assert_eq!(
             ExitReason::decode(0x7b, (0x3f8 << 16) | 1, 0x1234),
-            ExitReason::Io {
-                port: 0x3f8,
-                write: false,
-                next_rip: 0x1234
-            }
+            ExitReason::Io { port: 0x3f8, write: false, next_rip: 0x1234 }
         );
-        assert_eq!(
-            ExitReason::decode(0x7c, 1, 0),
-            ExitReason::Msr { write: true }
-        );
+        assert_eq!(ExitReason::decode(0x7c, 1, 0), ExitReason::Msr { write: true });
         assert_eq!(ExitReason::decode(0x80, 0, 0), ExitReason::Other(0x80));
     }
 

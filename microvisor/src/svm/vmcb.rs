@@ -110,39 +110,19 @@ pub struct Segment {
 impl Segment {
     /// Flat 32-bit code segment (execute/read, accessed, DB, G), as the PVH entry wants.
     pub const fn flat_code32(selector: u16) -> Self {
-        Self {
-            selector,
-            attrib: 0xc9b,
-            limit: 0xffff_ffff,
-            base: 0,
-        }
+        Self { selector, attrib: 0xc9b, limit: 0xffff_ffff, base: 0 }
     }
     /// Flat 32-bit data segment (read/write, accessed, DB, G).
     pub const fn flat_data32(selector: u16) -> Self {
-        Self {
-            selector,
-            attrib: 0xc93,
-            limit: 0xffff_ffff,
-            base: 0,
-        }
+        Self { selector, attrib: 0xc93, limit: 0xffff_ffff, base: 0 }
     }
     /// A busy 32-bit TSS, which the PVH ABI asks for in TR.
     pub const fn tss32_busy() -> Self {
-        Self {
-            selector: 0,
-            attrib: 0x8b,
-            limit: 0x67,
-            base: 0,
-        }
+        Self { selector: 0, attrib: 0x8b, limit: 0x67, base: 0 }
     }
     /// A descriptor table register (only base and limit are meaningful).
     pub const fn table(base: u64, limit: u32) -> Self {
-        Self {
-            selector: 0,
-            attrib: 0,
-            limit,
-            base,
-        }
+        Self { selector: 0, attrib: 0, limit, base }
     }
 }
 
@@ -261,14 +241,8 @@ mod tests {
     fn exception_injection_encoding() {
         let mut v = Vmcb::zeroed();
         v.inject_exception(13, Some(0));
-        assert_eq!(
-            v.read_u64(control::EVENT_INJECTION),
-            13 | (3 << 8) | (1 << 11) | (1 << 31)
-        );
+        assert_eq!(v.read_u64(control::EVENT_INJECTION), 13 | (3 << 8) | (1 << 11) | (1 << 31));
         v.inject_exception(6, None);
-        assert_eq!(
-            v.read_u64(control::EVENT_INJECTION),
-            6 | (3 << 8) | (1 << 31)
-        );
+        assert_eq!(v.read_u64(control::EVENT_INJECTION), 6 | (3 << 8) | (1 << 31));
     }
 }

@@ -1,0 +1,161 @@
+//! Building the stack the manifest describes, with hypercalls only: domains with their RAM
+//! and images, a timer notification each, channels as capabilities copied into both ends,
+//! dom0's fault endpoint as every domain's fault handler, then the vCPUs.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write as _;
+
+use domain_rt::hypercall::{call, Regs};
+use domain_rt::println;
+use ipc_spec::bundle::Bundle;
+use ipc_spec::hypercall::{dom0_slots, rights};
+use ipc_spec::manifest::{ChannelKind, Manifest};
+use ipc_spec::{Error, Hypercall};
+use pvh::elf::ElfImage;
+use pvh::start_info::{build_start_page, MemmapEntry, MEMMAP_RAM};
+
+/// Guest-physical address of every domain's start info page.
+const START_INFO_GPA: u64 = 0x1000;
+/// Images are linked at or above 1 MiB.
+const IMAGE_MIN_GPA: u64 = 0x10_0000;
+
+/// A domain dom0 built.
+pub struct Built {
+    pub name: String,
+    /// Slot of dom0's capability to the domain.
+    pub slot: u64,
+    /// Command-line words dom0 adds (capability slots).
+    args: String,
+    entry: u32,
+    ram: u64,
+}
+
+/// The built stack.
+pub struct Stack {
+    pub domains: Vec<Built>,
+    /// Endpoint on which dom0 receives the domains' faults.
+    pub fault_endpoint: u64,
+}
+
+fn hc(h: Hypercall, slot: u64, args: [u64; 6]) -> Result<Regs, String> {
+    call(h, slot, args).map_err(|e: Error| format!("{h:?}: {e}"))
+}
+
+/// Create a fresh object in dom0's table; returns its slot.
+fn create(h: Hypercall) -> Result<u64, String> {
+    Ok(hc(h, dom0_slots::MEMORY, [0; 6])?.args[0])
+}
+
+/// Copy dom0's capability in `slot` into domain `target` with `mask` rights and `badge`.
+fn give(slot: u64, target: u64, mask: u64, badge: u64) -> Result<u64, String> {
+    Ok(hc(Hypercall::CapCopy, slot, [target, mask, badge, 0, 0, 0])?.args[0])
+}
+
+fn delete(slot: u64) -> Result<(), String> {
+    hc(Hypercall::CapDelete, slot, [0; 6]).map(|_| ())
+}
+
+/// Copy `data` into the domain's RAM at `gpa`, staging it in dom0's RAM (the microvisor
+/// copies only from the caller's RAM, and the bundle is not RAM).
+fn load(domain: u64, gpa: u64, data: &[u8]) -> Result<(), String> {
+    let mut buf = alloc::vec![0u8; 4096];
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        buf[..chunk.len()].copy_from_slice(chunk);
+        let dst = gpa + (i * 4096) as u64;
+        hc(Hypercall::DomainWrite, domain, [dst, buf.as_ptr() as u64, chunk.len() as u64, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
+    let fault_endpoint = create(Hypercall::EndpointCreate)?;
+    let mut domains: Vec<Built> = Vec::new();
+
+    for (i, d) in m.domains.iter().enumerate() {
+        let image = bundle
+            .get(&d.image)
+            .ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
+        let elf = ElfImage::parse(image).map_err(|e| format!("domain {}: image {}: {e}", d.name, d.image))?;
+        let entry = elf.pvh_entry().ok_or_else(|| format!("domain {}: image has no PVH entry note", d.name))?;
+        let ram = d.memory_mib as u64 * 1024 * 1024;
+        let ram = ram.next_multiple_of(2 << 20);
+        elf.check_fits(IMAGE_MIN_GPA, ram - IMAGE_MIN_GPA).map_err(|e| format!("domain {}: {e}", d.name))?;
+
+        let name = d.name.as_bytes();
+        let r = hc(
+            Hypercall::DomainCreate,
+            dom0_slots::MEMORY,
+            [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, 0, 0],
+        )
+        .map_err(|e| format!("domain {}: {e}", d.name))?;
+        let slot = r.args[0];
+        for seg in elf.segments() {
+            load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
+        }
+        hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
+
+        // Its own timer notification.
+        let n = create(Hypercall::NotificationCreate)?;
+        let timer = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
+        delete(n)?;
+        let mut args = String::new();
+        let _ = write!(args, "timer={timer}");
+        domains.push(Built { name: d.name.clone(), slot, args, entry, ram });
+    }
+
+    for (i, c) in m.channels.iter().enumerate() {
+        let find = |name: &str| domains.iter().position(|d| d.name == name);
+        let (Some(client), Some(server)) = (find(&c.client), find(&c.server)) else {
+            return Err(format!("channel {}: unknown domain", c.name));
+        };
+        match c.kind {
+            ChannelKind::Endpoint => {
+                let e = create(Hypercall::EndpointCreate)?;
+                let s = give(e, domains[server].slot, rights::RECV, 0)?;
+                let k = give(e, domains[client].slot, rights::CALL, i as u64 + 1)?;
+                delete(e)?;
+                let _ = write!(domains[server].args, " chan.{}={s}", c.name);
+                let _ = write!(domains[client].args, " chan.{}={k}", c.name);
+            }
+            ChannelKind::Notification => {
+                let to_server = create(Hypercall::NotificationCreate)?;
+                let to_client = create(Hypercall::NotificationCreate)?;
+                let cs = give(to_server, domains[client].slot, rights::SIGNAL, 0)?;
+                let cw = give(to_client, domains[client].slot, rights::WAIT, 0)?;
+                let ss = give(to_client, domains[server].slot, rights::SIGNAL, 0)?;
+                let sw = give(to_server, domains[server].slot, rights::WAIT, 0)?;
+                delete(to_server)?;
+                delete(to_client)?;
+                let _ = write!(domains[client].args, " chan.{n}.signal={cs} chan.{n}.wait={cw}", n = c.name);
+                let _ = write!(domains[server].args, " chan.{n}.signal={ss} chan.{n}.wait={sw}", n = c.name);
+            }
+        }
+    }
+
+    for (d, spec) in domains.iter().zip(m.domains.iter()) {
+        let mut cmdline = spec.args.clone();
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&d.args);
+        let mut page = alloc::vec![0u8; 4096];
+        let page_arr: &mut [u8; 4096] = page.as_mut_slice().try_into().map_err(|_| String::from("page size"))?;
+        build_start_page(
+            page_arr,
+            START_INFO_GPA,
+            cmdline.as_bytes(),
+            &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)],
+            &[],
+            0,
+        )
+        .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
+        hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
+        let v = hc(Hypercall::VcpuCreate, d.slot, [d.entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0];
+        hc(Hypercall::VcpuStart, v, [0; 6])?;
+        delete(v)?;
+        println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
+    }
+    Ok(Stack { domains, fault_endpoint })
+}
