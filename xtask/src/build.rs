@@ -68,21 +68,26 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
 /// Pack the bundle for the stack manifest `stack` from compiled `images` into `out`.
 pub fn pack(images: &Path, stack: &Path, out: &Path) -> Result<StackInfo, String> {
     let manifest = crate::manifest::load(stack, &known_images())?;
+    pack_manifest(images, &manifest, out)
+}
+
+/// Pack the bundle for an already loaded (and validated) manifest.
+pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out: &Path) -> Result<StackInfo, String> {
     let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
     let read = |bin: &str| {
         let path = images.join(bin);
         std::fs::read(&path).map_err(|e| format!("reading {}: {e} (run `cargo xtask build` first)", path.display()))
     };
     entries.push((ipc_spec::DOM0_IMAGE.to_string(), read("dom0")?));
-    for image in crate::manifest::images(&manifest) {
+    for image in crate::manifest::images(manifest) {
         let bin = DOMAIN_IMAGES
             .iter()
             .find(|(name, _, _)| *name == image)
             .map(|(_, _, bin)| *bin)
-            .ok_or_else(|| format!("{}: image \"{image}\" has no binary", stack.display()))?;
+            .ok_or_else(|| format!("image \"{image}\" has no binary"))?;
         entries.push((image.to_string(), read(bin)?));
     }
-    entries.push((ipc_spec::manifest::MANIFEST_ENTRY.to_string(), crate::manifest::pack(&manifest)));
+    entries.push((ipc_spec::manifest::MANIFEST_ENTRY.to_string(), crate::manifest::pack(manifest)));
     let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
     let bundle = ipc_spec::bundle::build(&refs).map_err(|e| format!("packing the boot bundle: {e}"))?;
     if let Some(dir) = out.parent() {

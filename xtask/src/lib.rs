@@ -1,6 +1,7 @@
 //! Building the stack and running it in QEMU, shared by the `cargo xtask` command line and
 //! the end-to-end tests in `tests/`.
 
+pub mod bench;
 pub mod build;
 pub mod manifest;
 pub mod qemu;

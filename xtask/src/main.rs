@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Some("build") => build_command(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => xtask::bench::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
@@ -48,6 +49,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   run [--stack file] [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
                         boot the stack in QEMU (console on this terminal; Ctrl-A X quits)
   test                  host tests, then the QEMU end-to-end tests
+  bench ipc [--n N]     IPC cost in instructions (QEMU -icount) and wall time; writes
+                        target/bench/ipc.json
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json";
 

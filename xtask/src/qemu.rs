@@ -27,6 +27,8 @@ pub struct Machine {
     pub append: String,
     /// Wait for a debugger on tcp::1234 before starting.
     pub gdb: bool,
+    /// Further QEMU arguments (e.g. `-icount`).
+    pub extra: Vec<String>,
 }
 
 impl Machine {
@@ -39,6 +41,7 @@ impl Machine {
             iommu: true,
             append: String::new(),
             gdb: false,
+            extra: Vec::new(),
         }
     }
 
@@ -70,6 +73,7 @@ impl Machine {
         if self.gdb {
             a.extend(["-s".into(), "-S".into()]);
         }
+        a.extend(self.extra.iter().cloned());
         a
     }
 
