@@ -113,6 +113,10 @@ impl Platform for Machine {
         self.tlb_epoch += 1;
     }
 
+    fn domain_named(&mut self, domain: DomainId, name: &str) {
+        crate::arch::cpu::name_domain(domain, name);
+    }
+
     fn console_line(&mut self, domain: &str, line: &[u8]) {
         let _guard = CONSOLE_LOCK.lock();
         Serial::write_bytes(b"[");

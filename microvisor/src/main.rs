@@ -269,8 +269,7 @@ mod boot_and_run {
                 apic::wait_for_interrupt();
                 continue;
             };
-            let d = k.vcpus[v as usize].domain;
-            cpu::set_current_domain(Some((d, k.domains[d as usize].name())));
+            cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
             enter(k, m, v);
             m.svm.run(m.vmcb_pa(v), &mut k.vcpus[v as usize].regs);
             let vmcb = m.vmcb(v);

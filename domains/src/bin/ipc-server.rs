@@ -34,17 +34,16 @@ mod server {
     fn serve_calls(name: &str, ep: u64) -> u64 {
         println!("serving \"{name}\" (slot {ep})");
         println!("ready");
-        let (mut msg, _) = match hypercall::ipc_recv(ep) {
-            Ok(m) => m,
+        let mut msg = match hypercall::ipc_recv(ep) {
+            Ok((m, _badge)) => m,
             Err(e) => {
                 println!("recv failed: {e}");
                 return 2;
             }
         };
         loop {
-            let mut reply = msg;
-            reply.words[0] = msg.words[0].wrapping_add(1);
-            match hypercall::ipc_reply_recv(ep, &reply) {
+            msg.words[0] = msg.words[0].wrapping_add(1);
+            match hypercall::ipc_reply_recv(ep, &msg) {
                 Ok((m, _badge)) => msg = m,
                 Err(e) => {
                     println!("reply_recv failed: {e}");

@@ -4,6 +4,8 @@
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use microvisor::kernel::MAX_DOMAINS;
+
 use ipc_spec::machine_exit::{MachineExit, DEBUG_EXIT_PORT};
 use pvh::exceptions::{exception_name, exception_stub_addresses, ExceptionFrame, Idt};
 use x86_64::instructions::port::Port;
@@ -77,36 +79,31 @@ pub fn init() {
     idt.load();
 }
 
-/// The domain the microvisor is working for (id + 1; 0 = none), and a copy of its name, so
-/// an exception report can name it without touching kernel state.
+/// The domain the microvisor is working for (id + 1; 0 = none), and every domain's name,
+/// so an exception report can name it without touching kernel state.
 static CURRENT_DOMAIN: AtomicUsize = AtomicUsize::new(0);
-static CURRENT_NAME: spin::Mutex<([u8; 32], usize)> = spin::Mutex::new(([0; 32], 0));
+static DOMAIN_NAMES: spin::Mutex<[([u8; 32], usize); MAX_DOMAINS]> = spin::Mutex::new([([0; 32], 0); MAX_DOMAINS]);
 
-/// Record which domain the microvisor is working for. The name is copied only when the
-/// domain changes, which keeps this off the cost of an IPC between two vCPUs of one domain.
-pub fn set_current_domain(domain: Option<(u16, &str)>) {
-    match domain {
-        None => CURRENT_DOMAIN.store(0, Ordering::Relaxed),
-        Some((id, name)) => {
-            let tag = id as usize + 1;
-            if CURRENT_DOMAIN.swap(tag, Ordering::Relaxed) != tag {
-                let mut n = CURRENT_NAME.lock();
-                let len = name.len().min(32);
-                n.0[..len].copy_from_slice(&name.as_bytes()[..len]);
-                n.1 = len;
-            }
-        }
+/// Remember a domain's name (at its creation, off every fast path).
+pub fn name_domain(domain: u16, name: &str) {
+    if let Some(slot) = DOMAIN_NAMES.lock().get_mut(domain as usize) {
+        let len = name.len().min(32);
+        slot.0[..len].copy_from_slice(&name.as_bytes()[..len]);
+        slot.1 = len;
     }
 }
 
+/// Record which domain the microvisor is working for (one store: this is on every exit).
+pub fn set_current_domain(domain: Option<u16>) {
+    CURRENT_DOMAIN.store(domain.map_or(0, |d| d as usize + 1), Ordering::Relaxed);
+}
+
 fn current_domain(buf: &mut [u8; 32]) -> Option<&str> {
-    if CURRENT_DOMAIN.load(Ordering::Relaxed) == 0 {
-        return None;
-    }
-    let n = CURRENT_NAME.try_lock()?;
-    let len = n.1;
-    buf[..len].copy_from_slice(&n.0[..len]);
-    core::str::from_utf8(&buf[..len]).ok()
+    let d = CURRENT_DOMAIN.load(Ordering::Relaxed).checked_sub(1)?;
+    let names = DOMAIN_NAMES.try_lock()?;
+    let (name, len) = names.get(d)?;
+    buf[..*len].copy_from_slice(&name[..*len]);
+    core::str::from_utf8(&buf[..*len]).ok()
 }
 
 /// Every CPU exception in root mode is a microvisor bug: report it and stop the machine.

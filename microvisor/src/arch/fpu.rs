@@ -20,12 +20,15 @@ const RESET: FxArea = {
 
 pub struct FpuStates {
     areas: [FxArea; MAX_VCPUS],
-    loaded: Option<VcpuId>,
+    /// Index of the vCPU whose state is in the registers (NONE: none yet).
+    loaded: usize,
 }
+
+const NONE: usize = usize::MAX;
 
 impl FpuStates {
     pub const fn new() -> Self {
-        Self { areas: [RESET; MAX_VCPUS], loaded: None }
+        Self { areas: [RESET; MAX_VCPUS], loaded: NONE }
     }
 
     /// Turn on FXSAVE/FXRSTOR of SSE state (CR4.OSFXSR, OSXMMEXCPT).
@@ -41,24 +44,24 @@ impl FpuStates {
     /// A new vCPU starts from reset state.
     pub fn reset(&mut self, v: VcpuId) {
         self.areas[v as usize] = RESET;
-        if self.loaded == Some(v) {
-            self.loaded = None;
+        if self.loaded == v as usize {
+            self.loaded = NONE;
         }
     }
 
     /// Make the FPU registers hold `v`'s state.
+    #[inline(always)]
     pub fn switch_to(&mut self, v: VcpuId) {
-        if self.loaded == Some(v) {
+        let v = v as usize;
+        if self.loaded == v {
             return;
         }
-        if let Some(old) = self.loaded {
+        if let Some(old) = self.areas.get_mut(self.loaded) {
             // SAFETY: the area is 512 bytes, 16-byte aligned, owned by this table.
-            unsafe {
-                core::arch::asm!("fxsave64 [{}]", in(reg) self.areas[old as usize].0.as_mut_ptr(), options(nostack))
-            };
+            unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) old.0.as_mut_ptr(), options(nostack)) };
         }
         // SAFETY: as above; the image came from FXSAVE or is the valid reset image.
-        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) self.areas[v as usize].0.as_ptr(), options(nostack)) };
-        self.loaded = Some(v);
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) self.areas[v].0.as_ptr(), options(nostack)) };
+        self.loaded = v;
     }
 }

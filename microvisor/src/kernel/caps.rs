@@ -54,6 +54,16 @@ impl CapTable {
         Self { slots: [None; CAP_SLOTS] }
     }
 
+    /// The capability in `slot`, by reference.
+    #[inline]
+    pub fn get_ref(&self, slot: u64) -> Result<&Capability, Error> {
+        // A u64 slot converts to usize losslessly on x86-64; `get` is the range check.
+        match self.slots.get(slot as usize) {
+            Some(Some(c)) => Ok(c),
+            _ => Err(Error::InvalidSlot),
+        }
+    }
+
     /// The capability in `slot`, if the slot is in range and filled.
     pub fn get(&self, slot: u64) -> Result<Capability, Error> {
         let i = usize::try_from(slot).map_err(|_| Error::InvalidSlot)?;

@@ -16,25 +16,57 @@ enum Done {
     Pending,
 }
 
+fn pending(r: Result<(), Error>) -> Done {
+    match r {
+        Ok(()) => Done::Pending,
+        Err(e) => Done::Status(Err(e)),
+    }
+}
+
 impl<F: Stage2Format> Kernel<F> {
     /// Handle the hypercall the running vCPU `v` just made (RIP already past VMMCALL).
     /// Afterwards `self.current` says which vCPU runs next.
+    ///
+    /// IPC is decoded first, then the null call; all three stay small. Everything else
+    /// goes through [`Self::hypercall_slow`], whose large buffers stay out of this frame.
     pub fn hypercall<P: Platform>(&mut self, p: &mut P, v: VcpuId) -> Option<Event> {
         self.stats.hypercalls += 1;
-        let r = self.vcpus[v as usize].regs;
-        let Some(call) = Hypercall::from_number(r.rax) else {
+        let (number, slot) = {
+            let r = &self.vcpus[v as usize].regs;
+            (r.rax, r.rbx)
+        };
+        // IPC is tested first: it is what the fast path is for.
+        let result = if number == Hypercall::Call as u64 {
+            self.call(p, v, slot)
+        } else if number == Hypercall::ReplyRecv as u64 {
+            self.reply_recv(p, v, slot)
+        } else if number == Hypercall::Null as u64 {
+            self.vcpus[v as usize].regs.rax = 0;
+            return None;
+        } else {
+            return self.hypercall_slow(p, v, number, slot);
+        };
+        // On success the status arrives with the message (the call blocked or switched).
+        if let Err(e) = result {
+            self.vcpus[v as usize].regs.rax = e.code();
+        }
+        None
+    }
+
+    #[inline(never)]
+    fn hypercall_slow<P: Platform>(&mut self, p: &mut P, v: VcpuId, number: u64, slot: u64) -> Option<Event> {
+        let arg0 = self.vcpus[v as usize].regs.rdi;
+        let Some(call) = Hypercall::from_number(number) else {
             self.vcpus[v as usize].regs.rax = Error::UnknownHypercall.code();
             return None;
         };
         let mut event = None;
         let done = match call {
             Hypercall::Null => Done::Status(Ok(())),
-            Hypercall::Call => pending(self.call(p, v, r.rbx)),
-            Hypercall::ReplyRecv => pending(self.reply_recv(p, v, r.rbx)),
-            Hypercall::Recv => pending(self.recv(p, v, r.rbx)),
-            Hypercall::Signal => Done::Status(self.signal(v, r.rbx, r.rdi)),
-            Hypercall::Wait => pending(self.wait(v, r.rbx)),
-            Hypercall::Poll => Done::Status(self.poll(v, r.rbx).map(|bits| self.vcpus[v as usize].regs.rdi = bits)),
+            Hypercall::Recv => pending(self.recv(p, v, slot)),
+            Hypercall::Signal => Done::Status(self.signal(v, slot, arg0)),
+            Hypercall::Wait => pending(self.wait(v, slot)),
+            Hypercall::Poll => Done::Status(self.poll(v, slot).map(|bits| self.vcpus[v as usize].regs.rdi = bits)),
             Hypercall::Yield => {
                 self.vcpus[v as usize].regs.rax = 0;
                 self.yield_current();
@@ -44,33 +76,31 @@ impl<F: Stage2Format> Kernel<F> {
                 self.vcpus[v as usize].regs.rdi = p.now_ns();
                 Done::Status(Ok(()))
             }
-            Hypercall::ConsoleWrite => Done::Status(self.hc_console(p, v, r.rdi, r.rsi)),
+            Hypercall::ConsoleWrite => {
+                let len = self.vcpus[v as usize].regs.rsi;
+                Done::Status(self.hc_console(p, v, arg0, len))
+            }
             Hypercall::DomainExit => {
-                event = self.domain_exit(p, v, r.rdi);
+                event = self.domain_exit(p, v, arg0);
                 Done::Pending
             }
-            Hypercall::Shutdown => match self.lookup(self.vcpus[v as usize].domain, r.rbx, rights::CONTROL) {
-                Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(r.rdi)),
+            Hypercall::Shutdown => match self.lookup(self.vcpus[v as usize].domain, slot, rights::CONTROL) {
+                Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(arg0)),
                 Ok(_) => Done::Status(Err(Error::WrongType)),
                 Err(e) => Done::Status(Err(e)),
             },
-            _ => Done::Status(self.management(p, v, call, &r)),
+            _ => {
+                let r = self.vcpus[v as usize].regs;
+                Done::Status(self.management(p, v, call, &r))
+            }
         };
         if let Done::Status(result) = done {
             self.vcpus[v as usize].regs.rax = status_of(result);
         }
         event
     }
-}
 
-fn pending(r: Result<(), Error>) -> Done {
-    match r {
-        Ok(()) => Done::Pending,
-        Err(e) => Done::Status(Err(e)),
-    }
-}
-
-impl<F: Stage2Format> Kernel<F> {
+    #[inline(never)]
     fn hc_console<P: Platform>(&mut self, p: &mut P, v: VcpuId, gpa: u64, len: u64) -> Result<(), Error> {
         if len > CONSOLE_WRITE_MAX {
             return Err(Error::InvalidArgument);
@@ -96,6 +126,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// The object-management hypercalls.
+    #[inline(never)]
     fn management<P: Platform>(&mut self, p: &mut P, v: VcpuId, call: Hypercall, r: &super::Regs) -> Result<(), Error> {
         let caller = self.vcpus[v as usize].domain;
         let memory = |k: &Self| match k.lookup(caller, r.rbx, rights::CONTROL)?.object {

@@ -10,7 +10,7 @@ use ipc_spec::hypercall::{rights, FaultReply, MAX_MESSAGE_WORDS, REGISTER_WORDS}
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{EndpointId, Fault, Kernel, Platform, VcpuId, VcpuState, PAGE};
+use super::{EndpointId, Fault, Kernel, Platform, VcpuId, VcpuState, MAX_DOMAINS, MAX_ENDPOINTS, MAX_VCPUS, PAGE};
 use crate::stage2::Stage2Format;
 
 impl<F: Stage2Format> Kernel<F> {
@@ -56,16 +56,97 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(())
     }
 
+    /// The endpoint (and badge) in the caller's `slot`. Endpoints never go stale (they are
+    /// reference-counted), so this is a plain table read: it is on every IPC.
+    #[inline]
     fn endpoint_of(&self, caller: VcpuId, slot: u64, right: u64) -> Result<(EndpointId, u64), Error> {
-        let cap = self.lookup(self.vcpus[caller as usize].domain, slot, right)?;
+        let cap = self.domains[self.vcpus[caller as usize].domain as usize].caps.get_ref(slot)?;
         match cap.object {
-            Object::Endpoint(e) => Ok((e, cap.badge)),
+            Object::Endpoint(e) if cap.rights & right == right => Ok((e, cap.badge)),
+            Object::Endpoint(_) => Err(Error::PermissionDenied),
             _ => Err(Error::WrongType),
         }
     }
 
+    /// Fast path of `Call`: a server already waits on the endpoint and the message fits in
+    /// registers. Straight-line: copy six words, hand the server the reply, switch. Returns
+    /// false (having changed nothing) when the general path must run.
+    #[inline(always)]
+    fn call_fast(&mut self, caller: VcpuId, slot: u64) -> bool {
+        // Identifiers the kernel handed out are always in range; masking (the tables are
+        // powers of two) lets the compiler drop the bounds checks on this path.
+        let ci = caller as usize & (MAX_VCPUS - 1);
+        let d = self.vcpus[ci].domain as usize & (MAX_DOMAINS - 1);
+        let Ok(cap) = self.domains[d].caps.get_ref(slot) else { return false };
+        let (Object::Endpoint(e), badge) = (cap.object, cap.badge) else { return false };
+        let len = self.vcpus[ci].regs.rcx;
+        if cap.rights & rights::CALL == 0 || len > REGISTER_WORDS as u64 {
+            return false;
+        }
+        let ep = &mut self.endpoints[e as usize & (MAX_ENDPOINTS - 1)];
+        let Some(server) = ep.receivers.head else { return false };
+        let si = server as usize & (MAX_VCPUS - 1);
+        // Unlink the head. Its own link is left stale: every push overwrites it, and
+        // `tail` only matters while `head` is set.
+        ep.receivers.head = self.next[si];
+        let words = {
+            let r = &self.vcpus[ci].regs;
+            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
+        };
+        self.vcpus[ci].state = VcpuState::BlockedReply(server);
+        let s = &mut self.vcpus[si];
+        [s.regs.rdi, s.regs.rsi, s.regs.rdx, s.regs.r10, s.regs.r8, s.regs.r9] = words;
+        (s.regs.rcx, s.regs.rbx, s.regs.rax) = (len, badge, 0);
+        s.reply_to = Some(caller);
+        s.state = VcpuState::Running;
+        self.current = Some(server);
+        self.stats.ipc_calls += 1;
+        true
+    }
+
+    /// Fast path of `ReplyRecv`: the caller waits for this reply, nobody else is queued on
+    /// the endpoint, the reply fits in registers: answer, wait, switch back to the caller.
+    #[inline(always)]
+    fn reply_recv_fast(&mut self, server: VcpuId, slot: u64) -> bool {
+        let si = server as usize & (MAX_VCPUS - 1);
+        let d = self.vcpus[si].domain as usize & (MAX_DOMAINS - 1);
+        let Ok(cap) = self.domains[d].caps.get_ref(slot) else { return false };
+        let Object::Endpoint(e) = cap.object else { return false };
+        let ei = e as usize & (MAX_ENDPOINTS - 1);
+        let len = self.vcpus[si].regs.rcx;
+        if cap.rights & rights::RECV == 0 || len > REGISTER_WORDS as u64 {
+            return false;
+        }
+        let Some(client) = self.vcpus[si].reply_to else { return false };
+        let ci = client as usize & (MAX_VCPUS - 1);
+        let c = &self.vcpus[ci];
+        if c.state != VcpuState::BlockedReply(server) || c.fault.is_some() {
+            return false;
+        }
+        if !self.endpoints[ei].senders.is_empty() {
+            return false;
+        }
+        let words = {
+            let r = &self.vcpus[si].regs;
+            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
+        };
+        // `reply_to` stays as it is: it is trusted only while the client is still
+        // BlockedReply(server), which ends right here.
+        self.vcpus[si].state = VcpuState::BlockedRecv(e);
+        self.endpoints[ei].receivers.push(server, &mut self.next);
+        let c = &mut self.vcpus[ci];
+        [c.regs.rdi, c.regs.rsi, c.regs.rdx, c.regs.r10, c.regs.r8, c.regs.r9] = words;
+        (c.regs.rcx, c.regs.rbx, c.regs.rax) = (len, 0, 0);
+        c.state = VcpuState::Running;
+        self.current = Some(client);
+        true
+    }
+
     /// `Call`: on success the caller is blocked (its status arrives with the reply).
     pub fn call<P: Platform>(&mut self, p: &mut P, caller: VcpuId, slot: u64) -> Result<(), Error> {
+        if self.call_fast(caller, slot) {
+            return Ok(());
+        }
         let (e, badge) = self.endpoint_of(caller, slot, rights::CALL)?;
         let len = self.vcpus[caller as usize].regs.rcx;
         if len > MAX_MESSAGE_WORDS as u64 {
@@ -136,6 +217,9 @@ impl<F: Stage2Format> Kernel<F> {
     /// `ReplyRecv`: answer the pending caller, then wait for the next message. When no
     /// other message is waiting, the CPU goes straight back to the caller.
     pub fn reply_recv<P: Platform>(&mut self, p: &mut P, server: VcpuId, slot: u64) -> Result<(), Error> {
+        if self.reply_recv_fast(server, slot) {
+            return Ok(());
+        }
         let (e, _) = self.endpoint_of(server, slot, rights::RECV)?;
         let len = self.vcpus[server as usize].regs.rcx;
         if len > MAX_MESSAGE_WORDS as u64 {

@@ -86,6 +86,8 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn stage2_changed(&mut self, domain: DomainId);
     /// One line of a domain's console output.
     fn console_line(&mut self, domain: &str, line: &[u8]);
+    /// A domain got its name (at creation): lets fault reports name it.
+    fn domain_named(&mut self, domain: DomainId, name: &str);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +134,8 @@ pub struct Vcpu {
     pub generation: u32,
     pub priority: u8,
     pub regs: Regs,
-    /// Server side: the caller waiting for our reply.
+    /// Server side: the caller waiting for our reply. Valid only while that caller is
+    /// `BlockedReply(this vCPU)`; every user checks that (a stale value is harmless).
     pub reply_to: Option<VcpuId>,
     /// Badge of the capability used for a pending call.
     pub send_badge: u64,
@@ -309,7 +312,6 @@ pub struct Stats {
     pub hypercalls: u64,
     pub ipc_calls: u64,
     pub signals: u64,
-    pub context_switches: u64,
     pub ticks: u64,
 }
 
@@ -332,7 +334,7 @@ impl<F: Stage2Format> Kernel<F> {
             runq: RunQueue::new(),
             current: None,
             next_cap_id: 1,
-            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, context_switches: 0, ticks: 0 },
+            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0 },
         }
     }
 
@@ -518,14 +520,11 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Make `v` the running vCPU (it must be out of every queue).
+    /// (A vCPU keeps what is left of its time slice; one that has used it up is rotated at
+    /// the next tick.)
     pub fn switch_to(&mut self, v: VcpuId) {
-        let vcpu = &mut self.vcpus[v as usize];
-        vcpu.state = VcpuState::Running;
-        if vcpu.slice_left == 0 {
-            vcpu.slice_left = TIME_SLICE_TICKS;
-        }
+        self.vcpus[v as usize].state = VcpuState::Running;
         self.current = Some(v);
-        self.stats.context_switches += 1;
     }
 
     /// The running vCPU stops running with `state` (a blocked or stopped state).
@@ -543,6 +542,7 @@ impl<F: Stage2Format> Kernel<F> {
             let vcpu = &mut self.vcpus[c as usize];
             vcpu.slice_left = vcpu.slice_left.saturating_sub(1);
             if vcpu.slice_left == 0 {
+                // Slice used up: a fresh one, and equal or higher priorities go first.
                 vcpu.slice_left = TIME_SLICE_TICKS;
                 let prio = vcpu.priority;
                 if self.runq.highest().is_some_and(|h| h >= prio) {
@@ -626,6 +626,7 @@ impl<F: Stage2Format> Kernel<F> {
         dom.mappings.clear();
         dom.console = LineBuffer::new();
         dom.vcpus = 0;
+        p.domain_named(d as DomainId, dom.name());
         Ok(d as DomainId)
     }
 

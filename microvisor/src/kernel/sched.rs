@@ -22,11 +22,13 @@ impl Queue {
         self.head.is_none()
     }
 
+    /// Append `v`. (`tail` is meaningful only while `head` is set, so a queue emptied by
+    /// popping need not reset it.)
     pub fn push(&mut self, v: VcpuId, next: &mut [Option<VcpuId>]) {
         next[v as usize] = None;
-        match self.tail {
-            Some(t) => next[t as usize] = Some(v),
-            None => self.head = Some(v),
+        match (self.head, self.tail) {
+            (Some(_), Some(t)) => next[t as usize] = Some(v),
+            _ => self.head = Some(v),
         }
         self.tail = Some(v);
     }
@@ -34,9 +36,6 @@ impl Queue {
     pub fn pop(&mut self, next: &mut [Option<VcpuId>]) -> Option<VcpuId> {
         let h = self.head?;
         self.head = next[h as usize].take();
-        if self.head.is_none() {
-            self.tail = None;
-        }
         Some(h)
     }
 
@@ -53,6 +52,9 @@ impl Queue {
                 }
                 if self.tail == Some(v) {
                     self.tail = prev;
+                }
+                if self.head.is_none() {
+                    self.tail = None;
                 }
                 return true;
             }
