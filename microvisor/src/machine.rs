@@ -25,8 +25,17 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(svm: Svm, clock: Clock) -> Self {
-        Self { svm, clock, vmcbs: [0; MAX_VCPUS], tlb_epoch: 0, seen_epoch: [0; MAX_VCPUS], fpu: FpuStates::new() }
+    /// Built in place in a static: it holds 16 KiB of FPU save areas, too much to pass
+    /// through the boot stack. `svm` and `clock` are filled in at boot.
+    pub const fn new() -> Self {
+        Self {
+            svm: Svm::DISABLED,
+            clock: Clock::UNCALIBRATED,
+            vmcbs: [0; MAX_VCPUS],
+            tlb_epoch: 0,
+            seen_epoch: [0; MAX_VCPUS],
+            fpu: FpuStates::new(),
+        }
     }
 
     pub fn vmcb_pa(&self, v: VcpuId) -> u64 {

@@ -65,7 +65,7 @@ mod boot_and_run {
     const IMAGE_MIN_GPA: u64 = 0x10_0000;
 
     static KERNEL: spin::Mutex<Kernel<Npt>> = spin::Mutex::new(Kernel::new());
-    static MACHINE: spin::Once<spin::Mutex<Machine>> = spin::Once::new();
+    static MACHINE: spin::Mutex<Machine> = spin::Mutex::new(Machine::new());
 
     extern "C" {
         static __image_start: u8;
@@ -82,6 +82,7 @@ mod boot_and_run {
     }
 
     extern "C" fn microvisor_main(start_info: u32) -> ! {
+        cpu::arm_stack_canary();
         Serial::init();
         mask_legacy_pic();
         cpu::init();
@@ -161,8 +162,9 @@ mod boot_and_run {
             apic::TICK_NS / 1000,
             clock.apic_per_ms
         );
-        let machine = MACHINE.call_once(|| spin::Mutex::new(Machine::new(svm, clock)));
-        let mut m = machine.lock();
+        let mut m = MACHINE.lock();
+        m.svm = svm;
+        m.clock = clock;
         let mut k = KERNEL.lock();
 
         if let Err(e) = build_dom0(&mut k, &mut m, dom0_image, &boot.cmdline, bundle_range) {
@@ -258,6 +260,7 @@ mod boot_and_run {
             let ticks = apic::ticks();
             if ticks != seen_ticks {
                 seen_ticks = ticks;
+                cpu::check_stack_canary();
                 k.tick(m.clock.now_ns());
             }
             k.schedule();

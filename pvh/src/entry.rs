@@ -117,6 +117,7 @@ macro_rules! pvh_entry {
             ".p2align 12",
             "pvh_boot_tables:",
             ".skip 6 * 4096",
+            ".global pvh_boot_stack",
             "pvh_boot_stack:",
             ".skip {stack}",
             "pvh_boot_stack_top:",

@@ -74,6 +74,9 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// Before calibration (a placeholder for static initialisation).
+    pub const UNCALIBRATED: Self = Self { tsc_start: 0, tsc_per_ms: 1, apic_per_ms: 1 };
+
     /// Enable the LAPIC, measure the LAPIC timer and TSC against 10 ms of PIT channel 2,
     /// then start the periodic tick.
     pub fn start() -> Self {

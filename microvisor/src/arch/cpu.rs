@@ -125,6 +125,9 @@ extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
         "[microvisor]   error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RSP {:#018x}, RFLAGS {:#x}",
         frame.error_code, frame.rip, cr2, frame.rsp, frame.rflags
     );
+    if stack_overflowed() {
+        let _ = writeln!(s, "[microvisor]   the stack has overflowed (canary overwritten): the cause, probably");
+    }
     let mut name = [0u8; 32];
     match current_domain(&mut name) {
         Some(d) => {
@@ -140,6 +143,34 @@ extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
         frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi
     );
     exit_machine(MachineExit::MicrovisorFault);
+}
+
+/// The lowest word of the boot stack holds this; an overflow overwrites it before it
+/// runs into the page tables below the stack.
+const STACK_CANARY: u64 = 0x5afe_57ac_c0de_d00d;
+
+extern "C" {
+    /// Bottom of the boot stack (from `pvh::pvh_entry!`).
+    static mut pvh_boot_stack: u64;
+}
+
+pub fn arm_stack_canary() {
+    // SAFETY: the lowest word of the stack is never reached by a stack that has not
+    // overflowed; only the address is taken, written through a raw pointer.
+    unsafe { core::ptr::write_volatile(&raw mut pvh_boot_stack, STACK_CANARY) };
+}
+
+fn stack_overflowed() -> bool {
+    // SAFETY: as in `arm_stack_canary`.
+    unsafe { core::ptr::read_volatile(&raw const pvh_boot_stack) != STACK_CANARY }
+}
+
+/// Stop with a clear report if the microvisor's stack has overflowed (checked every tick).
+pub fn check_stack_canary() {
+    if stack_overflowed() {
+        crate::println!("FATAL: the microvisor's stack overflowed (canary overwritten)");
+        exit_machine(MachineExit::MicrovisorFault);
+    }
 }
 
 /// End the QEMU run with `code` (through isa-debug-exit); halt forever if that device is

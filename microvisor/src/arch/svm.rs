@@ -26,6 +26,9 @@ pub struct Svm {
 pub struct OutOfMemory;
 
 impl Svm {
+    /// SVM not yet enabled (a placeholder for static initialisation).
+    pub const DISABLED: Self = Self { host_save_pa: 0, iopm_pa: 0, msrpm_pa: 0 };
+
     /// Set EFER.SVME, give the CPU its host save area, and build the shared permission maps.
     pub fn enable() -> Result<Self, OutOfMemory> {
         let hsave = alloc_zeroed_frames(1).ok_or(OutOfMemory)?;
@@ -134,6 +137,8 @@ impl Svm {
 /// The world switch. Saves the host's callee-saved registers, loads the guest's general
 /// registers, VMLOAD + VMRUN, then stores the guest registers back, VMSAVE the guest's
 /// hidden state and VMLOAD the host's (TR above all: the IST stacks depend on it).
+/// Runs with GIF clear throughout, and with IF set across VMRUN so that a physical
+/// interrupt (the scheduler tick) forces a #VMEXIT.
 #[unsafe(naked)]
 unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u64) {
     core::arch::naked_asm!(
@@ -146,7 +151,10 @@ unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u
         "push rsi", // regs
         "push rdx", // host save area
         "push rdi", // vmcb
+        // GIF=0 holds every interrupt off until VMRUN; IF=1 then makes physical interrupts
+        // exit the guest (with V_INTR_MASKING, the host's IF decides that).
         "clgi",
+        "sti",
         "mov rax, rdi",
         "vmload rax",
         "mov rbx, [rsi + 0x00]",
@@ -187,6 +195,8 @@ unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u
         "pop rax", // host save area
         "vmload rax",
         "pop rsi",
+        // A pending interrupt stays pending until the run loop lets it in.
+        "cli",
         "stgi",
         "pop r15",
         "pop r14",

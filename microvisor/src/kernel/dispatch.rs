@@ -30,7 +30,6 @@ impl<F: Stage2Format> Kernel<F> {
     /// IPC is decoded first, then the null call; all three stay small. Everything else
     /// goes through [`Self::hypercall_slow`], whose large buffers stay out of this frame.
     pub fn hypercall<P: Platform>(&mut self, p: &mut P, v: VcpuId) -> Option<Event> {
-        self.stats.hypercalls += 1;
         let (number, slot) = {
             let r = &self.vcpus[v as usize].regs;
             (r.rax, r.rbx)
@@ -41,6 +40,7 @@ impl<F: Stage2Format> Kernel<F> {
         } else if number == Hypercall::ReplyRecv as u64 {
             self.reply_recv(p, v, slot)
         } else if number == Hypercall::Null as u64 {
+            self.stats.hypercalls += 1;
             self.vcpus[v as usize].regs.rax = 0;
             return None;
         } else {
@@ -55,6 +55,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     #[inline(never)]
     fn hypercall_slow<P: Platform>(&mut self, p: &mut P, v: VcpuId, number: u64, slot: u64) -> Option<Event> {
+        self.stats.hypercalls += 1;
         let arg0 = self.vcpus[v as usize].regs.rdi;
         let Some(call) = Hypercall::from_number(number) else {
             self.vcpus[v as usize].regs.rax = Error::UnknownHypercall.code();
@@ -194,8 +195,15 @@ impl<F: Stage2Format> Kernel<F> {
                 let target = self.lookup_domain(caller, r.rbx)?;
                 let nv = self.vcpu_create(p, target, r.rdi, r.rsi)?;
                 let g = self.vcpus[nv as usize].generation;
-                let slot = self.grant_original(caller, Object::Vcpu(nv, g), rights::CONTROL)?;
-                self.set_result(v, slot)
+                match self.grant_original(caller, Object::Vcpu(nv, g), rights::CONTROL) {
+                    Ok(slot) => self.set_result(v, slot),
+                    Err(e) => {
+                        // Nobody could ever name the vCPU: take it back.
+                        self.vcpus[nv as usize] = super::Vcpu { generation: g, ..super::Vcpu::FREE };
+                        self.domains[target as usize].vcpus -= 1;
+                        Err(e)
+                    }
+                }
             }
             Hypercall::VcpuStart => match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
                 Object::Vcpu(t, _) => self.vcpu_start(t),

@@ -14,16 +14,51 @@ use super::{EndpointId, Fault, Kernel, Platform, VcpuId, VcpuState, MAX_DOMAINS,
 use crate::stage2::Stage2Format;
 
 impl<F: Stage2Format> Kernel<F> {
+    /// Is `client` waiting for `server`'s answer (to a call or to a fault message)?
+    pub(crate) fn awaits_reply_from(&self, client: VcpuId, server: VcpuId) -> bool {
+        matches!(self.vcpus[client as usize].state,
+            VcpuState::BlockedReply(s) | VcpuState::BlockedFault(s) if s == server)
+    }
+
+    /// The state of a sender whose message `server` now holds.
+    fn awaiting(&self, sender: VcpuId, server: VcpuId) -> VcpuState {
+        if self.vcpus[sender as usize].fault.is_some() {
+            VcpuState::BlockedFault(server)
+        } else {
+            VcpuState::BlockedReply(server)
+        }
+    }
+
     /// A blocked vCPU's IPC fails with `err`: it runs again with that status. A vCPU whose
     /// fault message cannot be delivered stops instead.
     pub(crate) fn fail_ipc(&mut self, v: VcpuId, err: Error) {
+        let woken = self.fail_ipc_deferred(v, err);
+        self.preempt_for(woken);
+    }
+
+    /// `fail_ipc` in the middle of an IPC operation, which goes on acting on the running
+    /// vCPU: `v` is queued but does not preempt yet (the operation ends with
+    /// [`Self::preempt_for`]). Returns `v`'s priority if it became ready.
+    fn fail_ipc_deferred(&mut self, v: VcpuId, err: Error) -> Option<u8> {
         let vcpu = &mut self.vcpus[v as usize];
         if vcpu.fault.take().is_some() {
             vcpu.state = VcpuState::Stopped;
-            return;
+            return None;
         }
         vcpu.regs.rax = err.code();
-        self.make_ready(v);
+        vcpu.state = VcpuState::Ready;
+        let prio = vcpu.priority;
+        self.runq.push(v, prio, &mut self.next);
+        Some(prio)
+    }
+
+    /// A vCPU of priority `woken` became ready: it takes the CPU from a lower priority.
+    fn preempt_for(&mut self, woken: Option<u8>) {
+        if let (Some(prio), Some(c)) = (woken, self.current) {
+            if prio > self.vcpus[c as usize].priority {
+                self.preempt();
+            }
+        }
     }
 
     /// Move a message from `from` (its registers, message page, or pending fault) to `to`.
@@ -120,7 +155,8 @@ impl<F: Stage2Format> Kernel<F> {
         let Some(client) = self.vcpus[si].reply_to else { return false };
         let ci = client as usize & (MAX_VCPUS - 1);
         let c = &self.vcpus[ci];
-        if c.state != VcpuState::BlockedReply(server) || c.fault.is_some() {
+        // (A vCPU awaiting a fault verdict is BlockedFault: the general path answers it.)
+        if c.state != VcpuState::BlockedReply(server) {
             return false;
         }
         if !self.endpoints[ei].senders.is_empty() {
@@ -163,50 +199,60 @@ impl<F: Stage2Format> Kernel<F> {
     /// The running vCPU `sender` sends on endpoint `e` and waits for the reply.
     fn send<P: Platform>(&mut self, p: &mut P, sender: VcpuId, e: EndpointId) -> Result<(), Error> {
         let badge = self.vcpus[sender as usize].send_badge;
+        let mut woken = None;
         while let Some(server) = self.endpoints[e as usize].receivers.pop(&mut self.next) {
             match self.transfer(p, sender, server, badge) {
                 Ok(()) => {
                     self.vcpus[server as usize].reply_to = Some(sender);
-                    self.block_current(VcpuState::BlockedReply(server));
+                    let state = self.awaiting(sender, server);
+                    self.block_current(state);
                     self.switch_to(server);
+                    self.preempt_for(woken);
                     return Ok(());
                 }
                 // This receiver cannot take the message (no message page): it fails, the
                 // next one may.
-                Err(Error::NoMessagePage) => self.fail_ipc(server, Error::NoMessagePage),
-                Err(err) => return Err(err),
+                Err(Error::NoMessagePage) => woken = woken.max(self.fail_ipc_deferred(server, Error::NoMessagePage)),
+                Err(err) => {
+                    self.preempt_for(woken);
+                    return Err(err);
+                }
             }
         }
         self.block_current(VcpuState::BlockedSend(e));
         self.endpoints[e as usize].senders.push(sender, &mut self.next);
         self.schedule();
+        self.preempt_for(woken);
         Ok(())
     }
 
     /// `Recv`: a pending reply is dropped (its caller learns the partner is gone).
     pub fn recv<P: Platform>(&mut self, p: &mut P, server: VcpuId, slot: u64) -> Result<(), Error> {
         let (e, _) = self.endpoint_of(server, slot, rights::RECV)?;
+        let mut woken = None;
         if let Some(client) = self.vcpus[server as usize].reply_to.take() {
-            if self.vcpus[client as usize].state == VcpuState::BlockedReply(server) {
-                self.fail_ipc(client, Error::PartnerGone);
+            if self.awaits_reply_from(client, server) {
+                woken = self.fail_ipc_deferred(client, Error::PartnerGone);
             }
         }
-        self.receive(p, server, e);
+        self.receive(p, server, e, &mut woken);
+        self.preempt_for(woken);
         Ok(())
     }
 
     /// The running vCPU `server` takes the next message on `e`, or blocks for one.
-    /// Returns true if it got a message (and keeps running).
-    fn receive<P: Platform>(&mut self, p: &mut P, server: VcpuId, e: EndpointId) -> bool {
+    /// Returns true if it got a message (and keeps running). Senders that fail are queued
+    /// to run without preempting (the caller calls `preempt_for(woken)` when done).
+    fn receive<P: Platform>(&mut self, p: &mut P, server: VcpuId, e: EndpointId, woken: &mut Option<u8>) -> bool {
         while let Some(sender) = self.endpoints[e as usize].senders.pop(&mut self.next) {
             let badge = self.vcpus[sender as usize].send_badge;
             match self.transfer(p, sender, server, badge) {
                 Ok(()) => {
                     self.vcpus[server as usize].reply_to = Some(sender);
-                    self.vcpus[sender as usize].state = VcpuState::BlockedReply(server);
+                    self.vcpus[sender as usize].state = self.awaiting(sender, server);
                     return true;
                 }
-                Err(err) => self.fail_ipc(sender, err),
+                Err(err) => *woken = (*woken).max(self.fail_ipc_deferred(sender, err)),
             }
         }
         self.block_current(VcpuState::BlockedRecv(e));
@@ -226,8 +272,9 @@ impl<F: Stage2Format> Kernel<F> {
             return Err(Error::InvalidArgument);
         }
         let mut resume_client = None;
+        let mut woken = None;
         if let Some(client) = self.vcpus[server as usize].reply_to.take() {
-            if self.vcpus[client as usize].state == VcpuState::BlockedReply(server) {
+            if self.awaits_reply_from(client, server) {
                 if self.vcpus[client as usize].fault.take().is_some() {
                     // Answer to a fault message: resume the faulting vCPU or stop it.
                     if self.vcpus[server as usize].regs.rdi == FaultReply::Resume as u64 {
@@ -238,12 +285,12 @@ impl<F: Stage2Format> Kernel<F> {
                 } else {
                     match self.transfer(p, server, client, 0) {
                         Ok(()) => resume_client = Some(client),
-                        Err(err) => self.fail_ipc(client, err),
+                        Err(err) => woken = self.fail_ipc_deferred(client, err),
                     }
                 }
             }
         }
-        if self.receive(p, server, e) {
+        if self.receive(p, server, e, &mut woken) {
             if let Some(c) = resume_client {
                 self.make_ready(c);
             }
@@ -253,6 +300,7 @@ impl<F: Stage2Format> Kernel<F> {
                 None => self.schedule(),
             }
         }
+        self.preempt_for(woken);
         Ok(())
     }
 

@@ -105,6 +105,8 @@ pub enum VcpuState {
     BlockedRecv(EndpointId),
     /// Called a server that has the message; waits for its reply.
     BlockedReply(VcpuId),
+    /// Faulted; the fault message is with this handler vCPU, which decides its fate.
+    BlockedFault(VcpuId),
     BlockedWait(NotificationId),
     /// Executed HLT; a bound notification wakes it.
     Halted,
@@ -115,7 +117,12 @@ impl VcpuState {
     pub fn is_blocked(self) -> bool {
         matches!(
             self,
-            Self::BlockedSend(_) | Self::BlockedRecv(_) | Self::BlockedReply(_) | Self::BlockedWait(_) | Self::Halted
+            Self::BlockedSend(_)
+                | Self::BlockedRecv(_)
+                | Self::BlockedReply(_)
+                | Self::BlockedFault(_)
+                | Self::BlockedWait(_)
+                | Self::Halted
         )
     }
 }
@@ -135,7 +142,8 @@ pub struct Vcpu {
     pub priority: u8,
     pub regs: Regs,
     /// Server side: the caller waiting for our reply. Valid only while that caller is
-    /// `BlockedReply(this vCPU)`; every user checks that (a stale value is harmless).
+    /// `BlockedReply`/`BlockedFault(this vCPU)`; every user checks that (a stale value is
+    /// harmless).
     pub reply_to: Option<VcpuId>,
     /// Badge of the capability used for a pending call.
     pub send_badge: u64,
@@ -309,7 +317,9 @@ pub struct Kernel<F: Stage2Format> {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
+    /// Hypercalls other than Call and ReplyRecv.
     pub hypercalls: u64,
+    /// IPC round trips (Call; the ReplyRecv that answers one is not counted again).
     pub ipc_calls: u64,
     pub signals: u64,
     pub ticks: u64,
@@ -745,7 +755,7 @@ impl<F: Stage2Format> Kernel<F> {
         }
         // A caller waiting for this vCPU's reply learns its server is gone.
         if let Some(client) = self.vcpus[v as usize].reply_to.take() {
-            if self.vcpus[client as usize].state == VcpuState::BlockedReply(v) {
+            if self.awaits_reply_from(client, v) {
                 self.fail_ipc(client, Error::PartnerGone);
             }
         }
@@ -761,7 +771,9 @@ impl<F: Stage2Format> Kernel<F> {
     pub fn stop_domain(&mut self, d: DomainId) {
         for v in 0..MAX_VCPUS {
             let vc = &self.vcpus[v];
-            if vc.state != VcpuState::Free && vc.domain == d && vc.state != VcpuState::Stopped {
+            // Already stopped ones too: one stopped by its fault handler may still owe a
+            // reply or be bound to a notification.
+            if vc.state != VcpuState::Free && vc.domain == d {
                 self.stop_vcpu(v as VcpuId);
             }
         }
@@ -786,6 +798,10 @@ impl<F: Stage2Format> Kernel<F> {
         let mappings = core::mem::take(&mut self.domains[d as usize].mappings);
         for m in mappings {
             self.release(p, Object::Region(m.region));
+        }
+        // The fault handler holds a reference to its endpoint.
+        if let Some((e, _)) = self.domains[d as usize].fault_handler.take() {
+            self.release(p, Object::Endpoint(e));
         }
         let dom = &mut self.domains[d as usize];
         if let Some(s) = dom.stage2.take() {
