@@ -162,17 +162,19 @@ impl<F: Stage2Format> Kernel<F> {
         if !self.endpoints[ei].senders.is_empty() {
             return false;
         }
+        // The reply goes first, so nothing is live across the queue operation.
         let words = {
             let r = &self.vcpus[si].regs;
             [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
         };
+        let c = &mut self.vcpus[ci];
+        [c.regs.rdi, c.regs.rsi, c.regs.rdx, c.regs.r10, c.regs.r8, c.regs.r9] = words;
+        (c.regs.rcx, c.regs.rbx, c.regs.rax) = (len, 0, 0);
         // `reply_to` stays as it is: it is trusted only while the client is still
         // BlockedReply(server), which ends right here.
         self.vcpus[si].state = VcpuState::BlockedRecv(e);
         self.endpoints[ei].receivers.push(server, &mut self.next);
         let c = &mut self.vcpus[ci];
-        [c.regs.rdi, c.regs.rsi, c.regs.rdx, c.regs.r10, c.regs.r8, c.regs.r9] = words;
-        (c.regs.rcx, c.regs.rbx, c.regs.rax) = (len, 0, 0);
         c.state = VcpuState::Running;
         self.current = Some(client);
         true

@@ -24,6 +24,7 @@ impl Queue {
 
     /// Append `v`. (`tail` is meaningful only while `head` is set, so a queue emptied by
     /// popping need not reset it.)
+    #[inline(always)]
     pub fn push(&mut self, v: VcpuId, next: &mut [Option<VcpuId>]) {
         next[v as usize] = None;
         match (self.head, self.tail) {
@@ -33,6 +34,7 @@ impl Queue {
         self.tail = Some(v);
     }
 
+    #[inline(always)]
     pub fn pop(&mut self, next: &mut [Option<VcpuId>]) -> Option<VcpuId> {
         let h = self.head?;
         self.head = next[h as usize].take();
