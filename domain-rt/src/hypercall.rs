@@ -116,6 +116,11 @@ pub fn yield_now() {
     raw(Hypercall::Yield.number(), 0, 0, [0; 6]);
 }
 
+/// Deliver the notification in `slot` to this vCPU as virtual interrupt `vector`.
+pub fn bind(slot: u64, vector: u8) -> Result<(), Error> {
+    call(Hypercall::NotificationBind, slot, [vector as u64, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
 /// Sleep for `ns` nanoseconds using the notification in `slot` as the timer.
 pub fn sleep_ns(slot: u64, ns: u64) -> Result<(), Error> {
     timer_set(slot, ns, 1)?;

@@ -11,6 +11,8 @@ extern crate alloc;
 pub mod console;
 pub mod hypercall;
 #[cfg(target_os = "none")]
+pub mod irq;
+#[cfg(target_os = "none")]
 mod rt;
 
 pub use pvh;

@@ -23,6 +23,7 @@ pub fn start(start_info: u32, main: fn(&BootInfo) -> u64) -> ! {
         for (vector, stub) in pvh::exceptions::exception_stub_addresses().into_iter().enumerate() {
             idt.set(vector as u8, stub, 0x08, 0);
         }
+        idt.set(crate::irq::VIRQ_VECTOR, crate::irq::entry_address(), 0x08, 0);
         idt
     });
     idt.load();

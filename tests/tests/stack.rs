@@ -57,3 +57,20 @@ fn a_domain_that_exits_is_reported_and_destroyed_by_dom0() {
     assert_line(&run, "[microvisor] domain ping exited with status 0; its fault handler was told");
     assert_line(&run, "[dom0] ping exited with status 0");
 }
+
+#[test]
+fn virtual_timer_sleeps_and_doorbells_arrive_as_virtual_interrupts() {
+    let m = stack_machine("tests/stacks/doorbell.toml", "");
+    let run = boot_until(&m, &["[ping] 300 doorbells on \"ping-bell\" answered"]);
+    assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
+    // The one-shot timer woke ping no earlier than asked.
+    let slept = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("[ping] slept ")?.split(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no sleep report:\n{}", run.console()));
+    assert!(slept >= 20, "woke after {slept} ms, asked for 20:\n{}", run.console());
+    // bell halted between doorbells: each was a virtual interrupt that woke it from HLT.
+    assert_line(&run, "[bell] answering doorbells on \"ping-bell\" by virtual interrupt 0x40");
+    assert_line(&run, "[bell] 300 doorbells answered, 300 virtual interrupts taken");
+}

@@ -19,8 +19,34 @@ mod client {
     domain_rt::domain_main!(main);
 
     fn main(info: &BootInfo) -> u64 {
+        if let Some(timer) = domains::slot(info.cmdline, "timer") {
+            let ms = info.arg("sleep_ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if ms > 0 {
+                let t0 = hypercall::clock_ns();
+                if let Err(e) = hypercall::sleep_ns(timer, ms * 1_000_000) {
+                    println!("sleep failed: {e}");
+                    return 4;
+                }
+                let slept = (hypercall::clock_ns() - t0) / 1_000_000;
+                println!("slept {slept} ms on the virtual timer (asked for {ms} ms)");
+            }
+        }
+        if domains::first_endpoint(info.cmdline).is_none() {
+            if let Some((name, signal, wait)) = domains::first_doorbell(info.cmdline) {
+                let rings = info.arg("rings").and_then(|v| v.parse::<u64>().ok()).unwrap_or(100);
+                for i in 0..rings {
+                    if let Err(e) = hypercall::signal(signal, 1).and_then(|_| hypercall::wait(wait)) {
+                        println!("doorbell {i} failed: {e}");
+                        return 5;
+                    }
+                }
+                println!("{rings} doorbells on \"{name}\" answered");
+                println!("ready");
+                return 0;
+            }
+        }
         let Some((name, ep)) = domains::first_endpoint(info.cmdline) else {
-            println!("no endpoint channel on my command line: \"{}\"", info.cmdline);
+            println!("no channel on my command line: \"{}\"", info.cmdline);
             return 1;
         };
         if let Some(n) = info.arg("bench").and_then(|v| v.parse::<u64>().ok()) {

@@ -18,6 +18,9 @@ mod server {
             return serve_calls(name, ep);
         }
         if let Some((name, signal, wait)) = domains::first_doorbell(info.cmdline) {
+            if info.arg("mode") == Some("irq") {
+                return serve_doorbells_by_interrupt(name, signal, wait);
+            }
             println!("answering doorbells on \"{name}\"");
             println!("ready");
             loop {
@@ -29,6 +32,35 @@ mod server {
         }
         println!("no channel on my command line: \"{}\"", info.cmdline);
         1
+    }
+
+    /// The doorbell arrives as a virtual interrupt while this vCPU halts (no Wait call):
+    /// each one is answered with a doorbell back.
+    fn serve_doorbells_by_interrupt(name: &str, signal: u64, wait: u64) -> u64 {
+        if let Err(e) = hypercall::bind(wait, domain_rt::irq::VIRQ_VECTOR) {
+            println!("bind failed: {e}");
+            return 4;
+        }
+        println!("answering doorbells on \"{name}\" by virtual interrupt {:#x}", domain_rt::irq::VIRQ_VECTOR);
+        println!("ready");
+        let mut seen = domain_rt::irq::count();
+        let mut answered = 0u64;
+        loop {
+            // Bits may have arrived before we halted: take them first.
+            let bits = hypercall::poll(wait).unwrap_or(0);
+            if bits == 0 {
+                seen = domain_rt::irq::wait_for_virq(seen);
+                continue;
+            }
+            answered += 1;
+            if answered % 100 == 0 {
+                println!("{answered} doorbells answered, {seen} virtual interrupts taken");
+            }
+            if let Err(e) = hypercall::signal(signal, 1) {
+                println!("signal failed: {e}");
+                return 5;
+            }
+        }
     }
 
     fn serve_calls(name: &str, ep: u64) -> u64 {

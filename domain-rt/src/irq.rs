@@ -1,0 +1,46 @@
+//! Virtual interrupts: a notification bound to this vCPU (hypercall NotificationBind)
+//! arrives as interrupt [`VIRQ_VECTOR`]. The handler only counts; code waits for the count
+//! to move with [`wait_for_virq`], which halts (the microvisor parks the vCPU) meanwhile.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The vector every bound notification uses.
+pub const VIRQ_VECTOR: u8 = 0x40;
+
+/// Virtual interrupts taken so far.
+#[no_mangle]
+static DOMAIN_VIRQS: AtomicU64 = AtomicU64::new(0);
+
+core::arch::global_asm!(
+    ".pushsection .text.domain_virq, \"ax\"",
+    ".global domain_virq_entry",
+    "domain_virq_entry:",
+    "lock inc qword ptr [rip + DOMAIN_VIRQS]",
+    "iretq",
+    ".popsection",
+);
+
+extern "C" {
+    fn domain_virq_entry();
+}
+
+pub fn entry_address() -> u64 {
+    domain_virq_entry as *const () as u64
+}
+
+pub fn count() -> u64 {
+    DOMAIN_VIRQS.load(Ordering::Relaxed)
+}
+
+/// Halt until a virtual interrupt arrives after `seen` (the count from before the wait).
+pub fn wait_for_virq(seen: u64) -> u64 {
+    loop {
+        // SAFETY: interrupts are enabled only for the HLT (STI's shadow makes STI;HLT
+        // atomic); the only interrupt this domain gets is its own counting handler.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        let now = count();
+        if now != seen {
+            return now;
+        }
+    }
+}
