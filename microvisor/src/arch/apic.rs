@@ -75,7 +75,7 @@ pub struct Clock {
 
 impl Clock {
     /// Before calibration (a placeholder for static initialisation).
-    pub const UNCALIBRATED: Self = Self { tsc_start: 0, tsc_per_ms: 1, apic_per_ms: 1 };
+    pub const UNCALIBRATED: Self = Self { tsc_start: 0, tsc_per_ms: 0, apic_per_ms: 0 };
 
     /// Enable the LAPIC, measure the LAPIC timer and TSC against 10 ms of PIT channel 2,
     /// then start the periodic tick.
@@ -115,7 +115,7 @@ impl Clock {
 
     pub fn now_ns(&self) -> u64 {
         let t = rdtsc().wrapping_sub(self.tsc_start) as u128;
-        (t * 1_000_000 / self.tsc_per_ms as u128) as u64
+        (t * 1_000_000 / self.tsc_per_ms.max(1) as u128) as u64
     }
 
     pub fn tsc_mhz(&self) -> u64 {

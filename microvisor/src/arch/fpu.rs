@@ -18,17 +18,17 @@ const RESET: FxArea = {
     FxArea(a)
 };
 
+/// The save areas start zeroed (so the table lives in .bss); a vCPU's area gets the reset
+/// image when the vCPU is created.
 pub struct FpuStates {
     areas: [FxArea; MAX_VCPUS],
-    /// Index of the vCPU whose state is in the registers (NONE: none yet).
+    /// Index + 1 of the vCPU whose state is in the registers (0: none yet).
     loaded: usize,
 }
 
-const NONE: usize = usize::MAX;
-
 impl FpuStates {
     pub const fn new() -> Self {
-        Self { areas: [RESET; MAX_VCPUS], loaded: NONE }
+        Self { areas: [FxArea([0; 512]); MAX_VCPUS], loaded: 0 }
     }
 
     /// Turn on FXSAVE/FXRSTOR of SSE state (CR4.OSFXSR, OSXMMEXCPT).
@@ -44,8 +44,8 @@ impl FpuStates {
     /// A new vCPU starts from reset state.
     pub fn reset(&mut self, v: VcpuId) {
         self.areas[v as usize] = RESET;
-        if self.loaded == v as usize {
-            self.loaded = NONE;
+        if self.loaded == v as usize + 1 {
+            self.loaded = 0;
         }
     }
 
@@ -53,15 +53,15 @@ impl FpuStates {
     #[inline(always)]
     pub fn switch_to(&mut self, v: VcpuId) {
         let v = v as usize;
-        if self.loaded == v {
+        if self.loaded == v + 1 {
             return;
         }
-        if let Some(old) = self.areas.get_mut(self.loaded) {
+        if let Some(old) = self.areas.get_mut(self.loaded.wrapping_sub(1)) {
             // SAFETY: the area is 512 bytes, 16-byte aligned, owned by this table.
             unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) old.0.as_mut_ptr(), options(nostack)) };
         }
         // SAFETY: as above; the image came from FXSAVE or is the valid reset image.
         unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) self.areas[v].0.as_ptr(), options(nostack)) };
-        self.loaded = v;
+        self.loaded = v + 1;
     }
 }

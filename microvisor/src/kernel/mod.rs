@@ -343,7 +343,8 @@ impl<F: Stage2Format> Kernel<F> {
                 MAX_NOTIFICATIONS],
             runq: RunQueue::new(),
             current: None,
-            next_cap_id: 1,
+            // All-zero initial state keeps the kernel in .bss, not in the loaded image.
+            next_cap_id: 0,
             stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0 },
         }
     }
@@ -351,9 +352,9 @@ impl<F: Stage2Format> Kernel<F> {
     // ---- capabilities ------------------------------------------------------------------
 
     fn new_cap(&mut self, object: Object, rights: u64, badge: u64, parent: u32) -> Capability {
-        let id = self.next_cap_id;
+        // Ids start at 1 (0 means "no parent") and skip 0 when they wrap.
         self.next_cap_id = self.next_cap_id.wrapping_add(1).max(1);
-        Capability { object, rights, badge, id, parent }
+        Capability { object, rights, badge, id: self.next_cap_id, parent }
     }
 
     /// Count a new reference to a reference-counted object.

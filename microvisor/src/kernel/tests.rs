@@ -898,6 +898,24 @@ fn regions_create_map_unmap() {
 }
 
 #[test]
+fn map_fixed_maps_host_memory_read_only() {
+    let mut s = boot();
+    let d0 = s.d0;
+    let hpa = s.p.alloc_frames(3, PAGE).unwrap();
+    assert_eq!(s.k.map_fixed(&mut s.p, d0, 0x8000_0000, hpa, 2 * PAGE + 1), Ok(()));
+    let stage2 = s.k.domains[d0 as usize].stage2.as_ref().unwrap();
+    let t = stage2.translate(&s.p, 0x8000_0000 + 2 * PAGE + 7).unwrap();
+    assert_eq!(t.hpa, hpa + 2 * PAGE + 7, "the size is rounded up to whole pages");
+    assert_eq!(t.access, crate::stage2::Access::READ);
+    assert!(stage2.translate(&s.p, 0x8000_0000 + 3 * PAGE).is_none());
+    assert_eq!(s.k.map_fixed(&mut s.p, d0, 0x8000_0000, hpa, PAGE), Err(Error::AlreadyMapped));
+    assert_eq!(s.k.map_fixed(&mut s.p, d0, 0, hpa, PAGE), Err(Error::AlreadyMapped), "over RAM");
+    // Not RAM: the kernel never reads or writes it on the domain's behalf.
+    assert_eq!(s.hc(s.v0, Hypercall::ConsoleWrite, 0, &[0x8000_0000, 1]), Err(Error::BadAddress));
+    assert_eq!(s.k.map_fixed(&mut s.p, 5, 0, hpa, PAGE), Err(Error::InvalidState), "a free domain");
+}
+
+#[test]
 fn too_many_mappings_is_out_of_memory() {
     let mut s = boot();
     let v0 = s.v0;
@@ -2262,7 +2280,7 @@ impl World {
             }
             (Op::Halt, Some(_)) => {}
             // dom0 has no fault handler: a fault stops it for good, so rarely.
-            (&Op::Fault(kind, addr, detail), Some(v)) if v != self.s.v0 || kind % 8 == 0 => {
+            (&Op::Fault(kind, addr, detail), Some(v)) if v != self.s.v0 || kind.is_multiple_of(8) => {
                 self.fault(v, kind, addr, detail)
             }
             (Op::Fault(..), Some(_)) => {}
@@ -2293,7 +2311,7 @@ impl World {
                     _ => 0,
                 };
                 let deadline = k.next_deadline();
-                if !ns.is_empty() && (r % 4 != 0 || deadline.is_none()) {
+                if !ns.is_empty() && (!r.is_multiple_of(4) || deadline.is_none()) {
                     self.s.k.signal_object(ns[r as usize % ns.len()] as NotificationId, r | 1);
                 } else {
                     alive = deadline.is_some();
@@ -2441,7 +2459,7 @@ impl World {
             (0..CAP_SLOTS as u64).filter_map(|s| self.sh.get(d, s).ok().map(|c| (s, kind_of(c.object)))).collect();
         let typed: Vec<(u64, Kind)> =
             filled.iter().copied().filter(|&(_, k)| kind.is_none_or(|want| k == want)).collect();
-        let pool = if raw % 5 != 0 && !typed.is_empty() { typed } else { filled };
+        let pool = if !raw.is_multiple_of(5) && !typed.is_empty() { typed } else { filled };
         pool.get(raw as usize % pool.len().max(1)).map_or((raw % 8) as u64, |&(s, _)| s)
     }
 
@@ -2452,9 +2470,9 @@ impl World {
         let dom0 = d == self.s.d0;
         let mut slot = slot_of(slot_raw);
         // A server holding a request usually answers it; dom0 mostly manages.
-        let pick = if self.held[v as usize] != Held::None && pick % 3 != 0 {
+        let pick = if self.held[v as usize] != Held::None && !pick.is_multiple_of(3) {
             10
-        } else if dom0 && (4..=21).contains(&(pick % 42)) && a % 3 != 0 {
+        } else if dom0 && (4..=21).contains(&(pick % 42)) && !a.is_multiple_of(3) {
             25 + (a % 16) as u8
         } else {
             pick
@@ -2464,8 +2482,8 @@ impl World {
         let mut call = match pick % 42 {
             0 => H::Null,
             1 => {
-                w[0] = if a % 4 == 0 { a } else { a % 0x4000 };
-                w[1] = if b % 16 == 0 { b } else { b % 300 };
+                w[0] = if a.is_multiple_of(4) { a } else { a % 0x4000 };
+                w[1] = if b.is_multiple_of(16) { b } else { b % 300 };
                 H::ConsoleWrite
             }
             2 => H::Yield,
@@ -2474,13 +2492,13 @@ impl World {
             10..=15 => H::ReplyRecv,
             16..=17 => H::Recv,
             18..=19 => {
-                w[0] = if a % 3 == 0 { 0 } else { a };
+                w[0] = if a.is_multiple_of(3) { 0 } else { a };
                 H::Signal
             }
             20..=21 => H::Wait,
             22 => H::Poll,
             23 => {
-                w[0] = if a % 8 == 0 { a } else { 32 + a % 224 };
+                w[0] = if a.is_multiple_of(8) { a } else { 32 + a % 224 };
                 H::NotificationBind
             }
             24 => {
@@ -2489,7 +2507,14 @@ impl World {
             }
             25..=26 => {
                 let target = self.pick_slot(d, b as u8, Some(Kind::Domain));
-                w = [target, if c % 2 == 0 { rights::ALL } else { c }, if a % 2 == 0 { 0 } else { a }, 0, 0, 0];
+                w = [
+                    target,
+                    if c.is_multiple_of(2) { rights::ALL } else { c },
+                    if a.is_multiple_of(2) { 0 } else { a },
+                    0,
+                    0,
+                    0,
+                ];
                 H::CapCopy
             }
             27 => H::CapDelete,
@@ -2523,15 +2548,22 @@ impl World {
                 w[0] = self.pick_slot(d, b as u8, Some(Kind::Endpoint));
                 H::DomainSetFaultEndpoint
             }
-            39 if a % 2 == 0 => H::DomainDestroy,
-            40 if a % 16 == 0 => H::DomainExit,
+            39 if a.is_multiple_of(2) => H::DomainDestroy,
+            40 if a.is_multiple_of(16) => H::DomainExit,
             40 => {
                 let prio = [10, 50, 100, 150, 0, 255, 300][b as usize % 7];
-                let ram = if c % 8 == 0 { c } else { MIB2 };
-                w = [ram, prio, if b % 5 == 0 { b } else { NAME_GPA }, if a % 9 == 0 { a % 40 } else { 5 }, 0, 0];
+                let ram = if c.is_multiple_of(8) { c } else { MIB2 };
+                w = [
+                    ram,
+                    prio,
+                    if b.is_multiple_of(5) { b } else { NAME_GPA },
+                    if a.is_multiple_of(9) { a % 40 } else { 5 },
+                    0,
+                    0,
+                ];
                 H::DomainCreate
             }
-            41 if a % 8 == 0 => H::Shutdown,
+            41 if a.is_multiple_of(8) => H::Shutdown,
             41 => {
                 let nr = [6, 7, 8, 9, 17, 1000, u64::MAX][a as usize % 7];
                 self.s.raw(v, nr, slot, len, w);
@@ -2552,7 +2584,7 @@ impl World {
         slot = self.pick_slot(d, slot_raw, kind);
         // Mostly IPC that gets somewhere: call a waiting server, receive a waiting caller
         // (switching between calling and receiving when only the other one would).
-        if matches!(call, H::Call | H::Recv | H::ReplyRecv) && slot_raw % 3 != 0 {
+        if matches!(call, H::Call | H::Recv | H::ReplyRecv) && !slot_raw.is_multiple_of(3) {
             let useful = |right: u64, senders: bool| -> Vec<u64> {
                 (0..CAP_SLOTS as u64)
                     .filter(|&s| {
@@ -2568,8 +2600,8 @@ impl World {
             };
             let (to_call, to_recv) = (useful(rights::CALL, false), useful(rights::RECV, true));
             match call {
-                H::Call if to_call.is_empty() && !to_recv.is_empty() && a % 2 == 0 => call = H::Recv,
-                H::Recv if to_recv.is_empty() && !to_call.is_empty() && a % 2 == 0 => call = H::Call,
+                H::Call if to_call.is_empty() && !to_recv.is_empty() && a.is_multiple_of(2) => call = H::Recv,
+                H::Recv if to_recv.is_empty() && !to_call.is_empty() && a.is_multiple_of(2) => call = H::Call,
                 _ => {}
             }
             let useful = if call == H::Call { to_call } else { to_recv };
@@ -2597,7 +2629,7 @@ impl World {
                 len = len_raw as u64 % 8;
                 w = match held {
                     Held::Call(tag) => reply_words(tag),
-                    Held::Fault => [u64::from(a % 4 != 0), 0, 0, 0, 0, 0],
+                    Held::Fault => [u64::from(!a.is_multiple_of(4)), 0, 0, 0, 0, 0],
                     Held::None => w,
                 };
             }
