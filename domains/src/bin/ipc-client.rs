@@ -11,6 +11,9 @@
 fn main() {}
 
 #[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
 mod client {
     use domain_rt::hypercall::{self, Message};
     use domain_rt::{println, BootInfo};
@@ -83,14 +86,14 @@ mod client {
     const BINS: usize = 8192;
 
     struct Histogram {
-        bins: [u32; BINS],
+        bins: alloc::vec::Vec<u32>,
         over: u64,
         n: u64,
     }
 
     impl Histogram {
-        const fn new() -> Self {
-            Self { bins: [0; BINS], over: 0, n: 0 }
+        fn new() -> Self {
+            Self { bins: alloc::vec![0; BINS], over: 0, n: 0 }
         }
         fn add(&mut self, v: u64) {
             self.n += 1;
@@ -111,12 +114,8 @@ mod client {
         }
     }
 
-    static mut HIST: Histogram = Histogram::new();
-
     fn measure(n: u64, mut op: impl FnMut()) -> (u64, u64) {
-        // SAFETY: single vCPU, and this is the only user of HIST, one measurement at a time.
-        let h = unsafe { &mut *(&raw mut HIST) };
-        *h = Histogram::new();
+        let mut h = Histogram::new();
         for _ in 0..n {
             let t0 = rdtsc();
             op();

@@ -215,7 +215,7 @@ impl<F: Stage2Format> Kernel<F> {
                     return Ok(());
                 }
                 let dom = &self.domains[caller as usize];
-                if r.rdi % PAGE != 0 || r.rdi.checked_add(PAGE).is_none_or(|end| end > dom.ram_size()) {
+                if !r.rdi.is_multiple_of(PAGE) || r.rdi.checked_add(PAGE).is_none_or(|end| end > dom.ram_size()) {
                     return Err(Error::BadAddress);
                 }
                 let hpa = dom.ram_hpa(r.rdi).ok_or(Error::BadAddress)?;

@@ -744,10 +744,8 @@ impl<F: Stage2Format> Kernel<F> {
             VcpuState::BlockedRecv(e) => {
                 self.endpoints[e as usize].receivers.remove(v, &mut self.next);
             }
-            VcpuState::BlockedWait(n) => {
-                if self.notifications[n as usize].waiter == Some(v) {
-                    self.notifications[n as usize].waiter = None;
-                }
+            VcpuState::BlockedWait(n) if self.notifications[n as usize].waiter == Some(v) => {
+                self.notifications[n as usize].waiter = None;
             }
             VcpuState::Running => {
                 self.current = None;
@@ -837,7 +835,7 @@ impl<F: Stage2Format> Kernel<F> {
         gpa: u64,
         access: u64,
     ) -> Result<(), Error> {
-        if gpa % PAGE != 0 {
+        if !gpa.is_multiple_of(PAGE) {
             return Err(Error::InvalidArgument);
         }
         let mut a = Access::empty();
