@@ -53,7 +53,7 @@ mod server {
                 continue;
             }
             answered += 1;
-            if answered % 100 == 0 {
+            if answered.is_multiple_of(100) {
                 println!("{answered} doorbells answered, {seen} virtual interrupts taken");
             }
             if let Err(e) = hypercall::signal(signal, 1) {
