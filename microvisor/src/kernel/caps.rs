@@ -43,15 +43,19 @@ impl Capability {
     }
 }
 
-/// One domain's capability table.
+/// One domain's capability table. An empty slot holds id 0 (real capabilities are
+/// numbered from 1), so an empty table is all zero bytes and the kernel's tables live in
+/// .bss rather than in the loaded image.
 #[derive(Clone)]
 pub struct CapTable {
-    slots: [Option<Capability>; CAP_SLOTS],
+    slots: [Capability; CAP_SLOTS],
 }
+
+const EMPTY: Capability = Capability { object: Object::Domain(0, 0), rights: 0, badge: 0, id: 0, parent: 0 };
 
 impl CapTable {
     pub const fn new() -> Self {
-        Self { slots: [None; CAP_SLOTS] }
+        Self { slots: [EMPTY; CAP_SLOTS] }
     }
 
     /// The capability in `slot`, by reference.
@@ -59,15 +63,22 @@ impl CapTable {
     pub fn get_ref(&self, slot: u64) -> Result<&Capability, Error> {
         // A u64 slot converts to usize losslessly on x86-64; `get` is the range check.
         match self.slots.get(slot as usize) {
-            Some(Some(c)) => Ok(c),
+            Some(c) if c.id != 0 => Ok(c),
             _ => Err(Error::InvalidSlot),
         }
     }
 
+    /// The slot itself, filled or not, for the IPC fast paths: an empty slot reads as a
+    /// capability with no rights (and a non-endpoint kind), so the rights check those
+    /// callers make anyway rejects it.
+    #[inline]
+    pub fn get_raw(&self, slot: u64) -> Option<&Capability> {
+        self.slots.get(slot as usize)
+    }
+
     /// The capability in `slot`, if the slot is in range and filled.
     pub fn get(&self, slot: u64) -> Result<Capability, Error> {
-        let i = usize::try_from(slot).map_err(|_| Error::InvalidSlot)?;
-        self.slots.get(i).copied().flatten().ok_or(Error::InvalidSlot)
+        self.get_ref(slot).copied()
     }
 
     /// The capability in `slot`, which must have `rights`.
@@ -82,48 +93,47 @@ impl CapTable {
 
     /// Put `cap` into the lowest free slot.
     pub fn insert(&mut self, cap: Capability) -> Result<u64, Error> {
-        let i = self.slots.iter().position(Option::is_none).ok_or(Error::NoFreeSlot)?;
-        self.slots[i] = Some(cap);
+        let i = self.slots.iter().position(|c| c.id == 0).ok_or(Error::NoFreeSlot)?;
+        self.slots[i] = cap;
         Ok(i as u64)
     }
 
     /// Put `cap` into a given slot (used to set up dom0's well-known slots).
     pub fn insert_at(&mut self, slot: usize, cap: Capability) -> Result<(), Error> {
         match self.slots.get_mut(slot) {
-            Some(s @ None) => {
-                *s = Some(cap);
+            Some(s) if s.id == 0 => {
+                *s = cap;
                 Ok(())
             }
-            Some(Some(_)) => Err(Error::InvalidState),
+            Some(_) => Err(Error::InvalidState),
             None => Err(Error::InvalidSlot),
         }
     }
 
     pub fn remove(&mut self, slot: u64) -> Result<Capability, Error> {
-        let i = usize::try_from(slot).map_err(|_| Error::InvalidSlot)?;
-        self.slots.get_mut(i).and_then(Option::take).ok_or(Error::InvalidSlot)
+        let cap = self.get(slot)?;
+        self.slots[slot as usize] = EMPTY;
+        Ok(cap)
     }
 
     /// Take every capability out (when the domain is destroyed).
     pub fn drain(&mut self) -> impl Iterator<Item = Capability> + '_ {
-        self.slots.iter_mut().filter_map(Option::take)
+        self.slots.iter_mut().filter(|c| c.id != 0).map(|c| core::mem::replace(c, EMPTY))
     }
 
     /// Remove every capability whose parent is in `ids`, returning them (their own ids are
     /// added to `ids` by the caller so grandchildren follow).
     pub fn remove_children(&mut self, ids: &[u32], mut removed: impl FnMut(Capability)) {
-        for s in self.slots.iter_mut() {
-            if let Some(c) = s {
-                if c.parent != 0 && ids.contains(&c.parent) {
-                    removed(*c);
-                    *s = None;
-                }
+        for c in self.slots.iter_mut() {
+            if c.id != 0 && c.parent != 0 && ids.contains(&c.parent) {
+                removed(*c);
+                *c = EMPTY;
             }
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Capability)> {
-        self.slots.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i as u64, c)))
+        self.slots.iter().enumerate().filter(|(_, c)| c.id != 0).map(|(i, c)| (i as u64, c))
     }
 }
 

@@ -112,7 +112,7 @@ impl<F: Stage2Format> Kernel<F> {
         // powers of two) lets the compiler drop the bounds checks on this path.
         let ci = caller as usize & (MAX_VCPUS - 1);
         let d = self.vcpus[ci].domain as usize & (MAX_DOMAINS - 1);
-        let Ok(cap) = self.domains[d].caps.get_ref(slot) else { return false };
+        let Some(cap) = self.domains[d].caps.get_raw(slot) else { return false };
         let (Object::Endpoint(e), badge) = (cap.object, cap.badge) else { return false };
         let len = self.vcpus[ci].regs.rcx;
         if cap.rights & rights::CALL == 0 || len > REGISTER_WORDS as u64 {
@@ -145,7 +145,7 @@ impl<F: Stage2Format> Kernel<F> {
     fn reply_recv_fast(&mut self, server: VcpuId, slot: u64) -> bool {
         let si = server as usize & (MAX_VCPUS - 1);
         let d = self.vcpus[si].domain as usize & (MAX_DOMAINS - 1);
-        let Ok(cap) = self.domains[d].caps.get_ref(slot) else { return false };
+        let Some(cap) = self.domains[d].caps.get_raw(slot) else { return false };
         let Object::Endpoint(e) = cap.object else { return false };
         let ei = e as usize & (MAX_ENDPOINTS - 1);
         let len = self.vcpus[si].regs.rcx;
