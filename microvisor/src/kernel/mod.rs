@@ -662,40 +662,40 @@ impl<F: Stage2Format> Kernel<F> {
             .map_err(|_| Error::AlreadyMapped)
     }
 
-    /// Copy `data` into domain `d`'s RAM at `gpa`.
-    pub fn write_ram<P: Platform>(&mut self, p: &mut P, d: DomainId, gpa: u64, data: &[u8]) -> Result<(), Error> {
+    /// Walk `[gpa, gpa+len)` of domain `d`'s RAM (only its RAM: never MMIO or regions)
+    /// page by page: `each(hpa, offset into the range, bytes)`. The whole range is checked
+    /// before anything is visited.
+    fn for_ram_pages(
+        &self,
+        d: DomainId,
+        gpa: u64,
+        len: usize,
+        mut each: impl FnMut(u64, usize, usize),
+    ) -> Result<(), Error> {
         let dom = &self.domains[d as usize];
-        let end = gpa.checked_add(data.len() as u64).ok_or(Error::BadAddress)?;
+        let end = gpa.checked_add(len as u64).ok_or(Error::BadAddress)?;
         if end > dom.ram_size() {
             return Err(Error::BadAddress);
         }
         let mut done = 0usize;
-        while done < data.len() {
+        while done < len {
             let addr = gpa + done as u64;
             let hpa = dom.ram_hpa(addr).ok_or(Error::BadAddress)?;
-            let n = ((PAGE - addr % PAGE) as usize).min(data.len() - done);
-            p.write_phys(hpa, &data[done..done + n]);
+            let n = ((PAGE - addr % PAGE) as usize).min(len - done);
+            each(hpa, done, n);
             done += n;
         }
         Ok(())
     }
 
-    /// Read from domain `d`'s RAM (only its RAM: never MMIO or regions).
+    /// Copy `data` into domain `d`'s RAM at `gpa`.
+    pub fn write_ram<P: Platform>(&mut self, p: &mut P, d: DomainId, gpa: u64, data: &[u8]) -> Result<(), Error> {
+        self.for_ram_pages(d, gpa, data.len(), |hpa, at, n| p.write_phys(hpa, &data[at..at + n]))
+    }
+
+    /// Read from domain `d`'s RAM.
     pub fn read_ram<P: Platform>(&self, p: &P, d: DomainId, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let dom = &self.domains[d as usize];
-        let end = gpa.checked_add(buf.len() as u64).ok_or(Error::BadAddress)?;
-        if end > dom.ram_size() {
-            return Err(Error::BadAddress);
-        }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = gpa + done as u64;
-            let hpa = dom.ram_hpa(addr).ok_or(Error::BadAddress)?;
-            let n = ((PAGE - addr % PAGE) as usize).min(buf.len() - done);
-            p.read_phys(hpa, &mut buf[done..done + n]);
-            done += n;
-        }
-        Ok(())
+        self.for_ram_pages(d, gpa, buf.len(), |hpa, at, n| p.read_phys(hpa, &mut buf[at..at + n]))
     }
 
     /// Create a vCPU of domain `d` in PVH entry state.
