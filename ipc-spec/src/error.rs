@@ -62,6 +62,8 @@ errors! {
     NoMessagePage = 13 => "no message page registered",
     /// The IPC partner went away (e.g. its domain was destroyed) before the message got through.
     PartnerGone = 14 => "IPC partner went away",
+    /// The device is assigned to another domain (or, for config access, not to the caller).
+    DeviceBusy = 15 => "device assigned elsewhere",
     /// A status word the caller's ABI version does not know (only produced by decoders).
     Unknown = 0xffff => "unknown error code",
 }

@@ -154,6 +154,33 @@ hypercalls! {
     /// One-shot virtual timer: signal the notification with RSI bits (0 = bit 0) RDI
     /// nanoseconds from now (0 cancels). RBX = slot (WAIT).
     TimerSet = 64,
+
+    /// Describe a PCI function. RBX = device capability (any rights). Returns
+    /// RDI = requester id (bus << 8 | device << 3 | function), RSI = vendor | device << 16,
+    /// RDX = class << 16 | subclass << 8 | programming interface, R10 = the domain it is
+    /// assigned to (its index + 1; 0 = none).
+    DeviceInfo = 70,
+    /// Give a PCI function to a domain. Its memory BARs appear in the domain's stage-2 at
+    /// their physical addresses (uncached); its DMA goes through the IOMMU, which maps only
+    /// the domain's RAM and the regions mapped into it; its configuration space is reached
+    /// with PciConfigRead/Write, filtered. RBX = device capability (CONTROL), RDI = domain
+    /// capability slot (CONTROL). A device belongs to one domain at a time.
+    DeviceAssign = 71,
+    /// Read the configuration space of a device assigned to the caller's domain.
+    /// RBX = device capability, RDI = offset (< 4096), RSI = size (1, 2 or 4, aligned).
+    /// Returns RDI = the value (BARs read as the driver is allowed to see them).
+    PciConfigRead = 72,
+    /// Write the configuration space of a device assigned to the caller's domain, through
+    /// the microvisor's filter (BARs, ROM and header fields cannot be changed; only the
+    /// command register's memory, bus-master and INTx-disable bits, MSI-X enable/mask and
+    /// vendor-specific capabilities). RBX = device capability, RDI = offset, RSI = size,
+    /// RDX = value. A filtered-out write succeeds without effect.
+    PciConfigWrite = 73,
+    /// Take the oldest IOMMU (DMA or interrupt-remapping) fault record. RBX = machine
+    /// capability (CONTROL). Returns RDI = requester id, RSI = faulting address,
+    /// RDX = reason | (1 << 8 if it was a write) | (1 << 9 if it was an interrupt request),
+    /// R10 = records still queued; InvalidState when there is none.
+    IommuFault = 74,
 }
 
 impl Hypercall {
@@ -194,8 +221,11 @@ pub mod dom0_slots {
     pub const MEMORY: u64 = 1;
     /// dom0's vCPU (CONTROL).
     pub const SELF_VCPU: u64 = 2;
-    /// The machine (CONTROL): power off.
+    /// The machine (CONTROL): power off, IOMMU fault log.
     pub const MACHINE: u64 = 3;
+    /// The first PCI function (CONTROL); the others follow in consecutive slots, in bus,
+    /// device, function order, up to the first slot that holds no device capability.
+    pub const FIRST_DEVICE: u64 = 4;
 }
 
 /// Number of capability slots per domain.

@@ -21,7 +21,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this module reads and writes.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 /// Name of the manifest inside the boot bundle.
 pub const MANIFEST_ENTRY: &str = "manifest";
 /// Name no domain or channel may have: dom0 builds the stack and is not listed in it.
@@ -71,7 +71,17 @@ pub struct DomainSpec {
     pub vcpus: u8,
     /// Command line handed to the domain (at most [`MAX_ARGS_LEN`] bytes).
     pub args: String,
+    /// The PCI device dom0 assigns to this domain (one of [`DEVICE_KINDS`]); empty: none.
+    pub device: String,
 }
+
+/// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
+pub const DEVICE_KINDS: &[(&str, u16, u16)] = &[("virtio-blk", 0x1af4, 0x1042), ("virtio-net", 0x1af4, 0x1041)];
+
+/// Shared-region size of a block channel, in KiB: default and bounds.
+pub const DEFAULT_BLOCK_REGION_KIB: u32 = 1024;
+pub const MIN_BLOCK_REGION_KIB: u32 = 64;
+pub const MAX_BLOCK_REGION_KIB: u32 = 65536;
 
 /// One channel between two domains.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -84,6 +94,8 @@ pub struct ChannelSpec {
     pub client: String,
     /// The domain that serves.
     pub server: String,
+    /// For a block channel: the shared region's size in KiB (else 0).
+    pub size_kib: u32,
 }
 
 /// Kinds of channel.
@@ -95,6 +107,9 @@ pub enum ChannelKind {
     /// Doorbells both ways: two notifications; each side may signal the other's and wait on
     /// its own.
     Notification,
+    /// A block device channel: a shared region (rings and data buffers, layout in
+    /// `crate::block`) mapped into both domains, plus a doorbell each way.
+    Block,
 }
 
 impl ChannelKind {
@@ -103,6 +118,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Endpoint => "endpoint",
             ChannelKind::Notification => "notification",
+            ChannelKind::Block => "block",
         }
     }
 }
@@ -300,6 +316,23 @@ pub enum ProblemKind {
         /// The domain.
         name: String,
     },
+    /// A domain's device is not one of [`DEVICE_KINDS`].
+    UnknownDevice {
+        /// The name given.
+        device: String,
+    },
+    /// Two domains ask for the same device.
+    DeviceTwice {
+        /// The device.
+        device: String,
+        /// Index of the domain that asked first.
+        first: usize,
+    },
+    /// A block channel's region size is out of range or not a multiple of 4 KiB.
+    BadRegionSize {
+        /// The size asked for, in KiB.
+        kib: u32,
+    },
     /// The domains' memory plus the reserve is more than the machine has.
     MemoryDoesNotFit {
         /// Sum of the domains' memory, in MiB.
@@ -385,6 +418,20 @@ impl fmt::Display for ProblemKind {
             ProblemKind::SameDomainBothEnds { name } => write!(
                 f,
                 "client and server are both {name:?}; a channel joins two different domains"
+            ),
+            ProblemKind::UnknownDevice { device } => {
+                write!(f, "unknown device {device:?} (known devices:")?;
+                for (name, _, _) in DEVICE_KINDS {
+                    write!(f, " {name}")?;
+                }
+                f.write_str(")")
+            }
+            ProblemKind::DeviceTwice { device, first } => {
+                write!(f, "device {device:?} is already given to domain[{first}]; a device has one owner")
+            }
+            ProblemKind::BadRegionSize { kib } => write!(
+                f,
+                "region size {kib} KiB: must be {MIN_BLOCK_REGION_KIB} to {MAX_BLOCK_REGION_KIB} KiB and a multiple of 4"
             ),
             ProblemKind::MemoryDoesNotFit {
                 domains_mib,
@@ -472,6 +519,13 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if domain.args.len() > MAX_ARGS_LEN {
             push(field("args"), ProblemKind::ArgsTooLong { len: domain.args.len() });
         }
+        if !domain.device.is_empty() {
+            if !DEVICE_KINDS.iter().any(|(name, _, _)| *name == domain.device) {
+                push(field("device"), ProblemKind::UnknownDevice { device: domain.device.clone() });
+            } else if let Some(first) = manifest.domains[..index].iter().position(|d| d.device == domain.device) {
+                push(field("device"), ProblemKind::DeviceTwice { device: domain.device.clone(), first });
+            }
+        }
     }
 
     for (index, channel) in manifest.channels.iter().enumerate() {
@@ -487,6 +541,12 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         }
         if channel.client == channel.server && manifest.domain(&channel.client).is_some() {
             push(field("server"), ProblemKind::SameDomainBothEnds { name: channel.server.clone() });
+        }
+        if channel.kind == ChannelKind::Block
+            && (!(MIN_BLOCK_REGION_KIB..=MAX_BLOCK_REGION_KIB).contains(&channel.size_kib)
+                || !channel.size_kib.is_multiple_of(4))
+        {
+            push(field("size_kib"), ProblemKind::BadRegionSize { kib: channel.size_kib });
         }
     }
 
@@ -538,11 +598,18 @@ mod tests {
             priority: 10,
             vcpus: 1,
             args: String::new(),
+            device: String::new(),
         }
     }
 
     fn channel(name: &str, client: &str, server: &str) -> ChannelSpec {
-        ChannelSpec { name: name.into(), kind: ChannelKind::Endpoint, client: client.into(), server: server.into() }
+        ChannelSpec {
+            name: name.into(),
+            kind: ChannelKind::Endpoint,
+            client: client.into(),
+            server: server.into(),
+            size_kib: 0,
+        }
     }
 
     fn demo() -> Manifest {
@@ -590,9 +657,9 @@ mod tests {
     #[test]
     fn decode_rejects_other_versions_and_trailing_bytes() {
         let mut m = demo();
-        m.version = 2;
+        m.version = MANIFEST_VERSION + 1;
         let bytes = encode(&m).unwrap();
-        assert_eq!(decode(&bytes), Err(ManifestError::UnsupportedVersion { found: 2 }));
+        assert_eq!(decode(&bytes), Err(ManifestError::UnsupportedVersion { found: MANIFEST_VERSION + 1 }));
         assert_eq!(decode(&[]), Err(ManifestError::MissingVersion));
         assert_eq!(decode(&[0x80]), Err(ManifestError::MissingVersion));
 
@@ -611,8 +678,8 @@ mod tests {
 
     #[test]
     fn decode_rejects_a_huge_list_length_without_allocating_it() {
-        // version 1, machine memory 512, then a domain count of u32::MAX.
-        let mut bytes = vec![1, 0x80, 0x04];
+        // The current version, machine memory 512, then a domain count of u32::MAX.
+        let mut bytes = vec![MANIFEST_VERSION as u8, 0x80, 0x04];
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(matches!(decode(&bytes), Err(ManifestError::Malformed(_))));
     }
@@ -828,6 +895,7 @@ mod tests {
                 priority,
                 vcpus,
                 args,
+                device: String::new(),
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {
@@ -835,6 +903,7 @@ mod tests {
             kind: ChannelKind::Endpoint,
             client,
             server,
+            size_kib: 0,
         });
         (any::<u32>(), any::<u32>(), proptest::collection::vec(domain, 0..5), proptest::collection::vec(channel, 0..5))
             .prop_map(|(version, machine_memory_mib, domains, channels)| Manifest {

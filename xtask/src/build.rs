@@ -127,6 +127,23 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
+/// Size of the disk image `xtask` creates when there is none.
+pub const DISK_BYTES: u64 = 64 << 20;
+
+/// Make sure a raw disk image exists at `path` (zero-filled, [`DISK_BYTES`] long).
+pub fn ensure_disk(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let f = std::fs::File::create(path).map_err(|e| format!("creating the disk image {}: {e}", path.display()))?;
+    f.set_len(DISK_BYTES).map_err(|e| format!("sizing the disk image {}: {e}", path.display()))?;
+    eprintln!("build: created the disk image {} ({} MiB, zeros)", path.display(), DISK_BYTES >> 20);
+    Ok(())
+}
+
 /// The default target directory (`<workspace>/target`, or `$CARGO_TARGET_DIR`).
 pub fn default_target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))

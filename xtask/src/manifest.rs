@@ -53,6 +53,8 @@ struct DomainSection {
     vcpus: i64,
     #[serde(default)]
     args: String,
+    #[serde(default)]
+    device: String,
 }
 
 fn one() -> i64 {
@@ -68,6 +70,8 @@ struct ChannelSection {
     kind: KindValue,
     client: String,
     server: String,
+    /// Block channels: the shared region's size in KiB (default 1024).
+    size_kib: Option<i64>,
 }
 
 /// `kind = "..."` of a channel.
@@ -77,6 +81,7 @@ enum KindValue {
     #[default]
     Endpoint,
     Notification,
+    Block,
 }
 
 impl From<KindValue> for ChannelKind {
@@ -84,6 +89,7 @@ impl From<KindValue> for ChannelKind {
         match kind {
             KindValue::Endpoint => ChannelKind::Endpoint,
             KindValue::Notification => ChannelKind::Notification,
+            KindValue::Block => ChannelKind::Block,
         }
     }
 }
@@ -136,13 +142,29 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             push(field("vcpus"), ProblemKind::UnsupportedVcpus { vcpus: d.vcpus });
             manifest::SUPPORTED_VCPUS
         });
-        domains.push(DomainSpec { name: d.name, image: d.image, memory_mib, priority, vcpus, args: d.args });
+        domains.push(DomainSpec {
+            name: d.name,
+            image: d.image,
+            memory_mib,
+            priority,
+            vcpus,
+            args: d.args,
+            device: d.device,
+        });
     }
 
     let channels = file
         .channel
         .into_iter()
-        .map(|c| ChannelSpec { name: c.name, kind: c.kind.into(), client: c.client, server: c.server })
+        .map(|c| {
+            let kind: ChannelKind = c.kind.into();
+            let size_kib = match (kind, c.size_kib) {
+                (ChannelKind::Block, None) => ipc_spec::manifest::DEFAULT_BLOCK_REGION_KIB,
+                (_, Some(k)) => u32::try_from(k).unwrap_or(u32::MAX),
+                (_, None) => 0,
+            };
+            ChannelSpec { name: c.name, kind, client: c.client, server: c.server, size_kib }
+        })
         .collect();
 
     let manifest = Manifest { version: MANIFEST_VERSION, machine_memory_mib, domains, channels };
@@ -434,7 +456,7 @@ server = "pong"
             "unknown-kind",
             &good_with("kind = \"endpoint\"", "kind = \"pipe\""),
             "channel[0].kind",
-            &["unknown variant `pipe`, expected `endpoint`"],
+            &["unknown variant `pipe`, expected one of `endpoint`, `notification`, `block`"],
         );
         assert_fails(
             "wrong-type",

@@ -29,6 +29,8 @@ pub struct Machine {
     pub gdb: bool,
     /// Further QEMU arguments (e.g. `-icount`).
     pub extra: Vec<String>,
+    /// Raw disk image behind a virtio-blk-pci device (behind the IOMMU), if any.
+    pub disk: Option<PathBuf>,
 }
 
 impl Machine {
@@ -42,6 +44,7 @@ impl Machine {
             append: String::new(),
             gdb: false,
             extra: Vec::new(),
+            disk: None,
         }
     }
 
@@ -57,11 +60,26 @@ impl Machine {
             "-smp".into(),
             "1".into(),
             "-no-reboot".into(),
+            // Only the devices the stack uses: no default NIC, no VGA.
+            "-nic".into(),
+            "none".into(),
+            "-vga".into(),
+            "none".into(),
             "-device".into(),
             "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
         ];
         if self.iommu {
             a.extend(["-device".into(), "intel-iommu".into()]);
+        }
+        if let Some(disk) = &self.disk {
+            // Modern-only virtio behind the IOMMU: the driver must negotiate
+            // VIRTIO_F_ACCESS_PLATFORM, and every DMA goes through VT-d.
+            a.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=disk0,format=raw", disk.display()),
+                "-device".into(),
+                "virtio-blk-pci,drive=disk0,disable-legacy=on,iommu_platform=on".into(),
+            ]);
         }
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
         if let Some(initrd) = &self.initrd {
