@@ -7,7 +7,7 @@
 use ipc_spec::hypercall::CAP_SLOTS;
 use ipc_spec::Error;
 
-use super::{DomainId, EndpointId, NotificationId, RegionId, VcpuId};
+use super::{DeviceId, DomainId, EndpointId, NotificationId, RegionId, VcpuId};
 
 /// What a capability refers to. Domains and vCPUs carry a generation: when the object is
 /// destroyed its generation moves on and every capability to it becomes stale. Regions,
@@ -24,6 +24,8 @@ pub enum Object {
     Region(RegionId),
     Endpoint(EndpointId),
     Notification(NotificationId),
+    /// A PCI function.
+    Device(DeviceId),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

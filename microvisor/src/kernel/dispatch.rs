@@ -275,6 +275,43 @@ impl<F: Stage2Format> Kernel<F> {
             }
             Hypercall::CapDelete => self.cap_delete(p, caller, r.rbx),
             Hypercall::NotificationBind => self.bind(v, r.rbx, r.rdi),
+            Hypercall::DeviceInfo => {
+                let dev = self.devices[self.lookup_device(caller, r.rbx, 0)? as usize];
+                let regs = &mut self.vcpus[v as usize].regs;
+                regs.rdi = dev.rid as u64;
+                regs.rsi = dev.vendor as u64 | (dev.device as u64) << 16;
+                regs.rdx = dev.class as u64;
+                regs.r10 = dev.owner.map_or(0, |d| d as u64 + 1);
+                Ok(())
+            }
+            Hypercall::DeviceAssign => {
+                let dev = self.lookup_device(caller, r.rbx, rights::CONTROL)?;
+                let target = self.lookup_domain(caller, r.rdi)?;
+                self.device_assign(p, dev, target)
+            }
+            Hypercall::PciConfigRead | Hypercall::PciConfigWrite => {
+                let dev = self.lookup_device(caller, r.rbx, 0)?;
+                if self.devices[dev as usize].owner != Some(caller) {
+                    return Err(Error::DeviceBusy);
+                }
+                if call == Hypercall::PciConfigRead {
+                    let value = p.pci_config_read(dev, r.rdi, r.rsi)?;
+                    self.set_result(v, value as u64)
+                } else {
+                    let value = u32::try_from(r.rdx).map_err(|_| Error::InvalidArgument)?;
+                    p.pci_config_write(dev, r.rdi, r.rsi, value)
+                }
+            }
+            Hypercall::IommuFault => {
+                match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
+                    Object::Machine => {}
+                    _ => return Err(Error::WrongType),
+                }
+                let ((rid, addr, info), left) = p.iommu_fault().ok_or(Error::InvalidState)?;
+                let regs = &mut self.vcpus[v as usize].regs;
+                (regs.rdi, regs.rsi, regs.rdx, regs.r10) = (rid as u64, addr, info, left);
+                Ok(())
+            }
             Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
             // Handled in `hypercall`.
             _ => Err(Error::UnknownHypercall),

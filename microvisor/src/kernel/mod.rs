@@ -27,12 +27,14 @@ pub type VcpuId = u16;
 pub type RegionId = u16;
 pub type EndpointId = u16;
 pub type NotificationId = u16;
+pub type DeviceId = u16;
 
 pub const MAX_DOMAINS: usize = 16;
 pub const MAX_VCPUS: usize = 32;
 pub const MAX_REGIONS: usize = 128;
 pub const MAX_ENDPOINTS: usize = 64;
 pub const MAX_NOTIFICATIONS: usize = 64;
+pub const MAX_DEVICES: usize = 32;
 /// 2 MiB chunks of RAM per domain (1 GiB).
 pub const MAX_RAM_CHUNKS: usize = 512;
 pub const MAX_MAPPINGS: usize = 16;
@@ -88,6 +90,55 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn console_line(&mut self, domain: &str, line: &[u8]);
     /// A domain got its name (at creation): lets fault reports name it.
     fn domain_named(&mut self, domain: DomainId, name: &str);
+
+    // Device passthrough. The defaults describe a machine without an IOMMU or devices.
+
+    /// Memory BARs of a device: (physical address, size) pairs, page aligned.
+    fn device_bars(&self, _dev: DeviceId) -> heapless::Vec<(u64, u64), 6> {
+        heapless::Vec::new()
+    }
+    /// Point the device's DMA at domain `d`'s IOMMU space, built (if new) from its RAM
+    /// (2 MiB chunks from guest-physical 0) and its region mappings (gpa, hpa, size).
+    fn device_assign(
+        &mut self,
+        _dev: DeviceId,
+        _d: DomainId,
+        _ram: &[u64],
+        _regions: &[(u64, u64, u64)],
+    ) -> Result<(), Error> {
+        Err(Error::InvalidState)
+    }
+    /// Quiesce the device (bus mastering off, reset) and block its DMA.
+    fn device_release(&mut self, _dev: DeviceId) {}
+    /// A region was mapped into / unmapped from domain `d`: mirror it in its IOMMU space.
+    fn dma_map(&mut self, _d: DomainId, _gpa: u64, _hpa: u64, _size: u64) {}
+    fn dma_unmap(&mut self, _d: DomainId, _gpa: u64, _size: u64) {}
+    /// Domain `d` is gone: free its IOMMU space.
+    fn dma_space_destroy(&mut self, _d: DomainId) {}
+    /// Filtered configuration-space access to a device (the kernel checked ownership).
+    fn pci_config_read(&mut self, _dev: DeviceId, _offset: u64, _size: u64) -> Result<u32, Error> {
+        Err(Error::InvalidState)
+    }
+    fn pci_config_write(&mut self, _dev: DeviceId, _offset: u64, _size: u64, _value: u32) -> Result<(), Error> {
+        Err(Error::InvalidState)
+    }
+    /// The oldest IOMMU fault record: (requester id, address, info), and how many remain.
+    fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
+        None
+    }
+}
+
+/// A PCI function the microvisor found at boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Device {
+    pub present: bool,
+    /// Requester id: bus << 8 | device << 3 | function.
+    pub rid: u16,
+    pub vendor: u16,
+    pub device: u16,
+    /// class << 16 | subclass << 8 | programming interface.
+    pub class: u32,
+    pub owner: Option<DomainId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +359,7 @@ pub struct Kernel<F: Stage2Format> {
     pub regions: [Region; MAX_REGIONS],
     pub endpoints: [Endpoint; MAX_ENDPOINTS],
     pub notifications: [Notification; MAX_NOTIFICATIONS],
+    pub devices: [Device; MAX_DEVICES],
     pub runq: RunQueue,
     pub current: Option<VcpuId>,
     next_cap_id: u32,
@@ -341,6 +393,7 @@ impl<F: Stage2Format> Kernel<F> {
             endpoints: [const { Endpoint { refs: 0, senders: Queue::new(), receivers: Queue::new() } }; MAX_ENDPOINTS],
             notifications: [const { Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None } };
                 MAX_NOTIFICATIONS],
+            devices: [Device { present: false, rid: 0, vendor: 0, device: 0, class: 0, owner: None }; MAX_DEVICES],
             runq: RunQueue::new(),
             current: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
@@ -781,6 +834,14 @@ impl<F: Stage2Format> Kernel<F> {
     /// Destroy domain `d`: vCPUs, capabilities, mappings, RAM, page tables.
     pub fn domain_destroy<P: Platform>(&mut self, p: &mut P, d: DomainId) {
         self.stop_domain(d);
+        // Devices first: their DMA must stop before any of the domain's memory is freed.
+        for (i, dev) in self.devices.iter_mut().enumerate() {
+            if dev.owner == Some(d) {
+                p.device_release(i as DeviceId);
+                dev.owner = None;
+            }
+        }
+        p.dma_space_destroy(d);
         for v in 0..MAX_VCPUS {
             if self.vcpus[v].state != VcpuState::Free && self.vcpus[v].domain == d {
                 let g = self.vcpus[v].generation;
@@ -867,6 +928,7 @@ impl<F: Stage2Format> Kernel<F> {
         })?;
         let _ = dom.mappings.push(Mapping { region, gpa });
         self.regions[region as usize].refs += 1;
+        p.dma_map(d, gpa, hpa, frames * PAGE);
         Ok(())
     }
 
@@ -879,6 +941,8 @@ impl<F: Stage2Format> Kernel<F> {
             let _ = s.unmap(p, m.gpa, frames * PAGE);
         }
         p.stage2_changed(d);
+        // The device must lose access before the frames can go back to the pool.
+        p.dma_unmap(d, m.gpa, frames * PAGE);
         self.release(p, Object::Region(region));
         Ok(())
     }
@@ -915,6 +979,62 @@ impl<F: Stage2Format> Kernel<F> {
     /// still happen)? False when every vCPU is stopped or free.
     pub fn any_alive(&self) -> bool {
         self.vcpus.iter().any(|v| !matches!(v.state, VcpuState::Free | VcpuState::Stopped | VcpuState::Created))
+    }
+
+    /// Record a PCI function found at boot; dom0 gets a capability to it.
+    pub fn register_device(&mut self, rid: u16, vendor: u16, device: u16, class: u32) -> Option<DeviceId> {
+        let i = self.devices.iter().position(|d| !d.present)?;
+        self.devices[i] = Device { present: true, rid, vendor, device, class, owner: None };
+        Some(i as DeviceId)
+    }
+
+    /// The device in the caller's `slot`.
+    pub fn lookup_device(&self, caller: DomainId, slot: u64, rights: u64) -> Result<DeviceId, Error> {
+        match self.lookup(caller, slot, rights)?.object {
+            Object::Device(dev) => Ok(dev),
+            _ => Err(Error::WrongType),
+        }
+    }
+
+    /// Give device `dev` to domain `d`: IOMMU space, then the BARs in its stage-2.
+    pub fn device_assign<P: Platform>(&mut self, p: &mut P, dev: DeviceId, d: DomainId) -> Result<(), Error> {
+        if self.devices[dev as usize].owner.is_some() {
+            return Err(Error::DeviceBusy);
+        }
+        let dom = &self.domains[d as usize];
+        let mut regions: heapless::Vec<(u64, u64, u64), MAX_MAPPINGS> = heapless::Vec::new();
+        for m in &dom.mappings {
+            let r = &self.regions[m.region as usize];
+            let _ = regions.push((m.gpa, r.hpa, r.frames * PAGE));
+        }
+        let bars = p.device_bars(dev);
+        // The BARs must land outside the domain's RAM and its regions.
+        for &(addr, size) in &bars {
+            let end = addr.saturating_add(size);
+            if addr < dom.ram_size() || regions.iter().any(|&(g, _, s)| addr < g + s && g < end) {
+                return Err(Error::AlreadyMapped);
+            }
+        }
+        let ram = dom.ram.clone();
+        p.device_assign(dev, d, &ram, &regions)?;
+        let stage2 = self.domains[d as usize].stage2.as_mut().ok_or(Error::InvalidState)?;
+        let mut mapped: heapless::Vec<(u64, u64), 6> = heapless::Vec::new();
+        for &(addr, size) in &bars {
+            if let Err(e) = stage2.map(p, addr, addr, size, Access::READ | Access::WRITE, MemType::Uncached) {
+                for &(a, s) in &mapped {
+                    let _ = stage2.unmap(p, a, s);
+                }
+                p.device_release(dev);
+                return Err(match e {
+                    crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
+                    crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
+                    _ => Error::InvalidArgument,
+                });
+            }
+            let _ = mapped.push((addr, size));
+        }
+        self.devices[dev as usize].owner = Some(d);
+        Ok(())
     }
 
     /// Earliest pending virtual timer deadline, for the idle loop.

@@ -210,6 +210,7 @@ fn kind_of(o: Object) -> Kind {
         Object::Region(_) => Kind::Region,
         Object::Endpoint(_) => Kind::Endpoint,
         Object::Notification(_) => Kind::Notification,
+        Object::Device(_) => Kind::Device,
     }
 }
 
@@ -222,6 +223,7 @@ enum Kind {
     Region,
     Endpoint,
     Notification,
+    Device,
 }
 
 impl Sys {
