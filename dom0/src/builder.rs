@@ -11,13 +11,17 @@ use domain_rt::hypercall::{call, Regs};
 use domain_rt::println;
 use ipc_spec::bundle::Bundle;
 use ipc_spec::hypercall::{dom0_slots, rights};
-use ipc_spec::manifest::{ChannelKind, Manifest};
+use ipc_spec::manifest::{ChannelKind, Manifest, DEVICE_KINDS};
 use ipc_spec::{Error, Hypercall};
 use pvh::elf::ElfImage;
 use pvh::start_info::{build_start_page, MemmapEntry, MEMMAP_RAM};
 
 /// Guest-physical address of every domain's start info page.
 const START_INFO_GPA: u64 = 0x1000;
+/// Where block-channel regions go in both domains: from 1 GiB, 64 MiB apart; below 3 GiB,
+/// which the domains' boot page tables map uncached (MMIO), and far above their RAM.
+const REGION_BASE_GPA: u64 = 0x4000_0000;
+const REGION_STRIDE: u64 = 64 << 20;
 /// Images are linked at or above 1 MiB.
 const IMAGE_MIN_GPA: u64 = 0x10_0000;
 
@@ -69,9 +73,22 @@ fn load(domain: u64, gpa: u64, data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// dom0's device capabilities: (slot, vendor, device, assigned).
+fn devices() -> Vec<(u64, u16, u16, bool)> {
+    let mut list = Vec::new();
+    let mut slot = dom0_slots::FIRST_DEVICE;
+    while let Ok(r) = call(Hypercall::DeviceInfo, slot, [0; 6]) {
+        list.push((slot, r.args[1] as u16, (r.args[1] >> 16) as u16, r.args[3] != 0));
+        slot += 1;
+    }
+    list
+}
+
 pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     let fault_endpoint = create(Hypercall::EndpointCreate)?;
     let mut domains: Vec<Built> = Vec::new();
+    let mut devices = devices();
+    println!("{} PCI function(s) to give out", devices.len());
 
     for (i, d) in m.domains.iter().enumerate() {
         let image = bundle
@@ -102,6 +119,26 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         delete(n)?;
         let mut args = String::new();
         let _ = write!(args, "timer={timer}");
+
+        if !d.device.is_empty() {
+            let (_, vendor, device) = DEVICE_KINDS
+                .iter()
+                .copied()
+                .find(|(name, _, _)| *name == d.device)
+                .ok_or_else(|| format!("domain {}: unknown device {}", d.name, d.device))?;
+            let found = devices
+                .iter_mut()
+                .find(|(_, v, dv, taken)| *v == vendor && *dv == device && !*taken)
+                .ok_or_else(|| format!("domain {}: no free {} device on this machine", d.name, d.device))?;
+            hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0])
+                .map_err(|e| format!("domain {}: {e}", d.name))?;
+            found.3 = true;
+            // The driver names the device to reach its configuration space; it cannot
+            // reassign it (no rights).
+            let dev = give(found.0, slot, 0, 0)?;
+            let _ = write!(args, " dev={dev}");
+            println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
+        }
         domains.push(Built { name: d.name.clone(), slot, args, entry, ram });
     }
 
@@ -119,15 +156,32 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 let _ = write!(domains[server].args, " chan.{}={s}", c.name);
                 let _ = write!(domains[client].args, " chan.{}={k}", c.name);
             }
+            ChannelKind::Block => {
+                let bytes = c.size_kib as u64 * 1024;
+                let gpa = REGION_BASE_GPA + i as u64 * REGION_STRIDE;
+                let r = hc(Hypercall::RegionCreate, dom0_slots::MEMORY, [bytes, 0, 0, 0, 0, 0])?.args[0];
+                let rw = rights::READ | rights::WRITE;
+                for end in [client, server] {
+                    hc(Hypercall::Map, domains[end].slot, [r, gpa, rw, 0, 0, 0]).map_err(|e| {
+                        format!("channel {}: mapping the region into {}: {e}", c.name, domains[end].name)
+                    })?;
+                }
+                // The mappings keep the region alive.
+                delete(r)?;
+                let (cs, cw, ss, sw) = doorbells(domains[client].slot, domains[server].slot)?;
+                let _ = write!(
+                    domains[client].args,
+                    " chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={cs} chan.{n}.wait={cw}",
+                    n = c.name
+                );
+                let _ = write!(
+                    domains[server].args,
+                    " chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={ss} chan.{n}.wait={sw}",
+                    n = c.name
+                );
+            }
             ChannelKind::Notification => {
-                let to_server = create(Hypercall::NotificationCreate)?;
-                let to_client = create(Hypercall::NotificationCreate)?;
-                let cs = give(to_server, domains[client].slot, rights::SIGNAL, 0)?;
-                let cw = give(to_client, domains[client].slot, rights::WAIT, 0)?;
-                let ss = give(to_client, domains[server].slot, rights::SIGNAL, 0)?;
-                let sw = give(to_server, domains[server].slot, rights::WAIT, 0)?;
-                delete(to_server)?;
-                delete(to_client)?;
+                let (cs, cw, ss, sw) = doorbells(domains[client].slot, domains[server].slot)?;
                 let _ = write!(domains[client].args, " chan.{n}.signal={cs} chan.{n}.wait={cw}", n = c.name);
                 let _ = write!(domains[server].args, " chan.{n}.signal={ss} chan.{n}.wait={sw}", n = c.name);
             }
@@ -158,4 +212,18 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
     }
     Ok(Stack { domains, fault_endpoint })
+}
+
+/// A doorbell each way between `client` and `server` (domain slots): returns the client's
+/// signal and wait slots and the server's.
+fn doorbells(client: u64, server: u64) -> Result<(u64, u64, u64, u64), String> {
+    let to_server = create(Hypercall::NotificationCreate)?;
+    let to_client = create(Hypercall::NotificationCreate)?;
+    let cs = give(to_server, client, rights::SIGNAL, 0)?;
+    let cw = give(to_client, client, rights::WAIT, 0)?;
+    let ss = give(to_client, server, rights::SIGNAL, 0)?;
+    let sw = give(to_server, server, rights::WAIT, 0)?;
+    delete(to_server)?;
+    delete(to_client)?;
+    Ok((cs, cw, ss, sw))
 }

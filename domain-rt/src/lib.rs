@@ -14,6 +14,7 @@ pub mod hypercall;
 pub mod irq;
 #[cfg(target_os = "none")]
 mod rt;
+pub mod shared;
 
 pub use pvh;
 use pvh::start_info::ParsedStartInfo;

@@ -8,12 +8,14 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod block;
 pub mod bundle;
 pub mod error;
 pub mod hypercall;
 pub mod machine_exit;
 #[cfg(feature = "alloc")]
 pub mod manifest;
+pub mod ring;
 
 pub use error::Error;
 pub use hypercall::Hypercall;

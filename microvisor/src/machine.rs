@@ -1,16 +1,20 @@
 //! The microvisor's [`Platform`]: what the portable kernel needs from this machine —
 //! frames, physical memory, the clock, VMCBs and the console.
 
+use ipc_spec::Error;
 use microvisor::guest_memory::{PhysRead, PhysWrite};
-use microvisor::kernel::{DomainId, Platform, VcpuBoot, VcpuId, MAX_VCPUS};
+use microvisor::kernel::{DeviceId, DomainId, Platform, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS};
+use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
 use microvisor::stage2::TableMemory;
 use microvisor::svm::vmcb::{control, Vmcb};
 
 use crate::arch::apic::Clock;
 use crate::arch::fpu::FpuStates;
+use crate::arch::pcie::Ecam;
 use crate::arch::phys::{alloc_zeroed_frames, IdentityMemory, PhysTables, FRAMES};
 use crate::arch::serial::{Serial, CONSOLE_LOCK};
 use crate::arch::svm::Svm;
+use crate::arch::vtd::Iommu;
 
 pub struct Machine {
     pub svm: Svm,
@@ -22,6 +26,13 @@ pub struct Machine {
     tlb_epoch: u64,
     seen_epoch: [u64; MAX_VCPUS],
     pub fpu: FpuStates,
+    pub ecam: Option<Ecam>,
+    /// The VT-d unit, when the machine has one: without it no device is given out.
+    pub iommu: Option<Iommu>,
+    /// Every PCI function found at boot.
+    pub functions: heapless::Vec<Function, MAX_FUNCTIONS>,
+    /// Kernel device id → index in `functions`, and the filter state while assigned.
+    devices: [Option<(usize, Option<AssignedState>)>; MAX_DEVICES],
 }
 
 impl Machine {
@@ -35,7 +46,23 @@ impl Machine {
             tlb_epoch: 0,
             seen_epoch: [0; MAX_VCPUS],
             fpu: FpuStates::new(),
+            ecam: None,
+            iommu: None,
+            functions: heapless::Vec::new(),
+            devices: [const { None }; MAX_DEVICES],
         }
+    }
+
+    /// Remember that kernel device `dev` is `functions[index]`.
+    pub fn bind_device(&mut self, dev: DeviceId, index: usize) {
+        if let Some(slot) = self.devices.get_mut(dev as usize) {
+            *slot = Some((index, None));
+        }
+    }
+
+    fn function(&self, dev: DeviceId) -> Option<&Function> {
+        let (i, _) = self.devices.get(dev as usize)?.as_ref()?;
+        self.functions.get(*i)
     }
 
     pub fn vmcb_pa(&self, v: VcpuId) -> u64 {
@@ -122,6 +149,106 @@ impl Platform for Machine {
         self.tlb_epoch += 1;
     }
 
+    fn device_bars(&self, dev: DeviceId) -> heapless::Vec<(u64, u64), 6> {
+        let mut bars = heapless::Vec::new();
+        if let Some(f) = self.function(dev) {
+            // Only page-granular memory BARs: a smaller one would expose whatever shares
+            // its page. I/O BARs are never given out (domains own no ports).
+            for bar in f.bars.iter().filter(|b| b.is_page_granular()) {
+                if let Some(range) = bar.mem_range() {
+                    let _ = bars.push(range);
+                }
+            }
+        }
+        bars
+    }
+
+    fn device_assign(
+        &mut self,
+        dev: DeviceId,
+        d: DomainId,
+        ram: &[u64],
+        regions: &[(u64, u64, u64)],
+    ) -> Result<(), Error> {
+        let Some((index, _)) = self.devices.get(dev as usize).copied().flatten() else {
+            return Err(Error::InvalidState);
+        };
+        let f = self.functions.get(index).ok_or(Error::InvalidState)?;
+        let (rid, name) = (f.bdf.requester_id(), f.bdf);
+        let state = AssignedState::new(f).map_err(config_error)?;
+        // Passthrough without an IOMMU would let the domain's device write anywhere.
+        let iommu = self.iommu.as_mut().ok_or(Error::InvalidState)?;
+        let attached = iommu.ensure_space(d, ram, regions).and_then(|()| iommu.attach(rid, d));
+        if let Err(why) = attached {
+            crate::println!("iommu: assigning {name}: {why}");
+            return Err(Error::OutOfMemory);
+        }
+        if let Some(Some((_, s))) = self.devices.get_mut(dev as usize) {
+            *s = Some(state);
+        }
+        crate::println!("iommu: {name} assigned to domain {}: DMA confined to its memory", d);
+        Ok(())
+    }
+
+    fn device_release(&mut self, dev: DeviceId) {
+        let Some((index, _)) = self.devices.get(dev as usize).copied().flatten() else { return };
+        let Some(bdf) = self.functions.get(index).map(|f| f.bdf) else { return };
+        // Quiesce: no more bus mastering or decoding, then no DMA path at all.
+        if let Some(ecam) = self.ecam.as_mut() {
+            let _ = pci::quiesce(ecam, bdf);
+        }
+        if let Some(iommu) = self.iommu.as_mut() {
+            if let Err(why) = iommu.detach(bdf.requester_id()) {
+                crate::println!("iommu: detaching {bdf}: {why}");
+            }
+        }
+        if let Some(Some((_, s))) = self.devices.get_mut(dev as usize) {
+            *s = None;
+        }
+    }
+
+    fn dma_map(&mut self, d: DomainId, gpa: u64, hpa: u64, size: u64) {
+        if let Some(iommu) = self.iommu.as_mut() {
+            iommu.map(d, gpa, hpa, size);
+        }
+    }
+
+    fn dma_unmap(&mut self, d: DomainId, gpa: u64, size: u64) {
+        if let Some(iommu) = self.iommu.as_mut() {
+            iommu.unmap(d, gpa, size);
+        }
+    }
+
+    fn dma_space_destroy(&mut self, d: DomainId) {
+        if let Some(iommu) = self.iommu.as_mut() {
+            iommu.destroy_space(d);
+        }
+    }
+
+    fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
+        let (f, left) = self.iommu.as_mut()?.take_fault()?;
+        let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write) as u64;
+        Some(((f.source_id, f.fault_info, f.reason.raw() as u64 | write << 8), left as u64))
+    }
+
+    fn pci_config_read(&mut self, dev: DeviceId, offset: u64, size: u64) -> Result<u32, Error> {
+        let (Some(ecam), Some(Some((i, Some(state))))) = (&self.ecam, self.devices.get(dev as usize)) else {
+            return Err(Error::InvalidState);
+        };
+        let f = self.functions.get(*i).ok_or(Error::InvalidState)?;
+        let (offset, size) = config_args(offset, size)?;
+        pci::config_read(ecam, f, state, offset, size).map_err(config_error)
+    }
+
+    fn pci_config_write(&mut self, dev: DeviceId, offset: u64, size: u64, value: u32) -> Result<(), Error> {
+        let (Some(ecam), Some(Some((i, Some(state))))) = (&mut self.ecam, self.devices.get_mut(dev as usize)) else {
+            return Err(Error::InvalidState);
+        };
+        let f = self.functions.get(*i).ok_or(Error::InvalidState)?;
+        let (offset, size) = config_args(offset, size)?;
+        pci::config_write(ecam, f, state, offset, size, value).map(|_| ()).map_err(config_error)
+    }
+
     fn domain_named(&mut self, domain: DomainId, name: &str) {
         crate::arch::cpu::name_domain(domain, name);
     }
@@ -133,5 +260,18 @@ impl Platform for Machine {
         Serial::write_bytes(b"] ");
         Serial::write_bytes(line);
         Serial::write_bytes(b"\n");
+    }
+}
+
+fn config_args(offset: u64, size: u64) -> Result<(u16, u8), Error> {
+    let offset = u16::try_from(offset).map_err(|_| Error::InvalidArgument)?;
+    let size = u8::try_from(size).map_err(|_| Error::InvalidArgument)?;
+    Ok((offset, size))
+}
+
+fn config_error(e: ConfigError) -> Error {
+    match e {
+        ConfigError::NotEndpoint => Error::InvalidState,
+        _ => Error::InvalidArgument,
     }
 }

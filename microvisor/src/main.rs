@@ -44,8 +44,10 @@ mod boot_and_run {
     use crate::arch::apic::{self, Clock};
     use crate::arch::cpu::{self, exit_machine};
     use crate::arch::fpu::FpuStates;
+    use crate::arch::pcie::Ecam;
     use crate::arch::phys::{phys_slice, FRAMES, PAGE_SIZE};
     use crate::arch::serial::Serial;
+    use crate::arch::vtd::Iommu;
     use crate::arch::{acpi, svm::Svm};
     use crate::machine::Machine;
     use crate::println;
@@ -111,7 +113,7 @@ mod boot_and_run {
             if features.next_rip_save { "yes" } else { "no" }
         );
 
-        report_platform(boot.rsdp);
+        let platform = report_platform(boot.rsdp);
 
         // Physical memory: all RAM below 4 GiB except what is in use.
         let (image_start, image_end) = (&raw const __image_start as u64, &raw const __image_end as u64);
@@ -166,6 +168,8 @@ mod boot_and_run {
         m.svm = svm;
         m.clock = clock;
         let mut k = KERNEL.lock();
+        discover_pci(&mut k, &mut m, &platform);
+        start_iommu(&mut m, &platform);
 
         if let Err(e) = build_dom0(&mut k, &mut m, dom0_image, &boot.cmdline, bundle_range) {
             fail(MachineExit::BadBoot, format_args!("building dom0: {e}"));
@@ -249,6 +253,12 @@ mod boot_and_run {
             [s0, s1, s2, s3],
             [dom0_slots::SELF_DOMAIN, dom0_slots::MEMORY, dom0_slots::SELF_VCPU, dom0_slots::MACHINE]
         );
+        // Then every assignable PCI function, from FIRST_DEVICE on.
+        for dev in 0..k.devices.len() {
+            if k.devices[dev].present {
+                k.grant_original(d, Object::Device(dev as u16), rights::CONTROL | rights::GRANT)?;
+            }
+        }
         k.vcpu_start(v)?;
         Ok(())
     }
@@ -261,6 +271,7 @@ mod boot_and_run {
             if ticks != seen_ticks {
                 seen_ticks = ticks;
                 cpu::check_stack_canary();
+                poll_iommu_faults(m);
                 k.tick(m.clock.now_ns());
             }
             k.schedule();
@@ -316,7 +327,7 @@ mod boot_and_run {
         }
     }
 
-    fn report_platform(rsdp: u64) {
+    fn report_platform(rsdp: u64) -> acpi::Platform {
         let p = match acpi::discover(rsdp) {
             Ok(p) => p,
             Err(e) => fail(MachineExit::BadBoot, format_args!("ACPI: {e}")),
@@ -362,7 +373,77 @@ mod boot_and_run {
             }
         }
         println!("{}", line);
-        let _ = p.local_apic_base;
+        if p.local_apic_base != apic::LAPIC_BASE {
+            fail(
+                MachineExit::BadBoot,
+                format_args!(
+                    "the local APIC is at {:#x}; this microvisor expects it at {:#x}",
+                    p.local_apic_base,
+                    apic::LAPIC_BASE
+                ),
+            );
+        }
+        p
+    }
+
+    /// Turn VT-d on before any domain runs: from now on a device can only DMA where its
+    /// domain's DMA space says.
+    fn start_iommu(m: &mut Machine, platform: &acpi::Platform) {
+        let Some(unit) = platform.dmar.as_ref().and_then(|d| d.units.first()) else {
+            println!("iommu: none: no device will be given to a domain");
+            return;
+        };
+        match Iommu::init(unit.register_base) {
+            Ok(iommu) => {
+                m.iommu = Some(iommu);
+                println!(
+                    "iommu: VT-d at {:#x} on: DMA translation (every device blocked until assigned), interrupt remapping, queued invalidation",
+                    unit.register_base
+                );
+            }
+            Err(why) => fail(MachineExit::BadBoot, format_args!("iommu at {:#x}: {why}", unit.register_base)),
+        }
+    }
+
+    /// Report DMA and interrupt-remapping faults the IOMMU recorded.
+    fn poll_iommu_faults(m: &mut Machine) {
+        let Some(iommu) = m.iommu.as_mut() else { return };
+        while let Some(f) = iommu.poll_fault() {
+            let bdf = microvisor::pci::Bdf::from_requester_id(f.source_id);
+            println!("iommu: blocked DMA from {bdf}: {:?} at {:#x} ({})", f.kind, f.fault_info, f.reason);
+        }
+    }
+
+    /// Find every PCI function through ECAM; endpoints become kernel devices.
+    fn discover_pci(k: &mut Kernel<Npt>, m: &mut Machine, platform: &acpi::Platform) {
+        let Some(ecam) = platform.ecam.and_then(|e| Ecam::new(e.base, e.bus_start, e.bus_end)) else {
+            println!("pci: no reachable ECAM window: no devices can be assigned");
+            return;
+        };
+        let buses = ecam.buses();
+        let mut ecam = ecam;
+        let summary = microvisor::pci::enumerate(&mut ecam, buses, &mut m.functions);
+        m.ecam = Some(ecam);
+        let mut registered = 0;
+        for i in 0..m.functions.len() {
+            let f = &m.functions[i];
+            println!("pci: {}", f);
+            if f.layout() != microvisor::pci::HeaderLayout::Endpoint {
+                continue;
+            }
+            let class = (f.class.base as u32) << 16 | (f.class.sub as u32) << 8 | f.class.prog_if as u32;
+            if let Some(dev) = k.register_device(f.bdf.requester_id(), f.vendor, f.device, class) {
+                m.bind_device(dev, i);
+                registered += 1;
+            }
+        }
+        println!(
+            "pci: {} function(s) on {} bus(es), {} assignable{}",
+            summary.functions_found,
+            summary.buses_scanned,
+            registered,
+            if summary.functions_dropped > 0 { " (some dropped: table full)" } else { "" }
+        );
     }
 
     /// SeaBIOS leaves the 8259 PIC programmed; mask it so no legacy interrupt reaches the

@@ -53,6 +53,7 @@ pub fn stack_machine(manifest: &str, append: &str) -> Machine {
         .unwrap_or_else(|e| panic!("packing {manifest}: {e}"));
     let mut m = Machine::new(&Artifacts { bundle: out, stack, ..a });
     m.append = append.to_string();
+    own_disk(&mut m, &name);
     m
 }
 
@@ -69,7 +70,22 @@ pub fn boot_until(machine: &Machine, wanted: &[&str]) -> Run {
 pub fn machine(append: &str) -> Machine {
     let mut m = Machine::new(&artifacts());
     m.append = append.to_string();
+    own_disk(&mut m, "default");
     m
+}
+
+/// Give a machine with a disk its own fresh image (QEMU locks an image against a second
+/// user, and tests run in parallel): `<temp>/stack-tests-<pid>-<name>/disk.img`.
+fn own_disk(m: &mut Machine, name: &str) {
+    if m.disk.is_some() {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("stack-tests-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("disk.img");
+        let _ = std::fs::remove_file(&path);
+        m.disk = Some(path);
+    }
 }
 
 /// Boot `machine` until QEMU exits (or the timeout).

@@ -4,8 +4,8 @@
 use stack_tests::*;
 
 #[test]
-fn demo_manifest_builds_three_domains_that_all_report_ready() {
-    let m = stack_machine("stacks/demo.toml", "");
+fn ipc_manifest_builds_three_domains_that_all_report_ready() {
+    let m = stack_machine("tests/stacks/ipc.toml", "");
     let run = boot_until(&m, &["[dom0] ready", "[pong] ready", "[ping] ready"]);
     assert!(matches!(run.ending, Ending::Stopped), "the stack did not come up: {:?}\n{}", run.ending, run.console());
     assert_line(&run, "[dom0] started pong: 4 MiB, priority 10");
@@ -51,7 +51,7 @@ fn a_spinning_domain_does_not_starve_equal_priority_ones() {
 
 #[test]
 fn a_domain_that_exits_is_reported_and_destroyed_by_dom0() {
-    let m = stack_machine("stacks/demo.toml", "");
+    let m = stack_machine("tests/stacks/ipc.toml", "");
     let run = boot_until(&m, &["[dom0] destroyed ping: its memory is free again"]);
     assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
     assert_line(&run, "[microvisor] domain ping exited with status 0; its fault handler was told");

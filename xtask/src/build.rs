@@ -14,6 +14,8 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("ipc-server", "domains", "ipc-server"),
     ("rogue", "domains", "rogue"),
     ("spinner", "domains", "spinner"),
+    ("disk-driver", "disk-driver", "disk-driver"),
+    ("demo-guest", "demo-guest", "demo-guest"),
 ];
 
 /// The names manifests may use as `image`.
@@ -41,6 +43,8 @@ pub struct StackInfo {
     pub domains: Vec<String>,
     /// RAM of the machine (QEMU `-m`).
     pub memory_mib: u32,
+    /// Devices the manifest assigns (e.g. `virtio-blk`): QEMU must provide them.
+    pub devices: Vec<String>,
 }
 
 /// Compile every image (release, bare-metal) into `target_dir`; returns the images folder.
@@ -48,7 +52,7 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     crate::setup::ensure_target()?;
     // The microvisor is built on its own: built together with the domains, cargo would
     // unify features and link ipc-spec's allocating manifest code into the microvisor.
-    for packages in [&["microvisor"][..], &["dom0", "domains"][..]] {
+    for packages in [&["microvisor"][..], &["dom0", "domains", "disk-driver", "demo-guest"][..]] {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace_root())
             .args(["build", "--release", "--target", BARE_METAL_TARGET])
@@ -97,6 +101,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
     Ok(StackInfo {
         domains: manifest.domains.iter().map(|d| d.name.clone()).collect(),
         memory_mib: manifest.machine_memory_mib,
+        devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
     })
 }
 

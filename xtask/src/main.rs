@@ -117,6 +117,9 @@ fn run(args: &[String]) -> Result<(), String> {
         if opts.gdb {
             println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
         }
+        if let Some(disk) = &machine.disk {
+            build::ensure_disk(disk)?;
+        }
         println!("xtask: console follows; press Ctrl-A X to quit QEMU");
         let status = machine.interactive_command().status().map_err(|e| format!("could not start QEMU: {e}"))?;
         println!("xtask: QEMU ended: {}", describe_exit(status.code()));

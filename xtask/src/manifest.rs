@@ -316,7 +316,18 @@ server = "pong"
 
     #[test]
     fn demo_stack_is_valid() {
-        let m = load(&default_stack_path(), IMAGES).unwrap();
+        let m = load(&default_stack_path(), &crate::build::known_images()).unwrap();
+        let names: Vec<&str> = m.domains.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["disk", "guest"]);
+        assert_eq!(m.domain("disk").unwrap().device, "virtio-blk");
+        assert_eq!(m.channels[0].kind, ChannelKind::Block);
+        assert_eq!(m.channels[0].size_kib, 1024);
+        assert_eq!(manifest::decode(&pack(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn ipc_stack_is_valid() {
+        let m = load(&crate::workspace_root().join("tests/stacks/ipc.toml"), IMAGES).unwrap();
         assert_eq!(m.machine_memory_mib, 512);
         let names: Vec<&str> = m.domains.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["pong", "ping"]);
@@ -332,11 +343,12 @@ server = "pong"
 
     #[test]
     fn every_stack_in_the_tree_is_valid() {
-        let dir = crate::workspace_root().join("stacks");
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                load(&path, IMAGES).unwrap();
+        for dir in ["stacks", "tests/stacks"] {
+            for entry in std::fs::read_dir(crate::workspace_root().join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    load(&path, &crate::build::known_images()).unwrap();
+                }
             }
         }
     }

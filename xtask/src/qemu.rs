@@ -44,7 +44,13 @@ impl Machine {
             append: String::new(),
             gdb: false,
             extra: Vec::new(),
-            disk: None,
+            // A stack with a disk driver gets the disk image next to its bundle.
+            disk: artifacts
+                .stack
+                .devices
+                .iter()
+                .any(|d| d == "virtio-blk")
+                .then(|| artifacts.bundle.with_file_name("disk.img")),
         }
     }
 
@@ -184,6 +190,9 @@ pub fn run_captured(
     mut stop_when: impl FnMut(&[String]) -> bool,
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
+    if let Some(disk) = &machine.disk {
+        crate::build::ensure_disk(disk)?;
+    }
     let start = Instant::now();
     let mut child: Child = machine.captured_command().spawn().map_err(|e| format!("could not start {QEMU}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout pipe")?;

@@ -5,6 +5,8 @@ pub mod acpi;
 pub mod apic;
 pub mod cpu;
 pub mod fpu;
+pub mod pcie;
 pub mod phys;
 pub mod serial;
 pub mod svm;
+pub mod vtd;

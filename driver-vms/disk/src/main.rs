@@ -1,0 +1,249 @@
+//! The disk driver VM. It owns one virtio-blk PCI function by passthrough (its DMA confined
+//! by the IOMMU to this VM's memory), drives it with the virtio-drivers crate, and serves
+//! guests over block channels. It is untrusted: a crash or a hostile act here must not hurt
+//! the microvisor or any other domain.
+//!
+//! Command line (from dom0): `dev=<slot>` (the device capability), and per block channel
+//! `chan.<name>.region=<gpa>:<bytes> chan.<name>.signal=<slot> chan.<name>.wait=<slot>`.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(not(target_os = "none"))]
+fn main() {}
+
+#[cfg(target_os = "none")]
+mod virtio;
+
+#[cfg(target_os = "none")]
+mod driver {
+    use domain_rt::hypercall::call;
+    use domain_rt::{println, BootInfo};
+    use ipc_spec::Hypercall;
+    use virtio_drivers::device::blk::VirtIOBlk;
+    use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
+    use virtio_drivers::transport::pci::PciTransport;
+
+    use crate::virtio::{AccessPlatform, DriverHal, HypercallConfig};
+
+    domain_rt::domain_main!(main);
+
+    fn arg_slot(info: &BootInfo, key: &str) -> Option<u64> {
+        info.arg(key).and_then(|v| v.parse().ok())
+    }
+
+    fn main(info: &BootInfo) -> u64 {
+        let Some(slot) = arg_slot(info, "dev") else {
+            println!("no device capability on my command line: \"{}\"", info.cmdline);
+            return 1;
+        };
+        let dev = match call(Hypercall::DeviceInfo, slot, [0; 6]) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("DeviceInfo: {e}");
+                return 2;
+            }
+        };
+        let rid = dev.args[0] as u16;
+        let function =
+            DeviceFunction { bus: (rid >> 8) as u8, device: ((rid >> 3) & 31) as u8, function: (rid & 7) as u8 };
+        println!(
+            "device {:02x}:{:02x}.{} vendor {:04x} device {:04x}",
+            function.bus,
+            function.device,
+            function.function,
+            dev.args[1] as u16,
+            (dev.args[1] >> 16) as u16
+        );
+        let mut root = PciRoot::new(HypercallConfig { slot, function });
+        root.set_command(function, Command::MEMORY_SPACE | Command::BUS_MASTER);
+        let transport = match PciTransport::new::<DriverHal, _>(&mut root, function) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("virtio PCI transport: {e}");
+                return 3;
+            }
+        };
+        let mut blk = match VirtIOBlk::<DriverHal, _>::new(AccessPlatform(transport)) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("virtio-blk: {e}");
+                return 4;
+            }
+        };
+        let capacity = blk.capacity();
+        println!(
+            "virtio-blk: {} sectors ({} MiB){}, VIRTIO_F_ACCESS_PLATFORM negotiated",
+            capacity,
+            capacity / 2048,
+            if blk.readonly() { ", read-only" } else { "" }
+        );
+        let mut sector = [0u8; 512];
+        match blk.read_blocks(0, &mut sector) {
+            Ok(()) => println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8]),
+            Err(e) => {
+                println!("reading sector 0: {e}");
+                return 5;
+            }
+        }
+        println!("ready");
+        crate::serve::serve(info, &mut blk)
+    }
+}
+
+#[cfg(target_os = "none")]
+mod serve {
+    extern crate alloc;
+
+    use alloc::vec::Vec;
+
+    use domain_rt::hypercall;
+    use domain_rt::shared::Region;
+    use domain_rt::{println, BootInfo};
+    use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
+    use ipc_spec::ring::RingError;
+    use virtio_drivers::device::blk::VirtIOBlk;
+    use virtio_drivers::transport::pci::PciTransport;
+
+    use crate::virtio::{AccessPlatform, DriverHal};
+
+    type Blk = VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>;
+
+    /// Largest request served at once (64 KiB): one virtio descriptor.
+    const MAX_SECTORS: u32 = 128;
+
+    /// One guest's block channel.
+    struct Channel<'a> {
+        name: &'a str,
+        region: Region,
+        signal: u64,
+        wait: u64,
+        layout: Option<BlockLayout>,
+        /// The guest broke the protocol (corrupt ring): this channel is no longer served.
+        broken: bool,
+    }
+
+    fn channels(info: &BootInfo) -> Vec<Channel<'static>> {
+        let mut list = Vec::new();
+        for word in info.cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else { continue };
+            let Some(name) = key.strip_prefix("chan.").and_then(|k| k.strip_suffix(".region")) else { continue };
+            let Some((base, len)) = Region::parse(value) else { continue };
+            let slot = |suffix: &str| {
+                info.cmdline.split_ascii_whitespace().find_map(|w| {
+                    let (k, v) = w.split_once('=')?;
+                    (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
+                })
+            };
+            let (Some(signal), Some(wait)) = (slot(".signal"), slot(".wait")) else { continue };
+            // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
+            // address and size it put on our command line; nothing else in this VM uses it.
+            let region = unsafe { Region::new(base, len) };
+            list.push(Channel { name, region, signal, wait, layout: None, broken: false });
+        }
+        list
+    }
+
+    /// Serve every block channel: doorbells arrive as one virtual interrupt; each wake-up
+    /// drains every channel's request ring.
+    pub fn serve(info: &BootInfo, blk: &mut Blk) -> u64 {
+        let disk = DiskInfo {
+            capacity_sectors: blk.capacity(),
+            sector_size: 512,
+            max_sectors_per_request: MAX_SECTORS,
+            read_only: blk.readonly(),
+        };
+        let mut chans = channels(info);
+        for c in &chans {
+            if let Err(e) = hypercall::bind(c.wait, domain_rt::irq::VIRQ_VECTOR) {
+                println!("channel {}: binding the doorbell failed: {e}", c.name);
+            }
+            println!("serving block channel \"{}\" ({} KiB shared)", c.name, c.region.len_kib());
+        }
+        if chans.is_empty() {
+            println!("no block channel on my command line");
+        }
+        let mut seen = domain_rt::irq::count();
+        loop {
+            for c in chans.iter_mut() {
+                // Taking the bits clears the doorbell before the rings are read, so a ring
+                // after this point rings again.
+                let _ = hypercall::poll(c.wait);
+                if !c.broken && serve_channel(c, blk, disk) {
+                    let _ = hypercall::signal(c.signal, 1);
+                }
+            }
+            seen = domain_rt::irq::wait_for_virq(seen);
+        }
+    }
+
+    /// Answer what is on the channel's request ring; true if anything was answered.
+    fn serve_channel(c: &mut Channel, blk: &mut Blk, disk: DiskInfo) -> bool {
+        let layout = match c.layout {
+            Some(l) => l,
+            None => match BlockLayout::read(&c.region) {
+                Ok(l) => {
+                    c.layout = Some(l);
+                    l
+                }
+                Err(_) => return false, // not set up by the guest yet
+            },
+        };
+        let (mut requests, mut responses) = match layout.driver_rings(&c.region) {
+            Ok(r) => r,
+            Err(e) => return give_up(c, e),
+        };
+        let mut answered = false;
+        loop {
+            match responses.free() {
+                Ok(0) => break, // the guest must drain responses first
+                Ok(_) => {}
+                Err(e) => return give_up(c, e),
+            }
+            let slot = match requests.pop() {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => return give_up(c, e),
+            };
+            let req = Request::decode(&slot);
+            let resp = match validate(&req, &layout, disk) {
+                Ok(Validated::GetInfo) => Response::info(req.id, disk),
+                Ok(Validated::Flush) => Response::new(req.id, status(blk.flush())),
+                Ok(Validated::Read(t)) => {
+                    // SAFETY: `validate` placed the range inside the shared data area; the
+                    // device DMAs into it directly (the IOMMU maps the region for it). The
+                    // guest may scribble on it meanwhile: that only spoils its own data.
+                    let buf = unsafe {
+                        core::slice::from_raw_parts_mut((c.region.base() + t.data_offset()) as *mut u8, t.data_len())
+                    };
+                    Response::new(req.id, status(blk.read_blocks(t.sector() as usize, buf)))
+                }
+                Ok(Validated::Write(t)) => {
+                    // SAFETY: as for reads; the device reads the buffer by DMA.
+                    let buf = unsafe {
+                        core::slice::from_raw_parts((c.region.base() + t.data_offset()) as *const u8, t.data_len())
+                    };
+                    Response::new(req.id, status(blk.write_blocks(t.sector() as usize, buf)))
+                }
+                Err(s) => Response::new(req.id, s),
+            };
+            if let Err(e) = responses.push(&resp.encode()) {
+                return give_up(c, e);
+            }
+            answered = true;
+        }
+        answered
+    }
+
+    fn status(r: virtio_drivers::Result) -> Status {
+        match r {
+            Ok(()) => Status::Ok,
+            Err(_) => Status::IoError,
+        }
+    }
+
+    /// A corrupt ring: the guest broke the protocol. Stop serving it (other channels go on).
+    fn give_up(c: &mut Channel, e: RingError) -> bool {
+        println!("channel {}: {e}; no longer served", c.name);
+        c.broken = true;
+        false
+    }
+}

@@ -1,0 +1,151 @@
+//! virtio-drivers glue for a driver VM: configuration space through the microvisor's
+//! filtering hypercalls, DMA memory from the driver VM's own RAM (its guest-physical
+//! addresses are what the device sees: the IOMMU maps exactly this VM's memory), and a
+//! transport wrapper that negotiates VIRTIO_F_ACCESS_PLATFORM, without which a device
+//! behind an IOMMU (`iommu_platform=on`) refuses to start.
+
+extern crate alloc;
+
+use core::ptr::NonNull;
+
+use domain_rt::hypercall::call;
+use ipc_spec::Hypercall;
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through the platform's IOMMU.
+const ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// PCI configuration access for the one function this VM owns (capability `slot`).
+#[derive(Clone, Copy)]
+pub struct HypercallConfig {
+    pub slot: u64,
+    pub function: DeviceFunction,
+}
+
+impl ConfigurationAccess for HypercallConfig {
+    fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
+        if df != self.function {
+            return u32::MAX; // no other function exists for this VM
+        }
+        call(Hypercall::PciConfigRead, self.slot, [offset as u64, 4, 0, 0, 0, 0]).map_or(u32::MAX, |r| r.args[0] as u32)
+    }
+
+    fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
+        if df == self.function {
+            let _ = call(Hypercall::PciConfigWrite, self.slot, [offset as u64, 4, data as u64, 0, 0, 0]);
+        }
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        *self
+    }
+}
+
+/// DMA memory and address translation for virtio-drivers in a driver VM. The VM runs on an
+/// identity map of its guest-physical space, so a pointer is its own device address.
+pub struct DriverHal;
+
+// SAFETY: dma_alloc hands out fresh, zeroed, page-aligned heap memory that nothing else
+// aliases until dma_dealloc; addresses are identity-mapped guest-physical addresses, which
+// the IOMMU maps for this VM's device; share/unshare need no bouncing for the same reason.
+unsafe impl Hal for DriverHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = match core::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE) {
+            Ok(l) => l,
+            Err(_) => panic!("DMA allocation of {pages} pages is not a valid layout"),
+        };
+        // SAFETY: the layout has a non-zero size (virtio-drivers asks for at least a page).
+        let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        match NonNull::new(ptr) {
+            Some(p) => (p.as_ptr() as PhysAddr, p),
+            None => panic!("out of heap for {pages} DMA pages"),
+        }
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        if let Ok(layout) = core::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE) {
+            // SAFETY: per the trait contract the block came from dma_alloc with this size.
+            unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), layout) };
+        }
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        // BARs are mapped at their physical addresses, inside our identity map (uncached).
+        match NonNull::new(paddr as *mut u8) {
+            Some(p) => p,
+            None => panic!("BAR at address 0"),
+        }
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+/// A transport that adds VIRTIO_F_ACCESS_PLATFORM to the features the driver accepts.
+pub struct AccessPlatform<T: Transport>(pub T);
+
+impl<T: Transport> Transport for AccessPlatform<T> {
+    fn device_type(&self) -> DeviceType {
+        self.0.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.0.read_device_features()
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        let offered = self.0.read_device_features();
+        self.0.write_driver_features(driver_features | (offered & ACCESS_PLATFORM));
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.0.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.0.notify(queue)
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.0.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.0.set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.0.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.0.requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.0.queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.0.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.0.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.0.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.0.read_config_generation()
+    }
+    fn read_config_space<V: FromBytes + IntoBytes>(&self, offset: usize) -> virtio_drivers::Result<V> {
+        self.0.read_config_space(offset)
+    }
+    fn write_config_space<V: IntoBytes + Immutable>(&mut self, offset: usize, value: V) -> virtio_drivers::Result<()> {
+        self.0.write_config_space(offset, value)
+    }
+}

@@ -1,0 +1,203 @@
+//! The demo guest. It has no device: it reaches the disk through the disk driver VM over a
+//! block channel (a shared region with request and response rings, and a doorbell each
+//! way). At boot it runs a block self-test: a pattern written across many sectors
+//! (including the last one), flushed, read back and checked, and out-of-range requests
+//! that must be refused.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(not(target_os = "none"))]
+fn main() {}
+
+#[cfg(target_os = "none")]
+mod blk;
+
+#[cfg(target_os = "none")]
+mod guest {
+    use domain_rt::shared::Region;
+    use domain_rt::{println, BootInfo};
+    use ipc_spec::block::{pattern, Status};
+
+    use crate::blk::BlockClient;
+
+    domain_rt::domain_main!(main);
+
+    /// Sectors per request in the self-test (64 KiB).
+    const CHUNK: u32 = 128;
+
+    fn main(info: &BootInfo) -> u64 {
+        let Some(mut disk) = connect(info) else {
+            println!("no block channel on my command line: \"{}\"", info.cmdline);
+            println!("ready");
+            return 0;
+        };
+        match self_test(&mut disk) {
+            Ok(summary) => println!("block self-test passed: {summary}"),
+            Err(e) => {
+                println!("block self-test FAILED: {e}");
+                return 1;
+            }
+        }
+        println!("ready");
+        0
+    }
+
+    /// The first block channel: `chan.<name>.region=… .signal=… .wait=…`.
+    fn connect(info: &BootInfo) -> Option<BlockClient> {
+        let (name, spec) = info.cmdline.split_ascii_whitespace().find_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.strip_prefix("chan.")?.strip_suffix(".region")?, v))
+        })?;
+        let slot = |suffix: &str| -> Option<u64> {
+            info.cmdline.split_ascii_whitespace().find_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
+            })
+        };
+        let (base, len) = Region::parse(spec)?;
+        // SAFETY: dom0 mapped this region into our stage-2 for the channel, at the address
+        // and size on our command line; nothing else here uses that memory.
+        let region = unsafe { Region::new(base, len) };
+        match BlockClient::new(region, slot(".signal")?, slot(".wait")?) {
+            Ok(c) => {
+                println!("block channel \"{name}\": {} KiB shared at {base:#x}", len / 1024);
+                Some(c)
+            }
+            Err(e) => {
+                println!("block channel \"{name}\": {e}");
+                None
+            }
+        }
+    }
+
+    struct Failure(&'static str, u64, Status);
+
+    impl core::fmt::Display for Failure {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            write!(f, "{} at sector {}: status {:?}", self.0, self.1, self.2)
+        }
+    }
+
+    fn expect_ok(
+        what: &'static str,
+        sector: u64,
+        r: Result<Status, crate::blk::ClientError>,
+    ) -> Result<(), alloc_free::Error> {
+        match r {
+            Ok(Status::Ok) => Ok(()),
+            Ok(s) => Err(alloc_free::Error::Failure(Failure(what, sector, s))),
+            Err(e) => Err(alloc_free::Error::Client(e)),
+        }
+    }
+
+    mod alloc_free {
+        pub enum Error {
+            Failure(super::Failure),
+            Client(crate::blk::ClientError),
+            Mismatch { sector: u64 },
+            NotRefused { sector: u64, count: u32, status: ipc_spec::block::Status },
+        }
+
+        impl core::fmt::Display for Error {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                match self {
+                    Self::Failure(x) => x.fmt(f),
+                    Self::Client(e) => write!(f, "{e}"),
+                    Self::Mismatch { sector } => write!(f, "sector {sector} read back differs from what was written"),
+                    Self::NotRefused { sector, count, status } => {
+                        write!(f, "out-of-range request at sector {sector} (+{count}) got {status:?}")
+                    }
+                }
+            }
+        }
+    }
+
+    use alloc_free::Error;
+
+    /// Write the pattern to `count` sectors from `first`, in chunks.
+    fn write_run(disk: &mut BlockClient, first: u64, count: u64) -> Result<(), Error> {
+        let data = disk.data_range().start;
+        let mut s = first;
+        while s < first + count {
+            let n = CHUNK.min((first + count - s) as u32);
+            let mut buf = [0u8; 512];
+            for i in 0..n as u64 {
+                pattern(s + i, &mut buf);
+                disk.write_bytes(data + (i as usize) * 512, &buf);
+            }
+            expect_ok("write", s, disk.write(s, n, data))?;
+            s += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Read `count` sectors from `first` back and check the pattern.
+    fn check_run(disk: &mut BlockClient, first: u64, count: u64) -> Result<(), Error> {
+        let data = disk.data_range().start;
+        let mut s = first;
+        while s < first + count {
+            let n = CHUNK.min((first + count - s) as u32);
+            expect_ok("read", s, disk.read(s, n, data))?;
+            let (mut got, mut want) = ([0u8; 512], [0u8; 512]);
+            for i in 0..n as u64 {
+                disk.read_bytes(data + (i as usize) * 512, &mut got);
+                pattern(s + i, &mut want);
+                if got != want {
+                    return Err(Error::Mismatch { sector: s + i });
+                }
+            }
+            s += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The runs the self-test writes: (first sector, count). The tests check the same ones
+    /// in the disk image.
+    fn runs(capacity: u64) -> [(u64, u64); 3] {
+        [(0, 2048), (capacity / 2, 77), (capacity - 1, 1)]
+    }
+
+    fn self_test(disk: &mut BlockClient) -> Result<heapless_summary::Summary, Error> {
+        let info = disk.info().map_err(Error::Client)?;
+        println!(
+            "disk: {} sectors of 512 bytes, up to {} per request",
+            info.capacity_sectors, info.max_sectors_per_request
+        );
+        let cap = info.capacity_sectors;
+        let mut written = 0;
+        for (first, count) in runs(cap) {
+            write_run(disk, first, count)?;
+            written += count;
+        }
+        expect_ok("flush", 0, disk.flush())?;
+        for (first, count) in runs(cap) {
+            check_run(disk, first, count)?;
+        }
+        // Past the end, and straddling it: both must be refused, not served.
+        let data = disk.data_range().start;
+        for (sector, count) in [(cap, 1u32), (cap - 1, 2)] {
+            match disk.read(sector, count, data) {
+                Ok(Status::OutOfRange) => {}
+                Ok(status) => return Err(Error::NotRefused { sector, count, status }),
+                Err(e) => return Err(Error::Client(e)),
+            }
+        }
+        Ok(heapless_summary::Summary { written, last: cap - 1 })
+    }
+
+    mod heapless_summary {
+        pub struct Summary {
+            pub written: u64,
+            pub last: u64,
+        }
+
+        impl core::fmt::Display for Summary {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                write!(
+                    f,
+                    "wrote, flushed, read back and verified {} sectors (the last one, {}, included); out-of-range requests refused",
+                    self.written, self.last
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,1776 @@
+//! PCI configuration space: enumeration at boot, and the filter that stands between a driver VM
+//! and the configuration space of the one function assigned to it.
+//!
+//! The microvisor reaches configuration space through ECAM; the access itself is the caller's
+//! business (trait [`ConfigSpace`]), so everything here is portable and tested against a fake
+//! configuration space.
+//!
+//! # Enumeration ([`enumerate`])
+//!
+//! At boot, every function reachable from the first bus of the given range is read once: ids,
+//! class, header type, BARs (sized with the write-all-ones protocol while the function's decode
+//! bits are off), interrupt pin and the capability list. This is the only time the microvisor
+//! writes BARs; afterwards they are never written again, which is what lets a driver VM map
+//! them at their real addresses (GPA = HPA) and lets the filter answer sizing from memory.
+//!
+//! # Filtering ([`filter_write`], [`filter_read`])
+//!
+//! A driver VM is untrusted: it may do anything the function's BARs allow (they are mapped into
+//! its stage-2 as uncached MMIO, and the IOMMU confines the function's DMA to the VM's RAM), but
+//! configuration space holds things that reach beyond that: where the BARs decode (a moved BAR
+//! could shadow another device or RAM), interrupt routing (MSI address/data), error reporting,
+//! and the extended capabilities (ACS, ATS, SR-IOV, ...). The hypercall therefore goes through
+//! the filter, which works on whole dwords and allows, for a type-0 (endpoint) function:
+//!
+//! | register | write | read |
+//! |---|---|---|
+//! | command (0x04) | only MEMORY_SPACE, BUS_MASTER, INTX_DISABLE change | hardware |
+//! | status (0x06) | dropped | hardware |
+//! | BARs (0x10..0x27) | emulated: all ones starts sizing, anything else ends it | real address, or the size mask while sizing |
+//! | expansion ROM (0x30) | emulated | 0 (no ROM) |
+//! | other header fields | dropped | hardware |
+//! | MSI-X Message Control | only enable (bit 15) and function mask (bit 14) | hardware |
+//! | vendor-specific capability (0x09) body | allowed | hardware |
+//! | rest of 0x40..0xFF (MSI included) | dropped | hardware |
+//! | extended space (0x100..0xFFF) | dropped | hardware |
+//!
+//! Every write is first merged into the hardware dword (read-modify-write) and then masked
+//! with the bits that may change, so a byte outside the allowed bits keeps its hardware value
+//! whatever the access size.
+
+use bitflags::bitflags;
+use core::fmt;
+use core::ops::RangeInclusive;
+use heapless::Vec;
+
+/// Most functions [`enumerate`] records (a q35 machine with a few devices has about a dozen).
+pub const MAX_FUNCTIONS: usize = 64;
+/// Most capabilities recorded per function (virtio-pci has 6 or 7; a longer list is cut).
+pub const MAX_CAPS: usize = 16;
+/// Most capability entries visited in one walk: the number of dword slots in 0x40..0xFF, so a
+/// list without repeats can never be longer and a looping list is cut after one lap.
+pub const MAX_CAP_WALK: usize = 48;
+/// Size of a function's configuration space under ECAM (PCI Express).
+pub const CONFIG_SPACE_SIZE: u16 = 4096;
+/// Size of the conventional (PCI 3.0) configuration space; extended capabilities follow.
+pub const LEGACY_CONFIG_SIZE: u16 = 0x100;
+
+/// Vendor id (u16) and device id (u16).
+pub const REG_ID: u16 = 0x00;
+/// Command register (u16); the status register (u16) is the upper half of the same dword.
+pub const REG_COMMAND: u16 = 0x04;
+/// Status register (u16).
+pub const REG_STATUS: u16 = 0x06;
+/// Revision (u8), then programming interface, subclass and base class.
+pub const REG_CLASS_REV: u16 = 0x08;
+/// Cache line size, latency timer, header type (byte 2) and BIST.
+pub const REG_HEADER: u16 = 0x0C;
+/// First base address register.
+pub const REG_BAR0: u16 = 0x10;
+/// Bus numbers of a PCI-to-PCI bridge (type 1): primary, secondary (byte 1), subordinate.
+pub const REG_BRIDGE_BUSES: u16 = 0x18;
+/// Subsystem vendor id and subsystem id (type 0).
+pub const REG_SUBSYSTEM: u16 = 0x2C;
+/// Expansion ROM base address (type 0).
+pub const REG_ROM_BAR: u16 = 0x30;
+/// Capabilities pointer (byte, type 0 and 1).
+pub const REG_CAP_PTR: u16 = 0x34;
+/// Expansion ROM base address (type 1).
+pub const REG_BRIDGE_ROM_BAR: u16 = 0x38;
+/// Interrupt line (u8), interrupt pin (u8), min grant, max latency.
+pub const REG_INTERRUPT: u16 = 0x3C;
+/// Capabilities pointer of a CardBus bridge (type 2).
+const REG_CARDBUS_CAP_PTR: u16 = 0x14;
+
+/// Status register bit: the function has a capability list.
+pub const STATUS_CAP_LIST: u16 = 1 << 4;
+
+/// Capability id: MSI. Writes are dropped: the microvisor programs interrupts itself, through
+/// interrupt remapping, and never lets the driver choose an interrupt address or vector.
+pub const CAP_MSI: u8 = 0x05;
+/// Capability id: vendor-specific. virtio-pci describes its regions with these and offers a
+/// configuration-space window into its BARs (`VIRTIO_PCI_CAP_PCI_CFG`), so their bodies are
+/// writable.
+pub const CAP_VENDOR: u8 = 0x09;
+/// Capability id: MSI-X. Only the enable and function-mask bits of Message Control are
+/// writable: the table itself lives in a BAR (mapped to the driver), and remapping makes the
+/// addresses written there harmless.
+pub const CAP_MSIX: u8 = 0x11;
+
+/// MSI-X Message Control bits a driver may change: MSI-X enable (15) and function mask (14).
+pub const MSIX_CONTROL_WRITABLE: u16 = (1 << 15) | (1 << 14);
+
+/// Dword slot of the first capability-area register (0x40).
+const CAP_AREA_START: u16 = 0x40;
+
+bitflags! {
+    /// The command register (offset 0x04). Unknown bits are kept.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Command: u16 {
+        /// Respond to I/O space accesses (I/O BARs decode).
+        const IO_SPACE = 1 << 0;
+        /// Respond to memory space accesses (memory BARs decode).
+        const MEMORY_SPACE = 1 << 1;
+        /// The function may issue DMA (and MSI writes).
+        const BUS_MASTER = 1 << 2;
+        /// Monitor special cycles (legacy).
+        const SPECIAL_CYCLES = 1 << 3;
+        /// Memory write and invalidate (legacy).
+        const MWI_ENABLE = 1 << 4;
+        /// VGA palette snooping (legacy).
+        const VGA_PALETTE_SNOOP = 1 << 5;
+        /// Report parity errors.
+        const PARITY_ERROR_RESPONSE = 1 << 6;
+        /// Report system errors (SERR#) to the platform.
+        const SERR_ENABLE = 1 << 8;
+        /// Fast back-to-back transactions (legacy).
+        const FAST_BACK_TO_BACK = 1 << 9;
+        /// Do not assert INTx.
+        const INTX_DISABLE = 1 << 10;
+    }
+}
+
+impl Command {
+    /// The bits a driver VM may change: it needs to turn decoding of its memory BARs, DMA and
+    /// legacy interrupts on and off to run and reset its device. I/O decode stays as the
+    /// microvisor left it (I/O ports are not passed through: every port access exits), and the
+    /// error-reporting bits belong to the platform, not to the driver.
+    pub const DRIVER_WRITABLE: Command = Command::MEMORY_SPACE.union(Command::BUS_MASTER).union(Command::INTX_DISABLE);
+
+    /// The decode bits cleared while BARs are sized, so a BAR holding all ones never decodes.
+    pub const DECODE: Command = Command::IO_SPACE.union(Command::MEMORY_SPACE);
+}
+
+/// Access to configuration space, implemented by the caller (ECAM in the microvisor, an array
+/// in tests). Offsets are dword aligned and below [`CONFIG_SPACE_SIZE`]; an absent function
+/// reads as all ones, as on real hardware.
+pub trait ConfigSpace {
+    /// Read the dword at `offset` of function `bdf`.
+    fn read32(&self, bdf: Bdf, offset: u16) -> u32;
+    /// Write the dword at `offset` of function `bdf`.
+    fn write32(&mut self, bdf: Bdf, offset: u16, value: u32);
+}
+
+/// A PCI function address in segment 0: bus, device (0..32), function (0..8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bdf {
+    /// Bus number.
+    pub bus: u8,
+    /// Device number, 0..32.
+    pub dev: u8,
+    /// Function number, 0..8.
+    pub func: u8,
+}
+
+impl Bdf {
+    /// A function address, or `None` when the device or function number is out of range (they
+    /// would not fit the requester id or ECAM layout).
+    pub const fn new(bus: u8, dev: u8, func: u8) -> Option<Self> {
+        if dev < 32 && func < 8 {
+            Some(Self { bus, dev, func })
+        } else {
+            None
+        }
+    }
+
+    /// The 16-bit requester id (`bus << 8 | dev << 3 | func`) the function puts on its DMA
+    /// requests: the IOMMU's context tables and the interrupt remapping table are indexed by
+    /// it. Out-of-range device and function numbers are masked so they cannot alias into the
+    /// neighbouring field.
+    pub const fn requester_id(self) -> u16 {
+        ((self.bus as u16) << 8) | (((self.dev & 0x1F) as u16) << 3) | ((self.func & 0x7) as u16)
+    }
+
+    /// The function a requester id names (the inverse of [`Bdf::requester_id`]).
+    pub const fn from_requester_id(rid: u16) -> Self {
+        Self { bus: (rid >> 8) as u8, dev: ((rid >> 3) & 0x1F) as u8, func: (rid & 0x7) as u8 }
+    }
+}
+
+impl fmt::Display for Bdf {
+    /// The usual `bus:dev.func` form in hex, e.g. `00:04.0`, as Linux and QEMU print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.dev, self.func)
+    }
+}
+
+/// A base address register as sized at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bar {
+    /// Not implemented (reads back 0 after writing all ones), or a reserved type.
+    #[default]
+    None,
+    /// I/O space: `port` is the first port, `size` a power of two.
+    Io {
+        /// First port.
+        port: u32,
+        /// Size in ports (a power of two).
+        size: u32,
+    },
+    /// 32-bit memory space.
+    Mem32 {
+        /// Base address.
+        addr: u32,
+        /// Size in bytes (a power of two).
+        size: u32,
+        /// Reads have no side effects (may be mapped write-combining; we map it uncached).
+        prefetchable: bool,
+    },
+    /// 64-bit memory space; the next slot holds the upper half and is [`Bar::Mem64Upper`].
+    Mem64 {
+        /// Base address.
+        addr: u64,
+        /// Size in bytes (a power of two).
+        size: u64,
+        /// Reads have no side effects.
+        prefetchable: bool,
+    },
+    /// The upper dword of the 64-bit BAR in the previous slot: not a BAR of its own.
+    Mem64Upper,
+}
+
+impl Bar {
+    /// Memory range `(addr, size)` of a sized memory BAR; `None` for I/O, unimplemented and
+    /// upper-half slots.
+    pub fn mem_range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Bar::Mem32 { addr, size, .. } if size != 0 => Some((u64::from(addr), u64::from(size))),
+            Bar::Mem64 { addr, size, .. } if size != 0 => Some((addr, size)),
+            _ => None,
+        }
+    }
+
+    /// True for a memory BAR that covers whole 4 KiB pages (page-aligned start and size, no
+    /// wrap-around). Stage-2 maps pages, so a smaller BAR would expose whatever else shares its
+    /// page (possibly another function's registers): only such BARs may be mapped into a
+    /// driver VM.
+    pub fn is_page_granular(&self) -> bool {
+        match self.mem_range() {
+            Some((addr, size)) => addr % 4096 == 0 && size % 4096 == 0 && addr.checked_add(size).is_some(),
+            None => false,
+        }
+    }
+}
+
+/// Class code: base class, subclass, programming interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct ClassCode {
+    /// Base class (e.g. 0x01 mass storage, 0x02 network, 0x06 bridge).
+    pub base: u8,
+    /// Subclass.
+    pub sub: u8,
+    /// Programming interface.
+    pub prog_if: u8,
+}
+
+/// Layout of the configuration header (header type without the multi-function bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderLayout {
+    /// Type 0: an endpoint, six BARs. The only layout that can be assigned to a driver VM.
+    Endpoint,
+    /// Type 1: PCI-to-PCI bridge, two BARs and bus numbers.
+    Bridge,
+    /// Type 2: CardBus bridge.
+    CardBus,
+    /// Anything else (reserved).
+    Other(u8),
+}
+
+/// One PCI function as read at boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Function {
+    /// Where it is.
+    pub bdf: Bdf,
+    /// Vendor id.
+    pub vendor: u16,
+    /// Device id.
+    pub device: u16,
+    /// Class code.
+    pub class: ClassCode,
+    /// Revision id.
+    pub revision: u8,
+    /// Header type byte as read (bit 7: multi-function device).
+    pub header_type: u8,
+    /// BARs by slot (only slots 0 and 1 exist for bridges; the rest are `None`).
+    pub bars: [Bar; 6],
+    /// Interrupt pin (0 none, 1..4 INTA..INTD).
+    pub interrupt_pin: u8,
+    /// Capabilities as `(id, offset)`, in list order (at most [`MAX_CAPS`]).
+    pub capabilities: Vec<(u8, u8), MAX_CAPS>,
+    /// For each entry of `capabilities` that is vendor-specific, its length byte (offset 2 of
+    /// the capability); 0 for other capabilities. The filter needs it to know which bytes the
+    /// capability covers.
+    pub vendor_cap_len: [u8; MAX_CAPS],
+}
+
+impl Function {
+    /// The header layout.
+    pub fn layout(&self) -> HeaderLayout {
+        match self.header_type & 0x7F {
+            0 => HeaderLayout::Endpoint,
+            1 => HeaderLayout::Bridge,
+            2 => HeaderLayout::CardBus,
+            other => HeaderLayout::Other(other),
+        }
+    }
+
+    /// True when function 0 of this device says the device has several functions.
+    pub fn is_multi_function(&self) -> bool {
+        self.header_type & 0x80 != 0
+    }
+
+    /// Offset of the first capability with this id.
+    pub fn capability(&self, id: u8) -> Option<u8> {
+        self.capabilities.iter().find(|&&(cid, _)| cid == id).map(|&(_, off)| off)
+    }
+}
+
+impl fmt::Display for Function {
+    /// One boot-log line: `00:01.0 1af4:1042 class 01/00/00`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:04x}:{:04x} class {:02x}/{:02x}/{:02x}",
+            self.bdf, self.vendor, self.device, self.class.base, self.class.sub, self.class.prog_if
+        )
+    }
+}
+
+/// What [`enumerate`] saw, so the boot log can say when something did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EnumerationSummary {
+    /// Buses scanned.
+    pub buses_scanned: usize,
+    /// Functions found, recorded or not.
+    pub functions_found: usize,
+    /// Functions found but not recorded because the output was full ([`MAX_FUNCTIONS`]).
+    pub functions_dropped: usize,
+}
+
+/// A set of bus numbers (one bit per bus).
+#[derive(Default)]
+struct BusSet([u64; 4]);
+
+impl BusSet {
+    fn contains(&self, bus: u8) -> bool {
+        self.0.get(usize::from(bus >> 6)).is_some_and(|w| w & (1 << (bus & 63)) != 0)
+    }
+
+    fn insert(&mut self, bus: u8) {
+        if let Some(w) = self.0.get_mut(usize::from(bus >> 6)) {
+            *w |= 1 << (bus & 63);
+        }
+    }
+
+    fn remove(&mut self, bus: u8) {
+        if let Some(w) = self.0.get_mut(usize::from(bus >> 6)) {
+            *w &= !(1 << (bus & 63));
+        }
+    }
+
+    /// Lowest bus in the set.
+    fn first(&self) -> Option<u8> {
+        self.0.iter().enumerate().find(|(_, &w)| w != 0).map(|(i, w)| (i as u8) * 64 + w.trailing_zeros() as u8)
+    }
+}
+
+/// True when a vendor id read means "no function here": all ones is what an absent function
+/// returns (master abort / unsupported request); 0 is never a valid vendor and some bridges
+/// return it for absent functions.
+fn vendor_absent(vendor: u16) -> bool {
+    vendor == 0xFFFF || vendor == 0
+}
+
+/// Enumerate the functions reachable from bus `buses.start()` into `out` (cleared first), in
+/// bus, device, function order.
+///
+/// Every device's function 0 is probed; functions 1..8 only when function 0's header type has
+/// the multi-function bit (a single-function device may answer on every function number).
+/// A PCI-to-PCI bridge's secondary bus is scanned when it lies inside `buses` and has not
+/// been scanned yet, so misprogrammed bus numbers cannot make the scan loop: at most 256 buses
+/// of 256 functions are read. Bus numbers are the ones firmware assigned; bridges are not
+/// reprogrammed, and root buses not reachable from the first bus are not scanned.
+///
+/// Each recorded function's BARs are sized (see [`read_function`]). Functions that do not fit
+/// into `out` are counted in the summary and left untouched.
+pub fn enumerate(
+    cs: &mut impl ConfigSpace,
+    buses: RangeInclusive<u8>,
+    out: &mut Vec<Function, MAX_FUNCTIONS>,
+) -> EnumerationSummary {
+    out.clear();
+    let mut summary = EnumerationSummary::default();
+    if buses.is_empty() {
+        return summary;
+    }
+    let mut pending = BusSet::default();
+    let mut scanned = BusSet::default();
+    pending.insert(*buses.start());
+
+    while let Some(bus) = pending.first() {
+        pending.remove(bus);
+        scanned.insert(bus);
+        summary.buses_scanned += 1;
+        for dev in 0..32u8 {
+            let mut functions = 1;
+            for func in 0..8u8 {
+                if func >= functions {
+                    break;
+                }
+                let bdf = Bdf { bus, dev, func };
+                let id = cs.read32(bdf, REG_ID);
+                if vendor_absent(id as u16) {
+                    // An absent function 0 means an absent device.
+                    continue;
+                }
+                let header_type = (cs.read32(bdf, REG_HEADER) >> 16) as u8;
+                if func == 0 && header_type & 0x80 != 0 {
+                    functions = 8;
+                }
+                summary.functions_found += 1;
+                if header_type & 0x7F == 1 {
+                    let secondary = (cs.read32(bdf, REG_BRIDGE_BUSES) >> 8) as u8;
+                    if buses.contains(&secondary) && !scanned.contains(secondary) {
+                        pending.insert(secondary);
+                    }
+                }
+                if out.is_full() {
+                    summary.functions_dropped += 1;
+                } else {
+                    // Cannot fail: `out` is not full.
+                    let _ = out.push(read_function(cs, bdf));
+                }
+            }
+        }
+    }
+    summary
+}
+
+/// Read one present function: ids, class, header type, BARs (sized), interrupt pin,
+/// capabilities. Writes to the function only to size its BARs, see [`size_bars`].
+pub fn read_function(cs: &mut impl ConfigSpace, bdf: Bdf) -> Function {
+    let id = cs.read32(bdf, REG_ID);
+    let class_rev = cs.read32(bdf, REG_CLASS_REV);
+    let header_type = (cs.read32(bdf, REG_HEADER) >> 16) as u8;
+    let (bar_count, cap_ptr_reg) = match header_type & 0x7F {
+        0 => (6, Some(REG_CAP_PTR)),
+        1 => (2, Some(REG_CAP_PTR)),
+        2 => (0, Some(REG_CARDBUS_CAP_PTR)),
+        _ => (0, None),
+    };
+    let bars = size_bars(cs, bdf, bar_count);
+    let status = (cs.read32(bdf, REG_COMMAND) >> 16) as u16;
+    let (capabilities, vendor_cap_len) = match cap_ptr_reg {
+        Some(reg) if status & STATUS_CAP_LIST != 0 => walk_capabilities(cs, bdf, cs.read32(bdf, reg) as u8),
+        _ => (Vec::new(), [0; MAX_CAPS]),
+    };
+    Function {
+        bdf,
+        vendor: id as u16,
+        device: (id >> 16) as u16,
+        class: ClassCode {
+            base: (class_rev >> 24) as u8,
+            sub: (class_rev >> 16) as u8,
+            prog_if: (class_rev >> 8) as u8,
+        },
+        revision: class_rev as u8,
+        header_type,
+        bars,
+        interrupt_pin: (cs.read32(bdf, REG_INTERRUPT) >> 8) as u8,
+        capabilities,
+        vendor_cap_len,
+    }
+}
+
+/// Write all ones to a BAR dword, read back which bits stuck, restore the original value.
+fn probe_dword(cs: &mut impl ConfigSpace, bdf: Bdf, offset: u16, original: u32) -> u32 {
+    cs.write32(bdf, offset, u32::MAX);
+    let mask = cs.read32(bdf, offset);
+    cs.write32(bdf, offset, original);
+    mask
+}
+
+/// Size the first `count` BARs (6 for endpoints, 2 for bridges) with the standard protocol:
+/// write all ones, read back the address bits that stuck (the size is the lowest of them),
+/// write the original value back. Only done at boot: afterwards BARs are never written.
+///
+/// While a BAR holds all ones it decodes a bogus range that may overlap RAM or another device,
+/// so the function's I/O and memory decode bits are cleared in the command register for the
+/// duration and restored afterwards (the status half is written as zeros, which leaves its
+/// write-one-to-clear bits alone). A 64-bit BAR's upper dword is sized together with it; a
+/// 64-bit type in the last slot or a reserved type reads as [`Bar::None`].
+pub fn size_bars(cs: &mut impl ConfigSpace, bdf: Bdf, count: usize) -> [Bar; 6] {
+    let mut bars = [Bar::None; 6];
+    let count = count.min(bars.len());
+    if count == 0 {
+        return bars;
+    }
+    let command = cs.read32(bdf, REG_COMMAND) as u16;
+    let decode = command & Command::DECODE.bits();
+    if decode != 0 {
+        cs.write32(bdf, REG_COMMAND, u32::from(command & !decode));
+    }
+
+    let mut slot = 0;
+    while slot < count {
+        let offset = REG_BAR0 + 4 * slot as u16;
+        let original = cs.read32(bdf, offset);
+        let mask = probe_dword(cs, bdf, offset, original);
+        let mut used = 1;
+        let bar = if original & 1 != 0 {
+            // Lowest set bit of the address mask: also right when the upper 16 bits of a
+            // 16-bit I/O decoder read back as zeros.
+            let size = lowest_bit32(mask & !0x3);
+            if size == 0 {
+                Bar::None
+            } else {
+                Bar::Io { port: original & !0x3, size }
+            }
+        } else {
+            let prefetchable = original & 0x8 != 0;
+            match (original >> 1) & 0x3 {
+                // Type 1 is the legacy "below 1 MiB" 32-bit BAR.
+                0 | 1 => match lowest_bit32(mask & !0xF) {
+                    0 => Bar::None,
+                    size => Bar::Mem32 { addr: original & !0xF, size, prefetchable },
+                },
+                2 if slot + 1 < count => {
+                    used = 2;
+                    let original_hi = cs.read32(bdf, offset + 4);
+                    let mask_hi = probe_dword(cs, bdf, offset + 4, original_hi);
+                    let mask64 = (u64::from(mask_hi) << 32) | u64::from(mask & !0xF);
+                    let size = mask64 & mask64.wrapping_neg();
+                    if size == 0 {
+                        Bar::None
+                    } else {
+                        let addr = (u64::from(original_hi) << 32) | u64::from(original & !0xF);
+                        Bar::Mem64 { addr, size, prefetchable }
+                    }
+                }
+                _ => Bar::None,
+            }
+        };
+        if let Some(b) = bars.get_mut(slot) {
+            *b = bar;
+        }
+        if used == 2 {
+            if let Some(b) = bars.get_mut(slot + 1) {
+                *b = Bar::Mem64Upper;
+            }
+        }
+        slot += used;
+    }
+
+    if decode != 0 {
+        cs.write32(bdf, REG_COMMAND, u32::from(command));
+    }
+    bars
+}
+
+/// The lowest set bit of `x` (0 when none).
+fn lowest_bit32(x: u32) -> u32 {
+    x & x.wrapping_neg()
+}
+
+/// Walk the capability list from `first` (the capabilities pointer). A pointer below 0x40 (0
+/// ends the list) or not dword aligned stops the walk, as does an id of 0xFF (the function
+/// went away) or a pointer already visited; at most [`MAX_CAP_WALK`] entries are read and
+/// [`MAX_CAPS`] recorded. Devices are not trusted to have a well-formed list: this runs before
+/// any of them is assigned, but a looping list must not hang the boot.
+pub fn walk_capabilities(cs: &impl ConfigSpace, bdf: Bdf, first: u8) -> (Vec<(u8, u8), MAX_CAPS>, [u8; MAX_CAPS]) {
+    let mut caps: Vec<(u8, u8), MAX_CAPS> = Vec::new();
+    let mut lens = [0u8; MAX_CAPS];
+    // One bit per dword slot of 0x40..0x100: 48 slots.
+    let mut seen: u64 = 0;
+    let mut ptr = first;
+    for _ in 0..MAX_CAP_WALK {
+        if u16::from(ptr) < CAP_AREA_START || ptr & 0x3 != 0 {
+            break;
+        }
+        let slot = (ptr - 0x40) / 4;
+        if seen & (1 << slot) != 0 {
+            break;
+        }
+        seen |= 1 << slot;
+        let header = cs.read32(bdf, u16::from(ptr));
+        let id = header as u8;
+        if id == 0xFF {
+            break;
+        }
+        let index = caps.len();
+        if caps.push((id, ptr)).is_err() {
+            break;
+        }
+        if id == CAP_VENDOR {
+            if let Some(len) = lens.get_mut(index) {
+                *len = (header >> 16) as u8;
+            }
+        }
+        ptr = (header >> 8) as u8;
+    }
+    (caps, lens)
+}
+
+/// Why a configuration access from a driver VM is refused (the hypercall returns an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The size is not 1, 2 or 4 bytes.
+    BadSize,
+    /// The offset is not a multiple of the size (an access must not straddle registers).
+    Unaligned,
+    /// The offset is beyond the 4 KiB configuration space.
+    OutOfRange,
+    /// The function is not a type-0 endpoint: bridges are never assigned to driver VMs.
+    NotEndpoint,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigError::BadSize => "access size is not 1, 2 or 4 bytes",
+            ConfigError::Unaligned => "offset not aligned to the access size",
+            ConfigError::OutOfRange => "offset beyond the 4 KiB configuration space",
+            ConfigError::NotEndpoint => "function is not a type-0 endpoint",
+        })
+    }
+}
+
+/// Check a driver's configuration access: size 1, 2 or 4, offset a multiple of the size (so
+/// the access lies inside one dword and the filter can reason dword by dword), offset below
+/// 4096 (ECAM gives each function 4 KiB; beyond is another function's space).
+pub fn check_access(offset: u16, size: u8) -> Result<(), ConfigError> {
+    if !matches!(size, 1 | 2 | 4) {
+        return Err(ConfigError::BadSize);
+    }
+    if !offset.is_multiple_of(u16::from(size)) {
+        return Err(ConfigError::Unaligned);
+    }
+    if offset >= CONFIG_SPACE_SIZE {
+        return Err(ConfigError::OutOfRange);
+    }
+    Ok(())
+}
+
+/// The per-assignment state the filter keeps: which BARs the driver is sizing. Created when a
+/// function is assigned; a fresh one is created on every (re)assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssignedState {
+    bdf: Bdf,
+    /// Bit i: BAR i last got a write of all ones, so it reads as its size mask.
+    sizing: u8,
+}
+
+impl AssignedState {
+    /// State for assigning `f`. Only endpoints (type 0) can be assigned: a bridge's
+    /// configuration space routes other functions' addresses and bus numbers.
+    pub fn new(f: &Function) -> Result<Self, ConfigError> {
+        if f.layout() == HeaderLayout::Endpoint {
+            Ok(Self { bdf: f.bdf, sizing: 0 })
+        } else {
+            Err(ConfigError::NotEndpoint)
+        }
+    }
+
+    /// The function this state belongs to; the filter refuses to apply it to another one.
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+
+    /// True while BAR `slot` shows its size mask.
+    pub fn is_sizing(&self, slot: usize) -> bool {
+        slot < 6 && self.sizing & (1 << slot) != 0
+    }
+
+    fn set_sizing(&mut self, slot: usize, on: bool) {
+        if slot < 6 {
+            if on {
+                self.sizing |= 1 << slot;
+            } else {
+                self.sizing &= !(1 << slot);
+            }
+        }
+    }
+}
+
+/// What the microvisor does with a driver's configuration write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAction {
+    /// Write this whole dword to hardware.
+    Write {
+        /// Dword-aligned offset.
+        offset: u16,
+        /// The full dword: the hardware value with only the allowed bits taken from the driver.
+        value: u32,
+    },
+    /// Nothing changes (the write is silently ignored, as PCI does for read-only bits).
+    Drop,
+    /// Nothing reaches hardware; the filter's state absorbed the write (BAR sizing).
+    Emulated,
+}
+
+/// Which emulated register a dword of an endpoint's header is.
+enum Emulated {
+    Bar(usize),
+    Rom,
+}
+
+fn emulated_register(f: &Function, dword: u16) -> Option<Emulated> {
+    if f.layout() != HeaderLayout::Endpoint {
+        return None;
+    }
+    match dword {
+        0x10..=0x24 => Some(Emulated::Bar(usize::from((dword - REG_BAR0) / 4))),
+        REG_ROM_BAR => Some(Emulated::Rom),
+        _ => None,
+    }
+}
+
+/// The byte lanes of the dword an access covers.
+fn lane_mask(offset: u16, size: u8) -> u32 {
+    let bits: u32 = match size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => u32::MAX,
+    };
+    bits << (8 * u32::from(offset & 0x3))
+}
+
+/// Start of the next capability after `offset` (or the end of the capability area): a
+/// vendor-specific capability's length is clamped to it, so a bad length byte cannot make
+/// another capability (MSI, MSI-X) writable.
+fn next_capability_start(f: &Function, offset: u16) -> u16 {
+    f.capabilities.iter().map(|&(_, o)| u16::from(o)).filter(|&o| o > offset).min().unwrap_or(LEGACY_CONFIG_SIZE)
+}
+
+/// Bits of the dword at `dword` (0x40..0x100) the driver may change: MSI-X enable and
+/// function mask, and the body of vendor-specific capabilities (all but the id, next and
+/// length bytes, which describe the list the microvisor walked and must stay as they are).
+fn capability_area_mask(f: &Function, dword: u16) -> u32 {
+    let mut mask = 0;
+    for (index, &(id, offset)) in f.capabilities.iter().enumerate() {
+        let offset = u16::from(offset);
+        match id {
+            CAP_MSIX if offset == dword => mask |= u32::from(MSIX_CONTROL_WRITABLE) << 16,
+            CAP_VENDOR => {
+                let len = f.vendor_cap_len.get(index).copied().unwrap_or(0);
+                let start = offset + 3;
+                let end = (offset + u16::from(len)).min(next_capability_start(f, offset)).min(LEGACY_CONFIG_SIZE);
+                for lane in 0..4u16 {
+                    let byte = dword + lane;
+                    if byte >= start && byte < end {
+                        mask |= 0xFF << (8 * lane);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    mask
+}
+
+/// Bits of the (non-emulated) dword at `dword` that a driver may change; 0 means the whole
+/// dword is read-only to it.
+pub fn writable_mask(f: &Function, dword: u16) -> u32 {
+    if f.layout() != HeaderLayout::Endpoint {
+        return 0;
+    }
+    match dword & !0x3 {
+        REG_COMMAND => u32::from(Command::DRIVER_WRITABLE.bits()),
+        d @ CAP_AREA_START..=0xFC => capability_area_mask(f, d),
+        // Ids, class, header type, cache line, latency, BIST, CardBus CIS, subsystem ids,
+        // capabilities pointer, interrupt line and pin (interrupts are routed by the
+        // microvisor), and the extended space (AER, ACS, ATS, SR-IOV: platform policy).
+        _ => 0,
+    }
+}
+
+/// Filter a driver VM's configuration write of `size` bytes at `offset` to function `f`.
+/// `hw_dword` is the current hardware value of the dword holding `offset` (the caller reads
+/// it: [`config_write`] does), into which the written bytes are merged first.
+///
+/// Invalid accesses (see [`check_access`]) and a `state` belonging to another function are
+/// dropped. Otherwise (the table in the module documentation):
+/// - BARs and the ROM BAR are emulated and never written: moving a BAR could make the
+///   function decode over RAM or another device's MMIO, and the driver's stage-2 mapping is
+///   fixed at the boot address. A merged dword of all ones starts sizing (see
+///   [`filter_read`]); any other write ends it.
+/// - Any other dword is written only when some bit the driver touched may change; the value
+///   written is the hardware dword with exactly those bits replaced. For the command dword the
+///   status half is written as zeros: its error bits are write-one-to-clear, so writing back
+///   what was read would clear them.
+pub fn filter_write(
+    f: &Function,
+    state: &mut AssignedState,
+    offset: u16,
+    size: u8,
+    value: u32,
+    hw_dword: u32,
+) -> WriteAction {
+    if check_access(offset, size).is_err() || state.bdf != f.bdf || f.layout() != HeaderLayout::Endpoint {
+        return WriteAction::Drop;
+    }
+    let dword = offset & !0x3;
+    let lanes = lane_mask(offset, size);
+    let written = (hw_dword & !lanes) | ((value << (8 * u32::from(offset & 0x3))) & lanes);
+    match emulated_register(f, dword) {
+        Some(Emulated::Bar(slot)) => {
+            state.set_sizing(slot, written == u32::MAX);
+            WriteAction::Emulated
+        }
+        Some(Emulated::Rom) => WriteAction::Emulated,
+        None => {
+            let allowed = writable_mask(f, dword) & lanes;
+            if allowed == 0 {
+                return WriteAction::Drop;
+            }
+            let mut merged = (hw_dword & !allowed) | (written & allowed);
+            if dword == REG_COMMAND {
+                merged &= 0xFFFF;
+            }
+            WriteAction::Write { offset: dword, value: merged }
+        }
+    }
+}
+
+/// The dword a BAR shows while being sized: the size mask with the type bits, as hardware
+/// would return after a write of all ones. Unimplemented BARs read 0.
+fn sizing_view(bars: &[Bar; 6], slot: usize) -> u32 {
+    match bars.get(slot) {
+        Some(&Bar::Io { size, .. }) => !size.wrapping_sub(1) | 0x1,
+        Some(&Bar::Mem32 { size, prefetchable, .. }) => {
+            (!size.wrapping_sub(1) & !0xF) | if prefetchable { 0x8 } else { 0 }
+        }
+        Some(&Bar::Mem64 { size, prefetchable, .. }) => {
+            (!size.wrapping_sub(1) as u32 & !0xF) | 0x4 | if prefetchable { 0x8 } else { 0 }
+        }
+        Some(Bar::Mem64Upper) => match slot.checked_sub(1).and_then(|s| bars.get(s)) {
+            Some(&Bar::Mem64 { size, .. }) => (!size.wrapping_sub(1) >> 32) as u32,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// What the driver reads for `size` bytes at `offset` of `f`, given the hardware dword
+/// `hw_dword` holding `offset`; the value is right-aligned (a 1-byte read returns 0..=0xFF).
+///
+/// Everything reads as hardware (the driver needs the real BAR addresses, since its mapping is
+/// GPA = HPA, and the real capability contents), except a BAR being sized, which shows its
+/// size mask so the driver's generic sizing code works without the BAR ever moving, and the
+/// expansion ROM BAR, which reads 0 (no ROM: the ROM is not mapped for the driver). An invalid
+/// access or a `state` of another function reads all ones, like an absent function.
+pub fn filter_read(f: &Function, state: &AssignedState, offset: u16, size: u8, hw_dword: u32) -> u32 {
+    if check_access(offset, size).is_err() || state.bdf != f.bdf {
+        return u32::MAX;
+    }
+    let dword = offset & !0x3;
+    let view = match emulated_register(f, dword) {
+        Some(Emulated::Bar(slot)) if state.is_sizing(slot) => sizing_view(&f.bars, slot),
+        Some(Emulated::Rom) => 0,
+        _ => hw_dword,
+    };
+    (view & lane_mask(offset, size)) >> (8 * u32::from(offset & 0x3))
+}
+
+/// The read hypercall: check the access, read the hardware dword, filter it.
+pub fn config_read(
+    cs: &impl ConfigSpace,
+    f: &Function,
+    state: &AssignedState,
+    offset: u16,
+    size: u8,
+) -> Result<u32, ConfigError> {
+    check_access(offset, size)?;
+    let hw = cs.read32(f.bdf, offset & !0x3);
+    Ok(filter_read(f, state, offset, size, hw))
+}
+
+/// The write hypercall: check the access, read the hardware dword, filter, and perform the
+/// resulting write if any. Returns what was done.
+pub fn config_write(
+    cs: &mut impl ConfigSpace,
+    f: &Function,
+    state: &mut AssignedState,
+    offset: u16,
+    size: u8,
+    value: u32,
+) -> Result<WriteAction, ConfigError> {
+    check_access(offset, size)?;
+    let hw = cs.read32(f.bdf, offset & !0x3);
+    let action = filter_write(f, state, offset, size, value, hw);
+    if let WriteAction::Write { offset, value } = action {
+        cs.write32(f.bdf, offset, value);
+    }
+    Ok(action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::boxed::Box;
+    use std::collections::BTreeMap;
+    use std::string::ToString;
+    use std::vec::Vec as StdVec;
+
+    const DWORDS: usize = 1024;
+
+    /// One fake function: register values, which bits are writable, which are
+    /// write-one-to-clear. Unless a test says otherwise every bit is writable, so any write the
+    /// filter lets through shows up.
+    #[derive(Clone)]
+    struct FakeFn {
+        regs: Box<[u32; DWORDS]>,
+        wmask: Box<[u32; DWORDS]>,
+        w1c: Box<[u32; DWORDS]>,
+    }
+
+    impl FakeFn {
+        fn new(vendor: u16, device: u16, class: u32, revision: u8, header_type: u8) -> Self {
+            let mut f =
+                FakeFn { regs: Box::new([0; DWORDS]), wmask: Box::new([u32::MAX; DWORDS]), w1c: Box::new([0; DWORDS]) };
+            f.regs[0] = u32::from(vendor) | u32::from(device) << 16;
+            f.regs[2] = class << 8 | u32::from(revision);
+            f.regs[3] = u32::from(header_type) << 16;
+            // Status: bits 15..11 and 8 are RW1C, the rest read-only; command writable.
+            f.wmask[1] = 0x0000_FFFF;
+            f.w1c[1] = 0xF900_0000;
+            // No BARs, no ROM until set.
+            for i in 4..10 {
+                f.wmask[i] = 0;
+            }
+            f.wmask[12] = 0;
+            f
+        }
+
+        fn command(mut self, command: u16, status: u16) -> Self {
+            self.regs[1] = u32::from(command) | u32::from(status) << 16;
+            self
+        }
+
+        fn interrupt(mut self, line: u8, pin: u8) -> Self {
+            self.regs[15] = u32::from(line) | u32::from(pin) << 8;
+            self
+        }
+
+        fn bar32(mut self, slot: usize, addr: u32, size: u32, prefetchable: bool) -> Self {
+            self.regs[4 + slot] = addr | if prefetchable { 0x8 } else { 0 };
+            self.wmask[4 + slot] = !(size - 1);
+            self
+        }
+
+        fn bar64(mut self, slot: usize, addr: u64, size: u64, prefetchable: bool) -> Self {
+            let mask = !(size - 1);
+            self.regs[4 + slot] = addr as u32 | 0x4 | if prefetchable { 0x8 } else { 0 };
+            self.regs[5 + slot] = (addr >> 32) as u32;
+            self.wmask[4 + slot] = mask as u32 & !0xF;
+            self.wmask[5 + slot] = (mask >> 32) as u32;
+            self
+        }
+
+        fn io(mut self, slot: usize, port: u32, size: u32) -> Self {
+            self.regs[4 + slot] = port | 0x1;
+            // A 16-bit decoder: the upper half reads back as zeros.
+            self.wmask[4 + slot] = !(size - 1) & 0xFFFC;
+            self
+        }
+
+        fn bridge_buses(mut self, primary: u8, secondary: u8, subordinate: u8) -> Self {
+            self.regs[6] = u32::from(primary) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
+            self.wmask[6] = 0;
+            self
+        }
+
+        /// Chain capabilities `(id, offset, byte 2, byte 3)` in the given order.
+        fn caps(mut self, caps: &[(u8, u8, u8, u8)]) -> Self {
+            self.regs[1] |= u32::from(STATUS_CAP_LIST) << 16;
+            self.regs[13] = caps.first().map_or(0, |c| u32::from(c.1));
+            for (i, &(id, off, b2, b3)) in caps.iter().enumerate() {
+                let next = caps.get(i + 1).map_or(0, |c| c.1);
+                self.regs[usize::from(off) / 4] =
+                    u32::from(id) | u32::from(next) << 8 | u32::from(b2) << 16 | u32::from(b3) << 24;
+            }
+            self
+        }
+
+        fn set(mut self, offset: u16, value: u32) -> Self {
+            self.regs[usize::from(offset) / 4] = value;
+            self
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeCs {
+        fns: BTreeMap<Bdf, FakeFn>,
+        writes: StdVec<(Bdf, u16, u32)>,
+    }
+
+    impl FakeCs {
+        fn with(mut self, bus: u8, dev: u8, func: u8, f: FakeFn) -> Self {
+            self.fns.insert(Bdf { bus, dev, func }, f);
+            self
+        }
+
+        fn reg(&self, bdf: Bdf, offset: u16) -> u32 {
+            self.fns[&bdf].regs[usize::from(offset) / 4]
+        }
+    }
+
+    impl ConfigSpace for FakeCs {
+        fn read32(&self, bdf: Bdf, offset: u16) -> u32 {
+            assert_eq!(offset % 4, 0, "unaligned dword read");
+            assert!(offset < CONFIG_SPACE_SIZE);
+            self.fns.get(&bdf).map_or(u32::MAX, |f| f.regs[usize::from(offset) / 4])
+        }
+
+        fn write32(&mut self, bdf: Bdf, offset: u16, value: u32) {
+            assert_eq!(offset % 4, 0, "unaligned dword write");
+            assert!(offset < CONFIG_SPACE_SIZE);
+            self.writes.push((bdf, offset, value));
+            if let Some(f) = self.fns.get_mut(&bdf) {
+                let i = usize::from(offset) / 4;
+                let old = f.regs[i];
+                f.regs[i] = ((old & !f.wmask[i]) | (value & f.wmask[i])) & !(value & f.w1c[i]);
+            }
+        }
+    }
+
+    const VIRTIO: Bdf = Bdf { bus: 0, dev: 1, func: 0 };
+    const AHCI: Bdf = Bdf { bus: 0, dev: 0x1f, func: 2 };
+    const VIRTIO_COMMAND: u16 = 0x0147; // IO, MEM, BM, parity response, SERR
+    const VIRTIO_STATUS: u16 = 0x2010; // received master abort (RW1C), capability list
+    const BAR1_ADDR: u32 = 0xFEBD_1000;
+    const BAR4_ADDR: u64 = 0x8_0000_0000;
+
+    /// virtio-blk (modern) as QEMU lays it out: MSI-X at 0x98, then the virtio vendor
+    /// capabilities (PCI_CFG at 0x84, NOTIFY at 0x70, DEVICE at 0x60, ISR at 0x50, COMMON at
+    /// 0x40).
+    fn virtio_blk() -> FakeFn {
+        FakeFn::new(0x1af4, 0x1042, 0x01_00_00, 1, 0)
+            .command(VIRTIO_COMMAND, VIRTIO_STATUS)
+            .interrupt(11, 1)
+            .set(REG_SUBSYSTEM, 0x0002_1af4)
+            .bar32(1, BAR1_ADDR, 4096, false)
+            .bar64(4, BAR4_ADDR, 16384, true)
+            .caps(&[
+                (CAP_MSIX, 0x98, 0x02, 0x00), // table size 3
+                (CAP_VENDOR, 0x84, 20, 5),    // VIRTIO_PCI_CAP_PCI_CFG
+                (CAP_VENDOR, 0x70, 20, 2),    // notify
+                (CAP_VENDOR, 0x60, 16, 4),    // device
+                (CAP_VENDOR, 0x50, 16, 3),    // ISR
+                (CAP_VENDOR, 0x40, 16, 1),    // common
+            ])
+            .set(0x9C, 0x0000_0001) // MSI-X table in BAR1 at 0
+            .set(0xA0, 0x0000_0801) // PBA in BAR1 at 0x800
+            .set(0x94, 0x1234_5678) // pci_cfg_data
+    }
+
+    /// A q35-like bus 0 without bridges: host bridge, virtio-blk, a single-function NIC that
+    /// also answers on function 1, and the ICH9 multi-function device at 1f (functions 0, 2,
+    /// 3). A function on bus 1 is unreachable (no bridge leads there).
+    fn machine() -> FakeCs {
+        FakeCs::default()
+            .with(0, 0, 0, FakeFn::new(0x8086, 0x29c0, 0x06_00_00, 0, 0))
+            .with(0, 1, 0, virtio_blk())
+            .with(
+                0,
+                3,
+                0,
+                FakeFn::new(0x8086, 0x10d3, 0x02_00_00, 0, 0)
+                    .command(0x0003, 0)
+                    .bar32(0, 0xFEB8_0000, 128 * 1024, false)
+                    .io(2, 0xC000, 32)
+                    .interrupt(10, 1),
+            )
+            .with(0, 3, 1, FakeFn::new(0x8086, 0x10d3, 0x02_00_00, 0, 0))
+            .with(0, 0x1f, 0, FakeFn::new(0x8086, 0x2918, 0x06_01_00, 2, 0x80))
+            .with(
+                0,
+                0x1f,
+                2,
+                FakeFn::new(0x8086, 0x2922, 0x01_06_01, 2, 0)
+                    .command(0x0007, 0)
+                    .io(4, 0xC080, 32)
+                    .bar32(5, 0xFEBD_2000, 4096, false)
+                    .interrupt(10, 1)
+                    .caps(&[(CAP_MSI, 0x80, 0x80, 0x00), (0x12, 0xA8, 0x10, 0x00)]),
+            )
+            .with(0, 0x1f, 3, FakeFn::new(0x8086, 0x2930, 0x0c_05_00, 2, 0).io(4, 0x0700, 64).interrupt(10, 1))
+            .with(1, 0, 0, FakeFn::new(0x1b36, 0x0001, 0x06_00_00, 0, 0))
+    }
+
+    fn enumerate_all(cs: &mut FakeCs) -> (Vec<Function, MAX_FUNCTIONS>, EnumerationSummary) {
+        let mut out = Vec::new();
+        let summary = enumerate(cs, 0..=255, &mut out);
+        (out, summary)
+    }
+
+    fn find(fns: &[Function], bdf: Bdf) -> Function {
+        fns.iter().find(|f| f.bdf == bdf).cloned().expect("function enumerated")
+    }
+
+    fn virtio_function() -> (FakeCs, Function) {
+        let mut cs = machine();
+        let (fns, _) = enumerate_all(&mut cs);
+        let f = find(&fns, VIRTIO);
+        cs.writes.clear();
+        (cs, f)
+    }
+
+    fn caps_of(list: &[(u8, u8)]) -> Vec<(u8, u8), MAX_CAPS> {
+        list.iter().copied().collect()
+    }
+
+    #[test]
+    fn bdf_requester_id_and_display() {
+        let b = Bdf { bus: 0, dev: 4, func: 0 };
+        assert_eq!(b.to_string(), "00:04.0");
+        assert_eq!(b.requester_id(), 0x20);
+        let b = Bdf { bus: 0xab, dev: 0x1f, func: 7 };
+        assert_eq!(b.to_string(), "ab:1f.7");
+        assert_eq!(b.requester_id(), 0xabff);
+        assert_eq!(Bdf::from_requester_id(0xabff), b);
+        assert_eq!(Bdf::new(0, 32, 0), None);
+        assert_eq!(Bdf::new(0, 0, 8), None);
+        assert_eq!(Bdf::new(1, 2, 3), Some(Bdf { bus: 1, dev: 2, func: 3 }));
+        // Out-of-range fields do not spill into the neighbours.
+        assert_eq!(Bdf { bus: 0, dev: 0xff, func: 0xff }.requester_id(), 0x00ff);
+    }
+
+    #[test]
+    fn enumerates_a_bridgeless_bus_in_order() {
+        let mut cs = machine();
+        let (fns, summary) = enumerate_all(&mut cs);
+        let bdfs: StdVec<_> = fns.iter().map(|f| f.bdf.to_string()).collect();
+        // 00:03.1 is a ghost of a single-function device; 01:00.0 is behind no bridge.
+        assert_eq!(bdfs, ["00:00.0", "00:01.0", "00:03.0", "00:1f.0", "00:1f.2", "00:1f.3"]);
+        assert_eq!(summary, EnumerationSummary { buses_scanned: 1, functions_found: 6, functions_dropped: 0 });
+    }
+
+    #[test]
+    fn virtio_blk_is_described_completely() {
+        let (_, f) = virtio_function();
+        let expected = Function {
+            bdf: VIRTIO,
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: ClassCode { base: 1, sub: 0, prog_if: 0 },
+            revision: 1,
+            header_type: 0,
+            bars: [
+                Bar::None,
+                Bar::Mem32 { addr: BAR1_ADDR, size: 4096, prefetchable: false },
+                Bar::None,
+                Bar::None,
+                Bar::Mem64 { addr: BAR4_ADDR, size: 16384, prefetchable: true },
+                Bar::Mem64Upper,
+            ],
+            interrupt_pin: 1,
+            capabilities: caps_of(&[
+                (CAP_MSIX, 0x98),
+                (CAP_VENDOR, 0x84),
+                (CAP_VENDOR, 0x70),
+                (CAP_VENDOR, 0x60),
+                (CAP_VENDOR, 0x50),
+                (CAP_VENDOR, 0x40),
+            ]),
+            vendor_cap_len: [0, 20, 20, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        assert_eq!(f, expected);
+        assert_eq!(f.layout(), HeaderLayout::Endpoint);
+        assert!(!f.is_multi_function());
+        assert_eq!(f.capability(CAP_MSIX), Some(0x98));
+        assert_eq!(f.capability(CAP_VENDOR), Some(0x84));
+        assert_eq!(f.capability(CAP_MSI), None);
+        assert_eq!(f.to_string(), "00:01.0 1af4:1042 class 01/00/00");
+        assert_eq!(f.bars[1].mem_range(), Some((0xFEBD_1000, 4096)));
+        assert_eq!(f.bars[4].mem_range(), Some((BAR4_ADDR, 16384)));
+        assert!(f.bars[1].is_page_granular() && f.bars[4].is_page_granular());
+        assert_eq!(f.bars[5].mem_range(), None);
+    }
+
+    #[test]
+    fn multi_function_device_io_bars_and_msi() {
+        let mut cs = machine();
+        let (fns, _) = enumerate_all(&mut cs);
+        let lpc = find(&fns, Bdf { bus: 0, dev: 0x1f, func: 0 });
+        assert!(lpc.is_multi_function());
+        assert_eq!(lpc.class, ClassCode { base: 6, sub: 1, prog_if: 0 });
+        assert_eq!(lpc.bars, [Bar::None; 6]);
+        let ahci = find(&fns, AHCI);
+        assert_eq!(ahci.class, ClassCode { base: 1, sub: 6, prog_if: 1 });
+        assert_eq!(ahci.revision, 2);
+        assert_eq!(ahci.bars[4], Bar::Io { port: 0xC080, size: 32 });
+        assert_eq!(ahci.bars[5], Bar::Mem32 { addr: 0xFEBD_2000, size: 4096, prefetchable: false });
+        assert_eq!(ahci.capabilities, caps_of(&[(CAP_MSI, 0x80), (0x12, 0xA8)]));
+        assert_eq!(ahci.vendor_cap_len, [0; MAX_CAPS]);
+        let smbus = find(&fns, Bdf { bus: 0, dev: 0x1f, func: 3 });
+        assert_eq!(smbus.bars[4], Bar::Io { port: 0x0700, size: 64 });
+        assert!(smbus.capabilities.is_empty());
+        let nic = find(&fns, Bdf { bus: 0, dev: 3, func: 0 });
+        assert_eq!(nic.bars[0], Bar::Mem32 { addr: 0xFEB8_0000, size: 128 * 1024, prefetchable: false });
+        assert_eq!(nic.bars[2], Bar::Io { port: 0xC000, size: 32 });
+        assert_eq!(nic.bars[0].mem_range(), Some((0xFEB8_0000, 0x20000)));
+        assert_eq!(nic.bars[2].mem_range(), None);
+        assert!(!nic.bars[2].is_page_granular());
+    }
+
+    #[test]
+    fn sizing_restores_bars_and_command_and_keeps_status() {
+        let before = machine();
+        let mut cs = before.clone();
+        let _ = enumerate_all(&mut cs);
+        for (bdf, f) in &before.fns {
+            assert_eq!(&f.regs[..], &cs.fns[bdf].regs[..], "{bdf} changed by enumeration");
+        }
+        // The virtio function's writes: decode off, size each BAR with decode off, restore.
+        let writes: StdVec<_> = cs.writes.iter().filter(|w| w.0 == VIRTIO).map(|w| (w.1, w.2)).collect();
+        let cmd_off = u32::from(VIRTIO_COMMAND & !Command::DECODE.bits());
+        assert_eq!(writes.first(), Some(&(REG_COMMAND, cmd_off)));
+        assert_eq!(writes.last(), Some(&(REG_COMMAND, u32::from(VIRTIO_COMMAND))));
+        assert_eq!(writes.iter().filter(|w| w.0 == REG_COMMAND).count(), 2);
+        let bar_writes: StdVec<_> = writes[1..writes.len() - 1].to_vec();
+        assert_eq!(bar_writes.len(), 12, "each of the six BAR dwords: all ones, then restore");
+        for pair in bar_writes.chunks(2) {
+            assert_eq!(pair[0].0, pair[1].0);
+            assert_eq!(pair[0].1, u32::MAX);
+            assert_eq!(pair[1].1, before.reg(VIRTIO, pair[0].0));
+        }
+        // The RW1C status bit survived (the command writes carry zeros in the status half).
+        assert_eq!(cs.reg(VIRTIO, REG_COMMAND) >> 16, u32::from(VIRTIO_STATUS));
+        // A function with decode already off sees no command write at all.
+        let smbus = Bdf { bus: 0, dev: 0x1f, func: 3 };
+        assert!(cs.writes.iter().filter(|w| w.0 == smbus).all(|w| w.1 != REG_COMMAND));
+        // A function with decode off and no BARs only sees the probes of its BAR slots.
+        let host = Bdf { bus: 0, dev: 0, func: 0 };
+        assert!(cs.writes.iter().filter(|w| w.0 == host).all(|w| (REG_BAR0..0x28).contains(&w.1)));
+        // Nothing but BAR slots and the command register is ever written.
+        assert!(cs.writes.iter().all(|w| (REG_BAR0..0x28).contains(&w.1) || w.1 == REG_COMMAND));
+    }
+
+    #[test]
+    fn bars_of_unusual_types() {
+        let cs = FakeCs::default().with(
+            0,
+            0,
+            0,
+            FakeFn::new(1, 2, 0, 0, 0)
+                .bar64(5, 0x1000_0000, 4096, false) // 64-bit type in the last slot
+                .bar32(0, 0xE000_0000, 1 << 20, true)
+                .set(0x14, 0x6) // reserved memory type 3
+                .set(0x18, 0x2), // legacy below-1 MiB type
+        );
+        let mut cs = cs;
+        cs.fns.get_mut(&Bdf { bus: 0, dev: 0, func: 0 }).unwrap().wmask[6] = 0xFFFF_F000;
+        let bars = size_bars(&mut cs, Bdf { bus: 0, dev: 0, func: 0 }, 6);
+        assert_eq!(bars[0], Bar::Mem32 { addr: 0xE000_0000, size: 1 << 20, prefetchable: true });
+        assert_eq!(bars[1], Bar::None);
+        assert_eq!(bars[2], Bar::Mem32 { addr: 0, size: 4096, prefetchable: false });
+        assert_eq!(bars[5], Bar::None);
+        // Bridges have two BAR slots only; counts beyond six are clamped.
+        assert_eq!(size_bars(&mut cs, Bdf { bus: 0, dev: 0, func: 0 }, 99)[0], bars[0]);
+        assert_eq!(size_bars(&mut cs, Bdf { bus: 0, dev: 0, func: 0 }, 0), [Bar::None; 6]);
+        // An unimplemented 64-bit BAR still consumes the upper slot.
+        let mut cs = FakeCs::default().with(0, 0, 0, FakeFn::new(1, 2, 0, 0, 0).set(0x10, 0x4));
+        let bars = size_bars(&mut cs, Bdf { bus: 0, dev: 0, func: 0 }, 6);
+        assert_eq!(bars[..2], [Bar::None, Bar::Mem64Upper]);
+        // A BAR smaller than a page is not page granular.
+        assert!(!Bar::Mem32 { addr: 0x1000, size: 256, prefetchable: false }.is_page_granular());
+        assert!(!Bar::Mem32 { addr: 0x1800, size: 4096, prefetchable: false }.is_page_granular());
+        assert!(!Bar::Mem64 { addr: u64::MAX - 4095, size: 8192, prefetchable: false }.is_page_granular());
+    }
+
+    #[test]
+    fn bridges_are_followed_within_range_and_without_loops() {
+        let mut cs = FakeCs::default()
+            .with(0, 0, 0, FakeFn::new(0x8086, 0x29c0, 0x06_00_00, 0, 0))
+            .with(0, 0x1c, 0, FakeFn::new(0x1b36, 0x000c, 0x06_04_00, 0, 0x01).bridge_buses(0, 2, 2))
+            .with(0, 0x1d, 0, FakeFn::new(0x1b36, 0x000c, 0x06_04_00, 0, 0x01).bridge_buses(0, 0, 0))
+            .with(0, 0x1e, 0, FakeFn::new(0x1b36, 0x000c, 0x06_04_00, 0, 0x01).bridge_buses(0, 9, 9))
+            .with(2, 0, 0, FakeFn::new(0x1af4, 0x1041, 0x02_00_00, 1, 0).bar32(1, 0xFE00_0000, 4096, false))
+            .with(2, 1, 0, FakeFn::new(0x1b36, 0x000c, 0x06_04_00, 0, 0x01).bridge_buses(2, 2, 2))
+            .with(9, 0, 0, FakeFn::new(0x1af4, 0x1042, 0x01_00_00, 1, 0));
+        let mut out = Vec::new();
+        let summary = enumerate(&mut cs, 0..=4, &mut out);
+        let bdfs: StdVec<_> = out.iter().map(|f| f.bdf.to_string()).collect();
+        assert_eq!(bdfs, ["00:00.0", "00:1c.0", "00:1d.0", "00:1e.0", "02:00.0", "02:01.0"]);
+        assert_eq!(summary.buses_scanned, 2);
+        assert_eq!(out[1].layout(), HeaderLayout::Bridge);
+        assert_eq!(out[4].bars[1], Bar::Mem32 { addr: 0xFE00_0000, size: 4096, prefetchable: false });
+        // Starting elsewhere scans from that bus; an empty range scans nothing.
+        let summary = enumerate(&mut cs, 2..=2, &mut out);
+        assert_eq!((summary.buses_scanned, out.len()), (1, 2));
+        #[allow(clippy::reversed_empty_ranges)]
+        let summary = enumerate(&mut cs, 3..=2, &mut out);
+        assert_eq!((summary, out.len()), (EnumerationSummary::default(), 0));
+    }
+
+    #[test]
+    fn output_overflow_is_counted_not_fatal() {
+        let mut cs = FakeCs::default();
+        for dev in 0..9 {
+            cs = cs.with(0, dev, 0, FakeFn::new(0x8086, 0x1000, 0x02_00_00, 0, 0x80));
+            for func in 1..8 {
+                cs = cs.with(0, dev, func, FakeFn::new(0x8086, 0x1000, 0x02_00_00, 0, 0));
+            }
+        }
+        let (fns, summary) = enumerate_all(&mut cs);
+        assert_eq!(fns.len(), MAX_FUNCTIONS);
+        assert_eq!(summary, EnumerationSummary { buses_scanned: 1, functions_found: 72, functions_dropped: 8 });
+    }
+
+    #[test]
+    fn vendor_zero_is_absent() {
+        let mut cs = FakeCs::default().with(0, 0, 0, FakeFn::new(0, 0, 0, 0, 0));
+        assert!(enumerate_all(&mut cs).0.is_empty());
+    }
+
+    fn caps_fn(first: u8, entries: &[(u8, u32)]) -> FakeCs {
+        let mut f = FakeFn::new(1, 2, 0, 0, 0).command(0, STATUS_CAP_LIST).set(REG_CAP_PTR, u32::from(first));
+        for &(off, v) in entries {
+            f = f.set(u16::from(off), v);
+        }
+        FakeCs::default().with(0, 0, 0, f)
+    }
+
+    fn walk(cs: &FakeCs) -> StdVec<(u8, u8)> {
+        let mut cs = cs.clone();
+        enumerate_all(&mut cs).0[0].capabilities.iter().copied().collect()
+    }
+
+    #[test]
+    fn capability_walk_terminates_on_loops_and_bad_pointers() {
+        // 0x40 -> 0x50 -> 0x40 -> ...
+        let looping = caps_fn(0x40, &[(0x40, 0x0000_5005), (0x50, 0x0000_4011)]);
+        assert_eq!(walk(&looping), [(0x05, 0x40), (0x11, 0x50)]);
+        // A capability pointing at itself.
+        assert_eq!(walk(&caps_fn(0x60, &[(0x60, 0x0000_6009)])), [(0x09, 0x60)]);
+        // Unaligned, below 0x40, and 0xFF ids stop the walk.
+        assert_eq!(walk(&caps_fn(0x40, &[(0x40, 0x0000_5105)])), [(0x05, 0x40)]);
+        assert_eq!(walk(&caps_fn(0x41, &[(0x40, 0x0000_0005)])), []);
+        assert_eq!(walk(&caps_fn(0x3C, &[])), []);
+        assert_eq!(walk(&caps_fn(0x40, &[(0x40, 0x0000_5005), (0x50, 0xFFFF_FFFF)])), [(0x05, 0x40)]);
+        // Without the status bit the pointer is not followed.
+        let mut no_list = caps_fn(0x40, &[(0x40, 0x0000_0005)]);
+        no_list.fns.values_mut().for_each(|f| f.regs[1] = 0);
+        assert_eq!(walk(&no_list), []);
+        // A list of all 48 slots is cut at MAX_CAPS.
+        let all: StdVec<(u8, u32)> = (0..48u32)
+            .map(|i| ((0x40 + 4 * i) as u8, if i == 47 { 0x09 } else { (0x44 + 4 * i) << 8 | 0x09 }))
+            .collect();
+        let caps = walk(&caps_fn(0x40, &all));
+        assert_eq!(caps.len(), MAX_CAPS);
+        assert_eq!(caps[15], (0x09, 0x7C));
+    }
+
+    #[test]
+    fn check_access_rules() {
+        assert_eq!(check_access(0, 4), Ok(()));
+        assert_eq!(check_access(0xFFC, 4), Ok(()));
+        assert_eq!(check_access(0xFFF, 1), Ok(()));
+        assert_eq!(check_access(0xFFE, 2), Ok(()));
+        assert_eq!(check_access(0, 3), Err(ConfigError::BadSize));
+        assert_eq!(check_access(0, 8), Err(ConfigError::BadSize));
+        assert_eq!(check_access(0, 0), Err(ConfigError::BadSize));
+        assert_eq!(check_access(2, 4), Err(ConfigError::Unaligned));
+        assert_eq!(check_access(1, 2), Err(ConfigError::Unaligned));
+        assert_eq!(check_access(0x1000, 4), Err(ConfigError::OutOfRange));
+        assert_eq!(check_access(0xFFFF, 1), Err(ConfigError::OutOfRange));
+        assert_eq!(ConfigError::Unaligned.to_string(), "offset not aligned to the access size");
+    }
+
+    #[test]
+    fn only_endpoints_can_be_assigned() {
+        let mut cs = FakeCs::default().with(0, 0, 0, FakeFn::new(1, 2, 0x06_04_00, 0, 1).bridge_buses(0, 1, 1));
+        let bridge = enumerate_all(&mut cs).0[0].clone();
+        assert_eq!(AssignedState::new(&bridge), Err(ConfigError::NotEndpoint));
+        assert_eq!(writable_mask(&bridge, REG_COMMAND), 0);
+        let (_, f) = virtio_function();
+        let mut state = AssignedState::new(&f).unwrap();
+        assert_eq!(state.bdf(), VIRTIO);
+        // A state used with another function filters nothing through.
+        let mut other = f.clone();
+        other.bdf = AHCI;
+        assert_eq!(filter_write(&other, &mut state, 4, 2, 0xFFFF, 0), WriteAction::Drop);
+        assert_eq!(filter_read(&other, &state, 0, 4, 0x1234), u32::MAX);
+        // So does a function whose header changed after the state was made.
+        let mut changed = f.clone();
+        changed.header_type = 1;
+        assert_eq!(filter_write(&changed, &mut state, 4, 2, 0xFFFF, 0), WriteAction::Drop);
+        // Invalid accesses are dropped / read as all ones even without the wrappers.
+        assert_eq!(filter_write(&f, &mut state, 5, 2, 0xFFFF, 0), WriteAction::Drop);
+        assert_eq!(filter_read(&f, &state, 5, 2, 0), u32::MAX);
+    }
+
+    #[test]
+    fn command_register_only_changes_allowed_bits() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        let hw = u32::from(VIRTIO_COMMAND) | u32::from(VIRTIO_STATUS) << 16;
+        // Everything off: IO, parity response and SERR keep their hardware values.
+        assert_eq!(
+            filter_write(&f, &mut st, REG_COMMAND, 2, 0, hw),
+            WriteAction::Write { offset: REG_COMMAND, value: u32::from(VIRTIO_COMMAND & !0x0006) }
+        );
+        // Everything on, as a dword: only INTX_DISABLE is added; status written as zeros.
+        assert_eq!(
+            filter_write(&f, &mut st, REG_COMMAND, 4, u32::MAX, hw),
+            WriteAction::Write { offset: REG_COMMAND, value: u32::from(VIRTIO_COMMAND | 0x0400) }
+        );
+        // The high byte alone: bit 10 may change, SERR (8) and fast back-to-back (9) not.
+        assert_eq!(
+            filter_write(&f, &mut st, 0x05, 1, 0xFF, hw),
+            WriteAction::Write { offset: REG_COMMAND, value: u32::from(VIRTIO_COMMAND | 0x0400) }
+        );
+        assert_eq!(
+            filter_write(&f, &mut st, 0x05, 1, 0x00, hw),
+            WriteAction::Write { offset: REG_COMMAND, value: u32::from(VIRTIO_COMMAND) }
+        );
+        // Through the hypercall path: the hardware keeps IO, SERR and its RW1C status bit.
+        assert!(matches!(config_write(&mut cs, &f, &mut st, REG_COMMAND, 2, 0x0000), Ok(WriteAction::Write { .. })));
+        assert_eq!(cs.reg(VIRTIO, REG_COMMAND), u32::from(VIRTIO_COMMAND & !0x6) | u32::from(VIRTIO_STATUS) << 16);
+        assert_eq!(config_read(&cs, &f, &st, REG_COMMAND, 2), Ok(u32::from(VIRTIO_COMMAND & !0x6)));
+        assert_eq!(config_read(&cs, &f, &st, REG_STATUS, 2), Ok(u32::from(VIRTIO_STATUS)));
+    }
+
+    #[test]
+    fn status_and_header_writes_are_dropped() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        for (offset, size) in [
+            (REG_STATUS, 2),
+            (0x07, 1),
+            (REG_ID, 4),
+            (0x02, 2),
+            (REG_CLASS_REV, 4),
+            (REG_HEADER, 4),
+            (0x0E, 1),
+            (0x0F, 1),
+            (0x28, 4),
+            (REG_SUBSYSTEM, 4),
+            (REG_CAP_PTR, 1),
+            (0x38, 4),
+            (REG_INTERRUPT, 1),
+            (0x3D, 1),
+            (REG_INTERRUPT, 4),
+        ] {
+            assert_eq!(
+                config_write(&mut cs, &f, &mut st, offset, size, u32::MAX),
+                Ok(WriteAction::Drop),
+                "{offset:#x}"
+            );
+        }
+        assert!(cs.writes.is_empty());
+        assert_eq!(config_write(&mut cs, &f, &mut st, 0x1000, 4, 0), Err(ConfigError::OutOfRange));
+        assert_eq!(config_read(&cs, &f, &st, 3, 2), Err(ConfigError::Unaligned));
+        assert_eq!(config_read(&cs, &f, &st, 0, 4), Ok(0x1042_1af4));
+        assert_eq!(config_read(&cs, &f, &st, 0x3D, 1), Ok(1));
+    }
+
+    #[test]
+    fn bar_sizing_is_emulated() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        let bar = |slot: u16| REG_BAR0 + 4 * slot;
+        // Real addresses by default.
+        assert_eq!(config_read(&cs, &f, &st, bar(1), 4), Ok(BAR1_ADDR));
+        assert_eq!(config_read(&cs, &f, &st, bar(4), 4), Ok(0x0000_000C));
+        assert_eq!(config_read(&cs, &f, &st, bar(5), 4), Ok(0x8));
+        // Sizing every slot.
+        let masks = [0, 0xFFFF_F000, 0, 0, 0xFFFF_C00C, 0xFFFF_FFFF];
+        for (slot, mask) in masks.iter().enumerate() {
+            let slot = slot as u16;
+            assert_eq!(config_write(&mut cs, &f, &mut st, bar(slot), 4, u32::MAX), Ok(WriteAction::Emulated));
+            assert!(st.is_sizing(usize::from(slot)));
+            assert_eq!(config_read(&cs, &f, &st, bar(slot), 4), Ok(*mask), "BAR{slot}");
+            // It stays sized until the next write, like hardware.
+            assert_eq!(config_read(&cs, &f, &st, bar(slot), 4), Ok(*mask));
+            assert_eq!(config_read(&cs, &f, &st, bar(slot) + 2, 2), Ok(*mask >> 16));
+            assert_eq!(config_read(&cs, &f, &st, bar(slot) + 1, 1), Ok((*mask >> 8) & 0xFF));
+        }
+        // Writing the address back (or anything else) restores the real view.
+        assert_eq!(config_write(&mut cs, &f, &mut st, bar(1), 4, BAR1_ADDR), Ok(WriteAction::Emulated));
+        assert_eq!(config_read(&cs, &f, &st, bar(1), 4), Ok(BAR1_ADDR));
+        assert_eq!(config_write(&mut cs, &f, &mut st, bar(4), 4, 0x1234_0000), Ok(WriteAction::Emulated));
+        assert_eq!(config_read(&cs, &f, &st, bar(4), 4), Ok(0x0000_000C));
+        assert!(!st.is_sizing(4) && st.is_sizing(5) && !st.is_sizing(6));
+        // A sub-dword write of ones does not make the merged dword all ones: no sizing.
+        assert_eq!(config_write(&mut cs, &f, &mut st, bar(1) + 2, 2, 0xFFFF), Ok(WriteAction::Emulated));
+        assert_eq!(config_read(&cs, &f, &st, bar(1), 4), Ok(BAR1_ADDR));
+        // The hardware never saw any of it.
+        assert!(cs.writes.is_empty());
+        assert_eq!(cs.reg(VIRTIO, bar(1)), BAR1_ADDR);
+    }
+
+    #[test]
+    fn io_bar_sizing_view() {
+        let mut cs = machine();
+        let (fns, _) = enumerate_all(&mut cs);
+        let ahci = find(&fns, AHCI);
+        let mut st = AssignedState::new(&ahci).unwrap();
+        assert_eq!(config_write(&mut cs, &ahci, &mut st, 0x20, 4, u32::MAX), Ok(WriteAction::Emulated));
+        assert_eq!(config_read(&cs, &ahci, &st, 0x20, 4), Ok(0xFFFF_FFE1));
+        assert_eq!(config_read(&cs, &ahci, &st, 0x24, 4), Ok(0xFEBD_2000));
+    }
+
+    #[test]
+    fn rom_bar_reads_zero_and_is_never_written() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        cs.fns.get_mut(&VIRTIO).unwrap().regs[12] = 0xFEB0_0001;
+        assert_eq!(config_read(&cs, &f, &st, REG_ROM_BAR, 4), Ok(0));
+        assert_eq!(config_write(&mut cs, &f, &mut st, REG_ROM_BAR, 4, 0xFFFF_F800), Ok(WriteAction::Emulated));
+        assert_eq!(config_read(&cs, &f, &st, REG_ROM_BAR, 4), Ok(0));
+        assert_eq!(config_write(&mut cs, &f, &mut st, REG_ROM_BAR + 1, 1, 0), Ok(WriteAction::Emulated));
+        assert!(cs.writes.is_empty());
+    }
+
+    #[test]
+    fn msix_control_allows_enable_and_mask_only() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        let hw = cs.reg(VIRTIO, 0x98);
+        assert_eq!(hw, 0x0002_8411);
+        assert_eq!(
+            filter_write(&f, &mut st, 0x9A, 2, 0xFFFF, hw),
+            WriteAction::Write { offset: 0x98, value: 0xC002_8411 }
+        );
+        assert_eq!(
+            filter_write(&f, &mut st, 0x98, 4, 0x8000_0000, 0xC002_8411),
+            WriteAction::Write { offset: 0x98, value: 0x8002_8411 }
+        );
+        assert_eq!(
+            filter_write(&f, &mut st, 0x9B, 1, 0x40, hw),
+            WriteAction::Write { offset: 0x98, value: 0x4002_8411 }
+        );
+        // Table size byte, id and next pointer, table and PBA offsets: dropped.
+        assert_eq!(filter_write(&f, &mut st, 0x9A, 1, 0xFF, hw), WriteAction::Drop);
+        assert_eq!(filter_write(&f, &mut st, 0x98, 2, 0, hw), WriteAction::Drop);
+        assert_eq!(filter_write(&f, &mut st, 0x9C, 4, 0, 1), WriteAction::Drop);
+        assert_eq!(filter_write(&f, &mut st, 0xA0, 4, 0, 1), WriteAction::Drop);
+        config_write(&mut cs, &f, &mut st, 0x98, 4, u32::MAX).unwrap();
+        assert_eq!(cs.reg(VIRTIO, 0x98), 0xC002_8411);
+    }
+
+    #[test]
+    fn vendor_capabilities_are_writable_except_their_header() {
+        let (mut cs, f) = virtio_function();
+        let mut st = AssignedState::new(&f).unwrap();
+        // VIRTIO_PCI_CAP_PCI_CFG: bar, offset, length, data window.
+        assert_eq!(config_write(&mut cs, &f, &mut st, 0x88, 1, 4), Ok(WriteAction::Write { offset: 0x88, value: 4 }));
+        assert_eq!(
+            config_write(&mut cs, &f, &mut st, 0x94, 4, 0xDEAD_BEEF),
+            Ok(WriteAction::Write { offset: 0x94, value: 0xDEAD_BEEF })
+        );
+        assert_eq!(cs.reg(VIRTIO, 0x94), 0xDEAD_BEEF);
+        assert_eq!(config_read(&cs, &f, &st, 0x96, 2), Ok(0xDEAD));
+        // The header bytes (id, next, length) are not; cfg_type (byte 3) is part of the body.
+        let hw = cs.reg(VIRTIO, 0x84);
+        for off in [0x84, 0x85, 0x86] {
+            assert_eq!(filter_write(&f, &mut st, off, 1, 0, hw), WriteAction::Drop);
+        }
+        assert_eq!(
+            filter_write(&f, &mut st, 0x84, 4, 0, hw),
+            WriteAction::Write { offset: 0x84, value: hw & 0x00FF_FFFF }
+        );
+        // Past the end of the capability list: dropped.
+        assert_eq!(config_write(&mut cs, &f, &mut st, 0xA4, 4, 0), Ok(WriteAction::Drop));
+        assert_eq!(config_write(&mut cs, &f, &mut st, 0xFC, 4, 0), Ok(WriteAction::Drop));
+    }
+
+    #[test]
+    fn vendor_capability_length_is_clamped_to_the_next_capability() {
+        let mut cs = FakeCs::default().with(
+            0,
+            0,
+            0,
+            FakeFn::new(1, 2, 0, 0, 0).caps(&[(CAP_VENDOR, 0x40, 0xF0, 0), (CAP_MSI, 0x50, 0x80, 0)]).set(0xF4, 0),
+        );
+        let f = enumerate_all(&mut cs).0[0].clone();
+        let mut st = AssignedState::new(&f).unwrap();
+        assert!(matches!(filter_write(&f, &mut st, 0x4C, 4, 0, 1), WriteAction::Write { .. }));
+        for off in (0x50..0x100).step_by(4) {
+            assert_eq!(filter_write(&f, &mut st, off, 4, 0, 1), WriteAction::Drop, "{off:#x}");
+        }
+        // A vendor capability shorter than its header has no body.
+        let mut short = f.clone();
+        short.vendor_cap_len[0] = 2;
+        assert_eq!(filter_write(&short, &mut st, 0x40, 4, 0, 1), WriteAction::Drop);
+        assert_eq!(filter_write(&short, &mut st, 0x44, 4, 0, 1), WriteAction::Drop);
+    }
+
+    #[test]
+    fn msi_and_extended_space_writes_are_dropped() {
+        let mut cs = machine();
+        let (fns, _) = enumerate_all(&mut cs);
+        let ahci = find(&fns, AHCI);
+        cs.writes.clear();
+        let mut st = AssignedState::new(&ahci).unwrap();
+        for off in (0x80..0x98).step_by(4) {
+            assert_eq!(config_write(&mut cs, &ahci, &mut st, off, 4, u32::MAX), Ok(WriteAction::Drop));
+        }
+        assert_eq!(config_write(&mut cs, &ahci, &mut st, 0x82, 2, 1), Ok(WriteAction::Drop));
+        for off in [0x100, 0x104, 0x200, 0xFFC] {
+            assert_eq!(config_write(&mut cs, &ahci, &mut st, off, 4, u32::MAX), Ok(WriteAction::Drop));
+        }
+        assert!(cs.writes.is_empty());
+        // Reads of the extended space pass through.
+        cs.fns.get_mut(&AHCI).unwrap().regs[0x40] = 0x1001_0001;
+        assert_eq!(config_read(&cs, &ahci, &st, 0x100, 4), Ok(0x1001_0001));
+        assert_eq!(config_read(&cs, &ahci, &st, 0x102, 2), Ok(0x1001));
+    }
+
+    /// The bits of each virtio-blk dword a driver may change, written out by hand from the
+    /// rules (independent of the filter's own mask computation).
+    fn allowed_changes(dword: u16) -> u32 {
+        let body_ranges = [(0x43, 0x50), (0x53, 0x60), (0x63, 0x70), (0x73, 0x84), (0x87, 0x98)];
+        match dword {
+            REG_COMMAND => 0x0000_0406,
+            0x98 => 0xC000_0000,
+            0x40..=0x97 => {
+                let mut mask = 0;
+                for lane in 0..4u16 {
+                    let byte = dword + lane;
+                    if body_ranges.iter().any(|&(s, e)| byte >= s && byte < e) {
+                        mask |= 0xFF << (8 * lane);
+                    }
+                }
+                mask
+            }
+            _ => 0,
+        }
+    }
+
+    fn arb_access() -> impl Strategy<Value = (u16, u8, u32)> {
+        (
+            prop_oneof![0u16..0x40, 0x40u16..0x100, 0u16..0x1000, Just(0x04u16), 0x10u16..0x34],
+            prop_oneof![Just(1u8), Just(2u8), Just(4u8)],
+            prop_oneof![any::<u32>(), Just(u32::MAX), Just(0u32)],
+        )
+            .prop_map(|(offset, size, value)| (offset & !(u16::from(size) - 1), size, value))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn prop_writes_never_change_protected_bits(ops in prop::collection::vec(arb_access(), 1..40)) {
+            let (mut cs, f) = virtio_function();
+            let mut st = AssignedState::new(&f).unwrap();
+            let before = cs.fns[&VIRTIO].regs.clone();
+            for (offset, size, value) in ops {
+                let action = config_write(&mut cs, &f, &mut st, offset, size, value).unwrap();
+                let dword = offset & !3;
+                match action {
+                    WriteAction::Write { offset: o, .. } => prop_assert_eq!(o, dword),
+                    WriteAction::Emulated => prop_assert!((0x10..0x28).contains(&dword) || dword == REG_ROM_BAR),
+                    WriteAction::Drop => {}
+                }
+                if (0x10..0x28).contains(&dword) || dword == REG_ROM_BAR {
+                    prop_assert_eq!(action, WriteAction::Emulated);
+                }
+                let now = &cs.fns[&VIRTIO].regs;
+                for (i, (b, n)) in before.iter().zip(now.iter()).enumerate() {
+                    let d = (i * 4) as u16;
+                    prop_assert_eq!((b ^ n) & !allowed_changes(d), 0, "dword {:#x}: {:#x} -> {:#x}", d, b, n);
+                }
+            }
+            // The RW1C status bit and the BARs are as they were.
+            prop_assert_eq!(cs.reg(VIRTIO, REG_COMMAND) >> 16, u32::from(VIRTIO_STATUS));
+            prop_assert_eq!(cs.reg(VIRTIO, 0x14), BAR1_ADDR);
+        }
+
+        #[test]
+        fn prop_filter_merges_only_allowed_bits(
+            (offset, size, value) in arb_access(),
+            hw in any::<u32>(),
+        ) {
+            let (_, f) = virtio_function();
+            let mut st = AssignedState::new(&f).unwrap();
+            let dword = offset & !3;
+            let lanes = lane_mask(offset, size);
+            match filter_write(&f, &mut st, offset, size, value, hw) {
+                WriteAction::Write { offset: o, value: v } => {
+                    prop_assert_eq!(o, dword);
+                    let allowed = allowed_changes(dword) & lanes;
+                    prop_assert!(allowed != 0);
+                    if dword == REG_COMMAND {
+                        prop_assert_eq!(v >> 16, 0, "status half written as zeros");
+                        prop_assert_eq!((v ^ hw) & 0xFFFF & !allowed, 0);
+                    } else {
+                        prop_assert_eq!((v ^ hw) & !allowed, 0);
+                    }
+                    let shifted = value << (8 * u32::from(offset & 3));
+                    prop_assert_eq!(v & allowed, shifted & allowed);
+                }
+                WriteAction::Drop => prop_assert_eq!(allowed_changes(dword) & lanes, 0),
+                WriteAction::Emulated => prop_assert!((0x10..0x28).contains(&dword) || dword == REG_ROM_BAR),
+            }
+        }
+
+        #[test]
+        fn prop_read_after_sizing_returns_the_mask(
+            prefix in prop::collection::vec(arb_access(), 0..20),
+            slot in 0usize..6,
+            restore in any::<u32>().prop_filter("not all ones", |v| *v != u32::MAX),
+        ) {
+            let (mut cs, f) = virtio_function();
+            let mut st = AssignedState::new(&f).unwrap();
+            for (offset, size, value) in prefix {
+                config_write(&mut cs, &f, &mut st, offset, size, value).unwrap();
+            }
+            let masks = [0, 0xFFFF_F000, 0, 0, 0xFFFF_C00C, 0xFFFF_FFFF];
+            let real = [0, BAR1_ADDR, 0, 0, 0x0000_000C, 0x8];
+            let offset = REG_BAR0 + 4 * slot as u16;
+            prop_assert_eq!(config_write(&mut cs, &f, &mut st, offset, 4, u32::MAX), Ok(WriteAction::Emulated));
+            prop_assert_eq!(config_read(&cs, &f, &st, offset, 4), Ok(masks[slot]));
+            prop_assert_eq!(config_read(&cs, &f, &st, offset, 2), Ok(masks[slot] & 0xFFFF));
+            prop_assert_eq!(config_write(&mut cs, &f, &mut st, offset, 4, restore), Ok(WriteAction::Emulated));
+            prop_assert_eq!(config_read(&cs, &f, &st, offset, 4), Ok(real[slot]));
+            prop_assert_eq!(config_read(&cs, &f, &st, REG_ROM_BAR, 4), Ok(0));
+        }
+
+        #[test]
+        fn prop_check_access_matches_definition(offset in any::<u16>(), size in any::<u8>()) {
+            let ok = matches!(size, 1 | 2 | 4) && offset % u16::from(size.max(1)) == 0 && offset < 4096;
+            prop_assert_eq!(check_access(offset, size).is_ok(), ok);
+            if ok {
+                prop_assert!(offset + u16::from(size) <= 4096);
+                // The access lies inside one dword.
+                prop_assert!(u16::from(size) + (offset & 3) <= 4);
+            }
+        }
+
+        #[test]
+        fn prop_capability_walk_is_bounded(
+            first in any::<u8>(),
+            words in prop::collection::vec(any::<u32>(), 48),
+        ) {
+            let mut f = FakeFn::new(1, 2, 0, 0, 0).command(0, STATUS_CAP_LIST).set(REG_CAP_PTR, u32::from(first));
+            for (i, w) in words.iter().enumerate() {
+                f = f.set(0x40 + 4 * i as u16, *w);
+            }
+            let cs = FakeCs::default().with(0, 0, 0, f);
+            let (caps, lens) = walk_capabilities(&cs, Bdf { bus: 0, dev: 0, func: 0 }, first);
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, &(id, off)) in caps.iter().enumerate() {
+                prop_assert!(off >= 0x40 && off % 4 == 0);
+                prop_assert!(seen.insert(off), "offset {:#x} visited twice", off);
+                prop_assert!(id != 0xFF);
+                let expected_len = if id == CAP_VENDOR { (cs.read32(Bdf { bus: 0, dev: 0, func: 0 }, u16::from(off)) >> 16) as u8 } else { 0 };
+                prop_assert_eq!(lens[i], expected_len);
+            }
+            prop_assert!(caps.len() <= MAX_CAPS);
+        }
+    }
+}
+
+/// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
+/// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
+/// before a dying domain's device changes hands.
+pub fn quiesce(cs: &mut impl ConfigSpace, bdf: Bdf) -> u16 {
+    let dword = cs.read32(bdf, REG_COMMAND);
+    let command = (dword as u16) & !(Command::BUS_MASTER | Command::MEMORY_SPACE | Command::IO_SPACE).bits();
+    cs.write32(bdf, REG_COMMAND, u32::from(command));
+    command
+}
