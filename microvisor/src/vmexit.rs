@@ -41,7 +41,12 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> 
         }
         ExitReason::Hlt => {
             regs.rip += HLT_LEN;
-            k.halt(v);
+            // A virtual interrupt already loaded into V_IRQ (the guest did STI; HLT, and
+            // STI's shadow covered the HLT) will be taken as soon as the guest resumes:
+            // parking the vCPU now would lose that wake-up.
+            if m.vmcb(v).read_u64(microvisor::svm::vmcb::control::VINTR) & (1 << 8) == 0 {
+                k.halt(v);
+            }
         }
         ExitReason::Msr { write } => emulate_msr(k, m, v, write),
         ExitReason::PhysicalInterrupt => apic::take_pending_interrupts(),
