@@ -157,6 +157,14 @@ mod dom0 {
                     w[1],
                     w[2]
                 ),
+                Some(FaultKind::Dma) => println!(
+                    "fault in {name}: its device {:02x}:{:02x}.{} tried to DMA ({}) at {:#x}, outside its memory; blocked by the IOMMU",
+                    (w[3] >> 8) & 0xff,
+                    (w[3] >> 3) & 31,
+                    w[3] & 7,
+                    if w[3] & (1 << 24) != 0 { "write" } else { "read" },
+                    w[1]
+                ),
                 Some(kind) => println!("fault in {name}: {kind:?} ({:#x}, {:#x}) at RIP {:#x}", w[1], w[3], w[2]),
                 None => println!("fault in {name}: unknown message {w:?}"),
             }

@@ -249,6 +249,9 @@ pub enum FaultKind {
     Forbidden = 4,
     /// The domain called DomainExit: word 3 = status.
     Exited = 5,
+    /// The IOMMU blocked a DMA of a device assigned to the domain: word 1 = the address
+    /// the device used, word 3 = requester id | fault reason << 16 | (1 << 24 if a write).
+    Dma = 6,
 }
 
 impl FaultKind {
@@ -259,6 +262,7 @@ impl FaultKind {
             3 => Some(Self::TripleFault),
             4 => Some(Self::Forbidden),
             5 => Some(Self::Exited),
+            6 => Some(Self::Dma),
             _ => None,
         }
     }

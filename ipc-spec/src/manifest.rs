@@ -321,13 +321,6 @@ pub enum ProblemKind {
         /// The name given.
         device: String,
     },
-    /// Two domains ask for the same device.
-    DeviceTwice {
-        /// The device.
-        device: String,
-        /// Index of the domain that asked first.
-        first: usize,
-    },
     /// A block channel's region size is out of range or not a multiple of 4 KiB.
     BadRegionSize {
         /// The size asked for, in KiB.
@@ -426,9 +419,6 @@ impl fmt::Display for ProblemKind {
                 }
                 f.write_str(")")
             }
-            ProblemKind::DeviceTwice { device, first } => {
-                write!(f, "device {device:?} is already given to domain[{first}]; a device has one owner")
-            }
             ProblemKind::BadRegionSize { kib } => write!(
                 f,
                 "region size {kib} KiB: must be {MIN_BLOCK_REGION_KIB} to {MAX_BLOCK_REGION_KIB} KiB and a multiple of 4"
@@ -519,12 +509,9 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if domain.args.len() > MAX_ARGS_LEN {
             push(field("args"), ProblemKind::ArgsTooLong { len: domain.args.len() });
         }
-        if !domain.device.is_empty() {
-            if !DEVICE_KINDS.iter().any(|(name, _, _)| *name == domain.device) {
-                push(field("device"), ProblemKind::UnknownDevice { device: domain.device.clone() });
-            } else if let Some(first) = manifest.domains[..index].iter().position(|d| d.device == domain.device) {
-                push(field("device"), ProblemKind::DeviceTwice { device: domain.device.clone(), first });
-            }
+        // Several domains may ask for the same kind: each gets the next free function.
+        if !domain.device.is_empty() && !DEVICE_KINDS.iter().any(|(name, _, _)| *name == domain.device) {
+            push(field("device"), ProblemKind::UnknownDevice { device: domain.device.clone() });
         }
     }
 

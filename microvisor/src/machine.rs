@@ -33,6 +33,9 @@ pub struct Machine {
     pub functions: heapless::Vec<Function, MAX_FUNCTIONS>,
     /// Kernel device id → index in `functions`, and the filter state while assigned.
     devices: [Option<(usize, Option<AssignedState>)>; MAX_DEVICES],
+    /// A blocked DMA per domain, waiting for one of its vCPUs to run so it can be sent to
+    /// the domain's fault handler: (address, requester id | reason << 16 | write << 24).
+    pub pending_dma: [Option<(u64, u64)>; microvisor::kernel::MAX_DOMAINS],
 }
 
 impl Machine {
@@ -50,6 +53,7 @@ impl Machine {
             iommu: None,
             functions: heapless::Vec::new(),
             devices: [const { None }; MAX_DEVICES],
+            pending_dma: [None; microvisor::kernel::MAX_DOMAINS],
         }
     }
 

@@ -271,7 +271,7 @@ mod boot_and_run {
             if ticks != seen_ticks {
                 seen_ticks = ticks;
                 cpu::check_stack_canary();
-                poll_iommu_faults(m);
+                poll_iommu_faults(k, m);
                 k.tick(m.clock.now_ns());
             }
             k.schedule();
@@ -291,7 +291,16 @@ mod boot_and_run {
             let regs = &mut k.vcpus[v as usize].regs;
             regs.rax = vmcb.rax();
             regs.rip = vmcb.rip();
-            match vmexit::handle(k, m, v) {
+            let event = vmexit::handle(k, m, v);
+            // A blocked DMA of this vCPU's domain goes to its fault handler now.
+            if k.current == Some(v) {
+                let d = k.vcpus[v as usize].domain;
+                if let Some((addr, detail)) = m.pending_dma[d as usize].take() {
+                    let f = microvisor::kernel::Fault { kind: ipc_spec::hypercall::FaultKind::Dma, addr, detail };
+                    vmexit::fault(k, m, v, f);
+                }
+            }
+            match event {
                 None => {}
                 Some(Event::PowerOff(status)) => {
                     println!("shutdown requested with status {status}");
@@ -405,12 +414,34 @@ mod boot_and_run {
         }
     }
 
-    /// Report DMA and interrupt-remapping faults the IOMMU recorded.
-    fn poll_iommu_faults(m: &mut Machine) {
+    /// Report DMA faults the IOMMU recorded, and queue each for the domain that owns the
+    /// device: it reaches that domain's fault handler when one of its vCPUs next runs.
+    fn poll_iommu_faults(k: &Kernel<Npt>, m: &mut Machine) {
         let Some(iommu) = m.iommu.as_mut() else { return };
         while let Some(f) = iommu.poll_fault() {
             let bdf = microvisor::pci::Bdf::from_requester_id(f.source_id);
-            println!("iommu: blocked DMA from {bdf}: {:?} at {:#x} ({})", f.kind, f.fault_info, f.reason);
+            let owner = k.devices.iter().find(|d| d.present && d.rid == f.source_id).and_then(|d| d.owner);
+            let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write);
+            println!(
+                "iommu: blocked DMA from {bdf}: {} at {:#x} ({}){}",
+                if write { "write" } else { "read" },
+                f.fault_info,
+                f.reason,
+                owner.map_or("", |_| "; reported to the owner's fault handler")
+            );
+            if f.fault_info < crate::arch::phys::IDENTITY_LIMIT {
+                // What the device would have overwritten without the IOMMU, as it is now.
+                // SAFETY: an 8-byte read inside the identity map; the value is only printed.
+                let now = unsafe { core::ptr::read_volatile(f.fault_info as *const [u8; 8]) };
+                println!("iommu: physical memory at {:#x} now holds {:02x?}", f.fault_info, now);
+            }
+            if let Some(d) = owner {
+                let detail = f.source_id as u64 | (f.reason.raw() as u64) << 16 | (write as u64) << 24;
+                let slot = &mut m.pending_dma[d as usize];
+                if slot.is_none() {
+                    *slot = Some((f.fault_info, detail));
+                }
+            }
         }
     }
 

@@ -69,7 +69,7 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> 
 }
 
 /// A fault: to the domain's handler if it has one, else the vCPU stops; reported either way.
-fn fault(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, f: Fault) {
+pub fn fault(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, f: Fault) {
     let d = k.vcpus[v as usize].domain;
     let rip = k.vcpus[v as usize].regs.rip;
     k.console_flush(m, d);
@@ -119,6 +119,13 @@ impl fmt::Display for Report {
             }
             FaultKind::Forbidden => write!(f, "forbidden instruction (exit code {:#x}), RIP {rip:#x}", fault.addr),
             FaultKind::Exited => write!(f, "exited with status {}", fault.detail),
+            FaultKind::Dma => write!(
+                f,
+                "its device {} made a blocked DMA {} at {:#x}",
+                microvisor::pci::Bdf::from_requester_id(fault.detail as u16),
+                if fault.detail & (1 << 24) != 0 { "write" } else { "read" },
+                fault.addr
+            ),
         }
     }
 }

@@ -77,14 +77,14 @@ pub fn machine(append: &str) -> Machine {
 /// Give a machine with a disk its own fresh image (QEMU locks an image against a second
 /// user, and tests run in parallel): `<temp>/stack-tests-<pid>-<name>/disk.img`.
 fn own_disk(m: &mut Machine, name: &str) {
-    if m.disk.is_some() {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("stack-tests-{}-{name}-{n}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("stack-tests-{}-{name}-{n}", std::process::id()));
+    for (i, disk) in m.disks.iter_mut().enumerate() {
         let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("disk.img");
+        let path = dir.join(format!("disk{i}.img"));
         let _ = std::fs::remove_file(&path);
-        m.disk = Some(path);
+        *disk = path;
     }
 }
 

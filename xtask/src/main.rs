@@ -117,7 +117,7 @@ fn run(args: &[String]) -> Result<(), String> {
         if opts.gdb {
             println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
         }
-        if let Some(disk) = &machine.disk {
+        for disk in &machine.disks {
             build::ensure_disk(disk)?;
         }
         println!("xtask: console follows; press Ctrl-A X to quit QEMU");

@@ -29,8 +29,8 @@ pub struct Machine {
     pub gdb: bool,
     /// Further QEMU arguments (e.g. `-icount`).
     pub extra: Vec<String>,
-    /// Raw disk image behind a virtio-blk-pci device (behind the IOMMU), if any.
-    pub disk: Option<PathBuf>,
+    /// Raw disk images, each behind a virtio-blk-pci device (behind the IOMMU).
+    pub disks: Vec<PathBuf>,
 }
 
 impl Machine {
@@ -44,13 +44,12 @@ impl Machine {
             append: String::new(),
             gdb: false,
             extra: Vec::new(),
-            // A stack with a disk driver gets the disk image next to its bundle.
-            disk: artifacts
-                .stack
-                .devices
-                .iter()
-                .any(|d| d == "virtio-blk")
-                .then(|| artifacts.bundle.with_file_name("disk.img")),
+            // One disk image per virtio-blk the stack assigns, next to its bundle.
+            disks: (0..artifacts.stack.devices.iter().filter(|d| *d == "virtio-blk").count())
+                .map(|i| {
+                    artifacts.bundle.with_file_name(if i == 0 { "disk.img".into() } else { format!("disk{i}.img") })
+                })
+                .collect(),
         }
     }
 
@@ -77,14 +76,14 @@ impl Machine {
         if self.iommu {
             a.extend(["-device".into(), "intel-iommu".into()]);
         }
-        if let Some(disk) = &self.disk {
+        for (i, disk) in self.disks.iter().enumerate() {
             // Modern-only virtio behind the IOMMU: the driver must negotiate
             // VIRTIO_F_ACCESS_PLATFORM, and every DMA goes through VT-d.
             a.extend([
                 "-drive".into(),
-                format!("file={},if=none,id=disk0,format=raw", disk.display()),
+                format!("file={},if=none,id=disk{i},format=raw", disk.display()),
                 "-device".into(),
-                "virtio-blk-pci,drive=disk0,disable-legacy=on,iommu_platform=on".into(),
+                format!("virtio-blk-pci,drive=disk{i},disable-legacy=on,iommu_platform=on"),
             ]);
         }
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
@@ -190,7 +189,7 @@ pub fn run_captured(
     mut stop_when: impl FnMut(&[String]) -> bool,
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
-    if let Some(disk) = &machine.disk {
+    for disk in &machine.disks {
         crate::build::ensure_disk(disk)?;
     }
     let start = Instant::now();

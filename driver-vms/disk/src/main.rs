@@ -85,7 +85,85 @@ mod driver {
             }
         }
         println!("ready");
-        crate::serve::serve(info, &mut blk)
+        match info.arg("rogue") {
+            Some("dma") => crate::rogue::stray_dma(&mut blk),
+            Some("garbage") => crate::rogue::garbage(info),
+            _ => crate::serve::serve(info, &mut blk),
+        }
+    }
+}
+
+/// Test modes that make this driver VM hostile, to show what the rest of the system does
+/// about it: `rogue=dma` aims its device's DMA outside its memory; `rogue=garbage` answers
+/// its guests with a corrupt ring.
+#[cfg(target_os = "none")]
+mod rogue {
+    use domain_rt::shared::Region;
+    use domain_rt::{hypercall, println, BootInfo};
+    use ipc_spec::ring::SharedMem;
+    use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+    use virtio_drivers::transport::pci::PciTransport;
+
+    use crate::virtio::{AccessPlatform, DriverHal};
+
+    /// Far outside this VM's 8 MiB of RAM (and not one of its regions).
+    const OUTSIDE: usize = 0x1000_0000;
+
+    pub fn stray_dma(blk: &mut VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>) -> u64 {
+        // A marker on the disk, so the data would be recognisable wherever it landed.
+        let mut marker = [0u8; 512];
+        for chunk in marker.chunks_mut(8) {
+            chunk.copy_from_slice(b"ROGUEDMA");
+        }
+        if let Err(e) = blk.write_blocks(0, &marker) {
+            println!("writing the marker: {e}");
+        }
+        println!("aiming my device's DMA at {OUTSIDE:#x}, outside my memory");
+        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+        // SAFETY (deliberately hostile): no CPU access ever goes through this slice; it only
+        // tells the device where to write the marker sector. The IOMMU must block that.
+        let buf = unsafe { core::slice::from_raw_parts_mut(OUTSIDE as *mut u8, 512) };
+        // SAFETY: as above; req and resp outlive the request (this function never returns).
+        let token = unsafe { blk.read_blocks_nb(0, &mut req, buf, &mut resp) };
+        println!("request submitted ({token:?})");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Answer the first doorbell of each block channel with a corrupt response ring.
+    pub fn garbage(info: &BootInfo) -> u64 {
+        let Some((name, spec)) = info.cmdline.split_ascii_whitespace().find_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.strip_prefix("chan.")?.strip_suffix(".region")?, v))
+        }) else {
+            println!("no block channel to corrupt");
+            return 1;
+        };
+        let slot = |suffix: &str| -> Option<u64> {
+            info.cmdline.split_ascii_whitespace().find_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
+            })
+        };
+        let (Some((base, len)), Some(signal), Some(wait)) = (Region::parse(spec), slot(".signal"), slot(".wait"))
+        else {
+            return 1;
+        };
+        // SAFETY: the channel region dom0 mapped for us.
+        let region = unsafe { Region::new(base, len) };
+        let _ = hypercall::wait(wait);
+        // The response ring of the standard layout sits at 0x2000: claim 0x7fff_ffff
+        // responses and fill the slots with noise.
+        region.write_u32(0x2000, 0x7fff_ffff);
+        for i in 0..256 {
+            region.write_u32(0x2008 + i * 4, 0xdead_beef ^ i as u32);
+        }
+        let _ = hypercall::signal(signal, 1);
+        println!("answered \"{name}\" with a corrupt response ring");
+        loop {
+            let _ = hypercall::wait(wait);
+        }
     }
 }
 
