@@ -46,7 +46,7 @@ impl Region {
 
 impl SharedMem for Region {
     fn read_u32(&self, offset: usize) -> u32 {
-        if !self.in_bounds(offset, 4) || offset % 4 != 0 {
+        if !self.in_bounds(offset, 4) || !offset.is_multiple_of(4) {
             return 0;
         }
         // SAFETY: in bounds and aligned (checked); the region is mapped (see `new`).
@@ -54,7 +54,7 @@ impl SharedMem for Region {
     }
 
     fn write_u32(&self, offset: usize, v: u32) {
-        if self.in_bounds(offset, 4) && offset % 4 == 0 {
+        if self.in_bounds(offset, 4) && offset.is_multiple_of(4) {
             // SAFETY: as in read_u32.
             unsafe { core::ptr::write_volatile((self.base + offset) as *mut u32, v) }
         }

@@ -793,6 +793,21 @@ pub fn validate(req: &Request, layout: &BlockLayout, disk: DiskInfo) -> Result<V
     Ok(if write { Validated::Write(transfer) } else { Validated::Read(transfer) })
 }
 
+/// The self-test pattern: what the demo guest writes to `sector` and the end-to-end tests
+/// expect to find in the disk image. Every sector differs (its number is in it) and no two
+/// bytes in a row repeat, so a misplaced or torn write shows.
+pub fn pattern(sector: u64, out: &mut [u8; 512]) {
+    out[..8].copy_from_slice(b"MVBLKPAT");
+    out[8..16].copy_from_slice(&sector.to_le_bytes());
+    let mut x = sector.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in out[16..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1213,20 +1228,5 @@ mod tests {
                 prop_assert!(l.driver_rings(&mem).is_ok());
             }
         }
-    }
-}
-
-/// The self-test pattern: what the demo guest writes to `sector` and the end-to-end tests
-/// expect to find in the disk image. Every sector differs (its number is in it) and no two
-/// bytes in a row repeat, so a misplaced or torn write shows.
-pub fn pattern(sector: u64, out: &mut [u8; 512]) {
-    out[..8].copy_from_slice(b"MVBLKPAT");
-    out[8..16].copy_from_slice(&sector.to_le_bytes());
-    let mut x = sector.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for b in out[16..].iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
     }
 }

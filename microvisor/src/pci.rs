@@ -904,6 +904,16 @@ pub fn config_write(
     Ok(action)
 }
 
+/// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
+/// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
+/// before a dying domain's device changes hands.
+pub fn quiesce(cs: &mut impl ConfigSpace, bdf: Bdf) -> u16 {
+    let dword = cs.read32(bdf, REG_COMMAND);
+    let command = (dword as u16) & !(Command::BUS_MASTER | Command::MEMORY_SPACE | Command::IO_SPACE).bits();
+    cs.write32(bdf, REG_COMMAND, u32::from(command));
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1763,14 +1773,4 @@ mod tests {
             prop_assert!(caps.len() <= MAX_CAPS);
         }
     }
-}
-
-/// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
-/// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
-/// before a dying domain's device changes hands.
-pub fn quiesce(cs: &mut impl ConfigSpace, bdf: Bdf) -> u16 {
-    let dword = cs.read32(bdf, REG_COMMAND);
-    let command = (dword as u16) & !(Command::BUS_MASTER | Command::MEMORY_SPACE | Command::IO_SPACE).bits();
-    cs.write32(bdf, REG_COMMAND, u32::from(command));
-    command
 }

@@ -24,7 +24,7 @@ impl Ecam {
     }
 
     fn address(&self, bdf: Bdf, offset: u16) -> Option<u64> {
-        if bdf.bus < self.bus_start || bdf.bus > self.bus_end || offset >= 4096 || offset % 4 != 0 {
+        if bdf.bus < self.bus_start || bdf.bus > self.bus_end || offset >= 4096 || !offset.is_multiple_of(4) {
             return None;
         }
         let f = (u64::from(bdf.bus) << 20) | (u64::from(bdf.dev & 31) << 15) | (u64::from(bdf.func & 7) << 12);
