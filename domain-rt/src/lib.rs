@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+pub mod bench;
 pub mod console;
 pub mod hypercall;
 #[cfg(target_os = "none")]

@@ -76,8 +76,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut it = args.iter();
     match it.next().map(String::as_str) {
         Some("ipc") => {}
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc)")),
-        None => return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N]".into()),
+        Some("blk") => return blk(it.as_slice()),
+        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk)")),
+        None => return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk".into()),
     }
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -154,9 +155,96 @@ fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// One line `bench blk: via=<via> workload=<name> bytes=<n> ns=<t>`.
+pub fn parse_blk(line: &str) -> Option<(String, String, u64, u64)> {
+    let rest = line.split("bench blk: ").nth(1)?;
+    let (mut via, mut name, mut bytes, mut ns) = (None, None, None, None);
+    for word in rest.split_ascii_whitespace() {
+        match word.split_once('=')? {
+            ("via", v) => via = Some(v.to_string()),
+            ("workload", v) => name = Some(v.to_string()),
+            ("bytes", v) => bytes = v.parse().ok(),
+            ("ns", v) => ns = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((via?, name?, bytes?, ns?))
+}
+
+/// `cargo xtask bench blk`: the block workloads from the guest through the disk driver VM,
+/// and the same workloads by a domain that owns a disk directly, in one boot.
+fn blk(args: &[String]) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!("bench blk: unknown option `{a}`"));
+    }
+    let target = build::default_target_dir();
+    let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
+    let stack = crate::workspace_root().join("stacks/bench-blk.toml");
+    let out = artifacts.bundle.with_file_name("bench-blk.bin");
+    let info = build::pack(&artifacts.images, &stack, &out)?;
+    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
+    // Fresh disks for a repeatable run.
+    for (i, disk) in m.disks.iter_mut().enumerate() {
+        *disk = target.join("bench").join(format!("blk-disk{i}.img"));
+        let _ = std::fs::remove_file(&*disk);
+    }
+    eprintln!("bench blk: booting {} (wall-clock time; TCG: compare the ratios)", stack.display());
+    let done =
+        |lines: &[String]| ["via=driver done", "via=direct done"].iter().all(|d| lines.iter().any(|l| l.contains(d)));
+    let run = qemu::run_captured(&m, Duration::from_secs(600), false, done)?;
+    if !matches!(run.ending, Ending::Stopped) {
+        return Err(failure(&run, "the block benchmark did not finish"));
+    }
+    let results: Vec<_> = run.lines.iter().filter_map(|l| parse_blk(l)).collect();
+    let rate = |via: &str, name: &str| {
+        results
+            .iter()
+            .find(|(v, n, _, _)| v == via && n == name)
+            .map(|(_, _, bytes, ns)| *bytes as f64 * 1e3 / *ns.max(&1) as f64) // MB/s
+    };
+    println!("Block benchmark: the guest through the disk driver VM vs. a domain owning a disk directly");
+    println!("(MB/s, wall clock under TCG: the ratio is what carries over)\n");
+    println!("  workload          driver VM      direct     ratio");
+    let mut json = String::from("{\n  \"workloads\": {\n");
+    let names: Vec<String> = results.iter().filter(|(v, ..)| v == "driver").map(|(_, n, ..)| n.clone()).collect();
+    for (i, name) in names.iter().enumerate() {
+        let (Some(d), Some(x)) = (rate("driver", name), rate("direct", name)) else { continue };
+        println!("  {name:<16} {d:>10.1} {x:>11.1} {:>9.2}", d / x);
+        json.push_str(&format!(
+            "    \"{name}\": {{ \"driver_vm_mb_s\": {d:.1}, \"direct_mb_s\": {x:.1}, \"ratio\": {:.3} }}{}\n",
+            d / x,
+            if i + 1 < names.len() { "," } else { "" }
+        ));
+    }
+    json.push_str("  }");
+    let key = "seq-read-64k";
+    if let (Some(d), Some(x)) = (rate("driver", key), rate("direct", key)) {
+        println!(
+            "\n  target: {key} through the driver VM >= 0.7 of direct: {:.2} ({})",
+            d / x,
+            if d / x >= 0.7 { "met" } else { "NOT met" }
+        );
+        json.push_str(&format!(",\n  \"seq_read_64k_ratio\": {:.3}", d / x));
+    }
+    json.push_str("\n}\n");
+    let path = target.join("bench").join("blk.json");
+    std::fs::create_dir_all(path.parent().unwrap_or(&target))
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!("\nbench blk: wrote {}", path.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_block_lines() {
+        let l = "[guest] bench blk: via=driver workload=seq-read-64k bytes=16777216 ns=21049333";
+        assert_eq!(parse_blk(l), Some(("driver".into(), "seq-read-64k".into(), 16777216, 21049333)));
+        assert_eq!(parse_blk("[guest] bench blk: via=driver done"), None);
+    }
 
     #[test]
     fn parses_the_client_line() {

@@ -51,6 +51,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   test                  host tests, then the QEMU end-to-end tests
   bench ipc [--n N]     IPC cost in instructions (QEMU -icount) and wall time; writes
                         target/bench/ipc.json
+  bench blk             block throughput through the disk driver VM vs. a domain owning
+                        the device; writes target/bench/blk.json
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json";
 

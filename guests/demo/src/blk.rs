@@ -77,6 +77,39 @@ impl BlockClient {
         }
     }
 
+    /// Queue a request without ringing the doorbell; returns its id.
+    pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: usize) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req =
+            Request { id, op, sector, count, data_offset: data_offset as u32, data_len: count.saturating_mul(512) };
+        let (mut requests, _) = self.layout.guest_rings_attach(&self.region).map_err(|_| ClientError::Ring)?;
+        requests.push(&req.encode()).map_err(|_| ClientError::Ring)?;
+        Ok(id)
+    }
+
+    /// Ring the driver's doorbell for everything queued so far.
+    pub fn kick(&mut self) -> Result<(), ClientError> {
+        hypercall::signal(self.signal, 1).map_err(ClientError::Doorbell)
+    }
+
+    /// The next response, waiting for the driver's doorbell if there is none yet.
+    pub fn complete(&mut self) -> Result<Response, ClientError> {
+        loop {
+            let (_, mut responses) = self.layout.guest_rings_attach(&self.region).map_err(|_| ClientError::Ring)?;
+            match responses.pop() {
+                Ok(Some(slot)) => return Ok(Response::decode(&slot)),
+                Ok(None) => hypercall::wait(self.wait).map(|_| ()).map_err(ClientError::Doorbell)?,
+                Err(_) => return Err(ClientError::Ring),
+            }
+        }
+    }
+
+    /// Requests the rings can hold at once.
+    pub fn ring_capacity(&self) -> usize {
+        self.layout.ring_capacity() as usize
+    }
+
     pub fn info(&mut self) -> Result<DiskInfo, ClientError> {
         let r = self.request(Op::GetInfo, 0, 0, 0)?;
         Ok(r.info)
