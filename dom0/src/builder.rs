@@ -136,7 +136,11 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             // The driver names the device to reach its configuration space; it cannot
             // reassign it (no rights).
             let dev = give(found.0, slot, 0, 0)?;
-            let _ = write!(args, " dev={dev}");
+            // A notification for the device's interrupts (routed with DeviceIrq).
+            let n = create(Hypercall::NotificationCreate)?;
+            let irq = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
+            delete(n)?;
+            let _ = write!(args, " dev={dev} irq={irq}");
             println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
         }
         domains.push(Built { name: d.name.clone(), slot, args, entry, ram });

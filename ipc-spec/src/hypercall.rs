@@ -181,6 +181,12 @@ hypercalls! {
     /// RDX = reason | (1 << 8 if it was a write) | (1 << 9 if it was an interrupt request),
     /// R10 = records still queued; InvalidState when there is none.
     IommuFault = 74,
+    /// Route an interrupt of a device assigned to the caller's domain to one of its
+    /// notifications. The microvisor allocates a vector and an interrupt-remapping entry
+    /// that accepts it only from this device (source-id checked). RBX = device capability,
+    /// RDI = notification slot (WAIT). Returns RDI = the MSI address and RSI = the MSI data
+    /// to program into the device (remappable format), RDX = the entry's handle.
+    DeviceIrq = 75,
 }
 
 impl Hypercall {

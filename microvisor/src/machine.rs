@@ -36,6 +36,8 @@ pub struct Machine {
     /// A blocked DMA per domain, waiting for one of its vCPUs to run so it can be sent to
     /// the domain's fault handler: (address, requester id | reason << 16 | write << 24).
     pub pending_dma: [Option<(u64, u64)>; microvisor::kernel::MAX_DOMAINS],
+    /// Which device each device vector belongs to.
+    vectors: [Option<DeviceId>; microvisor::kernel::DEVICE_VECTORS],
 }
 
 impl Machine {
@@ -54,6 +56,7 @@ impl Machine {
             functions: heapless::Vec::new(),
             devices: [const { None }; MAX_DEVICES],
             pending_dma: [None; microvisor::kernel::MAX_DOMAINS],
+            vectors: [None; microvisor::kernel::DEVICE_VECTORS],
         }
     }
 
@@ -233,6 +236,28 @@ impl Platform for Machine {
         let (f, left) = self.iommu.as_mut()?.take_fault()?;
         let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write) as u64;
         Some(((f.source_id, f.fault_info, f.reason.raw() as u64 | write << 8), left as u64))
+    }
+
+    fn irq_allocate(&mut self, dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
+        let rid = self.function(dev).map(|f| f.bdf.requester_id()).ok_or(Error::InvalidState)?;
+        let i = self.vectors.iter().position(Option::is_none).ok_or(Error::OutOfMemory)?;
+        let vector = microvisor::kernel::DEVICE_VECTOR_BASE + i as u8;
+        let iommu = self.iommu.as_mut().ok_or(Error::InvalidState)?;
+        let handle = iommu.alloc_irte(dev, vector, rid).map_err(|_| Error::OutOfMemory)?;
+        self.vectors[i] = Some(dev);
+        let address = microvisor::iommu::irte::msi_address(handle) as u64;
+        Ok((vector, address, microvisor::iommu::irte::MSI_DATA as u64, handle))
+    }
+
+    fn irq_release(&mut self, dev: DeviceId) {
+        if let Some(iommu) = self.iommu.as_mut() {
+            iommu.free_irtes(dev);
+        }
+        for v in self.vectors.iter_mut() {
+            if *v == Some(dev) {
+                *v = None;
+            }
+        }
     }
 
     fn pci_config_read(&mut self, dev: DeviceId, offset: u64, size: u64) -> Result<u32, Error> {

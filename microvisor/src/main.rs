@@ -265,14 +265,24 @@ mod boot_and_run {
 
     /// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
     fn run(k: &mut Kernel<Npt>, m: &mut Machine) -> ! {
-        let mut seen_ticks = apic::ticks();
+        let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
         loop {
-            let ticks = apic::ticks();
-            if ticks != seen_ticks {
-                seen_ticks = ticks;
-                cpu::check_stack_canary();
-                poll_iommu_faults(k, m);
-                k.tick(m.clock.now_ns());
+            let events = apic::events();
+            if events != seen_events {
+                seen_events = events;
+                let mut irqs = apic::take_device_irqs();
+                while irqs != 0 {
+                    let bit = irqs.trailing_zeros();
+                    irqs &= irqs - 1;
+                    k.device_interrupt(microvisor::kernel::DEVICE_VECTOR_BASE + bit as u8);
+                }
+                let ticks = apic::ticks();
+                if ticks != seen_ticks {
+                    seen_ticks = ticks;
+                    cpu::check_stack_canary();
+                    poll_iommu_faults(k, m);
+                    k.tick(m.clock.now_ns());
+                }
             }
             k.schedule();
             let Some(v) = k.current else {

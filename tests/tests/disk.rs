@@ -18,6 +18,8 @@ fn guest_block_io_through_the_disk_driver_vm_lands_in_the_disk_image() {
     assert_line(&run, "[microvisor] iommu: VT-d at 0xfed90000 on");
     assert_line(&run, "[microvisor] iommu: 00:01.0 assigned to domain");
     assert_line(&run, "[disk] virtio-blk: 131072 sectors (64 MiB), VIRTIO_F_ACCESS_PLATFORM negotiated");
+    // The completion interrupt came through interrupt remapping as a notification.
+    assert_line(&run, "[disk] device interrupt arrived as a notification (remapping entry");
     assert_line(&run, "[guest] block self-test passed");
     assert_line(&run, "(the last one, 131071, included); out-of-range requests refused");
     assert_no_line(&run, "FATAL");

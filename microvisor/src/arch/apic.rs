@@ -3,6 +3,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use microvisor::kernel::{DEVICE_VECTORS, DEVICE_VECTOR_BASE};
 use x86_64::instructions::port::Port;
 
 /// The LAPIC's MMIO page (MADT's local APIC address; the identity map covers it, uncached).
@@ -22,6 +23,13 @@ pub const TICK_NS: u64 = 1_000_000;
 /// Timer interrupts taken so far (counted by the interrupt stub).
 #[no_mangle]
 static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Every interrupt taken (timer or device): the run loop looks at the rest only when this
+/// moves, so the common exit path pays one load.
+#[no_mangle]
+static IRQ_EVENTS: AtomicU64 = AtomicU64::new(0);
+/// Device vectors taken and not yet handled: bit i = vector DEVICE_VECTOR_BASE + i.
+#[no_mangle]
+static DEVICE_IRQS: AtomicU64 = AtomicU64::new(0);
 
 core::arch::global_asm!(
     ".pushsection .text.apic_irq, \"ax\"",
@@ -31,11 +39,36 @@ core::arch::global_asm!(
     "mov rax, {eoi}",
     "mov dword ptr [rax], 0",
     "lock inc qword ptr [rip + TIMER_TICKS]",
+    "lock inc qword ptr [rip + IRQ_EVENTS]",
+    "pop rax",
+    "iretq",
+    // Device vectors: note the vector, EOI, return.
+    ".macro device_irq_stub n",
+    "device_irq_stub_\\n:",
+    "push rax",
+    "mov eax, \\n",
+    "jmp device_irq_common",
+    ".endm",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "device_irq_stub \\n",
+    ".endr",
+    "device_irq_common:",
+    "lock bts qword ptr [rip + DEVICE_IRQS], rax",
+    "lock inc qword ptr [rip + IRQ_EVENTS]",
+    "mov rax, {eoi}",
+    "mov dword ptr [rax], 0",
     "pop rax",
     "iretq",
     ".global apic_spurious_entry",
     "apic_spurious_entry:",
     "iretq",
+    ".popsection",
+    ".pushsection .rodata.device_irq, \"a\"",
+    ".p2align 3",
+    "device_irq_stubs:",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    ".quad device_irq_stub_\\n",
+    ".endr",
     ".popsection",
     eoi = const LAPIC_BASE + REG_EOI,
 );
@@ -45,9 +78,27 @@ extern "C" {
     fn apic_spurious_entry();
 }
 
-/// Handler addresses for the IDT.
-pub fn interrupt_entries() -> [(u8, u64); 2] {
+/// Handler addresses for the IDT: the timer, spurious interrupts, and the device vectors.
+pub fn interrupt_entries() -> impl Iterator<Item = (u8, u64)> {
+    extern "C" {
+        static device_irq_stubs: [u64; DEVICE_VECTORS];
+    }
+    // SAFETY: the table is emitted above in read-only data, 32 code addresses fixed at
+    // link time.
+    let stubs = unsafe { device_irq_stubs };
     [(TIMER_VECTOR, apic_timer_entry as *const () as u64), (SPURIOUS_VECTOR, apic_spurious_entry as *const () as u64)]
+        .into_iter()
+        .chain(stubs.into_iter().enumerate().map(|(i, a)| (DEVICE_VECTOR_BASE + i as u8, a)))
+}
+
+/// The interrupt event count (moves with every timer or device interrupt taken).
+pub fn events() -> u64 {
+    IRQ_EVENTS.load(Ordering::Relaxed)
+}
+
+/// Take the set of device vectors that fired (bit i = DEVICE_VECTOR_BASE + i).
+pub fn take_device_irqs() -> u64 {
+    DEVICE_IRQS.swap(0, Ordering::Relaxed)
 }
 
 fn read(reg: u64) -> u32 {

@@ -38,6 +38,9 @@ pub struct Iommu {
     spaces: [Option<Stage2Map<Vtd>>; MAX_DOMAINS],
     faults: heapless::Deque<FaultRecord, 16>,
     pub faults_dropped: u64,
+    /// The interrupt remapping table, and which device owns each entry.
+    irt: u64,
+    irte_owner: [Option<u16>; 256],
 }
 
 impl Iommu {
@@ -123,6 +126,8 @@ impl Iommu {
             spaces: [const { None }; MAX_DOMAINS],
             faults: heapless::Deque::new(),
             faults_dropped: 0,
+            irt,
+            irte_owner: [None; 256],
         };
         u.cap = Capability(u.read64(regs::CAP));
         let ecap = ExtCapability(u.read64(regs::ECAP));
@@ -153,6 +158,28 @@ impl Iommu {
             return Err("the IOMMU did not turn translation and interrupt remapping on");
         }
         Ok(u)
+    }
+
+    /// An interrupt-remapping entry delivering `vector` to the boot CPU, accepted only from
+    /// requester `rid`; returns its handle. `owner` tags it for `free_irtes`.
+    pub fn alloc_irte(&mut self, owner: u16, vector: u8, rid: u16) -> Result<u16, &'static str> {
+        let handle = self.irte_owner.iter().position(Option::is_none).ok_or("interrupt remapping table full")?;
+        let entry = irte::irte(vector, 0, rid).map_err(|_| "bad remapping entry")?;
+        write_entry128(&mut PhysTables, self.irt, handle, entry).map_err(|_| "remapping entry")?;
+        self.irte_owner[handle] = Some(owner);
+        self.invalidate(&[inv::interrupt_entry_cache_global()])?;
+        Ok(handle as u16)
+    }
+
+    /// Remove every remapping entry of `owner`: its device can raise nothing any more.
+    pub fn free_irtes(&mut self, owner: u16) {
+        for handle in 0..self.irte_owner.len() {
+            if self.irte_owner[handle] == Some(owner) {
+                let _ = clear_entry128(&mut PhysTables, self.irt, handle);
+                self.irte_owner[handle] = None;
+            }
+        }
+        let _ = self.invalidate(&[inv::interrupt_entry_cache_global()]);
     }
 
     /// Build domain `d`'s DMA space if it has none: its RAM and its regions, read/write.

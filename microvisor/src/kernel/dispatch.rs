@@ -302,6 +302,20 @@ impl<F: Stage2Format> Kernel<F> {
                     p.pci_config_write(dev, r.rdi, r.rsi, value)
                 }
             }
+            Hypercall::DeviceIrq => {
+                let dev = self.lookup_device(caller, r.rbx, 0)?;
+                if self.devices[dev as usize].owner != Some(caller) {
+                    return Err(Error::DeviceBusy);
+                }
+                let n = match self.lookup(caller, r.rdi, rights::WAIT)?.object {
+                    Object::Notification(n) => n,
+                    _ => return Err(Error::WrongType),
+                };
+                let (address, data, handle) = self.device_irq(p, dev, n)?;
+                let regs = &mut self.vcpus[v as usize].regs;
+                (regs.rdi, regs.rsi, regs.rdx) = (address, data, handle as u64);
+                Ok(())
+            }
             Hypercall::IommuFault => {
                 match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
                     Object::Machine => {}

@@ -126,7 +126,25 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
         None
     }
+    /// A host vector and an interrupt-remapping entry for the device: (vector, MSI
+    /// address, MSI data, handle).
+    fn irq_allocate(&mut self, _dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
+        Err(Error::InvalidState)
+    }
+    /// Give back every vector and remapping entry of the device.
+    fn irq_release(&mut self, _dev: DeviceId) {}
 }
+
+/// Where a device interrupt (by host vector) goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqRoute {
+    pub device: DeviceId,
+    pub notification: NotificationId,
+}
+
+/// Host vectors the microvisor hands out for device interrupts.
+pub const DEVICE_VECTOR_BASE: u8 = 0x30;
+pub const DEVICE_VECTORS: usize = 32;
 
 /// A PCI function the microvisor found at boot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -360,6 +378,8 @@ pub struct Kernel<F: Stage2Format> {
     pub endpoints: [Endpoint; MAX_ENDPOINTS],
     pub notifications: [Notification; MAX_NOTIFICATIONS],
     pub devices: [Device; MAX_DEVICES],
+    /// Device interrupt routes, by host vector − [`DEVICE_VECTOR_BASE`].
+    pub irq_routes: [Option<IrqRoute>; DEVICE_VECTORS],
     pub runq: RunQueue,
     pub current: Option<VcpuId>,
     next_cap_id: u32,
@@ -394,6 +414,7 @@ impl<F: Stage2Format> Kernel<F> {
             notifications: [const { Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None } };
                 MAX_NOTIFICATIONS],
             devices: [Device { present: false, rid: 0, vendor: 0, device: 0, class: 0, owner: None }; MAX_DEVICES],
+            irq_routes: [None; DEVICE_VECTORS],
             runq: RunQueue::new(),
             current: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
@@ -835,10 +856,11 @@ impl<F: Stage2Format> Kernel<F> {
     pub fn domain_destroy<P: Platform>(&mut self, p: &mut P, d: DomainId) {
         self.stop_domain(d);
         // Devices first: their DMA must stop before any of the domain's memory is freed.
-        for (i, dev) in self.devices.iter_mut().enumerate() {
-            if dev.owner == Some(d) {
+        for i in 0..MAX_DEVICES {
+            if self.devices[i].owner == Some(d) {
+                self.device_irqs_release(p, i as DeviceId);
                 p.device_release(i as DeviceId);
-                dev.owner = None;
+                self.devices[i].owner = None;
             }
         }
         p.dma_space_destroy(d);
@@ -1035,6 +1057,46 @@ impl<F: Stage2Format> Kernel<F> {
         }
         self.devices[dev as usize].owner = Some(d);
         Ok(())
+    }
+
+    /// Route a new interrupt of device `dev` to notification `n`.
+    pub fn device_irq<P: Platform>(
+        &mut self,
+        p: &mut P,
+        dev: DeviceId,
+        n: NotificationId,
+    ) -> Result<(u64, u64, u16), Error> {
+        let (vector, address, data, handle) = p.irq_allocate(dev)?;
+        let Some(route) = vector.checked_sub(DEVICE_VECTOR_BASE).and_then(|i| self.irq_routes.get_mut(i as usize))
+        else {
+            p.irq_release(dev);
+            return Err(Error::OutOfMemory);
+        };
+        *route = Some(IrqRoute { device: dev, notification: n });
+        // The route keeps the notification alive.
+        self.notifications[n as usize].refs += 1;
+        Ok((address, data, handle))
+    }
+
+    fn device_irqs_release<P: Platform>(&mut self, p: &mut P, dev: DeviceId) {
+        p.irq_release(dev);
+        for i in 0..DEVICE_VECTORS {
+            if let Some(r) = self.irq_routes[i] {
+                if r.device == dev {
+                    self.irq_routes[i] = None;
+                    self.release(p, Object::Notification(r.notification));
+                }
+            }
+        }
+    }
+
+    /// A device interrupt arrived on host `vector`: signal its notification.
+    pub fn device_interrupt(&mut self, vector: u8) {
+        let route =
+            vector.checked_sub(DEVICE_VECTOR_BASE).and_then(|i| self.irq_routes.get(i as usize).copied().flatten());
+        if let Some(r) = route {
+            self.signal_object(r.notification, 1);
+        }
     }
 
     /// Earliest pending virtual timer deadline, for the idle loop.
