@@ -200,9 +200,18 @@ impl Platform for Machine {
     fn device_release(&mut self, dev: DeviceId) {
         let Some((index, _)) = self.devices.get(dev as usize).copied().flatten() else { return };
         let Some(bdf) = self.functions.get(index).map(|f| f.bdf) else { return };
-        // Quiesce: no more bus mastering or decoding, then no DMA path at all.
-        if let Some(ecam) = self.ecam.as_mut() {
+        // Quiesce: no more bus mastering or decoding, a function-level reset where the
+        // device has one (then the 100 ms the spec asks for before it is touched again:
+        // a rare operation, it may pause the machine), then no DMA path at all.
+        if let (Some(ecam), Some(f)) = (self.ecam.as_mut(), self.functions.get(index)) {
             let _ = pci::quiesce(ecam, bdf);
+            if pci::function_reset(ecam, f) {
+                let t0 = self.clock.now_ns();
+                while self.clock.now_ns() - t0 < 100_000_000 {
+                    core::hint::spin_loop();
+                }
+                crate::println!("pci: {bdf} reset (function-level reset)");
+            }
         }
         if let Some(iommu) = self.iommu.as_mut() {
             if let Err(why) = iommu.detach(bdf.requester_id()) {

@@ -904,6 +904,23 @@ pub fn config_write(
     Ok(action)
 }
 
+/// Start a function-level reset if the function supports it (PCIe capability, DevCap
+/// bit 28): afterwards the device has forgotten everything its last owner programmed. The
+/// caller must wait 100 ms before the function is used again. Returns whether it was sent.
+pub fn function_reset(cs: &mut impl ConfigSpace, f: &Function) -> bool {
+    const CAP_PCIE: u8 = 0x10;
+    let Some(cap) = f.capability(CAP_PCIE) else { return false };
+    let cap = u16::from(cap);
+    if cs.read32(f.bdf, cap + 4) & (1 << 28) == 0 {
+        return false;
+    }
+    // Device Control is the low half of the dword at +8; the status half is written as
+    // zeros (its bits are write-one-to-clear).
+    let control = cs.read32(f.bdf, cap + 8) & 0xffff;
+    cs.write32(f.bdf, cap + 8, control | (1 << 15));
+    true
+}
+
 /// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
 /// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
 /// before a dying domain's device changes hands.
