@@ -322,28 +322,6 @@ impl FrameAllocator {
         Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory { frames, align } })
     }
 
-    /// Like [`FrameAllocator::alloc`] but returns the highest fitting address, so that low
-    /// memory stays available for DMA-limited devices and real-mode trampolines.
-    pub fn alloc_high(&mut self, frames: u64, align: u64) -> Result<u64, AllocError> {
-        let size = Self::request_size(frames, align)?;
-        let mut fragmented = false;
-        for i in (0..self.free.len()).rev() {
-            let r = self.free[i];
-            if r.len() < size {
-                continue;
-            }
-            let start = align_down(r.end - size, align);
-            if start < r.start {
-                continue;
-            }
-            if self.carve(i, start, start + size) {
-                return Ok(start);
-            }
-            fragmented = true;
-        }
-        Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory { frames, align } })
-    }
-
     /// Return `frames` frames starting at `start` to the free list, coalescing with neighbours.
     ///
     /// Rejected with [`AllocError::NotAllocated`] (nothing changed) if the range is unaligned,
@@ -508,12 +486,10 @@ mod tests {
     }
 
     #[test]
-    fn alloc_first_fit_and_high() {
+    fn alloc_first_fit() {
         let mut a = FrameAllocator::new(&[PhysRange::new(0x1000, 0x100_0000)], &[]);
         assert_eq!(a.alloc(1, FRAME_SIZE), Ok(0x1000));
         assert_eq!(a.alloc(2, FRAME_SIZE), Ok(0x2000));
-        assert_eq!(a.alloc_high(1, FRAME_SIZE), Ok(0xff_f000));
-        assert_eq!(a.alloc_high(1, 2 * MIB), Ok(0xe0_0000));
         assert_eq!(a.alloc(1, 2 * MIB), Ok(0x20_0000));
         check_invariants(&a);
     }
@@ -523,14 +499,12 @@ mod tests {
         let mut a = FrameAllocator::new(&[PhysRange::new(0x1000, 64 * MIB)], &[]);
         let p = a.alloc(3, 2 * MIB).unwrap();
         assert_eq!(p % (2 * MIB), 0);
-        let q = a.alloc_high(5, 4 * MIB).unwrap();
+        let q = a.alloc(5, 4 * MIB).unwrap();
         assert_eq!(q % (4 * MIB), 0);
         for bad in [0, 1, 2048, 3 * FRAME_SIZE, 6144] {
             assert_eq!(a.alloc(1, bad), Err(AllocError::BadAlignment(bad)));
-            assert_eq!(a.alloc_high(1, bad), Err(AllocError::BadAlignment(bad)));
         }
         assert_eq!(a.alloc(0, FRAME_SIZE), Err(AllocError::ZeroFrames));
-        assert_eq!(a.alloc_high(0, FRAME_SIZE), Err(AllocError::ZeroFrames));
         assert_eq!(a.free(p, 0), Err(AllocError::ZeroFrames));
     }
 
@@ -541,11 +515,9 @@ mod tests {
         assert_eq!(a.alloc(4, FRAME_SIZE), Ok(0));
         assert_eq!(a.alloc(2, FRAME_SIZE), Ok(0x8000));
         assert_eq!(a.free_frames(), 0);
-        assert!(matches!(a.alloc_high(1, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
         // Aligned request that fits in size but not in alignment.
         let mut b = FrameAllocator::new(&[PhysRange::new(0x1000, 0x20_1000)], &[]);
         assert!(matches!(b.alloc(512, 2 * MIB), Err(AllocError::OutOfMemory { .. })));
-        assert!(matches!(b.alloc_high(512, 2 * MIB), Err(AllocError::OutOfMemory { .. })));
     }
 
     #[test]
@@ -599,11 +571,9 @@ mod tests {
         assert_eq!(a.free_ranges().len(), MAX_RANGES);
         // An 8 KiB aligned frame sits strictly inside every range: each fit needs a split.
         assert_eq!(a.alloc(1, 0x2000), Err(AllocError::TooFragmented));
-        assert_eq!(a.alloc_high(1, 0x2000), Err(AllocError::TooFragmented));
         assert_eq!(a.free_ranges().len(), MAX_RANGES);
         // Allocations that do not split still work.
         assert_eq!(a.alloc(1, FRAME_SIZE), Ok(0x1000));
-        assert_eq!(a.alloc_high(1, FRAME_SIZE), Ok(ranges[MAX_RANGES - 1].end - 0x1000));
         check_invariants(&a);
     }
 
@@ -687,11 +657,10 @@ mod tests {
     struct Req {
         frames: u64,
         align_shift: u32,
-        high: bool,
     }
 
     fn arb_req() -> impl Strategy<Value = Req> {
-        (1u64..40, 12u32..=22, any::<bool>()).prop_map(|(frames, align_shift, high)| Req { frames, align_shift, high })
+        (1u64..40, 12u32..=22).prop_map(|(frames, align_shift)| Req { frames, align_shift })
     }
 
     proptest! {
@@ -716,7 +685,7 @@ mod tests {
             for r in &reqs {
                 let align = 1u64 << r.align_shift;
                 let before = a.free_frames();
-                let res = if r.high { a.alloc_high(r.frames, align) } else { a.alloc(r.frames, align) };
+                let res = a.alloc(r.frames, align);
                 match res {
                     Ok(p) => {
                         prop_assert_eq!(p % align, 0, "alignment");

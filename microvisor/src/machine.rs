@@ -157,17 +157,9 @@ impl Platform for Machine {
     }
 
     fn device_bars(&self, dev: DeviceId) -> heapless::Vec<(u64, u64), 6> {
-        let mut bars = heapless::Vec::new();
-        if let Some(f) = self.function(dev) {
-            // Only page-granular memory BARs: a smaller one would expose whatever shares
-            // its page. I/O BARs are never given out (domains own no ports).
-            for bar in f.bars.iter().filter(|b| b.is_page_granular()) {
-                if let Some(range) = bar.mem_range() {
-                    let _ = bars.push(range);
-                }
-            }
-        }
-        bars
+        // Only page-granular memory BARs are recorded: a smaller one would expose whatever
+        // shares its page. I/O BARs are never given out (domains own no ports).
+        self.function(dev).map(|f| f.mem_bars.clone()).unwrap_or_default()
     }
 
     fn device_assign(
@@ -204,7 +196,7 @@ impl Platform for Machine {
         // device has one (then the 100 ms the spec asks for before it is touched again:
         // a rare operation, it may pause the machine), then no DMA path at all.
         if let (Some(ecam), Some(f)) = (self.ecam.as_mut(), self.functions.get(index)) {
-            let _ = pci::quiesce(ecam, bdf);
+            pci::quiesce(ecam, bdf);
             if pci::function_reset(ecam, f) {
                 let t0 = self.clock.now_ns();
                 while self.clock.now_ns() - t0 < 100_000_000 {

@@ -369,20 +369,11 @@ mod boot_and_run {
         match (&p.dmar, &p.dmar_error) {
             (Some(d), _) => {
                 let _ = write!(line, ", IOMMU: {} VT-d unit(s)", d.units.len());
-                for u in &d.units {
-                    let _ = write!(
-                        line,
-                        " at {:#x}{}",
-                        u.register_base,
-                        if u.include_pci_all { " (all PCI devices)" } else { "" }
-                    );
+                if let Some(u) = d.units.first() {
+                    let _ = write!(line, " at {:#x}", u.register_base);
                 }
-                let _ = write!(
-                    line,
-                    ", {}-bit DMA, interrupt remapping {}",
-                    d.host_address_width,
-                    if d.interrupt_remapping() { "supported" } else { "not supported" }
-                );
+                let ir = if d.interrupt_remapping() { "supported" } else { "not supported" };
+                let _ = write!(line, ", {}-bit DMA, interrupt remapping {ir}", d.host_address_width);
             }
             (None, Some(e)) => {
                 let _ = write!(line, ", IOMMU: DMAR table unreadable ({e})");
@@ -408,8 +399,8 @@ mod boot_and_run {
     /// Turn VT-d on before any domain runs: from now on a device can only DMA where its
     /// domain's DMA space says.
     fn start_iommu(m: &mut Machine, platform: &acpi::Platform) {
-        let Some(unit) = platform.dmar.as_ref().and_then(|d| d.units.first()) else {
-            println!("iommu: none: no device will be given to a domain");
+        let Some(unit) = platform.dmar.as_ref().and_then(|d| d.sole_unit()) else {
+            println!("iommu: none usable (needs one VT-d unit, on segment 0): no device will be given to a domain");
             return;
         };
         match Iommu::init(unit.register_base) {

@@ -34,7 +34,10 @@ fn without_an_iommu_no_device_is_given_out() {
     m.iommu = false;
     let run = boot(&m);
     assert_line(&run, "IOMMU: none (no DMAR table; add -device intel-iommu)");
-    assert_line(&run, "[microvisor] iommu: none: no device will be given to a domain");
+    assert_line(
+        &run,
+        "[microvisor] iommu: none usable (needs one VT-d unit, on segment 0): no device will be given to a domain",
+    );
     // Passthrough without an IOMMU would let the driver's device write anywhere: refused.
     assert_line(&run, "[dom0] building the stack failed: domain disk: DeviceAssign:");
     assert_no_line(&run, "[disk] ready");

@@ -446,6 +446,8 @@ pub struct ComponentCount {
     pub files: usize,
     /// `unsafe` outside test code.
     pub unsafe_counts: UnsafeCounts,
+    /// Source lines per counted file (path relative to the workspace), for `--files`.
+    pub per_file: Vec<(PathBuf, usize)>,
 }
 
 /// The components of the workspace: the microvisor, the shared crates, the domains, every
@@ -526,6 +528,7 @@ pub fn count_component(root: &Path, component: &Component) -> Result<ComponentCo
         count.sloc += a.sloc;
         count.files += 1;
         count.unsafe_counts += a.unsafe_counts;
+        count.per_file.push((f.strip_prefix(root).unwrap_or(&f).to_path_buf(), a.sloc));
     }
     Ok(count)
 }
@@ -819,14 +822,32 @@ pub fn count_sources(root: &Path) -> Result<Report, String> {
     Ok(r)
 }
 
+/// The files of one component, largest first: where the lines are.
+pub fn render_files(r: &Report, component: &str) -> String {
+    let mut files = r.get(component).per_file.clone();
+    files.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut o = format!("{component}: source lines per file\n");
+    for (path, sloc) in files {
+        o.push_str(&format!("  {:>6}  {}\n", thousands(sloc as u64), path.display()));
+    }
+    o
+}
+
 /// `cargo xtask tcb`: count, build, measure, print, write `<target dir>/tcb.json`. Fails if
 /// the microvisor is over [`MICROVISOR_SLOC_LIMIT`] (after writing the report).
 pub fn run(args: &[String]) -> Result<(), String> {
-    if let Some(a) = args.first() {
-        return Err(format!("tcb: unknown option `{a}`"));
+    let mut list_files = false;
+    for a in args {
+        match a.as_str() {
+            "--files" => list_files = true,
+            _ => return Err(format!("tcb: unknown option `{a}` (the only option is --files)")),
+        }
     }
     let root = workspace_root();
     let mut report = count_sources(&root)?;
+    if list_files {
+        print!("{}", render_files(&report, "microvisor"));
+    }
     let target_dir = crate::build::default_target_dir();
     let artifacts = crate::build::build(&target_dir, &crate::manifest::default_stack_path())?;
     let elf =
@@ -958,5 +979,31 @@ mod tests {
         assert!(r.microvisor_sloc > 500, "{r:?}");
         assert!(r.microvisor_tcb_sloc > r.microvisor_sloc);
         assert!(r.microvisor_unsafe.blocks > 0);
+    }
+
+    /// The size budget is part of the test suite, so a change that grows the trusted core past
+    /// it fails `cargo xtask test`, not only `cargo xtask tcb`.
+    #[test]
+    fn the_microvisor_is_within_its_budget() {
+        let r = count_sources(&workspace_root()).unwrap();
+        assert!(
+            r.microvisor_sloc < MICROVISOR_SLOC_LIMIT,
+            "the microvisor has {} SLOC, at or over its limit of {MICROVISOR_SLOC_LIMIT}: \
+             see `cargo xtask tcb --files` for where the lines are",
+            r.microvisor_sloc
+        );
+    }
+
+    #[test]
+    fn files_are_listed_largest_first() {
+        let r = count_sources(&workspace_root()).unwrap();
+        let listing = render_files(&r, "microvisor");
+        let sizes: Vec<usize> = listing
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap().replace(',', "").parse().unwrap())
+            .collect();
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{listing}");
+        assert_eq!(sizes.iter().sum::<usize>(), r.microvisor_sloc);
     }
 }

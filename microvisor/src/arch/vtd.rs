@@ -134,6 +134,10 @@ impl Iommu {
         if !u.cap.supports_levels(3) {
             return Err("the IOMMU cannot walk 3-level (39-bit) tables");
         }
+        if u.cap.caching_mode() {
+            // Caching mode needs an invalidation after every not-present to present change.
+            return Err("the IOMMU is in caching mode (a virtual IOMMU), which is not supported");
+        }
         if !ecap.queued_invalidation() || !ecap.interrupt_remapping() {
             return Err("the IOMMU lacks queued invalidation or interrupt remapping");
         }

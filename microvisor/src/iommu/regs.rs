@@ -10,8 +10,6 @@
 
 use bitflags::bitflags;
 
-/// Version (32-bit, RO): major in bits 7:4, minor in 3:0. QEMU 7.2 reports 1.0.
-pub const VER: u64 = 0x00;
 /// Capability (64-bit, RO): see [`Capability`].
 pub const CAP: u64 = 0x08;
 /// Extended capability (64-bit, RO): see [`ExtCapability`].
@@ -32,20 +30,6 @@ pub const FECTL: u64 = 0x38;
 pub const FEDATA: u64 = 0x3c;
 /// Fault event interrupt address (32-bit): the MSI address of the fault interrupt.
 pub const FEADDR: u64 = 0x40;
-/// Fault event upper address (32-bit): only with x2APIC (ECAP.EIM); zero otherwise.
-pub const FEUADDR: u64 = 0x44;
-/// Advanced fault log (64-bit; QEMU does not implement advanced fault logging).
-pub const AFLOG: u64 = 0x58;
-/// Protected memory enable (32-bit). Only meaningful when CAP.PLMR/PHMR are set (not on QEMU).
-pub const PMEN: u64 = 0x64;
-/// Protected low-memory base (32-bit).
-pub const PLMBASE: u64 = 0x68;
-/// Protected low-memory limit (32-bit).
-pub const PLMLIMIT: u64 = 0x6c;
-/// Protected high-memory base (64-bit).
-pub const PHMBASE: u64 = 0x70;
-/// Protected high-memory limit (64-bit).
-pub const PHMLIMIT: u64 = 0x78;
 /// Invalidation queue head (64-bit, RO): index of the next descriptor the unit reads, in bits
 /// 18:4.
 pub const IQH: u64 = 0x80;
@@ -58,12 +42,6 @@ pub const IQA: u64 = 0x90;
 pub const ICS: u64 = 0x9c;
 /// Invalidation event control (32-bit): [`EVENT_IM`], [`EVENT_IP`].
 pub const IECTL: u64 = 0xa0;
-/// Invalidation event data (32-bit).
-pub const IEDATA: u64 = 0xa4;
-/// Invalidation event address (32-bit).
-pub const IEADDR: u64 = 0xa8;
-/// Invalidation event upper address (32-bit).
-pub const IEUADDR: u64 = 0xac;
 /// Interrupt remapping table address (64-bit): see [`crate::iommu::irte::irta`].
 pub const IRTA: u64 = 0xb8;
 
@@ -179,20 +157,9 @@ bitflags! {
     }
 }
 
-impl FaultStatus {
-    /// The write-1-to-clear bits: write these back to FSTS to acknowledge them.
-    pub const W1C: FaultStatus =
-        FaultStatus::PFO.union(FaultStatus::IQE).union(FaultStatus::ICE).union(FaultStatus::ITE);
-}
-
 /// FSTS.FRI (bits 15:8): the fault recording register to look at first when PPF is set.
 pub const fn fault_record_index(fsts: u32) -> u8 {
     (fsts >> 8) as u8
-}
-
-/// The version register split into (major, minor).
-pub const fn version(ver: u32) -> (u8, u8) {
-    (((ver >> 4) & 0xf) as u8, (ver & 0xf) as u8)
 }
 
 /// Extract `width` bits starting at `shift`.
@@ -224,26 +191,6 @@ impl Capability {
         1 << self.domain_id_bits()
     }
 
-    /// AFL (bit 3): advanced fault logging.
-    pub const fn advanced_fault_logging(self) -> bool {
-        field(self.0, 3, 1) != 0
-    }
-
-    /// RWBF (bit 4): the write buffer must be flushed (GCMD.WBF) after table updates.
-    pub const fn required_write_buffer_flush(self) -> bool {
-        field(self.0, 4, 1) != 0
-    }
-
-    /// PLMR (bit 5): protected low-memory region.
-    pub const fn protected_low_memory(self) -> bool {
-        field(self.0, 5, 1) != 0
-    }
-
-    /// PHMR (bit 6): protected high-memory region.
-    pub const fn protected_high_memory(self) -> bool {
-        field(self.0, 6, 1) != 0
-    }
-
     /// CM (bit 7): caching mode. When set, the unit may cache not-present and faulting
     /// entries, so making an entry present also needs an invalidation, and domain id 0 is
     /// reserved. Clear on QEMU by default (`caching-mode=on` sets it).
@@ -266,54 +213,14 @@ impl Capability {
         }
     }
 
-    /// MGAW (bits 21:16, plus one): the widest DMA address the unit translates.
-    pub const fn mgaw(self) -> u8 {
-        field(self.0, 16, 6) as u8 + 1
-    }
-
-    /// ZLR (bit 22): zero-length reads are allowed.
-    pub const fn zero_length_read(self) -> bool {
-        field(self.0, 22, 1) != 0
-    }
-
     /// FRO (bits 33:24) times 16: offset of the first fault recording register.
     pub const fn fault_recording_offset(self) -> u64 {
         field(self.0, 24, 10) * 16
     }
 
-    /// SLLPS bit 0 (bit 34): 2 MiB second-level pages.
-    pub const fn pages_2m(self) -> bool {
-        field(self.0, 34, 1) != 0
-    }
-
-    /// SLLPS bit 1 (bit 35): 1 GiB second-level pages.
-    pub const fn pages_1g(self) -> bool {
-        field(self.0, 35, 1) != 0
-    }
-
-    /// PSI (bit 39): page-selective IOTLB invalidation.
-    pub const fn page_selective_invalidation(self) -> bool {
-        field(self.0, 39, 1) != 0
-    }
-
     /// NFR (bits 47:40, plus one): number of fault recording registers.
     pub const fn fault_recording_count(self) -> u32 {
         field(self.0, 40, 8) as u32 + 1
-    }
-
-    /// MAMV (bits 53:48): largest address mask of a page-selective invalidation.
-    pub const fn max_address_mask(self) -> u8 {
-        field(self.0, 48, 6) as u8
-    }
-
-    /// DWD (bit 54): IOTLB invalidations can drain writes.
-    pub const fn drain_write(self) -> bool {
-        field(self.0, 54, 1) != 0
-    }
-
-    /// DRD (bit 55): IOTLB invalidations can drain reads.
-    pub const fn drain_read(self) -> bool {
-        field(self.0, 55, 1) != 0
     }
 
     /// Offset of fault recording register `index` (16 bytes each: fault info at +0, source,
@@ -336,21 +243,9 @@ impl Capability {
 pub struct ExtCapability(pub u64);
 
 impl ExtCapability {
-    /// C (bit 0): page walks snoop the CPU caches. When clear (QEMU, and many client
-    /// chipsets), table updates must be flushed from the cache (CLFLUSH) before the unit can
-    /// see them; QEMU reads memory directly, so it does not care.
-    pub const fn coherent(self) -> bool {
-        field(self.0, 0, 1) != 0
-    }
-
     /// QI (bit 1): queued invalidation.
     pub const fn queued_invalidation(self) -> bool {
         field(self.0, 1, 1) != 0
-    }
-
-    /// DT (bit 2): device TLBs (ATS).
-    pub const fn device_tlb(self) -> bool {
-        field(self.0, 2, 1) != 0
     }
 
     /// IR (bit 3): interrupt remapping. Implies QI.
@@ -358,46 +253,14 @@ impl ExtCapability {
         field(self.0, 3, 1) != 0
     }
 
-    /// EIM (bit 4): extended (x2APIC, 32-bit destination) interrupt mode.
-    pub const fn extended_interrupt_mode(self) -> bool {
-        field(self.0, 4, 1) != 0
-    }
-
-    /// PT (bit 6): pass-through context entries (translation type 2).
-    pub const fn pass_through(self) -> bool {
-        field(self.0, 6, 1) != 0
-    }
-
-    /// SC (bit 7): snoop control (SNP bit in second-level entries).
-    pub const fn snoop_control(self) -> bool {
-        field(self.0, 7, 1) != 0
-    }
-
     /// IRO (bits 17:8) times 16: offset of the IOTLB register block (IVA, then IOTLB).
     pub const fn iotlb_offset(self) -> u64 {
         field(self.0, 8, 10) * 16
     }
 
-    /// Offset of the invalidate address register (IVA), first of the IOTLB block.
-    pub const fn iva_reg(self) -> u64 {
-        self.iotlb_offset()
-    }
-
     /// Offset of the IOTLB invalidate register, 8 bytes after IVA.
     pub const fn iotlb_reg(self) -> u64 {
         self.iotlb_offset() + 8
-    }
-
-    /// MHMV (bits 23:20): largest handle mask of an index-selective interrupt entry cache
-    /// invalidation.
-    pub const fn max_handle_mask(self) -> u8 {
-        field(self.0, 20, 4) as u8
-    }
-
-    /// SMTS (bit 43): scalable-mode translation. This module only builds legacy-mode tables,
-    /// which every unit supports.
-    pub const fn scalable_mode(self) -> bool {
-        field(self.0, 43, 1) != 0
     }
 }
 
@@ -414,7 +277,6 @@ mod tests {
     #[test]
     fn offsets_match_the_spec() {
         let all = [
-            (VER, 0x00),
             (CAP, 0x08),
             (ECAP, 0x10),
             (GCMD, 0x18),
@@ -425,21 +287,11 @@ mod tests {
             (FECTL, 0x38),
             (FEDATA, 0x3c),
             (FEADDR, 0x40),
-            (FEUADDR, 0x44),
-            (AFLOG, 0x58),
-            (PMEN, 0x64),
-            (PLMBASE, 0x68),
-            (PLMLIMIT, 0x6c),
-            (PHMBASE, 0x70),
-            (PHMLIMIT, 0x78),
             (IQH, 0x80),
             (IQT, 0x88),
             (IQA, 0x90),
             (ICS, 0x9c),
             (IECTL, 0xa0),
-            (IEDATA, 0xa4),
-            (IEADDR, 0xa8),
-            (IEUADDR, 0xac),
             (IRTA, 0xb8),
         ];
         for (got, want) in all {
@@ -452,46 +304,23 @@ mod tests {
         let cap = Capability(QEMU_CAP);
         assert_eq!(cap.domain_id_bits(), 16);
         assert_eq!(cap.domains(), 65536);
-        assert!(!cap.advanced_fault_logging());
-        assert!(!cap.required_write_buffer_flush());
-        assert!(!cap.protected_low_memory() && !cap.protected_high_memory());
         assert!(!cap.caching_mode());
         assert_eq!(cap.sagaw(), 0b00010);
         assert!(cap.supports_levels(3));
         assert!(!cap.supports_levels(4) && !cap.supports_levels(5) && !cap.supports_levels(2));
-        assert_eq!(cap.mgaw(), 39);
-        assert!(!cap.zero_length_read());
         assert_eq!(cap.fault_recording_offset(), 0x220);
         assert_eq!(cap.fault_recording_count(), 1);
         assert_eq!(cap.fault_record(0), Some(0x220));
         assert_eq!(cap.fault_record(1), None);
-        assert!(cap.pages_2m() && cap.pages_1g());
-        assert!(cap.page_selective_invalidation());
-        assert_eq!(cap.max_address_mask(), 18);
-        assert!(cap.drain_read() && cap.drain_write());
     }
 
     #[test]
     fn qemu_ecap_decodes() {
         let ecap = ExtCapability(QEMU_ECAP);
-        assert!(!ecap.coherent());
         assert!(ecap.queued_invalidation());
-        assert!(!ecap.device_tlb());
         assert!(ecap.interrupt_remapping());
-        assert!(!ecap.extended_interrupt_mode());
-        assert!(ecap.pass_through());
-        assert!(!ecap.snoop_control());
         assert_eq!(ecap.iotlb_offset(), 0xf0);
-        assert_eq!(ecap.iva_reg(), 0xf0);
         assert_eq!(ecap.iotlb_reg(), 0xf8);
-        assert_eq!(ecap.max_handle_mask(), 15);
-        assert!(!ecap.scalable_mode());
-    }
-
-    #[test]
-    fn version_decodes() {
-        assert_eq!(version(0x10), (1, 0));
-        assert_eq!(version(0x61), (6, 1));
     }
 
     #[test]
@@ -548,7 +377,6 @@ mod tests {
         assert_eq!(FaultStatus::PFO.bits(), 1);
         assert_eq!(FaultStatus::PPF.bits(), 2);
         assert_eq!(FaultStatus::IQE.bits(), 0x10);
-        assert_eq!(FaultStatus::W1C.bits(), 0x71);
         assert_eq!(fault_record_index(0x0000_0302), 3);
         assert_eq!(EVENT_IM, 0x8000_0000);
         assert_eq!(EVENT_IP, 0x4000_0000);
@@ -583,7 +411,7 @@ mod tests {
                 }
                 None => prop_assert!(index >= c.fault_recording_count()),
             }
-            prop_assert!(c.domain_id_bits() <= 16 && c.mgaw() <= 64);
+            prop_assert!(c.domain_id_bits() <= 16);
         }
     }
 }

@@ -100,18 +100,6 @@ impl CapTable {
         Ok(i as u64)
     }
 
-    /// Put `cap` into a given slot (used to set up dom0's well-known slots).
-    pub fn insert_at(&mut self, slot: usize, cap: Capability) -> Result<(), Error> {
-        match self.slots.get_mut(slot) {
-            Some(s) if s.id == 0 => {
-                *s = cap;
-                Ok(())
-            }
-            Some(_) => Err(Error::InvalidState),
-            None => Err(Error::InvalidSlot),
-        }
-    }
-
     pub fn remove(&mut self, slot: u64) -> Result<Capability, Error> {
         let cap = self.get(slot)?;
         self.slots[slot as usize] = EMPTY;
@@ -173,8 +161,6 @@ mod tests {
             t.insert(cap(i as u32 + 1, 0)).unwrap();
         }
         assert_eq!(t.insert(cap(999, 0)), Err(Error::NoFreeSlot));
-        assert_eq!(t.insert_at(3, cap(1000, 0)), Err(Error::InvalidState));
-        assert_eq!(t.insert_at(CAP_SLOTS, cap(1000, 0)), Err(Error::InvalidSlot));
     }
 
     #[test]

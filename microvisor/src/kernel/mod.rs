@@ -182,20 +182,6 @@ pub enum VcpuState {
     Stopped,
 }
 
-impl VcpuState {
-    pub fn is_blocked(self) -> bool {
-        matches!(
-            self,
-            Self::BlockedSend(_)
-                | Self::BlockedRecv(_)
-                | Self::BlockedReply(_)
-                | Self::BlockedFault(_)
-                | Self::BlockedWait(_)
-                | Self::Halted
-        )
-    }
-}
-
 /// Why a vCPU cannot go on (from a #VMEXIT), turned into a fault message or a stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {

@@ -63,10 +63,6 @@ impl NptFaultError {
     pub fn fetch(self) -> bool {
         self.0 & (1 << 4) != 0
     }
-    /// The fault happened while the CPU walked the guest's own page tables.
-    pub fn during_guest_walk(self) -> bool {
-        self.0 & (1 << 33) != 0
-    }
     pub fn access(self) -> &'static str {
         if self.fetch() {
             "execute"

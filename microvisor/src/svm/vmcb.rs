@@ -5,27 +5,20 @@
 
 /// Control-area offsets.
 pub mod control {
-    pub const INTERCEPT_CR: usize = 0x000;
-    pub const INTERCEPT_DR: usize = 0x004;
     pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
     pub const INTERCEPT_MISC1: usize = 0x00c;
     pub const INTERCEPT_MISC2: usize = 0x010;
     pub const IOPM_BASE_PA: usize = 0x040;
     pub const MSRPM_BASE_PA: usize = 0x048;
-    pub const TSC_OFFSET: usize = 0x050;
     pub const GUEST_ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
     pub const VINTR: usize = 0x060;
-    pub const INTERRUPT_SHADOW: usize = 0x068;
     pub const EXIT_CODE: usize = 0x070;
     pub const EXIT_INFO1: usize = 0x078;
     pub const EXIT_INFO2: usize = 0x080;
-    pub const EXIT_INT_INFO: usize = 0x088;
     pub const NP_ENABLE: usize = 0x090;
     pub const EVENT_INJECTION: usize = 0x0a8;
     pub const NESTED_CR3: usize = 0x0b0;
-    pub const CLEAN_BITS: usize = 0x0c0;
-    pub const NEXT_RIP: usize = 0x0c8;
 }
 
 /// State-save-area offsets (guest state loaded by VMRUN, stored by #VMEXIT).
@@ -40,7 +33,6 @@ pub mod save {
     pub const LDTR: usize = 0x470;
     pub const IDTR: usize = 0x480;
     pub const TR: usize = 0x490;
-    pub const CPL: usize = 0x4cb;
     pub const EFER: usize = 0x4d0;
     pub const CR4: usize = 0x548;
     pub const CR3: usize = 0x550;
@@ -80,7 +72,6 @@ pub mod misc2 {
     pub const STGI: u32 = 1 << 4;
     pub const CLGI: u32 = 1 << 5;
     pub const SKINIT: u32 = 1 << 6;
-    pub const RDTSCP: u32 = 1 << 7;
     pub const ICEBP: u32 = 1 << 8;
     pub const MONITOR: u32 = 1 << 10;
     pub const MWAIT: u32 = 1 << 11;
