@@ -160,7 +160,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 let _ = write!(domains[server].args, " chan.{}={s}", c.name);
                 let _ = write!(domains[client].args, " chan.{}={k}", c.name);
             }
-            ChannelKind::Block => {
+            ChannelKind::Block | ChannelKind::Net => {
                 let bytes = c.size_kib as u64 * 1024;
                 let gpa = REGION_BASE_GPA + i as u64 * REGION_STRIDE;
                 let r = hc(Hypercall::RegionCreate, dom0_slots::MEMORY, [bytes, 0, 0, 0, 0, 0])?.args[0];
@@ -175,13 +175,15 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 let (cs, cw, ss, sw) = doorbells(domains[client].slot, domains[server].slot)?;
                 let _ = write!(
                     domains[client].args,
-                    " chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={cs} chan.{n}.wait={cw}",
-                    n = c.name
+                    " chan.{n}.kind={k} chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={cs} chan.{n}.wait={cw}",
+                    n = c.name,
+                    k = c.kind.as_str()
                 );
                 let _ = write!(
                     domains[server].args,
-                    " chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={ss} chan.{n}.wait={sw}",
-                    n = c.name
+                    " chan.{n}.kind={k} chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={ss} chan.{n}.wait={sw}",
+                    n = c.name,
+                    k = c.kind.as_str()
                 );
             }
             ChannelKind::Notification => {

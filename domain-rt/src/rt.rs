@@ -8,7 +8,7 @@ use pvh::start_info::parse_start_page;
 
 use crate::{console, hypercall, println, BootInfo};
 
-const HEAP_SIZE: usize = 256 * 1024;
+const HEAP_SIZE: usize = 1024 * 1024;
 static mut HEAP: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
 
 #[global_allocator]

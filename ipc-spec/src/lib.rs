@@ -15,6 +15,7 @@ pub mod hypercall;
 pub mod machine_exit;
 #[cfg(feature = "alloc")]
 pub mod manifest;
+pub mod net;
 pub mod ring;
 
 pub use error::Error;

@@ -78,7 +78,7 @@ pub struct DomainSpec {
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
 pub const DEVICE_KINDS: &[(&str, u16, u16)] = &[("virtio-blk", 0x1af4, 0x1042), ("virtio-net", 0x1af4, 0x1041)];
 
-/// Shared-region size of a block channel, in KiB: default and bounds.
+/// Shared-region size of a block or net channel, in KiB: default and bounds.
 pub const DEFAULT_BLOCK_REGION_KIB: u32 = 1024;
 pub const MIN_BLOCK_REGION_KIB: u32 = 64;
 pub const MAX_BLOCK_REGION_KIB: u32 = 65536;
@@ -94,7 +94,7 @@ pub struct ChannelSpec {
     pub client: String,
     /// The domain that serves.
     pub server: String,
-    /// For a block channel: the shared region's size in KiB (else 0).
+    /// For a block or net channel: the shared region's size in KiB (else 0).
     pub size_kib: u32,
 }
 
@@ -110,6 +110,9 @@ pub enum ChannelKind {
     /// A block device channel: a shared region (rings and data buffers, layout in
     /// `crate::block`) mapped into both domains, plus a doorbell each way.
     Block,
+    /// A network channel: a shared region (frame rings and buffers, layout in `crate::net`)
+    /// mapped into both domains, plus a doorbell each way; the server is a net driver VM.
+    Net,
 }
 
 impl ChannelKind {
@@ -119,7 +122,13 @@ impl ChannelKind {
             ChannelKind::Endpoint => "endpoint",
             ChannelKind::Notification => "notification",
             ChannelKind::Block => "block",
+            ChannelKind::Net => "net",
         }
+    }
+
+    /// Whether the channel has a shared region (block and net channels).
+    pub fn has_region(self) -> bool {
+        matches!(self, ChannelKind::Block | ChannelKind::Net)
     }
 }
 
@@ -321,7 +330,7 @@ pub enum ProblemKind {
         /// The name given.
         device: String,
     },
-    /// A block channel's region size is out of range or not a multiple of 4 KiB.
+    /// A block or net channel's region size is out of range or not a multiple of 4 KiB.
     BadRegionSize {
         /// The size asked for, in KiB.
         kib: u32,
@@ -529,7 +538,7 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if channel.client == channel.server && manifest.domain(&channel.client).is_some() {
             push(field("server"), ProblemKind::SameDomainBothEnds { name: channel.server.clone() });
         }
-        if channel.kind == ChannelKind::Block
+        if channel.kind.has_region()
             && (!(MIN_BLOCK_REGION_KIB..=MAX_BLOCK_REGION_KIB).contains(&channel.size_kib)
                 || !channel.size_kib.is_multiple_of(4))
         {

@@ -54,6 +54,7 @@ pub fn stack_machine(manifest: &str, append: &str) -> Machine {
     let mut m = Machine::new(&Artifacts { bundle: out, stack, ..a });
     m.append = append.to_string();
     own_disk(&mut m, &name);
+    own_ports(&mut m);
     m
 }
 
@@ -71,6 +72,7 @@ pub fn machine(append: &str) -> Machine {
     let mut m = Machine::new(&artifacts());
     m.append = append.to_string();
     own_disk(&mut m, "default");
+    own_ports(&mut m);
     m
 }
 
@@ -85,6 +87,14 @@ fn own_disk(m: &mut Machine, name: &str) {
         let path = dir.join(format!("disk{i}.img"));
         let _ = std::fs::remove_file(&path);
         *disk = path;
+    }
+}
+
+/// Give a machine with network devices host ports of its own (free now, picked by the
+/// system) instead of 8080 and up: tests run in parallel, and the host may use 8080.
+fn own_ports(m: &mut Machine) {
+    for port in m.net_ports.iter_mut() {
+        *port = xtask::qemu::free_port().unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

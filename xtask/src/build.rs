@@ -15,6 +15,7 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("rogue", "domains", "rogue"),
     ("spinner", "domains", "spinner"),
     ("disk-driver", "disk-driver", "disk-driver"),
+    ("net-driver", "net-driver", "net-driver"),
     ("demo-guest", "demo-guest", "demo-guest"),
 ];
 
@@ -52,7 +53,7 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     crate::setup::ensure_target()?;
     // The microvisor is built on its own: built together with the domains, cargo would
     // unify features and link ipc-spec's allocating manifest code into the microvisor.
-    for packages in [&["microvisor"][..], &["dom0", "domains", "disk-driver", "demo-guest"][..]] {
+    for packages in [&["microvisor"][..], &["dom0", "domains", "disk-driver", "net-driver", "demo-guest"][..]] {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace_root())
             .args(["build", "--release", "--target", BARE_METAL_TARGET])

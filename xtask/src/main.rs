@@ -7,6 +7,7 @@
 //!   --gdb               wait for a debugger on localhost:1234 before starting
 //!   --append "<words>"  extra microvisor command-line words (e.g. `dom0.selftest=...`)
 //!   --timeout <secs>    with --smoke: give up after this long (default 120)
+//!   --port <port>       host port forwarded to port 80 of the network device (default 8080)
 //! test                  host tests, then the QEMU end-to-end tests
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! ```
@@ -46,8 +47,10 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <command>
   build [--stack file]  build the microvisor and domain images, pack target/stack/bundle.bin
                         for the stack manifest (default stacks/demo.toml)
-  run [--stack file] [--smoke] [--gdb] [--append \"words\"] [--timeout secs]
-                        boot the stack in QEMU (console on this terminal; Ctrl-A X quits)
+  run [--stack file] [--smoke] [--gdb] [--append \"words\"] [--timeout secs] [--port port]
+                        boot the stack in QEMU (console on this terminal; Ctrl-A X quits);
+                        with a virtio-net device, 127.0.0.1:<port> (default 8080) is
+                        forwarded to port 80 on QEMU's user network
   test                  host tests, then the QEMU end-to-end tests
   bench ipc [--n N]     IPC cost in instructions (QEMU -icount) and wall time; writes
                         target/bench/ipc.json
@@ -84,13 +87,20 @@ struct RunOptions {
     gdb: bool,
     append: String,
     timeout: Duration,
+    port: Option<u16>,
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions, String> {
     let (stack, args) = stack_option(args)?;
     let args = &args[..];
-    let mut o =
-        RunOptions { stack, smoke: false, gdb: false, append: String::new(), timeout: Duration::from_secs(120) };
+    let mut o = RunOptions {
+        stack,
+        smoke: false,
+        gdb: false,
+        append: String::new(),
+        timeout: Duration::from_secs(120),
+        port: None,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -100,6 +110,10 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a number of seconds")?;
                 o.timeout = Duration::from_secs(v.parse().map_err(|_| format!("--timeout: `{v}` is not a number"))?);
+            }
+            "--port" => {
+                let v = it.next().ok_or("--port needs a port number")?;
+                o.port = Some(v.parse().map_err(|_| format!("--port: `{v}` is not a port number"))?);
             }
             other => return Err(format!("run: unknown option `{other}`\n\n{USAGE}")),
         }
@@ -114,6 +128,16 @@ fn run(args: &[String]) -> Result<(), String> {
     let mut machine = Machine::new(&artifacts);
     machine.append = opts.append.clone();
     machine.gdb = opts.gdb;
+    if let Some(port) = opts.port {
+        for (i, p) in machine.net_ports.iter_mut().enumerate() {
+            *p = port.saturating_add(i as u16);
+        }
+    }
+    for port in &machine.net_ports {
+        println!(
+            "xtask: network: http://127.0.0.1:{port}/ on the host reaches port 80 on QEMU's user network (the demo guest's web server)"
+        );
+    }
     if !opts.smoke {
         println!("xtask: {}", machine.display_command(true));
         if opts.gdb {

@@ -82,6 +82,7 @@ enum KindValue {
     Endpoint,
     Notification,
     Block,
+    Net,
 }
 
 impl From<KindValue> for ChannelKind {
@@ -90,6 +91,7 @@ impl From<KindValue> for ChannelKind {
             KindValue::Endpoint => ChannelKind::Endpoint,
             KindValue::Notification => ChannelKind::Notification,
             KindValue::Block => ChannelKind::Block,
+            KindValue::Net => ChannelKind::Net,
         }
     }
 }
@@ -159,7 +161,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
         .map(|c| {
             let kind: ChannelKind = c.kind.into();
             let size_kib = match (kind, c.size_kib) {
-                (ChannelKind::Block, None) => ipc_spec::manifest::DEFAULT_BLOCK_REGION_KIB,
+                (ChannelKind::Block | ChannelKind::Net, None) => ipc_spec::manifest::DEFAULT_BLOCK_REGION_KIB,
                 (_, Some(k)) => u32::try_from(k).unwrap_or(u32::MAX),
                 (_, None) => 0,
             };
@@ -318,10 +320,12 @@ server = "pong"
     fn demo_stack_is_valid() {
         let m = load(&default_stack_path(), &crate::build::known_images()).unwrap();
         let names: Vec<&str> = m.domains.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["disk", "guest"]);
+        assert_eq!(names, ["disk", "net", "guest"]);
         assert_eq!(m.domain("disk").unwrap().device, "virtio-blk");
+        assert_eq!(m.domain("net").unwrap().device, "virtio-net");
         assert_eq!(m.channels[0].kind, ChannelKind::Block);
         assert_eq!(m.channels[0].size_kib, 1024);
+        assert_eq!((m.channels[1].kind, m.channels[1].size_kib), (ChannelKind::Net, 520));
         assert_eq!(manifest::decode(&pack(&m)).unwrap(), m);
     }
 

@@ -31,6 +31,19 @@ pub struct Machine {
     pub extra: Vec<String>,
     /// Raw disk images, each behind a virtio-blk-pci device (behind the IOMMU).
     pub disks: Vec<PathBuf>,
+    /// One virtio-net-pci device (behind the IOMMU) per entry, on QEMU user networking,
+    /// with host port `127.0.0.1:<entry>` forwarded to the guests' port 80.
+    pub net_ports: Vec<u16>,
+}
+
+/// The host port forwarded to port 80 of the first network device (`cargo xtask run --port`).
+pub const DEFAULT_NET_PORT: u16 = 8080;
+
+/// A TCP port on 127.0.0.1 that is free now (the system picks it), for a forwarding that
+/// must not clash with another QEMU (tests run in parallel).
+pub fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| format!("finding a free port: {e}"))
 }
 
 impl Machine {
@@ -49,6 +62,10 @@ impl Machine {
                 .map(|i| {
                     artifacts.bundle.with_file_name(if i == 0 { "disk.img".into() } else { format!("disk{i}.img") })
                 })
+                .collect(),
+            // One network device per virtio-net the stack assigns: ports 8080, 8081, ...
+            net_ports: (0..artifacts.stack.devices.iter().filter(|d| *d == "virtio-net").count())
+                .map(|i| DEFAULT_NET_PORT.saturating_add(i as u16))
                 .collect(),
         }
     }
@@ -84,6 +101,15 @@ impl Machine {
                 format!("file={},if=none,id=disk{i},format=raw", disk.display()),
                 "-device".into(),
                 format!("virtio-blk-pci,drive=disk{i},disable-legacy=on,iommu_platform=on"),
+            ]);
+        }
+        for (i, port) in self.net_ports.iter().enumerate() {
+            // User networking (no host privileges); only 127.0.0.1 reaches the forwarded port.
+            a.extend([
+                "-netdev".into(),
+                format!("user,id=net{i},hostfwd=tcp:127.0.0.1:{port}-:80"),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net{i},disable-legacy=on,iommu_platform=on"),
             ]);
         }
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);

@@ -11,26 +11,17 @@
 fn main() {}
 
 #[cfg(target_os = "none")]
-mod irq;
-#[cfg(target_os = "none")]
-mod virtio;
-
-#[cfg(target_os = "none")]
 mod driver {
-    use domain_rt::hypercall::{self, call};
+    use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
-    use ipc_spec::Hypercall;
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-    use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
-    use virtio_drivers::transport::pci::PciTransport;
-
-    use crate::virtio::{AccessPlatform, DriverHal, HypercallConfig};
+    use virtio_pci::{DriverHal, HypercallConfig, Transport};
 
     domain_rt::domain_main!(main);
 
     /// The block benchmark run by the domain that owns the device: the same requests as
     /// the guest's, without the IPC hop (buffers in this VM's own memory).
-    fn bench_direct(blk: &mut VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>) -> u64 {
+    fn bench_direct(blk: &mut VirtIOBlk<DriverHal, Transport>) -> u64 {
         extern crate alloc;
         let capacity = blk.capacity();
         let mut buf = alloc::vec![0u8; 128 * 512];
@@ -58,8 +49,8 @@ mod driver {
     /// Route the queue's interrupt to our notification and wait for one real completion
     /// interrupt: device MSI-X → interrupt remapping (source-id checked) → host vector →
     /// our notification.
-    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>) {
-        let handle = match crate::irq::route_queue0(cfg, irq) {
+    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, Transport>) {
+        let handle = match virtio_pci::irq::route_queue0(cfg, irq) {
             Ok(h) => h,
             Err(e) => {
                 println!("device interrupts: {e}; polling instead");
@@ -101,34 +92,22 @@ mod driver {
             println!("no device capability on my command line: \"{}\"", info.cmdline);
             return 1;
         };
-        let dev = match call(Hypercall::DeviceInfo, slot, [0; 6]) {
-            Ok(r) => r,
+        let dev = match virtio_pci::device(slot) {
+            Ok(d) => d,
             Err(e) => {
-                println!("DeviceInfo: {e}");
+                println!("{e}");
                 return 2;
             }
         };
-        let rid = dev.args[0] as u16;
-        let function =
-            DeviceFunction { bus: (rid >> 8) as u8, device: ((rid >> 3) & 31) as u8, function: (rid & 7) as u8 };
-        println!(
-            "device {:02x}:{:02x}.{} vendor {:04x} device {:04x}",
-            function.bus,
-            function.device,
-            function.function,
-            dev.args[1] as u16,
-            (dev.args[1] >> 16) as u16
-        );
-        let mut root = PciRoot::new(HypercallConfig { slot, function });
-        root.set_command(function, Command::MEMORY_SPACE | Command::BUS_MASTER);
-        let transport = match PciTransport::new::<DriverHal, _>(&mut root, function) {
+        println!("{dev}");
+        let transport = match virtio_pci::open(&dev) {
             Ok(t) => t,
             Err(e) => {
-                println!("virtio PCI transport: {e}");
+                println!("{e}");
                 return 3;
             }
         };
-        let mut blk = match VirtIOBlk::<DriverHal, _>::new(AccessPlatform(transport)) {
+        let mut blk = match VirtIOBlk::<DriverHal, _>::new(transport) {
             Ok(b) => b,
             Err(e) => {
                 println!("virtio-blk: {e}");
@@ -151,7 +130,7 @@ mod driver {
             }
         }
         if let Some(irq) = arg_slot(info, "irq") {
-            interrupt_check(&HypercallConfig { slot, function }, irq, &mut blk);
+            interrupt_check(&dev.config, irq, &mut blk);
         }
         println!("ready");
         if info.arg("bench") == Some("direct") {
@@ -174,14 +153,12 @@ mod rogue {
     use domain_rt::{hypercall, println, BootInfo};
     use ipc_spec::ring::SharedMem;
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-    use virtio_drivers::transport::pci::PciTransport;
-
-    use crate::virtio::{AccessPlatform, DriverHal};
+    use virtio_pci::{DriverHal, Transport};
 
     /// Far outside this VM's 8 MiB of RAM (and not one of its regions).
     const OUTSIDE: usize = 0x1000_0000;
 
-    pub fn stray_dma(blk: &mut VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>) -> u64 {
+    pub fn stray_dma(blk: &mut VirtIOBlk<DriverHal, Transport>) -> u64 {
         // A marker on the disk, so the data would be recognisable wherever it landed.
         let mut marker = [0u8; 512];
         for chunk in marker.chunks_mut(8) {
@@ -251,11 +228,9 @@ mod serve {
     use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
     use ipc_spec::ring::RingError;
     use virtio_drivers::device::blk::VirtIOBlk;
-    use virtio_drivers::transport::pci::PciTransport;
+    use virtio_pci::{DriverHal, Transport};
 
-    use crate::virtio::{AccessPlatform, DriverHal};
-
-    type Blk = VirtIOBlk<DriverHal, AccessPlatform<PciTransport>>;
+    type Blk = VirtIOBlk<DriverHal, Transport>;
 
     /// Largest request served at once (64 KiB): one virtio descriptor.
     const MAX_SECTORS: u32 = 128;

@@ -2,14 +2,22 @@
 //! block channel (a shared region with request and response rings, and a doorbell each
 //! way). At boot it runs a block self-test: a pattern written across many sectors
 //! (including the last one), flushed, read back and checked, and out-of-range requests
-//! that must be refused.
+//! that must be refused. With a net channel to the net driver VM it then serves HTTP on
+//! port 80 (smoltcp over the channel; see `server.rs` and `demo_guest::http`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(not(target_os = "none"))]
 fn main() {}
 
 #[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
 mod blk;
+#[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
+mod server;
 
 #[cfg(target_os = "none")]
 mod guest {
@@ -25,21 +33,63 @@ mod guest {
     const CHUNK: u32 = 128;
 
     fn main(info: &BootInfo) -> u64 {
-        match connect(info) {
+        let mut disk = connect(info);
+        match disk.as_mut() {
             None => println!("no block channel on my command line: \"{}\"", info.cmdline),
             // A failure is reported, not fatal: the guest stays up (without its disk).
-            Some(mut disk) if info.arg("bench") == Some("blk") => bench(&mut disk),
-            Some(mut disk) => match self_test(&mut disk) {
+            Some(disk) if info.arg("bench") == Some("blk") => bench(disk),
+            Some(disk) => match self_test(disk) {
                 Ok(summary) => println!("block self-test passed: {summary}"),
                 Err(e) => println!("block self-test FAILED: {e}"),
             },
         }
+        if let Some((name, region, signal, wait)) = channel(info, "net") {
+            match crate::net::ChannelDevice::open(region, signal, wait, 5_000_000_000) {
+                Ok(dev) => {
+                    let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
+                    let gateway = info.arg("gw").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_GATEWAY);
+                    let (mac, mtu) = (dev.header.mac, dev.header.mtu);
+                    let mut server = crate::server::Server::new(dev, wait, address, gateway, disk);
+                    println!("net channel \"{name}\": MAC {mac}, MTU {mtu}; serving HTTP on {address}, port 80");
+                    println!("ready");
+                    server.run();
+                }
+                Err(e) => println!("net channel \"{name}\": {e}"),
+            }
+        }
         println!("ready");
-        // Nothing more to do yet: wait (the microvisor parks this vCPU).
+        // Nothing more to do: wait (the microvisor parks this vCPU).
         loop {
             // SAFETY: HLT only waits.
             unsafe { core::arch::asm!("hlt") };
         }
+    }
+
+    /// The guest's address and gateway on QEMU's user network, unless `ip=` and `gw=` say
+    /// otherwise.
+    const DEFAULT_ADDRESS: smoltcp::wire::Ipv4Cidr =
+        smoltcp::wire::Ipv4Cidr::new(smoltcp::wire::Ipv4Address::new(10, 0, 2, 15), 24);
+    const DEFAULT_GATEWAY: smoltcp::wire::Ipv4Address = smoltcp::wire::Ipv4Address::new(10, 0, 2, 2);
+
+    /// The first channel of `kind` with a shared region: its name, region and doorbells
+    /// (`chan.<name>.kind=<kind> chan.<name>.region=… .signal=… .wait=…`).
+    fn channel(info: &BootInfo, kind: &str) -> Option<(&'static str, Region, u64, u64)> {
+        let name = info.cmdline.split_ascii_whitespace().find_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            (v == kind).then_some(k.strip_prefix("chan.")?.strip_suffix(".kind")?)
+        })?;
+        let value = |suffix: &str| -> Option<&str> {
+            info.cmdline.split_ascii_whitespace().find_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then_some(v)
+            })
+        };
+        let slot = |suffix: &str| -> Option<u64> { value(suffix)?.parse().ok() };
+        let (base, len) = Region::parse(value(".region")?)?;
+        // SAFETY: dom0 mapped this region into our stage-2 for the channel, at the address
+        // and size on our command line; nothing else here uses that memory.
+        let region = unsafe { Region::new(base, len) };
+        Some((name, region, slot(".signal")?, slot(".wait")?))
     }
 
     /// The block benchmark through the disk driver VM: requests go on the ring as many at
@@ -84,23 +134,11 @@ mod guest {
         println!("bench blk: via=driver done");
     }
 
-    /// The first block channel: `chan.<name>.region=… .signal=… .wait=…`.
+    /// The first block channel.
     fn connect(info: &BootInfo) -> Option<BlockClient> {
-        let (name, spec) = info.cmdline.split_ascii_whitespace().find_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            Some((k.strip_prefix("chan.")?.strip_suffix(".region")?, v))
-        })?;
-        let slot = |suffix: &str| -> Option<u64> {
-            info.cmdline.split_ascii_whitespace().find_map(|w| {
-                let (k, v) = w.split_once('=')?;
-                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
-            })
-        };
-        let (base, len) = Region::parse(spec)?;
-        // SAFETY: dom0 mapped this region into our stage-2 for the channel, at the address
-        // and size on our command line; nothing else here uses that memory.
-        let region = unsafe { Region::new(base, len) };
-        match BlockClient::new(region, slot(".signal")?, slot(".wait")?) {
+        let (name, region, signal, wait) = channel(info, "block")?;
+        let (base, len) = (region.base(), region.len_kib() * 1024);
+        match BlockClient::new(region, signal, wait) {
             Ok(c) => {
                 println!("block channel \"{name}\": {} KiB shared at {base:#x}", len / 1024);
                 Some(c)

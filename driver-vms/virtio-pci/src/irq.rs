@@ -1,12 +1,12 @@
 //! Device interrupts for a driver VM: the microvisor allocates a vector and an
 //! interrupt-remapping entry that accepts it only from our device, routed to one of our
 //! notifications (DeviceIrq); we program the device's MSI-X entry with the remappable
-//! address and data it returns, and point the virtqueue at that entry.
+//! address and data it returns, and point the virtqueues at that entry.
 
 use domain_rt::hypercall::call;
 use ipc_spec::Hypercall;
 
-use crate::virtio::HypercallConfig;
+use crate::transport::HypercallConfig;
 
 const CAP_MSIX: u8 = 0x11;
 const CAP_VENDOR: u8 = 0x09;
@@ -60,6 +60,12 @@ fn mmio_read<T>(address: u64) -> T {
 
 /// Route queue 0's interrupts to notification `notification`. Returns the remapping handle.
 pub fn route_queue0(cfg: &HypercallConfig, notification: u64) -> Result<u64, &'static str> {
+    route_queues(cfg, notification, &[0])
+}
+
+/// Route the interrupts of every queue in `queues` to notification `notification`: one
+/// remapping entry and MSI-X table entry 0, shared by the queues. Returns the remapping handle.
+pub fn route_queues(cfg: &HypercallConfig, notification: u64, queues: &[u16]) -> Result<u64, &'static str> {
     let r = call(Hypercall::DeviceIrq, cfg.slot, [notification, 0, 0, 0, 0, 0]).map_err(|_| "DeviceIrq refused")?;
     let (address, data, handle) = (r.args[0], r.args[1], r.args[2]);
     let msix = capabilities(cfg).find(|(id, _)| *id == CAP_MSIX).map(|(_, at)| at).ok_or("no MSI-X capability")?;
@@ -71,16 +77,19 @@ pub fn route_queue0(cfg: &HypercallConfig, notification: u64) -> Result<u64, &'s
     mmio_write::<u32>(entry0 + 8, data as u32);
     mmio_write::<u32>(entry0 + 12, 0); // unmasked
     write(cfg, msix + 2, 2, control | 0x8000); // MSI-X enable
-                                               // The virtio common configuration: a vendor capability of type 1.
+
+    // The virtio common configuration: a vendor capability of type 1.
     let common = capabilities(cfg)
         .filter(|(id, _)| *id == CAP_VENDOR)
         .find(|(_, at)| read(cfg, at + 3, 1) as u8 == VIRTIO_PCI_CAP_COMMON_CFG)
         .map(|(_, at)| bar(cfg, read(cfg, at + 4, 1) as u64) + read(cfg, at + 8, 4) as u64)
         .ok_or("no virtio common configuration")?;
-    mmio_write::<u16>(common + COMMON_QUEUE_SELECT, 0);
-    mmio_write::<u16>(common + COMMON_QUEUE_MSIX_VECTOR, 0);
-    if mmio_read::<u16>(common + COMMON_QUEUE_MSIX_VECTOR) != 0 {
-        return Err("the device refused MSI-X vector 0 for queue 0");
+    for &queue in queues {
+        mmio_write::<u16>(common + COMMON_QUEUE_SELECT, queue);
+        mmio_write::<u16>(common + COMMON_QUEUE_MSIX_VECTOR, 0);
+        if mmio_read::<u16>(common + COMMON_QUEUE_MSIX_VECTOR) != 0 {
+            return Err("the device refused MSI-X vector 0 for a queue");
+        }
     }
     Ok(handle)
 }

@@ -4,8 +4,6 @@
 //! transport wrapper that negotiates VIRTIO_F_ACCESS_PLATFORM, without which a device
 //! behind an IOMMU (`iommu_platform=on`) refuses to start.
 
-extern crate alloc;
-
 use core::ptr::NonNull;
 
 use domain_rt::hypercall::call;

@@ -1,0 +1,83 @@
+//! virtio PCI plumbing shared by the driver VMs (disk, net): the device's configuration
+//! space through the microvisor's filtering hypercalls, DMA memory from the VM's own RAM,
+//! a transport that negotiates VIRTIO_F_ACCESS_PLATFORM, and device interrupts (MSI-X
+//! programmed with what DeviceIrq returns).
+//!
+//! A driver VM finds its device from the `dev=<slot>` word dom0 puts on its command line:
+//! [`open`] asks the microvisor which function that is and brings up its virtio transport.
+#![no_std]
+
+extern crate alloc;
+
+pub mod irq;
+mod transport;
+
+use core::fmt;
+
+use domain_rt::hypercall::call;
+use ipc_spec::Hypercall;
+use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
+
+pub use transport::{AccessPlatform, DriverHal, HypercallConfig};
+
+/// A virtio PCI transport through the IOMMU, as the device drivers take it.
+pub type Transport = AccessPlatform<PciTransport>;
+
+/// The PCI function a driver VM was given.
+#[derive(Clone, Copy)]
+pub struct Device {
+    /// Configuration access for the function (the capability slot and its address).
+    pub config: HypercallConfig,
+    pub vendor: u16,
+    pub device: u16,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let df = self.config.function;
+        write!(
+            f,
+            "device {:02x}:{:02x}.{} vendor {:04x} device {:04x}",
+            df.bus, df.device, df.function, self.vendor, self.device
+        )
+    }
+}
+
+/// Why [`open`] failed.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The microvisor would not describe the device (not ours, or no such capability).
+    DeviceInfo(ipc_spec::Error),
+    /// The function is not a modern virtio PCI device we can drive.
+    Transport(VirtioPciError),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DeviceInfo(e) => write!(f, "DeviceInfo: {e}"),
+            Self::Transport(e) => write!(f, "virtio PCI transport: {e}"),
+        }
+    }
+}
+
+/// Describe the device in capability `slot` (DeviceInfo).
+pub fn device(slot: u64) -> Result<Device, OpenError> {
+    let dev = call(Hypercall::DeviceInfo, slot, [0; 6]).map_err(OpenError::DeviceInfo)?;
+    let rid = dev.args[0] as u16;
+    let function = DeviceFunction { bus: (rid >> 8) as u8, device: ((rid >> 3) & 31) as u8, function: (rid & 7) as u8 };
+    Ok(Device {
+        config: HypercallConfig { slot, function },
+        vendor: dev.args[1] as u16,
+        device: (dev.args[1] >> 16) as u16,
+    })
+}
+
+/// Enable the device's memory space and bus mastering and bring up its virtio transport,
+/// wrapped to negotiate VIRTIO_F_ACCESS_PLATFORM.
+pub fn open(dev: &Device) -> Result<Transport, OpenError> {
+    let mut root = PciRoot::new(dev.config);
+    root.set_command(dev.config.function, Command::MEMORY_SPACE | Command::BUS_MASTER);
+    PciTransport::new::<DriverHal, _>(&mut root, dev.config.function).map(AccessPlatform).map_err(OpenError::Transport)
+}

@@ -1,0 +1,161 @@
+//! The guest's network device: a net channel to the net driver VM (`ipc_spec::net`), shown to
+//! smoltcp as an Ethernet device. Frames are copied into the TX ring's slots and out of the
+//! RX ring's slots; one doorbell to the driver VM after a poll that sent anything.
+
+use alloc::boxed::Box;
+use domain_rt::hypercall;
+use domain_rt::shared::Region;
+use ipc_spec::net::{DropCounters, FrameReceiver, FrameSender, NetDropReason, NetHeader, MAX_FRAME_LEN};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// One end of a net channel, as a smoltcp device.
+pub struct ChannelDevice {
+    tx: FrameSender<'static, Region>,
+    rx: FrameReceiver<'static, Region>,
+    rx_buf: [u8; MAX_FRAME_LEN],
+    /// Frames queued since the last doorbell.
+    sent: bool,
+    /// Frames received, sent, and dropped on receive (with the reason of the last).
+    pub counters: Counters,
+    signal: u64,
+    /// What the driver VM put in the header.
+    pub header: NetHeader,
+}
+
+/// What the device has done.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub received: u64,
+    pub sent: u64,
+    pub send_failed: u64,
+    pub receive_dropped: DropCounters,
+}
+
+/// Why the channel could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The driver VM did not set the header up in time.
+    NoDriver,
+    /// The header is there but wrong (version, layout, MTU).
+    Header(ipc_spec::net::LayoutError),
+    /// The rings' indexes are inconsistent.
+    Rings,
+}
+
+impl core::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            OpenError::NoDriver => f.write_str("the net driver VM did not set the channel up"),
+            OpenError::Header(e) => write!(f, "bad channel header: {e}"),
+            OpenError::Rings => f.write_str("the channel's rings are corrupt"),
+        }
+    }
+}
+
+impl ChannelDevice {
+    /// Waits (up to `timeout_ns`, woken by the driver's doorbell on `wait`) for the driver VM
+    /// to set the channel up, then attaches to its rings.
+    pub fn open(region: Region, signal: u64, wait: u64, timeout_ns: u64) -> Result<Self, OpenError> {
+        let region: &'static Region = Box::leak(Box::new(region));
+        let start = hypercall::clock_ns();
+        let (header, layout) = loop {
+            match NetHeader::check(region) {
+                Ok(h) => break h,
+                Err(ipc_spec::net::LayoutError::BadMagic { .. }) => {
+                    if hypercall::clock_ns().saturating_sub(start) > timeout_ns {
+                        return Err(OpenError::NoDriver);
+                    }
+                    // The driver rings our doorbell once it has written the header; the timer
+                    // is the fallback.
+                    let _ = hypercall::timer_set(wait, 10_000_000, 1);
+                    let _ = hypercall::wait(wait);
+                }
+                Err(e) => return Err(OpenError::Header(e)),
+            }
+        };
+        let (tx, rx) = layout.guest_channel(region, header.mtu).map_err(|_| OpenError::Rings)?;
+        Ok(Self { tx, rx, rx_buf: [0; MAX_FRAME_LEN], sent: false, counters: Counters::default(), signal, header })
+    }
+
+    /// Rings the driver VM's doorbell if frames were queued since the last call.
+    pub fn kick(&mut self) {
+        if core::mem::take(&mut self.sent) {
+            let _ = hypercall::signal(self.signal, 1);
+        }
+    }
+
+    /// Whether a ring was found corrupt: the channel is dead.
+    pub fn is_corrupt(&self) -> bool {
+        self.tx.is_corrupt() || self.rx.is_corrupt()
+    }
+}
+
+pub struct Rx<'a>(&'a [u8]);
+
+pub struct Tx<'a> {
+    tx: &'a mut FrameSender<'static, Region>,
+    sent: &'a mut bool,
+    counters: &'a mut Counters,
+}
+
+impl phy::RxToken for Rx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = [0u8; MAX_FRAME_LEN];
+        let len = len.min(MAX_FRAME_LEN);
+        let r = f(&mut frame[..len]);
+        match self.tx.send(&frame[..len]) {
+            Ok(()) => {
+                self.counters.sent += 1;
+                *self.sent = true;
+            }
+            Err(_) => self.counters.send_failed += 1,
+        }
+        r
+    }
+}
+
+impl Device for ChannelDevice {
+    type RxToken<'a> = Rx<'a>;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+        loop {
+            match self.rx.recv(&mut self.rx_buf) {
+                Ok(Some(len)) => {
+                    self.counters.received += 1;
+                    let tx = Tx { tx: &mut self.tx, sent: &mut self.sent, counters: &mut self.counters };
+                    return Some((Rx(&self.rx_buf[..len]), tx));
+                }
+                Ok(None) => return None,
+                // That entry is dropped (bad slot or length); the next may be fine.
+                Err(why) if why != NetDropReason::BadRing => self.counters.receive_dropped.record(why),
+                Err(why) => {
+                    self.counters.receive_dropped.record(why);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<Tx<'_>> {
+        if !matches!(self.tx.free(), Ok(n) if n > 0) {
+            return None;
+        }
+        Some(Tx { tx: &mut self.tx, sent: &mut self.sent, counters: &mut self.counters })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = ipc_spec::net::max_frame_len(self.header.mtu);
+        caps.max_burst_size = Some(16);
+        caps
+    }
+}

@@ -1,0 +1,401 @@
+//! The guest's HTTP/1.1 server on port 80: smoltcp over the net channel, request handling
+//! from [`demo_guest::http`], disk access through the block channel. Bodies stream: an echo
+//! or a disk transfer of megabytes goes through in pieces that fit the socket buffers.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt::Write as _;
+use demo_guest::http::{self, Head, Refusal, Route, Status, SECTOR};
+use domain_rt::{hypercall, println};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+
+use crate::blk::BlockClient;
+use crate::net::ChannelDevice;
+
+/// Connections served at once (one listening socket each; a connection beyond these is
+/// refused).
+const SOCKETS: usize = 16;
+/// Socket buffer sizes: receive (the window the client sees) and send.
+const RX_BUFFER: usize = 8 * 1024;
+const TX_BUFFER: usize = 16 * 1024;
+/// Sectors per disk request while streaming (32 KiB).
+const DISK_CHUNK: u64 = 64;
+
+/// Where a connection is in its request.
+enum Phase {
+    /// Reading the request head.
+    Head,
+    /// Copying `left` body bytes back (`POST /echo`).
+    Echo { left: u64 },
+    /// Sending `left` sectors from `lba` (`GET /blk`).
+    Read { lba: u64, left: u64 },
+    /// Receiving `left` body bytes to write from `lba` (`PUT /blk`).
+    Write { lba: u64, left: u64 },
+    /// Sending what is in `out`, then closing or reading the next head.
+    Answer { close: bool },
+}
+
+struct Conn {
+    handle: SocketHandle,
+    phase: Phase,
+    keep_alive: bool,
+    /// Bytes received but not yet used (a head, or body bytes that came with it).
+    input: Vec<u8>,
+    /// Bytes to send.
+    out: Vec<u8>,
+    sent: usize,
+    /// Closed by us: the socket finishes on its own.
+    closed: bool,
+}
+
+/// What the server has done, for the status page.
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    refused: u64,
+    disk_sectors: u64,
+}
+
+pub struct Server {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    conns: Vec<Conn>,
+    dev: ChannelDevice,
+    disk: Option<BlockClient>,
+    disk_sectors: u64,
+    wait: u64,
+    stats: Stats,
+    started_ns: u64,
+}
+
+fn now() -> Instant {
+    Instant::from_micros((hypercall::clock_ns() / 1000) as i64)
+}
+
+impl Server {
+    /// Sets the interface up with `address` (and `gateway`) and listens on port 80.
+    pub fn new(
+        mut dev: ChannelDevice,
+        wait: u64,
+        address: Ipv4Cidr,
+        gateway: Ipv4Address,
+        mut disk: Option<BlockClient>,
+    ) -> Self {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(dev.header.mac.0)));
+        config.random_seed = hypercall::clock_ns();
+        let mut iface = Interface::new(config, &mut dev, now());
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::Ipv4(address));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut conns = Vec::new();
+        for _ in 0..SOCKETS {
+            let rx = tcp::SocketBuffer::new(vec![0; RX_BUFFER]);
+            let tx = tcp::SocketBuffer::new(vec![0; TX_BUFFER]);
+            let mut socket = tcp::Socket::new(rx, tx);
+            // Listening from the start: a connection that comes before the first poll must
+            // not find the port closed.
+            let _ = socket.listen(80);
+            let handle = sockets.add(socket);
+            conns.push(Conn::new(handle));
+        }
+        let disk_sectors = disk.as_mut().and_then(|d| d.info().ok()).map_or(0, |i| i.capacity_sectors);
+        Self {
+            iface,
+            sockets,
+            conns,
+            dev,
+            disk,
+            disk_sectors,
+            wait,
+            stats: Stats::default(),
+            started_ns: hypercall::clock_ns(),
+        }
+    }
+
+    /// Serves forever.
+    pub fn run(&mut self) -> ! {
+        loop {
+            self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            let mut progress = false;
+            for i in 0..self.conns.len() {
+                progress |= self.serve(i);
+            }
+            self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            self.dev.kick();
+            if self.dev.is_corrupt() {
+                println!("net: the channel's rings are corrupt: stopping the server");
+                loop {
+                    let _ = hypercall::wait(self.wait);
+                }
+            }
+            if !progress {
+                // Sleep until a frame arrives (the driver's doorbell) or smoltcp has a timer due.
+                let delay = self.iface.poll_delay(now(), &self.sockets).map_or(100_000, |d| d.total_micros());
+                if delay > 0 {
+                    let _ = hypercall::timer_set(self.wait, delay.min(100_000) * 1000, 1 << 1);
+                    let _ = hypercall::wait(self.wait);
+                }
+            }
+        }
+    }
+
+    /// Moves connection `i` on as far as it can go now; whether anything happened.
+    fn serve(&mut self, i: usize) -> bool {
+        let handle = self.conns[i].handle;
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if !socket.is_open() {
+            // Closed, reset, or never opened: listen again with a fresh state.
+            self.conns[i] = Conn::new(handle);
+            let _ = socket.listen(80);
+            return false;
+        }
+        let conn = &mut self.conns[i];
+        if conn.closed {
+            return false;
+        }
+        let mut progress = false;
+        // Send what is pending.
+        if conn.sent < conn.out.len() && socket.can_send() {
+            if let Ok(n) = socket.send_slice(&conn.out[conn.sent..]) {
+                conn.sent += n;
+                progress |= n > 0;
+            }
+        }
+        if conn.sent == conn.out.len() {
+            conn.out.clear();
+            conn.sent = 0;
+        }
+        // Take in what arrived, up to what the current phase can use.
+        let limit = match conn.phase {
+            Phase::Echo { .. } => 16 * 1024,
+            Phase::Write { .. } => (DISK_CHUNK * SECTOR) as usize,
+            _ => http::MAX_HEAD,
+        };
+        while socket.can_recv() && conn.input.len() < limit {
+            let mut buf = [0u8; 4096];
+            let room = (limit - conn.input.len()).min(buf.len());
+            match socket.recv_slice(&mut buf[..room]) {
+                Ok(n) if n > 0 => {
+                    conn.input.extend_from_slice(&buf[..n]);
+                    progress = true;
+                }
+                _ => break,
+            }
+        }
+        // The peer finished sending (or went away) before the request was whole: nothing
+        // more can come, so close.
+        let starved = match conn.phase {
+            Phase::Head => !conn.input.is_empty() || conn.out.is_empty(),
+            Phase::Echo { left } | Phase::Write { left, .. } => (conn.input.len() as u64) < left.min(limit as u64),
+            _ => false,
+        };
+        let peer_done = matches!(socket.state(), tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing);
+        if peer_done && !socket.can_recv() && starved && http::parse_head(&conn.input, 0).ok().flatten().is_none() {
+            socket.close();
+            conn.closed = true;
+            return true;
+        }
+        progress | self.step(i)
+    }
+
+    /// Advances connection `i`'s phase with the bytes in `input` and room in `out`.
+    fn step(&mut self, i: usize) -> bool {
+        let out_room = self.conns[i].out.is_empty();
+        let conn = &mut self.conns[i];
+        match conn.phase {
+            Phase::Head => match http::parse_head(&conn.input, self.disk_sectors) {
+                Ok(None) => false,
+                Ok(Some(head)) => {
+                    self.stats.requests += 1;
+                    conn.input.drain(..head.head_len);
+                    conn.keep_alive = head.keep_alive;
+                    self.start(i, head);
+                    true
+                }
+                Err(r) => {
+                    self.refuse(i, r);
+                    true
+                }
+            },
+            Phase::Echo { left } => {
+                if !out_room || conn.input.is_empty() {
+                    return false;
+                }
+                let n = (conn.input.len() as u64).min(left) as usize;
+                conn.out.extend(conn.input.drain(..n));
+                let left = left - n as u64;
+                conn.phase = if left == 0 { Phase::Answer { close: !conn.keep_alive } } else { Phase::Echo { left } };
+                true
+            }
+            Phase::Read { lba, left } => {
+                if !out_room {
+                    return false;
+                }
+                let count = left.min(DISK_CHUNK);
+                match self.disk_read(lba, count) {
+                    Ok(data) => {
+                        let conn = &mut self.conns[i];
+                        conn.out = data;
+                        let left = left - count;
+                        conn.phase = if left == 0 {
+                            Phase::Answer { close: !conn.keep_alive }
+                        } else {
+                            Phase::Read { lba: lba + count, left }
+                        };
+                    }
+                    // The head (200, with a length) is gone already: all we can do is close.
+                    Err(()) => self.conns[i].phase = Phase::Answer { close: true },
+                }
+                true
+            }
+            Phase::Write { lba, left } => {
+                let chunk = (DISK_CHUNK * SECTOR).min(left) as usize;
+                if conn.input.len() < chunk {
+                    return false;
+                }
+                let data: Vec<u8> = conn.input.drain(..chunk).collect();
+                let ok = self.disk_write(lba, &data).is_ok();
+                let left = left - chunk as u64;
+                if !ok {
+                    self.answer(i, Status::InternalError, "text/plain", b"the disk refused the write\n");
+                } else if left == 0 {
+                    self.answer(i, Status::Ok, "text/plain", b"written\n");
+                } else {
+                    self.conns[i].phase = Phase::Write { lba: lba + chunk as u64 / SECTOR, left };
+                }
+                true
+            }
+            Phase::Answer { close } => {
+                if !out_room {
+                    return false;
+                }
+                if close {
+                    self.sockets.get_mut::<tcp::Socket>(conn.handle).close();
+                    conn.closed = true;
+                    return true;
+                }
+                conn.phase = Phase::Head;
+                !conn.input.is_empty()
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize, head: Head) {
+        let len = head.body_len;
+        match head.route {
+            Route::Status => {
+                let page = self.status_page();
+                self.answer(i, Status::Ok, "text/plain; charset=utf-8", page.as_bytes());
+            }
+            Route::Echo => {
+                self.conns[i].out.extend_from_slice(
+                    http::response_head(Status::Ok, "application/octet-stream", len, head.keep_alive).as_bytes(),
+                );
+                self.conns[i].phase =
+                    if len == 0 { Phase::Answer { close: !head.keep_alive } } else { Phase::Echo { left: len } };
+            }
+            Route::BlkRead { lba, count } => {
+                self.conns[i].out.extend_from_slice(
+                    http::response_head(Status::Ok, "application/octet-stream", count * SECTOR, head.keep_alive)
+                        .as_bytes(),
+                );
+                self.conns[i].phase = Phase::Read { lba, left: count };
+            }
+            Route::BlkWrite { lba } => self.conns[i].phase = Phase::Write { lba, left: len },
+            Route::Flush => match self.disk.as_mut().map(|d| d.flush()) {
+                Some(Ok(ipc_spec::block::Status::Ok)) => self.answer(i, Status::Ok, "text/plain", b"flushed\n"),
+                _ => self.answer(i, Status::InternalError, "text/plain", b"the flush failed\n"),
+            },
+        }
+    }
+
+    fn answer(&mut self, i: usize, status: Status, content_type: &str, body: &[u8]) {
+        let conn = &mut self.conns[i];
+        let head = http::response_head(status, content_type, body.len() as u64, conn.keep_alive);
+        conn.out.extend_from_slice(head.as_bytes());
+        conn.out.extend_from_slice(body);
+        conn.phase = Phase::Answer { close: !conn.keep_alive };
+    }
+
+    fn refuse(&mut self, i: usize, r: Refusal) {
+        self.stats.refused += 1;
+        let conn = &mut self.conns[i];
+        conn.out.extend_from_slice(http::refusal_response(r).as_bytes());
+        conn.input.clear();
+        conn.phase = Phase::Answer { close: true };
+    }
+
+    fn disk_read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>, ()> {
+        let disk = self.disk.as_mut().ok_or(())?;
+        let at = disk.data_range().start;
+        match disk.read(lba, count as u32, at) {
+            Ok(ipc_spec::block::Status::Ok) => {
+                let mut data = vec![0; (count * SECTOR) as usize];
+                disk.read_bytes(at, &mut data);
+                self.stats.disk_sectors += count;
+                Ok(data)
+            }
+            _ => Err(()),
+        }
+    }
+
+    fn disk_write(&mut self, lba: u64, data: &[u8]) -> Result<(), ()> {
+        let disk = self.disk.as_mut().ok_or(())?;
+        let at = disk.data_range().start;
+        disk.write_bytes(at, data);
+        let count = (data.len() as u64 / SECTOR) as u32;
+        match disk.write(lba, count, at) {
+            Ok(ipc_spec::block::Status::Ok) => {
+                self.stats.disk_sectors += u64::from(count);
+                Ok(())
+            }
+            _ => Err(()),
+        }
+    }
+
+    fn status_page(&self) -> alloc::string::String {
+        let mut s = alloc::string::String::new();
+        let c = &self.dev.counters;
+        let up_s = hypercall::clock_ns().saturating_sub(self.started_ns) / 1_000_000_000;
+        let _ = writeln!(s, "microvisor demo guest: up {up_s} s");
+        let _ = writeln!(
+            s,
+            "net: MAC {}, {} frames received, {} sent, {} receive drops",
+            self.dev.header.mac,
+            c.received,
+            c.sent,
+            c.receive_dropped.total()
+        );
+        if self.disk_sectors > 0 {
+            let _ = writeln!(
+                s,
+                "disk: {} sectors through the disk driver VM ({} MiB disk)",
+                self.stats.disk_sectors,
+                self.disk_sectors / 2048
+            );
+        } else {
+            let _ = writeln!(s, "disk: none");
+        }
+        let _ = writeln!(s, "http: {} requests, {} refused", self.stats.requests, self.stats.refused);
+        s
+    }
+}
+
+impl Conn {
+    fn new(handle: SocketHandle) -> Self {
+        Self {
+            handle,
+            phase: Phase::Head,
+            keep_alive: false,
+            input: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+            closed: false,
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The default stack as a real client on the host sees it: plain TCP from the test to the
+//! demo guest's HTTP server, through QEMU's user network, the virtio-net device (passthrough,
+//! behind the IOMMU), the net driver VM's switch and the guest's net channel.
+
+use stack_tests::*;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+/// Boots the default stack, runs `client` against the guest's port once the guest serves,
+/// then stops QEMU; returns the run (console) and the machine (for its disk image).
+fn with_server(client: impl FnOnce(u16)) -> (Run, xtask::qemu::Machine) {
+    let mut m = stack_machine("stacks/demo.toml", "");
+    if let Ok(f) = std::env::var("WEB_PCAP") {
+        m.extra.extend(["-object".to_string(), format!("filter-dump,id=dump0,netdev=net0,file={f}")]);
+    }
+    let port = m.net_ports[0];
+    let mut client = Some(client);
+    let mut failure = None;
+    let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
+        if lines.iter().any(|l| l.contains("[guest] net channel") && l.contains("serving HTTP")) {
+            if let Some(c) = client.take() {
+                // A failed check must still stop QEMU and show the console.
+                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c(port))).err();
+            }
+            return true;
+        }
+        lines.iter().any(|l| l.contains("FATAL"))
+    })
+    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
+    assert!(client.is_none(), "the guest never served HTTP:\n{}", run.console());
+    if let Some(panic) = failure {
+        eprintln!("console of the failed run:\n{}", run.console());
+        std::panic::resume_unwind(panic);
+    }
+    (run, m)
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// One request on `s`; returns (status code, body).
+fn request(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(s)
+}
+
+fn read_response(s: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).unwrap_or_else(|e| panic!("reading the response head: {e}"));
+        assert_eq!(n, 1, "connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status: u16 =
+        head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad head {head:?}"));
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).unwrap_or_else(|e| panic!("reading a {len}-byte body: {e}"));
+    (status, body)
+}
+
+fn get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    request(&mut connect(port), "GET", path, b"")
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn status_page_echo_and_errors_over_real_tcp() {
+    let (run, _) = with_server(|port| {
+        let (status, body) = get(port, "/");
+        assert_eq!(status, 200);
+        let page = String::from_utf8_lossy(&body);
+        assert!(page.contains("microvisor demo guest"), "{page}");
+        // Echo on one kept-alive connection, 1 byte to 1 MiB.
+        let mut s = connect(port);
+        for (i, len) in [1usize, 100, 1460, 4096, 65_536, 300_000, 1 << 20].into_iter().enumerate() {
+            let payload = noise(len, i as u64 + 7);
+            let (status, body) = request(&mut s, "POST", "/echo", &payload);
+            assert_eq!(status, 200, "echo of {len} bytes");
+            assert!(body == payload, "echo of {len} bytes came back different");
+        }
+        // Mistakes get 4xx, and the server goes on.
+        assert_eq!(get(port, "/nope").0, 404);
+        assert_eq!(get(port, "/blk/131072").0, 416);
+        assert_eq!(get(port, "/blk/zero").0, 400);
+        assert_eq!(request(&mut connect(port), "PUT", "/blk/0", &[1; 100]).0, 400);
+        assert_eq!(get(port, "/").0, 200);
+    });
+    assert_no_line(&run, "FATAL");
+    assert_line(&run, "[dom0] assigned virtio-net (1af4:1041) to net");
+}
+
+#[test]
+fn disk_writes_through_http_reach_the_disk_image() {
+    const LBA: u64 = 4000;
+    let data = noise(96 * 512, 99);
+    let expected = data.clone();
+    let (run, m) = with_server(move |port| {
+        let mut s = connect(port);
+        let (status, _) = request(&mut s, "PUT", &format!("/blk/{LBA}"), &data);
+        assert_eq!(status, 200);
+        let (status, body) = request(&mut s, "GET", &format!("/blk/{LBA}?count=96"), b"");
+        assert_eq!(status, 200);
+        assert!(body == data, "sectors read back differ from those written");
+        let (status, body) = request(&mut s, "GET", &format!("/blk/{}?count=2", LBA + 95), b"");
+        assert_eq!((status, body.len()), (200, 1024));
+        assert_eq!(body[..512], data[95 * 512..]);
+        assert_eq!(request(&mut s, "POST", "/flush", b"").0, 200);
+    });
+    assert_no_line(&run, "FATAL");
+    // QEMU is stopped: the image on the host holds what the guest wrote.
+    let image = std::fs::read(&m.disks[0]).unwrap();
+    let at = (LBA * 512) as usize;
+    assert!(image[at..at + expected.len()] == expected[..], "the disk image does not hold the written sectors");
+}
+
+#[test]
+fn many_connections_at_once_and_a_client_that_resets_mid_request() {
+    let (run, _) = with_server(|port| {
+        // A client that sends half a request and resets the connection.
+        let mut s = connect(port);
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 100000\r\n\r\nonly a little").unwrap();
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        // One that sends half a head and closes its side.
+        let mut s = connect(port);
+        s.write_all(b"GET / HT").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        drop(s);
+        // Twelve connections open at once, each with a few requests running in parallel. They
+        // are opened one after the other: QEMU's user network listens on the forwarded port
+        // with a backlog of one, so a burst of simultaneous connects can be reset by the host
+        // before QEMU accepts them (a limit of the emulated network, not of the stack).
+        let streams: Vec<TcpStream> = (0..12)
+            .map(|_| {
+                let s = connect(port);
+                std::thread::sleep(Duration::from_millis(20));
+                s
+            })
+            .collect();
+        let clients: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut s)| {
+                std::thread::spawn(move || {
+                    for r in 0..3 {
+                        let payload = noise(5000 + c * 100 + r, (c * 10 + r) as u64);
+                        let (status, body) = request(&mut s, "POST", "/echo", &payload);
+                        assert_eq!(status, 200);
+                        assert!(body == payload, "client {c} request {r}: echo differs");
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().expect("a client failed");
+        }
+        assert_eq!(get(port, "/").0, 200);
+    });
+    assert_no_line(&run, "FATAL");
+}
