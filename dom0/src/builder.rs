@@ -143,6 +143,12 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             let _ = write!(args, " dev={dev} irq={irq}");
             println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
         }
+        if d.status {
+            // A call right on dom0's endpoint, badged apart from fault messages: the status
+            // service (`ipc_spec::status`).
+            let st = give(fault_endpoint, slot, rights::CALL, ipc_spec::status::STATUS_BADGE | (i as u64 + 1))?;
+            let _ = write!(args, " status={st}");
+        }
         domains.push(Built { name: d.name.clone(), slot, args, entry, ram });
     }
 

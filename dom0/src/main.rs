@@ -23,8 +23,10 @@ mod builder;
 mod dom0 {
 
     use alloc::vec::Vec;
+    use domain_rt::hypercall::Message;
     use domain_rt::{hypercall, println, BootInfo};
     use ipc_spec::bundle::Bundle;
+    use ipc_spec::hypercall::dom0_slots;
     use ipc_spec::hypercall::FaultKind;
     use ipc_spec::manifest::{self, MANIFEST_ENTRY};
 
@@ -147,6 +149,11 @@ mod dom0 {
                 }
             };
             let w = msg.words;
+            if badge & ipc_spec::status::STATUS_BADGE != 0 {
+                let reply = Message::new(&status_of(stack, w[0]));
+                next = hypercall::ipc_reply_recv(stack.fault_endpoint, &reply);
+                continue;
+            }
             let who = stack.domains.get((badge as usize).wrapping_sub(1));
             let name = who.map_or("?", |d| d.name.as_str());
             match FaultKind::from_word(w[0]) {
@@ -176,6 +183,35 @@ mod dom0 {
             }
             next = hypercall::ipc_recv(stack.fault_endpoint);
         }
+    }
+
+    /// The status service's answer about domain `index` (0: dom0, then the manifest's).
+    fn status_of(stack: &builder::Stack, index: u64) -> [u64; 6] {
+        use ipc_spec::status::{name_bytes, DomainState, DomainStatusReply};
+        let (name, slot) = match usize::try_from(index) {
+            Ok(0) => ("dom0", dom0_slots::SELF_DOMAIN),
+            Ok(i) => match stack.domains.get(i - 1) {
+                Some(d) => (d.name.as_str(), d.slot),
+                None => return [0; 6],
+            },
+            Err(_) => return [0; 6],
+        };
+        let mut reply = DomainStatusReply {
+            name: name_bytes(name),
+            state: DomainState::Destroyed,
+            vcpus: 0,
+            stopped: 0,
+            ram_mib: 0,
+            ipc_calls: 0,
+            signals: 0,
+        };
+        // A destroyed domain's capability is revoked: the hypercall fails.
+        if let Ok(r) = hypercall::call(ipc_spec::Hypercall::DomainStatus, slot, [0; 6]) {
+            reply.state = DomainState::Alive;
+            (reply.vcpus, reply.stopped) = (r.args[0] as u16, r.args[1] as u16);
+            (reply.ipc_calls, reply.signals, reply.ram_mib) = (r.args[2], r.args[3], r.args[4] as u32);
+        }
+        reply.encode()
     }
 
     /// Ask CPUID whether we run under a hypervisor and which one.

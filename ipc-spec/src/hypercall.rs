@@ -187,6 +187,11 @@ hypercalls! {
     /// RDI = notification slot (WAIT). Returns RDI = the MSI address and RSI = the MSI data
     /// to program into the device (remappable format), RDX = the entry's handle.
     DeviceIrq = 75,
+    /// How a domain is doing, for a status display. RBX = domain capability (CONTROL).
+    /// Returns RDI = its vCPUs, RSI = how many of them are stopped, RDX = IPC calls its vCPUs
+    /// made, R10 = notifications they signalled, R8 = its RAM in MiB. A destroyed domain's
+    /// capabilities are revoked, so asking about one fails.
+    DomainStatus = 76,
 }
 
 impl Hypercall {

@@ -17,6 +17,7 @@ pub mod machine_exit;
 pub mod manifest;
 pub mod net;
 pub mod ring;
+pub mod status;
 
 pub use error::Error;
 pub use hypercall::Hypercall;

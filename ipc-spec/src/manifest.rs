@@ -73,6 +73,9 @@ pub struct DomainSpec {
     pub args: String,
     /// The PCI device dom0 assigns to this domain (one of [`DEVICE_KINDS`]); empty: none.
     pub device: String,
+    /// Whether dom0 gives the domain a status capability: a call right on dom0's endpoint
+    /// that answers with every domain's name, state and IPC and notification counts.
+    pub status: bool,
 }
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
@@ -595,6 +598,7 @@ mod tests {
             vcpus: 1,
             args: String::new(),
             device: String::new(),
+            status: false,
         }
     }
 
@@ -892,6 +896,7 @@ mod tests {
                 vcpus,
                 args,
                 device: String::new(),
+                status: false,
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {

@@ -10,30 +10,39 @@ use std::time::Duration;
 /// Boots the default stack, runs `client` against the guest's port once the guest serves,
 /// then stops QEMU; returns the run (console) and the machine (for its disk image).
 fn with_server(client: impl FnOnce(u16)) -> (Run, xtask::qemu::Machine) {
-    let mut m = stack_machine("stacks/demo.toml", "");
+    let m = stack_machine("stacks/demo.toml", "");
+    let port = m.net_ports[0];
+    let run = run_serving(&m, &["[guest]"], || client(port));
+    (run, m)
+}
+
+/// Runs `m` until every domain in `servers` (console prefixes) says it serves HTTP, then
+/// runs `client` and stops QEMU. A failed check in `client` still stops QEMU and shows the
+/// console.
+fn run_serving(m: &xtask::qemu::Machine, servers: &[&str], client: impl FnOnce()) -> Run {
+    let mut m = m.clone();
     if let Ok(f) = std::env::var("WEB_PCAP") {
         m.extra.extend(["-object".to_string(), format!("filter-dump,id=dump0,netdev=net0,file={f}")]);
     }
-    let port = m.net_ports[0];
     let mut client = Some(client);
     let mut failure = None;
     let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
-        if lines.iter().any(|l| l.contains("[guest] net channel") && l.contains("serving HTTP")) {
+        let serving = |who: &&str| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
+        if servers.iter().all(serving) {
             if let Some(c) = client.take() {
-                // A failed check must still stop QEMU and show the console.
-                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c(port))).err();
+                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(c)).err();
             }
             return true;
         }
         lines.iter().any(|l| l.contains("FATAL"))
     })
     .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
-    assert!(client.is_none(), "the guest never served HTTP:\n{}", run.console());
+    assert!(client.is_none(), "{servers:?} never all served HTTP:\n{}", run.console());
     if let Some(panic) = failure {
         eprintln!("console of the failed run:\n{}", run.console());
         std::panic::resume_unwind(panic);
     }
-    (run, m)
+    run
 }
 
 fn connect(port: u16) -> TcpStream {
@@ -95,6 +104,13 @@ fn status_page_echo_and_errors_over_real_tcp() {
         assert_eq!(status, 200);
         let page = String::from_utf8_lossy(&body);
         assert!(page.contains("microvisor demo guest"), "{page}");
+        // Every domain, from dom0's status service, with its state and counts.
+        for d in ["dom0", "disk", "net", "guest"] {
+            assert!(
+                page.lines().any(|l| l.trim_start().starts_with(d) && l.contains("running") && l.contains("IPC calls")),
+                "no status line for {d}:\n{page}"
+            );
+        }
         // Echo on one kept-alive connection, 1 byte to 1 MiB.
         let mut s = connect(port);
         for (i, len) in [1usize, 100, 1460, 4096, 65_536, 300_000, 1 << 20].into_iter().enumerate() {
@@ -158,7 +174,7 @@ fn many_connections_at_once_and_a_client_that_resets_mid_request() {
         let streams: Vec<TcpStream> = (0..12)
             .map(|_| {
                 let s = connect(port);
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(50));
                 s
             })
             .collect();
@@ -181,5 +197,34 @@ fn many_connections_at_once_and_a_client_that_resets_mid_request() {
         }
         assert_eq!(get(port, "/").0, 200);
     });
+    assert_no_line(&run, "FATAL");
+}
+
+#[test]
+fn two_guests_behind_one_net_driver_vm_each_get_their_own_frames() {
+    let mut m = stack_machine("tests/stacks/two-guests.toml", "");
+    let port_b = xtask::qemu::free_port().unwrap();
+    m.net_forwards.push((port_b, "10.0.2.16".into()));
+    let port_a = m.net_ports[0];
+    let run = run_serving(&m, &["[a]", "[b]"], || {
+        // Each guest answers on its own address, with the MAC the driver VM gave it: the
+        // switch delivered each guest's frames to that guest only.
+        let page_a = String::from_utf8(get(port_a, "/").1).unwrap();
+        let page_b = String::from_utf8(get(port_b, "/").1).unwrap();
+        assert!(page_a.contains("MAC 02:4d:00:00:00:00"), "{page_a}");
+        assert!(page_b.contains("MAC 02:4d:00:00:00:01"), "{page_b}");
+        for (i, port) in [port_a, port_b, port_a, port_b].into_iter().enumerate() {
+            let payload = noise(50_000 + i, i as u64 + 3);
+            let (status, body) = request(&mut connect(port), "POST", "/echo", &payload);
+            assert_eq!(status, 200);
+            assert!(body == payload, "echo {i} differs");
+        }
+    });
+    assert_line(&run, "[net] serving net channel \"neta\" as port 0: MAC 02:4d:00:00:00:00");
+    assert_line(&run, "[net] serving net channel \"netb\" as port 1: MAC 02:4d:00:00:00:01");
+    assert_line(
+        &run,
+        "[b] net channel \"netb\": MAC 02:4d:00:00:00:01, MTU 1500; serving HTTP on 10.0.2.16/24, port 80",
+    );
     assert_no_line(&run, "FATAL");
 }

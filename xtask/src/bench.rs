@@ -62,7 +62,7 @@ fn bench_machine(artifacts: &Artifacts, n: u64, icount: bool) -> Result<Machine,
     Ok(m)
 }
 
-fn failure(run: &qemu::Run, what: &str) -> String {
+pub(crate) fn failure(run: &qemu::Run, what: &str) -> String {
     let tail: Vec<&String> = run.lines.iter().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
     format!(
         "{what}: {:?}; last console lines:\n{}",
@@ -77,8 +77,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     match it.next().map(String::as_str) {
         Some("ipc") => {}
         Some("blk") => return blk(it.as_slice()),
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk)")),
-        None => return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk".into()),
+        Some("net") => return crate::bench_net::run(it.as_slice()),
+        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net)")),
+        None => return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net".into()),
     }
     while let Some(a) = it.next() {
         match a.as_str() {

@@ -2,6 +2,7 @@
 //! the end-to-end tests in `tests/`.
 
 pub mod bench;
+pub mod bench_net;
 pub mod build;
 pub mod manifest;
 pub mod qemu;

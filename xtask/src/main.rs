@@ -56,6 +56,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                         target/bench/ipc.json
   bench blk             block throughput through the disk driver VM vs. a domain owning
                         the device; writes target/bench/blk.json
+  bench net             TCP throughput and small requests per second through the net driver
+                        VM vs. a guest owning its NIC; writes target/bench/net.json
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json";
 

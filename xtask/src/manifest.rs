@@ -55,6 +55,8 @@ struct DomainSection {
     args: String,
     #[serde(default)]
     device: String,
+    #[serde(default)]
+    status: bool,
 }
 
 fn one() -> i64 {
@@ -152,6 +154,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             vcpus,
             args: d.args,
             device: d.device,
+            status: d.status,
         });
     }
 

@@ -34,6 +34,9 @@ pub struct Machine {
     /// One virtio-net-pci device (behind the IOMMU) per entry, on QEMU user networking,
     /// with host port `127.0.0.1:<entry>` forwarded to the guests' port 80.
     pub net_ports: Vec<u16>,
+    /// More forwards on the first network device: host port `127.0.0.1:<port>` to port 80
+    /// of the guest at `<address>` (for stacks with several guests behind one NIC).
+    pub net_forwards: Vec<(u16, String)>,
 }
 
 /// The host port forwarded to port 80 of the first network device (`cargo xtask run --port`).
@@ -67,6 +70,7 @@ impl Machine {
             net_ports: (0..artifacts.stack.devices.iter().filter(|d| *d == "virtio-net").count())
                 .map(|i| DEFAULT_NET_PORT.saturating_add(i as u16))
                 .collect(),
+            net_forwards: Vec::new(),
         }
     }
 
@@ -105,9 +109,15 @@ impl Machine {
         }
         for (i, port) in self.net_ports.iter().enumerate() {
             // User networking (no host privileges); only 127.0.0.1 reaches the forwarded port.
+            let mut netdev = format!("user,id=net{i},hostfwd=tcp:127.0.0.1:{port}-:80");
+            if i == 0 {
+                for (p, address) in &self.net_forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-{address}:80"));
+                }
+            }
             a.extend([
                 "-netdev".into(),
-                format!("user,id=net{i},hostfwd=tcp:127.0.0.1:{port}-:80"),
+                netdev,
                 "-device".into(),
                 format!("virtio-net-pci,netdev=net{i},disable-legacy=on,iommu_platform=on"),
             ]);

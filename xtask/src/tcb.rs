@@ -451,18 +451,20 @@ pub struct ComponentCount {
 }
 
 /// The components of the workspace: the microvisor, the shared crates, the domains, every
-/// crate under `driver-vms/` (if any), the host tools and the end-to-end tests.
+/// crate under `driver-vms/` and `guests/` (if any), the host tools and the end-to-end tests.
 pub fn components(root: &Path) -> Vec<Component> {
     let mut names: Vec<String> =
         ["microvisor", "pvh", "ipc-spec", "domain-rt", "dom0", "domains"].iter().map(|s| s.to_string()).collect();
-    if let Ok(dir) = std::fs::read_dir(root.join("driver-vms")) {
-        let mut drivers: Vec<String> = dir
-            .filter_map(Result::ok)
-            .filter(|e| e.path().join("Cargo.toml").is_file())
-            .map(|e| format!("driver-vms/{}", e.file_name().to_string_lossy()))
-            .collect();
-        drivers.sort();
-        names.extend(drivers);
+    for group in ["driver-vms", "guests"] {
+        if let Ok(dir) = std::fs::read_dir(root.join(group)) {
+            let mut crates: Vec<String> = dir
+                .filter_map(Result::ok)
+                .filter(|e| e.path().join("Cargo.toml").is_file())
+                .map(|e| format!("{group}/{}", e.file_name().to_string_lossy()))
+                .collect();
+            crates.sort();
+            names.extend(crates);
+        }
     }
     names.push("xtask".into());
     let mut list: Vec<Component> = names

@@ -42,6 +42,7 @@ mod driver {
     use net_driver::{args, arp, drops};
     use virtio_drivers::device::net::VirtIONetRaw;
     use virtio_drivers::transport::Transport as _;
+    use virtio_pci::net::{RxQueue, SendError, TxQueue};
     use virtio_pci::{DriverHal, Transport};
 
     domain_rt::domain_main!(main);
@@ -53,8 +54,6 @@ mod driver {
     /// Transmit buffers: frames handed to the device and not yet completed. More frames
     /// than this waiting for the device are dropped (never waited for).
     const TX_BUFFERS: usize = 8;
-    /// One receive or transmit buffer: the virtio-net header and a full Ethernet frame.
-    const BUF_LEN: usize = 2048;
     /// QEMU user networking's gateway.
     const GATEWAY_IP: [u8; 4] = [10, 0, 2, 2];
     /// virtio-net configuration space: `status` after the 6-byte MAC; bit 0 is link up.
@@ -88,84 +87,22 @@ mod driver {
         }
     }
 
-    /// The receive buffers and the token of the request each is posted with.
-    struct Rx {
-        buffers: Vec<Vec<u8>>,
-        tokens: [Option<u16>; RX_BUFFERS],
-    }
+    /// The receive buffers kept posted to the device.
+    type Rx = RxQueue<RX_BUFFERS>;
 
-    impl Rx {
-        fn new() -> Self {
-            Self { buffers: (0..RX_BUFFERS).map(|_| alloc::vec![0u8; BUF_LEN]).collect(), tokens: [None; RX_BUFFERS] }
-        }
-
-        /// Post every buffer not yet with the device.
-        fn post(&mut self, net: &mut Net) -> Result<(), virtio_drivers::Error> {
-            for (buffer, token) in self.buffers.iter_mut().zip(self.tokens.iter_mut()) {
-                if token.is_none() {
-                    // SAFETY: the buffer stays allocated and untouched by us until the device
-                    // hands it back (receive_complete below); it lies in our own RAM, which
-                    // the IOMMU maps for the device.
-                    *token = Some(unsafe { net.receive_begin(buffer)? });
-                }
-            }
-            Ok(())
-        }
-
-        /// Take the next frame the device has filled, if any, and hand it (without the
-        /// virtio-net header) to `f`; the buffer is posted again afterwards.
-        fn next(&mut self, net: &mut Net, f: impl FnOnce(&[u8])) -> Option<Result<(), virtio_drivers::Error>> {
-            let token = net.poll_receive()?;
-            let Some(i) = self.tokens.iter().position(|t| *t == Some(token)) else {
-                return Some(Err(virtio_drivers::Error::WrongToken));
-            };
-            self.tokens[i] = None;
-            // SAFETY: the same buffer that was posted with this token.
-            let r = unsafe { net.receive_complete(token, &mut self.buffers[i]) };
-            Some(r.and_then(|(header, len)| {
-                let frame = header.checked_add(len).and_then(|end| self.buffers[i].get(header..end));
-                f(frame.unwrap_or(&[]));
-                self.post(net)
-            }))
-        }
-    }
-
-    /// The transmit buffers and, for each one the device holds, its token and length.
-    struct Tx {
-        buffers: Vec<Vec<u8>>,
-        in_flight: [Option<(u16, usize)>; TX_BUFFERS],
-        /// Frames the device returned that we could not match to a buffer (then transmit
-        /// completions stop: the queue fills and later frames are dropped).
-        stuck: bool,
-    }
+    /// The transmit buffers. A failed reap is reported and then transmit completions stop:
+    /// the queue fills and later frames are dropped.
+    struct Tx(TxQueue<TX_BUFFERS>);
 
     impl Tx {
         fn new() -> Self {
-            Self {
-                buffers: (0..TX_BUFFERS).map(|_| alloc::vec![0u8; BUF_LEN]).collect(),
-                in_flight: [None; TX_BUFFERS],
-                stuck: false,
-            }
+            Self(TxQueue::new())
         }
 
         /// Take back every buffer the device is done with.
         fn reap(&mut self, net: &mut Net) {
-            while !self.stuck {
-                let Some(token) = net.poll_transmit() else { return };
-                let Some(i) = self.in_flight.iter().position(|t| t.is_some_and(|(k, _)| k == token)) else {
-                    println!("transmit: the device completed an unknown request {token}");
-                    self.stuck = true;
-                    return;
-                };
-                let len = self.in_flight[i].map_or(0, |(_, len)| len);
-                // SAFETY: the same buffer (and length) that was submitted with this token.
-                match unsafe { net.transmit_complete(token, &self.buffers[i][..len]) } {
-                    Ok(_) => self.in_flight[i] = None,
-                    Err(e) => {
-                        println!("transmit: completing request {token}: {e}");
-                        self.stuck = true;
-                    }
-                }
+            if let Err(e) = self.0.reap(net) {
+                println!("transmit: {e}");
             }
         }
 
@@ -174,16 +111,10 @@ mod driver {
         /// refuses it.
         fn send(&mut self, net: &mut Net, frame: &[u8]) -> Result<(), NetDropReason> {
             self.reap(net);
-            let i = self.in_flight.iter().position(Option::is_none).ok_or(NetDropReason::DeviceError)?;
-            let buf = &mut self.buffers[i];
-            let header = net.fill_buffer_header(buf).map_err(|_| NetDropReason::DeviceError)?;
-            let len = header.checked_add(frame.len()).filter(|&l| l <= buf.len()).ok_or(NetDropReason::TooLong)?;
-            buf[header..len].copy_from_slice(frame);
-            // SAFETY: the buffer is not touched again until the device hands it back (reap);
-            // it lies in our own RAM, which the IOMMU maps for the device.
-            let token = unsafe { net.transmit_begin(&buf[..len]) }.map_err(|_| NetDropReason::DeviceError)?;
-            self.in_flight[i] = Some((token, len));
-            Ok(())
+            self.0.send(net, frame).map_err(|e| match e {
+                SendError::TooLong => NetDropReason::TooLong,
+                SendError::Busy | SendError::Device(_) => NetDropReason::DeviceError,
+            })
         }
     }
 

@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod irq;
+pub mod net;
 mod transport;
 
 use core::fmt;

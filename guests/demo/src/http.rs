@@ -10,6 +10,9 @@
 //! - `GET /blk/<lba>?count=<n>`: `n` sectors (default 1) read through the disk driver VM.
 //! - `PUT /blk/<lba>`: the body (a multiple of 512 bytes) written at sector `lba`.
 //! - `POST /flush`: the disk flushed.
+//! - `POST /sink`: the body read and thrown away; the answer says how many bytes (for
+//!   measuring host-to-guest throughput).
+//! - `GET /source?bytes=<n>`: `n` bytes of a pattern (guest-to-host throughput).
 
 use core::fmt::{self, Write as _};
 
@@ -23,6 +26,8 @@ pub const MAX_BODY: u64 = 4 << 20;
 pub const SECTOR: u64 = 512;
 /// Most sectors one `GET /blk` may read (4 MiB).
 pub const MAX_READ_SECTORS: u64 = MAX_BODY / SECTOR;
+/// Largest `POST /sink` body and `GET /source` answer (1 GiB).
+pub const MAX_STREAM: u64 = 1 << 30;
 
 /// An HTTP status the server answers with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +113,8 @@ pub enum Route {
     BlkRead { lba: u64, count: u64 },
     BlkWrite { lba: u64 },
     Flush,
+    Sink,
+    Source { bytes: u64 },
 }
 
 /// Parses a request head from the start of `input`. `Ok(None)`: not all of it is there yet.
@@ -179,13 +186,29 @@ pub fn route(method: &str, target: &str, body_len: Option<u64>, disk_sectors: u6
             "POST" => needs_body(body_len).map(|_| Route::Echo),
             _ => refuse(Status::MethodNotAllowed, "/echo takes POST"),
         },
+        "/sink" => match (method, body_len) {
+            ("POST", None) => refuse(Status::LengthRequired, "a Content-Length is needed"),
+            ("POST", Some(n)) if n > MAX_STREAM => refuse(Status::PayloadTooLarge, "the body is over 1 GiB"),
+            ("POST", Some(_)) => Ok(Route::Sink),
+            _ => refuse(Status::MethodNotAllowed, "/sink takes POST"),
+        },
+        "/source" => match method {
+            "GET" => {
+                no_body(body_len)?;
+                match query.strip_prefix("bytes=").map(str::parse::<u64>) {
+                    Some(Ok(bytes)) if bytes <= MAX_STREAM => Ok(Route::Source { bytes }),
+                    _ => refuse(Status::BadRequest, "/source needs ?bytes=<n>, at most 1 GiB"),
+                }
+            }
+            _ => refuse(Status::MethodNotAllowed, "/source takes GET"),
+        },
         "/flush" => match method {
             "POST" => no_body(body_len).map(|_| Route::Flush),
             _ => refuse(Status::MethodNotAllowed, "/flush takes POST"),
         },
         _ => match path.strip_prefix("/blk/") {
             Some(lba) => blk_route(method, lba, query, body_len, disk_sectors),
-            None => refuse(Status::NotFound, "no such path: try /, /echo, /blk/<lba>, /flush"),
+            None => refuse(Status::NotFound, "no such path: try /, /echo, /blk/<lba>, /flush, /sink, /source"),
         },
     }
 }
@@ -327,6 +350,20 @@ mod tests {
         assert!(!h.keep_alive, "HTTP/1.0 closes unless asked");
         let h = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn the_benchmark_routes() {
+        let h = head("POST /sink HTTP/1.1\r\nContent-Length: 104857600\r\n\r\n").unwrap().unwrap();
+        assert_eq!((h.route, h.body_len), (Route::Sink, 100 << 20));
+        let h = head("GET /source?bytes=5000000 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.route, Route::Source { bytes: 5_000_000 });
+        assert_eq!(status_of("POST /sink HTTP/1.1\r\n\r\n"), Status::LengthRequired);
+        assert_eq!(status_of("POST /sink HTTP/1.1\r\nContent-Length: 2000000000\r\n\r\n"), Status::PayloadTooLarge);
+        assert_eq!(status_of("GET /source HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(status_of("GET /source?bytes=x HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(status_of("GET /source?bytes=2000000000 HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(status_of("GET /sink HTTP/1.1\r\n\r\n"), Status::MethodNotAllowed);
     }
 
     #[test]

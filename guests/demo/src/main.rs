@@ -3,7 +3,10 @@
 //! way). At boot it runs a block self-test: a pattern written across many sectors
 //! (including the last one), flushed, read back and checked, and out-of-range requests
 //! that must be refused. With a net channel to the net driver VM it then serves HTTP on
-//! port 80 (smoltcp over the channel; see `server.rs` and `demo_guest::http`).
+//! port 80 (smoltcp over the channel; see `server.rs` and `demo_guest::http`). Without a net
+//! channel but with a virtio-net function of its own (`dev=` and `irq=` from dom0, as in
+//! `stacks/bench-net.toml`), it drives that NIC directly (`direct.rs`) and serves the same
+//! HTTP server on it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(not(target_os = "none"))]
@@ -14,6 +17,8 @@ extern crate alloc;
 
 #[cfg(target_os = "none")]
 mod blk;
+#[cfg(target_os = "none")]
+mod direct;
 #[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
@@ -49,13 +54,16 @@ mod guest {
                     let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
                     let gateway = info.arg("gw").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_GATEWAY);
                     let (mac, mtu) = (dev.header.mac, dev.header.mtu);
-                    let mut server = crate::server::Server::new(dev, wait, address, gateway, disk);
+                    let mut server = crate::server::Server::new(dev, wait, address, gateway, disk)
+                        .with_status(info.arg("status").and_then(|s| s.parse().ok()));
                     println!("net channel \"{name}\": MAC {mac}, MTU {mtu}; serving HTTP on {address}, port 80");
                     println!("ready");
                     server.run();
                 }
                 Err(e) => println!("net channel \"{name}\": {e}"),
             }
+        } else if let Some(dev) = info.arg("dev").and_then(|d| d.parse().ok()) {
+            serve_direct(info, dev, disk);
         }
         println!("ready");
         // Nothing more to do: wait (the microvisor parks this vCPU).
@@ -63,6 +71,41 @@ mod guest {
             // SAFETY: HLT only waits.
             unsafe { core::arch::asm!("hlt") };
         }
+    }
+
+    /// No net channel, but a NIC of our own (`dev=<slot> irq=<slot>`, a virtio-net function
+    /// dom0 assigned to us): drive it directly and serve HTTP on it. Returns only if the
+    /// device cannot be opened.
+    fn serve_direct(info: &BootInfo, dev: u64, disk: Option<BlockClient>) {
+        let irq: Option<u64> = info.arg("irq").and_then(|i| i.parse().ok());
+        let dev = match crate::direct::DirectDevice::open(dev, irq) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("net device: {e}");
+                return;
+            }
+        };
+        // The server waits on one notification: the device's, where its receive interrupt
+        // arrives (and the server's timer, which the WAIT right lets it set there). Without
+        // a routed interrupt it polls with that timer (on `timer=`, our own notification).
+        let wait = match (irq, dev.irq_handle) {
+            (Some(irq), Some(_)) => irq,
+            _ => match info.arg("timer").and_then(|t| t.parse().ok()).or(irq) {
+                Some(t) => t,
+                None => {
+                    println!("net device: no notification to wait on");
+                    return;
+                }
+            },
+        };
+        let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
+        let gateway = info.arg("gw").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_GATEWAY);
+        let (function, mac) = (dev.function, crate::net::NetDevice::mac(&dev));
+        let mut server = crate::server::Server::new(dev, wait, address, gateway, disk)
+            .with_status(info.arg("status").and_then(|s| s.parse().ok()));
+        println!("net device {function} owned directly: MAC {mac}; serving HTTP on {address}, port 80");
+        println!("ready");
+        server.run();
     }
 
     /// The guest's address and gateway on QEMU's user network, unless `ip=` and `gw=` say

@@ -9,6 +9,46 @@ use ipc_spec::net::{DropCounters, FrameReceiver, FrameSender, NetDropReason, Net
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+/// What the HTTP server needs of a network device besides smoltcp's [`Device`]: a net
+/// channel to the net driver VM ([`ChannelDevice`]) or a NIC the guest owns directly.
+pub trait NetDevice: Device {
+    /// The device's MAC address.
+    fn mac(&self) -> ipc_spec::net::MacAddr;
+    /// Called after every poll: tell the other side about frames queued since the last call.
+    fn kick(&mut self);
+    /// Whether the device can no longer be used.
+    fn is_dead(&self) -> bool;
+    /// One line for the status page.
+    fn describe(&self, out: &mut alloc::string::String);
+}
+
+impl NetDevice for ChannelDevice {
+    fn mac(&self) -> ipc_spec::net::MacAddr {
+        self.header.mac
+    }
+
+    fn kick(&mut self) {
+        ChannelDevice::kick(self)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.is_corrupt()
+    }
+
+    fn describe(&self, out: &mut alloc::string::String) {
+        use core::fmt::Write as _;
+        let c = &self.counters;
+        let _ = write!(
+            out,
+            "net: channel to the net driver VM, MAC {}, {} frames received, {} sent, {} receive drops",
+            self.header.mac,
+            c.received,
+            c.sent,
+            c.receive_dropped.total()
+        );
+    }
+}
+
 /// One end of a net channel, as a smoltcp device.
 pub struct ChannelDevice {
     tx: FrameSender<'static, Region>,

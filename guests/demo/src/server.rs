@@ -13,7 +13,8 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
 use crate::blk::BlockClient;
-use crate::net::ChannelDevice;
+use crate::net::NetDevice;
+use ipc_spec::status::{DomainState, DomainStatusReply};
 
 /// Connections served at once (one listening socket each; a connection beyond these is
 /// refused).
@@ -34,6 +35,10 @@ enum Phase {
     Read { lba: u64, left: u64 },
     /// Receiving `left` body bytes to write from `lba` (`PUT /blk`).
     Write { lba: u64, left: u64 },
+    /// Receiving `left` body bytes to throw away, of `total` (`POST /sink`).
+    Sink { left: u64, total: u64 },
+    /// Sending `left` more pattern bytes (`GET /source`).
+    Source { left: u64 },
     /// Sending what is in `out`, then closing or reading the next head.
     Answer { close: bool },
 }
@@ -59,32 +64,28 @@ struct Stats {
     disk_sectors: u64,
 }
 
-pub struct Server {
+pub struct Server<D: NetDevice> {
     iface: Interface,
     sockets: SocketSet<'static>,
     conns: Vec<Conn>,
-    dev: ChannelDevice,
+    dev: D,
     disk: Option<BlockClient>,
     disk_sectors: u64,
     wait: u64,
     stats: Stats,
     started_ns: u64,
+    /// dom0's status service (`ipc_spec::status`), if this guest may ask.
+    status: Option<u64>,
 }
 
 fn now() -> Instant {
     Instant::from_micros((hypercall::clock_ns() / 1000) as i64)
 }
 
-impl Server {
+impl<D: NetDevice> Server<D> {
     /// Sets the interface up with `address` (and `gateway`) and listens on port 80.
-    pub fn new(
-        mut dev: ChannelDevice,
-        wait: u64,
-        address: Ipv4Cidr,
-        gateway: Ipv4Address,
-        mut disk: Option<BlockClient>,
-    ) -> Self {
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(dev.header.mac.0)));
+    pub fn new(mut dev: D, wait: u64, address: Ipv4Cidr, gateway: Ipv4Address, mut disk: Option<BlockClient>) -> Self {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(dev.mac().0)));
         config.random_seed = hypercall::clock_ns();
         let mut iface = Interface::new(config, &mut dev, now());
         iface.update_ip_addrs(|a| {
@@ -114,7 +115,14 @@ impl Server {
             wait,
             stats: Stats::default(),
             started_ns: hypercall::clock_ns(),
+            status: None,
         }
+    }
+
+    /// Lets the status page list every domain, asking dom0's status service on `slot`.
+    pub fn with_status(mut self, slot: Option<u64>) -> Self {
+        self.status = slot;
+        self
     }
 
     /// Serves forever.
@@ -127,8 +135,8 @@ impl Server {
             }
             self.iface.poll(now(), &mut self.dev, &mut self.sockets);
             self.dev.kick();
-            if self.dev.is_corrupt() {
-                println!("net: the channel's rings are corrupt: stopping the server");
+            if self.dev.is_dead() {
+                println!("net: the network device failed: stopping the server");
                 loop {
                     let _ = hypercall::wait(self.wait);
                 }
@@ -172,7 +180,7 @@ impl Server {
         }
         // Take in what arrived, up to what the current phase can use.
         let limit = match conn.phase {
-            Phase::Echo { .. } => 16 * 1024,
+            Phase::Echo { .. } | Phase::Sink { .. } => 16 * 1024,
             Phase::Write { .. } => (DISK_CHUNK * SECTOR) as usize,
             _ => http::MAX_HEAD,
         };
@@ -191,7 +199,9 @@ impl Server {
         // more can come, so close.
         let starved = match conn.phase {
             Phase::Head => !conn.input.is_empty() || conn.out.is_empty(),
-            Phase::Echo { left } | Phase::Write { left, .. } => (conn.input.len() as u64) < left.min(limit as u64),
+            Phase::Echo { left } | Phase::Write { left, .. } | Phase::Sink { left, .. } => {
+                (conn.input.len() as u64) < left.min(limit as u64)
+            }
             _ => false,
         };
         let peer_done = matches!(socket.state(), tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing);
@@ -270,6 +280,32 @@ impl Server {
                 }
                 true
             }
+            Phase::Sink { left, total } => {
+                if conn.input.is_empty() {
+                    return false;
+                }
+                let n = (conn.input.len() as u64).min(left) as usize;
+                conn.input.drain(..n);
+                let left = left - n as u64;
+                if left == 0 {
+                    let mut text = http::Text::<64>::default();
+                    let _ = writeln!(text, "{total} bytes received");
+                    self.answer(i, Status::Ok, "text/plain", text.as_bytes());
+                } else {
+                    conn.phase = Phase::Sink { left, total };
+                }
+                true
+            }
+            Phase::Source { left } => {
+                if !out_room {
+                    return false;
+                }
+                let n = left.min(16 * 1024) as usize;
+                conn.out.extend((0..n).map(|k| b'a' + (k % 26) as u8));
+                let left = left - n as u64;
+                conn.phase = if left == 0 { Phase::Answer { close: !conn.keep_alive } } else { Phase::Source { left } };
+                true
+            }
             Phase::Answer { close } => {
                 if !out_room {
                     return false;
@@ -307,6 +343,14 @@ impl Server {
                 self.conns[i].phase = Phase::Read { lba, left: count };
             }
             Route::BlkWrite { lba } => self.conns[i].phase = Phase::Write { lba, left: len },
+            Route::Sink if len == 0 => self.answer(i, Status::Ok, "text/plain", b"0 bytes received\n"),
+            Route::Sink => self.conns[i].phase = Phase::Sink { left: len, total: len },
+            Route::Source { bytes } => {
+                let answer = http::response_head(Status::Ok, "application/octet-stream", bytes, head.keep_alive);
+                self.conns[i].out.extend_from_slice(answer.as_bytes());
+                self.conns[i].phase =
+                    if bytes == 0 { Phase::Answer { close: !head.keep_alive } } else { Phase::Source { left: bytes } };
+            }
             Route::Flush => match self.disk.as_mut().map(|d| d.flush()) {
                 Some(Ok(ipc_spec::block::Status::Ok)) => self.answer(i, Status::Ok, "text/plain", b"flushed\n"),
                 _ => self.answer(i, Status::InternalError, "text/plain", b"the flush failed\n"),
@@ -360,17 +404,10 @@ impl Server {
 
     fn status_page(&self) -> alloc::string::String {
         let mut s = alloc::string::String::new();
-        let c = &self.dev.counters;
         let up_s = hypercall::clock_ns().saturating_sub(self.started_ns) / 1_000_000_000;
         let _ = writeln!(s, "microvisor demo guest: up {up_s} s");
-        let _ = writeln!(
-            s,
-            "net: MAC {}, {} frames received, {} sent, {} receive drops",
-            self.dev.header.mac,
-            c.received,
-            c.sent,
-            c.receive_dropped.total()
-        );
+        self.dev.describe(&mut s);
+        s.push('\n');
         if self.disk_sectors > 0 {
             let _ = writeln!(
                 s,
@@ -382,6 +419,34 @@ impl Server {
             let _ = writeln!(s, "disk: none");
         }
         let _ = writeln!(s, "http: {} requests, {} refused", self.stats.requests, self.stats.refused);
+        if let Some(slot) = self.status {
+            let _ = writeln!(s, "\ndomains (from dom0):");
+            for index in 0..64 {
+                let msg = hypercall::Message::new(&[index]);
+                let Ok(reply) = hypercall::ipc_call(slot, &msg) else {
+                    let _ = writeln!(s, "  (dom0's status service did not answer)");
+                    break;
+                };
+                let Some(d) = DomainStatusReply::decode(&reply.words) else { break };
+                match d.state {
+                    DomainState::Alive => {
+                        let state = if d.stopped > 0 { "stopped" } else { "running" };
+                        let _ = writeln!(
+                            s,
+                            "  {:<8} {state}, {} vCPU, {} MiB, {} IPC calls, {} notifications signalled",
+                            d.name(),
+                            d.vcpus,
+                            d.ram_mib,
+                            d.ipc_calls,
+                            d.signals
+                        );
+                    }
+                    DomainState::Destroyed => {
+                        let _ = writeln!(s, "  {:<8} destroyed", d.name());
+                    }
+                }
+            }
+        }
         s
     }
 }

@@ -5,7 +5,7 @@ use ipc_spec::hypercall::{rights, status_of, FaultKind, Hypercall, CONSOLE_WRITE
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{Event, Fault, Kernel, Platform, VcpuId, PAGE};
+use super::{Event, Fault, Kernel, Platform, VcpuId, VcpuState, PAGE};
 use crate::stage2::Stage2Format;
 
 /// How a hypercall ended for its caller.
@@ -327,6 +327,16 @@ impl<F: Stage2Format> Kernel<F> {
                 Ok(())
             }
             Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
+            Hypercall::DomainStatus => {
+                let d = self.lookup_domain(caller, r.rbx)?;
+                let mine = self.vcpus.iter().filter(|x| x.domain == d && x.state != VcpuState::Free);
+                let stopped = mine.clone().filter(|x| x.state == VcpuState::Stopped).count() as u64;
+                let dom = &self.domains[d as usize];
+                let answer = (mine.count() as u64, stopped, dom.ipc_calls, dom.signals, dom.ram_size() >> 20);
+                let regs = &mut self.vcpus[v as usize].regs;
+                (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8) = answer;
+                Ok(())
+            }
             // Handled in `hypercall`.
             _ => Err(Error::UnknownHypercall),
         }

@@ -136,6 +136,7 @@ impl<F: Stage2Format> Kernel<F> {
         s.state = VcpuState::Running;
         self.current = Some(server);
         self.stats.ipc_calls += 1;
+        self.domains[d].ipc_calls += 1;
         true
     }
 
@@ -194,6 +195,7 @@ impl<F: Stage2Format> Kernel<F> {
             return Err(Error::NoMessagePage);
         }
         self.stats.ipc_calls += 1;
+        self.domains[self.vcpus[caller as usize].domain as usize].ipc_calls += 1;
         self.vcpus[caller as usize].send_badge = badge;
         self.send(p, caller, e)
     }

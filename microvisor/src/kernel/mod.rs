@@ -289,6 +289,9 @@ pub struct Domain<F: Stage2Format> {
     pub mappings: heapless::Vec<Mapping, MAX_MAPPINGS>,
     pub console: LineBuffer,
     pub vcpus: u8,
+    /// IPC calls and notification signals its vCPUs made (for `DomainStatus`).
+    pub ipc_calls: u64,
+    pub signals: u64,
 }
 
 impl<F: Stage2Format> Domain<F> {
@@ -305,6 +308,8 @@ impl<F: Stage2Format> Domain<F> {
         mappings: heapless::Vec::new(),
         console: LineBuffer::new(),
         vcpus: 0,
+        ipc_calls: 0,
+        signals: 0,
     };
 
     pub fn name(&self) -> &str {
@@ -696,7 +701,7 @@ impl<F: Stage2Format> Kernel<F> {
         dom.fault_handler = None;
         dom.mappings.clear();
         dom.console = LineBuffer::new();
-        dom.vcpus = 0;
+        (dom.vcpus, dom.ipc_calls, dom.signals) = (0, 0, 0);
         p.domain_named(d as DomainId, dom.name());
         Ok(d as DomainId)
     }

@@ -21,6 +21,7 @@ impl<F: Stage2Format> Kernel<F> {
     pub fn signal(&mut self, v: VcpuId, slot: u64, bits: u64) -> Result<(), Error> {
         let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
         let bits = if bits != 0 { bits } else { badge.max(1) };
+        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
         self.signal_object(n, bits);
         Ok(())
     }

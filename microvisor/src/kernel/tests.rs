@@ -2835,3 +2835,33 @@ proptest! {
         w.teardown();
     }
 }
+
+#[test]
+fn domain_status_counts_each_domains_calls_and_signals() {
+    let mut t = ipc_setup(DOM0_PRIO);
+    t.server_waits();
+    let v0 = t.s.v0;
+    // dom0 calls the server twice (the fast path), the server answers.
+    for _ in 0..2 {
+        t.s.raw(v0, Hypercall::Call.number(), t.e, 0, [0; 6]);
+        t.s.raw(t.vs, Hypercall::ReplyRecv.number(), 0, 0, [0; 6]);
+    }
+    // And signals a notification once.
+    let n = t.s.hc(v0, Hypercall::NotificationCreate, dom0_slots::MEMORY, &[]).unwrap();
+    assert!(t.s.hc(v0, Hypercall::Signal, n, &[1]).is_ok());
+    // The server domain: one vCPU, none stopped, no calls made (it only answered), 2 MiB.
+    assert_eq!(t.s.hc(v0, Hypercall::DomainStatus, t.sdslot, &[]), Ok(1), "RDI: one vCPU");
+    let r = t.s.regs(v0);
+    assert_eq!((r.rdi, r.rsi, r.rdx, r.r10, r.r8), (1, 0, 0, 0, 2));
+    // dom0 itself, through its own domain capability: two calls, one signal.
+    assert_eq!(t.s.hc(v0, Hypercall::DomainStatus, dom0_slots::SELF_DOMAIN, &[]), Ok(1));
+    let r = t.s.regs(v0);
+    assert_eq!((r.rdx, r.r10), (2, 1));
+    // Not a domain capability; an empty slot.
+    assert_eq!(t.s.hc(v0, Hypercall::DomainStatus, n, &[]), Err(Error::PermissionDenied));
+    assert_eq!(t.s.hc(v0, Hypercall::DomainStatus, 60, &[]), Err(Error::InvalidSlot));
+    // Destroyed: its capability is gone.
+    assert!(t.s.hc(v0, Hypercall::DomainDestroy, t.sdslot, &[]).is_ok());
+    assert!(t.s.hc(v0, Hypercall::DomainStatus, t.sdslot, &[]).is_err());
+    check_invariants(&t.s.k);
+}

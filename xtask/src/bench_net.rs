@@ -1,0 +1,223 @@
+//! `cargo xtask bench net`: TCP through the net driver VM beside a guest that owns its NIC.
+//!
+//! The stack `stacks/bench-net.toml` has two NICs on two QEMU user networks: the first is
+//! owned by the net driver VM, which switches frames to the demo guest `guest` over a net
+//! channel; the second is owned directly by a second demo guest, `direct`. Both serve the
+//! same HTTP server, so the host measures, in one run and alternating between the two:
+//! host-to-guest throughput (`POST /sink`), guest-to-host throughput (`GET /source`) and
+//! small requests per second (`GET /` on a kept-alive connection). Wall-clock times under
+//! TCG are noisy: the ratios are what carries over; each figure is the best of a few rounds.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::bench::failure;
+use crate::build::{self, Artifacts};
+use crate::qemu::{self, Ending, Machine};
+
+/// Bytes per throughput transfer.
+const TRANSFER: usize = 8 << 20;
+/// Requests per requests-per-second round.
+const REQUESTS: usize = 200;
+/// Rounds per figure (the best is kept).
+const ROUNDS: usize = 3;
+
+/// One path's figures.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    pub host_to_guest_mb_s: f64,
+    pub guest_to_host_mb_s: f64,
+    pub requests_per_s: f64,
+}
+
+fn connect(port: u16) -> Result<TcpStream, String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Reads one response; returns (status, body length) and discards the body.
+fn read_response(s: &mut TcpStream) -> Result<(u16, usize), String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => return Err("the connection closed in a response head".into()),
+            Err(e) => return Err(format!("reading a response head: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad response head {head:?}"))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+        .ok_or(format!("no Content-Length in {head:?}"))?;
+    let mut left = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = s.read(&mut buf[..left.min(64 * 1024)]).map_err(|e| format!("reading a body: {e}"))?;
+        if n == 0 {
+            return Err("the connection closed in a body".into());
+        }
+        left -= n;
+    }
+    Ok((status, len))
+}
+
+fn mb_s(bytes: usize, t: Duration) -> f64 {
+    bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
+}
+
+/// Host to guest: one `POST /sink` of [`TRANSFER`] bytes.
+fn upload(port: u16) -> Result<f64, String> {
+    let mut s = connect(port)?;
+    let body = vec![0x5au8; TRANSFER];
+    let t0 = Instant::now();
+    s.write_all(format!("POST /sink HTTP/1.1\r\nContent-Length: {TRANSFER}\r\n\r\n").as_bytes())
+        .and_then(|_| s.write_all(&body))
+        .map_err(|e| format!("sending: {e}"))?;
+    let (status, _) = read_response(&mut s)?;
+    if status != 200 {
+        return Err(format!("POST /sink answered {status}"));
+    }
+    Ok(mb_s(TRANSFER, t0.elapsed()))
+}
+
+/// Guest to host: one `GET /source` of [`TRANSFER`] bytes.
+fn download(port: u16) -> Result<f64, String> {
+    let mut s = connect(port)?;
+    let t0 = Instant::now();
+    s.write_all(format!("GET /source?bytes={TRANSFER} HTTP/1.1\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
+    let (status, len) = read_response(&mut s)?;
+    if status != 200 || len != TRANSFER {
+        return Err(format!("GET /source answered {status} with {len} bytes"));
+    }
+    Ok(mb_s(TRANSFER, t0.elapsed()))
+}
+
+/// Small requests: [`REQUESTS`] `GET /` on one kept-alive connection.
+fn requests(port: u16) -> Result<f64, String> {
+    let mut s = connect(port)?;
+    let t0 = Instant::now();
+    for _ in 0..REQUESTS {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").map_err(|e| e.to_string())?;
+        let (status, _) = read_response(&mut s)?;
+        if status != 200 {
+            return Err(format!("GET / answered {status}"));
+        }
+    }
+    Ok(REQUESTS as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Measures both paths, alternating, best of [`ROUNDS`].
+fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures), String> {
+    let mut best = [Figures::default(); 2];
+    for round in 0..ROUNDS {
+        for (i, port) in [driver_port, direct_port].into_iter().enumerate() {
+            let f = &mut best[i];
+            f.host_to_guest_mb_s = f.host_to_guest_mb_s.max(upload(port)?);
+            f.guest_to_host_mb_s = f.guest_to_host_mb_s.max(download(port)?);
+            f.requests_per_s = f.requests_per_s.max(requests(port)?);
+        }
+        eprintln!("bench net: round {}/{ROUNDS} done", round + 1);
+    }
+    Ok((best[0], best[1]))
+}
+
+/// The JSON report.
+pub fn to_json(driver: &Figures, direct: &Figures) -> String {
+    let entry = |name: &str, d: f64, x: f64, last: bool| {
+        format!(
+            "  \"{name}\": {{ \"driver_vm\": {d:.2}, \"direct\": {x:.2}, \"ratio\": {:.3} }}{}\n",
+            d / x.max(1e-9),
+            if last { "" } else { "," }
+        )
+    };
+    let mut j = String::from("{\n");
+    j.push_str(&format!(
+        "  \"transfer_bytes\": {TRANSFER},\n  \"requests_per_round\": {REQUESTS},\n  \"rounds\": {ROUNDS},\n"
+    ));
+    j.push_str(&entry("host_to_guest_mb_s", driver.host_to_guest_mb_s, direct.host_to_guest_mb_s, false));
+    j.push_str(&entry("guest_to_host_mb_s", driver.guest_to_host_mb_s, direct.guest_to_host_mb_s, false));
+    j.push_str(&entry("requests_per_s", driver.requests_per_s, direct.requests_per_s, true));
+    j.push_str("}\n");
+    j
+}
+
+/// `cargo xtask bench net`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!("bench net: unknown option `{a}`"));
+    }
+    let target = build::default_target_dir();
+    let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
+    let stack = crate::workspace_root().join("stacks/bench-net.toml");
+    let out = artifacts.bundle.with_file_name("bench-net.bin");
+    let info = build::pack(&artifacts.images, &stack, &out)?;
+    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
+    for port in m.net_ports.iter_mut() {
+        *port = qemu::free_port()?;
+    }
+    let [driver_port, direct_port] = m.net_ports[..] else {
+        return Err(format!("{}: expected two virtio-net devices, found {}", stack.display(), m.net_ports.len()));
+    };
+    eprintln!(
+        "bench net: booting {} (guest via the net driver VM on 127.0.0.1:{driver_port}, direct on 127.0.0.1:{direct_port})",
+        stack.display()
+    );
+    let serving = |who: &str, lines: &[String]| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
+    let mut result = None;
+    let run = qemu::run_captured(&m, Duration::from_secs(900), false, |lines| {
+        if serving("[guest]", lines) && serving("[direct]", lines) {
+            result = Some(measure(driver_port, direct_port));
+            return true;
+        }
+        lines.iter().any(|l| l.contains("FATAL"))
+    })?;
+    let Some(result) = result else {
+        return Err(failure(&run, "the guests did not both serve HTTP"));
+    };
+    let (driver, direct) = result.map_err(|e| format!("bench net: {e}"))?;
+    if !matches!(run.ending, Ending::Stopped) {
+        return Err(failure(&run, "QEMU ended early"));
+    }
+    println!("Network benchmark: the guest through the net driver VM vs. a guest owning its NIC");
+    println!("(wall clock under TCG, best of {ROUNDS} rounds: the ratio is what carries over)\n");
+    println!("  measure                     driver VM      direct     ratio");
+    for (name, d, x) in [
+        ("host -> guest (MB/s)", driver.host_to_guest_mb_s, direct.host_to_guest_mb_s),
+        ("guest -> host (MB/s)", driver.guest_to_host_mb_s, direct.guest_to_host_mb_s),
+        ("small requests per s", driver.requests_per_s, direct.requests_per_s),
+    ] {
+        println!("  {name:<24} {d:>12.2} {x:>11.2} {:>9.2}", d / x.max(1e-9));
+    }
+    let path = target.join("bench").join("net.json");
+    std::fs::create_dir_all(path.parent().unwrap_or(&target))
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    std::fs::write(&path, to_json(&driver, &direct)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!("\nbench net: wrote {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_both_paths_and_ratios() {
+        let d = Figures { host_to_guest_mb_s: 2.0, guest_to_host_mb_s: 3.0, requests_per_s: 100.0 };
+        let x = Figures { host_to_guest_mb_s: 4.0, guest_to_host_mb_s: 3.0, requests_per_s: 400.0 };
+        let j = to_json(&d, &x);
+        assert!(
+            j.contains("\"host_to_guest_mb_s\": { \"driver_vm\": 2.00, \"direct\": 4.00, \"ratio\": 0.500 },"),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250 }\n}"),
+            "{j}"
+        );
+    }
+}
