@@ -20,6 +20,11 @@ fn with_server(client: impl FnOnce(u16)) -> (Run, xtask::qemu::Machine) {
 /// runs `client` and stops QEMU. A failed check in `client` still stops QEMU and shows the
 /// console.
 fn run_serving(m: &xtask::qemu::Machine, servers: &[&str], client: impl FnOnce()) -> Run {
+    run_serving_after(m, servers, &[], client)
+}
+
+/// [`run_serving`], also waiting for lines containing each of `also`.
+fn run_serving_after(m: &xtask::qemu::Machine, servers: &[&str], also: &[&str], client: impl FnOnce()) -> Run {
     let mut m = m.clone();
     if let Ok(f) = std::env::var("WEB_PCAP") {
         m.extra.extend(["-object".to_string(), format!("filter-dump,id=dump0,netdev=net0,file={f}")]);
@@ -28,7 +33,7 @@ fn run_serving(m: &xtask::qemu::Machine, servers: &[&str], client: impl FnOnce()
     let mut failure = None;
     let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
         let serving = |who: &&str| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
-        if servers.iter().all(serving) {
+        if servers.iter().all(serving) && also.iter().all(|a| lines.iter().any(|l| l.contains(a))) {
             if let Some(c) = client.take() {
                 failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(c)).err();
             }
@@ -227,4 +232,28 @@ fn two_guests_behind_one_net_driver_vm_each_get_their_own_frames() {
         "[b] net channel \"netb\": MAC 02:4d:00:00:00:01, MTU 1500; serving HTTP on 10.0.2.16/24, port 80",
     );
     assert_no_line(&run, "FATAL");
+}
+
+#[test]
+fn a_guest_breaking_the_net_channel_is_cut_off_and_the_other_guest_is_still_served() {
+    let m = stack_machine("tests/stacks/rogue-net.toml", "");
+    let port = m.net_ports[0];
+    let run = run_serving_after(&m, &["[a]"], &["[b] rogue: corrupted my TX ring index"], || {
+        for (i, len) in [10usize, 20_000, 100_000].into_iter().enumerate() {
+            let payload = noise(len, i as u64 + 11);
+            let (status, body) = request(&mut connect(port), "POST", "/echo", &payload);
+            assert_eq!(status, 200);
+            assert!(body == payload, "echo of {len} bytes differs");
+        }
+    });
+    // Every malformed frame was dropped and counted, by reason, in b's channel header.
+    assert_line(
+        &run,
+        "[b] rogue: the net driver VM dropped my bad frames: bad slot 1, too long 1, too short 1, bad source 1",
+    );
+    assert_line(&run, "[b] rogue: corrupted my TX ring index: bad ring 1");
+    assert_line(&run, "[net] net channel \"netb\": ");
+    assert_line(&run, "no longer served");
+    assert_no_line(&run, "FATAL");
+    assert_no_line(&run, "[dom0] fault in net");
 }

@@ -22,6 +22,8 @@ mod direct;
 #[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
+mod rogue;
+#[cfg(target_os = "none")]
 mod server;
 
 #[cfg(target_os = "none")]
@@ -48,7 +50,9 @@ mod guest {
                 Err(e) => println!("block self-test FAILED: {e}"),
             },
         }
-        if let Some((name, region, signal, wait)) = channel(info, "net") {
+        if let (Some((name, region, signal, wait)), Some("net")) = (channel(info, "net"), info.arg("rogue")) {
+            crate::rogue::break_the_net_channel(name, region, signal, wait);
+        } else if let Some((name, region, signal, wait)) = channel(info, "net") {
             match crate::net::ChannelDevice::open(region, signal, wait, 5_000_000_000) {
                 Ok(dev) => {
                     let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
