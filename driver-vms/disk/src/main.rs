@@ -88,23 +88,11 @@ mod driver {
     }
 
     fn main(info: &BootInfo) -> u64 {
-        let Some(slot) = arg_slot(info, "dev") else {
-            println!("no device capability on my command line: \"{}\"", info.cmdline);
-            return 1;
-        };
-        let dev = match virtio_pci::device(slot) {
-            Ok(d) => d,
+        let (dev, transport) = match virtio_pci::open_from_cmdline(info) {
+            Ok(opened) => opened,
             Err(e) => {
                 println!("{e}");
-                return 2;
-            }
-        };
-        println!("{dev}");
-        let transport = match virtio_pci::open(&dev) {
-            Ok(t) => t,
-            Err(e) => {
-                println!("{e}");
-                return 3;
+                return e.status();
             }
         };
         let mut blk = match VirtIOBlk::<DriverHal, _>::new(transport) {

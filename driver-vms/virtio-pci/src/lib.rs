@@ -63,6 +63,47 @@ impl fmt::Display for OpenError {
     }
 }
 
+/// Why a driver could not get at its device from its command line.
+#[derive(Debug)]
+pub enum StartError {
+    /// No `dev=<slot>` on the command line (which is quoted).
+    NoDevice(&'static str),
+    /// DeviceInfo failed.
+    Describe(OpenError),
+    /// The transport could not be brought up.
+    Open(OpenError),
+}
+
+impl StartError {
+    /// The exit status a driver VM reports for it.
+    pub fn status(&self) -> u64 {
+        match self {
+            Self::NoDevice(_) => 1,
+            Self::Describe(_) => 2,
+            Self::Open(_) => 3,
+        }
+    }
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDevice(cmdline) => write!(f, "no device capability on my command line: \"{cmdline}\""),
+            Self::Describe(e) | Self::Open(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What every driver VM does first: find the device named by `dev=<slot>` on its command
+/// line, print what it is, and open its virtio transport.
+pub fn open_from_cmdline(info: &domain_rt::BootInfo) -> Result<(Device, Transport), StartError> {
+    let slot = info.arg("dev").and_then(|v| v.parse().ok()).ok_or(StartError::NoDevice(info.cmdline))?;
+    let dev = device(slot).map_err(StartError::Describe)?;
+    domain_rt::println!("{dev}");
+    let transport = open(&dev).map_err(StartError::Open)?;
+    Ok((dev, transport))
+}
+
 /// Describe the device in capability `slot` (DeviceInfo).
 pub fn device(slot: u64) -> Result<Device, OpenError> {
     let dev = call(Hypercall::DeviceInfo, slot, [0; 6]).map_err(OpenError::DeviceInfo)?;
