@@ -41,6 +41,9 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> 
         }
         ExitReason::Hlt => {
             regs.rip += HLT_LEN;
+            // The HLT that STI's shadow covered is done: the shadow must not block the
+            // virtual interrupt for one more instruction after the resume.
+            m.vmcb(v).write_u64(microvisor::svm::vmcb::control::INTERRUPT_SHADOW, 0);
             // A virtual interrupt already loaded into V_IRQ (the guest did STI; HLT, and
             // STI's shadow covered the HLT) will be taken as soon as the guest resumes:
             // parking the vCPU now would lose that wake-up.

@@ -13,6 +13,8 @@ pub mod control {
     pub const GUEST_ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
     pub const VINTR: usize = 0x060;
+    /// Bit 0: the guest is in an interrupt shadow (after STI or MOV SS).
+    pub const INTERRUPT_SHADOW: usize = 0x068;
     pub const EXIT_CODE: usize = 0x070;
     pub const EXIT_INFO1: usize = 0x078;
     pub const EXIT_INFO2: usize = 0x080;
