@@ -4,11 +4,12 @@
 //!
 //! A domain binary says `domain_rt::domain_main!(main);` with `fn main(&BootInfo) -> u64`;
 //! the returned value becomes its exit status. Its linker script is `domain-rt/link.ld`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
 pub mod bench;
+pub mod channels;
 pub mod console;
 pub mod hypercall;
 #[cfg(target_os = "none")]
@@ -32,6 +33,11 @@ impl BootInfo {
     /// The value of `key` in the domain's command line (`key=value` words).
     pub fn arg(&self, key: &str) -> Option<&'static str> {
         self.cmdline.split_ascii_whitespace().filter_map(|w| w.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The capability slot dom0 put in `key=<slot>` (`dev`, `irq`, `timer`, `status`, ...).
+    pub fn slot(&self, key: &str) -> Option<u64> {
+        self.arg(key).and_then(|v| v.parse().ok())
     }
 }
 

@@ -5,7 +5,7 @@
 use core::fmt;
 
 use ipc_spec::hypercall::{FaultKind, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
-use microvisor::kernel::{Event, Fault, Kernel, VcpuId};
+use microvisor::kernel::{Event, Fault, Kernel, Regs, VcpuId};
 use microvisor::npt::Npt;
 use microvisor::svm::exit::ExitReason;
 use microvisor::svm::vmcb::{efer, save};
@@ -21,6 +21,15 @@ const MSR_LEN: u64 = 2;
 const HLT_LEN: u64 = 1;
 const IA32_EFER: u64 = 0xc000_0080;
 
+/// Resume vCPU `v` after the `len`-byte instruction that exited, which the microvisor
+/// emulated: it is complete, so an interrupt shadow it sat in (after STI or MOV SS) is over.
+/// Left set, the shadow would cover the guest's next instruction too, and a virtual
+/// interrupt pending after `STI; HLT` would wait past a following CLI for ever.
+fn skip(m: &mut Machine, v: VcpuId, regs: &mut Regs, len: u64) {
+    regs.rip += len;
+    m.vmcb(v).write_u64(microvisor::svm::vmcb::control::INTERRUPT_SHADOW, 0);
+}
+
 /// Handle the exit of the running vCPU `v` (its RAX and RIP already synced into the
 /// kernel's register file).
 pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> {
@@ -31,19 +40,16 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId) -> Option<Event> 
     let regs = &mut k.vcpus[v as usize].regs;
     match ExitReason::decode(code, info1, info2) {
         ExitReason::Vmmcall => {
-            regs.rip += VMMCALL_LEN;
+            skip(m, v, regs, VMMCALL_LEN);
             return k.hypercall(m, v);
         }
         ExitReason::Cpuid => {
             crate::selftest::maybe_fault_in_exit_handler();
             emulate_cpuid(regs);
-            regs.rip += CPUID_LEN;
+            skip(m, v, regs, CPUID_LEN);
         }
         ExitReason::Hlt => {
-            regs.rip += HLT_LEN;
-            // The HLT that STI's shadow covered is done: the shadow must not block the
-            // virtual interrupt for one more instruction after the resume.
-            m.vmcb(v).write_u64(microvisor::svm::vmcb::control::INTERRUPT_SHADOW, 0);
+            skip(m, v, regs, HLT_LEN);
             // A virtual interrupt already loaded into V_IRQ (the guest did STI; HLT, and
             // STI's shadow covered the HLT) will be taken as soon as the guest resumes:
             // parking the vCPU now would lose that wake-up.
@@ -181,5 +187,5 @@ fn emulate_msr(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, write: bool) {
         regs.rax = value & 0xffff_ffff;
         regs.rdx = value >> 32;
     }
-    regs.rip += MSR_LEN;
+    skip(m, v, regs, MSR_LEN);
 }

@@ -5,6 +5,7 @@
 //! and `STACK_BUNDLE`; a plain `cargo test -p stack-tests` builds them itself into
 //! `target/e2e`.
 
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -138,4 +139,67 @@ pub fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path
+}
+
+/// Runs `m` until every domain in `servers` (console prefixes) says it serves HTTP, then
+/// runs `client` and stops QEMU. A failed check in `client` still stops QEMU and shows the
+/// console.
+pub fn run_serving(m: &Machine, servers: &[&str], client: impl FnOnce()) -> Run {
+    run_serving_after(m, servers, &[], client)
+}
+
+/// [`run_serving`], also waiting for lines containing each of `also`. With `WEB_PCAP=<file>`
+/// the first network's frames are also dumped there (QEMU `filter-dump`), for debugging.
+pub fn run_serving_after(m: &Machine, servers: &[&str], also: &[&str], client: impl FnOnce()) -> Run {
+    let mut m = m.clone();
+    if let Ok(f) = std::env::var("WEB_PCAP") {
+        m.extra.extend(["-object".to_string(), format!("filter-dump,id=dump0,netdev=net0,file={f}")]);
+    }
+    let mut client = Some(client);
+    let mut failure = None;
+    let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
+        let serving = |who: &&str| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
+        if servers.iter().all(serving) && also.iter().all(|a| lines.iter().any(|l| l.contains(a))) {
+            if let Some(c) = client.take() {
+                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(c)).err();
+            }
+            return true;
+        }
+        lines.iter().any(|l| l.contains("FATAL"))
+    })
+    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
+    assert!(client.is_none(), "{servers:?} never all served HTTP:\n{}", run.console());
+    if let Some(panic) = failure {
+        eprintln!("console of the failed run:\n{}", run.console());
+        std::panic::resume_unwind(panic);
+    }
+    run
+}
+
+/// A connection to the host port `port` forwards to a guest's port 80.
+pub fn connect(port: u16) -> TcpStream {
+    xtask::http_client::connect(port).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One request on `s`; returns (status code, body).
+pub fn request(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    xtask::http_client::request(s, method, path, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `GET path` on a fresh connection.
+pub fn get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    request(&mut connect(port), "GET", path, b"")
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

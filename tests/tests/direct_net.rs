@@ -5,9 +5,6 @@
 //! its own notification), each on its own QEMU user network.
 
 use stack_tests::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
 
 /// The console lines that say both guests serve.
 const VIA_DRIVER: &str = "[guest] net channel \"net0\"";
@@ -19,70 +16,7 @@ fn with_servers(client: impl FnOnce(u16, u16)) -> Run {
     let m = stack_machine("stacks/bench-net.toml", "");
     assert_eq!(m.net_ports.len(), 2, "the stack assigns two virtio-net devices");
     let (via_driver, direct) = (m.net_ports[0], m.net_ports[1]);
-    let mut client = Some(client);
-    let mut failure = None;
-    let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
-        let serving = |who: &str| lines.iter().any(|l| l.contains(who) && l.contains("serving HTTP"));
-        if serving(VIA_DRIVER) && serving(DIRECT) {
-            if let Some(c) = client.take() {
-                // A failed check must still stop QEMU and show the console.
-                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c(via_driver, direct))).err();
-            }
-            return true;
-        }
-        lines.iter().any(|l| l.contains("FATAL"))
-    })
-    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
-    assert!(client.is_none(), "the guests never both served HTTP:\n{}", run.console());
-    if let Some(panic) = failure {
-        eprintln!("console of the failed run:\n{}", run.console());
-        std::panic::resume_unwind(panic);
-    }
-    run
-}
-
-fn connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-    s
-}
-
-/// One request on `s`; returns (status code, body).
-fn request(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n", body.len());
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = s.read(&mut byte).unwrap_or_else(|e| panic!("reading the response head: {e}"));
-        assert_eq!(n, 1, "connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status: u16 =
-        head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad head {head:?}"));
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).unwrap_or_else(|e| panic!("reading a {len}-byte body: {e}"));
-    (status, body)
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    run_serving(&m, &[VIA_DRIVER, DIRECT], || client(via_driver, direct))
 }
 
 /// The status page names the device behind port `port`; 100 KB come back as sent.

@@ -3,7 +3,7 @@
 //! behind the IOMMU), the net driver VM's switch and the guest's net channel.
 
 use stack_tests::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
@@ -14,92 +14,6 @@ fn with_server(client: impl FnOnce(u16)) -> (Run, xtask::qemu::Machine) {
     let port = m.net_ports[0];
     let run = run_serving(&m, &["[guest]"], || client(port));
     (run, m)
-}
-
-/// Runs `m` until every domain in `servers` (console prefixes) says it serves HTTP, then
-/// runs `client` and stops QEMU. A failed check in `client` still stops QEMU and shows the
-/// console.
-fn run_serving(m: &xtask::qemu::Machine, servers: &[&str], client: impl FnOnce()) -> Run {
-    run_serving_after(m, servers, &[], client)
-}
-
-/// [`run_serving`], also waiting for lines containing each of `also`.
-fn run_serving_after(m: &xtask::qemu::Machine, servers: &[&str], also: &[&str], client: impl FnOnce()) -> Run {
-    let mut m = m.clone();
-    if let Ok(f) = std::env::var("WEB_PCAP") {
-        m.extra.extend(["-object".to_string(), format!("filter-dump,id=dump0,netdev=net0,file={f}")]);
-    }
-    let mut client = Some(client);
-    let mut failure = None;
-    let run = xtask::qemu::run_captured(&m, Duration::from_secs(240), false, |lines| {
-        let serving = |who: &&str| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
-        if servers.iter().all(serving) && also.iter().all(|a| lines.iter().any(|l| l.contains(a))) {
-            if let Some(c) = client.take() {
-                failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(c)).err();
-            }
-            return true;
-        }
-        lines.iter().any(|l| l.contains("FATAL"))
-    })
-    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
-    assert!(client.is_none(), "{servers:?} never all served HTTP:\n{}", run.console());
-    if let Some(panic) = failure {
-        eprintln!("console of the failed run:\n{}", run.console());
-        std::panic::resume_unwind(panic);
-    }
-    run
-}
-
-fn connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-    s
-}
-
-/// One request on `s`; returns (status code, body).
-fn request(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n", body.len());
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    read_response(s)
-}
-
-fn read_response(s: &mut TcpStream) -> (u16, Vec<u8>) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = s.read(&mut byte).unwrap_or_else(|e| panic!("reading the response head: {e}"));
-        assert_eq!(n, 1, "connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status: u16 =
-        head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad head {head:?}"));
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).unwrap_or_else(|e| panic!("reading a {len}-byte body: {e}"));
-    (status, body)
-}
-
-fn get(port: u16, path: &str) -> (u16, Vec<u8>) {
-    request(&mut connect(port), "GET", path, b"")
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -8,12 +8,11 @@
 //! small requests per second (`GET /` on a kept-alive connection). Wall-clock times under
 //! TCG are noisy: the ratios are what carries over; each figure is the best of a few rounds.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::bench::failure;
 use crate::build::{self, Artifacts};
+use crate::http_client::{connect, request};
 use crate::qemu::{self, Ending, Machine};
 
 /// Bytes per throughput transfer.
@@ -31,42 +30,6 @@ pub struct Figures {
     pub requests_per_s: f64,
 }
 
-fn connect(port: u16) -> Result<TcpStream, String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
-    Ok(s)
-}
-
-/// Reads one response; returns (status, body length) and discards the body.
-fn read_response(s: &mut TcpStream) -> Result<(u16, usize), String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            Ok(_) => return Err("the connection closed in a response head".into()),
-            Err(e) => return Err(format!("reading a response head: {e}")),
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad response head {head:?}"))?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
-        .ok_or(format!("no Content-Length in {head:?}"))?;
-    let mut left = len;
-    let mut buf = vec![0u8; 64 * 1024];
-    while left > 0 {
-        let n = s.read(&mut buf[..left.min(64 * 1024)]).map_err(|e| format!("reading a body: {e}"))?;
-        if n == 0 {
-            return Err("the connection closed in a body".into());
-        }
-        left -= n;
-    }
-    Ok((status, len))
-}
-
 fn mb_s(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
 }
@@ -76,10 +39,7 @@ fn upload(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
     let body = vec![0x5au8; TRANSFER];
     let t0 = Instant::now();
-    s.write_all(format!("POST /sink HTTP/1.1\r\nContent-Length: {TRANSFER}\r\n\r\n").as_bytes())
-        .and_then(|_| s.write_all(&body))
-        .map_err(|e| format!("sending: {e}"))?;
-    let (status, _) = read_response(&mut s)?;
+    let (status, _) = request(&mut s, "POST", "/sink", &body)?;
     if status != 200 {
         return Err(format!("POST /sink answered {status}"));
     }
@@ -90,10 +50,9 @@ fn upload(port: u16) -> Result<f64, String> {
 fn download(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
     let t0 = Instant::now();
-    s.write_all(format!("GET /source?bytes={TRANSFER} HTTP/1.1\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
-    let (status, len) = read_response(&mut s)?;
-    if status != 200 || len != TRANSFER {
-        return Err(format!("GET /source answered {status} with {len} bytes"));
+    let (status, body) = request(&mut s, "GET", &format!("/source?bytes={TRANSFER}"), b"")?;
+    if status != 200 || body.len() != TRANSFER {
+        return Err(format!("GET /source answered {status} with {} bytes", body.len()));
     }
     Ok(mb_s(TRANSFER, t0.elapsed()))
 }
@@ -103,8 +62,7 @@ fn requests(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
     let t0 = Instant::now();
     for _ in 0..REQUESTS {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").map_err(|e| e.to_string())?;
-        let (status, _) = read_response(&mut s)?;
+        let (status, _) = request(&mut s, "GET", "/", b"")?;
         if status != 200 {
             return Err(format!("GET / answered {status}"));
         }

@@ -83,10 +83,6 @@ mod driver {
         }
     }
 
-    fn arg_slot(info: &BootInfo, key: &str) -> Option<u64> {
-        info.arg(key).and_then(|v| v.parse().ok())
-    }
-
     fn main(info: &BootInfo) -> u64 {
         let (dev, transport) = match virtio_pci::open_from_cmdline(info) {
             Ok(opened) => opened,
@@ -117,7 +113,7 @@ mod driver {
                 return 5;
             }
         }
-        if let Some(irq) = arg_slot(info, "irq") {
+        if let Some(irq) = info.slot("irq") {
             interrupt_check(&dev.config, irq, &mut blk);
         }
         println!("ready");
@@ -137,8 +133,7 @@ mod driver {
 /// its guests with a corrupt ring.
 #[cfg(target_os = "none")]
 mod rogue {
-    use domain_rt::shared::Region;
-    use domain_rt::{hypercall, println, BootInfo};
+    use domain_rt::{channels, hypercall, println, BootInfo};
     use ipc_spec::ring::SharedMem;
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
     use virtio_pci::{DriverHal, Transport};
@@ -170,25 +165,15 @@ mod rogue {
 
     /// Answer the first doorbell of each block channel with a corrupt response ring.
     pub fn garbage(info: &BootInfo) -> u64 {
-        let Some((name, spec)) = info.cmdline.split_ascii_whitespace().find_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            Some((k.strip_prefix("chan.")?.strip_suffix(".region")?, v))
-        }) else {
+        let Some(a) =
+            channels::channel_names(info.cmdline, "block").find_map(|n| channels::channel(info.cmdline, n).ok())
+        else {
             println!("no block channel to corrupt");
             return 1;
         };
-        let slot = |suffix: &str| -> Option<u64> {
-            info.cmdline.split_ascii_whitespace().find_map(|w| {
-                let (k, v) = w.split_once('=')?;
-                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
-            })
-        };
-        let (Some((base, len)), Some(signal), Some(wait)) = (Region::parse(spec), slot(".signal"), slot(".wait"))
-        else {
-            return 1;
-        };
+        let (name, signal, wait) = (a.name, a.signal, a.wait);
         // SAFETY: the channel region dom0 mapped for us.
-        let region = unsafe { Region::new(base, len) };
+        let region = unsafe { a.region() };
         let _ = hypercall::wait(wait);
         // The response ring of the standard layout sits at 0x2000: claim 0x7fff_ffff
         // responses and fill the slots with noise.
@@ -212,7 +197,7 @@ mod serve {
 
     use domain_rt::hypercall;
     use domain_rt::shared::Region;
-    use domain_rt::{println, BootInfo};
+    use domain_rt::{channels, println, BootInfo};
     use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
     use ipc_spec::ring::RingError;
     use virtio_drivers::device::blk::VirtIOBlk;
@@ -236,21 +221,12 @@ mod serve {
 
     fn channels(info: &BootInfo) -> Vec<Channel<'static>> {
         let mut list = Vec::new();
-        for word in info.cmdline.split_ascii_whitespace() {
-            let Some((key, value)) = word.split_once('=') else { continue };
-            let Some(name) = key.strip_prefix("chan.").and_then(|k| k.strip_suffix(".region")) else { continue };
-            let Some((base, len)) = Region::parse(value) else { continue };
-            let slot = |suffix: &str| {
-                info.cmdline.split_ascii_whitespace().find_map(|w| {
-                    let (k, v) = w.split_once('=')?;
-                    (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then(|| v.parse().ok()).flatten()
-                })
-            };
-            let (Some(signal), Some(wait)) = (slot(".signal"), slot(".wait")) else { continue };
+        for name in channels::channel_names(info.cmdline, "block") {
+            let Ok(a) = channels::channel(info.cmdline, name) else { continue };
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
             // address and size it put on our command line; nothing else in this VM uses it.
-            let region = unsafe { Region::new(base, len) };
-            list.push(Channel { name, region, signal, wait, layout: None, broken: false });
+            let region = unsafe { a.region() };
+            list.push(Channel { name, region, signal: a.signal, wait: a.wait, layout: None, broken: false });
         }
         list
     }

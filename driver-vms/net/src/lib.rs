@@ -1,10 +1,8 @@
 //! The net driver VM's portable logic, built and tested on the host as well as bare metal:
-//! the Ethernet switch between guests and the device, the command-line parsing of its net
-//! channels, the start-up ARP probe, and how drops are counted. The driver itself (device
+//! the Ethernet switch between guests and the device, the start-up ARP probe, and how drops are counted. The driver itself (device
 //! bring-up, interrupts, the serve loop) is the `net-driver` binary.
 #![cfg_attr(not(test), no_std)]
 
-pub mod args;
 pub mod arp;
 pub mod drops;
 pub mod switch;

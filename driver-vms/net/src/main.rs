@@ -32,6 +32,7 @@ mod driver {
     use alloc::vec::Vec;
     use core::fmt;
 
+    use domain_rt::channels;
     use domain_rt::hypercall;
     use domain_rt::shared::Region;
     use domain_rt::{println, BootInfo};
@@ -39,7 +40,7 @@ mod driver {
         DropCounters, FrameReceiver, FrameSender, Layout, MacAddr, NetDropReason, NetHeader, MAX_FRAME_LEN, MAX_MTU,
     };
     use net_driver::switch::{Port, Switch, MAX_GUESTS};
-    use net_driver::{args, arp, drops};
+    use net_driver::{arp, drops};
     use virtio_drivers::device::net::VirtIONetRaw;
     use virtio_drivers::transport::Transport as _;
     use virtio_pci::net::{RxQueue, SendError, TxQueue};
@@ -172,10 +173,6 @@ mod driver {
         Err("no ARP reply from the gateway")
     }
 
-    fn arg_slot(info: &BootInfo, key: &str) -> Option<u64> {
-        info.arg(key).and_then(|v| v.parse().ok())
-    }
-
     /// One guest's net channel (guest port `n` is `guests[n]`).
     struct Guest {
         name: &'static str,
@@ -204,12 +201,12 @@ mod driver {
     /// Set up every net channel on the command line: header, rings, switch port, doorbell.
     fn attach_guests(info: &BootInfo, link_up: bool, switch: &mut Switch) -> Vec<Option<Guest>> {
         let mut guests: Vec<Option<Guest>> = (0..MAX_GUESTS).map(|_| None).collect();
-        for (n, name) in args::net_channel_names(info.cmdline).enumerate() {
+        for (n, name) in channels::channel_names(info.cmdline, "net").enumerate() {
             if n >= MAX_GUESTS {
                 println!("net channel \"{name}\": more than {MAX_GUESTS} net channels; not served");
                 continue;
             }
-            let a = match args::net_channel(info.cmdline, name) {
+            let a = match channels::channel(info.cmdline, name) {
                 Ok(a) => a,
                 Err(e) => {
                     println!("net channel \"{name}\": {e}; not served");
@@ -226,7 +223,7 @@ mod driver {
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the address
             // and size it put on our command line; nothing else in this VM uses it (each name
             // is taken once). Leaked: the channel is served for the rest of our life.
-            let region: &'static Region = Box::leak(Box::new(unsafe { Region::new(a.base, a.len) }));
+            let region: &'static Region = Box::leak(Box::new(unsafe { a.region() }));
             let mac = MacAddr::local(n as u32);
             if let Err(e) = (NetHeader { mac, mtu: MTU, link_up }).init(region, &layout) {
                 println!("net channel \"{name}\": {e}; not served");
@@ -421,7 +418,7 @@ mod driver {
 
         // The receive queue (0) interrupts through a remapping entry to our notification;
         // transmit completions are polled.
-        let irq = arg_slot(info, "irq");
+        let irq = info.slot("irq");
         let routed = irq.and_then(|irq| match virtio_pci::irq::route_queues(&dev.config, irq, &[RECEIVE_QUEUE]) {
             Ok(handle) => Some((irq, handle)),
             Err(e) => {
@@ -467,15 +464,13 @@ mod driver {
                     println!("device interrupts: binding the notification failed: {e}");
                 }
             }
-            None => {
-                match arg_slot(info, "timer").filter(|&t| hypercall::bind(t, domain_rt::irq::VIRQ_VECTOR).is_ok()) {
-                    Some(t) => {
-                        println!("device interrupts: none; polling the device every {} us", POLL_NS / 1000);
-                        poll_timer = Some(t);
-                    }
-                    None => println!("device interrupts: none; frames from the network wait for a guest's doorbell"),
+            None => match info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::VIRQ_VECTOR).is_ok()) {
+                Some(t) => {
+                    println!("device interrupts: none; polling the device every {} us", POLL_NS / 1000);
+                    poll_timer = Some(t);
                 }
-            }
+                None => println!("device interrupts: none; frames from the network wait for a guest's doorbell"),
+            },
         }
         if guests.iter().all(Option::is_none) {
             println!("no net channel on my command line: frames from the network are dropped");

@@ -97,7 +97,7 @@ impl fmt::Display for StartError {
 /// What every driver VM does first: find the device named by `dev=<slot>` on its command
 /// line, print what it is, and open its virtio transport.
 pub fn open_from_cmdline(info: &domain_rt::BootInfo) -> Result<(Device, Transport), StartError> {
-    let slot = info.arg("dev").and_then(|v| v.parse().ok()).ok_or(StartError::NoDevice(info.cmdline))?;
+    let slot = info.slot("dev").ok_or(StartError::NoDevice(info.cmdline))?;
     let dev = device(slot).map_err(StartError::Describe)?;
     domain_rt::println!("{dev}");
     let transport = open(&dev).map_err(StartError::Open)?;

@@ -29,7 +29,7 @@ mod server;
 #[cfg(target_os = "none")]
 mod guest {
     use domain_rt::shared::Region;
-    use domain_rt::{println, BootInfo};
+    use domain_rt::{channels, println, BootInfo};
     use ipc_spec::block::{pattern, Op, Status};
 
     use crate::blk::BlockClient;
@@ -55,18 +55,12 @@ mod guest {
         } else if let Some((name, region, signal, wait)) = channel(info, "net") {
             match crate::net::ChannelDevice::open(region, signal, wait, 5_000_000_000) {
                 Ok(dev) => {
-                    let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
-                    let gateway = info.arg("gw").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_GATEWAY);
-                    let (mac, mtu) = (dev.header.mac, dev.header.mtu);
-                    let mut server = crate::server::Server::new(dev, wait, address, gateway, disk)
-                        .with_status(info.arg("status").and_then(|s| s.parse().ok()));
-                    println!("net channel \"{name}\": MAC {mac}, MTU {mtu}; serving HTTP on {address}, port 80");
-                    println!("ready");
-                    server.run();
+                    let what = alloc::format!("net channel \"{name}\": MAC {}, MTU {}", dev.header.mac, dev.header.mtu);
+                    serve(info, dev, wait, disk, &what);
                 }
                 Err(e) => println!("net channel \"{name}\": {e}"),
             }
-        } else if let Some(dev) = info.arg("dev").and_then(|d| d.parse().ok()) {
+        } else if let Some(dev) = info.slot("dev") {
             serve_direct(info, dev, disk);
         }
         println!("ready");
@@ -81,7 +75,7 @@ mod guest {
     /// dom0 assigned to us): drive it directly and serve HTTP on it. Returns only if the
     /// device cannot be opened.
     fn serve_direct(info: &BootInfo, dev: u64, disk: Option<BlockClient>) {
-        let irq: Option<u64> = info.arg("irq").and_then(|i| i.parse().ok());
+        let irq = info.slot("irq");
         let dev = match crate::direct::DirectDevice::open(dev, irq) {
             Ok(d) => d,
             Err(e) => {
@@ -94,7 +88,7 @@ mod guest {
         // a routed interrupt it polls with that timer (on `timer=`, our own notification).
         let wait = match (irq, dev.irq_handle) {
             (Some(irq), Some(_)) => irq,
-            _ => match info.arg("timer").and_then(|t| t.parse().ok()).or(irq) {
+            _ => match info.slot("timer").or(irq) {
                 Some(t) => t,
                 None => {
                     println!("net device: no notification to wait on");
@@ -102,14 +96,20 @@ mod guest {
                 }
             },
         };
+        let what =
+            alloc::format!("net device {} owned directly: MAC {}", dev.function, crate::net::NetDevice::mac(&dev));
+        serve(info, dev, wait, disk, &what);
+    }
+
+    /// Serve HTTP on `dev` (waking on notification `wait`) forever, at `ip=`/`gw=` or the
+    /// defaults; `what` names the device in the line that says so.
+    fn serve<D: crate::net::NetDevice>(info: &BootInfo, dev: D, wait: u64, disk: Option<BlockClient>, what: &str) -> ! {
         let address = info.arg("ip").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_ADDRESS);
         let gateway = info.arg("gw").and_then(|a| a.parse().ok()).unwrap_or(DEFAULT_GATEWAY);
-        let (function, mac) = (dev.function, crate::net::NetDevice::mac(&dev));
-        let mut server = crate::server::Server::new(dev, wait, address, gateway, disk)
-            .with_status(info.arg("status").and_then(|s| s.parse().ok()));
-        println!("net device {function} owned directly: MAC {mac}; serving HTTP on {address}, port 80");
+        let mut server = crate::server::Server::new(dev, wait, address, gateway, disk).with_status(info.slot("status"));
+        println!("{what}; serving HTTP on {address}, port 80");
         println!("ready");
-        server.run();
+        server.run()
     }
 
     /// The guest's address and gateway on QEMU's user network, unless `ip=` and `gw=` say
@@ -120,23 +120,11 @@ mod guest {
 
     /// The first channel of `kind` with a shared region: its name, region and doorbells
     /// (`chan.<name>.kind=<kind> chan.<name>.region=… .signal=… .wait=…`).
-    fn channel(info: &BootInfo, kind: &str) -> Option<(&'static str, Region, u64, u64)> {
-        let name = info.cmdline.split_ascii_whitespace().find_map(|w| {
-            let (k, v) = w.split_once('=')?;
-            (v == kind).then_some(k.strip_prefix("chan.")?.strip_suffix(".kind")?)
-        })?;
-        let value = |suffix: &str| -> Option<&str> {
-            info.cmdline.split_ascii_whitespace().find_map(|w| {
-                let (k, v) = w.split_once('=')?;
-                (k.strip_prefix("chan.")?.strip_prefix(name)? == suffix).then_some(v)
-            })
-        };
-        let slot = |suffix: &str| -> Option<u64> { value(suffix)?.parse().ok() };
-        let (base, len) = Region::parse(value(".region")?)?;
+    fn channel(info: &BootInfo, kind: &'static str) -> Option<(&'static str, Region, u64, u64)> {
+        let a = channels::channel_names(info.cmdline, kind).find_map(|n| channels::channel(info.cmdline, n).ok())?;
         // SAFETY: dom0 mapped this region into our stage-2 for the channel, at the address
         // and size on our command line; nothing else here uses that memory.
-        let region = unsafe { Region::new(base, len) };
-        Some((name, region, slot(".signal")?, slot(".wait")?))
+        Some((a.name, unsafe { a.region() }, a.signal, a.wait))
     }
 
     /// The block benchmark through the disk driver VM: requests go on the ring as many at
