@@ -24,6 +24,7 @@ pub fn start(start_info: u32, main: fn(&BootInfo) -> u64) -> ! {
             idt.set(vector as u8, stub, 0x08, 0);
         }
         idt.set(crate::irq::VIRQ_VECTOR, crate::irq::entry_address(), 0x08, 0);
+        idt.set(crate::irq::TIMER_VECTOR, crate::irq::timer_entry_address(), 0x08, 0);
         idt
     });
     idt.load();

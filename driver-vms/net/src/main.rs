@@ -44,7 +44,7 @@ mod driver {
     use virtio_drivers::device::net::VirtIONetRaw;
     use virtio_drivers::transport::Transport as _;
     use virtio_pci::net::{RxQueue, SendError, TxQueue};
-    use virtio_pci::{DriverHal, Transport};
+    use virtio_pci::{DriverHal, QueueKicker, Transport};
 
     domain_rt::domain_main!(main);
 
@@ -60,8 +60,9 @@ mod driver {
     /// virtio-net configuration space: `status` after the 6-byte MAC; bit 0 is link up.
     const CONFIG_STATUS: usize = 6;
     const STATUS_LINK_UP: u16 = 1;
-    /// The receive virtqueue's index.
+    /// The receive and transmit virtqueues' indexes.
     const RECEIVE_QUEUE: u16 = 0;
+    const TRANSMIT_QUEUE: u16 = 1;
     /// The timer bit on the interrupt notification that ends a wait for a reply.
     const TIMEOUT_BIT: u64 = 1 << 62;
     /// How long to wait for an ARP reply before asking again, and how often to ask.
@@ -75,6 +76,24 @@ mod driver {
     const BUDGET: usize = 64;
     /// Without device interrupts: how often to look at the device's receive queue.
     const POLL_NS: u64 = 1_000_000;
+    /// With device interrupts: how often the loop looks at the device anyway (the watchdog).
+    const WATCHDOG_NS: u64 = 50_000_000;
+
+    /// What wakes the serving loop besides doorbells and device interrupts: the timer
+    /// notification `slot`, bound to [`domain_rt::irq::TIMER_VECTOR`] so the loop sees it
+    /// fire without a hypercall, re-armed for `ns` each time it fires.
+    ///
+    /// Without device interrupts it is how frames from the network are found at all. With
+    /// them it is a watchdog: a lost device interrupt would otherwise stop the receive path
+    /// for good (with VIRTIO_RING_F_EVENT_IDX the device does not interrupt again until the
+    /// driver has taken the frame it interrupted for). Frames found by the watchdog alone
+    /// are counted as missed interrupts and reported once: the path recovers, visibly.
+    #[derive(Clone, Copy)]
+    struct Wakeup {
+        slot: u64,
+        ns: u64,
+        watchdog: bool,
+    }
 
     type Net = VirtIONetRaw<DriverHal, Transport, QUEUE_SIZE>;
 
@@ -290,21 +309,40 @@ mod driver {
 
     /// Serve the device and the guests until the device fails.
     ///
-    /// `poll_timer`: without device interrupts, a notification (bound like the doorbells) to
-    /// tick every [`POLL_NS`] so frames from the network are still picked up.
+    /// `wakeup`: the timer that wakes the loop when nothing else does ([`Wakeup`]).
     fn serve(
         net: &mut Net,
         rx: &mut Rx,
         tx: &mut Tx,
         guests: &mut [Option<Guest>],
         switch: &mut Switch,
-        poll_timer: Option<u64>,
+        kicker: &QueueKicker,
+        wakeup: Option<Wakeup>,
     ) -> u64 {
         let mut frame = [0u8; MAX_FRAME_LEN];
-        let mut seen = domain_rt::irq::count();
+        let (mut virqs, mut timer_virqs) = (domain_rt::irq::count(), domain_rt::irq::timer_count());
+        if let Some(w) = wakeup {
+            let _ = hypercall::timer_set(w.slot, w.ns, 1);
+        }
+        let mut missed_interrupts = 0u64;
         loop {
+            // What woke us since the last round: the timer, and anything else?
+            let (now, now_timer) = (domain_rt::irq::count(), domain_rt::irq::timer_count());
+            let fired = now_timer != timer_virqs;
+            let others = now.wrapping_sub(virqs) != now_timer.wrapping_sub(timer_virqs);
+            (virqs, timer_virqs) = (now, now_timer);
+            let watchdog = wakeup.filter(|w| w.watchdog && fired);
+            if let Some(w) = wakeup.filter(|_| fired) {
+                let _ = hypercall::timer_set(w.slot, w.ns, 1);
+            }
+            if watchdog.is_some() {
+                // Make sure the device has seen every buffer (see `Kicker`).
+                kicker.kick(RECEIVE_QUEUE);
+                kicker.kick(TRANSMIT_QUEUE);
+            }
             // The device: frames from the network go to the guests.
             let mut device_more = false;
+            let mut received = 0;
             for i in 0..=BUDGET {
                 if i == BUDGET {
                     device_more = true;
@@ -317,11 +355,21 @@ mod driver {
                 });
                 match r {
                     None => break,
-                    Some(Ok(())) => {}
+                    Some(Ok(())) => received += 1,
                     Some(Err(e)) => {
                         println!("receiving: {e}");
                         return 7;
                     }
+                }
+            }
+            // Frames no device interrupt (nor anything but the watchdog) told us about.
+            if watchdog.is_some() && !others && received > 0 {
+                missed_interrupts += 1;
+                if missed_interrupts.is_power_of_two() {
+                    println!(
+                        "device interrupts: {missed_interrupts} missed so far; frames were found by the {} ms watchdog",
+                        WATCHDOG_NS / 1_000_000
+                    );
                 }
             }
             // Buffers a failed completion left unposted.
@@ -367,6 +415,13 @@ mod driver {
                 }
             }
             tx.reap(net);
+            // Make sure the device saw the receive buffers this round posted (see `Kicker`):
+            // a device out of them waits for a kick, and nothing else would come. A lost
+            // transmit kick only delays frames until the next one, or the watchdog's: a
+            // kick per round there costs a lot (QEMU is busy transmitting) and buys little.
+            if rx.take_posted() {
+                kicker.kick(RECEIVE_QUEUE);
+            }
 
             // One doorbell per guest that got frames, and the drop counters that moved.
             let mut more = device_more;
@@ -382,12 +437,9 @@ mod driver {
             if more {
                 // Work left over: go round again, letting others run first.
                 hypercall::yield_now();
-                seen = domain_rt::irq::count();
             } else {
-                if let Some(t) = poll_timer {
-                    let _ = hypercall::timer_set(t, POLL_NS, 1);
-                }
-                seen = domain_rt::irq::wait_for_virq(seen);
+                // Returns at once if anything arrived during this round.
+                domain_rt::irq::wait_for_virq(virqs);
             }
         }
     }
@@ -403,6 +455,7 @@ mod driver {
         // The link state, before the driver takes the transport (the field is there when
         // the device offers VIRTIO_NET_F_STATUS, as QEMU's does).
         let link_up = transport.read_config_space::<u16>(CONFIG_STATUS).map_or(true, |s| s & STATUS_LINK_UP != 0);
+        let kicker = transport.kicker();
         let mut net = match Net::new(transport) {
             Ok(n) => n,
             Err(e) => {
@@ -457,25 +510,32 @@ mod driver {
         // From here on every notification we wait for arrives as the one virtual interrupt.
         let mut switch = Switch::new();
         let mut guests = attach_guests(info, link_up, &mut switch);
-        let mut poll_timer = None;
-        match routed {
+        let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
+        let wakeup = match routed {
             Some((irq, _)) => {
                 if let Err(e) = hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR) {
                     println!("device interrupts: binding the notification failed: {e}");
                 }
-            }
-            None => match info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::VIRQ_VECTOR).is_ok()) {
-                Some(t) => {
-                    println!("device interrupts: none; polling the device every {} us", POLL_NS / 1000);
-                    poll_timer = Some(t);
+                if timer.is_none() {
+                    println!("no timer: no watchdog for lost device interrupts");
                 }
-                None => println!("device interrupts: none; frames from the network wait for a guest's doorbell"),
+                timer.map(|slot| Wakeup { slot, ns: WATCHDOG_NS, watchdog: true })
+            }
+            None => match timer {
+                Some(slot) => {
+                    println!("device interrupts: none; polling the device every {} us", POLL_NS / 1000);
+                    Some(Wakeup { slot, ns: POLL_NS, watchdog: false })
+                }
+                None => {
+                    println!("device interrupts: none; frames from the network wait for a guest's doorbell");
+                    None
+                }
             },
-        }
+        };
         if guests.iter().all(Option::is_none) {
             println!("no net channel on my command line: frames from the network are dropped");
         }
         println!("ready");
-        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, poll_timer)
+        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup)
     }
 }

@@ -20,10 +20,13 @@ use ipc_spec::Hypercall;
 use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
 
-pub use transport::{AccessPlatform, DriverHal, HypercallConfig};
+pub use transport::{AccessPlatform, DriverHal, HypercallConfig, Kicker};
 
 /// A virtio PCI transport through the IOMMU, as the device drivers take it.
 pub type Transport = AccessPlatform<PciTransport>;
+
+/// Kicks the queues of a device opened with [`open`] ([`AccessPlatform::kicker`]).
+pub type QueueKicker = Kicker<PciTransport>;
 
 /// The PCI function a driver VM was given.
 #[derive(Clone, Copy)]
@@ -121,5 +124,7 @@ pub fn device(slot: u64) -> Result<Device, OpenError> {
 pub fn open(dev: &Device) -> Result<Transport, OpenError> {
     let mut root = PciRoot::new(dev.config);
     root.set_command(dev.config.function, Command::MEMORY_SPACE | Command::BUS_MASTER);
-    PciTransport::new::<DriverHal, _>(&mut root, dev.config.function).map(AccessPlatform).map_err(OpenError::Transport)
+    PciTransport::new::<DriverHal, _>(&mut root, dev.config.function)
+        .map(AccessPlatform::new)
+        .map_err(OpenError::Transport)
 }

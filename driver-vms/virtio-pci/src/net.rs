@@ -7,9 +7,14 @@
 //! to the device without waiting for it ([`TxQueue::send`], or built in place through
 //! [`TxQueue::slot`]), and a frame for which no buffer is free is refused, never waited for;
 //! buffers come back with [`TxQueue::reap`].
+//!
+//! virtio-drivers' own decision whether to notify the device after publishing a buffer can
+//! be wrong on x86 (see [`crate::Kicker`]): after a round of posting or sending, the caller
+//! kicks the queue itself when [`RxQueue::take_posted`] / [`TxQueue::take_sent`] say so.
 
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{fence, Ordering};
 
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::Transport;
@@ -22,6 +27,8 @@ pub const BUF_LEN: usize = 2048;
 pub struct RxQueue<const N: usize> {
     buffers: Vec<Vec<u8>>,
     tokens: [Option<u16>; N],
+    /// Buffers were posted since the last [`RxQueue::take_posted`].
+    posted: bool,
 }
 
 impl<const N: usize> Default for RxQueue<N> {
@@ -33,7 +40,12 @@ impl<const N: usize> Default for RxQueue<N> {
 impl<const N: usize> RxQueue<N> {
     /// `N` buffers, none posted yet ([`RxQueue::post`]).
     pub fn new() -> Self {
-        Self { buffers: (0..N).map(|_| alloc::vec![0u8; BUF_LEN]).collect(), tokens: [None; N] }
+        Self { buffers: (0..N).map(|_| alloc::vec![0u8; BUF_LEN]).collect(), tokens: [None; N], posted: false }
+    }
+
+    /// Whether buffers were posted since the last call: then kick the receive queue.
+    pub fn take_posted(&mut self) -> bool {
+        core::mem::take(&mut self.posted)
     }
 
     /// Post every buffer not yet with the device.
@@ -47,6 +59,7 @@ impl<const N: usize> RxQueue<N> {
                 // hands it back (receive_complete in `next`); it lies in our own RAM, which
                 // the IOMMU maps for the device.
                 *token = Some(unsafe { net.receive_begin(buffer)? });
+                self.posted = true;
             }
         }
         Ok(())
@@ -62,6 +75,11 @@ impl<const N: usize> RxQueue<N> {
         net: &mut VirtIONetRaw<H, T, QS>,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Option<Result<R, Error>> {
+        // Completing the last frame told the device which used entry to interrupt for next
+        // (`used_event`, a store); looking for a new entry is a load. Without a full fence
+        // x86 may do the load first: we would miss an entry the device added meanwhile
+        // while the device, reading the old `used_event`, sends no interrupt for it.
+        fence(Ordering::SeqCst);
         let token = net.poll_receive()?;
         let Some(i) = self.tokens.iter().position(|t| *t == Some(token)) else {
             return Some(Err(Error::WrongToken));
@@ -133,6 +151,8 @@ pub struct TxQueue<const M: usize> {
     in_flight: [Option<(u16, usize)>; M],
     /// A reap failed: transmit completions are no longer taken.
     stuck: bool,
+    /// Frames were handed to the device since the last [`TxQueue::take_sent`].
+    sent: bool,
 }
 
 impl<const M: usize> Default for TxQueue<M> {
@@ -144,7 +164,18 @@ impl<const M: usize> Default for TxQueue<M> {
 impl<const M: usize> TxQueue<M> {
     /// `M` buffers, all free.
     pub fn new() -> Self {
-        Self { buffers: (0..M).map(|_| alloc::vec![0u8; BUF_LEN]).collect(), in_flight: [None; M], stuck: false }
+        Self {
+            buffers: (0..M).map(|_| alloc::vec![0u8; BUF_LEN]).collect(),
+            in_flight: [None; M],
+            stuck: false,
+            sent: false,
+        }
+    }
+
+    /// Whether frames were handed to the device since the last call: then kick the
+    /// transmit queue.
+    pub fn take_sent(&mut self) -> bool {
+        core::mem::take(&mut self.sent)
     }
 
     /// Take back every buffer the device is done with. After an error nothing is taken back
@@ -227,6 +258,7 @@ impl<const M: usize> TxSlot<'_, M> {
         // lies in our own RAM, which the IOMMU maps for the device.
         let token = unsafe { net.transmit_begin(buf) }.map_err(SendError::Device)?;
         self.queue.in_flight[self.index] = Some((token, self.end));
+        self.queue.sent = true;
         Ok(())
     }
 }

@@ -2,9 +2,13 @@
 //! filtering hypercalls, DMA memory from the driver VM's own RAM (its guest-physical
 //! addresses are what the device sees: the IOMMU maps exactly this VM's memory), and a
 //! transport wrapper that negotiates VIRTIO_F_ACCESS_PLATFORM, without which a device
-//! behind an IOMMU (`iommu_platform=on`) refuses to start.
+//! behind an IOMMU (`iommu_platform=on`) refuses to start, and a [`Kicker`] that notifies
+//! the device safely after buffers were published.
 
+use alloc::rc::Rc;
+use core::cell::RefCell;
 use core::ptr::NonNull;
+use core::sync::atomic::{fence, Ordering};
 
 use domain_rt::hypercall::call;
 use ipc_spec::Hypercall;
@@ -87,36 +91,73 @@ unsafe impl Hal for DriverHal {
 }
 
 /// A transport that adds VIRTIO_F_ACCESS_PLATFORM to the features the driver accepts.
-pub struct AccessPlatform<T: Transport>(pub T);
+/// The inner transport is shared with the [`Kicker`]s taken from it before the device
+/// driver takes the transport over.
+pub struct AccessPlatform<T: Transport>(Rc<RefCell<T>>);
+
+impl<T: Transport> AccessPlatform<T> {
+    pub fn new(inner: T) -> Self {
+        Self(Rc::new(RefCell::new(inner)))
+    }
+
+    /// A handle that can notify the device's queues after the driver owns the transport.
+    pub fn kicker(&self) -> Kicker<T> {
+        Kicker(self.0.clone())
+    }
+}
+
+/// Notifies ("kicks") a queue of the device, unconditionally, after a full fence.
+///
+/// Why it exists: virtio-drivers decides whether a kick is needed right after it publishes
+/// a buffer, by reading the device's suppression field (`avail_event`, or the used ring's
+/// NO_NOTIFY flag), with no full barrier between that publishing store and this load. x86
+/// may perform the load first: the driver then sees "no kick needed" while the device, which
+/// has just found the ring empty and re-enabled kicks, still sees the old index and waits for
+/// a kick that never comes. QEMU's virtio-net does exactly that when it runs out of receive
+/// buffers, and the receive path stops for good. A kick after a fence cannot be lost that
+/// way: the device re-reads the index after the fence made it visible. Kicks are idempotent.
+pub struct Kicker<T: Transport>(Rc<RefCell<T>>);
+
+impl<T: Transport> Kicker<T> {
+    pub fn kick(&self, queue: u16) {
+        fence(Ordering::SeqCst);
+        // The device driver's borrows of the transport never outlive one of its calls, and
+        // a driver VM has one thread: the cell is always free here.
+        if let Ok(mut t) = self.0.try_borrow_mut() {
+            t.notify(queue);
+        }
+    }
+}
 
 impl<T: Transport> Transport for AccessPlatform<T> {
     fn device_type(&self) -> DeviceType {
-        self.0.device_type()
+        self.0.borrow().device_type()
     }
     fn read_device_features(&mut self) -> u64 {
-        self.0.read_device_features()
+        self.0.borrow_mut().read_device_features()
     }
     fn write_driver_features(&mut self, driver_features: u64) {
-        let offered = self.0.read_device_features();
-        self.0.write_driver_features(driver_features | (offered & ACCESS_PLATFORM));
+        let mut t = self.0.borrow_mut();
+        let offered = t.read_device_features();
+        t.write_driver_features(driver_features | (offered & ACCESS_PLATFORM));
     }
     fn max_queue_size(&mut self, queue: u16) -> u32 {
-        self.0.max_queue_size(queue)
+        self.0.borrow_mut().max_queue_size(queue)
     }
     fn notify(&mut self, queue: u16) {
-        self.0.notify(queue)
+        self.0.borrow_mut().notify(queue)
     }
     fn get_status(&self) -> DeviceStatus {
-        self.0.get_status()
+        self.0.borrow().get_status()
     }
     fn set_status(&mut self, status: DeviceStatus) {
-        self.0.set_status(status)
+        self.0.borrow_mut().set_status(status)
     }
     fn set_guest_page_size(&mut self, guest_page_size: u32) {
-        self.0.set_guest_page_size(guest_page_size)
+        self.0.borrow_mut().set_guest_page_size(guest_page_size)
     }
     fn requires_legacy_layout(&self) -> bool {
-        self.0.requires_legacy_layout()
+        self.0.borrow().requires_legacy_layout()
     }
     fn queue_set(
         &mut self,
@@ -126,24 +167,24 @@ impl<T: Transport> Transport for AccessPlatform<T> {
         driver_area: PhysAddr,
         device_area: PhysAddr,
     ) {
-        self.0.queue_set(queue, size, descriptors, driver_area, device_area)
+        self.0.borrow_mut().queue_set(queue, size, descriptors, driver_area, device_area)
     }
     fn queue_unset(&mut self, queue: u16) {
-        self.0.queue_unset(queue)
+        self.0.borrow_mut().queue_unset(queue)
     }
     fn queue_used(&mut self, queue: u16) -> bool {
-        self.0.queue_used(queue)
+        self.0.borrow_mut().queue_used(queue)
     }
     fn ack_interrupt(&mut self) -> InterruptStatus {
-        self.0.ack_interrupt()
+        self.0.borrow_mut().ack_interrupt()
     }
     fn read_config_generation(&self) -> u32 {
-        self.0.read_config_generation()
+        self.0.borrow().read_config_generation()
     }
     fn read_config_space<V: FromBytes + IntoBytes>(&self, offset: usize) -> virtio_drivers::Result<V> {
-        self.0.read_config_space(offset)
+        self.0.borrow().read_config_space(offset)
     }
     fn write_config_space<V: IntoBytes + Immutable>(&mut self, offset: usize, value: V) -> virtio_drivers::Result<()> {
-        self.0.write_config_space(offset, value)
+        self.0.borrow_mut().write_config_space(offset, value)
     }
 }

@@ -32,6 +32,7 @@ const TX_BUFFERS: usize = QUEUE_SIZE;
 const MAX_FRAME: usize = 1514;
 /// The receive virtqueue's index.
 const RECEIVE_QUEUE: u16 = 0;
+const TRANSMIT_QUEUE: u16 = 1;
 
 type Net = VirtIONetRaw<DriverHal, Transport, QUEUE_SIZE>;
 
@@ -64,6 +65,8 @@ pub struct Counters {
 /// A virtio-net function owned by this guest, as a smoltcp device.
 pub struct DirectDevice {
     net: Net,
+    /// Kicks the queues after each poll ([`virtio_pci::Kicker`]).
+    kicker: virtio_pci::QueueKicker,
     rx: Rx,
     tx: Tx,
     /// The frame [`Device::receive`] took from the device, copied out.
@@ -95,6 +98,7 @@ impl DirectDevice {
     pub fn open(dev: u64, irq: Option<u64>) -> Result<Self, OpenError> {
         let device = virtio_pci::device(dev).map_err(OpenError::Pci)?;
         let transport = virtio_pci::open(&device).map_err(OpenError::Pci)?;
+        let kicker = transport.kicker();
         let mut net = Net::new(transport).map_err(OpenError::Virtio)?;
         let irq_handle = irq.and_then(|irq| {
             match virtio_pci::irq::route_queues(&device.config, irq, &[RECEIVE_QUEUE]) {
@@ -115,6 +119,7 @@ impl DirectDevice {
         Ok(Self {
             mac: net.mac_address(),
             net,
+            kicker,
             rx,
             tx: Tx::new(),
             frame: [0; MAX_FRAME],
@@ -242,12 +247,18 @@ impl NetDevice for DirectDevice {
         MacAddr(self.mac)
     }
 
-    /// Frames go to the device as they are built (each transmit notifies it): only the
-    /// completions are collected here.
+    /// Frames go to the device as they are built; here the completions are collected and
+    /// the queues that got buffers are kicked once more, safely ([`virtio_pci::Kicker`]).
     fn kick(&mut self) {
         if !self.dead && self.tx.reap(&mut self.net).is_err() {
             domain_rt::println!("net device: completing a transmit failed");
             self.dead = true;
+        }
+        if self.rx.take_posted() {
+            self.kicker.kick(RECEIVE_QUEUE);
+        }
+        if self.tx.take_sent() {
+            self.kicker.kick(TRANSMIT_QUEUE);
         }
     }
 
