@@ -74,6 +74,37 @@ fn disk_writes_through_http_reach_the_disk_image() {
 }
 
 #[test]
+fn a_disk_driver_vm_that_never_answers_costs_the_guest_its_disk_and_nothing_else() {
+    let m = stack_machine("tests/stacks/silent-disk.toml", "");
+    let port = m.net_ports[0];
+    let run = run_serving(&m, &["[guest]"], || {
+        // Disk requests get 503. The first request timed out once (in the guest's block
+        // self-test); later ones fail at once while it is unanswered: the count stays at 1.
+        for _ in 0..3 {
+            let (status, body) = get(port, "/blk/0");
+            assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+        }
+        assert_eq!(request(&mut connect(port), "PUT", "/blk/0", &[7; 512]).0, 503);
+        assert_eq!(request(&mut connect(port), "POST", "/flush", b"").0, 503);
+        // Everything else works.
+        let payload = noise(100_000, 3);
+        assert!(request(&mut connect(port), "POST", "/echo", &payload) == (200, payload));
+        let (status, body) = get(port, "/");
+        assert_eq!(status, 200);
+        let page = String::from_utf8_lossy(&body);
+        assert!(page.contains("it failed to answer 1 time(s) within 5 s"), "{page}");
+        assert!(
+            page.lines().any(|l| l.trim_start().starts_with("disk") && l.contains("running")),
+            "the silent disk VM is not listed as running:\n{page}"
+        );
+    });
+    assert_line(&run, "[disk] ignoring every request (rogue=silent)");
+    assert_line(&run, "[guest] block self-test FAILED: the driver VM did not answer within 5 s");
+    assert_no_line(&run, "FATAL");
+    assert_no_line(&run, "stopped:");
+}
+
+#[test]
 fn many_connections_at_once_and_a_client_that_resets_mid_request() {
     let (run, _) = with_server(|port| {
         // A client that sends half a request and resets the connection.

@@ -123,6 +123,7 @@ mod driver {
         match info.arg("rogue") {
             Some("dma") => crate::rogue::stray_dma(&mut blk),
             Some("garbage") => crate::rogue::garbage(info),
+            Some("silent") => crate::rogue::silent(),
             _ => crate::serve::serve(info, &mut blk),
         }
     }
@@ -130,7 +131,7 @@ mod driver {
 
 /// Test modes that make this driver VM hostile, to show what the rest of the system does
 /// about it: `rogue=dma` aims its device's DMA outside its memory; `rogue=garbage` answers
-/// its guests with a corrupt ring.
+/// its guests with a corrupt ring; `rogue=silent` never answers at all, as a hung driver.
 #[cfg(target_os = "none")]
 mod rogue {
     use domain_rt::{channels, hypercall, println, BootInfo};
@@ -160,6 +161,15 @@ mod rogue {
         println!("request submitted ({token:?})");
         loop {
             core::hint::spin_loop();
+        }
+    }
+
+    /// Take no request and answer none, for ever: a hung driver VM.
+    pub fn silent() -> u64 {
+        println!("ignoring every request (rogue=silent)");
+        loop {
+            // SAFETY: HLT only waits; no interrupt is bound, so this vCPU sleeps for good.
+            unsafe { core::arch::asm!("hlt") };
         }
     }
 

@@ -42,6 +42,7 @@ pub enum Status {
     HeaderTooLarge,
     InternalError,
     NotImplemented,
+    ServiceUnavailable,
     VersionNotSupported,
 }
 
@@ -59,6 +60,7 @@ impl Status {
             Status::HeaderTooLarge => 431,
             Status::InternalError => 500,
             Status::NotImplemented => 501,
+            Status::ServiceUnavailable => 503,
             Status::VersionNotSupported => 505,
         }
     }
@@ -76,6 +78,7 @@ impl Status {
             Status::HeaderTooLarge => "Request Header Fields Too Large",
             Status::InternalError => "Internal Server Error",
             Status::NotImplemented => "Not Implemented",
+            Status::ServiceUnavailable => "Service Unavailable",
             Status::VersionNotSupported => "HTTP Version Not Supported",
         }
     }
@@ -117,9 +120,20 @@ pub enum Route {
     Source { bytes: u64 },
 }
 
+/// The disk behind `/blk` and `/flush`, as the router needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disk {
+    /// This guest has no disk: 404.
+    None,
+    /// There is one, but its driver VM is not serving requests (silent, or it broke the
+    /// channel's protocol): 503.
+    Unavailable,
+    /// A disk of this many sectors (for range checks).
+    Sectors(u64),
+}
+
 /// Parses a request head from the start of `input`. `Ok(None)`: not all of it is there yet.
-/// `disk_sectors` is the disk's size, for range checks (0: no disk).
-pub fn parse_head(input: &[u8], disk_sectors: u64) -> Result<Option<Head>, Refusal> {
+pub fn parse_head(input: &[u8], disk: Disk) -> Result<Option<Head>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(input) {
@@ -158,12 +172,12 @@ pub fn parse_head(input: &[u8], disk_sectors: u64) -> Result<Option<Head>, Refus
     }
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("");
-    let route = route(method, target, body_len, disk_sectors)?;
+    let route = route(method, target, body_len, disk)?;
     Ok(Some(Head { route, body_len: body_len.unwrap_or(0), keep_alive, head_len }))
 }
 
 /// Maps a method and target to a route, checking the body length it needs.
-pub fn route(method: &str, target: &str, body_len: Option<u64>, disk_sectors: u64) -> Result<Route, Refusal> {
+pub fn route(method: &str, target: &str, body_len: Option<u64>, disk: Disk) -> Result<Route, Refusal> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let needs_body = |len: Option<u64>| match len {
         None => refuse(Status::LengthRequired, "a Content-Length is needed"),
@@ -174,9 +188,12 @@ pub fn route(method: &str, target: &str, body_len: Option<u64>, disk_sectors: u6
         Some(n) if n > 0 => refuse(Status::BadRequest, "this request takes no body"),
         _ => Ok(()),
     };
-    if disk_sectors == 0 && (path == "/flush" || path.starts_with("/blk/")) {
-        return refuse(Status::NotFound, "this guest has no disk");
-    }
+    let disk_sectors = match disk {
+        _ if path != "/flush" && !path.starts_with("/blk/") => 0,
+        Disk::None => return refuse(Status::NotFound, "this guest has no disk"),
+        Disk::Unavailable => return refuse(Status::ServiceUnavailable, "the disk driver VM is not serving requests"),
+        Disk::Sectors(n) => n,
+    };
     match path {
         "/" => match method {
             "GET" | "HEAD" => no_body(body_len).map(|_| Route::Status),
@@ -322,7 +339,8 @@ mod tests {
     use proptest::prelude::*;
     use std::string::String;
 
-    const DISK: u64 = 131072;
+    const SECTORS: u64 = 131072;
+    const DISK: Disk = Disk::Sectors(SECTORS);
 
     fn head(s: &str) -> Result<Option<Head>, Refusal> {
         parse_head(s.as_bytes(), DISK)
@@ -407,11 +425,13 @@ mod tests {
     }
 
     #[test]
-    fn without_a_disk_the_disk_routes_are_not_found() {
+    fn disk_routes_are_404_without_a_disk_and_503_while_its_driver_is_silent() {
         for req in ["GET /blk/0 HTTP/1.1\r\n\r\n", "POST /flush HTTP/1.1\r\n\r\n"] {
-            assert_eq!(parse_head(req.as_bytes(), 0).unwrap_err().status, Status::NotFound);
+            assert_eq!(parse_head(req.as_bytes(), Disk::None).unwrap_err().status, Status::NotFound);
+            assert_eq!(parse_head(req.as_bytes(), Disk::Unavailable).unwrap_err().status, Status::ServiceUnavailable);
         }
-        assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", 0).unwrap().is_some());
+        assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", Disk::None).unwrap().is_some());
+        assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", Disk::Unavailable).unwrap().is_some());
     }
 
     #[test]
@@ -446,7 +466,7 @@ mod tests {
             let req = format!("GET /blk/{lba}?count={count} HTTP/1.1\r\n\r\n");
             match head(&req) {
                 Ok(Some(Head { route: Route::BlkRead { lba: l, count: c }, .. })) => {
-                    prop_assert!(c >= 1 && l + c <= DISK);
+                    prop_assert!(c >= 1 && l + c <= SECTORS);
                 }
                 Ok(other) => prop_assert!(false, "unexpected {:?}", other),
                 Err(r) => prop_assert!(matches!(r.status, Status::BadRequest | Status::RangeNotSatisfiable)),

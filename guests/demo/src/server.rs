@@ -5,14 +5,14 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
-use demo_guest::http::{self, Head, Refusal, Route, Status, SECTOR};
+use demo_guest::http::{self, Disk, Head, Refusal, Route, Status, SECTOR};
 use domain_rt::{hypercall, println};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-use crate::blk::BlockClient;
+use crate::blk::{BlockClient, ClientError};
 use crate::net::NetDevice;
 use ipc_spec::status::{DomainState, DomainStatusReply};
 
@@ -70,6 +70,7 @@ pub struct Server<D: NetDevice> {
     conns: Vec<Conn>,
     dev: D,
     disk: Option<BlockClient>,
+    /// The disk's size, once its driver VM has told us (0: not yet).
     disk_sectors: u64,
     wait: u64,
     stats: Stats,
@@ -205,7 +206,11 @@ impl<D: NetDevice> Server<D> {
             _ => false,
         };
         let peer_done = matches!(socket.state(), tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing);
-        if peer_done && !socket.can_recv() && starved && http::parse_head(&conn.input, 0).ok().flatten().is_none() {
+        if peer_done
+            && !socket.can_recv()
+            && starved
+            && http::parse_head(&conn.input, Disk::None).ok().flatten().is_none()
+        {
             socket.close();
             conn.closed = true;
             return true;
@@ -216,9 +221,11 @@ impl<D: NetDevice> Server<D> {
     /// Advances connection `i`'s phase with the bytes in `input` and room in `out`.
     fn step(&mut self, i: usize) -> bool {
         let out_room = self.conns[i].out.is_empty();
+        let parsing = matches!(self.conns[i].phase, Phase::Head) && !self.conns[i].input.is_empty();
+        let disk = if parsing { self.disk_for_router() } else { Disk::None };
         let conn = &mut self.conns[i];
         match conn.phase {
-            Phase::Head => match http::parse_head(&conn.input, self.disk_sectors) {
+            Phase::Head => match http::parse_head(&conn.input, disk) {
                 Ok(None) => false,
                 Ok(Some(head)) => {
                     self.stats.requests += 1;
@@ -259,7 +266,7 @@ impl<D: NetDevice> Server<D> {
                         };
                     }
                     // The head (200, with a length) is gone already: all we can do is close.
-                    Err(()) => self.conns[i].phase = Phase::Answer { close: true },
+                    Err(_) => self.conns[i].phase = Phase::Answer { close: true },
                 }
                 true
             }
@@ -269,10 +276,12 @@ impl<D: NetDevice> Server<D> {
                     return false;
                 }
                 let data: Vec<u8> = conn.input.drain(..chunk).collect();
-                let ok = self.disk_write(lba, &data).is_ok();
+                let result = self.disk_write(lba, &data);
                 let left = left - chunk as u64;
-                if !ok {
-                    self.answer(i, Status::InternalError, "text/plain", b"the disk refused the write\n");
+                if let Err(e) = result {
+                    // The rest of the body is not read: the connection closes after this.
+                    self.conns[i].keep_alive = false;
+                    self.disk_failed(i, e, "write");
                 } else if left == 0 {
                     self.answer(i, Status::Ok, "text/plain", b"written\n");
                 } else {
@@ -353,6 +362,7 @@ impl<D: NetDevice> Server<D> {
             }
             Route::Flush => match self.disk.as_mut().map(|d| d.flush()) {
                 Some(Ok(ipc_spec::block::Status::Ok)) => self.answer(i, Status::Ok, "text/plain", b"flushed\n"),
+                Some(Err(e)) => self.disk_failed(i, DiskError::Channel(e), "flush"),
                 _ => self.answer(i, Status::InternalError, "text/plain", b"the flush failed\n"),
             },
         }
@@ -374,8 +384,43 @@ impl<D: NetDevice> Server<D> {
         conn.phase = Phase::Answer { close: true };
     }
 
-    fn disk_read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>, ()> {
-        let disk = self.disk.as_mut().ok_or(())?;
+    /// The disk as the router sees it. Until the driver VM has told us the disk's size
+    /// (it was not answering when the server started) it is asked again here.
+    fn disk_for_router(&mut self) -> Disk {
+        let Some(disk) = self.disk.as_mut() else { return Disk::None };
+        if !disk.is_answering() {
+            return Disk::Unavailable;
+        }
+        if self.disk_sectors == 0 {
+            match disk.info() {
+                Ok(info) => self.disk_sectors = info.capacity_sectors,
+                Err(_) => return Disk::Unavailable,
+            }
+        }
+        Disk::Sectors(self.disk_sectors)
+    }
+
+    /// Answer a disk request that failed: 503 if the driver VM is not answering, else 500.
+    fn disk_failed(&mut self, i: usize, e: DiskError, what: &str) {
+        let mut text = http::Text::<128>::default();
+        match e {
+            DiskError::Channel(e) if e.is_silence() => {
+                let _ = writeln!(text, "the disk driver VM did not answer the {what}: {e}");
+                self.answer(i, Status::ServiceUnavailable, "text/plain", text.as_bytes());
+            }
+            DiskError::Channel(e) => {
+                let _ = writeln!(text, "the {what} failed: {e}");
+                self.answer(i, Status::InternalError, "text/plain", text.as_bytes());
+            }
+            DiskError::Status(s) => {
+                let _ = writeln!(text, "the disk refused the {what}: {s:?}");
+                self.answer(i, Status::InternalError, "text/plain", text.as_bytes());
+            }
+        }
+    }
+
+    fn disk_read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>, DiskError> {
+        let disk = self.disk.as_mut().ok_or(DiskError::Status(ipc_spec::block::Status::IoError))?;
         let at = disk.data_range().start;
         match disk.read(lba, count as u32, at) {
             Ok(ipc_spec::block::Status::Ok) => {
@@ -384,12 +429,13 @@ impl<D: NetDevice> Server<D> {
                 self.stats.disk_sectors += count;
                 Ok(data)
             }
-            _ => Err(()),
+            Ok(s) => Err(DiskError::Status(s)),
+            Err(e) => Err(DiskError::Channel(e)),
         }
     }
 
-    fn disk_write(&mut self, lba: u64, data: &[u8]) -> Result<(), ()> {
-        let disk = self.disk.as_mut().ok_or(())?;
+    fn disk_write(&mut self, lba: u64, data: &[u8]) -> Result<(), DiskError> {
+        let disk = self.disk.as_mut().ok_or(DiskError::Status(ipc_spec::block::Status::IoError))?;
         let at = disk.data_range().start;
         disk.write_bytes(at, data);
         let count = (data.len() as u64 / SECTOR) as u32;
@@ -398,7 +444,8 @@ impl<D: NetDevice> Server<D> {
                 self.stats.disk_sectors += u64::from(count);
                 Ok(())
             }
-            _ => Err(()),
+            Ok(s) => Err(DiskError::Status(s)),
+            Err(e) => Err(DiskError::Channel(e)),
         }
     }
 
@@ -408,15 +455,27 @@ impl<D: NetDevice> Server<D> {
         let _ = writeln!(s, "microvisor demo guest: up {up_s} s");
         self.dev.describe(&mut s);
         s.push('\n');
-        if self.disk_sectors > 0 {
-            let _ = writeln!(
-                s,
-                "disk: {} sectors through the disk driver VM ({} MiB disk)",
-                self.stats.disk_sectors,
-                self.disk_sectors / 2048
-            );
-        } else {
-            let _ = writeln!(s, "disk: none");
+        match self.disk.as_ref() {
+            Some(d) if d.timeouts > 0 => {
+                let _ = writeln!(
+                    s,
+                    "disk: {} sectors through the disk driver VM; it failed to answer {} time(s) within {} s",
+                    self.stats.disk_sectors,
+                    d.timeouts,
+                    crate::blk::REQUEST_TIMEOUT_NS / 1_000_000_000
+                );
+            }
+            Some(_) => {
+                let _ = writeln!(
+                    s,
+                    "disk: {} sectors through the disk driver VM ({} MiB disk)",
+                    self.stats.disk_sectors,
+                    self.disk_sectors / 2048
+                );
+            }
+            None => {
+                let _ = writeln!(s, "disk: none");
+            }
         }
         let _ = writeln!(s, "http: {} requests, {} refused", self.stats.requests, self.stats.refused);
         if let Some(slot) = self.status {
@@ -449,6 +508,14 @@ impl<D: NetDevice> Server<D> {
         }
         s
     }
+}
+
+/// Why a disk request failed.
+enum DiskError {
+    /// The channel: the driver VM did not answer, or broke the protocol.
+    Channel(ClientError),
+    /// The driver answered with an error status.
+    Status(ipc_spec::block::Status),
 }
 
 impl Conn {
