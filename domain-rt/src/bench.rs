@@ -46,6 +46,10 @@ impl Workload {
     }
 }
 
+/// Times each side runs every workload: `cargo xtask bench blk` keeps the best of them, so
+/// a round disturbed by the host (wall-clock time under TCG is noisy) does not count.
+pub const ROUNDS: u32 = 3;
+
 /// Print one result line in the format `cargo xtask bench blk` reads.
 pub fn report(via: &str, w: &Workload, ns: u64) {
     crate::println!("bench blk: via={via} workload={} bytes={} ns={ns}", w.name, w.bytes());

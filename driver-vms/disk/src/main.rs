@@ -11,30 +11,31 @@
 fn main() {}
 
 #[cfg(target_os = "none")]
+mod device;
+
+#[cfg(target_os = "none")]
 mod driver {
     use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
     use virtio_pci::{DriverHal, HypercallConfig, Transport};
 
+    use crate::device::Disk;
+
     domain_rt::domain_main!(main);
 
     /// The block benchmark run by the domain that owns the device: the same requests as
     /// the guest's, without the IPC hop (buffers in this VM's own memory).
-    fn bench_direct(blk: &mut VirtIOBlk<DriverHal, Transport>) -> u64 {
+    fn bench_direct(disk: &mut Disk) -> u64 {
         extern crate alloc;
-        let capacity = blk.capacity();
+        let capacity = disk.blk.capacity();
         let mut buf = alloc::vec![0u8; 128 * 512];
-        for w in domain_rt::bench::WORKLOADS {
+        for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
             let len = w.sectors as usize * 512;
             let t0 = domain_rt::hypercall::clock_ns();
             for i in 0..w.count {
-                let sector = w.sector(i, capacity) as usize;
-                let r = if w.write {
-                    blk.write_blocks(sector, &buf[..len])
-                } else {
-                    blk.read_blocks(sector, &mut buf[..len])
-                };
+                let sector = w.sector(i, capacity);
+                let r = if w.write { disk.write(sector, &buf[..len]) } else { disk.read(sector, &mut buf[..len]) };
                 if let Err(e) = r {
                     println!("bench blk: {} request {i}: {e}", w.name);
                     return 1;
@@ -48,13 +49,13 @@ mod driver {
 
     /// Route the queue's interrupt to our notification and wait for one real completion
     /// interrupt: device MSI-X → interrupt remapping (source-id checked) → host vector →
-    /// our notification.
-    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, Transport>) {
+    /// our notification. Whether the route is in place.
+    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, Transport>) -> bool {
         let handle = match virtio_pci::irq::route_queue0(cfg, irq) {
             Ok(h) => h,
             Err(e) => {
                 println!("device interrupts: {e}; polling instead");
-                return;
+                return false;
             }
         };
         let _ = hypercall::poll(irq);
@@ -65,7 +66,7 @@ mod driver {
             Ok(t) => t,
             Err(e) => {
                 println!("device interrupts: {e}");
-                return;
+                return false;
             }
         };
         match hypercall::wait(irq) {
@@ -81,6 +82,7 @@ mod driver {
         if let Err(e) = unsafe { blk.complete_read_blocks(token, &req, &mut buf, &mut resp) } {
             println!("device interrupts: completing: {e}");
         }
+        true
     }
 
     fn main(info: &BootInfo) -> u64 {
@@ -113,18 +115,26 @@ mod driver {
                 return 5;
             }
         }
-        if let Some(irq) = info.slot("irq") {
-            interrupt_check(&dev.config, irq, &mut blk);
-        }
+        // From here on the completion interrupt arrives as the virtual interrupt (with the
+        // channels' doorbells), and the timer as the other vector (the fallback).
+        let interrupts = info.slot("irq").is_some_and(|irq| {
+            interrupt_check(&dev.config, irq, &mut blk) && hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
+        });
+        let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
+        let mut disk = Disk::new(blk, interrupts, timer);
         println!("ready");
         if info.arg("bench") == Some("direct") {
-            return bench_direct(&mut blk);
+            // Our turn comes when the guest's run through the driver VM is over.
+            if let Some(turn) = info.slot("chan.turn.wait") {
+                let _ = hypercall::wait(turn);
+            }
+            return bench_direct(&mut disk);
         }
         match info.arg("rogue") {
-            Some("dma") => crate::rogue::stray_dma(&mut blk),
+            Some("dma") => crate::rogue::stray_dma(&mut disk.blk),
             Some("garbage") => crate::rogue::garbage(info),
             Some("silent") => crate::rogue::silent(),
-            _ => crate::serve::serve(info, &mut blk),
+            _ => crate::serve::serve(info, &mut disk),
         }
     }
 }
@@ -205,15 +215,12 @@ mod serve {
 
     use alloc::vec::Vec;
 
+    use crate::device::Disk;
     use domain_rt::hypercall;
     use domain_rt::shared::Region;
     use domain_rt::{channels, println, BootInfo};
     use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
     use ipc_spec::ring::RingError;
-    use virtio_drivers::device::blk::VirtIOBlk;
-    use virtio_pci::{DriverHal, Transport};
-
-    type Blk = VirtIOBlk<DriverHal, Transport>;
 
     /// Largest request served at once (64 KiB): one virtio descriptor.
     const MAX_SECTORS: u32 = 128;
@@ -243,12 +250,12 @@ mod serve {
 
     /// Serve every block channel: doorbells arrive as one virtual interrupt; each wake-up
     /// drains every channel's request ring.
-    pub fn serve(info: &BootInfo, blk: &mut Blk) -> u64 {
+    pub fn serve(info: &BootInfo, dev: &mut Disk) -> u64 {
         let disk = DiskInfo {
-            capacity_sectors: blk.capacity(),
+            capacity_sectors: dev.blk.capacity(),
             sector_size: 512,
             max_sectors_per_request: MAX_SECTORS,
-            read_only: blk.readonly(),
+            read_only: dev.blk.readonly(),
         };
         let mut chans = channels(info);
         for c in &chans {
@@ -266,7 +273,7 @@ mod serve {
                 // Taking the bits clears the doorbell before the rings are read, so a ring
                 // after this point rings again.
                 let _ = hypercall::poll(c.wait);
-                if !c.broken && serve_channel(c, blk, disk) {
+                if !c.broken && serve_channel(c, dev, disk) {
                     let _ = hypercall::signal(c.signal, 1);
                 }
             }
@@ -275,7 +282,7 @@ mod serve {
     }
 
     /// Answer what is on the channel's request ring; true if anything was answered.
-    fn serve_channel(c: &mut Channel, blk: &mut Blk, disk: DiskInfo) -> bool {
+    fn serve_channel(c: &mut Channel, dev: &mut Disk, disk: DiskInfo) -> bool {
         let layout = match c.layout {
             Some(l) => l,
             None => match BlockLayout::read(&c.region) {
@@ -305,7 +312,7 @@ mod serve {
             let req = Request::decode(&slot);
             let resp = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => Response::info(req.id, disk),
-                Ok(Validated::Flush) => Response::new(req.id, status(blk.flush())),
+                Ok(Validated::Flush) => Response::new(req.id, status(dev.flush())),
                 Ok(Validated::Read(t)) => {
                     // SAFETY: `validate` placed the range inside the shared data area; the
                     // device DMAs into it directly (the IOMMU maps the region for it). The
@@ -313,14 +320,14 @@ mod serve {
                     let buf = unsafe {
                         core::slice::from_raw_parts_mut((c.region.base() + t.data_offset()) as *mut u8, t.data_len())
                     };
-                    Response::new(req.id, status(blk.read_blocks(t.sector() as usize, buf)))
+                    Response::new(req.id, status(dev.read(t.sector(), buf)))
                 }
                 Ok(Validated::Write(t)) => {
                     // SAFETY: as for reads; the device reads the buffer by DMA.
                     let buf = unsafe {
                         core::slice::from_raw_parts((c.region.base() + t.data_offset()) as *const u8, t.data_len())
                     };
-                    Response::new(req.id, status(blk.write_blocks(t.sector() as usize, buf)))
+                    Response::new(req.id, status(dev.write(t.sector(), buf)))
                 }
                 Err(s) => Response::new(req.id, s),
             };
