@@ -105,6 +105,28 @@ fn a_disk_driver_vm_that_never_answers_costs_the_guest_its_disk_and_nothing_else
 }
 
 #[test]
+fn a_disk_driver_vm_that_answers_late_is_used_again_once_it_does() {
+    let m = stack_machine("tests/stacks/late-disk.toml", "");
+    let port = m.net_ports[0];
+    let run = run_serving_after(&m, &["[guest]"], &["[disk] serving now"], || {
+        // The late answer to the request that timed out is taken and dropped at the next
+        // disk request; from then on the disk works.
+        let data = noise(8 * 512, 5);
+        let mut s = connect(port);
+        assert_eq!(request(&mut s, "PUT", "/blk/100", &data).0, 200);
+        let (status, body) = request(&mut s, "GET", "/blk/100?count=8", b"");
+        assert_eq!(status, 200);
+        assert!(body == data, "sectors read back differ from those written");
+        let (_, page) = get(port, "/");
+        let page = String::from_utf8_lossy(&page);
+        assert!(page.contains("it failed to answer 1 time(s) within 5 s"), "{page}");
+    });
+    assert_line(&run, "[guest] block self-test FAILED: the driver VM did not answer within 5 s");
+    assert_no_line(&run, "FATAL");
+    assert_no_line(&run, "stopped:");
+}
+
+#[test]
 fn many_connections_at_once_and_a_client_that_resets_mid_request() {
     let (run, _) = with_server(|port| {
         // A client that sends half a request and resets the connection.

@@ -134,6 +134,7 @@ mod driver {
             Some("dma") => crate::rogue::stray_dma(&mut disk.blk),
             Some("garbage") => crate::rogue::garbage(info),
             Some("silent") => crate::rogue::silent(),
+            Some("late") => crate::rogue::late(info, timer, &mut disk),
             _ => crate::serve::serve(info, &mut disk),
         }
     }
@@ -141,7 +142,8 @@ mod driver {
 
 /// Test modes that make this driver VM hostile, to show what the rest of the system does
 /// about it: `rogue=dma` aims its device's DMA outside its memory; `rogue=garbage` answers
-/// its guests with a corrupt ring; `rogue=silent` never answers at all, as a hung driver.
+/// its guests with a corrupt ring; `rogue=silent` never answers at all, as a hung driver;
+/// `rogue=late` answers nothing for a while and then serves normally.
 #[cfg(target_os = "none")]
 mod rogue {
     use domain_rt::{channels, hypercall, println, BootInfo};
@@ -181,6 +183,26 @@ mod rogue {
             // SAFETY: HLT only waits; no interrupt is bound, so this vCPU sleeps for good.
             unsafe { core::arch::asm!("hlt") };
         }
+    }
+
+    /// How long `rogue=late` stalls: longer than a guest waits for an answer.
+    const STALL_NS: u64 = 8_000_000_000;
+
+    /// Take no request for [`STALL_NS`], then serve as usual (answering what queued up
+    /// meanwhile): a driver VM that stalls and recovers. `timer`: our timer notification,
+    /// bound to the timer vector.
+    pub fn late(info: &BootInfo, timer: Option<u64>, disk: &mut crate::device::Disk) -> u64 {
+        println!("stalling for {} s before serving (rogue=late)", STALL_NS / 1_000_000_000);
+        if let Some(t) = timer {
+            let fired = domain_rt::irq::timer_count();
+            let _ = hypercall::timer_set(t, STALL_NS, 1);
+            let mut seen = domain_rt::irq::count();
+            while domain_rt::irq::timer_count() == fired {
+                seen = domain_rt::irq::wait_for_virq(seen);
+            }
+        }
+        println!("serving now");
+        crate::serve::serve(info, disk)
     }
 
     /// Answer the first doorbell of each block channel with a corrupt response ring.

@@ -87,7 +87,8 @@ mod driver {
     /// them it is a watchdog: a lost device interrupt would otherwise stop the receive path
     /// for good (with VIRTIO_RING_F_EVENT_IDX the device does not interrupt again until the
     /// driver has taken the frame it interrupted for). Frames found by the watchdog alone
-    /// are counted as missed interrupts and reported once: the path recovers, visibly.
+    /// are counted as missed interrupts and reported (the 1st, 2nd, 4th, 8th...): the path
+    /// recovers, visibly.
     #[derive(Clone, Copy)]
     struct Wakeup {
         slot: u64,

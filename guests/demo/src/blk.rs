@@ -143,13 +143,16 @@ impl BlockClient {
     /// Take the late answers to requests given up on; `NotAnswering` while one is missing.
     fn check_answering(&mut self) -> Result<(), ClientError> {
         while self.given_up.is_some() {
-            if self.next_response()?.is_some() {
-                // An answer to a request nobody waits for any more.
-                continue;
+            // Late answers are dropped inside; one that is not late answers a request nobody
+            // waits for any more (the driver broke the order): dropped too.
+            if self.next_response()?.is_none() {
+                break;
             }
-            return Err(ClientError::NotAnswering);
         }
-        Ok(())
+        match self.given_up {
+            Some(_) => Err(ClientError::NotAnswering),
+            None => Ok(()),
+        }
     }
 
     /// The next response on the ring, if any. Late answers to requests given up on are
