@@ -188,10 +188,15 @@ mod rogue {
     /// How long `rogue=late` stalls: longer than a guest waits for an answer.
     const STALL_NS: u64 = 8_000_000_000;
 
-    /// Take no request for [`STALL_NS`], then serve as usual (answering what queued up
-    /// meanwhile): a driver VM that stalls and recovers. `timer`: our timer notification,
-    /// bound to the timer vector.
+    /// At the first doorbell, stall for [`STALL_NS`], then serve as usual (answering what
+    /// queued up meanwhile): a driver VM that stalls and recovers. `timer`: our timer
+    /// notification, bound to the timer vector.
     pub fn late(info: &BootInfo, timer: Option<u64>, disk: &mut crate::device::Disk) -> u64 {
+        let first =
+            channels::channel_names(info.cmdline, "block").find_map(|n| channels::channel(info.cmdline, n).ok());
+        if let Some(c) = first {
+            let _ = hypercall::wait(c.wait);
+        }
         println!("stalling for {} s before serving (rogue=late)", STALL_NS / 1_000_000_000);
         if let Some(t) = timer {
             let fired = domain_rt::irq::timer_count();
