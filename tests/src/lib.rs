@@ -112,7 +112,13 @@ pub fn boot(machine: &Machine) -> Run {
 /// Assert that the console has a line containing `needle`, showing the console if not.
 #[track_caller]
 pub fn assert_line(run: &Run, needle: &str) {
-    assert!(run.has_line(needle), "no console line contains {needle:?}; console was:\n{}", run.console());
+    assert!(
+        run.has_line(needle),
+        "no console line contains {needle:?}; console was:\n{}\nQEMU ended with {:?}; its stderr:\n{}",
+        run.console(),
+        run.ending,
+        run.stderr
+    );
 }
 
 #[track_caller]

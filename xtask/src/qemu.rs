@@ -43,10 +43,21 @@ pub struct Machine {
 pub const DEFAULT_NET_PORT: u16 = 8080;
 
 /// A TCP port on 127.0.0.1 that is free now (the system picks it), for a forwarding that
-/// must not clash with another QEMU (tests run in parallel).
+/// must not clash with another QEMU (tests run in parallel). The system may pick a port it
+/// picked a moment ago (it is free again once the probe closes), so ports already handed
+/// out by this process are never handed out again.
 pub fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| format!("finding a free port: {e}"))
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..100 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+        let port = listener.local_addr().map(|a| a.port()).map_err(|e| format!("finding a free port: {e}"))?;
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    Err("finding a free port: the system keeps offering ports already in use by this run".into())
 }
 
 impl Machine {
