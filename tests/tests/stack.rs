@@ -70,7 +70,14 @@ fn virtual_timer_sleeps_and_doorbells_arrive_as_virtual_interrupts() {
         .find_map(|l| l.strip_prefix("[ping] slept ")?.split(' ').next()?.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no sleep report:\n{}", run.console()));
     assert!(slept >= 20, "woke after {slept} ms, asked for 20:\n{}", run.console());
-    // bell halted between doorbells: each was a virtual interrupt that woke it from HLT.
+    // bell halts between doorbells: a doorbell is a virtual interrupt that wakes it from
+    // HLT. (Now and then the tick preempts bell after an answer and before it halts; ping
+    // rings meanwhile and bell finds that doorbell pending without halting.)
     assert_line(&run, "[bell] answering doorbells on \"ping-bell\" by virtual interrupt 0x40");
-    assert_line(&run, "[bell] 300 doorbells answered, 300 virtual interrupts taken");
+    let woken = run
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("[bell] 300 doorbells answered, ")?.split(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count of doorbells answered:\n{}", run.console()));
+    assert!(woken >= 250, "only {woken} of 300 doorbells woke bell from HLT:\n{}", run.console());
 }
