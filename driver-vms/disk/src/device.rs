@@ -21,7 +21,8 @@ pub struct Disk {
     interrupts: bool,
     /// A timer notification bound to [`irq::TIMER_VECTOR`], for the fallback.
     timer: Option<u64>,
-    /// Completions found by the fallback timer alone (their interrupt did not come).
+    /// Completions found by the fallback timer alone, before their interrupt came (it was
+    /// late, or lost).
     missed: u64,
 }
 
@@ -87,7 +88,7 @@ impl Disk {
     }
 
     /// After a wake-up: if only the fallback timer fired and the request is complete, its
-    /// interrupt was lost; count it (reported on powers of two).
+    /// interrupt has not come (late, or lost); count it (reported on powers of two).
     fn note_missed_interrupt(&mut self, virqs: u64, timer_virqs: u64) {
         let (now, now_timer) = (irq::count(), irq::timer_count());
         let timer_only = now_timer != timer_virqs && now.wrapping_sub(virqs) == now_timer.wrapping_sub(timer_virqs);
@@ -96,7 +97,7 @@ impl Disk {
             self.missed += 1;
             if self.missed.is_power_of_two() {
                 println!(
-                    "device interrupts: {} missed so far; completions were found by the {} ms fallback",
+                    "device interrupts: {} completion(s) so far found by the {} ms fallback before their interrupt (late or lost)",
                     self.missed,
                     FALLBACK_NS / 1_000_000
                 );

@@ -368,7 +368,7 @@ mod driver {
                 missed_interrupts += 1;
                 if missed_interrupts.is_power_of_two() {
                     println!(
-                        "device interrupts: {missed_interrupts} missed so far; frames were found by the {} ms watchdog",
+                        "device interrupts: {missed_interrupts} time(s) so far the {} ms watchdog found frames before their interrupt (late or lost)",
                         WATCHDOG_NS / 1_000_000
                     );
                 }
