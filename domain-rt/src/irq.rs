@@ -61,8 +61,9 @@ pub fn timer_count() -> u64 {
 pub fn wait_for_virq(seen: u64) -> u64 {
     loop {
         // SAFETY: interrupts are enabled only for the HLT (STI's shadow makes STI;HLT
-        // atomic); the only interrupt this domain gets is its own counting handler.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        // atomic); the only interrupt this domain gets is its own counting handler. Not
+        // `nomem`: the handler writes the count, which must be read after this, not before.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
         let now = count();
         if now != seen {
             return now;

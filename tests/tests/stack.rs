@@ -80,4 +80,9 @@ fn virtual_timer_sleeps_and_doorbells_arrive_as_virtual_interrupts() {
         .find_map(|l| l.strip_prefix("[bell] 300 doorbells answered, ")?.split(' ').next()?.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no count of doorbells answered:\n{}", run.console()));
     assert!(woken >= 250, "only {woken} of 300 doorbells woke bell from HLT:\n{}", run.console());
+    // A lost wake-up (bell's fallback timer found a doorbell first) is reported, not fatal:
+    // one hung this test once under load and is not found yet (docs/design.md).
+    for l in run.lines.iter().filter(|l| l.contains("found by the fallback timer")) {
+        eprintln!("note: {l}");
+    }
 }

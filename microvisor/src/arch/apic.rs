@@ -180,13 +180,14 @@ pub fn ticks() -> u64 {
 
 /// Let a pending interrupt in (after an INTR exit), then close again.
 pub fn take_pending_interrupts() {
-    // SAFETY: the IDT has handlers for the only unmasked sources (timer, spurious); they
-    // touch no state but the tick counter and the EOI register.
-    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+    // SAFETY: the IDT has handlers for the only unmasked sources (timer, device vectors,
+    // spurious); they touch no state but their counters and the EOI register. Not
+    // `nomem`: the run loop reads those counters after this, never before.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nostack)) };
 }
 
 /// Sleep until an interrupt (the next tick at the latest).
 pub fn wait_for_interrupt() {
     // SAFETY: as above; STI's one-instruction shadow makes STI;HLT atomic.
-    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
 }
