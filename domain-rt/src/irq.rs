@@ -21,6 +21,7 @@ static DOMAIN_VIRQS: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 static DOMAIN_TIMER_VIRQS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(target_os = "none")]
 core::arch::global_asm!(
     ".pushsection .text.domain_virq, \"ax\"",
     ".global domain_virq_entry",
@@ -35,15 +36,18 @@ core::arch::global_asm!(
     ".popsection",
 );
 
+#[cfg(target_os = "none")]
 extern "C" {
     fn domain_virq_entry();
     fn domain_timer_virq_entry();
 }
 
+#[cfg(target_os = "none")]
 pub fn entry_address() -> u64 {
     domain_virq_entry as *const () as u64
 }
 
+#[cfg(target_os = "none")]
 pub fn timer_entry_address() -> u64 {
     domain_timer_virq_entry as *const () as u64
 }
@@ -57,7 +61,46 @@ pub fn timer_count() -> u64 {
     DOMAIN_TIMER_VIRQS.load(Ordering::Relaxed)
 }
 
+/// Both counts at one moment, to tell later what arrived since: the timer, and anything
+/// else. Loops with a timer fallback use it to notice "only the timer woke me".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// Every virtual interrupt ([`count`]).
+    pub all: u64,
+    /// Those on [`TIMER_VECTOR`] ([`timer_count`]).
+    pub timer: u64,
+}
+
+/// What arrived between two [`Counts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrived {
+    /// The timer fired.
+    pub timer: bool,
+    /// Something other than the timer arrived.
+    pub others: bool,
+}
+
+impl Counts {
+    pub fn now() -> Self {
+        Self { all: count(), timer: timer_count() }
+    }
+
+    /// What arrived between `self` and `later`.
+    pub fn until(self, later: Counts) -> Arrived {
+        let timer = later.timer.wrapping_sub(self.timer);
+        Arrived { timer: timer != 0, others: later.all.wrapping_sub(self.all) != timer }
+    }
+}
+
+impl Arrived {
+    /// The timer fired and nothing else arrived.
+    pub fn timer_only(self) -> bool {
+        self.timer && !self.others
+    }
+}
+
 /// Halt until a virtual interrupt arrives after `seen` (the count from before the wait).
+#[cfg(target_os = "none")]
 pub fn wait_for_virq(seen: u64) -> u64 {
     loop {
         // SAFETY: interrupts are enabled only for the HLT (STI's shadow makes STI;HLT
@@ -68,5 +111,20 @@ pub fn wait_for_virq(seen: u64) -> u64 {
         if now != seen {
             return now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Arrived, Counts};
+
+    #[test]
+    fn tells_the_timer_alone_from_the_timer_with_others() {
+        let at = |all, timer| Counts { all, timer };
+        assert_eq!(at(5, 2).until(at(5, 2)), Arrived { timer: false, others: false });
+        assert!(at(5, 2).until(at(6, 3)).timer_only());
+        assert_eq!(at(5, 2).until(at(7, 3)), Arrived { timer: true, others: true });
+        assert_eq!(at(5, 2).until(at(6, 2)), Arrived { timer: false, others: true });
+        assert!(at(u64::MAX, u64::MAX).until(at(0, 0)).timer_only());
     }
 }

@@ -12,7 +12,6 @@ pub mod bench;
 pub mod channels;
 pub mod console;
 pub mod hypercall;
-#[cfg(target_os = "none")]
 pub mod irq;
 #[cfg(target_os = "none")]
 mod rt;

@@ -221,6 +221,39 @@ impl Geometry {
         Ok(Self { offset, capacity, slots })
     }
 
+    /// A fresh, empty ring at `offset`: both indexes set to `start`.
+    fn init<M: SharedMem + ?Sized>(
+        mem: &M,
+        offset: usize,
+        capacity: u32,
+        slot_size: usize,
+        start: u32,
+    ) -> Result<Self, RingError> {
+        let geo = Self::new(mem, offset, capacity, slot_size)?;
+        mem.write_u32(geo.consumer_index(), start);
+        mem.write_u32(geo.producer_index(), start);
+        fence(Ordering::Release);
+        Ok(geo)
+    }
+
+    /// An existing ring at `offset`, with its (producer, consumer) indexes as the header
+    /// holds them; [`RingError::Corrupt`] if they are more than `capacity` apart.
+    fn attach<M: SharedMem + ?Sized>(
+        mem: &M,
+        offset: usize,
+        capacity: u32,
+        slot_size: usize,
+    ) -> Result<(Self, u32, u32), RingError> {
+        let geo = Self::new(mem, offset, capacity, slot_size)?;
+        let producer = mem.read_u32(geo.producer_index());
+        let consumer = mem.read_u32(geo.consumer_index());
+        fence(Ordering::Acquire);
+        if producer.wrapping_sub(consumer) > capacity {
+            return Err(RingError::Corrupt);
+        }
+        Ok((geo, producer, consumer))
+    }
+
     fn producer_index(&self) -> usize {
         // Inside the ring: `offset + HEADER_SIZE <= mem.len()` was checked in `new`.
         self.offset + PRODUCER_INDEX_OFFSET
@@ -259,10 +292,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// its producer half. The side that creates the channel calls this (or
     /// [`Consumer::init`]) before telling the peer about the ring.
     pub fn init(mem: &'m M, offset: usize, capacity: u32, start: u32) -> Result<Self, RingError> {
-        let geo = Geometry::new(mem, offset, capacity, SLOT_SIZE)?;
-        mem.write_u32(geo.consumer_index(), start);
-        mem.write_u32(geo.producer_index(), start);
-        fence(Ordering::Release);
+        let geo = Geometry::init(mem, offset, capacity, SLOT_SIZE, start)?;
         Ok(Self { mem, geo, producer: start, consumer_seen: start, corrupt: false })
     }
 
@@ -270,13 +300,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// header (e.g. a restarted driver VM). Fails with [`RingError::Corrupt`] if the header
     /// holds more than `capacity` entries.
     pub fn attach(mem: &'m M, offset: usize, capacity: u32) -> Result<Self, RingError> {
-        let geo = Geometry::new(mem, offset, capacity, SLOT_SIZE)?;
-        let producer = mem.read_u32(geo.producer_index());
-        let consumer = mem.read_u32(geo.consumer_index());
-        fence(Ordering::Acquire);
-        if producer.wrapping_sub(consumer) > capacity {
-            return Err(RingError::Corrupt);
-        }
+        let (geo, producer, consumer) = Geometry::attach(mem, offset, capacity, SLOT_SIZE)?;
         Ok(Self { mem, geo, producer, consumer_seen: consumer, corrupt: false })
     }
 
@@ -365,10 +389,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// Sets up a fresh, empty ring at `offset` (both indexes = `start`, usually 0) and returns
     /// its consumer half. See [`Producer::init`].
     pub fn init(mem: &'m M, offset: usize, capacity: u32, start: u32) -> Result<Self, RingError> {
-        let geo = Geometry::new(mem, offset, capacity, SLOT_SIZE)?;
-        mem.write_u32(geo.consumer_index(), start);
-        mem.write_u32(geo.producer_index(), start);
-        fence(Ordering::Release);
+        let geo = Geometry::init(mem, offset, capacity, SLOT_SIZE, start)?;
         Ok(Self { mem, geo, consumer: start, producer_seen: start, corrupt: false })
     }
 
@@ -377,13 +398,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// consumed are delivered). Fails with [`RingError::Corrupt`] if the header holds more
     /// than `capacity` entries.
     pub fn attach(mem: &'m M, offset: usize, capacity: u32) -> Result<Self, RingError> {
-        let geo = Geometry::new(mem, offset, capacity, SLOT_SIZE)?;
-        let consumer = mem.read_u32(geo.consumer_index());
-        let producer = mem.read_u32(geo.producer_index());
-        fence(Ordering::Acquire);
-        if producer.wrapping_sub(consumer) > capacity {
-            return Err(RingError::Corrupt);
-        }
+        let (geo, producer, consumer) = Geometry::attach(mem, offset, capacity, SLOT_SIZE)?;
         Ok(Self { mem, geo, consumer, producer_seen: producer, corrupt: false })
     }
 

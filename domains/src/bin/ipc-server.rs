@@ -53,27 +53,27 @@ mod server {
         if let Some(t) = timer {
             let _ = hypercall::timer_set(t, FALLBACK_NS, 1);
         }
-        let (mut fired, mut by_fallback, mut fallback) = (domain_rt::irq::timer_count(), 0u64, false);
+        let (mut by_fallback, mut fallback) = (0u64, false);
         println!("answering doorbells on \"{name}\" by virtual interrupt {:#x}", domain_rt::irq::VIRQ_VECTOR);
         println!("ready");
-        let mut seen = domain_rt::irq::count();
+        // The counts at the last wake-up (or the start).
+        let mut counts = domain_rt::irq::Counts::now();
         let (mut answered, mut after_interrupt, mut woken) = (0u64, 0u64, false);
         loop {
             // Bits may have arrived before we halted: take them first.
             let bits = hypercall::poll(wait).unwrap_or(0);
             if bits == 0 {
-                let before = seen;
-                seen = domain_rt::irq::wait_for_virq(seen);
-                let now_fired = domain_rt::irq::timer_count();
-                // Nothing but the fallback woke us: a doorbell found now had no interrupt.
-                let timer_only = now_fired != fired && seen.wrapping_sub(before) == now_fired.wrapping_sub(fired);
-                if now_fired != fired {
-                    fired = now_fired;
+                domain_rt::irq::wait_for_virq(counts.all);
+                let now = domain_rt::irq::Counts::now();
+                let arrived = counts.until(now);
+                counts = now;
+                if arrived.timer {
                     if let Some(t) = timer {
                         let _ = hypercall::timer_set(t, FALLBACK_NS, 1);
                     }
                 }
-                (woken, fallback) = (!timer_only, timer_only);
+                // Nothing but the fallback woke us: a doorbell found now had no interrupt.
+                (woken, fallback) = (!arrived.timer_only(), arrived.timer_only());
                 continue;
             }
             answered += 1;

@@ -64,7 +64,7 @@ impl Disk {
         // The fallback timer's count when it was last armed (None: not armed yet).
         let mut armed: Option<u64> = None;
         loop {
-            let (virqs, timer_virqs) = (irq::count(), irq::timer_count());
+            let before = irq::Counts::now();
             // Completing the last request stored `used_event` (the entry to interrupt for);
             // looking for the next entry is a load: x86 may do it first without a full
             // fence, and then neither side sees the other (see virtio_pci::Kicker).
@@ -76,24 +76,22 @@ impl Disk {
                 core::hint::spin_loop();
                 continue;
             }
-            if armed != Some(timer_virqs) {
+            if armed != Some(before.timer) {
                 if let Some(t) = self.timer {
                     let _ = hypercall::timer_set(t, FALLBACK_NS, 1);
                 }
-                armed = Some(timer_virqs);
+                armed = Some(before.timer);
             }
-            irq::wait_for_virq(virqs);
-            self.note_missed_interrupt(virqs, timer_virqs);
+            irq::wait_for_virq(before.all);
+            self.note_missed_interrupt(before.until(irq::Counts::now()));
         }
     }
 
     /// After a wake-up: if only the fallback timer fired and the request is complete, its
     /// interrupt has not come (late, or lost); count it (reported on powers of two).
-    fn note_missed_interrupt(&mut self, virqs: u64, timer_virqs: u64) {
-        let (now, now_timer) = (irq::count(), irq::timer_count());
-        let timer_only = now_timer != timer_virqs && now.wrapping_sub(virqs) == now_timer.wrapping_sub(timer_virqs);
+    fn note_missed_interrupt(&mut self, arrived: irq::Arrived) {
         fence(Ordering::SeqCst);
-        if timer_only && self.blk.peek_used().is_some() {
+        if arrived.timer_only() && self.blk.peek_used().is_some() {
             self.missed += 1;
             if self.missed.is_power_of_two() {
                 println!(

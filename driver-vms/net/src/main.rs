@@ -321,19 +321,18 @@ mod driver {
         wakeup: Option<Wakeup>,
     ) -> u64 {
         let mut frame = [0u8; MAX_FRAME_LEN];
-        let (mut virqs, mut timer_virqs) = (domain_rt::irq::count(), domain_rt::irq::timer_count());
+        let mut counts = domain_rt::irq::Counts::now();
         if let Some(w) = wakeup {
             let _ = hypercall::timer_set(w.slot, w.ns, 1);
         }
         let mut missed_interrupts = 0u64;
         loop {
             // What woke us since the last round: the timer, and anything else?
-            let (now, now_timer) = (domain_rt::irq::count(), domain_rt::irq::timer_count());
-            let fired = now_timer != timer_virqs;
-            let others = now.wrapping_sub(virqs) != now_timer.wrapping_sub(timer_virqs);
-            (virqs, timer_virqs) = (now, now_timer);
-            let watchdog = wakeup.filter(|w| w.watchdog && fired);
-            if let Some(w) = wakeup.filter(|_| fired) {
+            let now = domain_rt::irq::Counts::now();
+            let arrived = counts.until(now);
+            counts = now;
+            let watchdog = wakeup.filter(|w| w.watchdog && arrived.timer);
+            if let Some(w) = wakeup.filter(|_| arrived.timer) {
                 let _ = hypercall::timer_set(w.slot, w.ns, 1);
             }
             if watchdog.is_some() {
@@ -364,7 +363,7 @@ mod driver {
                 }
             }
             // Frames no device interrupt (nor anything but the watchdog) told us about.
-            if watchdog.is_some() && !others && received > 0 {
+            if watchdog.is_some() && arrived.timer_only() && received > 0 {
                 missed_interrupts += 1;
                 if missed_interrupts.is_power_of_two() {
                     println!(
@@ -440,7 +439,7 @@ mod driver {
                 hypercall::yield_now();
             } else {
                 // Returns at once if anything arrived during this round.
-                domain_rt::irq::wait_for_virq(virqs);
+                domain_rt::irq::wait_for_virq(counts.all);
             }
         }
     }

@@ -83,7 +83,6 @@ impl BlockClient {
 
     /// Send one request and wait for its response.
     pub fn request(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<Response, ClientError> {
-        self.check_answering()?;
         let id = self.submit(op, sector, count, data_offset as usize)?;
         self.kick()?;
         let r = self.complete()?;
