@@ -26,8 +26,8 @@ mod dom0 {
     use domain_rt::hypercall::Message;
     use domain_rt::{hypercall, println, BootInfo};
     use ipc_spec::bundle::Bundle;
+    use ipc_spec::exit::{access, ExitKind, ExitMessage};
     use ipc_spec::hypercall::dom0_slots;
-    use ipc_spec::hypercall::FaultKind;
     use ipc_spec::manifest::{self, MANIFEST_ENTRY};
 
     use crate::builder;
@@ -136,8 +136,9 @@ mod dom0 {
         }
     }
 
-    /// Every domain's faults (and exits) arrive here as messages; the policy for now is to
-    /// report the fault and tear the domain down, which returns its memory.
+    /// Every domain's faults (and DomainExits) arrive here as exit messages
+    /// (`ipc_spec::exit`); the policy for now is to report the fault and tear the domain
+    /// down, which returns its memory.
     fn handle_faults(stack: &builder::Stack) -> ! {
         let mut next = hypercall::ipc_recv(stack.fault_endpoint);
         loop {
@@ -156,23 +157,29 @@ mod dom0 {
             }
             let who = stack.domains.get((badge as usize).wrapping_sub(1));
             let name = who.map_or("?", |d| d.name.as_str());
-            match FaultKind::from_word(w[0]) {
-                Some(FaultKind::Exited) => println!("{name} exited with status {}", w[3]),
-                Some(FaultKind::Stage2) => println!(
+            match ExitMessage::decode(&w) {
+                Some(x) if x.kind == ExitKind::Exited => println!("{name} exited with status {}", x.b),
+                Some(x) if x.kind == ExitKind::Stage2 => println!(
                     "fault in {name}: stage-2 {} at guest-physical {:#x}, RIP {:#x}",
-                    ["read", "write", "execute", "execute"][(w[3] & 3) as usize],
-                    w[1],
-                    w[2]
+                    if x.b & access::EXECUTE != 0 {
+                        "execute"
+                    } else if x.b & access::WRITE != 0 {
+                        "write"
+                    } else {
+                        "read"
+                    },
+                    x.a,
+                    x.rip
                 ),
-                Some(FaultKind::Dma) => println!(
+                Some(x) if x.kind == ExitKind::Dma => println!(
                     "fault in {name}: its device {:02x}:{:02x}.{} tried to DMA ({}) at {:#x}, outside its memory; blocked by the IOMMU",
-                    (w[3] >> 8) & 0xff,
-                    (w[3] >> 3) & 31,
-                    w[3] & 7,
-                    if w[3] & (1 << 24) != 0 { "write" } else { "read" },
-                    w[1]
+                    (x.b >> 8) & 0xff,
+                    (x.b >> 3) & 31,
+                    x.b & 7,
+                    if x.b & (1 << 24) != 0 { "write" } else { "read" },
+                    x.a
                 ),
-                Some(kind) => println!("fault in {name}: {kind:?} ({:#x}, {:#x}) at RIP {:#x}", w[1], w[3], w[2]),
+                Some(x) => println!("fault in {name}: {:?} ({:#x}, {:#x}) at RIP {:#x}", x.kind, x.a, x.b, x.rip),
                 None => println!("fault in {name}: unknown message {w:?}"),
             }
             if let Some(d) = who {

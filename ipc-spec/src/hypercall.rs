@@ -65,7 +65,8 @@ hypercalls! {
     /// [`CONSOLE_WRITE_MAX`]). The microvisor prefixes each line with the domain's name.
     ConsoleWrite = 1,
     /// Stop the calling domain. RDI = exit status (0 = clean). Does not return. If the
-    /// domain has a fault endpoint, its handler receives a [`FaultKind::Exited`] message.
+    /// domain has an exit endpoint, its handler receives a [`crate::exit::ExitKind::Exited`]
+    /// message.
     DomainExit = 2,
     /// Power off the whole machine. RBX = slot of a machine capability (right CONTROL),
     /// RDI = status (0 = success). Does not return on success.
@@ -77,8 +78,9 @@ hypercalls! {
 
     /// Create a domain. RBX = memory capability (CONTROL), RDI = RAM bytes (rounded up to
     /// 2 MiB), RSI = priority (1..=254) for its vCPUs, RDX = guest-physical address of its
-    /// name, R10 = name length (1..=[`DOMAIN_NAME_MAX`]). The domain's RAM is fresh zeroed
-    /// memory at guest-physical 0. Returns RDI = slot of the new domain capability.
+    /// name, R10 = name length (1..=[`DOMAIN_NAME_MAX`]), R8 = [`domain_flags`]. The
+    /// domain's RAM is fresh zeroed memory at guest-physical 0. Returns RDI = slot of the
+    /// new domain capability (CONTROL | VMM).
     DomainCreate = 10,
     /// Copy bytes from the caller's RAM into a domain's RAM (to load it). RBX = domain
     /// capability (CONTROL), RDI = destination guest-physical address in that domain,
@@ -87,9 +89,10 @@ hypercalls! {
     /// Destroy a domain: its vCPUs stop, its mappings go, its RAM returns to the free pool,
     /// every capability to it becomes stale. RBX = domain capability (CONTROL).
     DomainDestroy = 12,
-    /// Make an endpoint the domain's fault handler. RBX = domain capability (CONTROL),
-    /// RDI = endpoint slot (CALL) in the caller's table, RSI = badge the fault messages
-    /// carry (to tell domains apart).
+    /// Make an endpoint the domain's exit handler: its vCPUs' exits and faults arrive there
+    /// as [`crate::exit`] messages. RBX = domain capability (CONTROL), RDI = endpoint slot
+    /// (CALL) in the caller's table, RSI = badge the messages carry (to tell domains
+    /// apart), RDX = extra [`crate::exit::state`] groups every exit message carries.
     DomainSetFaultEndpoint = 13,
     /// Create a vCPU in PVH entry state (32-bit protected mode, paging off).
     /// RBX = domain capability (CONTROL), RDI = entry point, RSI = value for EBX (the
@@ -100,6 +103,19 @@ hypercalls! {
     /// Register the calling vCPU's message page for long IPC messages. RDI = guest-physical
     /// address of a 4 KiB-aligned page of the caller's RAM (0 to unregister).
     VcpuSetMessagePage = 16,
+    /// Map all of a VM's RAM into the caller's stage-2 space (read, write), for its VMM.
+    /// RBX = the VM's domain capability (right [`rights::VMM`]), RDI = guest-physical
+    /// address in the caller's space (2 MiB aligned, above the caller's RAM). One such
+    /// view per caller; it goes when either domain is destroyed.
+    DomainMapRam = 17,
+    /// Make interrupt vector RDI (32..=255) pending on a VM's vCPU: it is delivered when the
+    /// guest can take it (RFLAGS.IF, no interrupt shadow), and it wakes the vCPU from HLT.
+    /// RBX = vCPU capability (CONTROL).
+    VcpuInject = 18,
+    /// Stop (RDI = 1) or resume (RDI = 0) every vCPU of a VM. A paused vCPU keeps its
+    /// state; exits already sent stay answerable. RBX = the VM's domain capability
+    /// ([`rights::VMM`]); InvalidState for a domain that is not a VM.
+    DomainPause = 19,
 
     /// Create a shared memory region of fresh zeroed frames. RBX = memory capability
     /// (CONTROL), RDI = bytes (rounded up to 4 KiB). Returns RDI = slot of the region
@@ -150,6 +166,11 @@ hypercalls! {
     Poll = 62,
     /// Deliver this notification to the calling vCPU as virtual interrupt RDI (32..=255)
     /// whenever it is signalled (it also wakes the vCPU from HLT). RBX = slot (WAIT).
+    /// RDI = 0 binds it to the caller's receive instead: a Recv or ReplyRecv of the caller
+    /// that would block returns at once, or is woken, when the notification has bits, with
+    /// RBX = [`NOTIFICATION_BADGE`], RCX = 0 and RDI = the bits (taken). (A ReplyRecv that
+    /// answers an ordinary Call on the fast path does not look; bits waiting then are seen
+    /// by the next Recv/ReplyRecv that takes the general path, e.g. one answering an exit.)
     NotificationBind = 63,
     /// One-shot virtual timer: signal the notification with RSI bits (0 = bit 0) RDI
     /// nanoseconds from now (0 cancels). RBX = slot (WAIT).
@@ -220,8 +241,21 @@ pub mod rights {
     pub const GRANT: u64 = 1 << 7;
     /// Domain, vCPU, memory pool, machine: operate on the object.
     pub const CONTROL: u64 = 1 << 8;
-    pub const ALL: u64 = (1 << 9) - 1;
+    /// Domain that is a VM: act as its VMM (DomainMapRam, DomainPause).
+    pub const VMM: u64 = 1 << 9;
+    pub const ALL: u64 = (1 << 10) - 1;
 }
+
+/// Flags of [`Hypercall::DomainCreate`] (R8).
+pub mod domain_flags {
+    /// The domain is a VM: its exits go to its exit handler (its VMM) for emulation, see
+    /// [`crate::exit`]; it makes no hypercalls (VMMCALL is an exit too).
+    pub const VM: u64 = 1 << 0;
+    pub const ALL: u64 = VM;
+}
+
+/// The badge of a Recv woken by a notification bound to the receive (RDI = the bits).
+pub const NOTIFICATION_BADGE: u64 = u64::MAX;
 
 /// The capability slots dom0 starts with. Other domains start with an empty table and get
 /// what dom0 copies to them.
@@ -241,53 +275,6 @@ pub mod dom0_slots {
 
 /// Number of capability slots per domain.
 pub const CAP_SLOTS: usize = 64;
-
-/// What a fault message (delivered to a domain's fault endpoint as a call) says. Message
-/// layout: word 0 = kind, 1 = guest-physical or fault address, 2 = RIP, 3 = detail
-/// (error code / access bits / exit status), 4 = vCPU index within the domain. The badge is
-/// the one given to [`Hypercall::DomainSetFaultEndpoint`]. The handler's reply word 0 is a
-/// [`FaultReply`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u64)]
-pub enum FaultKind {
-    /// Stage-2 fault: word 1 = guest-physical address, word 3 = bit 0 write, bit 1 execute,
-    /// bit 2 present.
-    Stage2 = 1,
-    /// Unrecoverable exception (#DF, #MC): word 1 = vector, word 3 = error code.
-    Exception = 2,
-    TripleFault = 3,
-    /// An instruction no domain may use (port I/O, SVM instructions...): word 1 = exit code.
-    Forbidden = 4,
-    /// The domain called DomainExit: word 3 = status.
-    Exited = 5,
-    /// The IOMMU blocked a DMA of a device assigned to the domain: word 1 = the address
-    /// the device used, word 3 = requester id | fault reason << 16 | (1 << 24 if a write).
-    Dma = 6,
-}
-
-impl FaultKind {
-    pub const fn from_word(w: u64) -> Option<Self> {
-        match w {
-            1 => Some(Self::Stage2),
-            2 => Some(Self::Exception),
-            3 => Some(Self::TripleFault),
-            4 => Some(Self::Forbidden),
-            5 => Some(Self::Exited),
-            6 => Some(Self::Dma),
-            _ => None,
-        }
-    }
-}
-
-/// The fault handler's answer (reply word 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u64)]
-pub enum FaultReply {
-    /// Stop the vCPU (the handler may then destroy or rebuild the domain).
-    Stop = 0,
-    /// Retry the faulting instruction (e.g. after mapping memory).
-    Resume = 1,
-}
 
 /// CPUID leaf where the microvisor identifies itself to domains (EBX, ECX, EDX spell
 /// [`CPUID_SIGNATURE`]; EAX is the highest hypervisor leaf). Leaf 1 ECX bit 31 is set too.
@@ -354,6 +341,7 @@ mod tests {
             rights::WAIT,
             rights::GRANT,
             rights::CONTROL,
+            rights::VMM,
         ];
         assert_eq!(all.iter().fold(0, |a, b| a | b), rights::ALL);
         assert_eq!(all.iter().map(|r| r.count_ones()).sum::<u32>(), all.len() as u32);

@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod block;
 pub mod bundle;
 pub mod error;
+pub mod exit;
 pub mod hypercall;
 pub mod machine_exit;
 #[cfg(feature = "alloc")]
@@ -24,7 +25,7 @@ pub use hypercall::Hypercall;
 
 /// Version of this ABI. Domains and the microvisor are built from one tree, so this is a
 /// consistency check for images built separately, not a compatibility promise.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the dom0 image inside the boot bundle.
 pub const DOM0_IMAGE: &str = "dom0";

@@ -1,26 +1,26 @@
 //! The microvisor's [`Platform`]: what the portable kernel needs from this machine —
-//! frames, physical memory, the clock, VMCBs and the console.
+//! frames, physical memory, the clock, the vCPU hardware and the console.
 
+use ipc_spec::exit::{Event, VcpuState as ArchState};
 use ipc_spec::Error;
 use microvisor::guest_memory::{PhysRead, PhysWrite};
-use microvisor::kernel::{DeviceId, DomainId, Platform, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS};
+use microvisor::kernel::{DeviceId, DomainId, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS};
 use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
 use microvisor::stage2::TableMemory;
-use microvisor::svm::vmcb::{control, Vmcb};
+use microvisor::svm::hw::Svm;
+use microvisor::vcpu_hw::VcpuHardware;
 
 use crate::arch::apic::Clock;
 use crate::arch::fpu::FpuStates;
 use crate::arch::pcie::Ecam;
-use crate::arch::phys::{alloc_zeroed_frames, IdentityMemory, PhysTables, FRAMES};
+use crate::arch::phys::{IdentityMemory, PhysTables, FRAMES};
 use crate::arch::serial::{Serial, CONSOLE_LOCK};
-use crate::arch::svm::Svm;
 use crate::arch::vtd::Iommu;
 
 pub struct Machine {
+    /// The vCPU hardware (the vendor backend).
     pub svm: Svm,
     pub clock: Clock,
-    /// Physical address of each vCPU's VMCB (0 = none yet); pages are kept for reuse.
-    vmcbs: [u64; MAX_VCPUS],
     /// Bumped whenever some stage-2 map shrinks; a vCPU that has not seen the current
     /// value flushes its TLB on entry (TCG has no flush-by-ASID).
     tlb_epoch: u64,
@@ -47,7 +47,6 @@ impl Machine {
         Self {
             svm: Svm::DISABLED,
             clock: Clock::UNCALIBRATED,
-            vmcbs: [0; MAX_VCPUS],
             tlb_epoch: 0,
             seen_epoch: [0; MAX_VCPUS],
             fpu: FpuStates::new(),
@@ -72,22 +71,11 @@ impl Machine {
         self.functions.get(*i)
     }
 
-    pub fn vmcb_pa(&self, v: VcpuId) -> u64 {
-        self.vmcbs[v as usize]
-    }
-
-    pub fn vmcb(&mut self, v: VcpuId) -> &mut Vmcb {
-        // SAFETY: vmcbs[v] is a VMCB page allocated in `vcpu_created` (a kernel vCPU is
-        // only ever run after that), owned by this table and identity-mapped; the
-        // exclusive borrow of `self` makes this the only reference.
-        unsafe { &mut *(self.vmcbs[v as usize] as *mut Vmcb) }
-    }
-
     /// Flush the vCPU's TLB on its next entry if some stage-2 map shrank since its last.
     pub fn sync_tlb(&mut self, v: VcpuId) {
         if self.seen_epoch[v as usize] != self.tlb_epoch {
             self.seen_epoch[v as usize] = self.tlb_epoch;
-            self.vmcb(v).write_u8(control::TLB_CONTROL, 1);
+            self.svm.flush_tlb(v);
         }
     }
 }
@@ -137,19 +125,27 @@ impl Platform for Machine {
         self.clock.now_ns()
     }
 
-    fn vcpu_created(&mut self, v: VcpuId, boot: &VcpuBoot) {
-        if self.vmcbs[v as usize] == 0 {
-            match alloc_zeroed_frames(1) {
-                Some(pa) => self.vmcbs[v as usize] = pa,
-                None => crate::fail_out_of_memory("a VMCB"),
-            }
-        }
-        // SAFETY: the page was allocated above (or earlier) for this vCPU's VMCB alone and
-        // is identity-mapped; no other reference to it exists while this one lives.
-        let vmcb = unsafe { &mut *(self.vmcbs[v as usize] as *mut Vmcb) };
-        self.svm.init_vmcb(vmcb, boot);
+    fn vcpu_created(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
+        self.svm.create(v, boot)?;
         self.seen_epoch[v as usize] = self.tlb_epoch;
         self.fpu.reset(v);
+        Ok(())
+    }
+
+    fn vcpu_state(&mut self, v: VcpuId, regs: &mut Regs, s: &mut ArchState) {
+        self.svm.state(v, regs, s);
+    }
+
+    fn vcpu_set_state(&mut self, v: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState) {
+        self.svm.set_state(v, regs, mask, s);
+    }
+
+    fn vcpu_complete(&mut self, v: VcpuId, regs: &mut Regs, len: u8) {
+        self.svm.complete(v, regs, len);
+    }
+
+    fn vcpu_inject(&mut self, v: VcpuId, event: Event) {
+        self.svm.inject(v, event);
     }
 
     fn stage2_changed(&mut self, _domain: DomainId) {

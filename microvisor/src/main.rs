@@ -24,9 +24,6 @@ mod selftest;
 mod vmexit;
 
 #[cfg(target_os = "none")]
-pub use boot_and_run::fail_out_of_memory;
-
-#[cfg(target_os = "none")]
 mod boot_and_run {
     use core::fmt;
 
@@ -37,7 +34,8 @@ mod boot_and_run {
     use microvisor::kernel::caps::Object;
     use microvisor::kernel::{Event, Kernel};
     use microvisor::npt::Npt;
-    use microvisor::svm::vmcb::control;
+    use microvisor::svm::hw::Svm;
+    use microvisor::vcpu_hw::VcpuHardware;
     use pvh::elf::{ElfError, ElfImage};
     use pvh::start_info::{self, MemmapEntry, ModuleSpec};
 
@@ -45,10 +43,10 @@ mod boot_and_run {
     use crate::arch::cpu::{self, exit_machine};
     use crate::arch::fpu::FpuStates;
     use crate::arch::pcie::Ecam;
-    use crate::arch::phys::{phys_slice, FRAMES, PAGE_SIZE};
+    use crate::arch::phys::{alloc_zeroed_frames, phys_slice, FRAMES, PAGE_SIZE};
     use crate::arch::serial::Serial;
     use crate::arch::vtd::Iommu;
-    use crate::arch::{acpi, svm::Svm};
+    use crate::arch::acpi;
     use crate::machine::Machine;
     use crate::println;
     use crate::vmexit;
@@ -77,10 +75,6 @@ mod boot_and_run {
     fn fail(code: MachineExit, args: fmt::Arguments) -> ! {
         println!("FATAL: {}", args);
         exit_machine(code)
-    }
-
-    pub fn fail_out_of_memory(what: &str) -> ! {
-        fail(MachineExit::MicrovisorFault, format_args!("out of memory for {what}"))
     }
 
     extern "C" fn microvisor_main(start_info: u32) -> ! {
@@ -152,7 +146,7 @@ mod boot_and_run {
             fail(MachineExit::BadBoot, format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE))
         };
 
-        let svm = match Svm::enable() {
+        let svm = match Svm::enable(alloc_zeroed_frames, features.asids) {
             Ok(s) => s,
             Err(_) => fail(MachineExit::BadBoot, format_args!("out of memory while enabling SVM")),
         };
@@ -295,19 +289,14 @@ mod boot_and_run {
             };
             cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
             enter(k, m, v);
-            m.svm.run(m.vmcb_pa(v), &mut k.vcpus[v as usize].regs);
-            let vmcb = m.vmcb(v);
-            vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
-            let regs = &mut k.vcpus[v as usize].regs;
-            regs.rax = vmcb.rax();
-            regs.rip = vmcb.rip();
-            let event = vmexit::handle(k, m, v);
-            // A blocked DMA of this vCPU's domain goes to its fault handler now.
+            let exit = m.svm.run(v, &mut k.vcpus[v as usize].regs);
+            let event = vmexit::handle(k, m, v, exit);
+            // A blocked DMA of this vCPU's domain goes to its exit handler now.
             if k.current == Some(v) {
                 let d = k.vcpus[v as usize].domain;
                 if let Some((addr, detail)) = m.pending_dma[d as usize].take() {
-                    let f = microvisor::kernel::Fault { kind: ipc_spec::hypercall::FaultKind::Dma, addr, detail };
-                    vmexit::fault(k, m, v, f);
+                    let x = microvisor::kernel::PendingExit::new(ipc_spec::exit::ExitKind::Dma, addr, detail);
+                    vmexit::send(k, m, v, x);
                 }
             }
             match event {
@@ -326,22 +315,15 @@ mod boot_and_run {
         }
     }
 
-    /// Load the kernel's view of vCPU `v` into its VMCB and the CPU.
+    /// Prepare the CPU for vCPU `v`: TLB, FPU, and a pending virtual interrupt offered to
+    /// the guest (taken when its RFLAGS.IF allows) unless an earlier one still waits.
     fn enter(k: &mut Kernel<Npt>, m: &mut Machine, v: microvisor::kernel::VcpuId) {
         m.sync_tlb(v);
         m.fpu.switch_to(v);
         let vcpu = &mut k.vcpus[v as usize];
-        let vmcb = m.vmcb(v);
-        vmcb.set_rax(vcpu.regs.rax);
-        vmcb.set_rip(vcpu.regs.rip);
-        // A pending virtual interrupt goes into V_IRQ unless one is already waiting there
-        // (the guest takes it when its RFLAGS.IF allows).
-        let vintr = vmcb.read_u64(control::VINTR);
-        if vintr & (1 << 8) == 0 {
+        if vcpu.has_irq() && !m.svm.interrupt_offered(v) {
             if let Some(vector) = vcpu.take_irq() {
-                // V_IRQ, priority 15, ignore V_TPR, masking on, vector.
-                let value = (vintr & (1 << 24)) | (1 << 8) | (0xf << 16) | (1 << 20) | ((vector as u64) << 32);
-                vmcb.write_u64(control::VINTR, value);
+                m.svm.offer_interrupt(v, vector);
             }
         }
     }

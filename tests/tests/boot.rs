@@ -14,7 +14,7 @@ fn normal_boot_reaches_dom0_ready_in_guest_mode() {
     assert_line(&run, "PCI ECAM 0xb0000000");
     assert_line(&run, "[microvisor] dom0: 32 MiB RAM, ASID 1");
     // dom0 itself sees the hypervisor through CPUID, i.e. it runs in guest mode.
-    assert_line(&run, "[dom0] CPUID: hypervisor bit set, signature \"Microvisor\", ABI 1");
+    assert_line(&run, "[dom0] CPUID: hypervisor bit set, signature \"Microvisor\", ABI 2");
     assert_line(&run, "[dom0] boot bundle: 5 entries: [(\"dom0\"");
     assert_line(&run, "[dom0] ready (in SVM guest mode)");
     assert_line(&run, "[microvisor] shutdown requested with status 0");

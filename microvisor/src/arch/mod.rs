@@ -8,5 +8,4 @@ pub mod fpu;
 pub mod pcie;
 pub mod phys;
 pub mod serial;
-pub mod svm;
 pub mod vtd;

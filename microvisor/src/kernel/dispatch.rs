@@ -1,11 +1,12 @@
 //! Hypercall decoding: registers in, kernel operation, registers out. Every argument is
 //! checked; a bad one becomes an error code in RAX, never a panic.
 
-use ipc_spec::hypercall::{rights, status_of, FaultKind, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX};
+use ipc_spec::exit::ExitKind;
+use ipc_spec::hypercall::{domain_flags, rights, status_of, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX};
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{Event, Fault, Kernel, Platform, VcpuId, VcpuState, PAGE};
+use super::{Event, Kernel, PendingExit, Platform, VcpuId, VcpuState, PAGE};
 use crate::stage2::Stage2Format;
 
 /// How a hypercall ended for its caller.
@@ -114,11 +115,11 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(())
     }
 
-    /// The domain of `v` asked to stop. Its fault handler (if any) hears of it.
+    /// The domain of `v` asked to stop. Its exit handler (if any) hears of it.
     fn domain_exit<P: Platform>(&mut self, p: &mut P, v: VcpuId, status: u64) -> Option<Event> {
         let d = self.vcpus[v as usize].domain;
         self.console_flush(p, d);
-        let handled = self.fault(p, v, Fault { kind: FaultKind::Exited, addr: 0, detail: status });
+        let handled = self.exit(p, v, PendingExit::new(ExitKind::Exited, 0, status));
         if !handled {
             self.stop_domain(d);
             self.schedule();
@@ -144,9 +145,16 @@ impl<F: Stage2Format> Kernel<F> {
                 let mut name = [0u8; DOMAIN_NAME_MAX];
                 self.read_ram(p, caller, r.rdx, &mut name[..len])?;
                 let priority = u8::try_from(r.rsi).map_err(|_| Error::InvalidArgument)?;
+                if r.r8 & !domain_flags::ALL != 0 {
+                    return Err(Error::InvalidArgument);
+                }
                 let d = self.domain_create(p, &name[..len], r.rdi, priority)?;
+                let vm = r.r8 & domain_flags::VM != 0;
+                self.domains[d as usize].vm = vm;
                 let g = self.domains[d as usize].generation;
-                match self.grant_original(caller, Object::Domain(d, g), rights::CONTROL) {
+                // A VM's capability can be handed to its VMM.
+                let all = if vm { rights::CONTROL | rights::VMM | rights::GRANT } else { rights::CONTROL };
+                match self.grant_original(caller, Object::Domain(d, g), all) {
                     Ok(slot) => self.set_result(v, slot),
                     Err(e) => {
                         self.domain_destroy(p, d);
@@ -184,18 +192,24 @@ impl<F: Stage2Format> Kernel<F> {
                     Object::Endpoint(e) => e,
                     _ => return Err(Error::WrongType),
                 };
+                let extra = u16::try_from(r.rdx)
+                    .ok()
+                    .filter(|m| m & !ipc_spec::exit::state::ALL == 0)
+                    .ok_or(Error::InvalidArgument)?;
                 // The handler holds a reference to the endpoint while it is set.
                 self.endpoints[e as usize].refs += 1;
                 if let Some((old, _)) = self.domains[target as usize].fault_handler.replace((e, r.rsi)) {
                     self.release(p, Object::Endpoint(old));
                 }
+                self.domains[target as usize].exit_state = extra;
                 Ok(())
             }
             Hypercall::VcpuCreate => {
                 let target = self.lookup_domain(caller, r.rbx)?;
                 let nv = self.vcpu_create(p, target, r.rdi, r.rsi)?;
                 let g = self.vcpus[nv as usize].generation;
-                match self.grant_original(caller, Object::Vcpu(nv, g), rights::CONTROL) {
+                let all = if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
+                match self.grant_original(caller, Object::Vcpu(nv, g), all) {
                     Ok(slot) => self.set_result(v, slot),
                     Err(e) => {
                         // Nobody could ever name the vCPU: take it back.
@@ -327,6 +341,9 @@ impl<F: Stage2Format> Kernel<F> {
                 Ok(())
             }
             Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
+            Hypercall::DomainMapRam => self.map_vm_ram(p, caller, r.rbx, r.rdi),
+            Hypercall::VcpuInject => self.inject(caller, r.rbx, r.rdi),
+            Hypercall::DomainPause => self.pause(caller, r.rbx, r.rdi),
             Hypercall::DomainStatus => {
                 let d = self.lookup_domain(caller, r.rbx)?;
                 let mine = self.vcpus.iter().filter(|x| x.domain == d && x.state != VcpuState::Free);

@@ -3,18 +3,18 @@
 //! A call that finds a server waiting switches to it directly (no run-queue round trip):
 //! the message moves register to register and the server holds a one-shot reply to the
 //! caller. A call with no server waiting queues the caller on the endpoint; its message
-//! stays in its registers until a server takes it. Faults travel the same way: the faulting
-//! vCPU "calls" its domain's fault endpoint with a message built from the fault.
+//! stays in its registers until a server takes it. Exits travel the same way: the exiting
+//! vCPU "calls" its domain's exit endpoint with a message built from the exit (`exits.rs`).
 
-use ipc_spec::hypercall::{rights, FaultReply, MAX_MESSAGE_WORDS, REGISTER_WORDS};
+use ipc_spec::hypercall::{rights, MAX_MESSAGE_WORDS, REGISTER_WORDS};
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{EndpointId, Fault, Kernel, Platform, VcpuId, VcpuState, MAX_DOMAINS, MAX_ENDPOINTS, MAX_VCPUS, PAGE};
+use super::{EndpointId, Kernel, Platform, VcpuId, VcpuState, MAX_DOMAINS, MAX_ENDPOINTS, MAX_VCPUS, PAGE};
 use crate::stage2::Stage2Format;
 
 impl<F: Stage2Format> Kernel<F> {
-    /// Is `client` waiting for `server`'s answer (to a call or to a fault message)?
+    /// Is `client` waiting for `server`'s answer (to a call or to an exit message)?
     pub(crate) fn awaits_reply_from(&self, client: VcpuId, server: VcpuId) -> bool {
         matches!(self.vcpus[client as usize].state,
             VcpuState::BlockedReply(s) | VcpuState::BlockedFault(s) if s == server)
@@ -22,7 +22,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// The state of a sender whose message `server` now holds.
     fn awaiting(&self, sender: VcpuId, server: VcpuId) -> VcpuState {
-        if self.vcpus[sender as usize].fault.is_some() {
+        if self.vcpus[sender as usize].exit.is_some() {
             VcpuState::BlockedFault(server)
         } else {
             VcpuState::BlockedReply(server)
@@ -30,7 +30,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// A blocked vCPU's IPC fails with `err`: it runs again with that status. A vCPU whose
-    /// fault message cannot be delivered stops instead.
+    /// exit message cannot be delivered stops instead.
     pub(crate) fn fail_ipc(&mut self, v: VcpuId, err: Error) {
         let woken = self.fail_ipc_deferred(v, err);
         self.preempt_for(woken);
@@ -41,7 +41,7 @@ impl<F: Stage2Format> Kernel<F> {
     /// [`Self::preempt_for`]). Returns `v`'s priority if it became ready.
     fn fail_ipc_deferred(&mut self, v: VcpuId, err: Error) -> Option<u8> {
         let vcpu = &mut self.vcpus[v as usize];
-        if vcpu.fault.take().is_some() {
+        if vcpu.exit.take().is_some() {
             vcpu.state = VcpuState::Stopped;
             return None;
         }
@@ -61,20 +61,21 @@ impl<F: Stage2Format> Kernel<F> {
         }
     }
 
-    /// Move a message from `from` (its registers, message page, or pending fault) to `to`.
+    /// Move a message from `from` (its registers, message page, or pending exit) to `to`.
     fn transfer<P: Platform>(&mut self, p: &mut P, from: VcpuId, to: VcpuId, badge: u64) -> Result<(), Error> {
-        let src = &self.vcpus[from as usize];
-        let (words, len) = match src.fault {
-            Some(f) => ([f.kind as u64, f.addr, src.regs.rip, f.detail, src.index_in_domain as u64, 0], 5),
+        // (An exit message's state groups went straight into the receiver's page.)
+        let (words, len) = match self.vcpus[from as usize].exit {
+            Some(x) => self.exit_message(p, from, x, to),
             None => {
-                let r = &src.regs;
+                let r = &self.vcpus[from as usize].regs;
                 ([r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9], r.rcx)
             }
         };
         if len > MAX_MESSAGE_WORDS as u64 {
             return Err(Error::InvalidArgument);
         }
-        if len > REGISTER_WORDS as u64 {
+        if len > REGISTER_WORDS as u64 && self.vcpus[from as usize].exit.is_none() {
+            let src = &self.vcpus[from as usize];
             let (Some(sp), Some(dp)) = (src.msg_page, self.vcpus[to as usize].msg_page) else {
                 return Err(Error::NoMessagePage);
             };
@@ -156,7 +157,7 @@ impl<F: Stage2Format> Kernel<F> {
         let Some(client) = self.vcpus[si].reply_to else { return false };
         let ci = client as usize & (MAX_VCPUS - 1);
         let c = &self.vcpus[ci];
-        // (A vCPU awaiting a fault verdict is BlockedFault: the general path answers it.)
+        // (A vCPU awaiting an exit verdict is BlockedFault: the general path answers it.)
         if c.state != VcpuState::BlockedReply(server) {
             return false;
         }
@@ -201,7 +202,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// The running vCPU `sender` sends on endpoint `e` and waits for the reply.
-    fn send<P: Platform>(&mut self, p: &mut P, sender: VcpuId, e: EndpointId) -> Result<(), Error> {
+    pub(super) fn send<P: Platform>(&mut self, p: &mut P, sender: VcpuId, e: EndpointId) -> Result<(), Error> {
         let badge = self.vcpus[sender as usize].send_badge;
         let mut woken = None;
         while let Some(server) = self.endpoints[e as usize].receivers.pop(&mut self.next) {
@@ -248,6 +249,9 @@ impl<F: Stage2Format> Kernel<F> {
     /// Returns true if it got a message (and keeps running). Senders that fail are queued
     /// to run without preempting (the caller calls `preempt_for(woken)` when done).
     fn receive<P: Platform>(&mut self, p: &mut P, server: VcpuId, e: EndpointId, woken: &mut Option<u8>) -> bool {
+        if self.take_bound_bits(server) {
+            return true;
+        }
         while let Some(sender) = self.endpoints[e as usize].senders.pop(&mut self.next) {
             let badge = self.vcpus[sender as usize].send_badge;
             match self.transfer(p, sender, server, badge) {
@@ -279,12 +283,19 @@ impl<F: Stage2Format> Kernel<F> {
         let mut woken = None;
         if let Some(client) = self.vcpus[server as usize].reply_to.take() {
             if self.awaits_reply_from(client, server) {
-                if self.vcpus[client as usize].fault.take().is_some() {
-                    // Answer to a fault message: resume the faulting vCPU or stop it.
-                    if self.vcpus[server as usize].regs.rdi == FaultReply::Resume as u64 {
+                if let Some(x) = self.vcpus[client as usize].exit {
+                    // Answer to an exit: checked whole before anything changes, so a bad
+                    // reply leaves the exit pending for a better one.
+                    let reply = match self.check_exit_reply(server, x) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.vcpus[server as usize].reply_to = Some(client);
+                            return Err(e);
+                        }
+                    };
+                    self.vcpus[client as usize].exit = None;
+                    if self.apply_exit_reply(p, client, server, x, &reply) {
                         resume_client = Some(client);
-                    } else {
-                        self.vcpus[client as usize].state = VcpuState::Stopped;
                     }
                 } else {
                     match self.transfer(p, server, client, 0) {
@@ -306,27 +317,5 @@ impl<F: Stage2Format> Kernel<F> {
         }
         self.preempt_for(woken);
         Ok(())
-    }
-
-    /// The running vCPU `v` faulted. With a fault handler, the fault becomes a message to
-    /// it and `v` waits for the verdict (true). Without one, `v` stops (false).
-    pub fn fault<P: Platform>(&mut self, p: &mut P, v: VcpuId, fault: Fault) -> bool {
-        let d = self.vcpus[v as usize].domain;
-        match self.domains[d as usize].fault_handler {
-            Some((e, badge)) if self.endpoints[e as usize].refs > 0 => {
-                self.vcpus[v as usize].fault = Some(fault);
-                self.vcpus[v as usize].send_badge = badge;
-                if self.send(p, v, e).is_ok() {
-                    return true;
-                }
-                self.vcpus[v as usize].fault = None;
-                self.stop_vcpu(v);
-                false
-            }
-            _ => {
-                self.stop_vcpu(v);
-                false
-            }
-        }
     }
 }

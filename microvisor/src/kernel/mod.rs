@@ -9,10 +9,12 @@
 
 pub mod caps;
 pub mod dispatch;
+pub mod exits;
 pub mod ipc;
 pub mod notify;
 pub mod sched;
 
+use ipc_spec::exit::{ExitKind, VcpuState as ArchState};
 use ipc_spec::hypercall::{rights, DOMAIN_NAME_MAX};
 use ipc_spec::Error;
 
@@ -44,7 +46,9 @@ pub const PAGE: u64 = 4096;
 pub const TIME_SLICE_TICKS: u32 = 5;
 
 /// A vCPU's general registers. The first fourteen are laid out as the world-switch
-/// assembly expects; RAX and RIP live in the VMCB and are synced around each run.
+/// assembly expects; RAX and RIP live in the VMCB and are synced around each run. RSP and
+/// RFLAGS stay in the hardware state (VMCB or VMCS) and are copied here only while an exit
+/// message is built or its reply applied: the hypercall path never touches them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Regs {
@@ -64,6 +68,28 @@ pub struct Regs {
     pub r15: u64,
     pub rax: u64,
     pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+}
+
+impl Regs {
+    /// The sixteen general registers in instruction-encoding order (RAX, RCX, RDX, RBX,
+    /// RSP, RBP, RSI, RDI, R8..R15), as the exit ABI's GPR group carries them.
+    pub fn gprs(&self) -> [u64; 16] {
+        let r = self;
+        [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15,
+        ]
+    }
+
+    pub fn set_gprs(&mut self, g: &[u64; 16]) {
+        let r = self;
+        [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15,
+        ] = *g;
+    }
 }
 
 /// What a new vCPU starts with; the platform builds the VMCB from it.
@@ -71,8 +97,12 @@ pub struct Regs {
 pub struct VcpuBoot {
     pub entry: u64,
     pub rbx: u64,
-    pub asid: u32,
+    /// The domain's index; the hardware backend derives its TLB tag (ASID/VPID) from it.
+    pub domain: DomainId,
     pub stage2_root: u64,
+    /// The domain is a VM: CPUID and MSRs go to its VMM, the MSRs VMLOAD/VMSAVE switch are
+    /// the guest's own.
+    pub vm: bool,
 }
 
 /// What the kernel needs from the machine.
@@ -82,8 +112,33 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn free_frames(&mut self, hpa: u64, frames: u64);
     /// Nanoseconds since boot.
     fn now_ns(&self) -> u64;
-    /// Build the hardware state (VMCB) of a new vCPU.
-    fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot);
+    /// Build the hardware state (VMCB/VMCS) of a new vCPU; fails when memory for it or a
+    /// TLB tag runs out.
+    fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) -> Result<(), Error>;
+    /// Copy the vCPU's architectural state into `s` (GPRs from `regs`, after syncing its
+    /// RSP and RFLAGS from the hardware).
+    fn vcpu_state(&mut self, _vcpu: VcpuId, regs: &mut Regs, s: &mut ArchState) {
+        s.gpr = regs.gprs();
+        (s.rip, s.rflags) = (regs.rip, regs.rflags);
+    }
+    /// Write the groups `mask` of `s` to the vCPU (GPRs and RIP into `regs`, RSP and
+    /// RFLAGS into `regs` and the hardware). The backend keeps what the hardware demands
+    /// (EFER.SVME, for instance).
+    fn vcpu_set_state(&mut self, _vcpu: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState) {
+        if mask & ipc_spec::exit::state::GPR != 0 {
+            regs.set_gprs(&s.gpr);
+        }
+        if mask & ipc_spec::exit::state::RIP != 0 {
+            (regs.rip, regs.rflags) = (s.rip, s.rflags);
+        }
+    }
+    /// The emulated instruction of `len` bytes is complete: RIP moves past it and its
+    /// interrupt shadow is over.
+    fn vcpu_complete(&mut self, _vcpu: VcpuId, regs: &mut Regs, len: u8) {
+        regs.rip = regs.rip.wrapping_add(len as u64);
+    }
+    /// Inject `event` at the vCPU's next entry.
+    fn vcpu_inject(&mut self, _vcpu: VcpuId, _event: ipc_spec::exit::Event) {}
     /// The domain's stage-2 mappings shrank: its TLB entries must be flushed.
     fn stage2_changed(&mut self, domain: DomainId);
     /// One line of a domain's console output.
@@ -179,15 +234,26 @@ pub enum VcpuState {
     BlockedWait(NotificationId),
     /// Executed HLT; a bound notification wakes it.
     Halted,
+    /// Its domain (a VM) is paused; it becomes ready when the domain resumes.
+    Paused,
     Stopped,
 }
 
-/// Why a vCPU cannot go on (from a #VMEXIT), turned into a fault message or a stop.
+/// An exit on its way to the domain's exit handler (see `ipc_spec::exit`): the kind and
+/// the facts of the message's words 2 and 3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fault {
-    pub kind: ipc_spec::hypercall::FaultKind,
-    pub addr: u64,
-    pub detail: u64,
+pub struct PendingExit {
+    pub kind: ExitKind,
+    /// Length of the exiting instruction, 0 if unknown.
+    pub insn_len: u8,
+    pub a: u64,
+    pub b: u64,
+}
+
+impl PendingExit {
+    pub const fn new(kind: ExitKind, a: u64, b: u64) -> Self {
+        Self { kind, insn_len: 0, a, b }
+    }
 }
 
 pub struct Vcpu {
@@ -202,14 +268,19 @@ pub struct Vcpu {
     pub reply_to: Option<VcpuId>,
     /// Badge of the capability used for a pending call.
     pub send_badge: u64,
-    /// A fault message waiting to be delivered / answered, instead of the registers.
-    pub fault: Option<Fault>,
+    /// An exit message waiting to be delivered / answered, instead of the registers.
+    pub exit: Option<PendingExit>,
     /// Host-physical address of the message page, if registered.
     pub msg_page: Option<u64>,
     /// Pending virtual interrupt vectors (bit n = vector n).
     pub pending_irqs: [u64; 4],
+    /// A notification bound to this vCPU's receive (NotificationBind with vector 0).
+    pub recv_notification: Option<NotificationId>,
     pub slice_left: u32,
     pub index_in_domain: u8,
+    /// Its domain is a VM (a copy of the domain's flag, next to the registers the exit
+    /// path reads anyway).
+    pub vm: bool,
 }
 
 impl Vcpu {
@@ -235,14 +306,18 @@ impl Vcpu {
             r15: 0,
             rax: 0,
             rip: 0,
+            rsp: 0,
+            rflags: 0,
         },
         reply_to: None,
         send_badge: 0,
-        fault: None,
+        exit: None,
         msg_page: None,
         pending_irqs: [0; 4],
+        recv_notification: None,
         slice_left: 0,
         index_in_domain: 0,
+        vm: false,
     };
 
     /// The lowest pending virtual interrupt, taken out of the pending set.
@@ -284,8 +359,16 @@ pub struct Domain<F: Stage2Format> {
     /// Host-physical address of each 2 MiB chunk of RAM, in guest-physical order from 0.
     pub ram: heapless::Vec<u64, MAX_RAM_CHUNKS>,
     pub priority: u8,
-    /// Endpoint, badge.
+    /// The exit handler: endpoint, badge.
     pub fault_handler: Option<(EndpointId, u64)>,
+    /// State groups every exit message carries besides the kind's defaults.
+    pub exit_state: u16,
+    /// A VM: its CPUID, MSR, port I/O, VMMCALL and MMIO exits go to its exit handler.
+    pub vm: bool,
+    /// A VM's vCPUs do not run while it is paused (DomainPause).
+    pub paused: bool,
+    /// The VM whose RAM this domain (its VMM) sees, and where (DomainMapRam).
+    pub ram_view: Option<(DomainId, u64)>,
     pub mappings: heapless::Vec<Mapping, MAX_MAPPINGS>,
     pub console: LineBuffer,
     pub vcpus: u8,
@@ -305,6 +388,10 @@ impl<F: Stage2Format> Domain<F> {
         ram: heapless::Vec::new(),
         priority: 0,
         fault_handler: None,
+        exit_state: 0,
+        vm: false,
+        paused: false,
+        ram_view: None,
         mappings: heapless::Vec::new(),
         console: LineBuffer::new(),
         vcpus: 0,
@@ -563,6 +650,10 @@ impl<F: Stage2Format> Kernel<F> {
     /// Put a vCPU in the run queue.
     pub fn make_ready(&mut self, v: VcpuId) {
         let vcpu = &mut self.vcpus[v as usize];
+        if self.domains[vcpu.domain as usize].paused {
+            vcpu.state = VcpuState::Paused;
+            return;
+        }
         vcpu.state = VcpuState::Ready;
         let prio = vcpu.priority;
         self.runq.push(v, prio, &mut self.next);
@@ -699,6 +790,7 @@ impl<F: Stage2Format> Kernel<F> {
         dom.ram = ram;
         dom.priority = priority;
         dom.fault_handler = None;
+        (dom.exit_state, dom.vm, dom.paused, dom.ram_view) = (0, false, false, None);
         dom.mappings.clear();
         dom.console = LineBuffer::new();
         (dom.vcpus, dom.ipc_calls, dom.signals) = (0, 0, 0);
@@ -773,7 +865,9 @@ impl<F: Stage2Format> Kernel<F> {
         let (priority, index) = (dom.priority, dom.vcpus);
         let v = self.vcpus.iter().position(|v| v.state == VcpuState::Free).ok_or(Error::OutOfMemory)?;
         let generation = self.vcpus[v].generation.wrapping_add(1);
+        let vm = self.domains[d as usize].vm;
         self.vcpus[v] = Vcpu {
+            vm,
             state: VcpuState::Created,
             domain: d,
             generation,
@@ -782,8 +876,11 @@ impl<F: Stage2Format> Kernel<F> {
             index_in_domain: index,
             ..Vcpu::FREE
         };
+        if let Err(e) = p.vcpu_created(v as VcpuId, &VcpuBoot { entry, rbx, domain: d, stage2_root: root, vm }) {
+            self.vcpus[v] = Vcpu { generation, ..Vcpu::FREE };
+            return Err(e);
+        }
         self.domains[d as usize].vcpus += 1;
-        p.vcpu_created(v as VcpuId, &VcpuBoot { entry, rbx, asid: d as u32 + 1, stage2_root: root });
         Ok(v as VcpuId)
     }
 
@@ -846,6 +943,8 @@ impl<F: Stage2Format> Kernel<F> {
     /// Destroy domain `d`: vCPUs, capabilities, mappings, RAM, page tables.
     pub fn domain_destroy<P: Platform>(&mut self, p: &mut P, d: DomainId) {
         self.stop_domain(d);
+        // Its RAM leaves every VMM's view before it can go back to the pool.
+        self.drop_ram_views(p, d);
         // Devices first: their DMA must stop before any of the domain's memory is freed.
         for i in 0..MAX_DEVICES {
             if self.devices[i].owner == Some(d) {

@@ -37,6 +37,15 @@ impl<F: Stage2Format> Kernel<F> {
             r.rdi = taken;
             r.rax = 0;
             self.make_ready(w);
+        } else if let Some((target, 0)) = ntf.bound {
+            // Bound to a receive: wake it if it waits, else the bits wait for the next one.
+            if let VcpuState::BlockedRecv(e) = self.vcpus[target as usize].state {
+                self.endpoints[e as usize].receivers.remove(target, &mut self.next);
+                let bits = core::mem::take(&mut self.notifications[n as usize].bits);
+                let r = &mut self.vcpus[target as usize].regs;
+                (r.rax, r.rbx, r.rcx, r.rdi) = (0, ipc_spec::hypercall::NOTIFICATION_BADGE, 0, bits);
+                self.make_ready(target);
+            }
         } else if let Some((target, vector)) = ntf.bound {
             let vcpu = &mut self.vcpus[target as usize];
             vcpu.pending_irqs[vector as usize / 64] |= 1 << (vector % 64);
@@ -70,10 +79,15 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(core::mem::take(&mut self.notifications[n as usize].bits))
     }
 
+    /// Deliver notification `slot` to `v` as virtual interrupt `vector`, or (vector 0) to
+    /// its receive.
     pub fn bind(&mut self, v: VcpuId, slot: u64, vector: u64) -> Result<(), Error> {
         let (n, _) = self.notification_of(v, slot, rights::WAIT)?;
-        let vector = u8::try_from(vector).ok().filter(|&x| x >= 32).ok_or(Error::InvalidArgument)?;
+        let vector = u8::try_from(vector).ok().filter(|&x| x >= 32 || x == 0).ok_or(Error::InvalidArgument)?;
         self.notifications[n as usize].bound = Some((v, vector));
+        if vector == 0 {
+            self.vcpus[v as usize].recv_notification = Some(n);
+        }
         Ok(())
     }
 

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipc_spec::hypercall::{
-    dom0_slots, result_of, rights, FaultKind, FaultReply, Hypercall, CAP_SLOTS, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX,
+    dom0_slots, result_of, rights, Hypercall, CAP_SLOTS, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX,
     MAX_MESSAGE_WORDS, REGISTER_WORDS,
 };
+use ipc_spec::exit::{ExitKind, ExitReply};
 use ipc_spec::Error;
 use proptest::prelude::*;
 
@@ -133,8 +134,9 @@ impl Platform for Sim {
         self.now
     }
 
-    fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) {
+    fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
         self.boots.push((vcpu, *boot));
+        Ok(())
     }
 
     fn stage2_changed(&mut self, domain: DomainId) {
@@ -402,14 +404,14 @@ fn check_invariants(k: &K) {
             BlockedReply(s) | BlockedFault(s) => {
                 let owed = k.vcpus[s as usize].reply_to;
                 assert_eq!(owed, Some(vid), "vCPU {v} waits for an answer from {s}, which owes it none");
-                assert_eq!(matches!(vc.state, BlockedFault(_)), vc.fault.is_some(), "vCPU {v} is {:?}", vc.state);
+                assert_eq!(matches!(vc.state, BlockedFault(_)), vc.exit.is_some(), "vCPU {v} is {:?}", vc.state);
             }
             _ => assert!(!queued.contains_key(&vid), "vCPU {v} is {:?} but queued on an endpoint", vc.state),
         }
         if vc.state != Free {
             assert_eq!(k.domains[vc.domain as usize].state, DomainState::Alive, "vCPU {v} of a dead domain");
         }
-        if vc.fault.is_some() {
+        if vc.exit.is_some() {
             assert!(
                 matches!(vc.state, BlockedSend(_) | BlockedFault(_) | Stopped),
                 "vCPU {v} has a fault in {:?}",
@@ -501,7 +503,7 @@ fn boot_gives_dom0_its_well_known_slots() {
     assert_eq!(s.cap(d0, dom0_slots::MACHINE).object, Object::Machine);
     assert_eq!(s.k.domains[d0 as usize].caps.get(4), Err(Error::InvalidSlot));
     let root = s.k.domains[d0 as usize].stage2.as_ref().unwrap().root();
-    let boot = VcpuBoot { entry: DOM0_ENTRY, rbx: 0x7000, asid: d0 as u32 + 1, stage2_root: root };
+    let boot = VcpuBoot { entry: DOM0_ENTRY, rbx: 0x7000, domain: d0, stage2_root: root, vm: false };
     assert_eq!(s.p.boots, vec![(v0, boot)]);
     assert_eq!(s.regs(v0).rip, DOM0_ENTRY);
     assert_eq!(s.regs(v0).rbx, 0x7000);
@@ -525,7 +527,7 @@ fn null_clock_yield_and_unknown_numbers() {
     assert_eq!((r.rax, r.rbx, r.rcx, words(&r)), (0, 77, 9, w), "Null changes nothing but RAX");
     s.p.now = 123_456;
     assert_eq!(s.hc(v0, Hypercall::Clock, 0, &[]), Ok(123_456));
-    for nr in [6, 7, 9, 17, 23, 43, 65, 1000, u64::MAX] {
+    for nr in [6, 7, 9, 27, 23, 43, 65, 1000, u64::MAX] {
         s.raw(v0, nr, 0, 3, w);
         let r = s.regs(v0);
         assert_eq!(r.rax, Error::UnknownHypercall.code(), "number {nr}");
@@ -790,7 +792,7 @@ fn vcpus_create_and_start() {
     let root = s.k.domains[d as usize].stage2.as_ref().unwrap().root();
     assert_eq!(
         s.p.boots.last(),
-        Some(&(v, VcpuBoot { entry: 0xabc, rbx: 0xdef, asid: d as u32 + 1, stage2_root: root }))
+        Some(&(v, VcpuBoot { entry: 0xabc, rbx: 0xdef, domain: d, stage2_root: root, vm: false }))
     );
     assert!(!s.k.runq.contains(v, 10, &s.k.next));
     assert_eq!(s.hc(v0, Hypercall::VcpuStart, slot, &[]), Ok(0));
@@ -1430,8 +1432,8 @@ fn faults_reach_the_handler_and_resume_or_stop() {
     f.s.switch(vf);
     f.s.k.vcpus[vf as usize].regs = Regs { rip: 0xdead0, rax: 77, rcx: 3, rdi: 4, r15: 5, ..Regs::default() };
     let before = f.s.regs(vf);
-    let fault = Fault { kind: FaultKind::Stage2, addr: 0x4000_1000, detail: 5 };
-    assert!(f.s.k.fault(&mut f.s.p, vf, fault));
+    let fault = PendingExit::new(ExitKind::Stage2, 0x4000_1000, 5);
+    assert!(f.s.k.exit(&mut f.s.p, vf, fault));
     assert_eq!(f.s.state(vf), VcpuState::BlockedSend(f.ep));
     check_invariants(&f.s.k);
     f.s.switch(v0);
@@ -1439,23 +1441,23 @@ fn faults_reach_the_handler_and_resume_or_stop() {
     assert_eq!(f.s.k.current, Some(v0));
     assert_eq!(f.s.state(vf), VcpuState::BlockedFault(v0));
     let r = f.s.regs(v0);
-    assert_eq!((r.rax, r.rbx, r.rcx), (0, 0xf00, 5));
-    assert_eq!(words(&r), [FaultKind::Stage2 as u64, 0x4000_1000, 0xdead0, 5, 1, 0]);
+    assert_eq!((r.rax, r.rbx, r.rcx), (0, 0xf00, 6), "no message page: no state");
+    assert_eq!(words(&r), [ExitKind::Stage2 as u64 | 1 << 8, 0xdead0, 0x4000_1000, 5, 77, 0]);
     check_invariants(&f.s.k);
     // Resume: the vCPU goes on with its registers untouched.
-    f.s.raw(v0, Hypercall::ReplyRecv.number(), f.e, 1, args(&[FaultReply::Resume as u64]));
+    f.s.raw(v0, Hypercall::ReplyRecv.number(), f.e, 1, ExitReply::RETRY.encode());
     assert_eq!(f.s.k.current, Some(vf));
     assert_eq!(f.s.regs(vf), before);
-    assert_eq!(f.s.k.vcpus[vf as usize].fault, None);
+    assert_eq!(f.s.k.vcpus[vf as usize].exit, None);
     assert_eq!(f.s.state(v0), VcpuState::BlockedRecv(f.ep));
     // Again, with the handler waiting: straight to it.
-    let fault = Fault { kind: FaultKind::Exception, addr: 13, detail: 0x18 };
-    assert!(f.s.k.fault(&mut f.s.p, vf, fault));
+    let fault = PendingExit::new(ExitKind::Exception, 13, 0x18);
+    assert!(f.s.k.exit(&mut f.s.p, vf, fault));
     assert_eq!(f.s.k.current, Some(v0));
     let r = f.s.regs(v0);
-    assert_eq!(words(&r), [FaultKind::Exception as u64, 13, 0xdead0, 0x18, 1, 0]);
+    assert_eq!(words(&r), [ExitKind::Exception as u64 | 1 << 8, 0xdead0, 13, 0x18, 77, 0]);
     // Stop.
-    f.s.raw(v0, Hypercall::ReplyRecv.number(), f.e, 1, args(&[FaultReply::Stop as u64]));
+    f.s.raw(v0, Hypercall::ReplyRecv.number(), f.e, 1, ExitReply::STOP.encode());
     assert_eq!(f.s.state(vf), VcpuState::Stopped);
     assert_eq!(f.s.state(v0), VcpuState::BlockedRecv(f.ep));
     f.s.k.schedule();
@@ -1468,7 +1470,7 @@ fn a_fault_without_handler_stops_the_vcpu() {
     let mut f = faulty(false);
     let vf = f.vf[0];
     f.s.switch(vf);
-    assert!(!f.s.k.fault(&mut f.s.p, vf, Fault { kind: FaultKind::TripleFault, addr: 0, detail: 0 }));
+    assert!(!f.s.k.exit(&mut f.s.p, vf, PendingExit::new(ExitKind::Shutdown, 0, 0)));
     assert_eq!(f.s.state(vf), VcpuState::Stopped);
     assert_eq!(f.s.k.current, None);
     assert_eq!(f.s.state(f.vf[1]), VcpuState::Ready, "only the faulting vCPU stops");
@@ -1517,8 +1519,8 @@ fn domain_exit_with_handler_is_a_fault_message() {
     assert_eq!(ev, Some(Event::Exited { domain: f.fd, status: 3, handled: true }));
     assert_eq!(f.s.k.current, Some(v0));
     let r = f.s.regs(v0);
-    assert_eq!((r.rbx, r.rcx), (0xf00, 5));
-    assert_eq!(words(&r), [FaultKind::Exited as u64, 0, 0x1234, 3, 1, 0]);
+    assert_eq!((r.rbx, r.rcx), (0xf00, 6));
+    assert_eq!(words(&r)[..4], [ExitKind::Exited as u64 | 1 << 8, 0x1234, 0, 3]);
     assert_eq!(f.s.state(f.vf[0]), VcpuState::Ready);
     check_invariants(&f.s.k);
 }
@@ -1905,9 +1907,9 @@ fn caller_of_a_server_stopped_after_a_fault_is_released() {
     s.raw(v0, Hypercall::Call.number(), e, 0, [0; 6]);
     assert_eq!(s.k.current, Some(vs));
     // The server faults while it owes dom0 a reply; the handler stops it.
-    assert!(s.k.fault(&mut s.p, vs, Fault { kind: FaultKind::Stage2, addr: 0, detail: 0 }));
+    assert!(s.k.exit(&mut s.p, vs, PendingExit::new(ExitKind::Stage2, 0, 0)));
     assert_eq!(s.k.current, Some(vh));
-    s.raw(vh, Hypercall::ReplyRecv.number(), 0, 1, args(&[FaultReply::Stop as u64]));
+    s.raw(vh, Hypercall::ReplyRecv.number(), 0, 1, ExitReply::STOP.encode());
     assert_eq!(s.state(vs), VcpuState::Stopped);
     check_invariants(&s.k);
     // dom0 may wait while the stopped server is inspected; destroying it must free dom0.
@@ -2392,7 +2394,9 @@ impl World {
             self.held[v as usize] = Held::Call(tag);
             self.cov.received += 1;
         } else {
-            assert_eq!(r.rcx, 5, "a fault message has five words");
+            let w = [w[0] & 0xffff_ffff, w[1], w[2], w[3], w[4], w[5]];
+            let state = r.rdi >> 32 != 0;
+            assert_eq!(r.rcx, if state { 6 + ipc_spec::exit::STATE_WORDS as u64 } else { 6 }, "exit message length");
             let i = self.faults.iter().position(|f| f.words == w && f.badge == r.rbx);
             let i = i.unwrap_or_else(|| {
                 panic!("vCPU {v} received a fault message {w:x?} badge {:#x} matching no fault", r.rbx)
@@ -2404,17 +2408,16 @@ impl World {
     }
 
     fn fault(&mut self, v: VcpuId, kind: u8, addr: u64, detail: u64) {
-        let kind =
-            [FaultKind::Stage2, FaultKind::Exception, FaultKind::TripleFault, FaultKind::Forbidden][kind as usize % 4];
+        let kind = [ExitKind::Stage2, ExitKind::Exception, ExitKind::Shutdown, ExitKind::Forbidden][kind as usize % 4];
         let vc = &self.s.k.vcpus[v as usize];
         let before = vc.regs;
         let handler = self.s.k.domains[vc.domain as usize].fault_handler;
         if let Some((_, badge)) = handler {
-            let words = [kind as u64, addr, before.rip, detail, vc.index_in_domain as u64, 0];
+            let words = [kind as u64 | (vc.index_in_domain as u64) << 8, before.rip, addr, detail, before.rax, 0];
             self.faults.push(PendingFault { words, badge });
         }
         self.s.k.console_flush(&mut self.s.p, vc.domain);
-        let handled = self.s.k.fault(&mut self.s.p, v, Fault { kind, addr, detail });
+        let handled = self.s.k.exit(&mut self.s.p, v, PendingExit::new(kind, addr, detail));
         assert_eq!(handled, handler.is_some());
         if handled {
             self.last[v as usize] = Last::Fault(before);
@@ -2548,6 +2551,7 @@ impl World {
             37 => H::VcpuStart,
             38 => {
                 w[0] = self.pick_slot(d, b as u8, Some(Kind::Endpoint));
+                w[2] = c & ipc_spec::exit::state::ALL as u64;
                 H::DomainSetFaultEndpoint
             }
             39 if a.is_multiple_of(2) => H::DomainDestroy,
@@ -2567,7 +2571,7 @@ impl World {
             }
             41 if a.is_multiple_of(8) => H::Shutdown,
             41 => {
-                let nr = [6, 7, 8, 9, 17, 1000, u64::MAX][a as usize % 7];
+                let nr = [6, 7, 8, 9, 27, 1000, u64::MAX][a as usize % 7];
                 self.s.raw(v, nr, slot, len, w);
                 assert_eq!(self.s.regs(v).rax, Error::UnknownHypercall.code());
                 return;
@@ -2674,11 +2678,11 @@ impl World {
                 assert_eq!((domain, status, handled), (d, w[0], handler.is_some()));
                 if handled {
                     let words = [
-                        FaultKind::Exited as u64,
-                        0,
+                        ExitKind::Exited as u64 | (self.s.k.vcpus[v as usize].index_in_domain as u64) << 8,
                         before.rip,
+                        0,
                         w[0],
-                        self.s.k.vcpus[v as usize].index_in_domain as u64,
+                        before.rax,
                         0,
                     ];
                     self.faults.push(PendingFault { words, badge: handler.unwrap().1 });

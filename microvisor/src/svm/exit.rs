@@ -1,4 +1,8 @@
-//! #VMEXIT codes (AMD APM vol. 2, appendix C) decoded into what the microvisor acts on.
+//! #VMEXIT codes (AMD APM vol. 2, appendix C) decoded into the neutral [`Exit`].
+
+use ipc_spec::exit::{access, Io};
+
+use crate::vcpu_hw::Exit;
 
 pub const CPUID: u64 = 0x72;
 pub const HLT: u64 = 0x78;
@@ -8,89 +12,58 @@ pub const SHUTDOWN: u64 = 0x7f;
 pub const VMMCALL: u64 = 0x81;
 pub const INTR: u64 = 0x60;
 pub const NMI: u64 = 0x61;
+pub const VINTR: u64 = 0x64;
 pub const NPF: u64 = 0x400;
 /// VMRUN found the VMCB's guest state invalid.
 pub const INVALID: u64 = u64::MAX;
 const EXCEPTION_BASE: u64 = 0x40;
 
-/// Why the guest stopped running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    Cpuid,
-    Hlt,
-    /// Port I/O; `info1` carries port, size and direction.
-    Io {
-        port: u16,
-        write: bool,
-        next_rip: u64,
-    },
-    /// RDMSR (`write` false) or WRMSR (`write` true); the MSR number is in guest RCX.
-    Msr {
-        write: bool,
-    },
-    /// Triple fault.
-    Shutdown,
-    Vmmcall,
-    /// A physical interrupt or NMI arrived while the guest ran.
-    PhysicalInterrupt,
-    /// A stage-2 (nested page) fault at a guest-physical address.
-    NestedPageFault {
-        gpa: u64,
-        error: NptFaultError,
-    },
-    /// An intercepted exception.
-    Exception {
-        vector: u8,
-        error_code: u64,
-    },
-    /// VMRUN refused the guest state.
-    Invalid,
-    /// An intercept this microvisor sets but does not single out (e.g. VMRUN, STGI).
-    Other(u64),
-}
-
-/// The nested page fault error code (EXITINFO1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NptFaultError(pub u64);
-
-impl NptFaultError {
-    pub fn present(self) -> bool {
-        self.0 & 1 != 0
-    }
-    pub fn write(self) -> bool {
-        self.0 & 2 != 0
-    }
-    pub fn fetch(self) -> bool {
-        self.0 & (1 << 4) != 0
-    }
-    pub fn access(self) -> &'static str {
-        if self.fetch() {
-            "execute"
-        } else if self.write() {
-            "write"
-        } else {
-            "read"
+/// Decode an exit. `rip` is the guest's RIP, `next_rip` the VMCB's nRIP (0 where the CPU
+/// does not save it: then the fixed lengths of the plain instructions apply).
+pub fn decode(code: u64, info1: u64, info2: u64, rip: u64, next_rip: u64) -> Exit {
+    let len = |fixed: u8| match next_rip.checked_sub(rip) {
+        Some(n @ 1..=15) if next_rip != 0 => n as u8,
+        _ => fixed,
+    };
+    match code {
+        CPUID => Exit::Cpuid { len: len(2) },
+        HLT => Exit::Hlt { len: len(1) },
+        // EXITINFO1 (APM 15.10.2): bit 0 IN, 2 string, 3 REP, 4..6 operand size; port in
+        // 16..31. EXITINFO2 holds the next RIP for I/O intercepts in any case.
+        IOIO => Exit::Io {
+            io: Io {
+                port: (info1 >> 16) as u16,
+                size: match (info1 >> 4) & 7 {
+                    1 => 1,
+                    2 => 2,
+                    _ => 4,
+                },
+                write: info1 & 1 == 0,
+                string: info1 & (1 << 2) != 0,
+                rep: info1 & (1 << 3) != 0,
+            },
+            len: match info2.checked_sub(rip) {
+                Some(n @ 1..=15) => n as u8,
+                _ => 1,
+            },
+        },
+        MSR => Exit::Msr { write: info1 & 1 != 0, len: len(2) },
+        SHUTDOWN => Exit::Shutdown,
+        VMMCALL => Exit::Hypercall { len: len(3) },
+        INTR | NMI => Exit::Interrupt,
+        VINTR => Exit::InterruptWindow,
+        // EXITINFO1 is the #PF-style error code: bit 0 present, 1 write, 4 fetch.
+        NPF => Exit::Stage2Fault {
+            gpa: info2,
+            access: if info1 & 2 != 0 { access::WRITE } else { 0 }
+                | if info1 & (1 << 4) != 0 { access::EXECUTE } else { 0 }
+                | if info1 & 1 != 0 { access::PRESENT } else { 0 },
+        },
+        c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => {
+            Exit::Exception { vector: (c - EXCEPTION_BASE) as u8, error: info1 }
         }
-    }
-}
-
-impl ExitReason {
-    pub fn decode(code: u64, info1: u64, info2: u64) -> Self {
-        match code {
-            CPUID => Self::Cpuid,
-            HLT => Self::Hlt,
-            IOIO => Self::Io { port: (info1 >> 16) as u16, write: info1 & 1 == 0, next_rip: info2 },
-            MSR => Self::Msr { write: info1 & 1 != 0 },
-            SHUTDOWN => Self::Shutdown,
-            VMMCALL => Self::Vmmcall,
-            INTR | NMI => Self::PhysicalInterrupt,
-            NPF => Self::NestedPageFault { gpa: info2, error: NptFaultError(info1) },
-            c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => {
-                Self::Exception { vector: (c - EXCEPTION_BASE) as u8, error_code: info1 }
-            }
-            INVALID => Self::Invalid,
-            other => Self::Other(other),
-        }
+        INVALID => Exit::Invalid,
+        other => Exit::Other(other),
     }
 }
 
@@ -100,27 +73,31 @@ mod tests {
 
     #[test]
     fn decodes_the_exits_we_handle() {
-        assert_eq!(ExitReason::decode(0x81, 0, 0), ExitReason::Vmmcall);
+        assert_eq!(decode(0x81, 0, 0, 0x1000, 0), Exit::Hypercall { len: 3 });
+        assert_eq!(decode(0x81, 0, 0, 0x1000, 0x1004), Exit::Hypercall { len: 4 });
         assert_eq!(
-            ExitReason::decode(0x400, 0x1_0000_0004, 0x4000_0000),
-            ExitReason::NestedPageFault { gpa: 0x4000_0000, error: NptFaultError(0x1_0000_0004) }
+            decode(0x400, 0x1_0000_0004 | 2, 0x4000_0000, 0, 0),
+            Exit::Stage2Fault { gpa: 0x4000_0000, access: access::WRITE }
         );
-        assert_eq!(ExitReason::decode(0x48, 0, 0), ExitReason::Exception { vector: 8, error_code: 0 });
-        assert_eq!(ExitReason::decode(u64::MAX, 0, 0), ExitReason::Invalid);
-        // IN from port 0x3f8 (type bit set), next RIP in info2.
         assert_eq!(
-            ExitReason::decode(0x7b, (0x3f8 << 16) | 1, 0x1234),
-            ExitReason::Io { port: 0x3f8, write: false, next_rip: 0x1234 }
+            decode(0x400, 0b10001, 0x5000, 0, 0),
+            Exit::Stage2Fault { gpa: 0x5000, access: access::EXECUTE | access::PRESENT }
         );
-        assert_eq!(ExitReason::decode(0x7c, 1, 0), ExitReason::Msr { write: true });
-        assert_eq!(ExitReason::decode(0x80, 0, 0), ExitReason::Other(0x80));
-    }
-
-    #[test]
-    fn npt_error_bits() {
-        let e = NptFaultError(0b10010);
-        assert!(e.fetch() && e.write() && !e.present());
-        assert_eq!(e.access(), "execute");
-        assert_eq!(NptFaultError(0).access(), "read");
+        assert_eq!(decode(0x48, 0, 0, 0, 0), Exit::Exception { vector: 8, error: 0 });
+        assert_eq!(decode(u64::MAX, 0, 0, 0, 0), Exit::Invalid);
+        // IN AL from port 0x3f8 (type bit set, SZ8), next RIP in info2.
+        assert_eq!(
+            decode(0x7b, (0x3f8 << 16) | 1 << 4 | 1, 0x1002, 0x1000, 0),
+            Exit::Io { io: Io { port: 0x3f8, size: 1, write: false, string: false, rep: false }, len: 2 }
+        );
+        // REP OUTSW to port 0x80.
+        assert_eq!(
+            decode(0x7b, (0x80 << 16) | 2 << 4 | 1 << 3 | 1 << 2, 0x1003, 0x1000, 0),
+            Exit::Io { io: Io { port: 0x80, size: 2, write: true, string: true, rep: true }, len: 3 }
+        );
+        assert_eq!(decode(0x7c, 1, 0, 0, 0), Exit::Msr { write: true, len: 2 });
+        assert_eq!(decode(0x72, 0, 0, 0x10, 0x13), Exit::Cpuid { len: 3 });
+        assert_eq!(decode(0x80, 0, 0, 0, 0), Exit::Other(0x80));
+        assert_eq!(decode(0x64, 0, 0, 0, 0), Exit::InterruptWindow);
     }
 }

@@ -1,5 +1,9 @@
-//! AMD SVM data structures: the VMCB layout and #VMEXIT codes. Pure data, so it is
-//! host-tested; the instructions that use them (VMRUN, VMLOAD, VMSAVE) are in `arch/`.
+//! AMD SVM: everything vendor-specific about running a vCPU. The VMCB layout, the exit
+//! codes and the state conversion are pure data, host-tested; `hw` (bare metal only) has
+//! the instructions (VMRUN, VMLOAD, VMSAVE) and implements [`crate::vcpu_hw::VcpuHardware`].
 
 pub mod exit;
+#[cfg(target_os = "none")]
+pub mod hw;
+pub mod state;
 pub mod vmcb;

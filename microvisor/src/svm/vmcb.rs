@@ -193,16 +193,6 @@ impl Vmcb {
     pub fn exit_info2(&self) -> u64 {
         self.read_u64(control::EXIT_INFO2)
     }
-
-    /// Queue an exception for injection at the next VMRUN (EVENTINJ: vector, type 3 =
-    /// exception, valid bit, optional error code).
-    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
-        let mut event = vector as u64 | (3 << 8) | (1 << 31);
-        if let Some(code) = error_code {
-            event |= (1 << 11) | ((code as u64) << 32);
-        }
-        self.write_u64(control::EVENT_INJECTION, event);
-    }
 }
 
 #[cfg(test)]
@@ -228,14 +218,5 @@ mod tests {
         v.set_segment(save::CS, s);
         assert_eq!(v.segment(save::CS), s);
         assert_eq!(v.read_u64(save::CS + 8), 0);
-    }
-
-    #[test]
-    fn exception_injection_encoding() {
-        let mut v = Vmcb::zeroed();
-        v.inject_exception(13, Some(0));
-        assert_eq!(v.read_u64(control::EVENT_INJECTION), 13 | (3 << 8) | (1 << 11) | (1 << 31));
-        v.inject_exception(6, None);
-        assert_eq!(v.read_u64(control::EVENT_INJECTION), 6 | (3 << 8) | (1 << 31));
     }
 }

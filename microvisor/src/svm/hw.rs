@@ -1,0 +1,346 @@
+//! AMD SVM on the machine: turning SVM on, the permission maps, the VMCB of each vCPU and
+//! the world switch (VMLOAD, VMRUN, VMSAVE) with the general registers VMRUN does not
+//! swap. Implements [`VcpuHardware`], so nothing else in the microvisor knows SVM.
+
+use ipc_spec::exit::{Event, VcpuState as ArchState};
+use ipc_spec::Error;
+use x86_64::registers::model_specific::Msr;
+
+use super::exit;
+use super::state;
+use super::vmcb::{control, efer, misc1, misc2, save, Segment, Vmcb, DEFAULT_PAT};
+use crate::kernel::{Regs, VcpuBoot, VcpuId, MAX_VCPUS};
+use crate::vcpu_hw::{Exit, VcpuHardware};
+
+/// MSR holding the physical address of the host state-save area VMRUN uses.
+const VM_HSAVE_PA: u32 = 0xc001_0117;
+const IA32_EFER: u32 = 0xc000_0080;
+const PAGE: usize = 4096;
+/// nRIP: the next sequential instruction pointer, saved on intercepts where the CPU
+/// reports NRIPS (APM 15.7.1).
+const NEXT_RIP: usize = 0x0c8;
+/// V_IRQ (bit 8 of the VINTR word): a virtual interrupt is waiting for the guest.
+const V_IRQ: u64 = 1 << 8;
+/// V_INTR_MASKING (bit 24): the guest's RFLAGS.IF masks only virtual interrupts.
+const V_INTR_MASKING: u64 = 1 << 24;
+
+/// Zeroed, page-aligned physical frames, identity-mapped (from the machine's allocator).
+pub type AllocFrames = fn(u64) -> Option<u64>;
+
+/// Per-CPU SVM state, the maps all guests share, and every vCPU's VMCB.
+pub struct Svm {
+    /// Host state that VMRUN does not save (FS, GS, TR, LDTR, syscall MSRs), kept with
+    /// VMSAVE once and reloaded with VMLOAD after every #VMEXIT.
+    host_save_pa: u64,
+    /// I/O permission map: every port intercepted (no domain touches a port directly).
+    iopm_pa: u64,
+    /// MSR permission map of ordinary domains: every MSR intercepted.
+    msrpm_pa: u64,
+    /// MSR permission map of VMs: the MSRs VMLOAD/VMSAVE switch are the guest's own.
+    msrpm_vm_pa: u64,
+    /// ASIDs the CPU supports (CPUID 8000_000A EBX); ASID 0 is the host's.
+    asids: u32,
+    alloc: AllocFrames,
+    /// Physical address of each vCPU's VMCB (0 = none yet); pages are kept for reuse.
+    vmcbs: [u64; MAX_VCPUS],
+}
+
+impl Svm {
+    /// SVM not yet enabled (a placeholder for static initialisation).
+    pub const DISABLED: Self = Self {
+        host_save_pa: 0,
+        iopm_pa: 0,
+        msrpm_pa: 0,
+        msrpm_vm_pa: 0,
+        asids: 0,
+        alloc: |_| None,
+        vmcbs: [0; MAX_VCPUS],
+    };
+
+    /// Set EFER.SVME, give the CPU its host save area, and build the shared permission
+    /// maps. `asids` is what the CPU reports.
+    pub fn enable(alloc: AllocFrames, asids: u32) -> Result<Self, Error> {
+        let hsave = alloc(1).ok_or(Error::OutOfMemory)?;
+        let host_save_pa = alloc(1).ok_or(Error::OutOfMemory)?;
+        let iopm_pa = alloc(3).ok_or(Error::OutOfMemory)?;
+        let msrpm_pa = alloc(2).ok_or(Error::OutOfMemory)?;
+        let msrpm_vm_pa = alloc(2).ok_or(Error::OutOfMemory)?;
+        // SAFETY: the maps are freshly allocated, identity-mapped frames owned by the
+        // microvisor for ever, and nothing else refers to them yet; all-ones means
+        // "intercept" for every port and every MSR access.
+        unsafe {
+            core::ptr::write_bytes(iopm_pa as *mut u8, 0xff, 3 * PAGE);
+            core::ptr::write_bytes(msrpm_pa as *mut u8, 0xff, 2 * PAGE);
+            let vm_map = core::slice::from_raw_parts_mut(msrpm_vm_pa as *mut u8, 2 * PAGE);
+            vm_map.fill(0xff);
+            for msr in state::GUEST_OWNED_MSRS {
+                state::msrpm_allow(vm_map, msr);
+            }
+        }
+        // SAFETY: the CPU reports SVM, nested paging and NX (checked by cpu::check_svm before
+        // this is called) and VM_CR.SVMDIS is clear, so setting EFER.SVME is allowed; the
+        // host save area is a page the CPU alone uses from now on.
+        unsafe {
+            let mut efer_msr = Msr::new(IA32_EFER);
+            let v = efer_msr.read();
+            // NXE: the nested walk uses the host's NX setting; without it the NX bit of a
+            // non-executable stage-2 leaf would be a reserved bit and fault every access.
+            efer_msr.write(v | efer::SVME | efer::NXE);
+            Msr::new(VM_HSAVE_PA).write(hsave);
+            core::arch::asm!("vmsave rax", in("rax") host_save_pa, options(nostack));
+        }
+        Ok(Self { host_save_pa, iopm_pa, msrpm_pa, msrpm_vm_pa, asids, alloc, vmcbs: [0; MAX_VCPUS] })
+    }
+
+    pub fn vmcb_pa(&self, v: VcpuId) -> u64 {
+        self.vmcbs[v as usize]
+    }
+
+    pub fn vmcb(&mut self, v: VcpuId) -> &mut Vmcb {
+        // SAFETY: vmcbs[v] is a VMCB page allocated in `create` (a kernel vCPU is only ever
+        // run or inspected after that), owned by this table and identity-mapped; the
+        // exclusive borrow of `self` makes this the only reference.
+        unsafe { &mut *(self.vmcbs[v as usize] as *mut Vmcb) }
+    }
+
+    /// Intercepts every domain gets: anything that could touch host state, physical
+    /// devices, or the SVM machinery itself exits to the microvisor.
+    fn set_standard_intercepts(&self, vmcb: &mut Vmcb, vm: bool) {
+        vmcb.write_u32(control::INTERCEPT_EXCEPTIONS, (1 << 8) | (1 << 18)); // #DF, #MC
+        vmcb.write_u32(
+            control::INTERCEPT_MISC1,
+            misc1::INTR
+                | misc1::NMI
+                | misc1::SMI
+                | misc1::INIT
+                | misc1::CPUID
+                | misc1::INVD
+                | misc1::HLT
+                | misc1::INVLPGA
+                | misc1::IOIO_PROT
+                | misc1::MSR_PROT
+                | misc1::TASK_SWITCH
+                | misc1::SHUTDOWN,
+        );
+        vmcb.write_u32(
+            control::INTERCEPT_MISC2,
+            misc2::VMRUN
+                | misc2::VMMCALL
+                | misc2::VMLOAD
+                | misc2::VMSAVE
+                | misc2::STGI
+                | misc2::CLGI
+                | misc2::SKINIT
+                | misc2::ICEBP
+                | misc2::MONITOR
+                | misc2::MWAIT
+                | misc2::MWAIT_ARMED
+                | misc2::XSETBV,
+        );
+        vmcb.write_u64(control::IOPM_BASE_PA, self.iopm_pa);
+        vmcb.write_u64(control::MSRPM_BASE_PA, if vm { self.msrpm_vm_pa } else { self.msrpm_pa });
+        // Virtual interrupt masking: the guest's RFLAGS.IF masks only virtual interrupts;
+        // physical ones always exit to the microvisor.
+        vmcb.write_u64(control::VINTR, V_INTR_MASKING);
+    }
+
+    /// Put a new vCPU's VMCB into PVH entry state: 32-bit protected mode, paging off, flat
+    /// segments, a busy TSS, its own ASID and stage-2 root. (EBX and RIP come from the
+    /// kernel's register file, synced at every entry.)
+    fn init_vmcb(&self, v: &mut Vmcb, boot: &VcpuBoot, asid: u32) {
+        *v = Vmcb::zeroed();
+        self.set_standard_intercepts(v, boot.vm);
+        v.write_u32(control::GUEST_ASID, asid);
+        v.write_u8(control::TLB_CONTROL, 1);
+        v.write_u64(control::NP_ENABLE, 1);
+        v.write_u64(control::NESTED_CR3, boot.stage2_root);
+        v.set_segment(save::CS, Segment::flat_code32(0x08));
+        for seg in [save::DS, save::ES, save::SS, save::FS, save::GS] {
+            v.set_segment(seg, Segment::flat_data32(0x10));
+        }
+        v.set_segment(save::TR, Segment::tss32_busy());
+        v.set_segment(save::LDTR, Segment::default());
+        v.set_segment(save::GDTR, Segment::table(0, 0));
+        v.set_segment(save::IDTR, Segment::table(0, 0));
+        v.write_u64(save::CR0, 0x11); // PE | ET
+        v.write_u64(save::EFER, efer::SVME); // VMRUN demands SVME in the guest's EFER
+        v.write_u64(save::RFLAGS, 0x2);
+        v.write_u64(save::DR6, 0xffff_0ff0);
+        v.write_u64(save::DR7, 0x400);
+        v.write_u64(save::G_PAT, DEFAULT_PAT);
+        v.set_rip(boot.entry);
+    }
+}
+
+impl VcpuHardware for Svm {
+    fn create(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
+        // One ASID per domain, never 0 (the host's): the domain's TLB entries are tagged
+        // apart from every other domain's. The CPU must have that many.
+        let asid = boot.domain as u32 + 1;
+        if asid >= self.asids {
+            return Err(Error::OutOfMemory);
+        }
+        if self.vmcbs[v as usize] == 0 {
+            self.vmcbs[v as usize] = (self.alloc)(1).ok_or(Error::OutOfMemory)?;
+        }
+        let pa = self.vmcbs[v as usize];
+        // SAFETY: the page was allocated above (or earlier) for this vCPU's VMCB alone and
+        // is identity-mapped; no other reference to it exists while this one lives.
+        let vmcb = unsafe { &mut *(pa as *mut Vmcb) };
+        self.init_vmcb(vmcb, boot, asid);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn run(&mut self, v: VcpuId, regs: &mut Regs) -> Exit {
+        let pa = self.vmcbs[v as usize];
+        let vmcb = self.vmcb(v);
+        vmcb.set_rax(regs.rax);
+        vmcb.set_rip(regs.rip);
+        // SAFETY: pa is the physical address of the VMCB page of vCPU v, set up by `create`
+        // with the standard intercepts (VMRUN intercepted, a non-zero ASID, valid guest
+        // state); `regs` is that vCPU's register file; host_save_pa was initialised with
+        // VMSAVE in `enable`.
+        unsafe { world_switch(pa, regs, self.host_save_pa) };
+        let vmcb = self.vmcb(v);
+        vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
+        regs.rax = vmcb.rax();
+        regs.rip = vmcb.rip();
+        let next_rip = vmcb.read_u64(NEXT_RIP);
+        exit::decode(vmcb.exit_code(), vmcb.exit_info1(), vmcb.exit_info2(), regs.rip, next_rip)
+    }
+
+    #[inline(always)]
+    fn complete(&mut self, v: VcpuId, regs: &mut Regs, len: u8) {
+        regs.rip = regs.rip.wrapping_add(len as u64);
+        // The instruction is complete, so an interrupt shadow it sat in (after STI or MOV
+        // SS) is over. Left set, the shadow would cover the guest's next instruction too,
+        // and a virtual interrupt pending after `STI; HLT` would wait past a following CLI
+        // for ever.
+        self.vmcb(v).write_u64(control::INTERRUPT_SHADOW, 0);
+    }
+
+    fn inject(&mut self, v: VcpuId, event: Event) {
+        // EVENTINJ (APM 15.20) has the layout of the ABI's event word.
+        self.vmcb(v).write_u64(control::EVENT_INJECTION, event.encode());
+    }
+
+    fn offer_interrupt(&mut self, v: VcpuId, vector: u8) -> bool {
+        let vmcb = self.vmcb(v);
+        let vintr = vmcb.read_u64(control::VINTR);
+        if vintr & V_IRQ != 0 {
+            return false;
+        }
+        // V_IRQ, priority 15, ignore V_TPR, masking as before, vector.
+        let value = (vintr & V_INTR_MASKING) | V_IRQ | (0xf << 16) | (1 << 20) | ((vector as u64) << 32);
+        vmcb.write_u64(control::VINTR, value);
+        true
+    }
+
+    fn interrupt_offered(&mut self, v: VcpuId) -> bool {
+        self.vmcb(v).read_u64(control::VINTR) & V_IRQ != 0
+    }
+
+    fn flush_tlb(&mut self, v: VcpuId) {
+        // TLB_CONTROL 1: flush every ASID's entries (TCG has no flush-by-ASID).
+        self.vmcb(v).write_u8(control::TLB_CONTROL, 1);
+    }
+
+    fn state(&mut self, v: VcpuId, regs: &mut Regs, s: &mut ArchState) {
+        state::read(self.vmcb(v), regs, s);
+    }
+
+    fn set_state(&mut self, v: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState) {
+        state::write(self.vmcb(v), regs, mask, s);
+    }
+
+    fn efer(&mut self, v: VcpuId) -> u64 {
+        self.vmcb(v).read_u64(save::EFER) & !efer::SVME
+    }
+
+    fn set_efer(&mut self, v: VcpuId, value: u64) -> bool {
+        // A domain may enable long mode, NX and SYSCALL; SVME stays set, as VMRUN requires.
+        if value & !(efer::SCE | efer::LME | efer::LMA | efer::NXE) != 0 {
+            return false;
+        }
+        let vmcb = self.vmcb(v);
+        let current = vmcb.read_u64(save::EFER);
+        let new = (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
+        vmcb.write_u64(save::EFER, new);
+        true
+    }
+}
+
+/// The world switch. Saves the host's callee-saved registers, loads the guest's general
+/// registers, VMLOAD + VMRUN, then stores the guest registers back, VMSAVE the guest's
+/// hidden state and VMLOAD the host's (TR above all: the IST stacks depend on it).
+/// Runs with GIF clear throughout, and with IF set across VMRUN so that a physical
+/// interrupt (the scheduler tick) forces a #VMEXIT.
+#[unsafe(naked)]
+unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u64) {
+    core::arch::naked_asm!(
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rsi", // regs
+        "push rdx", // host save area
+        "push rdi", // vmcb
+        // GIF=0 holds every interrupt off until VMRUN; IF=1 then makes physical interrupts
+        // exit the guest (with V_INTR_MASKING, the host's IF decides that).
+        "clgi",
+        "sti",
+        "mov rax, rdi",
+        "vmload rax",
+        "mov rbx, [rsi + 0x00]",
+        "mov rcx, [rsi + 0x08]",
+        "mov rdx, [rsi + 0x10]",
+        "mov rdi, [rsi + 0x20]",
+        "mov rbp, [rsi + 0x28]",
+        "mov r8,  [rsi + 0x30]",
+        "mov r9,  [rsi + 0x38]",
+        "mov r10, [rsi + 0x40]",
+        "mov r11, [rsi + 0x48]",
+        "mov r12, [rsi + 0x50]",
+        "mov r13, [rsi + 0x58]",
+        "mov r14, [rsi + 0x60]",
+        "mov r15, [rsi + 0x68]",
+        "mov rsi, [rsi + 0x18]",
+        "vmrun rax",
+        // #VMEXIT: RAX and RSP are the host's again; everything else is the guest's.
+        "push rsi",
+        "mov rsi, [rsp + 0x18]",
+        "mov [rsi + 0x00], rbx",
+        "mov [rsi + 0x08], rcx",
+        "mov [rsi + 0x10], rdx",
+        "mov [rsi + 0x20], rdi",
+        "mov [rsi + 0x28], rbp",
+        "mov [rsi + 0x30], r8",
+        "mov [rsi + 0x38], r9",
+        "mov [rsi + 0x40], r10",
+        "mov [rsi + 0x48], r11",
+        "mov [rsi + 0x50], r12",
+        "mov [rsi + 0x58], r13",
+        "mov [rsi + 0x60], r14",
+        "mov [rsi + 0x68], r15",
+        "pop rax",
+        "mov [rsi + 0x18], rax",
+        "pop rax", // vmcb
+        "vmsave rax",
+        "pop rax", // host save area
+        "vmload rax",
+        "pop rsi",
+        // A pending interrupt stays pending until the run loop lets it in.
+        "cli",
+        "stgi",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
+        "ret",
+    );
+}
