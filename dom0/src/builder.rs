@@ -1,6 +1,7 @@
 //! Building the stack the manifest describes, with hypercalls only: domains with their RAM
 //! and images, a timer notification each, channels as capabilities copied into both ends,
-//! dom0's fault endpoint as every domain's fault handler, then the vCPUs.
+//! dom0's fault endpoint as every domain's fault handler — except a VM's, whose exits go
+//! to its VMM — then the vCPUs.
 
 use alloc::format;
 use alloc::string::String;
@@ -10,7 +11,7 @@ use core::fmt::Write as _;
 use domain_rt::hypercall::{call, Regs};
 use domain_rt::println;
 use ipc_spec::bundle::Bundle;
-use ipc_spec::hypercall::{dom0_slots, rights};
+use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
 use ipc_spec::manifest::{ChannelKind, Manifest, DEVICE_KINDS};
 use ipc_spec::{Error, Hypercall};
 use pvh::elf::ElfImage;
@@ -34,6 +35,10 @@ pub struct Built {
     args: String,
     entry: u32,
     ram: u64,
+    /// A VM: its VMM's index in the stack, and its vCPU's slot (created early: the VMM's
+    /// command line names it).
+    pub vmm: Option<usize>,
+    vcpu: Option<u64>,
 }
 
 /// The built stack.
@@ -101,15 +106,25 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         elf.check_fits(IMAGE_MIN_GPA, ram - IMAGE_MIN_GPA).map_err(|e| format!("domain {}: {e}", d.name))?;
 
         let name = d.name.as_bytes();
+        let vm = !d.vmm.is_empty();
+        let flags = if vm { domain_flags::VM } else { 0 };
         let r = hc(
             Hypercall::DomainCreate,
             dom0_slots::MEMORY,
-            [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, 0, 0],
+            [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, flags, 0],
         )
         .map_err(|e| format!("domain {}: {e}", d.name))?;
         let slot = r.args[0];
         for seg in elf.segments() {
             load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
+        }
+        if vm {
+            // Its VMM is wired up once every domain exists; its vCPU is made now (started
+            // last, like everyone's) so that the VMM's command line can name it.
+            let v = hc(Hypercall::VcpuCreate, slot, [entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0];
+            let vmm = m.domains.iter().position(|x| x.name == d.vmm);
+            domains.push(Built { name: d.name.clone(), slot, args: String::new(), entry, ram, vmm, vcpu: Some(v) });
+            continue;
         }
         hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
 
@@ -149,7 +164,23 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             let st = give(fault_endpoint, slot, rights::CALL, ipc_spec::status::STATUS_BADGE | (i as u64 + 1))?;
             let _ = write!(args, " status={st}");
         }
-        domains.push(Built { name: d.name.clone(), slot, args, entry, ram });
+        domains.push(Built { name: d.name.clone(), slot, args, entry, ram, vmm: None, vcpu: None });
+    }
+
+    // Each VM's exits go to an endpoint only its VMM receives on; the VMM also gets the
+    // VM's domain (to map its RAM, pause it) and its vCPU (to inject interrupts).
+    for i in 0..domains.len() {
+        let (Some(vmm), Some(vcpu)) = (domains[i].vmm, domains[i].vcpu) else { continue };
+        let (vm, host) = (domains[i].slot, domains[vmm].slot);
+        let e = create(Hypercall::EndpointCreate)?;
+        hc(Hypercall::DomainSetFaultEndpoint, vm, [e, i as u64 + 1, 0, 0, 0, 0])?;
+        let exits = give(e, host, rights::RECV, 0)?;
+        delete(e)?;
+        let vm_cap = give(vm, host, rights::VMM, 0)?;
+        let vcpu_cap = give(vcpu, host, rights::CONTROL, 0)?;
+        let ram = domains[i].ram;
+        let _ = write!(domains[vmm].args, " vm={vm_cap} vcpu={vcpu_cap} exits={exits} vm_ram={ram}");
+        println!("{} is the VMM of VM {}", domains[vmm].name, domains[i].name);
     }
 
     for (i, c) in m.channels.iter().enumerate() {
@@ -218,7 +249,10 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         )
         .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
         hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
-        let v = hc(Hypercall::VcpuCreate, d.slot, [d.entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0];
+        let v = match d.vcpu {
+            Some(v) => v,
+            None => hc(Hypercall::VcpuCreate, d.slot, [d.entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0],
+        };
         hc(Hypercall::VcpuStart, v, [0; 6])?;
         delete(v)?;
         println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);

@@ -187,6 +187,14 @@ mod dom0 {
                     Ok(_) => println!("destroyed {name}: its memory is free again"),
                     Err(e) => println!("destroying {name} failed: {e}"),
                 }
+                // A VM does not outlive its VMM.
+                let me = (badge as usize).wrapping_sub(1);
+                for vm in stack.domains.iter().filter(|x| x.vmm == Some(me)) {
+                    match hypercall::call(ipc_spec::Hypercall::DomainDestroy, vm.slot, [0; 6]) {
+                        Ok(_) => println!("destroyed {}, the VM of {name}", vm.name),
+                        Err(e) => println!("destroying {}, the VM of {name}, failed: {e}", vm.name),
+                    }
+                }
             }
             next = hypercall::ipc_recv(stack.fault_endpoint);
         }

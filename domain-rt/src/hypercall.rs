@@ -151,3 +151,30 @@ pub fn shutdown(slot: u64, status: u64) -> Error {
         Err(e) => e,
     }
 }
+
+/// Register this vCPU's message page (long messages, exit state): `page` must be a
+/// 4 KiB-aligned page of this domain's RAM.
+pub fn set_message_page(page: u64) -> Result<(), Error> {
+    call(Hypercall::VcpuSetMessagePage, 0, [page, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// A VMM: map all of the VM (domain capability `vm`) RAM at `gpa` in this domain.
+pub fn map_vm_ram(vm: u64, gpa: u64) -> Result<(), Error> {
+    call(Hypercall::DomainMapRam, vm, [gpa, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// A VMM: make `vector` pending on the VM's vCPU (capability `vcpu`).
+pub fn vcpu_inject(vcpu: u64, vector: u8) -> Result<(), Error> {
+    call(Hypercall::VcpuInject, vcpu, [vector as u64, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// A VMM: pause (true) or resume the VM.
+pub fn domain_pause(vm: u64, pause: bool) -> Result<(), Error> {
+    call(Hypercall::DomainPause, vm, [pause as u64, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Let the notification in `slot` wake this vCPU's Recv/ReplyRecv (the message then has
+/// badge [`ipc_spec::hypercall::NOTIFICATION_BADGE`] and the bits in word 0).
+pub fn bind_receive(slot: u64) -> Result<(), Error> {
+    call(Hypercall::NotificationBind, slot, [0; 6]).map(|_| ())
+}

@@ -57,3 +57,5 @@ mod tests {
         assert_eq!(first_endpoint("chan.a.signal=1"), None);
     }
 }
+
+pub mod mmio;

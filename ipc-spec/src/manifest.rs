@@ -21,7 +21,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this module reads and writes.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 /// Name of the manifest inside the boot bundle.
 pub const MANIFEST_ENTRY: &str = "manifest";
 /// Name no domain or channel may have: dom0 builds the stack and is not listed in it.
@@ -76,6 +76,12 @@ pub struct DomainSpec {
     /// Whether dom0 gives the domain a status capability: a call right on dom0's endpoint
     /// that answers with every domain's name, state and IPC and notification counts.
     pub status: bool,
+    /// Empty: an ordinary domain. Else the domain is a VM (`ipc_spec::exit`) and this names
+    /// its VMM: another domain of the manifest, not a VM itself, serving this VM alone.
+    /// dom0 gives the VMM the VM's domain capability (right VMM), its vCPU capability and
+    /// the receive right of the VM's exit endpoint (`vm=`, `vcpu=`, `exits=` on the VMM's
+    /// command line), and destroys the VM when the VMM goes.
+    pub vmm: String,
 }
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
@@ -328,6 +334,12 @@ pub enum ProblemKind {
         /// The domain.
         name: String,
     },
+    /// A VM names itself as its VMM.
+    OwnVmm,
+    /// A VM's VMM is a VM itself.
+    VmmIsVm { vmm: String },
+    /// Two VMs name the same VMM (a VMM serves one VM).
+    VmmTaken { vmm: String, first: usize },
     /// A domain's device is not one of [`DEVICE_KINDS`].
     UnknownDevice {
         /// The name given.
@@ -424,6 +436,11 @@ impl fmt::Display for ProblemKind {
                 f,
                 "client and server are both {name:?}; a channel joins two different domains"
             ),
+            ProblemKind::OwnVmm => write!(f, "a VM cannot be its own VMM"),
+            ProblemKind::VmmIsVm { vmm } => write!(f, "the VMM {vmm:?} is a VM itself"),
+            ProblemKind::VmmTaken { vmm, first } => {
+                write!(f, "{vmm:?} is already the VMM of domains[{first}]: a VMM serves one VM")
+            }
             ProblemKind::UnknownDevice { device } => {
                 write!(f, "unknown device {device:?} (known devices:")?;
                 for (name, _, _) in DEVICE_KINDS {
@@ -525,6 +542,19 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if !domain.device.is_empty() && !DEVICE_KINDS.iter().any(|(name, _, _)| *name == domain.device) {
             push(field("device"), ProblemKind::UnknownDevice { device: domain.device.clone() });
         }
+        if !domain.vmm.is_empty() {
+            let first = manifest.domains[..index].iter().position(|d| d.vmm == domain.vmm);
+            match manifest.domain(&domain.vmm) {
+                None => push(field("vmm"), ProblemKind::UnknownDomain { name: domain.vmm.clone() }),
+                Some(_) if domain.vmm == domain.name => push(field("vmm"), ProblemKind::OwnVmm),
+                Some(v) if !v.vmm.is_empty() => push(field("vmm"), ProblemKind::VmmIsVm { vmm: domain.vmm.clone() }),
+                Some(_) => {
+                    if let Some(first) = first {
+                        push(field("vmm"), ProblemKind::VmmTaken { vmm: domain.vmm.clone(), first });
+                    }
+                }
+            }
+        }
     }
 
     for (index, channel) in manifest.channels.iter().enumerate() {
@@ -599,6 +629,7 @@ mod tests {
             args: String::new(),
             device: String::new(),
             status: false,
+            vmm: String::new(),
         }
     }
 
@@ -882,6 +913,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn vmm_rules_name_the_field() {
+        let with_vms = |vms: &[(&str, &str)]| {
+            let mut m = demo();
+            for (name, vmm) in vms {
+                let mut d = domain(name, "ipc-client");
+                d.vmm = (*vmm).into();
+                m.domains.push(d);
+            }
+            validate(&m, IMAGES)
+        };
+        assert_eq!(with_vms(&[("vm", "ping")]), Ok(()));
+        let problem = |r: Result<(), Vec<Problem>>| {
+            let p = r.unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            format!("{}", p[0])
+        };
+        assert!(problem(with_vms(&[("vm", "nobody")])).starts_with("domains[2].vmm: "));
+        assert_eq!(problem(with_vms(&[("vm", "vm")])), "domains[2].vmm: a VM cannot be its own VMM");
+        assert_eq!(
+            problem(with_vms(&[("vm", "ping"), ("vm2", "vm")])),
+            "domains[3].vmm: the VMM \"vm\" is a VM itself"
+        );
+        assert_eq!(
+            problem(with_vms(&[("vm", "ping"), ("vm2", "ping")])),
+            "domains[3].vmm: \"ping\" is already the VMM of domains[2]: a VMM serves one VM"
+        );
+    }
+
     fn arb_name() -> impl Strategy<Value = String> {
         "[a-z0-9_-]{0,40}"
     }
@@ -897,6 +957,7 @@ mod tests {
                 args,
                 device: String::new(),
                 status: false,
+                vmm: String::new(),
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {

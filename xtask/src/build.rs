@@ -14,6 +14,8 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("ipc-server", "domains", "ipc-server"),
     ("rogue", "domains", "rogue"),
     ("spinner", "domains", "spinner"),
+    ("test-vmm", "domains", "test-vmm"),
+    ("tiny-vm", "domains", "tiny-vm"),
     ("disk-driver", "disk-driver", "disk-driver"),
     ("net-driver", "net-driver", "net-driver"),
     ("demo-guest", "demo-guest", "demo-guest"),

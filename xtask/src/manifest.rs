@@ -57,6 +57,9 @@ struct DomainSection {
     device: String,
     #[serde(default)]
     status: bool,
+    /// Makes the domain a VM served by the named VMM domain.
+    #[serde(default)]
+    vmm: String,
 }
 
 fn one() -> i64 {
@@ -155,6 +158,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             args: d.args,
             device: d.device,
             status: d.status,
+            vmm: d.vmm,
         });
     }
 

@@ -206,8 +206,13 @@ impl VcpuHardware for Svm {
         vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
         regs.rax = vmcb.rax();
         regs.rip = vmcb.rip();
-        let next_rip = vmcb.read_u64(NEXT_RIP);
-        exit::decode(vmcb.exit_code(), vmcb.exit_info1(), vmcb.exit_info2(), regs.rip, next_rip)
+        let code = vmcb.exit_code();
+        // The hypercall, first and alone: it is what the IPC fast path runs on. (VMMCALL
+        // takes no prefixes that change what it does; its three bytes are what we skip.)
+        if code == exit::VMMCALL {
+            return Exit::Hypercall { len: 3 };
+        }
+        exit::decode(code, vmcb.exit_info1(), vmcb.exit_info2(), regs.rip, vmcb.read_u64(NEXT_RIP))
     }
 
     #[inline(always)]
