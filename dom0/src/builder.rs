@@ -233,7 +233,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
 
     for (d, spec) in domains.iter().zip(m.domains.iter()) {
         let mut cmdline = spec.args.clone();
-        if !cmdline.is_empty() {
+        if !cmdline.is_empty() && !d.args.is_empty() {
             cmdline.push(' ');
         }
         cmdline.push_str(&d.args);

@@ -25,6 +25,14 @@ pub struct IpcFigures {
     pub ipc_roundtrip: u64,
     pub notification_roundtrip: u64,
     pub outliers: u64,
+    /// A VM exit its VMM answers: exit, message, reply, resume.
+    pub vm_exit_roundtrip: u64,
+}
+
+/// Parse the tiny VM's `bench: n=.. vm_exit_roundtrip_median=..` (printed by its VMM).
+pub fn parse_vm_exit(line: &str) -> Option<u64> {
+    let rest = line.split("bench: ").nth(1)?;
+    rest.split_ascii_whitespace().find_map(|w| w.strip_prefix("vm_exit_roundtrip_median=")?.parse().ok())
 }
 
 /// Parse `bench: n=.. null_hypercall_median=.. ipc_roundtrip_median=.. notification_roundtrip_median=.. outliers=..`.
@@ -93,16 +101,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
     let timeout = Duration::from_secs(60 + n / 100);
-    let done = |lines: &[String]| lines.iter().any(|l| l.starts_with("[ping] bench: n="));
+    let vm_line = |l: &String| l.starts_with("[vmm] guest: bench: ");
+    let done = |lines: &[String]| {
+        lines.iter().any(|l| l.starts_with("[ping] bench: n=")) && lines.iter().any(vm_line)
+    };
 
     eprintln!("bench ipc: run 1 of 2: {n} iterations per phase under -icount (instruction counts)");
     let m = bench_machine(&artifacts, n, true)?;
     let run = qemu::run_captured(&m, timeout, false, done)?;
-    let figures = run
+    let mut figures = run
         .lines
         .iter()
         .find_map(|l| if l.starts_with("[ping] bench: n=") { parse_figures(l) } else { None })
         .ok_or_else(|| failure(&run, "the icount run ended without results"))?;
+    figures.vm_exit_roundtrip = run
+        .lines
+        .iter()
+        .filter(|l| vm_line(l))
+        .find_map(|l| parse_vm_exit(l))
+        .ok_or_else(|| failure(&run, "the icount run ended without the VM exit figure"))?;
 
     eprintln!("bench ipc: run 2 of 2: the same without icount (wall-clock time)");
     let m = bench_machine(&artifacts, n, false)?;
@@ -134,6 +151,11 @@ fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
     println!("  null hypercall round trip          {:>12}   {:>6.2}x", f.null_hypercall, 1.0);
     println!("  IPC call/reply round trip          {:>12}   {:>6.2}x", f.ipc_roundtrip, ratio);
     println!("  notification signal/wait ping-pong {:>12}   {:>6.2}x", f.notification_roundtrip, ntf_ratio);
+    println!(
+        "  VM exit handled by its VMM          {:>12}   {:>6.2}x",
+        f.vm_exit_roundtrip,
+        f.vm_exit_roundtrip as f64 / f.null_hypercall.max(1) as f64
+    );
     println!();
     println!(
         "  wall clock per IPC round trip without icount: {:.1} us (TCG: compare ratios, not times)",
@@ -148,8 +170,16 @@ fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
     let text = format!(
-        "{{\n  \"iterations\": {},\n  \"ipc_roundtrip_instructions\": {},\n  \"null_hypercall_instructions\": {},\n  \"ipc_to_null_ratio\": {:.3},\n  \"notification_roundtrip_instructions\": {},\n  \"notification_to_null_ratio\": {:.3},\n  \"ipc_roundtrip_wall_ns\": {:.0},\n  \"outliers\": {}\n}}\n",
-        f.n, f.ipc_roundtrip, f.null_hypercall, ratio, f.notification_roundtrip, ntf_ratio, wall_ns, f.outliers
+        "{{\n  \"iterations\": {},\n  \"ipc_roundtrip_instructions\": {},\n  \"null_hypercall_instructions\": {},\n  \"ipc_to_null_ratio\": {:.3},\n  \"notification_roundtrip_instructions\": {},\n  \"notification_to_null_ratio\": {:.3},\n  \"ipc_roundtrip_wall_ns\": {:.0},\n  \"outliers\": {},\n  \"vm_exit_roundtrip_instructions\": {}\n}}\n",
+        f.n,
+        f.ipc_roundtrip,
+        f.null_hypercall,
+        ratio,
+        f.notification_roundtrip,
+        ntf_ratio,
+        wall_ns,
+        f.outliers,
+        f.vm_exit_roundtrip
     );
     std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
     println!("\nbench ipc: wrote {}", json.display());
@@ -268,5 +298,12 @@ mod tests {
         );
         assert!(parse_figures("[ping] bench: n=10 null_hypercall_median=x").is_none());
         assert!(parse_figures("[ping] bench: phase ipc start").is_none());
+    }
+
+    #[test]
+    fn parses_the_vm_line() {
+        assert_eq!(parse_vm_exit("[vmm] guest: bench: n=10000 vm_exit_roundtrip_median=1234"), Some(1234));
+        assert_eq!(parse_vm_exit("[vmm] guest: bench: n=10000 vm_exit_roundtrip_median=x"), None);
+        assert_eq!(parse_vm_exit("[vmm] guest: tiny VM: ready"), None);
     }
 }
