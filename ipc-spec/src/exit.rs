@@ -512,15 +512,8 @@ pub struct ExitReply {
 
 impl ExitReply {
     /// Stop the vCPU.
-    pub const STOP: Self = Self {
-        resume: false,
-        advance: false,
-        advance_by: 0,
-        set: 0,
-        values: [0; 4],
-        write_state: 0,
-        inject: None,
-    };
+    pub const STOP: Self =
+        Self { resume: false, advance: false, advance_by: 0, set: 0, values: [0; 4], write_state: 0, inject: None };
     /// Resume without changing anything (retry the instruction).
     pub const RETRY: Self = Self { resume: true, ..Self::STOP };
     /// Resume after the emulated instruction.
@@ -690,15 +683,15 @@ mod tests {
     #[test]
     fn bad_replies_are_refused() {
         let bad: [[u64; 6]; 9] = [
-            [1 << 13, 0, 0, 0, 0, 0],                            // reserved bit
-            [1 << 63, 0, 0, 0, 0, 0],                            // reserved bit
-            [1 | (state::EVENT as u64) << 16, 0, 0, 0, 0, 0],    // read-only group
-            [1 | 1 << 12, 0, 0, 0, 0, 0],                        // inject without an event
-            [1, 0, 0, 0, 0, Event::Nmi.encode()],                // an event without inject
-            [1 | 1 << 12, 0, 0, 0, 0, 0x20 | 3 << 8 | 1 << 31],  // exception vector 32
-            [1 | 1 << 12, 0, 0, 0, 0, 5 | 1 << 31],              // interrupt vector 5
-            [1 | 1 << 12, 0, 0, 0, 0, 0x30 | 5 << 8 | 1 << 31],  // unknown type
-            [1 | 3 << 4, 0, 0, 0, 0, 0],                         // advance_by without advance
+            [1 << 13, 0, 0, 0, 0, 0],                           // reserved bit
+            [1 << 63, 0, 0, 0, 0, 0],                           // reserved bit
+            [1 | (state::EVENT as u64) << 16, 0, 0, 0, 0, 0],   // read-only group
+            [1 | 1 << 12, 0, 0, 0, 0, 0],                       // inject without an event
+            [1, 0, 0, 0, 0, Event::Nmi.encode()],               // an event without inject
+            [1 | 1 << 12, 0, 0, 0, 0, 0x20 | 3 << 8 | 1 << 31], // exception vector 32
+            [1 | 1 << 12, 0, 0, 0, 0, 5 | 1 << 31],             // interrupt vector 5
+            [1 | 1 << 12, 0, 0, 0, 0, 0x30 | 5 << 8 | 1 << 31], // unknown type
+            [1 | 3 << 4, 0, 0, 0, 0, 0],                        // advance_by without advance
         ];
         for w in bad {
             assert_eq!(ExitReply::decode(&w), Err(Error::InvalidArgument), "{w:x?}");

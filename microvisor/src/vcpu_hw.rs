@@ -13,21 +13,39 @@ use crate::kernel::{Regs, VcpuBoot, VcpuId};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// VMMCALL / VMCALL.
-    Hypercall { len: u8 },
-    Cpuid { len: u8 },
+    Hypercall {
+        len: u8,
+    },
+    Cpuid {
+        len: u8,
+    },
     /// RDMSR (`write` false) or WRMSR; the index is in RCX.
-    Msr { write: bool, len: u8 },
-    Io { io: Io, len: u8 },
+    Msr {
+        write: bool,
+        len: u8,
+    },
+    Io {
+        io: Io,
+        len: u8,
+    },
     /// The guest-physical address is not mapped, or not with this access
     /// (`ipc_spec::exit::access` bits).
-    Stage2Fault { gpa: u64, access: u64 },
-    Hlt { len: u8 },
+    Stage2Fault {
+        gpa: u64,
+        access: u64,
+    },
+    Hlt {
+        len: u8,
+    },
     /// A physical interrupt or NMI arrived while the guest ran.
     Interrupt,
     /// The guest can take an interrupt now (requested with `want_interrupt_window`).
     InterruptWindow,
     /// An intercepted exception.
-    Exception { vector: u8, error: u64 },
+    Exception {
+        vector: u8,
+        error: u64,
+    },
     /// Triple fault.
     Shutdown,
     /// The hardware refused the vCPU state.

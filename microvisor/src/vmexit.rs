@@ -120,7 +120,11 @@ impl fmt::Display for Report {
                     "read"
                 },
                 x.a,
-                if x.b & access::PRESENT != 0 { "access not permitted" } else { "not mapped: outside the domain's memory" }
+                if x.b & access::PRESENT != 0 {
+                    "access not permitted"
+                } else {
+                    "not mapped: outside the domain's memory"
+                }
             ),
             ExitKind::Shutdown => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
             ExitKind::Exception => write!(

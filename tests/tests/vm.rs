@@ -38,10 +38,7 @@ fn a_vmm_emulates_port_io_cpuid_msr_mmio_and_injects_a_timer() {
 #[test]
 fn a_rogue_vm_reaches_only_its_vmm() {
     let m = stack_machine("tests/stacks/rogue-vm.toml", "");
-    let run = boot_until(
-        &m,
-        &["[vmm] rogue VM contained:", "[ping] 20000 calls to \"ping-pong\" answered correctly"],
-    );
+    let run = boot_until(&m, &["[vmm] rogue VM contained:", "[ping] 20000 calls to \"ping-pong\" answered correctly"]);
     assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
     assert_line(&run, "[vmm] guest: tiny VM (rogue): 2000 random port accesses done");
     assert_line(&run, "[vmm] guest: tiny VM (rogue): 500 wild MMIO accesses done");

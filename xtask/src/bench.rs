@@ -102,9 +102,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
     let timeout = Duration::from_secs(60 + n / 100);
     let vm_line = |l: &String| l.starts_with("[vmm] guest: bench: ");
-    let done = |lines: &[String]| {
-        lines.iter().any(|l| l.starts_with("[ping] bench: n=")) && lines.iter().any(vm_line)
-    };
+    let done = |lines: &[String]| lines.iter().any(|l| l.starts_with("[ping] bench: n=")) && lines.iter().any(vm_line);
 
     eprintln!("bench ipc: run 1 of 2: {n} iterations per phase under -icount (instruction counts)");
     let m = bench_machine(&artifacts, n, true)?;

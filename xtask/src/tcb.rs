@@ -24,7 +24,7 @@ use std::process::Command;
 use crate::{workspace_root, BARE_METAL_TARGET};
 
 /// The agreed ceiling for the microvisor crate, in source lines as counted here.
-pub const MICROVISOR_SLOC_LIMIT: usize = 6_000;
+pub const MICROVISOR_SLOC_LIMIT: usize = 6_500;
 
 /// The shared crates linked into the microvisor binary, and so part of its TCB.
 pub const LINKED_SHARED_CRATES: &[&str] = &["pvh", "ipc-spec"];

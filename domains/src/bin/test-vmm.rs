@@ -165,7 +165,8 @@ mod vmm {
 
         fn cpuid(&mut self, x: &ExitMessage) -> ExitReply {
             let Some((leaf, subleaf)) = x.cpuid() else { return ExitReply::STOP };
-            let word = |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
+            let word =
+                |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
             let (a, b, c, d) = match leaf {
                 0x4000_0000 => (0x4000_0000, word(0), word(4), word(8)),
                 // Everything else as this domain sees it (the microvisor's answers).

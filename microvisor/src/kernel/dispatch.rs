@@ -208,7 +208,8 @@ impl<F: Stage2Format> Kernel<F> {
                 let target = self.lookup_domain(caller, r.rbx)?;
                 let nv = self.vcpu_create(p, target, r.rdi, r.rsi)?;
                 let g = self.vcpus[nv as usize].generation;
-                let all = if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
+                let all =
+                    if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
                 match self.grant_original(caller, Object::Vcpu(nv, g), all) {
                     Ok(slot) => self.set_result(v, slot),
                     Err(e) => {

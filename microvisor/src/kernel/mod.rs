@@ -77,10 +77,7 @@ impl Regs {
     /// RSP, RBP, RSI, RDI, R8..R15), as the exit ABI's GPR group carries them.
     pub fn gprs(&self) -> [u64; 16] {
         let r = self;
-        [
-            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-            r.r15,
-        ]
+        [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15]
     }
 
     pub fn set_gprs(&mut self, g: &[u64; 16]) {
@@ -117,28 +114,16 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) -> Result<(), Error>;
     /// Copy the vCPU's architectural state into `s` (GPRs from `regs`, after syncing its
     /// RSP and RFLAGS from the hardware).
-    fn vcpu_state(&mut self, _vcpu: VcpuId, regs: &mut Regs, s: &mut ArchState) {
-        s.gpr = regs.gprs();
-        (s.rip, s.rflags) = (regs.rip, regs.rflags);
-    }
+    fn vcpu_state(&mut self, vcpu: VcpuId, regs: &mut Regs, s: &mut ArchState);
     /// Write the groups `mask` of `s` to the vCPU (GPRs and RIP into `regs`, RSP and
     /// RFLAGS into `regs` and the hardware). The backend keeps what the hardware demands
     /// (EFER.SVME, for instance).
-    fn vcpu_set_state(&mut self, _vcpu: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState) {
-        if mask & ipc_spec::exit::state::GPR != 0 {
-            regs.set_gprs(&s.gpr);
-        }
-        if mask & ipc_spec::exit::state::RIP != 0 {
-            (regs.rip, regs.rflags) = (s.rip, s.rflags);
-        }
-    }
+    fn vcpu_set_state(&mut self, vcpu: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState);
     /// The emulated instruction of `len` bytes is complete: RIP moves past it and its
     /// interrupt shadow is over.
-    fn vcpu_complete(&mut self, _vcpu: VcpuId, regs: &mut Regs, len: u8) {
-        regs.rip = regs.rip.wrapping_add(len as u64);
-    }
+    fn vcpu_complete(&mut self, vcpu: VcpuId, regs: &mut Regs, len: u8);
     /// Inject `event` at the vCPU's next entry.
-    fn vcpu_inject(&mut self, _vcpu: VcpuId, _event: ipc_spec::exit::Event) {}
+    fn vcpu_inject(&mut self, vcpu: VcpuId, event: ipc_spec::exit::Event);
     /// The domain's stage-2 mappings shrank: its TLB entries must be flushed.
     fn stage2_changed(&mut self, domain: DomainId);
     /// One line of a domain's console output.
