@@ -1,0 +1,10 @@
+//! The portable half of a user-level VMM for unmodified Linux guests.
+//!
+//! Device models, CPUID/MSR policy, ACPI tables, the PVH boot layout and MMIO instruction
+//! decoding, all independent of how exits reach the VMM so they can be tested on the host.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod bus;
+pub mod memory;
