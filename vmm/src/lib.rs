@@ -8,3 +8,4 @@ extern crate alloc;
 
 pub mod bus;
 pub mod memory;
+pub mod uart;
