@@ -9,3 +9,4 @@ extern crate alloc;
 pub mod bus;
 pub mod memory;
 pub mod uart;
+pub mod x2apic;
