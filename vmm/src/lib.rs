@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod bus;
+pub mod ioapic;
 pub mod memory;
 pub mod uart;
 pub mod x2apic;
