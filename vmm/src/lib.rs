@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod bus;
 pub mod ioapic;
+pub mod kvmclock;
 pub mod memory;
 pub mod uart;
 pub mod x2apic;
