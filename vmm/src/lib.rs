@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod bus;
+pub mod cpuid;
 pub mod ioapic;
 pub mod kvmclock;
 pub mod memory;
