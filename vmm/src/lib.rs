@@ -11,5 +11,6 @@ pub mod cpuid;
 pub mod ioapic;
 pub mod kvmclock;
 pub mod memory;
+pub mod msr;
 pub mod uart;
 pub mod x2apic;
