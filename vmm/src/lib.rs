@@ -6,6 +6,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod aml;
 pub mod bus;
 pub mod cpuid;
