@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod acpi;
 pub mod aml;
+pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod ioapic;
