@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod ioapic;
 pub mod kvmclock;
 pub mod memory;
+pub mod mmio;
 pub mod msr;
 pub mod uart;
 pub mod x2apic;
