@@ -157,7 +157,7 @@ impl IoApic {
                 let mut rte = self.redir[pin];
                 // Delivery status: "send pending" never lingers here, deliveries are immediate.
                 rte &= !RTE_DELIVERY_STATUS;
-                if reg % 2 == 0 {
+                if reg.is_multiple_of(2) {
                     rte as u32
                 } else {
                     (rte >> 32) as u32
@@ -174,7 +174,7 @@ impl IoApic {
             0x10..=0x3f => {
                 let pin = ((reg - 0x10) / 2) as usize;
                 let old = self.redir[pin];
-                let merged = if reg % 2 == 0 {
+                let merged = if reg.is_multiple_of(2) {
                     (old & !0xffff_ffff) | u64::from(value)
                 } else {
                     (old & 0xffff_ffff) | (u64::from(value) << 32)

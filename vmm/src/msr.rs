@@ -272,7 +272,7 @@ impl MsrState {
             MSR_AMD_HWCR => self.hwcr = value,
             MSR_AMD_DE_CFG => self.de_cfg = value,
             0x200..=0x20f => {
-                let is_base = msr % 2 == 0;
+                let is_base = msr.is_multiple_of(2);
                 let ok = if is_base {
                     value & !(MTRR_ADDR_MASK | 0xff) == 0 && valid_mtrr_type(value as u8)
                 } else {

@@ -148,7 +148,7 @@ impl VectorSet {
     /// The 32-bit word `i` (0..8) as the register MSRs present it (§11.8.4, Figure 11-20).
     fn word(&self, i: u32) -> u32 {
         let w = self.0[(i / 2) as usize & 3];
-        (if i % 2 == 0 { w } else { w >> 32 }) as u32
+        (if i.is_multiple_of(2) { w } else { w >> 32 }) as u32
     }
 }
 
