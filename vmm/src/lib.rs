@@ -16,5 +16,7 @@ pub mod kvmclock;
 pub mod memory;
 pub mod mmio;
 pub mod msr;
+pub mod platform;
+pub mod power;
 pub mod uart;
 pub mod x2apic;
