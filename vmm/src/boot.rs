@@ -440,6 +440,23 @@ mod tests {
         assert!(p.apply(&mut mem).is_err());
     }
 
+    /// Plans and applies a boot of a real kernel: `VMM_TEST_VMLINUX=/path/to/vmlinux cargo test
+    /// -p vmm -- --ignored real_vmlinux` (Debian's 6.1 vmlinux, as xtask extracts it).
+    #[test]
+    #[ignore = "needs VMM_TEST_VMLINUX, the path of an uncompressed PVH vmlinux"]
+    fn real_vmlinux() {
+        let path = std::env::var("VMM_TEST_VMLINUX").expect("set VMM_TEST_VMLINUX to a vmlinux path");
+        let kernel = std::fs::read(&path).expect("readable vmlinux");
+        let cfg = BootConfig { ram_size: 128 << 20, kernel: &kernel, initrd_len: 16 << 20, cmdline: b"console=ttyS0" };
+        let p = plan(&cfg).unwrap();
+        let kernel_writes: Vec<_> = p.writes.iter().filter(|w| w.what == "kernel").collect();
+        assert!(kernel_writes.iter().any(|w| (w.gpa..w.gpa + w.data.len()).contains(&u64::from(p.entry))));
+        let mut mem = VecMemory::new(0, 128 << 20);
+        p.apply(&mut mem).unwrap();
+        let si = parse_start_page(&mem.bytes()[START_INFO_GPA as usize..][..PAGE_SIZE], START_INFO_GPA).unwrap();
+        assert_eq!(si.modules().next().map(|m| m.paddr), p.initrd_gpa);
+    }
+
     proptest! {
         #[test]
         fn prop_hostile_inputs(kernel in proptest::collection::vec(any::<u8>(), 0..512),
