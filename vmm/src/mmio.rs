@@ -256,7 +256,9 @@ impl MmioInstruction {
     /// the destination register. Does nothing for a store.
     pub fn complete_read(&self, regs: &mut [u64; 16], data: u64) {
         let MmioOp::Read { dest, extend } = self.op else { return };
-        let bits = u32::from(self.size) * 8;
+        // `decode` only produces sizes 1, 2, 4 and 8; the clamp keeps hand-built values from
+        // overflowing the shifts below.
+        let bits = (u32::from(self.size) * 8).clamp(8, 64);
         let raw = data & mask(bits);
         let value = match extend {
             Extend::None | Extend::Zero => raw,
@@ -545,6 +547,16 @@ mod tests {
         regs[3] = 0x1234;
         assert_eq!(d64(&[0x88, 0x39]).write_value(&regs), Some(0x12));
         assert_eq!(d64(&[0x8b, 0x47, 0x14]).write_value(&regs), None);
+        // Hand-built sizes outside 1/2/4/8 do not panic.
+        for size in [0u8, 3, 9, 255] {
+            let i = MmioInstruction {
+                len: 1,
+                size,
+                op: MmioOp::Read { dest: RegOperand { gpr: 0, part: RegPart::Bits64 }, extend: Extend::Sign },
+            };
+            i.complete_read(&mut regs, u64::MAX);
+            let _ = MmioInstruction { op: MmioOp::WriteImmediate(1), ..i }.write_value(&regs);
+        }
         // complete_read on a store changes nothing.
         let before = regs;
         d64(&[0x89, 0x77, 0x14]).complete_read(&mut regs, 5);

@@ -106,12 +106,13 @@ impl Default for Uart {
 }
 
 impl Uart {
-    /// A UART after reset: interrupts off, 8N1 at 115200 baud (divisor 1), modem lines up.
+    /// A UART after reset (datasheet "Reset" table: IER, MCR, LCR cleared), with the divisor
+    /// latch at 1 (115200 baud) and a terminal attached (CTS, DSR, DCD up).
     pub fn new() -> Self {
         let mut u = Self {
             ier: 0,
-            lcr: 0x03,
-            mcr: MCR_OUT2,
+            lcr: 0,
+            mcr: 0,
             lsr_errors: 0,
             scr: 0,
             dll: 1,
@@ -408,6 +409,10 @@ mod tests {
         let mut u = Uart::new();
         assert!(!u.irq_pending());
         assert_eq!(u.read_reg(IIR) & 0x0f, IIR_NO_INT);
+        u.write_reg(IER, IER_ETBEI);
+        assert!(!u.irq_pending(), "OUT2 clear after reset: the line is not driven");
+        u.write_reg(IER, 0);
+        u.write_reg(MCR, MCR_OUT2);
         // serial8250_do_startup's THRE test: IER=THRI, read IIR; IER=0; IER=THRI, read IIR.
         u.write_reg(IER, IER_ETBEI);
         assert!(u.irq_pending());
