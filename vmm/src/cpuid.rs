@@ -26,6 +26,10 @@
 //! - 0x80000007 EDX: invariant TSC (bit 8) only. 0x80000008: address sizes kept, one core
 //!   (ECX = 0), no AMD speculation-control bits (EBX = 0).
 //! - The extended range is capped at 0x80000008 (no SEV, no 0x8000001E topology, no SVM leaf).
+//! - No TSC-frequency leaf (0x15/0x16, 0x40000010): Linux 6.1 takes the TSC frequency from
+//!   kvmclock's mul/shift (`kvm_get_tsc_khz`, which also marks it known so there is no refined
+//!   calibration); 0x15 is read only on Intel-vendor CPUs and 0x40000010 only by the VMware
+//!   code, so they would add nothing.
 
 /// One CPUID result.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
