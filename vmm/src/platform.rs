@@ -451,6 +451,50 @@ mod tests {
         assert_eq!(p.pending_interrupt(), Some(0x24));
     }
 
+    /// Linux's interrupt-driven transmit (8250 `serial8250_handle_irq` + `serial8250_tx_chars`):
+    /// start_tx enables ETBEI, each interrupt refills the FIFO while IIR reports THRE, stop_tx
+    /// clears ETBEI when the buffer is empty. Every byte must come out and every start_tx must
+    /// raise a fresh edge on the edge-triggered pin.
+    #[test]
+    fn interrupt_driven_transmit_never_stalls() {
+        let mut p = platform();
+        let mut mem = VecMemory::new(0, 0x10000);
+        linux_setup(&mut p, &mut mem);
+        let mut out = Vec::new();
+        for round in 0..3u8 {
+            let mut xmit: VecDeque<u8> = (0..100u8).map(|i| i.wrapping_add(round)).collect();
+            let expected: Vec<u8> = xmit.iter().copied().collect();
+            // start_tx
+            p.io_out(COM1_BASE + 1, 1, 0x03);
+            let mut interrupts = 0;
+            while let Some(v) = p.pending_interrupt() {
+                assert_eq!(v, 0x24);
+                p.acknowledge(v);
+                interrupts += 1;
+                loop {
+                    let iir = p.io_in(COM1_BASE + 2, 1);
+                    if iir & 1 != 0 {
+                        break;
+                    }
+                    if iir & 0x0f == 0x02 {
+                        if xmit.is_empty() {
+                            p.io_out(COM1_BASE + 1, 1, 0x01); // stop_tx
+                        }
+                        for _ in 0..16 {
+                            let Some(b) = xmit.pop_front() else { break };
+                            p.io_out(COM1_BASE, 1, u32::from(b));
+                        }
+                    }
+                }
+                p.wrmsr(0x80b, 0, 0, &mut mem).unwrap();
+                assert!(interrupts < 50, "interrupt storm");
+            }
+            assert!(xmit.is_empty(), "round {round}: transmit stalled with {} bytes left", xmit.len());
+            out.extend(p.take_console());
+            assert_eq!(&out[out.len() - 100..], &expected[..]);
+        }
+    }
+
     #[test]
     fn tsc_deadline_timer_through_msrs() {
         let mut p = platform();
