@@ -2,13 +2,20 @@
 //! the end-to-end tests in `tests/`.
 
 pub mod bench;
+pub mod bench_boot;
 pub mod bench_net;
 pub mod build;
+pub mod console;
+pub mod cpio;
+pub mod debian;
 pub mod http_client;
+pub mod kmod;
+pub mod linux;
 pub mod manifest;
 pub mod qemu;
 pub mod setup;
 pub mod tcb;
+pub mod vmlinux;
 
 use std::path::PathBuf;
 
