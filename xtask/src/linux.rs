@@ -181,19 +181,36 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
     // Once resolved, the kernel package is remembered: no apt look-up on later runs
     // (`cargo xtask linux --refresh` forgets it).
     let pinned = dir.join("kernel-package");
-    let package = match std::fs::read_to_string(&pinned) {
-        Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
+    let resolve = || -> Result<String, String> {
+        let p = debian::resolve_kernel_package(KERNEL_METAPACKAGE)?;
+        eprintln!("linux: {KERNEL_METAPACKAGE} is {p}");
+        std::fs::write(&pinned, &p).map_err(|e| format!("writing {}: {e}", pinned.display()))?;
+        Ok(p)
+    };
+    let (package, kernel_deb) = match std::fs::read_to_string(&pinned) {
+        Ok(p) if !p.trim().is_empty() => {
+            let p = p.trim().to_string();
+            match debian::download(&p, &debs) {
+                Ok(deb) => (p, deb),
+                Err(e) => {
+                    // The remembered package may have left the archive (a newer ABI
+                    // replaced it): look the metapackage up again.
+                    eprintln!("linux: {p}: {e}; looking {KERNEL_METAPACKAGE} up again");
+                    let p = resolve()?;
+                    let deb = debian::download(&p, &debs)?;
+                    (p, deb)
+                }
+            }
+        }
         _ => {
-            let p = debian::resolve_kernel_package(KERNEL_METAPACKAGE)?;
-            eprintln!("linux: {KERNEL_METAPACKAGE} is {p}");
-            std::fs::write(&pinned, &p).map_err(|e| format!("writing {}: {e}", pinned.display()))?;
-            p
+            let p = resolve()?;
+            let deb = debian::download(&p, &debs)?;
+            (p, deb)
         }
     };
     let release = debian::kernel_release(&package)
         .ok_or_else(|| format!("{package} is not a linux-image-* package"))?
         .to_string();
-    let kernel_deb = debian::download(&package, &debs)?;
     let busybox_deb = debian::download(BUSYBOX_PACKAGE, &debs)?;
     let package_version =
         kernel_deb.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('_').nth(1)).unwrap_or("?").to_string();
