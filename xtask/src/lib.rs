@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_boot;
 pub mod bench_net;
 pub mod build;
+pub mod bzimage;
 pub mod console;
 pub mod cpio;
 pub mod debian;
@@ -15,7 +16,6 @@ pub mod manifest;
 pub mod qemu;
 pub mod setup;
 pub mod tcb;
-pub mod vmlinux;
 
 use std::path::PathBuf;
 

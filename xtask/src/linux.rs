@@ -2,7 +2,7 @@
 //!
 //! On first use this fetches Debian's kernel package (what `linux-image-amd64` stands for)
 //! and `busybox-static` with apt, extracts the PVH-bootable `vmlinux` from the compressed
-//! `vmlinuz` ([`crate::vmlinux`]), and builds an initramfs ([`crate::cpio`]): busybox, the
+//! `vmlinuz` ([`crate::bzimage`]), and builds an initramfs ([`crate::cpio`]): busybox, the
 //! virtio and ext4 modules in dependency order ([`crate::kmod`]) and an `/init` script.
 //! Everything lives under `target/linux/` (never committed). It also boots the result
 //! natively in QEMU (PVH entry, `-kernel vmlinux`), the baseline a VM is measured against.
@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::console::Console;
 use crate::qemu::{Machine, DEFAULT_CPU};
 use crate::setup::QEMU;
-use crate::{cpio, debian, kmod, vmlinux};
+use crate::{bzimage, cpio, debian, kmod};
 
 /// The metapackage that names Debian's current kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
@@ -229,12 +229,12 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
 
     let vmlinux_path = dir.join(format!("vmlinux-{release}"));
     let pvh_entry = match std::fs::read(&vmlinux_path) {
-        Ok(elf) if vmlinux::check_pvh(&elf).is_ok() => vmlinux::check_pvh(&elf)?,
+        Ok(elf) if bzimage::check_pvh(&elf).is_ok() => bzimage::check_pvh(&elf)?,
         _ => {
             let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
             let data = std::fs::read(&vmlinuz).map_err(|e| format!("reading {}: {e}", vmlinuz.display()))?;
             eprintln!("linux: extracting vmlinux from {} ({} bytes)", vmlinuz.display(), data.len());
-            let v = vmlinux::extract(&data).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
+            let v = bzimage::extract(&data).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
             eprintln!(
                 "linux: vmlinux: {} bytes from the XZ stream at {:#x}, PVH entry {:#x}",
                 v.elf.len(),
