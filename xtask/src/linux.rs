@@ -274,18 +274,18 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
     })
 }
 
-/// The `/init` script: mounts, the marker, the modules (in the order given), then the
-/// mode the kernel command line asks for with `init.mode=<name>`:
-/// - `shell` (the default): an interactive shell on the console (`cttyhack` opens the
-///   real console device, e.g. ttyS0, so the shell gets a controlling terminal and job
-///   control); when it exits the machine powers off;
+/// `/etc/init.d/rcS`, which busybox `init` (PID 1, `/init`) runs first: mounts, the
+/// marker, the modules (in the order given), then the mode the kernel command line asks
+/// for with `init.mode=<name>`:
+/// - `shell` (the default): nothing more; `init` then keeps an interactive shell on the
+///   console (see [`INITTAB`]);
 /// - `poweroff`: power off at once (boot-time measurements);
 /// - any other name: runs `/etc/init.d/<name>` if the initramfs has it (later test modes
 ///   add their scripts there), then the shell.
 pub fn init_script(modules: &[String]) -> String {
     format!(
         r#"#!/bin/sh
-# /init of the initramfs built by xtask (xtask/src/linux.rs).
+# Run by busybox init as its sysinit action; built by xtask (xtask/src/linux.rs).
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -314,8 +314,7 @@ fi
 case "$mode" in
     shell) ;;
     poweroff)
-        echo "linux-init: init.mode=poweroff: powering off"
-        poweroff -f
+        poweroff
         ;;
     *)
         if [ -x "/etc/init.d/$mode" ]; then
@@ -327,13 +326,22 @@ case "$mode" in
         ;;
 esac
 echo "{SHELL_MARKER}"
-setsid cttyhack sh
-echo "linux-init: the shell exited: powering off"
-poweroff -f
 "#,
         modules = modules.join(" ")
     )
 }
+
+/// busybox `init`'s table (busybox examples/inittab: `<id>::<action>:<process>`, an empty
+/// id meaning /dev/console). PID 1 has to be a real init: busybox `poweroff`, `halt` and
+/// `reboot` signal PID 1 (USR2, USR1, TERM) to do it, which a shell script as PID 1 would
+/// not act on. `cttyhack` reopens the shell's stdio on the real console device (e.g.
+/// ttyS0) so, as init made it a session leader, that device becomes its controlling
+/// terminal (job control, Ctrl-C); `respawn` gives a new shell when one exits.
+pub const INITTAB: &str = "::sysinit:/etc/init.d/rcS
+::respawn:/bin/cttyhack /bin/sh
+::ctrlaltdel:/bin/reboot
+::shutdown:/bin/sync
+";
 
 /// The initramfs: busybox with its applet links in `/bin`, the modules (name, contents) in
 /// `/lib/modules/<name>.ko`, the `/init` script for them, and `extra` files (path, mode,
@@ -359,7 +367,10 @@ pub fn initramfs(
         w.file(&format!("lib/modules/{name}.ko"), 0o644, data)?;
     }
     let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
-    w.file("init", 0o755, init_script(&names).as_bytes())?;
+    // busybox runs the applet named by argv[0]'s last component: "/init" is init.
+    w.symlink("init", "bin/busybox")?;
+    w.file("etc/inittab", 0o644, INITTAB.as_bytes())?;
+    w.file("etc/init.d/rcS", 0o755, init_script(&names).as_bytes())?;
     // udhcpc configures nothing by itself: it runs this script with the lease in variables.
     w.file("etc/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes())?;
     w.file("etc/hostname", 0o644, b"linux-guest\n")?;
@@ -423,16 +434,18 @@ pub fn time_native_boot(a: &Artifacts, timeout: Duration) -> Result<Duration, St
     Ok(t)
 }
 
-/// `cargo xtask linux [--refresh]`.
+/// `cargo xtask linux [--refresh] [--native]`.
 pub fn run(args: &[String]) -> Result<(), String> {
     let dir = default_dir();
+    let mut native = false;
     for a in args {
         match a.as_str() {
             "--refresh" => {
                 // Look the metapackage up again (a newer kernel may have come out).
                 let _ = std::fs::remove_file(dir.join("kernel-package"));
             }
-            other => return Err(format!("linux: unknown option `{other}` (known: --refresh)")),
+            "--native" => native = true,
+            other => return Err(format!("linux: unknown option `{other}` (known: --refresh, --native)")),
         }
     }
     let a = ensure(&dir)?;
@@ -451,6 +464,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
         a.initramfs.display(),
         native_cmdline("")
     );
+    if native {
+        // The console and QEMU's monitor on this terminal, as `cargo xtask run` does.
+        crate::setup::ensure_qemu()?;
+        println!("linux: booting natively; the shell follows; press Ctrl-A X to quit QEMU");
+        let mut c = Command::new(QEMU);
+        c.args(native_machine(&a, "").args()).args(["-display", "none", "-serial", "mon:stdio"]);
+        let status = c.status().map_err(|e| format!("could not start {QEMU}: {e}"))?;
+        match status.code() {
+            // An ACPI power-off (Linux's `poweroff`) ends QEMU with status 0.
+            Some(0) => println!("linux: QEMU ended: the machine powered off"),
+            code => println!("linux: QEMU ended: {}", crate::qemu::describe_exit(code)),
+        }
+    }
     Ok(())
 }
 
@@ -468,11 +494,18 @@ mod tests {
         for applet in ["sh", "insmod", "cttyhack", "setsid", "uname", "poweroff", "udhcpc", "httpd"] {
             assert_eq!(get(&format!("bin/{applet}")).data, b"busybox");
         }
+        // PID 1 is busybox init (so poweroff works), running rcS first and then a shell.
+        let init = get("init");
+        assert_eq!((init.mode, init.data.as_slice()), (cpio::S_IFLNK | 0o777, &b"bin/busybox"[..]));
+        let inittab = String::from_utf8(get("etc/inittab").data.clone()).unwrap();
+        assert!(inittab.starts_with("::sysinit:/etc/init.d/rcS\n"), "{inittab}");
+        assert!(inittab.contains("::respawn:/bin/cttyhack /bin/sh\n"), "{inittab}");
         let console = get("dev/console");
         assert_eq!((console.mode & 0o170000, console.rdev_major, console.rdev_minor), (cpio::S_IFCHR, 5, 1));
         assert_eq!(get("lib/modules/virtio.ko").data, [2, 2, 2]);
-        let init = String::from_utf8(get("init").data.clone()).unwrap();
-        assert_eq!(get("init").mode, cpio::S_IFREG | 0o755);
+        let rcs = get("etc/init.d/rcS");
+        assert_eq!(rcs.mode, cpio::S_IFREG | 0o755);
+        let init = String::from_utf8(rcs.data.clone()).unwrap();
         assert!(init.starts_with("#!/bin/sh\n"));
         // The modules in the order given, after the marker.
         assert!(init.contains("for m in virtio_ring virtio; do"), "{init}");

@@ -64,8 +64,10 @@ const USAGE: &str = "usage: cargo xtask <command>
                         median of N (default 3); writes target/bench/boot.json
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json
-  linux [--refresh]     fetch Debian's kernel and busybox-static (apt, cached in target/linux),
-                        extract vmlinux, build the initramfs; print their paths and sizes";
+  linux [--refresh] [--native]
+                        fetch Debian's kernel and busybox-static (apt, cached in target/linux),
+                        extract vmlinux, build the initramfs; print their paths and sizes;
+                        with --native, boot them in QEMU with the shell on this terminal";
 
 fn stack_option(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
     let mut stack = xtask::manifest::default_stack_path();
