@@ -1,6 +1,7 @@
 //! Debian's own kernel, booted natively in QEMU by its PVH entry (the baseline the
 //! microvisor's Linux VM is compared with): it reaches the initramfs's /init, loads the
-//! virtio and ext4 modules, and a command typed on the serial console runs.
+//! virtio and ext4 modules, a command typed on the serial console runs, and `poweroff`
+//! ends the machine.
 
 use std::time::Duration;
 
@@ -33,5 +34,11 @@ fn debian_kernel_boots_natively_to_a_shell_that_answers_uname() {
     // Debian bookworm's kernel: the release the package named, e.g. 6.1.0-57-amd64.
     assert!(a.release.starts_with("6.1.0-"), "unexpected kernel release {}", a.release);
     c.wait_for(&format!("{}\n", a.release), Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
-    c.stop();
+
+    // `poweroff` typed at the shell: busybox init shuts down and the machine powers off
+    // (ACPI S5), which ends QEMU with status 0.
+    c.send("poweroff\n").unwrap_or_else(|e| panic!("{e}"));
+    c.wait_for("reboot: Power down", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let status = c.wait_exit(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Some(0), "QEMU ended with {status}");
 }

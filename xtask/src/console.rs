@@ -116,6 +116,23 @@ impl Console {
         format!("last console lines:\n{tail}")
     }
 
+    /// Waits for QEMU to end by itself (e.g. the guest powered off); its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| format!("waiting for QEMU: {e}"))? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("QEMU still running after {timeout:?}; {}", self.tail()));
+            }
+            // Keep draining the console meanwhile.
+            if let Ok(bytes) = self.rx.recv_timeout(Duration::from_millis(50)) {
+                self.take(&bytes);
+            }
+        }
+    }
+
     /// Stops QEMU (if still running) and returns what it wrote to stderr.
     pub fn stop(mut self) -> String {
         self.kill();
@@ -151,6 +168,17 @@ mod tests {
         c.wait_for("hello", Duration::from_secs(10)).unwrap();
         assert_eq!(c.since_last_match(), " again\n");
         c.stop();
+    }
+
+    #[test]
+    fn waits_for_the_process_to_end() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "read line; echo got $line; exit 3"]);
+        let mut c = Console::spawn(cmd).unwrap();
+        assert!(c.wait_exit(Duration::from_millis(200)).is_err());
+        c.send("x\n").unwrap();
+        assert_eq!(c.wait_exit(Duration::from_secs(10)).unwrap().code(), Some(3));
+        assert!(c.text().contains("got x"));
     }
 
     #[test]
