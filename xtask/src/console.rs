@@ -116,6 +116,16 @@ impl Console {
         format!("last console lines:\n{tail}")
     }
 
+    /// The CPU time (user + system) QEMU has used so far, from `/proc/<pid>/stat` (fields
+    /// 14 and 15, utime and stime, in clock ticks: proc(5)); `None` where there is no
+    /// /proc. Under TCG this is the emulation work, and unlike wall time it hardly grows
+    /// when other processes compete for the host's CPUs.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        let ticks = cpu_ticks(&stat)?;
+        Some(Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64))
+    }
+
     /// Waits for QEMU to end by itself (e.g. the guest powered off); its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
         let deadline = Instant::now() + timeout;
@@ -144,6 +154,29 @@ impl Console {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) is in
+/// parentheses and may contain spaces, so fields are counted after its closing one.
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // `rest` starts at field 3 (state): utime (14) and stime (15) are its 12th and 13th.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// `sysconf(_SC_CLK_TCK)` by way of `getconf` (100 on Linux in practice).
+fn clock_ticks_per_second() -> u64 {
+    static TCK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
 }
 
 impl Drop for Console {
@@ -179,6 +212,15 @@ mod tests {
         c.send("x\n").unwrap();
         assert_eq!(c.wait_exit(Duration::from_secs(10)).unwrap().code(), Some(3));
         assert!(c.text().contains("got x"));
+    }
+
+    #[test]
+    fn reads_cpu_ticks_from_proc_stat() {
+        let stat = "4242 (qemu-system-x86 (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 350 25 0 0 20 0 3 0 99 1 2";
+        assert_eq!(cpu_ticks(stat), Some(375));
+        assert_eq!(cpu_ticks("1 (short) S 1 2"), None);
+        let c = Console::spawn(Command::new("cat")).unwrap();
+        assert!(c.cpu_time().is_some());
     }
 
     #[test]

@@ -426,12 +426,22 @@ pub fn boot(m: &Machine) -> Result<Console, String> {
     Console::spawn(console_command(m))
 }
 
-/// Boots natively until the init marker; the wall time from starting QEMU.
-pub fn time_native_boot(a: &Artifacts, timeout: Duration) -> Result<Duration, String> {
+/// How long a boot took to the init marker.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTime {
+    /// Wall time from starting QEMU.
+    pub wall: Duration,
+    /// QEMU's CPU time (user + system) by then, if the host has /proc.
+    pub cpu: Option<Duration>,
+}
+
+/// Boots natively until the init marker.
+pub fn time_native_boot(a: &Artifacts, timeout: Duration) -> Result<BootTime, String> {
     let mut c = boot(&native_machine(a, "init.mode=poweroff"))?;
-    let t = c.wait_for(INIT_MARKER, timeout)?;
+    let wall = c.wait_for(INIT_MARKER, timeout)?;
+    let cpu = c.cpu_time();
     c.stop();
-    Ok(t)
+    Ok(BootTime { wall, cpu })
 }
 
 /// `cargo xtask linux [--refresh] [--native]`.
