@@ -132,17 +132,20 @@ pub fn native_cmdline(extra: &str) -> String {
 }
 
 /// Kernel parameters that shorten a boot under emulation without changing what the
-/// booted system does (they skip boot-time self-checks only); measured with `cargo xtask
-/// bench boot` on this machine's QEMU TCG, each cut the best of 4 boots to the init marker:
+/// booted system does (they skip boot-time self-checks only). Measured on this machine's
+/// QEMU TCG to the init marker, best of 3-4 boots, wall seconds (at a host load of about 3)
+/// and QEMU CPU seconds (at a load of about 10, where wall time means little):
+/// - `console=ttyS0 quiet panic=-1` alone: 4.15 s wall, 3.99 s CPU;
 /// - `no_timer_check`: no check that the timer interrupt ticks (arch/x86/kernel/apic/
-///   io_apic.c `timer_irq_works`, which waits for ticks) and `tsc=reliable`: no clocksource
-///   watchdog on a TSC that emulation makes jittery (together 4.15 s to 3.84 s);
+///   io_apic.c `timer_irq_works` waits for ticks) and `tsc=reliable`: no clocksource
+///   watchdog on a TSC that emulation makes jittery: 3.84 s wall, 3.96 s CPU (they save
+///   waiting, not work);
 /// - `cryptomgr.notests`: no crypto self-tests at boot (crypto/testmgr.c; the late
-///   `crypto_algapi_init` took 0.48 s running them) (3.84 s to 3.36 s).
+///   `crypto_algapi_init` spent 0.48 s running them): 3.36 s wall, 3.42 s CPU.
 ///
-/// Measured but not used, since they change the booted system: `mitigations=off` (3.25 s:
-/// fewer alternatives to patch) and `rodata=off` (3.08 s: no read-only marking and no W+X
-/// page table walk, 0.25 s).
+/// Measured but not used, since they change the booted system: `mitigations=off` (3.25 s
+/// wall, 3.34 s CPU: fewer alternatives to patch) and `rodata=off` on top (3.08 s wall,
+/// 3.17 s CPU: no read-only marking and no W+X page-table walk).
 pub const FAST_BOOT_ARGS: &str = "no_timer_check tsc=reliable cryptomgr.notests";
 
 /// Memory for a native boot, MiB.
