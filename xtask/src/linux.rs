@@ -161,7 +161,7 @@ pub struct Artifacts {
     pub vmlinux: PathBuf,
     pub pvh_entry: u32,
     pub initramfs: PathBuf,
-    /// The modules in the order `/init` loads them.
+    /// The modules in the order `/etc/init.d/rcS` loads them.
     pub modules: Vec<String>,
 }
 
@@ -180,7 +180,9 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
     if std::fs::read(path).is_ok_and(|old| old == data) {
         return Ok(());
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))
 }
@@ -231,9 +233,11 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
     debian::unpack(&busybox_deb, &busybox_dir)?;
 
     let vmlinux_path = dir.join(format!("vmlinux-{release}"));
-    let pvh_entry = match std::fs::read(&vmlinux_path) {
-        Ok(elf) if bzimage::check_pvh(&elf).is_ok() => bzimage::check_pvh(&elf)?,
-        _ => {
+    // A vmlinux from an earlier run is used when it still checks out.
+    let cached = std::fs::read(&vmlinux_path).ok().and_then(|elf| bzimage::check_pvh(&elf).ok());
+    let pvh_entry = match cached {
+        Some(entry) => entry,
+        None => {
             let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
             let data = std::fs::read(&vmlinuz).map_err(|e| format!("reading {}: {e}", vmlinuz.display()))?;
             eprintln!("linux: extracting vmlinux from {} ({} bytes)", vmlinuz.display(), data.len());
@@ -257,7 +261,7 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
     })?;
     let mut modules = Vec::new();
     for m in &order {
-        let path = &index[&m.name];
+        let path = index.get(&m.name).ok_or_else(|| format!("module {} has no file", m.name))?;
         let data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         modules.push((m.name.clone(), data));
     }
