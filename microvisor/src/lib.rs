@@ -15,3 +15,4 @@ pub mod npt;
 pub mod pci;
 pub mod stage2;
 pub mod svm;
+pub mod vmx_caps;

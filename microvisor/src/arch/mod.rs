@@ -9,4 +9,5 @@ pub mod pcie;
 pub mod phys;
 pub mod serial;
 pub mod svm;
+pub mod vmx_probe;
 pub mod vtd;
