@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod bench_net;
+pub mod bochs;
 pub mod build;
 pub mod http_client;
+pub mod iso;
 pub mod manifest;
 pub mod qemu;
 pub mod setup;
