@@ -34,7 +34,10 @@ pub enum BootError {
     StartInfoOutOfReach(u64),
     BadStartInfo(&'static str),
     MemmapOutOfReach,
-    ModuleOutOfReach { paddr: u64, size: u64 },
+    ModuleOutOfReach {
+        paddr: u64,
+        size: u64,
+    },
     CmdlineNotUtf8,
     /// Entered neither by a PVH loader nor with the Multiboot2 magic in EAX.
     UnknownProtocol(u32),

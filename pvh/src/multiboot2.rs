@@ -113,7 +113,9 @@ impl fmt::Display for Mb2Error {
             Self::TagTooShort { tag, size, needed } => {
                 write!(f, "Multiboot2 tag {tag} has size {size}, its fields need {needed}")
             }
-            Self::BadMmapEntrySize(s) => write!(f, "Multiboot2 memory map entry_size {s} (needs a multiple of 8, >= 24)"),
+            Self::BadMmapEntrySize(s) => {
+                write!(f, "Multiboot2 memory map entry_size {s} (needs a multiple of 8, >= 24)")
+            }
             Self::ModuleEndsBeforeStart { start, end } => {
                 write!(f, "Multiboot2 module ends ({end:#x}) before it starts ({start:#x})")
             }
@@ -213,7 +215,7 @@ fn check_tag(t: &Tag<'_>) -> Result<(), Mb2Error> {
         tag::MMAP => {
             need(16)?;
             let entry_size = u32_at(t.body, 0).unwrap_or(0);
-            if (entry_size as usize) < MMAP_ENTRY_MIN || entry_size % 8 != 0 {
+            if (entry_size as usize) < MMAP_ENTRY_MIN || !entry_size.is_multiple_of(8) {
                 return Err(Mb2Error::BadMmapEntrySize(entry_size));
             }
             Ok(())
@@ -235,7 +237,7 @@ impl<'a> Info<'a> {
     /// Checks `bytes` (at least `total_size` of them; more is allowed) as boot information.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, Mb2Error> {
         let total = total_size(bytes)?;
-        if total < 16 || total % 8 != 0 {
+        if total < 16 || !total.is_multiple_of(8) {
             return Err(Mb2Error::BadTotalSize(total));
         }
         let bytes = bytes
@@ -304,11 +306,7 @@ impl<'a> Info<'a> {
             let entry_size = (u32_at(t.body, 0).unwrap_or(0) as usize).max(MMAP_ENTRY_MIN);
             let entries = t.body.get(8..).unwrap_or_default();
             entries.chunks_exact(entry_size).map(|e| {
-                MemmapEntry::new(
-                    u64_at(e, 0).unwrap_or(0),
-                    u64_at(e, 8).unwrap_or(0),
-                    u32_at(e, 16).unwrap_or(0),
-                )
+                MemmapEntry::new(u64_at(e, 0).unwrap_or(0), u64_at(e, 8).unwrap_or(0), u32_at(e, 16).unwrap_or(0))
             })
         })
     }
@@ -368,7 +366,6 @@ macro_rules! multiboot2_header {
             ".long 8",
             "mb2_header_end:",
             ".popsection",
-
             ".pushsection .text.pvh_start32, \"ax\"",
             ".code32",
             ".global mb2_start32",
@@ -403,7 +400,7 @@ mod tests {
             self.out.extend_from_slice(&r#type.to_le_bytes());
             self.out.extend_from_slice(&(body.len() as u32 + 8).to_le_bytes());
             self.out.extend_from_slice(body);
-            while self.out.len() % 8 != 0 {
+            while !self.out.len().is_multiple_of(8) {
                 self.out.push(0);
             }
             self

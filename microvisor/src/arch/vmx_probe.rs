@@ -2,8 +2,7 @@
 //! reads: nothing here turns VMX on.
 
 use microvisor::vmx_caps::{
-    VmxMsrs, MSR_FEATURE_CONTROL, MSR_VMX_BASIC, MSR_VMX_EPT_VPID_CAP, MSR_VMX_PROCBASED_CTLS,
-    MSR_VMX_PROCBASED_CTLS2,
+    VmxMsrs, MSR_FEATURE_CONTROL, MSR_VMX_BASIC, MSR_VMX_EPT_VPID_CAP, MSR_VMX_PROCBASED_CTLS, MSR_VMX_PROCBASED_CTLS2,
 };
 use x86_64::registers::model_specific::Msr;
 
