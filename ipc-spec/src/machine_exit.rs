@@ -6,6 +6,13 @@
 /// I/O port of `-device isa-debug-exit,iobase=0xf4,iosize=0x04`.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
+/// Bochs has no isa-debug-exit, and its exit status says nothing of the guest: writing
+/// [`BOCHS_SHUTDOWN`] byte by byte to this port ends Bochs ("Shutdown port" of its
+/// `unmapped` device); the outcome is read from the console.
+pub const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+/// The string Bochs's shutdown port waits for.
+pub const BOCHS_SHUTDOWN: &[u8] = b"Shutdown";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MachineExit {

@@ -16,3 +16,4 @@ pub mod pci;
 pub mod stage2;
 pub mod svm;
 pub mod vcpu_hw;
+pub mod vmx_caps;

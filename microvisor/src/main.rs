@@ -52,6 +52,8 @@ mod boot_and_run {
     use crate::vmexit;
 
     pvh::pvh_entry!(microvisor_main, 64 * 1024);
+    // GRUB (real machines, Bochs) boots the same image by Multiboot2.
+    pvh::multiboot2_header!();
 
     /// RAM given to dom0 itself; it creates the other domains from the free memory.
     const DOM0_RAM: u64 = 32 << 20;
@@ -77,7 +79,7 @@ mod boot_and_run {
         exit_machine(code)
     }
 
-    extern "C" fn microvisor_main(start_info: u32) -> ! {
+    extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         cpu::arm_stack_canary();
         Serial::init();
         mask_legacy_pic();
@@ -88,10 +90,13 @@ mod boot_and_run {
             ipc_spec::ABI_VERSION
         );
 
-        let boot = match crate::boot::read(start_info) {
+        let boot = match crate::boot::read(boot_info, boot_protocol) {
             Ok(b) => b,
             Err(e) => fail(MachineExit::BadBoot, format_args!("boot: {e}")),
         };
+        if !boot.loader.is_empty() {
+            println!("boot: {} from {}", boot.protocol, boot.loader);
+        }
         if !boot.cmdline.is_empty() {
             println!("command line: {}", boot.cmdline);
         }
@@ -99,7 +104,10 @@ mod boot_and_run {
 
         let features = match cpu::check_svm() {
             Ok(f) => f,
-            Err(p) => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
+            Err(p) => match crate::arch::vmx_probe::probe() {
+                Some(vmx) => stop_on_vmx(&vmx, boot.rsdp),
+                None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
+            },
         };
         println!(
             "cpu: SVM with nested paging, {} ASIDs, next-RIP save {}",
@@ -177,6 +185,24 @@ mod boot_and_run {
             entry
         );
         run(&mut k, &mut m)
+    }
+
+    /// An Intel CPU (Bochs, real machines booted by GRUB): report what its VMX offers and the
+    /// platform, then stop, since only the SVM backend exists so far.
+    fn stop_on_vmx(msrs: &microvisor::vmx_caps::VmxMsrs, rsdp: u64) -> ! {
+        let caps = microvisor::vmx_caps::VmxCaps::decode(msrs);
+        println!("cpu: Intel {caps}");
+        if let Some(what) = caps.missing() {
+            println!("cpu: the VMX backend will need {what}, which this CPU lacks");
+        }
+        let platform = report_platform(rsdp);
+        if platform.dmar.is_none() {
+            println!("iommu: no IOMMU: passthrough refused (no device will be given to a domain)");
+        }
+        fail(
+            MachineExit::CpuUnsupported,
+            format_args!("CPU: Intel VMX found, but the VMX backend is not there yet: only AMD SVM can run dom0"),
+        )
     }
 
     enum BuildError {

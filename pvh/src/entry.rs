@@ -3,14 +3,19 @@
 //! [`pvh_entry!`](crate::pvh_entry) expands to the ELF note that tells a loader (QEMU or the
 //! microvisor) where the 32-bit entry is, and to the trampoline itself: it zeroes `.bss`,
 //! identity-maps the low 4 GiB with 2 MiB pages (the range above 3 GiB uncached, as it holds
-//! MMIO), enables long mode and calls `main(start_info_paddr)` on a boot stack.
+//! MMIO), enables long mode and calls `main(start_info_paddr, protocol)` on a boot stack.
+//! `protocol` is [`start_info::MAGIC`](crate::start_info::MAGIC) when entered here by a PVH
+//! loader, or what EAX held when entered by the Multiboot2 entry of
+//! [`multiboot2_header!`](crate::multiboot2_header) (which joins at `pvh_start32_common`);
+//! domains, always booted by PVH, ignore it.
 //!
 //! The image's linker script must define `__bss_start` and `__bss_end` and keep `.note.pvh`
 //! in a note segment of its own (4-byte aligned: QEMU aligns the descriptor by the segment's
 //! alignment).
 
 /// Emit the PVH note and 32-bit trampoline. `$main` is an
-/// `extern "C" fn(start_info: u32) -> !`; `$stack` the boot stack size in bytes.
+/// `extern "C" fn(start_info: u32) -> !` or `extern "C" fn(start_info: u32, protocol: u32) -> !`;
+/// `$stack` the boot stack size in bytes.
 #[macro_export]
 macro_rules! pvh_entry {
     ($main:path, $stack:expr) => {
@@ -32,6 +37,10 @@ macro_rules! pvh_entry {
             "pvh_start32:",
             "cli",
             "cld",
+            // EBP: how the image was entered (the PVH magic here; EAX via the Multiboot2 entry).
+            "mov ebp, 0x336ec578",
+            ".global pvh_start32_common",
+            "pvh_start32_common:",
             "mov esi, ebx",
             // Zero .bss (it holds the boot page tables and stack).
             "mov edi, offset __bss_start",
@@ -92,6 +101,7 @@ macro_rules! pvh_entry {
             "mov gs, ax",
             "lea rsp, [rip + pvh_boot_stack_top]",
             "mov edi, esi",
+            "mov esi, ebp",
             "xor ebp, ebp",
             "call {main}",
             "4:",

@@ -4,12 +4,14 @@
 pub mod bench;
 pub mod bench_boot;
 pub mod bench_net;
+pub mod bochs;
 pub mod build;
 pub mod bzimage;
 pub mod console;
 pub mod cpio;
 pub mod debian;
 pub mod http_client;
+pub mod iso;
 pub mod kmod;
 pub mod linux;
 pub mod manifest;

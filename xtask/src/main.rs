@@ -8,6 +8,8 @@
 //!   --append "<words>"  extra microvisor command-line words (e.g. `dom0.selftest=...`)
 //!   --timeout <secs>    with --smoke: give up after this long (default 120)
 //!   --port <port>       host port forwarded to port 80 of the network device (default 8080)
+//!   --machine bochs     boot the GRUB ISO in Bochs (Intel VMX CPU model) instead of QEMU
+//! iso [--append ...]    a GRUB ISO booting the microvisor by Multiboot2: target/iso/stack.iso
 //! test                  host tests, then the QEMU end-to-end tests
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! linux                 fetch Debian's kernel and busybox, build vmlinux and the initramfs
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build") => build_command(&args[1..]),
         Some("run") => run(&args[1..]),
+        Some("iso") => iso_command(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => xtask::bench::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
@@ -53,6 +56,12 @@ const USAGE: &str = "usage: cargo xtask <command>
                         boot the stack in QEMU (console on this terminal; Ctrl-A X quits);
                         with a virtio-net device, 127.0.0.1:<port> (default 8080) is
                         forwarded to port 80 on QEMU's user network
+  run --machine bochs [--smoke] [--append \"words\"] [--timeout secs]
+                        boot the stack's GRUB ISO in Bochs on an Intel CPU with VMX
+                        (headless; COM1 shown here; files under target/bochs/)
+  iso [--stack file] [--append \"words\"]
+                        build target/iso/stack.iso: GRUB boots the microvisor by Multiboot2
+                        with the boot bundle as its module (serial console)
   test                  host tests, then the QEMU end-to-end tests
   bench ipc [--n N]     IPC cost in instructions (QEMU -icount) and wall time; writes
                         target/bench/ipc.json
@@ -97,7 +106,10 @@ struct RunOptions {
     gdb: bool,
     append: String,
     timeout: Duration,
+    /// Whether `--timeout` was given.
+    timeout_given: bool,
     port: Option<u16>,
+    bochs: bool,
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions, String> {
@@ -109,7 +121,9 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
         gdb: false,
         append: String::new(),
         timeout: Duration::from_secs(120),
+        timeout_given: false,
         port: None,
+        bochs: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -120,11 +134,17 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a number of seconds")?;
                 o.timeout = Duration::from_secs(v.parse().map_err(|_| format!("--timeout: `{v}` is not a number"))?);
+                o.timeout_given = true;
             }
             "--port" => {
                 let v = it.next().ok_or("--port needs a port number")?;
                 o.port = Some(v.parse().map_err(|_| format!("--port: `{v}` is not a port number"))?);
             }
+            "--machine" => match it.next().map(String::as_str) {
+                Some("bochs") => o.bochs = true,
+                Some("qemu") => o.bochs = false,
+                other => return Err(format!("--machine: {other:?} is neither `qemu` nor `bochs`")),
+            },
             other => return Err(format!("run: unknown option `{other}`\n\n{USAGE}")),
         }
     }
@@ -133,6 +153,9 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
 
 fn run(args: &[String]) -> Result<(), String> {
     let opts = parse_run(args)?;
+    if opts.bochs {
+        return run_bochs(&opts);
+    }
     setup::ensure_qemu()?;
     let artifacts = build::build(&build::default_target_dir(), &opts.stack)?;
     let mut machine = Machine::new(&artifacts);
@@ -204,6 +227,93 @@ fn smoke(machine: &Machine, artifacts: &build::Artifacts, timeout: Duration) -> 
         Ending::TimedOut => Err(format!(
             "smoke: timed out after {} s waiting for every domain to report ready (see the console above)",
             timeout.as_secs()
+        )),
+    }
+}
+
+fn iso_command(args: &[String]) -> Result<(), String> {
+    let (stack, rest) = stack_option(args)?;
+    let mut append = String::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--append" => append = it.next().ok_or("--append needs a value")?.clone(),
+            other => return Err(format!("iso: unknown option `{other}`")),
+        }
+    }
+    let artifacts = build::build(&build::default_target_dir(), &stack)?;
+    let out = build::default_target_dir().join("iso").join("stack.iso");
+    xtask::iso::build_iso(&artifacts.microvisor, &artifacts.bundle, &append, &out)?;
+    println!(
+        "iso: {} ({} KiB): GRUB boots the microvisor by Multiboot2, the bundle as its module, console on COM1",
+        out.display(),
+        std::fs::metadata(&out).map(|m| m.len() / 1024).unwrap_or(0)
+    );
+    println!(
+        "iso: QEMU: qemu-system-x86_64 -machine q35 -cpu {} -m 512M -device intel-iommu -cdrom {} -serial stdio -display none",
+        qemu::DEFAULT_CPU,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Boot the stack's GRUB ISO in Bochs; with `--smoke`, judge the run.
+fn run_bochs(opts: &RunOptions) -> Result<(), String> {
+    if opts.gdb || opts.port.is_some() {
+        return Err("--gdb and --port are for QEMU; Bochs has its own debugger and no network here".into());
+    }
+    setup::ensure_bochs()?;
+    let target = build::default_target_dir();
+    let artifacts = build::build(&target, &opts.stack)?;
+    let dir = target.join("bochs");
+    let iso = xtask::iso::build_iso(&artifacts.microvisor, &artifacts.bundle, &opts.append, &dir.join("stack.iso"))?;
+    let machine = xtask::bochs::BochsMachine::new(&iso, &dir);
+    let what = if opts.smoke { "smoke" } else { "xtask" };
+    println!(
+        "{what}: {} (CPU {}, {} MiB; bochsrc, COM1 and log in {})",
+        machine.display_command(),
+        machine.cpu_model,
+        machine.memory_mib,
+        dir.display()
+    );
+    let mut domains: Vec<&str> = vec![ipc_spec::DOM0_IMAGE];
+    domains.extend(artifacts.stack.domains.iter().map(String::as_str));
+    let ready = |lines: &[String], d: &str| {
+        let prefix = format!("[{d}] ready");
+        lines.iter().any(|l| l.starts_with(&prefix))
+    };
+    // Without --smoke the run goes on until Bochs ends (or an hour, or --timeout).
+    let timeout = if opts.smoke || opts.timeout_given { opts.timeout } else { Duration::from_secs(3600) };
+    let smoke = opts.smoke;
+    let run =
+        xtask::bochs::run_captured(&machine, timeout, true, |lines| smoke && domains.iter().all(|d| ready(lines, d)))?;
+    let secs = run.elapsed.as_secs_f64();
+    let find = |needle: &str| {
+        run.lines.iter().find(|l| l.contains(needle)).map(|l| l.trim_start_matches("[microvisor] ").to_string())
+    };
+    if !smoke {
+        println!("xtask: Bochs ended after {secs:.1} s ({:?})", run.ending);
+        return Ok(());
+    }
+    match run.ending {
+        Ending::Stopped => {
+            println!("smoke: OK on Bochs in {secs:.1} s: ready: {}", domains.join(", "));
+            Ok(())
+        }
+        _ if run.has_line("the VMX backend is not there yet") => Err(format!(
+            "smoke: on Bochs the microvisor booted by GRUB (Multiboot2) and found {}, but it has no VMX backend yet, \
+             so dom0 cannot run in VMX non-root mode (issue 13); Bochs ended after {secs:.1} s",
+            find("cpu: Intel").unwrap_or_else(|| "Intel VMX".into()).trim_start_matches("cpu: Intel ")
+        )),
+        Ending::TimedOut => Err(format!(
+            "smoke: timed out after {} s on Bochs (see the console above; Bochs's log: {})",
+            timeout.as_secs(),
+            machine.log_path().display()
+        )),
+        Ending::Exited(code) => Err(format!(
+            "smoke: Bochs ended (status {code:?}) after {secs:.1} s before {:?} reported ready; the end of its log:\n{}",
+            domains.iter().filter(|d| !ready(&run.lines, d)).collect::<Vec<_>>(),
+            run.stderr
         )),
     }
 }

@@ -20,6 +20,9 @@ pub struct Machine {
     pub kernel: PathBuf,
     /// The boot bundle; `None` boots without `-initrd`.
     pub initrd: Option<PathBuf>,
+    /// Boot this GRUB ISO (`cargo xtask iso`) from the CD drive instead of `kernel` and
+    /// `initrd` by PVH; the command line is then the ISO's (`append` is not used).
+    pub cdrom: Option<PathBuf>,
     pub cpu: String,
     pub memory_mib: u32,
     pub iommu: bool,
@@ -65,6 +68,7 @@ impl Machine {
         Self {
             kernel: artifacts.microvisor.clone(),
             initrd: Some(artifacts.bundle.clone()),
+            cdrom: None,
             cpu: DEFAULT_CPU.into(),
             memory_mib: if artifacts.stack.memory_mib > 0 { artifacts.stack.memory_mib } else { 512 },
             iommu: true,
@@ -133,12 +137,16 @@ impl Machine {
                 format!("virtio-net-pci,netdev=net{i},disable-legacy=on,iommu_platform=on"),
             ]);
         }
-        a.extend(["-kernel".into(), self.kernel.display().to_string()]);
-        if let Some(initrd) = &self.initrd {
-            a.extend(["-initrd".into(), initrd.display().to_string()]);
-        }
-        if !self.append.is_empty() {
-            a.extend(["-append".into(), self.append.clone()]);
+        if let Some(iso) = &self.cdrom {
+            a.extend(["-cdrom".into(), iso.display().to_string()]);
+        } else {
+            a.extend(["-kernel".into(), self.kernel.display().to_string()]);
+            if let Some(initrd) = &self.initrd {
+                a.extend(["-initrd".into(), initrd.display().to_string()]);
+            }
+            if !self.append.is_empty() {
+                a.extend(["-append".into(), self.append.clone()]);
+            }
         }
         if self.gdb {
             a.extend(["-s".into(), "-S".into()]);

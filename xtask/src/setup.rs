@@ -1,5 +1,6 @@
-//! First-run set-up: the bare-metal Rust target and QEMU. Installs what it can (rustup
-//! target, apt-get as root) and otherwise stops with the exact command to run.
+//! First-run set-up: the bare-metal Rust target, QEMU, GRUB's ISO tools and Bochs. Installs
+//! what it can (rustup target, apt-get as root) and otherwise stops with the exact command
+//! to run.
 
 use std::process::Command;
 
@@ -64,4 +65,61 @@ pub fn ensure_qemu() -> Result<(), String> {
     } else {
         Err(format!("installing QEMU failed; run `{install}` by hand and retry"))
     }
+}
+
+fn runs(program: &str, arg: &str) -> bool {
+    Command::new(program).arg(arg).output().is_ok()
+}
+
+/// Install Debian `packages` with apt-get when `present()` says the tools are missing: as
+/// root at once, otherwise stop with the command to run.
+fn ensure_debian(what: &str, packages: &str, present: impl Fn() -> bool) -> Result<(), String> {
+    if present() {
+        return Ok(());
+    }
+    let install = format!("apt-get update && apt-get install -y {packages}");
+    if !is_root() {
+        return Err(format!("{what} is not installed; install it with: sudo sh -c '{install}'"));
+    }
+    eprintln!("setup: installing {what} ({install})");
+    let ok = Command::new("sh")
+        .args(["-c", &install])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok && present() {
+        Ok(())
+    } else {
+        Err(format!("installing {what} failed; run `{install}` by hand and retry"))
+    }
+}
+
+/// The GRUB modules for BIOS machines, which `grub-mkrescue` puts on the ISO.
+pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
+
+/// Make sure `grub-mkrescue` can build a BIOS-bootable ISO: GRUB's i386-pc modules
+/// (`grub-pc-bin`), `xorriso` and `mtools`.
+pub fn ensure_grub() -> Result<(), String> {
+    ensure_debian("GRUB's ISO tools (grub-mkrescue, xorriso, mtools)", "grub-pc-bin grub-common xorriso mtools", || {
+        runs("grub-mkrescue", "--version")
+            && runs("xorriso", "-version")
+            && runs("mformat", "--version")
+            && std::path::Path::new(GRUB_I386_PC).join("multiboot2.mod").exists()
+    })
+}
+
+/// Bochs, its BIOS and VGA BIOS, and its terminal display library (the only headless one
+/// Debian builds: there is no `nogui`).
+pub const BOCHS: &str = "bochs";
+pub const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+pub const BOCHS_VGABIOS: &str = "/usr/share/vgabios/vgabios.bin";
+const BOCHS_TERM_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_term_gui.so";
+
+/// Make sure Bochs can run headless: `bochs`, `bochs-term`, `bochsbios`, `vgabios`.
+pub fn ensure_bochs() -> Result<(), String> {
+    ensure_debian("Bochs (bochs, bochs-term, bochsbios, vgabios)", "bochs bochs-term bochsbios vgabios", || {
+        runs(BOCHS, "--help")
+            && [BOCHS_BIOS, BOCHS_VGABIOS, BOCHS_TERM_PLUGIN].iter().all(|p| std::path::Path::new(p).exists())
+    })
 }

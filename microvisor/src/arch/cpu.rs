@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use microvisor::kernel::MAX_DOMAINS;
 
-use ipc_spec::machine_exit::{MachineExit, DEBUG_EXIT_PORT};
+use ipc_spec::machine_exit::{MachineExit, BOCHS_SHUTDOWN, BOCHS_SHUTDOWN_PORT, DEBUG_EXIT_PORT};
 use pvh::exceptions::{exception_name, exception_stub_addresses, ExceptionFrame, Idt};
 use x86_64::instructions::port::Port;
 use x86_64::instructions::segmentation::{Segment as _, CS, DS, ES, SS};
@@ -173,12 +173,18 @@ pub fn check_stack_canary() {
     }
 }
 
-/// End the QEMU run with `code` (through isa-debug-exit); halt forever if that device is
-/// absent.
+/// End the QEMU run with `code` (through isa-debug-exit), or the Bochs run (its shutdown
+/// port); halt forever if neither device is there.
 pub fn exit_machine(code: MachineExit) -> ! {
     // SAFETY: port 0xf4 is QEMU's isa-debug-exit device; writing it terminates the VM. On
-    // a machine without it the write is ignored and we halt below.
+    // a machine without it the write is ignored and we go on below.
     unsafe { Port::<u32>::new(DEBUG_EXIT_PORT).write(code as u32) };
+    Serial::drain();
+    for &b in BOCHS_SHUTDOWN {
+        // SAFETY: port 0x8900 is Bochs's shutdown port, which ends Bochs after "Shutdown";
+        // QEMU has nothing there (and has already stopped above).
+        unsafe { Port::<u8>::new(BOCHS_SHUTDOWN_PORT).write(b) };
+    }
     halt_forever()
 }
 

@@ -8,4 +8,5 @@ pub mod fpu;
 pub mod pcie;
 pub mod phys;
 pub mod serial;
+pub mod vmx_probe;
 pub mod vtd;

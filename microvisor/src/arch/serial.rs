@@ -36,6 +36,19 @@ impl Serial {
         }
     }
 
+    /// Wait (boundedly: there may be no UART) until the transmitter has sent every byte
+    /// (line status bit 6, TEMT): an emulator that is stopped right after would drop what
+    /// is still in its FIFO (Bochs does).
+    pub fn drain() {
+        for _ in 0..1_000_000 {
+            // SAFETY: reading the line status register of the microvisor-owned UART.
+            if unsafe { Port::<u8>::new(COM1 + 5).read() } & 0x40 != 0 {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     pub fn write_bytes(bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
