@@ -417,6 +417,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         disks: Vec::new(),
         net_ports: Vec::new(),
         net_forwards: Vec::new(),
+        cdrom: None,
     }
 }
 
