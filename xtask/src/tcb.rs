@@ -23,8 +23,10 @@ use std::process::Command;
 
 use crate::{workspace_root, BARE_METAL_TARGET};
 
-/// The agreed ceiling for the microvisor crate, in source lines as counted here.
-pub const MICROVISOR_SLOC_LIMIT: usize = 6_000;
+/// The agreed ceiling for the microvisor crate, in source lines as counted here: 6,000 for
+/// the AMD-only microvisor, raised to 7,000 by issue 13 ("each build's microvisor is at most
+/// 7,000 SLOC") as the Multiboot2 entry and the Intel VMX code arrive.
+pub const MICROVISOR_SLOC_LIMIT: usize = 7_000;
 
 /// The shared crates linked into the microvisor binary, and so part of its TCB.
 pub const LINKED_SHARED_CRATES: &[&str] = &["pvh", "ipc-spec"];
