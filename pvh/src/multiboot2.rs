@@ -327,6 +327,45 @@ pub struct Module<'a> {
     pub string: &'a [u8],
 }
 
+/// A Multiboot2 header found in an image file, as a loader sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// File offset of the header (8-byte aligned, within [`HEADER_SEARCH`]).
+    pub offset: usize,
+    /// The entry address tag's value, if the header has one.
+    pub entry: Option<u32>,
+}
+
+/// Find the header the way GRUB does (section 3.1.1): the first 8-byte-aligned position in
+/// the first [`HEADER_SEARCH`] bytes holding [`HEADER_MAGIC`], architecture 0 and a header
+/// length whose checksum makes the four fields sum to zero; then walk its tags to the end
+/// tag. `None` if there is no such header or its tags run past its length.
+pub fn find_header(image: &[u8]) -> Option<Header> {
+    let search = image.get(..image.len().min(HEADER_SEARCH))?;
+    (0..search.len()).step_by(8).find_map(|offset| {
+        let field = |i: usize| u32_at(search, offset + 4 * i);
+        let (magic, arch, len, sum) = (field(0)?, field(1)?, field(2)?, field(3)?);
+        let total = magic.wrapping_add(arch).wrapping_add(len).wrapping_add(sum);
+        if magic != HEADER_MAGIC || arch != 0 || total != 0 {
+            return None;
+        }
+        let header = search.get(offset..offset.checked_add(len as usize)?)?;
+        let mut entry = None;
+        let mut at = 16;
+        loop {
+            let r#type = u16::from_le_bytes([*header.get(at)?, *header.get(at + 1)?]);
+            let size = u32_at(header, at + 4)? as usize;
+            if r#type == 0 {
+                return Some(Header { offset, entry });
+            }
+            if r#type == 3 {
+                entry = u32_at(header, at + 8);
+            }
+            at = at.checked_add(size.max(8))?.checked_add(7)? & !7;
+        }
+    })
+}
+
 /// Emit a Multiboot2 header and its entry, `mb2_start32`, which joins the PVH trampoline of
 /// [`pvh_entry!`](crate::pvh_entry) (used in the same image) with ESI = EBX (the boot
 /// information) and EBP = EAX (the loader's magic, [`BOOT_MAGIC`]), so `main` receives both.
@@ -602,6 +641,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn headers_are_found_as_grub_finds_them() {
+        let header = |entry: u32| {
+            let mut h = Vec::new();
+            for v in [HEADER_MAGIC, 0, 40, 0u32.wrapping_sub(HEADER_MAGIC + 40)] {
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            h.extend_from_slice(&[3, 0, 0, 0, 12, 0, 0, 0]);
+            h.extend_from_slice(&entry.to_le_bytes());
+            h.extend_from_slice(&[0; 4]);
+            h.extend_from_slice(&[0, 0, 0, 0, 8, 0, 0, 0]);
+            assert_eq!(h.len(), 40);
+            h
+        };
+        let mut image = vec![0u8; 0x1018];
+        image.extend_from_slice(&header(0x20_1000));
+        assert_eq!(find_header(&image), Some(Header { offset: 0x1018, entry: Some(0x20_1000) }));
+        // Not 8-byte aligned: not found.
+        let mut odd = vec![0u8; 0x1014];
+        odd.extend_from_slice(&header(1));
+        assert_eq!(find_header(&odd), None);
+        // Beyond the first 32 KiB: not found.
+        let mut far = vec![0u8; HEADER_SEARCH];
+        far.extend_from_slice(&header(1));
+        assert_eq!(find_header(&far), None);
+        // A bad checksum, or a header cut short, is not a header.
+        let mut bad = header(1);
+        bad[12] ^= 1;
+        assert_eq!(find_header(&bad), None);
+        assert_eq!(find_header(&header(1)[..36]), None);
+        assert_eq!(find_header(&[]), None);
+    }
+
     /// Reads everything an accessor can give: must not panic whatever the input.
     fn read_all(info: &Info<'_>) -> usize {
         info.cmdline().len()
@@ -649,6 +721,18 @@ mod tests {
                 }
                 Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
+        }
+
+        #[test]
+        fn prop_find_header_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), len in 0u32..64) {
+            let mut bytes = bytes;
+            if bytes.len() >= 16 {
+                bytes[..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
+                bytes[4..8].fill(0);
+                bytes[8..12].copy_from_slice(&len.to_le_bytes());
+                bytes[12..16].copy_from_slice(&0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(len)).to_le_bytes());
+            }
+            let _ = find_header(&bytes);
         }
 
         #[test]

@@ -16,6 +16,20 @@ fn iso_machine(name: &str, append: &str) -> Machine {
 }
 
 #[test]
+fn the_microvisor_image_has_a_header_grub_accepts() {
+    let image = std::fs::read(artifacts().microvisor).expect("reading the microvisor image");
+    let h = pvh::multiboot2::find_header(&image).expect("no Multiboot2 header in the first 32 KiB");
+    assert_eq!(h.offset % 8, 0);
+    // GRUB loads the ELF segments at their physical addresses and jumps to the entry tag's
+    // address: it must be inside a loaded, executable segment.
+    let entry = u64::from(h.entry.expect("no entry address tag"));
+    let elf = pvh::elf::ElfImage::parse(&image).expect("the microvisor is not a valid ELF image");
+    let seg = elf.segments().iter().find(|s| s.paddr <= entry && entry < s.end()).expect("entry outside the image");
+    assert!(seg.flags.execute, "the Multiboot2 entry {entry:#x} is in a non-executable segment");
+    assert!(entry < 1 << 32, "the Multiboot2 entry must be reachable in 32-bit mode");
+}
+
+#[test]
 fn grub_boots_the_whole_stack_by_multiboot2() {
     let m = iso_machine("mb2-stack", "dom0.hello=grub");
     let mut wanted = vec!["[dom0] ready".to_string()];

@@ -249,11 +249,10 @@ fn iso_command(args: &[String]) -> Result<(), String> {
         out.display(),
         std::fs::metadata(&out).map(|m| m.len() / 1024).unwrap_or(0)
     );
-    println!(
-        "iso: QEMU: qemu-system-x86_64 -machine q35 -cpu {} -m 512M -device intel-iommu -cdrom {} -serial stdio -display none",
-        qemu::DEFAULT_CPU,
-        out.display()
-    );
+    let mut machine = Machine::new(&artifacts);
+    machine.cdrom = Some(out);
+    println!("iso: in QEMU (the devices of the stack included): {}", machine.display_command(true));
+    println!("iso: in Bochs: cargo xtask run --machine bochs");
     Ok(())
 }
 
