@@ -14,6 +14,7 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("ipc-server", "domains", "ipc-server"),
     ("rogue", "domains", "rogue"),
     ("spinner", "domains", "spinner"),
+    ("fuzzer", "domains", "fuzzer"),
     ("disk-driver", "disk-driver", "disk-driver"),
     ("net-driver", "net-driver", "net-driver"),
     ("demo-guest", "demo-guest", "demo-guest"),

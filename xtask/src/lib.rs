@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_net;
 pub mod build;
+pub mod fuzz;
 pub mod http_client;
 pub mod manifest;
 pub mod qemu;

@@ -9,6 +9,7 @@
 //!   --timeout <secs>    with --smoke: give up after this long (default 120)
 //!   --port <port>       host port forwarded to port 80 of the network device (default 8080)
 //! test                  host tests, then the QEMU end-to-end tests
+//! fuzz hypercalls       random hypercalls beside a serving pair; checks faults and leaks
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! ```
 
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => xtask::bench::run(&args[1..]),
+        Some("fuzz") => xtask::fuzz::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
@@ -58,6 +60,11 @@ const USAGE: &str = "usage: cargo xtask <command>
                         the device; writes target/bench/blk.json
   bench net             TCP throughput and small requests per second through the net driver
                         VM vs. a guest owning its NIC; writes target/bench/net.json
+  fuzz hypercalls [--calls N] [--seed S] [--console]
+                        boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
+                        hypercalls from seed S (random by default, always printed); fails on
+                        a microvisor fault, a leak (dom0 compares free frames and kernel
+                        objects before and after), or if the other domains stop serving
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json";
 

@@ -57,6 +57,8 @@ struct DomainSection {
     device: String,
     #[serde(default)]
     status: bool,
+    #[serde(default)]
+    fuzz: bool,
 }
 
 fn one() -> i64 {
@@ -155,6 +157,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             args: d.args,
             device: d.device,
             status: d.status,
+            fuzz: d.fuzz,
         });
     }
 
