@@ -78,6 +78,44 @@ pub struct Setup {
     pub message_page: u64,
     /// 64 bytes of its RAM holding a valid domain name (for DomainCreate).
     pub name: u64,
+    /// Where in its RAM the echo agent's code is ([`AGENT_CODE`]), copied into the agent.
+    pub agent_code: u64,
+}
+
+/// The echo agent: 32-bit code (PVH entry state: protected mode, paging off) that receives
+/// on the endpoint in its slot 0 and answers every message with itself, forever:
+/// `Recv(0); loop { ReplyRecv(0) }`. An error (its capability revoked) just loops.
+pub const AGENT_CODE: [u8; 22] = [
+    0xb8, 0x34, 0, 0, 0, // mov eax, 52 (Recv)
+    0x31, 0xdb, // xor ebx, ebx (slot 0)
+    0x0f, 0x01, 0xd9, // vmmcall
+    0xb8, 0x33, 0, 0, 0, // loop: mov eax, 51 (ReplyRecv; RCX and the words are the message)
+    0x31, 0xdb, // xor ebx, ebx
+    0x0f, 0x01, 0xd9, // vmmcall
+    0xeb, 0xf4, // jmp loop
+];
+/// Where the agent's code goes in its RAM (its entry point).
+pub const AGENT_ENTRY: u64 = 0x1000;
+
+/// A domain the fuzzer made to answer its calls, so that IPC really happens: its endpoint
+/// may be called with any message (the call returns, with the echo or an error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Agent {
+    /// Slots in the fuzzer's table: the agent's domain, the endpoint it serves, its vCPU.
+    pub domain: u64,
+    pub endpoint: u64,
+    pub vcpu: u64,
+}
+
+/// Building the agent, one call at a time: what the next call is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentStep {
+    Create,
+    Load { d: u64 },
+    Endpoint { d: u64 },
+    Give { d: u64, e: u64 },
+    Vcpu { d: u64, e: u64 },
+    Start { d: u64, e: u64, v: u64 },
 }
 
 /// One hypercall's registers.
@@ -98,7 +136,10 @@ pub enum Held {
     Domain {
         alive: bool,
     },
-    Vcpu,
+    /// A vCPU, created in the domain whose capability was in slot `domain` then.
+    Vcpu {
+        domain: u64,
+    },
     Region,
     Endpoint,
     /// `pending`: bits are certainly set (signalled, not taken since); `armed`: a timer of
@@ -162,6 +203,8 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::DomainStatus, 2),
     (Hypercall::MachineStatus, 1),
 ];
+/// Without an agent, one is built with a chance of 1 in this many calls.
+const AGENT_EVERY: u64 = 100;
 /// Domains the fuzzer keeps alive at most (each costs its zeroed RAM).
 const MAX_CHILDREN: usize = 4;
 /// Weight of a number no hypercall has.
@@ -184,6 +227,13 @@ pub struct Fuzzer {
     pub surprises: u64,
     /// Waits that blocked until a timer fired.
     pub timed_waits: u64,
+    /// The echo agent, while the model knows it answers.
+    pub agent: Option<Agent>,
+    agent_step: Option<AgentStep>,
+    /// The current call is a step of building the agent.
+    in_step: bool,
+    /// Calls the agent answered (each checked: the reply is the message).
+    pub echoes: u64,
     /// Make only this hypercall (an index into the names of [`Self::call_name`]): to
     /// measure one call's cost, or to hammer one path.
     pub only: Option<usize>,
@@ -213,6 +263,10 @@ impl Fuzzer {
             by_call: [0; WEIGHTS.len() + 1],
             surprises: 0,
             timed_waits: 0,
+            agent: None,
+            agent_step: None,
+            in_step: false,
+            echoes: 0,
             only: None,
         }
     }
@@ -277,11 +331,87 @@ impl Fuzzer {
 
     /// The next call to make.
     pub fn next_call(&mut self) -> Call {
-        let call = match self.follow_up.take() {
-            Some(c) => c,
-            None => self.generate(),
+        if let Some(c) = self.follow_up.take() {
+            return self.checked(c);
+        }
+        if self.agent_step.is_none() && self.agent.is_none() && self.only.is_none() && self.rng.below(AGENT_EVERY) == 0
+        {
+            self.agent_step = Some(AgentStep::Create);
+        }
+        if let Some(step) = self.agent_step {
+            // Known to be safe: not rewritten.
+            self.in_step = true;
+            return self.agent_call(step);
+        }
+        let c = self.generate();
+        self.checked(c)
+    }
+
+    /// [`Self::make_safe`], then forget the agent if the call may break it.
+    fn checked(&mut self, c: Call) -> Call {
+        let c = self.make_safe(c);
+        if let Some(a) = self.agent {
+            let h = Hypercall::from_number(c.number);
+            let overlaps_code = |dst: u64, len: u64| {
+                let end = dst.saturating_add(len);
+                dst < AGENT_ENTRY + AGENT_CODE.len() as u64 && end > AGENT_ENTRY
+            };
+            let vcpu_of_agent = matches!(self.held(c.rbx), Some(Held::Vcpu { domain }) if domain == a.domain);
+            let breaks = match h {
+                Some(Hypercall::DomainDestroy) => c.rbx == a.domain,
+                Some(Hypercall::CapDelete) => c.rbx == a.domain || c.rbx == a.endpoint || c.rbx == a.vcpu,
+                Some(Hypercall::CapRevoke) => c.rbx == a.endpoint,
+                Some(Hypercall::DomainWrite) => c.rbx == a.domain && overlaps_code(c.args[0], c.args[2]),
+                // Another vCPU running whatever is in its RAM might overwrite the code.
+                Some(Hypercall::VcpuStart) => vcpu_of_agent && c.rbx != a.vcpu,
+                _ => false,
+            };
+            if breaks {
+                self.agent = None;
+            }
+        }
+        c
+    }
+
+    fn held(&self, slot: u64) -> Option<Held> {
+        self.slots.get(slot as usize).copied().flatten().map(|s| s.held)
+    }
+
+    /// The call for a step of building the agent.
+    fn agent_call(&mut self, step: AgentStep) -> Call {
+        use Hypercall as H;
+        let mem = self.setup.memory;
+        match step {
+            AgentStep::Create => {
+                let prio = self.setup.child_priority_max as u64;
+                mk(H::DomainCreate, mem, 0, [2 << 20, prio, self.setup.name, 8, 0, 0])
+            }
+            AgentStep::Load { d } => {
+                mk(H::DomainWrite, d, 0, [AGENT_ENTRY, self.setup.agent_code, AGENT_CODE.len() as u64, 0, 0, 0])
+            }
+            AgentStep::Endpoint { .. } => mk(H::EndpointCreate, mem, 0, [0; 6]),
+            AgentStep::Give { d, e } => mk(H::CapCopy, e, 0, [d, rights::RECV, 0, 0, 0, 0]),
+            AgentStep::Vcpu { d, .. } => mk(H::VcpuCreate, d, 0, [AGENT_ENTRY, 0, 0, 0, 0, 0]),
+            AgentStep::Start { v, .. } => mk(H::VcpuStart, v, 0, [0; 6]),
+        }
+    }
+
+    /// The outcome of a step of building the agent: the next step, or give up.
+    fn agent_advance(&mut self, step: AgentStep, ok: bool, rdi: u64) {
+        self.agent_step = match (step, ok) {
+            (_, false) => None,
+            (AgentStep::Create, _) => Some(AgentStep::Load { d: rdi }),
+            (AgentStep::Load { d }, _) => Some(AgentStep::Endpoint { d }),
+            (AgentStep::Endpoint { d }, _) => Some(AgentStep::Give { d, e: rdi }),
+            // The code receives on slot 0: the first capability of a new domain.
+            (AgentStep::Give { d, e }, _) if rdi == 0 => Some(AgentStep::Vcpu { d, e }),
+            (AgentStep::Give { .. }, _) => None,
+            (AgentStep::Vcpu { d, e }, _) => Some(AgentStep::Start { d, e, v: rdi }),
+            (AgentStep::Start { d, e, v }, _) => {
+                self.agent = Some(Agent { domain: d, endpoint: e, vcpu: v });
+                None
+            }
         };
-        self.make_safe(call)
     }
 
     fn generate(&mut self) -> Call {
@@ -290,7 +420,13 @@ impl Fuzzer {
         }
         // Keep the tables from filling up for good: clean up when they get full.
         if self.filled() >= CAP_SLOTS - 8 && self.rng.chance(50) {
-            return mk(Hypercall::CapDelete, self.pick_filled(|_| true), 0, [0; 6]);
+            // (Not the agent's: it would need rebuilding.)
+            let agent = self.agent;
+            let mine = move |slot: u64| agent.is_some_and(|a| [a.domain, a.endpoint, a.vcpu].contains(&slot));
+            let slot = self.pick_filled(|_| true);
+            if !mine(slot) {
+                return mk(Hypercall::CapDelete, slot, 0, [0; 6]);
+            }
         }
         if self.live_children() > MAX_CHILDREN && self.rng.chance(30) {
             let d = self.pick_filled(|h| matches!(h, Held::Domain { alive: true }));
@@ -400,7 +536,7 @@ impl Fuzzer {
                 mk(h, d, 0, [entry, rbx, 0, 0, 0, 0])
             }
             H::VcpuStart => {
-                let v = self.slot_for(|h| matches!(h, Held::Vcpu));
+                let v = self.slot_for(|h| matches!(h, Held::Vcpu { .. }));
                 mk(h, v, 0, [0; 6])
             }
             H::VcpuSetMessagePage => {
@@ -454,6 +590,16 @@ impl Fuzzer {
             H::CapRevoke | H::CapDelete => {
                 let s = self.slot_for(|_| true);
                 mk(h, s, 0, [0; 6])
+            }
+            H::Call if self.agent.is_some() && self.rng.chance(60) => {
+                // Real IPC: a call the agent answers (or refuses: too long).
+                let e = self.agent.map_or(0, |a| a.endpoint);
+                let len = match self.rng.below(8) {
+                    0 => self.rng.below(MAX_MESSAGE_WORDS as u64 + 2),
+                    _ => self.rng.below(REGISTER_WORDS as u64 + 1),
+                };
+                let args = core::array::from_fn(|_| self.value());
+                mk(h, e, len, args)
             }
             H::Call | H::ReplyRecv | H::Recv => {
                 let e = self.slot_for(is_endpoint);
@@ -533,9 +679,10 @@ impl Fuzzer {
         let slot = self.slots.get(c.rbx as usize).copied().flatten();
         let endpoint_with =
             |right: u64| matches!(slot, Some(Slot { held: Held::Endpoint, rights: r }) if r & right != 0);
+        let agent_answers = self.agent.is_some_and(|a| a.endpoint == c.rbx);
         match Hypercall::from_number(c.number) {
             Some(Hypercall::DomainExit) => c.number = Hypercall::Null.number(),
-            Some(Hypercall::Call) if endpoint_with(rights::CALL) => {
+            Some(Hypercall::Call) if endpoint_with(rights::CALL) && !agent_answers => {
                 // Refused before anything happens: too long, or long without a message page.
                 let max = MAX_MESSAGE_WORDS as u64;
                 let refused = c.rcx > max || (c.rcx > REGISTER_WORDS as u64 && !self.message_page);
@@ -580,8 +727,9 @@ impl Fuzzer {
                     c.args[1] = 0;
                 }
             }
+            // Below the agent, which must be able to answer whatever they do.
             Some(Hypercall::DomainCreate) if (1..=254).contains(&c.args[1]) => {
-                c.args[1] = 1 + c.args[1] % self.setup.child_priority_max.max(1) as u64;
+                c.args[1] = 1 + c.args[1] % self.setup.child_priority_max.saturating_sub(1).max(1) as u64;
             }
             _ => {}
         }
@@ -589,7 +737,21 @@ impl Fuzzer {
     }
 
     /// Learn from a call's outcome: statistics and the model.
-    pub fn record(&mut self, c: &Call, rax: u64, rdi: u64) {
+    pub fn record(&mut self, c: &Call, out: &Call) {
+        let (rax, rdi) = (out.number, out.args[0]);
+        if core::mem::take(&mut self.in_step) {
+            if let Some(step) = self.agent_step {
+                self.agent_advance(step, rax == 0, rdi);
+            }
+        }
+        if c.number == Hypercall::Call.number() && rax == 0 {
+            // Only the agent answers: with the message itself.
+            if self.agent.is_some_and(|a| a.endpoint == c.rbx) && out.rcx == c.rcx && out.args == c.args {
+                self.echoes += 1;
+            } else {
+                self.surprises += 1;
+            }
+        }
         let bin = if rax <= Self::MAX_CODE { rax as usize } else { STATUS_BINS - 1 };
         self.statuses[bin] += 1;
         if rax != 0 && Error::from_code(rax).is_none() {
@@ -609,7 +771,7 @@ impl Fuzzer {
         let slot = c.rbx as usize;
         match h {
             Hypercall::DomainCreate => self.created(rdi, new(Held::Domain { alive: true }, rights::CONTROL)),
-            Hypercall::VcpuCreate => self.created(rdi, new(Held::Vcpu, rights::CONTROL)),
+            Hypercall::VcpuCreate => self.created(rdi, new(Held::Vcpu { domain: c.rbx }, rights::CONTROL)),
             Hypercall::RegionCreate => {
                 let all = rights::READ | rights::WRITE | rights::EXEC | rights::GRANT;
                 self.created(rdi, new(Held::Region, all))
@@ -797,7 +959,15 @@ mod tests {
     use super::*;
 
     fn setup() -> Setup {
-        Setup { memory: 5, timer: Some(3), ram: 8 << 20, child_priority_max: 4, message_page: 0x20_0000, name: 0x1000 }
+        Setup {
+            memory: 5,
+            timer: Some(3),
+            ram: 8 << 20,
+            child_priority_max: 4,
+            message_page: 0x20_0000,
+            name: 0x1000,
+            agent_code: 0x3000,
+        }
     }
 
     /// A stand-in for the microvisor that accepts everything it can: creations get the
@@ -815,19 +985,27 @@ mod tests {
                 Hypercall::EndpointCreate,
                 Hypercall::NotificationCreate,
             ];
+            let agent_answers = f.agent.is_some_and(|a| a.endpoint == c.rbx) && c.rcx <= REGISTER_WORDS as u64;
             let (rax, rdi) = if Hypercall::from_number(c.number).is_none() {
                 (Error::UnknownHypercall.code(), 0)
+            } else if c.number == Hypercall::Call.number() {
+                (if agent_answers { 0 } else { Error::InvalidArgument.code() }, c.args[0])
             } else if creates.iter().any(|h| h.number() == c.number) {
                 match f.slots.iter().position(|s| s.is_none()) {
                     Some(i) if rng.chance(70) => (0, i as u64),
                     _ => (Error::OutOfMemory.code(), 0),
                 }
-            } else if c.rbx < CAP_SLOTS as u64 && rng.chance(50) {
+            } else if c.rbx < CAP_SLOTS as u64 && rng.chance(80) {
                 (0, 0)
             } else {
                 (Error::InvalidSlot.code(), 0)
             };
-            f.record(&c, rax, rdi);
+            let mut out = Call { number: rax, rbx: 0, rcx: c.rcx, args: c.args };
+            out.args[0] = rdi;
+            if c.number == Hypercall::Call.number() && rax == 0 {
+                out.args = c.args;
+            }
+            f.record(&c, &out);
         }
         f
     }
@@ -848,7 +1026,9 @@ mod tests {
                     {
                         assert!(c.rcx > MAX_MESSAGE_WORDS as u64, "{c:?}")
                     }
-                    (Some(Hypercall::Call), Some(Slot { held: Held::Endpoint, .. })) => {
+                    (Some(Hypercall::Call), Some(Slot { held: Held::Endpoint, .. }))
+                        if f.agent.is_none_or(|a| a.endpoint != c.rbx) =>
+                    {
                         assert!(c.rcx > REGISTER_WORDS as u64, "a call nobody answers: {c:?}")
                     }
                     (Some(Hypercall::Wait), Some(Slot { held: Held::Notification { pending, armed }, .. })) => {
@@ -873,6 +1053,7 @@ mod tests {
             assert!(*n > 0, "{} never called", Fuzzer::call_name(i));
         }
         assert!(f.timed_waits > 0, "no wait ever blocked on a timer");
+        assert!(f.echoes > 0, "the agent never answered");
         assert_eq!(f.surprises, 0);
     }
 
@@ -887,29 +1068,33 @@ mod tests {
             same &= x == y;
             differ |= x != z;
             for f in [&mut a, &mut b, &mut c] {
-                f.record(&x, 1, 0);
+                f.record(&x, &Call { number: 1, ..Call::default() });
             }
         }
         assert!(same && differ);
+    }
+
+    fn out(rax: u64, rdi: u64) -> Call {
+        Call { number: rax, args: [rdi, 0, 0, 0, 0, 0], ..Call::default() }
     }
 
     #[test]
     fn the_model_follows_creations_and_deletions() {
         let mut f = Fuzzer::new(1, setup());
         let create = Call { number: Hypercall::EndpointCreate.number(), rbx: 5, ..Call::default() };
-        f.record(&create, 0, 0);
+        f.record(&create, &out(0, 0));
         assert_eq!(f.slots[0].map(|s| s.held), Some(Held::Endpoint));
         // A creation into a slot the model has filled is a surprise.
-        f.record(&create, 0, 5);
+        f.record(&create, &out(0, 5));
         assert_eq!(f.surprises, 1);
         let delete = Call { number: Hypercall::CapDelete.number(), rbx: 0, ..Call::default() };
-        f.record(&delete, 0, 0);
+        f.record(&delete, &out(0, 0));
         assert_eq!(f.slots[0], None);
         // An unknown status word is a surprise too.
-        f.record(&delete, 0xdead, 0);
+        f.record(&delete, &out(0xdead, 0));
         assert_eq!(f.surprises, 2);
         // A Recv on the endpoint goes elsewhere; a Call gets a length that is refused.
-        f.record(&create, 0, 0);
+        f.record(&create, &out(0, 0));
         let recv = f.make_safe(Call { number: Hypercall::Recv.number(), rbx: 0, ..Call::default() });
         assert!(f.slots.get(recv.rbx as usize).copied().flatten().is_none());
         let call = f.make_safe(Call { number: Hypercall::Call.number(), rbx: 0, rcx: 2, ..Call::default() });

@@ -16,10 +16,13 @@ fn main() {}
 mod fuzzer {
     use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
-    use domains::fuzz::{Fuzzer, Setup, STATUS_BINS};
+    use domains::fuzz::{Call, Fuzzer, Setup, AGENT_CODE, STATUS_BINS};
     use ipc_spec::Error;
 
     domain_rt::domain_main!(main);
+
+    /// The echo agent's code, in RAM (DomainWrite copies from RAM only).
+    static AGENT: [u8; AGENT_CODE.len()] = AGENT_CODE;
 
     /// A page the fuzzer may register as its message page (nothing else lives there).
     #[repr(C, align(4096))]
@@ -45,6 +48,7 @@ mod fuzzer {
             child_priority_max: priority.saturating_sub(1).max(1),
             message_page: (&raw const MESSAGE_PAGE) as u64,
             name: NAMES.as_ptr() as u64,
+            agent_code: AGENT.as_ptr() as u64,
         };
         println!("fuzzing: seed={seed} calls={calls} ram={} MiB memory slot {memory}", ram >> 20);
         println!("ready");
@@ -57,7 +61,7 @@ mod fuzzer {
         for i in 1..=calls {
             let c = f.next_call();
             let r = hypercall::raw(c.number, c.rbx, c.rcx, c.args);
-            f.record(&c, r.rax, r.args[0]);
+            f.record(&c, &Call { number: r.rax, rbx: r.rbx, rcx: r.rcx, args: r.args });
             if i % progress == 0 {
                 let ms = (hypercall::clock_ns() - t0) / 1_000_000;
                 println!(
@@ -69,10 +73,11 @@ mod fuzzer {
         }
         let ns = (hypercall::clock_ns() - t0).max(1);
         println!(
-            "fuzz: done: seed={seed} calls={calls} ms={} calls_per_s={} timed_waits={} surprises={}",
+            "fuzz: done: seed={seed} calls={calls} ms={} calls_per_s={} timed_waits={} echoes={} surprises={}",
             ns / 1_000_000,
             calls as u128 * 1_000_000_000 / ns as u128,
             f.timed_waits,
+            f.echoes,
             f.surprises
         );
         let mut line = Line::new("fuzz: statuses:");
