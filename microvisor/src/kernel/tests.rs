@@ -2976,3 +2976,35 @@ fn without_a_root_no_domain_is_collected() {
     assert_eq!(s.live_domains(), 2, "b stays: no root was named");
     assert_eq!(s.k.collect_unreachable(&mut s.p), 0);
 }
+
+/// Domains holding capabilities to each other (as they could if domain capabilities were
+/// copyable) do not keep each other alive: what counts is a chain from the root.
+#[test]
+fn a_cycle_of_domain_capabilities_does_not_keep_its_domains_alive() {
+    let mut s = boot();
+    s.k.root = Some(s.d0);
+    let v0 = s.v0;
+    let before = machine_status(&mut s);
+    let (a, aslot) = s.create_domain("a", MIB2, 10);
+    let (b, bslot) = s.create_domain("b", MIB2, 10);
+    let (_, xslot) = s.create_domain("x", MIB2, 10);
+    let (ga, gb) = (s.k.domains[a as usize].generation, s.k.domains[b as usize].generation);
+    // a and b each hold the other (and themselves).
+    for (holder, target, g) in [(a, b, gb), (b, a, ga), (a, a, ga)] {
+        s.k.grant_original(holder, Object::Domain(target, g), rights::CONTROL).unwrap();
+    }
+    // While dom0 reaches them, a destroy elsewhere keeps them.
+    assert_eq!(s.hc(v0, Hypercall::DomainDestroy, xslot, &[]), Ok(0));
+    assert_eq!(s.live_domains(), 3);
+    // dom0 lets go of both: the cycle alone does not keep them. (Collected at the next
+    // destruction, which here is a new domain's.)
+    s.hc(v0, Hypercall::CapDelete, aslot, &[]).unwrap();
+    s.hc(v0, Hypercall::CapDelete, bslot, &[]).unwrap();
+    let (_, yslot) = s.create_domain("y", MIB2, 10);
+    assert_eq!(s.hc(v0, Hypercall::DomainDestroy, yslot, &[]), Ok(0));
+    check_invariants(&s.k);
+    assert_eq!(s.live_domains(), 1);
+    s.hc(v0, Hypercall::CapDelete, xslot, &[]).unwrap();
+    s.hc(v0, Hypercall::CapDelete, yslot, &[]).unwrap();
+    assert_eq!(machine_status(&mut s), before);
+}
