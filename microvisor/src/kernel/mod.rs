@@ -921,8 +921,8 @@ impl<F: Stage2Format> Kernel<F> {
             }
         }
         let mut destroyed = 0;
-        for d in 0..MAX_DOMAINS {
-            if self.domains[d].state == DomainState::Alive && !reached[d] {
+        for (d, reached) in reached.into_iter().enumerate() {
+            if self.domains[d].state == DomainState::Alive && !reached {
                 self.console_flush(p, d as DomainId);
                 self.domain_destroy(p, d as DomainId);
                 destroyed += 1;
