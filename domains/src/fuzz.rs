@@ -107,6 +107,23 @@ pub struct Agent {
     pub vcpu: u64,
 }
 
+/// A burst of creations that fills the kernel's tables (see [`Fuzzer::start_burst`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Burst {
+    kind: Hypercall,
+    /// Slot of the domain the objects are copied into.
+    child: u64,
+    left: u32,
+    step: BurstStep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BurstStep {
+    Create,
+    Give { slot: u64 },
+    Drop { slot: u64 },
+}
+
 /// Building the agent, one call at a time: what the next call is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AgentStep {
@@ -203,6 +220,8 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::DomainStatus, 2),
     (Hypercall::MachineStatus, 1),
 ];
+/// A burst (tables filled) starts with a chance of 1 in this many calls.
+const BURST_EVERY: u64 = 3000;
 /// Without an agent, one is built with a chance of 1 in this many calls.
 const AGENT_EVERY: u64 = 100;
 /// Domains the fuzzer keeps alive at most (each costs its zeroed RAM).
@@ -234,6 +253,11 @@ pub struct Fuzzer {
     in_step: bool,
     /// Calls the agent answered (each checked: the reply is the message).
     pub echoes: u64,
+    burst: Option<Burst>,
+    /// Bursts started.
+    pub bursts: u64,
+    /// The current call is part of a burst.
+    in_burst: bool,
     /// Make only this hypercall (an index into the names of [`Self::call_name`]): to
     /// measure one call's cost, or to hammer one path.
     pub only: Option<usize>,
@@ -267,6 +291,9 @@ impl Fuzzer {
             agent_step: None,
             in_step: false,
             echoes: 0,
+            burst: None,
+            bursts: 0,
+            in_burst: false,
             only: None,
         }
     }
@@ -343,8 +370,63 @@ impl Fuzzer {
             self.in_step = true;
             return self.agent_call(step);
         }
+        if self.burst.is_none() && self.only.is_none() && self.rng.below(BURST_EVERY) == 0 {
+            self.start_burst();
+        }
+        if let Some(b) = self.burst {
+            self.in_burst = true;
+            return self.burst_call(b);
+        }
         let c = self.generate();
         self.checked(c)
+    }
+
+    /// Fill the tables: create objects one after the other, each copied into one of the
+    /// domains the fuzzer created and then dropped from its own table (so they pile up
+    /// there), until the table or memory runs out or the burst ends.
+    fn start_burst(&mut self) {
+        let child = self.pick_filled(|h| matches!(h, Held::Domain { alive: true }));
+        if !matches!(self.held(child), Some(Held::Domain { alive: true })) {
+            return;
+        }
+        let kind = [Hypercall::EndpointCreate, Hypercall::NotificationCreate, Hypercall::RegionCreate]
+            [self.rng.below(3) as usize];
+        let left = 40 + self.rng.below(100) as u32;
+        self.burst = Some(Burst { kind, child, left, step: BurstStep::Create });
+        self.bursts += 1;
+    }
+
+    fn burst_call(&mut self, b: Burst) -> Call {
+        match b.step {
+            BurstStep::Create => mk(b.kind, self.setup.memory, 0, [1 + self.rng.below(8192), 0, 0, 0, 0, 0]),
+            BurstStep::Give { slot } => {
+                let (mask, badge) = (self.access_mask(), if self.rng.chance(50) { 0 } else { self.rng.next_u64() });
+                mk(Hypercall::CapCopy, slot, 0, [b.child, mask, badge, 0, 0, 0])
+            }
+            BurstStep::Drop { slot } => mk(Hypercall::CapDelete, slot, 0, [0; 6]),
+        }
+    }
+
+    fn burst_advance(&mut self, ok: bool, rdi: u64) {
+        let Some(mut b) = self.burst else { return };
+        b.step = match b.step {
+            BurstStep::Create if ok => BurstStep::Give { slot: rdi },
+            // Out of memory or slots: the point of the burst.
+            BurstStep::Create => {
+                self.burst = None;
+                return;
+            }
+            BurstStep::Give { slot } => BurstStep::Drop { slot },
+            BurstStep::Drop { .. } => {
+                b.left = b.left.saturating_sub(1);
+                if b.left == 0 {
+                    self.burst = None;
+                    return;
+                }
+                BurstStep::Create
+            }
+        };
+        self.burst = Some(b);
     }
 
     /// [`Self::make_safe`], then forget the agent if the call may break it.
@@ -744,6 +826,9 @@ impl Fuzzer {
                 self.agent_advance(step, rax == 0, rdi);
             }
         }
+        if core::mem::take(&mut self.in_burst) {
+            self.burst_advance(rax == 0, rdi);
+        }
         if c.number == Hypercall::Call.number() && rax == 0 {
             // Only the agent answers: with the message itself.
             if self.agent.is_some_and(|a| a.endpoint == c.rbx) && out.rcx == c.rcx && out.args == c.args {
@@ -1054,6 +1139,7 @@ mod tests {
         }
         assert!(f.timed_waits > 0, "no wait ever blocked on a timer");
         assert!(f.echoes > 0, "the agent never answered");
+        assert!(f.bursts > 0, "no burst filled the tables");
         assert_eq!(f.surprises, 0);
     }
 

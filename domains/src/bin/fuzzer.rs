@@ -73,11 +73,12 @@ mod fuzzer {
         }
         let ns = (hypercall::clock_ns() - t0).max(1);
         println!(
-            "fuzz: done: seed={seed} calls={calls} ms={} calls_per_s={} timed_waits={} echoes={} surprises={}",
+            "fuzz: done: seed={seed} calls={calls} ms={} calls_per_s={} timed_waits={} echoes={} bursts={} surprises={}",
             ns / 1_000_000,
             calls as u128 * 1_000_000_000 / ns as u128,
             f.timed_waits,
             f.echoes,
+            f.bursts,
             f.surprises
         );
         let mut line = Line::new("fuzz: statuses:");
