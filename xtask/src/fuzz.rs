@@ -99,6 +99,13 @@ pub fn check(m: &Machine, seed: u64, calls: u64, timeout: Duration, echo: bool) 
                 tail(40)
             ))
         }
+        Ending::TimedOut if run.lines.iter().any(|l| l.starts_with(verdict)) => {
+            return Err(format!(
+                "{CLIENT} completed no round of calls within {} s after dom0's verdict: the other domains stopped being served {replay}\nlast console lines:\n{}",
+                timeout.as_secs(),
+                tail(40)
+            ))
+        }
         Ending::TimedOut => {
             return Err(format!(
                 "no verdict within {} s: a hang? {replay}\nlast console lines:\n{}",
