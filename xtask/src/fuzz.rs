@@ -101,7 +101,7 @@ pub fn check(m: &Machine, seed: u64, calls: u64, timeout: Duration, echo: bool) 
         }
         Ending::TimedOut if run.lines.iter().any(|l| l.starts_with(verdict)) => {
             return Err(format!(
-                "{CLIENT} completed no round of calls within {} s after dom0's verdict: the other domains stopped being served {replay}\nlast console lines:\n{}",
+                "{CLIENT} completed no round of calls after dom0's verdict (run stopped after {} s): the other domains stopped being served {replay}\nlast console lines:\n{}",
                 timeout.as_secs(),
                 tail(40)
             ))
