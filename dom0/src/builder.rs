@@ -12,7 +12,7 @@ use domain_rt::hypercall::{call, Regs};
 use domain_rt::println;
 use ipc_spec::bundle::Bundle;
 use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
-use ipc_spec::manifest::{ChannelKind, Manifest, DEVICE_KINDS};
+use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, DEVICE_KINDS};
 use ipc_spec::{Error, Hypercall};
 use pvh::elf::ElfImage;
 use pvh::start_info::{build_start_page, MemmapEntry, MEMMAP_RAM};
@@ -39,7 +39,24 @@ pub struct Built {
     /// command line names it).
     pub vmm: Option<usize>,
     vcpu: Option<u64>,
+    /// A hypercall fuzzer (`fuzz = true`): the machine's `MachineStatus` just before dom0
+    /// built it, to compare with after it is destroyed.
+    pub fuzz_baseline: Option<MachineStatus>,
 }
+
+/// What `MachineStatus` says: free frames, then live domains, vCPUs, regions, endpoints
+/// and notifications.
+pub type MachineStatus = [u64; 6];
+
+/// The machine's free frames and live kernel objects, now.
+pub fn machine_status() -> Result<MachineStatus, String> {
+    let r = hc(Hypercall::MachineStatus, dom0_slots::MACHINE, [0; 6])?;
+    Ok(r.args)
+}
+
+/// Names of the [`MachineStatus`] fields, in order.
+pub const MACHINE_STATUS_FIELDS: [&str; 6] =
+    ["free_frames", "domains", "vcpus", "regions", "endpoints", "notifications"];
 
 /// The built stack.
 pub struct Stack {
@@ -96,75 +113,24 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     println!("{} PCI function(s) to give out", devices.len());
 
     for (i, d) in m.domains.iter().enumerate() {
-        let image = bundle
-            .get(&d.image)
-            .ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
-        let elf = ElfImage::parse(image).map_err(|e| format!("domain {}: image {}: {e}", d.name, d.image))?;
-        let entry = elf.pvh_entry().ok_or_else(|| format!("domain {}: image has no PVH entry note", d.name))?;
-        let ram = d.memory_mib as u64 * 1024 * 1024;
-        let ram = ram.next_multiple_of(2 << 20);
-        elf.check_fits(IMAGE_MIN_GPA, ram - IMAGE_MIN_GPA).map_err(|e| format!("domain {}: {e}", d.name))?;
-
-        let name = d.name.as_bytes();
-        let vm = !d.vmm.is_empty();
-        let flags = if vm { domain_flags::VM } else { 0 };
-        let r = hc(
-            Hypercall::DomainCreate,
-            dom0_slots::MEMORY,
-            [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, flags, 0],
-        )
-        .map_err(|e| format!("domain {}: {e}", d.name))?;
-        let slot = r.args[0];
-        for seg in elf.segments() {
-            load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
-        }
-        if vm {
-            // Its VMM is wired up once every domain exists; its vCPU is made now (started
-            // last, like everyone's) so that the VMM's command line can name it.
-            let v = hc(Hypercall::VcpuCreate, slot, [entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0];
-            let vmm = m.domains.iter().position(|x| x.name == d.vmm);
-            domains.push(Built { name: d.name.clone(), slot, args: String::new(), entry, ram, vmm, vcpu: Some(v) });
+        if d.fuzz {
+            // Built last (below), so that nothing but the fuzzer changes the machine's
+            // free memory and objects between the two measurements.
+            let placeholder = Built {
+                name: d.name.clone(),
+                slot: u64::MAX,
+                args: String::new(),
+                entry: 0,
+                ram: 0,
+                vmm: None,
+                vcpu: None,
+                fuzz_baseline: None,
+            };
+            domains.push(placeholder);
             continue;
         }
-        hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
-
-        // Its own timer notification.
-        let n = create(Hypercall::NotificationCreate)?;
-        let timer = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
-        delete(n)?;
-        let mut args = String::new();
-        let _ = write!(args, "timer={timer}");
-
-        if !d.device.is_empty() {
-            let (_, vendor, device) = DEVICE_KINDS
-                .iter()
-                .copied()
-                .find(|(name, _, _)| *name == d.device)
-                .ok_or_else(|| format!("domain {}: unknown device {}", d.name, d.device))?;
-            let found = devices
-                .iter_mut()
-                .find(|(_, v, dv, taken)| *v == vendor && *dv == device && !*taken)
-                .ok_or_else(|| format!("domain {}: no free {} device on this machine", d.name, d.device))?;
-            hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0])
-                .map_err(|e| format!("domain {}: {e}", d.name))?;
-            found.3 = true;
-            // The driver names the device to reach its configuration space; it cannot
-            // reassign it (no rights).
-            let dev = give(found.0, slot, 0, 0)?;
-            // A notification for the device's interrupts (routed with DeviceIrq).
-            let n = create(Hypercall::NotificationCreate)?;
-            let irq = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
-            delete(n)?;
-            let _ = write!(args, " dev={dev} irq={irq}");
-            println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
-        }
-        if d.status {
-            // A call right on dom0's endpoint, badged apart from fault messages: the status
-            // service (`ipc_spec::status`).
-            let st = give(fault_endpoint, slot, rights::CALL, ipc_spec::status::STATUS_BADGE | (i as u64 + 1))?;
-            let _ = write!(args, " status={st}");
-        }
-        domains.push(Built { name: d.name.clone(), slot, args, entry, ram, vmm: None, vcpu: None });
+        let built = create_domain(bundle, m, d, i, fault_endpoint, &mut devices)?;
+        domains.push(built);
     }
 
     // Each VM's exits go to an endpoint only its VMM receives on; the VMM also gets the
@@ -232,30 +198,23 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     }
 
     for (d, spec) in domains.iter().zip(m.domains.iter()) {
-        let mut cmdline = spec.args.clone();
-        if !cmdline.is_empty() && !d.args.is_empty() {
-            cmdline.push(' ');
+        if !spec.fuzz {
+            start(d, spec)?;
         }
-        cmdline.push_str(&d.args);
-        let mut page = alloc::vec![0u8; 4096];
-        let page_arr: &mut [u8; 4096] = page.as_mut_slice().try_into().map_err(|_| String::from("page size"))?;
-        build_start_page(
-            page_arr,
-            START_INFO_GPA,
-            cmdline.as_bytes(),
-            &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)],
-            &[],
-            0,
-        )
-        .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
-        hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
-        let v = match d.vcpu {
-            Some(v) => v,
-            None => hc(Hypercall::VcpuCreate, d.slot, [d.entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0],
-        };
-        hc(Hypercall::VcpuStart, v, [0; 6])?;
-        delete(v)?;
-        println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
+    }
+
+    // The fuzzers, after everything else: measure, build, give memory, start.
+    for (i, spec) in m.domains.iter().enumerate() {
+        if !spec.fuzz {
+            continue;
+        }
+        let baseline = machine_status()?;
+        let mut built = create_domain(bundle, m, spec, i, fault_endpoint, &mut devices)?;
+        let mem = give(dom0_slots::MEMORY, built.slot, rights::CONTROL | rights::GRANT, 0)?;
+        let _ = write!(built.args, " mem={mem} prio={}", spec.priority);
+        start(&built, spec)?;
+        built.fuzz_baseline = Some(baseline);
+        domains[i] = built;
     }
     Ok(Stack { domains, fault_endpoint })
 }
@@ -272,4 +231,122 @@ fn doorbells(client: u64, server: u64) -> Result<(u64, u64, u64, u64), String> {
     delete(to_server)?;
     delete(to_client)?;
     Ok((cs, cw, ss, sw))
+}
+
+/// Create the domain `d` (index `i` in the manifest `m`), load its image, give it its fault
+/// handler (a VM: its vCPU, wired to its VMM later), timer, device and status capability.
+fn create_domain(
+    bundle: &Bundle,
+    m: &Manifest,
+    d: &DomainSpec,
+    i: usize,
+    fault_endpoint: u64,
+    devices: &mut [(u64, u16, u16, bool)],
+) -> Result<Built, String> {
+    let image = bundle
+        .get(&d.image)
+        .ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
+    let elf = ElfImage::parse(image).map_err(|e| format!("domain {}: image {}: {e}", d.name, d.image))?;
+    let entry = elf.pvh_entry().ok_or_else(|| format!("domain {}: image has no PVH entry note", d.name))?;
+    let ram = d.memory_mib as u64 * 1024 * 1024;
+    let ram = ram.next_multiple_of(2 << 20);
+    elf.check_fits(IMAGE_MIN_GPA, ram - IMAGE_MIN_GPA).map_err(|e| format!("domain {}: {e}", d.name))?;
+
+    let name = d.name.as_bytes();
+    let vm = !d.vmm.is_empty();
+    let flags = if vm { domain_flags::VM } else { 0 };
+    let r = hc(
+        Hypercall::DomainCreate,
+        dom0_slots::MEMORY,
+        [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, flags, 0],
+    )
+    .map_err(|e| format!("domain {}: {e}", d.name))?;
+    let slot = r.args[0];
+    for seg in elf.segments() {
+        load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
+    }
+    if vm {
+        // Its VMM is wired up once every domain exists; its vCPU is made now (started
+        // last, like everyone's) so that the VMM's command line can name it.
+        let v = hc(Hypercall::VcpuCreate, slot, [entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0];
+        let vmm = m.domains.iter().position(|x| x.name == d.vmm);
+        return Ok(Built {
+            name: d.name.clone(),
+            slot,
+            args: String::new(),
+            entry,
+            ram,
+            vmm,
+            vcpu: Some(v),
+            fuzz_baseline: None,
+        });
+    }
+    hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
+
+    // Its own timer notification.
+    let n = create(Hypercall::NotificationCreate)?;
+    let timer = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
+    delete(n)?;
+    let mut args = String::new();
+    let _ = write!(args, "timer={timer}");
+
+    if !d.device.is_empty() {
+        let (_, vendor, device) = DEVICE_KINDS
+            .iter()
+            .copied()
+            .find(|(name, _, _)| *name == d.device)
+            .ok_or_else(|| format!("domain {}: unknown device {}", d.name, d.device))?;
+        let found = devices
+            .iter_mut()
+            .find(|(_, v, dv, taken)| *v == vendor && *dv == device && !*taken)
+            .ok_or_else(|| format!("domain {}: no free {} device on this machine", d.name, d.device))?;
+        hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0])
+            .map_err(|e| format!("domain {}: {e}", d.name))?;
+        found.3 = true;
+        // The driver names the device to reach its configuration space; it cannot
+        // reassign it (no rights).
+        let dev = give(found.0, slot, 0, 0)?;
+        // A notification for the device's interrupts (routed with DeviceIrq).
+        let n = create(Hypercall::NotificationCreate)?;
+        let irq = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
+        delete(n)?;
+        let _ = write!(args, " dev={dev} irq={irq}");
+        println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
+    }
+    if d.status {
+        // A call right on dom0's endpoint, badged apart from fault messages: the status
+        // service (`ipc_spec::status`).
+        let st = give(fault_endpoint, slot, rights::CALL, ipc_spec::status::STATUS_BADGE | (i as u64 + 1))?;
+        let _ = write!(args, " status={st}");
+    }
+    Ok(Built { name: d.name.clone(), slot, args, entry, ram, vmm: None, vcpu: None, fuzz_baseline: None })
+}
+
+/// Write the start info of `d` and start its vCPU.
+fn start(d: &Built, spec: &DomainSpec) -> Result<(), String> {
+    let mut cmdline = spec.args.clone();
+    if !cmdline.is_empty() && !d.args.is_empty() {
+        cmdline.push(' ');
+    }
+    cmdline.push_str(&d.args);
+    let mut page = alloc::vec![0u8; 4096];
+    let page_arr: &mut [u8; 4096] = page.as_mut_slice().try_into().map_err(|_| String::from("page size"))?;
+    build_start_page(
+        page_arr,
+        START_INFO_GPA,
+        cmdline.as_bytes(),
+        &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)],
+        &[],
+        0,
+    )
+    .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
+    hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
+    let v = match d.vcpu {
+        Some(v) => v,
+        None => hc(Hypercall::VcpuCreate, d.slot, [d.entry as u64, START_INFO_GPA, 0, 0, 0, 0])?.args[0],
+    };
+    hc(Hypercall::VcpuStart, v, [0; 6])?;
+    delete(v)?;
+    println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
+    Ok(())
 }

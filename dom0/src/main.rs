@@ -195,8 +195,42 @@ mod dom0 {
                         Err(e) => println!("destroying {}, the VM of {name}, failed: {e}", vm.name),
                     }
                 }
+                if let Some(before) = d.fuzz_baseline {
+                    fuzz_verdict(name, &w, before);
+                }
             }
             next = hypercall::ipc_recv(stack.fault_endpoint);
+        }
+    }
+
+    /// After a fuzzer's end (message words `w`) and destruction: did it exit cleanly, and
+    /// is every frame and kernel object back? One PASS or FAIL line with the numbers.
+    fn fuzz_verdict(name: &str, w: &[u64; 6], before: builder::MachineStatus) {
+        let after = match builder::machine_status() {
+            Ok(a) => a,
+            Err(e) => {
+                println!("fuzz: FAIL: {e}");
+                return;
+            }
+        };
+        let mut line = alloc::string::String::new();
+        let mut leaks = 0;
+        for (i, field) in builder::MACHINE_STATUS_FIELDS.iter().enumerate() {
+            use core::fmt::Write as _;
+            let _ = write!(line, " {field} {}->{}", before[i], after[i]);
+            if before[i] != after[i] {
+                leaks += 1;
+                let _ = write!(line, " ({:+})", after[i] as i64 - before[i] as i64);
+            }
+        }
+        let exited = ExitMessage::decode(w).is_some_and(|x| x.kind == ExitKind::Exited);
+        if !exited || w[3] != 0 {
+            println!("fuzz: FAIL: {name} did not exit cleanly (message {:#x?})", &w[..4]);
+        }
+        if leaks == 0 {
+            println!("fuzz: PASS: no leak after destroying {name}:{line}");
+        } else {
+            println!("fuzz: FAIL: leak after destroying {name}:{line}");
         }
     }
 

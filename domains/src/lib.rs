@@ -5,6 +5,8 @@
 //! channel, `timer=<slot>` for the domain's own timer notification.
 #![cfg_attr(not(test), no_std)]
 
+pub mod fuzz;
+
 /// The slot named `key` on the command line.
 pub fn slot(cmdline: &str, key: &str) -> Option<u64> {
     cmdline

@@ -213,6 +213,12 @@ hypercalls! {
     /// made, R10 = notifications they signalled, R8 = its RAM in MiB. A destroyed domain's
     /// capabilities are revoked, so asking about one fails.
     DomainStatus = 76,
+
+    /// How the whole machine is doing, so that leaks can be measured from dom0.
+    /// RBX = machine capability (CONTROL). Returns RDI = free 4 KiB frames, and the live
+    /// kernel objects per table: RSI = domains, RDX = vCPUs, R10 = regions, R8 = endpoints,
+    /// R9 = notifications.
+    MachineStatus = 90,
 }
 
 impl Hypercall {

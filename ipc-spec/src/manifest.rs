@@ -82,6 +82,12 @@ pub struct DomainSpec {
     /// the receive right of the VM's exit endpoint (`vm=`, `vcpu=`, `exits=` on the VMM's
     /// command line), and destroys the VM when the VMM goes.
     pub vmm: String,
+    /// Whether the domain is a hypercall fuzzer: dom0 builds it after every other domain,
+    /// gives it a copy of the memory capability (`mem=<slot>` on its command line) and its
+    /// priority (`prio=<p>`), records the machine's free frames and kernel objects
+    /// (`MachineStatus`) before, and once it exits destroys it and checks that all came
+    /// back. It may have no channel, device or status capability.
+    pub fuzz: bool,
 }
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
@@ -350,6 +356,12 @@ pub enum ProblemKind {
         /// The size asked for, in KiB.
         kib: u32,
     },
+    /// A fuzz domain (`fuzz = true`) is also given something else: a channel end, a
+    /// device, the status capability.
+    FuzzerWithExtras {
+        /// What it is given (`a device`, `the status capability`, `channel "x"`).
+        what: String,
+    },
     /// The domains' memory plus the reserve is more than the machine has.
     MemoryDoesNotFit {
         /// Sum of the domains' memory, in MiB.
@@ -451,6 +463,10 @@ impl fmt::Display for ProblemKind {
             ProblemKind::BadRegionSize { kib } => write!(
                 f,
                 "region size {kib} KiB: must be {MIN_BLOCK_REGION_KIB} to {MAX_BLOCK_REGION_KIB} KiB and a multiple of 4"
+            ),
+            ProblemKind::FuzzerWithExtras { what } => write!(
+                f,
+                "a fuzz domain gets only memory and its timer, so it cannot have {what}"
             ),
             ProblemKind::MemoryDoesNotFit {
                 domains_mib,
@@ -555,6 +571,12 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
                 }
             }
         }
+        if domain.fuzz && !domain.device.is_empty() {
+            push(field("device"), ProblemKind::FuzzerWithExtras { what: "a device".to_owned() });
+        }
+        if domain.fuzz && domain.status {
+            push(field("status"), ProblemKind::FuzzerWithExtras { what: "the status capability".to_owned() });
+        }
     }
 
     for (index, channel) in manifest.channels.iter().enumerate() {
@@ -566,6 +588,12 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         for (key, end) in [("client", &channel.client), ("server", &channel.server)] {
             if manifest.domain(end).is_none() {
                 push(field(key), ProblemKind::UnknownDomain { name: end.clone() });
+            }
+        }
+        for (key, end) in [("client", &channel.client), ("server", &channel.server)] {
+            if manifest.domain(end).is_some_and(|d| d.fuzz) {
+                let what = alloc::format!("channel {:?}", channel.name);
+                push(field(key), ProblemKind::FuzzerWithExtras { what });
             }
         }
         if channel.client == channel.server && manifest.domain(&channel.client).is_some() {
@@ -630,6 +658,7 @@ mod tests {
             device: String::new(),
             status: false,
             vmm: String::new(),
+            fuzz: false,
         }
     }
 
@@ -665,6 +694,28 @@ mod tests {
         assert_eq!(ps.len(), 1, "{ps:?}");
         assert!(ps[0].starts_with(&format!("{field}: ")), "{ps:?}");
         assert!(ps[0].contains(needle), "{ps:?} should contain {needle:?}");
+    }
+
+    #[test]
+    fn a_fuzz_domain_gets_nothing_but_memory() {
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            machine_memory_mib: 512,
+            domains: vec![domain("a", "ipc-client"), domain("fz", "ipc-server")],
+            channels: vec![channel("c", "a", "fz")],
+        };
+        assert!(validate(&m, IMAGES).is_ok());
+        m.domains[1].fuzz = true;
+        m.domains[1].status = true;
+        m.domains[1].device = "virtio-blk".into();
+        let problems = validate(&m, IMAGES).unwrap_err();
+        let fields: Vec<String> = problems.iter().map(|p| p.field.to_string()).collect();
+        assert_eq!(fields, ["domains[1].device", "domains[1].status", "channels[0].server"]);
+        assert!(problems[2].to_string().contains("a fuzz domain gets only memory"), "{}", problems[2]);
+        m.channels.clear();
+        m.domains[1].status = false;
+        m.domains[1].device.clear();
+        assert!(validate(&m, IMAGES).is_ok());
     }
 
     #[test]
@@ -958,6 +1009,7 @@ mod tests {
                 device: String::new(),
                 status: false,
                 vmm: String::new(),
+                fuzz: false,
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {

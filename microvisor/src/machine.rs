@@ -71,6 +71,14 @@ impl Machine {
         self.functions.get(*i)
     }
 
+    /// Allocate every vCPU's VMCB page up front. They are kept for reuse, so taking them
+    /// on first use made a vCPU table slot's first use cost a frame for good (free memory
+    /// never came back to its level at boot, which hides leaks). False if memory ran out
+    /// (at boot).
+    pub fn preallocate_vmcbs(&mut self) -> bool {
+        self.svm.preallocate()
+    }
+
     /// Flush the vCPU's TLB on its next entry if some stage-2 map shrank since its last.
     pub fn sync_tlb(&mut self, v: VcpuId) {
         if self.seen_epoch[v as usize] != self.tlb_epoch {
@@ -123,6 +131,10 @@ impl Platform for Machine {
 
     fn now_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    fn free_frame_count(&self) -> u64 {
+        FRAMES.lock().free_frames()
     }
 
     fn vcpu_created(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {

@@ -170,6 +170,9 @@ mod boot_and_run {
         m.svm = svm;
         m.clock = clock;
         let mut k = KERNEL.lock();
+        if !m.preallocate_vmcbs() {
+            fail(MachineExit::BadBoot, format_args!("out of memory for the VMCBs"));
+        }
         discover_pci(&mut k, &mut m, &platform);
         start_iommu(&mut m, &platform);
 
@@ -242,6 +245,8 @@ mod boot_and_run {
         elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA).map_err(BuildError::Image)?;
 
         let d = k.domain_create(m, b"dom0", DOM0_RAM, DOM0_PRIORITY)?;
+        // Every other domain must stay reachable from dom0 through domain capabilities.
+        k.root = Some(d);
         for seg in elf.segments() {
             k.write_ram(m, d, seg.paddr, elf.segment_data(seg))?;
         }

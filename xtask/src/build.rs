@@ -16,6 +16,7 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("spinner", "domains", "spinner"),
     ("test-vmm", "domains", "test-vmm"),
     ("tiny-vm", "domains", "tiny-vm"),
+    ("fuzzer", "domains", "fuzzer"),
     ("disk-driver", "disk-driver", "disk-driver"),
     ("net-driver", "net-driver", "net-driver"),
     ("demo-guest", "demo-guest", "demo-guest"),

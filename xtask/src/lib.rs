@@ -10,6 +10,7 @@ pub mod bzimage;
 pub mod console;
 pub mod cpio;
 pub mod debian;
+pub mod fuzz;
 pub mod http_client;
 pub mod iso;
 pub mod kmod;

@@ -11,6 +11,7 @@
 //!   --machine bochs     boot the GRUB ISO in Bochs (Intel VMX CPU model) instead of QEMU
 //! iso [--append ...]    a GRUB ISO booting the microvisor by Multiboot2: target/iso/stack.iso
 //! test                  host tests, then the QEMU end-to-end tests
+//! fuzz hypercalls       random hypercalls beside a serving pair; checks faults and leaks
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! linux                 fetch Debian's kernel and busybox, build vmlinux and the initramfs
 //! ```
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Some("iso") => iso_command(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => xtask::bench::run(&args[1..]),
+        Some("fuzz") => xtask::fuzz::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("linux") => xtask::linux::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -71,6 +73,11 @@ const USAGE: &str = "usage: cargo xtask <command>
                         VM vs. a guest owning its NIC; writes target/bench/net.json
   bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and
                         median of N (default 3); writes target/bench/boot.json
+  fuzz hypercalls [--calls N] [--seed S] [--console]
+                        boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
+                        hypercalls from seed S (random by default, always printed); fails on
+                        a microvisor fault, a leak (dom0 compares free frames and kernel
+                        objects before and after), or if the other domains stop serving
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json
   linux [--refresh] [--native]

@@ -60,6 +60,8 @@ struct DomainSection {
     /// Makes the domain a VM served by the named VMM domain.
     #[serde(default)]
     vmm: String,
+    #[serde(default)]
+    fuzz: bool,
 }
 
 fn one() -> i64 {
@@ -159,6 +161,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             device: d.device,
             status: d.status,
             vmm: d.vmm,
+            fuzz: d.fuzz,
         });
     }
 

@@ -58,23 +58,48 @@ mod client {
             return 0;
         }
         let calls = info.arg("calls").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1000);
+        if let Err(status) = round(ep, calls) {
+            return status;
+        }
+        println!("{calls} calls to \"{name}\" answered correctly");
+        println!("ready");
+        // `repeat_ms=<ms>`: keep going, a round of calls every <ms> (shows the server
+        // still serves, e.g. while a fuzzer runs beside it).
+        let (Some(ms), Some(timer)) =
+            (info.arg("repeat_ms").and_then(|v| v.parse::<u64>().ok()), domains::slot(info.cmdline, "timer"))
+        else {
+            return 0;
+        };
+        for k in 1.. {
+            if let Err(e) = hypercall::sleep_ns(timer, ms * 1_000_000) {
+                println!("sleep failed: {e}");
+                return 4;
+            }
+            if let Err(status) = round(ep, calls) {
+                return status;
+            }
+            println!("round {k}: {calls} calls to \"{name}\" answered correctly");
+        }
+        0
+    }
+
+    /// `calls` calls on `ep`, each reply checked; Err(exit status) on a failure.
+    fn round(ep: u64, calls: u64) -> Result<(), u64> {
         for i in 0..calls {
             let msg = Message::new(&[i, i ^ 0x5a5a, 3, 4, 5, 6]);
             match hypercall::ipc_call(ep, &msg) {
                 Ok(r) if r.len == 6 && r.words == [i + 1, i ^ 0x5a5a, 3, 4, 5, 6] => {}
                 Ok(r) => {
                     println!("call {i}: wrong reply {r:?}");
-                    return 2;
+                    return Err(2);
                 }
                 Err(e) => {
                     println!("call {i} failed: {e}");
-                    return 3;
+                    return Err(3);
                 }
             }
         }
-        println!("{calls} calls to \"{name}\" answered correctly");
-        println!("ready");
-        0
+        Ok(())
     }
 
     fn rdtsc() -> u64 {

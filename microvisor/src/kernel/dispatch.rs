@@ -184,6 +184,9 @@ impl<F: Stage2Format> Kernel<F> {
                 }
                 self.console_flush(p, target);
                 self.domain_destroy(p, target);
+                // Domains only the destroyed one held (or that hold each other in a
+                // cycle) are gone for good: nobody could destroy them any more.
+                self.collect_unreachable(p);
                 Ok(())
             }
             Hypercall::DomainSetFaultEndpoint => {
@@ -353,6 +356,18 @@ impl<F: Stage2Format> Kernel<F> {
                 let answer = (mine.count() as u64, stopped, dom.ipc_calls, dom.signals, dom.ram_size() >> 20);
                 let regs = &mut self.vcpus[v as usize].regs;
                 (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8) = answer;
+                Ok(())
+            }
+            Hypercall::MachineStatus => {
+                match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
+                    Object::Machine => {}
+                    _ => return Err(Error::WrongType),
+                }
+                let (domains, vcpus, regions, endpoints, notifications) = self.object_counts();
+                let free = p.free_frame_count();
+                let regs = &mut self.vcpus[v as usize].regs;
+                (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) =
+                    (free, domains, vcpus, regions, endpoints, notifications);
                 Ok(())
             }
             // Handled in `hypercall`.

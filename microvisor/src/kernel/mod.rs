@@ -128,6 +128,10 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn stage2_changed(&mut self, domain: DomainId);
     /// One line of a domain's console output.
     fn console_line(&mut self, domain: &str, line: &[u8]);
+    /// Free 4 KiB frames in the pool (for `MachineStatus`, which makes leaks measurable).
+    fn free_frame_count(&self) -> u64 {
+        0
+    }
     /// A domain got its name (at creation): lets fault reports name it.
     fn domain_named(&mut self, domain: DomainId, name: &str);
 
@@ -445,6 +449,10 @@ pub struct Kernel<F: Stage2Format> {
     pub irq_routes: [Option<IrqRoute>; DEVICE_VECTORS],
     pub runq: RunQueue,
     pub current: Option<VcpuId>,
+    /// The domain every other one must be reachable from (dom0): when a domain is destroyed,
+    /// the domains no chain of domain capabilities from the root leads to any more are
+    /// destroyed too ([`Self::collect_unreachable`]). `None` (host tests): no collection.
+    pub root: Option<DomainId>,
     next_cap_id: u32,
     /// Statistics for the status page and benchmarks.
     pub stats: Stats,
@@ -480,6 +488,7 @@ impl<F: Stage2Format> Kernel<F> {
             irq_routes: [None; DEVICE_VECTORS],
             runq: RunQueue::new(),
             current: None,
+            root: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
             next_cap_id: 0,
             stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0 },
@@ -970,6 +979,52 @@ impl<F: Stage2Format> Kernel<F> {
         dom.generation = dom.generation.wrapping_add(1);
         dom.fault_handler = None;
         p.stage2_changed(d);
+    }
+
+    /// Destroy every live domain that no chain of domain capabilities from the root reaches.
+    /// Without this, domains created by a domain that is then destroyed (or that hold
+    /// capabilities to each other in a cycle) would live on with nobody able to destroy
+    /// them: their memory and table entries would leak. Returns how many were destroyed.
+    pub fn collect_unreachable<P: Platform>(&mut self, p: &mut P) -> u32 {
+        let Some(root) = self.root.filter(|&r| self.domains[r as usize].state == DomainState::Alive) else {
+            return 0;
+        };
+        let mut reached = [false; MAX_DOMAINS];
+        let mut todo: heapless::Vec<DomainId, MAX_DOMAINS> = heapless::Vec::new();
+        reached[root as usize] = true;
+        let _ = todo.push(root);
+        while let Some(d) = todo.pop() {
+            for (_, cap) in self.domains[d as usize].caps.iter() {
+                if let Object::Domain(t, g) = cap.object {
+                    let target = &self.domains[t as usize];
+                    if target.state == DomainState::Alive && target.generation == g && !reached[t as usize] {
+                        reached[t as usize] = true;
+                        let _ = todo.push(t);
+                    }
+                }
+            }
+        }
+        let mut destroyed = 0;
+        for (d, reached) in reached.into_iter().enumerate() {
+            if self.domains[d].state == DomainState::Alive && !reached {
+                self.console_flush(p, d as DomainId);
+                self.domain_destroy(p, d as DomainId);
+                destroyed += 1;
+            }
+        }
+        destroyed
+    }
+
+    /// Live objects per table: (domains, vCPUs, regions, endpoints, notifications).
+    pub fn object_counts(&self) -> (u64, u64, u64, u64, u64) {
+        let count = |n: usize| n as u64;
+        (
+            count(self.domains.iter().filter(|d| d.state == DomainState::Alive).count()),
+            count(self.vcpus.iter().filter(|v| v.state != VcpuState::Free).count()),
+            count(self.regions.iter().filter(|r| r.refs > 0).count()),
+            count(self.endpoints.iter().filter(|e| e.refs > 0).count()),
+            count(self.notifications.iter().filter(|n| n.refs > 0).count()),
+        )
     }
 
     // ---- memory regions -----------------------------------------------------------------

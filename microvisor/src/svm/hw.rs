@@ -172,6 +172,23 @@ impl Svm {
     }
 }
 
+impl Svm {
+    /// Allocate every vCPU's VMCB page up front (they are kept for reuse, so lazy
+    /// allocation made a table slot's first use cost a frame for good, which hides leaks).
+    /// False if memory ran out.
+    pub fn preallocate(&mut self) -> bool {
+        for i in 0..self.vmcbs.len() {
+            if self.vmcbs[i] == 0 {
+                match (self.alloc)(1) {
+                    Some(pa) => self.vmcbs[i] = pa,
+                    None => return false,
+                }
+            }
+        }
+        true
+    }
+}
+
 impl VcpuHardware for Svm {
     fn create(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
         // One ASID per domain, never 0 (the host's): the domain's TLB entries are tagged
