@@ -654,7 +654,7 @@ mod tests {
 
     #[test]
     fn state_fits_the_message_page() {
-        assert!(MESSAGE_WORDS_WITH_STATE <= crate::hypercall::MAX_MESSAGE_WORDS);
+        const { assert!(MESSAGE_WORDS_WITH_STATE <= crate::hypercall::MAX_MESSAGE_WORDS) };
         assert_eq!(at::EVENT + 1, STATE_WORDS);
     }
 
