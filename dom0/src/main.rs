@@ -171,14 +171,17 @@ mod dom0 {
                     x.a,
                     x.rip
                 ),
-                Some(x) if x.kind == ExitKind::Dma => println!(
-                    "fault in {name}: its device {:02x}:{:02x}.{} tried to DMA ({}) at {:#x}, outside its memory; blocked by the IOMMU",
-                    (x.b >> 8) & 0xff,
-                    (x.b >> 3) & 31,
-                    x.b & 7,
-                    if x.b & (1 << 24) != 0 { "write" } else { "read" },
-                    x.a
-                ),
+                Some(x) if x.kind == ExitKind::Dma => {
+                    let d = ipc_spec::exit::Dma::decode(x.b);
+                    println!(
+                        "fault in {name}: its device {:02x}:{:02x}.{} tried to DMA ({}) at {:#x}, outside its memory; blocked by the IOMMU",
+                        d.requester >> 8,
+                        (d.requester >> 3) & 31,
+                        d.requester & 7,
+                        if d.write { "write" } else { "read" },
+                        x.a
+                    )
+                }
                 Some(x) => println!("fault in {name}: {:?} ({:#x}, {:#x}) at RIP {:#x}", x.kind, x.a, x.b, x.rip),
                 None => println!("fault in {name}: unknown message {w:?}"),
             }

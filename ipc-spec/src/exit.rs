@@ -134,6 +134,25 @@ pub mod access {
     pub const PRESENT: u64 = 1 << 2;
 }
 
+/// A blocked DMA (fact B of a [`ExitKind::Dma`] message; fact A is the address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dma {
+    /// The device's PCI requester id (bus << 8 | device << 3 | function).
+    pub requester: u16,
+    /// The IOMMU's fault reason code.
+    pub reason: u8,
+    pub write: bool,
+}
+
+impl Dma {
+    pub const fn encode(self) -> u64 {
+        self.requester as u64 | (self.reason as u64) << 16 | (self.write as u64) << 24
+    }
+    pub const fn decode(b: u64) -> Self {
+        Self { requester: b as u16, reason: (b >> 16) as u8, write: b & (1 << 24) != 0 }
+    }
+}
+
 /// vCPU state groups (a mask; NOVA calls it the message transfer descriptor).
 pub mod state {
     /// The sixteen general registers, in instruction-encoding order (RAX, RCX, RDX, RBX,
@@ -612,6 +631,13 @@ mod tests {
     }
 
     #[test]
+    fn dma_facts() {
+        let d = Dma { requester: 0x0010, reason: 5, write: true };
+        assert_eq!(d.encode(), 0x10 | 5 << 16 | 1 << 24);
+        assert_eq!(Dma::decode(d.encode()), d);
+    }
+
+    #[test]
     fn msr_cpuid_stage2_facts() {
         let m = ExitMessage::new(ExitKind::Msr, 0, 2, 0xc000_0100 | 1 << 32, 42);
         assert_eq!(m.msr(), Some((0xc000_0100, true, 42)));
@@ -654,7 +680,7 @@ mod tests {
 
     #[test]
     fn state_fits_the_message_page() {
-        assert!(MESSAGE_WORDS_WITH_STATE <= crate::hypercall::MAX_MESSAGE_WORDS);
+        const { assert!(MESSAGE_WORDS_WITH_STATE <= crate::hypercall::MAX_MESSAGE_WORDS) };
         assert_eq!(at::EVENT + 1, STATE_WORDS);
     }
 

@@ -450,7 +450,7 @@ mod boot_and_run {
                 println!("iommu: physical memory at {:#x} now holds {:02x?}", f.fault_info, now);
             }
             if let Some(d) = owner {
-                let detail = f.source_id as u64 | (f.reason.raw() as u64) << 16 | (write as u64) << 24;
+                let detail = ipc_spec::exit::Dma { requester: f.source_id, reason: f.reason.raw(), write }.encode();
                 let slot = &mut m.pending_dma[d as usize];
                 if slot.is_none() {
                     *slot = Some((f.fault_info, detail));

@@ -145,13 +145,16 @@ impl fmt::Display for Report {
             ExitKind::Msr => write!(f, "MSR {:#x} access, RIP {rip:#x}", x.a as u32),
             ExitKind::Hypercall => write!(f, "VMMCALL, RIP {rip:#x}"),
             ExitKind::Exited => write!(f, "exited with status {}", x.b),
-            ExitKind::Dma => write!(
-                f,
-                "its device {} made a blocked DMA {} at {:#x}",
-                microvisor::pci::Bdf::from_requester_id(x.b as u16),
-                if x.b & (1 << 24) != 0 { "write" } else { "read" },
-                x.a
-            ),
+            ExitKind::Dma => {
+                let d = ipc_spec::exit::Dma::decode(x.b);
+                let bdf = microvisor::pci::Bdf::from_requester_id(d.requester);
+                write!(
+                    f,
+                    "its device {bdf} made a blocked DMA {} at {:#x}",
+                    if d.write { "write" } else { "read" },
+                    x.a
+                )
+            }
         }
     }
 }

@@ -41,9 +41,10 @@ mod vmm {
     static mut PAGE: Page = Page([0; 512]);
 
     fn page() -> &'static mut [u64; 512] {
+        let p = &raw mut PAGE;
         // SAFETY: only this single-threaded domain touches PAGE (the microvisor writes it
         // while this vCPU is blocked in a receive, never concurrently with this code).
-        unsafe { &mut (*(&raw mut PAGE)).0 }
+        unsafe { &mut (*p).0 }
     }
 
     struct Vmm {

@@ -165,7 +165,7 @@ mod rogue {
         }
         println!("aiming my device's DMA at {OUTSIDE:#x}, outside my memory");
         let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
-        // SAFETY (deliberately hostile): no CPU access ever goes through this slice; it only
+        // SAFETY: deliberately hostile: no CPU access ever goes through this slice; it only
         // tells the device where to write the marker sector. The IOMMU must block that.
         let buf = unsafe { core::slice::from_raw_parts_mut(OUTSIDE as *mut u8, 512) };
         // SAFETY: as above; req and resp outlive the request (this function never returns).

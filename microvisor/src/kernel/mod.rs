@@ -644,7 +644,8 @@ impl<F: Stage2Format> Kernel<F> {
     /// Put a vCPU in the run queue.
     pub fn make_ready(&mut self, v: VcpuId) {
         let vcpu = &mut self.vcpus[v as usize];
-        if self.domains[vcpu.domain as usize].paused {
+        // (Only a VM can be paused: ordinary domains pay one test of a flag at hand.)
+        if vcpu.vm && self.domains[vcpu.domain as usize].paused {
             vcpu.state = VcpuState::Paused;
             return;
         }

@@ -2936,7 +2936,7 @@ fn vm_sys(extra_state: u16) -> VmSys {
     s.hc(s.v0, Hypercall::DomainSetFaultEndpoint, vmslot, &[e, 0x77, extra_state as u64]).unwrap();
     let (v, vcpuslot) = s.create_vcpu(vmslot, true);
     assert!(s.k.vcpus[v as usize].vm);
-    assert_eq!(s.p.boots.last().unwrap().1.vm, true);
+    assert!(s.p.boots.last().unwrap().1.vm);
     VmSys { s, e, vm, vmslot, vcpuslot, v }
 }
 
