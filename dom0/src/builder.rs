@@ -243,9 +243,8 @@ fn create_domain(
     fault_endpoint: u64,
     devices: &mut [(u64, u16, u16, bool)],
 ) -> Result<Built, String> {
-    let image = bundle
-        .get(&d.image)
-        .ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
+    let image =
+        bundle.get(&d.image).ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
     let elf = ElfImage::parse(image).map_err(|e| format!("domain {}: image {}: {e}", d.name, d.image))?;
     let entry = elf.pvh_entry().ok_or_else(|| format!("domain {}: image has no PVH entry note", d.name))?;
     let ram = d.memory_mib as u64 * 1024 * 1024;
@@ -300,8 +299,7 @@ fn create_domain(
             .iter_mut()
             .find(|(_, v, dv, taken)| *v == vendor && *dv == device && !*taken)
             .ok_or_else(|| format!("domain {}: no free {} device on this machine", d.name, d.device))?;
-        hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0])
-            .map_err(|e| format!("domain {}: {e}", d.name))?;
+        hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0]).map_err(|e| format!("domain {}: {e}", d.name))?;
         found.3 = true;
         // The driver names the device to reach its configuration space; it cannot
         // reassign it (no rights).
@@ -331,15 +329,8 @@ fn start(d: &Built, spec: &DomainSpec) -> Result<(), String> {
     cmdline.push_str(&d.args);
     let mut page = alloc::vec![0u8; 4096];
     let page_arr: &mut [u8; 4096] = page.as_mut_slice().try_into().map_err(|_| String::from("page size"))?;
-    build_start_page(
-        page_arr,
-        START_INFO_GPA,
-        cmdline.as_bytes(),
-        &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)],
-        &[],
-        0,
-    )
-    .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
+    build_start_page(page_arr, START_INFO_GPA, cmdline.as_bytes(), &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)], &[], 0)
+        .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
     hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
     let v = match d.vcpu {
         Some(v) => v,

@@ -3173,6 +3173,8 @@ fn a_notification_bound_to_the_receive_wakes_it() {
     t.s.k.schedule();
     let r = t.exit(PendingExit::new(ExitKind::Hypercall, 0, 0));
     assert_eq!(r.rbx, 0x77);
+}
+
 // ---- leaks the hypercall fuzzer looks for -----------------------------------------------------
 
 /// `MachineStatus` as dom0 sees it: (free frames, domains, vCPUs, regions, endpoints,
