@@ -195,6 +195,9 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::VcpuCreate, 4),
     (Hypercall::VcpuStart, 3),
     (Hypercall::VcpuSetMessagePage, 2),
+    (Hypercall::DomainMapRam, 2),
+    (Hypercall::VcpuInject, 2),
+    (Hypercall::DomainPause, 2),
     (Hypercall::RegionCreate, 6),
     (Hypercall::Map, 7),
     (Hypercall::Unmap, 4),
@@ -585,7 +588,14 @@ impl Fuzzer {
                     2 => self.rng.next_u64(),
                     _ => 1 + self.rng.below(31),
                 };
-                mk(h, mem, 0, [ram, priority, name, len, 0, 0])
+                // Now and then a VM (its exits go to its exit handler, if it gets one),
+                // or flags the microvisor does not know.
+                let flags = match self.rng.below(10) {
+                    0 => ipc_spec::hypercall::domain_flags::VM,
+                    1 => self.value(),
+                    _ => 0,
+                };
+                mk(h, mem, 0, [ram, priority, name, len, flags, 0])
             }
             H::DomainWrite => {
                 let d = self.slot_for(is_domain);
@@ -620,6 +630,34 @@ impl Fuzzer {
             H::VcpuStart => {
                 let v = self.slot_for(|h| matches!(h, Held::Vcpu { .. }));
                 mk(h, v, 0, [0; 6])
+            }
+            H::DomainMapRam => {
+                // A VM's RAM into the fuzzer's own space: anywhere, or where the microvisor
+                // could accept it (2 MiB aligned, above the fuzzer's RAM).
+                let d = self.slot_for(is_domain);
+                let gpa = match self.rng.below(3) {
+                    0 => self.value(),
+                    _ => 0x8000_0000 + (self.rng.below(64) << 21),
+                };
+                mk(h, d, 0, [gpa, 0, 0, 0, 0, 0])
+            }
+            H::VcpuInject => {
+                let v = self.slot_for(|h| matches!(h, Held::Vcpu { .. }));
+                let vector = match self.rng.below(4) {
+                    0 => self.value(),
+                    1 => self.rng.below(32),
+                    _ => 32 + self.rng.below(224),
+                };
+                mk(h, v, 0, [vector, 0, 0, 0, 0, 0])
+            }
+            H::DomainPause => {
+                let d = self.slot_for(is_domain);
+                let pause = match self.rng.below(4) {
+                    0 => self.value(),
+                    1 => 0,
+                    _ => 1,
+                };
+                mk(h, d, 0, [pause, 0, 0, 0, 0, 0])
             }
             H::VcpuSetMessagePage => {
                 let page = match self.rng.below(4) {
