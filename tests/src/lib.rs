@@ -209,3 +209,15 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Debian's kernel and the initramfs for it (`cargo xtask linux`), fetched and built under
+/// `target/linux` on first use (a clean machine downloads about 70 MB from Debian).
+pub fn linux_artifacts() -> xtask::linux::Artifacts {
+    static LINUX: OnceLock<xtask::linux::Artifacts> = OnceLock::new();
+    LINUX
+        .get_or_init(|| {
+            xtask::linux::ensure(&xtask::linux::default_dir())
+                .unwrap_or_else(|e| panic!("fetching or building the Linux kernel and initramfs failed: {e}"))
+        })
+        .clone()
+}

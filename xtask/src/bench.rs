@@ -78,8 +78,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some("ipc") => {}
         Some("blk") => return blk(it.as_slice()),
         Some("net") => return crate::bench_net::run(it.as_slice()),
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net)")),
-        None => return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net".into()),
+        Some("boot") => return crate::bench_boot::run(it.as_slice()),
+        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot)")),
+        None => {
+            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N]".into())
+        }
     }
     while let Some(a) = it.next() {
         match a.as_str() {

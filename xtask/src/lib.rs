@@ -2,9 +2,16 @@
 //! the end-to-end tests in `tests/`.
 
 pub mod bench;
+pub mod bench_boot;
 pub mod bench_net;
 pub mod build;
+pub mod bzimage;
+pub mod console;
+pub mod cpio;
+pub mod debian;
 pub mod http_client;
+pub mod kmod;
+pub mod linux;
 pub mod manifest;
 pub mod qemu;
 pub mod setup;

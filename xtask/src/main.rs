@@ -10,6 +10,7 @@
 //!   --port <port>       host port forwarded to port 80 of the network device (default 8080)
 //! test                  host tests, then the QEMU end-to-end tests
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
+//! linux                 fetch Debian's kernel and busybox, build vmlinux and the initramfs
 //! ```
 
 use std::process::{Command, ExitCode};
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => xtask::bench::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
+        Some("linux") => xtask::linux::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
             Ok(())
@@ -58,8 +60,12 @@ const USAGE: &str = "usage: cargo xtask <command>
                         the device; writes target/bench/blk.json
   bench net             TCP throughput and small requests per second through the net driver
                         VM vs. a guest owning its NIC; writes target/bench/net.json
+  bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and
+                        median of N (default 3); writes target/bench/boot.json
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
-                        the reference points; writes target/tcb.json";
+                        the reference points; writes target/tcb.json
+  linux [--refresh]     fetch Debian's kernel and busybox-static (apt, cached in target/linux),
+                        extract vmlinux, build the initramfs; print their paths and sizes";
 
 fn stack_option(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
     let mut stack = xtask::manifest::default_stack_path();

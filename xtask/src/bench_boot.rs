@@ -1,0 +1,158 @@
+//! `cargo xtask bench boot`: how long Debian's kernel takes to reach its init marker,
+//! booted natively in QEMU (PVH, `-kernel vmlinux`); the same kernel and initramfs under the
+//! microvisor are the other half (issue 10, item 6), and `ratio` compares the two.
+//!
+//! Wall-clock seconds from starting QEMU to the marker line on the serial console, best and
+//! median of N runs, written to `target/bench/boot.json`.
+
+use std::time::Duration;
+
+use crate::linux;
+
+/// Best and median of a set of timings, seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timings {
+    pub runs: Vec<f64>,
+}
+
+impl Timings {
+    pub fn best(&self) -> Option<f64> {
+        self.runs.iter().copied().reduce(f64::min)
+    }
+
+    /// The middle run (the mean of the two middle ones for an even count).
+    pub fn median(&self) -> Option<f64> {
+        let mut v = self.runs.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(v[n / 2]),
+            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+}
+
+/// What `boot.json` holds. The microvisor half fills `microvisor` and `exits` (exit kind,
+/// count); without it only the native figures are written.
+#[derive(Debug, Clone, Default)]
+pub struct BootReport {
+    pub release: String,
+    pub cmdline: String,
+    pub native: Option<Timings>,
+    pub microvisor: Option<Timings>,
+    pub exits: Vec<(String, u64)>,
+}
+
+impl BootReport {
+    /// `microvisor_s / native_s` (best against best), when both halves ran.
+    pub fn ratio(&self) -> Option<f64> {
+        Some(self.microvisor.as_ref()?.best()? / self.native.as_ref()?.best()?)
+    }
+
+    pub fn to_json(&self) -> String {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut fields =
+            vec![format!("\"kernel\": \"{}\"", esc(&self.release)), format!("\"cmdline\": \"{}\"", esc(&self.cmdline))];
+        let mut timing = |name: &str, t: &Option<Timings>| {
+            if let Some(t) = t {
+                if let (Some(best), Some(median)) = (t.best(), t.median()) {
+                    fields.push(format!("\"{name}_s\": {best:.3}"));
+                    fields.push(format!("\"{name}_median_s\": {median:.3}"));
+                    let runs: Vec<String> = t.runs.iter().map(|r| format!("{r:.3}")).collect();
+                    fields.push(format!("\"{name}_runs_s\": [{}]", runs.join(", ")));
+                }
+            }
+        };
+        timing("native", &self.native);
+        timing("microvisor", &self.microvisor);
+        if let Some(r) = self.ratio() {
+            fields.push(format!("\"ratio\": {r:.3}"));
+        }
+        if !self.exits.is_empty() {
+            let exits: Vec<String> = self.exits.iter().map(|(k, n)| format!("\"{}\": {n}", esc(k))).collect();
+            fields.push(format!("\"exits\": {{ {} }}", exits.join(", ")));
+        }
+        format!("{{\n  {}\n}}\n", fields.join(",\n  "))
+    }
+}
+
+/// Boots natively `n` times; seconds to the init marker, one per run.
+pub fn native(a: &linux::Artifacts, n: usize) -> Result<Timings, String> {
+    let mut runs = Vec::new();
+    for i in 0..n {
+        let t = linux::time_native_boot(a, Duration::from_secs(120))?;
+        eprintln!("bench boot: native run {} of {n}: {:.2} s to {:?}", i + 1, t.as_secs_f64(), linux::INIT_MARKER);
+        runs.push(t.as_secs_f64());
+    }
+    Ok(Timings { runs })
+}
+
+/// `cargo xtask bench boot [--n N]`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let mut n = 3usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--n" => {
+                let v = it.next().ok_or("--n needs a number")?;
+                n = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("--n: `{v}` is not a positive number"))?;
+            }
+            other => return Err(format!("bench boot: unknown option `{other}` (known: --n N)")),
+        }
+    }
+    crate::setup::ensure_qemu()?;
+    let a = linux::ensure(&linux::default_dir())?;
+    eprintln!("bench boot: kernel {}, {n} native boots (QEMU TCG, PVH entry, to {:?})", a.release, linux::INIT_MARKER);
+    let report = BootReport {
+        release: a.release.clone(),
+        cmdline: linux::native_cmdline("init.mode=poweroff"),
+        native: Some(native(&a, n)?),
+        ..BootReport::default()
+    };
+    let native = report.native.as_ref();
+    println!("Boot to init: Debian kernel {} (wall seconds under TCG, best / median of {n})", a.release);
+    if let (Some(best), Some(median)) = (native.and_then(Timings::best), native.and_then(Timings::median)) {
+        println!("  native (QEMU -kernel vmlinux, PVH)   {best:>6.2} / {median:.2}");
+    }
+    println!("  command line: {}", report.cmdline);
+    let path = crate::build::default_target_dir().join("bench").join("boot.json");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    std::fs::write(&path, report.to_json()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!("\nbench boot: wrote {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_and_median() {
+        let t = Timings { runs: vec![5.0, 4.0, 6.5] };
+        assert_eq!((t.best(), t.median()), (Some(4.0), Some(5.0)));
+        let t = Timings { runs: vec![3.0, 1.0, 2.0, 10.0] };
+        assert_eq!((t.best(), t.median()), (Some(1.0), Some(2.5)));
+        assert_eq!(Timings { runs: vec![] }.median(), None);
+    }
+
+    #[test]
+    fn json_has_the_native_half_and_the_ratio_only_with_both() {
+        let mut r = BootReport {
+            release: "6.1.0-57-amd64".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            native: Some(Timings { runs: vec![2.0, 1.5, 1.75] }),
+            ..Default::default()
+        };
+        let j = r.to_json();
+        assert!(j.contains("\"native_s\": 1.500") && j.contains("\"native_median_s\": 1.750"), "{j}");
+        assert!(!j.contains("ratio") && !j.contains("microvisor"), "{j}");
+        r.microvisor = Some(Timings { runs: vec![3.0] });
+        r.exits = vec![("msr".into(), 120), ("io".into(), 7)];
+        let j = r.to_json();
+        assert!(j.contains("\"ratio\": 2.000") && j.contains("\"exits\": { \"msr\": 120, \"io\": 7 }"), "{j}");
+        assert!(j.trim_end().ends_with('}'));
+    }
+}
