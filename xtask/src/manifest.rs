@@ -46,6 +46,8 @@ struct MachineSection {
 #[serde(deny_unknown_fields)]
 struct DomainSection {
     name: String,
+    /// A VM with a `kernel` has no image.
+    #[serde(default)]
     image: String,
     memory_mib: i64,
     priority: i64,
@@ -60,6 +62,17 @@ struct DomainSection {
     /// Makes the domain a VM served by the named VMM domain.
     #[serde(default)]
     vmm: String,
+    /// A Linux VM: kernel and initramfs (bundle entries, see `crate::linux::BUNDLE_FILES`) and
+    /// the kernel's command line.
+    #[serde(default)]
+    kernel: String,
+    #[serde(default)]
+    initramfs: String,
+    #[serde(default)]
+    cmdline: String,
+    /// The domain receives the console's typed input.
+    #[serde(default)]
+    console_input: bool,
 }
 
 fn one() -> i64 {
@@ -159,6 +172,10 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             device: d.device,
             status: d.status,
             vmm: d.vmm,
+            kernel: d.kernel,
+            initramfs: d.initramfs,
+            cmdline: d.cmdline,
+            console_input: d.console_input,
         });
     }
 
@@ -230,8 +247,10 @@ pub fn pack(manifest: &Manifest) -> Vec<u8> {
 pub fn images(manifest: &Manifest) -> Vec<&str> {
     let mut images: Vec<&str> = Vec::new();
     for d in &manifest.domains {
-        if !images.contains(&d.image.as_str()) {
-            images.push(&d.image);
+        for file in [&d.image, &d.kernel, &d.initramfs] {
+            if !file.is_empty() && !images.contains(&file.as_str()) {
+                images.push(file);
+            }
         }
     }
     images

@@ -41,6 +41,8 @@ struct Sim {
     stage2_changes: HashMap<DomainId, u32>,
     lines: Vec<(String, String)>,
     names: HashMap<DomainId, String>,
+    /// Console input waiting for ConsoleRead.
+    typed: Vec<u8>,
 }
 
 impl Sim {
@@ -53,6 +55,7 @@ impl Sim {
             boots: Vec::new(),
             stage2_changes: HashMap::new(),
             lines: Vec::new(),
+            typed: Vec::new(),
             names: HashMap::new(),
         }
     }
@@ -150,6 +153,13 @@ impl Platform for Sim {
     fn domain_named(&mut self, domain: DomainId, name: &str) {
         self.names.insert(domain, name.to_string());
     }
+
+    fn console_read(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.typed.len());
+        out[..n].copy_from_slice(&self.typed[..n]);
+        self.typed.drain(..n);
+        n
+    }
 }
 
 // ---- driving the kernel -----------------------------------------------------------------
@@ -181,7 +191,10 @@ fn boot() -> Sys {
     let v0 = k.vcpu_create(&mut p, d0, DOM0_ENTRY, 0x7000).unwrap();
     let vg = k.vcpus[v0 as usize].generation;
     assert_eq!(k.grant_original(d0, Object::Vcpu(v0, vg), rights::CONTROL), Ok(dom0_slots::SELF_VCPU));
-    assert_eq!(k.grant_original(d0, Object::Machine, rights::CONTROL), Ok(dom0_slots::MACHINE));
+    assert_eq!(
+        k.grant_original(d0, Object::Machine, rights::CONTROL | rights::READ | rights::GRANT),
+        Ok(dom0_slots::MACHINE)
+    );
     k.vcpu_start(v0).unwrap();
     k.schedule();
     assert_eq!(k.current, Some(v0));
@@ -556,6 +569,30 @@ fn console_write_assembles_prefixed_lines() {
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[DOM0_RAM - 2, 4]), Err(Error::BadAddress));
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[u64::MAX - 1, 4]), Err(Error::BadAddress));
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[1 << 40, 1]), Err(Error::BadAddress));
+}
+
+#[test]
+fn console_read_needs_the_machine_with_read() {
+    let mut s = boot();
+    let (d0, v0) = (s.d0, s.v0);
+    s.p.typed = b"uname -r\n".to_vec();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 5]), Ok(5));
+    let mut got = [0u8; 5];
+    s.k.read_ram(&s.p, d0, BUF_GPA, &mut got).unwrap();
+    assert_eq!(&got, b"uname");
+    // A bad buffer takes nothing.
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[DOM0_RAM - 2, 4]), Err(Error::BadAddress));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 100]), Ok(4));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 100]), Ok(0));
+    // Without READ (CONTROL alone), or on another object: refused.
+    let (_, dslot) = s.create_domain("other", MIB2, 10);
+    let me = dom0_slots::SELF_DOMAIN;
+    let control = s.copy(dom0_slots::MACHINE, me, rights::CONTROL, 0).unwrap();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, control, &[BUF_GPA, 1]), Err(Error::PermissionDenied));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dslot, &[BUF_GPA, 1]), Err(Error::PermissionDenied));
+    let read = s.copy(dom0_slots::MACHINE, me, rights::READ, 0).unwrap();
+    s.p.typed = b"x".to_vec();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, read, &[BUF_GPA, 1]), Ok(1));
 }
 
 // ---- domains ------------------------------------------------------------------------------
