@@ -91,19 +91,25 @@ impl ExitStats {
         [Kind::Io, Kind::Msr, Kind::Cpuid, Kind::Mmio, Kind::Hypercall, Kind::Other].iter().map(|&k| self.get(k)).sum()
     }
 
-    /// One line: `exits=N io=N msr=N ... top_ports=0x3f8:N,... top_msrs=0x6e0:N,...`.
+    /// One line: `exits=N io=N msr=N cpuid=N ...`.
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let _ = write!(s, "exits={}", self.exits());
         for (i, (_, name)) in KINDS.iter().enumerate() {
             let _ = write!(s, " {name}={}", self.counts[i]);
         }
-        for (name, list) in [("top_ports", &self.ports), ("top_msrs", &self.msrs)] {
+        s
+    }
+
+    /// The ports and MSRs that exit most: `io:0x3f8=N io:0x3fd=N ... msr:0x6e0=N ...`
+    /// (five of each).
+    pub fn top(&self) -> String {
+        let mut s = String::new();
+        for (name, list) in [("io", &self.ports), ("msr", &self.msrs)] {
             let mut top = list.clone();
             top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let _ = write!(s, " {name}=");
-            for (i, (k, n)) in top.iter().take(5).enumerate() {
-                let _ = write!(s, "{}{k:#x}:{n}", if i > 0 { "," } else { "" });
+            for (k, n) in top.iter().take(5) {
+                let _ = write!(s, "{}{name}:{k:#x}={n}", if s.is_empty() { "" } else { " " });
             }
         }
         s
@@ -127,8 +133,9 @@ mod tests {
         assert_eq!(s.exits(), 6);
         assert_eq!(
             s.summary(),
-            "exits=6 io=4 msr=1 cpuid=1 mmio=0 hypercall=0 timer=1 injected=0 other=0 top_ports=0x3f8:3,0x3fd:1 top_msrs=0x6e0:1"
+            "exits=6 io=4 msr=1 cpuid=1 mmio=0 hypercall=0 timer=1 injected=0 other=0"
         );
+        assert_eq!(s.top(), "io:0x3f8=3 io:0x3fd=1 msr:0x6e0=1");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::setup::{rdtsc, PAGE};
 /// (`xtask::linux::INIT_MARKER`): the histogram is printed when it passes.
 const INIT_MARKER: &[u8] = b"linux-init: reached init";
 /// A partial console line (a prompt) goes out after this long without a newline.
-const PARTIAL_FLUSH_NS: u64 = 40_000_000;
+const PARTIAL_FLUSH_NS: u64 = 150_000_000;
 /// How often typed input is polled while there is console input.
 const INPUT_POLL_NS: u64 = 20_000_000;
 /// KVM's "no such hypercall" (-KVM_ENOSYS), the answer to a VMMCALL.
@@ -232,6 +232,7 @@ impl Vmm {
         let secs = (rdtsc() - self.boot_tsc) / self.tsc_hz.max(1);
         println!("VM stopped after {secs} s: {why}");
         println!("exit histogram: {}", self.stats.summary());
+        println!("exits by port and MSR: {}", self.stats.top());
         let _ = hypercall::domain_pause(self.vm, true);
         Verdict::Stop(status)
     }
@@ -268,6 +269,7 @@ impl Vmm {
         }
         if contains(&lines, INIT_MARKER) {
             println!("exit histogram at the init marker: {}", self.stats.summary());
+            println!("exits by port and MSR: {}", self.stats.top());
         }
     }
 

@@ -91,7 +91,12 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
     let ram = unsafe { core::slice::from_raw_parts_mut(VIEW as *mut u8, vm_ram as usize) };
     let mut mem = SliceMemory::new(0, ram);
 
-    let cmd = cmdline.map(part).unwrap_or(b"");
+    let mut cmd = alloc::vec::Vec::from(cmdline.map(part).unwrap_or(b""));
+    if !cmd.is_empty() {
+        cmd.push(b' ');
+    }
+    cmd.extend_from_slice(vmm::platform::PLATFORM_CMDLINE.as_bytes());
+    let cmd = &cmd[..];
     let initrd = initramfs.map(part).unwrap_or(b"");
     let p = plan(&BootConfig { ram_size: vm_ram, kernel: part(kernel), initrd_len: initrd.len() as u64, cmdline: cmd })
         .map_err(|e| format!("{e}"))?;
