@@ -30,6 +30,9 @@ const PARTIAL_FLUSH_NS: u64 = 150_000_000;
 const INPUT_POLL_NS: u64 = 20_000_000;
 /// KVM's "no such hypercall" (-KVM_ENOSYS), the answer to a VMMCALL.
 const KVM_ENOSYS: u64 = (-1000i64) as u64;
+/// How long a panicking kernel may take to reset the VM before the VMM stops it (a kernel
+/// told `panic=0` waits forever; one that resets does so at once).
+const PANIC_GRACE_NS: u64 = 2_000_000_000;
 /// Messages about unclaimed MMIO printed before they are only counted.
 const UNCLAIMED_REPORTS: u64 = 8;
 
@@ -63,6 +66,8 @@ pub struct Vmm {
     panicked: bool,
     unclaimed_reported: u64,
     boot_tsc: u64,
+    /// After a panic line: when the VMM stops the VM if the kernel has not reset it.
+    panic_deadline: Option<u64>,
 }
 
 fn page() -> &'static mut [u64; 512] {
@@ -100,6 +105,7 @@ impl Vmm {
             panicked: false,
             unclaimed_reported: 0,
             boot_tsc: now,
+            panic_deadline: None,
         }
     }
 
@@ -122,7 +128,7 @@ impl Vmm {
         let mut next = self.platform.next_deadline();
         let flush = self.out.due(ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz));
         let poll = self.console.map(|_| self.next_poll);
-        for t in [flush, poll].into_iter().flatten() {
+        for t in [flush, poll, self.panic_deadline].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let Some(t) = next {
@@ -151,6 +157,11 @@ impl Vmm {
         }
         if let Some(line) = self.out.flush_due(now, ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz)) {
             write_console(&line);
+        }
+        if self.panic_deadline.is_some_and(|t| now >= t) {
+            if let Verdict::Stop(status) = self.stop("the kernel panicked (and did not reset the VM)", 4) {
+                return Some(status);
+            }
         }
         None
     }
@@ -264,8 +275,9 @@ impl Vmm {
             return;
         }
         write_console(&lines);
-        if contains(&lines, b"Kernel panic") {
+        if contains(&lines, b"Kernel panic") && !self.panicked {
             self.panicked = true;
+            self.panic_deadline = Some(rdtsc() + ticks_in(PANIC_GRACE_NS, self.tsc_hz));
         }
         if contains(&lines, INIT_MARKER) {
             println!("exit histogram at the init marker: {}", self.stats.summary());
