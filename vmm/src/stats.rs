@@ -38,7 +38,7 @@ const KINDS: [(Kind, &str); 8] = [
 ];
 
 /// Distinct ports or MSRs tracked; beyond that they count in the kind only.
-const TRACKED: usize = 64;
+const TRACKED: usize = 512;
 
 /// The histogram.
 #[derive(Clone, Debug, Default)]
@@ -131,10 +131,7 @@ mod tests {
         s.count(Kind::Cpuid);
         s.count(Kind::Timer);
         assert_eq!(s.exits(), 6);
-        assert_eq!(
-            s.summary(),
-            "exits=6 io=4 msr=1 cpuid=1 mmio=0 hypercall=0 timer=1 injected=0 other=0"
-        );
+        assert_eq!(s.summary(), "exits=6 io=4 msr=1 cpuid=1 mmio=0 hypercall=0 timer=1 injected=0 other=0");
         assert_eq!(s.top(), "io:0x3f8=3 io:0x3fd=1 msr:0x6e0=1");
     }
 

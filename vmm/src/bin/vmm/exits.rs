@@ -45,6 +45,7 @@ pub enum Verdict {
 }
 
 #[repr(C, align(4096))]
+#[allow(dead_code)] // written by the microvisor, read through a cast pointer
 struct InputBuf([u8; ipc_spec::hypercall::CONSOLE_INPUT_BUFFER]);
 static mut INPUT: InputBuf = InputBuf([0; ipc_spec::hypercall::CONSOLE_INPUT_BUFFER]);
 
@@ -71,9 +72,10 @@ pub struct Vmm {
 }
 
 fn page() -> &'static mut [u64; 512] {
-    // SAFETY: PAGE is this vCPU's message page; the microvisor writes it only while this
-    // vCPU waits in a receive, never while this code runs.
-    unsafe { &mut (*(&raw mut PAGE)).0 }
+    // SAFETY: PAGE is this vCPU's message page (a repr(C) wrapper of the array); the
+    // microvisor writes it only while this vCPU waits in a receive, never while this code
+    // runs, and this single-threaded domain holds one reference at a time.
+    unsafe { &mut *(&raw mut PAGE).cast::<[u64; 512]>() }
 }
 
 impl Vmm {
@@ -169,7 +171,7 @@ impl Vmm {
     fn poll_input(&mut self, slot: u64) {
         // SAFETY: INPUT is only used here, by this single-threaded domain; the microvisor
         // writes into it during the hypercall only.
-        let buf = unsafe { &mut (*(&raw mut INPUT)).0 };
+        let buf = unsafe { &mut *(&raw mut INPUT).cast::<[u8; ipc_spec::hypercall::CONSOLE_INPUT_BUFFER]>() };
         let r = raw(Hypercall::ConsoleRead.number(), slot, 0, [buf.as_ptr() as u64, buf.len() as u64, 0, 0, 0, 0]);
         if ipc_spec::hypercall::result_of(r.rax).is_err() {
             println!("console input unavailable: {:?}", ipc_spec::hypercall::result_of(r.rax));
@@ -204,12 +206,9 @@ impl Vmm {
                 Ok(if x.insn_len == 0 { ExitReply { advance_by: 3, ..r } } else { r })
             }
             ExitKind::Shutdown => Err(String::from("triple fault (shutdown)")),
-            ExitKind::Exception => Err(alloc::format!(
-                "unhandled exception {} (error code {:#x}) at RIP {:#x}",
-                x.a,
-                x.b,
-                x.rip
-            )),
+            ExitKind::Exception => {
+                Err(alloc::format!("unhandled exception {} (error code {:#x}) at RIP {:#x}", x.a, x.b, x.rip))
+            }
             kind => Err(alloc::format!("unhandled exit {kind:?} ({:#x}, {:#x}) at RIP {:#x}", x.a, x.b, x.rip)),
         };
         match reply {

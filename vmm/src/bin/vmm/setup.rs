@@ -23,7 +23,8 @@ const CALIBRATION_NS: u64 = 20_000_000;
 
 /// The message page: exit state groups arrive here.
 #[repr(C, align(4096))]
-pub struct Page(pub [u64; 512]);
+#[allow(dead_code)] // used through a cast pointer (exits.rs)
+pub struct Page([u64; 512]);
 pub static mut PAGE: Page = Page([0; 512]);
 
 /// `<offset>:<length>` inside the files region.
@@ -75,9 +76,7 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
     let initramfs = span(info, "initramfs", files_len)?;
     let cmdline = span(info, "cmdline", files_len)?;
 
-    // SAFETY: PAGE is only used as this vCPU's message page, read and written by this
-    // single-threaded domain between receives.
-    let page = unsafe { (*(&raw const PAGE)).0.as_ptr() as u64 };
+    let page = (&raw const PAGE) as u64;
     hypercall::set_message_page(page).map_err(|e| format!("message page: {e}"))?;
     hypercall::map_vm_ram(vm, VIEW).map_err(|e| format!("mapping the VM's RAM: {e}"))?;
 
