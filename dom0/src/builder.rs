@@ -326,16 +326,18 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
 /// hexadecimal `<offset>:<length>`). Policy only: which files, and that the VMM may not
 /// change them; the VMM does the loading.
 fn hand_over_files(bundle: &Bundle, d: &ipc_spec::manifest::DomainSpec, host: u64) -> Result<String, String> {
-    let get = |name: &str| {
-        bundle.get(name).ok_or_else(|| format!("domain {}: \"{name}\" is not in the boot bundle", d.name))
-    };
+    let get =
+        |name: &str| bundle.get(name).ok_or_else(|| format!("domain {}: \"{name}\" is not in the boot bundle", d.name));
     let kernel = get(&d.kernel)?;
     let initramfs = if d.initramfs.is_empty() { &[][..] } else { get(&d.initramfs)? };
     let page = |n: usize| (n as u64).next_multiple_of(4096);
     let parts: [(&str, &[u8]); 3] = [("kernel", kernel), ("initramfs", initramfs), ("cmdline", d.cmdline.as_bytes())];
     let total: u64 = parts.iter().map(|(_, p)| page(p.len())).sum();
     if total > FILES_MAX {
-        return Err(format!("domain {}: kernel, initramfs and command line ({total} bytes) exceed {FILES_MAX}", d.name));
+        return Err(format!(
+            "domain {}: kernel, initramfs and command line ({total} bytes) exceed {FILES_MAX}",
+            d.name
+        ));
     }
     let r = hc(Hypercall::RegionCreate, dom0_slots::MEMORY, [total, 0, 0, 0, 0, 0])
         .map_err(|e| format!("domain {}: room for its kernel and initramfs: {e}", d.name))?

@@ -68,12 +68,8 @@ impl Machine {
     /// every scheduler tick, so input is not lost while nobody reads it.
     pub fn poll_console(&mut self) {
         while !self.console_in.is_full() {
-            match Serial::read_byte() {
-                Some(b) => {
-                    let _ = self.console_in.push_back(b);
-                }
-                None => break,
-            }
+            let Some(b) = Serial::read_byte() else { break };
+            let _ = self.console_in.push_back(b);
         }
     }
 
@@ -299,11 +295,9 @@ impl Platform for Machine {
 
     fn console_read(&mut self, out: &mut [u8]) -> usize {
         self.poll_console();
-        let mut n = 0;
-        while n < out.len() {
-            let Some(b) = self.console_in.pop_front() else { break };
-            out[n] = b;
-            n += 1;
+        let n = out.len().min(self.console_in.len());
+        for b in &mut out[..n] {
+            *b = self.console_in.pop_front().unwrap_or(0);
         }
         n
     }

@@ -39,6 +39,7 @@ mod boot_and_run {
     use pvh::elf::{ElfError, ElfImage};
     use pvh::start_info::{self, MemmapEntry, ModuleSpec};
 
+    use crate::arch::acpi;
     use crate::arch::apic::{self, Clock};
     use crate::arch::cpu::{self, exit_machine};
     use crate::arch::fpu::FpuStates;
@@ -46,7 +47,6 @@ mod boot_and_run {
     use crate::arch::phys::{alloc_zeroed_frames, phys_slice, FRAMES, PAGE_SIZE};
     use crate::arch::serial::Serial;
     use crate::arch::vtd::Iommu;
-    use crate::arch::acpi;
     use crate::machine::Machine;
     use crate::println;
     use crate::vmexit;

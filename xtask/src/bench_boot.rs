@@ -122,9 +122,8 @@ pub fn microvisor(n: usize) -> Result<(Timings, Vec<(String, u64)>), String> {
         c.wait_for("\n", Duration::from_secs(30))?;
         let text = c.text().to_string();
         c.stop();
-        let line = |prefix: &str| {
-            text.lines().find_map(|l| l.strip_prefix(prefix)).map(parse_counts).unwrap_or_default()
-        };
+        let line =
+            |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).map(parse_counts).unwrap_or_default();
         exits = line(HISTOGRAM_LINE);
         exits.extend(line(TOP_LINE));
         eprintln!("bench boot: microvisor run {} of {n}: {:.2} s to {marker:?}", i + 1, t.as_secs_f64());
@@ -150,7 +149,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let a = linux::ensure(&linux::default_dir())?;
     eprintln!("bench boot: kernel {}, {n} native boots (QEMU TCG, PVH entry, to {:?})", a.release, linux::INIT_MARKER);
     let native = native(&a, n)?;
-    eprintln!("bench boot: {n} boots of {LINUX_STACK} under the microvisor (the VM's kernel and initramfs are the same)");
+    eprintln!(
+        "bench boot: {n} boots of {LINUX_STACK} under the microvisor (the VM's kernel and initramfs are the same)"
+    );
     let (mv, exits) = microvisor(n)?;
     let report = BootReport {
         release: a.release.clone(),
@@ -191,7 +192,10 @@ mod tests {
     fn histogram_lines_parse() {
         let h = parse_counts("exits=12 io=10 msr=2 timer=5");
         assert_eq!(h, vec![("exits".into(), 12), ("io".into(), 10), ("msr".into(), 2), ("timer".into(), 5)]);
-        assert_eq!(parse_counts("io:0x3f8=7 msr:0x6e0=3 junk x=y"), vec![("io:0x3f8".into(), 7), ("msr:0x6e0".into(), 3)]);
+        assert_eq!(
+            parse_counts("io:0x3f8=7 msr:0x6e0=3 junk x=y"),
+            vec![("io:0x3f8".into(), 7), ("msr:0x6e0".into(), 3)]
+        );
     }
 
     #[test]

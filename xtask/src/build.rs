@@ -129,7 +129,11 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
 /// The machine must hold the bundle, dom0's copy of each VM's kernel and initramfs (handed
 /// to its VMM), the domains' RAM and the reserve; the manifest check alone cannot know the
 /// files' sizes.
-fn check_memory(manifest: &ipc_spec::manifest::Manifest, entries: &[(String, Vec<u8>)], bundle: u64) -> Result<(), String> {
+fn check_memory(
+    manifest: &ipc_spec::manifest::Manifest,
+    entries: &[(String, Vec<u8>)],
+    bundle: u64,
+) -> Result<(), String> {
     let size = |name: &str| entries.iter().find(|(n, _)| n == name).map_or(0, |(_, d)| d.len() as u64);
     let copies: u64 = manifest
         .domains
@@ -138,10 +142,8 @@ fn check_memory(manifest: &ipc_spec::manifest::Manifest, entries: &[(String, Vec
         .map(|d| (size(&d.kernel) + size(&d.initramfs)).next_multiple_of(2 << 20))
         .sum();
     let mib = |b: u64| b.div_ceil(1 << 20);
-    let need = mib(bundle)
-        + mib(copies)
-        + manifest.total_memory_mib()
-        + u64::from(ipc_spec::manifest::RESERVED_MEMORY_MIB);
+    let need =
+        mib(bundle) + mib(copies) + manifest.total_memory_mib() + u64::from(ipc_spec::manifest::RESERVED_MEMORY_MIB);
     if need > u64::from(manifest.machine_memory_mib) {
         return Err(format!(
             "machine.memory_mib: {} MiB is too little: the boot bundle ({} MiB), the kernel and initramfs copies \

@@ -507,10 +507,16 @@ server = "pong"
             &["invalid type: string \"high\""],
         );
         assert_fails(
-            "missing-key",
+            "missing-image",
             &good_with("image = \"ipc-server\"\n", ""),
+            "domain[0].image",
+            &["a domain needs an image (or, as a VM, a kernel)"],
+        );
+        assert_fails(
+            "missing-key",
+            &good_with("memory_mib = 4\n", ""),
             "domain[0]",
-            &["missing field `image`"],
+            &["missing field `memory_mib`"],
         );
     }
 

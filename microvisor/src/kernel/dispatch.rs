@@ -123,7 +123,14 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// Typed console input for the holder of a machine capability with READ; RDI = bytes
     /// copied. The destination is checked before any byte leaves the buffer.
-    fn hc_console_read<P: Platform>(&mut self, p: &mut P, v: VcpuId, slot: u64, gpa: u64, len: u64) -> Result<(), Error> {
+    fn hc_console_read<P: Platform>(
+        &mut self,
+        p: &mut P,
+        v: VcpuId,
+        slot: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), Error> {
         let d = self.vcpus[v as usize].domain;
         if self.lookup(d, slot, rights::READ)?.object != Object::Machine {
             return Err(Error::WrongType);
@@ -230,7 +237,8 @@ impl<F: Stage2Format> Kernel<F> {
                 let target = self.lookup_domain(caller, r.rbx)?;
                 let nv = self.vcpu_create(p, target, r.rdi, r.rsi)?;
                 let g = self.vcpus[nv as usize].generation;
-                let all = if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
+                let all =
+                    if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
                 match self.grant_original(caller, Object::Vcpu(nv, g), all) {
                     Ok(slot) => self.set_result(v, slot),
                     Err(e) => {

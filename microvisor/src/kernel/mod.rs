@@ -77,10 +77,7 @@ impl Regs {
     /// RSP, RBP, RSI, RDI, R8..R15), as the exit ABI's GPR group carries them.
     pub fn gprs(&self) -> [u64; 16] {
         let r = self;
-        [
-            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-            r.r15,
-        ]
+        [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15]
     }
 
     pub fn set_gprs(&mut self, g: &[u64; 16]) {
