@@ -1,15 +1,30 @@
 //! The VM's console output on its way to the microvisor's console: whole lines at once, and a
 //! partial line (a shell prompt) after it has been left alone for a while, so that a prompt
-//! shows without waiting for a newline that only comes after the next command.
+//! shows without waiting for a newline that only comes after the next command. Terminal
+//! control sequences (ESC `[` ... final byte, and two-byte ESC sequences) are dropped: the
+//! microvisor would print their bytes as `?`, and the shell's cursor-position query
+//! (`ESC [6n`, busybox's line editing) would follow every prompt.
 
 use alloc::vec::Vec;
 
 /// Longest partial line kept before it is sent anyway.
 pub const PARTIAL_MAX: usize = 256;
 
+/// Where the filter is in a control sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Escape {
+    #[default]
+    None,
+    /// After ESC.
+    Started,
+    /// After ESC `[`: parameters and intermediates until a final byte (0x40..=0x7e).
+    Csi,
+}
+
 /// What waits to be written.
 #[derive(Clone, Debug, Default)]
 pub struct ConsoleOut {
+    escape: Escape,
     partial: Vec<u8>,
     /// When the oldest byte of `partial` arrived (the caller's clock).
     since: Option<u64>,
@@ -25,6 +40,19 @@ impl ConsoleOut {
     pub fn push(&mut self, bytes: &[u8], now: u64) -> Vec<u8> {
         let mut out = Vec::new();
         for &b in bytes {
+            self.escape = match (self.escape, b) {
+                (Escape::None, 0x1b) => Escape::Started,
+                (Escape::None, _) => Escape::None,
+                (Escape::Started, b'[') => Escape::Csi,
+                (Escape::Csi, 0x20..=0x3f) => Escape::Csi,
+                (Escape::Started | Escape::Csi, _) => {
+                    self.escape = Escape::None;
+                    continue;
+                }
+            };
+            if self.escape != Escape::None {
+                continue;
+            }
             self.partial.push(b);
             if b == b'\n' || self.partial.len() >= PARTIAL_MAX {
                 if b != b'\n' {
@@ -75,6 +103,17 @@ mod tests {
         assert_eq!(c.flush_due(15, 5), Some(b"/ # \n".to_vec()));
         assert_eq!(c.due(5), None);
         assert_eq!(c.flush(), None);
+    }
+
+    #[test]
+    fn control_sequences_are_dropped() {
+        let mut c = ConsoleOut::new();
+        assert_eq!(c.push(b"/ # \x1b[6n", 0), b"");
+        assert_eq!(c.flush(), Some(b"/ # \n".to_vec()));
+        assert_eq!(c.push(b"\x1b[1;32mgreen\x1b[0m \x1bcx\n", 0), b"green x\n");
+        // Split across pushes.
+        assert!(c.push(b"a\x1b[", 0).is_empty());
+        assert_eq!(c.push(b"12Kb\n", 0), b"ab\n");
     }
 
     #[test]
