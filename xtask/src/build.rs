@@ -206,3 +206,45 @@ pub fn ensure_disk(path: &Path) -> Result<(), String> {
 pub fn default_target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_spec::manifest::{DomainSpec, Manifest, MANIFEST_VERSION};
+
+    fn domain(name: &str, mib: u32) -> DomainSpec {
+        DomainSpec {
+            name: name.into(),
+            image: String::new(),
+            memory_mib: mib,
+            priority: 10,
+            vcpus: 1,
+            args: String::new(),
+            device: String::new(),
+            status: false,
+            vmm: String::new(),
+            kernel: String::new(),
+            initramfs: String::new(),
+            cmdline: String::new(),
+            console_input: false,
+        }
+    }
+
+    #[test]
+    fn the_machine_must_hold_bundle_copies_and_domains() {
+        let mut vm = domain("linux-vm", 128);
+        (vm.kernel, vm.initramfs, vm.vmm) = ("linux".into(), "initrd".into(), "vmm".into());
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            machine_memory_mib: 512,
+            domains: vec![domain("vmm", 16), vm],
+            channels: Vec::new(),
+        };
+        let entries = vec![("linux".to_string(), vec![0u8; 60 << 20]), ("initrd".to_string(), vec![0u8; 5 << 20])];
+        // 70 MiB bundle + 66 MiB copy + 144 MiB domains + 64 MiB reserve = 344 MiB.
+        assert_eq!(check_memory(&m, &entries, 70 << 20), Ok(()));
+        m.machine_memory_mib = 300;
+        let e = check_memory(&m, &entries, 70 << 20).unwrap_err();
+        assert!(e.starts_with("machine.memory_mib: 300 MiB is too little") && e.contains("need 344 MiB"), "{e}");
+    }
+}
