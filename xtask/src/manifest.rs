@@ -512,12 +512,7 @@ server = "pong"
             "domain[0].image",
             &["a domain needs an image (or, as a VM, a kernel)"],
         );
-        assert_fails(
-            "missing-key",
-            &good_with("memory_mib = 4\n", ""),
-            "domain[0]",
-            &["missing field `memory_mib`"],
-        );
+        assert_fails("missing-key", &good_with("memory_mib = 4\n", ""), "domain[0]", &["missing field `memory_mib`"]);
     }
 
     #[test]
