@@ -25,6 +25,12 @@ const REGION_BASE_GPA: u64 = 0x4000_0000;
 const REGION_STRIDE: u64 = 64 << 20;
 /// Images are linked at or above 1 MiB.
 const IMAGE_MIN_GPA: u64 = 0x10_0000;
+/// Where a Linux VM's files (kernel, initramfs, command line) are mapped: in dom0 while it
+/// copies them in, then read-only in the VMM. Above the channel regions (at most 16 of
+/// 64 MiB from 1 GiB), below the VMM's view of its VM's RAM (`vmm`'s `VIEW`, 0xa000_0000).
+const FILES_GPA: u64 = 0x9000_0000;
+/// The largest files region (up to the VMM's view).
+const FILES_MAX: u64 = 0xa000_0000 - FILES_GPA;
 
 /// A domain dom0 built.
 pub struct Built {
@@ -42,6 +48,8 @@ pub struct Built {
     /// A hypercall fuzzer (`fuzz = true`): the machine's `MachineStatus` just before dom0
     /// built it, to compare with after it is destroyed.
     pub fuzz_baseline: Option<MachineStatus>,
+    /// A VM booting a kernel: its VMM creates and starts its vCPU.
+    vmm_boots: bool,
 }
 
 /// What `MachineStatus` says: free frames, then live domains, vCPUs, regions, endpoints
@@ -125,6 +133,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 vmm: None,
                 vcpu: None,
                 fuzz_baseline: None,
+                vmm_boots: false,
             };
             domains.push(placeholder);
             continue;
@@ -136,16 +145,24 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     // Each VM's exits go to an endpoint only its VMM receives on; the VMM also gets the
     // VM's domain (to map its RAM, pause it) and its vCPU (to inject interrupts).
     for i in 0..domains.len() {
-        let (Some(vmm), Some(vcpu)) = (domains[i].vmm, domains[i].vcpu) else { continue };
+        let Some(vmm) = domains[i].vmm else { continue };
         let (vm, host) = (domains[i].slot, domains[vmm].slot);
         let e = create(Hypercall::EndpointCreate)?;
         hc(Hypercall::DomainSetFaultEndpoint, vm, [e, i as u64 + 1, 0, 0, 0, 0])?;
         let exits = give(e, host, rights::RECV, 0)?;
         delete(e)?;
-        let vm_cap = give(vm, host, rights::VMM, 0)?;
-        let vcpu_cap = give(vcpu, host, rights::CONTROL, 0)?;
         let ram = domains[i].ram;
-        let _ = write!(domains[vmm].args, " vm={vm_cap} vcpu={vcpu_cap} exits={exits} vm_ram={ram}");
+        if domains[i].vmm_boots {
+            // The VMM makes the vCPU (CONTROL) once it has loaded the kernel.
+            let vm_cap = give(vm, host, rights::VMM | rights::CONTROL, 0)?;
+            let files = hand_over_files(bundle, &m.domains[i], host)?;
+            let _ = write!(domains[vmm].args, " vm={vm_cap} exits={exits} vm_ram={ram}{files}");
+        } else {
+            let Some(vcpu) = domains[i].vcpu else { continue };
+            let vm_cap = give(vm, host, rights::VMM, 0)?;
+            let vcpu_cap = give(vcpu, host, rights::CONTROL, 0)?;
+            let _ = write!(domains[vmm].args, " vm={vm_cap} vcpu={vcpu_cap} exits={exits} vm_ram={ram}");
+        }
         println!("{} is the VMM of VM {}", domains[vmm].name, domains[i].name);
     }
 
@@ -219,6 +236,57 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     Ok(Stack { domains, fault_endpoint })
 }
 
+/// Copies a VM's kernel, initramfs and command line into a fresh region, maps it read-only
+/// into its VMM (`host`) at [`FILES_GPA`], and returns the VMM's command-line words saying
+/// where each part is (`files=`, `files_len=`, `kernel=`, `initramfs=`, `cmdline=` as
+/// hexadecimal `<offset>:<length>`). Policy only: which files, and that the VMM may not
+/// change them; the VMM does the loading.
+fn hand_over_files(bundle: &Bundle, d: &ipc_spec::manifest::DomainSpec, host: u64) -> Result<String, String> {
+    let get =
+        |name: &str| bundle.get(name).ok_or_else(|| format!("domain {}: \"{name}\" is not in the boot bundle", d.name));
+    let kernel = get(&d.kernel)?;
+    let initramfs = if d.initramfs.is_empty() { &[][..] } else { get(&d.initramfs)? };
+    let page = |n: usize| (n as u64).next_multiple_of(4096);
+    let parts: [(&str, &[u8]); 3] = [("kernel", kernel), ("initramfs", initramfs), ("cmdline", d.cmdline.as_bytes())];
+    let total: u64 = parts.iter().map(|(_, p)| page(p.len())).sum();
+    if total > FILES_MAX {
+        return Err(format!(
+            "domain {}: kernel, initramfs and command line ({total} bytes) exceed {FILES_MAX}",
+            d.name
+        ));
+    }
+    let r = hc(Hypercall::RegionCreate, dom0_slots::MEMORY, [total, 0, 0, 0, 0, 0])
+        .map_err(|e| format!("domain {}: room for its kernel and initramfs: {e}", d.name))?
+        .args[0];
+    hc(Hypercall::Map, dom0_slots::SELF_DOMAIN, [r, FILES_GPA, rights::READ | rights::WRITE, 0, 0, 0])?;
+    // SAFETY: the region was just mapped read-write at FILES_GPA (total bytes) in dom0,
+    // inside its page tables' identity map of the low 4 GiB; nothing else maps it yet.
+    let dst = unsafe { core::slice::from_raw_parts_mut(FILES_GPA as *mut u8, total as usize) };
+    let mut words = format!(" files={FILES_GPA:#x} files_len={total:#x}");
+    let mut at = 0usize;
+    for (name, data) in parts {
+        dst[at..at + data.len()].copy_from_slice(data);
+        if !data.is_empty() {
+            let _ = write!(words, " {name}={at:#x}:{:#x}", data.len());
+        }
+        at += page(data.len()) as usize;
+    }
+    hc(Hypercall::Map, host, [r, FILES_GPA, rights::READ, 0, 0, 0])
+        .map_err(|e| format!("domain {}: mapping its files into the VMM: {e}", d.name))?;
+    hc(Hypercall::Unmap, dom0_slots::SELF_DOMAIN, [r, 0, 0, 0, 0, 0])?;
+    // The VMM's mapping keeps the region alive.
+    delete(r)?;
+    println!(
+        "{}: kernel \"{}\" ({} KiB), initramfs \"{}\" ({} KiB) handed to its VMM read-only",
+        d.name,
+        d.kernel,
+        kernel.len() >> 10,
+        d.initramfs,
+        initramfs.len() >> 10
+    );
+    Ok(words)
+}
+
 /// A doorbell each way between `client` and `server` (domain slots): returns the client's
 /// signal and wait slots and the server's.
 fn doorbells(client: u64, server: u64) -> Result<(u64, u64, u64, u64), String> {
@@ -243,6 +311,30 @@ fn create_domain(
     fault_endpoint: u64,
     devices: &mut [(u64, u16, u16, bool)],
 ) -> Result<Built, String> {
+    if !d.kernel.is_empty() {
+        // A VM booting a kernel: an empty VM; its VMM loads the kernel (handed over by
+        // `build`) and makes the vCPU.
+        let ram = (d.memory_mib as u64 * 1024 * 1024).next_multiple_of(2 << 20);
+        let name = d.name.as_bytes();
+        let r = hc(
+            Hypercall::DomainCreate,
+            dom0_slots::MEMORY,
+            [ram, d.priority as u64, name.as_ptr() as u64, name.len() as u64, domain_flags::VM, 0],
+        )
+        .map_err(|e| format!("domain {}: {e}", d.name))?;
+        let vmm = m.domains.iter().position(|x| x.name == d.vmm);
+        return Ok(Built {
+            name: d.name.clone(),
+            slot: r.args[0],
+            args: String::new(),
+            entry: 0,
+            ram,
+            vmm,
+            vcpu: None,
+            fuzz_baseline: None,
+            vmm_boots: true,
+        });
+    }
     let image =
         bundle.get(&d.image).ok_or_else(|| format!("domain {}: image \"{}\" is not in the bundle", d.name, d.image))?;
     let elf = ElfImage::parse(image).map_err(|e| format!("domain {}: image {}: {e}", d.name, d.image))?;
@@ -278,6 +370,7 @@ fn create_domain(
             vmm,
             vcpu: Some(v),
             fuzz_baseline: None,
+            vmm_boots: false,
         });
     }
     hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
@@ -317,11 +410,31 @@ fn create_domain(
         let st = give(fault_endpoint, slot, rights::CALL, ipc_spec::status::STATUS_BADGE | (i as u64 + 1))?;
         let _ = write!(args, " status={st}");
     }
-    Ok(Built { name: d.name.clone(), slot, args, entry, ram, vmm: None, vcpu: None, fuzz_baseline: None })
+    if d.console_input {
+        // The machine capability with READ alone: ConsoleRead, nothing else.
+        let c = give(dom0_slots::MACHINE, slot, rights::READ, 0)?;
+        let _ = write!(args, " console={c}");
+        println!("{} receives the console's input", d.name);
+    }
+    Ok(Built {
+        name: d.name.clone(),
+        slot,
+        args,
+        entry,
+        ram,
+        vmm: None,
+        vcpu: None,
+        fuzz_baseline: None,
+        vmm_boots: false,
+    })
 }
 
 /// Write the start info of `d` and start its vCPU.
 fn start(d: &Built, spec: &DomainSpec) -> Result<(), String> {
+    if d.vmm_boots {
+        println!("{}: {} MiB, priority {}, booted by its VMM", d.name, d.ram >> 20, spec.priority);
+        return Ok(());
+    }
     let mut cmdline = spec.args.clone();
     if !cmdline.is_empty() && !d.args.is_empty() {
         cmdline.push(' ');

@@ -31,6 +31,8 @@ pub const REGISTER_WORDS: usize = 6;
 pub const MAX_MESSAGE_WORDS: usize = REGISTER_WORDS + 512;
 /// Longest single console write; longer output takes several calls.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+/// Typed console bytes the microvisor keeps until a ConsoleRead takes them.
+pub const CONSOLE_INPUT_BUFFER: usize = 256;
 /// Longest domain name (bytes, ASCII).
 pub const DOMAIN_NAME_MAX: usize = 31;
 
@@ -75,6 +77,12 @@ hypercalls! {
     Yield = 4,
     /// Nanoseconds since boot → RDI.
     Clock = 5,
+    /// Take bytes typed on the machine's console (the microvisor keeps the last
+    /// [`CONSOLE_INPUT_BUFFER`] unread ones). RBX = machine capability (right READ, which
+    /// dom0 gives the one domain whose manifest entry has `console_input`), RDI =
+    /// guest-physical address of the buffer, RSI = its length (at most
+    /// [`CONSOLE_WRITE_MAX`]). Returns RDI = bytes copied (0: nothing typed).
+    ConsoleRead = 6,
 
     /// Create a domain. RBX = memory capability (CONTROL), RDI = RAM bytes (rounded up to
     /// 2 MiB), RSI = priority (1..=254) for its vCPUs, RDX = guest-physical address of its

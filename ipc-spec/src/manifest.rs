@@ -21,7 +21,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this module reads and writes.
-pub const MANIFEST_VERSION: u32 = 3;
+pub const MANIFEST_VERSION: u32 = 4;
 /// Name of the manifest inside the boot bundle.
 pub const MANIFEST_ENTRY: &str = "manifest";
 /// Name no domain or channel may have: dom0 builds the stack and is not listed in it.
@@ -42,6 +42,9 @@ pub const MIN_PRIORITY: u8 = 1;
 pub const MAX_PRIORITY: u8 = 254;
 /// vCPUs per domain supported today.
 pub const SUPPORTED_VCPUS: u8 = 1;
+/// Longest kernel command line of a Linux VM, in bytes (it goes into the start info page
+/// with the memory map).
+pub const MAX_CMDLINE_LEN: usize = 1024;
 
 /// The whole stack, as dom0 builds it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -88,6 +91,18 @@ pub struct DomainSpec {
     /// (`MachineStatus`) before, and once it exits destroys it and checks that all came
     /// back. It may have no channel, device or status capability.
     pub fuzz: bool,
+    /// A VM booting an operating system kernel (a PVH ELF, e.g. Linux's `vmlinux`): the
+    /// bundle entry holding it. Empty: the domain runs `image`. Its VMM loads it (dom0 hands
+    /// the file over read-only); a VM with a kernel has no `image`.
+    pub kernel: String,
+    /// The bundle entry holding the kernel's initial RAM disk (empty: none).
+    pub initramfs: String,
+    /// The kernel's command line (at most [`MAX_CMDLINE_LEN`] bytes).
+    pub cmdline: String,
+    /// The domain (a VMM) receives what is typed on the machine's console: dom0 gives it
+    /// the machine capability with the READ right only (`console=` on its command line).
+    /// At most one domain has it.
+    pub console_input: bool,
 }
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
@@ -346,6 +361,24 @@ pub enum ProblemKind {
     VmmIsVm { vmm: String },
     /// Two VMs name the same VMM (a VMM serves one VM).
     VmmTaken { vmm: String, first: usize },
+    /// A domain has neither an image nor a kernel.
+    MissingImage,
+    /// A VM with a kernel also names an image.
+    ImageAndKernel,
+    /// A kernel, initramfs or kernel command line on a domain that is not a VM.
+    KernelWithoutVmm,
+    /// An initramfs or kernel command line without a kernel.
+    NeedsKernel,
+    /// A kernel command line longer than [`MAX_CMDLINE_LEN`] bytes.
+    CmdlineTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Console input given to a second domain.
+    ConsoleInputTaken {
+        /// Index of the first domain with it.
+        first: usize,
+    },
     /// A domain's device is not one of [`DEVICE_KINDS`].
     UnknownDevice {
         /// The name given.
@@ -453,6 +486,21 @@ impl fmt::Display for ProblemKind {
             ProblemKind::VmmTaken { vmm, first } => {
                 write!(f, "{vmm:?} is already the VMM of domains[{first}]: a VMM serves one VM")
             }
+            ProblemKind::MissingImage => f.write_str("a domain needs an image (or, as a VM, a kernel)"),
+            ProblemKind::ImageAndKernel => {
+                f.write_str("a VM with a kernel has no image: its VMM loads the kernel")
+            }
+            ProblemKind::KernelWithoutVmm => {
+                f.write_str("only a VM boots a kernel: name its VMM with `vmm`")
+            }
+            ProblemKind::NeedsKernel => f.write_str("only a VM with a kernel has an initramfs or a kernel command line"),
+            ProblemKind::CmdlineTooLong { len } => write!(
+                f,
+                "the kernel command line is {len} bytes long; at most {MAX_CMDLINE_LEN} are allowed"
+            ),
+            ProblemKind::ConsoleInputTaken { first } => {
+                write!(f, "domains[{first}] already receives the console input: at most one domain does")
+            }
             ProblemKind::UnknownDevice { device } => {
                 write!(f, "unknown device {device:?} (known devices:")?;
                 for (name, _, _) in DEVICE_KINDS {
@@ -527,20 +575,48 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if let Some(kind) = check_name(&domain.name, earlier) {
             push(field("name"), kind);
         }
-        if domain.image == crate::DOM0_IMAGE || domain.image == MANIFEST_ENTRY {
-            push(field("image"), ProblemKind::ReservedImage { image: domain.image.clone() });
-        } else if !known_images.contains(&domain.image.as_str()) {
-            push(
-                field("image"),
-                ProblemKind::UnknownImage {
-                    image: domain.image.clone(),
-                    known: known_images
-                        .iter()
-                        .filter(|k| **k != crate::DOM0_IMAGE && **k != MANIFEST_ENTRY)
-                        .map(|k| (*k).to_owned())
-                        .collect(),
-                },
-            );
+        let mut files: Vec<(&'static str, &String)> = Vec::new();
+        match (domain.image.is_empty(), domain.kernel.is_empty()) {
+            (true, true) => push(field("image"), ProblemKind::MissingImage),
+            (false, false) => push(field("image"), ProblemKind::ImageAndKernel),
+            (false, true) => files.push(("image", &domain.image)),
+            (true, false) => files.push(("kernel", &domain.kernel)),
+        }
+        if !domain.initramfs.is_empty() {
+            files.push(("initramfs", &domain.initramfs));
+        }
+        for (key, file) in files {
+            if *file == crate::DOM0_IMAGE || file == MANIFEST_ENTRY {
+                push(field(key), ProblemKind::ReservedImage { image: file.clone() });
+            } else if !known_images.contains(&file.as_str()) {
+                push(
+                    field(key),
+                    ProblemKind::UnknownImage {
+                        image: file.clone(),
+                        known: known_images
+                            .iter()
+                            .filter(|k| **k != crate::DOM0_IMAGE && **k != MANIFEST_ENTRY)
+                            .map(|k| (*k).to_owned())
+                            .collect(),
+                    },
+                );
+            }
+        }
+        if !domain.kernel.is_empty() && domain.vmm.is_empty() {
+            push(field("kernel"), ProblemKind::KernelWithoutVmm);
+        }
+        for (key, set) in [("initramfs", !domain.initramfs.is_empty()), ("cmdline", !domain.cmdline.is_empty())] {
+            if set && domain.kernel.is_empty() {
+                push(field(key), ProblemKind::NeedsKernel);
+            }
+        }
+        if domain.cmdline.len() > MAX_CMDLINE_LEN {
+            push(field("cmdline"), ProblemKind::CmdlineTooLong { len: domain.cmdline.len() });
+        }
+        if domain.console_input {
+            if let Some(first) = manifest.domains[..index].iter().position(|d| d.console_input) {
+                push(field("console_input"), ProblemKind::ConsoleInputTaken { first });
+            }
         }
         if !(MIN_DOMAIN_MEMORY_MIB..=MAX_DOMAIN_MEMORY_MIB).contains(&domain.memory_mib) {
             push(field("memory_mib"), ProblemKind::MemoryOutOfRange { mib: domain.memory_mib.into() });
@@ -659,6 +735,10 @@ mod tests {
             status: false,
             vmm: String::new(),
             fuzz: false,
+            kernel: String::new(),
+            initramfs: String::new(),
+            cmdline: String::new(),
+            console_input: false,
         }
     }
 
@@ -993,6 +1073,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn linux_vm_rules_name_the_field() {
+        let images = &["ipc-client", "ipc-server", "linux", "initrd"];
+        let mut m = demo();
+        let mut vm = domain("linux", "");
+        vm.kernel = "linux".into();
+        vm.initramfs = "initrd".into();
+        vm.cmdline = "console=ttyS0".into();
+        vm.vmm = "ping".into();
+        m.domains.push(vm);
+        m.domains[0].console_input = true;
+        assert_eq!(validate(&m, images), Ok(()));
+        let problem = |m: &Manifest| {
+            let p = validate(m, images).unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            format!("{}", p[0])
+        };
+        let mut bad = m.clone();
+        bad.domains[2].kernel = "nope".into();
+        assert!(problem(&bad).starts_with("domains[2].kernel: unknown image \"nope\""));
+        let mut bad = m.clone();
+        bad.domains[2].image = "ipc-client".into();
+        assert_eq!(problem(&bad), "domains[2].image: a VM with a kernel has no image: its VMM loads the kernel");
+        let mut bad = m.clone();
+        bad.domains[2].kernel.clear();
+        bad.domains[2].initramfs.clear();
+        bad.domains[2].cmdline.clear();
+        assert_eq!(problem(&bad), "domains[2].image: a domain needs an image (or, as a VM, a kernel)");
+        let mut bad = m.clone();
+        bad.domains[2].vmm.clear();
+        assert!(problem(&bad).starts_with("domains[2].kernel: only a VM boots a kernel"));
+        let mut bad = m.clone();
+        bad.domains[2].cmdline = "x".repeat(MAX_CMDLINE_LEN + 1);
+        assert!(problem(&bad).starts_with("domains[2].cmdline: the kernel command line is 1025 bytes"));
+        let mut bad = m.clone();
+        bad.domains[1].console_input = true;
+        assert!(problem(&bad).starts_with("domains[1].console_input: domains[0] already"));
+        let mut bad = m.clone();
+        bad.domains[0].initramfs = "initrd".into();
+        assert!(problem(&bad).starts_with("domains[0].initramfs: only a VM with a kernel"));
+    }
+
     fn arb_name() -> impl Strategy<Value = String> {
         "[a-z0-9_-]{0,40}"
     }
@@ -1010,6 +1132,10 @@ mod tests {
                 status: false,
                 vmm: String::new(),
                 fuzz: false,
+                kernel: String::new(),
+                initramfs: String::new(),
+                cmdline: String::new(),
+                console_input: false,
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {

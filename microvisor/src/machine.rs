@@ -2,6 +2,7 @@
 //! frames, physical memory, the clock, the vCPU hardware and the console.
 
 use ipc_spec::exit::{Event, VcpuState as ArchState};
+use ipc_spec::hypercall::CONSOLE_INPUT_BUFFER;
 use ipc_spec::Error;
 use microvisor::guest_memory::{PhysRead, PhysWrite};
 use microvisor::kernel::{DeviceId, DomainId, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS};
@@ -38,6 +39,9 @@ pub struct Machine {
     pub pending_dma: [Option<(u64, u64)>; microvisor::kernel::MAX_DOMAINS],
     /// Which device each device vector belongs to.
     vectors: [Option<DeviceId>; microvisor::kernel::DEVICE_VECTORS],
+    /// Typed console bytes not yet read (ConsoleRead); beyond the buffer, new bytes are
+    /// dropped.
+    console_in: heapless::Deque<u8, CONSOLE_INPUT_BUFFER>,
 }
 
 impl Machine {
@@ -56,6 +60,16 @@ impl Machine {
             devices: [const { None }; MAX_DEVICES],
             pending_dma: [None; microvisor::kernel::MAX_DOMAINS],
             vectors: [None; microvisor::kernel::DEVICE_VECTORS],
+            console_in: heapless::Deque::new(),
+        }
+    }
+
+    /// Moves what was typed from the UART's FIFO (16 bytes) into the larger buffer; called
+    /// every scheduler tick, so input is not lost while nobody reads it.
+    pub fn poll_console(&mut self) {
+        while !self.console_in.is_full() {
+            let Some(b) = Serial::read_byte() else { break };
+            let _ = self.console_in.push_back(b);
         }
     }
 
@@ -289,6 +303,15 @@ impl Platform for Machine {
 
     fn domain_named(&mut self, domain: DomainId, name: &str) {
         crate::arch::cpu::name_domain(domain, name);
+    }
+
+    fn console_read(&mut self, out: &mut [u8]) -> usize {
+        self.poll_console();
+        let n = out.len().min(self.console_in.len());
+        for b in &mut out[..n] {
+            *b = self.console_in.pop_front().unwrap_or(0);
+        }
+        n
     }
 
     fn console_line(&mut self, domain: &str, line: &[u8]) {

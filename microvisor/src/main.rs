@@ -273,7 +273,7 @@ mod boot_and_run {
         let v = k.vcpu_create(m, d, entry as u64, START_INFO_GPA)?;
         let vg = k.vcpus[v as usize].generation;
         let s2 = k.grant_original(d, Object::Vcpu(v, vg), rights::CONTROL)?;
-        let s3 = k.grant_original(d, Object::Machine, rights::CONTROL)?;
+        let s3 = k.grant_original(d, Object::Machine, rights::CONTROL | rights::READ | rights::GRANT)?;
         debug_assert_eq!(
             [s0, s1, s2, s3],
             [dom0_slots::SELF_DOMAIN, dom0_slots::MEMORY, dom0_slots::SELF_VCPU, dom0_slots::MACHINE]
@@ -306,6 +306,7 @@ mod boot_and_run {
                     seen_ticks = ticks;
                     cpu::check_stack_canary();
                     poll_iommu_faults(k, m);
+                    m.poll_console();
                     k.tick(m.clock.now_ns());
                 }
             }

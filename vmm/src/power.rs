@@ -12,6 +12,14 @@ use crate::bus::BusDevice;
 /// Ports decoded, from the sleep control register.
 pub const POWER_PORTS: u64 = 3;
 
+/// The 8042 keyboard controller's status/command port. Only its reset line is modelled (as
+/// Firecracker does): Linux's `reboot=kbd`, the method after ACPI, waits for the input buffer
+/// to drain (status bit 1) and writes the "pulse reset" command. Without it, that wait reads
+/// an unclaimed port 0x10000 times per try (a panicking VM would take minutes to stop).
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The 8042 command that pulses the CPU reset line.
+pub const I8042_RESET: u8 = 0xfe;
+
 const SLP_EN: u8 = 1 << 5;
 
 /// What the guest asked for.
@@ -41,6 +49,37 @@ impl PowerDevice {
     }
 }
 
+/// The 8042's reset line: status reads 0 (nothing to read, input buffer empty), the reset
+/// command raises [`PowerEvent::Reset`], other commands are ignored.
+#[derive(Clone, Debug, Default)]
+pub struct I8042Reset {
+    event: Option<PowerEvent>,
+}
+
+impl I8042Reset {
+    /// No reset pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the pending reset.
+    pub fn take_event(&mut self) -> Option<PowerEvent> {
+        self.event.take()
+    }
+}
+
+impl BusDevice for I8042Reset {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if data.first() == Some(&I8042_RESET) {
+            self.event = Some(PowerEvent::Reset);
+        }
+    }
+}
+
 impl BusDevice for PowerDevice {
     /// The sleep status register reads 0 (WAK_STS clear: the VM never wakes from sleep); the
     /// control and reset registers read 0.
@@ -63,6 +102,19 @@ impl BusDevice for PowerDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn i8042_reset_line() {
+        let mut k = I8042Reset::new();
+        let mut status = [0xffu8];
+        k.read(0, &mut status);
+        assert_eq!(status, [0], "input buffer empty");
+        k.write(0, &[0xad]);
+        assert_eq!(k.take_event(), None);
+        k.write(0, &[I8042_RESET]);
+        assert_eq!(k.take_event(), Some(PowerEvent::Reset));
+        assert_eq!(k.take_event(), None);
+    }
     use crate::acpi::SLEEP_CONTROL_S5;
 
     #[test]

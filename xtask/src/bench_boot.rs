@@ -104,6 +104,50 @@ pub fn native(a: &linux::Artifacts, n: usize) -> Result<(Timings, Option<Timings
     Ok((Timings { runs: wall }, cpu))
 }
 
+/// The stack the microvisor half boots: the Linux VM with its VMM (and the driver VMs).
+pub const LINUX_STACK: &str = "stacks/linux.toml";
+/// The VMM's line with its exit histogram, printed when the init marker passes.
+pub const HISTOGRAM_LINE: &str = "[linux] exit histogram at the init marker: ";
+/// The VMM's line with the ports and MSRs that exit most, printed right after.
+pub const TOP_LINE: &str = "[linux] exits by port and MSR: ";
+
+/// `key=value` words of the VMM's histogram lines, in order.
+pub fn parse_counts(line: &str) -> Vec<(String, u64)> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// Boots the Linux stack under the microvisor `n` times: seconds to the VM's init marker,
+/// and the exit counts of the last run.
+pub fn microvisor(n: usize) -> Result<(Timings, Vec<(String, u64)>), String> {
+    let root = crate::workspace_root();
+    let artifacts = crate::build::build(&crate::build::default_target_dir(), &root.join(LINUX_STACK))?;
+    let machine = crate::qemu::Machine::new(&artifacts);
+    for disk in &machine.disks {
+        crate::build::ensure_disk(disk)?;
+    }
+    let marker = format!("[linux] {}", linux::INIT_MARKER);
+    let mut runs = Vec::new();
+    let mut exits = Vec::new();
+    for i in 0..n {
+        let mut c = crate::console::Console::spawn(linux::console_command(&machine))?;
+        let t = c.wait_for(&marker, Duration::from_secs(240))?;
+        c.wait_for(TOP_LINE, Duration::from_secs(30))?;
+        c.wait_for("\n", Duration::from_secs(30))?;
+        let text = c.text().to_string();
+        c.stop();
+        let line =
+            |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).map(parse_counts).unwrap_or_default();
+        exits = line(HISTOGRAM_LINE);
+        exits.extend(line(TOP_LINE));
+        eprintln!("bench boot: microvisor run {} of {n}: {:.2} s to {marker:?}", i + 1, t.as_secs_f64());
+        runs.push(t.as_secs_f64());
+    }
+    Ok((Timings { runs }, exits))
+}
+
 /// `cargo xtask bench boot [--n N]`.
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut n = 3usize;
@@ -120,26 +164,38 @@ pub fn run(args: &[String]) -> Result<(), String> {
     crate::setup::ensure_qemu()?;
     let a = linux::ensure(&linux::default_dir())?;
     eprintln!("bench boot: kernel {}, {n} native boots (QEMU TCG, PVH entry, to {:?})", a.release, linux::INIT_MARKER);
-    let (wall, cpu) = native(&a, n)?;
+    let (native, native_cpu) = native(&a, n)?;
+    eprintln!(
+        "bench boot: {n} boots of {LINUX_STACK} under the microvisor (the VM's kernel and initramfs are the same)"
+    );
+    let (mv, exits) = microvisor(n)?;
     let report = BootReport {
         release: a.release.clone(),
         cmdline: linux::native_cmdline("init.mode=poweroff"),
-        native: Some(wall),
-        native_cpu: cpu,
-        ..BootReport::default()
+        native: Some(native),
+        native_cpu,
+        microvisor: Some(mv),
+        microvisor_cpu: None,
+        exits,
     };
-    println!("Boot to init: Debian kernel {} (seconds under TCG, best / median of {n})", a.release);
-    println!("                                       wall            QEMU CPU");
-    let pair = |t: Option<&Timings>| match (t.and_then(Timings::best), t.and_then(Timings::median)) {
-        (Some(best), Some(median)) => format!("{best:>6.2} / {median:<6.2}"),
-        _ => format!("{:>15}", "-"),
-    };
-    println!(
-        "  native (QEMU -kernel vmlinux, PVH)   {}  {}",
-        pair(report.native.as_ref()),
-        pair(report.native_cpu.as_ref())
-    );
-    println!("  command line: {}", report.cmdline);
+    println!("Boot to init: Debian kernel {} (wall seconds under TCG, best / median of {n})", a.release);
+    for (name, t) in [
+        ("native (QEMU -kernel vmlinux, PVH)", report.native.as_ref()),
+        ("microvisor (VM + VMM domain)", report.microvisor.as_ref()),
+    ] {
+        if let (Some(best), Some(median)) = (t.and_then(Timings::best), t.and_then(Timings::median)) {
+            println!("  {name:<36} {best:>6.2} / {median:.2}");
+        }
+    }
+    if let Some(best) = report.native_cpu.as_ref().and_then(Timings::best) {
+        println!("  native, QEMU CPU seconds (best)      {best:>6.2}");
+    }
+    if let Some(r) = report.ratio() {
+        println!("  ratio (best / best)                  {r:>6.2}");
+    }
+    let counts: Vec<String> = report.exits.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  the VM's exits to its VMM: {}", counts.join(" "));
+    println!("  native command line: {}", report.cmdline);
     let path = crate::build::default_target_dir().join("bench").join("boot.json");
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -152,6 +208,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_lines_parse() {
+        let h = parse_counts("exits=12 io=10 msr=2 timer=5");
+        assert_eq!(h, vec![("exits".into(), 12), ("io".into(), 10), ("msr".into(), 2), ("timer".into(), 5)]);
+        assert_eq!(
+            parse_counts("io:0x3f8=7 msr:0x6e0=3 junk x=y"),
+            vec![("io:0x3f8".into(), 7), ("msr:0x6e0".into(), 3)]
+        );
+    }
 
     #[test]
     fn best_and_median() {

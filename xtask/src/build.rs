@@ -17,14 +17,18 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("test-vmm", "domains", "test-vmm"),
     ("tiny-vm", "domains", "tiny-vm"),
     ("fuzzer", "domains", "fuzzer"),
+    ("vmm", "vmm", "vmm"),
     ("disk-driver", "disk-driver", "disk-driver"),
     ("net-driver", "net-driver", "net-driver"),
     ("demo-guest", "demo-guest", "demo-guest"),
 ];
 
-/// The names manifests may use as `image`.
+/// The names manifests may use as `image` (and, for the Linux files, as `kernel` and
+/// `initramfs`).
 pub fn known_images() -> Vec<&'static str> {
-    DOMAIN_IMAGES.iter().map(|(name, _, _)| *name).collect()
+    let mut names: Vec<&str> = DOMAIN_IMAGES.iter().map(|(name, _, _)| *name).collect();
+    names.extend(crate::linux::BUNDLE_FILES);
+    names
 }
 
 /// What a build produces.
@@ -56,7 +60,7 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     crate::setup::ensure_target()?;
     // The microvisor is built on its own: built together with the domains, cargo would
     // unify features and link ipc-spec's allocating manifest code into the microvisor.
-    for packages in [&["microvisor"][..], &["dom0", "domains", "disk-driver", "net-driver", "demo-guest"][..]] {
+    for packages in [&["microvisor"][..], &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest"][..]] {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace_root())
             .args(["build", "--release", "--target", BARE_METAL_TARGET])
@@ -87,7 +91,20 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
         std::fs::read(&path).map_err(|e| format!("reading {}: {e} (run `cargo xtask build` first)", path.display()))
     };
     entries.push((ipc_spec::DOM0_IMAGE.to_string(), read("dom0")?));
+    let mut linux: Option<crate::linux::Artifacts> = None;
     for image in crate::manifest::images(manifest) {
+        if crate::linux::BUNDLE_FILES.contains(&image) {
+            // Fetched and built on first use, then cached under target/linux.
+            let a = match linux.take() {
+                Some(a) => a,
+                None => crate::linux::ensure(&crate::linux::default_dir())?,
+            };
+            let path = if image == crate::linux::KERNEL_ENTRY { &a.vmlinux } else { &a.initramfs };
+            let data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            entries.push((image.to_string(), data));
+            linux = Some(a);
+            continue;
+        }
         let bin = DOMAIN_IMAGES
             .iter()
             .find(|(name, _, _)| *name == image)
@@ -98,6 +115,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
     entries.push((ipc_spec::manifest::MANIFEST_ENTRY.to_string(), crate::manifest::pack(manifest)));
     let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
     let bundle = ipc_spec::bundle::build(&refs).map_err(|e| format!("packing the boot bundle: {e}"))?;
+    check_memory(manifest, &entries, bundle.len() as u64)?;
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
@@ -107,6 +125,38 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
         memory_mib: manifest.machine_memory_mib,
         devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
     })
+}
+
+/// The machine must hold the bundle, dom0's copy of each VM's kernel and initramfs (handed
+/// to its VMM), the domains' RAM and the reserve; the manifest check alone cannot know the
+/// files' sizes.
+fn check_memory(
+    manifest: &ipc_spec::manifest::Manifest,
+    entries: &[(String, Vec<u8>)],
+    bundle: u64,
+) -> Result<(), String> {
+    let size = |name: &str| entries.iter().find(|(n, _)| n == name).map_or(0, |(_, d)| d.len() as u64);
+    let copies: u64 = manifest
+        .domains
+        .iter()
+        .filter(|d| !d.kernel.is_empty())
+        .map(|d| (size(&d.kernel) + size(&d.initramfs)).next_multiple_of(2 << 20))
+        .sum();
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let need =
+        mib(bundle) + mib(copies) + manifest.total_memory_mib() + u64::from(ipc_spec::manifest::RESERVED_MEMORY_MIB);
+    if need > u64::from(manifest.machine_memory_mib) {
+        return Err(format!(
+            "machine.memory_mib: {} MiB is too little: the boot bundle ({} MiB), the kernel and initramfs copies \
+             handed to the VMMs ({} MiB), the domains ({} MiB) and the reserve ({} MiB) need {need} MiB",
+            manifest.machine_memory_mib,
+            mib(bundle),
+            mib(copies),
+            manifest.total_memory_mib(),
+            ipc_spec::manifest::RESERVED_MEMORY_MIB
+        ));
+    }
+    Ok(())
 }
 
 /// Compile everything and pack the bundle of `stack` into `<target>/stack/`.
@@ -156,4 +206,46 @@ pub fn ensure_disk(path: &Path) -> Result<(), String> {
 /// The default target directory (`<workspace>/target`, or `$CARGO_TARGET_DIR`).
 pub fn default_target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_spec::manifest::{DomainSpec, Manifest, MANIFEST_VERSION};
+
+    fn domain(name: &str, mib: u32) -> DomainSpec {
+        DomainSpec {
+            name: name.into(),
+            image: String::new(),
+            memory_mib: mib,
+            priority: 10,
+            vcpus: 1,
+            args: String::new(),
+            device: String::new(),
+            status: false,
+            vmm: String::new(),
+            kernel: String::new(),
+            initramfs: String::new(),
+            cmdline: String::new(),
+            console_input: false,
+        }
+    }
+
+    #[test]
+    fn the_machine_must_hold_bundle_copies_and_domains() {
+        let mut vm = domain("linux-vm", 128);
+        (vm.kernel, vm.initramfs, vm.vmm) = ("linux".into(), "initrd".into(), "vmm".into());
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            machine_memory_mib: 512,
+            domains: vec![domain("vmm", 16), vm],
+            channels: Vec::new(),
+        };
+        let entries = vec![("linux".to_string(), vec![0u8; 60 << 20]), ("initrd".to_string(), vec![0u8; 5 << 20])];
+        // 70 MiB bundle + 66 MiB copy + 144 MiB domains + 64 MiB reserve = 344 MiB.
+        assert_eq!(check_memory(&m, &entries, 70 << 20), Ok(()));
+        m.machine_memory_mib = 300;
+        let e = check_memory(&m, &entries, 70 << 20).unwrap_err();
+        assert!(e.starts_with("machine.memory_mib: 300 MiB is too little") && e.contains("need 344 MiB"), "{e}");
+    }
 }

@@ -18,6 +18,13 @@ use crate::qemu::{Machine, DEFAULT_CPU};
 use crate::setup::QEMU;
 use crate::{bzimage, cpio, debian, kmod};
 
+/// The boot bundle entry holding the kernel (`kernel = "linux"` in a manifest).
+pub const KERNEL_ENTRY: &str = "linux";
+/// The boot bundle entry holding the initramfs (`initramfs = "linux-initramfs"`).
+pub const INITRAMFS_ENTRY: &str = "linux-initramfs";
+/// The Linux files a manifest may name; xtask makes them on first use.
+pub const BUNDLE_FILES: [&str; 2] = [KERNEL_ENTRY, INITRAMFS_ENTRY];
+
 /// The metapackage that names Debian's current kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";

@@ -46,6 +46,8 @@ struct MachineSection {
 #[serde(deny_unknown_fields)]
 struct DomainSection {
     name: String,
+    /// A VM with a `kernel` has no image.
+    #[serde(default)]
     image: String,
     memory_mib: i64,
     priority: i64,
@@ -62,6 +64,17 @@ struct DomainSection {
     vmm: String,
     #[serde(default)]
     fuzz: bool,
+    /// A Linux VM: kernel and initramfs (bundle entries, see `crate::linux::BUNDLE_FILES`) and
+    /// the kernel's command line.
+    #[serde(default)]
+    kernel: String,
+    #[serde(default)]
+    initramfs: String,
+    #[serde(default)]
+    cmdline: String,
+    /// The domain receives the console's typed input.
+    #[serde(default)]
+    console_input: bool,
 }
 
 fn one() -> i64 {
@@ -162,6 +175,10 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             status: d.status,
             vmm: d.vmm,
             fuzz: d.fuzz,
+            kernel: d.kernel,
+            initramfs: d.initramfs,
+            cmdline: d.cmdline,
+            console_input: d.console_input,
         });
     }
 
@@ -233,8 +250,10 @@ pub fn pack(manifest: &Manifest) -> Vec<u8> {
 pub fn images(manifest: &Manifest) -> Vec<&str> {
     let mut images: Vec<&str> = Vec::new();
     for d in &manifest.domains {
-        if !images.contains(&d.image.as_str()) {
-            images.push(&d.image);
+        for file in [&d.image, &d.kernel, &d.initramfs] {
+            if !file.is_empty() && !images.contains(&file.as_str()) {
+                images.push(file);
+            }
         }
     }
     images
@@ -491,11 +510,12 @@ server = "pong"
             &["invalid type: string \"high\""],
         );
         assert_fails(
-            "missing-key",
+            "missing-image",
             &good_with("image = \"ipc-server\"\n", ""),
-            "domain[0]",
-            &["missing field `image`"],
+            "domain[0].image",
+            &["a domain needs an image (or, as a VM, a kernel)"],
         );
+        assert_fails("missing-key", &good_with("memory_mib = 4\n", ""), "domain[0]", &["missing field `memory_mib`"]);
     }
 
     #[test]

@@ -49,6 +49,13 @@ impl Serial {
         }
     }
 
+    /// A byte typed on the console, if one is waiting (LSR bit 0, data ready).
+    pub fn read_byte() -> Option<u8> {
+        // SAFETY: reading the line status and receive registers of the microvisor-owned
+        // UART only takes a received byte out of its FIFO.
+        unsafe { (Port::<u8>::new(COM1 + 5).read() & 1 != 0).then(|| Port::<u8>::new(COM1).read()) }
+    }
+
     pub fn write_bytes(bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {

@@ -2,7 +2,9 @@
 //! checked; a bad one becomes an error code in RAX, never a panic.
 
 use ipc_spec::exit::ExitKind;
-use ipc_spec::hypercall::{domain_flags, rights, status_of, Hypercall, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX};
+use ipc_spec::hypercall::{
+    domain_flags, rights, status_of, Hypercall, CONSOLE_INPUT_BUFFER, CONSOLE_WRITE_MAX, DOMAIN_NAME_MAX,
+};
 use ipc_spec::Error;
 
 use super::caps::Object;
@@ -82,6 +84,10 @@ impl<F: Stage2Format> Kernel<F> {
                 let len = self.vcpus[v as usize].regs.rsi;
                 Done::Status(self.hc_console(p, v, arg0, len))
             }
+            Hypercall::ConsoleRead => {
+                let len = self.vcpus[v as usize].regs.rsi;
+                Done::Status(self.hc_console_read(p, v, slot, arg0, len))
+            }
             Hypercall::DomainExit => {
                 event = self.domain_exit(p, v, arg0);
                 Done::Pending
@@ -112,6 +118,29 @@ impl<F: Stage2Format> Kernel<F> {
         let buf = &mut buf[..len as usize];
         self.read_ram(p, d, gpa, buf)?;
         self.console_write(p, d, buf);
+        Ok(())
+    }
+
+    /// Typed console input for the holder of a machine capability with READ; RDI = bytes
+    /// copied. The destination is checked before any byte leaves the buffer.
+    fn hc_console_read<P: Platform>(
+        &mut self,
+        p: &mut P,
+        v: VcpuId,
+        slot: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let d = self.vcpus[v as usize].domain;
+        if self.lookup(d, slot, rights::READ)?.object != Object::Machine {
+            return Err(Error::WrongType);
+        }
+        let mut buf = [0u8; CONSOLE_INPUT_BUFFER];
+        let n = (len.min(CONSOLE_INPUT_BUFFER as u64)) as usize;
+        self.read_ram(p, d, gpa, &mut buf[..n])?;
+        let got = p.console_read(&mut buf[..n]);
+        self.write_ram(p, d, gpa, &buf[..got])?;
+        self.vcpus[v as usize].regs.rdi = got as u64;
         Ok(())
     }
 

@@ -134,6 +134,10 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     }
     /// A domain got its name (at creation): lets fault reports name it.
     fn domain_named(&mut self, domain: DomainId, name: &str);
+    /// Takes up to `out.len()` bytes typed on the console; returns how many.
+    fn console_read(&mut self, _out: &mut [u8]) -> usize {
+        0
+    }
 
     // Device passthrough. The defaults describe a machine without an IOMMU or devices.
 

@@ -45,6 +45,8 @@ struct Sim {
     hw: HashMap<VcpuId, ArchState>,
     completed: Vec<VcpuId>,
     injected: Vec<(VcpuId, ipc_spec::exit::Event)>,
+    /// Console input waiting for ConsoleRead.
+    typed: Vec<u8>,
 }
 
 impl Sim {
@@ -57,6 +59,7 @@ impl Sim {
             boots: Vec::new(),
             stage2_changes: HashMap::new(),
             lines: Vec::new(),
+            typed: Vec::new(),
             names: HashMap::new(),
             hw: HashMap::new(),
             completed: Vec::new(),
@@ -192,6 +195,13 @@ impl Platform for Sim {
     fn free_frame_count(&self) -> u64 {
         self.frames.free_frames()
     }
+
+    fn console_read(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.typed.len());
+        out[..n].copy_from_slice(&self.typed[..n]);
+        self.typed.drain(..n);
+        n
+    }
 }
 
 // ---- driving the kernel -----------------------------------------------------------------
@@ -223,7 +233,10 @@ fn boot() -> Sys {
     let v0 = k.vcpu_create(&mut p, d0, DOM0_ENTRY, 0x7000).unwrap();
     let vg = k.vcpus[v0 as usize].generation;
     assert_eq!(k.grant_original(d0, Object::Vcpu(v0, vg), rights::CONTROL), Ok(dom0_slots::SELF_VCPU));
-    assert_eq!(k.grant_original(d0, Object::Machine, rights::CONTROL), Ok(dom0_slots::MACHINE));
+    assert_eq!(
+        k.grant_original(d0, Object::Machine, rights::CONTROL | rights::READ | rights::GRANT),
+        Ok(dom0_slots::MACHINE)
+    );
     k.vcpu_start(v0).unwrap();
     k.schedule();
     assert_eq!(k.current, Some(v0));
@@ -569,7 +582,7 @@ fn null_clock_yield_and_unknown_numbers() {
     assert_eq!((r.rax, r.rbx, r.rcx, words(&r)), (0, 77, 9, w), "Null changes nothing but RAX");
     s.p.now = 123_456;
     assert_eq!(s.hc(v0, Hypercall::Clock, 0, &[]), Ok(123_456));
-    for nr in [6, 7, 9, 27, 23, 43, 65, 1000, u64::MAX] {
+    for nr in [8, 7, 9, 27, 23, 43, 65, 1000, u64::MAX] {
         s.raw(v0, nr, 0, 3, w);
         let r = s.regs(v0);
         assert_eq!(r.rax, Error::UnknownHypercall.code(), "number {nr}");
@@ -598,6 +611,30 @@ fn console_write_assembles_prefixed_lines() {
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[DOM0_RAM - 2, 4]), Err(Error::BadAddress));
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[u64::MAX - 1, 4]), Err(Error::BadAddress));
     assert_eq!(s.hc(v0, Hypercall::ConsoleWrite, 0, &[1 << 40, 1]), Err(Error::BadAddress));
+}
+
+#[test]
+fn console_read_needs_the_machine_with_read() {
+    let mut s = boot();
+    let (d0, v0) = (s.d0, s.v0);
+    s.p.typed = b"uname -r\n".to_vec();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 5]), Ok(5));
+    let mut got = [0u8; 5];
+    s.k.read_ram(&s.p, d0, BUF_GPA, &mut got).unwrap();
+    assert_eq!(&got, b"uname");
+    // A bad buffer takes nothing.
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[DOM0_RAM - 2, 4]), Err(Error::BadAddress));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 100]), Ok(4));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dom0_slots::MACHINE, &[BUF_GPA, 100]), Ok(0));
+    // Without READ (CONTROL alone), or on another object: refused.
+    let (_, dslot) = s.create_domain("other", MIB2, 10);
+    let me = dom0_slots::SELF_DOMAIN;
+    let control = s.copy(dom0_slots::MACHINE, me, rights::CONTROL, 0).unwrap();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, control, &[BUF_GPA, 1]), Err(Error::PermissionDenied));
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, dslot, &[BUF_GPA, 1]), Err(Error::PermissionDenied));
+    let read = s.copy(dom0_slots::MACHINE, me, rights::READ, 0).unwrap();
+    s.p.typed = b"x".to_vec();
+    assert_eq!(s.hc(v0, Hypercall::ConsoleRead, read, &[BUF_GPA, 1]), Ok(1));
 }
 
 // ---- domains ------------------------------------------------------------------------------
@@ -1014,7 +1051,9 @@ fn cap_copy_masks_rights_and_badges_only_unbadged_ipc_caps() {
     // Missing GRANT, bad source, bad target.
     let nogrant = s.copy(e, me, rights::CALL, 0).unwrap();
     assert_eq!(s.copy(nogrant, me, rights::ALL, 0), Err(Error::PermissionDenied));
-    assert_eq!(s.copy(dom0_slots::MACHINE, me, rights::ALL, 0), Err(Error::PermissionDenied));
+    // dom0 may hand out the machine (console input: READ alone), but not a copy without GRANT.
+    let machine = s.copy(dom0_slots::MACHINE, me, rights::READ, 0).unwrap();
+    assert_eq!(s.copy(machine, me, rights::ALL, 0), Err(Error::PermissionDenied));
     assert_eq!(s.copy(40, me, rights::ALL, 0), Err(Error::InvalidSlot));
     assert_eq!(s.copy(e, 40, rights::ALL, 0), Err(Error::InvalidSlot));
     assert_eq!(s.copy(e, u64::MAX, rights::ALL, 0), Err(Error::InvalidSlot));
@@ -2613,7 +2652,7 @@ impl World {
             }
             41 if a.is_multiple_of(8) => H::Shutdown,
             41 => {
-                let nr = [6, 7, 8, 9, 27, 1000, u64::MAX][a as usize % 7];
+                let nr = [26, 7, 8, 9, 27, 1000, u64::MAX][a as usize % 7];
                 self.s.raw(v, nr, slot, len, w);
                 assert_eq!(self.s.regs(v).rax, Error::UnknownHypercall.code());
                 return;
