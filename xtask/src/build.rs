@@ -224,6 +224,7 @@ mod tests {
             device: String::new(),
             status: false,
             vmm: String::new(),
+            fuzz: false,
             kernel: String::new(),
             initramfs: String::new(),
             cmdline: String::new(),
