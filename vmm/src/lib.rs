@@ -19,4 +19,5 @@ pub mod msr;
 pub mod platform;
 pub mod power;
 pub mod uart;
+pub mod virtio;
 pub mod x2apic;
