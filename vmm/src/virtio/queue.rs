@@ -455,3 +455,274 @@ impl Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::VecMemory;
+    use proptest::prelude::*;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x3000;
+    const USED: u64 = 0x4000;
+    const RAM: usize = 0x10000;
+
+    fn setup(size: u16, features: u64) -> (Queue, VecMemory) {
+        let mut q = Queue::new(256);
+        q.size = size;
+        q.desc_table = DESC;
+        q.avail_ring = AVAIL;
+        q.used_ring = USED;
+        q.enable(features).unwrap();
+        (q, VecMemory::new(0, RAM))
+    }
+
+    fn desc(mem: &mut VecMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..].copy_from_slice(&next.to_le_bytes());
+        mem.write(table + 16 * u64::from(i), &b).unwrap();
+    }
+
+    /// Makes `head` available as entry `idx` and publishes `idx + 1`.
+    fn offer(mem: &mut VecMemory, size: u16, idx: u16, head: u16) {
+        mem.write(AVAIL + 4 + 2 * u64::from(idx % size), &head.to_le_bytes()).unwrap();
+        mem.write(AVAIL + 2, &idx.wrapping_add(1).to_le_bytes()).unwrap();
+    }
+
+    fn u16_at(mem: &VecMemory, gpa: u64) -> u16 {
+        let mut b = [0u8; 2];
+        mem.read(gpa, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    }
+
+    #[test]
+    fn chain_round_trip_and_streams() {
+        let (mut q, mut mem) = setup(8, 0);
+        assert_eq!(q.pop(&mut mem), Ok(None));
+        desc(&mut mem, DESC, 3, 0x8000, 4, DESC_F_NEXT, 5);
+        desc(&mut mem, DESC, 5, 0x9000, 3, DESC_F_NEXT, 1);
+        desc(&mut mem, DESC, 1, 0xa000, 8, DESC_F_WRITE, 0);
+        mem.write(0x8000, b"abcd").unwrap();
+        mem.write(0x9000, b"efg").unwrap();
+        offer(&mut mem, 8, 0, 3);
+        let c = q.pop(&mut mem).unwrap().unwrap();
+        assert_eq!(c.head, 3);
+        assert_eq!((c.readable_len(), c.writable_len()), (7, 8));
+        let mut buf = [0u8; 10];
+        assert_eq!(c.read_at(&mem, 2, &mut buf), Ok(5));
+        assert_eq!(&buf[..5], b"cdefg");
+        assert_eq!(c.write_at(&mut mem, 6, b"XYZ"), Ok(2));
+        assert_eq!(&mem.bytes()[0xa006..0xa008], b"XY");
+        assert_eq!(q.pop(&mut mem), Ok(None));
+        q.push_used(&mut mem, c.head, 2).unwrap();
+        assert_eq!(u16_at(&mem, USED + 2), 1);
+        assert_eq!(mem.read_u32(USED + 4), Ok(3));
+        assert_eq!(mem.read_u32(USED + 8), Ok(2));
+        assert_eq!(q.needs_notification(&mem), Ok(true));
+        assert_eq!(q.needs_notification(&mem), Ok(false), "nothing new");
+        // NO_INTERRUPT suppresses.
+        mem.write(AVAIL, &AVAIL_F_NO_INTERRUPT.to_le_bytes()).unwrap();
+        desc(&mut mem, DESC, 0, 0x8000, 1, 0, 0);
+        offer(&mut mem, 8, 1, 0);
+        let c = q.pop(&mut mem).unwrap().unwrap();
+        q.push_used(&mut mem, c.head, 0).unwrap();
+        assert_eq!(q.needs_notification(&mem), Ok(false));
+    }
+
+    #[test]
+    fn hostile_chains_are_errors() {
+        let (mut q, mut mem) = setup(8, 0);
+        // A loop 0 -> 1 -> 0.
+        desc(&mut mem, DESC, 0, 0x8000, 1, DESC_F_NEXT, 1);
+        desc(&mut mem, DESC, 1, 0x8000, 1, DESC_F_NEXT, 0);
+        offer(&mut mem, 8, 0, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::ChainTooLong));
+        // A self-loop.
+        desc(&mut mem, DESC, 0, 0x8000, 1, DESC_F_NEXT, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::ChainTooLong));
+        // Head and next outside the table.
+        offer(&mut mem, 8, 0, 8);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::IndexOutOfRange { index: 8 }));
+        offer(&mut mem, 8, 0, 0);
+        desc(&mut mem, DESC, 0, 0x8000, 1, DESC_F_NEXT, 0xffff);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::IndexOutOfRange { index: 0xffff }));
+        // addr + len overflows.
+        desc(&mut mem, DESC, 0, u64::MAX - 1, 4, 0, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::AddressOverflow { addr: u64::MAX - 1, len: 4 }));
+        // Readable after writable.
+        desc(&mut mem, DESC, 0, 0x8000, 0, DESC_F_WRITE | DESC_F_NEXT, 1);
+        desc(&mut mem, DESC, 1, 0x8000, 1, 0, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::ReadableAfterWritable));
+        // More than 4 GiB writable.
+        desc(&mut mem, DESC, 0, 0, u32::MAX, DESC_F_WRITE | DESC_F_NEXT, 1);
+        desc(&mut mem, DESC, 1, 0, 1, DESC_F_WRITE, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::TooManyBytes));
+        // Indirect without the feature.
+        desc(&mut mem, DESC, 0, 0x6000, 32, DESC_F_INDIRECT, 0);
+        assert_eq!(q.pop(&mut mem), Err(QueueError::BadIndirect));
+        // The available index runs more than `size` ahead.
+        mem.write(AVAIL + 2, &9u16.to_le_bytes()).unwrap();
+        assert_eq!(q.pop(&mut mem), Err(QueueError::AvailIndex { idx: 9, next: 0 }));
+        // Buffers outside RAM: the walk accepts them, every access fails.
+        desc(&mut mem, DESC, 0, RAM as u64 - 2, 4, 0, 0);
+        offer(&mut mem, 8, 0, 0);
+        let c = q.pop(&mut mem).unwrap().unwrap();
+        assert!(c.read_at(&mem, 0, &mut [0u8; 4]).is_err());
+        assert_eq!(c.read_at(&mem, 4, &mut [0u8; 4]), Ok(0), "past the end of the stream");
+        // Rings outside RAM.
+        let mut far = Queue::new(16);
+        far.desc_table = 0x10_0000;
+        far.avail_ring = 0x10_0000;
+        far.used_ring = 0x10_0000;
+        far.enable(0).unwrap();
+        assert!(matches!(far.pop(&mut mem), Err(QueueError::Memory(_))));
+        assert!(matches!(far.push_used(&mut mem, 0, 0), Err(QueueError::Memory(_))));
+        for e in [QueueError::NotReady, QueueError::ChainTooLong, QueueError::BadSize { size: 3 }] {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let (mut q, mut mem) = setup(8, F_INDIRECT_DESC);
+        let table = 0x6000;
+        desc(&mut mem, table, 0, 0x8000, 16, DESC_F_NEXT, 1);
+        desc(&mut mem, table, 1, 0x9000, 512, DESC_F_WRITE | DESC_F_NEXT, 2);
+        desc(&mut mem, table, 2, 0xa000, 1, DESC_F_WRITE, 0);
+        desc(&mut mem, DESC, 4, table, 48, DESC_F_INDIRECT, 0);
+        offer(&mut mem, 8, 0, 4);
+        let c = q.pop(&mut mem).unwrap().unwrap();
+        assert_eq!(c.head, 4);
+        assert_eq!(c.descs.len(), 3);
+        assert_eq!((c.readable_len(), c.writable_len()), (16, 513));
+        let bad = |mem: &mut VecMemory, q: &mut Queue, idx: u16| {
+            offer(mem, 8, idx, 4);
+            q.pop(mem)
+        };
+        // Nested indirect.
+        desc(&mut mem, table, 2, table, 16, DESC_F_INDIRECT, 0);
+        assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::BadIndirect));
+        desc(&mut mem, table, 2, 0xa000, 1, DESC_F_WRITE, 0);
+        // Indirect with NEXT, bad lengths, more entries than the queue.
+        for (len, flags) in [(48, DESC_F_INDIRECT | DESC_F_NEXT), (0, DESC_F_INDIRECT), (40, DESC_F_INDIRECT), (16 * 9, DESC_F_INDIRECT)] {
+            desc(&mut mem, DESC, 4, table, len, flags, 0);
+            assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::BadIndirect), "len {len} flags {flags}");
+        }
+        // A loop inside the table, and a `next` past its end.
+        desc(&mut mem, DESC, 4, table, 48, DESC_F_INDIRECT, 0);
+        desc(&mut mem, table, 2, 0xa000, 1, DESC_F_WRITE | DESC_F_NEXT, 1);
+        assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::ChainTooLong));
+        desc(&mut mem, table, 2, 0xa000, 1, DESC_F_WRITE | DESC_F_NEXT, 3);
+        assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::IndexOutOfRange { index: 3 }));
+        // A table outside RAM, or overflowing.
+        desc(&mut mem, DESC, 4, RAM as u64, 48, DESC_F_INDIRECT, 0);
+        assert!(matches!(bad(&mut mem, &mut q, 1), Err(QueueError::Memory(_))));
+        desc(&mut mem, DESC, 4, u64::MAX - 15, 32, DESC_F_INDIRECT, 0);
+        assert!(matches!(bad(&mut mem, &mut q, 1), Err(QueueError::AddressOverflow { .. })));
+    }
+
+    #[test]
+    fn enable_checks_configuration() {
+        let mut q = Queue::new(256);
+        assert_eq!(q.max_size(), 256);
+        assert_eq!(Queue::new(300).max_size(), 256, "rounded down to a power of two");
+        assert_eq!(Queue::new(0).max_size(), 1);
+        assert_eq!(q.pop(&mut VecMemory::new(0, 16)), Err(QueueError::NotReady));
+        for size in [0, 3, 512, 0xffff] {
+            q.size = size;
+            assert_eq!(q.enable(0), Err(QueueError::BadSize { size }));
+        }
+        q.size = 16;
+        for (d, a, u) in [(8, 0, 0), (0, 1, 0), (0, 0, 2), (u64::MAX & !15, 0, 0), (0, u64::MAX - 1, 0)] {
+            q.desc_table = d;
+            q.avail_ring = a;
+            q.used_ring = u;
+            assert!(matches!(q.enable(0), Err(QueueError::BadRingAddress { .. })), "{d:#x} {a:#x} {u:#x}");
+            assert!(!q.ready());
+        }
+        q.desc_table = 0;
+        q.avail_ring = 0x100;
+        q.used_ring = 0x200;
+        q.enable(0).unwrap();
+        assert!(q.ready());
+        q.reset();
+        assert!(!q.ready());
+        assert_eq!(q.size, 256);
+    }
+
+    #[test]
+    fn event_idx_suppression() {
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(0xffff, 0, 0xffff));
+        assert!(need_event(5, 10, 2));
+        assert!(!need_event(10, 10, 2));
+        let (mut q, mut mem) = setup(8, F_EVENT_IDX);
+        let avail_event = USED + 4 + 8 * 8;
+        let used_event = AVAIL + 4 + 2 * 8;
+        mem.write(avail_event, &0xbeefu16.to_le_bytes()).unwrap();
+        assert_eq!(q.pop(&mut mem), Ok(None));
+        assert_eq!(u16_at(&mem, avail_event), 0, "device asks for a notification at its next index");
+        desc(&mut mem, DESC, 0, 0x8000, 1, 0, 0);
+        for i in 0..3u16 {
+            offer(&mut mem, 8, i, 0);
+            let c = q.pop(&mut mem).unwrap().unwrap();
+            q.push_used(&mut mem, c.head, 0).unwrap();
+        }
+        assert_eq!(q.pop(&mut mem), Ok(None));
+        assert_eq!(u16_at(&mem, avail_event), 3);
+        // The driver wants an interrupt only once used passes entry 5.
+        mem.write(used_event, &5u16.to_le_bytes()).unwrap();
+        assert_eq!(q.needs_notification(&mem), Ok(false));
+        for i in 3..6u16 {
+            offer(&mut mem, 8, i, 0);
+            let c = q.pop(&mut mem).unwrap().unwrap();
+            q.push_used(&mut mem, c.head, 0).unwrap();
+        }
+        assert_eq!(q.needs_notification(&mem), Ok(true));
+    }
+
+    proptest! {
+        /// Random descriptor tables and rings, with and without indirect descriptors: pop
+        /// never panics, never returns more buffers than the tables can hold, and every
+        /// returned buffer's range does not overflow.
+        #[test]
+        fn prop_random_rings_never_panic(
+            descs in proptest::collection::vec((prop_oneof![any::<u64>(), 0u64..0x10000], any::<u32>(), 0u16..8, any::<u16>()), 16),
+            heads in proptest::collection::vec(any::<u16>(), 1..20),
+            avail_idx in prop_oneof![any::<u16>(), 0u16..20],
+            features in prop_oneof![Just(0u64), Just(F_INDIRECT_DESC), Just(F_INDIRECT_DESC | F_EVENT_IDX)],
+        ) {
+            let (mut q, mut mem) = setup(16, features);
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                // Point some indirect descriptors at the table itself.
+                let addr = if flags & DESC_F_INDIRECT != 0 && addr % 2 == 0 { DESC } else { addr };
+                desc(&mut mem, DESC, i as u16, addr, len, flags, next % 20);
+            }
+            for (i, &h) in heads.iter().enumerate() {
+                mem.write(AVAIL + 4 + 2 * i as u64, &(h % 20).to_le_bytes()).unwrap();
+            }
+            mem.write(AVAIL + 2, &avail_idx.to_le_bytes()).unwrap();
+            for _ in 0..20 {
+                match q.pop(&mut mem) {
+                    Ok(Some(c)) => {
+                        prop_assert!(c.descs.len() <= 32);
+                        prop_assert!(c.head < 16);
+                        for d in &c.descs {
+                            prop_assert!(d.addr.checked_add(u64::from(d.len)).is_some());
+                        }
+                        let mut buf = [0u8; 64];
+                        let _ = c.read_at(&mem, 3, &mut buf);
+                        let _ = c.write_at(&mut mem, 5, &buf);
+                        prop_assert!(q.push_used(&mut mem, c.head, 1).is_ok());
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = q.needs_notification(&mem);
+        }
+    }
+}
