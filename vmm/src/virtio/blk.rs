@@ -331,7 +331,7 @@ fn chain_write_all(chain: &Chain, mem: &mut dyn GuestMemory, data: &[u8]) -> boo
     matches!(chain.write_at(mem, 0, data), Ok(n) if n == data.len())
 }
 
-impl<B: BlockBackend> VirtioDevice for VirtioBlk<B> {
+impl<B: BlockBackend + 'static> VirtioDevice for VirtioBlk<B> {
     fn device_type(&self) -> u16 {
         device_type::BLOCK
     }
@@ -361,6 +361,10 @@ impl<B: BlockBackend> VirtioDevice for VirtioBlk<B> {
     }
 
     fn activate(&mut self, _features: u64) {}
+
+    fn as_any_mut(&mut self) -> &mut dyn core::any::Any {
+        self
+    }
 
     fn reset(&mut self) {
         self.in_flight.clear();

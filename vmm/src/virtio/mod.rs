@@ -39,6 +39,9 @@ pub mod pci;
 pub mod pci_bus;
 pub mod queue;
 
+#[cfg(test)]
+mod e2e_tests;
+
 use crate::memory::GuestMemory;
 
 /// `VIRTIO_F_VERSION_1` (§6): the device is a modern (1.x) device. Required by this transport.
@@ -122,4 +125,7 @@ pub trait VirtioDevice {
     /// Moves work between the queues and the back end: called on a notify and whenever the
     /// back end may have progressed. `queues` has [`VirtioDevice::num_queues`] entries.
     fn process(&mut self, queues: &mut [queue::Queue], mem: &mut dyn GuestMemory) -> Result<Signals, DeviceError>;
+    /// The device as `Any`, so the VMM can reach its concrete type (and back end) behind the
+    /// transport.
+    fn as_any_mut(&mut self) -> &mut dyn core::any::Any;
 }

@@ -215,7 +215,7 @@ impl<N: NetBackend> VirtioNet<N> {
     }
 }
 
-impl<N: NetBackend> VirtioDevice for VirtioNet<N> {
+impl<N: NetBackend + 'static> VirtioDevice for VirtioNet<N> {
     fn device_type(&self) -> u16 {
         device_type::NET
     }
@@ -244,6 +244,10 @@ impl<N: NetBackend> VirtioDevice for VirtioNet<N> {
     }
 
     fn activate(&mut self, _features: u64) {}
+
+    fn as_any_mut(&mut self) -> &mut dyn core::any::Any {
+        self
+    }
 
     fn reset(&mut self) {
         // A received frame waiting for a buffer stays for the next driver; a pending transmit

@@ -198,6 +198,12 @@ impl VirtioPci {
         &*self.device
     }
 
+    /// The device model, mutable (downcast with [`VirtioDevice::as_any_mut`] to reach its
+    /// back end).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        &mut *self.device
+    }
+
     /// The device status register.
     pub fn status(&self) -> u8 {
         self.status
