@@ -193,7 +193,9 @@ impl Guest {
         self.cfg_write(slot, 0x10, 4, bar_lo);
         self.cfg_write(slot, 0x14, 4, bar_hi);
         let bar = u64::from(bar_lo & !0xf) | u64::from(bar_hi) << 32;
-        assert!(!self.bus.mmio_read(bar, &mut [0u8; 4]), "no decoding before the Memory Space bit");
+        if self.cfg_read(slot, 0x04, 2) & 2 == 0 {
+            assert!(!self.bus.mmio_read(bar, &mut [0u8; 4]), "no decoding before the Memory Space bit");
+        }
         self.cfg_write(slot, 0x04, 2, 0x6); // memory + bus master
         let mut caps = Caps::default();
         let mut at = self.cfg_read(slot, 0x34, 1) as u8;
@@ -323,6 +325,9 @@ impl Guest {
             out.push((self.mem.read_u32(e).unwrap() as u16, self.mem.read_u32(e + 4).unwrap()));
             q.used_seen = q.used_seen.wrapping_add(1);
         }
+        // `virtqueue_enable_cb`: with EVENT_IDX, ask for an interrupt at the next entry.
+        let used_event = q.avail + 4 + 2 * u64::from(q.size);
+        self.mem.write(used_event, &q.used_seen.to_le_bytes()).unwrap();
         out
     }
 
@@ -579,4 +584,225 @@ fn with_wire(bus: &mut PciBus, f: impl FnOnce(&mut Wire)) {
     let dev = bus.function_mut(NET_SLOT).unwrap();
     let net = dev.device_mut().as_any_mut().downcast_mut::<VirtioNet<Wire>>().unwrap();
     f(net.backend_mut());
+}
+
+#[test]
+fn feature_and_status_abuse() {
+    let mut g = Guest::new(platform(4));
+    let c = g.probe(BLK_SLOT);
+    let st = |g: &mut Guest| g.rd(c.common + 0x14, 1) as u8;
+    let set_features = |g: &mut Guest, f: u64| {
+        g.wr(c.common + 8, 4, 0);
+        g.wr(c.common + 0xc, 4, f & 0xffff_ffff);
+        g.wr(c.common + 8, 4, 1);
+        g.wr(c.common + 0xc, 4, f >> 32);
+    };
+    let (a, d, fok) = (u64::from(status::ACKNOWLEDGE), u64::from(status::DRIVER), u64::from(status::FEATURES_OK));
+    g.wr(c.common + 0x14, 1, a | d);
+    // Unknown feature bit: FEATURES_OK does not stick.
+    set_features(&mut g, F_VERSION_1 | 1 << 40);
+    g.wr(c.common + 0x14, 1, a | d | fok);
+    assert_eq!(st(&mut g), status::ACKNOWLEDGE | status::DRIVER);
+    // A legacy driver (no VERSION_1) is refused too.
+    set_features(&mut g, blk::F_FLUSH);
+    g.wr(c.common + 0x14, 1, a | d | fok);
+    assert_eq!(st(&mut g) & status::FEATURES_OK, 0);
+    // Feature words past 1 read 0 and take no writes.
+    g.wr(c.common, 4, 7);
+    assert_eq!(g.rd(c.common + 4, 4), 0);
+    g.wr(c.common + 8, 4, 2);
+    g.wr(c.common + 0xc, 4, 0xffff_ffff);
+    assert_eq!(g.rd(c.common + 0xc, 4), 0);
+    // Good features, then an attempt to change them after FEATURES_OK.
+    set_features(&mut g, F_VERSION_1 | blk::F_FLUSH);
+    g.wr(c.common + 0x14, 1, a | d | fok);
+    assert_eq!(st(&mut g) & status::FEATURES_OK, status::FEATURES_OK);
+    set_features(&mut g, F_VERSION_1 | F_EVENT_IDX);
+    assert_eq!(g.bus.function(BLK_SLOT).unwrap().driver_features(), F_VERSION_1 | blk::F_FLUSH);
+    // Clearing bits is ignored.
+    g.wr(c.common + 0x14, 1, a);
+    assert_eq!(st(&mut g), status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    // Out-of-range vectors read back NO_VECTOR; an absent queue reads size 0.
+    g.wr(c.common + 0x10, 2, 9);
+    assert_eq!(g.rd(c.common + 0x10, 2), u64::from(NO_VECTOR));
+    g.wr(c.common + 0x16, 2, 7);
+    assert_eq!(g.rd(c.common + 0x18, 2), 0);
+    assert_eq!(g.rd(c.common + 0x1a, 2), u64::from(NO_VECTOR));
+    g.wr(c.common + 0x1c, 2, 1);
+    assert_eq!(g.rd(c.common + 0x1c, 2), 0);
+    // A queue size that is not a power of two: enabling it needs a reset.
+    g.setup_msix(BLK_SLOT, &c, 2, 0x30);
+    g.setup_queue(&c, 0, 128, 0x10000, 0);
+    g.wr(c.common + 0x18, 2, 100);
+    g.wr(c.common + 0x1c, 2, 1);
+    assert_eq!(st(&mut g) & status::DEVICE_NEEDS_RESET, status::DEVICE_NEEDS_RESET);
+    assert_eq!(g.rd(c.common + 0x1c, 2), 0);
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x31 }], "configuration interrupt");
+    // DRIVER_OK does nothing for a device that needs a reset; reset clears everything.
+    g.wr(c.common + 0x14, 1, a | d | fok | u64::from(status::DRIVER_OK));
+    assert_ne!(st(&mut g) & status::DEVICE_NEEDS_RESET, 0);
+    g.wr(c.common + 0x14, 1, 0);
+    assert_eq!(st(&mut g), 0);
+    assert_eq!(g.rd(c.common + 0x10, 2), u64::from(NO_VECTOR));
+    // DRIVER_OK without FEATURES_OK.
+    g.wr(c.common + 0x14, 1, a | d | u64::from(status::DRIVER_OK));
+    assert_eq!(st(&mut g) & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET), status::DEVICE_NEEDS_RESET);
+    // And the full sequence works after a reset.
+    g.wr(c.common + 0x14, 1, 0);
+    let (c2, _) = blk_up(&mut g);
+    assert_eq!(c2.common, c.common);
+}
+
+#[test]
+fn corrupt_queue_is_contained_and_reset_recovers() {
+    let mut g = Guest::new(platform(4));
+    let (c, mut q) = blk_up(&mut g);
+    // Queue registers are read-only once enabled.
+    g.wr(c.common + 0x16, 2, 0);
+    g.wr(c.common + 0x18, 2, 4);
+    g.wr(c.common + 0x20, 4, 0x5000);
+    assert_eq!((g.rd(c.common + 0x18, 2), g.rd(c.common + 0x20, 4)), (128, q.desc));
+    // A chain that loops.
+    g.put_desc(q.desc, 0, 0x20000, 16, DESC_F_NEXT, 1);
+    g.put_desc(q.desc, 1, 0x21000, 512, DESC_F_NEXT | DESC_F_WRITE, 0);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    let f = g.bus.function(BLK_SLOT).unwrap();
+    assert_ne!(f.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert!(f.last_error().is_some());
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x31 }]);
+    // The device is stopped: a good request is not served until reset.
+    g.mem.write(0x20000, &blk_header(blk::T_IN, 0)).unwrap();
+    g.put_desc(q.desc, 1, 0x21000, 512, DESC_F_NEXT | DESC_F_WRITE, 2);
+    g.put_desc(q.desc, 2, 0x20100, 1, DESC_F_WRITE, 0);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q), []);
+    // The net function on the same bus is untouched.
+    let n = g.probe(NET_SLOT);
+    g.negotiate(&n, F_VERSION_1);
+    // Reset and set up again: requests are served.
+    g.wr(c.common + 0x14, 1, 0);
+    let (c, mut q) = blk_up(&mut g);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q), [(0, 513)]);
+    // Bus mastering off: the device does not touch memory.
+    g.cfg_write(BLK_SLOT, 0x04, 2, 0x2);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q), []);
+    g.cfg_write(BLK_SLOT, 0x04, 2, 0x6);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q), [(0, 513)]);
+}
+
+#[test]
+fn msix_masking_and_bar_moves() {
+    let mut g = Guest::new(platform(4));
+    let (c, mut q) = blk_up(&mut g);
+    g.mem.write(0x20000, &blk_header(blk::T_IN, 0)).unwrap();
+    g.put_desc(q.desc, 0, 0x20000, 16, DESC_F_NEXT, 1);
+    g.put_desc(q.desc, 1, 0x21000, 512, DESC_F_NEXT | DESC_F_WRITE, 2);
+    g.put_desc(q.desc, 2, 0x20100, 1, DESC_F_WRITE, 0);
+    // Entry 0 masked: the interrupt waits in the PBA.
+    g.wr(c.msix_table + 12, 4, 1);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q).len(), 1);
+    assert_eq!(g.messages(), []);
+    let pba = c.msix_table + 0x1000;
+    assert_eq!(g.rd(pba, 8), 1);
+    g.wr(c.msix_table + 12, 4, 0);
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x30 }]);
+    assert_eq!(g.rd(pba, 8), 0);
+    // Function mask, same.
+    let ctrl = g.cfg_read(BLK_SLOT, c.msix_cap + 2, 2);
+    g.cfg_write(BLK_SLOT, c.msix_cap + 2, 2, ctrl | 0x4000);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q).len(), 1);
+    assert_eq!(g.messages(), []);
+    g.cfg_write(BLK_SLOT, c.msix_cap + 2, 2, ctrl);
+    assert_eq!(g.messages().len(), 1);
+    // MSI-X off: the ISR records it; reading the ISR clears it.
+    g.cfg_write(BLK_SLOT, c.msix_cap + 2, 2, 0);
+    g.post(&mut q, 0);
+    g.notify(&c, 0);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut q).len(), 1);
+    assert_eq!(g.messages(), []);
+    assert_eq!(g.rd(c.isr, 1), 1);
+    assert_eq!(g.rd(c.isr, 1), 0);
+    // The guest moves BAR 0: the old address is unclaimed, the new one works.
+    let new = 0xd000_0000u64;
+    g.cfg_write(BLK_SLOT, 0x10, 4, new as u32);
+    assert!(!g.bus.mmio_read(c.common, &mut [0u8; 1]));
+    assert_eq!(g.rd(new + 0x14, 1) as u8 & status::DRIVER_OK, status::DRIVER_OK);
+    // Messages that are not ordinary interrupts are not injected.
+    for (address, data) in [(0xfee0_0000, 0x0400 | 0x30), (0xfee0_0000, 0x8030), (0xfec0_0000, 0x30), (0xfee0_0000, 0x5)] {
+        assert_eq!(MsiMessage { address, data }.fixed_vector(), None);
+    }
+}
+
+proptest! {
+    /// A hostile guest after a correct bring-up: scribbles on rings, descriptors and buffers,
+    /// pokes configuration space and both BARs, notifies at random. Nothing panics, every
+    /// message is bounded, and the block device keeps at most a queue's worth in flight.
+    #[test]
+    fn prop_hostile_guest(ops in proptest::collection::vec((0u8..6, any::<u32>(), any::<u64>()), 1..150)) {
+        let mut g = Guest::new(platform(3));
+        let (c, _q) = blk_up(&mut g);
+        let n = g.probe(NET_SLOT);
+        g.negotiate(&n, F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | net::F_MAC);
+        g.setup_msix(NET_SLOT, &n, 3, 0x40);
+        g.setup_queue(&n, 0, 16, 0x14000, 0);
+        g.setup_queue(&n, 1, 16, 0x16000, 1);
+        g.enable_queue(&n, 0);
+        g.enable_queue(&n, 1);
+        g.driver_ok(&n);
+        with_wire(&mut g.bus, |w| for i in 0..20u8 { w.incoming.push_back(vec![i; 64]); });
+        for (kind, a, b) in ops {
+            match kind {
+                0 | 1 => {
+                    // Rings and buffers live in 0x10000..0x20000.
+                    let at = 0x10000 + u64::from(a % 0x10000);
+                    let _ = g.mem.write(at, &b.to_le_bytes()[..(a as usize >> 16) % 8 + 1]);
+                }
+                2 => {
+                    let (dev, q) = if a & 1 == 0 { (&c, 0) } else { (&n, u64::from(a >> 1) % 3) };
+                    let b = b.to_le_bytes();
+                    let _ = g.bus.mmio_write(dev.notify + 4 * q, &b[..2], &mut g.mem);
+                }
+                3 => {
+                    let base = if a & 1 == 0 { BLK_BAR } else { NET_BAR };
+                    let off = u64::from(a >> 1) % BAR0_SIZE;
+                    let size = [1usize, 2, 4, 8][(b % 4) as usize];
+                    // Never reset or re-enable through status: the point is the running device.
+                    if off % 0x1000 != 0x14 {
+                        let _ = g.bus.mmio_write(base + off, &b.to_le_bytes()[..size], &mut g.mem);
+                    }
+                    let mut r = [0u8; 8];
+                    let _ = g.bus.mmio_read(base + (b % BAR0_SIZE), &mut r[..size]);
+                }
+                4 => {
+                    let port = 0xcf8 + (a % 8) as u16;
+                    g.bus.io_out(port, [1u8, 2, 4][(b % 3) as usize], b as u32);
+                    let _ = g.bus.io_in(0xcf8 + (b % 8) as u16, 4);
+                }
+                _ => g.bus.poll(&mut g.mem),
+            }
+            prop_assert!(g.messages().len() <= 5);
+            let f = g.bus.function_mut(BLK_SLOT).unwrap();
+            if let Some(b) = f.device_mut().as_any_mut().downcast_mut::<VirtioBlk<MemDisk>>() {
+                prop_assert!(b.in_flight() <= 128);
+            }
+        }
+    }
 }
