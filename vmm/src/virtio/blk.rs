@@ -215,7 +215,14 @@ impl<B: BlockBackend> VirtioBlk<B> {
     }
 
     /// Completes `chain` with `status`, having written `written` bytes before the status byte.
-    fn finish(&mut self, q: &mut Queue, mem: &mut dyn GuestMemory, chain: &Chain, written: u32, status: u8) -> Result<(), DeviceError> {
+    fn finish(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut dyn GuestMemory,
+        chain: &Chain,
+        written: u32,
+        status: u8,
+    ) -> Result<(), DeviceError> {
         let wlen = chain.writable_len();
         if wlen > 0 {
             // A status byte outside RAM is the guest's loss; the chain is still returned.
@@ -230,7 +237,12 @@ impl<B: BlockBackend> VirtioBlk<B> {
     }
 
     /// Checks a new chain: `Ok(Some)` a back-end request to submit, `Ok(None)` completed here.
-    fn parse(&mut self, q: &mut Queue, mem: &mut dyn GuestMemory, chain: Chain) -> Result<Option<(BlockRequest, Chain)>, DeviceError> {
+    fn parse(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut dyn GuestMemory,
+        chain: Chain,
+    ) -> Result<Option<(BlockRequest, Chain)>, DeviceError> {
         let mut hdr = [0u8; HEADER_SIZE as usize];
         let readable = chain.readable_len();
         let writable = chain.writable_len();
@@ -285,7 +297,13 @@ impl<B: BlockBackend> VirtioBlk<B> {
     }
 
     /// Hands a parsed request to the back end; `false` if it is busy (the request is kept).
-    fn submit(&mut self, q: &mut Queue, mem: &mut dyn GuestMemory, req: BlockRequest, chain: Chain) -> Result<bool, DeviceError> {
+    fn submit(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut dyn GuestMemory,
+        req: BlockRequest,
+        chain: Chain,
+    ) -> Result<bool, DeviceError> {
         self.scratch.clear();
         if req.op == BlockOp::Write {
             self.scratch.resize(req.len as usize, 0);
@@ -308,7 +326,13 @@ impl<B: BlockBackend> VirtioBlk<B> {
         }
     }
 
-    fn complete(&mut self, q: &mut Queue, mem: &mut dyn GuestMemory, f: InFlight, status: BlockStatus) -> Result<(), DeviceError> {
+    fn complete(
+        &mut self,
+        q: &mut Queue,
+        mem: &mut dyn GuestMemory,
+        f: InFlight,
+        status: BlockStatus,
+    ) -> Result<(), DeviceError> {
         let mut written = 0;
         let status = match status {
             BlockStatus::Ok if f.op == BlockOp::Read => {
@@ -352,7 +376,12 @@ impl<B: BlockBackend + 'static> VirtioDevice for VirtioBlk<B> {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok()).and_then(|o| c.get(o)).copied().unwrap_or(0);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| c.get(o))
+                .copied()
+                .unwrap_or(0);
         }
     }
 

@@ -108,7 +108,8 @@ impl NetBackend for Wire {
 
 fn platform(disk_in_flight: usize) -> PciBus {
     let mut bus = PciBus::new();
-    bus.add(BLK_SLOT, BLK_BAR, VirtioPci::new(Box::new(VirtioBlk::new(MemDisk::new(disk_in_flight), b"vda-serial")))).unwrap();
+    bus.add(BLK_SLOT, BLK_BAR, VirtioPci::new(Box::new(VirtioBlk::new(MemDisk::new(disk_in_flight), b"vda-serial"))))
+        .unwrap();
     bus.add(NET_SLOT, NET_BAR, VirtioPci::new(Box::new(VirtioNet::new(Wire::default())))).unwrap();
     bus
 }
@@ -272,7 +273,14 @@ impl Guest {
         assert_eq!(self.rd(c.common + 0x1c, 2), 0, "not enabled yet");
         self.wr(c.common + 0x18, 2, u64::from(size));
         let n = u64::from(size);
-        let q = DriverQueue { size, desc: base, avail: base + 16 * n, used: (base + 16 * n + 6 + 2 * n + 3) & !3, avail_idx: 0, used_seen: 0 };
+        let q = DriverQueue {
+            size,
+            desc: base,
+            avail: base + 16 * n,
+            used: (base + 16 * n + 6 + 2 * n + 3) & !3,
+            avail_idx: 0,
+            used_seen: 0,
+        };
         for (off, v) in [(0x20, q.desc), (0x28, q.avail), (0x30, q.used)] {
             self.wr(c.common + off, 4, v & 0xffff_ffff);
             self.wr(c.common + off + 4, 4, v >> 32);
@@ -291,7 +299,10 @@ impl Guest {
     fn driver_ok(&mut self, c: &Caps) {
         let s = self.rd(c.common + 0x14, 1);
         self.wr(c.common + 0x14, 1, s | u64::from(status::DRIVER_OK));
-        assert_eq!(self.rd(c.common + 0x14, 1) as u8, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_eq!(
+            self.rd(c.common + 0x14, 1) as u8,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK
+        );
     }
 
     fn put_desc(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -346,7 +357,8 @@ fn blk_header(kind: u32, sector: u64) -> [u8; 16] {
 /// Brings the block function up as Linux does; returns its caps and request queue.
 fn blk_up(g: &mut Guest) -> (Caps, DriverQueue) {
     let c = g.probe(BLK_SLOT);
-    let wanted = F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | blk::F_SEG_MAX | blk::F_SIZE_MAX | blk::F_BLK_SIZE | blk::F_FLUSH;
+    let wanted =
+        F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | blk::F_SEG_MAX | blk::F_SIZE_MAX | blk::F_BLK_SIZE | blk::F_FLUSH;
     let features = g.negotiate(&c, wanted);
     assert_eq!(features, wanted);
     // virtblk_probe reads the configuration.
@@ -375,7 +387,8 @@ fn linux_block_sequence() {
     assert_eq!(g.cfg_read(NET_SLOT, 0, 4), 0x1041_1af4);
 
     let (c, mut q) = blk_up(&mut g);
-    let mut apic = X2Apic::new(ApicConfig { id: 0, tsc_hz: 1_000_000_000, bus_hz: 1_000_000_000, start_in_x2apic: true });
+    let mut apic =
+        X2Apic::new(ApicConfig { id: 0, tsc_hz: 1_000_000_000, bus_hz: 1_000_000_000, start_in_x2apic: true });
     apic.write_msr(0x80f, 0x1ff, 0).unwrap();
 
     // A read of sector 0: header, 512 bytes of data, status, as three direct descriptors.
@@ -536,7 +549,7 @@ fn linux_net_sequence() {
     // Receive one.
     let incoming: Vec<u8> = (0..100u8).rev().collect();
     with_wire(&mut g.bus, |w| {
-        assert_eq!(w.sent, [frame.clone()]);
+        assert_eq!(w.sent, core::slice::from_ref(&frame));
         w.incoming.push_back(incoming.clone());
     });
     g.bus.poll(&mut g.mem);
@@ -558,7 +571,14 @@ fn linux_net_sequence() {
     assert_eq!(g.used(&mut tx), [(0, 0)]);
     with_wire(&mut g.bus, |w| assert_eq!(w.sent.len(), 2));
     // A frame asking for checksum offload (not negotiated) and a runt are dropped.
-    for bad in [{ let mut b = buf.clone(); b[0] = 1; b }, vec![0u8; 12 + 10]] {
+    for bad in [
+        {
+            let mut b = buf.clone();
+            b[0] = 1;
+            b
+        },
+        vec![0u8; 12 + 10],
+    ] {
         g.mem.write(0x30000, &bad).unwrap();
         g.put_desc(tx.desc, 0, 0x30000, bad.len() as u32, 0, 0);
         g.post(&mut tx, 0);
@@ -746,12 +766,17 @@ fn msix_masking_and_bar_moves() {
     assert!(!g.bus.mmio_read(c.common, &mut [0u8; 1]));
     assert_eq!(g.rd(new + 0x14, 1) as u8 & status::DRIVER_OK, status::DRIVER_OK);
     // Messages that are not ordinary interrupts are not injected.
-    for (address, data) in [(0xfee0_0000, 0x0400 | 0x30), (0xfee0_0000, 0x8030), (0xfec0_0000, 0x30), (0xfee0_0000, 0x5)] {
+    for (address, data) in
+        [(0xfee0_0000, 0x0400 | 0x30), (0xfee0_0000, 0x8030), (0xfec0_0000, 0x30), (0xfee0_0000, 0x5)]
+    {
         assert_eq!(MsiMessage { address, data }.fixed_vector(), None);
     }
 }
 
 proptest! {
+    // Each case boots both functions first; 64 cases keep this test near a second.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
     /// A hostile guest after a correct bring-up: scribbles on rings, descriptors and buffers,
     /// pokes configuration space and both BARs, notifies at random. Nothing panics, every
     /// message is bounded, and the block device keeps at most a queue's worth in flight.

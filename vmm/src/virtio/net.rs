@@ -235,7 +235,12 @@ impl<N: NetBackend + 'static> VirtioDevice for VirtioNet<N> {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok()).and_then(|o| c.get(o)).copied().unwrap_or(0);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| c.get(o))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -263,10 +268,16 @@ impl<N: NetBackend + 'static> VirtioDevice for VirtioNet<N> {
             signals.config = true;
         }
         let [rx, tx, ..] = queues else { return Ok(signals) };
-        if tx.ready() && self.transmit(tx, mem)? && tx.needs_notification(mem).map_err(|error| DeviceError { queue: TX_QUEUE, error })? {
+        if tx.ready()
+            && self.transmit(tx, mem)?
+            && tx.needs_notification(mem).map_err(|error| DeviceError { queue: TX_QUEUE, error })?
+        {
             signals.queues |= 1 << TX_QUEUE;
         }
-        if rx.ready() && self.receive(rx, mem)? && rx.needs_notification(mem).map_err(|error| DeviceError { queue: RX_QUEUE, error })? {
+        if rx.ready()
+            && self.receive(rx, mem)?
+            && rx.needs_notification(mem).map_err(|error| DeviceError { queue: RX_QUEUE, error })?
+        {
             signals.queues |= 1 << RX_QUEUE;
         }
         Ok(signals)

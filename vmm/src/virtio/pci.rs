@@ -143,7 +143,12 @@ pub struct VirtioPci {
 /// Reads `data.len()` bytes of `image` at `offset`; bytes past the end read 0.
 fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok()).and_then(|o| image.get(o)).copied().unwrap_or(0);
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| image.get(o))
+            .copied()
+            .unwrap_or(0);
     }
 }
 
@@ -340,13 +345,15 @@ impl VirtioPci {
         let end = offset.saturating_add(data.len() as u64);
         match offset {
             o if end <= COMMON_OFFSET + REGION_LEN => read_image(&self.common_image(), o, data),
-            o if o >= ISR_OFFSET && end <= ISR_OFFSET + REGION_LEN => {
-                if o == ISR_OFFSET {
-                    // §4.1.4.5: reading the ISR clears it.
-                    data[0] = core::mem::take(&mut self.isr);
+            // §4.1.4.5: reading the ISR clears it.
+            o if o == ISR_OFFSET => {
+                if let Some(b) = data.first_mut() {
+                    *b = core::mem::take(&mut self.isr);
                 }
             }
-            o if o >= DEVICE_OFFSET && end <= DEVICE_OFFSET + REGION_LEN => self.device.read_config(o - DEVICE_OFFSET, data),
+            o if o >= DEVICE_OFFSET && end <= DEVICE_OFFSET + REGION_LEN => {
+                self.device.read_config(o - DEVICE_OFFSET, data)
+            }
             o if o >= MSIX_TABLE_OFFSET && end <= MSIX_TABLE_OFFSET + REGION_LEN => {
                 let mut image = Vec::with_capacity(self.msix_table.len() * 16);
                 for e in &self.msix_table {
@@ -368,14 +375,18 @@ impl VirtioPci {
         let end = offset.saturating_add(data.len() as u64);
         match offset {
             o if end <= COMMON_OFFSET + REGION_LEN => self.common_write(o, data),
-            o if o >= DEVICE_OFFSET && end <= DEVICE_OFFSET + REGION_LEN => self.device.write_config(o - DEVICE_OFFSET, data),
+            o if o >= DEVICE_OFFSET && end <= DEVICE_OFFSET + REGION_LEN => {
+                self.device.write_config(o - DEVICE_OFFSET, data)
+            }
             o if o >= NOTIFY_OFFSET && end <= NOTIFY_OFFSET + REGION_LEN => {
                 let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
                 if q < self.queues.len() as u64 {
                     self.process(mem);
                 }
             }
-            o if o >= MSIX_TABLE_OFFSET && end <= MSIX_TABLE_OFFSET + REGION_LEN => self.msix_write(o - MSIX_TABLE_OFFSET, data),
+            o if o >= MSIX_TABLE_OFFSET && end <= MSIX_TABLE_OFFSET + REGION_LEN => {
+                self.msix_write(o - MSIX_TABLE_OFFSET, data)
+            }
             _ => {}
         }
     }

@@ -181,6 +181,9 @@ impl PciBus {
     }
 
     fn resolve(&mut self, gpa: u64, len: usize) -> Option<(&mut VirtioPci, u64)> {
+        if len == 0 {
+            return None;
+        }
         self.functions.iter_mut().find_map(|(_, f)| {
             let base = f.bar0()?;
             let off = gpa.checked_sub(base)?;

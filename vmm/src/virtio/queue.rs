@@ -274,11 +274,9 @@ impl Queue {
             return Err(QueueError::BadSize { size });
         }
         let n = u64::from(size);
-        for (addr, align, len) in [
-            (self.desc_table, 16, DESC_SIZE * n),
-            (self.avail_ring, 2, 6 + 2 * n),
-            (self.used_ring, 4, 6 + 8 * n),
-        ] {
+        for (addr, align, len) in
+            [(self.desc_table, 16, DESC_SIZE * n), (self.avail_ring, 2, 6 + 2 * n), (self.used_ring, 4, 6 + 8 * n)]
+        {
             if addr % align != 0 || addr.checked_add(len).is_none() {
                 return Err(QueueError::BadRingAddress { addr });
             }
@@ -607,7 +605,12 @@ mod tests {
         assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::BadIndirect));
         desc(&mut mem, table, 2, 0xa000, 1, DESC_F_WRITE, 0);
         // Indirect with NEXT, bad lengths, more entries than the queue.
-        for (len, flags) in [(48, DESC_F_INDIRECT | DESC_F_NEXT), (0, DESC_F_INDIRECT), (40, DESC_F_INDIRECT), (16 * 9, DESC_F_INDIRECT)] {
+        for (len, flags) in [
+            (48, DESC_F_INDIRECT | DESC_F_NEXT),
+            (0, DESC_F_INDIRECT),
+            (40, DESC_F_INDIRECT),
+            (16 * 9, DESC_F_INDIRECT),
+        ] {
             desc(&mut mem, DESC, 4, table, len, flags, 0);
             assert_eq!(bad(&mut mem, &mut q, 1), Err(QueueError::BadIndirect), "len {len} flags {flags}");
         }
@@ -636,7 +639,7 @@ mod tests {
             assert_eq!(q.enable(0), Err(QueueError::BadSize { size }));
         }
         q.size = 16;
-        for (d, a, u) in [(8, 0, 0), (0, 1, 0), (0, 0, 2), (u64::MAX & !15, 0, 0), (0, u64::MAX - 1, 0)] {
+        for (d, a, u) in [(8, 0, 0), (0, 1, 0), (0, 0, 2), (!15u64, 0, 0), (0, u64::MAX - 1, 0)] {
             q.desc_table = d;
             q.avail_ring = a;
             q.used_ring = u;
