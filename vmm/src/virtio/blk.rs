@@ -125,6 +125,8 @@ pub trait BlockBackend {
     /// The next finished request as `(id, status)`; for a successful read, `read_data` (cleared
     /// first) holds the bytes read.
     fn poll(&mut self, read_data: &mut Vec<u8>) -> Option<(u64, BlockStatus)>;
+    /// Called after a pass that submitted requests: ring the peer's doorbell once for all.
+    fn kick(&mut self) {}
 }
 
 /// Counters for the VMM's log.
@@ -158,6 +160,7 @@ pub struct VirtioBlk<B: BlockBackend> {
     next_id: u64,
     scratch: Vec<u8>,
     stats: BlkStats,
+    submitted_this_pass: bool,
 }
 
 impl<B: BlockBackend> VirtioBlk<B> {
@@ -176,6 +179,7 @@ impl<B: BlockBackend> VirtioBlk<B> {
             next_id: 1,
             scratch: Vec::new(),
             stats: BlkStats::default(),
+            submitted_this_pass: false,
         }
     }
 
@@ -315,6 +319,7 @@ impl<B: BlockBackend> VirtioBlk<B> {
         match self.backend.submit(&req, &self.scratch) {
             Ok(()) => {
                 self.stats.submitted += 1;
+                self.submitted_this_pass = true;
                 self.in_flight.insert(req.id, InFlight { chain, op: req.op, len: req.len });
                 Ok(true)
             }
@@ -435,6 +440,9 @@ impl<B: BlockBackend + 'static> VirtioDevice for VirtioBlk<B> {
                     break;
                 }
             }
+        }
+        if core::mem::take(&mut self.submitted_this_pass) {
+            self.backend.kick();
         }
         let notify = q.needs_notification(mem).map_err(|error| DeviceError { queue: 0, error })?;
         Ok(Signals { queues: u64::from(notify), config: false })

@@ -66,6 +66,8 @@ pub trait NetBackend {
     /// Receives the next frame into `buf` (at least [`MAX_FRAME`] bytes), returning its length;
     /// `None` when there is none.
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize>;
+    /// Called after a pass that sent frames: ring the peer's doorbell once for all.
+    fn kick(&mut self) {}
 }
 
 /// Counters for the VMM's log.
@@ -268,10 +270,12 @@ impl<N: NetBackend + 'static> VirtioDevice for VirtioNet<N> {
             signals.config = true;
         }
         let [rx, tx, ..] = queues else { return Ok(signals) };
-        if tx.ready()
-            && self.transmit(tx, mem)?
-            && tx.needs_notification(mem).map_err(|error| DeviceError { queue: TX_QUEUE, error })?
-        {
+        let sent = self.stats.tx_frames;
+        let tx_pushed = tx.ready() && self.transmit(tx, mem)?;
+        if self.stats.tx_frames != sent {
+            self.backend.kick();
+        }
+        if tx_pushed && tx.needs_notification(mem).map_err(|error| DeviceError { queue: TX_QUEUE, error })? {
             signals.queues |= 1 << TX_QUEUE;
         }
         if rx.ready()
