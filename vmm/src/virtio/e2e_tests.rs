@@ -831,3 +831,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn mmio_instructions_reach_the_bar() {
+    use crate::mmio::CpuMode;
+    let mut g = Guest::new(platform(4));
+    let c = g.probe(BLK_SLOT);
+    assert!(g.bus.claims_mmio(c.common));
+    assert!(!g.bus.claims_mmio(BLK_BAR + BAR0_SIZE * 4));
+    let mut regs = [0u64; 16];
+    // mov byte [rdi], sil: device_status = ACKNOWLEDGE.
+    regs[6] = u64::from(status::ACKNOWLEDGE);
+    let len =
+        g.bus.complete_mmio(c.common + 0x14, &[0x40, 0x88, 0x37], CpuMode::Bits64, &mut regs, &mut g.mem).unwrap();
+    assert_eq!(len, 3);
+    // movzx eax, byte [rdi]
+    let len =
+        g.bus.complete_mmio(c.common + 0x14, &[0x0f, 0xb6, 0x07], CpuMode::Bits64, &mut regs, &mut g.mem).unwrap();
+    assert_eq!((len, regs[0]), (3, u64::from(status::ACKNOWLEDGE)));
+    // mov eax, [rdi] straddling the end of the BAR: all-ones.
+    g.bus.complete_mmio(BLK_BAR + BAR0_SIZE - 2, &[0x8b, 0x07], CpuMode::Bits64, &mut regs, &mut g.mem).unwrap();
+    assert_eq!(regs[0], 0xffff_ffff);
+    assert!(g.bus.complete_mmio(c.common, &[0x01, 0x07], CpuMode::Bits64, &mut regs, &mut g.mem).is_err());
+}

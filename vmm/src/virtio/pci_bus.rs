@@ -17,6 +17,7 @@ use core::fmt;
 
 use super::pci::{MsiMessage, VirtioPci, BAR0_SIZE};
 use crate::memory::GuestMemory;
+use crate::mmio::{decode, CpuMode, DecodeError};
 
 /// `CONFIG_ADDRESS`.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -189,6 +190,43 @@ impl PciBus {
             let off = gpa.checked_sub(base)?;
             (off.checked_add(len as u64)? <= BAR0_SIZE).then_some((f, off))
         })
+    }
+
+    /// Whether `gpa` is inside a BAR some function decodes now (the VMM asks this before
+    /// handing a stage-2 fault to [`PciBus::complete_mmio`] rather than to the platform).
+    pub fn claims_mmio(&self, gpa: u64) -> bool {
+        self.functions
+            .iter()
+            .any(|(_, f)| f.bar0().is_some_and(|base| gpa.checked_sub(base).is_some_and(|o| o < BAR0_SIZE)))
+    }
+
+    /// Emulates the MMIO instruction `insn` that faulted on `gpa` inside a BAR (as
+    /// `Platform::complete_mmio` does for the platform's devices), updating `regs` for loads;
+    /// returns the instruction length to add to RIP. An access that straddles the BAR's end
+    /// reads all-ones and writes nothing.
+    pub fn complete_mmio(
+        &mut self,
+        gpa: u64,
+        insn: &[u8],
+        mode: CpuMode,
+        regs: &mut [u64; 16],
+        mem: &mut dyn GuestMemory,
+    ) -> Result<usize, DecodeError> {
+        let i = decode(insn, mode)?;
+        let n = usize::from(i.size.clamp(1, 8));
+        match i.write_value(regs) {
+            Some(v) => {
+                self.mmio_write(gpa, &v.to_le_bytes()[..n], mem);
+            }
+            None => {
+                let mut buf = [0xffu8; 8];
+                if !self.mmio_read(gpa, &mut buf[..n]) {
+                    buf = [0xff; 8];
+                }
+                i.complete_read(regs, u64::from_le_bytes(buf));
+            }
+        }
+        Ok(i.len)
     }
 
     /// An MMIO read inside some function's BAR; `false` if none claims `[gpa, gpa + len)`.
