@@ -299,7 +299,7 @@ impl<M: SharedMem + ?Sized, D: Doorbell> NetBackend for NetChannel<'_, M, D> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use alloc::boxed::Box;
     use ipc_spec::block::{validate, Validated};
@@ -313,19 +313,19 @@ mod tests {
             self.0 += 1;
         }
     }
-    struct NoBell;
+    pub(crate) struct NoBell;
     impl Doorbell for NoBell {
         fn ring(&mut self) {}
     }
 
-    const SECTORS: u64 = 256;
+    pub(crate) const SECTORS: u64 = 256;
 
-    fn info() -> DiskInfo {
+    pub(crate) fn info() -> DiskInfo {
         DiskInfo { capacity_sectors: SECTORS, sector_size: 512, max_sectors_per_request: 256, read_only: false }
     }
 
     /// The disk driver VM's loop body: answers every request on the ring from `disk`.
-    fn serve(mem: &ByteMem<'_>, disk: &mut [u8]) -> usize {
+    pub(crate) fn serve(mem: &ByteMem<'_>, disk: &mut [u8]) -> usize {
         let layout = BlockLayout::read(mem).unwrap();
         let (mut requests, mut responses) = layout.driver_rings(mem).unwrap();
         let mut n = 0;
