@@ -914,3 +914,55 @@ fn block_through_the_channel_to_a_driver_vm() {
     assert_eq!(g.mem.bytes()[0x20100], blk::S_OK);
     assert_eq!(g.messages().len(), 1);
 }
+
+/// The net path: frames through the virtio-net function, the net channel and a net driver VM
+/// (ipc-spec's driver side) at the other end.
+#[test]
+fn net_through_the_channel_to_a_driver_vm() {
+    use super::channel::tests::NoBell;
+    use super::channel::NetChannel;
+    use ipc_spec::net::{Layout as NetLayout, MacAddr, NetHeader};
+    use ipc_spec::ring::{ByteMem, SharedMem};
+    let bytes: &'static mut [u8] = Box::leak(vec![0u8; 256 << 10].into_boxed_slice());
+    let shared: &'static ByteMem<'static> = Box::leak(Box::new(ByteMem::new(bytes)));
+    let layout = NetLayout::new(shared.len()).unwrap();
+    NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 0x11]), mtu: 1500, link_up: true }.init(shared, &layout).unwrap();
+    let (mut from_guest, mut to_guest) = layout.driver_channel(shared, 1500).unwrap();
+    let chan = NetChannel::attach(shared, NoBell).unwrap();
+    let mut bus = PciBus::new();
+    bus.add(NET_SLOT, NET_BAR, VirtioPci::new(Box::new(VirtioNet::new(chan)))).unwrap();
+    let mut g = Guest::new(bus);
+    let c = g.probe(NET_SLOT);
+    g.negotiate(&c, F_VERSION_1 | F_EVENT_IDX | net::F_MAC | net::F_STATUS);
+    assert_eq!(g.rd(c.device, 4), 0x0000_0002);
+    assert_eq!(g.rd(c.device + 4, 2), 0x1100);
+    g.setup_msix(NET_SLOT, &c, 3, 0x40);
+    let mut rx = g.setup_queue(&c, 0, 16, 0x10000, 0);
+    let mut tx = g.setup_queue(&c, 1, 16, 0x12000, 1);
+    g.enable_queue(&c, 0);
+    g.enable_queue(&c, 1);
+    g.driver_ok(&c);
+    g.put_desc(rx.desc, 0, 0x20000, 12 + 1518, DESC_F_WRITE, 0);
+    g.post(&mut rx, 0);
+    g.notify(&c, 0);
+    // Guest -> driver VM: header in its own descriptor, the frame split in two.
+    let frame: Vec<u8> = (0..200u8).collect();
+    g.mem.write(0x30000, &[0u8; 12]).unwrap();
+    g.mem.write(0x31000, &frame[..50]).unwrap();
+    g.mem.write(0x32000, &frame[50..]).unwrap();
+    g.put_desc(tx.desc, 0, 0x30000, 12, DESC_F_NEXT, 1);
+    g.put_desc(tx.desc, 1, 0x31000, 50, DESC_F_NEXT, 2);
+    g.put_desc(tx.desc, 2, 0x32000, 150, 0, 0);
+    g.post(&mut tx, 0);
+    g.notify(&c, 1);
+    assert_eq!(g.used(&mut tx), [(0, 0)]);
+    let mut buf = [0u8; 1600];
+    assert_eq!(from_guest.recv(&mut buf), Ok(Some(200)));
+    assert_eq!(&buf[..200], &frame[..]);
+    // Driver VM -> guest.
+    let reply: Vec<u8> = (0..90u8).map(|b| b ^ 0x5a).collect();
+    to_guest.send(&reply).unwrap();
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.used(&mut rx), [(0, 102)]);
+    assert_eq!(&g.mem.bytes()[0x2000c..0x2000c + 90], &reply[..]);
+}
