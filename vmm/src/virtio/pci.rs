@@ -117,6 +117,15 @@ impl MsiMessage {
     }
 }
 
+/// Why the function set `DEVICE_NEEDS_RESET`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetCause {
+    /// A queue's configuration at `queue_enable`, or its contents while running, were unusable.
+    Queue(DeviceError),
+    /// The driver set `DRIVER_OK` without `FEATURES_OK`.
+    DriverOkWithoutFeatures,
+}
+
 /// The queue-facing state of one function.
 pub struct VirtioPci {
     device: Box<dyn VirtioDevice>,
@@ -137,7 +146,7 @@ pub struct VirtioPci {
     msix_table: Vec<[u32; 4]>,
     msix_pending: u64,
     out: VecDeque<MsiMessage>,
-    last_error: Option<DeviceError>,
+    last_error: Option<ResetCause>,
 }
 
 /// Reads `data.len()` bytes of `image` at `offset`; bytes past the end read 0.
@@ -220,7 +229,7 @@ impl VirtioPci {
     }
 
     /// The error that set `DEVICE_NEEDS_RESET`, if any.
-    pub fn last_error(&self) -> Option<DeviceError> {
+    pub fn last_error(&self) -> Option<ResetCause> {
         self.last_error
     }
 
@@ -493,7 +502,7 @@ impl VirtioPci {
             }
         }
         if let Some(e) = bad_enable {
-            self.needs_reset(e);
+            self.needs_reset(ResetCause::Queue(e));
         }
     }
 
@@ -518,14 +527,14 @@ impl VirtioPci {
         if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
             if new & status::FEATURES_OK == 0 {
                 self.status &= !status::DRIVER_OK;
-                self.needs_reset(DeviceError { queue: usize::MAX, error: super::queue::QueueError::NotReady });
+                self.needs_reset(ResetCause::DriverOkWithoutFeatures);
             } else {
                 self.device.activate(self.driver_features);
             }
         }
     }
 
-    fn needs_reset(&mut self, e: DeviceError) {
+    fn needs_reset(&mut self, e: ResetCause) {
         if self.status & status::DEVICE_NEEDS_RESET == 0 {
             self.status |= status::DEVICE_NEEDS_RESET;
             self.last_error = Some(e);
@@ -557,7 +566,7 @@ impl VirtioPci {
                     self.signal(self.msix_config, 2);
                 }
             }
-            Err(e) => self.needs_reset(e),
+            Err(e) => self.needs_reset(ResetCause::Queue(e)),
         }
     }
 
