@@ -966,3 +966,32 @@ fn net_through_the_channel_to_a_driver_vm() {
     assert_eq!(g.used(&mut rx), [(0, 102)]);
     assert_eq!(&g.mem.bytes()[0x2000c..0x2000c + 90], &reply[..]);
 }
+
+/// Buffers outside guest RAM: the request fails with IOERR, the device and queue go on, and
+/// nothing is written anywhere but the guest's own status byte.
+#[test]
+fn block_buffers_outside_ram() {
+    let mut g = Guest::new(platform(4));
+    let (c, mut q) = blk_up(&mut g);
+    for (kind, data) in [(blk::T_IN, RAM as u64 - 256), (blk::T_OUT, RAM as u64 - 256), (blk::T_IN, u64::MAX - 1023)] {
+        g.mem.write(0x20000, &blk_header(kind, 4)).unwrap();
+        g.mem.write(0x20100, &[0xee]).unwrap();
+        let flags = if kind == blk::T_IN { DESC_F_NEXT | DESC_F_WRITE } else { DESC_F_NEXT };
+        g.put_desc(q.desc, 0, 0x20000, 16, DESC_F_NEXT, 1);
+        g.put_desc(q.desc, 1, data, 512, flags, 2);
+        g.put_desc(q.desc, 2, 0x20100, 1, DESC_F_WRITE, 0);
+        g.post(&mut q, 0);
+        g.notify(&c, 0);
+        for _ in 0..3 {
+            g.bus.poll(&mut g.mem);
+        }
+        assert_eq!(g.used(&mut q), [(0, 1)], "{kind} at {data:#x}");
+        assert_eq!(g.mem.bytes()[0x20100], blk::S_IOERR);
+    }
+    let f = g.bus.function_mut(BLK_SLOT).unwrap();
+    assert_eq!(f.status() & status::DEVICE_NEEDS_RESET, 0);
+    let b = f.device_mut().as_any_mut().downcast_mut::<VirtioBlk<MemDisk>>().unwrap();
+    assert_eq!(b.stats().errors, 3);
+    // The disk was not written.
+    assert!(b.backend().disk.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+}
