@@ -512,9 +512,13 @@ impl VirtioPci {
             return;
         }
         let old = self.status;
+        // A device that needs a reset takes nothing but the reset.
+        if old & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
         let mut new = value & !status::DEVICE_NEEDS_RESET;
         // §2.1.2: the driver only ever adds bits (it writes back what it read plus one).
-        if old & !status::DEVICE_NEEDS_RESET & !new != 0 {
+        if old & !new != 0 {
             return;
         }
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
@@ -523,7 +527,7 @@ impl VirtioPci {
                 new &= !status::FEATURES_OK;
             }
         }
-        self.status = new | (old & status::DEVICE_NEEDS_RESET);
+        self.status = new;
         if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
             if new & status::FEATURES_OK == 0 {
                 self.status &= !status::DRIVER_OK;
