@@ -22,4 +22,5 @@ pub mod power;
 pub mod stats;
 pub mod timebase;
 pub mod uart;
+pub mod virtio;
 pub mod x2apic;

@@ -368,6 +368,16 @@ impl Platform {
         self.apic.ack(vector)
     }
 
+    /// An MSI a PCI function wrote (virtio-pci's MSI-X): requests its vector at the local
+    /// APIC, edge-triggered, if it is an ordinary interrupt for this CPU (APIC id 0); NMI, SMI,
+    /// INIT and other destinations are refused. Returns whether the vector was requested.
+    pub fn deliver_msi(&mut self, msg: crate::virtio::pci::MsiMessage) -> bool {
+        match msg.fixed_vector() {
+            Some(vector) if msg.destination() == self.apic.config().id => self.apic.request(vector, false),
+            _ => false,
+        }
+    }
+
     /// Typed console input for the UART. Input beyond [`INPUT_BACKLOG`] bytes is dropped;
     /// returns how many bytes were kept.
     pub fn input(&mut self, bytes: &[u8]) -> usize {
@@ -596,6 +606,18 @@ mod tests {
         })
         .is_err());
         assert!(!PlatformError::ZeroTscFrequency.to_string().is_empty());
+    }
+
+    #[test]
+    fn msi_delivery() {
+        use crate::virtio::pci::MsiMessage;
+        let mut p = platform();
+        let mut mem = VecMemory::new(0, 0x10000);
+        p.wrmsr(0x80f, 0x1ff, 0, &mut mem).unwrap();
+        assert!(p.deliver_msi(MsiMessage { address: 0xfee0_0000, data: 0x51 }));
+        assert_eq!(p.pending_interrupt(), Some(0x51));
+        assert!(!p.deliver_msi(MsiMessage { address: 0xfee0_1000, data: 0x52 }), "APIC id 1");
+        assert!(!p.deliver_msi(MsiMessage { address: 0xfee0_0000, data: 0x452 }), "NMI");
     }
 
     #[test]
