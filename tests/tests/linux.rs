@@ -7,6 +7,7 @@
 //!
 //! Two boots (they run in parallel): one types commands and powers off, one crashes.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use stack_tests::*;
@@ -16,14 +17,32 @@ use xtask::linux::{self, SHELL_MARKER};
 const STACK: &str = "stacks/linux.toml";
 const SHORT: Duration = Duration::from_secs(30);
 
-/// Boots the Linux stack until the shell's prompt.
-fn boot_to_shell() -> Console {
-    // The kernel and initramfs are fetched and built on first use.
-    let _ = linux_artifacts();
-    let m = stack_machine(STACK, "");
-    for disk in &m.disks {
+/// The Linux stack's machine, its bundle packed once (the tests run in parallel: packing
+/// per test would rewrite the bundle file under the other test's QEMU).
+fn linux_machine(tag: &str) -> Machine {
+    static MACHINE: OnceLock<Machine> = OnceLock::new();
+    let mut m = MACHINE
+        .get_or_init(|| {
+            // The kernel and initramfs are fetched and built on first use.
+            let _ = linux_artifacts();
+            stack_machine(STACK, "")
+        })
+        .clone();
+    // Each QEMU its own disk image (QEMU locks it) and its own forwarded ports.
+    for (i, disk) in m.disks.iter_mut().enumerate() {
+        *disk = std::env::temp_dir().join(format!("stack-tests-{}-linux-{tag}-disk{i}.img", std::process::id()));
+        let _ = std::fs::remove_file(&*disk);
         xtask::build::ensure_disk(disk).unwrap_or_else(|e| panic!("{e}"));
     }
+    for port in m.net_ports.iter_mut() {
+        *port = xtask::qemu::free_port().unwrap_or_else(|e| panic!("{e}"));
+    }
+    m
+}
+
+/// Boots the Linux stack until the shell's prompt.
+fn boot_to_shell(tag: &str) -> Console {
+    let m = linux_machine(tag);
     let mut c = Console::spawn(linux::console_command(&m)).unwrap_or_else(|e| panic!("{e}"));
     c.wait_for(&format!("[linux] {SHELL_MARKER}"), BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     // The VMM sends a partial line (the prompt) after a short pause.
@@ -47,7 +66,7 @@ fn machine_keeps_running(c: &mut Console) {
 
 #[test]
 fn linux_vm_shell_answers_and_powers_off_alone() {
-    let mut c = boot_to_shell();
+    let mut c = boot_to_shell("shell");
     let boot = c.text().to_string();
     assert!(
         boot.contains("[linux] linux-init: modules: loaded "),
@@ -80,7 +99,7 @@ fn linux_vm_shell_answers_and_powers_off_alone() {
 
 #[test]
 fn linux_vm_crash_stops_only_that_vm() {
-    let mut c = boot_to_shell();
+    let mut c = boot_to_shell("crash");
     c.send("echo c > /proc/sysrq-trigger\n").unwrap_or_else(|e| panic!("{e}"));
     expect(&mut c, "[linux] VM stopped after ");
     let text = c.text().to_string();
