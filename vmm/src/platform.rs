@@ -150,8 +150,12 @@ pub struct Platform {
 
 /// Kernel command-line words the VMM adds to the manifest's, because this platform implies
 /// them: `pci=off`, as it has no PCI host bridge (Linux's early quirk scan would otherwise
-/// probe 256 buses × 32 slots through ports 0xCF8/0xCFC: about 33 000 exits for nothing).
-pub const PLATFORM_CMDLINE: &str = "pci=off";
+/// probe 256 buses × 32 slots through ports 0xCF8/0xCFC: about 33 000 exits for nothing);
+/// `reboot=acpi`, as it resets through the FADT's reset register (Debian's kernel booted by
+/// PVH otherwise went the BIOS way, `machine_real_restart`: it wrote the CMOS shutdown byte
+/// and jumped to the reset vector at 0xffff0, which is zeroed RAM here, and ran on there
+/// without another exit).
+pub const PLATFORM_CMDLINE: &str = "pci=off reboot=acpi";
 
 /// Largest typed-input backlog kept; older input beyond it is dropped.
 pub const INPUT_BACKLOG: usize = 4096;
