@@ -64,14 +64,7 @@ impl Client {
         let layout = BlockLayout::standard(mem.len()).map_err(|_| ClientError::Ring)?;
         layout.guest_rings(mem)?;
         layout.write(mem).map_err(|_| ClientError::Ring)?;
-        Ok(Self {
-            layout,
-            incarnation: 0,
-            pending: [None; MAX_OUTSTANDING],
-            next_id: 1,
-            restarts: 0,
-            ignored: 0,
-        })
+        Ok(Self { layout, incarnation: 0, pending: [None; MAX_OUTSTANDING], next_id: 1, restarts: 0, ignored: 0 })
     }
 
     /// The layout in use.

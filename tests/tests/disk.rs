@@ -81,3 +81,72 @@ fn a_driver_that_corrupts_the_ring_gets_the_guest_an_error_and_nothing_crashes()
     assert_no_line(&run, "[microvisor] domain guest stopped");
     assert_no_line(&run, "[microvisor] domain disk stopped");
 }
+
+/// `(crash ns, next first completion ns)` pairs from the disk driver's lines.
+fn restart_gaps(run: &Run) -> Vec<u64> {
+    let at = |l: &str| l.split(" at ").nth(1)?.split(" ns").next()?.parse::<u64>().ok();
+    let mut gaps = Vec::new();
+    let mut crashed: Option<u64> = None;
+    for l in run.console().lines() {
+        if l.contains("[disk] crashing after") {
+            crashed = at(l);
+        } else if l.contains("[disk] first request completed at") {
+            if let (Some(c), Some(t)) = (crashed.take(), at(l)) {
+                gaps.push(t.saturating_sub(c));
+            }
+        }
+    }
+    gaps
+}
+
+#[test]
+fn a_disk_driver_vm_that_keeps_crashing_is_restarted_and_no_acknowledged_write_is_lost() {
+    let m = stack_machine("tests/stacks/crashy-disk.toml", "");
+    let disk = m.disks.first().cloned().expect("the stack has a disk");
+    let run = boot_until(&m, &["[guest] block self-test"]);
+    assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
+    // The guest saw only delay: every write, the flush and every read back succeeded.
+    assert_line(&run, "[guest] block self-test passed");
+    let crashes = run.console().lines().filter(|l| l.contains("[disk] crashing after")).count();
+    let restarts = run.console().lines().filter(|l| l.contains("[dom0] restarted disk")).count();
+    assert!(crashes >= 3, "only {crashes} crash(es):\n{}", run.console());
+    assert!(restarts >= crashes.min(50) - 1, "{crashes} crashes, {restarts} restarts:\n{}", run.console());
+    assert_line(&run, "[disk] channel disk0: attached as incarnation 3");
+    assert_no_line(&run, "restarting disk failed");
+    assert_no_line(&run, "FATAL");
+    let mut gaps = restart_gaps(&run);
+    gaps.sort();
+    if let (Some(median), Some(worst)) = (gaps.get(gaps.len() / 2), gaps.last()) {
+        eprintln!(
+            "restart: {} crashes, kill to next completed request: median {} ms, worst {} ms",
+            crashes,
+            median / 1_000_000,
+            worst / 1_000_000
+        );
+    }
+
+    // Every acknowledged (and flushed) write is in the image on the host.
+    let image = std::fs::read(&disk).expect("reading the disk image");
+    let capacity = image.len() as u64 / 512;
+    let mut want = [0u8; 512];
+    for (first, count) in runs(capacity) {
+        for s in first..first + count {
+            pattern(s, &mut want);
+            assert!(
+                image[(s * 512) as usize..((s + 1) * 512) as usize] == want,
+                "sector {s} does not hold the pattern"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_disk_driver_vm_past_its_restart_limit_stays_dead_and_the_guest_gets_an_error() {
+    let m = stack_machine("tests/stacks/crash-limit.toml", "");
+    let run = boot_until(&m, &["[guest] block self-test"]);
+    assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
+    assert_line(&run, "[dom0] disk failed 4 times within 60000 ms: not restarted again (restart_limit)");
+    assert_eq!(run.console().lines().filter(|l| l.contains("[dom0] restarted disk")).count(), 3);
+    assert_line(&run, "[guest] block self-test FAILED: the driver VM did not answer within 5 s");
+    assert_no_line(&run, "FATAL");
+}

@@ -87,6 +87,8 @@ pub struct Disk {
     in_flight: usize,
     /// Most requests ever in flight at once (reported).
     pub peak: usize,
+    /// Requests completed so far.
+    pub completed: u64,
     /// The timer count when the fallback timer was last armed: it is armed again only
     /// after it fired (a hypercall per sleep would cost more than the request).
     armed: Option<u64>,
@@ -97,7 +99,17 @@ impl Disk {
     /// virtual interrupt; `timer`: a timer notification bound to [`irq::TIMER_VECTOR`].
     pub fn new(blk: Blk, interrupts: bool, timer: Option<u64>) -> Self {
         let slots: Vec<Slot> = (0..QUEUE_DEPTH).map(|_| Slot::empty()).collect();
-        Self { blk, interrupts, timer, missed: 0, slots: slots.into_boxed_slice(), in_flight: 0, peak: 0, armed: None }
+        Self {
+            blk,
+            interrupts,
+            timer,
+            missed: 0,
+            slots: slots.into_boxed_slice(),
+            in_flight: 0,
+            peak: 0,
+            armed: None,
+            completed: 0,
+        }
     }
 
     /// Requests the device is working on.
@@ -117,7 +129,14 @@ impl Disk {
     /// # Safety
     /// `buf..buf+len` must stay valid memory the device may DMA to (reads) or from
     /// (writes) until the completion is taken, and nothing in this VM may use it meanwhile.
-    pub unsafe fn submit(&mut self, tag: Tag, write: bool, sector: u64, buf: *mut u8, len: usize) -> Result<(), Submit> {
+    pub unsafe fn submit(
+        &mut self,
+        tag: Tag,
+        write: bool,
+        sector: u64,
+        buf: *mut u8,
+        len: usize,
+    ) -> Result<(), Submit> {
         let Some(i) = self.slots.iter().position(|s| !s.busy) else { return Err(Submit::Full) };
         let blk = &mut self.blk;
         let slot = &mut self.slots[i];
@@ -191,6 +210,7 @@ impl Disk {
             };
             s.busy = false;
             self.in_flight -= 1;
+            self.completed += 1;
             taken += 1;
             done(s.tag, result);
         }

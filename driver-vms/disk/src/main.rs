@@ -167,6 +167,10 @@ mod driver {
             Some("garbage") => crate::rogue::garbage(info),
             Some("silent") => crate::rogue::silent(),
             Some("late") => crate::rogue::late(info, timer, &mut disk),
+            Some(r) if r.starts_with("crash-after=") => {
+                let n = r["crash-after=".len()..].parse().unwrap_or(u64::MAX);
+                crate::serve::serve_then_crash(info, &mut disk, n)
+            }
             _ => crate::serve::serve(info, &mut disk),
         }
     }
@@ -175,7 +179,9 @@ mod driver {
 /// Test modes that make this driver VM hostile, to show what the rest of the system does
 /// about it: `rogue=dma` aims its device's DMA outside its memory; `rogue=garbage` answers
 /// its guests with a corrupt ring; `rogue=silent` never answers at all, as a hung driver;
-/// `rogue=late` answers nothing for a while and then serves normally.
+/// `rogue=late` answers nothing for a while and then serves normally;
+/// `rogue=crash-after=<n>` serves normally until the device has completed `n` requests, then
+/// faults with requests in flight (each incarnation again, if dom0 restarts it).
 #[cfg(target_os = "none")]
 mod rogue {
     use domain_rt::{channels, hypercall, println, BootInfo};
@@ -348,6 +354,13 @@ mod serve {
     /// it completed them), takes new requests off every ring while the device and the
     /// response rings have room, and rings each guest that got answers once.
     pub fn serve(info: &BootInfo, dev: &mut Disk) -> u64 {
+        serve_then_crash(info, dev, u64::MAX)
+    }
+
+    /// [`serve`], but fault (a read far outside this VM's memory: a stage-2 fault dom0
+    /// hears of) once the device has completed `crash_after` requests and more are in
+    /// flight, or a flush waits: the worst moment for the guest.
+    pub fn serve_then_crash(info: &BootInfo, dev: &mut Disk, crash_after: u64) -> u64 {
         let disk = DiskInfo {
             capacity_sectors: dev.blk.capacity(),
             sector_size: 512,
@@ -364,6 +377,7 @@ mod serve {
         if chans.is_empty() {
             println!("no block channel on my command line");
         }
+        let mut first_reported = false;
         loop {
             // Taking the bits clears the doorbells before the rings are read, so a ring
             // after this point rings again (and wakes the sleep below). Once per wake-up:
@@ -372,7 +386,24 @@ mod serve {
                 let _ = hypercall::poll(c.wait);
             }
             let seen = irq::count();
-            while pass(&mut chans, dev, disk) {}
+            while pass(&mut chans, dev, disk) {
+                if !first_reported && dev.completed > 0 {
+                    // With the crash time below, gives the time a restart costs the guest.
+                    println!("first request completed at {} ns", hypercall::clock_ns());
+                    first_reported = true;
+                }
+                if dev.completed >= crash_after && (dev.in_flight() > 0 || chans.iter().any(|c| c.flush.is_some())) {
+                    println!(
+                        "crashing after {} completed requests, {} in flight, at {} ns (rogue=crash-after)",
+                        dev.completed,
+                        dev.in_flight(),
+                        hypercall::clock_ns()
+                    );
+                    // SAFETY: deliberately reading memory this VM does not have: the
+                    // microvisor stops it with a stage-2 fault and tells dom0.
+                    unsafe { core::ptr::read_volatile(0x1000_0000 as *const u64) };
+                }
+            }
             dev.sleep(seen);
         }
     }
@@ -497,12 +528,20 @@ mod serve {
                     c.flush = Some(req.id);
                     break;
                 }
-                Ok(Validated::Read(t)) => {
-                    Io { id: req.id, write: false, sector: t.sector(), data_offset: t.data_offset(), data_len: t.data_len() }
-                }
-                Ok(Validated::Write(t)) => {
-                    Io { id: req.id, write: true, sector: t.sector(), data_offset: t.data_offset(), data_len: t.data_len() }
-                }
+                Ok(Validated::Read(t)) => Io {
+                    id: req.id,
+                    write: false,
+                    sector: t.sector(),
+                    data_offset: t.data_offset(),
+                    data_len: t.data_len(),
+                },
+                Ok(Validated::Write(t)) => Io {
+                    id: req.id,
+                    write: true,
+                    sector: t.sector(),
+                    data_offset: t.data_offset(),
+                    data_len: t.data_len(),
+                },
                 Err(s) => {
                     answer(c, Response::new(req.id, s));
                     continue;

@@ -132,7 +132,9 @@ impl BlockClient {
             }
             hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
             let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
-            if bits & !TIMEOUT_BIT != 0 && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region) {
+            if bits & !TIMEOUT_BIT != 0
+                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region)
+            {
                 // A new driver: it starts from scratch on the replayed requests.
                 deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
             }
@@ -150,10 +152,30 @@ impl BlockClient {
     }
 
     /// Take the late answers to requests given up on; `NotAnswering` while one is missing.
+    /// If a new driver incarnation attached since they were given up on, it has them again
+    /// (replayed): it is worth one more wait for its answers.
     fn check_answering(&mut self) -> Result<(), ClientError> {
+        let Some(last) = self.given_up else { return Ok(()) };
+        let before = self.core.incarnation();
         while self.given_up.is_some() {
             if self.next_response()?.is_none() {
                 break;
+            }
+        }
+        if self.given_up.is_some() && self.core.incarnation() != before {
+            self.given_up = None;
+            let deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+            while self.core.any_outstanding_up_to(last) {
+                if self.next_response()?.is_some() {
+                    continue;
+                }
+                let now = hypercall::clock_ns();
+                if now >= deadline {
+                    self.given_up = Some(last);
+                    break;
+                }
+                hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
+                hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
             }
         }
         match self.given_up {
