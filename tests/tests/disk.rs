@@ -143,7 +143,8 @@ fn a_disk_driver_vm_that_keeps_crashing_is_restarted_and_no_acknowledged_write_i
 #[test]
 fn a_disk_driver_vm_past_its_restart_limit_stays_dead_and_the_guest_gets_an_error() {
     let m = stack_machine("tests/stacks/crash-limit.toml", "");
-    let run = boot_until(&m, &["[guest] block self-test"]);
+    // Under load the guest may give up (5 s) before dom0 does: wait for both.
+    let run = boot_until(&m, &["[guest] block self-test", "not restarted again"]);
     assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
     assert_line(&run, "[dom0] disk failed 4 times within 60000 ms: not restarted again (restart_limit)");
     assert_eq!(run.console().lines().filter(|l| l.contains("[dom0] restarted disk")).count(), 3);
