@@ -90,6 +90,11 @@ impl BlockClient {
         self.core.layout().data_range()
     }
 
+    /// Driver incarnations seen (the first attach counts: restarts survived plus one).
+    pub fn restarts(&self) -> u64 {
+        self.core.restarts
+    }
+
     /// Send one request and wait for its response.
     pub fn request(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<Response, ClientError> {
         let id = self.submit(op, sector, count, data_offset as usize)?;
