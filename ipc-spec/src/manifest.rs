@@ -785,6 +785,36 @@ mod tests {
     }
 
     #[test]
+    fn restart_policies_are_checked_field_by_field() {
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            machine_memory_mib: 512,
+            domains: vec![domain("a", "ipc-client"), domain("b", "ipc-server")],
+            channels: vec![],
+        };
+        m.domains[1].restart.mode = Restart::Always;
+        assert!(validate(&m, IMAGES).is_ok());
+        m.domains[1].restart.limit = 0;
+        m.domains[1].restart.window_ms = 0;
+        m.domains[1].restart.backoff_ms = MAX_RESTART_BACKOFF_MS + 1;
+        m.domains[1].fuzz = true;
+        let problems = validate(&m, IMAGES).unwrap_err();
+        let fields: Vec<String> = problems.iter().map(|p| p.field.to_string()).collect();
+        assert_eq!(
+            fields,
+            [
+                "domains[1].restart_limit",
+                "domains[1].restart_window_ms",
+                "domains[1].restart_backoff_ms",
+                "domains[1].restart"
+            ]
+        );
+        assert!(problems[3].to_string().contains("only an ordinary domain"), "{}", problems[3]);
+        m.domains[1].restart = RestartPolicy { mode: Restart::Never, ..RestartPolicy::default() };
+        assert!(validate(&m, IMAGES).is_ok());
+    }
+
+    #[test]
     fn a_fuzz_domain_gets_nothing_but_memory() {
         let mut m = Manifest {
             version: MANIFEST_VERSION,
