@@ -12,7 +12,7 @@ use domain_rt::hypercall::{call, Regs};
 use domain_rt::println;
 use ipc_spec::bundle::Bundle;
 use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
-use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, DEVICE_KINDS};
+use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, Restart, DEVICE_KINDS};
 use ipc_spec::{Error, Hypercall};
 use pvh::elf::ElfImage;
 use pvh::start_info::{build_start_page, MemmapEntry, MEMMAP_RAM};
@@ -71,6 +71,24 @@ pub struct Stack {
     pub domains: Vec<Built>,
     /// Endpoint on which dom0 receives the domains' faults.
     pub fault_endpoint: u64,
+    /// What dom0 keeps to give a restarted server its channels again.
+    pub reattach: Vec<Reattach>,
+}
+
+/// A channel whose server may be restarted (`restart = "always"`): dom0 keeps its own
+/// capabilities to the shared region and to both doorbells, so that it can map the same
+/// region (where the client's rings and buffers are) into the next incarnation and give it
+/// the same doorbells.
+pub struct Reattach {
+    /// The server's index in the stack.
+    pub server: usize,
+    name: String,
+    kind: ChannelKind,
+    /// Block and net channels: dom0's region capability, the address and the size.
+    region: Option<(u64, u64, u64)>,
+    /// dom0's capabilities to the notification the client signals, and the one it waits on.
+    to_server: u64,
+    to_client: u64,
 }
 
 fn hc(h: Hypercall, slot: u64, args: [u64; 6]) -> Result<Regs, String> {
@@ -166,6 +184,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         println!("{} is the VMM of VM {}", domains[vmm].name, domains[i].name);
     }
 
+    let mut reattach = Vec::new();
     for (i, c) in m.channels.iter().enumerate() {
         let find = |name: &str| domains.iter().position(|d| d.name == name);
         let (Some(client), Some(server)) = (find(&c.client), find(&c.server)) else {
@@ -190,9 +209,24 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                         format!("channel {}: mapping the region into {}: {e}", c.name, domains[end].name)
                     })?;
                 }
-                // The mappings keep the region alive.
-                delete(r)?;
-                let (cs, cw, ss, sw) = doorbells(domains[client].slot, domains[server].slot)?;
+                let keep = m.domains[server].restart.mode == Restart::Always;
+                if !keep {
+                    // The mappings keep the region alive.
+                    delete(r)?;
+                }
+                let (cs, cw, ss, sw, to_server, to_client) =
+                    doorbells_kept(domains[client].slot, domains[server].slot, keep)?;
+                if keep {
+                    let region = Some((r, gpa, bytes));
+                    reattach.push(Reattach {
+                        server,
+                        name: c.name.clone(),
+                        kind: c.kind,
+                        region,
+                        to_server,
+                        to_client,
+                    });
+                }
                 let _ = write!(
                     domains[client].args,
                     " chan.{n}.kind={k} chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={cs} chan.{n}.wait={cw}",
@@ -207,7 +241,19 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 );
             }
             ChannelKind::Notification => {
-                let (cs, cw, ss, sw) = doorbells(domains[client].slot, domains[server].slot)?;
+                let keep = m.domains[server].restart.mode == Restart::Always;
+                let (cs, cw, ss, sw, to_server, to_client) =
+                    doorbells_kept(domains[client].slot, domains[server].slot, keep)?;
+                if keep {
+                    reattach.push(Reattach {
+                        server,
+                        name: c.name.clone(),
+                        kind: c.kind,
+                        region: None,
+                        to_server,
+                        to_client,
+                    });
+                }
                 let _ = write!(domains[client].args, " chan.{n}.signal={cs} chan.{n}.wait={cw}", n = c.name);
                 let _ = write!(domains[server].args, " chan.{n}.signal={ss} chan.{n}.wait={sw}", n = c.name);
             }
@@ -233,7 +279,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
         built.fuzz_baseline = Some(baseline);
         domains[i] = built;
     }
-    Ok(Stack { domains, fault_endpoint })
+    Ok(Stack { domains, fault_endpoint, reattach })
 }
 
 /// Copies a VM's kernel, initramfs and command line into a fresh region, maps it read-only
@@ -288,17 +334,73 @@ fn hand_over_files(bundle: &Bundle, d: &ipc_spec::manifest::DomainSpec, host: u6
 }
 
 /// A doorbell each way between `client` and `server` (domain slots): returns the client's
-/// signal and wait slots and the server's.
-fn doorbells(client: u64, server: u64) -> Result<(u64, u64, u64, u64), String> {
+/// signal and wait slots and the server's, then dom0's own to the notification the client
+/// signals and to the one it waits on (kept if `keep`, else deleted: returned as 0).
+fn doorbells_kept(client: u64, server: u64, keep: bool) -> Result<(u64, u64, u64, u64, u64, u64), String> {
     let to_server = create(Hypercall::NotificationCreate)?;
     let to_client = create(Hypercall::NotificationCreate)?;
     let cs = give(to_server, client, rights::SIGNAL, 0)?;
     let cw = give(to_client, client, rights::WAIT, 0)?;
     let ss = give(to_client, server, rights::SIGNAL, 0)?;
     let sw = give(to_server, server, rights::WAIT, 0)?;
+    if keep {
+        return Ok((cs, cw, ss, sw, to_server, to_client));
+    }
     delete(to_server)?;
     delete(to_client)?;
-    Ok((cs, cw, ss, sw))
+    Ok((cs, cw, ss, sw, 0, 0))
+}
+
+/// Build domain `index` again after it was destroyed: a new domain from the same image,
+/// the same device kind (its function was released by the destruction: quiesced, its
+/// IOMMU context and interrupt-remapping entries revoked), the same channels' regions at
+/// the same addresses and the same doorbells; then start it. Endpoint channels are not
+/// re-attached.
+pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<(), String> {
+    let spec = m.domains.get(index).ok_or_else(|| format!("no domain {index}"))?;
+    let old = stack.domains.get(index).ok_or_else(|| format!("no domain {index}"))?.slot;
+    // The capability went stale with the domain; free dom0's slot.
+    let _ = delete(old);
+    let mut devices = devices();
+    let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices)?;
+    let rw = rights::READ | rights::WRITE;
+    for k in stack.reattach.iter().filter(|k| k.server == index) {
+        if let Some((r, gpa, _)) = k.region {
+            hc(Hypercall::Map, built.slot, [r, gpa, rw, 0, 0, 0])
+                .map_err(|e| format!("channel {}: mapping the region into {}: {e}", k.name, spec.name))?;
+        }
+        let ss = give(k.to_client, built.slot, rights::SIGNAL, 0)?;
+        let sw = give(k.to_server, built.slot, rights::WAIT, 0)?;
+        let n = &k.name;
+        match k.region {
+            Some((_, gpa, bytes)) => {
+                let _ = write!(
+                    built.args,
+                    " chan.{n}.kind={} chan.{n}.region={gpa:#x}:{bytes} chan.{n}.signal={ss} chan.{n}.wait={sw}",
+                    k.kind.as_str()
+                );
+            }
+            None => {
+                let _ = write!(built.args, " chan.{n}.signal={ss} chan.{n}.wait={sw}");
+            }
+        }
+    }
+    start(&built, spec)?;
+    stack.domains[index] = built;
+    Ok(())
+}
+
+/// Sleep `ms` milliseconds on a timer notification of dom0's own (restart backoff).
+pub fn sleep_ms(ms: u32) -> Result<(), String> {
+    if ms == 0 {
+        return Ok(());
+    }
+    let n = create(Hypercall::NotificationCreate)?;
+    let r = domain_rt::hypercall::timer_set(n, u64::from(ms) * 1_000_000, 1)
+        .and_then(|()| domain_rt::hypercall::wait(n).map(|_| ()))
+        .map_err(|e| format!("backoff timer: {e}"));
+    delete(n)?;
+    r
 }
 
 /// Create the domain `d` (index `i` in the manifest `m`), load its image, give it its fault

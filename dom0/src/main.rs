@@ -127,9 +127,9 @@ mod dom0 {
             println!("shutdown refused: {e}");
             return 4;
         }
-        match stack {
-            Some(s) => handle_faults(&s),
-            None => loop {
+        match (stack, bundle.get(MANIFEST_ENTRY).and_then(|b| manifest::decode(b).ok())) {
+            (Some(mut s), Some(m)) => handle_faults(&mut s, &bundle, &m),
+            _ => loop {
                 // SAFETY: HLT only waits; the microvisor intercepts it and parks this vCPU.
                 unsafe { core::arch::asm!("hlt") };
             },
@@ -137,9 +137,12 @@ mod dom0 {
     }
 
     /// Every domain's faults (and DomainExits) arrive here as exit messages
-    /// (`ipc_spec::exit`); the policy for now is to report the fault and tear the domain
-    /// down, which returns its memory.
-    fn handle_faults(stack: &builder::Stack) -> ! {
+    /// (`ipc_spec::exit`): dom0 reports the fault and tears the domain down, which returns
+    /// its memory; a domain with `restart = "always"` is then built again (see
+    /// [`supervise`]).
+    fn handle_faults(stack: &mut builder::Stack, bundle: &Bundle, m: &manifest::Manifest) -> ! {
+        // Per domain: when each restart in the current window happened (ns).
+        let mut restarts: Vec<Vec<u64>> = stack.domains.iter().map(|_| Vec::new()).collect();
         let mut next = hypercall::ipc_recv(stack.fault_endpoint);
         loop {
             let (msg, badge) = match next {
@@ -201,8 +204,58 @@ mod dom0 {
                 if let Some(before) = d.fuzz_baseline {
                     fuzz_verdict(name, &w, before);
                 }
+                let index = me;
+                if let (Some(spec), Some(times)) = (m.domains.get(index), restarts.get_mut(index)) {
+                    supervise(stack, bundle, m, spec, index, times);
+                }
             }
             next = hypercall::ipc_recv(stack.fault_endpoint);
+        }
+    }
+
+    /// The restart policy after domain `index` was destroyed: within the limit of restarts
+    /// in the window, wait the backoff (doubled for each restart already in the window) and
+    /// build it again; past it, leave it dead, so that its clients' requests time out with
+    /// an error instead of waiting for ever.
+    fn supervise(
+        stack: &mut builder::Stack,
+        bundle: &Bundle,
+        m: &manifest::Manifest,
+        spec: &manifest::DomainSpec,
+        index: usize,
+        times: &mut Vec<u64>,
+    ) {
+        let policy = spec.restart;
+        if policy.mode != manifest::Restart::Always {
+            return;
+        }
+        let name = spec.name.as_str();
+        let now = hypercall::clock_ns();
+        let window = u64::from(policy.window_ms) * 1_000_000;
+        times.retain(|&t| now.saturating_sub(t) < window);
+        if times.len() >= policy.limit as usize {
+            println!(
+                "{name} failed {} times within {} ms: not restarted again (restart_limit); its clients' requests now fail",
+                times.len() + 1,
+                policy.window_ms
+            );
+            return;
+        }
+        let backoff = policy.backoff_ms.saturating_mul(1 << times.len().min(16));
+        if let Err(e) = builder::sleep_ms(backoff.min(manifest::MAX_RESTART_BACKOFF_MS)) {
+            println!("{name}: {e}");
+        }
+        times.push(now);
+        let t0 = hypercall::clock_ns();
+        match builder::restart(bundle, m, stack, index) {
+            Ok(()) => println!(
+                "restarted {name} ({} of {} within {} ms), rebuilt in {} us",
+                times.len(),
+                policy.limit,
+                policy.window_ms,
+                (hypercall::clock_ns() - t0) / 1000
+            ),
+            Err(e) => println!("restarting {name} failed: {e}"),
         }
     }
 

@@ -23,6 +23,8 @@
 //!           +16  ring capacity         (entries per ring, power of two, <= 1024)
 //!           +20  data offset           (4 KiB aligned)
 //!           +24  data length           (bytes, > 0)
+//!           +28  incarnation           written by the **driver** each time it attaches
+//!                                      (0: no driver attached yet); see "Restarts"
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -43,6 +45,7 @@
 //!   +24 data_len    u32 (bytes)       +24 status                   u8    |
 //!   +28 op          u8                +25 read_only                u8   /
 //!   +29 reserved, written as zero     +26 reserved, written as zero
+//!                                     +28 incarnation              u32 (the answering driver's)
 //! ```
 //!
 //! Sectors are always [`SECTOR_SIZE`] (512) bytes, whatever the device's own block size.
@@ -56,8 +59,38 @@
 //!    ([`BlockLayout::write`]) and creates both rings empty ([`BlockLayout::guest_rings`]),
 //!    then starts or tells the driver (the IPC or doorbell that does so orders the writes).
 //! 2. The driver reads and checks the layout once ([`BlockLayout::read`]) and attaches
-//!    ([`BlockLayout::driver_rings`]). Later changes to the header are never looked at. A
-//!    restarted driver attaches again and continues where its predecessor stopped.
+//!    ([`BlockLayout::driver_rings`]), then announces itself ([`BlockLayout::driver_attach`]).
+//!    Later changes to the header are never looked at.
+//!
+//! # Restarts
+//!
+//! A driver VM may die at any moment and be replaced (dom0 builds a new one on the same
+//! regions). The protocol makes that invisible to the client except for delay:
+//!
+//! - Each driver, when it attaches, drops every request still waiting on the request ring
+//!   ([`crate::ring::Consumer::skip_all`]) and then writes a new **incarnation** number
+//!   (the old one plus one, never 0) at header +28 ([`BlockLayout::driver_attach`]). Every
+//!   response it sends carries that number.
+//! - Request ids are unique per client (it never reuses one), so a request may be executed
+//!   more than once: reads and writes of the same buffer and sectors are idempotent, and so
+//!   is a flush.
+//! - The client keeps every request it has not seen answered (with its buffer untouched).
+//!   When it sees the incarnation change, it sends every one of them again, oldest first
+//!   (those the dead driver took and never answered, and those it dropped at attach).
+//!   Responses carrying any other incarnation than the one in the header, or an id that is
+//!   not outstanding (a duplicate), are ignored ([`crate::block_client`]).
+//!
+//! # Durability
+//!
+//! A write answered `Ok` has been **completed by the device**, which may still hold it in a
+//! volatile cache. It is **durable** only once a [`Op::Flush`] sent after the write's answer
+//! was received has itself been answered `Ok` (FUA is not offered; a client that needs one
+//! write durable sends it, waits for its answer, then flushes). The driver orders a flush
+//! after every request of the channel it took before it, and answers it only after the device
+//! completed the flush. Across a driver restart this holds because a completed write is held
+//! by the device (or below it: the host's image file), which a driver restart resets but
+//! does not empty; a flush interrupted by the restart is replayed like any other request, so
+//! the client gets its `Ok` only from a flush the device completed.
 
 use core::fmt;
 use core::ops::Range;
@@ -101,6 +134,8 @@ pub mod header {
     pub const DATA_OFFSET: usize = 20;
     /// `u32`: length of the data area in bytes.
     pub const DATA_LEN: usize = 24;
+    /// `u32`: the attached driver's incarnation (0: none yet), written by the driver.
+    pub const INCARNATION: usize = 28;
 }
 
 /// Offsets of the request fields inside a slot.
@@ -133,6 +168,8 @@ pub mod response {
     pub const STATUS: usize = 24;
     /// `u8`
     pub const READ_ONLY: usize = 25;
+    /// `u32`
+    pub const INCARNATION: usize = 28;
 }
 
 /// The guest's half of the request ring.
@@ -415,6 +452,32 @@ impl BlockLayout {
         Ok((requests, responses))
     }
 
+    /// The driver's announcement at (re)attach: drops the requests waiting on the request
+    /// ring (the client replays them) and writes the next incarnation number into the
+    /// header, after the drop is published. Returns the new incarnation, which every
+    /// response of this driver carries.
+    pub fn driver_attach<M: SharedMem + ?Sized>(&self, mem: &M) -> Result<u32, RingError> {
+        let (mut requests, _) = self.driver_rings(mem)?;
+        requests.skip_all()?;
+        let next = match mem.read_u32(header::INCARNATION).wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        // The skip (our consumer index) must be visible before the new incarnation: a client
+        // that sees the incarnation replays into a ring that has room.
+        fence(Ordering::Release);
+        mem.write_u32(header::INCARNATION, next);
+        Ok(next)
+    }
+
+    /// The incarnation of the driver attached now (0: none yet), as the client reads it.
+    pub fn incarnation<M: SharedMem + ?Sized>(mem: &M) -> u32 {
+        let n = mem.read_u32(header::INCARNATION);
+        // Responses read after this must not be older than this read.
+        fence(Ordering::Acquire);
+        n
+    }
+
     /// Offset of the request ring.
     pub fn request_ring_offset(&self) -> usize {
         self.request_ring as usize
@@ -639,17 +702,24 @@ pub struct Response {
     pub status: Status,
     /// For a successful GetInfo, the disk; all zero otherwise.
     pub info: DiskInfo,
+    /// The answering driver's incarnation (see "Restarts" above).
+    pub incarnation: u32,
 }
 
 impl Response {
     /// A response without disk information.
     pub fn new(id: u64, status: Status) -> Self {
-        Self { id, status, info: DiskInfo::default() }
+        Self { id, status, info: DiskInfo::default(), incarnation: 0 }
+    }
+
+    /// This response, sent by the driver of `incarnation`.
+    pub fn from(self, incarnation: u32) -> Self {
+        Self { incarnation, ..self }
     }
 
     /// A successful GetInfo response.
     pub fn info(id: u64, info: DiskInfo) -> Self {
-        Self { id, status: Status::Ok, info }
+        Self { id, status: Status::Ok, info, incarnation: 0 }
     }
 
     /// The ring slot for this response.
@@ -661,6 +731,7 @@ impl Response {
         put(&mut b, response::MAX_SECTORS_PER_REQUEST, &self.info.max_sectors_per_request.to_le_bytes());
         put(&mut b, response::STATUS, &[self.status.code()]);
         put(&mut b, response::READ_ONLY, &[u8::from(self.info.read_only)]);
+        put(&mut b, response::INCARNATION, &self.incarnation.to_le_bytes());
         b
     }
 
@@ -676,6 +747,7 @@ impl Response {
                 max_sectors_per_request: get_u32(b, response::MAX_SECTORS_PER_REQUEST),
                 read_only: get_u8(b, response::READ_ONLY) != 0,
             },
+            incarnation: get_u32(b, response::INCARNATION),
         }
     }
 }
@@ -1150,7 +1222,7 @@ mod tests {
 
         #[test]
         fn response_round_trips(id in any::<u64>(), code in any::<u8>(), info in any_disk()) {
-            let r = Response { id, status: Status::from_code(code), info };
+            let r = Response { id, status: Status::from_code(code), info, incarnation: 0 };
             prop_assert_eq!(Response::decode(&r.encode()), r);
         }
 

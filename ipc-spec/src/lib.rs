@@ -9,6 +9,7 @@
 extern crate alloc;
 
 pub mod block;
+pub mod block_client;
 pub mod bundle;
 pub mod error;
 pub mod exit;

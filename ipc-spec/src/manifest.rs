@@ -21,7 +21,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this module reads and writes.
-pub const MANIFEST_VERSION: u32 = 4;
+pub const MANIFEST_VERSION: u32 = 5;
 /// Name of the manifest inside the boot bundle.
 pub const MANIFEST_ENTRY: &str = "manifest";
 /// Name no domain or channel may have: dom0 builds the stack and is not listed in it.
@@ -103,7 +103,67 @@ pub struct DomainSpec {
     /// the machine capability with the READ right only (`console=` on its command line).
     /// At most one domain has it.
     pub console_input: bool,
+    /// What dom0 does when the domain faults or exits.
+    pub restart: RestartPolicy,
 }
+
+/// Whether dom0 replaces a domain that faulted or exited.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Restart {
+    /// Report it and destroy it (the default).
+    #[default]
+    Never,
+    /// Destroy it and build a new one from the same image, with the same device and
+    /// channels (the peers' shared regions stay where they are), up to a limit.
+    Always,
+}
+
+impl Restart {
+    /// The manifest spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Restart::Never => "never",
+            Restart::Always => "always",
+        }
+    }
+}
+
+/// A domain's restart policy: `restart = "always" | "never"` with at most `limit` restarts
+/// in any `window_ms`, each after `backoff_ms` (doubled for each restart already in the
+/// window). Past the limit the domain stays dead and its peers get errors.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub mode: Restart,
+    /// Restarts allowed within `window_ms` ([`MIN_RESTART_LIMIT`]..=[`MAX_RESTART_LIMIT`]).
+    pub limit: u32,
+    /// The window, in ms ([`MIN_RESTART_WINDOW_MS`]..=[`MAX_RESTART_WINDOW_MS`]).
+    pub window_ms: u32,
+    /// Wait before the first restart in a window, in ms (at most [`MAX_RESTART_BACKOFF_MS`]).
+    pub backoff_ms: u32,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            mode: Restart::Never,
+            limit: DEFAULT_RESTART_LIMIT,
+            window_ms: DEFAULT_RESTART_WINDOW_MS,
+            backoff_ms: DEFAULT_RESTART_BACKOFF_MS,
+        }
+    }
+}
+
+/// Restart limit: default and bounds.
+pub const DEFAULT_RESTART_LIMIT: u32 = 10;
+pub const MIN_RESTART_LIMIT: u32 = 1;
+pub const MAX_RESTART_LIMIT: u32 = 1000;
+/// Restart window in ms: default and bounds.
+pub const DEFAULT_RESTART_WINDOW_MS: u32 = 10_000;
+pub const MIN_RESTART_WINDOW_MS: u32 = 1;
+pub const MAX_RESTART_WINDOW_MS: u32 = 3_600_000;
+/// Restart backoff in ms: default and bound.
+pub const DEFAULT_RESTART_BACKOFF_MS: u32 = 0;
+pub const MAX_RESTART_BACKOFF_MS: u32 = 60_000;
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
 pub const DEVICE_KINDS: &[(&str, u16, u16)] = &[("virtio-blk", 0x1af4, 0x1042), ("virtio-net", 0x1af4, 0x1041)];
@@ -395,6 +455,12 @@ pub enum ProblemKind {
         /// What it is given (`a device`, `the status capability`, `channel "x"`).
         what: String,
     },
+    /// A restart setting is out of range (`restart_limit`, `restart_window_ms`,
+    /// `restart_backoff_ms`), or a restart policy is given to a domain that cannot have one.
+    BadRestart {
+        /// What is wrong.
+        what: String,
+    },
     /// The domains' memory plus the reserve is more than the machine has.
     MemoryDoesNotFit {
         /// Sum of the domains' memory, in MiB.
@@ -516,6 +582,7 @@ impl fmt::Display for ProblemKind {
                 f,
                 "a fuzz domain gets only memory and its timer, so it cannot have {what}"
             ),
+            ProblemKind::BadRestart { what } => write!(f, "restart policy: {what}"),
             ProblemKind::MemoryDoesNotFit {
                 domains_mib,
                 machine_mib,
@@ -650,6 +717,26 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if domain.fuzz && !domain.device.is_empty() {
             push(field("device"), ProblemKind::FuzzerWithExtras { what: "a device".to_owned() });
         }
+        let r = domain.restart;
+        if !(MIN_RESTART_LIMIT..=MAX_RESTART_LIMIT).contains(&r.limit) {
+            let what = alloc::format!("limit {} is not between {MIN_RESTART_LIMIT} and {MAX_RESTART_LIMIT}", r.limit);
+            push(field("restart_limit"), ProblemKind::BadRestart { what });
+        }
+        if !(MIN_RESTART_WINDOW_MS..=MAX_RESTART_WINDOW_MS).contains(&r.window_ms) {
+            let what = alloc::format!(
+                "window {} ms is not between {MIN_RESTART_WINDOW_MS} and {MAX_RESTART_WINDOW_MS}",
+                r.window_ms
+            );
+            push(field("restart_window_ms"), ProblemKind::BadRestart { what });
+        }
+        if r.backoff_ms > MAX_RESTART_BACKOFF_MS {
+            let what = alloc::format!("backoff {} ms is more than {MAX_RESTART_BACKOFF_MS}", r.backoff_ms);
+            push(field("restart_backoff_ms"), ProblemKind::BadRestart { what });
+        }
+        if r.mode == Restart::Always && (domain.fuzz || !domain.vmm.is_empty()) {
+            let what = "only an ordinary domain (not a fuzzer, not a VM) can be restarted".to_owned();
+            push(field("restart"), ProblemKind::BadRestart { what });
+        }
         if domain.fuzz && domain.status {
             push(field("status"), ProblemKind::FuzzerWithExtras { what: "the status capability".to_owned() });
         }
@@ -739,6 +826,7 @@ mod tests {
             initramfs: String::new(),
             cmdline: String::new(),
             console_input: false,
+            restart: RestartPolicy::default(),
         }
     }
 
@@ -774,6 +862,36 @@ mod tests {
         assert_eq!(ps.len(), 1, "{ps:?}");
         assert!(ps[0].starts_with(&format!("{field}: ")), "{ps:?}");
         assert!(ps[0].contains(needle), "{ps:?} should contain {needle:?}");
+    }
+
+    #[test]
+    fn restart_policies_are_checked_field_by_field() {
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            machine_memory_mib: 512,
+            domains: vec![domain("a", "ipc-client"), domain("b", "ipc-server")],
+            channels: vec![],
+        };
+        m.domains[1].restart.mode = Restart::Always;
+        assert!(validate(&m, IMAGES).is_ok());
+        m.domains[1].restart.limit = 0;
+        m.domains[1].restart.window_ms = 0;
+        m.domains[1].restart.backoff_ms = MAX_RESTART_BACKOFF_MS + 1;
+        m.domains[1].fuzz = true;
+        let problems = validate(&m, IMAGES).unwrap_err();
+        let fields: Vec<String> = problems.iter().map(|p| p.field.to_string()).collect();
+        assert_eq!(
+            fields,
+            [
+                "domains[1].restart_limit",
+                "domains[1].restart_window_ms",
+                "domains[1].restart_backoff_ms",
+                "domains[1].restart"
+            ]
+        );
+        assert!(problems[3].to_string().contains("only an ordinary domain"), "{}", problems[3]);
+        m.domains[1].restart = RestartPolicy { mode: Restart::Never, ..RestartPolicy::default() };
+        assert!(validate(&m, IMAGES).is_ok());
     }
 
     #[test]
@@ -1136,6 +1254,7 @@ mod tests {
                 initramfs: String::new(),
                 cmdline: String::new(),
                 console_input: false,
+                restart: RestartPolicy::default(),
             },
         );
         let channel = (arb_name(), arb_name(), arb_name()).prop_map(|(name, client, server)| ChannelSpec {

@@ -436,6 +436,17 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
         Ok(Some(entry))
     }
 
+    /// Drops every entry waiting (frees their slots unread); returns how many. A restarted
+    /// server calls this at attach: its client replays whatever it has not seen answered.
+    pub fn skip_all(&mut self) -> Result<u32, RingError> {
+        let available = self.observe()?;
+        // `observe` accepted `producer_seen`: at most `capacity` past our index.
+        fence(Ordering::Release);
+        self.consumer = self.producer_seen;
+        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
+        Ok(available)
+    }
+
     /// Entries waiting to be popped.
     pub fn len(&mut self) -> Result<u32, RingError> {
         self.observe()

@@ -81,3 +81,117 @@ fn a_driver_that_corrupts_the_ring_gets_the_guest_an_error_and_nothing_crashes()
     assert_no_line(&run, "[microvisor] domain guest stopped");
     assert_no_line(&run, "[microvisor] domain disk stopped");
 }
+
+/// `(crash ns, next first completion ns)` pairs from the disk driver's lines.
+fn restart_gaps(run: &Run) -> Vec<u64> {
+    let at = |l: &str| l.split(" at ").nth(1)?.split(" ns").next()?.parse::<u64>().ok();
+    let mut gaps = Vec::new();
+    let mut crashed: Option<u64> = None;
+    for l in run.console().lines() {
+        if l.contains("[disk] crashing after") {
+            crashed = at(l);
+        } else if l.contains("[disk] first request completed at") {
+            if let (Some(c), Some(t)) = (crashed.take(), at(l)) {
+                gaps.push(t.saturating_sub(c));
+            }
+        }
+    }
+    gaps
+}
+
+#[test]
+fn a_disk_driver_vm_that_keeps_crashing_is_restarted_and_no_acknowledged_write_is_lost() {
+    let m = stack_machine("tests/stacks/crashy-disk.toml", "");
+    let disk = m.disks.first().cloned().expect("the stack has a disk");
+    let port = m.net_ports[0];
+    // Random data at random places, chosen per run (the seed is printed to replay a failure).
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("crashy disk: seed {seed}");
+    let mut rng = noise(4096, seed).into_iter();
+    let mut next = move || u64::from(rng.next().unwrap_or(7));
+    // Disjoint 64-sector slots past the self-test's first run, each written once.
+    let writes: Vec<(u64, Vec<u8>)> = (0..24u64)
+        .map(|i| {
+            let lba = 4096 + (i * 8 + next() % 8) * 64 + next() % 32;
+            let sectors = 1 + next() % 32;
+            (lba, noise(sectors as usize * 512, seed ^ (i + 1)))
+        })
+        .collect();
+    let written = writes.clone();
+    let incarnations = move || {
+        let (_, page) = get(port, "/");
+        let page = String::from_utf8_lossy(&page).into_owned();
+        page.split("disk driver incarnations seen: ").nth(1).and_then(|r| r.lines().next()?.parse::<u64>().ok())
+    };
+    let run = run_serving_after(&m, &["[guest]"], &["[guest] block self-test"], move || {
+        let before = incarnations().expect("the status page names the disk driver's incarnations");
+        let mut s = connect(port);
+        for (i, (lba, data)) in written.iter().enumerate() {
+            // The guest sees only delay: every request succeeds while the driver crashes.
+            assert_eq!(request(&mut s, "PUT", &format!("/blk/{lba}"), data).0, 200, "PUT /blk/{lba}");
+            if i % 4 == 3 {
+                assert_eq!(request(&mut s, "POST", "/flush", b"").0, 200, "flush");
+            }
+        }
+        assert_eq!(request(&mut s, "POST", "/flush", b"").0, 200, "flush");
+        for (lba, data) in &written {
+            let (status, body) = request(&mut s, "GET", &format!("/blk/{lba}?count={}", data.len() / 512), b"");
+            assert_eq!(status, 200, "GET /blk/{lba}");
+            assert!(body == *data, "sectors from {lba} read back differ from those written");
+        }
+        // The console lines of this phase are not read (the run stops after it): the guest
+        // counts the restarts it lived through.
+        let after = incarnations().expect("the status page names the disk driver's incarnations");
+        eprintln!("crashy disk: incarnations {before} before the HTTP phase, {after} after");
+        assert!(after >= before + 5, "only {} restarts during the HTTP phase", after - before);
+    });
+    // The guest's block self-test (2,126 sectors written, a flush, all read back) passed too.
+    assert_line(&run, "[guest] block self-test passed");
+    let crashes = run.console().lines().filter(|l| l.contains("[disk] crashing after")).count();
+    let restarts = run.console().lines().filter(|l| l.contains("[dom0] restarted disk")).count();
+    // During the self-test (the lines of the HTTP phase are not read, see above).
+    assert!(crashes >= 3, "only {crashes} crash(es):\n{}", run.console());
+    assert!(restarts + 1 >= crashes, "{crashes} crashes, {restarts} restarts:\n{}", run.console());
+    assert_no_line(&run, "restarting disk failed");
+    assert_no_line(&run, "FATAL");
+    let mut gaps = restart_gaps(&run);
+    gaps.sort();
+    if let (Some(median), Some(worst)) = (gaps.get(gaps.len() / 2), gaps.last()) {
+        eprintln!(
+            "restart: {} crashes, kill to next completed request: median {} ms, worst {} ms",
+            crashes,
+            median / 1_000_000,
+            worst / 1_000_000
+        );
+    }
+
+    // Every acknowledged and flushed write is in the image on the host.
+    let image = std::fs::read(&disk).expect("reading the disk image");
+    let capacity = image.len() as u64 / 512;
+    let mut want = [0u8; 512];
+    for (first, count) in runs(capacity) {
+        for s in first..first + count {
+            pattern(s, &mut want);
+            assert!(
+                image[(s * 512) as usize..((s + 1) * 512) as usize] == want,
+                "sector {s} does not hold the pattern"
+            );
+        }
+    }
+    for (lba, data) in &writes {
+        let at = (*lba * 512) as usize;
+        assert!(image[at..at + data.len()] == data[..], "sectors from {lba} are not in the disk image");
+    }
+}
+
+#[test]
+fn a_disk_driver_vm_past_its_restart_limit_stays_dead_and_the_guest_gets_an_error() {
+    let m = stack_machine("tests/stacks/crash-limit.toml", "");
+    // Under load the guest may give up (5 s) before dom0 does: wait for both.
+    let run = boot_until(&m, &["[guest] block self-test", "not restarted again"]);
+    assert!(matches!(run.ending, Ending::Stopped), "ended with {:?}:\n{}", run.ending, run.console());
+    assert_line(&run, "[dom0] disk failed 4 times within 60000 ms: not restarted again (restart_limit)");
+    assert_eq!(run.console().lines().filter(|l| l.contains("[dom0] restarted disk")).count(), 3);
+    assert_line(&run, "[guest] block self-test FAILED: the driver VM did not answer within 5 s");
+    assert_no_line(&run, "FATAL");
+}

@@ -227,6 +227,8 @@ fn blk(args: &[String]) -> Result<(), String> {
     if !matches!(run.ending, Ending::Stopped) {
         return Err(failure(&run, "the block benchmark did not finish"));
     }
+    // The whole console, for a look at what the domains said (e.g. about interrupts).
+    let _ = std::fs::write(target.join("bench").join("blk.log"), run.lines.join("\n"));
     let results: Vec<_> = run.lines.iter().filter_map(|l| parse_blk(l)).collect();
     // The best round of each (MB/s).
     let rate = |via: &str, name: &str| {

@@ -229,6 +229,7 @@ mod tests {
             initramfs: String::new(),
             cmdline: String::new(),
             console_input: false,
+            restart: ipc_spec::manifest::RestartPolicy::default(),
         }
     }
 

@@ -75,6 +75,15 @@ struct DomainSection {
     /// The domain receives the console's typed input.
     #[serde(default)]
     console_input: bool,
+    /// `"always"` or `"never"` (default).
+    #[serde(default)]
+    restart: Option<String>,
+    #[serde(default)]
+    restart_limit: Option<i64>,
+    #[serde(default)]
+    restart_window_ms: Option<i64>,
+    #[serde(default)]
+    restart_backoff_ms: Option<i64>,
 }
 
 fn one() -> i64 {
@@ -164,6 +173,20 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             push(field("vcpus"), ProblemKind::UnsupportedVcpus { vcpus: d.vcpus });
             manifest::SUPPORTED_VCPUS
         });
+        let mut restart = manifest::RestartPolicy::default();
+        match d.restart.as_deref() {
+            None | Some("never") => {}
+            Some("always") => restart.mode = manifest::Restart::Always,
+            Some(other) => push(
+                field("restart"),
+                ProblemKind::BadRestart { what: format!("\"{other}\" is neither \"always\" nor \"never\"") },
+            ),
+        }
+        // Out-of-range numbers become u32::MAX, which `validate` reports with the field.
+        let number = |v: Option<i64>, default: u32| v.map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX));
+        restart.limit = number(d.restart_limit, restart.limit);
+        restart.window_ms = number(d.restart_window_ms, restart.window_ms);
+        restart.backoff_ms = number(d.restart_backoff_ms, restart.backoff_ms);
         domains.push(DomainSpec {
             name: d.name,
             image: d.image,
@@ -179,6 +202,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
             initramfs: d.initramfs,
             cmdline: d.cmdline,
             console_input: d.console_input,
+            restart,
         });
     }
 
@@ -319,6 +343,23 @@ server = "pong"
     fn good_with(from: &str, to: &str) -> String {
         assert!(GOOD.contains(from), "{from}");
         GOOD.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn restart_policy_is_read_and_checked() {
+        let with = |extra: &str| GOOD.replacen("priority = 10\n", &format!("priority = 10\n{extra}\n"), 1);
+        let m = parse(&with("restart = \"always\"\nrestart_limit = 3\nrestart_backoff_ms = 5"), IMAGES).unwrap();
+        let r = m.domains[0].restart;
+        assert_eq!((r.mode, r.limit, r.window_ms, r.backoff_ms), (manifest::Restart::Always, 3, 10_000, 5));
+        assert_eq!(parse(GOOD, IMAGES).unwrap().domains[0].restart, manifest::RestartPolicy::default());
+        let e = parse(&with("restart = \"sometimes\""), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("domain[0].restart: ") && e[0].contains("\"sometimes\""), "{e:?}");
+        let e = parse(&with("restart = \"always\"\nrestart_limit = 0"), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("domain[0].restart_limit: "), "{e:?}");
+        let e = parse(&with("restart_window_ms = -1"), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("domain[0].restart_window_ms: "), "{e:?}");
+        let e = parse(&with("restart_backoff_ms = 60001"), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("domain[0].restart_backoff_ms: "), "{e:?}");
     }
 
     #[test]

@@ -24,26 +24,58 @@ mod driver {
 
     domain_rt::domain_main!(main);
 
+    /// The direct benchmark's buffers: one 64 KiB request per slot of the device queue.
+    const DIRECT_BUF: usize = crate::device::QUEUE_DEPTH * 128 * 512;
+    static mut DIRECT: [u8; DIRECT_BUF] = [0; DIRECT_BUF];
+
     /// The block benchmark run by the domain that owns the device: the same requests as
-    /// the guest's, without the IPC hop (buffers in this VM's own memory).
+    /// the guest's, without the IPC hop (buffers in this VM's own memory), kept in flight
+    /// as many at a time as the device queue holds, as the serving loop does.
     fn bench_direct(disk: &mut Disk) -> u64 {
-        extern crate alloc;
         let capacity = disk.blk.capacity();
-        let mut buf = alloc::vec![0u8; 128 * 512];
+        let base = (&raw mut DIRECT).cast::<u8>();
         for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
             let len = w.sectors as usize * 512;
             let t0 = domain_rt::hypercall::clock_ns();
-            for i in 0..w.count {
-                let sector = w.sector(i, capacity);
-                let r = if w.write { disk.write(sector, &buf[..len]) } else { disk.read(sector, &mut buf[..len]) };
-                if let Err(e) = r {
-                    println!("bench blk: {} request {i}: {e}", w.name);
-                    return 1;
+            let (mut sent, mut done, mut failed) = (0u32, 0u32, false);
+            let mut free: u32 = (1u32 << crate::device::QUEUE_DEPTH) - 1;
+            let mut seen = domain_rt::irq::count();
+            while done < w.count && !failed {
+                while sent < w.count && disk.has_room() && free != 0 {
+                    let k = free.trailing_zeros();
+                    // SAFETY: buffer k is DIRECT's k-th 64 KiB, used by this request alone
+                    // (its bit is clear in `free` until the request completes).
+                    let buf = unsafe { base.add(k as usize * 128 * 512) };
+                    let tag = crate::device::Tag { chan: k as usize, id: u64::from(sent) };
+                    // SAFETY: as above; DIRECT is static, so it outlives the request.
+                    match unsafe { disk.submit(tag, w.write, w.sector(sent, capacity), buf, len) } {
+                        Ok(()) => {
+                            free &= !(1 << k);
+                            sent += 1;
+                        }
+                        Err(crate::device::Submit::Full) => break,
+                        Err(crate::device::Submit::Failed(e)) => {
+                            println!("bench blk: {} request {sent}: {e}", w.name);
+                            return 1;
+                        }
+                    }
                 }
+                let n = disk.take_completions(|tag, r| {
+                    free |= 1 << tag.chan;
+                    failed |= r.is_err();
+                });
+                done += n as u32;
+                if n == 0 {
+                    seen = disk.sleep(seen);
+                }
+            }
+            if failed {
+                println!("bench blk: {} request failed", w.name);
+                return 1;
             }
             domain_rt::bench::report("direct", w, domain_rt::hypercall::clock_ns() - t0);
         }
-        println!("bench blk: via=direct done");
+        println!("bench blk: via=direct done (up to {} requests in flight)", disk.peak);
         0
     }
 
@@ -135,6 +167,10 @@ mod driver {
             Some("garbage") => crate::rogue::garbage(info),
             Some("silent") => crate::rogue::silent(),
             Some("late") => crate::rogue::late(info, timer, &mut disk),
+            Some(r) if r.starts_with("crash-after=") => {
+                let n = r["crash-after=".len()..].parse().unwrap_or(u64::MAX);
+                crate::serve::serve_then_crash(info, &mut disk, n)
+            }
             _ => crate::serve::serve(info, &mut disk),
         }
     }
@@ -143,7 +179,9 @@ mod driver {
 /// Test modes that make this driver VM hostile, to show what the rest of the system does
 /// about it: `rogue=dma` aims its device's DMA outside its memory; `rogue=garbage` answers
 /// its guests with a corrupt ring; `rogue=silent` never answers at all, as a hung driver;
-/// `rogue=late` answers nothing for a while and then serves normally.
+/// `rogue=late` answers nothing for a while and then serves normally;
+/// `rogue=crash-after=<n>` serves normally until the device has completed `n` requests, then
+/// faults with requests in flight (each incarnation again, if dom0 restarts it).
 #[cfg(target_os = "none")]
 mod rogue {
     use domain_rt::{channels, hypercall, println, BootInfo};
@@ -242,15 +280,28 @@ mod serve {
 
     use alloc::vec::Vec;
 
-    use crate::device::Disk;
-    use domain_rt::hypercall;
+    use crate::device::{Disk, Submit, Tag};
     use domain_rt::shared::Region;
     use domain_rt::{channels, println, BootInfo};
+    use domain_rt::{hypercall, irq};
     use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
     use ipc_spec::ring::RingError;
 
     /// Largest request served at once (64 KiB): one virtio descriptor.
     const MAX_SECTORS: u32 = 128;
+
+    /// Answers pushed before the guest is rung while more of its requests are on the device.
+    const SIGNAL_BATCH: u32 = 16;
+
+    /// A read or write taken off a channel's ring and checked, not yet on the device.
+    #[derive(Clone, Copy)]
+    struct Io {
+        id: u64,
+        write: bool,
+        sector: u64,
+        data_offset: usize,
+        data_len: usize,
+    }
 
     /// One guest's block channel.
     struct Channel<'a> {
@@ -261,6 +312,17 @@ mod serve {
         layout: Option<BlockLayout>,
         /// The guest broke the protocol (corrupt ring): this channel is no longer served.
         broken: bool,
+        /// Requests of this channel on the device: each will need a response slot.
+        outstanding: u32,
+        /// A flush taken off the ring, answered once every earlier request is complete and
+        /// the device has flushed; nothing later is taken off this ring meanwhile.
+        flush: Option<u64>,
+        /// A request the virtqueue had no room for: submitted before anything else.
+        stalled: Option<Io>,
+        /// Responses pushed since the last doorbell to the guest.
+        answered: u32,
+        /// This driver's incarnation on the channel (set at attach), carried by every answer.
+        incarnation: u32,
     }
 
     fn channels(info: &BootInfo) -> Vec<Channel<'static>> {
@@ -270,14 +332,35 @@ mod serve {
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
             // address and size it put on our command line; nothing else in this VM uses it.
             let region = unsafe { a.region() };
-            list.push(Channel { name, region, signal: a.signal, wait: a.wait, layout: None, broken: false });
+            list.push(Channel {
+                name,
+                region,
+                signal: a.signal,
+                wait: a.wait,
+                layout: None,
+                broken: false,
+                outstanding: 0,
+                flush: None,
+                stalled: None,
+                answered: 0,
+                incarnation: 0,
+            });
         }
         list
     }
 
-    /// Serve every block channel: doorbells arrive as one virtual interrupt; each wake-up
-    /// drains every channel's request ring.
+    /// Serve every block channel: doorbells and the device's completion interrupt arrive
+    /// as one virtual interrupt. Each pass answers what the device completed (in the order
+    /// it completed them), takes new requests off every ring while the device and the
+    /// response rings have room, and rings each guest that got answers once.
     pub fn serve(info: &BootInfo, dev: &mut Disk) -> u64 {
+        serve_then_crash(info, dev, u64::MAX)
+    }
+
+    /// [`serve`], but fault (a read far outside this VM's memory: a stage-2 fault dom0
+    /// hears of) once the device has completed `crash_after` requests and more are in
+    /// flight, or a flush waits: the worst moment for the guest.
+    pub fn serve_then_crash(info: &BootInfo, dev: &mut Disk, crash_after: u64) -> u64 {
         let disk = DiskInfo {
             capacity_sectors: dev.blk.capacity(),
             sector_size: 512,
@@ -294,41 +377,139 @@ mod serve {
         if chans.is_empty() {
             println!("no block channel on my command line");
         }
-        let mut seen = domain_rt::irq::count();
+        let mut first_reported = false;
         loop {
-            for c in chans.iter_mut() {
-                // Taking the bits clears the doorbell before the rings are read, so a ring
-                // after this point rings again.
+            // Taking the bits clears the doorbells before the rings are read, so a ring
+            // after this point rings again (and wakes the sleep below). Once per wake-up:
+            // every hypercall is a world switch, dearer than a request under emulation.
+            for c in &chans {
                 let _ = hypercall::poll(c.wait);
-                if !c.broken && serve_channel(c, dev, disk) {
-                    let _ = hypercall::signal(c.signal, 1);
+            }
+            let seen = irq::count();
+            while pass(&mut chans, dev, disk) {
+                if !first_reported && dev.completed > 0 {
+                    // With the crash time below, gives the time a restart costs the guest.
+                    println!("first request completed at {} ns", hypercall::clock_ns());
+                    first_reported = true;
+                }
+                if dev.completed >= crash_after && (dev.in_flight() > 0 || chans.iter().any(|c| c.flush.is_some())) {
+                    println!(
+                        "crashing after {} completed requests, {} in flight, at {} ns (rogue=crash-after)",
+                        dev.completed,
+                        dev.in_flight(),
+                        hypercall::clock_ns()
+                    );
+                    // SAFETY: deliberately reading memory this VM does not have: the
+                    // microvisor stops it with a stage-2 fault and tells dom0.
+                    unsafe { core::ptr::read_volatile(0x1000_0000 as *const u64) };
                 }
             }
-            seen = domain_rt::irq::wait_for_virq(seen);
+            dev.sleep(seen);
         }
     }
 
-    /// Answer what is on the channel's request ring; true if anything was answered.
-    fn serve_channel(c: &mut Channel, dev: &mut Disk, disk: DiskInfo) -> bool {
+    /// One pass over the channels and the device; whether anything moved.
+    fn pass(chans: &mut [Channel], dev: &mut Disk, disk: DiskInfo) -> bool {
+        let mut progress = complete(chans, dev) > 0;
+        // A flush waits for the whole device to drain (virtio-drivers' flush is
+        // synchronous on the one queue): no new request goes on the device meanwhile.
+        if chans.iter().any(|c| c.flush.is_some()) && dev.in_flight() == 0 {
+            for c in chans.iter_mut() {
+                if let Some(id) = c.flush.take() {
+                    let s = status(dev.flush());
+                    answer(c, Response::new(id, s));
+                    progress = true;
+                }
+            }
+        }
+        if !chans.iter().any(|c| c.flush.is_some()) {
+            for (i, c) in chans.iter_mut().enumerate() {
+                if !c.broken {
+                    progress |= take_requests(i, c, dev, disk);
+                }
+            }
+        }
+        progress |= complete(chans, dev) > 0;
+        // Completions are batched: a guest is rung once its channel has nothing left on
+        // the device (its last answer is in), or a quarter of its ring is answered (so it
+        // can refill while the device works on the rest); each wake-up of the guest
+        // costs a world switch, which under emulation costs more than a request.
+        for c in chans.iter_mut().filter(|c| c.answered > 0) {
+            if c.outstanding == 0 || c.answered >= SIGNAL_BATCH {
+                c.answered = 0;
+                let _ = hypercall::signal(c.signal, 1);
+            }
+        }
+        progress
+    }
+
+    /// Answer every request the device completed; how many.
+    fn complete(chans: &mut [Channel], dev: &mut Disk) -> usize {
+        dev.take_completions(|tag: Tag, r| {
+            if let Some(c) = chans.get_mut(tag.chan) {
+                c.outstanding = c.outstanding.saturating_sub(1);
+                answer(c, Response::new(tag.id, status(r)));
+            }
+        })
+    }
+
+    /// Push a response (room was reserved when its request was taken).
+    fn answer(c: &mut Channel, resp: Response) {
+        if c.broken {
+            return;
+        }
+        let Some(layout) = c.layout else { return };
+        let resp = resp.from(c.incarnation);
+        let pushed = layout.driver_rings(&c.region).and_then(|(_, mut responses)| responses.push(&resp.encode()));
+        match pushed {
+            Ok(()) => c.answered += 1,
+            Err(e) => {
+                give_up(c, e);
+            }
+        }
+    }
+
+    /// Take requests off the channel's ring while the device and the response ring have
+    /// room: reads and writes go on the device, the rest is answered at once; a flush stops
+    /// the taking until it is done. Whether anything was taken.
+    fn take_requests(chan: usize, c: &mut Channel, dev: &mut Disk, disk: DiskInfo) -> bool {
         let layout = match c.layout {
             Some(l) => l,
             None => match BlockLayout::read(&c.region) {
                 Ok(l) => {
+                    // Announce this incarnation: requests still on the ring are dropped and
+                    // the client, rung below, sends again everything it has not seen
+                    // answered (this VM may be a restarted one).
+                    match l.driver_attach(&c.region) {
+                        Ok(n) => {
+                            println!("channel {}: attached as incarnation {n}", c.name);
+                            c.incarnation = n;
+                        }
+                        Err(e) => return give_up(c, e),
+                    }
                     c.layout = Some(l);
-                    l
+                    c.answered += 1;
+                    return true;
                 }
                 Err(_) => return false, // not set up by the guest yet
             },
         };
-        let (mut requests, mut responses) = match layout.driver_rings(&c.region) {
-            Ok(r) => r,
-            Err(e) => return give_up(c, e),
-        };
-        let mut answered = false;
-        loop {
+        if let Some(io) = c.stalled.take() {
+            match start(chan, c, dev, io) {
+                Ok(()) => {}
+                Err(()) => return false,
+            }
+        }
+        let mut took = false;
+        while c.flush.is_none() && c.stalled.is_none() && dev.has_room() {
+            let (mut requests, mut responses) = match layout.driver_rings(&c.region) {
+                Ok(r) => r,
+                Err(e) => return give_up(c, e),
+            };
+            // Every request on the device and the one taken now need a response slot.
             match responses.free() {
-                Ok(0) => break, // the guest must drain responses first
-                Ok(_) => {}
+                Ok(free) if free > c.outstanding => {}
+                Ok(_) => break, // the guest must drain responses first
                 Err(e) => return give_up(c, e),
             }
             let slot = match requests.pop() {
@@ -336,34 +517,64 @@ mod serve {
                 Ok(None) => break,
                 Err(e) => return give_up(c, e),
             };
+            took = true;
             let req = Request::decode(&slot);
-            let resp = match validate(&req, &layout, disk) {
-                Ok(Validated::GetInfo) => Response::info(req.id, disk),
-                Ok(Validated::Flush) => Response::new(req.id, status(dev.flush())),
-                Ok(Validated::Read(t)) => {
-                    // SAFETY: `validate` placed the range inside the shared data area; the
-                    // device DMAs into it directly (the IOMMU maps the region for it). The
-                    // guest may scribble on it meanwhile: that only spoils its own data.
-                    let buf = unsafe {
-                        core::slice::from_raw_parts_mut((c.region.base() + t.data_offset()) as *mut u8, t.data_len())
-                    };
-                    Response::new(req.id, status(dev.read(t.sector(), buf)))
+            let io = match validate(&req, &layout, disk) {
+                Ok(Validated::GetInfo) => {
+                    answer(c, Response::info(req.id, disk));
+                    continue;
                 }
-                Ok(Validated::Write(t)) => {
-                    // SAFETY: as for reads; the device reads the buffer by DMA.
-                    let buf = unsafe {
-                        core::slice::from_raw_parts((c.region.base() + t.data_offset()) as *const u8, t.data_len())
-                    };
-                    Response::new(req.id, status(dev.write(t.sector(), buf)))
+                Ok(Validated::Flush) => {
+                    c.flush = Some(req.id);
+                    break;
                 }
-                Err(s) => Response::new(req.id, s),
+                Ok(Validated::Read(t)) => Io {
+                    id: req.id,
+                    write: false,
+                    sector: t.sector(),
+                    data_offset: t.data_offset(),
+                    data_len: t.data_len(),
+                },
+                Ok(Validated::Write(t)) => Io {
+                    id: req.id,
+                    write: true,
+                    sector: t.sector(),
+                    data_offset: t.data_offset(),
+                    data_len: t.data_len(),
+                },
+                Err(s) => {
+                    answer(c, Response::new(req.id, s));
+                    continue;
+                }
             };
-            if let Err(e) = responses.push(&resp.encode()) {
-                return give_up(c, e);
+            if start(chan, c, dev, io).is_err() {
+                break;
             }
-            answered = true;
         }
-        answered
+        took
+    }
+
+    /// Put a checked read or write on the device; `Err` if it had no room (kept as the
+    /// channel's stalled request).
+    fn start(chan: usize, c: &mut Channel, dev: &mut Disk, io: Io) -> Result<(), ()> {
+        let buf = (c.region.base() + io.data_offset) as *mut u8;
+        // SAFETY: `validate` placed the range inside the shared data area, which stays mapped
+        // for this VM's life; the device DMAs straight into (or out of) it through the IOMMU.
+        // The guest may scribble on it meanwhile: that only spoils its own data.
+        match unsafe { dev.submit(Tag { chan, id: io.id }, io.write, io.sector, buf, io.data_len) } {
+            Ok(()) => {
+                c.outstanding += 1;
+                Ok(())
+            }
+            Err(Submit::Full) => {
+                c.stalled = Some(io);
+                Err(())
+            }
+            Err(Submit::Failed(_)) => {
+                answer(c, Response::new(io.id, Status::IoError));
+                Ok(())
+            }
+        }
     }
 
     fn status(r: virtio_drivers::Result) -> Status {

@@ -2,15 +2,20 @@
 //! Data buffers are in the shared region's data area, so the device reads and writes them
 //! directly (no copy in the driver VM).
 //!
-//! The driver VM is not trusted to answer: a request unanswered after
+//! The channel survives its driver ([`ipc_spec::block_client`]): every request stays
+//! outstanding until the current driver incarnation answers it; when dom0 replaces a dead
+//! driver VM, the new one announces a new incarnation and the client sends every
+//! outstanding request again. Only delay shows.
+//!
+//! The driver VM is still not trusted to answer: a request unanswered after
 //! [`REQUEST_TIMEOUT_NS`] fails with [`ClientError::Timeout`], and until the driver answers
-//! it (late), every later request fails at once with [`ClientError::NotAnswering`] instead
-//! of waiting again. A late answer is recognised by its id and dropped; the channel then
-//! works again.
+//! it (late, or a new incarnation does), every later request fails at once with
+//! [`ClientError::NotAnswering`] instead of waiting again.
 
 use domain_rt::hypercall;
 use domain_rt::shared::Region;
-use ipc_spec::block::{BlockLayout, DiskInfo, Op, Request, Response, Status};
+use ipc_spec::block::{DiskInfo, Op, Response, Status};
+use ipc_spec::block_client::{self, Client};
 use ipc_spec::ring::SharedMem;
 
 /// How long a request may go unanswered before the client gives up on it. Generous: under
@@ -21,10 +26,9 @@ const TIMEOUT_BIT: u64 = 1 << 62;
 
 pub struct BlockClient {
     region: Region,
-    layout: BlockLayout,
+    core: Client,
     signal: u64,
     wait: u64,
-    next_id: u64,
     /// The newest request given up on (timed out) while the driver has not answered it:
     /// requests fail at once meanwhile.
     given_up: Option<u64>,
@@ -37,14 +41,12 @@ pub enum ClientError {
     Layout,
     Ring,
     Doorbell(ipc_spec::Error),
-    WrongResponse {
-        expected: u64,
-        got: u64,
-    },
     /// The driver VM did not answer within [`REQUEST_TIMEOUT_NS`].
     Timeout,
     /// An earlier request timed out and is still unanswered: not waiting again.
     NotAnswering,
+    /// More requests outstanding than the ring holds.
+    TooMany,
 }
 
 impl ClientError {
@@ -60,9 +62,18 @@ impl core::fmt::Display for ClientError {
             Self::Layout => f.write_str("the shared region cannot hold the block layout"),
             Self::Ring => f.write_str("the rings are corrupt (the driver broke the protocol)"),
             Self::Doorbell(e) => write!(f, "doorbell: {e}"),
-            Self::WrongResponse { expected, got } => write!(f, "response {got} while waiting for {expected}"),
             Self::Timeout => write!(f, "the driver VM did not answer within {} s", REQUEST_TIMEOUT_NS / 1_000_000_000),
             Self::NotAnswering => f.write_str("the driver VM has not answered an earlier request"),
+            Self::TooMany => f.write_str("too many requests outstanding"),
+        }
+    }
+}
+
+impl From<block_client::ClientError> for ClientError {
+    fn from(e: block_client::ClientError) -> Self {
+        match e {
+            block_client::ClientError::TooMany => ClientError::TooMany,
+            block_client::ClientError::Ring => ClientError::Ring,
         }
     }
 }
@@ -70,44 +81,38 @@ impl core::fmt::Display for ClientError {
 impl BlockClient {
     /// Lay out the region (rings + data area) and start with empty rings.
     pub fn new(region: Region, signal: u64, wait: u64) -> Result<Self, ClientError> {
-        let layout = BlockLayout::standard(region.len()).map_err(|_| ClientError::Layout)?;
-        layout.guest_rings(&region).map_err(|_| ClientError::Ring)?;
-        layout.write(&region).map_err(|_| ClientError::Layout)?;
-        Ok(Self { region, layout, signal, wait, next_id: 1, given_up: None, timeouts: 0 })
+        let core = Client::create(&region).map_err(|_| ClientError::Layout)?;
+        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0 })
     }
 
     /// The data area: where buffers go (offsets relative to the region).
     pub fn data_range(&self) -> core::ops::Range<usize> {
-        self.layout.data_range()
+        self.core.layout().data_range()
+    }
+
+    /// Driver incarnations seen (the first attach counts: restarts survived plus one).
+    pub fn restarts(&self) -> u64 {
+        self.core.restarts
     }
 
     /// Send one request and wait for its response.
     pub fn request(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<Response, ClientError> {
         let id = self.submit(op, sector, count, data_offset as usize)?;
         self.kick()?;
-        let r = self.complete()?;
-        if r.id == id {
-            Ok(r)
-        } else {
-            Err(ClientError::WrongResponse { expected: id, got: r.id })
+        loop {
+            let r = self.complete()?;
+            if r.id == id {
+                return Ok(r);
+            }
+            // An answer to a request nobody waits for any more (submitted by a caller that
+            // gave up on it): dropped.
         }
     }
 
-    /// Queue a request without ringing the doorbell; returns its id.
+    /// Queue a request (rung with [`Self::kick`]); returns its id.
     pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: usize) -> Result<u64, ClientError> {
         self.check_answering()?;
-        let id = self.next_id;
-        let req =
-            Request { id, op, sector, count, data_offset: data_offset as u32, data_len: count.saturating_mul(512) };
-        // Attach to the rings at the indexes in the shared header: this side's indexes
-        // are the authoritative ones for its half.
-        let (mut requests, _) = self.layout.guest_rings_attach(&self.region).map_err(|_| ClientError::Ring)?;
-        requests.push(&req.encode()).map_err(|e| match e {
-            ipc_spec::ring::RingError::Full => ClientError::NotAnswering,
-            _ => ClientError::Ring,
-        })?;
-        self.next_id += 1;
-        Ok(id)
+        Ok(self.core.submit(&self.region, op, sector, count, data_offset as u32)?)
     }
 
     /// Ring the driver's doorbell for everything queued so far.
@@ -116,22 +121,34 @@ impl BlockClient {
     }
 
     /// The next response, waiting for the driver's doorbell if there is none yet, at most
-    /// [`REQUEST_TIMEOUT_NS`]; then every request sent so far is given up on.
+    /// [`REQUEST_TIMEOUT_NS`] without any answer; then every request sent so far is given
+    /// up on. A driver restart meanwhile replays what is outstanding and restarts the clock.
     pub fn complete(&mut self) -> Result<Response, ClientError> {
-        let deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+        let mut deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
         loop {
             if let Some(r) = self.next_response()? {
                 return Ok(r);
             }
             let now = hypercall::clock_ns();
             if now >= deadline {
-                self.given_up = Some(self.next_id - 1);
+                self.given_up = Some(self.core.next_id().saturating_sub(1));
                 self.timeouts += 1;
                 return Err(ClientError::Timeout);
             }
             hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
-            hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+            let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+            if bits & !TIMEOUT_BIT != 0
+                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region)
+            {
+                // A new driver: it starts from scratch on the replayed requests.
+                deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+            }
         }
+    }
+
+    /// The next response if one is there already (no waiting).
+    pub fn try_complete(&mut self) -> Result<Option<Response>, ClientError> {
+        self.next_response()
     }
 
     /// Whether the driver VM is answering (no request given up on is still unanswered).
@@ -140,12 +157,30 @@ impl BlockClient {
     }
 
     /// Take the late answers to requests given up on; `NotAnswering` while one is missing.
+    /// If a new driver incarnation attached since they were given up on, it has them again
+    /// (replayed): it is worth one more wait for its answers.
     fn check_answering(&mut self) -> Result<(), ClientError> {
+        let Some(last) = self.given_up else { return Ok(()) };
+        let before = self.core.incarnation();
         while self.given_up.is_some() {
-            // Late answers are dropped inside; one that is not late answers a request nobody
-            // waits for any more (the driver broke the order): dropped too.
             if self.next_response()?.is_none() {
                 break;
+            }
+        }
+        if self.given_up.is_some() && self.core.incarnation() != before {
+            self.given_up = None;
+            let deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+            while self.core.any_outstanding_up_to(last) {
+                if self.next_response()?.is_some() {
+                    continue;
+                }
+                let now = hypercall::clock_ns();
+                if now >= deadline {
+                    self.given_up = Some(last);
+                    break;
+                }
+                hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
+                hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
             }
         }
         match self.given_up {
@@ -154,20 +189,26 @@ impl BlockClient {
         }
     }
 
-    /// The next response on the ring, if any. Late answers to requests given up on are
-    /// dropped here (the driver answers in order: the last of them clears `given_up`).
+    /// The next response to a request someone waits for, if any: restarts are noticed and
+    /// replayed first (ringing the new driver). Answers to requests given up on are dropped
+    /// here; once none of them is outstanding, `given_up` clears.
     fn next_response(&mut self) -> Result<Option<Response>, ClientError> {
+        let polled = self.core.poll(&self.region)?;
+        if polled.sent > 0 {
+            self.kick()?;
+        }
         loop {
-            let (_, mut responses) = self.layout.guest_rings_attach(&self.region).map_err(|_| ClientError::Ring)?;
-            let slot = match responses.pop() {
-                Ok(Some(slot)) => slot,
-                Ok(None) => return Ok(None),
-                Err(_) => return Err(ClientError::Ring),
+            let Some(r) = self.core.next_response(&self.region)? else {
+                if let Some(last) = self.given_up {
+                    if !self.core.any_outstanding_up_to(last) {
+                        self.given_up = None;
+                    }
+                }
+                return Ok(None);
             };
-            let r = Response::decode(&slot);
             match self.given_up {
                 Some(last) if r.id <= last => {
-                    if r.id == last {
+                    if !self.core.any_outstanding_up_to(last) {
                         self.given_up = None;
                     }
                 }
@@ -178,7 +219,7 @@ impl BlockClient {
 
     /// Requests the rings can hold at once.
     pub fn ring_capacity(&self) -> usize {
-        self.layout.ring_capacity() as usize
+        (self.core.layout().ring_capacity() as usize).min(block_client::MAX_OUTSTANDING)
     }
 
     pub fn info(&mut self) -> Result<DiskInfo, ClientError> {

@@ -134,9 +134,10 @@ mod guest {
         Some((a.name, unsafe { a.region() }, a.signal, a.wait))
     }
 
-    /// The block benchmark through the disk driver VM: requests go on the ring as many at
-    /// a time as the ring and the shared data area hold, with one doorbell per batch; the
-    /// driver VM DMAs straight into the shared region.
+    /// The block benchmark through the disk driver VM: requests stay on the ring as many
+    /// at a time as the ring and the shared data area hold (a sliding window: each answer
+    /// lets the next request go, with one doorbell per refill); the driver VM DMAs straight
+    /// into the shared region.
     fn bench(disk: &mut BlockClient) {
         let Ok(info) = disk.info() else {
             println!("bench blk: the disk did not answer");
@@ -145,31 +146,52 @@ mod guest {
         let data = disk.data_range();
         for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
             let len = w.sectors as usize * 512;
-            let depth = (data.len() / len).min(disk.ring_capacity()).max(1);
+            let depth = (data.len() / len).min(disk.ring_capacity()).clamp(1, 64);
             let op = if w.write { Op::Write } else { Op::Read };
             let t0 = domain_rt::hypercall::clock_ns();
-            // A batch fills the ring (or the data area), rings once, and is collected whole:
-            // the driver VM, at a higher priority, serves all of it before answering.
-            let mut sent = 0u32;
-            while sent < w.count {
-                let batch = (w.count - sent).min(depth as u32);
-                for k in 0..batch {
-                    let buffer = data.start + k as usize * len;
-                    if disk.submit(op, w.sector(sent + k, info.capacity_sectors), w.sectors, buffer).is_err() {
-                        println!("bench blk: {} could not queue request {}", w.name, sent + k);
-                        return;
+            // Buffer k is in use by the request whose id is in_use[k].
+            let mut in_use = [0u64; 64];
+            let (mut sent, mut done) = (0u32, 0u32);
+            while done < w.count {
+                let mut queued = false;
+                for (k, slot) in in_use.iter_mut().enumerate().take(depth) {
+                    if sent == w.count {
+                        break;
                     }
+                    if *slot != 0 {
+                        continue;
+                    }
+                    let buffer = data.start + k * len;
+                    match disk.submit(op, w.sector(sent, info.capacity_sectors), w.sectors, buffer) {
+                        Ok(id) => *slot = id,
+                        Err(e) => {
+                            println!("bench blk: {} could not queue request {sent}: {e}", w.name);
+                            return;
+                        }
+                    }
+                    sent += 1;
+                    queued = true;
                 }
-                if disk.kick().is_err() {
+                if queued && disk.kick().is_err() {
                     return;
                 }
-                for _ in 0..batch {
-                    if !matches!(disk.complete(), Ok(r) if r.status == Status::Ok) {
-                        println!("bench blk: {} request failed", w.name);
-                        return;
+                // Wait for one answer, then take every one already there before refilling,
+                // so the doorbell rings once per batch of answers, not per answer.
+                let mut next = disk.complete().map(Some);
+                while let Ok(Some(r)) = next {
+                    if r.status != Status::Ok {
+                        break;
                     }
+                    if let Some(slot) = in_use.iter_mut().find(|s| **s == r.id) {
+                        *slot = 0;
+                    }
+                    done += 1;
+                    next = disk.try_complete();
                 }
-                sent += batch;
+                if !matches!(next, Ok(None)) {
+                    println!("bench blk: {} request failed", w.name);
+                    return;
+                }
             }
             domain_rt::bench::report("driver", w, domain_rt::hypercall::clock_ns() - t0);
         }

@@ -477,6 +477,9 @@ impl<D: NetDevice> Server<D> {
                 let _ = writeln!(s, "disk: none");
             }
         }
+        if let Some(d) = self.disk.as_ref() {
+            let _ = writeln!(s, "disk driver incarnations seen: {}", d.restarts());
+        }
         let _ = writeln!(s, "http: {} requests, {} refused", self.stats.requests, self.stats.refused);
         if let Some(slot) = self.status {
             let _ = writeln!(s, "\ndomains (from dom0):");

@@ -1,0 +1,383 @@
+//! The client's half of a block channel that survives its server: it keeps every request
+//! it has not seen answered, replays them when a new driver incarnation attaches, and
+//! ignores answers from dead incarnations and duplicates (the rules are in
+//! [`crate::block`], "Restarts"). Portable (no doorbells, no clocks): the domain around it
+//! rings doorbells and decides how long to wait; host tests drive it against a fake driver.
+
+use crate::block::{BlockLayout, Op, Request, Response};
+use crate::ring::{RingError, SharedMem};
+
+/// Requests outstanding at most: the standard ring's capacity.
+pub const MAX_OUTSTANDING: usize = crate::block::STANDARD_RING_CAPACITY as usize;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    req: Request,
+    /// On the request ring for the current incarnation (or for a driver not seen yet).
+    sent: bool,
+}
+
+/// Why the client could not go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// [`MAX_OUTSTANDING`] requests are unanswered already.
+    TooMany,
+    /// A ring is corrupt: the driver broke the protocol.
+    Ring,
+}
+
+impl From<RingError> for ClientError {
+    fn from(_: RingError) -> Self {
+        ClientError::Ring
+    }
+}
+
+/// What a poll found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Polled {
+    /// A new incarnation attached since the last poll (requests were sent again).
+    pub restarted: bool,
+    /// Requests put on the request ring by this poll (replays and ones that did not fit
+    /// before): the driver's doorbell should be rung.
+    pub sent: usize,
+}
+
+/// The client state of one block channel.
+#[derive(Debug)]
+pub struct Client {
+    layout: BlockLayout,
+    /// The incarnation whose answers are accepted (0 until a driver attached).
+    incarnation: u32,
+    /// Outstanding requests, in submission order (ids increase).
+    pending: [Option<Entry>; MAX_OUTSTANDING],
+    next_id: u64,
+    /// Incarnation changes seen.
+    pub restarts: u64,
+    /// Answers dropped: from a dead incarnation, or for requests already answered.
+    pub ignored: u64,
+}
+
+impl Client {
+    /// Lays out `mem` ([`BlockLayout::standard`]), creates empty rings and writes the header
+    /// (the client's setup, before the driver is told about the region).
+    pub fn create<M: SharedMem + ?Sized>(mem: &M) -> Result<Self, ClientError> {
+        let layout = BlockLayout::standard(mem.len()).map_err(|_| ClientError::Ring)?;
+        layout.guest_rings(mem)?;
+        layout.write(mem).map_err(|_| ClientError::Ring)?;
+        Ok(Self { layout, incarnation: 0, pending: [None; MAX_OUTSTANDING], next_id: 1, restarts: 0, ignored: 0 })
+    }
+
+    /// The layout in use.
+    pub fn layout(&self) -> &BlockLayout {
+        &self.layout
+    }
+
+    /// Requests not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.pending.iter().flatten().count()
+    }
+
+    /// Whether request `id` is still unanswered.
+    pub fn is_outstanding(&self, id: u64) -> bool {
+        self.pending.iter().flatten().any(|e| e.req.id == id)
+    }
+
+    /// Whether any request with an id up to `last` is still unanswered.
+    pub fn any_outstanding_up_to(&self, last: u64) -> bool {
+        self.pending.iter().flatten().any(|e| e.req.id <= last)
+    }
+
+    /// The id the next request will get.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// The incarnation whose answers are accepted.
+    pub fn incarnation(&self) -> u32 {
+        self.incarnation
+    }
+
+    /// Queue a request (its buffer must stay untouched until it is answered) and put it on
+    /// the ring if there is room (else a later [`Self::poll`] does). Returns its id.
+    pub fn submit<M: SharedMem + ?Sized>(
+        &mut self,
+        mem: &M,
+        op: Op,
+        sector: u64,
+        count: u32,
+        data_offset: u32,
+    ) -> Result<u64, ClientError> {
+        let free = self.pending.iter_mut().find(|e| e.is_none()).ok_or(ClientError::TooMany)?;
+        let id = self.next_id;
+        let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
+        *free = Some(Entry { req, sent: false });
+        self.next_id += 1;
+        self.send_unsent(mem)?;
+        Ok(id)
+    }
+
+    /// Puts unsent requests on the ring, oldest first, while it has room; how many.
+    fn send_unsent<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<usize, ClientError> {
+        let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+        let mut sent = 0;
+        loop {
+            // Oldest unsent first: replays keep the order the client submitted in.
+            let Some(e) = self.pending.iter_mut().flatten().filter(|e| !e.sent).min_by_key(|e| e.req.id) else {
+                return Ok(sent);
+            };
+            match requests.push(&e.req.encode()) {
+                Ok(()) => {
+                    e.sent = true;
+                    sent += 1;
+                }
+                Err(RingError::Full) => return Ok(sent),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Look at the channel: a new incarnation makes every outstanding request unsent
+    /// (replayed here, as far as the ring has room); unsent requests go on the ring.
+    pub fn poll<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Polled, ClientError> {
+        let now = BlockLayout::incarnation(mem);
+        let restarted = now != self.incarnation;
+        if restarted {
+            self.incarnation = now;
+            self.restarts += 1;
+            for e in self.pending.iter_mut().flatten() {
+                e.sent = false;
+            }
+        }
+        let sent = self.send_unsent(mem)?;
+        Ok(Polled { restarted, sent })
+    }
+
+    /// The next answer to an outstanding request from the current incarnation, if one is
+    /// on the response ring; answers from other incarnations and duplicates are dropped.
+    /// Call [`Self::poll`] first (it notices restarts).
+    pub fn next_response<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Option<Response>, ClientError> {
+        let (_, mut responses) = self.layout.guest_rings_attach(mem)?;
+        loop {
+            let Some(slot) = responses.pop()? else { return Ok(None) };
+            let r = Response::decode(&slot);
+            if r.incarnation != self.incarnation || self.incarnation == 0 {
+                self.ignored += 1;
+                continue;
+            }
+            match self.pending.iter_mut().find(|e| e.is_some_and(|e| e.req.id == r.id && e.sent)) {
+                Some(e) => {
+                    *e = None;
+                    return Ok(Some(r));
+                }
+                None => self.ignored += 1,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use std::collections::HashMap;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::block::{validate, DiskInfo, Status, Validated};
+    use crate::ring::ByteMem;
+
+    const REGION: usize = 64 * 1024;
+    const DISK: DiskInfo =
+        DiskInfo { capacity_sectors: 64, sector_size: 512, max_sectors_per_request: 8, read_only: false };
+
+    /// A driver on the same memory: a disk image, and an incarnation number.
+    struct Driver {
+        disk: Vec<u8>,
+        incarnation: u32,
+    }
+
+    impl Driver {
+        fn attach(mem: &ByteMem, disk: Vec<u8>) -> Self {
+            let layout = BlockLayout::read(mem).unwrap();
+            let incarnation = layout.driver_attach(mem).unwrap();
+            Self { disk, incarnation }
+        }
+
+        /// Take up to `n` requests and execute them; answers are returned, not pushed.
+        fn take(&mut self, mem: &ByteMem, n: usize) -> Vec<Response> {
+            let layout = BlockLayout::read(mem).unwrap();
+            let (mut requests, _) = layout.driver_rings(mem).unwrap();
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let Some(slot) = requests.pop().unwrap() else { break };
+                let req = Request::decode(&slot);
+                let status = match validate(&req, &layout, DISK) {
+                    Ok(Validated::Write(t)) => {
+                        let at = t.sector() as usize * 512;
+                        mem.read_bytes(t.data_offset(), &mut self.disk[at..at + t.data_len()]);
+                        Status::Ok
+                    }
+                    Ok(Validated::Read(t)) => {
+                        let at = t.sector() as usize * 512;
+                        mem.write_bytes(t.data_offset(), &self.disk[at..at + t.data_len()]);
+                        Status::Ok
+                    }
+                    Ok(_) => Status::Ok,
+                    Err(s) => s,
+                };
+                out.push(Response::new(req.id, status).from(self.incarnation));
+            }
+            out
+        }
+
+        fn answer(mem: &ByteMem, answers: &[Response]) {
+            let layout = BlockLayout::read(mem).unwrap();
+            let (_, mut responses) = layout.driver_rings(mem).unwrap();
+            for r in answers {
+                responses.push(&r.encode()).unwrap();
+            }
+        }
+    }
+
+    fn drain(client: &mut Client, mem: &ByteMem) -> Vec<u64> {
+        let mut ids = Vec::new();
+        client.poll(mem).unwrap();
+        while let Some(r) = client.next_response(mem).unwrap() {
+            assert_eq!(r.status, Status::Ok);
+            ids.push(r.id);
+        }
+        ids
+    }
+
+    /// Write `n` distinct sectors (sector i holds byte i+1), return the ids by sector.
+    fn write_all(client: &mut Client, mem: &ByteMem, n: u64) -> HashMap<u64, u64> {
+        let data = client.layout().data_offset();
+        let mut ids = HashMap::new();
+        for i in 0..n {
+            let off = data + i as usize * 512;
+            mem.write_bytes(off, &[i as u8 + 1; 512]);
+            ids.insert(client.submit(mem, Op::Write, i, 1, off as u32).unwrap(), i);
+        }
+        ids
+    }
+
+    #[test]
+    fn lost_answers_are_replayed_to_the_next_incarnation() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d1 = Driver::attach(&mem, vec![0; 64 * 512]);
+        let ids = write_all(&mut client, &mem, 8);
+        // The first driver takes 5, answers 2 and dies; the disk keeps what it wrote.
+        let answers = d1.take(&mem, 5);
+        Driver::answer(&mem, &answers[..2]);
+        let done = drain(&mut client, &mem);
+        assert_eq!(done.len(), 2);
+        assert_eq!(client.outstanding(), 6);
+        // The next one drops what was left on the ring, the client replays all six.
+        let mut d2 = Driver::attach(&mem, d1.disk);
+        assert!(client.poll(&mem).unwrap().restarted);
+        let answers = d2.take(&mem, 64);
+        assert_eq!(answers.len(), 6, "every unanswered request is replayed once");
+        Driver::answer(&mem, &answers);
+        let mut all = done;
+        all.extend(drain(&mut client, &mem));
+        all.sort();
+        let mut want: Vec<u64> = ids.keys().copied().collect();
+        want.sort();
+        assert_eq!(all, want);
+        assert_eq!(client.outstanding(), 0);
+        for s in 0..8usize {
+            assert!(d2.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
+        }
+    }
+
+    #[test]
+    fn answers_from_a_dead_incarnation_are_ignored() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d1 = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 4);
+        let stale = d1.take(&mem, 4);
+        // A new incarnation attaches before the old one's answers are read (they were pushed
+        // by the dead driver, or are late): all are dropped, everything is replayed.
+        let mut d2 = Driver::attach(&mem, d1.disk);
+        Driver::answer(&mem, &stale);
+        assert!(client.poll(&mem).unwrap().restarted);
+        assert_eq!(client.next_response(&mem).unwrap(), None);
+        assert_eq!(client.ignored, 4);
+        assert_eq!(client.outstanding(), 4);
+        let answers = d2.take(&mem, 64);
+        assert_eq!(answers.len(), 4);
+        Driver::answer(&mem, &answers);
+        assert_eq!(drain(&mut client, &mem).len(), 4);
+        assert_eq!(client.outstanding(), 0);
+    }
+
+    #[test]
+    fn duplicated_answers_complete_a_request_once() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 3);
+        let answers = d.take(&mem, 3);
+        let doubled: Vec<Response> = answers.iter().chain(answers.iter()).copied().collect();
+        Driver::answer(&mem, &doubled);
+        assert_eq!(drain(&mut client, &mem).len(), 3);
+        assert_eq!(client.ignored, 3);
+        // An answer to an id never sent is ignored too.
+        Driver::answer(&mem, &[Response::new(999, Status::Ok).from(d.incarnation)]);
+        assert_eq!(drain(&mut client, &mem).len(), 0);
+        assert_eq!(client.ignored, 4);
+    }
+
+    #[test]
+    fn answers_before_any_driver_attached_are_ignored() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        write_all(&mut client, &mem, 1);
+        // A forged answer with incarnation 0 before any driver announced itself.
+        let layout = *client.layout();
+        let (_, mut responses) = layout.driver_rings(&mem).unwrap();
+        responses.push(&Response::new(1, Status::Ok).encode()).unwrap();
+        assert_eq!(drain(&mut client, &mem).len(), 0);
+        assert_eq!(client.outstanding(), 1);
+    }
+
+    #[test]
+    fn replay_survives_a_full_ring_and_many_restarts() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut disk = vec![0; 64 * 512];
+        let n = MAX_OUTSTANDING as u64;
+        // The first writes cover sectors 0..64 (64 requests, the whole ring).
+        let ids = write_all(&mut client, &mem, n.min(64));
+        assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::TooMany));
+        let mut answered = 0;
+        for round in 0..20 {
+            let mut d = Driver::attach(&mem, disk);
+            client.poll(&mem).unwrap();
+            // Each incarnation executes a few, answers some of them and dies.
+            let answers = d.take(&mem, 3 + round % 5);
+            Driver::answer(&mem, &answers[..answers.len() / 2]);
+            answered += drain(&mut client, &mem).len();
+            disk = d.disk;
+        }
+        let mut d = Driver::attach(&mem, disk);
+        while client.outstanding() > 0 {
+            client.poll(&mem).unwrap();
+            let answers = d.take(&mem, 64);
+            Driver::answer(&mem, &answers);
+            answered += drain(&mut client, &mem).len();
+        }
+        assert_eq!(answered, ids.len());
+        assert_eq!(client.restarts, 21);
+        for s in 0..64usize {
+            assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
+        }
+    }
+}
