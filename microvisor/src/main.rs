@@ -25,7 +25,6 @@ mod vmexit;
 
 #[cfg(target_os = "none")]
 mod boot_and_run {
-    use core::fmt;
 
     use ipc_spec::bundle::Bundle;
     use ipc_spec::hypercall::{dom0_slots, rights};
@@ -41,7 +40,7 @@ mod boot_and_run {
 
     use crate::arch::acpi;
     use crate::arch::apic::{self, Clock};
-    use crate::arch::cpu::{self, exit_machine};
+    use crate::arch::cpu::{self, exit_machine, fail};
     use crate::arch::fpu::FpuStates;
     use crate::arch::pcie::Ecam;
     use crate::arch::phys::{alloc_zeroed_frames, phys_slice, FRAMES, PAGE_SIZE};
@@ -74,11 +73,6 @@ mod boot_and_run {
         static __image_end: u8;
     }
 
-    fn fail(code: MachineExit, args: fmt::Arguments) -> ! {
-        println!("FATAL: {}", args);
-        exit_machine(code)
-    }
-
     extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         cpu::arm_stack_canary();
         Serial::init();
@@ -90,10 +84,7 @@ mod boot_and_run {
             ipc_spec::ABI_VERSION
         );
 
-        let boot = match crate::boot::read(boot_info, boot_protocol) {
-            Ok(b) => b,
-            Err(e) => fail(MachineExit::BadBoot, format_args!("boot: {e}")),
-        };
+        let boot = crate::boot::read(boot_info, boot_protocol);
         if !boot.loader.is_empty() {
             println!("boot: {} from {}", boot.protocol, boot.loader);
         }
@@ -208,30 +199,6 @@ mod boot_and_run {
         )
     }
 
-    enum BuildError {
-        Image(ElfError),
-        NoPvhEntry,
-        Kernel(ipc_spec::Error),
-        StartInfo,
-    }
-
-    impl fmt::Display for BuildError {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            match self {
-                Self::Image(e) => write!(f, "image: {e}"),
-                Self::NoPvhEntry => f.write_str("image: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"),
-                Self::Kernel(e) => write!(f, "{e}"),
-                Self::StartInfo => f.write_str("start information does not fit in its page"),
-            }
-        }
-    }
-
-    impl From<ipc_spec::Error> for BuildError {
-        fn from(e: ipc_spec::Error) -> Self {
-            Self::Kernel(e)
-        }
-    }
-
     /// dom0 is built like any domain, and starts with the root capabilities.
     fn build_dom0(
         k: &mut Kernel<Npt>,
@@ -239,10 +206,20 @@ mod boot_and_run {
         image: &[u8],
         cmdline: &str,
         bundle: PhysRange,
-    ) -> Result<(), BuildError> {
-        let elf = ElfImage::parse(image).map_err(BuildError::Image)?;
-        let entry = elf.pvh_entry().ok_or(BuildError::NoPvhEntry)?;
-        elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA).map_err(BuildError::Image)?;
+    ) -> Result<(), ipc_spec::Error> {
+        fn image_error(e: ElfError) -> ! {
+            fail(MachineExit::BadBoot, format_args!("building dom0: image: {e}"))
+        }
+        let elf = ElfImage::parse(image).unwrap_or_else(|e| image_error(e));
+        let Some(entry) = elf.pvh_entry() else {
+            fail(
+                MachineExit::BadBoot,
+                format_args!("building dom0: image: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"),
+            )
+        };
+        if let Err(e) = elf.check_fits(IMAGE_MIN_GPA, DOM0_RAM - IMAGE_MIN_GPA) {
+            image_error(e)
+        }
 
         let d = k.domain_create(m, b"dom0", DOM0_RAM, DOM0_PRIORITY)?;
         // Every other domain must stay reachable from dom0 through domain capabilities.
@@ -262,8 +239,9 @@ mod boot_and_run {
         let memmap = [MemmapEntry::new(0, DOM0_RAM, start_info::MEMMAP_RAM)];
         let modules = [ModuleSpec { paddr: BUNDLE_GPA, size: bundle.len() }];
         let mut page = [0u8; 4096];
-        start_info::build_start_page(&mut page, START_INFO_GPA, args.as_bytes(), &memmap, &modules, 0)
-            .map_err(|_| BuildError::StartInfo)?;
+        start_info::build_start_page(&mut page, START_INFO_GPA, args.as_bytes(), &memmap, &modules, 0).unwrap_or_else(
+            |_| fail(MachineExit::BadBoot, format_args!("building dom0: start information does not fit in its page")),
+        );
         k.write_ram(m, d, START_INFO_GPA, &page)?;
 
         // The root capabilities, at the slots ipc-spec promises.
@@ -367,34 +345,24 @@ mod boot_and_run {
         let mut line: heapless::String<256> = heapless::String::new();
         use core::fmt::Write as _;
         let _ = write!(line, "acpi: {} CPUs (APIC ids {:?})", p.cpus, p.apic_ids.as_slice());
-        match p.ecam {
+        let _ = match p.ecam {
             Some(e) => {
-                let _ = write!(
-                    line,
-                    ", PCI ECAM {:#x} (segment {}, buses {}-{})",
-                    e.base, e.segment, e.bus_start, e.bus_end
-                );
+                write!(line, ", PCI ECAM {:#x} (segment {}, buses {}-{})", e.base, e.segment, e.bus_start, e.bus_end)
             }
-            None => {
-                let _ = write!(line, ", no PCI ECAM (MCFG missing)");
-            }
-        }
-        match (&p.dmar, &p.dmar_error) {
+            None => write!(line, ", no PCI ECAM (MCFG missing)"),
+        };
+        let _ = match (&p.dmar, &p.dmar_error) {
             (Some(d), _) => {
                 let _ = write!(line, ", IOMMU: {} VT-d unit(s)", d.units.len());
                 if let Some(u) = d.units.first() {
                     let _ = write!(line, " at {:#x}", u.register_base);
                 }
                 let ir = if d.interrupt_remapping() { "supported" } else { "not supported" };
-                let _ = write!(line, ", {}-bit DMA, interrupt remapping {ir}", d.host_address_width);
+                write!(line, ", {}-bit DMA, interrupt remapping {ir}", d.host_address_width)
             }
-            (None, Some(e)) => {
-                let _ = write!(line, ", IOMMU: DMAR table unreadable ({e})");
-            }
-            (None, None) => {
-                let _ = write!(line, ", IOMMU: none (no DMAR table; add -device intel-iommu)");
-            }
-        }
+            (None, Some(e)) => write!(line, ", IOMMU: DMAR table unreadable ({e})"),
+            (None, None) => write!(line, ", IOMMU: none (no DMAR table; add -device intel-iommu)"),
+        };
         println!("{}", line);
         if p.local_apic_base != apic::LAPIC_BASE {
             fail(

@@ -143,11 +143,11 @@ mod tests {
 
     #[test]
     fn leaf_encodings() {
-        let e = Npt::leaf(0x1234_5000, Access::RWX, MemType::WriteBack, PageSize::Size4K).unwrap();
+        let e = Npt::leaf(0x1234_5000, Access::all(), MemType::WriteBack, PageSize::Size4K).unwrap();
         assert_eq!(e, 0x1234_5000 | P | RW | US | A | D);
         let e = Npt::leaf(0x20_0000, Access::READ, MemType::Uncached, PageSize::Size2M).unwrap();
         assert_eq!(e, 0x20_0000 | P | US | A | PCD | PWT | PS | NX);
-        let e = Npt::leaf(0x3000, Access::RX, MemType::WriteBack, PageSize::Size4K).unwrap();
+        let e = Npt::leaf(0x3000, Access::READ.union(Access::EXEC), MemType::WriteBack, PageSize::Size4K).unwrap();
         assert_eq!(e, 0x3000 | P | US | A);
         // 4 KiB leaves never set bit 7 (PAT there).
         assert_eq!(e & PS, 0);

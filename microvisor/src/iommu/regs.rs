@@ -20,37 +20,15 @@ pub const GCMD: u64 = 0x18;
 pub const GSTS: u64 = 0x1c;
 /// Root table address (64-bit): see [`crate::iommu::tables::rtaddr`].
 pub const RTADDR: u64 = 0x20;
-/// Context command (64-bit): register-based context-cache invalidation.
-pub const CCMD: u64 = 0x28;
 /// Fault status (32-bit): see [`FaultStatus`].
 pub const FSTS: u64 = 0x34;
-/// Fault event control (32-bit): [`EVENT_IM`], [`EVENT_IP`].
-pub const FECTL: u64 = 0x38;
-/// Fault event interrupt data (32-bit): the MSI data of the fault interrupt.
-pub const FEDATA: u64 = 0x3c;
-/// Fault event interrupt address (32-bit): the MSI address of the fault interrupt.
-pub const FEADDR: u64 = 0x40;
-/// Invalidation queue head (64-bit, RO): index of the next descriptor the unit reads, in bits
-/// 18:4.
-pub const IQH: u64 = 0x80;
 /// Invalidation queue tail (64-bit): index of the next free slot, in bits 18:4; writing it
 /// submits descriptors.
 pub const IQT: u64 = 0x88;
 /// Invalidation queue address (64-bit): see [`crate::iommu::invalidation::iqa`].
 pub const IQA: u64 = 0x90;
-/// Invalidation completion status (32-bit): [`ICS_IWC`].
-pub const ICS: u64 = 0x9c;
-/// Invalidation event control (32-bit): [`EVENT_IM`], [`EVENT_IP`].
-pub const IECTL: u64 = 0xa0;
 /// Interrupt remapping table address (64-bit): see [`crate::iommu::irte::irta`].
 pub const IRTA: u64 = 0xb8;
-
-/// FECTL/IECTL: interrupt mask. Set at reset: no fault interrupt until software clears it.
-pub const EVENT_IM: u32 = 1 << 31;
-/// FECTL/IECTL: interrupt pending (RO), set while an event is held back by the mask.
-pub const EVENT_IP: u32 = 1 << 30;
-/// ICS: invalidation wait descriptor complete (RW1C), for waits with the interrupt flag.
-pub const ICS_IWC: u32 = 1;
 
 bitflags! {
     /// GCMD bits. Writing GCMD is a whole command, not a bit update: use [`gcmd_value`].
@@ -282,16 +260,9 @@ mod tests {
             (GCMD, 0x18),
             (GSTS, 0x1c),
             (RTADDR, 0x20),
-            (CCMD, 0x28),
             (FSTS, 0x34),
-            (FECTL, 0x38),
-            (FEDATA, 0x3c),
-            (FEADDR, 0x40),
-            (IQH, 0x80),
             (IQT, 0x88),
             (IQA, 0x90),
-            (ICS, 0x9c),
-            (IECTL, 0xa0),
             (IRTA, 0xb8),
         ];
         for (got, want) in all {
@@ -378,8 +349,6 @@ mod tests {
         assert_eq!(FaultStatus::PPF.bits(), 2);
         assert_eq!(FaultStatus::IQE.bits(), 0x10);
         assert_eq!(fault_record_index(0x0000_0302), 3);
-        assert_eq!(EVENT_IM, 0x8000_0000);
-        assert_eq!(EVENT_IP, 0x4000_0000);
     }
 
     proptest! {
