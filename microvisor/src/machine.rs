@@ -241,12 +241,6 @@ impl Platform for Machine {
         }
     }
 
-    fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
-        let (f, left) = self.iommu.as_mut()?.take_fault()?;
-        let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write) as u64;
-        Some(((f.source_id, f.fault_info, f.reason.raw() as u64 | write << 8), left as u64))
-    }
-
     fn irq_allocate(&mut self, dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
         let rid = self.function(dev).map(|f| f.bdf.requester_id()).ok_or(Error::InvalidState)?;
         let i = self.vectors.iter().position(Option::is_none).ok_or(Error::OutOfMemory)?;

@@ -78,7 +78,22 @@ pub enum PageSize {
     Size2M,
 }
 
+/// Address bits 51:12 of a table pointer or 4 KiB leaf, in NPT, EPT and VT-d alike.
+pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Address bits 51:21 of a 2 MiB leaf (bit 12 is NPT's large-page PAT bit; VT-d reserves 20:12).
+pub const ADDR_MASK_2M: u64 = 0x000f_ffff_ffe0_0000;
+/// Page size: a large leaf in a level-2 entry (bit 7 in all three formats).
+pub const PS: u64 = 1 << 7;
+
 impl PageSize {
+    /// The address bits of a leaf of this size.
+    pub const fn addr_mask(self) -> u64 {
+        match self {
+            PageSize::Size4K => ADDR_MASK,
+            PageSize::Size2M => ADDR_MASK_2M,
+        }
+    }
+
     /// Size in bytes.
     pub const fn bytes(self) -> u64 {
         match self {
@@ -185,8 +200,22 @@ pub trait Stage2Format {
     /// Whether `access` is expressible, so `map` can refuse before touching anything.
     fn check_access(access: Access) -> Result<(), Stage2Error>;
 
+    /// The bits of a leaf mapping a page of `size` at `hpa`, besides the address and the
+    /// large-page bit: `hpa` fits and is aligned to `size`, `access` passed `check_access`.
+    fn leaf_bits(access: Access, mem_type: MemType) -> u64;
+
     /// A leaf entry mapping a page of `size` at `hpa` (aligned to `size`).
-    fn leaf(hpa: u64, access: Access, mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error>;
+    fn leaf(hpa: u64, access: Access, mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error> {
+        Self::check_access(access)?;
+        if hpa >> Self::HPA_BITS != 0 {
+            return Err(Stage2Error::HpaOutOfRange { hpa });
+        }
+        if hpa & !size.addr_mask() != 0 {
+            return Err(Stage2Error::Misaligned { gpa: 0, hpa, size: size.bytes() });
+        }
+        let ps = if size == PageSize::Size2M { PS } else { 0 };
+        Ok(hpa | ps | Self::leaf_bits(access, mem_type))
+    }
 
     /// A non-leaf entry pointing to the table at `table` (4 KiB aligned).
     fn table(table: u64) -> u64;
@@ -196,13 +225,19 @@ pub trait Stage2Format {
 
     /// For a present entry of a level-2 (or level-3) table: true when it is a large leaf
     /// rather than a pointer to the next table. Never asked about level-1 entries.
-    fn is_large(entry: u64) -> bool;
+    fn is_large(entry: u64) -> bool {
+        entry & PS != 0
+    }
 
     /// Address of the table a present non-leaf entry points to.
-    fn table_address(entry: u64) -> u64;
+    fn table_address(entry: u64) -> u64 {
+        entry & ADDR_MASK
+    }
 
     /// Base host-physical address of a present leaf of the given size.
-    fn leaf_address(entry: u64, size: PageSize) -> u64;
+    fn leaf_address(entry: u64, size: PageSize) -> u64 {
+        entry & size.addr_mask()
+    }
 
     /// Permissions of a present leaf.
     fn access(entry: u64) -> Access;

@@ -36,8 +36,6 @@ pub struct Iommu {
     /// A page whose first dword the wait descriptors write.
     status: u64,
     spaces: [Option<Stage2Map<Vtd>>; MAX_DOMAINS],
-    faults: heapless::Deque<FaultRecord, 16>,
-    pub faults_dropped: u64,
     /// The interrupt remapping table, and which device owns each entry.
     irt: u64,
     irte_owner: [Option<u16>; 256],
@@ -124,8 +122,6 @@ impl Iommu {
             tail: 0,
             status,
             spaces: [const { None }; MAX_DOMAINS],
-            faults: heapless::Deque::new(),
-            faults_dropped: 0,
             irt,
             irte_owner: [None; 256],
         };
@@ -262,7 +258,7 @@ impl Iommu {
         }
     }
 
-    /// Move a pending fault record into the log; returns it for reporting.
+    /// Take a pending fault record (cleared in the unit) for reporting.
     pub fn poll_fault(&mut self) -> Option<FaultRecord> {
         let fsts = FaultStatus::from_bits_truncate(self.read32(regs::FSTS));
         if !fsts.contains(FaultStatus::PPF) {
@@ -273,15 +269,6 @@ impl Iommu {
         let record = Entry128::new(self.read64(reg), self.read64(reg + 8));
         self.write64(reg + 8, CLEAR_HIGH);
         self.write32(regs::FSTS, FaultStatus::PFO.bits());
-        let decoded = FaultRecord::decode(record)?;
-        if self.faults.push_back(decoded).is_err() {
-            self.faults_dropped += 1;
-        }
-        Some(decoded)
-    }
-
-    pub fn take_fault(&mut self) -> Option<(FaultRecord, usize)> {
-        let f = self.faults.pop_front()?;
-        Some((f, self.faults.len()))
+        FaultRecord::decode(record)
     }
 }

@@ -129,54 +129,47 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     /// One line of a domain's console output.
     fn console_line(&mut self, domain: &str, line: &[u8]);
     /// Free 4 KiB frames in the pool (for `MachineStatus`, which makes leaks measurable).
-    fn free_frame_count(&self) -> u64 {
-        0
-    }
+    fn free_frame_count(&self) -> u64;
     /// A domain got its name (at creation): lets fault reports name it.
     fn domain_named(&mut self, domain: DomainId, name: &str);
 
-    // Device passthrough. The defaults describe a machine without an IOMMU or devices.
+    // Device passthrough.
 
     /// Memory BARs of a device: (physical address, size) pairs, page aligned.
-    fn device_bars(&self, _dev: DeviceId) -> heapless::Vec<(u64, u64), 6> {
-        heapless::Vec::new()
-    }
+    fn device_bars(&self, dev: DeviceId) -> heapless::Vec<(u64, u64), 6>;
     /// Point the device's DMA at domain `d`'s IOMMU space, built (if new) from its RAM
     /// (2 MiB chunks from guest-physical 0) and its region mappings (gpa, hpa, size).
     fn device_assign(
         &mut self,
-        _dev: DeviceId,
-        _d: DomainId,
-        _ram: &[u64],
-        _regions: &[(u64, u64, u64)],
-    ) -> Result<(), Error> {
-        Err(Error::InvalidState)
-    }
+        dev: DeviceId,
+        d: DomainId,
+        ram: &[u64],
+        regions: &[(u64, u64, u64)],
+    ) -> Result<(), Error>;
     /// Quiesce the device (bus mastering off, reset) and block its DMA.
-    fn device_release(&mut self, _dev: DeviceId) {}
+    fn device_release(&mut self, dev: DeviceId);
     /// A region was mapped into / unmapped from domain `d`: mirror it in its IOMMU space.
-    fn dma_map(&mut self, _d: DomainId, _gpa: u64, _hpa: u64, _size: u64) {}
-    fn dma_unmap(&mut self, _d: DomainId, _gpa: u64, _size: u64) {}
+    fn dma_map(&mut self, d: DomainId, gpa: u64, hpa: u64, size: u64);
+    fn dma_unmap(&mut self, d: DomainId, gpa: u64, size: u64);
     /// Domain `d` is gone: free its IOMMU space.
-    fn dma_space_destroy(&mut self, _d: DomainId) {}
+    fn dma_space_destroy(&mut self, d: DomainId);
     /// Filtered configuration-space access to a device (the kernel checked ownership).
-    fn pci_config_read(&mut self, _dev: DeviceId, _offset: u64, _size: u64) -> Result<u32, Error> {
-        Err(Error::InvalidState)
-    }
-    fn pci_config_write(&mut self, _dev: DeviceId, _offset: u64, _size: u64, _value: u32) -> Result<(), Error> {
-        Err(Error::InvalidState)
-    }
-    /// The oldest IOMMU fault record: (requester id, address, info), and how many remain.
-    fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
-        None
-    }
+    fn pci_config_read(&mut self, dev: DeviceId, offset: u64, size: u64) -> Result<u32, Error>;
+    fn pci_config_write(&mut self, dev: DeviceId, offset: u64, size: u64, value: u32) -> Result<(), Error>;
     /// A host vector and an interrupt-remapping entry for the device: (vector, MSI
     /// address, MSI data, handle).
-    fn irq_allocate(&mut self, _dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
-        Err(Error::InvalidState)
-    }
+    fn irq_allocate(&mut self, dev: DeviceId) -> Result<(u8, u64, u64, u16), Error>;
     /// Give back every vector and remapping entry of the device.
-    fn irq_release(&mut self, _dev: DeviceId) {}
+    fn irq_release(&mut self, dev: DeviceId);
+}
+
+/// The hypercall error for a failed stage-2 change.
+pub(crate) fn stage2_error(e: crate::stage2::Stage2Error) -> Error {
+    match e {
+        crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
+        crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
+        _ => Error::InvalidArgument,
+    }
 }
 
 /// Where a device interrupt (by host vector) goes.
@@ -1074,11 +1067,7 @@ impl<F: Stage2Format> Kernel<F> {
             return Err(Error::OutOfMemory);
         }
         let stage2 = dom.stage2.as_mut().ok_or(Error::InvalidState)?;
-        stage2.map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack).map_err(|e| match e {
-            crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
-            crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
-            _ => Error::InvalidArgument,
-        })?;
+        stage2.map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack).map_err(stage2_error)?;
         let _ = dom.mappings.push(Mapping { region, gpa });
         self.regions[region as usize].refs += 1;
         p.dma_map(d, gpa, hpa, frames * PAGE);
@@ -1178,11 +1167,7 @@ impl<F: Stage2Format> Kernel<F> {
                     let _ = stage2.unmap(p, a, s);
                 }
                 p.device_release(dev);
-                return Err(match e {
-                    crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
-                    crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
-                    _ => Error::InvalidArgument,
-                });
+                return Err(stage2_error(e));
             }
             let _ = mapped.push((addr, size));
         }
@@ -1230,7 +1215,8 @@ impl<F: Stage2Format> Kernel<F> {
         }
     }
 
-    /// Earliest pending virtual timer deadline, for the idle loop.
+    /// Earliest pending virtual timer deadline (the tests check timers with it).
+    #[cfg(test)]
     pub fn next_deadline(&self) -> Option<u64> {
         self.notifications.iter().filter_map(|n| n.timer.map(|(t, _)| t)).min()
     }

@@ -192,6 +192,28 @@ impl Platform for Sim {
     fn free_frame_count(&self) -> u64 {
         self.frames.free_frames()
     }
+
+    // A machine without an IOMMU or devices.
+    fn device_bars(&self, _dev: DeviceId) -> heapless::Vec<(u64, u64), 6> {
+        heapless::Vec::new()
+    }
+    fn device_assign(&mut self, _: DeviceId, _: DomainId, _: &[u64], _: &[(u64, u64, u64)]) -> Result<(), Error> {
+        Err(Error::InvalidState)
+    }
+    fn device_release(&mut self, _dev: DeviceId) {}
+    fn dma_map(&mut self, _d: DomainId, _gpa: u64, _hpa: u64, _size: u64) {}
+    fn dma_unmap(&mut self, _d: DomainId, _gpa: u64, _size: u64) {}
+    fn dma_space_destroy(&mut self, _d: DomainId) {}
+    fn pci_config_read(&mut self, _dev: DeviceId, _offset: u64, _size: u64) -> Result<u32, Error> {
+        Err(Error::InvalidState)
+    }
+    fn pci_config_write(&mut self, _dev: DeviceId, _offset: u64, _size: u64, _value: u32) -> Result<(), Error> {
+        Err(Error::InvalidState)
+    }
+    fn irq_allocate(&mut self, _dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
+        Err(Error::InvalidState)
+    }
+    fn irq_release(&mut self, _dev: DeviceId) {}
 }
 
 // ---- driving the kernel -----------------------------------------------------------------
