@@ -72,18 +72,10 @@ impl Stage2Format for Npt {
         entry & P != 0
     }
 
+    /// P and RW are the bit positions of READ and WRITE.
     fn access(entry: u64) -> Access {
-        let mut access = Access::empty();
-        if entry & P != 0 {
-            access |= Access::READ;
-        }
-        if entry & RW != 0 {
-            access |= Access::WRITE;
-        }
-        if entry & NX == 0 {
-            access |= Access::EXEC;
-        }
-        access
+        let exec = if entry & NX == 0 { Access::EXEC } else { Access::empty() };
+        Access::from_bits_truncate((entry & (P | RW)) as u8) | exec
     }
 
     /// Anything with caching disabled (PCD) counts as uncached; only PWT=PCD=0 is write-back.

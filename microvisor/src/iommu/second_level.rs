@@ -58,15 +58,9 @@ impl Stage2Format for Vtd {
     }
 
     /// `mem_type` is not encoded: legacy-mode second-level entries have no memory type.
+    /// R and W are the bit positions of READ and WRITE.
     fn leaf_bits(access: Access, _mem_type: MemType) -> u64 {
-        let mut entry = 0;
-        if access.contains(Access::READ) {
-            entry |= R;
-        }
-        if access.contains(Access::WRITE) {
-            entry |= W;
-        }
-        entry
+        u64::from(access.bits()) & (R | W)
     }
 
     /// Table pointers grant R and W; the leaves restrict.
@@ -79,14 +73,7 @@ impl Stage2Format for Vtd {
     }
 
     fn access(entry: u64) -> Access {
-        let mut access = Access::empty();
-        if entry & R != 0 {
-            access |= Access::READ;
-        }
-        if entry & W != 0 {
-            access |= Access::WRITE;
-        }
-        access
+        Access::from_bits_truncate((entry & (R | W)) as u8)
     }
 
     /// Always write-back: the entries carry no memory type.

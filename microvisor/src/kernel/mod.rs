@@ -1104,16 +1104,13 @@ impl<F: Stage2Format> Kernel<F> {
     /// Console output of domain `d`, assembled into lines for the platform.
     pub fn console_write<P: Platform>(&mut self, p: &mut P, d: DomainId, bytes: &[u8]) {
         let dom = &mut self.domains[d as usize];
-        let name_len = dom.name_len;
-        let name = dom.name;
-        let name = core::str::from_utf8(&name[..name_len]).unwrap_or("?");
+        let name = core::str::from_utf8(&dom.name[..dom.name_len]).unwrap_or("?");
         dom.console.push(bytes, |line| p.console_line(name, line));
     }
 
     pub fn console_flush<P: Platform>(&mut self, p: &mut P, d: DomainId) {
         let dom = &mut self.domains[d as usize];
-        let name = dom.name;
-        let name = core::str::from_utf8(&name[..dom.name_len]).unwrap_or("?");
+        let name = core::str::from_utf8(&dom.name[..dom.name_len]).unwrap_or("?");
         dom.console.flush(|line| p.console_line(name, line));
     }
 

@@ -168,7 +168,7 @@ impl Svm {
         v.write_u64(save::DR6, 0xffff_0ff0);
         v.write_u64(save::DR7, 0x400);
         v.write_u64(save::G_PAT, DEFAULT_PAT);
-        v.set_rip(boot.entry);
+        v.write_u64(save::RIP, boot.entry);
     }
 }
 
@@ -212,8 +212,8 @@ impl VcpuHardware for Svm {
     fn run(&mut self, v: VcpuId, regs: &mut Regs) -> Exit {
         let pa = self.vmcbs[v as usize];
         let vmcb = self.vmcb(v);
-        vmcb.set_rax(regs.rax);
-        vmcb.set_rip(regs.rip);
+        vmcb.write_u64(save::RAX, regs.rax);
+        vmcb.write_u64(save::RIP, regs.rip);
         // SAFETY: pa is the physical address of the VMCB page of vCPU v, set up by `create`
         // with the standard intercepts (VMRUN intercepted, a non-zero ASID, valid guest
         // state); `regs` is that vCPU's register file; host_save_pa was initialised with
@@ -221,15 +221,21 @@ impl VcpuHardware for Svm {
         unsafe { world_switch(pa, regs, self.host_save_pa) };
         let vmcb = self.vmcb(v);
         vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
-        regs.rax = vmcb.rax();
-        regs.rip = vmcb.rip();
-        let code = vmcb.exit_code();
+        regs.rax = vmcb.read_u64(save::RAX);
+        regs.rip = vmcb.read_u64(save::RIP);
+        let code = vmcb.read_u64(control::EXIT_CODE);
         // The hypercall, first and alone: it is what the IPC fast path runs on. (VMMCALL
         // takes no prefixes that change what it does; its three bytes are what we skip.)
         if code == exit::VMMCALL {
             return Exit::Hypercall { len: 3 };
         }
-        exit::decode(code, vmcb.exit_info1(), vmcb.exit_info2(), regs.rip, vmcb.read_u64(NEXT_RIP))
+        exit::decode(
+            code,
+            vmcb.read_u64(control::EXIT_INFO1),
+            vmcb.read_u64(control::EXIT_INFO2),
+            regs.rip,
+            vmcb.read_u64(NEXT_RIP),
+        )
     }
 
     #[inline(always)]

@@ -134,17 +134,13 @@ impl Vmcb {
     }
 
     pub fn read_u64(&self, offset: usize) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.bytes[offset..offset + 8]);
-        u64::from_le_bytes(b)
+        u64::from_le_bytes(self.bytes[offset..offset + 8].try_into().unwrap_or_default())
     }
     pub fn write_u64(&mut self, offset: usize, value: u64) {
         self.bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
     }
     pub fn read_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.bytes[offset..offset + 4]);
-        u32::from_le_bytes(b)
+        u32::from_le_bytes(self.bytes[offset..offset + 4].try_into().unwrap_or_default())
     }
     pub fn write_u32(&mut self, offset: usize, value: u32) {
         self.bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
@@ -170,28 +166,6 @@ impl Vmcb {
             limit: self.read_u32(offset + 4),
             base: self.read_u64(offset + 8),
         }
-    }
-
-    pub fn rip(&self) -> u64 {
-        self.read_u64(save::RIP)
-    }
-    pub fn set_rip(&mut self, rip: u64) {
-        self.write_u64(save::RIP, rip);
-    }
-    pub fn rax(&self) -> u64 {
-        self.read_u64(save::RAX)
-    }
-    pub fn set_rax(&mut self, rax: u64) {
-        self.write_u64(save::RAX, rax);
-    }
-    pub fn exit_code(&self) -> u64 {
-        self.read_u64(control::EXIT_CODE)
-    }
-    pub fn exit_info1(&self) -> u64 {
-        self.read_u64(control::EXIT_INFO1)
-    }
-    pub fn exit_info2(&self) -> u64 {
-        self.read_u64(control::EXIT_INFO2)
     }
 }
 
