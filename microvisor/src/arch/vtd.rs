@@ -9,7 +9,7 @@
 
 use microvisor::iommu::faults::{FaultRecord, CLEAR_HIGH};
 use microvisor::iommu::invalidation as inv;
-use microvisor::iommu::regs::{self, Capability, ExtCapability, FaultStatus, GlobalCommand, GlobalStatus};
+use microvisor::iommu::regs::{self, FaultStatus, GlobalCommand, GlobalStatus, VtdCap, VtdExtCap};
 use microvisor::iommu::second_level::{three_level_root, Vtd};
 use microvisor::iommu::tables::{self, AddressWidth};
 use microvisor::iommu::{clear_entry128, irte, write_entry128, Entry128};
@@ -27,7 +27,7 @@ const SPIN_LIMIT: u32 = 50_000_000;
 
 pub struct Iommu {
     base: u64,
-    cap: Capability,
+    cap: VtdCap,
     root: u64,
     /// Context table of each bus (0 = none yet).
     contexts: [u64; 256],
@@ -115,7 +115,7 @@ impl Iommu {
         };
         let mut u = Self {
             base,
-            cap: Capability(0),
+            cap: VtdCap(0),
             root,
             contexts: [0; 256],
             queue,
@@ -125,8 +125,8 @@ impl Iommu {
             irt,
             irte_owner: [None; 256],
         };
-        u.cap = Capability(u.read64(regs::CAP));
-        let ecap = ExtCapability(u.read64(regs::ECAP));
+        u.cap = VtdCap(u.read64(regs::CAP));
+        let ecap = VtdExtCap(u.read64(regs::ECAP));
         if !u.cap.supports_levels(3) {
             return Err("the IOMMU cannot walk 3-level (39-bit) tables");
         }

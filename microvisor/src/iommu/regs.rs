@@ -5,14 +5,14 @@
 //! accesses (or two 32-bit halves, low first); QEMU rejects 1- and 2-byte accesses.
 //!
 //! Two register blocks have no fixed offset: the IOTLB registers are at `ECAP.IRO * 16`
-//! ([`ExtCapability::iotlb_reg`]) and the fault recording registers at `CAP.FRO * 16`
-//! ([`Capability::fault_record`]); on QEMU 7.2 they are at 0xF0 and 0x220.
+//! ([`VtdExtCap::iotlb_reg`]) and the fault recording registers at `CAP.FRO * 16`
+//! ([`VtdCap::fault_record`]); on QEMU 7.2 they are at 0xF0 and 0x220.
 
 use bitflags::bitflags;
 
-/// Capability (64-bit, RO): see [`Capability`].
+/// VtdCap (64-bit, RO): see [`VtdCap`].
 pub const CAP: u64 = 0x08;
-/// Extended capability (64-bit, RO): see [`ExtCapability`].
+/// Extended capability (64-bit, RO): see [`VtdExtCap`].
 pub const ECAP: u64 = 0x10;
 /// Global command (32-bit, WO): see [`GlobalCommand`] and [`gcmd_value`].
 pub const GCMD: u64 = 0x18;
@@ -151,9 +151,9 @@ const fn field(value: u64, shift: u32, width: u32) -> u64 {
 /// (39-bit) second-level tables only, MGAW 39, one fault recording register at 0x220,
 /// page-selective invalidation with MAMV 18, 2 MiB and 1 GiB pages, read and write draining.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capability(pub u64);
+pub struct VtdCap(pub u64);
 
-impl Capability {
+impl VtdCap {
     /// ND (bits 2:0): domain id width is `4 + 2 * ND` bits. 7 is reserved and read as 16 bits.
     pub const fn domain_id_bits(self) -> u32 {
         let nd = field(self.0, 0, 3) as u32;
@@ -218,9 +218,9 @@ impl Capability {
 /// interrupt remapping (xAPIC only: no EIM under TCG), pass-through, IOTLB registers at 0xF0,
 /// MHMV 15; no page-walk coherency, no snoop control, no device TLBs, no scalable mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExtCapability(pub u64);
+pub struct VtdExtCap(pub u64);
 
-impl ExtCapability {
+impl VtdExtCap {
     /// QI (bit 1): queued invalidation.
     pub const fn queued_invalidation(self) -> bool {
         field(self.0, 1, 1) != 0
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn qemu_cap_decodes() {
-        let cap = Capability(QEMU_CAP);
+        let cap = VtdCap(QEMU_CAP);
         assert_eq!(cap.domain_id_bits(), 16);
         assert_eq!(cap.domains(), 65536);
         assert!(!cap.caching_mode());
@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn qemu_ecap_decodes() {
-        let ecap = ExtCapability(QEMU_ECAP);
+        let ecap = VtdExtCap(QEMU_ECAP);
         assert!(ecap.queued_invalidation());
         assert!(ecap.interrupt_remapping());
         assert_eq!(ecap.iotlb_offset(), 0xf0);
@@ -296,8 +296,8 @@ mod tests {
 
     #[test]
     fn nd_seven_reads_as_sixteen_bits() {
-        assert_eq!(Capability(7).domain_id_bits(), 16);
-        assert_eq!(Capability(0).domains(), 16);
+        assert_eq!(VtdCap(7).domain_id_bits(), 16);
+        assert_eq!(VtdCap(0).domains(), 16);
     }
 
     #[test]
@@ -372,7 +372,7 @@ mod tests {
 
         #[test]
         fn prop_fault_record_offsets(cap: u64, index in 0u32..300) {
-            let c = Capability(cap);
+            let c = VtdCap(cap);
             match c.fault_record(index) {
                 Some(off) => {
                     prop_assert!(index < c.fault_recording_count());

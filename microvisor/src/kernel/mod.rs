@@ -19,7 +19,7 @@ use ipc_spec::hypercall::{rights, DOMAIN_NAME_MAX};
 use ipc_spec::Error;
 
 use crate::console::LineBuffer;
-use crate::guest_memory::{PhysRead, PhysWrite};
+use crate::phys_mem::{PhysRead, PhysWrite};
 use crate::stage2::{Access, MemType, Stage2Format, Stage2Map, TableMemory};
 use caps::{CapTable, Capability, Object};
 use sched::{Queue, RunQueue};
@@ -149,18 +149,37 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     /// Quiesce the device (bus mastering off, reset) and block its DMA.
     fn device_release(&mut self, dev: DeviceId);
     /// A region was mapped into / unmapped from domain `d`: mirror it in its IOMMU space.
-    fn dma_map(&mut self, d: DomainId, gpa: u64, hpa: u64, size: u64);
-    fn dma_unmap(&mut self, d: DomainId, gpa: u64, size: u64);
+    fn dma_map(&mut self, d: DomainId, gpa: Gpa, hpa: Hpa, size: u64);
+    fn dma_unmap(&mut self, d: DomainId, gpa: Gpa, size: u64);
     /// Domain `d` is gone: free its IOMMU space.
     fn dma_space_destroy(&mut self, d: DomainId);
     /// Filtered configuration-space access to a device (the kernel checked ownership).
     fn pci_config_read(&mut self, dev: DeviceId, offset: u64, size: u64) -> Result<u32, Error>;
     fn pci_config_write(&mut self, dev: DeviceId, offset: u64, size: u64, value: u32) -> Result<(), Error>;
-    /// A host vector and an interrupt-remapping entry for the device: (vector, MSI
-    /// address, MSI data, handle).
-    fn irq_allocate(&mut self, dev: DeviceId) -> Result<(u8, u64, u64, u16), Error>;
+    /// A host vector and an interrupt-remapping entry for the device.
+    fn irq_allocate(&mut self, dev: DeviceId) -> Result<IrqAllocation, Error>;
     /// Give back every vector and remapping entry of the device.
     fn irq_release(&mut self, dev: DeviceId);
+}
+
+/// A guest-physical address (where a domain sees memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gpa(pub u64);
+
+/// A host-physical address (where the memory really is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hpa(pub u64);
+
+/// What [`Platform::irq_allocate`] hands out for a device interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqAllocation {
+    /// The host vector it arrives on.
+    pub vector: u8,
+    /// The remappable-format MSI address and data the driver programs into the device.
+    pub msi_address: u64,
+    pub msi_data: u64,
+    /// The interrupt-remapping entry's index.
+    pub handle: u16,
 }
 
 /// The hypercall error for a failed stage-2 change.
@@ -1070,7 +1089,7 @@ impl<F: Stage2Format> Kernel<F> {
         stage2.map(p, gpa, hpa, frames * PAGE, a, MemType::WriteBack).map_err(stage2_error)?;
         let _ = dom.mappings.push(Mapping { region, gpa });
         self.regions[region as usize].refs += 1;
-        p.dma_map(d, gpa, hpa, frames * PAGE);
+        p.dma_map(d, Gpa(gpa), Hpa(hpa), frames * PAGE);
         Ok(())
     }
 
@@ -1084,7 +1103,7 @@ impl<F: Stage2Format> Kernel<F> {
         }
         p.stage2_changed(d);
         // The device must lose access before the frames can go back to the pool.
-        p.dma_unmap(d, m.gpa, frames * PAGE);
+        p.dma_unmap(d, Gpa(m.gpa), frames * PAGE);
         self.release(p, Object::Region(region));
         Ok(())
     }
@@ -1179,7 +1198,7 @@ impl<F: Stage2Format> Kernel<F> {
         dev: DeviceId,
         n: NotificationId,
     ) -> Result<(u64, u64, u16), Error> {
-        let (vector, address, data, handle) = p.irq_allocate(dev)?;
+        let IrqAllocation { vector, msi_address: address, msi_data: data, handle } = p.irq_allocate(dev)?;
         let Some(route) = vector.checked_sub(DEVICE_VECTOR_BASE).and_then(|i| self.irq_routes.get_mut(i as usize))
         else {
             p.irq_release(dev);

@@ -19,8 +19,8 @@ use proptest::prelude::*;
 use super::caps::{Capability, Object};
 use super::*;
 use crate::frame_alloc::{FrameAllocator, PhysRange};
-use crate::guest_memory::{PhysRead, PhysWrite};
 use crate::npt::Npt;
+use crate::phys_mem::{PhysRead, PhysWrite};
 use crate::stage2::TableMemory;
 
 type K = Kernel<Npt>;
@@ -201,8 +201,8 @@ impl Platform for Sim {
         Err(Error::InvalidState)
     }
     fn device_release(&mut self, _dev: DeviceId) {}
-    fn dma_map(&mut self, _d: DomainId, _gpa: u64, _hpa: u64, _size: u64) {}
-    fn dma_unmap(&mut self, _d: DomainId, _gpa: u64, _size: u64) {}
+    fn dma_map(&mut self, _d: DomainId, _gpa: Gpa, _hpa: Hpa, _size: u64) {}
+    fn dma_unmap(&mut self, _d: DomainId, _gpa: Gpa, _size: u64) {}
     fn dma_space_destroy(&mut self, _d: DomainId) {}
     fn pci_config_read(&mut self, _dev: DeviceId, _offset: u64, _size: u64) -> Result<u32, Error> {
         Err(Error::InvalidState)
@@ -210,7 +210,7 @@ impl Platform for Sim {
     fn pci_config_write(&mut self, _dev: DeviceId, _offset: u64, _size: u64, _value: u32) -> Result<(), Error> {
         Err(Error::InvalidState)
     }
-    fn irq_allocate(&mut self, _dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
+    fn irq_allocate(&mut self, _dev: DeviceId) -> Result<IrqAllocation, Error> {
         Err(Error::InvalidState)
     }
     fn irq_release(&mut self, _dev: DeviceId) {}
