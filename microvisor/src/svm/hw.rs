@@ -107,36 +107,8 @@ impl Svm {
     /// devices, or the SVM machinery itself exits to the microvisor.
     fn set_standard_intercepts(&self, vmcb: &mut Vmcb, vm: bool) {
         vmcb.write_u32(control::INTERCEPT_EXCEPTIONS, (1 << 8) | (1 << 18)); // #DF, #MC
-        vmcb.write_u32(
-            control::INTERCEPT_MISC1,
-            misc1::INTR
-                | misc1::NMI
-                | misc1::SMI
-                | misc1::INIT
-                | misc1::CPUID
-                | misc1::INVD
-                | misc1::HLT
-                | misc1::INVLPGA
-                | misc1::IOIO_PROT
-                | misc1::MSR_PROT
-                | misc1::TASK_SWITCH
-                | misc1::SHUTDOWN,
-        );
-        vmcb.write_u32(
-            control::INTERCEPT_MISC2,
-            misc2::VMRUN
-                | misc2::VMMCALL
-                | misc2::VMLOAD
-                | misc2::VMSAVE
-                | misc2::STGI
-                | misc2::CLGI
-                | misc2::SKINIT
-                | misc2::ICEBP
-                | misc2::MONITOR
-                | misc2::MWAIT
-                | misc2::MWAIT_ARMED
-                | misc2::XSETBV,
-        );
+        vmcb.write_u32(control::INTERCEPT_MISC1, misc1::INTERCEPTED);
+        vmcb.write_u32(control::INTERCEPT_MISC2, misc2::INTERCEPTED);
         vmcb.write_u64(control::IOPM_BASE_PA, self.iopm_pa);
         vmcb.write_u64(control::MSRPM_BASE_PA, if vm { self.msrpm_vm_pa } else { self.msrpm_pa });
         // Virtual interrupt masking: the guest's RFLAGS.IF masks only virtual interrupts;

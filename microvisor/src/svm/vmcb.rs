@@ -63,6 +63,9 @@ pub mod misc1 {
     pub const MSR_PROT: u32 = 1 << 28;
     pub const TASK_SWITCH: u32 = 1 << 29;
     pub const SHUTDOWN: u32 = 1 << 31;
+    /// What every vCPU intercepts.
+    pub const INTERCEPTED: u32 =
+        INTR | NMI | SMI | INIT | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
 }
 
 /// Bits of the second miscellaneous intercept word (offset 0x010).
@@ -79,6 +82,9 @@ pub mod misc2 {
     pub const MWAIT: u32 = 1 << 11;
     pub const MWAIT_ARMED: u32 = 1 << 12;
     pub const XSETBV: u32 = 1 << 13;
+    /// What every vCPU intercepts.
+    pub const INTERCEPTED: u32 =
+        VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | ICEBP | MONITOR | MWAIT | MWAIT_ARMED | XSETBV;
 }
 
 /// EFER bits the microvisor cares about.
