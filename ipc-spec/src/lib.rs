@@ -8,6 +8,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(any(test, feature = "channels"))]
 pub mod block;
 pub mod bundle;
 pub mod error;
@@ -16,8 +17,11 @@ pub mod hypercall;
 pub mod machine_exit;
 #[cfg(feature = "alloc")]
 pub mod manifest;
+#[cfg(any(test, feature = "channels"))]
 pub mod net;
+#[cfg(any(test, feature = "channels"))]
 pub mod ring;
+#[cfg(any(test, feature = "channels"))]
 pub mod status;
 
 pub use error::Error;
