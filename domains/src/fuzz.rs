@@ -218,7 +218,6 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::DeviceAssign, 1),
     (Hypercall::PciConfigRead, 1),
     (Hypercall::PciConfigWrite, 1),
-    (Hypercall::IommuFault, 1),
     (Hypercall::DeviceIrq, 1),
     (Hypercall::DomainStatus, 2),
     (Hypercall::MachineStatus, 1),
@@ -336,7 +335,6 @@ impl Fuzzer {
             "DeviceAssign",
             "PciConfigRead",
             "PciConfigWrite",
-            "IommuFault",
             "DeviceIrq",
             "DomainStatus",
             "MachineStatus",
@@ -552,7 +550,7 @@ impl Fuzzer {
         let is_region = |h: &Held| matches!(h, Held::Region);
         let is_memory = |h: &Held| matches!(h, Held::Memory);
         match h {
-            H::Null | H::Yield | H::Clock | H::IommuFault | H::MachineStatus | H::Shutdown => {
+            H::Null | H::Yield | H::Clock | H::MachineStatus | H::Shutdown => {
                 let slot = self.any_slot();
                 let args = [self.value(), self.value(), 0, 0, 0, 0];
                 mk(h, slot, 0, args)

@@ -205,11 +205,8 @@ hypercalls! {
     /// vendor-specific capabilities). RBX = device capability, RDI = offset, RSI = size,
     /// RDX = value. A filtered-out write succeeds without effect.
     PciConfigWrite = 73,
-    /// Take the oldest IOMMU (DMA or interrupt-remapping) fault record. RBX = machine
-    /// capability (CONTROL). Returns RDI = requester id, RSI = faulting address,
-    /// RDX = reason | (1 << 8 if it was a write) | (1 << 9 if it was an interrupt request),
-    /// R10 = records still queued; InvalidState when there is none.
-    IommuFault = 74,
+    // 74 was IommuFault: a DMA fault reaches the device owner's exit handler as an
+    // `ExitKind::Dma` message instead.
     /// Route an interrupt of a device assigned to the caller's domain to one of its
     /// notifications. The microvisor allocates a vector and an interrupt-remapping entry
     /// that accepts it only from this device (source-id checked). RBX = device capability,

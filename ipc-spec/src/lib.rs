@@ -8,7 +8,9 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(any(test, feature = "channels"))]
 pub mod block;
+#[cfg(any(test, feature = "channels"))]
 pub mod block_client;
 pub mod bundle;
 pub mod error;
@@ -17,8 +19,11 @@ pub mod hypercall;
 pub mod machine_exit;
 #[cfg(feature = "alloc")]
 pub mod manifest;
+#[cfg(any(test, feature = "channels"))]
 pub mod net;
+#[cfg(any(test, feature = "channels"))]
 pub mod ring;
+#[cfg(any(test, feature = "channels"))]
 pub mod status;
 
 pub use error::Error;

@@ -119,33 +119,28 @@ pub enum DmarError {
 
 impl fmt::Display for DmarError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (h, u) = (DMAR_HEADER_LEN, MAX_UNITS);
         match *self {
-            DmarError::TooShort(found) => {
-                write!(f, "DMAR table is truncated: {found} bytes, its header needs {DMAR_HEADER_LEN}")
-            }
-            DmarError::BadSignature(found) => {
-                write!(f, "DMAR table has signature \"{}\" (expected \"DMAR\")", found.escape_ascii())
-            }
-            DmarError::BadLength(length, found) => write!(
+            Self::TooShort(found) => write!(f, "DMAR table is truncated: {found} bytes, its header needs {h}"),
+            Self::BadSignature(s) => write!(f, "DMAR table has signature \"{}\" (expected \"DMAR\")", s.escape_ascii()),
+            Self::BadLength(l, found) => write!(
                 f,
-                "DMAR table length field {length:#x} is wrong: {found:#x} bytes are there and the header needs {DMAR_HEADER_LEN:#x}"
+                "DMAR table length field {l:#x} is wrong: {found:#x} bytes are there and the header needs {h:#x}"
             ),
-            DmarError::BadChecksum(sum) => write!(f, "DMAR table checksum is wrong: the bytes sum to {sum:#04x}, not 0"),
-            DmarError::BadStructure(at) => write!(
+            Self::BadChecksum(sum) => write!(f, "DMAR table checksum is wrong: the bytes sum to {sum:#04x}, not 0"),
+            Self::BadStructure(at) => write!(
                 f,
                 "DMAR remapping structure at offset {at:#x} is truncated, too short for its type or runs past the table"
             ),
-            DmarError::MisalignedRegisterBase(at) => {
+            Self::MisalignedRegisterBase(at) => {
                 write!(f, "DMAR DRHD at offset {at:#x} has a register base that is not 4 KiB aligned")
             }
-            DmarError::TooManyUnits(at) => {
-                write!(f, "DMAR DRHD at offset {at:#x} is one too many (at most {MAX_UNITS} are supported)")
+            Self::TooManyUnits(at) => {
+                write!(f, "DMAR DRHD at offset {at:#x} is one too many (at most {u} are supported)")
             }
         }
     }
 }
-
-impl core::error::Error for DmarError {}
 
 fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
     b.get(at..at.checked_add(N)?)?.try_into().ok()

@@ -12,8 +12,6 @@
 //! does reject is anything that would make it hand out memory twice or memory it never managed
 //! (double free, overlap with free memory, ranges outside the usable-minus-reserved set).
 
-use core::fmt;
-
 use heapless::Vec;
 
 /// Size of a physical frame: the 4 KiB base page of x86-64 and of the stage-2 tables.
@@ -91,26 +89,6 @@ pub enum AllocError {
     /// The free list is full: the operation would need one more disjoint range than
     /// [`MAX_RANGES`]. Nothing was changed.
     TooFragmented,
-}
-
-impl fmt::Display for AllocError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AllocError::OutOfMemory { frames, align } => {
-                write!(f, "out of physical memory: no {frames} contiguous frame(s) aligned to {align:#x}")
-            }
-            AllocError::BadAlignment(align) => {
-                write!(f, "bad alignment {align:#x}: must be a power of two of at least {FRAME_SIZE:#x}")
-            }
-            AllocError::ZeroFrames => write!(f, "zero frames requested"),
-            AllocError::NotAllocated { start, frames } => {
-                write!(f, "cannot free {frames} frame(s) at {start:#x}: unaligned, not managed, or already free")
-            }
-            AllocError::TooFragmented => {
-                write!(f, "free list full ({MAX_RANGES} ranges): memory too fragmented")
-            }
-        }
-    }
 }
 
 type RangeList = Vec<PhysRange, MAX_RANGES>;
@@ -216,18 +194,9 @@ impl FrameAllocator {
     /// handing out a frame that is partly reserved would expose the reserved bytes.
     ///
     /// If the result needs more than [`MAX_RANGES`] disjoint ranges, the excess memory is
-    /// dropped (never handed out); use [`FrameAllocator::try_new`] to detect that.
+    /// dropped (never handed out); the tests' `try_new` detects that.
     pub fn new(usable: &[PhysRange], reserved: &[PhysRange]) -> Self {
         Self::build(usable, reserved).0
-    }
-
-    /// Like [`FrameAllocator::new`], but fails with [`AllocError::TooFragmented`] instead of
-    /// dropping memory that does not fit in the range list.
-    pub fn try_new(usable: &[PhysRange], reserved: &[PhysRange]) -> Result<Self, AllocError> {
-        match Self::build(usable, reserved) {
-            (alloc, true) => Ok(alloc),
-            (_, false) => Err(AllocError::TooFragmented),
-        }
     }
 
     /// Shared constructor; the flag is false when some memory had to be dropped.
@@ -359,6 +328,18 @@ impl FrameAllocator {
     /// The free list: sorted, frame-aligned, coalesced.
     pub fn free_ranges(&self) -> &[PhysRange] {
         &self.free
+    }
+}
+
+#[cfg(test)]
+impl FrameAllocator {
+    /// Like [`FrameAllocator::new`], but fails with [`AllocError::TooFragmented`] instead of
+    /// dropping memory that does not fit in the range list.
+    pub fn try_new(usable: &[PhysRange], reserved: &[PhysRange]) -> Result<Self, AllocError> {
+        match Self::build(usable, reserved) {
+            (alloc, true) => Ok(alloc),
+            (_, false) => Err(AllocError::TooFragmented),
+        }
     }
 
     /// Everything the allocator manages (usable minus reserved, rounded), sorted and coalesced.
@@ -613,21 +594,6 @@ mod tests {
         assert_eq!(c.free_ranges()[0], PhysRange::new(0x1000, 0x3000));
         assert!(FrameAllocator::try_new(&full, &[PhysRange::new(0x3000, 0x4000)]).is_err());
         check_invariants(&c);
-    }
-
-    #[test]
-    fn display_messages() {
-        let errs = [
-            AllocError::OutOfMemory { frames: 3, align: 0x1000 },
-            AllocError::BadAlignment(3),
-            AllocError::ZeroFrames,
-            AllocError::NotAllocated { start: 0x1000, frames: 1 },
-            AllocError::TooFragmented,
-        ];
-        for e in errs {
-            assert!(!e.to_string().is_empty());
-        }
-        assert!(AllocError::BadAlignment(3).to_string().contains("0x3"));
     }
 
     // ---- property tests -------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //! place in the host (entry 0 = WB, entry 3 = UC), which is what the `PWT`/`PCD` encodings
 //! below select.
 
-use crate::stage2::{Access, MemType, PageSize, Stage2Error, Stage2Format};
+use crate::stage2::{Access, MemType, Stage2Error, Stage2Format};
+pub use crate::stage2::{ADDR_MASK, ADDR_MASK_2M, PS};
 
 /// Present.
 pub const P: u64 = 1 << 0;
@@ -27,28 +28,11 @@ pub const PCD: u64 = 1 << 4;
 pub const A: u64 = 1 << 5;
 /// Dirty (leaves only).
 pub const D: u64 = 1 << 6;
-/// Page size: a large leaf in a PDPT or PD entry. (In a PT entry this bit is PAT; never set.)
-pub const PS: u64 = 1 << 7;
 /// No-execute.
 pub const NX: u64 = 1 << 63;
-/// Physical address bits 51..12 of a table pointer or 4 KiB leaf.
-pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// Physical address bits 51..21 of a 2 MiB leaf (bit 12 is the large page's PAT bit).
-pub const ADDR_MASK_2M: u64 = 0x000f_ffff_ffe0_0000;
-
 /// The AMD NPT format, for [`crate::stage2::Stage2Map`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Npt;
-
-impl Npt {
-    /// Address mask of a leaf of `size`.
-    const fn leaf_mask(size: PageSize) -> u64 {
-        match size {
-            PageSize::Size4K => ADDR_MASK,
-            PageSize::Size2M => ADDR_MASK_2M,
-        }
-    }
-}
 
 impl Stage2Format for Npt {
     const HPA_BITS: u32 = 52;
@@ -66,16 +50,8 @@ impl Stage2Format for Npt {
     /// `A` is preset on every leaf and `D` on writable ones: the walker would otherwise set
     /// them with locked read-modify-writes on first use, which buys nothing since the
     /// microvisor never reads them.
-    fn leaf(hpa: u64, access: Access, mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error> {
-        Self::check_access(access)?;
-        let mask = Self::leaf_mask(size);
-        if hpa >> Self::HPA_BITS != 0 {
-            return Err(Stage2Error::HpaOutOfRange { hpa });
-        }
-        if hpa & !mask != 0 {
-            return Err(Stage2Error::Misaligned { gpa: 0, hpa, size: size.bytes() });
-        }
-        let mut entry = hpa | P | US | A;
+    fn leaf_bits(access: Access, mem_type: MemType) -> u64 {
+        let mut entry = P | US | A;
         if access.contains(Access::WRITE) {
             entry |= RW | D;
         }
@@ -85,10 +61,7 @@ impl Stage2Format for Npt {
         if mem_type == MemType::Uncached {
             entry |= PCD | PWT;
         }
-        if size == PageSize::Size2M {
-            entry |= PS;
-        }
-        Ok(entry)
+        entry
     }
 
     fn table(table: u64) -> u64 {
@@ -99,30 +72,10 @@ impl Stage2Format for Npt {
         entry & P != 0
     }
 
-    fn is_large(entry: u64) -> bool {
-        entry & PS != 0
-    }
-
-    fn table_address(entry: u64) -> u64 {
-        entry & ADDR_MASK
-    }
-
-    fn leaf_address(entry: u64, size: PageSize) -> u64 {
-        entry & Self::leaf_mask(size)
-    }
-
+    /// P and RW are the bit positions of READ and WRITE.
     fn access(entry: u64) -> Access {
-        let mut access = Access::empty();
-        if entry & P != 0 {
-            access |= Access::READ;
-        }
-        if entry & RW != 0 {
-            access |= Access::WRITE;
-        }
-        if entry & NX == 0 {
-            access |= Access::EXEC;
-        }
-        access
+        let exec = if entry & NX == 0 { Access::EXEC } else { Access::empty() };
+        Access::from_bits_truncate((entry & (P | RW)) as u8) | exec
     }
 
     /// Anything with caching disabled (PCD) counts as uncached; only PWT=PCD=0 is write-back.
@@ -139,15 +92,16 @@ impl Stage2Format for Npt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stage2::PageSize;
     use proptest::prelude::*;
 
     #[test]
     fn leaf_encodings() {
-        let e = Npt::leaf(0x1234_5000, Access::RWX, MemType::WriteBack, PageSize::Size4K).unwrap();
+        let e = Npt::leaf(0x1234_5000, Access::all(), MemType::WriteBack, PageSize::Size4K).unwrap();
         assert_eq!(e, 0x1234_5000 | P | RW | US | A | D);
         let e = Npt::leaf(0x20_0000, Access::READ, MemType::Uncached, PageSize::Size2M).unwrap();
         assert_eq!(e, 0x20_0000 | P | US | A | PCD | PWT | PS | NX);
-        let e = Npt::leaf(0x3000, Access::RX, MemType::WriteBack, PageSize::Size4K).unwrap();
+        let e = Npt::leaf(0x3000, Access::READ.union(Access::EXEC), MemType::WriteBack, PageSize::Size4K).unwrap();
         assert_eq!(e, 0x3000 | P | US | A);
         // 4 KiB leaves never set bit 7 (PAT there).
         assert_eq!(e & PS, 0);

@@ -14,14 +14,14 @@ use microvisor::vcpu_hw::{Exit, VcpuHardware};
 use pvh::exceptions::exception_name;
 
 use crate::arch::apic;
-use crate::machine::Machine;
+use crate::bare_metal::BareMetal;
 use crate::println;
 
 const IA32_EFER: u64 = 0xc000_0080;
 
 /// Handle the exit of the running vCPU `v` (its RAX and RIP already in the kernel's
 /// register file).
-pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, exit: Exit) -> Option<KernelEvent> {
+pub fn handle(k: &mut Kernel<Npt>, m: &mut BareMetal, v: VcpuId, exit: Exit) -> Option<KernelEvent> {
     let vcpu = &mut k.vcpus[v as usize];
     let regs = &mut vcpu.regs;
     match exit {
@@ -82,7 +82,7 @@ fn pending_exit(exit: Exit, regs: &Regs) -> PendingExit {
 
 /// Send exit `x` of vCPU `v` to its domain's exit handler, or stop `v` if it has none.
 /// Faults are reported on the console; a VM's ordinary exits are not.
-pub fn send(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, x: PendingExit) {
+pub fn send(k: &mut Kernel<Npt>, m: &mut BareMetal, v: VcpuId, x: PendingExit) {
     let d = k.vcpus[v as usize].domain;
     let rip = k.vcpus[v as usize].regs.rip;
     let routine = k.domains[d as usize].vm
@@ -186,7 +186,7 @@ fn emulate_cpuid(regs: &mut Regs) {
 
 /// EFER is emulated for every domain, VMs included (SVME must stay set underneath): long
 /// mode, NX and SYSCALL may be enabled; anything else raises #GP.
-fn emulate_efer(m: &mut Machine, v: VcpuId, regs: &mut Regs, write: bool, len: u8) {
+fn emulate_efer(m: &mut BareMetal, v: VcpuId, regs: &mut Regs, write: bool, len: u8) {
     if write {
         let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
         if !m.svm.set_efer(v, value) {

@@ -139,17 +139,10 @@ impl VmxCaps {
     }
 }
 
-fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
 impl fmt::Display for VmxCaps {
     /// One line: `VMX (VMCS revision 0x.., feature control ..), EPT yes (..), VPID yes, ...`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
         let fc = match self.feature_control {
             FeatureControl::Unlocked => "unlocked",
             FeatureControl::LockedOn => "locked on",
@@ -157,27 +150,22 @@ impl fmt::Display for VmxCaps {
         };
         write!(f, "VMX (VMCS revision {:#x}, feature control {fc}), EPT {}", self.vmcs_revision, yes(self.ept))?;
         if self.ept {
-            write!(
-                f,
-                " (4-level {}, WB {}, 2M {}, 1G {}, A/D {}, INVEPT single {} all {})",
-                yes(self.ept_walk_4),
-                yes(self.ept_write_back),
-                yes(self.ept_2m),
-                yes(self.ept_1g),
-                yes(self.ept_ad),
-                yes(self.invept_single),
-                yes(self.invept_all)
-            )?;
+            let [w, b, m, g, ad, s, a] = [
+                self.ept_walk_4,
+                self.ept_write_back,
+                self.ept_2m,
+                self.ept_1g,
+                self.ept_ad,
+                self.invept_single,
+                self.invept_all,
+            ]
+            .map(yes);
+            write!(f, " (4-level {w}, WB {b}, 2M {m}, 1G {g}, A/D {ad}, INVEPT single {s} all {a})")?;
         }
         write!(f, ", VPID {}", yes(self.vpid))?;
         if self.vpid {
-            write!(
-                f,
-                " (INVVPID address {} single {} all {})",
-                yes(self.invvpid_address),
-                yes(self.invvpid_single),
-                yes(self.invvpid_all)
-            )?;
+            let [a, s, all] = [self.invvpid_address, self.invvpid_single, self.invvpid_all].map(yes);
+            write!(f, " (INVVPID address {a} single {s} all {all})")?;
         }
         write!(f, ", unrestricted guest {}", yes(self.unrestricted_guest))
     }

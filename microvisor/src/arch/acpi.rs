@@ -48,7 +48,7 @@ unsafe impl AcpiTable for DmarHeader {
 
 /// PCI Express enhanced configuration space (one MCFG entry).
 #[derive(Clone, Copy, Debug)]
-pub struct Ecam {
+pub struct EcamWindow {
     pub base: u64,
     pub segment: u16,
     pub bus_start: u8,
@@ -56,11 +56,11 @@ pub struct Ecam {
 }
 
 /// What the microvisor learns from ACPI at boot.
-pub struct Platform {
+pub struct AcpiFacts {
     pub cpus: usize,
     pub apic_ids: heapless::Vec<u8, 16>,
     pub local_apic_base: u64,
-    pub ecam: Option<Ecam>,
+    pub ecam: Option<EcamWindow>,
     pub dmar: Option<Dmar>,
     pub dmar_error: Option<dmar::DmarError>,
 }
@@ -81,7 +81,7 @@ impl core::fmt::Display for AcpiProblem {
 }
 
 /// Find and read the tables. `rsdp` is the start info's RSDP address (0 when absent).
-pub fn discover(rsdp: u64) -> Result<Platform, AcpiProblem> {
+pub fn discover(rsdp: u64) -> Result<AcpiFacts, AcpiProblem> {
     // SAFETY: the RSDP address comes from the boot loader's start info (or the BIOS area
     // search), and IdentityMapped only hands out ranges inside the identity map.
     let tables = unsafe {
@@ -108,7 +108,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, AcpiProblem> {
     let local_apic_base = madt.get().local_apic_address as u64;
 
     let ecam = tables.find_table::<Mcfg>().ok().and_then(|mcfg| {
-        mcfg.entries().first().map(|e| Ecam {
+        mcfg.entries().first().map(|e| EcamWindow {
             base: e.base_address,
             segment: e.pci_segment_group,
             bus_start: e.bus_number_start,
@@ -132,5 +132,5 @@ pub fn discover(rsdp: u64) -> Result<Platform, AcpiProblem> {
         Err(_) => (None, None),
     };
 
-    Ok(Platform { cpus, apic_ids, local_apic_base, ecam, dmar, dmar_error })
+    Ok(AcpiFacts { cpus, apic_ids, local_apic_base, ecam, dmar, dmar_error })
 }

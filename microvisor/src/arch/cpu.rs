@@ -173,6 +173,12 @@ pub fn check_stack_canary() {
     }
 }
 
+/// Report why the machine cannot go on, and stop it with `code`.
+pub fn fail(code: MachineExit, args: core::fmt::Arguments) -> ! {
+    crate::println!("FATAL: {}", args);
+    exit_machine(code)
+}
+
 /// End the QEMU run with `code` (through isa-debug-exit), or the Bochs run (its shutdown
 /// port); halt forever if neither device is there.
 pub fn exit_machine(code: MachineExit) -> ! {

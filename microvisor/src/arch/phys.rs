@@ -3,7 +3,7 @@
 //! Only RAM below that limit is given to the frame allocator.
 
 use microvisor::frame_alloc::FrameAllocator;
-use microvisor::guest_memory::{PhysRead, PhysWrite};
+use microvisor::phys_mem::{PhysRead, PhysWrite};
 use microvisor::stage2::TableMemory;
 
 pub const IDENTITY_LIMIT: u64 = 4 << 30;

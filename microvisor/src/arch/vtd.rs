@@ -9,7 +9,7 @@
 
 use microvisor::iommu::faults::{FaultRecord, CLEAR_HIGH};
 use microvisor::iommu::invalidation as inv;
-use microvisor::iommu::regs::{self, Capability, ExtCapability, FaultStatus, GlobalCommand, GlobalStatus};
+use microvisor::iommu::regs::{self, FaultStatus, GlobalCommand, GlobalStatus, VtdCap, VtdExtCap};
 use microvisor::iommu::second_level::{three_level_root, Vtd};
 use microvisor::iommu::tables::{self, AddressWidth};
 use microvisor::iommu::{clear_entry128, irte, write_entry128, Entry128};
@@ -27,7 +27,7 @@ const SPIN_LIMIT: u32 = 50_000_000;
 
 pub struct Iommu {
     base: u64,
-    cap: Capability,
+    cap: VtdCap,
     root: u64,
     /// Context table of each bus (0 = none yet).
     contexts: [u64; 256],
@@ -36,8 +36,6 @@ pub struct Iommu {
     /// A page whose first dword the wait descriptors write.
     status: u64,
     spaces: [Option<Stage2Map<Vtd>>; MAX_DOMAINS],
-    faults: heapless::Deque<FaultRecord, 16>,
-    pub faults_dropped: u64,
     /// The interrupt remapping table, and which device owns each entry.
     irt: u64,
     irte_owner: [Option<u16>; 256],
@@ -117,20 +115,18 @@ impl Iommu {
         };
         let mut u = Self {
             base,
-            cap: Capability(0),
+            cap: VtdCap(0),
             root,
             contexts: [0; 256],
             queue,
             tail: 0,
             status,
             spaces: [const { None }; MAX_DOMAINS],
-            faults: heapless::Deque::new(),
-            faults_dropped: 0,
             irt,
             irte_owner: [None; 256],
         };
-        u.cap = Capability(u.read64(regs::CAP));
-        let ecap = ExtCapability(u.read64(regs::ECAP));
+        u.cap = VtdCap(u.read64(regs::CAP));
+        let ecap = VtdExtCap(u.read64(regs::ECAP));
         if !u.cap.supports_levels(3) {
             return Err("the IOMMU cannot walk 3-level (39-bit) tables");
         }
@@ -262,7 +258,7 @@ impl Iommu {
         }
     }
 
-    /// Move a pending fault record into the log; returns it for reporting.
+    /// Take a pending fault record (cleared in the unit) for reporting.
     pub fn poll_fault(&mut self) -> Option<FaultRecord> {
         let fsts = FaultStatus::from_bits_truncate(self.read32(regs::FSTS));
         if !fsts.contains(FaultStatus::PPF) {
@@ -273,15 +269,6 @@ impl Iommu {
         let record = Entry128::new(self.read64(reg), self.read64(reg + 8));
         self.write64(reg + 8, CLEAR_HIGH);
         self.write32(regs::FSTS, FaultStatus::PFO.bits());
-        let decoded = FaultRecord::decode(record)?;
-        if self.faults.push_back(decoded).is_err() {
-            self.faults_dropped += 1;
-        }
-        Some(decoded)
-    }
-
-    pub fn take_fault(&mut self) -> Option<(FaultRecord, usize)> {
-        let f = self.faults.pop_front()?;
-        Some((f, self.faults.len()))
+        FaultRecord::decode(record)
     }
 }

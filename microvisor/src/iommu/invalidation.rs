@@ -135,7 +135,7 @@ const IOTLB_DR: u64 = 1 << 49;
 /// IOTLB register: drain writes (bit 48).
 const IOTLB_DW: u64 = 1 << 48;
 
-/// The IOTLB register value (at [`super::regs::ExtCapability::iotlb_reg`]) for a global IOTLB
+/// The IOTLB register value (at [`super::regs::VtdExtCap::iotlb_reg`]) for a global IOTLB
 /// invalidation: IVT with IIRG (bits 61:60) = 01, and the drain bits as for [`iotlb_global`].
 pub const fn iotlb_reg_global(drain_reads: bool, drain_writes: bool) -> u64 {
     let dr = if drain_reads { IOTLB_DR } else { 0 };

@@ -5,14 +5,14 @@
 //! accesses (or two 32-bit halves, low first); QEMU rejects 1- and 2-byte accesses.
 //!
 //! Two register blocks have no fixed offset: the IOTLB registers are at `ECAP.IRO * 16`
-//! ([`ExtCapability::iotlb_reg`]) and the fault recording registers at `CAP.FRO * 16`
-//! ([`Capability::fault_record`]); on QEMU 7.2 they are at 0xF0 and 0x220.
+//! ([`VtdExtCap::iotlb_reg`]) and the fault recording registers at `CAP.FRO * 16`
+//! ([`VtdCap::fault_record`]); on QEMU 7.2 they are at 0xF0 and 0x220.
 
 use bitflags::bitflags;
 
-/// Capability (64-bit, RO): see [`Capability`].
+/// VtdCap (64-bit, RO): see [`VtdCap`].
 pub const CAP: u64 = 0x08;
-/// Extended capability (64-bit, RO): see [`ExtCapability`].
+/// Extended capability (64-bit, RO): see [`VtdExtCap`].
 pub const ECAP: u64 = 0x10;
 /// Global command (32-bit, WO): see [`GlobalCommand`] and [`gcmd_value`].
 pub const GCMD: u64 = 0x18;
@@ -20,37 +20,15 @@ pub const GCMD: u64 = 0x18;
 pub const GSTS: u64 = 0x1c;
 /// Root table address (64-bit): see [`crate::iommu::tables::rtaddr`].
 pub const RTADDR: u64 = 0x20;
-/// Context command (64-bit): register-based context-cache invalidation.
-pub const CCMD: u64 = 0x28;
 /// Fault status (32-bit): see [`FaultStatus`].
 pub const FSTS: u64 = 0x34;
-/// Fault event control (32-bit): [`EVENT_IM`], [`EVENT_IP`].
-pub const FECTL: u64 = 0x38;
-/// Fault event interrupt data (32-bit): the MSI data of the fault interrupt.
-pub const FEDATA: u64 = 0x3c;
-/// Fault event interrupt address (32-bit): the MSI address of the fault interrupt.
-pub const FEADDR: u64 = 0x40;
-/// Invalidation queue head (64-bit, RO): index of the next descriptor the unit reads, in bits
-/// 18:4.
-pub const IQH: u64 = 0x80;
 /// Invalidation queue tail (64-bit): index of the next free slot, in bits 18:4; writing it
 /// submits descriptors.
 pub const IQT: u64 = 0x88;
 /// Invalidation queue address (64-bit): see [`crate::iommu::invalidation::iqa`].
 pub const IQA: u64 = 0x90;
-/// Invalidation completion status (32-bit): [`ICS_IWC`].
-pub const ICS: u64 = 0x9c;
-/// Invalidation event control (32-bit): [`EVENT_IM`], [`EVENT_IP`].
-pub const IECTL: u64 = 0xa0;
 /// Interrupt remapping table address (64-bit): see [`crate::iommu::irte::irta`].
 pub const IRTA: u64 = 0xb8;
-
-/// FECTL/IECTL: interrupt mask. Set at reset: no fault interrupt until software clears it.
-pub const EVENT_IM: u32 = 1 << 31;
-/// FECTL/IECTL: interrupt pending (RO), set while an event is held back by the mask.
-pub const EVENT_IP: u32 = 1 << 30;
-/// ICS: invalidation wait descriptor complete (RW1C), for waits with the interrupt flag.
-pub const ICS_IWC: u32 = 1;
 
 bitflags! {
     /// GCMD bits. Writing GCMD is a whole command, not a bit update: use [`gcmd_value`].
@@ -173,9 +151,9 @@ const fn field(value: u64, shift: u32, width: u32) -> u64 {
 /// (39-bit) second-level tables only, MGAW 39, one fault recording register at 0x220,
 /// page-selective invalidation with MAMV 18, 2 MiB and 1 GiB pages, read and write draining.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capability(pub u64);
+pub struct VtdCap(pub u64);
 
-impl Capability {
+impl VtdCap {
     /// ND (bits 2:0): domain id width is `4 + 2 * ND` bits. 7 is reserved and read as 16 bits.
     pub const fn domain_id_bits(self) -> u32 {
         let nd = field(self.0, 0, 3) as u32;
@@ -240,9 +218,9 @@ impl Capability {
 /// interrupt remapping (xAPIC only: no EIM under TCG), pass-through, IOTLB registers at 0xF0,
 /// MHMV 15; no page-walk coherency, no snoop control, no device TLBs, no scalable mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExtCapability(pub u64);
+pub struct VtdExtCap(pub u64);
 
-impl ExtCapability {
+impl VtdExtCap {
     /// QI (bit 1): queued invalidation.
     pub const fn queued_invalidation(self) -> bool {
         field(self.0, 1, 1) != 0
@@ -282,16 +260,9 @@ mod tests {
             (GCMD, 0x18),
             (GSTS, 0x1c),
             (RTADDR, 0x20),
-            (CCMD, 0x28),
             (FSTS, 0x34),
-            (FECTL, 0x38),
-            (FEDATA, 0x3c),
-            (FEADDR, 0x40),
-            (IQH, 0x80),
             (IQT, 0x88),
             (IQA, 0x90),
-            (ICS, 0x9c),
-            (IECTL, 0xa0),
             (IRTA, 0xb8),
         ];
         for (got, want) in all {
@@ -301,7 +272,7 @@ mod tests {
 
     #[test]
     fn qemu_cap_decodes() {
-        let cap = Capability(QEMU_CAP);
+        let cap = VtdCap(QEMU_CAP);
         assert_eq!(cap.domain_id_bits(), 16);
         assert_eq!(cap.domains(), 65536);
         assert!(!cap.caching_mode());
@@ -316,7 +287,7 @@ mod tests {
 
     #[test]
     fn qemu_ecap_decodes() {
-        let ecap = ExtCapability(QEMU_ECAP);
+        let ecap = VtdExtCap(QEMU_ECAP);
         assert!(ecap.queued_invalidation());
         assert!(ecap.interrupt_remapping());
         assert_eq!(ecap.iotlb_offset(), 0xf0);
@@ -325,8 +296,8 @@ mod tests {
 
     #[test]
     fn nd_seven_reads_as_sixteen_bits() {
-        assert_eq!(Capability(7).domain_id_bits(), 16);
-        assert_eq!(Capability(0).domains(), 16);
+        assert_eq!(VtdCap(7).domain_id_bits(), 16);
+        assert_eq!(VtdCap(0).domains(), 16);
     }
 
     #[test]
@@ -378,8 +349,6 @@ mod tests {
         assert_eq!(FaultStatus::PPF.bits(), 2);
         assert_eq!(FaultStatus::IQE.bits(), 0x10);
         assert_eq!(fault_record_index(0x0000_0302), 3);
-        assert_eq!(EVENT_IM, 0x8000_0000);
-        assert_eq!(EVENT_IP, 0x4000_0000);
     }
 
     proptest! {
@@ -403,7 +372,7 @@ mod tests {
 
         #[test]
         fn prop_fault_record_offsets(cap: u64, index in 0u32..300) {
-            let c = Capability(cap);
+            let c = VtdCap(cap);
             match c.fault_record(index) {
                 Some(off) => {
                     prop_assert!(index < c.fault_recording_count());

@@ -25,18 +25,13 @@
 //! (the device gets fault reason 0x4). A context entry for this uses
 //! [`AddressWidth::Bits39`](super::tables::AddressWidth::Bits39).
 
-use crate::stage2::{Access, MemType, PageSize, Stage2Error, Stage2Format, Stage2Map, TableMemory};
+use crate::stage2::{Access, MemType, Stage2Error, Stage2Format, Stage2Map, TableMemory};
+pub use crate::stage2::{ADDR_MASK, ADDR_MASK_2M, PS};
 
 /// Read permission (and, with W, presence).
 pub const R: u64 = 1 << 0;
 /// Write permission.
 pub const W: u64 = 1 << 1;
-/// Large page: a 2 MiB leaf in a level-2 entry. Reserved in level-4 entries.
-pub const PS: u64 = 1 << 7;
-/// Address bits 51:12 of a table pointer or 4 KiB leaf.
-pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// Address bits 51:21 of a 2 MiB leaf (bits 20:12 are reserved there).
-pub const ADDR_MASK_2M: u64 = 0x000f_ffff_ffe0_0000;
 /// One past the highest DMA address a 3-level (39-bit) context can reach.
 pub const THREE_LEVEL_LIMIT: u64 = 1 << 39;
 
@@ -44,16 +39,6 @@ pub const THREE_LEVEL_LIMIT: u64 = 1 << 39;
 /// space, built exactly like a domain's NPT map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vtd;
-
-impl Vtd {
-    /// Address mask of a leaf of `size`.
-    const fn leaf_mask(size: PageSize) -> u64 {
-        match size {
-            PageSize::Size4K => ADDR_MASK,
-            PageSize::Size2M => ADDR_MASK_2M,
-        }
-    }
-}
 
 impl Stage2Format for Vtd {
     /// The format's address field ends at bit 51. The unit also faults on bits at or above the
@@ -73,26 +58,9 @@ impl Stage2Format for Vtd {
     }
 
     /// `mem_type` is not encoded: legacy-mode second-level entries have no memory type.
-    fn leaf(hpa: u64, access: Access, _mem_type: MemType, size: PageSize) -> Result<u64, Stage2Error> {
-        Self::check_access(access)?;
-        if hpa >> Self::HPA_BITS != 0 {
-            return Err(Stage2Error::HpaOutOfRange { hpa });
-        }
-        let mask = Self::leaf_mask(size);
-        if hpa & !mask != 0 {
-            return Err(Stage2Error::Misaligned { gpa: 0, hpa, size: size.bytes() });
-        }
-        let mut entry = hpa;
-        if access.contains(Access::READ) {
-            entry |= R;
-        }
-        if access.contains(Access::WRITE) {
-            entry |= W;
-        }
-        if size == PageSize::Size2M {
-            entry |= PS;
-        }
-        Ok(entry)
+    /// R and W are the bit positions of READ and WRITE.
+    fn leaf_bits(access: Access, _mem_type: MemType) -> u64 {
+        u64::from(access.bits()) & (R | W)
     }
 
     /// Table pointers grant R and W; the leaves restrict.
@@ -104,27 +72,8 @@ impl Stage2Format for Vtd {
         entry & (R | W) != 0
     }
 
-    fn is_large(entry: u64) -> bool {
-        entry & PS != 0
-    }
-
-    fn table_address(entry: u64) -> u64 {
-        entry & ADDR_MASK
-    }
-
-    fn leaf_address(entry: u64, size: PageSize) -> u64 {
-        entry & Self::leaf_mask(size)
-    }
-
     fn access(entry: u64) -> Access {
-        let mut access = Access::empty();
-        if entry & R != 0 {
-            access |= Access::READ;
-        }
-        if entry & W != 0 {
-            access |= Access::WRITE;
-        }
-        access
+        Access::from_bits_truncate((entry & (R | W)) as u8)
     }
 
     /// Always write-back: the entries carry no memory type.
@@ -157,6 +106,7 @@ pub fn three_level_root(map: &Stage2Map<Vtd>, mem: &impl TableMemory) -> Option<
 mod tests {
     use super::*;
     use crate::stage2::tests::TestMem;
+    use crate::stage2::PageSize;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::vec::Vec;
@@ -241,7 +191,13 @@ mod tests {
 
     #[test]
     fn bad_leaves_are_refused() {
-        for access in [Access::empty(), Access::EXEC, Access::RX, Access::RWX, Access::from_bits_retain(0x11)] {
+        for access in [
+            Access::empty(),
+            Access::EXEC,
+            Access::READ.union(Access::EXEC),
+            Access::all(),
+            Access::from_bits_retain(0x11),
+        ] {
             assert_eq!(
                 Vtd::leaf(0, access, MemType::WriteBack, PageSize::Size4K),
                 Err(Stage2Error::BadAccess { access })

@@ -35,7 +35,7 @@ const DID_SHIFT: u32 = 8;
 
 /// Address width of a context's second-level tables: the context entry's AW field, which
 /// decides how many levels the unit walks. It must be one the unit reports in CAP.SAGAW
-/// ([`super::regs::Capability::supports_levels`]), or every request faults with reason 0x3.
+/// ([`super::regs::VtdCap::supports_levels`]), or every request faults with reason 0x3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddressWidth {
     /// AW = 1: 39-bit DMA addresses, 3-level tables. The only width QEMU 7.2 supports by
@@ -75,7 +75,7 @@ pub const fn root_entry(context_table: u64) -> Result<Entry128, VtdError> {
 /// requests only, no device TLB) through the second-level table at `slpt` (4 KiB aligned, the
 /// top of an `aw.levels()`-level tree), with the unit's caches tagged by `domain_id`.
 ///
-/// `domain_id` must be below [`super::regs::Capability::domains`] (all 16 bits on QEMU), and
+/// `domain_id` must be below [`super::regs::VtdCap::domains`] (all 16 bits on QEMU), and
 /// different address spaces must use different ids, since invalidations are by domain. Avoid
 /// id 0: it is reserved when CAP.CM is set.
 ///

@@ -160,10 +160,7 @@ impl<F: Stage2Format> Kernel<F> {
     #[inline(never)]
     fn management<P: Platform>(&mut self, p: &mut P, v: VcpuId, call: Hypercall, r: &super::Regs) -> Result<(), Error> {
         let caller = self.vcpus[v as usize].domain;
-        let memory = |k: &Self| match k.lookup(caller, r.rbx, rights::CONTROL)?.object {
-            Object::Memory => Ok(()),
-            _ => Err(Error::WrongType),
-        };
+        let memory = |k: &Self| k.lookup_singleton(caller, r.rbx, Object::Memory);
         match call {
             Hypercall::DomainCreate => {
                 memory(self)?;
@@ -337,10 +334,7 @@ impl<F: Stage2Format> Kernel<F> {
                 self.device_assign(p, dev, target)
             }
             Hypercall::PciConfigRead | Hypercall::PciConfigWrite => {
-                let dev = self.lookup_device(caller, r.rbx, 0)?;
-                if self.devices[dev as usize].owner != Some(caller) {
-                    return Err(Error::DeviceBusy);
-                }
+                let dev = self.lookup_owned_device(caller, r.rbx)?;
                 if call == Hypercall::PciConfigRead {
                     let value = p.pci_config_read(dev, r.rdi, r.rsi)?;
                     self.set_result(v, value as u64)
@@ -350,10 +344,7 @@ impl<F: Stage2Format> Kernel<F> {
                 }
             }
             Hypercall::DeviceIrq => {
-                let dev = self.lookup_device(caller, r.rbx, 0)?;
-                if self.devices[dev as usize].owner != Some(caller) {
-                    return Err(Error::DeviceBusy);
-                }
+                let dev = self.lookup_owned_device(caller, r.rbx)?;
                 let n = match self.lookup(caller, r.rdi, rights::WAIT)?.object {
                     Object::Notification(n) => n,
                     _ => return Err(Error::WrongType),
@@ -361,16 +352,6 @@ impl<F: Stage2Format> Kernel<F> {
                 let (address, data, handle) = self.device_irq(p, dev, n)?;
                 let regs = &mut self.vcpus[v as usize].regs;
                 (regs.rdi, regs.rsi, regs.rdx) = (address, data, handle as u64);
-                Ok(())
-            }
-            Hypercall::IommuFault => {
-                match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
-                    Object::Machine => {}
-                    _ => return Err(Error::WrongType),
-                }
-                let ((rid, addr, info), left) = p.iommu_fault().ok_or(Error::InvalidState)?;
-                let regs = &mut self.vcpus[v as usize].regs;
-                (regs.rdi, regs.rsi, regs.rdx, regs.r10) = (rid as u64, addr, info, left);
                 Ok(())
             }
             Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
@@ -388,10 +369,7 @@ impl<F: Stage2Format> Kernel<F> {
                 Ok(())
             }
             Hypercall::MachineStatus => {
-                match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
-                    Object::Machine => {}
-                    _ => return Err(Error::WrongType),
-                }
+                self.lookup_singleton(caller, r.rbx, Object::Machine)?;
                 let (domains, vcpus, regions, endpoints, notifications) = self.object_counts();
                 let free = p.free_frame_count();
                 let regs = &mut self.vcpus[v as usize].regs;
@@ -401,6 +379,23 @@ impl<F: Stage2Format> Kernel<F> {
             }
             // Handled in `hypercall`.
             _ => Err(Error::UnknownHypercall),
+        }
+    }
+
+    /// Check that the caller's `slot` (with CONTROL) names the singleton `object`.
+    fn lookup_singleton(&self, caller: super::DomainId, slot: u64, object: Object) -> Result<(), Error> {
+        if self.lookup(caller, slot, rights::CONTROL)?.object != object {
+            return Err(Error::WrongType);
+        }
+        Ok(())
+    }
+
+    /// The device in the caller's `slot`, which the caller must own.
+    fn lookup_owned_device(&self, caller: super::DomainId, slot: u64) -> Result<super::DeviceId, Error> {
+        let dev = self.lookup_device(caller, slot, 0)?;
+        match self.devices[dev as usize].owner {
+            Some(o) if o == caller => Ok(dev),
+            _ => Err(Error::DeviceBusy),
         }
     }
 

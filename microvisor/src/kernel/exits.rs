@@ -163,12 +163,9 @@ impl<F: Stage2Format> Kernel<F> {
         for (i, &hpa) in ram.iter().enumerate() {
             let at = gpa.checked_add(i as u64 * RAM_CHUNK).ok_or(Error::InvalidArgument);
             let mapped = at.and_then(|at| {
-                stage2.map(p, at, hpa, RAM_CHUNK, Access::READ | Access::WRITE, MemType::WriteBack).map_err(|e| match e
-                {
-                    crate::stage2::Stage2Error::NoTableMemory => Error::OutOfMemory,
-                    crate::stage2::Stage2Error::AlreadyMapped { .. } => Error::AlreadyMapped,
-                    _ => Error::InvalidArgument,
-                })
+                stage2
+                    .map(p, at, hpa, RAM_CHUNK, Access::READ | Access::WRITE, MemType::WriteBack)
+                    .map_err(super::stage2_error)
             });
             if let Err(e) = mapped {
                 if i > 0 {

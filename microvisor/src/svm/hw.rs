@@ -107,36 +107,8 @@ impl Svm {
     /// devices, or the SVM machinery itself exits to the microvisor.
     fn set_standard_intercepts(&self, vmcb: &mut Vmcb, vm: bool) {
         vmcb.write_u32(control::INTERCEPT_EXCEPTIONS, (1 << 8) | (1 << 18)); // #DF, #MC
-        vmcb.write_u32(
-            control::INTERCEPT_MISC1,
-            misc1::INTR
-                | misc1::NMI
-                | misc1::SMI
-                | misc1::INIT
-                | misc1::CPUID
-                | misc1::INVD
-                | misc1::HLT
-                | misc1::INVLPGA
-                | misc1::IOIO_PROT
-                | misc1::MSR_PROT
-                | misc1::TASK_SWITCH
-                | misc1::SHUTDOWN,
-        );
-        vmcb.write_u32(
-            control::INTERCEPT_MISC2,
-            misc2::VMRUN
-                | misc2::VMMCALL
-                | misc2::VMLOAD
-                | misc2::VMSAVE
-                | misc2::STGI
-                | misc2::CLGI
-                | misc2::SKINIT
-                | misc2::ICEBP
-                | misc2::MONITOR
-                | misc2::MWAIT
-                | misc2::MWAIT_ARMED
-                | misc2::XSETBV,
-        );
+        vmcb.write_u32(control::INTERCEPT_MISC1, misc1::INTERCEPTED);
+        vmcb.write_u32(control::INTERCEPT_MISC2, misc2::INTERCEPTED);
         vmcb.write_u64(control::IOPM_BASE_PA, self.iopm_pa);
         vmcb.write_u64(control::MSRPM_BASE_PA, if vm { self.msrpm_vm_pa } else { self.msrpm_pa });
         // Virtual interrupt masking: the guest's RFLAGS.IF masks only virtual interrupts;
@@ -168,7 +140,7 @@ impl Svm {
         v.write_u64(save::DR6, 0xffff_0ff0);
         v.write_u64(save::DR7, 0x400);
         v.write_u64(save::G_PAT, DEFAULT_PAT);
-        v.set_rip(boot.entry);
+        v.write_u64(save::RIP, boot.entry);
     }
 }
 
@@ -212,8 +184,8 @@ impl VcpuHardware for Svm {
     fn run(&mut self, v: VcpuId, regs: &mut Regs) -> Exit {
         let pa = self.vmcbs[v as usize];
         let vmcb = self.vmcb(v);
-        vmcb.set_rax(regs.rax);
-        vmcb.set_rip(regs.rip);
+        vmcb.write_u64(save::RAX, regs.rax);
+        vmcb.write_u64(save::RIP, regs.rip);
         // SAFETY: pa is the physical address of the VMCB page of vCPU v, set up by `create`
         // with the standard intercepts (VMRUN intercepted, a non-zero ASID, valid guest
         // state); `regs` is that vCPU's register file; host_save_pa was initialised with
@@ -221,15 +193,21 @@ impl VcpuHardware for Svm {
         unsafe { world_switch(pa, regs, self.host_save_pa) };
         let vmcb = self.vmcb(v);
         vmcb.write_u8(control::TLB_CONTROL, 0); // any flush asked for has happened
-        regs.rax = vmcb.rax();
-        regs.rip = vmcb.rip();
-        let code = vmcb.exit_code();
+        regs.rax = vmcb.read_u64(save::RAX);
+        regs.rip = vmcb.read_u64(save::RIP);
+        let code = vmcb.read_u64(control::EXIT_CODE);
         // The hypercall, first and alone: it is what the IPC fast path runs on. (VMMCALL
         // takes no prefixes that change what it does; its three bytes are what we skip.)
         if code == exit::VMMCALL {
             return Exit::Hypercall { len: 3 };
         }
-        exit::decode(code, vmcb.exit_info1(), vmcb.exit_info2(), regs.rip, vmcb.read_u64(NEXT_RIP))
+        exit::decode(
+            code,
+            vmcb.read_u64(control::EXIT_INFO1),
+            vmcb.read_u64(control::EXIT_INFO2),
+            regs.rip,
+            vmcb.read_u64(NEXT_RIP),
+        )
     }
 
     #[inline(always)]
@@ -298,6 +276,10 @@ impl VcpuHardware for Svm {
 /// hidden state and VMLOAD the host's (TR above all: the IST stacks depend on it).
 /// Runs with GIF clear throughout, and with IF set across VMRUN so that a physical
 /// interrupt (the scheduler tick) forces a #VMEXIT.
+// The world switch moves registers by their offsets in `Regs` (`offset_of!` below); its
+// size is fixed here so that a field added or removed is noticed.
+const _: () = assert!(core::mem::size_of::<Regs>() == 18 * 8);
+
 #[unsafe(naked)]
 unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u64) {
     core::arch::naked_asm!(
@@ -316,39 +298,39 @@ unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u
         "sti",
         "mov rax, rdi",
         "vmload rax",
-        "mov rbx, [rsi + 0x00]",
-        "mov rcx, [rsi + 0x08]",
-        "mov rdx, [rsi + 0x10]",
-        "mov rdi, [rsi + 0x20]",
-        "mov rbp, [rsi + 0x28]",
-        "mov r8,  [rsi + 0x30]",
-        "mov r9,  [rsi + 0x38]",
-        "mov r10, [rsi + 0x40]",
-        "mov r11, [rsi + 0x48]",
-        "mov r12, [rsi + 0x50]",
-        "mov r13, [rsi + 0x58]",
-        "mov r14, [rsi + 0x60]",
-        "mov r15, [rsi + 0x68]",
-        "mov rsi, [rsi + 0x18]",
+        "mov rbx, [rsi + {rbx_at}]",
+        "mov rcx, [rsi + {rcx_at}]",
+        "mov rdx, [rsi + {rdx_at}]",
+        "mov rdi, [rsi + {rdi_at}]",
+        "mov rbp, [rsi + {rbp_at}]",
+        "mov r8,  [rsi + {r8_at}]",
+        "mov r9,  [rsi + {r9_at}]",
+        "mov r10, [rsi + {r10_at}]",
+        "mov r11, [rsi + {r11_at}]",
+        "mov r12, [rsi + {r12_at}]",
+        "mov r13, [rsi + {r13_at}]",
+        "mov r14, [rsi + {r14_at}]",
+        "mov r15, [rsi + {r15_at}]",
+        "mov rsi, [rsi + {rsi_at}]",
         "vmrun rax",
         // #VMEXIT: RAX and RSP are the host's again; everything else is the guest's.
         "push rsi",
         "mov rsi, [rsp + 0x18]",
-        "mov [rsi + 0x00], rbx",
-        "mov [rsi + 0x08], rcx",
-        "mov [rsi + 0x10], rdx",
-        "mov [rsi + 0x20], rdi",
-        "mov [rsi + 0x28], rbp",
-        "mov [rsi + 0x30], r8",
-        "mov [rsi + 0x38], r9",
-        "mov [rsi + 0x40], r10",
-        "mov [rsi + 0x48], r11",
-        "mov [rsi + 0x50], r12",
-        "mov [rsi + 0x58], r13",
-        "mov [rsi + 0x60], r14",
-        "mov [rsi + 0x68], r15",
+        "mov [rsi + {rbx_at}], rbx",
+        "mov [rsi + {rcx_at}], rcx",
+        "mov [rsi + {rdx_at}], rdx",
+        "mov [rsi + {rdi_at}], rdi",
+        "mov [rsi + {rbp_at}], rbp",
+        "mov [rsi + {r8_at}], r8",
+        "mov [rsi + {r9_at}], r9",
+        "mov [rsi + {r10_at}], r10",
+        "mov [rsi + {r11_at}], r11",
+        "mov [rsi + {r12_at}], r12",
+        "mov [rsi + {r13_at}], r13",
+        "mov [rsi + {r14_at}], r14",
+        "mov [rsi + {r15_at}], r15",
         "pop rax",
-        "mov [rsi + 0x18], rax",
+        "mov [rsi + {rsi_at}], rax",
         "pop rax", // vmcb
         "vmsave rax",
         "pop rax", // host save area
@@ -364,5 +346,19 @@ unsafe extern "C" fn world_switch(vmcb_pa: u64, regs: *mut Regs, host_save_pa: u
         "pop rbp",
         "pop rbx",
         "ret",
+        rbx_at = const core::mem::offset_of!(Regs, rbx),
+        rcx_at = const core::mem::offset_of!(Regs, rcx),
+        rdx_at = const core::mem::offset_of!(Regs, rdx),
+        rsi_at = const core::mem::offset_of!(Regs, rsi),
+        rdi_at = const core::mem::offset_of!(Regs, rdi),
+        rbp_at = const core::mem::offset_of!(Regs, rbp),
+        r8_at = const core::mem::offset_of!(Regs, r8),
+        r9_at = const core::mem::offset_of!(Regs, r9),
+        r10_at = const core::mem::offset_of!(Regs, r10),
+        r11_at = const core::mem::offset_of!(Regs, r11),
+        r12_at = const core::mem::offset_of!(Regs, r12),
+        r13_at = const core::mem::offset_of!(Regs, r13),
+        r14_at = const core::mem::offset_of!(Regs, r14),
+        r15_at = const core::mem::offset_of!(Regs, r15),
     );
 }

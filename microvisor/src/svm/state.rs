@@ -41,11 +41,11 @@ pub fn write(vmcb: &mut Vmcb, regs: &mut Regs, mask: u16, s: &ArchState) {
     if mask & state::GPR != 0 {
         regs.set_gprs(&s.gpr);
         vmcb.write_u64(save::RSP, s.gpr[ipc_spec::exit::gpr::RSP]);
-        vmcb.set_rax(regs.rax);
+        vmcb.write_u64(save::RAX, regs.rax);
     }
     if mask & state::RIP != 0 {
         (regs.rip, regs.rflags) = (s.rip, s.rflags | RFLAGS_FIXED);
-        vmcb.set_rip(s.rip);
+        vmcb.write_u64(save::RIP, s.rip);
         vmcb.write_u64(save::RFLAGS, regs.rflags);
         vmcb.write_u64(control::INTERRUPT_SHADOW, s.shadow & 1);
     }
@@ -118,7 +118,7 @@ mod tests {
         s.gdtr = (0x3000, 0x27);
         write(&mut vmcb, &mut regs, state::ALL, &s);
         assert_eq!(vmcb.read_u64(save::EFER), 0x500 | efer::SVME, "SVME stays set");
-        assert_eq!((regs.rsp, regs.rip, vmcb.rip()), (0x7000, 0x2000, 0x2000));
+        assert_eq!((regs.rsp, regs.rip, vmcb.read_u64(save::RIP)), (0x7000, 0x2000, 0x2000));
         let mut back = ArchState::default();
         read(&vmcb, &mut regs, &mut back);
         assert_eq!(back, s, "and the guest never sees SVME");

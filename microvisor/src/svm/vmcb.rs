@@ -63,6 +63,9 @@ pub mod misc1 {
     pub const MSR_PROT: u32 = 1 << 28;
     pub const TASK_SWITCH: u32 = 1 << 29;
     pub const SHUTDOWN: u32 = 1 << 31;
+    /// What every vCPU intercepts.
+    pub const INTERCEPTED: u32 =
+        INTR | NMI | SMI | INIT | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
 }
 
 /// Bits of the second miscellaneous intercept word (offset 0x010).
@@ -79,6 +82,9 @@ pub mod misc2 {
     pub const MWAIT: u32 = 1 << 11;
     pub const MWAIT_ARMED: u32 = 1 << 12;
     pub const XSETBV: u32 = 1 << 13;
+    /// What every vCPU intercepts.
+    pub const INTERCEPTED: u32 =
+        VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | ICEBP | MONITOR | MWAIT | MWAIT_ARMED | XSETBV;
 }
 
 /// EFER bits the microvisor cares about.
@@ -134,17 +140,13 @@ impl Vmcb {
     }
 
     pub fn read_u64(&self, offset: usize) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.bytes[offset..offset + 8]);
-        u64::from_le_bytes(b)
+        u64::from_le_bytes(self.bytes[offset..offset + 8].try_into().unwrap_or_default())
     }
     pub fn write_u64(&mut self, offset: usize, value: u64) {
         self.bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
     }
     pub fn read_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.bytes[offset..offset + 4]);
-        u32::from_le_bytes(b)
+        u32::from_le_bytes(self.bytes[offset..offset + 4].try_into().unwrap_or_default())
     }
     pub fn write_u32(&mut self, offset: usize, value: u32) {
         self.bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
@@ -170,28 +172,6 @@ impl Vmcb {
             limit: self.read_u32(offset + 4),
             base: self.read_u64(offset + 8),
         }
-    }
-
-    pub fn rip(&self) -> u64 {
-        self.read_u64(save::RIP)
-    }
-    pub fn set_rip(&mut self, rip: u64) {
-        self.write_u64(save::RIP, rip);
-    }
-    pub fn rax(&self) -> u64 {
-        self.read_u64(save::RAX)
-    }
-    pub fn set_rax(&mut self, rax: u64) {
-        self.write_u64(save::RAX, rax);
-    }
-    pub fn exit_code(&self) -> u64 {
-        self.read_u64(control::EXIT_CODE)
-    }
-    pub fn exit_info1(&self) -> u64 {
-        self.read_u64(control::EXIT_INFO1)
-    }
-    pub fn exit_info2(&self) -> u64 {
-        self.read_u64(control::EXIT_INFO2)
     }
 }
 

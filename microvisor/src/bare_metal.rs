@@ -4,9 +4,11 @@
 use ipc_spec::exit::{Event, VcpuState as ArchState};
 use ipc_spec::hypercall::CONSOLE_INPUT_BUFFER;
 use ipc_spec::Error;
-use microvisor::guest_memory::{PhysRead, PhysWrite};
-use microvisor::kernel::{DeviceId, DomainId, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS};
+use microvisor::kernel::{
+    DeviceId, DomainId, Gpa, Hpa, IrqAllocation, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS,
+};
 use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
+use microvisor::phys_mem::{PhysRead, PhysWrite};
 use microvisor::stage2::TableMemory;
 use microvisor::svm::hw::Svm;
 use microvisor::vcpu_hw::VcpuHardware;
@@ -18,7 +20,7 @@ use crate::arch::phys::{IdentityMemory, PhysTables, FRAMES};
 use crate::arch::serial::{Serial, CONSOLE_LOCK};
 use crate::arch::vtd::Iommu;
 
-pub struct Machine {
+pub struct BareMetal {
     /// The vCPU hardware (the vendor backend).
     pub svm: Svm,
     pub clock: Clock,
@@ -44,7 +46,7 @@ pub struct Machine {
     console_in: heapless::Deque<u8, CONSOLE_INPUT_BUFFER>,
 }
 
-impl Machine {
+impl BareMetal {
     /// Built in place in a static: it holds 16 KiB of FPU save areas, too much to pass
     /// through the boot stack. `svm` and `clock` are filled in at boot.
     pub const fn new() -> Self {
@@ -102,7 +104,7 @@ impl Machine {
     }
 }
 
-impl TableMemory for Machine {
+impl TableMemory for BareMetal {
     fn alloc_table(&mut self) -> Option<u64> {
         PhysTables.alloc_table()
     }
@@ -117,19 +119,19 @@ impl TableMemory for Machine {
     }
 }
 
-impl PhysRead for Machine {
+impl PhysRead for BareMetal {
     fn read_phys(&self, hpa: u64, buf: &mut [u8]) {
         IdentityMemory.read_phys(hpa, buf)
     }
 }
 
-impl PhysWrite for Machine {
+impl PhysWrite for BareMetal {
     fn write_phys(&mut self, hpa: u64, data: &[u8]) {
         IdentityMemory.write_phys(hpa, data)
     }
 }
 
-impl Platform for Machine {
+impl Platform for BareMetal {
     fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64> {
         let pa = FRAMES.lock().alloc(frames, align).ok()?;
         // SAFETY: freshly allocated frames, exclusively ours, inside the identity map.
@@ -237,13 +239,13 @@ impl Platform for Machine {
         }
     }
 
-    fn dma_map(&mut self, d: DomainId, gpa: u64, hpa: u64, size: u64) {
+    fn dma_map(&mut self, d: DomainId, Gpa(gpa): Gpa, Hpa(hpa): Hpa, size: u64) {
         if let Some(iommu) = self.iommu.as_mut() {
             iommu.map(d, gpa, hpa, size);
         }
     }
 
-    fn dma_unmap(&mut self, d: DomainId, gpa: u64, size: u64) {
+    fn dma_unmap(&mut self, d: DomainId, Gpa(gpa): Gpa, size: u64) {
         if let Some(iommu) = self.iommu.as_mut() {
             iommu.unmap(d, gpa, size);
         }
@@ -255,13 +257,7 @@ impl Platform for Machine {
         }
     }
 
-    fn iommu_fault(&mut self) -> Option<((u16, u64, u64), u64)> {
-        let (f, left) = self.iommu.as_mut()?.take_fault()?;
-        let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write) as u64;
-        Some(((f.source_id, f.fault_info, f.reason.raw() as u64 | write << 8), left as u64))
-    }
-
-    fn irq_allocate(&mut self, dev: DeviceId) -> Result<(u8, u64, u64, u16), Error> {
+    fn irq_allocate(&mut self, dev: DeviceId) -> Result<IrqAllocation, Error> {
         let rid = self.function(dev).map(|f| f.bdf.requester_id()).ok_or(Error::InvalidState)?;
         let i = self.vectors.iter().position(Option::is_none).ok_or(Error::OutOfMemory)?;
         let vector = microvisor::kernel::DEVICE_VECTOR_BASE + i as u8;
@@ -269,7 +265,7 @@ impl Platform for Machine {
         let handle = iommu.alloc_irte(dev, vector, rid).map_err(|_| Error::OutOfMemory)?;
         self.vectors[i] = Some(dev);
         let address = microvisor::iommu::irte::msi_address(handle) as u64;
-        Ok((vector, address, microvisor::iommu::irte::MSI_DATA as u64, handle))
+        Ok(IrqAllocation { vector, msi_address: address, msi_data: microvisor::iommu::irte::MSI_DATA as u64, handle })
     }
 
     fn irq_release(&mut self, dev: DeviceId) {

@@ -4,8 +4,10 @@
 
 use core::fmt;
 
+use ipc_spec::machine_exit::MachineExit;
+
 use microvisor::frame_alloc::PhysRange;
-use pvh::multiboot2::{self, Mb2Error};
+use pvh::multiboot2;
 use pvh::start_info::{MemmapEntry, ModlistEntry, StartInfo, MEMMAP_RAM};
 
 use crate::arch::phys::{phys_slice, IDENTITY_LIMIT};
@@ -29,46 +31,27 @@ pub struct BootInfo {
     pub memmap_entries: u32,
 }
 
-#[derive(Debug)]
-pub enum BootError {
-    StartInfoOutOfReach(u64),
-    BadStartInfo(&'static str),
-    MemmapOutOfReach,
-    ModuleOutOfReach {
-        paddr: u64,
-        size: u64,
-    },
-    CmdlineNotUtf8,
-    /// Entered neither by a PVH loader nor with the Multiboot2 magic in EAX.
-    UnknownProtocol(u32),
-    InfoOutOfReach(u64),
-    BadMultiboot2(Mb2Error),
-    RsdpTooLong(usize),
+/// A boot that cannot go on: the machine stops with `BadBoot` and the reason.
+fn bad(why: fmt::Arguments) -> ! {
+    crate::arch::cpu::fail(MachineExit::BadBoot, format_args!("boot: {why}"))
 }
 
-impl fmt::Display for BootError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::StartInfoOutOfReach(a) => {
-                write!(f, "start info at {a:#x} is outside the low 4 GiB")
-            }
-            Self::BadStartInfo(why) => {
-                write!(f, "bad PVH start info: {why} (was the microvisor booted with QEMU -kernel?)")
-            }
-            Self::MemmapOutOfReach => f.write_str("the start info's memory map lies outside the low 4 GiB"),
-            Self::ModuleOutOfReach { paddr, size } => {
-                write!(f, "boot module at {paddr:#x}+{size:#x} lies outside the low 4 GiB")
-            }
-            Self::CmdlineNotUtf8 => f.write_str("the command line is not UTF-8"),
-            Self::UnknownProtocol(eax) => write!(
-                f,
-                "entered by the Multiboot2 entry with EAX = {eax:#x}, not {:#x}: this loader does not speak Multiboot2",
-                multiboot2::BOOT_MAGIC
-            ),
-            Self::InfoOutOfReach(a) => write!(f, "the Multiboot2 information at {a:#x} lies outside the low 4 GiB"),
-            Self::BadMultiboot2(e) => write!(f, "{e}"),
-            Self::RsdpTooLong(n) => write!(f, "the loader's copy of the ACPI RSDP is {n} bytes, more than {RSDP_MAX}"),
-        }
+fn bad_start_info(why: &str) -> ! {
+    bad(format_args!("bad PVH start info: {why} (was the microvisor booted with QEMU -kernel?)"))
+}
+
+fn module_out_of_reach(paddr: u64, size: u64) -> ! {
+    bad(format_args!("boot module at {paddr:#x}+{size:#x} lies outside the low 4 GiB"))
+}
+
+fn utf8_cmdline(raw: &[u8]) -> &str {
+    core::str::from_utf8(raw).unwrap_or_else(|_| bad(format_args!("the command line is not UTF-8")))
+}
+
+/// Type-1 RAM below 4 GiB (the identity map) is what the frame allocator may use.
+fn push_ram(ram: &mut heapless::Vec<PhysRange, 32>, e: &MemmapEntry) {
+    if e.r#type == MEMMAP_RAM && e.addr < IDENTITY_LIMIT {
+        let _ = ram.push(PhysRange::new(e.addr, e.addr.saturating_add(e.size).min(IDENTITY_LIMIT)));
     }
 }
 
@@ -78,28 +61,33 @@ fn reachable(pa: u64, len: u64) -> bool {
 
 /// Read the boot facts. `protocol` is what the entry trampoline passed on: the PVH magic for
 /// the PVH entry, EAX for the Multiboot2 entry.
-pub fn read(info_pa: u32, protocol: u32) -> Result<BootInfo, BootError> {
+pub fn read(info_pa: u32, protocol: u32) -> BootInfo {
     match protocol {
         pvh::start_info::MAGIC => read_pvh(info_pa),
         multiboot2::BOOT_MAGIC => read_multiboot2(info_pa),
-        other => Err(BootError::UnknownProtocol(other)),
+        other => bad(format_args!(
+            "entered by the Multiboot2 entry with EAX = {other:#x}, not {:#x}: this loader does not speak Multiboot2",
+            multiboot2::BOOT_MAGIC
+        )),
     }
 }
 
-fn read_pvh(start_info_pa: u32) -> Result<BootInfo, BootError> {
+fn read_pvh(start_info_pa: u32) -> BootInfo {
     let pa = start_info_pa as u64;
     if !reachable(pa, START_INFO_LEN as u64) || pa == 0 {
-        return Err(BootError::StartInfoOutOfReach(pa));
+        bad(format_args!("start info at {pa:#x} is outside the low 4 GiB"));
     }
     // SAFETY: the loader put the start info at `pa` (EBX at entry); it is below 4 GiB.
     let si = StartInfo::from_bytes(unsafe { phys_slice(pa, START_INFO_LEN) })
-        .map_err(|_| BootError::BadStartInfo("truncated"))?;
-    si.validate().map_err(|_| BootError::BadStartInfo("wrong magic or version"))?;
+        .unwrap_or_else(|_| bad_start_info("truncated"));
+    if si.validate().is_err() {
+        bad_start_info("wrong magic or version");
+    }
 
     let mut ram = heapless::Vec::new();
     let n = si.memmap_entries as u64;
     if !reachable(si.memmap_paddr, n * MEMMAP_ENTRY_LEN as u64) {
-        return Err(BootError::MemmapOutOfReach);
+        bad(format_args!("the start info's memory map lies outside the low 4 GiB"));
     }
     for i in 0..n {
         // SAFETY: the entry lies inside the memory map array checked above.
@@ -107,19 +95,15 @@ fn read_pvh(start_info_pa: u32) -> Result<BootInfo, BootError> {
         let Ok(e) = MemmapEntry::from_bytes(bytes) else {
             continue;
         };
-        if e.r#type != MEMMAP_RAM || e.addr >= IDENTITY_LIMIT {
-            continue;
-        }
-        let end = e.addr.saturating_add(e.size).min(IDENTITY_LIMIT);
-        let _ = ram.push(PhysRange::new(e.addr, end));
+        push_ram(&mut ram, &e);
     }
 
     let bundle = if si.nr_modules > 0 && reachable(si.modlist_paddr, MODLIST_ENTRY_LEN as u64) {
         // SAFETY: the first module entry lies below 4 GiB (checked above).
         let m = ModlistEntry::from_bytes(unsafe { phys_slice(si.modlist_paddr, MODLIST_ENTRY_LEN) })
-            .map_err(|_| BootError::BadStartInfo("truncated module entry"))?;
+            .unwrap_or_else(|_| bad_start_info("truncated module entry"));
         if !reachable(m.paddr, m.size) {
-            return Err(BootError::ModuleOutOfReach { paddr: m.paddr, size: m.size });
+            module_out_of_reach(m.paddr, m.size);
         }
         Some(PhysRange::new(m.paddr, m.paddr + m.size))
     } else {
@@ -131,11 +115,10 @@ fn read_pvh(start_info_pa: u32) -> Result<BootInfo, BootError> {
         // SAFETY: CMDLINE_MAX bytes from the command line address lie below 4 GiB.
         let raw = unsafe { phys_slice(si.cmdline_paddr, CMDLINE_MAX) };
         let len = raw.iter().position(|&b| b == 0).unwrap_or(0);
-        let s = core::str::from_utf8(&raw[..len]).map_err(|_| BootError::CmdlineNotUtf8)?;
-        let _ = cmdline.push_str(s);
+        let _ = cmdline.push_str(utf8_cmdline(&raw[..len]));
     }
 
-    Ok(BootInfo {
+    BootInfo {
         protocol: "PVH",
         loader: heapless::String::new(),
         cmdline,
@@ -143,7 +126,7 @@ fn read_pvh(start_info_pa: u32) -> Result<BootInfo, BootError> {
         ram,
         bundle,
         memmap_entries: si.memmap_entries,
-    })
+    }
 }
 
 /// Room for the loader's copy of the RSDP (36 bytes for ACPI 2.0+; the length field may
@@ -161,43 +144,40 @@ static RSDP_COPY: spin::Once<RsdpCopy> = spin::Once::new();
 /// bounded by the image); anything near this is not a Multiboot2 information.
 const MB2_INFO_MAX: u64 = 1 << 20;
 
-fn read_multiboot2(info_pa: u32) -> Result<BootInfo, BootError> {
+fn read_multiboot2(info_pa: u32) -> BootInfo {
     let pa = info_pa as u64;
     if pa == 0 || !reachable(pa, 8) {
-        return Err(BootError::InfoOutOfReach(pa));
+        bad(format_args!("the Multiboot2 information at {pa:#x} lies outside the low 4 GiB"));
     }
     // SAFETY: 8 bytes at the address the loader put in EBX, below 4 GiB (checked).
-    let total = multiboot2::total_size(unsafe { phys_slice(pa, 8) }).map_err(BootError::BadMultiboot2)?;
+    let total = multiboot2::total_size(unsafe { phys_slice(pa, 8) }).unwrap_or_else(|e| bad(format_args!("{e}")));
     let len = (total as u64).min(MB2_INFO_MAX);
     if !reachable(pa, len) {
-        return Err(BootError::InfoOutOfReach(pa));
+        bad(format_args!("the Multiboot2 information at {pa:#x} lies outside the low 4 GiB"));
     }
     // SAFETY: the information's bytes lie below 4 GiB (checked); nothing writes them while
     // they are read here (the frame allocator does not exist yet).
-    let info = multiboot2::Info::parse(unsafe { phys_slice(pa, len as usize) }).map_err(BootError::BadMultiboot2)?;
+    let info =
+        multiboot2::Info::parse(unsafe { phys_slice(pa, len as usize) }).unwrap_or_else(|e| bad(format_args!("{e}")));
 
     let mut ram = heapless::Vec::new();
     let mut memmap_entries = 0;
     for e in info.memory_map() {
         memmap_entries += 1;
-        if e.r#type != MEMMAP_RAM || e.addr >= IDENTITY_LIMIT {
-            continue;
-        }
-        let end = e.addr.saturating_add(e.size).min(IDENTITY_LIMIT);
-        let _ = ram.push(PhysRange::new(e.addr, end));
+        push_ram(&mut ram, &e);
     }
 
     // The first module is the boot bundle (grub.cfg's first `module2` line).
     let bundle = match info.modules().next() {
-        Some(m) if !reachable(m.spec.paddr, m.spec.size) => {
-            return Err(BootError::ModuleOutOfReach { paddr: m.spec.paddr, size: m.spec.size })
-        }
+        Some(m) if !reachable(m.spec.paddr, m.spec.size) => module_out_of_reach(m.spec.paddr, m.spec.size),
         Some(m) => Some(PhysRange::new(m.spec.paddr, m.spec.paddr + m.spec.size)),
         None => None,
     };
 
     let rsdp = match info.rsdp() {
-        Some(bytes) if bytes.len() > RSDP_MAX => return Err(BootError::RsdpTooLong(bytes.len())),
+        Some(bytes) if bytes.len() > RSDP_MAX => {
+            bad(format_args!("the loader's copy of the ACPI RSDP is {} bytes, more than {RSDP_MAX}", bytes.len()))
+        }
         Some(bytes) => {
             let copy = RSDP_COPY.call_once(|| {
                 let mut c = RsdpCopy([0; RSDP_MAX]);
@@ -212,12 +192,11 @@ fn read_multiboot2(info_pa: u32) -> Result<BootInfo, BootError> {
 
     let mut cmdline = heapless::String::new();
     let raw = info.cmdline();
-    let s = core::str::from_utf8(&raw[..raw.len().min(CMDLINE_MAX)]).map_err(|_| BootError::CmdlineNotUtf8)?;
-    let _ = cmdline.push_str(s);
+    let _ = cmdline.push_str(utf8_cmdline(&raw[..raw.len().min(CMDLINE_MAX)]));
     let mut loader = heapless::String::new();
     if let Some(name) = info.boot_loader_name() {
         let _ = loader.push_str(core::str::from_utf8(&name[..name.len().min(64)]).unwrap_or("(not UTF-8)"));
     }
 
-    Ok(BootInfo { protocol: "Multiboot2", loader, cmdline, rsdp, ram, bundle, memmap_entries })
+    BootInfo { protocol: "Multiboot2", loader, cmdline, rsdp, ram, bundle, memmap_entries }
 }

@@ -1,0 +1,116 @@
+//! The run loop: run the current vCPU until it exits, hand the exit to `vmexit`, deliver
+//! what arrived meanwhile (device interrupts, the scheduler tick, IOMMU faults), repeat.
+
+use ipc_spec::machine_exit::MachineExit;
+use microvisor::kernel::{Event, Kernel};
+use microvisor::npt::Npt;
+use microvisor::vcpu_hw::VcpuHardware;
+
+use crate::arch::apic;
+use crate::arch::cpu::{self, exit_machine};
+use crate::bare_metal::BareMetal;
+use crate::println;
+use crate::vmexit;
+
+/// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
+pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
+    let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
+    loop {
+        let events = apic::events();
+        if events != seen_events {
+            seen_events = events;
+            let mut irqs = apic::take_device_irqs();
+            while irqs != 0 {
+                let bit = irqs.trailing_zeros();
+                irqs &= irqs - 1;
+                k.device_interrupt(microvisor::kernel::DEVICE_VECTOR_BASE + bit as u8);
+            }
+            let ticks = apic::ticks();
+            if ticks != seen_ticks {
+                seen_ticks = ticks;
+                cpu::check_stack_canary();
+                poll_iommu_faults(k, m);
+                m.poll_console();
+                k.tick(m.clock.now_ns());
+            }
+        }
+        k.schedule();
+        let Some(v) = k.current else {
+            if !k.any_alive() {
+                println!("no runnable domains left: stopping the machine");
+                exit_machine(MachineExit::NoDomainsLeft);
+            }
+            apic::wait_for_interrupt();
+            continue;
+        };
+        cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
+        enter(k, m, v);
+        let exit = m.svm.run(v, &mut k.vcpus[v as usize].regs);
+        let event = vmexit::handle(k, m, v, exit);
+        // A blocked DMA of this vCPU's domain goes to its exit handler now.
+        if k.current == Some(v) {
+            let d = k.vcpus[v as usize].domain;
+            if let Some((addr, detail)) = m.pending_dma[d as usize].take() {
+                let x = microvisor::kernel::PendingExit::new(ipc_spec::exit::ExitKind::Dma, addr, detail);
+                vmexit::send(k, m, v, x);
+            }
+        }
+        match event {
+            None => {}
+            Some(Event::PowerOff(status)) => {
+                println!("shutdown requested with status {status}");
+                exit_machine(if status == 0 { MachineExit::Success } else { MachineExit::Dom0Failure });
+            }
+            Some(Event::Exited { domain, status, handled }) => println!(
+                "domain {} exited with status {status}{}",
+                k.domains[domain as usize].name(),
+                if handled { "; its fault handler was told" } else { "" }
+            ),
+        }
+        cpu::set_current_domain(None);
+    }
+}
+
+/// Prepare the CPU for vCPU `v`: TLB, FPU, and a pending virtual interrupt offered to
+/// the guest (taken when its RFLAGS.IF allows) unless an earlier one still waits.
+fn enter(k: &mut Kernel<Npt>, m: &mut BareMetal, v: microvisor::kernel::VcpuId) {
+    m.sync_tlb(v);
+    m.fpu.switch_to(v);
+    let vcpu = &mut k.vcpus[v as usize];
+    if vcpu.has_irq() && !m.svm.interrupt_offered(v) {
+        if let Some(vector) = vcpu.take_irq() {
+            m.svm.offer_interrupt(v, vector);
+        }
+    }
+}
+
+/// Report DMA faults the IOMMU recorded, and queue each for the domain that owns the
+/// device: it reaches that domain's fault handler when one of its vCPUs next runs.
+fn poll_iommu_faults(k: &Kernel<Npt>, m: &mut BareMetal) {
+    let Some(iommu) = m.iommu.as_mut() else { return };
+    while let Some(f) = iommu.poll_fault() {
+        let bdf = microvisor::pci::Bdf::from_requester_id(f.source_id);
+        let owner = k.devices.iter().find(|d| d.present && d.rid == f.source_id).and_then(|d| d.owner);
+        let write = matches!(f.kind, microvisor::iommu::faults::RequestKind::Write);
+        println!(
+            "iommu: blocked DMA from {bdf}: {} at {:#x} ({}){}",
+            if write { "write" } else { "read" },
+            f.fault_info,
+            f.reason,
+            owner.map_or("", |_| "; reported to the owner's fault handler")
+        );
+        if f.fault_info < crate::arch::phys::IDENTITY_LIMIT {
+            // What the device would have overwritten without the IOMMU, as it is now.
+            // SAFETY: an 8-byte read inside the identity map; the value is only printed.
+            let now = unsafe { core::ptr::read_volatile(f.fault_info as *const [u8; 8]) };
+            println!("iommu: physical memory at {:#x} now holds {:02x?}", f.fault_info, now);
+        }
+        if let Some(d) = owner {
+            let detail = ipc_spec::exit::Dma { requester: f.source_id, reason: f.reason.raw(), write }.encode();
+            let slot = &mut m.pending_dma[d as usize];
+            if slot.is_none() {
+                *slot = Some((f.fault_info, detail));
+            }
+        }
+    }
+}
