@@ -42,7 +42,7 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut Machine, v: VcpuId, exit: Exit) -> Op
             k.hlt_exit(&mut m.svm, v);
         }
         Exit::Interrupt => apic::take_pending_interrupts(),
-        Exit::InterruptWindow => {}
+        Exit::InterruptWindow => k.interrupt_window_exit(&mut m.svm, v),
         other => {
             let x = pending_exit(other, regs);
             send(k, m, v, x);

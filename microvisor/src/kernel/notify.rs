@@ -23,15 +23,19 @@ pub trait VirqHardware {
     fn virq_injectable(&mut self, v: VcpuId) -> bool;
     /// Deliver external interrupt `vector` at the next entry (EVENTINJ).
     fn virq_inject(&mut self, v: VcpuId, vector: u8);
+    /// Exit (`Exit::InterruptWindow`) when the guest is about to take the offered vector
+    /// (SVM: the VINTR intercept), or no longer.
+    fn virq_window(&mut self, v: VcpuId, on: bool);
 }
 
 impl<F: Stage2Format> Kernel<F> {
     /// Before entering `v`: hand its pending virtual interrupts to the hardware. The
     /// lowest goes into the offered slot if that is free. A second one is injected when
-    /// the guest could take an interrupt now: otherwise it would wait, with the guest
-    /// running and interruptible, until the guest's next exit (after taking the first
-    /// vector, a guest that looks at what arrived sees only the first: a late wake-up,
-    /// which the wake-up model in `wakeup_model.rs` finds without this).
+    /// the guest could take an interrupt now, else an exit is requested for the moment it
+    /// can: otherwise it would wait, with the guest running and interruptible, until the
+    /// guest's next exit (after taking the first vector, a guest that looks at what
+    /// arrived sees only the first: a late wake-up, which the wake-up model in
+    /// `wakeup_model.rs` finds without this).
     pub fn deliver_irqs<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
         let vcpu = &mut self.vcpus[v as usize];
         if !vcpu.has_irq() {
@@ -52,6 +56,20 @@ impl<F: Stage2Format> Kernel<F> {
                 h.virq_inject(v, vector);
             }
         }
+        // Still more (the guest cannot take an interrupt now, or a third vector): exit
+        // when it is about to take the offered one, and inject the next then. Without
+        // this, a guest that takes the offered vector and looks at what arrived (the timer)
+        // finds the next one's work (a doorbell) without its interrupt: a late wake-up.
+        if vcpu.has_irq() {
+            h.virq_window(v, true);
+        }
+    }
+
+    /// `v` exited because it was about to take its offered vector (the window requested
+    /// by [`Self::deliver_irqs`]): no more such exits until the next request; the entry
+    /// after this injects what is pending.
+    pub fn interrupt_window_exit<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        h.virq_window(v, false);
     }
 
     /// The running vCPU `v` executed HLT (already completed: RIP past it, shadow over). It

@@ -327,6 +327,12 @@ impl VirqHardware for Svm {
             && vmcb.read_u64(control::EVENT_INJECTION) & EVENT_VALID == 0
     }
 
+    fn virq_window(&mut self, v: VcpuId, on: bool) {
+        let vmcb = self.vmcb(v);
+        let misc1 = vmcb.read_u32(control::INTERCEPT_MISC1) & !misc1::VINTR;
+        vmcb.write_u32(control::INTERCEPT_MISC1, misc1 | if on { misc1::VINTR } else { 0 });
+    }
+
     fn virq_inject(&mut self, v: VcpuId, vector: u8) {
         self.inject(v, Event::Interrupt(vector));
     }

@@ -57,6 +57,8 @@ pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const SMI: u32 = 1 << 2;
     pub const INIT: u32 = 1 << 3;
+    /// VINTR: exit when the guest is about to take the virtual interrupt in V_IRQ.
+    pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
