@@ -47,6 +47,9 @@ impl<F: Stage2Format> Kernel<F> {
         } else if number == Hypercall::SignalWait as u64 {
             // The doorbell ping-pong: decoded before the rest, after IPC and the null call.
             self.stats.hypercalls += 1;
+            if self.signal_wait_fast(v, slot) {
+                return None;
+            }
             let r = &self.vcpus[v as usize].regs;
             let (bits, wait) = (r.rdi, r.rsi);
             self.signal_wait(v, slot, bits, wait)

@@ -1237,8 +1237,8 @@ impl<F: Stage2Format> Kernel<F> {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod signal_fast_tests;
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 mod wakeup_model;

@@ -6,7 +6,7 @@ use ipc_spec::hypercall::rights;
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{Kernel, NotificationId, VcpuId, VcpuState};
+use super::{Kernel, NotificationId, VcpuId, VcpuState, MAX_DOMAINS, MAX_NOTIFICATIONS, MAX_VCPUS};
 use crate::stage2::Stage2Format;
 
 /// A vCPU's virtual-interrupt hardware as the kernel needs it (SVM: V_IRQ and EVENTINJ).
@@ -36,11 +36,16 @@ impl<F: Stage2Format> Kernel<F> {
     /// guest's next exit (after taking the first vector, a guest that looks at what
     /// arrived sees only the first: a late wake-up, which the wake-up model in
     /// `wakeup_model.rs` finds without this).
+    #[inline(always)]
     pub fn deliver_irqs<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
-        let vcpu = &mut self.vcpus[v as usize];
-        if !vcpu.has_irq() {
-            return;
+        if self.vcpus[v as usize].has_irq() {
+            self.deliver_pending(h, v);
         }
+    }
+
+    #[inline(never)]
+    fn deliver_pending<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        let vcpu = &mut self.vcpus[v as usize];
         match h.virq_offered(v) {
             // The same vector again before the guest took it: one request, as a local
             // APIC's IRR bit holds one (a second edge on a requested vector merges).
@@ -157,6 +162,48 @@ impl<F: Stage2Format> Kernel<F> {
         self.vcpus[v as usize].state = VcpuState::Ready;
         self.runq.push(v, prio, &mut self.next);
         self.switch_to(w);
+    }
+
+    /// Fast path of `SignalWait`, the doorbell ping-pong's common case: the peer waits on
+    /// the notification signalled (explicit bits), nothing is pending on the one waited
+    /// on, and no ready vCPU outranks the peer. Straight-line: hand the peer the bits,
+    /// block, switch. Returns false (having changed nothing) when the general path must
+    /// run. Like `call_fast`, it masks identifiers to drop bounds checks.
+    #[inline(always)]
+    pub(super) fn signal_wait_fast(&mut self, v: VcpuId, slot: u64) -> bool {
+        let vi = v as usize & (MAX_VCPUS - 1);
+        let d = self.vcpus[vi].domain as usize & (MAX_DOMAINS - 1);
+        let (bits, wait_slot) = {
+            let r = &self.vcpus[vi].regs;
+            (r.rdi, r.rsi)
+        };
+        let caps = &self.domains[d].caps;
+        let (Some(sc), Some(wc)) = (caps.get_raw(slot), caps.get_raw(wait_slot)) else { return false };
+        let (Object::Notification(n), Object::Notification(m)) = (sc.object, wc.object) else { return false };
+        if sc.rights & rights::SIGNAL == 0 || wc.rights & rights::WAIT == 0 || bits == 0 || n == m {
+            return false;
+        }
+        let (ni, mi) = (n as usize & (MAX_NOTIFICATIONS - 1), m as usize & (MAX_NOTIFICATIONS - 1));
+        let Some(w) = self.notifications[ni].waiter else { return false };
+        if self.notifications[mi].bits != 0 || self.notifications[mi].waiter.is_some() {
+            return false;
+        }
+        let wi = w as usize & (MAX_VCPUS - 1);
+        if self.runq.highest().is_some_and(|h| h > self.vcpus[wi].priority) {
+            return false;
+        }
+        // (A waiter is never a VM's vCPU, which makes no hypercalls: no pause to honour.)
+        let taken = core::mem::take(&mut self.notifications[ni].bits) | bits;
+        self.notifications[ni].waiter = None;
+        self.notifications[mi].waiter = Some(v);
+        let peer = &mut self.vcpus[wi];
+        (peer.regs.rdi, peer.regs.rax) = (taken, 0);
+        peer.state = VcpuState::Running;
+        self.vcpus[vi].state = VcpuState::BlockedWait(m);
+        self.current = Some(w);
+        self.stats.signals += 1;
+        self.domains[d].signals += 1;
+        true
     }
 
     /// `SignalWait`: signal one notification and wait on another in one hypercall (a

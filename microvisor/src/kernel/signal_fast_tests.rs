@@ -176,7 +176,8 @@ fn signal_wait_ping_pong_switches_directly() {
     // Bits 0 signal the capability's badge (unbadged: bit 0); signal and wait on one
     // notification: the caller takes its own bits.
     t.run(va);
-    let both = t.k.grant_original(t.k.vcpus[va as usize].domain, Object::Notification(t.ab), rights::SIGNAL | rights::WAIT);
+    let both =
+        t.k.grant_original(t.k.vcpus[va as usize].domain, Object::Notification(t.ab), rights::SIGNAL | rights::WAIT);
     let both = both.unwrap();
     t.k.notifications[t.ab as usize].bits = 0;
     assert_eq!(t.hc(va, Hypercall::SignalWait, both, 0, both), (0, 1));

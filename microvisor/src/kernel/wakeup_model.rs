@@ -50,7 +50,10 @@ pub(super) struct Plat {
 
 impl Plat {
     pub(super) fn new() -> Self {
-        Plat { frames: FrameAllocator::new(&[PhysRange::new(0x100_0000, 0x100_0000 + (16 << 20))], &[]), mem: HashMap::new() }
+        Plat {
+            frames: FrameAllocator::new(&[PhysRange::new(0x100_0000, 0x100_0000 + (16 << 20))], &[]),
+            mem: HashMap::new(),
+        }
     }
 }
 
@@ -296,7 +299,8 @@ impl Model {
             .iter()
             .map(|&n| (k.notifications[n as usize].bits, k.notifications[n as usize].waiter))
             .collect();
-        let rq: Vec<_> = [self.bell, self.ping].iter().map(|&v| k.runq.contains(v, k.vcpus[v as usize].priority, &k.next)).collect();
+        let rq: Vec<_> =
+            [self.bell, self.ping].iter().map(|&v| k.runq.contains(v, k.vcpus[v as usize].priority, &k.next)).collect();
         format!(
             "{vs:?}{ns:?}{rq:?}{:?}{:?}{:?}{}{}{}{}{}",
             k.current, s.hw, s.in_guest, s.rings, s.timers, s.ticks, s.answered, s.reports
@@ -567,7 +571,11 @@ fn no_wake_up_is_lost_or_late_in_any_interleaving() {
         assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: halted with a vector pending");
         assert_eq!(f.late, None, "bell {bell}, ping {ping}: a vector waited while the guest was interruptible");
         assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: a doorbell was never seen");
-        assert_eq!(f.reports, 0, "bell {bell}, ping {ping}: bell reported a doorbell late or lost after {:?}", f.report_path);
+        assert_eq!(
+            f.reports, 0,
+            "bell {bell}, ping {ping}: bell reported a doorbell late or lost after {:?}",
+            f.report_path
+        );
     }
 }
 
@@ -593,4 +601,3 @@ fn with_v_irq_alone_a_doorbell_waits_behind_the_timer() {
     assert!(late_somewhere, "the model should find the late wake-up of V_IRQ alone");
     assert!(reported_somewhere, "and bell's report of it");
 }
-
