@@ -98,6 +98,11 @@ pub fn wait(slot: u64) -> Result<u64, Error> {
     call(Hypercall::Wait, slot, [0; 6]).map(|r| r.args[0])
 }
 
+/// Signal `signal` with `bits` and wait for bits on `wait`, in one hypercall; returns them.
+pub fn signal_wait(signal: u64, bits: u64, wait: u64) -> Result<u64, Error> {
+    call(Hypercall::SignalWait, signal, [bits, wait, 0, 0, 0, 0]).map(|r| r.args[0])
+}
+
 pub fn poll(slot: u64) -> Result<u64, Error> {
     call(Hypercall::Poll, slot, [0; 6]).map(|r| r.args[0])
 }

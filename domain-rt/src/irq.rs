@@ -114,6 +114,17 @@ pub fn wait_for_virq(seen: u64) -> u64 {
     }
 }
 
+/// Let in a virtual interrupt that is already offered (interrupts on for one instruction:
+/// STI's shadow covers the NOP, so the interrupt is taken before the CLI), then close
+/// again. Code that found work without its interrupt, while it ran with interrupts off,
+/// uses it to tell an interrupt that was about to arrive from a late or lost one.
+#[cfg(target_os = "none")]
+pub fn let_offered_in() {
+    // SAFETY: as in `wait_for_virq`: the only interrupts are this domain's counting
+    // handlers. Not `nomem`: the caller reads the counts they write afterwards.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nostack)) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Arrived, Counts};

@@ -183,6 +183,12 @@ hypercalls! {
     /// One-shot virtual timer: signal the notification with RSI bits (0 = bit 0) RDI
     /// nanoseconds from now (0 cancels). RBX = slot (WAIT).
     TimerSet = 64,
+    /// Signal one notification and wait on another, in one hypercall (a doorbell
+    /// ping-pong: one exit per side). RBX = slot to signal (SIGNAL), RDI = bits (0 = the
+    /// capability's badge), RSI = slot to wait on (WAIT). Both are checked before anything
+    /// happens. Returns RDI = the bits taken, as [`Hypercall::Wait`]. A woken vCPU of
+    /// higher or equal priority runs at once.
+    SignalWait = 65,
 
     /// Describe a PCI function. RBX = device capability (any rights). Returns
     /// RDI = requester id (bus << 8 | device << 3 | function), RSI = vendor | device << 16,

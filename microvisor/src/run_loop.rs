@@ -71,17 +71,12 @@ pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
     }
 }
 
-/// Prepare the CPU for vCPU `v`: TLB, FPU, and a pending virtual interrupt offered to
-/// the guest (taken when its RFLAGS.IF allows) unless an earlier one still waits.
+/// Prepare the CPU for vCPU `v`: TLB, FPU, and its pending virtual interrupts handed to
+/// the hardware (`Kernel::deliver_irqs`).
 fn enter(k: &mut Kernel<Npt>, m: &mut BareMetal, v: microvisor::kernel::VcpuId) {
     m.sync_tlb(v);
     m.fpu.switch_to(v);
-    let vcpu = &mut k.vcpus[v as usize];
-    if vcpu.has_irq() && !m.svm.interrupt_offered(v) {
-        if let Some(vector) = vcpu.take_irq() {
-            m.svm.offer_interrupt(v, vector);
-        }
-    }
+    k.deliver_irqs(&mut m.svm, v);
 }
 
 /// Report DMA faults the IOMMU recorded, and queue each for the domain that owns the

@@ -39,15 +39,10 @@ pub fn handle(k: &mut Kernel<Npt>, m: &mut BareMetal, v: VcpuId, exit: Exit) -> 
         Exit::Msr { .. } if !vcpu.vm => m.svm.inject(v, Event::Exception(13, Some(0))),
         Exit::Hlt { len } => {
             m.svm.complete(v, regs, len);
-            // A virtual interrupt already offered (the guest did STI; HLT, and STI's shadow
-            // covered the HLT) will be taken as soon as the guest resumes: parking the vCPU
-            // now would lose that wake-up.
-            if !m.svm.interrupt_offered(v) {
-                k.halt(v);
-            }
+            k.hlt_exit(&mut m.svm, v);
         }
         Exit::Interrupt => apic::take_pending_interrupts(),
-        Exit::InterruptWindow => {}
+        Exit::InterruptWindow => k.interrupt_window_exit(&mut m.svm, v),
         other => {
             let x = pending_exit(other, regs);
             send(k, m, v, x);

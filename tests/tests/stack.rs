@@ -79,9 +79,15 @@ fn virtual_timer_sleeps_and_doorbells_arrive_as_virtual_interrupts() {
         .iter()
         .find_map(|l| l.strip_prefix("[bell] 300 doorbells answered, ")?.split(' ').next()?.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no count of doorbells answered:\n{}", run.console()));
-    assert!(woken >= 250, "only {woken} of 300 doorbells woke bell from HLT:\n{}", run.console());
-    // A lost wake-up (bell's fallback timer found a doorbell first) is reported, not fatal:
-    // one hung this test once under load and is not found yet (docs/design.md).
+    // How many is up to the scheduler since the notification fast path: when ping waits
+    // before bell answers (a tick preempted bell), bell's answer hands the CPU straight to
+    // ping (equal priority), ping rings again before bell has halted, and from then on
+    // every doorbell is found pending (its interrupt offered) until a tick changes the
+    // rhythm again; under a CPU hog 19 to 73 of 300 were seen. The first always wakes it
+    // (bell halted while ping slept).
+    assert!(woken >= 1, "no doorbell woke bell from HLT:\n{}", run.console());
+    // A late or lost wake-up (bell's fallback timer found a doorbell first) is reported, not
+    // fatal; the cause found and fixed is in docs/design.md (known limits).
     for l in run.lines.iter().filter(|l| l.contains("found by the fallback timer")) {
         eprintln!("note: {l}");
     }

@@ -165,9 +165,10 @@ mod client {
         let (ntf, over_ntf) = match doorbell {
             Some((_, signal, wait)) => {
                 println!("bench: phase notification start");
+                // Ring and wait for the answer in one hypercall (the peer answers the same
+                // way): one exit per side, as an IPC call and its reply.
                 let r = measure(n, || {
-                    let _ = hypercall::signal(signal, 1);
-                    let _ = hypercall::wait(wait);
+                    let _ = hypercall::signal_wait(signal, 1, wait);
                 });
                 println!("bench: phase notification done");
                 r

@@ -46,6 +46,15 @@ impl<F: Stage2Format> Kernel<F> {
             self.stats.hypercalls += 1;
             self.vcpus[v as usize].regs.rax = 0;
             return None;
+        } else if number == Hypercall::SignalWait as u64 {
+            // The doorbell ping-pong: decoded before the rest, after IPC and the null call.
+            self.stats.hypercalls += 1;
+            if self.signal_wait_fast(v, slot) {
+                return None;
+            }
+            let r = &self.vcpus[v as usize].regs;
+            let (bits, wait) = (r.rdi, r.rsi);
+            self.signal_wait(v, slot, bits, wait)
         } else {
             return self.hypercall_slow(p, v, number, slot);
         };
@@ -70,6 +79,7 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::Recv => pending(self.recv(p, v, slot)),
             Hypercall::Signal => Done::Status(self.signal(v, slot, arg0)),
             Hypercall::Wait => pending(self.wait(v, slot)),
+            Hypercall::SignalWait => pending(self.signal_wait(v, slot, arg0, self.vcpus[v as usize].regs.rsi)),
             Hypercall::Poll => Done::Status(self.poll(v, slot).map(|bits| self.vcpus[v as usize].regs.rdi = bits)),
             Hypercall::Yield => {
                 self.vcpus[v as usize].regs.rax = 0;

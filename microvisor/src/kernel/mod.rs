@@ -285,4 +285,8 @@ impl<F: Stage2Format> Kernel<F> {
 }
 
 #[cfg(test)]
+mod signal_fast_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wakeup_model;

@@ -6,10 +6,86 @@ use ipc_spec::hypercall::rights;
 use ipc_spec::Error;
 
 use super::caps::Object;
-use super::{Kernel, NotificationId, VcpuId, VcpuState};
+use super::{Kernel, NotificationId, VcpuId, VcpuState, MAX_DOMAINS, MAX_NOTIFICATIONS, MAX_VCPUS};
 use crate::stage2::Stage2Format;
 
+/// A vCPU's virtual-interrupt hardware as the kernel needs it (SVM: V_IRQ and EVENTINJ).
+/// The offered slot holds ONE vector, taken by the guest without an exit when its
+/// RFLAGS.IF allows; the injection slot delivers an event at the next entry whatever IF
+/// says, so the kernel uses it only when the guest could take an interrupt anyway.
+pub trait VirqHardware {
+    /// The vector offered and not yet taken (V_IRQ set), if any.
+    fn virq_offered(&mut self, v: VcpuId) -> Option<u8>;
+    /// Offer `vector` (the slot must be free).
+    fn virq_offer(&mut self, v: VcpuId, vector: u8);
+    /// The guest would take an interrupt at its next instruction: RFLAGS.IF set, no
+    /// interrupt shadow (STI, MOV SS), and no event already waiting to be injected.
+    fn virq_injectable(&mut self, v: VcpuId) -> bool;
+    /// Deliver external interrupt `vector` at the next entry (EVENTINJ).
+    fn virq_inject(&mut self, v: VcpuId, vector: u8);
+    /// Exit (`Exit::InterruptWindow`) when the guest is about to take the offered vector
+    /// (SVM: the VINTR intercept), or no longer.
+    fn virq_window(&mut self, v: VcpuId, on: bool);
+}
+
 impl<F: Stage2Format> Kernel<F> {
+    /// Before entering `v`: hand its pending virtual interrupts to the hardware. The
+    /// lowest goes into the offered slot if that is free. A second one is injected when
+    /// the guest could take an interrupt now, else an exit is requested for the moment it
+    /// can: otherwise it would wait, with the guest running and interruptible, until the
+    /// guest's next exit (after taking the first vector, a guest that looks at what
+    /// arrived sees only the first: a late wake-up, which the wake-up model in
+    /// `wakeup_model.rs` finds without this).
+    #[inline(always)]
+    pub fn deliver_irqs<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        if self.vcpus[v as usize].has_irq() {
+            self.deliver_pending(h, v);
+        }
+    }
+
+    #[inline(never)]
+    fn deliver_pending<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        let vcpu = &mut self.vcpus[v as usize];
+        match h.virq_offered(v) {
+            // The same vector again before the guest took it: one request, as a local
+            // APIC's IRR bit holds one (a second edge on a requested vector merges).
+            Some(offered) => vcpu.pending_irqs[offered as usize / 64] &= !(1 << (offered % 64)),
+            None => {
+                if let Some(vector) = vcpu.take_irq() {
+                    h.virq_offer(v, vector);
+                }
+            }
+        }
+        if vcpu.has_irq() && h.virq_injectable(v) {
+            if let Some(vector) = vcpu.take_irq() {
+                h.virq_inject(v, vector);
+            }
+        }
+        // Still more (the guest cannot take an interrupt now, or a third vector): exit
+        // when it is about to take the offered one, and inject the next then. Without
+        // this, a guest that takes the offered vector and looks at what arrived (the timer)
+        // finds the next one's work (a doorbell) without its interrupt: a late wake-up.
+        if vcpu.has_irq() {
+            h.virq_window(v, true);
+        }
+    }
+
+    /// `v` exited because it was about to take its offered vector (the window requested
+    /// by [`Self::deliver_irqs`]): no more such exits until the next request; the entry
+    /// after this injects what is pending.
+    pub fn interrupt_window_exit<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        h.virq_window(v, false);
+    }
+
+    /// The running vCPU `v` executed HLT (already completed: RIP past it, shadow over). It
+    /// sleeps unless a virtual interrupt is offered (the guest did STI; HLT with STI's
+    /// shadow covering the HLT: it takes the interrupt as soon as it resumes) or pending.
+    pub fn hlt_exit<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
+        if h.virq_offered(v).is_none() {
+            self.halt(v);
+        }
+    }
+
     fn notification_of(&self, v: VcpuId, slot: u64, right: u64) -> Result<(NotificationId, u64), Error> {
         let cap = self.lookup(self.vcpus[v as usize].domain, slot, right)?;
         match cap.object {
@@ -22,12 +98,24 @@ impl<F: Stage2Format> Kernel<F> {
         let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
         let bits = if bits != 0 { bits } else { badge.max(1) };
         self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
-        self.signal_object(n, bits);
+        if let Some(w) = self.signal_wake(n, bits) {
+            self.wake_from(v, w);
+        }
         Ok(())
     }
 
-    /// Set `bits` on notification `n` and wake whoever is interested.
+    /// Set `bits` on notification `n` and wake whoever is interested (from a timer, a
+    /// device interrupt or an exit: no vCPU of the signaller's to hand the CPU over from).
     pub fn signal_object(&mut self, n: NotificationId, bits: u64) {
+        if let Some(w) = self.signal_wake(n, bits) {
+            self.make_ready(w);
+        }
+    }
+
+    /// Set `bits` on `n`. Returns the vCPU the signal unblocks (a waiter, with its result
+    /// already written; a receive the notification is bound to; a vCPU halted with the
+    /// notification bound to one of its vectors), which the caller must make runnable.
+    fn signal_wake(&mut self, n: NotificationId, bits: u64) -> Option<VcpuId> {
         self.stats.signals += 1;
         let ntf = &mut self.notifications[n as usize];
         ntf.bits |= bits;
@@ -36,23 +124,132 @@ impl<F: Stage2Format> Kernel<F> {
             let r = &mut self.vcpus[w as usize].regs;
             r.rdi = taken;
             r.rax = 0;
-            self.make_ready(w);
-        } else if let Some((target, 0)) = ntf.bound {
+            return Some(w);
+        }
+        match ntf.bound {
             // Bound to a receive: wake it if it waits, else the bits wait for the next one.
-            if let VcpuState::BlockedRecv(e) = self.vcpus[target as usize].state {
+            Some((target, 0)) => {
+                let VcpuState::BlockedRecv(e) = self.vcpus[target as usize].state else { return None };
                 self.endpoints[e as usize].receivers.remove(target, &mut self.next);
                 let bits = core::mem::take(&mut self.notifications[n as usize].bits);
                 let r = &mut self.vcpus[target as usize].regs;
                 (r.rax, r.rbx, r.rcx, r.rdi) = (0, ipc_spec::hypercall::NOTIFICATION_BADGE, 0, bits);
-                self.make_ready(target);
+                Some(target)
             }
-        } else if let Some((target, vector)) = ntf.bound {
-            let vcpu = &mut self.vcpus[target as usize];
-            vcpu.pending_irqs[vector as usize / 64] |= 1 << (vector % 64);
-            if vcpu.state == VcpuState::Halted {
-                self.make_ready(target);
+            // Bound to a vector: pending until the vCPU is entered ([`Self::deliver_irqs`]);
+            // a halted vCPU wakes.
+            Some((target, vector)) => {
+                let vcpu = &mut self.vcpus[target as usize];
+                vcpu.pending_irqs[vector as usize / 64] |= 1 << (vector % 64);
+                (vcpu.state == VcpuState::Halted).then_some(target)
             }
+            None => None,
         }
+    }
+
+    /// The fast path of a wake-up by the running vCPU `v`'s signal: a woken `w` of higher
+    /// or equal priority runs at once, as a called server does, without a trip through
+    /// the run queue; `v` stays ready (behind its equals). A lower priority is only made
+    /// ready.
+    fn wake_from(&mut self, v: VcpuId, w: VcpuId) {
+        let (wv, vv) = (&self.vcpus[w as usize], &self.vcpus[v as usize]);
+        let parked = wv.vm && self.domains[wv.domain as usize].paused;
+        if self.current != Some(v) || parked || wv.priority < vv.priority {
+            self.make_ready(w);
+            return;
+        }
+        let prio = vv.priority;
+        self.vcpus[v as usize].state = VcpuState::Ready;
+        self.runq.push(v, prio, &mut self.next);
+        self.switch_to(w);
+    }
+
+    /// Fast path of `SignalWait`, the doorbell ping-pong's common case: the peer waits on
+    /// the notification signalled (explicit bits), nothing is pending on the one waited
+    /// on, and no ready vCPU outranks the peer. Straight-line: hand the peer the bits,
+    /// block, switch. Returns false (having changed nothing) when the general path must
+    /// run. Like `call_fast`, it masks identifiers to drop bounds checks.
+    #[inline(always)]
+    pub(super) fn signal_wait_fast(&mut self, v: VcpuId, slot: u64) -> bool {
+        let vi = v as usize & (MAX_VCPUS - 1);
+        let d = self.vcpus[vi].domain as usize & (MAX_DOMAINS - 1);
+        let (bits, wait_slot) = {
+            let r = &self.vcpus[vi].regs;
+            (r.rdi, r.rsi)
+        };
+        let caps = &self.domains[d].caps;
+        let (Some(sc), Some(wc)) = (caps.get_raw(slot), caps.get_raw(wait_slot)) else { return false };
+        let (Object::Notification(n), Object::Notification(m)) = (sc.object, wc.object) else { return false };
+        if sc.rights & rights::SIGNAL == 0 || wc.rights & rights::WAIT == 0 || bits == 0 || n == m {
+            return false;
+        }
+        let (ni, mi) = (n as usize & (MAX_NOTIFICATIONS - 1), m as usize & (MAX_NOTIFICATIONS - 1));
+        let Some(w) = self.notifications[ni].waiter else { return false };
+        if self.notifications[mi].bits != 0 || self.notifications[mi].waiter.is_some() {
+            return false;
+        }
+        let wi = w as usize & (MAX_VCPUS - 1);
+        if self.runq.highest().is_some_and(|h| h > self.vcpus[wi].priority) {
+            return false;
+        }
+        // (A waiter is never a VM's vCPU, which makes no hypercalls: no pause to honour.)
+        let taken = core::mem::take(&mut self.notifications[ni].bits) | bits;
+        self.notifications[ni].waiter = None;
+        self.notifications[mi].waiter = Some(v);
+        let peer = &mut self.vcpus[wi];
+        (peer.regs.rdi, peer.regs.rax) = (taken, 0);
+        peer.state = VcpuState::Running;
+        self.vcpus[vi].state = VcpuState::BlockedWait(m);
+        self.current = Some(w);
+        self.stats.signals += 1;
+        self.domains[d].signals += 1;
+        true
+    }
+
+    /// `SignalWait`: signal one notification and wait on another in one hypercall (a
+    /// doorbell ping-pong costs one exit per side). Both capabilities are checked before
+    /// anything changes. If the wait blocks, the CPU goes straight to the woken vCPU when
+    /// no ready one outranks it.
+    pub fn signal_wait(&mut self, v: VcpuId, slot: u64, bits: u64, wait_slot: u64) -> Result<(), Error> {
+        let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
+        let (m, _) = self.notification_of(v, wait_slot, rights::WAIT)?;
+        let bits = if bits != 0 { bits } else { badge.max(1) };
+        // One waiter at a time. (A waiter on `m` with `m == n` is woken by this very
+        // signal, and the caller takes its place.)
+        if n != m && self.notifications[m as usize].waiter.is_some() {
+            return Err(Error::InvalidState);
+        }
+        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
+        let woken = self.signal_wake(n, bits);
+        let ntf = &mut self.notifications[m as usize];
+        if ntf.bits != 0 {
+            let r = &mut self.vcpus[v as usize].regs;
+            (r.rdi, r.rax) = (core::mem::take(&mut ntf.bits), 0);
+            if let Some(w) = woken {
+                self.wake_from(v, w);
+            }
+            return Ok(());
+        }
+        ntf.waiter = Some(v);
+        self.block_current(VcpuState::BlockedWait(m));
+        match woken {
+            Some(w) => {
+                let wv = &self.vcpus[w as usize];
+                let parked = wv.vm && self.domains[wv.domain as usize].paused;
+                let outranked = match self.runq.highest() {
+                    Some(h) => h > wv.priority,
+                    None => false,
+                };
+                if parked || outranked {
+                    self.make_ready(w);
+                    self.schedule();
+                } else {
+                    self.switch_to(w);
+                }
+            }
+            None => self.schedule(),
+        }
+        Ok(())
     }
 
     /// `Wait`: on success with no bits pending, the vCPU blocks (its result arrives with

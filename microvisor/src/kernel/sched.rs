@@ -77,6 +77,7 @@ impl Queue {
 }
 
 /// Ready vCPUs by priority, with a bitmap for finding the highest non-empty level.
+#[derive(Clone)]
 pub struct RunQueue {
     levels: [Queue; PRIORITIES],
     bitmap: [u64; PRIORITIES / 64],

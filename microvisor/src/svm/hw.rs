@@ -9,6 +9,7 @@ use x86_64::registers::model_specific::Msr;
 use super::exit;
 use super::state;
 use super::vmcb::{control, efer, misc1, misc2, save, Segment, Vmcb, DEFAULT_PAT};
+use crate::kernel::notify::VirqHardware;
 use crate::kernel::{Regs, VcpuBoot, VcpuId, MAX_VCPUS};
 use crate::vcpu_hw::{Exit, VcpuHardware};
 
@@ -21,6 +22,10 @@ const PAGE: usize = 4096;
 const NEXT_RIP: usize = 0x0c8;
 /// V_IRQ (bit 8 of the VINTR word): a virtual interrupt is waiting for the guest.
 const V_IRQ: u64 = 1 << 8;
+/// EVENTINJ / EXITINTINFO bit 31: the event is valid.
+const EVENT_VALID: u64 = 1 << 31;
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
 /// V_INTR_MASKING (bit 24): the guest's RFLAGS.IF masks only virtual interrupts.
 const V_INTR_MASKING: u64 = 1 << 24;
 
@@ -201,6 +206,15 @@ impl VcpuHardware for Svm {
         if code == exit::VMMCALL {
             return Exit::Hypercall { len: 3 };
         }
+        // An exit in the middle of delivering an event (a virtual interrupt taken from
+        // V_IRQ, an injected one, an exception) leaves that event in EXITINTINFO and it is
+        // not delivered: "the VMM must re-inject it" (APM vol. 2, 15.7.2). Left there, a
+        // V_IRQ vector the guest had already taken (V_IRQ is clear again) would be lost.
+        // (A VMMCALL exit, above, is an instruction's: no delivery can be under way.)
+        let interrupted = vmcb.read_u64(control::EXIT_INT_INFO);
+        if interrupted & EVENT_VALID != 0 {
+            vmcb.write_u64(control::EVENT_INJECTION, interrupted);
+        }
         exit::decode(
             code,
             vmcb.read_u64(control::EXIT_INFO1),
@@ -268,6 +282,37 @@ impl VcpuHardware for Svm {
         let new = (value & (efer::SCE | efer::LME | efer::NXE)) | (current & efer::LMA) | efer::SVME;
         vmcb.write_u64(save::EFER, new);
         true
+    }
+}
+
+impl VirqHardware for Svm {
+    fn virq_offered(&mut self, v: VcpuId) -> Option<u8> {
+        // V_INTR_VECTOR is bits 32..40 of the VINTR word.
+        let vintr = self.vmcb(v).read_u64(control::VINTR);
+        (vintr & V_IRQ != 0).then_some((vintr >> 32) as u8)
+    }
+
+    fn virq_offer(&mut self, v: VcpuId, vector: u8) {
+        self.offer_interrupt(v, vector);
+    }
+
+    fn virq_injectable(&mut self, v: VcpuId) -> bool {
+        // EVENTINJ ignores RFLAGS.IF and the interrupt shadow (APM 15.20): check them here,
+        // as the CPU would before taking an external interrupt.
+        let vmcb = self.vmcb(v);
+        vmcb.read_u64(save::RFLAGS) & RFLAGS_IF != 0
+            && vmcb.read_u64(control::INTERRUPT_SHADOW) & 1 == 0
+            && vmcb.read_u64(control::EVENT_INJECTION) & EVENT_VALID == 0
+    }
+
+    fn virq_window(&mut self, v: VcpuId, on: bool) {
+        let vmcb = self.vmcb(v);
+        let misc1 = vmcb.read_u32(control::INTERCEPT_MISC1) & !misc1::VINTR;
+        vmcb.write_u32(control::INTERCEPT_MISC1, misc1 | if on { misc1::VINTR } else { 0 });
+    }
+
+    fn virq_inject(&mut self, v: VcpuId, vector: u8) {
+        self.inject(v, Event::Interrupt(vector));
     }
 }
 

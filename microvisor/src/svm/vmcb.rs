@@ -18,6 +18,8 @@ pub mod control {
     pub const EXIT_CODE: usize = 0x070;
     pub const EXIT_INFO1: usize = 0x078;
     pub const EXIT_INFO2: usize = 0x080;
+    /// EXITINTINFO: the event whose delivery the exit interrupted (EVENTINJ layout).
+    pub const EXIT_INT_INFO: usize = 0x088;
     pub const NP_ENABLE: usize = 0x090;
     pub const EVENT_INJECTION: usize = 0x0a8;
     pub const NESTED_CR3: usize = 0x0b0;
@@ -55,6 +57,8 @@ pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const SMI: u32 = 1 << 2;
     pub const INIT: u32 = 1 << 3;
+    /// VINTR: exit when the guest is about to take the virtual interrupt in V_IRQ.
+    pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;

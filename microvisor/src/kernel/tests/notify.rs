@@ -40,10 +40,12 @@ fn signal_wait_poll() {
     assert_eq!(t.s.k.current, Some(v0));
     check_invariants(&t.s.k);
     assert_eq!(t.s.hc(v0, Hypercall::Signal, n, &[0b110]), Ok(0b110));
-    assert_eq!(t.s.state(vw), VcpuState::Ready, "equal priority: no preemption");
+    assert_eq!(t.s.state(vw), VcpuState::Running, "equal priority: the waiter runs at once (notify.rs fast path)");
+    assert_eq!(t.s.state(v0), VcpuState::Ready, "the signaller stays ready");
     assert_eq!((t.s.regs(vw).rax, t.s.regs(vw).rdi), (0, 0b110));
     assert_eq!(t.s.k.notifications[nid as usize].bits, 0, "the waiter took them");
     assert_eq!(t.s.k.notifications[nid as usize].waiter, None);
+    t.s.switch(v0);
     // Bits already there: Wait returns at once.
     t.s.hc(v0, Hypercall::Signal, n, &[0b1000]).unwrap();
     t.s.switch(vw);
@@ -87,7 +89,8 @@ fn bound_notification_interrupts_and_wakes_a_halted_vcpu() {
     assert_eq!(t.s.k.current, Some(v0));
     check_invariants(&t.s.k);
     assert_eq!(t.s.hc(v0, Hypercall::Signal, n, &[1]), Ok(1));
-    assert_eq!(t.s.state(vw), VcpuState::Ready, "left HLT");
+    assert_eq!(t.s.state(vw), VcpuState::Running, "left HLT, and runs at once (equal priority)");
+    assert_eq!(t.s.state(v0), VcpuState::Ready, "the signaller stays ready");
     assert_eq!(t.s.k.notifications[nid as usize].bits, 1, "bits stay for a poll");
     assert!(t.s.k.vcpus[vw as usize].has_irq());
     assert_eq!(t.s.k.vcpus[vw as usize].take_irq(), Some(40));
