@@ -153,6 +153,11 @@ pub struct Platform {
 /// probe 256 buses × 32 slots through ports 0xCF8/0xCFC: about 33 000 exits for nothing).
 pub const PLATFORM_CMDLINE: &str = "pci=off";
 
+/// What replaces [`PLATFORM_CMDLINE`] when the VMM puts virtio functions on its PCI bus
+/// (`virtio::pci_bus`): `pci=noacpi`, so that `pci_acpi_init` declines (the DSDT has no
+/// `PNP0A03` root bridge) and `pci_legacy_init` scans bus 0 through ports 0xCF8/0xCFC.
+pub const PCI_CMDLINE: &str = "pci=noacpi";
+
 /// Largest typed-input backlog kept; older input beyond it is dropped.
 pub const INPUT_BACKLOG: usize = 4096;
 
