@@ -343,7 +343,7 @@ if [ "$mode" != poweroff ]; then
     ip link set lo up
     if [ -e /sys/class/net/eth0 ]; then
         echo "linux-init: eth0 MAC $(cat /sys/class/net/eth0/address)"
-        udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 -T 2 >/dev/null 2>&1 || echo "linux-init: no DHCP lease on eth0"
+        udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 -T 2 2>/dev/null || echo "linux-init: no DHCP lease on eth0"
         if httpd -h /srv -p 80; then
             echo "{HTTPD_MARKER}"
         fi
