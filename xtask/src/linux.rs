@@ -390,7 +390,9 @@ pub fn initramfs(
     extra: &[(&str, u32, &[u8])],
 ) -> Result<Vec<u8>, String> {
     let mut w = cpio::Writer::new();
-    for d in ["bin", "dev", "etc", "etc/init.d", "lib", "lib/modules", "mnt", "proc", "root", "run", "srv", "sys", "tmp"] {
+    for d in
+        ["bin", "dev", "etc", "etc/init.d", "lib", "lib/modules", "mnt", "proc", "root", "run", "srv", "sys", "tmp"]
+    {
         w.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
     }
     // The kernel opens /dev/console for init's stdin/stdout before /init can mount
