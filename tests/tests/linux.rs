@@ -32,7 +32,7 @@ fn linux_machine(tag: &str) -> Machine {
     for (i, disk) in m.disks.iter_mut().enumerate() {
         *disk = std::env::temp_dir().join(format!("stack-tests-{}-linux-{tag}-disk{i}.img", std::process::id()));
         let _ = std::fs::remove_file(&*disk);
-        xtask::build::ensure_disk(disk).unwrap_or_else(|e| panic!("{e}"));
+        xtask::build::ensure_disk_as(disk, m.disk_ext4).unwrap_or_else(|e| panic!("{e}"));
     }
     for port in m.net_ports.iter_mut() {
         *port = xtask::qemu::free_port().unwrap_or_else(|e| panic!("{e}"));

@@ -157,6 +157,17 @@ pub struct Platform {
 /// without another exit).
 pub const PLATFORM_CMDLINE: &str = "pci=off reboot=acpi";
 
+/// What replaces [`PLATFORM_CMDLINE`] when the VMM puts virtio functions on its PCI bus
+/// (`virtio::pci_bus`): `pci=lastbus=1`. The DSDT has no `PNP0A03` root bridge, so the ACPI
+/// scan finds nothing; `pcibios_fixup_peer_bridges` (arch/x86/pci/legacy.c) then scans buses
+/// 0 to `lastbus` through ports 0xCF8/0xCFC (it returns at once for `lastbus=0`; bus 1 costs
+/// 32 reads). `noearly` skips the early quirk scan (`early_quirks`), which otherwise probes
+/// through ports 0xCF8/0xCFC about 34 000 times before init. Not `pci=noacpi`: that also
+/// sets `acpi_noirq`, so the UART's GSI 4 is never
+/// mapped, ttyS0 cannot take IRQ 4, and the first MSI-X vector Linux numbers 4 takes it.
+/// `reboot=acpi` for the same reason as in [`PLATFORM_CMDLINE`].
+pub const PCI_CMDLINE: &str = "pci=lastbus=1,noearly reboot=acpi";
+
 /// Largest typed-input backlog kept; older input beyond it is dropped.
 pub const INPUT_BACKLOG: usize = 4096;
 

@@ -126,7 +126,7 @@ pub fn microvisor(n: usize) -> Result<(Timings, Vec<(String, u64)>), String> {
     let artifacts = crate::build::build(&crate::build::default_target_dir(), &root.join(LINUX_STACK))?;
     let machine = crate::qemu::Machine::new(&artifacts);
     for disk in &machine.disks {
-        crate::build::ensure_disk(disk)?;
+        crate::build::ensure_disk_as(disk, machine.disk_ext4)?;
     }
     let marker = format!("[linux] {}", linux::INIT_MARKER);
     let mut runs = Vec::new();

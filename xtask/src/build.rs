@@ -53,6 +53,9 @@ pub struct StackInfo {
     pub memory_mib: u32,
     /// Devices the manifest assigns (e.g. `virtio-blk`): QEMU must provide them.
     pub devices: Vec<String>,
+    /// The stack runs a Linux VM (a domain with a `kernel`): its disk is an ext4 file system
+    /// (the initramfs mounts it at `/srv`), so a missing image is made with `mkfs.ext4`.
+    pub linux: bool,
 }
 
 /// Compile every image (release, bare-metal) into `target_dir`; returns the images folder.
@@ -124,6 +127,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
         domains: manifest.domains.iter().map(|d| d.name.clone()).collect(),
         memory_mib: manifest.machine_memory_mib,
         devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
+        linux: manifest.domains.iter().any(|d| !d.kernel.is_empty()),
     })
 }
 
@@ -191,6 +195,28 @@ pub const DISK_BYTES: u64 = 64 << 20;
 
 /// Make sure a raw disk image exists at `path` (zero-filled, [`DISK_BYTES`] long).
 pub fn ensure_disk(path: &Path) -> Result<(), String> {
+    ensure_disk_as(path, false)
+}
+
+/// Make sure a disk image exists at `path`: [`DISK_BYTES`] long, zero-filled, or (`ext4`)
+/// holding an empty ext4 file system made by e2fsprogs' `mkfs.ext4`, for the Linux guest.
+pub fn ensure_disk_as(path: &Path, ext4: bool) -> Result<(), String> {
+    if ext4 && !path.exists() {
+        crate::setup::ensure_e2fsprogs()?;
+        ensure_disk_as(path, false)?;
+        // -F: the target is a file; no lazy init, so the image is complete when mkfs ends.
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "srv", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("running mkfs.ext4: {e}"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(path);
+            return Err(format!("mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        eprintln!("build: made an ext4 file system on {}", path.display());
+        return Ok(());
+    }
     if path.exists() {
         return Ok(());
     }

@@ -37,6 +37,10 @@ pub const SHELL_MARKER: &str = "linux-init: shell on the console";
 /// The prefix of the line saying how the modules went (`... loaded N modules` or
 /// `... insmod failed: ...`).
 pub const MODULES_MARKER: &str = "linux-init: modules:";
+/// Printed by `/init` once `/dev/vda` is mounted at `/srv`.
+pub const SRV_MARKER: &str = "linux-init: /dev/vda mounted at /srv";
+/// Printed by `/init` once busybox `httpd` serves `/srv` on port 80.
+pub const HTTPD_MARKER: &str = "linux-init: httpd serving /srv on port 80";
 
 /// The modules the initramfs loads (and with them, what they depend on): virtio over PCI
 /// and MMIO, the block and network drivers, ext4. `crc32c_generic` is what ext4's and
@@ -325,6 +329,26 @@ if [ -z "$failed" ]; then
 else
     echo "{MODULES_MARKER} loaded $loaded modules, insmod failed:$failed"
 fi
+if [ "$mode" != poweroff ]; then
+    # The stack's services: the disk (virtio-blk through the disk driver VM) at /srv, the
+    # network (virtio-net through the net driver VM) from QEMU's DHCP, httpd serving /srv.
+    mkdir -p /srv
+    if [ -b /dev/vda ]; then
+        if mount -t ext4 /dev/vda /srv; then
+            echo "{SRV_MARKER}"
+        else
+            echo "linux-init: mounting /dev/vda at /srv failed"
+        fi
+    fi
+    ip link set lo up
+    if [ -e /sys/class/net/eth0 ]; then
+        echo "linux-init: eth0 MAC $(cat /sys/class/net/eth0/address)"
+        udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 -T 2 2>/dev/null || echo "linux-init: no DHCP lease on eth0"
+        if httpd -h /srv -p 80; then
+            echo "{HTTPD_MARKER}"
+        fi
+    fi
+fi
 case "$mode" in
     shell) ;;
     poweroff)
@@ -366,7 +390,9 @@ pub fn initramfs(
     extra: &[(&str, u32, &[u8])],
 ) -> Result<Vec<u8>, String> {
     let mut w = cpio::Writer::new();
-    for d in ["bin", "dev", "etc", "etc/init.d", "lib", "lib/modules", "mnt", "proc", "root", "run", "sys", "tmp"] {
+    for d in
+        ["bin", "dev", "etc", "etc/init.d", "lib", "lib/modules", "mnt", "proc", "root", "run", "srv", "sys", "tmp"]
+    {
         w.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
     }
     // The kernel opens /dev/console for init's stdin/stdout before /init can mount
@@ -424,6 +450,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         disks: Vec::new(),
         net_ports: Vec::new(),
         net_forwards: Vec::new(),
+        disk_ext4: false,
         cdrom: None,
     }
 }

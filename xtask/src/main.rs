@@ -184,7 +184,7 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("xtask: waiting for a debugger: gdb {} -ex 'target remote :1234'", artifacts.microvisor.display());
         }
         for disk in &machine.disks {
-            build::ensure_disk(disk)?;
+            build::ensure_disk_as(disk, machine.disk_ext4)?;
         }
         println!("xtask: console follows; press Ctrl-A X to quit QEMU");
         let status = machine.interactive_command().status().map_err(|e| format!("could not start QEMU: {e}"))?;

@@ -40,6 +40,8 @@ pub struct Machine {
     /// More forwards on the first network device: host port `127.0.0.1:<port>` to port 80
     /// of the guest at `<address>` (for stacks with several guests behind one NIC).
     pub net_forwards: Vec<(u16, String)>,
+    /// Missing disk images are made as ext4 file systems (the Linux guest's), not zeros.
+    pub disk_ext4: bool,
 }
 
 /// The host port forwarded to port 80 of the first network device (`cargo xtask run --port`).
@@ -86,6 +88,7 @@ impl Machine {
                 .map(|i| DEFAULT_NET_PORT.saturating_add(i as u16))
                 .collect(),
             net_forwards: Vec::new(),
+            disk_ext4: artifacts.stack.linux,
         }
     }
 
@@ -245,7 +248,7 @@ pub fn run_captured(
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
     for disk in &machine.disks {
-        crate::build::ensure_disk(disk)?;
+        crate::build::ensure_disk_as(disk, machine.disk_ext4)?;
     }
     let start = Instant::now();
     let mut child: Child = machine.captured_command().spawn().map_err(|e| format!("could not start {QEMU}: {e}"))?;

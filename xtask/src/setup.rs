@@ -123,3 +123,9 @@ pub fn ensure_bochs() -> Result<(), String> {
             && [BOCHS_BIOS, BOCHS_VGABIOS, BOCHS_TERM_PLUGIN].iter().all(|p| std::path::Path::new(p).exists())
     })
 }
+
+/// Make sure e2fsprogs is there: `mkfs.ext4` makes the Linux guest's disk image, `debugfs`
+/// reads files out of it in the tests.
+pub fn ensure_e2fsprogs() -> Result<(), String> {
+    ensure_debian("e2fsprogs (mkfs.ext4, debugfs)", "e2fsprogs", || runs("mkfs.ext4", "-V") && runs("debugfs", "-V"))
+}

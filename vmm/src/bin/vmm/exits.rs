@@ -18,7 +18,9 @@ use vmm::platform::Platform;
 use vmm::power::PowerEvent;
 use vmm::stats::{ExitStats, Kind};
 use vmm::timebase::{ns_until, ticks_in};
+use vmm::virtio::pci_bus::PciBus;
 
+use crate::devices::Devices;
 use crate::setup::{rdtsc, PAGE};
 
 /// The line of the initramfs's `/init` at which boot times are measured
@@ -51,6 +53,8 @@ static mut INPUT: InputBuf = InputBuf([0; ipc_spec::hypercall::CONSOLE_INPUT_BUF
 
 pub struct Vmm {
     platform: Platform,
+    /// The virtio functions and the driver VMs' doorbells.
+    devices: Devices,
     mem: SliceMemory<'static>,
     vm: u64,
     vcpu: u64,
@@ -82,6 +86,7 @@ impl Vmm {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         platform: Platform,
+        devices: Devices,
         mem: SliceMemory<'static>,
         vm: u64,
         vcpu: u64,
@@ -93,6 +98,7 @@ impl Vmm {
         let now = rdtsc();
         Self {
             platform,
+            devices,
             mem,
             vm,
             vcpu,
@@ -117,6 +123,7 @@ impl Vmm {
 
     /// Before waiting: inject what is pending, arm the timer for the earliest thing due.
     pub fn before_wait(&mut self) {
+        self.poll_devices();
         for _ in 0..4 {
             let Some(v) = self.platform.pending_interrupt() else { break };
             if let Err(e) = hypercall::vcpu_inject(self.vcpu, v) {
@@ -144,7 +151,25 @@ impl Vmm {
         }
     }
 
-    /// The timer notification woke the VMM.
+    /// Moves work between the virtqueues and the driver VMs and raises the interrupts the
+    /// functions signal. The channels' doorbell bits are taken first: a doorbell that rings
+    /// while this runs leaves bits that wake the next receive, so none is lost.
+    fn poll_devices(&mut self) {
+        if self.devices.waits.is_empty() {
+            return;
+        }
+        for &w in &self.devices.waits {
+            let _ = hypercall::poll(w);
+        }
+        self.devices.bus.poll(&mut self.mem);
+        for m in self.devices.bus.take_messages() {
+            // A message to another APIC or not a fixed vector is the guest's own choice;
+            // it is dropped (this VM has one vCPU).
+            let _ = self.platform.deliver_msi(m);
+        }
+    }
+
+    /// A notification (the timer or a driver VM's doorbell) woke the VMM.
     pub fn wake(&mut self) -> Option<u64> {
         self.armed = None;
         let now = rdtsc();
@@ -250,6 +275,14 @@ impl Vmm {
     fn io(&mut self, x: &ExitMessage) -> Result<ExitReply, String> {
         let io = x.io().ok_or("not a port access")?;
         self.stats.io(io.port);
+        if PciBus::claims_port(io.port) && !io.string && !io.rep {
+            if io.write {
+                self.devices.bus.io_out(io.port, io.size, x.b as u32);
+                return Ok(ExitReply::NEXT);
+            }
+            let v = self.devices.bus.io_in(io.port, io.size).unwrap_or(u32::MAX);
+            return Ok(ExitReply::next_with(set::RAX, [io.merge_in(x.rax, u64::from(v)), 0, 0, 0]));
+        }
         if io.string || io.rep {
             return Err(alloc::format!("string port I/O (port {:#x}) at RIP {:#x} is not emulated", io.port, x.rip));
         }
@@ -323,6 +356,16 @@ impl Vmm {
             .map_err(|e| alloc::format!("MMIO at {gpa:#x}: fetching the instruction at {linear:#x}: {e}"))?;
         let mut regs = [0u64; 16];
         regs.copy_from_slice(&p[at::GPR..at::GPR + 16]);
+        if self.devices.bus.claims_mmio(gpa) {
+            let len = self
+                .devices
+                .bus
+                .complete_mmio(gpa, &insn[..n], mode, &mut regs, &mut self.mem)
+                .map_err(|e| alloc::format!("virtio MMIO at {gpa:#x}, RIP {linear:#x}: {e}"))?;
+            p[at::GPR..at::GPR + 16].copy_from_slice(&regs);
+            let len = u8::try_from(len).map_err(|_| "instruction length")?;
+            return Ok(ExitReply { advance_by: len, write_state: state::GPR, ..ExitReply::NEXT });
+        }
         let done = self
             .platform
             .complete_mmio(gpa, &insn[..n], mode, &mut regs)

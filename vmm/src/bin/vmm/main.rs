@@ -23,6 +23,8 @@ fn main() {
 extern crate alloc;
 
 #[cfg(target_os = "none")]
+mod devices;
+#[cfg(target_os = "none")]
 mod exits;
 #[cfg(target_os = "none")]
 mod setup;

@@ -90,11 +90,14 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
     let ram = unsafe { core::slice::from_raw_parts_mut(VIEW as *mut u8, vm_ram as usize) };
     let mut mem = SliceMemory::new(0, ram);
 
+    let devices = crate::devices::connect(info.cmdline, timer);
     let mut cmd = alloc::vec::Vec::from(cmdline.map(part).unwrap_or(b""));
     if !cmd.is_empty() {
         cmd.push(b' ');
     }
-    cmd.extend_from_slice(vmm::platform::PLATFORM_CMDLINE.as_bytes());
+    let platform_words =
+        if devices.waits.is_empty() { vmm::platform::PLATFORM_CMDLINE } else { vmm::platform::PCI_CMDLINE };
+    cmd.extend_from_slice(platform_words.as_bytes());
     let cmd = &cmd[..];
     let initrd = initramfs.map(part).unwrap_or(b"");
     let p = plan(&BootConfig { ram_size: vm_ram, kernel: part(kernel), initrd_len: initrd.len() as u64, cmdline: cmd })
@@ -114,6 +117,13 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
         wall_clock_nsec: 0,
     })
     .map_err(|e| format!("{e}"))?;
+    // The disk and network, once the driver VMs answer (before the VM runs: Linux probes
+    // PCI early). Their doorbells wake the receive loop like the timer does; the timer is
+    // bound last, as the microvisor checks the last bound notification's pending bits when a
+    // receive starts (the VMM polls the channels' doorbells itself before each receive).
+    for &w in &devices.waits {
+        hypercall::bind_receive(w).map_err(|e| format!("binding a channel's doorbell: {e}"))?;
+    }
     hypercall::bind_receive(timer).map_err(|e| format!("binding the timer: {e}"))?;
     let vcpu = call(Hypercall::VcpuCreate, vm, [u64::from(p.entry), p.start_info_gpa, 0, 0, 0, 0])
         .map_err(|e| format!("creating the vCPU: {e}"))?
@@ -128,5 +138,5 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
         core::str::from_utf8(cmd).unwrap_or("?")
     );
     call(Hypercall::VcpuStart, vcpu, [0; 6]).map_err(|e| format!("starting the vCPU: {e}"))?;
-    Ok(Vmm::new(platform, mem, vm, vcpu, exits, timer, info.slot("console"), tsc_hz))
+    Ok(Vmm::new(platform, devices, mem, vm, vcpu, exits, timer, info.slot("console"), tsc_hz))
 }

@@ -1,0 +1,127 @@
+//! The VM's disk and network: a virtio-blk and a virtio-net function on the VMM's PCI bus
+//! (`vmm::virtio`), whose back ends are the block and net channels dom0 gave this domain to
+//! the disk and net driver VMs (`chan.<name>.kind=block|net`, `domain_rt::channels`).
+//!
+//! The functions' BARs sit in the hole above the VM's RAM (below the I/O APIC), where the
+//! VM's stage-2 maps nothing, so every access exits to this VMM as a stage-2 fault.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use domain_rt::channels;
+use domain_rt::hypercall;
+use domain_rt::println;
+use domain_rt::shared::Region;
+use vmm::virtio::blk::VirtioBlk;
+use vmm::virtio::channel::{BlockChannel, Doorbell, NetChannel, NetChannelError};
+use vmm::virtio::net::VirtioNet;
+use vmm::virtio::pci::VirtioPci;
+use vmm::virtio::pci_bus::PciBus;
+
+/// PCI slot and BAR 0 of the virtio-blk function (32 KiB aligned, above any VM RAM this VMM
+/// can view: `setup::VIEW_MAX` keeps the VM below 1.5 GiB).
+const BLK_SLOT: u8 = 1;
+const BLK_BAR0: u64 = 0xe000_0000;
+/// PCI slot and BAR 0 of the virtio-net function.
+const NET_SLOT: u8 = 2;
+const NET_BAR0: u64 = 0xe000_8000;
+/// How long the driver VMs get to answer the disk's `GetInfo` and to lay out the net
+/// channel's header (they start before this VMM, but may still be initialising their devices).
+const CONNECT_TRIES: u32 = 500;
+const CONNECT_STEP_NS: u64 = 10_000_000;
+
+/// A channel's doorbell: signals the driver VM's notification.
+pub struct Bell(u64);
+
+impl Doorbell for Bell {
+    fn ring(&mut self) {
+        // A failed signal (the driver VM is gone) leaves its requests in flight; the guest's
+        // driver times them out. Nothing else here depends on it.
+        let _ = hypercall::signal(self.0, 1);
+    }
+}
+
+/// The PCI bus with the devices, and the notifications the driver VMs ring.
+pub struct Devices {
+    pub bus: PciBus,
+    /// Our doorbells of the channels (the `wait` slots), bound to the VMM's receive.
+    pub waits: Vec<u64>,
+}
+
+/// The first channel of `kind` on the command line, with its region.
+fn first(cmdline: &str, kind: &'static str) -> Option<(String, Region, u64, u64)> {
+    let a = channels::channel_names(cmdline, kind).find_map(|n| channels::channel(cmdline, n).ok())?;
+    // SAFETY: dom0 mapped this region into this domain's stage-2 for the channel, at the
+    // address and size on its command line, for the domain's whole life; nothing else in
+    // this domain uses that memory.
+    Some((String::from(a.name), unsafe { a.region() }, a.signal, a.wait))
+}
+
+/// Connects the channels present on the command line and puts their devices on the bus.
+/// `timer` is this domain's timer notification (used to pace the waits here). A channel
+/// that cannot be connected is reported and left out: the VM boots without that device.
+pub fn connect(cmdline: &str, timer: u64) -> Devices {
+    let mut d = Devices { bus: PciBus::new(), waits: Vec::new() };
+    if let Some((name, region, signal, wait)) = first(cmdline, "block") {
+        match block(region, signal, timer) {
+            Ok(dev) => match d.bus.add(BLK_SLOT, BLK_BAR0, VirtioPci::new(dev)) {
+                Ok(()) => {
+                    println!("virtio-blk on 00:{BLK_SLOT:02x}.0 through block channel \"{name}\"");
+                    d.waits.push(wait);
+                }
+                Err(e) => println!("virtio-blk: {e}"),
+            },
+            Err(e) => println!("block channel \"{name}\": {e}; the VM has no disk"),
+        }
+    }
+    if let Some((name, region, signal, wait)) = first(cmdline, "net") {
+        match net(region, signal, timer) {
+            Ok(dev) => match d.bus.add(NET_SLOT, NET_BAR0, VirtioPci::new(dev)) {
+                Ok(()) => {
+                    println!("virtio-net on 00:{NET_SLOT:02x}.0 through net channel \"{name}\"");
+                    d.waits.push(wait);
+                }
+                Err(e) => println!("virtio-net: {e}"),
+            },
+            Err(e) => println!("net channel \"{name}\": {e}; the VM has no network"),
+        }
+    }
+    d
+}
+
+fn block(region: Region, signal: u64, timer: u64) -> Result<Box<dyn vmm::virtio::VirtioDevice>, String> {
+    let mut chan = BlockChannel::connect(region, Bell(signal)).map_err(|e| format!("{e:?}"))?;
+    for _ in 0..CONNECT_TRIES {
+        match chan.poll_info() {
+            Some(Ok(info)) => {
+                println!(
+                    "disk: {} MiB, up to {} KiB per request, {} in flight",
+                    info.capacity_sectors >> 11,
+                    info.max_sectors_per_request / 2,
+                    chan.slots()
+                );
+                return Ok(Box::new(VirtioBlk::new(chan, b"linux-disk0")));
+            }
+            Some(Err(status)) => return Err(format!("the disk driver VM refused: {status:?}")),
+            None => hypercall::sleep_ns(timer, CONNECT_STEP_NS).map_err(|e| format!("sleep: {e}"))?,
+        }
+    }
+    Err(String::from("the disk driver VM did not answer"))
+}
+
+fn net(region: Region, signal: u64, timer: u64) -> Result<Box<dyn vmm::virtio::VirtioDevice>, String> {
+    // The net channel borrows its region for the device's life, which is the VM's.
+    let region: &'static Region = Box::leak(Box::new(region));
+    for _ in 0..CONNECT_TRIES {
+        match NetChannel::attach(region, Bell(signal)) {
+            Ok(chan) => return Ok(Box::new(VirtioNet::new(chan))),
+            Err(NetChannelError::Layout(_)) => {
+                hypercall::sleep_ns(timer, CONNECT_STEP_NS).map_err(|e| format!("sleep: {e}"))?
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
+    Err(String::from("the net driver VM did not lay out the channel"))
+}
