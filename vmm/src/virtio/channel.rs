@@ -53,6 +53,8 @@ pub struct BlockChannel<M: SharedMem, D: Doorbell> {
     /// Completions made here (a ring gone corrupt): `(id, status)`.
     local: VecDeque<(u64, BlockStatus)>,
     broken: bool,
+    /// The driver incarnation last seen in the header (`ipc_spec::block`, "Restarts").
+    incarnation: u32,
 }
 
 impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
@@ -82,7 +84,9 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
             slots: vec![None; n],
             local: VecDeque::new(),
             broken: !rings_ok,
+            incarnation: 0,
         };
+        c.incarnation = BlockLayout::incarnation(&c.mem);
         c.doorbell.ring();
         Ok(c)
     }
@@ -92,6 +96,18 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
     pub fn poll_info(&mut self) -> Option<Result<DiskInfo, Status>> {
         if let Some(i) = self.info {
             return Some(Ok(i));
+        }
+        // A driver that attaches drops what waits on the request ring (its clients replay):
+        // if one attached since the GetInfo went out, ask again. A second answer, should the
+        // first survive, is an answer to nothing in flight and is dropped by `poll`.
+        let now = BlockLayout::incarnation(&self.mem);
+        if now != self.incarnation && !self.broken {
+            self.incarnation = now;
+            let info = Request::simple(INFO_ID, Op::GetInfo).encode();
+            match self.layout.guest_rings_attach(&self.mem).and_then(|(mut requests, _)| requests.push(&info)) {
+                Ok(()) => self.doorbell.ring(),
+                Err(_) => self.fail_all(),
+            }
         }
         let r = self.next_response()?;
         if r.id != INFO_ID {
@@ -389,6 +405,21 @@ pub(crate) mod tests {
         assert_eq!(c.poll(&mut buf), Some((51, BlockStatus::IoError)), "out of range at the driver");
         assert!(buf.is_empty());
         assert!(bell.0 >= 2);
+    }
+
+    #[test]
+    fn get_info_is_asked_again_when_the_driver_attaches_after_it_went_out() {
+        let mut bytes = vec![0u8; 256 << 10];
+        let mem = ByteMem::new(&mut bytes);
+        let mut bell = Count::default();
+        let mut disk: Vec<u8> = vec![0; SECTORS as usize * 512];
+        let mut c = BlockChannel::connect(mem, &mut bell).unwrap();
+        // The driver attaches only now, dropping the GetInfo that waited on the ring.
+        BlockLayout::read(&mem).unwrap().driver_attach(&mem).unwrap();
+        assert_eq!(serve(&mem, &mut disk), 0, "nothing left to answer");
+        assert_eq!(c.poll_info(), None, "no answer yet, but asked again");
+        assert_eq!(serve(&mem, &mut disk), 1);
+        assert_eq!(c.poll_info(), Some(Ok(info())));
     }
 
     #[test]
