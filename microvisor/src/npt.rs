@@ -73,6 +73,7 @@ impl Stage2Format for Npt {
     }
 
     /// P and RW are the bit positions of READ and WRITE.
+    #[cfg(test)]
     fn access(entry: u64) -> Access {
         let exec = if entry & NX == 0 { Access::EXEC } else { Access::empty() };
         Access::from_bits_truncate((entry & (P | RW)) as u8) | exec
@@ -80,6 +81,7 @@ impl Stage2Format for Npt {
 
     /// Anything with caching disabled (PCD) counts as uncached; only PWT=PCD=0 is write-back.
     /// The map only ever writes those two encodings.
+    #[cfg(test)]
     fn mem_type(entry: u64) -> MemType {
         if entry & (PCD | PWT) == 0 {
             MemType::WriteBack

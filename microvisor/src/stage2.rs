@@ -120,7 +120,8 @@ pub struct Translation {
 /// Why a stage-2 operation failed. Every failing operation leaves the map unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage2Error {
-    /// `gpa`, `hpa` or `size` is not 4 KiB aligned (`hpa` is 0 for `unmap`).
+    /// `gpa`, `hpa` or `size` is not 4 KiB aligned, or `unmap` would cut a 2 MiB page (`hpa`
+    /// is 0 for `unmap`).
     Misaligned {
         /// Guest-physical start given.
         gpa: u64,
@@ -234,15 +235,20 @@ pub trait Stage2Format {
         entry & ADDR_MASK
     }
 
+    // Decoding a leaf back: only `translate` and the tests need it.
+
     /// Base host-physical address of a present leaf of the given size.
+    #[cfg(test)]
     fn leaf_address(entry: u64, size: PageSize) -> u64 {
         entry & size.addr_mask()
     }
 
     /// Permissions of a present leaf.
+    #[cfg(test)]
     fn access(entry: u64) -> Access;
 
     /// Memory type of a present leaf.
+    #[cfg(test)]
     fn mem_type(entry: u64) -> MemType;
 }
 
@@ -251,8 +257,12 @@ pub trait Stage2Format {
 enum Walk {
     /// The entry at `level` is not present: the whole `span(level)` block is unmapped.
     Hole { level: u8 },
-    /// A leaf at `level` (1: 4 KiB, 2: 2 MiB) maps the address; `table` holds it.
-    Leaf { level: u8, table: u64, entry: u64 },
+    /// A leaf at `level` (1: 4 KiB, 2: 2 MiB) maps the address.
+    Leaf {
+        level: u8,
+        #[cfg_attr(not(test), allow(dead_code))] // read by the test-only `translate`
+        entry: u64,
+    },
 }
 
 /// Bytes covered by one entry of a table at `level`.
@@ -336,7 +346,7 @@ impl<F: Stage2Format> Stage2Map<F> {
                 return Walk::Hole { level };
             }
             if level == 1 || (level == 2 && F::is_large(entry)) {
-                return Walk::Leaf { level, table, entry };
+                return Walk::Leaf { level, entry };
             }
             table = F::table_address(entry);
             level -= 1;
@@ -479,84 +489,30 @@ impl<F: Stage2Format> Stage2Map<F> {
     }
 
     /// Unmap `[gpa, gpa+size)` (4 KiB aligned). Every page must be mapped, else
-    /// [`Stage2Error::NotMapped`] and nothing changes. A 2 MiB page only partly inside the
-    /// range is split into 4 KiB pages first (which needs a table, so this can fail with
-    /// [`Stage2Error::NoTableMemory`], again changing nothing). Tables left empty are freed.
+    /// [`Stage2Error::NotMapped`]; a 2 MiB page only partly inside the range is refused as
+    /// [`Stage2Error::Misaligned`] (the kernel only unmaps whole mappings, and `map` puts large
+    /// pages only inside one mapping, so it never needs a split). On error nothing changes.
+    /// Tables left empty are freed.
     pub fn unmap<M: TableMemory + ?Sized>(&mut self, mem: &mut M, gpa: u64, size: u64) -> Result<(), Stage2Error> {
         let end = Self::check_range(gpa, 0, size)?;
         if let Some(hole) = self.first_page(mem, gpa, end, false) {
             return Err(Stage2Error::NotMapped { gpa: hole });
         }
-        // At most two large pages straddle the range boundaries: the one holding the first
-        // page and the one holding the last. Prepare their replacement tables (unlinked)
-        // first, so a failure can still back out without having changed anything.
-        let head = self.straddling_large_page(mem, gpa, gpa, end);
-        let tail =
-            self.straddling_large_page(mem, end - PAGE_SIZE_4K, gpa, end).filter(|t| head.is_none_or(|h| h.0 != t.0));
-        let head_pt = match head {
-            Some((_, pd, i, pde)) => Some((pd, i, self.prepare_split(mem, pde)?)),
-            None => None,
-        };
-        let tail_pt = match tail {
-            Some((_, pd, i, pde)) => match self.prepare_split(mem, pde) {
-                Ok(pt) => Some((pd, i, pt)),
-                Err(e) => {
-                    if let Some((_, _, pt)) = head_pt {
-                        mem.free_table(pt);
-                    }
-                    return Err(e);
+        for addr in [gpa, end - PAGE_SIZE_4K] {
+            if let Walk::Leaf { level: 2, .. } = self.walk(mem, addr) {
+                let base = addr & !(PAGE_SIZE_2M - 1);
+                if base < gpa || end < base + PAGE_SIZE_2M {
+                    return Err(Stage2Error::Misaligned { gpa, hpa: 0, size });
                 }
-            },
-            None => None,
-        };
-        for (pd, i, pt) in [head_pt, tail_pt].into_iter().flatten() {
-            mem.write_entry(pd, i, F::table(pt));
+            }
         }
         self.clear(mem, gpa, end);
         Ok(())
     }
 
-    /// If `addr` is mapped by a 2 MiB page not wholly inside `[lo, hi)`, return its base, the
-    /// level-2 table holding it, the index and the entry.
-    fn straddling_large_page<M: TableMemory + ?Sized>(
-        &self,
-        mem: &M,
-        addr: u64,
-        lo: u64,
-        hi: u64,
-    ) -> Option<(u64, u64, usize, u64)> {
-        match self.walk(mem, addr) {
-            Walk::Leaf { level: 2, table, entry } => {
-                let base = addr & !(PAGE_SIZE_2M - 1);
-                let inside = lo <= base && base + PAGE_SIZE_2M <= hi;
-                (!inside).then_some((base, table, index(addr, 2), entry))
-            }
-            _ => None,
-        }
-    }
-
-    /// A new level-1 table holding 512 4 KiB leaves equivalent to the 2 MiB leaf `pde`. Not
-    /// linked anywhere yet; freed again if an entry cannot be encoded.
-    fn prepare_split<M: TableMemory + ?Sized>(&self, mem: &mut M, pde: u64) -> Result<u64, Stage2Error> {
-        let pt = Self::new_table(mem)?;
-        let base = F::leaf_address(pde, PageSize::Size2M);
-        let (access, mem_type) = (F::access(pde), F::mem_type(pde));
-        for i in 0..ENTRIES_PER_TABLE {
-            let hpa = base + i as u64 * PAGE_SIZE_4K;
-            match F::leaf(hpa, access, mem_type, PageSize::Size4K) {
-                Ok(leaf) => mem.write_entry(pt, i, leaf),
-                Err(e) => {
-                    mem.free_table(pt);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(pt)
-    }
-
     /// Clear every leaf wholly inside `[lo, hi)` and free every table on walks of that range
-    /// that ends up empty (the root is kept). Large pages only partly inside are left alone:
-    /// callers split them first. Never allocates, so it cannot fail.
+    /// that ends up empty (the root is kept). Large pages only partly inside are left alone
+    /// (`unmap` refuses them). Never allocates, so it cannot fail.
     fn clear<M: TableMemory + ?Sized>(&mut self, mem: &mut M, lo: u64, hi: u64) {
         Self::clear_table(mem, self.root, ROOT_LEVEL, 0, lo, hi);
     }
@@ -942,66 +898,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn unmap_splits_large_page() {
+    fn unmap_refuses_to_cut_a_large_page() {
         let mut mem = TestMem::new();
         let mut map = new_map(&mut mem);
         map.map(&mut mem, 2 * MIB, 0x8000_0000, 4 * MIB, Access::READ.union(Access::EXEC), MemType::Uncached).unwrap();
         assert_eq!(mem.live(), 3);
-        // Punch a hole spanning the boundary between the two large pages.
-        map.unmap(&mut mem, 4 * MIB - 0x2000, 0x5000).unwrap();
-        // Two splits: two page tables.
-        assert_eq!(mem.live(), 5);
-        for g in (2 * MIB..6 * MIB).step_by(0x1000) {
-            let t = map.translate(&mem, g);
-            if (4 * MIB - 0x2000..4 * MIB + 0x3000).contains(&g) {
-                assert_eq!(t, None, "{g:#x}");
-            } else {
-                let t = t.unwrap();
-                assert_eq!(t.hpa, 0x8000_0000 + g - 2 * MIB);
-                assert_eq!(t.access, Access::READ.union(Access::EXEC));
-                assert_eq!(t.mem_type, MemType::Uncached);
-                assert_eq!(t.page_size, PageSize::Size4K);
-            }
+        let before = snapshot(&map, &mem, 2 * MIB, 6 * MIB);
+        // A hole spanning the boundary between the two large pages, one inside a large page,
+        // and a range ending inside one: refused, nothing changed.
+        for (gpa, size) in [(4 * MIB - 0x2000, 0x5000), (3 * MIB, 0x1000), (2 * MIB, 3 * MIB)] {
+            assert_eq!(map.unmap(&mut mem, gpa, size), Err(Stage2Error::Misaligned { gpa, hpa: 0, size }));
+            assert_eq!(snapshot(&map, &mem, 2 * MIB, 6 * MIB), before);
+            assert_eq!(mem.live(), 3);
         }
-        // A hole inside one large page (head and tail are the same page: one split).
-        let live = mem.live();
-        let mut map2 = new_map(&mut mem);
-        map2.map(&mut mem, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
-        map2.unmap(&mut mem, 0x10_0000, 0x1000).unwrap();
-        assert_eq!(mem.live(), live + 3 + 1);
-        assert_eq!(map2.translate(&mem, 0x10_0000), None);
-        assert_eq!(map2.translate(&mem, 0x10_1000).unwrap().hpa, 0x10_1000);
-        // Unmap the rest: all tables but the root go away.
-        map2.unmap(&mut mem, 0, 0x10_0000).unwrap();
-        map2.unmap(&mut mem, 0x10_1000, 2 * MIB - 0x10_1000).unwrap();
-        assert_eq!(mem.live(), live + 1);
-        // Unmapping a whole large page needs no split.
-        let mut m3 = TestMem::new();
-        let mut map3 = new_map(&mut m3);
-        map3.map(&mut m3, 0, 0, 2 * MIB, Access::RW, MemType::WriteBack).unwrap();
-        m3.limit = Some(m3.live());
-        map3.unmap(&mut m3, 0, 2 * MIB).unwrap();
-        assert_eq!(m3.live(), 1);
-    }
-
-    #[test]
-    fn unmap_split_out_of_memory_is_clean() {
-        let mut mem = TestMem::new();
-        let mut map = new_map(&mut mem);
-        map.map(&mut mem, 0, 0, 4 * MIB, Access::RW, MemType::WriteBack).unwrap();
-        let before = snapshot(&map, &mem, 0, 4 * MIB);
-        // Needs two splits; allow only one more table.
-        mem.limit = Some(mem.live() + 1);
-        assert_eq!(map.unmap(&mut mem, MIB, 2 * MIB), Err(Stage2Error::NoTableMemory));
-        assert_eq!(snapshot(&map, &mem, 0, 4 * MIB), before);
-        assert_eq!(mem.live(), 3);
+        // Unmapping whole large pages needs no table, and frees the emptied ones.
         mem.limit = Some(mem.live());
-        assert_eq!(map.unmap(&mut mem, MIB, 2 * MIB), Err(Stage2Error::NoTableMemory));
-        assert_eq!(snapshot(&map, &mem, 0, 4 * MIB), before);
-        assert_eq!(mem.live(), 3);
-        mem.limit = None;
-        map.unmap(&mut mem, MIB, 2 * MIB).unwrap();
-        assert_eq!(mem.live(), 5);
+        map.unmap(&mut mem, 4 * MIB, 2 * MIB).unwrap();
+        assert_eq!(map.translate(&mem, 4 * MIB), None);
+        assert_eq!(map.translate(&mem, 2 * MIB).unwrap().page_size, PageSize::Size2M);
+        map.unmap(&mut mem, 2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(mem.live(), 1);
     }
 
     #[test]
@@ -1223,28 +1139,38 @@ pub(crate) mod tests {
                     Op::Unmap { gpa, size } => {
                         let pages: Vec<u64> = (gpa..gpa + size).step_by(4096).collect();
                         let hole = pages.iter().find(|g| !model.contains_key(g)).copied();
+                        // A 2 MiB page at either end only partly inside the range.
+                        let cuts = |g: u64| {
+                            map.translate(&mem, g).is_some_and(|t| t.page_size == PageSize::Size2M)
+                                && (g & !(PAGE_SIZE_2M - 1) < gpa || gpa + size < (g | (PAGE_SIZE_2M - 1)) + 1)
+                        };
+                        let cut = cuts(gpa) || cuts(gpa + size - 4096);
                         let res = map.unmap(&mut mem, gpa, size);
                         if let Some(g) = hole {
                             prop_assert_eq!(res, Err(Stage2Error::NotMapped { gpa: g }));
+                        } else if cut {
+                            prop_assert_eq!(res, Err(Stage2Error::Misaligned { gpa, hpa: 0, size }));
                         } else {
-                            match res {
-                                Ok(()) => {
-                                    for g in pages {
-                                        model.remove(&g);
-                                    }
-                                }
-                                Err(e) => prop_assert_eq!(e, Stage2Error::NoTableMemory),
+                            prop_assert_eq!(res, Ok(()));
+                            for g in pages {
+                                model.remove(&g);
                             }
                         }
                     }
                 }
                 check_against_model(&map, &mem, &model);
             }
-            // Unmap everything that is left, page by page run: only the root remains.
-            mem.limit = None;
+            // Unmap everything that is left, page by page (a large page whole): only the root
+            // remains.
             let pages: BTreeSet<u64> = model.keys().copied().collect();
             for g in pages {
-                prop_assert_eq!(map.unmap(&mut mem, g, 4096), Ok(()));
+                match map.translate(&mem, g) {
+                    Some(t) if t.page_size == PageSize::Size2M => {
+                        prop_assert_eq!(map.unmap(&mut mem, g & !(PAGE_SIZE_2M - 1), PAGE_SIZE_2M), Ok(()));
+                    }
+                    Some(_) => prop_assert_eq!(map.unmap(&mut mem, g, 4096), Ok(())),
+                    None => {}
+                }
             }
             prop_assert_eq!(mem.live(), 1);
             map.destroy(&mut mem);

@@ -72,11 +72,13 @@ impl Stage2Format for Vtd {
         entry & (R | W) != 0
     }
 
+    #[cfg(test)]
     fn access(entry: u64) -> Access {
         Access::from_bits_truncate((entry & (R | W)) as u8)
     }
 
     /// Always write-back: the entries carry no memory type.
+    #[cfg(test)]
     fn mem_type(_entry: u64) -> MemType {
         MemType::WriteBack
     }
