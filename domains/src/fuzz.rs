@@ -315,6 +315,9 @@ impl Fuzzer {
             "VcpuCreate",
             "VcpuStart",
             "VcpuSetMessagePage",
+            "DomainMapRam",
+            "VcpuInject",
+            "DomainPause",
             "RegionCreate",
             "Map",
             "Unmap",
@@ -1129,6 +1132,14 @@ mod tests {
             f.record(&c, &out);
         }
         f
+    }
+
+    #[test]
+    fn every_fuzzed_hypercall_has_its_own_name() {
+        for (i, (h, _)) in WEIGHTS.iter().enumerate() {
+            assert_eq!(Fuzzer::call_name(i), format!("{h:?}"), "name {i}");
+        }
+        assert_eq!(Fuzzer::call_name(WEIGHTS.len()), "unknown");
     }
 
     #[test]
