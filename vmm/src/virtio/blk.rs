@@ -379,15 +379,7 @@ impl<B: BlockBackend + 'static> VirtioDevice for VirtioBlk<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| c.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_image(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

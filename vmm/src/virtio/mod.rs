@@ -129,3 +129,15 @@ pub trait VirtioDevice {
     /// transport.
     fn as_any_mut(&mut self) -> &mut dyn core::any::Any;
 }
+
+/// Reads `data.len()` bytes of `image` at `offset`; bytes past the end read 0.
+pub(crate) fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| image.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

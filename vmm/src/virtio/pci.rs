@@ -149,18 +149,6 @@ pub struct VirtioPci {
     last_error: Option<ResetCause>,
 }
 
-/// Reads `data.len()` bytes of `image` at `offset`; bytes past the end read 0.
-fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = offset
-            .checked_add(i as u64)
-            .and_then(|o| usize::try_from(o).ok())
-            .and_then(|o| image.get(o))
-            .copied()
-            .unwrap_or(0);
-    }
-}
-
 /// Merges a write of `data` at `offset` into the `size`-byte field at `field`, whose current
 /// value is `current`; `None` if the write does not touch the field.
 fn merge(field: u64, size: u64, current: u64, offset: u64, data: &[u8]) -> Option<u64> {
@@ -322,7 +310,7 @@ impl VirtioPci {
 
     /// Reads configuration space at `offset` (within one dword).
     pub fn config_read(&self, offset: u8, data: &mut [u8]) {
-        read_image(&self.config_image(), u64::from(offset), data);
+        super::read_image(&self.config_image(), u64::from(offset), data);
     }
 
     /// Writes configuration space at `offset` (within one dword); read-only bits are ignored.
@@ -353,7 +341,7 @@ impl VirtioPci {
         data.fill(0);
         let end = offset.saturating_add(data.len() as u64);
         match offset {
-            o if end <= COMMON_OFFSET + REGION_LEN => read_image(&self.common_image(), o, data),
+            o if end <= COMMON_OFFSET + REGION_LEN => super::read_image(&self.common_image(), o, data),
             // §4.1.4.5: reading the ISR clears it.
             o if o == ISR_OFFSET => {
                 if let Some(b) = data.first_mut() {
@@ -370,10 +358,10 @@ impl VirtioPci {
                         image.extend_from_slice(&w.to_le_bytes());
                     }
                 }
-                read_image(&image, o - MSIX_TABLE_OFFSET, data);
+                super::read_image(&image, o - MSIX_TABLE_OFFSET, data);
             }
             o if o >= MSIX_PBA_OFFSET && end <= MSIX_PBA_OFFSET + REGION_LEN => {
-                read_image(&self.msix_pending.to_le_bytes(), o - MSIX_PBA_OFFSET, data)
+                super::read_image(&self.msix_pending.to_le_bytes(), o - MSIX_PBA_OFFSET, data)
             }
             _ => {}
         }
