@@ -16,6 +16,7 @@ pub const DOMAIN_IMAGES: &[(&str, &str, &str)] = &[
     ("spinner", "domains", "spinner"),
     ("test-vmm", "domains", "test-vmm"),
     ("tiny-vm", "domains", "tiny-vm"),
+    ("virtio-rogue", "domains", "virtio-rogue"),
     ("fuzzer", "domains", "fuzzer"),
     ("vmm", "vmm", "vmm"),
     ("disk-driver", "disk-driver", "disk-driver"),

@@ -17,7 +17,7 @@ use domain_rt::shared::Region;
 use vmm::virtio::blk::VirtioBlk;
 use vmm::virtio::channel::{BlockChannel, Doorbell, NetChannel, NetChannelError};
 use vmm::virtio::net::VirtioNet;
-use vmm::virtio::pci::VirtioPci;
+use vmm::virtio::pci::{ResetCause, VirtioPci};
 use vmm::virtio::pci_bus::PciBus;
 
 /// PCI slot and BAR 0 of the virtio-blk function (32 KiB aligned, above any VM RAM this VMM
@@ -43,12 +43,74 @@ impl Doorbell for Bell {
     }
 }
 
+/// Console reports of device errors at most (a guest resetting and breaking its queues in a
+/// loop must not flood the console); the count of all of them is in the summary.
+const MAX_ERROR_REPORTS: u32 = 64;
+
 /// The PCI bus with the devices, and the notifications the driver VMs ring.
 pub struct Devices {
     pub bus: PciBus,
     /// Our doorbells of the channels (the `wait` slots), bound to the VMM's receive.
     pub waits: Vec<u64>,
+    /// Per function on the bus: its slot, name and the `DEVICE_NEEDS_RESET` cause last seen.
+    errors_seen: Vec<(u8, &'static str, Option<ResetCause>)>,
+    /// Times a function stopped on a guest error (`DEVICE_NEEDS_RESET`).
+    needs_reset: u32,
 }
+
+impl Devices {
+    /// Reports each time a function stops on what the guest put in its queues (the
+    /// `DEVICE_NEEDS_RESET` cause): the VM's own fault, contained in its device, which
+    /// serves again once the guest resets it. Call after anything that may move a function.
+    pub fn report_errors(&mut self) {
+        for (slot, name, seen) in self.errors_seen.iter_mut() {
+            let now = self.bus.function(*slot).and_then(|f| f.last_error());
+            if now == *seen {
+                continue;
+            }
+            *seen = now;
+            let Some(cause) = now else { continue };
+            self.needs_reset += 1;
+            if self.needs_reset <= MAX_ERROR_REPORTS {
+                match cause {
+                    ResetCause::Queue(e) => {
+                        println!("{name} 00:{slot:02x}.0: the guest broke its {e}; DEVICE_NEEDS_RESET")
+                    }
+                    ResetCause::DriverOkWithoutFeatures => {
+                        println!("{name} 00:{slot:02x}.0: DRIVER_OK without FEATURES_OK; DEVICE_NEEDS_RESET")
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the devices did, for the VMM's last words.
+    pub fn summary(&mut self) {
+        if self.errors_seen.is_empty() {
+            return;
+        }
+        println!("virtio: {} device stops on guest errors (DEVICE_NEEDS_RESET)", self.needs_reset);
+        if let Some(b) = self.bus.function_mut(BLK_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Blk>())
+        {
+            let s = b.stats();
+            println!(
+                "virtio-blk: {} requests to the disk driver VM, {} completed, {} failed (IOERR/UNSUPP)",
+                s.submitted, s.completed, s.errors
+            );
+        }
+        if let Some(n) = self.bus.function_mut(NET_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Net>())
+        {
+            let s = n.stats();
+            println!(
+                "virtio-net: {} frames sent, {} transmit chains dropped, {} frames received, {} dropped",
+                s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped
+            );
+        }
+    }
+}
+
+type Blk = VirtioBlk<BlockChannel<Region, Bell>>;
+type Net = VirtioNet<NetChannel<'static, Region, Bell>>;
 
 /// The first channel of `kind` on the command line, with its region.
 fn first(cmdline: &str, kind: &'static str) -> Option<(String, Region, u64, u64)> {
@@ -63,13 +125,14 @@ fn first(cmdline: &str, kind: &'static str) -> Option<(String, Region, u64, u64)
 /// `timer` is this domain's timer notification (used to pace the waits here). A channel
 /// that cannot be connected is reported and left out: the VM boots without that device.
 pub fn connect(cmdline: &str, timer: u64) -> Devices {
-    let mut d = Devices { bus: PciBus::new(), waits: Vec::new() };
+    let mut d = Devices { bus: PciBus::new(), waits: Vec::new(), errors_seen: Vec::new(), needs_reset: 0 };
     if let Some((name, region, signal, wait)) = first(cmdline, "block") {
         match block(region, signal, timer) {
             Ok(dev) => match d.bus.add(BLK_SLOT, BLK_BAR0, VirtioPci::new(dev)) {
                 Ok(()) => {
                     println!("virtio-blk on 00:{BLK_SLOT:02x}.0 through block channel \"{name}\"");
                     d.waits.push(wait);
+                    d.errors_seen.push((BLK_SLOT, "virtio-blk", None));
                 }
                 Err(e) => println!("virtio-blk: {e}"),
             },
@@ -82,6 +145,7 @@ pub fn connect(cmdline: &str, timer: u64) -> Devices {
                 Ok(()) => {
                     println!("virtio-net on 00:{NET_SLOT:02x}.0 through net channel \"{name}\"");
                     d.waits.push(wait);
+                    d.errors_seen.push((NET_SLOT, "virtio-net", None));
                 }
                 Err(e) => println!("virtio-net: {e}"),
             },
@@ -91,7 +155,7 @@ pub fn connect(cmdline: &str, timer: u64) -> Devices {
     d
 }
 
-fn block(region: Region, signal: u64, timer: u64) -> Result<Box<dyn vmm::virtio::VirtioDevice>, String> {
+fn block(region: Region, signal: u64, timer: u64) -> Result<Box<Blk>, String> {
     let mut chan = BlockChannel::connect(region, Bell(signal)).map_err(|e| format!("{e:?}"))?;
     for _ in 0..CONNECT_TRIES {
         match chan.poll_info() {
@@ -111,7 +175,7 @@ fn block(region: Region, signal: u64, timer: u64) -> Result<Box<dyn vmm::virtio:
     Err(String::from("the disk driver VM did not answer"))
 }
 
-fn net(region: Region, signal: u64, timer: u64) -> Result<Box<dyn vmm::virtio::VirtioDevice>, String> {
+fn net(region: Region, signal: u64, timer: u64) -> Result<Box<Net>, String> {
     // The net channel borrows its region for the device's life, which is the VM's.
     let region: &'static Region = Box::leak(Box::new(region));
     for _ in 0..CONNECT_TRIES {

@@ -162,6 +162,7 @@ impl Vmm {
             let _ = hypercall::poll(w);
         }
         self.devices.bus.poll(&mut self.mem);
+        self.devices.report_errors();
         for m in self.devices.bus.take_messages() {
             // A message to another APIC or not a fixed vector is the guest's own choice;
             // it is dropped (this VM has one vCPU).
@@ -268,6 +269,7 @@ impl Vmm {
         println!("VM stopped after {secs} s: {why}");
         println!("exit histogram: {}", self.stats.summary());
         println!("exits by port and MSR: {}", self.stats.top());
+        self.devices.summary();
         let _ = hypercall::domain_pause(self.vm, true);
         Verdict::Stop(status)
     }
@@ -362,6 +364,7 @@ impl Vmm {
                 .bus
                 .complete_mmio(gpa, &insn[..n], mode, &mut regs, &mut self.mem)
                 .map_err(|e| alloc::format!("virtio MMIO at {gpa:#x}, RIP {linear:#x}: {e}"))?;
+            self.devices.report_errors();
             p[at::GPR..at::GPR + 16].copy_from_slice(&regs);
             let len = u8::try_from(len).map_err(|_| "instruction length")?;
             return Ok(ExitReply { advance_by: len, write_state: state::GPR, ..ExitReply::NEXT });
