@@ -12,6 +12,8 @@ extern crate alloc;
 pub mod block;
 #[cfg(any(test, feature = "channels"))]
 pub mod block_client;
+#[cfg(any(test, feature = "channels"))]
+pub mod block_part;
 pub mod bundle;
 pub mod error;
 pub mod exit;

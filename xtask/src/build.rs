@@ -193,6 +193,8 @@ fn file_len(p: &Path) -> u64 {
 
 /// Size of the disk image `xtask` creates when there is none.
 pub const DISK_BYTES: u64 = 64 << 20;
+/// Size of the ext4 file system made for a Linux guest: the first half of the image.
+pub const EXT4_BYTES: u64 = DISK_BYTES / 2;
 
 /// Make sure a raw disk image exists at `path` (zero-filled, [`DISK_BYTES`] long).
 pub fn ensure_disk(path: &Path) -> Result<(), String> {
@@ -206,9 +208,13 @@ pub fn ensure_disk_as(path: &Path, ext4: bool) -> Result<(), String> {
         crate::setup::ensure_e2fsprogs()?;
         ensure_disk_as(path, false)?;
         // -F: the target is a file; no lazy init, so the image is complete when mkfs ends.
+        // The file system takes the first half of the image ([`EXT4_BYTES`]): a stack may give
+        // the second half to another guest through the disk driver's partitions
+        // (`part.<channel>=`, stacks/linux-demo.toml).
         let out = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "srv", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
             .arg(path)
+            .arg(format!("{}k", EXT4_BYTES >> 10))
             .output()
             .map_err(|e| format!("running mkfs.ext4: {e}"))?;
         if !out.status.success() {

@@ -286,6 +286,7 @@ mod serve {
     use domain_rt::{channels, println, BootInfo};
     use domain_rt::{hypercall, irq};
     use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
+    use ipc_spec::block_part::Partition;
     use ipc_spec::ring::RingError;
 
     /// Largest request served at once (64 KiB): one virtio descriptor.
@@ -324,27 +325,45 @@ mod serve {
         answered: u32,
         /// This driver's incarnation on the channel (set at attach), carried by every answer.
         incarnation: u32,
+        /// The window of the disk this channel's guest sees (`part.<name>=<first>+<count>`
+        /// on the command line; the whole disk without one).
+        part: Partition,
     }
 
-    fn channels(info: &BootInfo) -> Vec<Channel<'static>> {
+    /// The channels on the command line, each with its window of `disk` (a bad window is
+    /// reported and the channel is not served: no guest gets more disk than it was given).
+    fn channels(info: &BootInfo, disk: &DiskInfo) -> Vec<Channel<'static>> {
         let mut list = Vec::new();
         for name in channels::channel_names(info.cmdline, "block") {
             let Ok(a) = channels::channel(info.cmdline, name) else { continue };
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
             // address and size it put on our command line; nothing else in this VM uses it.
             let region = unsafe { a.region() };
+            let key = alloc::format!("part.{name}");
+            let (part, broken) = match info.arg(&key).map(|p| Partition::parse(p).and_then(|p| p.check(disk))) {
+                None => (Partition::whole(disk), false),
+                Some(Ok(p)) => {
+                    println!("channel {name}: sectors {}..{} of the disk", p.first, p.first + p.count);
+                    (p, false)
+                }
+                Some(Err(e)) => {
+                    println!("channel {name}: {key}: {e}; not served");
+                    (Partition::whole(disk), true)
+                }
+            };
             list.push(Channel {
                 name,
                 region,
                 signal: a.signal,
                 wait: a.wait,
                 layout: None,
-                broken: false,
                 outstanding: 0,
                 flush: None,
                 stalled: None,
                 answered: 0,
                 incarnation: 0,
+                part,
+                broken,
             });
         }
         list
@@ -369,7 +388,7 @@ mod serve {
             max_sectors_per_request: MAX_SECTORS,
             read_only: dev.blk.readonly(),
         };
-        let mut chans = channels(info);
+        let mut chans = channels(info, &disk);
         for c in &chans {
             if let Err(e) = hypercall::bind(c.wait, domain_rt::irq::VIRQ_VECTOR) {
                 println!("channel {}: binding the doorbell failed: {e}", c.name);
@@ -480,6 +499,7 @@ mod serve {
     /// room: reads and writes go on the device, the rest is answered at once; a flush stops
     /// the taking until it is done. Whether anything was taken.
     fn take_requests(chan: usize, c: &mut Channel, dev: &mut Disk, disk: DiskInfo) -> bool {
+        let disk = c.part.info(&disk);
         let layout = match c.layout {
             Some(l) => l,
             None => match BlockLayout::read(&c.region) {
@@ -538,14 +558,14 @@ mod serve {
                 Ok(Validated::Read(t)) => Io {
                     id: req.id,
                     write: false,
-                    sector: t.sector(),
+                    sector: c.part.to_disk(t.sector()),
                     data_offset: t.data_offset(),
                     data_len: t.data_len(),
                 },
                 Ok(Validated::Write(t)) => Io {
                     id: req.id,
                     write: true,
-                    sector: t.sector(),
+                    sector: c.part.to_disk(t.sector()),
                     data_offset: t.data_offset(),
                     data_len: t.data_len(),
                 },
