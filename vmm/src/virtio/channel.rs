@@ -17,7 +17,8 @@ use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use ipc_spec::block::{BlockLayout, DiskInfo, LayoutError, Op, Request, Response, Status, SECTOR_SIZE};
+use ipc_spec::block::{BlockLayout, DiskInfo, LayoutError, Op, Response, Status, SECTOR_SIZE};
+use ipc_spec::block_client::{Client, ClientError};
 use ipc_spec::net::{self as wire, FrameReceiver, FrameSender, NetDropReason, NetHeader};
 use ipc_spec::ring::{RingError, SharedMem};
 
@@ -32,29 +33,38 @@ pub trait Doorbell {
 
 /// Largest data slot: one 64 KiB request, Linux's usual largest with `seg_max` 16.
 pub const MAX_SLOT: usize = 64 << 10;
-/// Id of the `GetInfo` request [`BlockChannel::connect`] sends (device ids start at 1).
-const INFO_ID: u64 = 0;
 
+/// A request in flight: the device's id, the channel's ([`Client`]'s) id, what it does.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     id: u64,
+    wire_id: u64,
     op: BlockOp,
     len: u32,
 }
 
 /// A block back end over a block channel region.
+///
+/// The channel survives the disk driver VM (`ipc_spec::block`, "Restarts"): the requests go
+/// through [`Client`], which keeps every request the driver has not answered, sends them all
+/// again (oldest first) when a new incarnation attaches, and drops answers from a dead
+/// incarnation and duplicates. A request's data slot stays reserved until its answer, so a
+/// replayed write sends the same bytes and a replayed read lands in the same slot; replaying
+/// a read, a write or a flush is harmless. So a driver VM restart costs the VM only delay.
 pub struct BlockChannel<M: SharedMem, D: Doorbell> {
     mem: M,
-    layout: BlockLayout,
+    client: Client,
     doorbell: D,
     info: Option<DiskInfo>,
+    /// The `GetInfo` request while it is unanswered.
+    info_id: Option<u64>,
     slot_size: usize,
     slots: Vec<Option<Slot>>,
     /// Completions made here (a ring gone corrupt): `(id, status)`.
     local: VecDeque<(u64, BlockStatus)>,
     broken: bool,
-    /// The driver incarnation last seen in the header (`ipc_spec::block`, "Restarts").
-    incarnation: u32,
+    /// Requests sent again to a new driver incarnation.
+    pub replayed: u64,
 }
 
 impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
@@ -62,31 +72,38 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
     /// the disk's description (its answer arrives through [`BlockChannel::poll_info`]).
     pub fn connect(mem: M, doorbell: D) -> Result<Self, LayoutError> {
         let layout = BlockLayout::standard(mem.len())?;
-        let rings_ok = layout
-            .guest_rings(&mem)
-            .and_then(|(mut requests, _)| requests.push(&Request::simple(INFO_ID, Op::GetInfo).encode()))
-            .is_ok();
-        // The header last: the driver VM reads it when the doorbell rings.
-        layout.write(&mem)?;
         let data = layout.data_len();
         let slot_size = if data >= 4 * MAX_SLOT {
             MAX_SLOT
         } else {
             (data / 4).max(SECTOR_SIZE as usize) & !(SECTOR_SIZE as usize - 1)
         };
-        let n = (data / slot_size).min(layout.ring_capacity() as usize).max(1);
+        let ring = (layout.ring_capacity() as usize).min(ipc_spec::block_client::MAX_OUTSTANDING);
+        // One request of the ring's worth is the GetInfo (outstanding until answered).
+        let n = (data / slot_size).min(ring.saturating_sub(1)).max(1);
+        // The client writes the header last: the driver VM reads it when the doorbell rings.
+        // It lays out the same standard layout, which fits (checked above), on rings it
+        // empties itself: it cannot fail where `standard` did not.
+        let client = Client::create(&mem)
+            .map_err(|_| LayoutError::RegionTooSmall { len: mem.len(), min: ipc_spec::block::STANDARD_MIN_REGION })?;
         let mut c = Self {
             mem,
-            layout,
+            client,
             doorbell,
             info: None,
+            info_id: None,
             slot_size,
             slots: vec![None; n],
             local: VecDeque::new(),
-            broken: !rings_ok,
-            incarnation: 0,
+            broken: false,
+            replayed: 0,
         };
-        c.incarnation = BlockLayout::incarnation(&c.mem);
+        // A driver attached already (its incarnation in the header) is the one to ask.
+        c.client_poll();
+        match c.client.submit(&c.mem, Op::GetInfo, 0, 0, 0) {
+            Ok(id) => c.info_id = Some(id),
+            Err(_) => c.fail_all(),
+        }
         c.doorbell.ring();
         Ok(c)
     }
@@ -97,22 +114,13 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
         if let Some(i) = self.info {
             return Some(Ok(i));
         }
-        // A driver that attaches drops what waits on the request ring (its clients replay):
-        // if one attached since the GetInfo went out, ask again. A second answer, should the
-        // first survive, is an answer to nothing in flight and is dropped by `poll`.
-        let now = BlockLayout::incarnation(&self.mem);
-        if now != self.incarnation && !self.broken {
-            self.incarnation = now;
-            let info = Request::simple(INFO_ID, Op::GetInfo).encode();
-            match self.layout.guest_rings_attach(&self.mem).and_then(|(mut requests, _)| requests.push(&info)) {
-                Ok(()) => self.doorbell.ring(),
-                Err(_) => self.fail_all(),
-            }
-        }
+        // A driver that attaches drops what waits on the request ring: the client sends the
+        // GetInfo again to it.
         let r = self.next_response()?;
-        if r.id != INFO_ID {
+        if Some(r.id) != self.info_id {
             return None;
         }
+        self.info_id = None;
         if r.status != Status::Ok || r.info.capacity_sectors == 0 || r.info.max_sectors_per_request == 0 {
             return Some(Err(if r.status == Status::Ok { Status::IoError } else { r.status }));
         }
@@ -125,14 +133,44 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
         self.slots.len()
     }
 
+    /// Driver incarnations seen (the first attach counts: restarts survived plus one).
+    pub fn incarnations(&self) -> u64 {
+        self.client.restarts
+    }
+
+    /// Answers dropped: from a dead incarnation, or to requests answered already.
+    pub fn ignored(&self) -> u64 {
+        self.client.ignored
+    }
+
+    /// Lets the client notice a new incarnation (and replay to it) and send what did not fit
+    /// on the ring before; rings the driver if it sent anything.
+    fn client_poll(&mut self) {
+        if self.broken {
+            return;
+        }
+        let outstanding = self.client.outstanding() as u64;
+        match self.client.poll(&self.mem) {
+            Ok(p) => {
+                if p.restarted {
+                    self.replayed += outstanding;
+                }
+                if p.sent > 0 {
+                    self.doorbell.ring();
+                }
+            }
+            Err(_) => self.fail_all(),
+        }
+    }
+
+    /// The next answer of the current incarnation to a request still outstanding.
     fn next_response(&mut self) -> Option<Response> {
+        self.client_poll();
         if self.broken {
             return None;
         }
-        let popped = self.layout.guest_rings_attach(&self.mem).and_then(|(_, mut responses)| responses.pop());
-        match popped {
-            Ok(Some(slot)) => Some(Response::decode(&slot)),
-            Ok(None) => None,
+        match self.client.next_response(&self.mem) {
+            Ok(r) => r,
             Err(_) => {
                 self.fail_all();
                 None
@@ -152,7 +190,7 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
     }
 
     fn slot_offset(&self, i: usize) -> usize {
-        self.layout.data_offset() + i * self.slot_size
+        self.client.layout().data_offset() + i * self.slot_size
     }
 }
 
@@ -192,14 +230,13 @@ impl<M: SharedMem, D: Doorbell> BlockBackend for BlockChannel<M, D> {
             self.mem.write_bytes(offset, data);
         }
         // The data area lies below 4 GiB ([`BlockLayout::standard`]), so the offset fits.
-        let wire = Request { id: req.id, op, sector: req.sector, count, data_offset: offset as u32, data_len: req.len };
-        match self.layout.guest_rings_attach(&self.mem).and_then(|(mut requests, _)| requests.push(&wire.encode())) {
-            Ok(()) => {
-                self.slots[i] = Some(Slot { id: req.id, op: req.op, len: req.len });
+        match self.client.submit(&self.mem, op, req.sector, count, offset as u32) {
+            Ok(wire_id) => {
+                self.slots[i] = Some(Slot { id: req.id, wire_id, op: req.op, len: req.len });
                 Ok(())
             }
-            Err(RingError::Full) => Err(Busy),
-            Err(_) => {
+            Err(ClientError::TooMany) => Err(Busy),
+            Err(ClientError::Ring) => {
                 self.fail_all();
                 self.local.push_back((req.id, BlockStatus::IoError));
                 Ok(())
@@ -215,8 +252,9 @@ impl<M: SharedMem, D: Doorbell> BlockBackend for BlockChannel<M, D> {
         loop {
             // A ring found corrupt just now failed everything in flight into `local`.
             let Some(r) = self.next_response() else { return self.local.pop_front() };
-            // Answers to nothing in flight (a late GetInfo, a confused driver) are dropped.
-            let Some(i) = self.slots.iter().position(|s| s.is_some_and(|s| s.id == r.id)) else { continue };
+            // A GetInfo answered late (the device was created without it) is no request of
+            // the device's.
+            let Some(i) = self.slots.iter().position(|s| s.is_some_and(|s| s.wire_id == r.id)) else { continue };
             let Some(slot) = self.slots[i].take() else { continue };
             let status = match r.status {
                 Status::Ok => BlockStatus::Ok,
@@ -227,7 +265,7 @@ impl<M: SharedMem, D: Doorbell> BlockBackend for BlockChannel<M, D> {
                 read_data.resize(slot.len as usize, 0);
                 self.mem.read_bytes(self.slot_offset(i), read_data);
             }
-            return Some((r.id, status));
+            return Some((slot.id, status));
         }
     }
 
@@ -318,7 +356,7 @@ impl<M: SharedMem + ?Sized, D: Doorbell> NetBackend for NetChannel<'_, M, D> {
 pub(crate) mod tests {
     use super::*;
     use alloc::boxed::Box;
-    use ipc_spec::block::{validate, Validated};
+    use ipc_spec::block::{validate, Request, Validated};
     use ipc_spec::net::{Layout as NetLayout, MacAddr};
     use ipc_spec::ring::ByteMem;
 
@@ -340,12 +378,27 @@ pub(crate) mod tests {
         DiskInfo { capacity_sectors: SECTORS, sector_size: 512, max_sectors_per_request: 256, read_only: false }
     }
 
-    /// The disk driver VM's loop body: answers every request on the ring from `disk`.
+    /// A disk driver VM that attached before the VMM connected (incarnation 1 in the
+    /// header, which the client's layout leaves alone).
+    pub(crate) fn attached(mem: &ByteMem<'_>) {
+        mem.write_u32(ipc_spec::block::header::INCARNATION, 1);
+    }
+
+    /// The disk driver VM's loop body: answers every request on the ring from `disk`, as the
+    /// incarnation in the header.
     pub(crate) fn serve(mem: &ByteMem<'_>, disk: &mut [u8]) -> usize {
+        answer(mem, &take(mem, disk, usize::MAX))
+    }
+
+    /// Executes up to `n` requests from the ring on `disk`; the answers are returned, not
+    /// pushed (a driver that dies before answering).
+    pub(crate) fn take(mem: &ByteMem<'_>, disk: &mut [u8], n: usize) -> Vec<Response> {
         let layout = BlockLayout::read(mem).unwrap();
-        let (mut requests, mut responses) = layout.driver_rings(mem).unwrap();
-        let mut n = 0;
-        while let Ok(Some(slot)) = requests.pop() {
+        let incarnation = BlockLayout::incarnation(mem);
+        let (mut requests, _) = layout.driver_rings(mem).unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Ok(Some(slot)) = requests.pop() else { break };
             let req = Request::decode(&slot);
             let resp = match validate(&req, &layout, info()) {
                 Ok(Validated::GetInfo) => Response::info(req.id, info()),
@@ -362,16 +415,26 @@ pub(crate) mod tests {
                 Ok(Validated::Flush) => Response::new(req.id, Status::Ok),
                 Err(status) => Response::new(req.id, status),
             };
-            responses.push(&resp.encode()).unwrap();
-            n += 1;
+            out.push(resp.from(incarnation));
         }
-        n
+        out
+    }
+
+    /// Pushes answers onto the response ring; how many.
+    pub(crate) fn answer(mem: &ByteMem<'_>, answers: &[Response]) -> usize {
+        let layout = BlockLayout::read(mem).unwrap();
+        let (_, mut responses) = layout.driver_rings(mem).unwrap();
+        for r in answers {
+            responses.push(&r.encode()).unwrap();
+        }
+        answers.len()
     }
 
     #[test]
     fn block_channel_round_trip() {
         let mut bytes = vec![0u8; 256 << 10];
         let mem = ByteMem::new(&mut bytes);
+        attached(&mem);
         let mut bell = Count::default();
         let mut disk: Vec<u8> = (0..SECTORS as usize * 512).map(|i| (i % 253) as u8).collect();
         let mut c = BlockChannel::connect(mem, &mut bell).unwrap();
@@ -404,6 +467,7 @@ pub(crate) mod tests {
         assert_eq!(buf, data);
         assert_eq!(c.poll(&mut buf), Some((51, BlockStatus::IoError)), "out of range at the driver");
         assert!(buf.is_empty());
+        assert_eq!((c.incarnations(), c.replayed), (1, 0));
         assert!(bell.0 >= 2);
     }
 
@@ -422,23 +486,95 @@ pub(crate) mod tests {
         assert_eq!(c.poll_info(), Some(Ok(info())));
     }
 
+    /// Issue 12: the disk driver VM dies with requests taken and unanswered, a new
+    /// incarnation attaches; every request the dead one did not answer is sent again and
+    /// completed once, answers the dead one left behind are ignored, the data lands.
+    #[test]
+    fn requests_in_flight_are_replayed_to_a_restarted_driver() {
+        let mut bytes = vec![0u8; 1 << 20];
+        let mem = ByteMem::new(&mut bytes);
+        attached(&mem);
+        let mut bell = Count::default();
+        let mut disk: Vec<u8> = vec![0; SECTORS as usize * 512];
+        let mut c = BlockChannel::connect(mem, &mut bell).unwrap();
+        serve(&mem, &mut disk);
+        assert_eq!(c.poll_info(), Some(Ok(info())));
+        let mut buf = Vec::new();
+        let mut done = Vec::new();
+        for round in 0..20u64 {
+            // Writes of a pattern per round, then a flush.
+            for k in 0..6u64 {
+                let id = round * 10 + k;
+                let data = vec![(id % 251) as u8 + 1; 1024];
+                c.submit(&BlockRequest { id, op: BlockOp::Write, sector: 2 * k + 20 * (round % 8), len: 1024 }, &data)
+                    .unwrap();
+            }
+            c.submit(&BlockRequest { id: round * 10 + 6, op: BlockOp::Flush, sector: 0, len: 0 }, &[]).unwrap();
+            // The driver executes a few, answers some of those, and dies; its last answers
+            // are pushed after the new incarnation attached (late, from a dead driver).
+            let taken = take(&mem, &mut disk, (round % 5) as usize + 1);
+            let (now, late) = taken.split_at(taken.len() / 2);
+            answer(&mem, now);
+            while let Some((id, status)) = c.poll(&mut buf) {
+                assert_eq!(status, BlockStatus::Ok);
+                done.push(id);
+            }
+            BlockLayout::read(&mem).unwrap().driver_attach(&mem).unwrap();
+            answer(&mem, late);
+            // The new one serves everything the client sends again.
+            let mut guard = 0;
+            while done.iter().filter(|&&id| id / 10 == round).count() < 7 {
+                serve(&mem, &mut disk);
+                while let Some((id, status)) = c.poll(&mut buf) {
+                    assert_eq!(status, BlockStatus::Ok);
+                    done.push(id);
+                }
+                guard += 1;
+                assert!(guard < 10, "round {round}: requests never completed: {done:?}");
+            }
+        }
+        let mut sorted = done.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), done.len(), "a request completed twice");
+        assert_eq!(done.len(), 20 * 7);
+        // Each place holds what the last round to write it wrote (rounds 12..20 cover every
+        // `round % 8`).
+        for place in 0..8u64 {
+            let round = (12..20u64).rev().find(|r| r % 8 == place).unwrap_or(0);
+            for k in 0..6u64 {
+                let s = (2 * k + 20 * place) as usize * 512;
+                let want = ((round * 10 + k) % 251) as u8 + 1;
+                assert!(disk[s..s + 1024].iter().all(|&b| b == want), "place {place}, write {k}");
+            }
+        }
+        assert_eq!(c.incarnations(), 21);
+        assert!(c.replayed > 0 && c.ignored() > 0, "replayed {}, ignored {}", c.replayed, c.ignored());
+    }
+
     #[test]
     fn hostile_disk_driver() {
         let mut bytes = vec![0u8; 64 << 10];
         let mem = ByteMem::new(&mut bytes);
+        attached(&mem);
         let mut c = BlockChannel::connect(mem, NoBell).unwrap();
         let layout = BlockLayout::read(&mem).unwrap();
         let (_, mut responses) = layout.driver_rings(&mem).unwrap();
+        let info_id = c.info_id.unwrap();
         // A GetInfo answer with a zero-sized disk is refused.
-        responses.push(&Response::info(INFO_ID, DiskInfo { capacity_sectors: 0, ..info() }).encode()).unwrap();
+        responses.push(&Response::info(info_id, DiskInfo { capacity_sectors: 0, ..info() }).from(1).encode()).unwrap();
         assert_eq!(c.poll_info(), Some(Err(Status::IoError)));
         c.info = Some(info());
         c.submit(&BlockRequest { id: 7, op: BlockOp::Read, sector: 0, len: 512 }, &[]).unwrap();
-        // Answers for ids not in flight are dropped; then the real one.
-        responses.push(&Response::new(8, Status::Ok).encode()).unwrap();
-        responses.push(&Response::new(7, Status::Unknown(77)).encode()).unwrap();
+        let wire = c.slots.iter().flatten().next().unwrap().wire_id;
+        // Answers for ids not in flight, and from another incarnation, are dropped; then the
+        // real one.
+        responses.push(&Response::new(wire + 1, Status::Ok).from(1).encode()).unwrap();
+        responses.push(&Response::new(wire, Status::Ok).from(2).encode()).unwrap();
+        responses.push(&Response::new(wire, Status::Unknown(77)).from(1).encode()).unwrap();
         let mut buf = Vec::new();
         assert_eq!(c.poll(&mut buf), Some((7, BlockStatus::IoError)));
+        assert_eq!(c.ignored(), 2);
         // A response index far ahead: the ring is corrupt; in-flight and later requests fail.
         c.submit(&BlockRequest { id: 9, op: BlockOp::Read, sector: 0, len: 512 }, &[]).unwrap();
         let ring = layout.response_ring_offset();

@@ -859,12 +859,13 @@ fn mmio_instructions_reach_the_bar() {
 /// disk driver VM serving the channel (ipc-spec's driver side) from its disk.
 #[test]
 fn block_through_the_channel_to_a_driver_vm() {
-    use super::channel::tests::{info, serve, NoBell, SECTORS};
+    use super::channel::tests::{attached, info, serve, NoBell, SECTORS};
     use super::channel::BlockChannel;
     use ipc_spec::ring::ByteMem;
     let bytes: &'static mut [u8] = Box::leak(vec![0u8; 512 << 10].into_boxed_slice());
     let shared = ByteMem::new(bytes);
     let mut disk: Vec<u8> = (0..SECTORS as usize * 512).map(|i| (i % 253) as u8).collect();
+    attached(&shared);
     let mut chan = BlockChannel::connect(shared, NoBell).unwrap();
     serve(&shared, &mut disk);
     assert_eq!(chan.poll_info(), Some(Ok(info())));

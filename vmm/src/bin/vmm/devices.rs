@@ -56,6 +56,8 @@ pub struct Devices {
     errors_seen: Vec<(u8, &'static str, Option<ResetCause>)>,
     /// Times a function stopped on a guest error (`DEVICE_NEEDS_RESET`).
     needs_reset: u32,
+    /// Disk driver VM incarnations reported so far.
+    incarnations: u64,
 }
 
 impl Devices {
@@ -84,6 +86,27 @@ impl Devices {
         }
     }
 
+    /// Reports a new disk driver VM incarnation (a restarted driver: the block channel sent it
+    /// every request the dead one had not answered).
+    pub fn report_restarts(&mut self) {
+        let Some(b) = self.bus.function_mut(BLK_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Blk>())
+        else {
+            return;
+        };
+        let chan = b.backend();
+        if chan.incarnations() > self.incarnations {
+            if self.incarnations > 0 {
+                println!(
+                    "disk driver VM incarnation {} attached: {} requests sent again in all, {} stale answers ignored",
+                    chan.incarnations(),
+                    chan.replayed,
+                    chan.ignored()
+                );
+            }
+            self.incarnations = chan.incarnations();
+        }
+    }
+
     /// What the devices did, for the VMM's last words.
     pub fn summary(&mut self) {
         if self.errors_seen.is_empty() {
@@ -94,8 +117,12 @@ impl Devices {
         {
             let s = b.stats();
             println!(
-                "virtio-blk: {} requests to the disk driver VM, {} completed, {} failed (IOERR/UNSUPP)",
-                s.submitted, s.completed, s.errors
+                "virtio-blk: {} requests to the disk driver VM, {} completed, {} failed (IOERR/UNSUPP); {} driver incarnations, {} requests sent again",
+                s.submitted,
+                s.completed,
+                s.errors,
+                b.backend().incarnations(),
+                b.backend().replayed
             );
         }
         if let Some(n) = self.bus.function_mut(NET_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Net>())
@@ -125,7 +152,8 @@ fn first(cmdline: &str, kind: &'static str) -> Option<(String, Region, u64, u64)
 /// `timer` is this domain's timer notification (used to pace the waits here). A channel
 /// that cannot be connected is reported and left out: the VM boots without that device.
 pub fn connect(cmdline: &str, timer: u64) -> Devices {
-    let mut d = Devices { bus: PciBus::new(), waits: Vec::new(), errors_seen: Vec::new(), needs_reset: 0 };
+    let mut d =
+        Devices { bus: PciBus::new(), waits: Vec::new(), errors_seen: Vec::new(), needs_reset: 0, incarnations: 0 };
     if let Some((name, region, signal, wait)) = first(cmdline, "block") {
         match block(region, signal, timer) {
             Ok(dev) => match d.bus.add(BLK_SLOT, BLK_BAR0, VirtioPci::new(dev)) {

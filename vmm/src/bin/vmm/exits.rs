@@ -163,6 +163,7 @@ impl Vmm {
         }
         self.devices.bus.poll(&mut self.mem);
         self.devices.report_errors();
+        self.devices.report_restarts();
         for m in self.devices.bus.take_messages() {
             // A message to another APIC or not a fixed vector is the guest's own choice;
             // it is dropped (this VM has one vCPU).
