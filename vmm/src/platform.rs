@@ -393,6 +393,12 @@ impl Platform {
         }
     }
 
+    /// Bytes of typed input [`Self::input`] can still keep: a caller that takes no more than
+    /// this from its source loses nothing (the rest waits there).
+    pub fn input_room(&self) -> usize {
+        INPUT_BACKLOG.saturating_sub(self.input.len())
+    }
+
     /// Typed console input for the UART. Input beyond [`INPUT_BACKLOG`] bytes is dropped;
     /// returns how many bytes were kept.
     pub fn input(&mut self, bytes: &[u8]) -> usize {
@@ -471,6 +477,31 @@ mod tests {
         // New input: a new edge.
         p.input(b"x");
         assert_eq!(p.pending_interrupt(), Some(0x24));
+    }
+
+    #[test]
+    fn input_room_says_what_input_keeps() {
+        let mut p = platform();
+        let mut mem = VecMemory::new(0, 0x10000);
+        linux_setup(&mut p, &mut mem);
+        let room = p.input_room();
+        assert_eq!(room, INPUT_BACKLOG);
+        let typed = vec![b'k'; room + 100];
+        // What fits is kept (the FIFO takes its 16 first, so a little more than the room).
+        let kept = p.input(&typed[..room]);
+        assert_eq!(kept, room);
+        // The UART's FIFO took the first 16 bytes out of the backlog.
+        assert_eq!(p.input_room(), crate::uart::RX_FIFO_DEPTH);
+        assert_eq!(p.input(&typed[room..]), crate::uart::RX_FIFO_DEPTH, "only what the room said is kept");
+        assert_eq!(p.input_room(), 0);
+        // The guest reads: room again, and exactly what was kept comes out.
+        let mut got = 0;
+        while p.io_in(COM1_BASE + 5, 1) & 1 != 0 {
+            p.io_in(COM1_BASE, 1);
+            got += 1;
+        }
+        assert_eq!(got, room + crate::uart::RX_FIFO_DEPTH, "every byte kept comes out");
+        assert_eq!(p.input_room(), INPUT_BACKLOG);
     }
 
     #[test]

@@ -199,13 +199,20 @@ impl Vmm {
         // SAFETY: INPUT is only used here, by this single-threaded domain; the microvisor
         // writes into it during the hypercall only.
         let buf = unsafe { &mut *(&raw mut INPUT).cast::<[u8; ipc_spec::hypercall::CONSOLE_INPUT_BUFFER]>() };
-        let r = raw(Hypercall::ConsoleRead.number(), slot, 0, [buf.as_ptr() as u64, buf.len() as u64, 0, 0, 0, 0]);
+        // Take only what the UART's backlog keeps: the rest waits in the microvisor's buffer
+        // (which stops reading the real UART when full), so fast typing or a slow guest
+        // loses nothing.
+        let want = buf.len().min(self.platform.input_room());
+        if want == 0 {
+            return;
+        }
+        let r = raw(Hypercall::ConsoleRead.number(), slot, 0, [buf.as_ptr() as u64, want as u64, 0, 0, 0, 0]);
         if ipc_spec::hypercall::result_of(r.rax).is_err() {
             println!("console input unavailable: {:?}", ipc_spec::hypercall::result_of(r.rax));
             self.console = None;
             return;
         }
-        let n = (r.args[0] as usize).min(buf.len());
+        let n = (r.args[0] as usize).min(want);
         if n > 0 {
             self.platform.input(&buf[..n]);
         }
