@@ -71,7 +71,7 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         Ok(f) => f,
         Err(p) => match crate::arch::vmx_probe::probe() {
             Some(vmx) => stop_on_vmx(&vmx, boot.rsdp),
-            None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
+            None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {p}")),
         },
     };
     println!(

@@ -49,7 +49,7 @@ impl<F: Stage2Format> Kernel<F> {
                 ntf.refs = ntf.refs.saturating_sub(1);
                 if ntf.refs == 0 {
                     let waiter = ntf.waiter.take();
-                    *ntf = Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
+                    *ntf = Notification::FREE;
                     if let Some(v) = waiter {
                         self.fail_ipc(v, Error::PartnerGone);
                     }
@@ -88,11 +88,24 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(cap)
     }
 
+    /// What `kind` makes of the object in the caller's `slot` (with `rights`): `None` is
+    /// the wrong type.
+    pub fn lookup_as<T>(
+        &self,
+        caller: DomainId,
+        slot: u64,
+        rights: u64,
+        kind: impl FnOnce(Object) -> Option<T>,
+    ) -> Result<T, Error> {
+        kind(self.lookup(caller, slot, rights)?.object).ok_or(Error::WrongType)
+    }
+
     pub fn lookup_domain(&self, caller: DomainId, slot: u64) -> Result<DomainId, Error> {
-        match self.lookup(caller, slot, rights::CONTROL)?.object {
-            Object::Domain(d, _) => Ok(d),
-            _ => Err(Error::WrongType),
-        }
+        self.lookup_as(caller, slot, rights::CONTROL, |o| if let Object::Domain(d, _) = o { Some(d) } else { None })
+    }
+
+    pub fn lookup_vcpu(&self, caller: DomainId, slot: u64) -> Result<VcpuId, Error> {
+        self.lookup_as(caller, slot, rights::CONTROL, |o| if let Object::Vcpu(v, _) = o { Some(v) } else { None })
     }
 
     /// Copy capability `slot` of `from` into `to` with rights masked and, for an unbadged
