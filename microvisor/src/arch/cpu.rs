@@ -129,14 +129,10 @@ extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
         let _ = writeln!(s, "[microvisor]   the stack has overflowed (canary overwritten): the cause, probably");
     }
     let mut name = [0u8; 32];
-    match current_domain(&mut name) {
-        Some(d) => {
-            let _ = writeln!(s, "[microvisor]   while handling domain {d}");
-        }
-        None => {
-            let _ = writeln!(s, "[microvisor]   no domain was being handled");
-        }
-    }
+    let _ = match current_domain(&mut name) {
+        Some(d) => writeln!(s, "[microvisor]   while handling domain {d}"),
+        None => writeln!(s, "[microvisor]   no domain was being handled"),
+    };
     let _ = writeln!(
         s,
         "[microvisor]   RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x} RSI {:#x} RDI {:#x}",

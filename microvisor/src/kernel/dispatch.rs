@@ -253,11 +253,10 @@ impl<F: Stage2Format> Kernel<F> {
                     self.vcpus[v as usize].msg_page = None;
                     return Ok(());
                 }
-                let dom = &self.domains[caller as usize];
-                if !r.rdi.is_multiple_of(PAGE) || r.rdi.checked_add(PAGE).is_none_or(|end| end > dom.ram_size()) {
-                    return Err(Error::BadAddress);
-                }
-                let hpa = dom.ram_hpa(r.rdi).ok_or(Error::BadAddress)?;
+                // A whole page of the caller's RAM (RAM is whole 2 MiB chunks: an aligned
+                // page in it ends in it).
+                let page = Some(r.rdi).filter(|a| a.is_multiple_of(PAGE));
+                let hpa = page.and_then(|a| self.domains[caller as usize].ram_hpa(a)).ok_or(Error::BadAddress)?;
                 self.vcpus[v as usize].msg_page = Some(hpa);
                 Ok(())
             }
