@@ -49,7 +49,7 @@ impl<F: Stage2Format> Kernel<F> {
                 ntf.refs = ntf.refs.saturating_sub(1);
                 if ntf.refs == 0 {
                     let waiter = ntf.waiter.take();
-                    *ntf = Notification::FREE;
+                    *ntf = Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
                     if let Some(v) = waiter {
                         self.fail_ipc(v, Error::PartnerGone);
                     }

@@ -165,14 +165,6 @@ pub struct Notification {
     pub timer: Option<(u64, u64)>,
 }
 
-impl Endpoint {
-    const FREE: Self = Self { refs: 0, senders: Queue::new(), receivers: Queue::new() };
-}
-
-impl Notification {
-    pub(super) const FREE: Self = Self { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
-}
-
 /// Something the machine must do after a kernel operation, beyond running `current`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -228,8 +220,9 @@ impl<F: Stage2Format> Kernel<F> {
             vcpus: [Vcpu::FREE; MAX_VCPUS],
             next: [None; MAX_VCPUS],
             regions: [const { Region { refs: 0, hpa: 0, frames: 0 } }; MAX_REGIONS],
-            endpoints: [Endpoint::FREE; MAX_ENDPOINTS],
-            notifications: [Notification::FREE; MAX_NOTIFICATIONS],
+            endpoints: [const { Endpoint { refs: 0, senders: Queue::new(), receivers: Queue::new() } }; MAX_ENDPOINTS],
+            notifications: [const { Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None } };
+                MAX_NOTIFICATIONS],
             devices: [Device { present: false, rid: 0, vendor: 0, device: 0, class: 0, owner: None }; MAX_DEVICES],
             irq_routes: [None; DEVICE_VECTORS],
             runq: RunQueue::new(),
@@ -255,13 +248,13 @@ impl<F: Stage2Format> Kernel<F> {
 
     pub fn endpoint_create(&mut self) -> Result<EndpointId, Error> {
         let e = self.endpoints.iter().position(|e| e.refs == 0).ok_or(Error::OutOfMemory)?;
-        self.endpoints[e] = Endpoint::FREE;
+        self.endpoints[e] = Endpoint { refs: 0, senders: Queue::new(), receivers: Queue::new() };
         Ok(e as EndpointId)
     }
 
     pub fn notification_create(&mut self) -> Result<NotificationId, Error> {
         let n = self.notifications.iter().position(|n| n.refs == 0).ok_or(Error::OutOfMemory)?;
-        self.notifications[n] = Notification::FREE;
+        self.notifications[n] = Notification { refs: 0, bits: 0, waiter: None, bound: None, timer: None };
         Ok(n as NotificationId)
     }
 
