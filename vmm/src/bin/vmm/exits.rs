@@ -36,6 +36,8 @@ const KVM_ENOSYS: u64 = (-1000i64) as u64;
 /// How long a panicking kernel may take to reset the VM before the VMM stops it (a kernel
 /// told `panic=0` waits forever; one that resets does so at once).
 const PANIC_GRACE_NS: u64 = 2_000_000_000;
+/// ... and after at least this many more exits (about 2 s of a 250 Hz tick and its EOI).
+const PANIC_GRACE_EXITS: u64 = 1_000;
 /// Messages about unclaimed MMIO printed before they are only counted.
 const UNCLAIMED_REPORTS: u64 = 8;
 
@@ -64,8 +66,9 @@ pub struct Vmm {
     panicked: bool,
     unclaimed_reported: u64,
     boot_tsc: u64,
-    /// After a panic line: when the VMM stops the VM if the kernel has not reset it.
-    panic_deadline: Option<u64>,
+    /// After a panic line: when (TSC) and after how many exits in all the VMM stops the VM
+    /// if the kernel has not reset it.
+    panic_deadline: Option<(u64, u64)>,
 }
 
 impl Vmm {
@@ -123,7 +126,7 @@ impl Vmm {
         let mut next = self.platform.next_deadline();
         let flush = self.out.due(ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz));
         let poll = self.console.map(|_| self.next_poll);
-        for t in [flush, poll, self.panic_deadline].into_iter().flatten() {
+        for t in [flush, poll, self.panic_deadline.map(|(t, _)| t)].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let Some(t) = next {
@@ -171,8 +174,14 @@ impl Vmm {
         if let Some(line) = self.out.flush_due(now, ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz)) {
             write_console(&line);
         }
-        if self.panic_deadline.is_some_and(|t| now >= t) {
-            return self.stop("the kernel panicked (and did not reset the VM)", 4).err();
+        if let Some((_, exits)) = self.panic_deadline.filter(|&(t, _)| now >= t) {
+            // The grace is counted in the guest's progress too, not wall time alone: under
+            // TCG on a loaded host the kernel's reset path can take seconds of wall time.
+            // A kernel that panicked and loops (panic=0) keeps taking its timer's exits.
+            if self.stats.exits() >= exits + PANIC_GRACE_EXITS {
+                return self.stop("the kernel panicked (and did not reset the VM)", 4).err();
+            }
+            self.panic_deadline = Some((now + ticks_in(PANIC_GRACE_NS / 20, self.tsc_hz), exits));
         }
         None
     }
@@ -294,7 +303,7 @@ impl Vmm {
         write_console(&lines);
         if contains(&lines, b"Kernel panic") && !self.panicked {
             self.panicked = true;
-            self.panic_deadline = Some(rdtsc() + ticks_in(PANIC_GRACE_NS, self.tsc_hz));
+            self.panic_deadline = Some((rdtsc() + ticks_in(PANIC_GRACE_NS, self.tsc_hz), self.stats.exits()));
         }
         if contains(&lines, INIT_MARKER) {
             println!("exit histogram at the init marker: {}", self.stats.summary());
