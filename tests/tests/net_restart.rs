@@ -37,11 +37,8 @@ fn restarts(port: u16) -> ((u64, u64, u64, u64), String, String) {
         .lines()
         .find(|l| l.starts_with("net driver restarts seen: "))
         .unwrap_or_else(|| panic!("no restart line on the status page:\n{page}"));
-    let numbers: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(|w| w.parse().unwrap())
-        .collect();
+    let numbers: Vec<u64> =
+        line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).map(|w| w.parse().unwrap()).collect();
     let [seen, incarnation, stale, macs] = numbers[..] else { panic!("unexpected restart line: {line}") };
     let gaps = page.lines().find(|l| l.starts_with("net restart gaps")).unwrap_or("").to_string();
     ((seen, incarnation, stale, macs), gaps, page)
@@ -85,7 +82,12 @@ fn download(port: u16, bytes: u64, seed: u64) -> Duration {
         want = fnv1a(want, &expected[..n]);
         if buf[..n] != expected[..n] {
             let i = buf[..n].iter().zip(&expected[..n]).position(|(a, b)| a != b).unwrap_or(0);
-            panic!("byte {} of the transfer differs (got {:#04x}, expected {:#04x})", at + i as u64, buf[i], expected[i]);
+            panic!(
+                "byte {} of the transfer differs (got {:#04x}, expected {:#04x})",
+                at + i as u64,
+                buf[i],
+                expected[i]
+            );
         }
         at += n as u64;
         if at >= next_report {
@@ -98,10 +100,10 @@ fn download(port: u16, bytes: u64, seed: u64) -> Duration {
     t0.elapsed()
 }
 
-/// Boots the crashing net driver, downloads `mib` MiB and checks that it came through
-/// `min_restarts` restarts or more.
-fn transfer_across_restarts(mib: u64, min_restarts: u64) {
-    let m = stack_machine("tests/stacks/crashy-net.toml", "");
+/// Boots `stack`, downloads `mib` MiB and checks that it came through `min_restarts` net
+/// driver restarts or more.
+fn transfer_across_restarts(stack: &str, mib: u64, min_restarts: u64) {
+    let m = stack_machine(stack, "");
     let port = m.net_ports[0];
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     eprintln!("net restart: seed {seed}");
@@ -129,12 +131,20 @@ fn transfer_across_restarts(mib: u64, min_restarts: u64) {
 
 #[test]
 fn a_tcp_transfer_of_32_mib_survives_20_net_driver_crashes() {
-    transfer_across_restarts(32, 20);
+    transfer_across_restarts("tests/stacks/crashy-net.toml", 32, 20);
+}
+
+/// The same transfer through a net driver VM that does not crash: the throughput to compare
+/// with.
+#[test]
+#[ignore]
+fn control_the_same_transfer_without_crashes() {
+    transfer_across_restarts("stacks/demo.toml", 32, 0);
 }
 
 /// The soak: 256 MiB, about ten times as many crashes (minutes under TCG).
 #[test]
 #[ignore]
 fn soak_a_tcp_transfer_of_256_mib_survives_150_net_driver_crashes() {
-    transfer_across_restarts(256, 150);
+    transfer_across_restarts("tests/stacks/crashy-net.toml", 256, 150);
 }
