@@ -121,11 +121,9 @@
 //! from the channel's position on its command line, which dom0 keeps).
 //!
 //! The guest ([`FrameReceiver::follow_incarnations`]) takes a frame from the RX ring only if
-//! its stamp is the incarnation in the header when it takes it: when a stamp differs from
-//! the incarnation it knows, it reads the header again; a stamp equal to the header's is
-//! the next incarnation (the driver wrote the header before its first frame), anything else
-//! is a frame a dead incarnation published before it died, dropped
-//! ([`NetDropReason::Stale`]). So nothing a dead incarnation left behind is used once its
+//! its stamp is the incarnation in the header when it takes it (one load per frame; a new
+//! incarnation writes the header before its first frame); any other stamp is a frame a dead
+//! incarnation published before it died, dropped ([`NetDropReason::Stale`]). So nothing a dead incarnation left behind is used once its
 //! successor has attached. No frame of a dead incarnation can arrive later: dom0 destroys a
 //! driver VM (and quiesces its device) before it builds the next.
 //!
@@ -738,10 +736,11 @@ impl NetHeader {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
             return Err(LayoutError::BadMtu { found: self.mtu });
         }
-        let (incarnation, drops, fresh) = match NetHeader::check(mem) {
+        let corrupt = |_| LayoutError::CorruptRings;
+        let (incarnation, drops, fresh, (tx, mut rx)) = match NetHeader::check(mem) {
             Ok(_) => {
-                // Check both rings before writing anything.
-                layout.driver_channel(mem, self.mtu).map_err(|_| LayoutError::CorruptRings)?;
+                // Both rings as they are, checked before anything is written.
+                let rings = layout.driver_channel(mem, self.mtu).map_err(corrupt)?;
                 self.write_fields(mem);
                 let next = match mem.read_u32(header::INCARNATION).wrapping_add(1) {
                     0 => 1,
@@ -750,14 +749,13 @@ impl NetHeader {
                 // The header's fields before the incarnation that announces them.
                 fence(Ordering::Release);
                 mem.write_u32(header::INCARNATION, next);
-                (next, DropCounters::read(mem), false)
+                (next, DropCounters::read(mem), false, rings)
             }
             Err(_) => {
                 self.init(mem, &layout)?;
-                (1, DropCounters::default(), true)
+                (1, DropCounters::default(), true, layout.driver_channel(mem, self.mtu).map_err(corrupt)?)
             }
         };
-        let (tx, mut rx) = layout.driver_channel(mem, self.mtu).map_err(|_| LayoutError::CorruptRings)?;
         rx.stamp = incarnation;
         Ok(DriverAttach { incarnation, fresh, tx, rx, drops })
     }
