@@ -30,7 +30,9 @@
 //!           +8   ring capacity   u32  (entries per ring; must equal Layout::new's)
 //!           +12  mtu             u32  (IP MTU, 68..=1500; frames carry at most mtu + 14 bytes)
 //!           +16  link            u32  (1 = up, anything else = down); may change at any time
-//!           +20  reserved
+//!           +20  incarnation     u32  the attached driver's (1 for the first, +1 at each
+//!                                     re-attach, never 0 once the magic is there); see
+//!                                     "Restarts"
 //!           +24  guest MAC       6 bytes, then 2 reserved bytes
 //!           +64  drop counters   16 x u32, indexed by NetDropReason::code(); wrapping
 //!           rest of the page reserved (ignored)
@@ -52,7 +54,9 @@
 //! ```text
 //!   +0  slot  u32   index of the frame slot in this direction's half
 //!   +4  len   u32   frame length in bytes (Ethernet header included, no FCS)
-//!   +8  reserved, written as zero, ignored
+//!   +8  incarnation u32  RX ring: the incarnation of the driver that produced the frame;
+//!                        TX ring: written as zero, ignored
+//!  +12  reserved, written as zero, ignored
 //! ```
 //!
 //! # Slot ownership
@@ -82,17 +86,46 @@
 //! # Who writes what, and when
 //!
 //! 1. Dom0 creates the region (zeroed) and maps it into both domains.
-//! 2. The driver VM writes the header and empties both rings ([`NetHeader::init`]: magic
-//!    last, after a release fence), then attaches ([`Layout::driver_channel`]) and rings the
-//!    guest's doorbell. Later it writes only the link word ([`set_link`]) and the drop
-//!    counters ([`DropCounters::publish`]); it never reads the header back.
+//! 2. The driver VM writes the header (incarnation 1) and empties both rings
+//!    ([`NetHeader::init`]: magic last, after a release fence), then attaches
+//!    ([`Layout::driver_channel`]) and rings the guest's doorbell; [`NetHeader::attach_driver`]
+//!    does all of it. Later it writes only the link word ([`set_link`]) and the drop
+//!    counters ([`DropCounters::publish`]); it never reads the header back, except once
+//!    when it re-attaches after a restart (below).
 //! 3. The guest waits until [`NetHeader::check`] accepts the header (magic, version, ring
 //!    capacity, MTU), keeps the checked copy (MAC, MTU) and attaches
 //!    ([`Layout::guest_channel`]). It may read [`link_up`] and [`DropCounters::read`] at any
 //!    time (both are informational: any value is harmless).
-//! 4. A restarted side attaches again and continues from the ring indexes it finds (a
-//!    restarted driver must not call [`NetHeader::init`] again while the guest runs: the
-//!    guest would see its rings move backwards and declare them corrupt).
+//! 4. A restarted driver re-attaches ([`NetHeader::attach_driver`]); see "Restarts".
+//!
+//! # Restarts
+//!
+//! The channel outlives its driver: dom0 maps the same region (the guest's, which stays
+//! where it is) into the next incarnation of the driver VM and gives it the same doorbells.
+//! [`NetHeader::attach_driver`] finds a valid header there and, instead of initialising the
+//! region again (which would move the guest's rings backwards: the guest would declare them
+//! corrupt), it:
+//!
+//! - attaches to both rings as they are: the TX ring's frames not yet taken are sent as if
+//!   nothing happened, the RX ring continues from the producer index the dead incarnation
+//!   published (a frame it was writing but had not published is simply never published);
+//! - writes its own header fields again (MTU, link, MAC: the guest may have scribbled on
+//!   them) and takes the drop counters as they are (informational);
+//! - writes the next **incarnation** number into the header (+20) after a release fence,
+//!   and stamps it into every RX descriptor it produces (+8).
+//!
+//! Frames in flight are lost: those the dead incarnation had taken off the TX ring and not
+//! yet handed to the device, those the device held, those on the wire towards it. TCP
+//! retransmits; nothing else in the protocol waits for a frame. The guest's MAC is the
+//! driver's choice and must not change across incarnations (the net driver VM derives it
+//! from the channel's position on its command line, which dom0 keeps).
+//!
+//! The guest ([`FrameReceiver::follow_incarnations`]) takes a frame from the RX ring only if
+//! its stamp is the incarnation in the header when it takes it (one load per frame; a new
+//! incarnation writes the header before its first frame); any other stamp is a frame a dead
+//! incarnation published before it died, dropped ([`NetDropReason::Stale`]). So nothing a dead incarnation left behind is used once its
+//! successor has attached. No frame of a dead incarnation can arrive later: dom0 destroys a
+//! driver VM (and quiesces its device) before it builds the next.
 //!
 //! A corrupt ring ([`NetDropReason::BadRing`]) stops that direction of that channel only.
 
@@ -165,6 +198,8 @@ pub mod header {
     pub const MTU: usize = 12;
     /// `u32`: 1 = link up.
     pub const LINK: usize = 16;
+    /// `u32`: the attached driver's incarnation (see "Restarts").
+    pub const INCARNATION: usize = 20;
     /// 6 bytes: the guest's MAC address, then 2 reserved bytes.
     pub const MAC: usize = 24;
     /// [`super::DROP_COUNTERS`] `u32`s, indexed by [`super::NetDropReason::code`].
@@ -177,6 +212,8 @@ pub mod desc {
     pub const SLOT: usize = 0;
     /// `u32`: frame length in bytes.
     pub const LEN: usize = 4;
+    /// `u32`: RX ring: the producing driver's incarnation (see "Restarts"); TX ring: zero.
+    pub const INCARNATION: usize = 8;
 }
 
 /// The guest's half of the TX ring (raw; [`FrameSender`] wraps it).
@@ -295,11 +332,14 @@ pub enum NetDropReason {
     NoRoute,
     /// The device refused or failed the frame (the driver).
     DeviceError,
+    /// An RX frame produced by a driver incarnation that is no longer the attached one (the
+    /// guest, [`FrameReceiver::follow_incarnations`]).
+    Stale,
 }
 
 impl NetDropReason {
     /// Every reason, in code order.
-    pub const ALL: [NetDropReason; 8] = [
+    pub const ALL: [NetDropReason; 9] = [
         NetDropReason::TooShort,
         NetDropReason::TooLong,
         NetDropReason::BadSlot,
@@ -308,6 +348,7 @@ impl NetDropReason {
         NetDropReason::BadSource,
         NetDropReason::NoRoute,
         NetDropReason::DeviceError,
+        NetDropReason::Stale,
     ];
 
     /// The wire code: the index of this reason's counter in the header (< [`DROP_COUNTERS`]).
@@ -321,6 +362,7 @@ impl NetDropReason {
             NetDropReason::BadSource => 5,
             NetDropReason::NoRoute => 6,
             NetDropReason::DeviceError => 7,
+            NetDropReason::Stale => 8,
         }
     }
 }
@@ -347,6 +389,7 @@ impl fmt::Display for NetDropReason {
             NetDropReason::BadSource => "source MAC is not the sender's",
             NetDropReason::NoRoute => "no port has the destination MAC",
             NetDropReason::DeviceError => "device error",
+            NetDropReason::Stale => "frame from a driver incarnation that is gone",
         })
     }
 }
@@ -384,6 +427,9 @@ pub enum LayoutError {
         /// The MTU field (or argument).
         found: u32,
     },
+    /// Re-attaching ([`NetHeader::attach_driver`]): a ring's indexes are impossible (the
+    /// guest wrote them while no driver was attached).
+    CorruptRings,
 }
 
 impl fmt::Display for LayoutError {
@@ -400,6 +446,7 @@ impl fmt::Display for LayoutError {
                 write!(f, "net ring capacity {found} does not match this mapping's {expected}")
             }
             LayoutError::BadMtu { found } => write!(f, "net MTU {found} is not in {MIN_MTU}..={MAX_MTU}"),
+            LayoutError::CorruptRings => f.write_str("net rings left by the previous driver are corrupt"),
         }
     }
 }
@@ -610,9 +657,11 @@ pub struct NetHeader {
 }
 
 impl NetHeader {
-    /// The driver VM's setup: checks that `layout` is the one for `mem`'s length and the MTU
-    /// is valid, then writes the header, zeroes the drop counters, empties both rings and
-    /// writes the magic last (after a release fence). Writes nothing on error.
+    /// The driver VM's setup of a fresh region: checks that `layout` is the one for `mem`'s
+    /// length and the MTU is valid, then writes the header (incarnation 1), zeroes the drop
+    /// counters, empties both rings and writes the magic last (after a release fence).
+    /// Writes nothing on error. A driver that may find the region already set up (it may be
+    /// a restarted one) calls [`NetHeader::attach_driver`] instead.
     pub fn init<M: SharedMem + ?Sized>(&self, mem: &M, layout: &Layout) -> Result<(), LayoutError> {
         let expected = Layout::new(mem.len())?;
         if expected != *layout {
@@ -633,6 +682,7 @@ impl NetHeader {
         mac[..6].copy_from_slice(&self.mac.0);
         mem.write_bytes(header::MAC, &mac);
         DropCounters::default().publish(mem);
+        mem.write_u32(header::INCARNATION, 1);
         for dir in [Direction::Tx, Direction::Rx] {
             // Fits: checked by `Layout::new` against `mem.len()` just above.
             Producer::<M, DESC_SIZE>::init(mem, layout.ring_offset(dir), layout.ring_capacity(), 0)
@@ -670,6 +720,81 @@ impl NetHeader {
         let link_up = mem.read_u32(header::LINK) == 1;
         Ok((NetHeader { mac: MacAddr(mac), mtu, link_up }, layout))
     }
+
+    /// The driver VM's attach, first or after a restart (see "Restarts"): if `mem` holds no
+    /// valid header ([`NetHeader::check`]), [`NetHeader::init`] (incarnation 1); otherwise
+    /// re-attach to the rings as they are, write this header's fields again and announce the
+    /// next incarnation. Returns the incarnation, the TX receiver and the RX sender (which
+    /// stamps the incarnation into every descriptor), and the drop counters found (zero on a
+    /// fresh region), to continue counting from.
+    ///
+    /// Errors: the layout and MTU as [`NetHeader::init`] (nothing written);
+    /// [`LayoutError::CorruptRings`] if a ring's indexes are impossible (nothing written: the
+    /// guest broke its channel; the caller stops serving it).
+    pub fn attach_driver<'m, M: SharedMem + ?Sized>(&self, mem: &'m M) -> Result<DriverAttach<'m, M>, LayoutError> {
+        let layout = Layout::new(mem.len())?;
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(LayoutError::BadMtu { found: self.mtu });
+        }
+        let corrupt = |_| LayoutError::CorruptRings;
+        let (incarnation, drops, fresh, (tx, mut rx)) = match NetHeader::check(mem) {
+            Ok(_) => {
+                // Both rings as they are, checked before anything is written.
+                let rings = layout.driver_channel(mem, self.mtu).map_err(corrupt)?;
+                self.write_fields(mem);
+                let next = match mem.read_u32(header::INCARNATION).wrapping_add(1) {
+                    0 => 1,
+                    n => n,
+                };
+                // The header's fields before the incarnation that announces them.
+                fence(Ordering::Release);
+                mem.write_u32(header::INCARNATION, next);
+                (next, DropCounters::read(mem), false, rings)
+            }
+            Err(_) => {
+                self.init(mem, &layout)?;
+                (1, DropCounters::default(), true, layout.driver_channel(mem, self.mtu).map_err(corrupt)?)
+            }
+        };
+        rx.stamp = incarnation;
+        Ok(DriverAttach { incarnation, fresh, tx, rx, drops })
+    }
+
+    /// Writes MTU, link and MAC (not the magic, version or capacity).
+    fn write_fields<M: SharedMem + ?Sized>(&self, mem: &M) {
+        mem.write_u32(header::MTU, self.mtu);
+        mem.write_u32(header::LINK, u32::from(self.link_up));
+        let mut mac = [0u8; 8];
+        mac[..6].copy_from_slice(&self.mac.0);
+        mem.write_bytes(header::MAC, &mac);
+    }
+}
+
+/// What [`NetHeader::attach_driver`] returns.
+#[derive(Debug)]
+pub struct DriverAttach<'m, M: SharedMem + ?Sized> {
+    /// This driver's incarnation on the channel (1: the first).
+    pub incarnation: u32,
+    /// Whether the region was set up afresh (no earlier incarnation's header was there).
+    pub fresh: bool,
+    /// The guest's TX ring (the driver receives).
+    pub tx: FrameReceiver<'m, M>,
+    /// The guest's RX ring (the driver sends; every descriptor carries `incarnation`).
+    pub rx: FrameSender<'m, M>,
+    /// The drop counters the header holds (continue counting from them).
+    pub drops: DropCounters,
+}
+
+/// The guest: the incarnation of the driver attached now (0 for a region too small for a
+/// header, or before the driver set it up).
+pub fn incarnation<M: SharedMem + ?Sized>(mem: &M) -> u32 {
+    if mem.len() < HEADER_PAGE_SIZE {
+        return 0;
+    }
+    let n = mem.read_u32(header::INCARNATION);
+    // Frames are read after the incarnation that announced their producer.
+    fence(Ordering::Acquire);
+    n
 }
 
 /// The driver VM: publishes the link state. `mem` must hold at least the header page (any
@@ -743,13 +868,16 @@ pub struct FrameSender<'m, M: SharedMem + ?Sized> {
     dir: Direction,
     mtu: u32,
     ring: Producer<'m, M, DESC_SIZE>,
+    /// Written into every descriptor's incarnation field (the driver's incarnation on the RX
+    /// ring; zero on the TX ring).
+    stamp: u32,
 }
 
 impl<'m, M: SharedMem + ?Sized> FrameSender<'m, M> {
     /// Attaches to `dir`'s ring as its producer, continuing from the indexes in its header.
     pub fn attach(mem: &'m M, layout: Layout, dir: Direction, mtu: u32) -> Result<Self, RingError> {
         let ring = Producer::attach(mem, layout.ring_offset(dir), layout.ring_capacity())?;
-        Ok(Self { mem, layout, dir, mtu, ring })
+        Ok(Self { mem, layout, dir, mtu, ring, stamp: 0 })
     }
 
     /// Copies `frame` into the slot of the next ring index and publishes its descriptor.
@@ -773,7 +901,9 @@ impl<'m, M: SharedMem + ?Sized> FrameSender<'m, M> {
         // is done with it (see "Slot ownership"). `push` fences before publishing.
         self.mem.write_bytes(range.start, frame);
         let len = u32::try_from(frame.len()).map_err(|_| NetDropReason::TooLong)?;
-        self.ring.push(&Descriptor { slot, len }.encode())?;
+        let mut entry = Descriptor { slot, len }.encode();
+        entry[desc::INCARNATION..desc::INCARNATION + 4].copy_from_slice(&self.stamp.to_le_bytes());
+        self.ring.push(&entry)?;
         Ok(())
     }
 
@@ -796,6 +926,11 @@ impl<'m, M: SharedMem + ?Sized> FrameSender<'m, M> {
     pub fn direction(&self) -> Direction {
         self.dir
     }
+
+    /// The incarnation written into every descriptor (see "Restarts").
+    pub fn stamp(&self) -> u32 {
+        self.stamp
+    }
 }
 
 /// The consuming half of one direction: pops descriptors, checks them and copies frames out.
@@ -806,13 +941,18 @@ pub struct FrameReceiver<'m, M: SharedMem + ?Sized> {
     dir: Direction,
     mtu: u32,
     ring: Consumer<'m, M, DESC_SIZE>,
+    /// The guest's RX side: the driver incarnation whose frames are taken
+    /// ([`FrameReceiver::follow_incarnations`]); `None`: stamps are not looked at.
+    incarnation: Option<u32>,
+    /// Incarnation changes seen since [`FrameReceiver::follow_incarnations`].
+    changes: u32,
 }
 
 impl<'m, M: SharedMem + ?Sized> FrameReceiver<'m, M> {
     /// Attaches to `dir`'s ring as its consumer, continuing from the indexes in its header.
     pub fn attach(mem: &'m M, layout: Layout, dir: Direction, mtu: u32) -> Result<Self, RingError> {
         let ring = Consumer::attach(mem, layout.ring_offset(dir), layout.ring_capacity())?;
-        Ok(Self { mem, layout, dir, mtu, ring })
+        Ok(Self { mem, layout, dir, mtu, ring, incarnation: None, changes: 0 })
     }
 
     /// Takes the next frame: pops its descriptor, checks it ([`validate`], and that it names
@@ -832,6 +972,17 @@ impl<'m, M: SharedMem + ?Sized> FrameReceiver<'m, M> {
         if d.slot != self.layout.slot_for_index(index) {
             return Err(NetDropReason::BadSlot);
         }
+        if self.incarnation.is_some() {
+            let [a, b, c, e] = [0, 1, 2, 3].map(|i| entry[desc::INCARNATION + i]);
+            let stamp = u32::from_le_bytes([a, b, c, e]);
+            // The incarnation attached now (one load): a new one announced itself in the
+            // header before its first frame; any other stamp is a frame a dead incarnation
+            // left behind.
+            self.check_incarnation();
+            if self.incarnation != Some(stamp) {
+                return Err(NetDropReason::Stale);
+            }
+        }
         let range = validate(&d, &self.layout, self.dir, self.mtu)?;
         let out = buf.get_mut(..range.len()).ok_or(NetDropReason::TooLong)?;
         // After `pop`'s acquire fence; the producer cannot reuse this slot before we pop the
@@ -843,6 +994,39 @@ impl<'m, M: SharedMem + ?Sized> FrameReceiver<'m, M> {
     /// Frames waiting to be received.
     pub fn pending(&mut self) -> Result<u32, RingError> {
         self.ring.len()
+    }
+
+    /// The guest's RX side: from now on take only frames stamped with the incarnation of the
+    /// driver attached at the time ([`incarnation`] in the header, read again for every
+    /// frame: one load); others are dropped with [`NetDropReason::Stale`]. See "Restarts".
+    pub fn follow_incarnations(&mut self) {
+        self.incarnation = Some(incarnation(self.mem));
+    }
+
+    /// Reads the header's incarnation again (cheap: one load); whether it changed since this
+    /// receiver last looked. Always `false` without [`FrameReceiver::follow_incarnations`].
+    pub fn check_incarnation(&mut self) -> bool {
+        let Some(known) = self.incarnation else { return false };
+        let now = incarnation(self.mem);
+        if now == known {
+            return false;
+        }
+        self.incarnation = Some(now);
+        self.changes = self.changes.wrapping_add(1);
+        true
+    }
+
+    /// The driver incarnation whose frames are taken (`None` without
+    /// [`FrameReceiver::follow_incarnations`]).
+    pub fn incarnation(&self) -> Option<u32> {
+        self.incarnation
+    }
+
+    /// How many times the incarnation changed since [`FrameReceiver::follow_incarnations`]:
+    /// the driver restarts this receiver lived through (several restarts between two looks
+    /// at the header count as one).
+    pub fn incarnation_changes(&self) -> u32 {
+        self.changes
     }
 
     /// Whether the peer's index was found impossible (every receive now fails).
@@ -1124,6 +1308,150 @@ mod tests {
         assert_eq!(rx_in.recv(&mut buf), Ok(Some(64)));
     }
 
+    /// A driver that attaches to a fresh region, then "dies" (its handles dropped) with
+    /// frames in flight both ways, `restarts` times: the guest keeps its rings, never sees them
+    /// corrupt, gets every frame the guest queued while no driver ran, and drops exactly the
+    /// RX frames the dead incarnations left behind.
+    fn restart_scenario(in_flight: &[(usize, usize)]) {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let first = header().attach_driver(&mem).unwrap();
+        assert!(first.fresh);
+        assert_eq!((first.incarnation, incarnation(&mem)), (1, 1));
+        let (h, gl) = NetHeader::check(&mem).unwrap();
+        let (mut tx_out, mut rx_in) = gl.guest_channel(&mem, h.mtu).unwrap();
+        rx_in.follow_incarnations();
+        assert_eq!(rx_in.incarnation(), Some(1));
+        let mut driver = Some(first);
+        let mut buf = [0u8; MAX_FRAME_LEN];
+        let mut n = 0u32;
+        let cap = gl.ring_capacity() as usize;
+        for (k, &(guest_queued, left_on_rx)) in in_flight.iter().enumerate() {
+            // Room for all of them (and the new incarnation's first frame).
+            let (guest_queued, left_on_rx) = (guest_queued.min(cap), left_on_rx.min(cap - 1));
+            let mut d = driver.take().unwrap();
+            // The dead incarnation's last frames: some the guest never took.
+            for _ in 0..left_on_rx {
+                d.rx.send(&frame(n, 60)).unwrap();
+                n += 1;
+            }
+            // It records a drop, publishes it, and dies.
+            d.drops.record(NetDropReason::NoRoute);
+            d.drops.publish(&mem);
+            let counted = d.drops;
+            let _dead = d;
+            // Meanwhile the guest queues frames for whoever comes next.
+            let queued: Vec<Vec<u8>> = (0..guest_queued).map(|i| frame(1000 + i as u32, 100 + i)).collect();
+            for f in &queued {
+                tx_out.send(f).unwrap();
+            }
+            // The guest scribbles on the header fields the driver owns; the next one rewrites them.
+            mem.write_u32(header::MTU, 576);
+            mem.write_bytes(header::MAC, &[9; 6]);
+            let mut next = header().attach_driver(&mem).unwrap();
+            assert!(!next.fresh);
+            assert_eq!(next.incarnation, k as u32 + 2);
+            assert_eq!(incarnation(&mem), k as u32 + 2);
+            assert_eq!(next.drops, counted, "drop counters continue");
+            assert_eq!(NetHeader::check(&mem).unwrap().0, header(), "MAC and MTU as the driver says");
+            // The frames the guest queued while no driver ran arrive, in order.
+            for f in &queued {
+                let len = next.tx.recv(&mut buf).unwrap().unwrap();
+                assert_eq!(&buf[..len], &f[..]);
+            }
+            assert_eq!(next.tx.recv(&mut buf), Ok(None));
+            // The new incarnation's frames come after the dead one's leftovers, which are dropped.
+            next.rx.send(&frame(n, 70)).unwrap();
+            for _ in 0..left_on_rx {
+                assert_eq!(rx_in.recv(&mut buf), Err(NetDropReason::Stale));
+            }
+            assert_eq!(rx_in.recv(&mut buf), Ok(Some(70)));
+            assert_eq!(&buf[..70], &frame(n, 70)[..]);
+            n += 1;
+            assert_eq!(rx_in.incarnation(), Some(k as u32 + 2));
+            assert!(!tx_out.is_corrupt() && !rx_in.is_corrupt());
+            driver = Some(next);
+        }
+        let changes = in_flight.len() as u32;
+        assert_eq!(rx_in.incarnation_changes(), changes);
+    }
+
+    #[test]
+    fn twenty_five_restarts_with_frames_in_flight() {
+        let cap = Layout::new(REGION).unwrap().ring_capacity() as usize;
+        let plan: Vec<(usize, usize)> = (0..25).map(|k| ((k * 7) % (cap + 1), (k * 5) % cap)).collect();
+        restart_scenario(&plan);
+    }
+
+    #[test]
+    fn frames_of_the_attached_incarnation_are_taken_until_a_successor_attaches() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut d = header().attach_driver(&mem).unwrap();
+        let (h, gl) = NetHeader::check(&mem).unwrap();
+        let (_, mut rx_in) = gl.guest_channel(&mem, h.mtu).unwrap();
+        rx_in.follow_incarnations();
+        let mut buf = [0u8; MAX_FRAME_LEN];
+        d.rx.send(&frame(1, 60)).unwrap();
+        d.rx.send(&frame(2, 61)).unwrap();
+        assert_eq!(rx_in.recv(&mut buf), Ok(Some(60)));
+        // The guest notices the restart from the header before any frame of the new one.
+        let _dead = d;
+        let mut d2 = header().attach_driver(&mem).unwrap();
+        assert!(rx_in.check_incarnation());
+        assert!(!rx_in.check_incarnation());
+        assert_eq!(rx_in.recv(&mut buf), Err(NetDropReason::Stale));
+        d2.rx.send(&frame(3, 62)).unwrap();
+        assert_eq!(rx_in.recv(&mut buf), Ok(Some(62)));
+        assert_eq!(rx_in.incarnation_changes(), 1);
+        // A stamp that was never announced (a lying driver) is dropped too.
+        let l = Layout::new(REGION).unwrap();
+        let idx = mem.read_u32(l.rx_ring_offset() + ring::PRODUCER_INDEX_OFFSET);
+        let mut raw = RxProducer::attach(&mem, l.rx_ring_offset(), l.ring_capacity()).unwrap();
+        let mut e = Descriptor { slot: l.slot_for_index(idx), len: 60 }.encode();
+        e[desc::INCARNATION] = 77;
+        raw.push(&e).unwrap();
+        assert_eq!(rx_in.recv(&mut buf), Err(NetDropReason::Stale));
+        // A receiver that does not follow incarnations takes everything (the driver's TX side).
+        let (_, mut plain) = l.guest_channel(&mem, 1500).unwrap();
+        assert_eq!(plain.incarnation(), None);
+        assert!(!plain.check_incarnation());
+    }
+
+    #[test]
+    fn reattach_refuses_corrupt_rings_and_writes_nothing() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        header().attach_driver(&mem).unwrap();
+        let l = Layout::new(REGION).unwrap();
+        // The guest moved the RX producer index (the driver's) far ahead while no driver ran.
+        mem.write_u32(l.rx_ring_offset() + ring::PRODUCER_INDEX_OFFSET, 1000);
+        let other = NetHeader { mac: MacAddr::local(5), ..header() };
+        assert_eq!(other.attach_driver(&mem).err(), Some(LayoutError::CorruptRings));
+        assert_eq!(incarnation(&mem), 1);
+        assert_eq!(NetHeader::check(&mem).unwrap().0.mac, GUEST);
+        // A bad MTU is refused before anything is looked at.
+        let bad = NetHeader { mtu: 20, ..header() };
+        assert_eq!(bad.attach_driver(&mem).err(), Some(LayoutError::BadMtu { found: 20 }));
+        // A region whose header the guest destroyed is set up afresh (its own loss).
+        mem.write_u32(header::MAGIC, 0);
+        let d = header().attach_driver(&mem).unwrap();
+        assert!(d.fresh);
+        assert_eq!(d.incarnation, 1);
+    }
+
+    #[test]
+    fn the_incarnation_skips_zero_when_it_wraps() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        header().attach_driver(&mem).unwrap();
+        mem.write_u32(header::INCARNATION, u32::MAX);
+        assert_eq!(header().attach_driver(&mem).unwrap().incarnation, 1);
+        assert_eq!(incarnation(&mem), 1);
+        let mut small = [0u8; 16];
+        assert_eq!(incarnation(&ByteMem::new(&mut small)), 0);
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Send(usize),
@@ -1198,6 +1526,11 @@ mod tests {
                 }
                 Err(e) => prop_assert!(matches!(e, NetDropReason::BadSlot | NetDropReason::TooShort | NetDropReason::TooLong)),
             }
+        }
+
+        #[test]
+        fn restarts_with_random_frames_in_flight(plan in proptest::collection::vec((0usize..=64, 0usize..64), 1..30)) {
+            restart_scenario(&plan);
         }
 
         #[test]

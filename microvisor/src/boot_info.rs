@@ -92,10 +92,9 @@ fn read_pvh(start_info_pa: u32) -> BootInfo {
     for i in 0..n {
         // SAFETY: the entry lies inside the memory map array checked above.
         let bytes = unsafe { phys_slice(si.memmap_paddr + i * MEMMAP_ENTRY_LEN as u64, MEMMAP_ENTRY_LEN) };
-        let Ok(e) = MemmapEntry::from_bytes(bytes) else {
-            continue;
-        };
-        push_ram(&mut ram, &e);
+        if let Ok(e) = MemmapEntry::from_bytes(bytes) {
+            push_ram(&mut ram, &e);
+        }
     }
 
     let bundle = if si.nr_modules > 0 && reachable(si.modlist_paddr, MODLIST_ENTRY_LEN as u64) {

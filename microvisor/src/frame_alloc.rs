@@ -67,25 +67,15 @@ impl PhysRange {
 /// Why an allocation or a free failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocError {
-    /// No free range can hold `frames` contiguous frames aligned to `align` bytes.
-    OutOfMemory {
-        /// Frames requested.
-        frames: u64,
-        /// Alignment requested, in bytes.
-        align: u64,
-    },
+    /// No free range can hold the frames requested, contiguous and aligned as asked.
+    OutOfMemory,
     /// The alignment is not a power of two of at least [`FRAME_SIZE`].
     BadAlignment(u64),
     /// A request for zero frames: almost certainly a caller bug, so it is not silently accepted.
     ZeroFrames,
     /// The range given to `free` is unaligned, outside the managed memory, or (partly) free
     /// already (double free).
-    NotAllocated {
-        /// Start address given to `free`.
-        start: u64,
-        /// Frame count given to `free`.
-        frames: u64,
-    },
+    NotAllocated,
     /// The free list is full: the operation would need one more disjoint range than
     /// [`MAX_RANGES`]. Nothing was changed.
     TooFragmented,
@@ -204,9 +194,7 @@ impl FrameAllocator {
         let mut managed = RangeList::new();
         let mut complete = true;
         for u in usable {
-            let Some(start) = align_up(u.start, FRAME_SIZE) else {
-                continue;
-            };
+            let Some(start) = align_up(u.start, FRAME_SIZE) else { continue };
             let r = PhysRange::new(start, align_down(u.end, FRAME_SIZE));
             if !r.is_empty() {
                 complete &= union_into(&mut managed, r);
@@ -233,37 +221,16 @@ impl FrameAllocator {
         if !align.is_power_of_two() || align < FRAME_SIZE {
             return Err(AllocError::BadAlignment(align));
         }
-        frames.checked_mul(FRAME_SIZE).ok_or(AllocError::OutOfMemory { frames, align })
+        frames.checked_mul(FRAME_SIZE).ok_or(AllocError::OutOfMemory)
     }
 
     /// Remove `[start, end)` (inside `free[i]`) from the free list. Fails, changing nothing,
     /// when it would split the range and the list is full.
     fn carve(&mut self, i: usize, start: u64, end: u64) -> bool {
+        // Only a split needs a new slot; with one free, `subtract_from` cannot lose memory.
         let r = self.free[i];
-        let left = PhysRange::new(r.start, start);
-        let right = PhysRange::new(end, r.end);
-        match (left.is_empty(), right.is_empty()) {
-            (false, false) => {
-                if self.free.is_full() {
-                    return false;
-                }
-                self.free[i] = left;
-                // Cannot fail: fullness was checked just above.
-                self.free.insert(i + 1, right).is_ok()
-            }
-            (false, true) => {
-                self.free[i] = left;
-                true
-            }
-            (true, false) => {
-                self.free[i] = right;
-                true
-            }
-            (true, true) => {
-                self.free.remove(i);
-                true
-            }
-        }
+        (r.start == start || end == r.end || !self.free.is_full())
+            && subtract_from(&mut self.free, PhysRange::new(start, end))
     }
 
     /// Allocate `frames` contiguous frames whose start is aligned to `align` bytes (a power of
@@ -274,21 +241,17 @@ impl FrameAllocator {
         let mut fragmented = false;
         for i in 0..self.free.len() {
             let r = self.free[i];
-            let Some(start) = align_up(r.start, align) else {
-                continue;
-            };
-            let Some(end) = start.checked_add(size) else {
-                continue;
-            };
+            let Some(end) = align_up(r.start, align).and_then(|start| start.checked_add(size)) else { continue };
             if end > r.end {
                 continue;
             }
+            let start = end - size;
             if self.carve(i, start, end) {
                 return Ok(start);
             }
             fragmented = true;
         }
-        Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory { frames, align } })
+        Err(if fragmented { AllocError::TooFragmented } else { AllocError::OutOfMemory })
     }
 
     /// Return `frames` frames starting at `start` to the free list, coalescing with neighbours.
@@ -301,23 +264,13 @@ impl FrameAllocator {
         if frames == 0 {
             return Err(AllocError::ZeroFrames);
         }
-        let not_allocated = AllocError::NotAllocated { start, frames };
-        if start & (FRAME_SIZE - 1) != 0 {
-            return Err(not_allocated);
+        let end = frames.checked_mul(FRAME_SIZE).and_then(|size| start.checked_add(size));
+        let range = PhysRange::new(start, end.ok_or(AllocError::NotAllocated)?);
+        let unaligned = start & (FRAME_SIZE - 1) != 0;
+        if unaligned || !self.managed.iter().any(|m| m.covers(&range)) || self.free.iter().any(|f| f.overlaps(&range)) {
+            return Err(AllocError::NotAllocated);
         }
-        let end = frames.checked_mul(FRAME_SIZE).and_then(|size| start.checked_add(size)).ok_or(not_allocated)?;
-        let range = PhysRange::new(start, end);
-        if !self.managed.iter().any(|m| m.covers(&range)) {
-            return Err(not_allocated);
-        }
-        if self.free.iter().any(|f| f.overlaps(&range)) {
-            return Err(not_allocated);
-        }
-        if union_into(&mut self.free, range) {
-            Ok(())
-        } else {
-            Err(AllocError::TooFragmented)
-        }
+        union_into(&mut self.free, range).then_some(()).ok_or(AllocError::TooFragmented)
     }
 
     /// Number of free frames.
@@ -394,7 +347,7 @@ mod tests {
     fn empty_allocator_has_nothing() {
         let mut a = FrameAllocator::empty();
         assert_eq!(a.free_frames(), 0);
-        assert_eq!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory { frames: 1, align: FRAME_SIZE }));
+        assert_eq!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory));
         assert!(a.free(0, 1).is_err());
         assert_eq!(FrameAllocator::default().free_frames(), 0);
     }
@@ -443,8 +396,8 @@ mod tests {
         );
         assert_eq!(a.free_frames(), 0);
         assert!(a.free_ranges().is_empty());
-        assert!(matches!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
-        assert!(matches!(a.free(0x1000, 1), Err(AllocError::NotAllocated { .. })));
+        assert!(matches!(a.alloc(1, FRAME_SIZE), Err(AllocError::OutOfMemory)));
+        assert!(matches!(a.free(0x1000, 1), Err(AllocError::NotAllocated)));
     }
 
     #[test]
@@ -460,10 +413,10 @@ mod tests {
         let c = FrameAllocator::new(&[PhysRange::new(0, u64::MAX)], &[PhysRange::new(0x1000, u64::MAX)]);
         assert_eq!(c.free_ranges(), &[PhysRange::new(0, 0x1000)]);
         // Huge requests fail cleanly instead of overflowing.
-        assert!(matches!(b.alloc(u64::MAX, FRAME_SIZE), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(b.alloc(u64::MAX, FRAME_SIZE), Err(AllocError::OutOfMemory)));
         let mut d = a.clone();
-        assert!(matches!(d.alloc(1, 1 << 63), Err(AllocError::OutOfMemory { .. })));
-        assert!(matches!(d.free(!0xfff_u64, 2), Err(AllocError::NotAllocated { .. })));
+        assert!(matches!(d.alloc(1, 1 << 63), Err(AllocError::OutOfMemory)));
+        assert!(matches!(d.free(!0xfff_u64, 2), Err(AllocError::NotAllocated)));
     }
 
     #[test]
@@ -492,13 +445,13 @@ mod tests {
     #[test]
     fn out_of_memory() {
         let mut a = FrameAllocator::new(&[PhysRange::new(0, 0x4000), PhysRange::new(0x8000, 0xa000)], &[]);
-        assert_eq!(a.alloc(5, FRAME_SIZE), Err(AllocError::OutOfMemory { frames: 5, align: FRAME_SIZE }));
+        assert_eq!(a.alloc(5, FRAME_SIZE), Err(AllocError::OutOfMemory));
         assert_eq!(a.alloc(4, FRAME_SIZE), Ok(0));
         assert_eq!(a.alloc(2, FRAME_SIZE), Ok(0x8000));
         assert_eq!(a.free_frames(), 0);
         // Aligned request that fits in size but not in alignment.
         let mut b = FrameAllocator::new(&[PhysRange::new(0x1000, 0x20_1000)], &[]);
-        assert!(matches!(b.alloc(512, 2 * MIB), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(b.alloc(512, 2 * MIB), Err(AllocError::OutOfMemory)));
     }
 
     #[test]
@@ -510,7 +463,7 @@ mod tests {
         let z = a.alloc(2, FRAME_SIZE).unwrap();
         assert_eq!((x, y, z), (0, 0x2000, 0x4000));
         a.free(y, 2).unwrap();
-        assert_eq!(a.free(y, 2), Err(AllocError::NotAllocated { start: y, frames: 2 }));
+        assert_eq!(a.free(y, 2), Err(AllocError::NotAllocated));
         // Partially free (overlapping y's free frames) is also a double free.
         assert!(a.free(y + 0x1000, 2).is_err());
         // Unaligned.
@@ -663,7 +616,7 @@ mod tests {
                         prop_assert_eq!(a.free_frames(), before - r.frames);
                         allocated.push((p, r.frames));
                     }
-                    Err(AllocError::OutOfMemory { .. }) => {
+                    Err(AllocError::OutOfMemory) => {
                         prop_assert_eq!(a.free_frames(), before);
                         // First/last fit must not miss a fitting aligned block.
                         let fits = model.iter().any(|&f| f & (align - 1) == 0
@@ -690,7 +643,7 @@ mod tests {
                 prop_assert_eq!(a.free(p, frames), Ok(()));
                 // Double free is refused and changes nothing.
                 let snapshot: std::vec::Vec<_> = a.free_ranges().to_vec();
-                prop_assert_eq!(a.free(p, frames), Err(AllocError::NotAllocated { start: p, frames }));
+                prop_assert_eq!(a.free(p, frames), Err(AllocError::NotAllocated));
                 prop_assert_eq!(a.free_ranges(), snapshot.as_slice());
                 check_invariants(&a);
             }
@@ -717,7 +670,7 @@ mod tests {
                 // managed range, so the free is accepted.
                 prop_assert_eq!(res, Ok(()));
             } else {
-                prop_assert_eq!(res, Err(AllocError::NotAllocated { start, frames }));
+                prop_assert_eq!(res, Err(AllocError::NotAllocated));
             }
             check_invariants(&a);
         }

@@ -71,7 +71,7 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         Ok(f) => f,
         Err(p) => match crate::arch::vmx_probe::probe() {
             Some(vmx) => stop_on_vmx(&vmx, boot.rsdp),
-            None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p.explain())),
+            None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {p}")),
         },
     };
     println!(
@@ -84,12 +84,10 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
 
     // Physical memory: all RAM below 4 GiB except what is in use.
     let (image_start, image_end) = (&raw const __image_start as u64, &raw const __image_end as u64);
-    let mut reserved: heapless::Vec<PhysRange, 4> = heapless::Vec::new();
-    let _ = reserved.push(PhysRange::new(0, 0x10_0000)); // firmware, start info, real-mode area
-    let _ = reserved.push(PhysRange::new(image_start, image_end));
-    if let Some(b) = boot.bundle {
-        let _ = reserved.push(b);
-    }
+    // The low 1 MiB (firmware, start info, real-mode area), the image, the bundle (an empty
+    // range, which reserves nothing, when there is none).
+    let bundle_area = boot.bundle.unwrap_or(PhysRange::new(0, 0));
+    let reserved = [PhysRange::new(0, 0x10_0000), PhysRange::new(image_start, image_end), bundle_area];
     *FRAMES.lock() = FrameAllocator::new(&boot.ram, &reserved);
     let free = FRAMES.lock().free_frames() * PAGE_SIZE;
     println!(
@@ -110,10 +108,8 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     // SAFETY: the bundle module lies below 4 GiB (checked by boot::read) and is reserved
     // from the frame allocator, so nothing writes it while this slice lives.
     let bundle_bytes = unsafe { phys_slice(bundle_range.start, bundle_range.len() as usize) };
-    let bundle = match Bundle::parse(bundle_bytes) {
-        Ok(b) => b,
-        Err(e) => fail(MachineExit::BadBoot, format_args!("boot bundle: {e}")),
-    };
+    let bundle =
+        Bundle::parse(bundle_bytes).unwrap_or_else(|e| fail(MachineExit::BadBoot, format_args!("boot bundle: {e}")));
     println!("bundle: {} images, {} bytes", bundle.len(), bundle_bytes.len());
     let Some(dom0_image) = bundle.get(ipc_spec::DOM0_IMAGE) else {
         fail(MachineExit::BadBoot, format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE))
@@ -238,10 +234,7 @@ fn build_dom0(
 }
 
 fn report_platform(rsdp: u64) -> acpi::AcpiFacts {
-    let p = match acpi::discover(rsdp) {
-        Ok(p) => p,
-        Err(e) => fail(MachineExit::BadBoot, format_args!("ACPI: {e}")),
-    };
+    let p = acpi::discover(rsdp).unwrap_or_else(|e| fail(MachineExit::BadBoot, format_args!("ACPI: {e}")));
     let mut line: heapless::String<256> = heapless::String::new();
     use core::fmt::Write as _;
     let _ = write!(line, "acpi: {} CPUs (APIC ids {:?})", p.cpus, p.apic_ids.as_slice());

@@ -104,23 +104,19 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (x, rip) = (self.0, self.1);
         match x.kind {
-            ExitKind::Stage2 => write!(
-                f,
-                "stage-2 fault: {} at guest-physical {:#x} ({}), RIP {rip:#x}",
-                if x.b & access::EXECUTE != 0 {
-                    "execute"
-                } else if x.b & access::WRITE != 0 {
-                    "write"
-                } else {
-                    "read"
-                },
-                x.a,
-                if x.b & access::PRESENT != 0 {
+            ExitKind::Stage2 => {
+                let what = match (x.b & access::EXECUTE != 0, x.b & access::WRITE != 0) {
+                    (true, _) => "execute",
+                    (false, true) => "write",
+                    (false, false) => "read",
+                };
+                let why = if x.b & access::PRESENT != 0 {
                     "access not permitted"
                 } else {
                     "not mapped: outside the domain's memory"
-                }
-            ),
+                };
+                write!(f, "stage-2 fault: {what} at guest-physical {:#x} ({why}), RIP {rip:#x}", x.a)
+            }
             ExitKind::Shutdown => write!(f, "triple fault (shutdown), RIP {rip:#x}"),
             ExitKind::Exception => write!(
                 f,
@@ -142,13 +138,9 @@ impl fmt::Display for Report {
             ExitKind::Exited => write!(f, "exited with status {}", x.b),
             ExitKind::Dma => {
                 let d = ipc_spec::exit::Dma::decode(x.b);
-                let bdf = microvisor::pci::Bdf::from_requester_id(d.requester);
-                write!(
-                    f,
-                    "its device {bdf} made a blocked DMA {} at {:#x}",
-                    if d.write { "write" } else { "read" },
-                    x.a
-                )
+                let (bdf, rw) =
+                    (microvisor::pci::Bdf::from_requester_id(d.requester), if d.write { "write" } else { "read" });
+                write!(f, "its device {bdf} made a blocked DMA {rw} at {:#x}", x.a)
             }
         }
     }

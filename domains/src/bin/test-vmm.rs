@@ -14,10 +14,10 @@ fn main() {}
 
 #[cfg(target_os = "none")]
 mod vmm {
-    use domain_rt::hypercall::{self, Message};
+    use domain_rt::exits::{register_message_page, serve, state_words as page, ExitHandler};
+    use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
-    use ipc_spec::exit::{at, set, state, Event, ExitKind, ExitMessage, ExitReply, STATE_WORDS};
-    use ipc_spec::hypercall::NOTIFICATION_BADGE;
+    use ipc_spec::exit::{at, set, state, Event, ExitKind, ExitMessage, ExitReply};
     use ipc_spec::Hypercall;
 
     domain_rt::domain_main!(main);
@@ -34,18 +34,6 @@ mod vmm {
     const TICK_NS: u64 = 10_000_000;
     /// How long a rogue VM runs before it is paused.
     const ROGUE_NS: u64 = 3_000_000_000;
-
-    /// The message page: the exit state groups arrive here.
-    #[repr(C, align(4096))]
-    struct Page([u64; 512]);
-    static mut PAGE: Page = Page([0; 512]);
-
-    fn page() -> &'static mut [u64; 512] {
-        let p = &raw mut PAGE;
-        // SAFETY: only this single-threaded domain touches PAGE (the microvisor writes it
-        // while this vCPU is blocked in a receive, never concurrently with this code).
-        unsafe { &mut (*p).0 }
-    }
 
     struct Vmm {
         rogue: bool,
@@ -72,7 +60,7 @@ mod vmm {
             return 1;
         };
         let vm_ram = slot("vm_ram").unwrap_or(0);
-        let setup = hypercall::set_message_page(page().as_ptr() as u64)
+        let setup = register_message_page()
             .and_then(|()| hypercall::map_vm_ram(vm, VIEW))
             .and_then(|()| hypercall::bind_receive(timer));
         if let Err(e) = setup {
@@ -99,27 +87,17 @@ mod vmm {
             let _ = hypercall::timer_set(timer, ROGUE_NS, 1);
         }
         println!("ready: serving the exits of its VM ({} MiB seen at {VIEW:#x})", vm_ram >> 20);
-        let mut reply: Option<ExitReply> = None;
-        loop {
-            let got = match reply.take() {
-                Some(r) => hypercall::ipc_reply_recv(exits, &Message::new(&r.encode())),
-                None => hypercall::ipc_recv(exits),
-            };
-            let (msg, badge) = match got {
-                Ok(m) => m,
-                Err(e) => {
-                    println!("receive failed: {e}");
-                    return 3;
-                }
-            };
-            if badge == NOTIFICATION_BADGE {
-                v.timer_fired();
-                continue;
-            }
-            match ExitMessage::decode(&msg.words) {
-                Some(x) => reply = Some(v.handle(&x)),
-                None => println!("not an exit message: {:x?}", msg.words),
-            }
+        serve(exits, &mut v)
+    }
+
+    impl ExitHandler for Vmm {
+        fn wake(&mut self) -> Option<u64> {
+            self.timer_fired();
+            None
+        }
+
+        fn exit(&mut self, x: &ExitMessage) -> Result<ExitReply, u64> {
+            Ok(self.handle(x))
         }
     }
 
@@ -321,7 +299,4 @@ mod vmm {
             );
         }
     }
-
-    // The state words the VMM reads are inside the page.
-    const _: () = assert!(STATE_WORDS <= 512);
 }

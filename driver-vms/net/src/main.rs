@@ -37,8 +37,9 @@ mod driver {
     use domain_rt::shared::Region;
     use domain_rt::{println, BootInfo};
     use ipc_spec::net::{
-        DropCounters, FrameReceiver, FrameSender, Layout, MacAddr, NetDropReason, NetHeader, MAX_FRAME_LEN, MAX_MTU,
+        DropCounters, FrameReceiver, FrameSender, MacAddr, NetDropReason, NetHeader, MAX_FRAME_LEN, MAX_MTU,
     };
+    use net_driver::crash::{CrashAfter, Way};
     use net_driver::switch::{Port, Switch, MAX_GUESTS};
     use net_driver::{arp, drops};
     use virtio_drivers::device::net::VirtIONetRaw;
@@ -219,6 +220,10 @@ mod driver {
     }
 
     /// Set up every net channel on the command line: header, rings, switch port, doorbell.
+    /// A channel an earlier incarnation of this VM served (dom0 maps the same region again
+    /// after a restart) is re-attached as it is, as the next incarnation
+    /// (`ipc_spec::net`, "Restarts"). Guest `n` (the `n`th net channel on the command line,
+    /// an order dom0 keeps across restarts) always gets the MAC `MacAddr::local(n)`.
     fn attach_guests(info: &BootInfo, link_up: bool, switch: &mut Switch) -> Vec<Option<Guest>> {
         let mut guests: Vec<Option<Guest>> = (0..MAX_GUESTS).map(|_| None).collect();
         for (n, name) in channels::channel_names(info.cmdline, "net").enumerate() {
@@ -233,24 +238,13 @@ mod driver {
                     continue;
                 }
             };
-            let layout = match Layout::new(a.len) {
-                Ok(l) => l,
-                Err(e) => {
-                    println!("net channel \"{name}\": {e}; not served");
-                    continue;
-                }
-            };
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the address
             // and size it put on our command line; nothing else in this VM uses it (each name
             // is taken once). Leaked: the channel is served for the rest of our life.
             let region: &'static Region = Box::leak(Box::new(unsafe { a.region() }));
             let mac = MacAddr::local(n as u32);
-            if let Err(e) = (NetHeader { mac, mtu: MTU, link_up }).init(region, &layout) {
-                println!("net channel \"{name}\": {e}; not served");
-                continue;
-            }
-            let (tx, rx) = match layout.driver_channel(region, MTU) {
-                Ok(c) => c,
+            let attached = match (NetHeader { mac, mtu: MTU, link_up }).attach_driver(region) {
+                Ok(a) => a,
                 Err(e) => {
                     println!("net channel \"{name}\": {e}; not served");
                     continue;
@@ -263,10 +257,12 @@ mod driver {
             if let Err(e) = hypercall::bind(a.wait, domain_rt::irq::VIRQ_VECTOR) {
                 println!("net channel \"{name}\": binding the doorbell failed: {e}");
             }
+            let ring = ipc_spec::net::Layout::new(a.len).map_or(0, |l| l.ring_capacity());
             println!(
-                "serving net channel \"{name}\" as port {n}: MAC {mac}, MTU {MTU}, {} frames per ring ({} KiB shared)",
-                layout.ring_capacity(),
-                region.len_kib()
+                "serving net channel \"{name}\" as port {n}: MAC {mac}, MTU {MTU}, {ring} frames per ring ({} KiB shared), incarnation {}{}",
+                region.len_kib(),
+                attached.incarnation,
+                if attached.fresh { "" } else { " (re-attached to the rings as they were)" }
             );
             // The guest waits for this doorbell before it reads the header.
             let _ = hypercall::signal(a.signal, 1);
@@ -274,9 +270,9 @@ mod driver {
                 name: a.name,
                 region,
                 signal: a.signal,
-                tx,
-                rx,
-                drops: DropCounters::default(),
+                tx: attached.tx,
+                rx: attached.rx,
+                drops: attached.drops,
                 dirty: false,
                 to_signal: false,
                 more: false,
@@ -308,9 +304,40 @@ mod driver {
         }
     }
 
+    /// `rogue=crash-after=<n>`: count a frame moved; crash when it is time (mid-round: frames
+    /// taken and not yet passed on, guests not yet rung).
+    fn maybe_crash(crash: &mut Option<CrashAfter>) {
+        let Some(c) = crash.as_mut() else { return };
+        if !c.frame() {
+            return;
+        }
+        println!(
+            "crashing after {} frames by {}, at {} ns (rogue=crash-after)",
+            c.frames,
+            c.way.name(),
+            hypercall::clock_ns()
+        );
+        match c.way {
+            // SAFETY: deliberately reading memory this VM does not have: the microvisor
+            // stops it with a stage-2 fault and tells dom0.
+            Way::Stage2 => unsafe {
+                core::ptr::read_volatile(0x1000_0000 as *const u64);
+            },
+            // SAFETY: deliberately makes every exception unhandleable, so INT3 escalates to a
+            // triple fault, which the microvisor reports to dom0.
+            Way::TripleFault => unsafe {
+                let null: [u8; 10] = [0; 10];
+                core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
+            },
+            Way::Exit => hypercall::domain_exit(99),
+        }
+    }
+
     /// Serve the device and the guests until the device fails.
     ///
-    /// `wakeup`: the timer that wakes the loop when nothing else does ([`Wakeup`]).
+    /// `wakeup`: the timer that wakes the loop when nothing else does ([`Wakeup`]); `crash`:
+    /// when to crash on purpose (`rogue=crash-after=<n>`).
+    #[allow(clippy::too_many_arguments)] // the device's three parts, the guests, two options
     fn serve(
         net: &mut Net,
         rx: &mut Rx,
@@ -319,8 +346,10 @@ mod driver {
         switch: &mut Switch,
         kicker: &QueueKicker,
         wakeup: Option<Wakeup>,
+        mut crash: Option<CrashAfter>,
     ) -> u64 {
         let mut frame = [0u8; MAX_FRAME_LEN];
+        let mut first_reported = false;
         let mut counts = domain_rt::irq::Counts::now();
         if let Some(w) = wakeup {
             let _ = hypercall::timer_set(w.slot, w.ns, 1);
@@ -355,7 +384,10 @@ mod driver {
                 });
                 match r {
                     None => break,
-                    Some(Ok(())) => received += 1,
+                    Some(Ok(())) => {
+                        received += 1;
+                        maybe_crash(&mut crash);
+                    }
                     Some(Err(e)) => {
                         println!("receiving: {e}");
                         return 7;
@@ -419,6 +451,7 @@ mod driver {
                         }
                     }
                     deliver(guests, switch, to.guests(), f);
+                    maybe_crash(&mut crash);
                 }
             }
             tx.reap(net);
@@ -433,6 +466,11 @@ mod driver {
             // One doorbell per guest that got frames, and the drop counters that moved.
             let mut more = device_more;
             for g in guests.iter_mut().flatten() {
+                if g.to_signal && !first_reported {
+                    // With the crash lines, gives the time a restart costs the guests.
+                    println!("first frames for a guest at {} ns", hypercall::clock_ns());
+                    first_reported = true;
+                }
                 if core::mem::take(&mut g.to_signal) {
                     let _ = hypercall::signal(g.signal, 1);
                 }
@@ -542,7 +580,11 @@ mod driver {
         if guests.iter().all(Option::is_none) {
             println!("no net channel on my command line: frames from the network are dropped");
         }
+        let crash = info.arg("rogue").and_then(|r| CrashAfter::parse(r, hypercall::clock_ns()));
+        if let Some(c) = crash {
+            println!("will crash after {} frames by {} (rogue=crash-after)", c.at, c.way.name());
+        }
         println!("ready");
-        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup)
+        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup, crash)
     }
 }

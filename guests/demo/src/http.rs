@@ -12,7 +12,9 @@
 //! - `POST /flush`: the disk flushed.
 //! - `POST /sink`: the body read and thrown away; the answer says how many bytes (for
 //!   measuring host-to-guest throughput).
-//! - `GET /source?bytes=<n>`: `n` bytes of a pattern (guest-to-host throughput).
+//! - `GET /source?bytes=<n>`: `n` bytes of a pattern (guest-to-host throughput); with
+//!   `&seed=<s>`, `n` pseudo-random bytes that depend on `s` and their position only
+//!   ([`seeded_byte`]), so a client can check every byte of a long transfer.
 
 use core::fmt::{self, Write as _};
 
@@ -117,7 +119,7 @@ pub enum Route {
     BlkWrite { lba: u64 },
     Flush,
     Sink,
-    Source { bytes: u64 },
+    Source { bytes: u64, seed: Option<u64> },
 }
 
 /// The disk behind `/blk` and `/flush`, as the router needs to know it.
@@ -212,9 +214,20 @@ pub fn route(method: &str, target: &str, body_len: Option<u64>, disk: Disk) -> R
         "/source" => match method {
             "GET" => {
                 no_body(body_len)?;
-                match query.strip_prefix("bytes=").map(str::parse::<u64>) {
-                    Some(Ok(bytes)) if bytes <= MAX_STREAM => Ok(Route::Source { bytes }),
-                    _ => refuse(Status::BadRequest, "/source needs ?bytes=<n>, at most 1 GiB"),
+                let (mut bytes, mut seed) = (None, None);
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    match pair.split_once('=') {
+                        Some(("bytes", n)) => bytes = n.parse::<u64>().ok().filter(|&n| n <= MAX_STREAM),
+                        Some(("seed", s)) => match s.parse::<u64>() {
+                            Ok(s) => seed = Some(s),
+                            Err(_) => return refuse(Status::BadRequest, "seed is not a number"),
+                        },
+                        _ => return refuse(Status::BadRequest, "unknown query parameter (bytes=<n>, seed=<s>)"),
+                    }
+                }
+                match bytes {
+                    Some(bytes) => Ok(Route::Source { bytes, seed }),
+                    None => refuse(Status::BadRequest, "/source needs ?bytes=<n>, at most 1 GiB"),
                 }
             }
             _ => refuse(Status::MethodNotAllowed, "/source takes GET"),
@@ -274,6 +287,28 @@ fn check_range(lba: u64, count: u64, disk_sectors: u64) -> Result<(), Refusal> {
         Some(end) if end <= disk_sectors => Ok(()),
         _ => refuse(Status::RangeNotSatisfiable, "the sectors are past the end of the disk"),
     }
+}
+
+/// Byte `offset` of `GET /source?seed=<seed>`: byte `offset % 8` (little endian) of
+/// SplitMix64's output for `seed + offset / 8` (wrapping). Depends on nothing but the seed
+/// and the position, so any piece of the stream can be made (and checked) on its own.
+pub fn seeded_byte(seed: u64, offset: u64) -> u8 {
+    (splitmix64(seed.wrapping_add(offset / 8)) >> (8 * (offset % 8))) as u8
+}
+
+/// Fills `out` with the `GET /source?seed=<seed>` stream from byte `offset` on.
+pub fn seeded_fill(seed: u64, offset: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = seeded_byte(seed, offset.wrapping_add(i as u64));
+    }
+}
+
+/// SplitMix64's output function (Steele, Lea, Flood 2014).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// A fixed-capacity text buffer for response heads and small bodies.
@@ -375,13 +410,41 @@ mod tests {
         let h = head("POST /sink HTTP/1.1\r\nContent-Length: 104857600\r\n\r\n").unwrap().unwrap();
         assert_eq!((h.route, h.body_len), (Route::Sink, 100 << 20));
         let h = head("GET /source?bytes=5000000 HTTP/1.1\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.route, Route::Source { bytes: 5_000_000 });
+        assert_eq!(h.route, Route::Source { bytes: 5_000_000, seed: None });
+        let h = head("GET /source?bytes=10&seed=42 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.route, Route::Source { bytes: 10, seed: Some(42) });
+        let h = head("GET /source?seed=0&bytes=1 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.route, Route::Source { bytes: 1, seed: Some(0) });
+        assert_eq!(status_of("GET /source?bytes=1&seed=-1 HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(status_of("GET /source?bytes=1&speed=1 HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(status_of("GET /source?seed=1 HTTP/1.1\r\n\r\n"), Status::BadRequest);
         assert_eq!(status_of("POST /sink HTTP/1.1\r\n\r\n"), Status::LengthRequired);
         assert_eq!(status_of("POST /sink HTTP/1.1\r\nContent-Length: 2000000000\r\n\r\n"), Status::PayloadTooLarge);
         assert_eq!(status_of("GET /source HTTP/1.1\r\n\r\n"), Status::BadRequest);
         assert_eq!(status_of("GET /source?bytes=x HTTP/1.1\r\n\r\n"), Status::BadRequest);
         assert_eq!(status_of("GET /source?bytes=2000000000 HTTP/1.1\r\n\r\n"), Status::BadRequest);
         assert_eq!(status_of("GET /sink HTTP/1.1\r\n\r\n"), Status::MethodNotAllowed);
+    }
+
+    #[test]
+    fn the_seeded_stream_depends_on_seed_and_position_only() {
+        // SplitMix64's first output from state 0 (the reference implementation's).
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+        let mut whole = [0u8; 1000];
+        seeded_fill(7, 0, &mut whole);
+        // Any split into pieces gives the same bytes.
+        let mut pieces = [0u8; 1000];
+        for (i, chunk) in pieces.chunks_mut(13).enumerate() {
+            seeded_fill(7, i as u64 * 13, chunk);
+        }
+        assert_eq!(whole, pieces);
+        let mut other = [0u8; 1000];
+        seeded_fill(8, 0, &mut other);
+        assert_ne!(whole, other);
+        // Not periodic in any small way: no 8-byte word repeats in the first 1000 bytes.
+        let words: std::collections::BTreeSet<&[u8]> = whole.chunks(8).collect();
+        assert_eq!(words.len(), 125);
+        assert_eq!(seeded_byte(u64::MAX, u64::MAX), seeded_byte(u64::MAX, u64::MAX));
     }
 
     #[test]

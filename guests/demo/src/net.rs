@@ -1,6 +1,12 @@
 //! The guest's network device: a net channel to the net driver VM (`ipc_spec::net`), shown to
 //! smoltcp as an Ethernet device. Frames are copied into the TX ring's slots and out of the
 //! RX ring's slots; one doorbell to the driver VM after a poll that sent anything.
+//!
+//! The channel survives the net driver VM (`ipc_spec::net`, "Restarts"): when dom0 restarts
+//! it, the next incarnation re-attaches to these rings; frames the dead one left on the RX
+//! ring are dropped, frames in flight are lost (TCP sends them again), and the MAC stays.
+//! The device counts the restarts it lived through and how long each cost (from the last
+//! frame of one incarnation to the first of the next), for the status page.
 
 use alloc::boxed::Box;
 use domain_rt::hypercall;
@@ -46,6 +52,26 @@ impl NetDevice for ChannelDevice {
             c.sent,
             c.receive_dropped.total()
         );
+        let r = &self.restarts;
+        let _ = write!(
+            out,
+            "\nnet driver restarts seen: {} (incarnation {}), {} stale frames dropped, {} MAC changes",
+            self.rx.incarnation_changes(),
+            self.rx.incarnation().unwrap_or(0),
+            c.receive_dropped.get(NetDropReason::Stale),
+            r.mac_changes
+        );
+        let mut gaps = r.gaps_us.clone();
+        gaps.sort_unstable();
+        if let (Some(median), Some(worst)) = (gaps.get(gaps.len() / 2), gaps.last()) {
+            let _ = write!(
+                out,
+                "\nnet restart gaps (last frame of one incarnation to the first of the next): median {} us, worst {} us, over {}",
+                median,
+                worst,
+                gaps.len()
+            );
+        }
     }
 }
 
@@ -61,7 +87,28 @@ pub struct ChannelDevice {
     signal: u64,
     /// What the driver VM put in the header.
     pub header: NetHeader,
+    region: &'static Region,
+    restarts: Restarts,
 }
+
+/// What the driver's restarts cost this guest.
+#[derive(Default)]
+struct Restarts {
+    /// Incarnation changes already accounted for.
+    seen: u32,
+    /// When the last frame was received (smoltcp's clock, us: no hypercall per frame), and
+    /// when the last frame before the latest restart was (the gap is measured at the next
+    /// frame).
+    last_frame_us: i64,
+    gap_from: Option<i64>,
+    /// Gaps measured (microseconds), the latest [`MAX_GAPS`].
+    gaps_us: alloc::vec::Vec<u64>,
+    /// Restarts after which the header named another MAC than ours (the driver must keep it).
+    mac_changes: u32,
+}
+
+/// Restart gaps kept for the status page.
+const MAX_GAPS: usize = 1024;
 
 /// What the device has done.
 #[derive(Clone, Copy, Debug, Default)]
@@ -114,12 +161,65 @@ impl ChannelDevice {
                 Err(e) => return Err(OpenError::Header(e)),
             }
         };
-        let (tx, rx) = layout.guest_channel(region, header.mtu).map_err(|_| OpenError::Rings)?;
-        Ok(Self { tx, rx, rx_buf: [0; MAX_FRAME_LEN], sent: false, counters: Counters::default(), signal, header })
+        let (tx, mut rx) = layout.guest_channel(region, header.mtu).map_err(|_| OpenError::Rings)?;
+        rx.follow_incarnations();
+        Ok(Self {
+            tx,
+            rx,
+            rx_buf: [0; MAX_FRAME_LEN],
+            sent: false,
+            counters: Counters::default(),
+            signal,
+            header,
+            region,
+            restarts: Restarts::default(),
+        })
     }
 
-    /// Rings the driver VM's doorbell if frames were queued since the last call.
+    /// Looks at the driver's incarnation (one load from the header); after a restart, checks
+    /// that the new incarnation kept our MAC and MTU, and starts timing the gap.
+    fn note_restarts(&mut self) {
+        self.rx.check_incarnation();
+        let changes = self.rx.incarnation_changes();
+        if changes == self.restarts.seen {
+            return;
+        }
+        self.restarts.seen = changes;
+        self.restarts.gap_from.get_or_insert(self.restarts.last_frame_us);
+        match NetHeader::check(self.region) {
+            Ok((h, _)) if h.mac == self.header.mac && h.mtu == self.header.mtu => {}
+            Ok((h, _)) => {
+                self.restarts.mac_changes += 1;
+                domain_rt::println!(
+                    "net: the net driver VM's incarnation {} says MAC {}, MTU {} (was {}, {}); keeping ours",
+                    self.rx.incarnation().unwrap_or(0),
+                    h.mac,
+                    h.mtu,
+                    self.header.mac,
+                    self.header.mtu
+                );
+            }
+            Err(e) => domain_rt::println!("net: header after a driver restart: {e}"),
+        }
+    }
+
+    /// A frame arrived at `now` (after [`ChannelDevice::note_restarts`]): closes a restart's
+    /// gap.
+    fn frame_arrived(&mut self, now: Instant) {
+        let now = now.total_micros();
+        if let Some(from) = self.restarts.gap_from.take() {
+            if self.restarts.gaps_us.len() == MAX_GAPS {
+                self.restarts.gaps_us.remove(0);
+            }
+            self.restarts.gaps_us.push(now.saturating_sub(from).max(0) as u64);
+        }
+        self.restarts.last_frame_us = now;
+    }
+
+    /// Rings the driver VM's doorbell if frames were queued since the last call (and looks
+    /// whether the driver was restarted).
     pub fn kick(&mut self) {
+        self.note_restarts();
         if core::mem::take(&mut self.sent) {
             let _ = hypercall::signal(self.signal, 1);
         }
@@ -165,10 +265,13 @@ impl Device for ChannelDevice {
     type RxToken<'a> = Rx<'a>;
     type TxToken<'a> = Tx<'a>;
 
-    fn receive(&mut self, _now: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+    fn receive(&mut self, now: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
         loop {
-            match self.rx.recv(&mut self.rx_buf) {
+            let r = self.rx.recv(&mut self.rx_buf);
+            self.note_restarts();
+            match r {
                 Ok(Some(len)) => {
+                    self.frame_arrived(now);
                     self.counters.received += 1;
                     let tx = Tx { tx: &mut self.tx, sent: &mut self.sent, counters: &mut self.counters };
                     return Some((Rx(&self.rx_buf[..len]), tx));

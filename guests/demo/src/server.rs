@@ -37,8 +37,9 @@ enum Phase {
     Write { lba: u64, left: u64 },
     /// Receiving `left` body bytes to throw away, of `total` (`POST /sink`).
     Sink { left: u64, total: u64 },
-    /// Sending `left` more pattern bytes (`GET /source`).
-    Source { left: u64 },
+    /// Sending `left` more pattern bytes (`GET /source`); with a seed, the seeded stream
+    /// from byte `at` on.
+    Source { left: u64, seed: Option<u64>, at: u64 },
     /// Sending what is in `out`, then closing or reading the next head.
     Answer { close: bool },
 }
@@ -305,14 +306,24 @@ impl<D: NetDevice> Server<D> {
                 }
                 true
             }
-            Phase::Source { left } => {
+            Phase::Source { left, seed, at } => {
                 if !out_room {
                     return false;
                 }
                 let n = left.min(16 * 1024) as usize;
-                conn.out.extend((0..n).map(|k| b'a' + (k % 26) as u8));
+                match seed {
+                    Some(seed) => {
+                        conn.out.resize(n, 0);
+                        http::seeded_fill(seed, at, &mut conn.out);
+                    }
+                    None => conn.out.extend((0..n).map(|k| b'a' + (k % 26) as u8)),
+                }
                 let left = left - n as u64;
-                conn.phase = if left == 0 { Phase::Answer { close: !conn.keep_alive } } else { Phase::Source { left } };
+                conn.phase = if left == 0 {
+                    Phase::Answer { close: !conn.keep_alive }
+                } else {
+                    Phase::Source { left, seed, at: at + n as u64 }
+                };
                 true
             }
             Phase::Answer { close } => {
@@ -354,11 +365,14 @@ impl<D: NetDevice> Server<D> {
             Route::BlkWrite { lba } => self.conns[i].phase = Phase::Write { lba, left: len },
             Route::Sink if len == 0 => self.answer(i, Status::Ok, "text/plain", b"0 bytes received\n"),
             Route::Sink => self.conns[i].phase = Phase::Sink { left: len, total: len },
-            Route::Source { bytes } => {
+            Route::Source { bytes, seed } => {
                 let answer = http::response_head(Status::Ok, "application/octet-stream", bytes, head.keep_alive);
                 self.conns[i].out.extend_from_slice(answer.as_bytes());
-                self.conns[i].phase =
-                    if bytes == 0 { Phase::Answer { close: !head.keep_alive } } else { Phase::Source { left: bytes } };
+                self.conns[i].phase = if bytes == 0 {
+                    Phase::Answer { close: !head.keep_alive }
+                } else {
+                    Phase::Source { left: bytes, seed, at: 0 }
+                };
             }
             Route::Flush => match self.disk.as_mut().map(|d| d.flush()) {
                 Some(Ok(ipc_spec::block::Status::Ok)) => self.answer(i, Status::Ok, "text/plain", b"flushed\n"),

@@ -65,23 +65,9 @@ pub struct AcpiFacts {
     pub dmar_error: Option<dmar::DmarError>,
 }
 
-#[derive(Debug)]
-pub enum AcpiProblem {
-    NoRsdp,
-    NoMadt,
-}
-
-impl core::fmt::Display for AcpiProblem {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::NoRsdp => f.write_str("no valid ACPI RSDP (neither in the start info nor in the BIOS area)"),
-            Self::NoMadt => f.write_str("the ACPI tables have no MADT (APIC) table"),
-        }
-    }
-}
-
 /// Find and read the tables. `rsdp` is the start info's RSDP address (0 when absent).
-pub fn discover(rsdp: u64) -> Result<AcpiFacts, AcpiProblem> {
+/// Without an RSDP or a MADT the machine cannot be used: the error says which.
+pub fn discover(rsdp: u64) -> Result<AcpiFacts, &'static str> {
     // SAFETY: the RSDP address comes from the boot loader's start info (or the BIOS area
     // search), and IdentityMapped only hands out ranges inside the identity map.
     let tables = unsafe {
@@ -91,9 +77,9 @@ pub fn discover(rsdp: u64) -> Result<AcpiFacts, AcpiProblem> {
             AcpiTables::search_for_rsdp_bios(IdentityMapped)
         }
     }
-    .map_err(|_| AcpiProblem::NoRsdp)?;
+    .map_err(|_| "no valid ACPI RSDP (neither in the start info nor in the BIOS area)")?;
 
-    let madt = tables.find_table::<Madt>().map_err(|_| AcpiProblem::NoMadt)?;
+    let madt = tables.find_table::<Madt>().map_err(|_| "the ACPI tables have no MADT (APIC) table")?;
     let mut apic_ids = heapless::Vec::new();
     let mut cpus = 0;
     for entry in madt.get().entries() {

@@ -129,14 +129,10 @@ extern "C" fn exception_handler(frame: &mut ExceptionFrame) {
         let _ = writeln!(s, "[microvisor]   the stack has overflowed (canary overwritten): the cause, probably");
     }
     let mut name = [0u8; 32];
-    match current_domain(&mut name) {
-        Some(d) => {
-            let _ = writeln!(s, "[microvisor]   while handling domain {d}");
-        }
-        None => {
-            let _ = writeln!(s, "[microvisor]   no domain was being handled");
-        }
-    }
+    let _ = match current_domain(&mut name) {
+        Some(d) => writeln!(s, "[microvisor]   while handling domain {d}"),
+        None => writeln!(s, "[microvisor]   no domain was being handled"),
+    };
     let _ = writeln!(
         s,
         "[microvisor]   RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x} RSI {:#x} RDI {:#x}",
@@ -201,58 +197,35 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Why this CPU cannot run the microvisor.
-pub enum CpuProblem {
-    NoSvm,
-    NoNestedPaging,
-    SvmDisabledByFirmware,
-    NoNx,
-}
-
-impl CpuProblem {
-    pub fn explain(&self) -> &'static str {
-        match self {
-            Self::NoSvm => {
-                "this CPU has no AMD SVM (CPUID 0x80000001 ECX bit 2). Start QEMU with \
-                 `-cpu qemu64,+svm,+npt` (or `-cpu max`)."
-            }
-            Self::NoNestedPaging => {
-                "this CPU has SVM but no nested paging (CPUID 0x8000000A EDX bit 0). Start \
-                 QEMU with `-cpu qemu64,+svm,+npt` (the `+npt` is missing)."
-            }
-            Self::SvmDisabledByFirmware => "SVM is disabled by firmware (VM_CR.SVMDIS is set).",
-            Self::NoNx => {
-                "this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 \
-                           permissions need. Start QEMU with `-cpu qemu64,+svm,+npt`."
-            }
-        }
-    }
-}
-
 /// Facts about the CPU's SVM implementation the microvisor relies on.
 pub struct SvmFeatures {
     pub asids: u32,
     pub next_rip_save: bool,
 }
 
-pub fn check_svm() -> Result<SvmFeatures, CpuProblem> {
+/// The SVM features the microvisor needs, or why this CPU cannot run it (with the QEMU
+/// option that gives a CPU that can).
+pub fn check_svm() -> Result<SvmFeatures, &'static str> {
     let ext_max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
     let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
     if ext1.ecx & (1 << 2) == 0 || ext_max < 0x8000_000a {
-        return Err(CpuProblem::NoSvm);
+        return Err("this CPU has no AMD SVM (CPUID 0x80000001 ECX bit 2). Start QEMU with \
+                    `-cpu qemu64,+svm,+npt` (or `-cpu max`).");
     }
     if ext1.edx & (1 << 20) == 0 {
-        return Err(CpuProblem::NoNx);
+        return Err("this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 permissions need. \
+                    Start QEMU with `-cpu qemu64,+svm,+npt`.");
     }
     // Leaf 0x8000000A exists: checked against the maximum extended leaf above.
     let svm = core::arch::x86_64::__cpuid(0x8000_000a);
     if svm.edx & 1 == 0 {
-        return Err(CpuProblem::NoNestedPaging);
+        return Err("this CPU has SVM but no nested paging (CPUID 0x8000000A EDX bit 0). Start QEMU with \
+                    `-cpu qemu64,+svm,+npt` (the `+npt` is missing).");
     }
     // SAFETY: VM_CR (0xC0010114) exists on every CPU that reports SVM.
     let vm_cr = unsafe { x86_64::registers::model_specific::Msr::new(0xc001_0114).read() };
     if vm_cr & (1 << 4) != 0 {
-        return Err(CpuProblem::SvmDisabledByFirmware);
+        return Err("SVM is disabled by firmware (VM_CR.SVMDIS is set).");
     }
     Ok(SvmFeatures { asids: svm.ebx, next_rip_save: svm.edx & (1 << 3) != 0 })
 }

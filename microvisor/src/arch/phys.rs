@@ -3,7 +3,6 @@
 //! Only RAM below that limit is given to the frame allocator.
 
 use microvisor::frame_alloc::FrameAllocator;
-use microvisor::phys_mem::{PhysRead, PhysWrite};
 use microvisor::stage2::TableMemory;
 
 pub const IDENTITY_LIMIT: u64 = 4 << 30;
@@ -54,25 +53,6 @@ impl TableMemory for PhysTables {
     fn write_entry(&mut self, table: u64, index: usize, entry: u64) {
         // SAFETY: as in read_entry.
         unsafe { core::ptr::write_volatile((table as *mut u64).add(index & 511), entry) }
-    }
-}
-
-/// Host-physical memory reached through the identity map, for copies into and out of
-/// domain RAM. Callers pass only addresses obtained from a domain's stage-2 translation of
-/// its RAM, so every access lands in RAM the microvisor gave that domain.
-pub struct IdentityMemory;
-
-impl PhysRead for IdentityMemory {
-    fn read_phys(&self, hpa: u64, buf: &mut [u8]) {
-        // SAFETY: see the type's comment: `hpa..hpa+len` is domain RAM within one page.
-        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len()) };
-    }
-}
-
-impl PhysWrite for IdentityMemory {
-    fn write_phys(&mut self, hpa: u64, data: &[u8]) {
-        // SAFETY: see the type's comment.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), hpa as *mut u8, data.len()) };
     }
 }
 

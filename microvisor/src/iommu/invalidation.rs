@@ -11,9 +11,9 @@
 //! everything before it is done. Required for interrupt remapping: the interrupt entry cache
 //! can only be invalidated this way.
 //!
-//! **Register-based** (always available, but ignored by QEMU while QI is enabled, without
-//! ever clearing the busy bit): write [`CCMD_GLOBAL`] to CCMD and the value of
-//! [`iotlb_reg_global`] to the IOTLB register, polling each until [`register_done`].
+//! **Register-based** (CCMD, and the IOTLB register at `ECAP.IRO * 16 + 8`): always
+//! available, but ignored by QEMU while QI is enabled, without ever clearing the busy bit; the
+//! microvisor needs QI for interrupt remapping anyway, so it has no encodings for them.
 //!
 //! After changing context entries: context-cache invalidation, then IOTLB invalidation (the
 //! spec requires both, in that order). After changing second-level entries: IOTLB. After
@@ -123,33 +123,6 @@ pub const fn iqt(index: usize, size: u8) -> Result<u64, VtdError> {
     Ok((index as u64) << 4)
 }
 
-/// CCMD: invalidate context cache (bit 63; cleared by the unit when done).
-pub const CCMD_ICC: u64 = 1 << 63;
-/// CCMD value for a global context-cache invalidation: ICC with CIRG (bits 62:61) = 01.
-pub const CCMD_GLOBAL: u64 = CCMD_ICC | (0b01 << 61);
-
-/// IOTLB register: invalidate IOTLB (bit 63; cleared by the unit when done).
-pub const IOTLB_IVT: u64 = 1 << 63;
-/// IOTLB register: drain reads (bit 49).
-const IOTLB_DR: u64 = 1 << 49;
-/// IOTLB register: drain writes (bit 48).
-const IOTLB_DW: u64 = 1 << 48;
-
-/// The IOTLB register value (at [`super::regs::VtdExtCap::iotlb_reg`]) for a global IOTLB
-/// invalidation: IVT with IIRG (bits 61:60) = 01, and the drain bits as for [`iotlb_global`].
-pub const fn iotlb_reg_global(drain_reads: bool, drain_writes: bool) -> u64 {
-    let dr = if drain_reads { IOTLB_DR } else { 0 };
-    let dw = if drain_writes { IOTLB_DW } else { 0 };
-    IOTLB_IVT | (0b01 << 60) | dr | dw
-}
-
-/// True when a register-based invalidation has completed: the busy bit (bit 63, ICC in CCMD,
-/// IVT in the IOTLB register) read back clear. The actual granularity the unit used is in
-/// CCMD bits 60:59 / IOTLB bits 58:57 (0 means the request was not performed).
-pub const fn register_done(value: u64) -> bool {
-    value >> 63 == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,18 +192,6 @@ mod tests {
         assert_eq!(iqt(255, 0), Ok(0xff0));
         assert_eq!(iqt(256, 0), Err(VtdError::OutOfRange { value: 256, limit: 256 }));
         assert_eq!(iqt(32767, 7), Ok(0x7fff0));
-    }
-
-    #[test]
-    fn register_commands() {
-        assert_eq!(CCMD_GLOBAL, 0xa000_0000_0000_0000);
-        assert_eq!(iotlb_reg_global(false, false), 0x9000_0000_0000_0000);
-        assert_eq!(iotlb_reg_global(true, true), 0x9003_0000_0000_0000);
-        // QEMU's writable masks: CCMD 0xe0000003ffffffff, IOTLB 0xb003ffff00000000.
-        assert_eq!(CCMD_GLOBAL & !0xe000_0003_ffff_ffff, 0);
-        assert_eq!(iotlb_reg_global(true, true) & !0xb003_ffff_0000_0000, 0);
-        assert!(!register_done(CCMD_GLOBAL));
-        assert!(register_done(0x0800_0000_0000_0000));
     }
 
     proptest! {

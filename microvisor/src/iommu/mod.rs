@@ -24,9 +24,8 @@
 //! 3. Invalidation queue: `IQT` = 0, `IQA` = [`invalidation::iqa`]; `GCMD.QIE`; wait `GSTS.QIES`.
 //!    Then queue global context-cache, global IOTLB and global interrupt-entry-cache
 //!    invalidations and a status-write wait descriptor; bump `IQT`; poll the status word.
-//!    (Without QI, the register-based [`invalidation::CCMD_GLOBAL`] and
-//!    [`invalidation::iotlb_reg_global`] work, but QEMU ignores them, and never clears their
-//!    busy bit, once QI is enabled.)
+//!    (Without QI, register-based invalidation (CCMD, IOTLB) works, but QEMU ignores it, and
+//!    never clears its busy bit, once QI is enabled.)
 //! 4. `GCMD.TE`; wait `GSTS.TES`. From here, DMA from a device without a present context entry
 //!    faults.
 //! 5. Interrupt remapping: `IRTA` = [`irte::irta`]; `GCMD.SIRTP`; wait `GSTS.IRTPS`; global

@@ -5,7 +5,7 @@
 //! accesses (or two 32-bit halves, low first); QEMU rejects 1- and 2-byte accesses.
 //!
 //! Two register blocks have no fixed offset: the IOTLB registers are at `ECAP.IRO * 16`
-//! ([`VtdExtCap::iotlb_reg`]) and the fault recording registers at `CAP.FRO * 16`
+//! (register-based invalidation, unused: see `invalidation`) and the fault recording registers at `CAP.FRO * 16`
 //! ([`VtdCap::fault_record`]); on QEMU 7.2 they are at 0xF0 and 0x220.
 
 use bitflags::bitflags;
@@ -230,16 +230,6 @@ impl VtdExtCap {
     pub const fn interrupt_remapping(self) -> bool {
         field(self.0, 3, 1) != 0
     }
-
-    /// IRO (bits 17:8) times 16: offset of the IOTLB register block (IVA, then IOTLB).
-    pub const fn iotlb_offset(self) -> u64 {
-        field(self.0, 8, 10) * 16
-    }
-
-    /// Offset of the IOTLB invalidate register, 8 bytes after IVA.
-    pub const fn iotlb_reg(self) -> u64 {
-        self.iotlb_offset() + 8
-    }
 }
 
 #[cfg(test)]
@@ -290,8 +280,6 @@ mod tests {
         let ecap = VtdExtCap(QEMU_ECAP);
         assert!(ecap.queued_invalidation());
         assert!(ecap.interrupt_remapping());
-        assert_eq!(ecap.iotlb_offset(), 0xf0);
-        assert_eq!(ecap.iotlb_reg(), 0xf8);
     }
 
     #[test]

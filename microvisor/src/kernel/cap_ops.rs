@@ -88,11 +88,24 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(cap)
     }
 
+    /// What `kind` makes of the object in the caller's `slot` (with `rights`): `None` is
+    /// the wrong type.
+    pub fn lookup_as<T>(
+        &self,
+        caller: DomainId,
+        slot: u64,
+        rights: u64,
+        kind: impl FnOnce(Object) -> Option<T>,
+    ) -> Result<T, Error> {
+        kind(self.lookup(caller, slot, rights)?.object).ok_or(Error::WrongType)
+    }
+
     pub fn lookup_domain(&self, caller: DomainId, slot: u64) -> Result<DomainId, Error> {
-        match self.lookup(caller, slot, rights::CONTROL)?.object {
-            Object::Domain(d, _) => Ok(d),
-            _ => Err(Error::WrongType),
-        }
+        self.lookup_as(caller, slot, rights::CONTROL, |o| if let Object::Domain(d, _) = o { Some(d) } else { None })
+    }
+
+    pub fn lookup_vcpu(&self, caller: DomainId, slot: u64) -> Result<VcpuId, Error> {
+        self.lookup_as(caller, slot, rights::CONTROL, |o| if let Object::Vcpu(v, _) = o { Some(v) } else { None })
     }
 
     /// Copy capability `slot` of `from` into `to` with rights masked and, for an unbadged

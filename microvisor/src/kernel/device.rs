@@ -37,10 +37,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// The device in the caller's `slot`.
     pub fn lookup_device(&self, caller: DomainId, slot: u64, rights: u64) -> Result<DeviceId, Error> {
-        match self.lookup(caller, slot, rights)?.object {
-            Object::Device(dev) => Ok(dev),
-            _ => Err(Error::WrongType),
-        }
+        self.lookup_as(caller, slot, rights, |o| if let Object::Device(dev) = o { Some(dev) } else { None })
     }
 
     /// Give device `dev` to domain `d`: IOMMU space, then the BARs in its stage-2.

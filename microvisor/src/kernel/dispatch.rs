@@ -68,7 +68,8 @@ impl<F: Stage2Format> Kernel<F> {
     #[inline(never)]
     fn hypercall_slow<P: Platform>(&mut self, p: &mut P, v: VcpuId, number: u64, slot: u64) -> Option<Event> {
         self.stats.hypercalls += 1;
-        let arg0 = self.vcpus[v as usize].regs.rdi;
+        let r = self.vcpus[v as usize].regs;
+        let arg0 = r.rdi;
         let Some(call) = Hypercall::from_number(number) else {
             self.vcpus[v as usize].regs.rax = Error::UnknownHypercall.code();
             return None;
@@ -79,38 +80,25 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::Recv => pending(self.recv(p, v, slot)),
             Hypercall::Signal => Done::Status(self.signal(v, slot, arg0)),
             Hypercall::Wait => pending(self.wait(v, slot)),
-            Hypercall::SignalWait => pending(self.signal_wait(v, slot, arg0, self.vcpus[v as usize].regs.rsi)),
-            Hypercall::Poll => Done::Status(self.poll(v, slot).map(|bits| self.vcpus[v as usize].regs.rdi = bits)),
+            Hypercall::SignalWait => pending(self.signal_wait(v, slot, arg0, r.rsi)),
+            Hypercall::Poll => Done::Status(self.poll(v, slot).and_then(|bits| self.results(v, &[bits]))),
             Hypercall::Yield => {
                 self.vcpus[v as usize].regs.rax = 0;
                 self.yield_current();
                 Done::Pending
             }
-            Hypercall::Clock => {
-                self.vcpus[v as usize].regs.rdi = p.now_ns();
-                Done::Status(Ok(()))
-            }
-            Hypercall::ConsoleWrite => {
-                let len = self.vcpus[v as usize].regs.rsi;
-                Done::Status(self.hc_console(p, v, arg0, len))
-            }
-            Hypercall::ConsoleRead => {
-                let len = self.vcpus[v as usize].regs.rsi;
-                Done::Status(self.hc_console_read(p, v, slot, arg0, len))
-            }
+            Hypercall::Clock => Done::Status(self.results(v, &[p.now_ns()])),
+            Hypercall::ConsoleWrite => Done::Status(self.hc_console(p, v, arg0, r.rsi)),
+            Hypercall::ConsoleRead => Done::Status(self.hc_console_read(p, v, slot, arg0, r.rsi)),
             Hypercall::DomainExit => {
                 event = self.domain_exit(p, v, arg0);
                 Done::Pending
             }
-            Hypercall::Shutdown => match self.lookup(self.vcpus[v as usize].domain, slot, rights::CONTROL) {
-                Ok(c) if c.object == Object::Machine => return Some(Event::PowerOff(arg0)),
-                Ok(_) => Done::Status(Err(Error::WrongType)),
+            Hypercall::Shutdown => match self.lookup_singleton(self.vcpus[v as usize].domain, slot, Object::Machine) {
+                Ok(()) => return Some(Event::PowerOff(arg0)),
                 Err(e) => Done::Status(Err(e)),
             },
-            _ => {
-                let r = self.vcpus[v as usize].regs;
-                Done::Status(self.management(p, v, call, &r))
-            }
+            _ => Done::Status(self.management(p, v, call, &r)),
         };
         if let Done::Status(result) = done {
             self.vcpus[v as usize].regs.rax = status_of(result);
@@ -142,16 +130,13 @@ impl<F: Stage2Format> Kernel<F> {
         len: u64,
     ) -> Result<(), Error> {
         let d = self.vcpus[v as usize].domain;
-        if self.lookup(d, slot, rights::READ)?.object != Object::Machine {
-            return Err(Error::WrongType);
-        }
+        self.lookup_as(d, slot, rights::READ, |o| (o == Object::Machine).then_some(()))?;
         let mut buf = [0u8; CONSOLE_INPUT_BUFFER];
         let n = (len.min(CONSOLE_INPUT_BUFFER as u64)) as usize;
         self.read_ram(p, d, gpa, &mut buf[..n])?;
         let got = p.console_read(&mut buf[..n]);
         self.write_ram(p, d, gpa, &buf[..got])?;
-        self.vcpus[v as usize].regs.rdi = got as u64;
-        Ok(())
+        self.results(v, &[got as u64])
     }
 
     /// The domain of `v` asked to stop. Its exit handler (if any) hears of it.
@@ -191,7 +176,7 @@ impl<F: Stage2Format> Kernel<F> {
                 // A VM's capability can be handed to its VMM.
                 let all = if vm { rights::CONTROL | rights::VMM | rights::GRANT } else { rights::CONTROL };
                 match self.grant_original(caller, Object::Domain(d, g), all) {
-                    Ok(slot) => self.set_result(v, slot),
+                    Ok(slot) => self.results(v, &[slot]),
                     Err(e) => {
                         self.domain_destroy(p, d);
                         Err(e)
@@ -227,10 +212,13 @@ impl<F: Stage2Format> Kernel<F> {
             }
             Hypercall::DomainSetFaultEndpoint => {
                 let target = self.lookup_domain(caller, r.rbx)?;
-                let e = match self.lookup(caller, r.rdi, rights::CALL)?.object {
-                    Object::Endpoint(e) => e,
-                    _ => return Err(Error::WrongType),
-                };
+                let e = self.lookup_as(caller, r.rdi, rights::CALL, |o| {
+                    if let Object::Endpoint(e) = o {
+                        Some(e)
+                    } else {
+                        None
+                    }
+                })?;
                 let extra = u16::try_from(r.rdx)
                     .ok()
                     .filter(|m| m & !ipc_spec::exit::state::ALL == 0)
@@ -250,7 +238,7 @@ impl<F: Stage2Format> Kernel<F> {
                 let all =
                     if self.domains[target as usize].vm { rights::CONTROL | rights::GRANT } else { rights::CONTROL };
                 match self.grant_original(caller, Object::Vcpu(nv, g), all) {
-                    Ok(slot) => self.set_result(v, slot),
+                    Ok(slot) => self.results(v, &[slot]),
                     Err(e) => {
                         // Nobody could ever name the vCPU: take it back.
                         self.vcpus[nv as usize] = super::Vcpu { generation: g, ..super::Vcpu::FREE };
@@ -259,20 +247,16 @@ impl<F: Stage2Format> Kernel<F> {
                     }
                 }
             }
-            Hypercall::VcpuStart => match self.lookup(caller, r.rbx, rights::CONTROL)?.object {
-                Object::Vcpu(t, _) => self.vcpu_start(t),
-                _ => Err(Error::WrongType),
-            },
+            Hypercall::VcpuStart => self.vcpu_start(self.lookup_vcpu(caller, r.rbx)?),
             Hypercall::VcpuSetMessagePage => {
                 if r.rdi == 0 {
                     self.vcpus[v as usize].msg_page = None;
                     return Ok(());
                 }
-                let dom = &self.domains[caller as usize];
-                if !r.rdi.is_multiple_of(PAGE) || r.rdi.checked_add(PAGE).is_none_or(|end| end > dom.ram_size()) {
-                    return Err(Error::BadAddress);
-                }
-                let hpa = dom.ram_hpa(r.rdi).ok_or(Error::BadAddress)?;
+                // A whole page of the caller's RAM (RAM is whole 2 MiB chunks: an aligned
+                // page in it ends in it).
+                let page = Some(r.rdi).filter(|a| a.is_multiple_of(PAGE));
+                let hpa = page.and_then(|a| self.domains[caller as usize].ram_hpa(a)).ok_or(Error::BadAddress)?;
                 self.vcpus[v as usize].msg_page = Some(hpa);
                 Ok(())
             }
@@ -281,7 +265,7 @@ impl<F: Stage2Format> Kernel<F> {
                 let reg = self.region_create(p, r.rdi)?;
                 let all = rights::READ | rights::WRITE | rights::EXEC | rights::GRANT;
                 match self.grant_original(caller, Object::Region(reg), all) {
-                    Ok(slot) => self.set_result(v, slot),
+                    Ok(slot) => self.results(v, &[slot]),
                     Err(e) => {
                         let region = &mut self.regions[reg as usize];
                         p.free_frames(region.hpa, region.frames);
@@ -293,9 +277,7 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::Map | Hypercall::Unmap => {
                 let target = self.lookup_domain(caller, r.rbx)?;
                 let cap = self.lookup(caller, r.rdi, 0)?;
-                let Object::Region(reg) = cap.object else {
-                    return Err(Error::WrongType);
-                };
+                let Object::Region(reg) = cap.object else { return Err(Error::WrongType) };
                 if call == Hypercall::Unmap {
                     return self.unmap_region(p, target, reg);
                 }
@@ -309,34 +291,30 @@ impl<F: Stage2Format> Kernel<F> {
                 let e = self.endpoint_create()?;
                 let slot =
                     self.grant_original(caller, Object::Endpoint(e), rights::CALL | rights::RECV | rights::GRANT)?;
-                self.set_result(v, slot)
+                self.results(v, &[slot])
             }
             Hypercall::NotificationCreate => {
                 memory(self)?;
                 let n = self.notification_create()?;
                 let all = rights::SIGNAL | rights::WAIT | rights::GRANT;
                 let slot = self.grant_original(caller, Object::Notification(n), all)?;
-                self.set_result(v, slot)
+                self.results(v, &[slot])
             }
             Hypercall::CapCopy => {
                 let target = self.lookup_domain(caller, r.rdi)?;
                 let slot = self.cap_copy(caller, r.rbx, target, r.rsi, r.rdx)?;
-                self.set_result(v, slot)
+                self.results(v, &[slot])
             }
             Hypercall::CapRevoke => {
                 let n = self.cap_revoke(p, caller, r.rbx)?;
-                self.set_result(v, n as u64)
+                self.results(v, &[n as u64])
             }
             Hypercall::CapDelete => self.cap_delete(p, caller, r.rbx),
             Hypercall::NotificationBind => self.bind(v, r.rbx, r.rdi),
             Hypercall::DeviceInfo => {
                 let dev = self.devices[self.lookup_device(caller, r.rbx, 0)? as usize];
-                let regs = &mut self.vcpus[v as usize].regs;
-                regs.rdi = dev.rid as u64;
-                regs.rsi = dev.vendor as u64 | (dev.device as u64) << 16;
-                regs.rdx = dev.class as u64;
-                regs.r10 = dev.owner.map_or(0, |d| d as u64 + 1);
-                Ok(())
+                let ids = dev.vendor as u64 | (dev.device as u64) << 16;
+                self.results(v, &[dev.rid as u64, ids, dev.class as u64, dev.owner.map_or(0, |d| d as u64 + 1)])
             }
             Hypercall::DeviceAssign => {
                 let dev = self.lookup_device(caller, r.rbx, rights::CONTROL)?;
@@ -347,7 +325,7 @@ impl<F: Stage2Format> Kernel<F> {
                 let dev = self.lookup_owned_device(caller, r.rbx)?;
                 if call == Hypercall::PciConfigRead {
                     let value = p.pci_config_read(dev, r.rdi, r.rsi)?;
-                    self.set_result(v, value as u64)
+                    self.results(v, &[value as u64])
                 } else {
                     let value = u32::try_from(r.rdx).map_err(|_| Error::InvalidArgument)?;
                     p.pci_config_write(dev, r.rdi, r.rsi, value)
@@ -355,14 +333,15 @@ impl<F: Stage2Format> Kernel<F> {
             }
             Hypercall::DeviceIrq => {
                 let dev = self.lookup_owned_device(caller, r.rbx)?;
-                let n = match self.lookup(caller, r.rdi, rights::WAIT)?.object {
-                    Object::Notification(n) => n,
-                    _ => return Err(Error::WrongType),
-                };
+                let n = self.lookup_as(caller, r.rdi, rights::WAIT, |o| {
+                    if let Object::Notification(n) = o {
+                        Some(n)
+                    } else {
+                        None
+                    }
+                })?;
                 let (address, data, handle) = self.device_irq(p, dev, n)?;
-                let regs = &mut self.vcpus[v as usize].regs;
-                (regs.rdi, regs.rsi, regs.rdx) = (address, data, handle as u64);
-                Ok(())
+                self.results(v, &[address, data, handle as u64])
             }
             Hypercall::TimerSet => self.timer_set(v, r.rbx, r.rdi, r.rsi, p.now_ns()),
             Hypercall::DomainMapRam => self.map_vm_ram(p, caller, r.rbx, r.rdi),
@@ -373,19 +352,13 @@ impl<F: Stage2Format> Kernel<F> {
                 let mine = self.vcpus.iter().filter(|x| x.domain == d && x.state != VcpuState::Free);
                 let stopped = mine.clone().filter(|x| x.state == VcpuState::Stopped).count() as u64;
                 let dom = &self.domains[d as usize];
-                let answer = (mine.count() as u64, stopped, dom.ipc_calls, dom.signals, dom.ram_size() >> 20);
-                let regs = &mut self.vcpus[v as usize].regs;
-                (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8) = answer;
-                Ok(())
+                let answer = [mine.count() as u64, stopped, dom.ipc_calls, dom.signals, dom.ram_size() >> 20];
+                self.results(v, &answer)
             }
             Hypercall::MachineStatus => {
                 self.lookup_singleton(caller, r.rbx, Object::Machine)?;
                 let (domains, vcpus, regions, endpoints, notifications) = self.object_counts();
-                let free = p.free_frame_count();
-                let regs = &mut self.vcpus[v as usize].regs;
-                (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) =
-                    (free, domains, vcpus, regions, endpoints, notifications);
-                Ok(())
+                self.results(v, &[p.free_frame_count(), domains, vcpus, regions, endpoints, notifications])
             }
             // Handled in `hypercall`.
             _ => Err(Error::UnknownHypercall),
@@ -394,10 +367,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// Check that the caller's `slot` (with CONTROL) names the singleton `object`.
     fn lookup_singleton(&self, caller: super::DomainId, slot: u64, object: Object) -> Result<(), Error> {
-        if self.lookup(caller, slot, rights::CONTROL)?.object != object {
-            return Err(Error::WrongType);
-        }
-        Ok(())
+        self.lookup_as(caller, slot, rights::CONTROL, |o| (o == object).then_some(()))
     }
 
     /// The device in the caller's `slot`, which the caller must own.
@@ -409,8 +379,13 @@ impl<F: Stage2Format> Kernel<F> {
         }
     }
 
-    fn set_result(&mut self, v: VcpuId, value: u64) -> Result<(), Error> {
-        self.vcpus[v as usize].regs.rdi = value;
+    /// Hypercall results, in RDI, RSI, RDX, R10, R8, R9 order.
+    fn results(&mut self, v: VcpuId, values: &[u64]) -> Result<(), Error> {
+        let r = &mut self.vcpus[v as usize].regs;
+        for (reg, &x) in [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9].into_iter().zip(values)
+        {
+            *reg = x;
+        }
         Ok(())
     }
 }

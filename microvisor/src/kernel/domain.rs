@@ -98,40 +98,21 @@ impl<F: Stage2Format> Kernel<F> {
         let d = self.domains.iter().position(|d| d.state == DomainState::Free).ok_or(Error::OutOfMemory)?;
         let mut stage2 = Stage2Map::<F>::new(p).map_err(|_| Error::OutOfMemory)?;
         let mut ram: heapless::Vec<u64, MAX_RAM_CHUNKS> = heapless::Vec::new();
-        let chunks = ram_bytes.div_ceil(RAM_CHUNK);
-        for i in 0..chunks {
-            let hpa = match p.alloc_frames(RAM_CHUNK / PAGE, RAM_CHUNK) {
-                Some(h) => h,
-                None => {
-                    Self::free_ram(p, &ram);
-                    stage2.destroy(p);
-                    return Err(Error::OutOfMemory);
-                }
-            };
-            let _ = ram.push(hpa);
-            if stage2
-                .map(p, i * RAM_CHUNK, hpa, RAM_CHUNK, Access::READ | Access::WRITE | Access::EXEC, MemType::WriteBack)
-                .is_err()
-            {
+        let rwx = Access::READ | Access::WRITE | Access::EXEC;
+        for i in 0..ram_bytes.div_ceil(RAM_CHUNK) {
+            // (`ram` cannot overflow: at most MAX_RAM_CHUNKS chunks, checked above.)
+            let chunk = p.alloc_frames(RAM_CHUNK / PAGE, RAM_CHUNK).inspect(|&hpa| ram.push(hpa).unwrap_or(()));
+            if chunk.is_none_or(|hpa| stage2.map(p, i * RAM_CHUNK, hpa, RAM_CHUNK, rwx, MemType::WriteBack).is_err()) {
                 Self::free_ram(p, &ram);
                 stage2.destroy(p);
                 return Err(Error::OutOfMemory);
             }
         }
         let dom = &mut self.domains[d];
-        dom.state = DomainState::Alive;
-        dom.generation = dom.generation.wrapping_add(1);
-        dom.name = [0; DOMAIN_NAME_MAX];
+        let generation = dom.generation.wrapping_add(1);
+        *dom = Domain { state: DomainState::Alive, generation, stage2: Some(stage2), ram, priority, ..Domain::FREE };
         dom.name[..name.len()].copy_from_slice(name);
         dom.name_len = name.len();
-        dom.stage2 = Some(stage2);
-        dom.ram = ram;
-        dom.priority = priority;
-        dom.fault_handler = None;
-        (dom.exit_state, dom.vm, dom.paused, dom.ram_view) = (0, false, false, None);
-        dom.mappings.clear();
-        dom.console = LineBuffer::new();
-        (dom.vcpus, dom.ipc_calls, dom.signals) = (0, 0, 0);
         p.domain_named(d as DomainId, dom.name());
         Ok(d as DomainId)
     }

@@ -78,7 +78,7 @@ impl<F: Stage2Format> Kernel<F> {
     /// The reply handler `server` gives to exit `x`, checked whole: an error changes nothing.
     pub(super) fn check_exit_reply(&self, server: VcpuId, x: PendingExit) -> Result<ExitReply, Error> {
         let r = &self.vcpus[server as usize].regs;
-        let reply = ExitReply::decode(&[r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9])?;
+        let reply = ExitReply::decode(&r.message())?;
         if reply.write_state != 0 && self.vcpus[server as usize].msg_page.is_none() {
             return Err(Error::NoMessagePage);
         }
@@ -111,9 +111,7 @@ impl<F: Stage2Format> Kernel<F> {
                 p.read_phys(page, &mut bytes);
                 let mut words = [0u64; STATE_WORDS];
                 for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(chunk);
-                    *w = u64::from_le_bytes(b);
+                    *w = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
                 }
                 let mut st = ArchState::default();
                 st.from_words(reply.write_state, &words);
@@ -198,10 +196,7 @@ impl<F: Stage2Format> Kernel<F> {
 
     /// `VcpuInject`: vector pending on a VM's vCPU, taken when the guest can; wakes HLT.
     pub fn inject(&mut self, caller: DomainId, slot: u64, vector: u64) -> Result<(), Error> {
-        let t = match self.lookup(caller, slot, rights::CONTROL)?.object {
-            Object::Vcpu(t, _) => t,
-            _ => return Err(Error::WrongType),
-        };
+        let t = self.lookup_vcpu(caller, slot)?;
         if !self.domains[self.vcpus[t as usize].domain as usize].vm {
             return Err(Error::InvalidState);
         }

@@ -53,7 +53,7 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// A vCPU of priority `woken` became ready: it takes the CPU from a lower priority.
-    fn preempt_for(&mut self, woken: Option<u8>) {
+    pub(super) fn preempt_for(&mut self, woken: Option<u8>) {
         if let (Some(prio), Some(c)) = (woken, self.current) {
             if prio > self.vcpus[c as usize].priority {
                 self.preempt();
@@ -66,10 +66,7 @@ impl<F: Stage2Format> Kernel<F> {
         // (An exit message's state groups went straight into the receiver's page.)
         let (words, len) = match self.vcpus[from as usize].exit {
             Some(x) => self.exit_message(p, from, x, to),
-            None => {
-                let r = &self.vcpus[from as usize].regs;
-                ([r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9], r.rcx)
-            }
+            None => (self.vcpus[from as usize].regs.message(), self.vcpus[from as usize].regs.rcx),
         };
         if len > MAX_MESSAGE_WORDS as u64 {
             return Err(Error::InvalidArgument);
@@ -84,11 +81,7 @@ impl<F: Stage2Format> Kernel<F> {
             p.read_phys(sp, &mut buf[..bytes]);
             p.write_phys(dp, &buf[..bytes]);
         }
-        let r = &mut self.vcpus[to as usize].regs;
-        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = words;
-        r.rcx = len;
-        r.rbx = badge;
-        r.rax = 0;
+        self.vcpus[to as usize].regs.deliver(words, len, badge);
         Ok(())
     }
 
@@ -125,14 +118,10 @@ impl<F: Stage2Format> Kernel<F> {
         // Unlink the head. Its own link is left stale: every push overwrites it, and
         // `tail` only matters while `head` is set.
         ep.receivers.head = self.next[si];
-        let words = {
-            let r = &self.vcpus[ci].regs;
-            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
-        };
+        let words = self.vcpus[ci].regs.message();
         self.vcpus[ci].state = VcpuState::BlockedReply(server);
         let s = &mut self.vcpus[si];
-        [s.regs.rdi, s.regs.rsi, s.regs.rdx, s.regs.r10, s.regs.r8, s.regs.r9] = words;
-        (s.regs.rcx, s.regs.rbx, s.regs.rax) = (len, badge, 0);
+        s.regs.deliver(words, len, badge);
         s.reply_to = Some(caller);
         s.state = VcpuState::Running;
         self.current = Some(server);
@@ -165,13 +154,8 @@ impl<F: Stage2Format> Kernel<F> {
             return false;
         }
         // The reply goes first, so nothing is live across the queue operation.
-        let words = {
-            let r = &self.vcpus[si].regs;
-            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
-        };
-        let c = &mut self.vcpus[ci];
-        [c.regs.rdi, c.regs.rsi, c.regs.rdx, c.regs.r10, c.regs.r8, c.regs.r9] = words;
-        (c.regs.rcx, c.regs.rbx, c.regs.rax) = (len, 0, 0);
+        let words = self.vcpus[si].regs.message();
+        self.vcpus[ci].regs.deliver(words, len, 0);
         // `reply_to` stays as it is: it is trusted only while the client is still
         // BlockedReply(server), which ends right here.
         self.vcpus[si].state = VcpuState::BlockedRecv(e);

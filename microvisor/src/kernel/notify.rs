@@ -152,16 +152,22 @@ impl<F: Stage2Format> Kernel<F> {
     /// the run queue; `v` stays ready (behind its equals). A lower priority is only made
     /// ready.
     fn wake_from(&mut self, v: VcpuId, w: VcpuId) {
-        let (wv, vv) = (&self.vcpus[w as usize], &self.vcpus[v as usize]);
-        let parked = wv.vm && self.domains[wv.domain as usize].paused;
-        if self.current != Some(v) || parked || wv.priority < vv.priority {
+        let prio = self.vcpus[v as usize].priority;
+        if self.current != Some(v) || self.vcpus[w as usize].priority < prio || !self.may_run_now(w) {
             self.make_ready(w);
             return;
         }
-        let prio = vv.priority;
         self.vcpus[v as usize].state = VcpuState::Ready;
         self.runq.push(v, prio, &mut self.next);
         self.switch_to(w);
+    }
+
+    /// May the woken `w` take the CPU at once: its VM is not paused and no ready vCPU
+    /// outranks it?
+    fn may_run_now(&self, w: VcpuId) -> bool {
+        let wv = &self.vcpus[w as usize];
+        let parked = wv.vm && self.domains[wv.domain as usize].paused;
+        !parked && self.runq.highest().is_none_or(|h| h <= wv.priority)
     }
 
     /// Fast path of `SignalWait`, the doorbell ping-pong's common case: the peer waits on
@@ -233,22 +239,11 @@ impl<F: Stage2Format> Kernel<F> {
         ntf.waiter = Some(v);
         self.block_current(VcpuState::BlockedWait(m));
         match woken {
-            Some(w) => {
-                let wv = &self.vcpus[w as usize];
-                let parked = wv.vm && self.domains[wv.domain as usize].paused;
-                let outranked = match self.runq.highest() {
-                    Some(h) => h > wv.priority,
-                    None => false,
-                };
-                if parked || outranked {
-                    self.make_ready(w);
-                    self.schedule();
-                } else {
-                    self.switch_to(w);
-                }
-            }
-            None => self.schedule(),
+            Some(w) if self.may_run_now(w) => self.switch_to(w),
+            Some(w) => self.make_ready(w),
+            None => {}
         }
+        self.schedule();
         Ok(())
     }
 

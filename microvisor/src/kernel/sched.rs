@@ -66,6 +66,7 @@ impl Queue {
         false
     }
 
+    #[cfg(test)]
     pub fn iter<'a>(&self, next: &'a [Option<VcpuId>]) -> impl Iterator<Item = VcpuId> + 'a {
         let mut cur = self.head;
         core::iter::from_fn(move || {
@@ -122,6 +123,7 @@ impl RunQueue {
         found
     }
 
+    #[cfg(test)]
     pub fn contains(&self, v: VcpuId, priority: u8, next: &[Option<VcpuId>]) -> bool {
         self.levels[priority as usize].iter(next).any(|x| x == v)
     }

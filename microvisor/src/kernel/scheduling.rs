@@ -16,11 +16,7 @@ impl<F: Stage2Format> Kernel<F> {
         let prio = vcpu.priority;
         self.runq.push(v, prio, &mut self.next);
         // A higher-priority vCPU takes the CPU at once.
-        if let Some(c) = self.current {
-            if prio > self.vcpus[c as usize].priority {
-                self.preempt();
-            }
-        }
+        self.preempt_for(Some(prio));
     }
 
     /// The running vCPU goes back to the run queue; the best ready one runs.

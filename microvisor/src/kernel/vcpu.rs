@@ -31,6 +31,25 @@ pub struct Regs {
 }
 
 impl Regs {
+    /// All zero (`Default` is not usable in a constant).
+    pub const ZERO: Regs = {
+        let [rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rax, rip, rsp, rflags] = [0; 18];
+        Regs { rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rax, rip, rsp, rflags }
+    };
+
+    /// The message words of IPC (RDI, RSI, RDX, R10, R8, R9: `ipc_spec::hypercall::REGISTER_WORDS`).
+    #[inline(always)]
+    pub fn message(&self) -> [u64; 6] {
+        [self.rdi, self.rsi, self.rdx, self.r10, self.r8, self.r9]
+    }
+
+    /// Deliver a message: its words, length (RCX) and badge (RBX), status 0 (RAX).
+    #[inline(always)]
+    pub fn deliver(&mut self, words: [u64; 6], len: u64, badge: u64) {
+        [self.rdi, self.rsi, self.rdx, self.r10, self.r8, self.r9] = words;
+        (self.rcx, self.rbx, self.rax) = (len, badge, 0);
+    }
+
     /// The sixteen general registers in instruction-encoding order (RAX, RCX, RDX, RBX,
     /// RSP, RBP, RSI, RDI, R8..R15), as the exit ABI's GPR group carries them.
     pub fn gprs(&self) -> [u64; 16] {
@@ -135,26 +154,7 @@ impl Vcpu {
         domain: 0,
         generation: 0,
         priority: 0,
-        regs: Regs {
-            rbx: 0,
-            rcx: 0,
-            rdx: 0,
-            rsi: 0,
-            rdi: 0,
-            rbp: 0,
-            r8: 0,
-            r9: 0,
-            r10: 0,
-            r11: 0,
-            r12: 0,
-            r13: 0,
-            r14: 0,
-            r15: 0,
-            rax: 0,
-            rip: 0,
-            rsp: 0,
-            rflags: 0,
-        },
+        regs: Regs::ZERO,
         reply_to: None,
         send_badge: 0,
         exit: None,

@@ -31,52 +31,18 @@ mod setup;
 
 #[cfg(target_os = "none")]
 mod run {
-    use domain_rt::hypercall::{self, Message};
     use domain_rt::{println, BootInfo};
-    use ipc_spec::exit::{ExitMessage, ExitReply};
-    use ipc_spec::hypercall::NOTIFICATION_BADGE;
 
-    use crate::exits::Verdict;
     use crate::setup;
 
     domain_rt::domain_main!(main);
 
     fn main(info: &BootInfo) -> u64 {
-        let mut vmm = match setup::boot(info) {
-            Ok(v) => v,
+        match setup::boot(info) {
+            Ok(mut vmm) => domain_rt::exits::serve(vmm.exits_slot(), &mut vmm),
             Err(e) => {
                 println!("cannot boot the VM: {e}");
-                return 1;
-            }
-        };
-        let exits = vmm.exits_slot();
-        let mut reply: Option<ExitReply> = None;
-        loop {
-            vmm.before_wait();
-            let got = match reply.take() {
-                Some(r) => hypercall::ipc_reply_recv(exits, &Message::new(&r.encode())),
-                None => hypercall::ipc_recv(exits),
-            };
-            let (msg, badge) = match got {
-                Ok(m) => m,
-                Err(e) => {
-                    println!("receiving the VM's exits failed: {e}");
-                    return 3;
-                }
-            };
-            if badge == NOTIFICATION_BADGE {
-                if let Some(status) = vmm.wake() {
-                    return status;
-                }
-                continue;
-            }
-            let Some(x) = ExitMessage::decode(&msg.words) else {
-                println!("not an exit message: {:x?}", msg.words);
-                continue;
-            };
-            match vmm.handle(&x) {
-                Verdict::Reply(r) => reply = Some(r),
-                Verdict::Stop(status) => return status,
+                1
             }
         }
     }

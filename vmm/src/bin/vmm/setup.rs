@@ -21,12 +21,6 @@ const VIEW_MAX: u64 = 0x1_0000_0000 - VIEW;
 /// How long the TSC is measured against the microvisor's clock.
 const CALIBRATION_NS: u64 = 20_000_000;
 
-/// The message page: exit state groups arrive here.
-#[repr(C, align(4096))]
-#[allow(dead_code)] // used through a cast pointer (exits.rs)
-pub struct Page([u64; 512]);
-pub static mut PAGE: Page = Page([0; 512]);
-
 /// `<offset>:<length>` inside the files region.
 fn span(info: &BootInfo, key: &str, files_len: u64) -> Result<Option<(u64, u64)>, String> {
     let Some(v) = info.arg(key) else { return Ok(None) };
@@ -76,8 +70,7 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
     let initramfs = span(info, "initramfs", files_len)?;
     let cmdline = span(info, "cmdline", files_len)?;
 
-    let page = (&raw const PAGE) as u64;
-    hypercall::set_message_page(page).map_err(|e| format!("message page: {e}"))?;
+    domain_rt::exits::register_message_page().map_err(|e| format!("message page: {e}"))?;
     hypercall::map_vm_ram(vm, VIEW).map_err(|e| format!("mapping the VM's RAM: {e}"))?;
 
     // SAFETY: dom0 mapped the files region read-only at `files` (files_len bytes) and never
