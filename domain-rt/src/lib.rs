@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod bench;
 pub mod channels;
 pub mod console;
+pub mod heartbeat;
 pub mod hypercall;
 pub mod irq;
 #[cfg(target_os = "none")]

@@ -25,6 +25,8 @@
 //!           +24  data length           (bytes, > 0)
 //!           +28  incarnation           written by the **driver** each time it attaches
 //!                                      (0: no driver attached yet); see "Restarts"
+//!           +32  server state          written by **dom0**: [`SERVER_GONE`] once it gave up
+//!                                      restarting the driver (0 otherwise); see "Restarts"
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -79,6 +81,11 @@
 //!   (those the dead driver took and never answered, and those it dropped at attach).
 //!   Responses carrying any other incarnation than the one in the header, or an id that is
 //!   not outstanding (a duplicate), are ignored ([`crate::block_client`]).
+//! - When dom0 gives up on the driver (its restart limit), it writes [`SERVER_GONE`] at
+//!   header +32 and rings the client's doorbell: the client then fails every outstanding
+//!   request and every new one at once with a "server gone" error instead of waiting for
+//!   an answer that cannot come. If dom0 builds the driver again later (`xtask ctl
+//!   restart`), it clears the word first; the new incarnation is then served as usual.
 //!
 //! # Durability
 //!
@@ -136,7 +143,12 @@ pub mod header {
     pub const DATA_LEN: usize = 24;
     /// `u32`: the attached driver's incarnation (0: none yet), written by the driver.
     pub const INCARNATION: usize = 28;
+    /// `u32`: [`super::SERVER_GONE`] once dom0 gave up on the driver, else 0.
+    pub const SERVER: usize = 32;
 }
+
+/// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
+pub const SERVER_GONE: u32 = u32::from_le_bytes(*b"GONE");
 
 /// Offsets of the request fields inside a slot.
 pub mod request {
@@ -468,6 +480,17 @@ impl BlockLayout {
         fence(Ordering::Release);
         mem.write_u32(header::INCARNATION, next);
         Ok(next)
+    }
+
+    /// Whether dom0 gave up on the channel's driver (header +32, see "Restarts").
+    pub fn server_gone<M: SharedMem + ?Sized>(mem: &M) -> bool {
+        mem.read_u32(header::SERVER) == SERVER_GONE
+    }
+
+    /// dom0's side: mark the driver as given up on (`gone`), or as coming back. dom0 rings
+    /// the client's doorbell after this, which orders the store before the client's look.
+    pub fn set_server_gone<M: SharedMem + ?Sized>(mem: &M, gone: bool) {
+        mem.write_u32(header::SERVER, if gone { SERVER_GONE } else { 0 });
     }
 
     /// The incarnation of the driver attached now (0: none yet), as the client reads it.

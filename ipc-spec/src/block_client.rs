@@ -24,6 +24,9 @@ pub enum ClientError {
     TooMany,
     /// A ring is corrupt: the driver broke the protocol.
     Ring,
+    /// dom0 gave up restarting the driver ([`crate::block::SERVER_GONE`]): every request
+    /// outstanding was dropped, and new ones fail until dom0 builds a driver again.
+    ServerGone,
 }
 
 impl From<RingError> for ClientError {
@@ -107,6 +110,7 @@ impl Client {
         count: u32,
         data_offset: u32,
     ) -> Result<u64, ClientError> {
+        self.check_server(mem)?;
         let free = self.pending.iter_mut().find(|e| e.is_none()).ok_or(ClientError::TooMany)?;
         let id = self.next_id;
         let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
@@ -139,6 +143,7 @@ impl Client {
     /// Look at the channel: a new incarnation makes every outstanding request unsent
     /// (replayed here, as far as the ring has room); unsent requests go on the ring.
     pub fn poll<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Polled, ClientError> {
+        self.check_server(mem)?;
         let now = BlockLayout::incarnation(mem);
         let restarted = now != self.incarnation;
         if restarted {
@@ -150,6 +155,16 @@ impl Client {
         }
         let sent = self.send_unsent(mem)?;
         Ok(Polled { restarted, sent })
+    }
+
+    /// Fails with [`ClientError::ServerGone`] (dropping every outstanding request: nobody
+    /// will answer them) while dom0 says the driver is gone.
+    fn check_server<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<(), ClientError> {
+        if !BlockLayout::server_gone(mem) {
+            return Ok(());
+        }
+        self.pending = [None; MAX_OUTSTANDING];
+        Err(ClientError::ServerGone)
     }
 
     /// The next answer to an outstanding request from the current incarnation, if one is
@@ -379,5 +394,35 @@ mod tests {
         for s in 0..64usize {
             assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
         }
+    }
+
+    #[test]
+    fn a_server_given_up_on_fails_everything_at_once_until_it_comes_back() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let d1 = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 3);
+        assert_eq!(client.outstanding(), 3);
+        // dom0 gives up on the driver: outstanding requests fail, and so does a new one.
+        BlockLayout::set_server_gone(&mem, true);
+        assert_eq!(client.poll(&mem), Err(ClientError::ServerGone));
+        assert_eq!(client.outstanding(), 0);
+        assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::ServerGone));
+        // dom0 builds the driver again (ctl restart): the channel works as before.
+        BlockLayout::set_server_gone(&mem, false);
+        let mut d2 = Driver::attach(&mem, d1.disk);
+        let ids = write_all(&mut client, &mem, 2);
+        assert!(client.poll(&mem).unwrap().restarted);
+        // The two new ones were sent before the client saw the new incarnation, and again
+        // after: duplicates, harmless. The three dropped ones are not sent again.
+        let answers = d2.take(&mem, 64);
+        assert_eq!(answers.len(), 4);
+        Driver::answer(&mem, &answers);
+        let mut done = drain(&mut client, &mem);
+        done.sort();
+        let mut want: Vec<u64> = ids.keys().copied().collect();
+        want.sort();
+        assert_eq!(done, want);
     }
 }

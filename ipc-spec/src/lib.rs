@@ -13,6 +13,8 @@ pub mod block;
 #[cfg(any(test, feature = "channels"))]
 pub mod block_client;
 pub mod bundle;
+#[cfg(any(test, feature = "channels"))]
+pub mod ctl;
 pub mod error;
 pub mod exit;
 pub mod hypercall;
