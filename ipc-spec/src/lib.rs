@@ -27,6 +27,8 @@ pub mod net;
 pub mod ring;
 #[cfg(any(test, feature = "channels"))]
 pub mod status;
+#[cfg(feature = "alloc")]
+pub mod supervision;
 
 pub use error::Error;
 pub use hypercall::Hypercall;

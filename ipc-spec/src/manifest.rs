@@ -766,8 +766,10 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
             push(field("restart_backoff_ms"), ProblemKind::BadRestart { what });
         }
         if r.watchdog_ms != 0 && !(MIN_WATCHDOG_MS..=MAX_WATCHDOG_MS).contains(&r.watchdog_ms) {
-            let what =
-                alloc::format!("watchdog {} ms is not 0 or between {MIN_WATCHDOG_MS} and {MAX_WATCHDOG_MS}", r.watchdog_ms);
+            let what = alloc::format!(
+                "watchdog {} ms is not 0 or between {MIN_WATCHDOG_MS} and {MAX_WATCHDOG_MS}",
+                r.watchdog_ms
+            );
             push(field("watchdog_ms"), ProblemKind::BadRestart { what });
         }
         if r.watchdog_ms != 0 && (domain.fuzz || !domain.vmm.is_empty() || !domain.kernel.is_empty()) {
@@ -960,7 +962,7 @@ mod tests {
             machine_memory_mib: 512,
             domains: vec![domain("a", "ipc-client"), domain("fz", "ipc-server")],
             channels: vec![channel("c", "a", "fz")],
-    control: String::new(),
+            control: String::new(),
         };
         assert!(validate(&m, IMAGES).is_ok());
         m.domains[1].fuzz = true;

@@ -405,6 +405,9 @@ mod serve {
             }
             let seen = irq::count();
             while pass(&mut chans, dev, disk) {
+                if let Some(h) = heartbeat.as_mut() {
+                    h.beat();
+                }
                 if !first_reported && dev.completed > 0 {
                     // With the crash time below, gives the time a restart costs the guest.
                     println!("first request completed at {} ns", hypercall::clock_ns());
@@ -442,9 +445,8 @@ mod serve {
                 }
             }
             if let Some(h) = heartbeat.as_mut() {
-                let idle = dev.in_flight() == 0 && !chans.iter().any(|c| c.flush.is_some());
-                h.beat(idle, dev.completed);
-                if idle {
+                h.beat();
+                if dev.in_flight() == 0 {
                     // Nothing on the device arms the fallback timer: wake for the next beat.
                     if let Some(t) = timer {
                         let _ = hypercall::timer_set(t, h.next_in_ns(), 1);
