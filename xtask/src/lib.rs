@@ -9,6 +9,7 @@ pub mod build;
 pub mod bzimage;
 pub mod console;
 pub mod cpio;
+pub mod ctl;
 pub mod debian;
 pub mod fuzz;
 pub mod http_client;
