@@ -16,7 +16,7 @@ use domain_rt::{hypercall, println};
 use ipc_spec::block::BlockLayout;
 use ipc_spec::bundle::Bundle;
 use ipc_spec::ctl::{DomainLine, State};
-use ipc_spec::manifest::{ChannelKind, Manifest};
+use ipc_spec::manifest::{self, ChannelKind, Manifest};
 use ipc_spec::ring::SharedMem;
 use ipc_spec::supervision::{self, Decision, Verdict, Watchdog};
 use ipc_spec::Hypercall;
@@ -223,7 +223,7 @@ impl Supervisor {
             Some(s) => return Err(alloc::format!("{name} is {}", s.as_str())),
             None => return Err(alloc::format!("no domain \"{name}\"")),
         }
-        println!("ctl: killing {name}");
+        println!("ctl: killing {name} at {} ns", hypercall::clock_ns());
         destroy(stack, index);
         self.failed(stack, bundle, m, index, Cause::Kill);
         let state = self.watch.get(index).map_or(State::Dead, |w| w.state);
@@ -235,8 +235,9 @@ impl Supervisor {
     pub fn restart(&mut self, stack: &mut Stack, bundle: &Bundle, m: &Manifest, name: &str) -> Result<String, String> {
         let index = m.domain_index(name).ok_or_else(|| alloc::format!("no domain \"{name}\""))?;
         let spec = &m.domains[index];
-        if spec.fuzz || !spec.vmm.is_empty() {
-            return Err(alloc::format!("{name} cannot be restarted (a fuzzer or a VM)"));
+        if spec.restart.mode != manifest::Restart::Always {
+            // dom0 kept no channels to give it again: it would come back cut off.
+            return Err(alloc::format!("{name} cannot be restarted: its manifest says restart = \"never\""));
         }
         println!("ctl: restarting {name}");
         if self.watch.get(index).is_some_and(|w| w.state == State::Running) {

@@ -9,7 +9,8 @@
 //! list                 one line per domain (DomainLine), then "ok"
 //! kill <name>          the domain fails as if it crashed: its restart policy applies
 //! restart <name>       the domain is destroyed (if alive) and built again now, whatever
-//!                      its restart policy and limit
+//!                      its restart limit (only a domain with restart = "always": dom0
+//!                      keeps its channels to give them again)
 //! help                 the commands, then "ok"
 //! ```
 //!
@@ -70,7 +71,7 @@ impl fmt::Display for ParseError<'_> {
 pub const HELP: &[&str] = &[
     "list            domains: state, restarts, I/O answered, IPC calls, signals",
     "kill NAME       make NAME fail as a crash (its restart policy applies)",
-    "restart NAME    destroy NAME if alive and build it again now",
+    "restart NAME    destroy NAME if alive and build it again now (restart = \"always\" only)",
 ];
 
 /// Parse one request line (without its newline).

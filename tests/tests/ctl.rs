@@ -42,6 +42,7 @@ fn ctl_lists_kills_and_restarts_domains_and_refuses_bad_input() {
             ("reboot", "unknown command"),
             ("kill", "needs a domain name"),
             ("kill nobody", "no domain \"nobody\""),
+            ("restart guest", "restart = \"never\""),
             ("kill disk now", "unexpected \"now\""),
             ("", "empty command"),
             (&"x".repeat(300), "longer than"),

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_boot;
 pub mod bench_net;
+pub mod bench_restart;
 pub mod bochs;
 pub mod build;
 pub mod bzimage;

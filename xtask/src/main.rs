@@ -75,6 +75,11 @@ const USAGE: &str = "usage: cargo xtask <command>
                         VM vs. a guest owning its NIC; writes target/bench/net.json
   bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and
                         median of N (default 3); writes target/bench/boot.json
+  bench restart [--kills N]
+                        kill the disk driver VM N times (default 30) with `ctl kill` under an
+                        HTTP read/write load: kill to the guest's next completed I/O (median,
+                        worst; wall and instructions under icount), throughput before and
+                        during the kills; writes target/bench/restart.json
   fuzz hypercalls [--calls N] [--seed S] [--console]
                         boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
                         hypercalls from seed S (random by default, always printed); fails on
@@ -86,7 +91,7 @@ const USAGE: &str = "usage: cargo xtask <command>
                         the running stack's dom0 through its control device (a stack with
                         `[machine] control = \"virtio-console\"`; socket target/stack/ctl.sock):
                         domains with state, restarts and I/O; make one fail as a crash (its
-                        restart policy applies); destroy and rebuild one now
+                        restart policy applies); destroy and rebuild one now (restart = \"always\")
   linux [--refresh] [--native]
                         fetch Debian's kernel and busybox-static (apt, cached in target/linux),
                         extract vmlinux, build the initramfs; print their paths and sizes;
