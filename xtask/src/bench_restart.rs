@@ -79,7 +79,7 @@ fn load(port: u16, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>, error: Arc<Mute
             x ^= x >> 7;
             x ^= x << 17;
             let lba = FIRST + x % 4096;
-            let (status, body) = if x % 2 == 0 {
+            let (status, body) = if x.is_multiple_of(2) {
                 crate::http_client::request(&mut s, "PUT", &format!("/blk/{lba}"), &[x as u8; 16384])?
             } else {
                 crate::http_client::request(&mut s, "GET", &format!("/blk/{lba}?count=32"), b"")?

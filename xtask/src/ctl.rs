@@ -22,6 +22,9 @@ pub fn default_socket() -> PathBuf {
     crate::build::default_target_dir().join("stack").join(SOCKET_NAME)
 }
 
+/// One domain as `list` shows it: (name, state, restarts, I/O answered).
+pub type Listed = (String, ctl::State, u64, Option<u64>);
+
 /// An open connection to dom0's control interface.
 pub struct Ctl {
     writer: UnixStream,
@@ -67,8 +70,8 @@ impl Ctl {
         }
     }
 
-    /// `list`, parsed: (name, state, restarts, io).
-    pub fn list(&mut self) -> Result<Vec<(String, ctl::State, u64, Option<u64>)>, String> {
+    /// `list`, parsed.
+    pub fn list(&mut self) -> Result<Vec<Listed>, String> {
         let (lines, _) = self.request("list")?;
         lines
             .iter()
