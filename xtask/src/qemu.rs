@@ -261,6 +261,18 @@ pub fn run_captured(
     machine: &Machine,
     timeout: Duration,
     echo: bool,
+    stop_when: impl FnMut(&[String]) -> bool,
+) -> Result<Run, String> {
+    run_captured_polling(machine, timeout, echo, false, stop_when)
+}
+
+/// [`run_captured`]; with `poll`, `stop_when` is also asked every 200 ms without a new line
+/// (for a condition a client thread makes true while the console is quiet).
+pub fn run_captured_polling(
+    machine: &Machine,
+    timeout: Duration,
+    echo: bool,
+    poll: bool,
     mut stop_when: impl FnMut(&[String]) -> bool,
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
@@ -307,7 +319,12 @@ pub fn run_captured(
                     break Ending::Stopped;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if poll && stop_when(&lines) {
+                    let _ = child.kill();
+                    break Ending::Stopped;
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
                 break Ending::Exited(status.code());
