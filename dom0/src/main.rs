@@ -114,8 +114,18 @@ mod dom0 {
                         }
                         return 5;
                     }
+                    // dom0's own objects first: a fuzzer's baseline (taken while building)
+                    // must not see them appear.
+                    let wake = match builder::hc(ipc_spec::Hypercall::NotificationCreate, dom0_slots::MEMORY, [0; 6]) {
+                        Ok(r) => r.args[0],
+                        Err(e) => {
+                            println!("wake notification: {e}");
+                            return 6;
+                        }
+                    };
+                    let control = ctl::Control::open(&m, wake);
                     match builder::build(&bundle, &m) {
-                        Ok(s) => Some(s),
+                        Ok(s) => Some((s, wake, control)),
                         Err(e) => {
                             println!("building the stack failed: {e}");
                             return 6;
@@ -132,7 +142,7 @@ mod dom0 {
             return 4;
         }
         match (stack, bundle.get(MANIFEST_ENTRY).and_then(|b| manifest::decode(b).ok())) {
-            (Some(mut s), Some(m)) => handle_faults(&mut s, &bundle, &m),
+            (Some((mut s, wake, control)), Some(m)) => handle_faults(&mut s, &bundle, &m, wake, control),
             _ => loop {
                 // SAFETY: HLT only waits; the microvisor intercepts it and parks this vCPU.
                 unsafe { core::arch::asm!("hlt") };
@@ -145,18 +155,16 @@ mod dom0 {
     /// its memory, and its restart policy decides what follows (`supervise.rs`). A
     /// notification bound to the same receive wakes it for the periodic tick (hang
     /// watchdog, restarts after a backoff) and for the host control device (`ctl.rs`).
-    fn handle_faults(stack: &mut builder::Stack, bundle: &Bundle, m: &manifest::Manifest) -> ! {
-        let wake = match builder::hc(ipc_spec::Hypercall::NotificationCreate, dom0_slots::MEMORY, [0; 6]) {
-            Ok(r) => r.args[0],
-            Err(e) => {
-                println!("wake notification: {e}");
-                hypercall::domain_exit(7)
-            }
-        };
+    fn handle_faults(
+        stack: &mut builder::Stack,
+        bundle: &Bundle,
+        m: &manifest::Manifest,
+        wake: u64,
+        mut control: Option<ctl::Control>,
+    ) -> ! {
         if let Err(e) = hypercall::bind_receive(wake) {
             println!("binding the wake notification to my receive: {e}");
         }
-        let mut control = ctl::Control::open(m, wake);
         let polled = control.as_ref().is_some_and(|c| !c.interrupts);
         let mut sup = supervise::Supervisor::new(stack, m, wake, polled);
         let mut reply: Option<Message> = None;
