@@ -27,6 +27,8 @@
 //!                                      (0: no driver attached yet); see "Restarts"
 //!           +32  server state          written by **dom0**: [`SERVER_GONE`] once it gave up
 //!                                      restarting the driver (0 otherwise); see "Restarts"
+//!           +36  attach index          written by the **driver** at attach, before the
+//!                                      incarnation: the request-ring index it serves from
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -77,8 +79,13 @@
 //!   more than once: reads and writes of the same buffer and sectors are idempotent, and so
 //!   is a flush.
 //! - The client keeps every request it has not seen answered (with its buffer untouched).
-//!   When it sees the incarnation change, it sends every one of them again, oldest first
-//!   (those the dead driver took and never answered, and those it dropped at attach).
+//!   When it sees the incarnation change, it sends again, oldest first, every one it put on
+//!   the request ring below the **attach index** (header +36: the new driver's consumer
+//!   index after the drop): those the dead driver took and never answered, and those the
+//!   new one dropped. One it put at or above that index is on the new driver's ring already
+//!   and is not sent twice: a second copy of a write could otherwise still be on the device
+//!   after the client acknowledged the first and sent a later write to the same sectors,
+//!   and land over it.
 //!   Responses carrying any other incarnation than the one in the header, or an id that is
 //!   not outstanding (a duplicate), are ignored ([`crate::block_client`]).
 //! - When dom0 gives up on the driver (its restart limit), it writes [`SERVER_GONE`] at
@@ -145,6 +152,8 @@ pub mod header {
     pub const INCARNATION: usize = 28;
     /// `u32`: [`super::SERVER_GONE`] once dom0 gave up on the driver, else 0.
     pub const SERVER: usize = 32;
+    /// `u32`: the request-ring index the attached driver serves from (written at attach).
+    pub const ATTACH_INDEX: usize = 36;
 }
 
 /// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
@@ -475,11 +484,20 @@ impl BlockLayout {
             0 => 1,
             n => n,
         };
-        // The skip (our consumer index) must be visible before the new incarnation: a client
-        // that sees the incarnation replays into a ring that has room.
+        mem.write_u32(header::ATTACH_INDEX, requests.index());
+        // The skip (our consumer index) and the attach index must be visible before the new
+        // incarnation: a client that sees the incarnation replays into a ring that has room,
+        // and only what we dropped.
         fence(Ordering::Release);
         mem.write_u32(header::INCARNATION, next);
         Ok(next)
+    }
+
+    /// The request-ring index the attached driver serves from (header +36): requests the
+    /// client put below it were dropped or taken by a dead incarnation. Read after
+    /// [`Self::incarnation`].
+    pub fn attach_index<M: SharedMem + ?Sized>(mem: &M) -> u32 {
+        mem.read_u32(header::ATTACH_INDEX)
     }
 
     /// Whether dom0 gave up on the channel's driver (header +32, see "Restarts").
