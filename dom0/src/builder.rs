@@ -31,6 +31,11 @@ const IMAGE_MIN_GPA: u64 = 0x10_0000;
 const FILES_GPA: u64 = 0x9000_0000;
 /// The largest files region (up to the VMM's view).
 const FILES_MAX: u64 = 0xa000_0000 - FILES_GPA;
+/// Where dom0 maps the block channels of restartable servers for itself (its own view:
+/// I/O counts, the server-gone mark): above the files window, below 3 GiB (uncached in its
+/// boot page tables). Not at the channels' own addresses: dom0 has the bundle at 1 GiB.
+const DOM0_VIEW_GPA: u64 = 0xa000_0000;
+const DOM0_VIEW_END: u64 = 0xc000_0000;
 
 /// A domain dom0 built.
 pub struct Built {
@@ -50,6 +55,9 @@ pub struct Built {
     pub fuzz_baseline: Option<MachineStatus>,
     /// A VM booting a kernel: its VMM creates and starts its vCPU.
     vmm_boots: bool,
+    /// The hang watchdog (manifest `watchdog_ms`): dom0's capability (WAIT) to the
+    /// notification the domain signals as its heartbeat.
+    pub heartbeat: Option<u64>,
 }
 
 /// What `MachineStatus` says: free frames, then live domains, vCPUs, regions, endpoints
@@ -82,16 +90,19 @@ pub struct Stack {
 pub struct Reattach {
     /// The server's index in the stack.
     pub server: usize,
-    name: String,
-    kind: ChannelKind,
+    pub name: String,
+    pub kind: ChannelKind,
     /// Block and net channels: dom0's region capability, the address and the size.
-    region: Option<(u64, u64, u64)>,
+    pub region: Option<(u64, u64, u64)>,
     /// dom0's capabilities to the notification the client signals, and the one it waits on.
     to_server: u64,
-    to_client: u64,
+    pub to_client: u64,
+    /// Where a block channel's region is mapped into dom0 too (read for `ctl list`'s I/O
+    /// counts, written to tell the client its server is gone).
+    pub in_dom0: Option<u64>,
 }
 
-fn hc(h: Hypercall, slot: u64, args: [u64; 6]) -> Result<Regs, String> {
+pub fn hc(h: Hypercall, slot: u64, args: [u64; 6]) -> Result<Regs, String> {
     call(h, slot, args).map_err(|e: Error| format!("{h:?}: {e}"))
 }
 
@@ -122,7 +133,7 @@ fn load(domain: u64, gpa: u64, data: &[u8]) -> Result<(), String> {
 }
 
 /// dom0's device capabilities: (slot, vendor, device, assigned).
-fn devices() -> Vec<(u64, u16, u16, bool)> {
+pub fn devices() -> Vec<(u64, u16, u16, bool)> {
     let mut list = Vec::new();
     let mut slot = dom0_slots::FIRST_DEVICE;
     while let Ok(r) = call(Hypercall::DeviceInfo, slot, [0; 6]) {
@@ -152,6 +163,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 vcpu: None,
                 fuzz_baseline: None,
                 vmm_boots: false,
+                heartbeat: None,
             };
             domains.push(placeholder);
             continue;
@@ -185,6 +197,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
     }
 
     let mut reattach = Vec::new();
+    let mut view = DOM0_VIEW_GPA;
     for (i, c) in m.channels.iter().enumerate() {
         let find = |name: &str| domains.iter().position(|d| d.name == name);
         let (Some(client), Some(server)) = (find(&c.client), find(&c.server)) else {
@@ -218,6 +231,16 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                     doorbells_kept(domains[client].slot, domains[server].slot, keep)?;
                 if keep {
                     let region = Some((r, gpa, bytes));
+                    let fits = view.saturating_add(bytes) <= DOM0_VIEW_END;
+                    let in_dom0 = (c.kind == ChannelKind::Block && fits)
+                        .then(|| hc(Hypercall::Map, dom0_slots::SELF_DOMAIN, [r, view, rw, 0, 0, 0]))
+                        .and_then(|mapped| {
+                            mapped.map_err(|e| println!("channel {}: not watched by dom0: {e}", c.name)).ok()
+                        })
+                        .map(|_| view);
+                    if in_dom0.is_some() {
+                        view = (view + bytes).next_multiple_of(2 << 20);
+                    }
                     reattach.push(Reattach {
                         server,
                         name: c.name.clone(),
@@ -225,6 +248,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                         region,
                         to_server,
                         to_client,
+                        in_dom0,
                     });
                 }
                 let _ = write!(
@@ -252,6 +276,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                         region: None,
                         to_server,
                         to_client,
+                        in_dom0: None,
                     });
                 }
                 let _ = write!(domains[client].args, " chan.{n}.signal={cs} chan.{n}.wait={cw}", n = c.name);
@@ -358,9 +383,12 @@ fn doorbells_kept(client: u64, server: u64, keep: bool) -> Result<(u64, u64, u64
 /// re-attached.
 pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<(), String> {
     let spec = m.domains.get(index).ok_or_else(|| format!("no domain {index}"))?;
-    let old = stack.domains.get(index).ok_or_else(|| format!("no domain {index}"))?.slot;
-    // The capability went stale with the domain; free dom0's slot.
-    let _ = delete(old);
+    let old = stack.domains.get_mut(index).ok_or_else(|| format!("no domain {index}"))?;
+    // The capability went stale with the domain; free dom0's slot (and its heartbeat's).
+    let _ = delete(old.slot);
+    if let Some(h) = old.heartbeat.take() {
+        let _ = delete(h);
+    }
     let mut devices = devices();
     let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices)?;
     let rw = rights::READ | rights::WRITE;
@@ -388,19 +416,6 @@ pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -
     start(&built, spec)?;
     stack.domains[index] = built;
     Ok(())
-}
-
-/// Sleep `ms` milliseconds on a timer notification of dom0's own (restart backoff).
-pub fn sleep_ms(ms: u32) -> Result<(), String> {
-    if ms == 0 {
-        return Ok(());
-    }
-    let n = create(Hypercall::NotificationCreate)?;
-    let r = domain_rt::hypercall::timer_set(n, u64::from(ms) * 1_000_000, 1)
-        .and_then(|()| domain_rt::hypercall::wait(n).map(|_| ()))
-        .map_err(|e| format!("backoff timer: {e}"));
-    delete(n)?;
-    r
 }
 
 /// Create the domain `d` (index `i` in the manifest `m`), load its image, give it its fault
@@ -435,6 +450,7 @@ fn create_domain(
             vcpu: None,
             fuzz_baseline: None,
             vmm_boots: true,
+            heartbeat: None,
         });
     }
     let image =
@@ -473,6 +489,7 @@ fn create_domain(
             vcpu: Some(v),
             fuzz_baseline: None,
             vmm_boots: false,
+            heartbeat: None,
         });
     }
     hc(Hypercall::DomainSetFaultEndpoint, slot, [fault_endpoint, i as u64 + 1, 0, 0, 0, 0])?;
@@ -483,6 +500,15 @@ fn create_domain(
     delete(n)?;
     let mut args = String::new();
     let _ = write!(args, "timer={timer}");
+
+    let mut heartbeat = None;
+    if d.restart.watchdog_ms != 0 {
+        // The domain signals it; dom0 polls it (supervise.rs) and keeps its capability.
+        let n = create(Hypercall::NotificationCreate)?;
+        let beat = give(n, slot, rights::SIGNAL, 0)?;
+        let _ = write!(args, " heartbeat={beat} heartbeat_ms={}", d.restart.watchdog_ms);
+        heartbeat = Some(n);
+    }
 
     if !d.device.is_empty() {
         let (_, vendor, device) = DEVICE_KINDS
@@ -528,6 +554,7 @@ fn create_domain(
         vcpu: None,
         fuzz_baseline: None,
         vmm_boots: false,
+        heartbeat,
     })
 }
 

@@ -18,6 +18,10 @@ extern crate alloc;
 
 #[cfg(target_os = "none")]
 mod builder;
+#[cfg(target_os = "none")]
+mod ctl;
+#[cfg(target_os = "none")]
+mod supervise;
 
 #[cfg(target_os = "none")]
 mod dom0 {
@@ -30,7 +34,7 @@ mod dom0 {
     use ipc_spec::hypercall::dom0_slots;
     use ipc_spec::manifest::{self, MANIFEST_ENTRY};
 
-    use crate::builder;
+    use crate::{builder, ctl, supervise};
     use ipc_spec::hypercall::{CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
     domain_rt::domain_main!(main);
@@ -110,8 +114,18 @@ mod dom0 {
                         }
                         return 5;
                     }
+                    // dom0's own objects first: a fuzzer's baseline (taken while building)
+                    // must not see them appear.
+                    let wake = match builder::hc(ipc_spec::Hypercall::NotificationCreate, dom0_slots::MEMORY, [0; 6]) {
+                        Ok(r) => r.args[0],
+                        Err(e) => {
+                            println!("wake notification: {e}");
+                            return 6;
+                        }
+                    };
+                    let control = ctl::Control::open(&m, wake);
                     match builder::build(&bundle, &m) {
-                        Ok(s) => Some(s),
+                        Ok(s) => Some((s, wake, control)),
                         Err(e) => {
                             println!("building the stack failed: {e}");
                             return 6;
@@ -128,7 +142,7 @@ mod dom0 {
             return 4;
         }
         match (stack, bundle.get(MANIFEST_ENTRY).and_then(|b| manifest::decode(b).ok())) {
-            (Some(mut s), Some(m)) => handle_faults(&mut s, &bundle, &m),
+            (Some((mut s, wake, control)), Some(m)) => handle_faults(&mut s, &bundle, &m, wake, control),
             _ => loop {
                 // SAFETY: HLT only waits; the microvisor intercepts it and parks this vCPU.
                 unsafe { core::arch::asm!("hlt") };
@@ -136,15 +150,31 @@ mod dom0 {
         }
     }
 
-    /// Every domain's faults (and DomainExits) arrive here as exit messages
+    /// dom0's event loop. Every domain's faults (and DomainExits) arrive as exit messages
     /// (`ipc_spec::exit`): dom0 reports the fault and tears the domain down, which returns
-    /// its memory; a domain with `restart = "always"` is then built again (see
-    /// [`supervise`]).
-    fn handle_faults(stack: &mut builder::Stack, bundle: &Bundle, m: &manifest::Manifest) -> ! {
-        // Per domain: when each restart in the current window happened (ns).
-        let mut restarts: Vec<Vec<u64>> = stack.domains.iter().map(|_| Vec::new()).collect();
-        let mut next = hypercall::ipc_recv(stack.fault_endpoint);
+    /// its memory, and its restart policy decides what follows (`supervise.rs`). A
+    /// notification bound to the same receive wakes it for the periodic tick (hang
+    /// watchdog, restarts after a backoff) and for the host control device (`ctl.rs`).
+    fn handle_faults(
+        stack: &mut builder::Stack,
+        bundle: &Bundle,
+        m: &manifest::Manifest,
+        wake: u64,
+        mut control: Option<ctl::Control>,
+    ) -> ! {
+        if let Err(e) = hypercall::bind_receive(wake) {
+            println!("binding the wake notification to my receive: {e}");
+        }
+        let polled = control.as_ref().is_some_and(|c| !c.interrupts);
+        let mut sup = supervise::Supervisor::new(stack, m, wake, polled);
+        let mut reply: Option<Message> = None;
         loop {
+            // Before blocking: the wake timer for whatever is due next.
+            sup.arm();
+            let next = match reply.take() {
+                Some(r) => hypercall::ipc_reply_recv(stack.fault_endpoint, &r),
+                None => hypercall::ipc_recv(stack.fault_endpoint),
+            };
             let (msg, badge) = match next {
                 Ok(m) => m,
                 Err(e) => {
@@ -153,9 +183,15 @@ mod dom0 {
                 }
             };
             let w = msg.words;
+            if badge == ipc_spec::hypercall::NOTIFICATION_BADGE {
+                sup.tick(stack, bundle, m);
+                if let Some(c) = control.as_mut() {
+                    serve_control(c, &mut sup, stack, bundle, m);
+                }
+                continue;
+            }
             if badge & ipc_spec::status::STATUS_BADGE != 0 {
-                let reply = Message::new(&status_of(stack, w[0]));
-                next = hypercall::ipc_reply_recv(stack.fault_endpoint, &reply);
+                reply = Some(Message::new(&status_of(stack, w[0])));
                 continue;
             }
             let who = stack.domains.get((badge as usize).wrapping_sub(1));
@@ -189,73 +225,59 @@ mod dom0 {
                 None => println!("fault in {name}: unknown message {w:?}"),
             }
             if let Some(d) = who {
-                match hypercall::call(ipc_spec::Hypercall::DomainDestroy, d.slot, [0; 6]) {
-                    Ok(_) => println!("destroyed {name}: its memory is free again"),
-                    Err(e) => println!("destroying {name} failed: {e}"),
+                let index = (badge as usize).wrapping_sub(1);
+                let baseline = d.fuzz_baseline;
+                let fuzzer = d.name.clone();
+                supervise::destroy(stack, index);
+                if let Some(before) = baseline {
+                    fuzz_verdict(&fuzzer, &w, before);
                 }
-                // A VM does not outlive its VMM.
-                let me = (badge as usize).wrapping_sub(1);
-                for vm in stack.domains.iter().filter(|x| x.vmm == Some(me)) {
-                    match hypercall::call(ipc_spec::Hypercall::DomainDestroy, vm.slot, [0; 6]) {
-                        Ok(_) => println!("destroyed {}, the VM of {name}", vm.name),
-                        Err(e) => println!("destroying {}, the VM of {name}, failed: {e}", vm.name),
-                    }
-                }
-                if let Some(before) = d.fuzz_baseline {
-                    fuzz_verdict(name, &w, before);
-                }
-                let index = me;
-                if let (Some(spec), Some(times)) = (m.domains.get(index), restarts.get_mut(index)) {
-                    supervise(stack, bundle, m, spec, index, times);
-                }
+                sup.failed(stack, bundle, m, index, supervise::Cause::Fault);
             }
-            next = hypercall::ipc_recv(stack.fault_endpoint);
         }
     }
 
-    /// The restart policy after domain `index` was destroyed: within the limit of restarts
-    /// in the window, wait the backoff (doubled for each restart already in the window) and
-    /// build it again; past it, leave it dead, so that its clients' requests time out with
-    /// an error instead of waiting for ever.
-    fn supervise(
+    /// Answer every complete request line waiting on the control device.
+    fn serve_control(
+        c: &mut ctl::Control,
+        sup: &mut supervise::Supervisor,
         stack: &mut builder::Stack,
         bundle: &Bundle,
         m: &manifest::Manifest,
-        spec: &manifest::DomainSpec,
-        index: usize,
-        times: &mut Vec<u64>,
     ) {
-        let policy = spec.restart;
-        if policy.mode != manifest::Restart::Always {
-            return;
-        }
-        let name = spec.name.as_str();
-        let now = hypercall::clock_ns();
-        let window = u64::from(policy.window_ms) * 1_000_000;
-        times.retain(|&t| now.saturating_sub(t) < window);
-        if times.len() >= policy.limit as usize {
-            println!(
-                "{name} failed {} times within {} ms: not restarted again (restart_limit); its clients' requests now fail",
-                times.len() + 1,
-                policy.window_ms
-            );
-            return;
-        }
-        let backoff = policy.backoff_ms.saturating_mul(1 << times.len().min(16));
-        if let Err(e) = builder::sleep_ms(backoff.min(manifest::MAX_RESTART_BACKOFF_MS)) {
-            println!("{name}: {e}");
-        }
-        times.push(now);
-        let t0 = hypercall::clock_ns();
-        match builder::restart(bundle, m, stack, index) {
-            Ok(()) => println!(
-                "restarted {name} ({} of {} within {} ms), rebuilt in {} us",
-                times.len(),
-                policy.limit,
-                policy.window_ms,
-                (hypercall::clock_ns() - t0) / 1000
-            ),
-            Err(e) => println!("restarting {name} failed: {e}"),
+        use ipc_spec::ctl::{self as proto, Command};
+        while let Some(request) = c.next_request() {
+            let line = match request {
+                Ok(l) => l,
+                Err(()) => {
+                    c.send_line(&alloc::format!("{}{}", proto::ERROR, proto::ParseError::TooLong));
+                    continue;
+                }
+            };
+            let answer = match proto::parse(&line) {
+                Err(e) => Err(alloc::format!("{e}")),
+                Ok(Command::Help) => {
+                    for h in proto::HELP {
+                        c.send_line(h);
+                    }
+                    Ok(alloc::string::String::new())
+                }
+                Ok(Command::List) => {
+                    let mut lines = Vec::new();
+                    sup.list(stack, |l| lines.push(alloc::string::String::from(l)));
+                    for l in &lines {
+                        c.send_line(l);
+                    }
+                    Ok(alloc::string::String::new())
+                }
+                Ok(Command::Kill(name)) => sup.kill(stack, bundle, m, name),
+                Ok(Command::Restart(name)) => sup.restart(stack, bundle, m, name),
+            };
+            match answer {
+                Ok(words) if words.is_empty() => c.send_line(proto::OK),
+                Ok(words) => c.send_line(&alloc::format!("{} {words}", proto::OK)),
+                Err(e) => c.send_line(&alloc::format!("{}{e}", proto::ERROR)),
+            }
         }
     }
 

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod channels;
 pub mod console;
 pub mod exits;
+pub mod heartbeat;
 pub mod hypercall;
 pub mod irq;
 #[cfg(target_os = "none")]

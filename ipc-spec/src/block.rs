@@ -25,6 +25,10 @@
 //!           +24  data length           (bytes, > 0)
 //!           +28  incarnation           written by the **driver** each time it attaches
 //!                                      (0: no driver attached yet); see "Restarts"
+//!           +32  server state          written by **dom0**: [`SERVER_GONE`] once it gave up
+//!                                      restarting the driver (0 otherwise); see "Restarts"
+//!           +36  attach index          written by the **driver** at attach, before the
+//!                                      incarnation: the request-ring index it serves from
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -75,10 +79,20 @@
 //!   more than once: reads and writes of the same buffer and sectors are idempotent, and so
 //!   is a flush.
 //! - The client keeps every request it has not seen answered (with its buffer untouched).
-//!   When it sees the incarnation change, it sends every one of them again, oldest first
-//!   (those the dead driver took and never answered, and those it dropped at attach).
+//!   When it sees the incarnation change, it sends again, oldest first, every one it put on
+//!   the request ring below the **attach index** (header +36: the new driver's consumer
+//!   index after the drop): those the dead driver took and never answered, and those the
+//!   new one dropped. One it put at or above that index is on the new driver's ring already
+//!   and is not sent twice: a second copy of a write could otherwise still be on the device
+//!   after the client acknowledged the first and sent a later write to the same sectors,
+//!   and land over it.
 //!   Responses carrying any other incarnation than the one in the header, or an id that is
 //!   not outstanding (a duplicate), are ignored ([`crate::block_client`]).
+//! - When dom0 gives up on the driver (its restart limit), it writes [`SERVER_GONE`] at
+//!   header +32 and rings the client's doorbell: the client then fails every outstanding
+//!   request and every new one at once with a "server gone" error instead of waiting for
+//!   an answer that cannot come. If dom0 builds the driver again later (`xtask ctl
+//!   restart`), it clears the word first; the new incarnation is then served as usual.
 //!
 //! # Durability
 //!
@@ -136,7 +150,14 @@ pub mod header {
     pub const DATA_LEN: usize = 24;
     /// `u32`: the attached driver's incarnation (0: none yet), written by the driver.
     pub const INCARNATION: usize = 28;
+    /// `u32`: [`super::SERVER_GONE`] once dom0 gave up on the driver, else 0.
+    pub const SERVER: usize = 32;
+    /// `u32`: the request-ring index the attached driver serves from (written at attach).
+    pub const ATTACH_INDEX: usize = 36;
 }
+
+/// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
+pub const SERVER_GONE: u32 = u32::from_le_bytes(*b"GONE");
 
 /// Offsets of the request fields inside a slot.
 pub mod request {
@@ -463,11 +484,31 @@ impl BlockLayout {
             0 => 1,
             n => n,
         };
-        // The skip (our consumer index) must be visible before the new incarnation: a client
-        // that sees the incarnation replays into a ring that has room.
+        mem.write_u32(header::ATTACH_INDEX, requests.index());
+        // The skip (our consumer index) and the attach index must be visible before the new
+        // incarnation: a client that sees the incarnation replays into a ring that has room,
+        // and only what we dropped.
         fence(Ordering::Release);
         mem.write_u32(header::INCARNATION, next);
         Ok(next)
+    }
+
+    /// The request-ring index the attached driver serves from (header +36): requests the
+    /// client put below it were dropped or taken by a dead incarnation. Read after
+    /// [`Self::incarnation`].
+    pub fn attach_index<M: SharedMem + ?Sized>(mem: &M) -> u32 {
+        mem.read_u32(header::ATTACH_INDEX)
+    }
+
+    /// Whether dom0 gave up on the channel's driver (header +32, see "Restarts").
+    pub fn server_gone<M: SharedMem + ?Sized>(mem: &M) -> bool {
+        mem.read_u32(header::SERVER) == SERVER_GONE
+    }
+
+    /// dom0's side: mark the driver as given up on (`gone`), or as coming back. dom0 rings
+    /// the client's doorbell after this, which orders the store before the client's look.
+    pub fn set_server_gone<M: SharedMem + ?Sized>(mem: &M, gone: bool) {
+        mem.write_u32(header::SERVER, if gone { SERVER_GONE } else { 0 });
     }
 
     /// The incarnation of the driver attached now (0: none yet), as the client reads it.

@@ -15,6 +15,8 @@ struct Entry {
     req: Request,
     /// On the request ring for the current incarnation (or for a driver not seen yet).
     sent: bool,
+    /// The request-ring index it was put at (when `sent`).
+    at: u32,
 }
 
 /// Why the client could not go on.
@@ -24,6 +26,9 @@ pub enum ClientError {
     TooMany,
     /// A ring is corrupt: the driver broke the protocol.
     Ring,
+    /// dom0 gave up restarting the driver ([`crate::block::SERVER_GONE`]): every request
+    /// outstanding was dropped, and new ones fail until dom0 builds a driver again.
+    ServerGone,
 }
 
 impl From<RingError> for ClientError {
@@ -107,10 +112,11 @@ impl Client {
         count: u32,
         data_offset: u32,
     ) -> Result<u64, ClientError> {
+        self.check_server(mem)?;
         let free = self.pending.iter_mut().find(|e| e.is_none()).ok_or(ClientError::TooMany)?;
         let id = self.next_id;
         let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
-        *free = Some(Entry { req, sent: false });
+        *free = Some(Entry { req, sent: false, at: 0 });
         self.next_id += 1;
         self.send_unsent(mem)?;
         Ok(id)
@@ -125,9 +131,11 @@ impl Client {
             let Some(e) = self.pending.iter_mut().flatten().filter(|e| !e.sent).min_by_key(|e| e.req.id) else {
                 return Ok(sent);
             };
+            let at = requests.index();
             match requests.push(&e.req.encode()) {
                 Ok(()) => {
                     e.sent = true;
+                    e.at = at;
                     sent += 1;
                 }
                 Err(RingError::Full) => return Ok(sent),
@@ -136,20 +144,37 @@ impl Client {
         }
     }
 
-    /// Look at the channel: a new incarnation makes every outstanding request unsent
-    /// (replayed here, as far as the ring has room); unsent requests go on the ring.
+    /// Look at the channel: a new incarnation makes every outstanding request it did not
+    /// find on its ring unsent (replayed here, as far as the ring has room); unsent requests
+    /// go on the ring.
     pub fn poll<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Polled, ClientError> {
+        self.check_server(mem)?;
         let now = BlockLayout::incarnation(mem);
         let restarted = now != self.incarnation;
         if restarted {
             self.incarnation = now;
             self.restarts += 1;
+            // Put below the new driver's attach index: dropped at attach, or taken by a dead
+            // incarnation: send again. At or above it: on the new driver's ring already.
+            let from = BlockLayout::attach_index(mem);
             for e in self.pending.iter_mut().flatten() {
-                e.sent = false;
+                if (from.wrapping_sub(e.at) as i32) > 0 {
+                    e.sent = false;
+                }
             }
         }
         let sent = self.send_unsent(mem)?;
         Ok(Polled { restarted, sent })
+    }
+
+    /// Fails with [`ClientError::ServerGone`] (dropping every outstanding request: nobody
+    /// will answer them) while dom0 says the driver is gone.
+    fn check_server<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<(), ClientError> {
+        if !BlockLayout::server_gone(mem) {
+            return Ok(());
+        }
+        self.pending = [None; MAX_OUTSTANDING];
+        Err(ClientError::ServerGone)
     }
 
     /// The next answer to an outstanding request from the current incarnation, if one is
@@ -379,5 +404,67 @@ mod tests {
         for s in 0..64usize {
             assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
         }
+    }
+
+    #[test]
+    fn a_server_given_up_on_fails_everything_at_once_until_it_comes_back() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let d1 = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 3);
+        assert_eq!(client.outstanding(), 3);
+        // dom0 gives up on the driver: outstanding requests fail, and so does a new one.
+        BlockLayout::set_server_gone(&mem, true);
+        assert_eq!(client.poll(&mem), Err(ClientError::ServerGone));
+        assert_eq!(client.outstanding(), 0);
+        assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::ServerGone));
+        // dom0 builds the driver again (ctl restart): the channel works as before.
+        BlockLayout::set_server_gone(&mem, false);
+        let mut d2 = Driver::attach(&mem, d1.disk);
+        let ids = write_all(&mut client, &mem, 2);
+        assert!(client.poll(&mem).unwrap().restarted);
+        // The two new ones were put on the new driver's ring before the client saw it: not
+        // sent again. The three dropped ones are not sent again either.
+        let answers = d2.take(&mem, 64);
+        assert_eq!(answers.len(), 2);
+        Driver::answer(&mem, &answers);
+        let mut done = drain(&mut client, &mem);
+        done.sort();
+        let mut want: Vec<u64> = ids.keys().copied().collect();
+        want.sort();
+        assert_eq!(done, want);
+    }
+
+    /// A request put on the ring after the new driver attached but before the client saw
+    /// the new incarnation is on the new driver's ring: it must not be sent a second time
+    /// (a second copy of a write, still on the device after the first was answered, could
+    /// land over a later write to the same sectors).
+    #[test]
+    fn a_request_already_on_the_new_drivers_ring_is_not_sent_twice() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d1 = Driver::attach(&mem, vec![0; 64 * 512]);
+        let first = write_all(&mut client, &mem, 2);
+        // d1 takes the first, then dies; one more is put on the ring before d2 attaches.
+        let taken = d1.take(&mem, 1);
+        assert_eq!(taken.len(), 1);
+        let data = client.layout().data_offset() + 8 * 512;
+        mem.write_bytes(data, &[0xaa; 512]);
+        let before = client.submit(&mem, Op::Write, 10, 1, data as u32).unwrap();
+        let mut d2 = Driver::attach(&mem, d1.disk);
+        // After the attach, before the client looks: this one is on d2's ring.
+        let after = client.submit(&mem, Op::Write, 11, 1, data as u32).unwrap();
+        assert!(client.poll(&mem).unwrap().restarted);
+        let answers = d2.take(&mem, 64);
+        let mut ids: Vec<u64> = answers.iter().map(|r| r.id).collect();
+        ids.sort();
+        let mut want: Vec<u64> = first.keys().copied().chain([before, after]).collect();
+        want.sort();
+        assert_eq!(ids, want, "each outstanding request reaches d2 exactly once");
+        Driver::answer(&mem, &answers);
+        assert_eq!(drain(&mut client, &mem).len(), 4);
+        assert_eq!(client.outstanding(), 0);
     }
 }

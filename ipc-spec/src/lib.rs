@@ -15,6 +15,8 @@ pub mod block_client;
 #[cfg(any(test, feature = "channels"))]
 pub mod block_part;
 pub mod bundle;
+#[cfg(any(test, feature = "channels"))]
+pub mod ctl;
 pub mod error;
 pub mod exit;
 pub mod hypercall;
@@ -27,6 +29,8 @@ pub mod net;
 pub mod ring;
 #[cfg(any(test, feature = "channels"))]
 pub mod status;
+#[cfg(feature = "alloc")]
+pub mod supervision;
 
 pub use error::Error;
 pub use hypercall::Hypercall;

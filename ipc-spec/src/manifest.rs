@@ -21,7 +21,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this module reads and writes.
-pub const MANIFEST_VERSION: u32 = 5;
+pub const MANIFEST_VERSION: u32 = 6;
 /// Name of the manifest inside the boot bundle.
 pub const MANIFEST_ENTRY: &str = "manifest";
 /// Name no domain or channel may have: dom0 builds the stack and is not listed in it.
@@ -57,7 +57,14 @@ pub struct Manifest {
     pub domains: Vec<DomainSpec>,
     /// The channels between them; a channel's index is its badge.
     pub channels: Vec<ChannelSpec>,
+    /// The device dom0 itself drives for the host control interface (`ipc_spec::ctl`):
+    /// [`CONTROL_DEVICE`], or empty for none. The machine section's `control` key.
+    pub control: String,
 }
+
+/// The only device kind dom0 drives itself, as its host control interface: a virtio
+/// console (QEMU `virtio-serial-pci` with a `virtconsole` port on a unix socket).
+pub const CONTROL_DEVICE: &str = "virtio-console";
 
 /// One domain.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -140,6 +147,12 @@ pub struct RestartPolicy {
     pub window_ms: u32,
     /// Wait before the first restart in a window, in ms (at most [`MAX_RESTART_BACKOFF_MS`]).
     pub backoff_ms: u32,
+    /// Hang watchdog period in ms (0: none; else [`MIN_WATCHDOG_MS`]..=[`MAX_WATCHDOG_MS`]):
+    /// dom0 gives the domain a heartbeat notification (`heartbeat=<slot>
+    /// heartbeat_ms=<period>` on its command line) and treats it as crashed when a whole
+    /// period passes without a beat once it has beaten (so a hang is noticed within two
+    /// periods). Also for a domain that is never restarted: it is then destroyed.
+    pub watchdog_ms: u32,
 }
 
 impl Default for RestartPolicy {
@@ -149,6 +162,7 @@ impl Default for RestartPolicy {
             limit: DEFAULT_RESTART_LIMIT,
             window_ms: DEFAULT_RESTART_WINDOW_MS,
             backoff_ms: DEFAULT_RESTART_BACKOFF_MS,
+            watchdog_ms: 0,
         }
     }
 }
@@ -164,6 +178,18 @@ pub const MAX_RESTART_WINDOW_MS: u32 = 3_600_000;
 /// Restart backoff in ms: default and bound.
 pub const DEFAULT_RESTART_BACKOFF_MS: u32 = 0;
 pub const MAX_RESTART_BACKOFF_MS: u32 = 60_000;
+/// Hang watchdog period in ms: bounds (a period shorter than a few scheduler slices would
+/// call a busy domain hung; a longer one than a minute is no watchdog).
+pub const MIN_WATCHDOG_MS: u32 = 10;
+pub const MAX_WATCHDOG_MS: u32 = 60_000;
+
+/// Device kinds with a driver: the driver VMs' and dom0's control device.
+pub fn device_kind(name: &str) -> Option<(u16, u16)> {
+    DEVICE_KINDS.iter().chain(CONTROL_DEVICE_KIND.iter()).find(|(n, _, _)| *n == name).map(|&(_, v, d)| (v, d))
+}
+
+/// [`CONTROL_DEVICE`]'s PCI ids: a modern (non-transitional) virtio console.
+pub const CONTROL_DEVICE_KIND: &[(&str, u16, u16)] = &[(CONTROL_DEVICE, 0x1af4, 0x1043)];
 
 /// Devices a domain may own, by manifest name: (name, PCI vendor id, PCI device id).
 pub const DEVICE_KINDS: &[(&str, u16, u16)] = &[("virtio-blk", 0x1af4, 0x1042), ("virtio-net", 0x1af4, 0x1041)];
@@ -307,6 +333,8 @@ pub enum Field {
     MachineMemoryMib,
     /// [`Manifest::domains`] as a whole.
     Domains,
+    /// [`Manifest::control`].
+    Control,
     /// A field of `domains[index]`; `key` is the field's name (`name`, `image`, `memory_mib`,
     /// `priority`, `vcpus`, `args`).
     Domain {
@@ -332,6 +360,7 @@ impl fmt::Display for Field {
             Field::Version => f.write_str("version"),
             Field::MachineMemoryMib => f.write_str("machine_memory_mib"),
             Field::Domains => f.write_str("domains"),
+            Field::Control => f.write_str("control"),
             Field::Domain { index, key } => write!(f, "domains[{index}].{key}"),
             Field::Channel { index, key } => write!(f, "channels[{index}].{key}"),
         }
@@ -635,6 +664,9 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
     if manifest.domains.is_empty() {
         push(Field::Domains, ProblemKind::NoDomains);
     }
+    if !manifest.control.is_empty() && manifest.control != CONTROL_DEVICE {
+        push(Field::Control, ProblemKind::UnknownDevice { device: manifest.control.clone() });
+    }
 
     for (index, domain) in manifest.domains.iter().enumerate() {
         let field = |key| Field::Domain { index, key };
@@ -732,6 +764,17 @@ pub fn validate(manifest: &Manifest, known_images: &[&str]) -> Result<(), Vec<Pr
         if r.backoff_ms > MAX_RESTART_BACKOFF_MS {
             let what = alloc::format!("backoff {} ms is more than {MAX_RESTART_BACKOFF_MS}", r.backoff_ms);
             push(field("restart_backoff_ms"), ProblemKind::BadRestart { what });
+        }
+        if r.watchdog_ms != 0 && !(MIN_WATCHDOG_MS..=MAX_WATCHDOG_MS).contains(&r.watchdog_ms) {
+            let what = alloc::format!(
+                "watchdog {} ms is not 0 or between {MIN_WATCHDOG_MS} and {MAX_WATCHDOG_MS}",
+                r.watchdog_ms
+            );
+            push(field("watchdog_ms"), ProblemKind::BadRestart { what });
+        }
+        if r.watchdog_ms != 0 && (domain.fuzz || !domain.vmm.is_empty() || !domain.kernel.is_empty()) {
+            let what = "only an ordinary domain (not a fuzzer, not a VM) has a watchdog".to_owned();
+            push(field("watchdog_ms"), ProblemKind::BadRestart { what });
         }
         if r.mode == Restart::Always && (domain.fuzz || !domain.vmm.is_empty()) {
             let what = "only an ordinary domain (not a fuzzer, not a VM) can be restarted".to_owned();
@@ -846,6 +889,7 @@ mod tests {
             machine_memory_mib: 512,
             domains: vec![domain("pong", "ipc-server"), domain("ping", "ipc-client")],
             channels: vec![channel("ping-pong", "ping", "pong")],
+            control: String::new(),
         }
     }
 
@@ -871,6 +915,7 @@ mod tests {
             machine_memory_mib: 512,
             domains: vec![domain("a", "ipc-client"), domain("b", "ipc-server")],
             channels: vec![],
+            control: String::new(),
         };
         m.domains[1].restart.mode = Restart::Always;
         assert!(validate(&m, IMAGES).is_ok());
@@ -891,6 +936,22 @@ mod tests {
         );
         assert!(problems[3].to_string().contains("only an ordinary domain"), "{}", problems[3]);
         m.domains[1].restart = RestartPolicy { mode: Restart::Never, ..RestartPolicy::default() };
+        m.domains[1].fuzz = false;
+        for (ms, ok) in [(0, true), (MIN_WATCHDOG_MS, true), (MAX_WATCHDOG_MS, true), (9, false), (60_001, false)] {
+            m.domains[1].restart.watchdog_ms = ms;
+            assert_eq!(validate(&m, IMAGES).is_ok(), ok, "watchdog {ms} ms");
+        }
+        m.domains[1].restart.watchdog_ms = 50;
+        m.domains[1].fuzz = true;
+        let found = self::problems(&m);
+        assert!(found.iter().any(|p| p.starts_with("domains[1].watchdog_ms: ")), "{found:?}");
+        m.domains[1].fuzz = false;
+        m.control = CONTROL_DEVICE.into();
+        assert!(validate(&m, IMAGES).is_ok());
+        m.control = "virtio-gpu".into();
+        assert_one_problem(&m, "control", "virtio-gpu");
+        m.control = String::new();
+        m.domains[1].restart.watchdog_ms = 0;
         assert!(validate(&m, IMAGES).is_ok());
     }
 
@@ -901,6 +962,7 @@ mod tests {
             machine_memory_mib: 512,
             domains: vec![domain("a", "ipc-client"), domain("fz", "ipc-server")],
             channels: vec![channel("c", "a", "fz")],
+            control: String::new(),
         };
         assert!(validate(&m, IMAGES).is_ok());
         m.domains[1].fuzz = true;
@@ -1270,6 +1332,7 @@ mod tests {
                 machine_memory_mib,
                 domains,
                 channels,
+                control: String::new(),
             })
     }
 

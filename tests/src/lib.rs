@@ -56,6 +56,7 @@ pub fn stack_machine(manifest: &str, append: &str) -> Machine {
     m.append = append.to_string();
     own_disk(&mut m, &name);
     own_ports(&mut m);
+    own_ctl(&mut m, &name);
     m
 }
 
@@ -89,6 +90,26 @@ fn own_disk(m: &mut Machine, name: &str) {
         let _ = std::fs::remove_file(&path);
         *disk = path;
     }
+}
+
+/// Give a machine with a control device a socket of its own (tests run in parallel).
+fn own_ctl(m: &mut Machine, name: &str) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if m.ctl.is_some() {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("stack-tests-{}-ctl-{n}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(xtask::ctl::SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        eprintln!("{name}: control socket {}", path.display());
+        m.ctl = Some(path);
+    }
+}
+
+/// A connection to the control interface of a running machine `m` (see [`own_ctl`]).
+pub fn ctl(m: &Machine) -> xtask::ctl::Ctl {
+    let socket = m.ctl.as_ref().expect("the stack has a control device");
+    xtask::ctl::Ctl::connect(socket).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Give a machine with network devices host ports of its own (free now, picked by the

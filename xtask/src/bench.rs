@@ -87,9 +87,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some("blk") => return blk(it.as_slice()),
         Some("net") => return crate::bench_net::run(it.as_slice()),
         Some("boot") => return crate::bench_boot::run(it.as_slice()),
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot)")),
+        Some("restart") => return crate::bench_restart::run(it.as_slice()),
+        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot, restart)")),
         None => {
-            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N]".into())
+            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N] | restart [--kills N]".into())
         }
     }
     while let Some(a) = it.next() {

@@ -57,6 +57,9 @@ pub struct StackInfo {
     /// The stack runs a Linux VM (a domain with a `kernel`): its disk is an ext4 file system
     /// (the initramfs mounts it at `/srv`), so a missing image is made with `mkfs.ext4`.
     pub linux: bool,
+    /// dom0 drives a host control device (`[machine] control`): QEMU gives it a virtio
+    /// console on a unix socket (`cargo xtask ctl`).
+    pub control: bool,
 }
 
 /// Compile every image (release, bare-metal) into `target_dir`; returns the images folder.
@@ -129,6 +132,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
         memory_mib: manifest.machine_memory_mib,
         devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
         linux: manifest.domains.iter().any(|d| !d.kernel.is_empty()),
+        control: !manifest.control.is_empty(),
     })
 }
 
@@ -275,6 +279,7 @@ mod tests {
             machine_memory_mib: 512,
             domains: vec![domain("vmm", 16), vm],
             channels: Vec::new(),
+            control: String::new(),
         };
         let entries = vec![("linux".to_string(), vec![0u8; 60 << 20]), ("initrd".to_string(), vec![0u8; 5 << 20])];
         // 70 MiB bundle + 66 MiB copy + 144 MiB domains + 64 MiB reserve = 344 MiB.

@@ -4,11 +4,13 @@
 pub mod bench;
 pub mod bench_boot;
 pub mod bench_net;
+pub mod bench_restart;
 pub mod bochs;
 pub mod build;
 pub mod bzimage;
 pub mod console;
 pub mod cpio;
+pub mod ctl;
 pub mod debian;
 pub mod fuzz;
 pub mod http_client;

@@ -452,6 +452,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         net_forwards: Vec::new(),
         disk_ext4: false,
         cdrom: None,
+        ctl: None,
     }
 }
 

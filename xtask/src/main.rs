@@ -14,6 +14,7 @@
 //! fuzz hypercalls       random hypercalls beside a serving pair; checks faults and leaks
 //! tcb                   size of the trusted core (SLOC, unsafe, image); writes target/tcb.json
 //! linux                 fetch Debian's kernel and busybox, build vmlinux and the initramfs
+//! ctl list|kill N|restart N   talk to the running stack's dom0 (its control device)
 //! ```
 
 use std::process::{Command, ExitCode};
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Some("fuzz") => xtask::fuzz::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("linux") => xtask::linux::run(&args[1..]),
+        Some("ctl") => xtask::ctl::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
             Ok(())
@@ -73,6 +75,11 @@ const USAGE: &str = "usage: cargo xtask <command>
                         VM vs. a guest owning its NIC; writes target/bench/net.json
   bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and
                         median of N (default 3); writes target/bench/boot.json
+  bench restart [--kills N]
+                        kill the disk driver VM N times (default 30) with `ctl kill` under an
+                        HTTP read/write load: kill to the guest's next completed I/O (median,
+                        worst; wall and instructions under icount), throughput before and
+                        during the kills; writes target/bench/restart.json
   fuzz hypercalls [--calls N] [--seed S] [--console]
                         boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
                         hypercalls from seed S (random by default, always printed); fails on
@@ -80,6 +87,11 @@ const USAGE: &str = "usage: cargo xtask <command>
                         objects before and after), or if the other domains stop serving
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json
+  ctl [--socket path] list | kill NAME | restart NAME | help
+                        the running stack's dom0 through its control device (a stack with
+                        `[machine] control = \"virtio-console\"`; socket target/stack/ctl.sock):
+                        domains with state, restarts and I/O; make one fail as a crash (its
+                        restart policy applies); destroy and rebuild one now (restart = \"always\")
   linux [--refresh] [--native]
                         fetch Debian's kernel and busybox-static (apt, cached in target/linux),
                         extract vmlinux, build the initramfs; print their paths and sizes;
@@ -176,6 +188,15 @@ fn run(args: &[String]) -> Result<(), String> {
     for port in &machine.net_ports {
         println!(
             "xtask: network: http://127.0.0.1:{port}/ on the host reaches port 80 on QEMU's user network (the demo guest's web server)"
+        );
+    }
+    if let Some(socket) = &machine.ctl {
+        // A socket left by an earlier run would make QEMU fail to listen.
+        let _ = std::fs::remove_file(socket);
+        println!(
+            "xtask: control: dom0's control interface is the unix socket {} (`cargo xtask ctl list`, `ctl kill NAME`, `ctl restart NAME`{})",
+            socket.display(),
+            if *socket == xtask::ctl::default_socket() { String::new() } else { format!(", with --socket {}", socket.display()) }
         );
     }
     if !opts.smoke {

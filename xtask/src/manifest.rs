@@ -38,6 +38,9 @@ struct StackFile {
 #[serde(deny_unknown_fields)]
 struct MachineSection {
     memory_mib: i64,
+    /// The device dom0 drives as the host control interface (`"virtio-console"`).
+    #[serde(default)]
+    control: String,
 }
 
 /// One `[[domain]]`. Numbers are read as i64 so an out-of-range value gets the same message
@@ -84,6 +87,9 @@ struct DomainSection {
     restart_window_ms: Option<i64>,
     #[serde(default)]
     restart_backoff_ms: Option<i64>,
+    /// Hang watchdog period (0 or absent: none).
+    #[serde(default)]
+    watchdog_ms: Option<i64>,
 }
 
 fn one() -> i64 {
@@ -187,6 +193,7 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
         restart.limit = number(d.restart_limit, restart.limit);
         restart.window_ms = number(d.restart_window_ms, restart.window_ms);
         restart.backoff_ms = number(d.restart_backoff_ms, restart.backoff_ms);
+        restart.watchdog_ms = number(d.watchdog_ms, restart.watchdog_ms);
         domains.push(DomainSpec {
             name: d.name,
             image: d.image,
@@ -220,7 +227,8 @@ pub fn parse(text: &str, known_images: &[&str]) -> Result<Manifest, Vec<String>>
         })
         .collect();
 
-    let manifest = Manifest { version: MANIFEST_VERSION, machine_memory_mib, domains, channels };
+    let manifest =
+        Manifest { version: MANIFEST_VERSION, machine_memory_mib, domains, channels, control: file.machine.control };
     if let Err(more) = manifest::validate(&manifest, known_images) {
         problems.extend(more);
     }
@@ -254,6 +262,7 @@ fn describe(problem: &Problem) -> String {
         Field::Version => "version".to_owned(),
         Field::MachineMemoryMib => "machine.memory_mib".to_owned(),
         Field::Domains => "domain".to_owned(),
+        Field::Control => "machine.control".to_owned(),
         Field::Domain { index, key } => format!("domain[{index}].{key}"),
         Field::Channel { index, key } => format!("channel[{index}].{key}"),
     };
@@ -360,6 +369,19 @@ server = "pong"
         assert!(e[0].starts_with("domain[0].restart_window_ms: "), "{e:?}");
         let e = parse(&with("restart_backoff_ms = 60001"), IMAGES).unwrap_err();
         assert!(e[0].starts_with("domain[0].restart_backoff_ms: "), "{e:?}");
+        let m = parse(&with("watchdog_ms = 50"), IMAGES).unwrap();
+        assert_eq!(m.domains[0].restart.watchdog_ms, 50);
+        let e = parse(&with("watchdog_ms = 5"), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("domain[0].watchdog_ms: "), "{e:?}");
+    }
+
+    #[test]
+    fn control_device_is_read_and_checked() {
+        assert_eq!(parse(GOOD, IMAGES).unwrap().control, "");
+        let with = |v: &str| GOOD.replacen("[machine]\n", &format!("[machine]\ncontrol = \"{v}\"\n"), 1);
+        assert_eq!(parse(&with("virtio-console"), IMAGES).unwrap().control, "virtio-console");
+        let e = parse(&with("virtio-gpu"), IMAGES).unwrap_err();
+        assert!(e[0].starts_with("machine.control: ") && e[0].contains("virtio-gpu"), "{e:?}");
     }
 
     #[test]

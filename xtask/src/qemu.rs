@@ -42,6 +42,9 @@ pub struct Machine {
     pub net_forwards: Vec<(u16, String)>,
     /// Missing disk images are made as ext4 file systems (the Linux guest's), not zeros.
     pub disk_ext4: bool,
+    /// dom0's host control interface (`[machine] control`): a virtio console whose other
+    /// end is a unix socket at this path (`cargo xtask ctl`).
+    pub ctl: Option<PathBuf>,
 }
 
 /// The host port forwarded to port 80 of the first network device (`cargo xtask run --port`).
@@ -89,6 +92,7 @@ impl Machine {
                 .collect(),
             net_forwards: Vec::new(),
             disk_ext4: artifacts.stack.linux,
+            ctl: artifacts.stack.control.then(|| artifacts.bundle.with_file_name(crate::ctl::SOCKET_NAME)),
         }
     }
 
@@ -138,6 +142,19 @@ impl Machine {
                 netdev,
                 "-device".into(),
                 format!("virtio-net-pci,netdev=net{i},disable-legacy=on,iommu_platform=on"),
+            ]);
+        }
+        if let Some(socket) = &self.ctl {
+            // A modern virtio-serial function behind the IOMMU whose port 0 is a console
+            // (what virtio-drivers' console driver speaks: no multiport), on a unix socket
+            // QEMU listens on; output is dropped while nobody is connected.
+            a.extend([
+                "-device".into(),
+                "virtio-serial-pci,id=ctl0,max_ports=1,disable-legacy=on,iommu_platform=on".into(),
+                "-chardev".into(),
+                format!("socket,id=ctl,path={},server=on,wait=off", socket.display()),
+                "-device".into(),
+                "virtconsole,chardev=ctl,bus=ctl0.0,nr=0".into(),
             ]);
         }
         if let Some(iso) = &self.cdrom {
@@ -244,6 +261,18 @@ pub fn run_captured(
     machine: &Machine,
     timeout: Duration,
     echo: bool,
+    stop_when: impl FnMut(&[String]) -> bool,
+) -> Result<Run, String> {
+    run_captured_polling(machine, timeout, echo, false, stop_when)
+}
+
+/// [`run_captured`]; with `poll`, `stop_when` is also asked every 200 ms without a new line
+/// (for a condition a client thread makes true while the console is quiet).
+pub fn run_captured_polling(
+    machine: &Machine,
+    timeout: Duration,
+    echo: bool,
+    poll: bool,
     mut stop_when: impl FnMut(&[String]) -> bool,
 ) -> Result<Run, String> {
     crate::setup::ensure_qemu()?;
@@ -290,7 +319,12 @@ pub fn run_captured(
                     break Ending::Stopped;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if poll && stop_when(&lines) {
+                    let _ = child.kill();
+                    break Ending::Stopped;
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
                 break Ending::Exited(status.code());

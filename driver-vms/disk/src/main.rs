@@ -169,7 +169,11 @@ mod driver {
             Some("late") => crate::rogue::late(info, timer, &mut disk),
             Some(r) if r.starts_with("crash-after=") => {
                 let n = r["crash-after=".len()..].parse().unwrap_or(u64::MAX);
-                crate::serve::serve_then_crash(info, &mut disk, n)
+                crate::serve::serve_then_fail(info, &mut disk, n, crate::serve::Failure::Crash)
+            }
+            Some(r) if r.starts_with("hang-after=") => {
+                let n = r["hang-after=".len()..].parse().unwrap_or(u64::MAX);
+                crate::serve::serve_then_fail(info, &mut disk, n, crate::serve::Failure::Hang)
             }
             _ => crate::serve::serve(info, &mut disk),
         }
@@ -182,7 +186,8 @@ mod driver {
 /// `rogue=late` answers nothing for a while and then serves normally;
 /// `rogue=crash-after=<n>` serves normally until the device has completed `n` requests, then
 /// faults with requests in flight, or at the latest after `2n` (each incarnation again, if
-/// dom0 restarts it).
+/// dom0 restarts it); `rogue=hang-after=<n>` spins for ever at that point instead (no
+/// fault: only dom0's hang watchdog can notice).
 #[cfg(target_os = "none")]
 mod rogue {
     use domain_rt::{channels, hypercall, println, BootInfo};
@@ -374,14 +379,22 @@ mod serve {
     /// it completed them), takes new requests off every ring while the device and the
     /// response rings have room, and rings each guest that got answers once.
     pub fn serve(info: &BootInfo, dev: &mut Disk) -> u64 {
-        serve_then_crash(info, dev, u64::MAX)
+        serve_then_fail(info, dev, u64::MAX, Failure::Crash)
     }
 
-    /// [`serve`], but fault (a read far outside this VM's memory: a stage-2 fault dom0
-    /// hears of) once the device has completed `crash_after` requests and more are in
-    /// flight, or a flush waits: the worst moment for the guest; at the latest once it has
-    /// completed twice that many.
-    pub fn serve_then_crash(info: &BootInfo, dev: &mut Disk, crash_after: u64) -> u64 {
+    /// How [`serve_then_fail`] fails.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Failure {
+        /// A read far outside this VM's memory: a stage-2 fault dom0 hears of at once.
+        Crash,
+        /// Spin for ever, answering nothing and beating no heartbeat: a hang.
+        Hang,
+    }
+
+    /// [`serve`], but fail once the device has completed `crash_after` requests and more
+    /// are in flight, or a flush waits: the worst moment for the guest; at the latest once
+    /// it has completed twice that many.
+    pub fn serve_then_fail(info: &BootInfo, dev: &mut Disk, crash_after: u64, how: Failure) -> u64 {
         let disk = DiskInfo {
             capacity_sectors: dev.blk.capacity(),
             sector_size: 512,
@@ -398,6 +411,9 @@ mod serve {
         if chans.is_empty() {
             println!("no block channel on my command line");
         }
+        // dom0's hang watchdog (manifest `watchdog_ms`): beat while idle or completing.
+        let mut heartbeat = domain_rt::heartbeat::Heartbeat::from_cmdline(info);
+        let timer = info.slot("timer");
         let mut first_reported = false;
         loop {
             // Taking the bits clears the doorbells before the rings are read, so a ring
@@ -408,6 +424,9 @@ mod serve {
             }
             let seen = irq::count();
             while pass(&mut chans, dev, disk) {
+                if let Some(h) = heartbeat.as_mut() {
+                    h.beat();
+                }
                 if !first_reported && dev.completed > 0 {
                     // With the crash time below, gives the time a restart costs the guest.
                     println!("first request completed at {} ns", hypercall::clock_ns());
@@ -418,6 +437,20 @@ mod serve {
                 // then never crashes makes the run depend on timing: by twice the count it
                 // crashes whatever is in flight.
                 let busy = dev.in_flight() > 0 || chans.iter().any(|c| c.flush.is_some());
+                if dev.completed >= crash_after
+                    && (busy || dev.completed >= crash_after.saturating_mul(2))
+                    && how == Failure::Hang
+                {
+                    println!(
+                        "hanging after {} completed requests, {} in flight, at {} ns (rogue=hang-after)",
+                        dev.completed,
+                        dev.in_flight(),
+                        hypercall::clock_ns()
+                    );
+                    loop {
+                        core::hint::spin_loop();
+                    }
+                }
                 if dev.completed >= crash_after && (busy || dev.completed >= crash_after.saturating_mul(2)) {
                     println!(
                         "crashing after {} completed requests, {} in flight, at {} ns (rogue=crash-after)",
@@ -428,6 +461,15 @@ mod serve {
                     // SAFETY: deliberately reading memory this VM does not have: the
                     // microvisor stops it with a stage-2 fault and tells dom0.
                     unsafe { core::ptr::read_volatile(0x1000_0000 as *const u64) };
+                }
+            }
+            if let Some(h) = heartbeat.as_mut() {
+                h.beat();
+                if dev.in_flight() == 0 {
+                    // Nothing on the device arms the fallback timer: wake for the next beat.
+                    if let Some(t) = timer {
+                        let _ = hypercall::timer_set(t, h.next_in_ns(), 1);
+                    }
                 }
             }
             dev.sleep(seen);

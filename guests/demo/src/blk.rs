@@ -10,7 +10,9 @@
 //! The driver VM is still not trusted to answer: a request unanswered after
 //! [`REQUEST_TIMEOUT_NS`] fails with [`ClientError::Timeout`], and until the driver answers
 //! it (late, or a new incarnation does), every later request fails at once with
-//! [`ClientError::NotAnswering`] instead of waiting again.
+//! [`ClientError::NotAnswering`] instead of waiting again. When dom0 gives up on the driver
+//! (its restart limit), it marks the channel and rings us: every request then fails at once
+//! with [`ClientError::ServerGone`], without waiting for the timeout.
 
 use domain_rt::hypercall;
 use domain_rt::shared::Region;
@@ -47,12 +49,14 @@ pub enum ClientError {
     NotAnswering,
     /// More requests outstanding than the ring holds.
     TooMany,
+    /// dom0 gave up restarting the driver VM: nothing will answer.
+    ServerGone,
 }
 
 impl ClientError {
     /// Whether the driver VM is just not answering (rather than having broken the protocol).
     pub fn is_silence(&self) -> bool {
-        matches!(self, Self::Timeout | Self::NotAnswering)
+        matches!(self, Self::Timeout | Self::NotAnswering | Self::ServerGone)
     }
 }
 
@@ -65,6 +69,7 @@ impl core::fmt::Display for ClientError {
             Self::Timeout => write!(f, "the driver VM did not answer within {} s", REQUEST_TIMEOUT_NS / 1_000_000_000),
             Self::NotAnswering => f.write_str("the driver VM has not answered an earlier request"),
             Self::TooMany => f.write_str("too many requests outstanding"),
+            Self::ServerGone => f.write_str("server gone: dom0 gave up restarting the disk driver VM"),
         }
     }
 }
@@ -74,6 +79,7 @@ impl From<block_client::ClientError> for ClientError {
         match e {
             block_client::ClientError::TooMany => ClientError::TooMany,
             block_client::ClientError::Ring => ClientError::Ring,
+            block_client::ClientError::ServerGone => ClientError::ServerGone,
         }
     }
 }
@@ -111,6 +117,11 @@ impl BlockClient {
 
     /// Queue a request (rung with [`Self::kick`]); returns its id.
     pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: usize) -> Result<u64, ClientError> {
+        if ipc_spec::block::BlockLayout::server_gone(&self.region) {
+            // Not a stall: nothing earlier is worth waiting for either.
+            self.given_up = None;
+            return Err(ClientError::ServerGone);
+        }
         self.check_answering()?;
         Ok(self.core.submit(&self.region, op, sector, count, data_offset as u32)?)
     }

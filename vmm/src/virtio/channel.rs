@@ -159,6 +159,10 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
                     self.doorbell.ring();
                 }
             }
+            // dom0 gave up restarting the driver: what was outstanding fails now (Linux sees
+            // I/O errors at once, not its block layer's timeout); a driver built again by
+            // `ctl restart` clears the mark and the channel goes on.
+            Err(ClientError::ServerGone) => self.fail_outstanding(),
             Err(_) => self.fail_all(),
         }
     }
@@ -171,6 +175,10 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
         }
         match self.client.next_response(&self.mem) {
             Ok(r) => r,
+            Err(ClientError::ServerGone) => {
+                self.fail_outstanding();
+                None
+            }
             Err(_) => {
                 self.fail_all();
                 None
@@ -182,6 +190,10 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
     /// later ones.
     fn fail_all(&mut self) {
         self.broken = true;
+        self.fail_outstanding();
+    }
+
+    fn fail_outstanding(&mut self) {
         for s in self.slots.iter_mut() {
             if let Some(s) = s.take() {
                 self.local.push_back((s.id, BlockStatus::IoError));
@@ -236,6 +248,11 @@ impl<M: SharedMem, D: Doorbell> BlockBackend for BlockChannel<M, D> {
                 Ok(())
             }
             Err(ClientError::TooMany) => Err(Busy),
+            Err(ClientError::ServerGone) => {
+                self.fail_outstanding();
+                self.local.push_back((req.id, BlockStatus::IoError));
+                Ok(())
+            }
             Err(ClientError::Ring) => {
                 self.fail_all();
                 self.local.push_back((req.id, BlockStatus::IoError));
