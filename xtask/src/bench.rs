@@ -87,9 +87,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some("blk") => return blk(it.as_slice()),
         Some("net") => return crate::bench_net::run(it.as_slice()),
         Some("boot") => return crate::bench_boot::run(it.as_slice()),
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot)")),
+        Some("linux-io") => return crate::bench_linux_io::run(it.as_slice()),
+        Some(other) => {
+            return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot, linux-io)"))
+        }
         None => {
-            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N]".into())
+            return Err(
+                "bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N] | linux-io"
+                    .into(),
+            )
         }
     }
     while let Some(a) = it.next() {

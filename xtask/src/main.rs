@@ -73,6 +73,10 @@ const USAGE: &str = "usage: cargo xtask <command>
                         VM vs. a guest owning its NIC; writes target/bench/net.json
   bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and
                         median of N (default 3); writes target/bench/boot.json
+  bench linux-io [--rounds N] [--ms MS] [--tcp-mib N]
+                        Debian's kernel doing O_DIRECT disk I/O and TCP natively in QEMU and
+                        under the microvisor through the driver VMs, side by side, N rounds
+                        (default 2); writes target/bench/linux-io.json
   fuzz hypercalls [--calls N] [--seed S] [--console]
                         boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
                         hypercalls from seed S (random by default, always printed); fails on

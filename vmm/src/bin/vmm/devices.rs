@@ -9,6 +9,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use domain_rt::channels;
 use domain_rt::hypercall;
@@ -35,8 +36,17 @@ const CONNECT_STEP_NS: u64 = 10_000_000;
 /// A channel's doorbell: signals the driver VM's notification.
 pub struct Bell(u64);
 
+/// Doorbells rung to the driver VMs so far (all channels), for the benchmark's counters.
+static BELLS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this VMM rang a driver VM.
+pub fn bells_rung() -> u64 {
+    BELLS.load(Ordering::Relaxed)
+}
+
 impl Doorbell for Bell {
     fn ring(&mut self) {
+        BELLS.fetch_add(1, Ordering::Relaxed);
         // A failed signal (the driver VM is gone) leaves its requests in flight; the guest's
         // driver times them out. Nothing else here depends on it.
         let _ = hypercall::signal(self.0, 1);

@@ -26,6 +26,10 @@ use crate::setup::{rdtsc, PAGE};
 /// The line of the initramfs's `/init` at which boot times are measured
 /// (`xtask::linux::INIT_MARKER`): the histogram is printed when it passes.
 const INIT_MARKER: &[u8] = b"linux-init: reached init";
+/// Lines of `cargo xtask bench linux-io`'s guest program (`linux-iobench`) and script around
+/// each workload (`xtask::bench_linux_io::MARK`): the counters are printed after each, so the
+/// host can tell each workload's exits apart.
+const BENCH_MARK: &[u8] = b"linux-io: mark";
 /// A partial console line (a prompt) goes out after this long without a newline.
 const PARTIAL_FLUSH_NS: u64 = 150_000_000;
 /// How often typed input is polled while there is console input.
@@ -73,6 +77,8 @@ pub struct Vmm {
     boot_tsc: u64,
     /// After a panic line: when the VMM stops the VM if the kernel has not reset it.
     panic_deadline: Option<u64>,
+    /// Receives ended by a notification (the timer or a driver VM's doorbell).
+    wakes: u64,
 }
 
 fn page() -> &'static mut [u64; 512] {
@@ -114,6 +120,7 @@ impl Vmm {
             unclaimed_reported: 0,
             boot_tsc: now,
             panic_deadline: None,
+            wakes: 0,
         }
     }
 
@@ -172,6 +179,7 @@ impl Vmm {
     /// A notification (the timer or a driver VM's doorbell) woke the VMM.
     pub fn wake(&mut self) -> Option<u64> {
         self.armed = None;
+        self.wakes += 1;
         let now = rdtsc();
         if self.platform.timer(now) {
             self.stats.count(Kind::Timer);
@@ -311,6 +319,15 @@ impl Vmm {
             self.panicked = true;
             self.panic_deadline = Some(rdtsc() + ticks_in(PANIC_GRACE_NS, self.tsc_hz));
         }
+        if contains(&lines, BENCH_MARK) {
+            println!(
+                "linux-io stats: {} {} wakes={} bells={}",
+                self.stats.summary(),
+                self.stats.top(),
+                self.wakes,
+                crate::devices::bells_rung()
+            );
+        }
         if contains(&lines, INIT_MARKER) {
             println!("exit histogram at the init marker: {}", self.stats.summary());
             println!("exits by port and MSR: {}", self.stats.top());
@@ -335,8 +352,8 @@ impl Vmm {
     }
 
     fn mmio(&mut self, x: &ExitMessage) -> Result<ExitReply, String> {
-        self.stats.count(Kind::Mmio);
         let (gpa, _) = x.stage2().ok_or("not a stage-2 fault")?;
+        self.stats.mmio(gpa);
         let need = state::GPR | state::RIP | state::CR | state::SEG;
         if x.state & need != need {
             return Err(alloc::format!("MMIO at {gpa:#x} without the vCPU state to decode it"));
