@@ -91,6 +91,16 @@ impl ExitStats {
         }
     }
 
+    /// MMIO exits counted at `gpa` (0 if untracked).
+    pub fn mmio_at(&self, gpa: u64) -> u64 {
+        u32::try_from(gpa).ok().and_then(|a| self.mmios.iter().find(|(k, _)| *k == a)).map_or(0, |(_, n)| *n)
+    }
+
+    /// MSR exits counted on `msr` (0 if untracked).
+    pub fn msr_at(&self, msr: u32) -> u64 {
+        self.msrs.iter().find(|(k, _)| *k == msr).map_or(0, |(_, n)| *n)
+    }
+
     /// Count of `kind`.
     pub fn get(&self, kind: Kind) -> u64 {
         KINDS.iter().position(|(k, _)| *k == kind).map_or(0, |i| self.counts[i])
@@ -148,6 +158,7 @@ mod tests {
         s.mmio(0x1_0000_0000);
         assert_eq!(s.get(Kind::Mmio), 3);
         assert_eq!(s.top(), "io:0x3f8=3 io:0x3fd=1 msr:0x6e0=1 mmio:0xe0003000=2");
+        assert_eq!((s.mmio_at(0xe000_3000), s.mmio_at(0x1_0000_0000), s.msr_at(0x6e0), s.msr_at(0x80b)), (2, 0, 1, 0));
     }
 
     #[test]

@@ -81,24 +81,30 @@ pub fn parse_result(line: &str) -> Option<(String, u64, f64)> {
     Some((name?, bytes?, ns? as f64 / 1e9))
 }
 
-/// A console's mark and counter lines, paired: each counter line belongs to the mark before it.
+/// A console's mark and counter lines, paired: the counter lines after a mark (the VMM
+/// prints a few short ones) belong to it.
 pub fn parse_marks(lines: &[String]) -> Vec<(bool, String, Vec<(String, u64)>)> {
-    let mut out = Vec::new();
-    let mut pending: Option<(bool, String)> = None;
+    let mut out: Vec<(bool, String, Vec<(String, u64)>)> = Vec::new();
+    let mut open = false;
     for l in lines {
         if let Some(rest) = l.split(MARK).nth(1) {
             let mut w = rest.split_whitespace();
-            pending = match (w.next(), w.next()) {
-                (Some("start"), Some(n)) => Some((true, n.to_string())),
-                (Some("end"), Some(n)) => Some((false, n.to_string())),
-                _ => None,
+            open = match (w.next(), w.next()) {
+                (Some(kind @ ("start" | "end")), Some(n)) => {
+                    out.push((kind == "start", n.to_string(), Vec::new()));
+                    true
+                }
+                _ => false,
             };
         } else if let Some(rest) = l.split(STATS).nth(1) {
-            if let Some((start, name)) = pending.take() {
-                out.push((start, name, crate::bench_boot::parse_counts(rest)));
+            if let (true, Some(last)) = (open, out.last_mut()) {
+                last.2.extend(crate::bench_boot::parse_counts(rest));
             }
+        } else if l.contains(RESULT) {
+            open = false;
         }
     }
+    out.retain(|(.., c)| !c.is_empty());
     out
 }
 
@@ -141,13 +147,19 @@ const PER_OP_KEYS: &[&str] = &[
     "msr",
     "injected",
     "wakes",
-    "bells",
     "timer",
-    "mmio:0xe0003000",
-    "mmio:0xe000b000",
-    "mmio:0xe000b004",
-    "msr:0x80b",
-    "msr:0x6e0",
+    "blk_kick0",
+    "blk_bells",
+    "blk_answers",
+    "blk_answer_us",
+    "net_kick0",
+    "net_kick1",
+    "net_bells",
+    "net_answers",
+    "net_answer_us",
+    "eoi",
+    "tsc_deadline",
+    "blk_rerings",
 ];
 
 /// Builds the rows from the rounds' sides (native, microvisor).
@@ -317,8 +329,12 @@ fn fresh_disk(path: &Path) -> Result<(), String> {
 fn run_side(m: &Machine, port: u16, tcp_bytes: usize, what: &str) -> Result<Side, String> {
     let mut tcp: Vec<(String, u64, f64)> = Vec::new();
     let mut error: Option<String> = None;
+    // The console as it comes (a run that stops can be looked at while it hangs).
+    let log = build::default_target_dir().join("bench").join(format!("linux-io-{what}.log"));
+    let mut log_file = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let run = qemu::run_captured(m, Duration::from_secs(900), false, |lines| {
         let Some(last) = lines.last() else { return false };
+        let _ = writeln!(log_file, "{last}");
         if last.contains("linux-io: error") {
             return true;
         }
@@ -343,8 +359,6 @@ fn run_side(m: &Machine, port: u16, tcp_bytes: usize, what: &str) -> Result<Side
     if !matches!(run.ending, Ending::Stopped) || !run.has_line("linux-io: done") {
         return Err(failure(&run, &format!("{what}: the guest did not finish the benchmark")));
     }
-    let log = build::default_target_dir().join("bench").join(format!("linux-io-{what}.log"));
-    let _ = std::fs::write(&log, run.lines.join("\n"));
     let mut side = Side { results: run.lines.iter().filter_map(|l| parse_result(l)).collect(), ..Side::default() };
     side.results.extend(tcp);
     side.marks = parse_marks(&run.lines);
@@ -422,25 +436,33 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "(MB/s; block: O_DIRECT on /dev/vda, one request at a time, {ms} ms each, guest-timed; TCP: {tcp_mib} MiB \
          through QEMU's user network, host-timed; medians of {rounds} rounds, ratio = median of the rounds' ratios)\n"
     );
-    println!("  workload          native   microvisor   ratio  (rounds)        exits/op  kicks/op  irqs/op  bells/op");
+    println!(
+        "  workload          native   microvisor   ratio  (rounds)     us/op  exits  kicks  irqs  bells  driver us"
+    );
     let per = |r: &Row, k: &str| r.per_op.iter().find(|(pk, _)| pk == k).map_or(0.0, |(_, v)| *v);
     for r in &rows {
         let ratios = r.ratios();
-        let kicks = per(r, "mmio:0xe0003000") + per(r, "mmio:0xe000b000") + per(r, "mmio:0xe000b004");
+        let op = if r.block == 0 { 65536.0 } else { r.block as f64 };
         println!(
-            "  {:<15} {:>8.2} {:>12.2} {:>7.2}  ({})  {:>8.1} {:>9.2} {:>8.2} {:>9.2}",
+            "  {:<15} {:>8.2} {:>12.2} {:>7.2}  ({})  {:>8.0} {:>6.1} {:>6.2} {:>5.2} {:>6.2} {:>10.0}",
             r.name,
             median(&r.native).unwrap_or(0.0),
             median(&r.microvisor).unwrap_or(0.0),
             median(&ratios).unwrap_or(0.0),
             ratios.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" "),
+            r.microvisor.last().map_or(0.0, |mb| op / mb.max(1e-9)),
             per(r, "exits"),
-            kicks,
+            per(r, "blk_kick0") + per(r, "net_kick0") + per(r, "net_kick1"),
             per(r, "injected"),
-            per(r, "bells"),
+            per(r, "blk_bells") + per(r, "net_bells"),
+            per(r, "blk_answer_us") + per(r, "net_answer_us"),
         );
     }
-    println!("  (per op: per request for block, per 64 KiB for TCP; under the microvisor, last round)");
+    println!(
+        "  (microvisor side, last round, per request (block) or per 64 KiB (TCP): us/op, VM exits, virtio \
+         notifies, interrupts injected, doorbells to the driver VMs, and the time from a doorbell to the driver \
+         VM's answer)"
+    );
     if let Some(r) = rows.iter().find(|r| r.name == "seq-read-64k") {
         let ratio = median(&r.ratios()).unwrap_or(0.0);
         println!(
@@ -484,9 +506,11 @@ mod tests {
         assert_eq!(parse_result("linux-io: result workload=x ops=1"), None);
         let console = lines(&[
             "[linux] linux-io: mark start seq-read-64k",
-            "[linux] linux-io stats: exits=100 mmio=10 mmio:0xe0003000=4 bells=2",
+            "[linux] linux-io stats: exits=100 mmio=10 mmio:0xe0003000=4",
+            "[linux] linux-io stats: bells=2",
             "[linux] linux-io: mark end seq-read-64k",
-            "[linux] linux-io stats: exits=130 mmio=20 mmio:0xe0003000=14 bells=12 wakes=5",
+            "[linux] linux-io stats: exits=130 mmio=20 mmio:0xe0003000=14",
+            "[linux] linux-io stats: bells=12 wakes=5",
             "[linux] linux-io: result workload=seq-read-64k ops=10 bytes=655360 ns=500000000",
             "[linux] linux-io stats: exits=1 (a counter line after no mark is not paired)",
         ]);
