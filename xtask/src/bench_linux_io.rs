@@ -159,7 +159,7 @@ const PER_OP_KEYS: &[&str] = &[
     "net_answer_us",
     "eoi",
     "tsc_deadline",
-    "blk_rerings",
+    "rerings",
 ];
 
 /// Builds the rows from the rounds' sides (native, microvisor).

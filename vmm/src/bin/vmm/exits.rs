@@ -39,8 +39,8 @@ const KVM_ENOSYS: u64 = (-1000i64) as u64;
 /// How long a panicking kernel may take to reset the VM before the VMM stops it (a kernel
 /// told `panic=0` waits forever; one that resets does so at once).
 const PANIC_GRACE_NS: u64 = 2_000_000_000;
-/// Disk requests unanswered this long after the last doorbell: ring the disk driver VM
-/// again (`devices::rering_block`). The VMM wakes at least every [`INPUT_POLL_NS`] with
+/// Disk requests unanswered this long after the last doorbell, or net frames this long
+/// after it: ring the driver VM again (`devices::rering_block`, `devices::rering_net`). The VMM wakes at least every [`INPUT_POLL_NS`] with
 /// console input, so this is looked at often enough.
 const RERING_NS: u64 = 100_000_000;
 /// Messages about unclaimed MMIO printed before they are only counted.
@@ -180,9 +180,11 @@ impl Vmm {
         if after < before {
             devices::answered(devices::BLOCK);
         }
+        let (now, overdue) = (rdtsc(), ticks_in(RERING_NS, self.tsc_hz));
         if after > 0 {
-            devices::rering_block(&mut self.devices.bus, rdtsc(), ticks_in(RERING_NS, self.tsc_hz));
+            devices::rering_block(&mut self.devices.bus, now, overdue);
         }
+        devices::rering_net(&mut self.devices.bus, now, overdue);
         for m in self.devices.bus.take_messages() {
             // A message to another APIC or not a fixed vector is the guest's own choice;
             // it is dropped (this VM has one vCPU).
@@ -350,7 +352,7 @@ impl Vmm {
                 );
             }
             println!(
-                "linux-io stats: eoi={} tsc_deadline={} blk_rerings={}",
+                "linux-io stats: eoi={} tsc_deadline={} rerings={}",
                 self.stats.msr_at(0x80b),
                 self.stats.msr_at(vmm::x2apic::MSR_TSC_DEADLINE),
                 devices::rerings()
