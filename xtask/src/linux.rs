@@ -313,8 +313,9 @@ pub fn iobench_binary() -> PathBuf {
 
 /// `init.mode=iobench` (`xtask/src/bench_linux_io.rs` is the host half): the disk is not
 /// mounted (rcS's mount is undone) and httpd is not started; `linux-iobench` runs the block
-/// workloads on `/dev/vda` for `iobench.ms=` milliseconds each, then two TCP transfers on
-/// port 80 with busybox `nc`, each waiting for the host's connection: the host sends
+/// workloads on `/dev/vda` for `iobench.ms=` milliseconds each, then two TCP transfers with
+/// busybox `nc` (ports 5001 and 5002: a port of its own each, so the second `nc` never
+/// finds the first one's connection in the way), each waiting for the host: the host sends
 /// (`dd` in the guest drops the bytes) and the host receives `iobench.tcp_blocks=` 64 KiB
 /// blocks of zeros. `linux-io: mark` lines around each make the VMM print its counters.
 pub const IOBENCH_SCRIPT: &str = r#"#!/bin/sh
@@ -333,10 +334,10 @@ else
     echo "linux-io: error: /bin/linux-iobench is not in the initramfs (run cargo xtask build first)"
 fi
 echo "linux-io: mark start tcp-in"
-nc -l -p 80 -e dd of=/dev/null bs=65536 2>/dev/null
+nc -l -p 5001 -e dd of=/dev/null bs=65536 2>/dev/null
 echo "linux-io: mark end tcp-in"
 echo "linux-io: mark start tcp-out"
-nc -l -p 80 -e dd if=/dev/zero bs=65536 count="$blocks" 2>/dev/null
+nc -l -p 5002 -e dd if=/dev/zero bs=65536 count="$blocks" 2>/dev/null
 echo "linux-io: mark end tcp-out"
 echo "linux-io: done"
 poweroff -f
@@ -394,7 +395,7 @@ if [ "$mode" != poweroff ]; then
     if [ -e /sys/class/net/eth0 ]; then
         echo "linux-init: eth0 MAC $(cat /sys/class/net/eth0/address)"
         udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 -T 2 2>/dev/null || echo "linux-init: no DHCP lease on eth0"
-        # The benchmark's TCP transfers take port 80 themselves.
+        # No web server while the benchmark measures.
         if [ "$mode" = iobench ]; then
             :
         elif httpd -h /srv -p 80; then
@@ -503,6 +504,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         disks: Vec::new(),
         net_ports: Vec::new(),
         net_forwards: Vec::new(),
+        net_port_forwards: Vec::new(),
         disk_ext4: false,
         cdrom: None,
     }

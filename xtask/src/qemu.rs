@@ -40,6 +40,9 @@ pub struct Machine {
     /// More forwards on the first network device: host port `127.0.0.1:<port>` to port 80
     /// of the guest at `<address>` (for stacks with several guests behind one NIC).
     pub net_forwards: Vec<(u16, String)>,
+    /// More forwards on the first network device: host port `127.0.0.1:<.0>` to port `<.1>`
+    /// of the guest at 10.0.2.15 (`cargo xtask bench linux-io`'s TCP transfers).
+    pub net_port_forwards: Vec<(u16, u16)>,
     /// Missing disk images are made as ext4 file systems (the Linux guest's), not zeros.
     pub disk_ext4: bool,
 }
@@ -88,6 +91,7 @@ impl Machine {
                 .map(|i| DEFAULT_NET_PORT.saturating_add(i as u16))
                 .collect(),
             net_forwards: Vec::new(),
+            net_port_forwards: Vec::new(),
             disk_ext4: artifacts.stack.linux,
         }
     }
@@ -133,6 +137,9 @@ impl Machine {
             if i == 0 {
                 for (p, address) in &self.net_forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-{address}:80"));
+                }
+                for (p, guest) in &self.net_port_forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-10.0.2.15:{guest}"));
                 }
             }
             a.extend([
