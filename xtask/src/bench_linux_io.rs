@@ -40,12 +40,15 @@ const TCP_OUT_PORT: u16 = 5002;
 /// Disk image size: the workloads use the first 64 MiB.
 const DISK_BYTES: u64 = 72 << 20;
 
+/// The counters the VMM printed at one mark: (a start mark?, workload, counters).
+pub type Mark = (bool, String, Vec<(String, u64)>);
+
 /// One side's figures in one round: (workload, bytes, seconds), and the counters printed at
 /// each mark: (start?, workload, counters).
 #[derive(Debug, Default, Clone)]
 pub struct Side {
     pub results: Vec<(String, u64, f64)>,
-    pub marks: Vec<(bool, String, Vec<(String, u64)>)>,
+    pub marks: Vec<Mark>,
 }
 
 impl Side {
@@ -86,8 +89,8 @@ pub fn parse_result(line: &str) -> Option<(String, u64, f64)> {
 
 /// A console's mark and counter lines, paired: the counter lines after a mark (the VMM
 /// prints a few short ones) belong to it.
-pub fn parse_marks(lines: &[String]) -> Vec<(bool, String, Vec<(String, u64)>)> {
-    let mut out: Vec<(bool, String, Vec<(String, u64)>)> = Vec::new();
+pub fn parse_marks(lines: &[String]) -> Vec<Mark> {
+    let mut out: Vec<Mark> = Vec::new();
     let mut open = false;
     for l in lines {
         if let Some(rest) = l.split(MARK).nth(1) {
@@ -229,7 +232,7 @@ pub fn to_json(rows: &[Row], header: &[(&str, String)]) -> String {
             continue;
         }
         let fields = [
-            format!("\"unit\": \"MB/s\""),
+            "\"unit\": \"MB/s\"".to_string(),
             format!("\"native_mb_s\": {:.3}", median(&r.native).unwrap_or(0.0)),
             format!("\"microvisor_mb_s\": {:.3}", median(&r.microvisor).unwrap_or(0.0)),
             format!("\"ratio\": {:.3}", median(&ratios).unwrap_or(0.0)),

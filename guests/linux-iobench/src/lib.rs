@@ -180,7 +180,8 @@ mod tests {
         let a: Vec<u64> = Offsets::new(&w, 1 << 30).unwrap().take(1000).collect();
         assert!(a.iter().all(|&o| o % 4096 == 0 && o < MAX_REGION));
         let distinct: std::collections::BTreeSet<u64> = a.iter().copied().collect();
-        assert!(distinct.len() > 990, "{}", distinct.len());
+        // About 30 repeats are expected among 1,000 draws from 16,384 blocks (birthday bound).
+        assert!(distinct.len() > 950, "{}", distinct.len());
         assert_eq!(a, Offsets::new(&w, 1 << 30).unwrap().take(1000).collect::<Vec<_>>());
     }
 

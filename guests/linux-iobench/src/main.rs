@@ -129,7 +129,7 @@ mod linux {
         let size = size as u64;
         // SAFETY: this single-threaded program touches BUFFER only here and through the
         // pointer below, never at the same time.
-        let buf = unsafe { &mut (*(&raw mut BUFFER)).0 };
+        let buf = unsafe { core::slice::from_raw_parts_mut((&raw mut BUFFER).cast::<u8>(), MAX_BLOCK) };
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (i as u8) ^ 0x5a;
         }
@@ -148,7 +148,7 @@ mod linux {
                     fail(if w.write { "pwrite" } else { "pread" }, r);
                 }
                 ops += 1;
-                if ops % 8 == 0 {
+                if ops.is_multiple_of(8) {
                     t = now_ns();
                     if t >= deadline {
                         break;
