@@ -46,6 +46,8 @@ pub struct ExitStats {
     counts: [u64; 8],
     ports: Vec<(u32, u64)>,
     msrs: Vec<(u32, u64)>,
+    /// MMIO exits by guest-physical address (below 4 GiB; e.g. a virtio notify register).
+    mmios: Vec<(u32, u64)>,
 }
 
 fn bump(list: &mut Vec<(u32, u64)>, key: u32) {
@@ -81,6 +83,24 @@ impl ExitStats {
         bump(&mut self.msrs, msr);
     }
 
+    /// An MMIO exit at `gpa`.
+    pub fn mmio(&mut self, gpa: u64) {
+        self.count(Kind::Mmio);
+        if let Ok(a) = u32::try_from(gpa) {
+            bump(&mut self.mmios, a);
+        }
+    }
+
+    /// MMIO exits counted at `gpa` (0 if untracked).
+    pub fn mmio_at(&self, gpa: u64) -> u64 {
+        u32::try_from(gpa).ok().and_then(|a| self.mmios.iter().find(|(k, _)| *k == a)).map_or(0, |(_, n)| *n)
+    }
+
+    /// MSR exits counted on `msr` (0 if untracked).
+    pub fn msr_at(&self, msr: u32) -> u64 {
+        self.msrs.iter().find(|(k, _)| *k == msr).map_or(0, |(_, n)| *n)
+    }
+
     /// Count of `kind`.
     pub fn get(&self, kind: Kind) -> u64 {
         KINDS.iter().position(|(k, _)| *k == kind).map_or(0, |i| self.counts[i])
@@ -101,11 +121,11 @@ impl ExitStats {
         s
     }
 
-    /// The ports and MSRs that exit most: `io:0x3f8=N io:0x3fd=N ... msr:0x6e0=N ...`
-    /// (five of each).
+    /// The ports, MSRs and MMIO addresses that exit most: `io:0x3f8=N io:0x3fd=N ...
+    /// msr:0x6e0=N ... mmio:0xe0003000=N ...` (five of each).
     pub fn top(&self) -> String {
         let mut s = String::new();
-        for (name, list) in [("io", &self.ports), ("msr", &self.msrs)] {
+        for (name, list) in [("io", &self.ports), ("msr", &self.msrs), ("mmio", &self.mmios)] {
             let mut top = list.clone();
             top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             for (k, n) in top.iter().take(5) {
@@ -133,6 +153,12 @@ mod tests {
         assert_eq!(s.exits(), 6);
         assert_eq!(s.summary(), "exits=6 io=4 msr=1 cpuid=1 mmio=0 hypercall=0 timer=1 injected=0 other=0");
         assert_eq!(s.top(), "io:0x3f8=3 io:0x3fd=1 msr:0x6e0=1");
+        s.mmio(0xe000_3000);
+        s.mmio(0xe000_3000);
+        s.mmio(0x1_0000_0000);
+        assert_eq!(s.get(Kind::Mmio), 3);
+        assert_eq!(s.top(), "io:0x3f8=3 io:0x3fd=1 msr:0x6e0=1 mmio:0xe0003000=2");
+        assert_eq!((s.mmio_at(0xe000_3000), s.mmio_at(0x1_0000_0000), s.msr_at(0x6e0), s.msr_at(0x80b)), (2, 0, 1, 0));
     }
 
     #[test]

@@ -88,9 +88,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some("net") => return crate::bench_net::run(it.as_slice()),
         Some("boot") => return crate::bench_boot::run(it.as_slice()),
         Some("restart") => return crate::bench_restart::run(it.as_slice()),
-        Some(other) => return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot, restart)")),
+        Some("linux-io") => return crate::bench_linux_io::run(it.as_slice()),
+        Some(other) => {
+            return Err(format!("bench: unknown benchmark `{other}` (known: ipc, blk, net, boot, restart, linux-io)"))
+        }
         None => {
-            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N] | restart [--kills N]".into())
+            return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N] | restart [--kills N] | linux-io".into())
         }
     }
     while let Some(a) = it.next() {

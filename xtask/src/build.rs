@@ -67,7 +67,10 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     crate::setup::ensure_target()?;
     // The microvisor is built on its own: built together with the domains, cargo would
     // unify features and link ipc-spec's allocating manifest code into the microvisor.
-    for packages in [&["microvisor"][..], &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest"][..]] {
+    for packages in [
+        &["microvisor"][..],
+        &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest", "linux-iobench"][..],
+    ] {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace_root())
             .args(["build", "--release", "--target", BARE_METAL_TARGET])

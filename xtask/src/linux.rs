@@ -278,7 +278,15 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
     }
     let busybox_path = busybox_dir.join("bin").join("busybox");
     let busybox = std::fs::read(&busybox_path).map_err(|e| format!("reading {}: {e}", busybox_path.display()))?;
-    let archive = initramfs(&busybox, &modules, &[])?;
+    // The benchmark's guest half (`init.mode=iobench`): its script, and its program once
+    // `cargo xtask build` has compiled it (`cargo xtask bench linux-io` builds first).
+    let iobench_path = iobench_binary();
+    let iobench = std::fs::read(&iobench_path).ok();
+    let mut extra: Vec<(&str, u32, &[u8])> = vec![(IOBENCH_SCRIPT_PATH, 0o755, IOBENCH_SCRIPT.as_bytes())];
+    if let Some(b) = &iobench {
+        extra.push((IOBENCH_BIN_PATH, 0o755, b));
+    }
+    let archive = initramfs(&busybox, &modules, &extra)?;
     let initramfs_path = dir.join(format!("initramfs-{release}.cpio"));
     write_atomically(&initramfs_path, &archive)?;
 
@@ -291,6 +299,49 @@ pub fn ensure(dir: &Path) -> Result<Artifacts, String> {
         modules: order.into_iter().map(|m| m.name).collect(),
     })
 }
+
+/// Where the initramfs holds `linux-iobench` (`guests/linux-iobench`), the block half of
+/// `cargo xtask bench linux-io`.
+pub const IOBENCH_BIN_PATH: &str = "/bin/linux-iobench";
+/// The script of `init.mode=iobench`.
+pub const IOBENCH_SCRIPT_PATH: &str = "/etc/init.d/iobench";
+
+/// The compiled `linux-iobench` (a static Linux executable built for the bare-metal target).
+pub fn iobench_binary() -> PathBuf {
+    crate::build::default_target_dir().join(crate::BARE_METAL_TARGET).join("release").join("linux-iobench")
+}
+
+/// `init.mode=iobench` (`xtask/src/bench_linux_io.rs` is the host half): the disk is not
+/// mounted (rcS's mount is undone) and httpd is not started; `linux-iobench` runs the block
+/// workloads on `/dev/vda` for `iobench.ms=` milliseconds each, then two TCP transfers with
+/// busybox `nc` (ports 5001 and 5002: a port of its own each, so the second `nc` never
+/// finds the first one's connection in the way), each waiting for the host: the host sends
+/// (`dd` in the guest drops the bytes) and the host receives `iobench.tcp_blocks=` 64 KiB
+/// blocks of zeros. `linux-io: mark` lines around each make the VMM print its counters.
+pub const IOBENCH_SCRIPT: &str = r#"#!/bin/sh
+ms=2000
+blocks=256
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        iobench.ms=*) ms="${word#iobench.ms=}" ;;
+        iobench.tcp_blocks=*) blocks="${word#iobench.tcp_blocks=}" ;;
+    esac
+done
+umount /srv 2>/dev/null
+if [ -x /bin/linux-iobench ]; then
+    /bin/linux-iobench "$ms" /dev/vda
+else
+    echo "linux-io: error: /bin/linux-iobench is not in the initramfs (run cargo xtask build first)"
+fi
+echo "linux-io: mark start tcp-in"
+nc -l -p 5001 -e dd of=/dev/null bs=65536 2>/dev/null
+echo "linux-io: mark end tcp-in"
+echo "linux-io: mark start tcp-out"
+nc -l -p 5002 -e dd if=/dev/zero bs=65536 count="$blocks" 2>/dev/null
+echo "linux-io: mark end tcp-out"
+echo "linux-io: done"
+poweroff -f
+"#;
 
 /// `/etc/init.d/rcS`, which busybox `init` (PID 1, `/init`) runs first: mounts, the
 /// marker, the modules (in the order given), then the mode the kernel command line asks
@@ -344,7 +395,10 @@ if [ "$mode" != poweroff ]; then
     if [ -e /sys/class/net/eth0 ]; then
         echo "linux-init: eth0 MAC $(cat /sys/class/net/eth0/address)"
         udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 -T 2 2>/dev/null || echo "linux-init: no DHCP lease on eth0"
-        if httpd -h /srv -p 80; then
+        # No web server while the benchmark measures.
+        if [ "$mode" = iobench ]; then
+            :
+        elif httpd -h /srv -p 80; then
             echo "{HTTPD_MARKER}"
         fi
     fi
@@ -450,6 +504,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         disks: Vec::new(),
         net_ports: Vec::new(),
         net_forwards: Vec::new(),
+        net_port_forwards: Vec::new(),
         disk_ext4: false,
         cdrom: None,
         ctl: None,

@@ -80,6 +80,10 @@ const USAGE: &str = "usage: cargo xtask <command>
                         HTTP read/write load: kill to the guest's next completed I/O (median,
                         worst; wall and instructions under icount), throughput before and
                         during the kills; writes target/bench/restart.json
+  bench linux-io [--rounds N] [--ms MS] [--tcp-mib N]
+                        Debian's kernel doing O_DIRECT disk I/O and TCP natively in QEMU and
+                        under the microvisor through the driver VMs, side by side, N rounds
+                        (default 2); writes target/bench/linux-io.json
   fuzz hypercalls [--calls N] [--seed S] [--console]
                         boot stacks/fuzz.toml: a domain makes N (default 1,000,000) random
                         hypercalls from seed S (random by default, always printed); fails on

@@ -40,6 +40,9 @@ pub struct Machine {
     /// More forwards on the first network device: host port `127.0.0.1:<port>` to port 80
     /// of the guest at `<address>` (for stacks with several guests behind one NIC).
     pub net_forwards: Vec<(u16, String)>,
+    /// More forwards on the first network device: host port `127.0.0.1:<.0>` to port `<.1>`
+    /// of the guest at 10.0.2.15 (`cargo xtask bench linux-io`'s TCP transfers).
+    pub net_port_forwards: Vec<(u16, u16)>,
     /// Missing disk images are made as ext4 file systems (the Linux guest's), not zeros.
     pub disk_ext4: bool,
     /// dom0's host control interface (`[machine] control`): a virtio console whose other
@@ -91,6 +94,7 @@ impl Machine {
                 .map(|i| DEFAULT_NET_PORT.saturating_add(i as u16))
                 .collect(),
             net_forwards: Vec::new(),
+            net_port_forwards: Vec::new(),
             disk_ext4: artifacts.stack.linux,
             ctl: artifacts.stack.control.then(|| artifacts.bundle.with_file_name(crate::ctl::SOCKET_NAME)),
         }
@@ -119,14 +123,16 @@ impl Machine {
         if self.iommu {
             a.extend(["-device".into(), "intel-iommu".into()]);
         }
+        // Modern-only virtio behind the IOMMU: the driver must negotiate
+        // VIRTIO_F_ACCESS_PLATFORM, and every DMA goes through VT-d. Without an IOMMU (the
+        // native Linux baseline) the devices are plain modern virtio.
+        let platform = if self.iommu { ",iommu_platform=on" } else { "" };
         for (i, disk) in self.disks.iter().enumerate() {
-            // Modern-only virtio behind the IOMMU: the driver must negotiate
-            // VIRTIO_F_ACCESS_PLATFORM, and every DMA goes through VT-d.
             a.extend([
                 "-drive".into(),
                 format!("file={},if=none,id=disk{i},format=raw", disk.display()),
                 "-device".into(),
-                format!("virtio-blk-pci,drive=disk{i},disable-legacy=on,iommu_platform=on"),
+                format!("virtio-blk-pci,drive=disk{i},disable-legacy=on{platform}"),
             ]);
         }
         for (i, port) in self.net_ports.iter().enumerate() {
@@ -136,12 +142,15 @@ impl Machine {
                 for (p, address) in &self.net_forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-{address}:80"));
                 }
+                for (p, guest) in &self.net_port_forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-10.0.2.15:{guest}"));
+                }
             }
             a.extend([
                 "-netdev".into(),
                 netdev,
                 "-device".into(),
-                format!("virtio-net-pci,netdev=net{i},disable-legacy=on,iommu_platform=on"),
+                format!("virtio-net-pci,netdev=net{i},disable-legacy=on{platform}"),
             ]);
         }
         if let Some(socket) = &self.ctl {

@@ -240,14 +240,18 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(())
     }
 
-    /// A receive of `server` bound to a notification that has bits: take them as the
-    /// message (badge [`NOTIFICATION_BADGE`]). True if there were any.
+    /// A receive of `server` with a bound notification that has bits: take one's as the
+    /// message (badge [`NOTIFICATION_BADGE`]). True if there were any. Every notification
+    /// bound to the receive is looked at (a VMM binds its doorbells and its timer), not
+    /// only the last bound: bits left on another one would wait for its next signal.
     pub(super) fn take_bound_bits(&mut self, server: VcpuId) -> bool {
-        let Some(n) = self.vcpus[server as usize].recv_notification else { return false };
-        let ntf = &mut self.notifications[n as usize];
-        if ntf.bound != Some((server, 0)) || ntf.bits == 0 {
+        if !self.vcpus[server as usize].recv_bits_waiting {
             return false;
         }
+        let Some(ntf) = self.notifications.iter_mut().find(|n| n.bound == Some((server, 0)) && n.bits != 0) else {
+            self.vcpus[server as usize].recv_bits_waiting = false;
+            return false;
+        };
         let bits = core::mem::take(&mut ntf.bits);
         let r = &mut self.vcpus[server as usize].regs;
         (r.rax, r.rbx, r.rcx, r.rdi) = (0, NOTIFICATION_BADGE, 0, bits);

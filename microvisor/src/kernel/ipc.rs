@@ -143,6 +143,10 @@ impl<F: Stage2Format> Kernel<F> {
         if cap.rights & rights::RECV == 0 || len > REGISTER_WORDS as u64 {
             return false;
         }
+        // Bits on a notification bound to its receive: the general path hands them over.
+        if self.vcpus[si].recv_bits_waiting {
+            return false;
+        }
         let Some(client) = self.vcpus[si].reply_to else { return false };
         let ci = client as usize & (MAX_VCPUS - 1);
         let c = &self.vcpus[ci];

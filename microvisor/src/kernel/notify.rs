@@ -129,7 +129,12 @@ impl<F: Stage2Format> Kernel<F> {
         match ntf.bound {
             // Bound to a receive: wake it if it waits, else the bits wait for the next one.
             Some((target, 0)) => {
-                let VcpuState::BlockedRecv(e) = self.vcpus[target as usize].state else { return None };
+                let VcpuState::BlockedRecv(e) = self.vcpus[target as usize].state else {
+                    // Any of the notifications bound to its receive may hold bits now: the
+                    // next receive looks at them all ([`Self::take_bound_bits`]).
+                    self.vcpus[target as usize].recv_bits_waiting = true;
+                    return None;
+                };
                 self.endpoints[e as usize].receivers.remove(target, &mut self.next);
                 let bits = core::mem::take(&mut self.notifications[n as usize].bits);
                 let r = &mut self.vcpus[target as usize].regs;
@@ -278,7 +283,7 @@ impl<F: Stage2Format> Kernel<F> {
         let vector = u8::try_from(vector).ok().filter(|&x| x >= 32 || x == 0).ok_or(Error::InvalidArgument)?;
         self.notifications[n as usize].bound = Some((v, vector));
         if vector == 0 {
-            self.vcpus[v as usize].recv_notification = Some(n);
+            self.vcpus[v as usize].recv_bits_waiting |= self.notifications[n as usize].bits != 0;
         }
         Ok(())
     }

@@ -139,8 +139,9 @@ pub struct Vcpu {
     pub msg_page: Option<u64>,
     /// Pending virtual interrupt vectors (bit n = vector n).
     pub pending_irqs: [u64; 4],
-    /// A notification bound to this vCPU's receive (NotificationBind with vector 0).
-    pub recv_notification: Option<NotificationId>,
+    /// A notification bound to this vCPU's receive (NotificationBind with vector 0) may
+    /// hold bits: it was signalled while this vCPU was not waiting in a receive.
+    pub recv_bits_waiting: bool,
     pub slice_left: u32,
     pub index_in_domain: u8,
     /// Its domain is a VM (a copy of the domain's flag, next to the registers the exit
@@ -160,7 +161,7 @@ impl Vcpu {
         exit: None,
         msg_page: None,
         pending_irqs: [0; 4],
-        recv_notification: None,
+        recv_bits_waiting: false,
         slice_left: 0,
         index_in_domain: 0,
         vm: false,

@@ -132,6 +132,11 @@ impl<N: NetBackend> VirtioNet<N> {
         self.stats
     }
 
+    /// A transmit waits for room on the back end.
+    pub fn tx_waiting(&self) -> bool {
+        self.tx_pending.is_some()
+    }
+
     fn config_bytes(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.mac);

@@ -250,3 +250,29 @@ fn destroying_the_server_fails_its_caller() {
     assert_eq!(t.s.status(va), Err(Error::PartnerGone));
     check_invariants(&t.s.k);
 }
+
+/// A server with a notification bound to its receive, signalled while it serves a call:
+/// its ReplyRecv answers the caller and returns the bits at once. The fast path used to
+/// block it in the receive with the bits left behind (a dom0 woken by its tick or the
+/// control device, a VMM by a doorbell, would sleep through them).
+#[test]
+fn reply_recv_takes_bits_that_arrived_on_the_bound_notification_meanwhile() {
+    let mut t = ipc_setup(DOM0_PRIO);
+    let (v0, vs) = (t.s.v0, t.vs);
+    let n = t.s.notification();
+    let nid = t.s.notification_id(t.s.d0, n);
+    let ns = t.s.copy(n, t.sdslot, rights::WAIT, 0).unwrap();
+    t.s.switch(vs);
+    assert_eq!(t.s.hc(vs, Hypercall::NotificationBind, ns, &[0]), Ok(0));
+    t.s.switch(v0);
+    t.server_waits();
+    t.s.raw(v0, Hypercall::Call.number(), t.e, 1, [5, 0, 0, 0, 0, 0]);
+    assert_eq!(t.s.k.current, Some(vs));
+    t.s.k.signal_object(nid, 0b1000);
+    t.s.raw(vs, Hypercall::ReplyRecv.number(), 0, 1, [6, 0, 0, 0, 0, 0]);
+    assert_eq!((t.s.regs(v0).rax, t.s.regs(v0).rdi), (0, 6), "the caller has its reply");
+    assert!(!matches!(t.s.state(vs), VcpuState::BlockedRecv(_)), "the server does not sleep with bits waiting");
+    let r = t.s.regs(vs);
+    assert_eq!((r.rax, r.rbx, r.rdi), (0, ipc_spec::hypercall::NOTIFICATION_BADGE, 0b1000));
+    check_invariants(&t.s.k);
+}

@@ -9,6 +9,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use domain_rt::channels;
 use domain_rt::hypercall;
@@ -22,21 +23,63 @@ use vmm::virtio::pci_bus::PciBus;
 
 /// PCI slot and BAR 0 of the virtio-blk function (32 KiB aligned, above any VM RAM this VMM
 /// can view: `setup::VIEW_MAX` keeps the VM below 1.5 GiB).
-const BLK_SLOT: u8 = 1;
-const BLK_BAR0: u64 = 0xe000_0000;
+pub const BLK_SLOT: u8 = 1;
+pub const BLK_BAR0: u64 = 0xe000_0000;
 /// PCI slot and BAR 0 of the virtio-net function.
 const NET_SLOT: u8 = 2;
-const NET_BAR0: u64 = 0xe000_8000;
+pub const NET_BAR0: u64 = 0xe000_8000;
 /// How long the driver VMs get to answer the disk's `GetInfo` and to lay out the net
 /// channel's header (they start before this VMM, but may still be initialising their devices).
 const CONNECT_TRIES: u32 = 500;
 const CONNECT_STEP_NS: u64 = 10_000_000;
 
-/// A channel's doorbell: signals the driver VM's notification.
-pub struct Bell(u64);
+/// A channel's doorbell: signals the driver VM's notification (slot, back end: [`BLOCK`] or
+/// [`NET`]).
+pub struct Bell(u64, usize);
+
+/// The back ends, for the counters below.
+pub const BLOCK: usize = 0;
+pub const NET: usize = 1;
+
+/// The benchmark's counters (`cargo xtask bench linux-io`), per back end: doorbells rung, the
+/// TSC of the first ring not answered yet (0: none), answers seen and the TSC ticks from
+/// ring to answer summed: how long the driver VM (and its device) took.
+static BELLS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static RUNG_AT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static ANSWERS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static ANSWER_TICKS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// (doorbells rung, answers, TSC ticks from ring to answer) of back end `which`.
+pub fn bell_counters(which: usize) -> (u64, u64, u64) {
+    let get = |a: &[AtomicU64; 2]| a.get(which).map_or(0, |x| x.load(Ordering::Relaxed));
+    (get(&BELLS), get(&ANSWERS), get(&ANSWER_TICKS))
+}
+
+fn blk(bus: &mut PciBus) -> Option<&mut VirtioBlk<BlockChannel<Region, Bell>>> {
+    bus.function_mut(BLK_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut())
+}
+
+/// Requests the virtio-blk function has on the block channel and not completed.
+pub fn blk_in_flight(bus: &mut PciBus) -> usize {
+    blk(bus).map_or(0, |b| b.in_flight())
+}
+
+/// The VMM found answers of back end `which`'s driver VM (requests it completed).
+pub fn answered(which: usize) {
+    let Some(rung) = RUNG_AT.get(which) else { return };
+    let t = rung.swap(0, Ordering::Relaxed);
+    if t != 0 {
+        ANSWERS[which].fetch_add(1, Ordering::Relaxed);
+        ANSWER_TICKS[which].fetch_add(crate::setup::rdtsc().saturating_sub(t), Ordering::Relaxed);
+    }
+}
 
 impl Doorbell for Bell {
     fn ring(&mut self) {
+        if let (Some(n), Some(rung)) = (BELLS.get(self.1), RUNG_AT.get(self.1)) {
+            n.fetch_add(1, Ordering::Relaxed);
+            let _ = rung.compare_exchange(0, crate::setup::rdtsc(), Ordering::Relaxed, Ordering::Relaxed);
+        }
         // A failed signal (the driver VM is gone) leaves its requests in flight; the guest's
         // driver times them out. Nothing else here depends on it.
         let _ = hypercall::signal(self.0, 1);
@@ -51,7 +94,8 @@ const MAX_ERROR_REPORTS: u32 = 64;
 pub struct Devices {
     pub bus: PciBus,
     /// Our doorbells of the channels (the `wait` slots), bound to the VMM's receive.
-    pub waits: Vec<u64>,
+    /// With their back end ([`BLOCK`], [`NET`]).
+    pub waits: Vec<(u64, usize)>,
     /// Per function on the bus: its slot, name and the `DEVICE_NEEDS_RESET` cause last seen.
     errors_seen: Vec<(u8, &'static str, Option<ResetCause>)>,
     /// Times a function stopped on a guest error (`DEVICE_NEEDS_RESET`).
@@ -159,7 +203,7 @@ pub fn connect(cmdline: &str, timer: u64) -> Devices {
             Ok(dev) => match d.bus.add(BLK_SLOT, BLK_BAR0, VirtioPci::new(dev)) {
                 Ok(()) => {
                     println!("virtio-blk on 00:{BLK_SLOT:02x}.0 through block channel \"{name}\"");
-                    d.waits.push(wait);
+                    d.waits.push((wait, BLOCK));
                     d.errors_seen.push((BLK_SLOT, "virtio-blk", None));
                 }
                 Err(e) => println!("virtio-blk: {e}"),
@@ -172,7 +216,7 @@ pub fn connect(cmdline: &str, timer: u64) -> Devices {
             Ok(dev) => match d.bus.add(NET_SLOT, NET_BAR0, VirtioPci::new(dev)) {
                 Ok(()) => {
                     println!("virtio-net on 00:{NET_SLOT:02x}.0 through net channel \"{name}\"");
-                    d.waits.push(wait);
+                    d.waits.push((wait, NET));
                     d.errors_seen.push((NET_SLOT, "virtio-net", None));
                 }
                 Err(e) => println!("virtio-net: {e}"),
@@ -184,7 +228,7 @@ pub fn connect(cmdline: &str, timer: u64) -> Devices {
 }
 
 fn block(region: Region, signal: u64, timer: u64) -> Result<Box<Blk>, String> {
-    let mut chan = BlockChannel::connect(region, Bell(signal)).map_err(|e| format!("{e:?}"))?;
+    let mut chan = BlockChannel::connect(region, Bell(signal, BLOCK)).map_err(|e| format!("{e:?}"))?;
     for _ in 0..CONNECT_TRIES {
         match chan.poll_info() {
             Some(Ok(info)) => {
@@ -207,7 +251,7 @@ fn net(region: Region, signal: u64, timer: u64) -> Result<Box<Net>, String> {
     // The net channel borrows its region for the device's life, which is the VM's.
     let region: &'static Region = Box::leak(Box::new(region));
     for _ in 0..CONNECT_TRIES {
-        match NetChannel::attach(region, Bell(signal)) {
+        match NetChannel::attach(region, Bell(signal, NET)) {
             Ok(chan) => return Ok(Box::new(VirtioNet::new(chan))),
             Err(NetChannelError::Layout(_)) => {
                 hypercall::sleep_ns(timer, CONNECT_STEP_NS).map_err(|e| format!("sleep: {e}"))?

@@ -114,7 +114,7 @@ pub fn boot(info: &BootInfo) -> Result<Vmm, String> {
     // PCI early). Their doorbells wake the receive loop like the timer does; the timer is
     // bound last, as the microvisor checks the last bound notification's pending bits when a
     // receive starts (the VMM polls the channels' doorbells itself before each receive).
-    for &w in &devices.waits {
+    for &(w, _) in &devices.waits {
         hypercall::bind_receive(w).map_err(|e| format!("binding a channel's doorbell: {e}"))?;
     }
     hypercall::bind_receive(timer).map_err(|e| format!("binding the timer: {e}"))?;
