@@ -201,7 +201,9 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Why this CPU cannot run the microvisor.
+/// Why this CPU cannot run the microvisor (the SVM build; the VMX build checks in
+/// `vmx_probe`).
+#[cfg(not(feature = "vmx"))]
 pub enum CpuProblem {
     NoSvm,
     NoNestedPaging,
@@ -209,12 +211,14 @@ pub enum CpuProblem {
     NoNx,
 }
 
+#[cfg(not(feature = "vmx"))]
 impl CpuProblem {
     pub fn explain(&self) -> &'static str {
         match self {
             Self::NoSvm => {
                 "this CPU has no AMD SVM (CPUID 0x80000001 ECX bit 2). Start QEMU with \
-                 `-cpu qemu64,+svm,+npt` (or `-cpu max`)."
+                 `-cpu qemu64,+svm,+npt` (or `-cpu max`). An Intel CPU with VMX needs the \
+                 VMX build (cargo feature `vmx`)."
             }
             Self::NoNestedPaging => {
                 "this CPU has SVM but no nested paging (CPUID 0x8000000A EDX bit 0). Start \
@@ -230,11 +234,13 @@ impl CpuProblem {
 }
 
 /// Facts about the CPU's SVM implementation the microvisor relies on.
+#[cfg(not(feature = "vmx"))]
 pub struct SvmFeatures {
     pub asids: u32,
     pub next_rip_save: bool,
 }
 
+#[cfg(not(feature = "vmx"))]
 pub fn check_svm() -> Result<SvmFeatures, CpuProblem> {
     let ext_max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
     let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
