@@ -25,8 +25,9 @@ const UNKNOWN: u8 = 0;
 const VMMCALL: u8 = 1;
 const VMCALL: u8 = 2;
 
+/// The CPU is Intel's (or another VMX vendor's): hypercalls are VMCALL.
 #[inline(always)]
-fn use_vmcall() -> bool {
+pub fn on_vmx() -> bool {
     match INSTRUCTION.load(Ordering::Relaxed) {
         VMCALL => true,
         VMMCALL => false,
@@ -39,7 +40,10 @@ fn use_vmcall() -> bool {
 fn choose() -> bool {
     // "AuthenticAMD" and "HygonGenuine" (AMD's design) have SVM; every other vendor VMX.
     let r = core::arch::x86_64::__cpuid(0);
-    let amd = matches!((r.ebx, r.edx, r.ecx), (0x6874_7541, 0x6974_6e65, 0x444d_4163) | (0x6f67_7948, 0x6e65_476e, 0x656e_6975));
+    let amd = matches!(
+        (r.ebx, r.edx, r.ecx),
+        (0x6874_7541, 0x6974_6e65, 0x444d_4163) | (0x6f67_7948, 0x6e65_476e, 0x656e_6975)
+    );
     INSTRUCTION.store(if amd { VMMCALL } else { VMCALL }, Ordering::Relaxed);
     !amd
 }
@@ -73,7 +77,7 @@ pub fn raw(number: u64, rbx: u64, rcx: u64, args: [u64; REGISTER_WORDS]) -> Regs
             }
         };
     }
-    if use_vmcall() {
+    if on_vmx() {
         trap!("vmcall");
     } else {
         trap!("vmmcall");

@@ -56,12 +56,7 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     Serial::init();
     mask_legacy_pic();
     cpu::init();
-    println!(
-        "microvisor {} ({}, Intel VT-d), ABI {}",
-        env!("CARGO_PKG_VERSION"),
-        BACKEND[0],
-        ipc_spec::ABI_VERSION
-    );
+    println!("microvisor {} ({}, Intel VT-d), ABI {}", env!("CARGO_PKG_VERSION"), BACKEND[0], ipc_spec::ABI_VERSION);
 
     let boot = crate::boot_info::read(boot_info, boot_protocol);
     if !boot.loader.is_empty() {

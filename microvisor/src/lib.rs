@@ -7,11 +7,11 @@
 pub mod cmdline;
 pub mod console;
 pub mod dmar;
+#[cfg(any(test, feature = "vmx"))]
+pub mod ept;
 pub mod frame_alloc;
 pub mod iommu;
 pub mod kernel;
-#[cfg(any(test, feature = "vmx"))]
-pub mod ept;
 #[cfg(any(test, not(feature = "vmx")))]
 pub mod npt;
 pub mod pci;

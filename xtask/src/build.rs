@@ -49,6 +49,8 @@ pub struct Artifacts {
 pub struct StackInfo {
     /// The domains besides dom0, as the manifest names them.
     pub domains: Vec<String>,
+    /// Those of them that are VMs (their console goes through their VMM).
+    pub vms: Vec<String>,
     /// RAM of the machine (QEMU `-m`).
     pub memory_mib: u32,
     /// Devices the manifest assigns (e.g. `virtio-blk`): QEMU must provide them.
@@ -147,6 +149,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
     std::fs::write(out, &bundle).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(StackInfo {
         domains: manifest.domains.iter().map(|d| d.name.clone()).collect(),
+        vms: manifest.domains.iter().filter(|d| !d.vmm.is_empty()).map(|d| d.name.clone()).collect(),
         memory_mib: manifest.machine_memory_mib,
         devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
         linux: manifest.domains.iter().any(|d| !d.kernel.is_empty()),

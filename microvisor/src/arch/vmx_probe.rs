@@ -51,7 +51,9 @@ pub fn check() -> VmxMsrs {
     let Some(msrs) = probe() else {
         crate::arch::cpu::fail(
             MachineExit::CpuUnsupported,
-            format_args!("CPU: no Intel VMX (CPUID.1:ECX bit 5); this is the VMX build (an AMD CPU needs the SVM build)"),
+            format_args!(
+                "CPU: no Intel VMX (CPUID.1:ECX bit 5); this is the VMX build (an AMD CPU needs the SVM build)"
+            ),
         )
     };
     let caps = microvisor::vmx_caps::VmxCaps::decode(&msrs);

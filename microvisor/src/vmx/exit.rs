@@ -112,8 +112,12 @@ mod tests {
             decode(&f(IO, 0x80 << 16 | 1 << 5 | 1 << 4 | 1, 3)),
             Exit::Io { io: Io { port: 0x80, size: 2, write: true, string: true, rep: true }, len: 3 }
         );
-        assert_eq!(decode(&f(IO, 3, 1)), Exit::Io { io: Io { port: 0, size: 4, write: true, string: false, rep: false }, len: 1 });
-        let ept = |q| decode(&ExitFields { reason: EPT_VIOLATION, qualification: q, gpa: 0x4000_0000, ..Default::default() });
+        assert_eq!(
+            decode(&f(IO, 3, 1)),
+            Exit::Io { io: Io { port: 0, size: 4, write: true, string: false, rep: false }, len: 1 }
+        );
+        let ept =
+            |q| decode(&ExitFields { reason: EPT_VIOLATION, qualification: q, gpa: 0x4000_0000, ..Default::default() });
         assert_eq!(ept(0b10), Exit::Stage2Fault { gpa: 0x4000_0000, access: access::WRITE });
         assert_eq!(ept(0b1100), Exit::Stage2Fault { gpa: 0x4000_0000, access: access::EXECUTE | access::PRESENT });
         assert_eq!(ept(0b101001), Exit::Stage2Fault { gpa: 0x4000_0000, access: access::PRESENT });

@@ -153,7 +153,16 @@ impl Vmx {
         if !vmx_pa_instruction!("vmxon", region) {
             return Err("VMXON failed");
         }
-        Ok(Self { controls, revision, io_bitmaps, msr_bitmap, msr_bitmap_vm, alloc, current: None, vcpus: [VcpuVmx::NONE; MAX_VCPUS] })
+        Ok(Self {
+            controls,
+            revision,
+            io_bitmaps,
+            msr_bitmap,
+            msr_bitmap_vm,
+            alloc,
+            current: None,
+            vcpus: [VcpuVmx::NONE; MAX_VCPUS],
+        })
     }
 
     /// Allocate every vCPU's VMCS page up front (kept for reuse, as on SVM). False if

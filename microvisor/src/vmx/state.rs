@@ -258,7 +258,13 @@ mod tests {
 
     fn new_vcpu() -> (FakeVmcs, Controls) {
         let c = Controls::compute(&skylake()).unwrap();
-        let t = Tables { io_bitmap_a: 0x1000, io_bitmap_b: 0x2000, msr_bitmap: 0x3000, eptp: Tables::eptp(0x5000), vpid: 3 };
+        let t = Tables {
+            io_bitmap_a: 0x1000,
+            io_bitmap_b: 0x2000,
+            msr_bitmap: 0x3000,
+            eptp: Tables::eptp(0x5000),
+            vpid: 3,
+        };
         let mut v = FakeVmcs::default();
         init(&mut v, &c, &t, &VcpuBoot { entry: 0x10_0000, rbx: 0x1000, domain: 2, stage2_root: 0x5000, vm: false });
         (v, c)
