@@ -140,6 +140,8 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     );
     let mut m = BARE_METAL.lock();
     m.hw = hw;
+    #[cfg(feature = "vmx")]
+    m.hw.set_tick(clock.tsc_mhz() * apic::TICK_NS / 1000);
     m.clock = clock;
     let mut k = KERNEL.lock();
     if !m.preallocate_vmcbs() {

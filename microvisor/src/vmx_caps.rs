@@ -44,6 +44,8 @@ pub struct VmxMsrs {
     pub procbased_ctls: u64,
     pub exit_ctls: u64,
     pub entry_ctls: u64,
+    /// IA32_VMX_MISC (appendix A.6): bits 4:0 the VMX-preemption timer's rate (TSC >> n).
+    pub misc: u64,
     /// CR0 and CR4 bits fixed to 1 (FIXED0) and allowed to be 1 (FIXED1) in VMX operation.
     pub cr0_fixed: (u64, u64),
     pub cr4_fixed: (u64, u64),
@@ -206,6 +208,7 @@ pub(crate) mod tests {
             procbased_ctls: 0xfff9_fffe_0400_6172,
             exit_ctls: 0x01ff_ffff_0003_6dfb,
             entry_ctls: 0x0003_ffff_0000_11fb,
+            misc: 0x7004_c1e7,
             cr0_fixed: (0x8000_0021, 0xffff_ffff),
             cr4_fixed: (0x2000, 0x0037_67ff),
         }

@@ -38,6 +38,7 @@ pub fn probe() -> Option<VmxMsrs> {
         procbased_ctls: read(ctls + 1),
         exit_ctls: read(ctls + 2),
         entry_ctls: read(ctls + 3),
+        misc: read(0x485),
         cr0_fixed: fixed(MSR_VMX_CR0_FIXED0),
         cr4_fixed: fixed(MSR_VMX_CR0_FIXED0 + 2),
     })

@@ -11,6 +11,11 @@ use crate::vmx_caps::VmxMsrs;
 pub mod pin {
     pub const EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
     pub const NMI_EXITING: u32 = 1 << 3;
+    /// An exit when the VMX-preemption timer counts down to 0 (exit reason 52). Used as a
+    /// second tick: Bochs 2.7 makes no external-interrupt exit while the guest runs with
+    /// RFLAGS.IF clear (it leaves the host's interrupt masking in place across the entry),
+    /// so a domain spinning with interrupts off was never preempted.
+    pub const PREEMPTION_TIMER: u32 = 1 << 6;
 }
 
 /// Primary processor-based controls (SDM 24.6.2, table 24-6).
@@ -43,6 +48,8 @@ pub mod exit {
     pub const LOAD_PAT: u32 = 1 << 19;
     pub const SAVE_EFER: u32 = 1 << 20;
     pub const LOAD_EFER: u32 = 1 << 21;
+    /// The preemption timer's value is saved on exit: it counts the vCPU's running time.
+    pub const SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 }
 
 /// VM-entry controls (SDM 24.8.1, table 24-13).
@@ -64,6 +71,8 @@ pub struct Controls {
     pub cr0_fixed: (u64, u64),
     /// Same for CR4 (appendix A.8).
     pub cr4_fixed: (u64, u64),
+    /// The VMX-preemption timer counts TSC >> this (IA32_VMX_MISC bits 4:0).
+    pub preemption_shift: u32,
 }
 
 /// `want` plus the bits the CPU forces, or the name of the first wanted bit it cannot set.
@@ -84,7 +93,7 @@ impl Controls {
         let pin = adjust(
             m.pinbased_ctls,
             pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING,
-            0,
+            pin::PREEMPTION_TIMER,
             &[(pin::EXTERNAL_INTERRUPT_EXITING, "external-interrupt exiting")],
         )?;
         // Every port and MSR access exits through all-ones bitmaps; HLT, MWAIT and MONITOR
@@ -107,13 +116,14 @@ impl Controls {
         let exit = adjust(
             m.exit_ctls,
             exit::HOST_ADDRESS_SPACE_SIZE | exit::SAVE_PAT | exit::LOAD_PAT | exit::SAVE_EFER | exit::LOAD_EFER,
-            0,
+            exit::SAVE_PREEMPTION_TIMER,
             &[(exit::HOST_ADDRESS_SPACE_SIZE, "a 64-bit host")],
         )?;
         // "Acknowledge interrupt on exit" stays clear: a physical interrupt stays pending in
         // the local APIC and the microvisor's IDT takes it, as under SVM.
         let entry = adjust(m.entry_ctls, entry::LOAD_PAT | entry::LOAD_EFER, 0, &[(entry::LOAD_EFER, "load EFER")])?;
-        Ok(Self { pin, proc1, proc2, exit, entry, cr0_fixed: m.cr0_fixed, cr4_fixed: m.cr4_fixed })
+        let preemption_shift = (m.misc & 0x1f) as u32;
+        Ok(Self { pin, proc1, proc2, exit, entry, cr0_fixed: m.cr0_fixed, cr4_fixed: m.cr4_fixed, preemption_shift })
     }
 
     /// CR0 as the hardware must hold it for a guest wanting `cr0`: with unrestricted guest,
@@ -139,6 +149,8 @@ mod tests {
         let c = Controls::compute(&skylake()).unwrap();
         assert_eq!(c.pin & 0b1001, 0b1001);
         assert_eq!(c.pin & 0x16, 0x16, "the default-1 bits stay set");
+        assert_ne!(c.pin & pin::PREEMPTION_TIMER, 0);
+        assert_eq!(c.preemption_shift, 7);
         assert_ne!(c.proc1 & proc1::HLT_EXITING, 0);
         assert_eq!(c.proc1 & (proc1::CR3_LOAD_EXITING | proc1::CR3_STORE_EXITING), 0, "cleared by the TRUE MSR");
         assert_eq!(c.proc1 & proc1::INTERRUPT_WINDOW_EXITING, 0, "set only when wanted");

@@ -17,6 +17,7 @@ pub const RDMSR: u32 = 31;
 pub const WRMSR: u32 = 32;
 pub const EPT_VIOLATION: u32 = 48;
 pub const EPT_MISCONFIGURATION: u32 = 49;
+pub const PREEMPTION_TIMER: u32 = 52;
 /// Exit reason bit 31: "VM-entry failure" (SDM 26.8): the guest state or the MSR-load area
 /// was refused (basic reasons 33, 34), or a machine check hit the entry (41).
 pub const ENTRY_FAILURE: u32 = 1 << 31;
@@ -73,7 +74,8 @@ pub fn decode(f: &ExitFields) -> Exit {
         },
         TRIPLE_FAULT => Exit::Shutdown,
         INTERRUPT_WINDOW => Exit::InterruptWindow,
-        EXTERNAL_INTERRUPT => Exit::Interrupt,
+        // The VMX-preemption timer stands in for the tick (see `controls::pin`).
+        EXTERNAL_INTERRUPT | PREEMPTION_TIMER => Exit::Interrupt,
         // Exceptions in the bitmap and NMIs (with NMI exiting) share reason 0: the type in
         // the interruption information tells them apart (table 24-15).
         EXCEPTION_OR_NMI if f.interruption & (INFO_VALID | 7 << 8) == INFO_VALID | TYPE_NMI => Exit::Interrupt,
@@ -123,6 +125,7 @@ mod tests {
         assert_eq!(ept(0b101001), Exit::Stage2Fault { gpa: 0x4000_0000, access: access::PRESENT });
         assert_eq!(decode(&f(TRIPLE_FAULT, 0, 0)), Exit::Shutdown);
         assert_eq!(decode(&f(EXTERNAL_INTERRUPT, 0, 0)), Exit::Interrupt);
+        assert_eq!(decode(&f(PREEMPTION_TIMER, 0, 0)), Exit::Interrupt);
         assert_eq!(decode(&f(INTERRUPT_WINDOW, 0, 0)), Exit::InterruptWindow);
         assert_eq!(decode(&f(EPT_MISCONFIGURATION, 0, 0)), Exit::Other(49));
         assert_eq!(decode(&f(13, 0, 2)), Exit::Other(13), "INVD");

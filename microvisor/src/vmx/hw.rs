@@ -99,12 +99,24 @@ pub struct Vmx {
     alloc: AllocFrames,
     current: Option<VcpuId>,
     vcpus: [VcpuVmx; MAX_VCPUS],
+    /// The VMX-preemption timer's start value: one scheduler tick of guest time.
+    preemption: u32,
 }
 
 impl Vmx {
     /// VMX not yet enabled (a placeholder for static initialisation).
     pub const DISABLED: Self = Self {
-        controls: Controls { pin: 0, proc1: 0, proc2: 0, exit: 0, entry: 0, cr0_fixed: (0, 0), cr4_fixed: (0, 0) },
+        controls: Controls {
+            pin: 0,
+            proc1: 0,
+            proc2: 0,
+            exit: 0,
+            entry: 0,
+            cr0_fixed: (0, 0),
+            cr4_fixed: (0, 0),
+            preemption_shift: 0,
+        },
+        preemption: u32::MAX,
         revision: 0,
         io_bitmaps: 0,
         msr_bitmap: 0,
@@ -162,7 +174,14 @@ impl Vmx {
             alloc,
             current: None,
             vcpus: [VcpuVmx::NONE; MAX_VCPUS],
+            preemption: u32::MAX,
         })
+    }
+
+    /// One scheduler tick is `tsc` TSC cycles: a vCPU exits after running that long even if
+    /// no interrupt made it exit (see [`super::controls::pin::PREEMPTION_TIMER`]).
+    pub fn set_tick(&mut self, tsc: u64) {
+        self.preemption = (tsc >> self.controls.preemption_shift).clamp(1, u32::MAX as u64) as u32;
     }
 
     /// Allocate every vCPU's VMCS page up front (kept for reuse, as on SVM). False if
@@ -273,6 +292,9 @@ impl Vmx {
             c.write(f::ENTRY_INSTRUCTION_LENGTH, len);
         }
         let base = reason & 0xffff;
+        if base == exit::PREEMPTION_TIMER {
+            c.write(f::PREEMPTION_TIMER_VALUE, self.preemption as u64);
+        }
         let mut fields = ExitFields { reason, qualification: c.read(f::EXIT_QUALIFICATION), len, ..Default::default() };
         if base == exit::EPT_VIOLATION || base == exit::EPT_MISCONFIGURATION {
             fields.gpa = c.read(f::GUEST_PHYSICAL_ADDRESS);
@@ -337,6 +359,7 @@ impl VcpuHardware for Vmx {
         let mut c = self.load(v);
         state::init(&mut c, &controls, &tables, boot);
         Self::write_host_state(&mut c);
+        c.write(f::PREEMPTION_TIMER_VALUE, self.preemption as u64);
         self.vcpus[i] = VcpuVmx { vmcs: pa, eptp: tables.eptp, ..VcpuVmx::NONE };
         // A domain slot (and so its VPID) and a page-table root are reused after a domain
         // is destroyed: drop what the CPU may still hold for the old ones (SDM 28.4.3).

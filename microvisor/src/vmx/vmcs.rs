@@ -46,6 +46,7 @@ pub const GUEST_GDTR_LIMIT: u32 = 0x4810;
 pub const GUEST_IDTR_LIMIT: u32 = 0x4812;
 /// Bit 0 blocking by STI, bit 1 blocking by MOV SS (SDM 24.4.2, table 24-3).
 pub const GUEST_INTERRUPTIBILITY: u32 = 0x4824;
+pub const PREEMPTION_TIMER_VALUE: u32 = 0x482e;
 pub const HOST_SYSENTER_CS: u32 = 0x4c00;
 
 // Natural-width fields (B.4).
