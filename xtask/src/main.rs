@@ -68,6 +68,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   test                  host tests, then the QEMU end-to-end tests
   bench ipc [--n N]     IPC cost in instructions (QEMU -icount) and wall time; writes
                         target/bench/ipc.json
+  bench ipc --machine bochs [--n N]
+                        the same figures under VMX on Bochs (TSC = instructions with
+                        clock sync=none); writes target/bench/ipc-vmx.json
   bench blk             block throughput through the disk driver VM vs. a domain owning
                         the device; writes target/bench/blk.json
   bench net             TCP throughput and small requests per second through the net driver
