@@ -144,7 +144,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let iso = crate::iso::build_iso(&build::vmx_image(&artifacts.microvisor), &bundle, "", &dir.join("stack.iso"))?;
         let machine = crate::bochs::BochsMachine::new(&iso, &dir);
         let run = crate::bochs::run_captured(&machine, Duration::from_secs(600 + n / 20), false, done)?;
-        return report(&figures_of(&run)?, None, "Bochs corei7_skylake_x, VMX, clock sync=none", &target.join("bench").join("ipc-vmx.json"));
+        return report(
+            &figures_of(&run)?,
+            None,
+            "Bochs corei7_skylake_x, VMX, clock sync=none",
+            &target.join("bench").join("ipc-vmx.json"),
+        );
     }
 
     eprintln!("bench ipc: run 1 of 2: {n} iterations per phase under -icount (instruction counts)");
@@ -189,7 +194,10 @@ fn report(f: &IpcFigures, wall_ns: Option<f64>, machine: &str, json: &Path) -> R
     );
     println!();
     if let Some(ns) = wall_ns {
-        println!("  wall clock per IPC round trip without icount: {:.1} us (TCG: compare ratios, not times)", ns / 1000.0);
+        println!(
+            "  wall clock per IPC round trip without icount: {:.1} us (TCG: compare ratios, not times)",
+            ns / 1000.0
+        );
     }
     println!("  samples over the histogram range: {}", f.outliers);
     println!(

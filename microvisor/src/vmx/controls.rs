@@ -14,7 +14,8 @@ pub mod pin {
     /// An exit when the VMX-preemption timer counts down to 0 (exit reason 52). Used as a
     /// second tick: Bochs 2.7 makes no external-interrupt exit while the guest runs with
     /// RFLAGS.IF clear (it leaves the host's interrupt masking in place across the entry),
-    /// so a domain spinning with interrupts off was never preempted.
+    /// so a domain spinning with interrupts off was never preempted. The timer restarts
+    /// at every entry (its value is not saved on exit).
     pub const PREEMPTION_TIMER: u32 = 1 << 6;
 }
 
@@ -48,8 +49,6 @@ pub mod exit {
     pub const LOAD_PAT: u32 = 1 << 19;
     pub const SAVE_EFER: u32 = 1 << 20;
     pub const LOAD_EFER: u32 = 1 << 21;
-    /// The preemption timer's value is saved on exit: it counts the vCPU's running time.
-    pub const SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 }
 
 /// VM-entry controls (SDM 24.8.1, table 24-13).
@@ -116,7 +115,7 @@ impl Controls {
         let exit = adjust(
             m.exit_ctls,
             exit::HOST_ADDRESS_SPACE_SIZE | exit::SAVE_PAT | exit::LOAD_PAT | exit::SAVE_EFER | exit::LOAD_EFER,
-            exit::SAVE_PREEMPTION_TIMER,
+            0,
             &[(exit::HOST_ADDRESS_SPACE_SIZE, "a 64-bit host")],
         )?;
         // "Acknowledge interrupt on exit" stays clear: a physical interrupt stays pending in

@@ -292,9 +292,6 @@ impl Vmx {
             c.write(f::ENTRY_INSTRUCTION_LENGTH, len);
         }
         let base = reason & 0xffff;
-        if base == exit::PREEMPTION_TIMER {
-            c.write(f::PREEMPTION_TIMER_VALUE, self.preemption as u64);
-        }
         let mut fields = ExitFields { reason, qualification: c.read(f::EXIT_QUALIFICATION), len, ..Default::default() };
         if base == exit::EPT_VIOLATION || base == exit::EPT_MISCONFIGURATION {
             fields.gpa = c.read(f::GUEST_PHYSICAL_ADDRESS);
@@ -359,6 +356,10 @@ impl VcpuHardware for Vmx {
         let mut c = self.load(v);
         state::init(&mut c, &controls, &tables, boot);
         Self::write_host_state(&mut c);
+        // Without "save VMX-preemption timer value" every entry starts the timer from this
+        // value (SDM 26.7.4): a vCPU exits after one tick of running, never at entry (a
+        // saved value of 0 would exit before the first instruction, and Bochs then lost
+        // the event the entry was injecting).
         c.write(f::PREEMPTION_TIMER_VALUE, self.preemption as u64);
         self.vcpus[i] = VcpuVmx { vmcs: pa, eptp: tables.eptp, ..VcpuVmx::NONE };
         // A domain slot (and so its VPID) and a page-table root are reused after a domain
