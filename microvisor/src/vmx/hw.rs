@@ -391,8 +391,16 @@ impl VcpuHardware for Vmx {
             return Exit::Invalid(c.read(f::VM_INSTRUCTION_ERROR) << 32);
         }
         vc.launched = true;
-        // SAFETY: reading CR2 has no side effects.
-        unsafe { asm!("mov {}, cr2", out(reg) vc.cr2, options(nostack, nomem)) };
+        // SAFETY: reading CR2 has no side effects. STI; NOP; CLI lets in a physical
+        // interrupt that arrived while the guest ran without making it exit (Bochs 2.7
+        // makes no external-interrupt exit while the guest has RFLAGS.IF clear): the tick
+        // is then seen at this exit, whatever its reason, not only at the next
+        // preemption-timer exit. The microvisor's interrupt handlers touch only their
+        // counters and the EOI register, as where the run loop lets them in.
+        unsafe {
+            asm!("mov {}, cr2", out(reg) vc.cr2, options(nostack, nomem));
+            asm!("sti", "nop", "cli", options(nostack));
+        }
         regs.rip = c.read(f::GUEST_RIP);
         let reason = c.read(f::EXIT_REASON) as u32;
         // The hypercall, first and alone: it is what the IPC fast path runs on. VMCALL is
