@@ -53,11 +53,9 @@ fn assert_stopped(run: &Run) {
 
 #[test]
 fn dom0_runs_in_vmx_non_root_mode_with_ipc_a_domain_exit_and_a_vm_served_by_its_vmm() {
-    let Some(run) = bochs_run(
-        "stacks/bochs.toml",
-        "",
-        &["[dom0] destroyed ping: its memory is free again", "[vmm] VM results:"],
-    ) else {
+    let Some(run) =
+        bochs_run("stacks/bochs.toml", "", &["[dom0] destroyed ping: its memory is free again", "[vmm] VM results:"])
+    else {
         return;
     };
     assert_stopped(&run);
@@ -124,9 +122,11 @@ fn on_bochs_a_rogue_domain_gets_error_codes_and_a_spinner_does_not_starve_ping()
     assert_line(&run, "[dom0] fault in rogue: stage-2 read at guest-physical 0x80000000");
     assert_no_line(&run, "FATAL");
 
-    let Some(run) =
-        bochs_run("tests/stacks/spinner.toml", "", &["[spinner] ready", "[ping] 20000 calls to \"ping-pong\" answered"])
-    else {
+    let Some(run) = bochs_run(
+        "tests/stacks/spinner.toml",
+        "",
+        &["[spinner] ready", "[ping] 20000 calls to \"ping-pong\" answered"],
+    ) else {
         return;
     };
     assert_stopped(&run);
