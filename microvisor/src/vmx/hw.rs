@@ -9,7 +9,8 @@ use ipc_spec::exit::{Event, VcpuState as ArchState};
 use ipc_spec::Error;
 use x86_64::registers::model_specific::Msr;
 
-use super::controls::{proc1, Controls};
+use super::controls::Controls;
+use super::events::{self, Interrupts};
 use super::exit::{self, ExitFields};
 use super::state::{self, Tables};
 use super::vmcs::{self as f, Vmcs};
@@ -19,9 +20,6 @@ use crate::vcpu_hw::{Exit, VcpuHardware};
 use crate::vmx_caps::VmxMsrs;
 
 const PAGE: usize = 4096;
-/// Interruption-information valid bit (tables 24-15, 24-16).
-const VALID: u64 = 1 << 31;
-const RFLAGS_IF: u64 = 1 << 9;
 
 /// Zeroed, page-aligned physical frames, identity-mapped (from the machine's allocator).
 pub type AllocFrames = fn(u64) -> Option<u64>;
@@ -69,21 +67,14 @@ struct VcpuVmx {
     /// VMLAUNCH done (then VMRESUME until the VMCS is cleared: SDM 24.1).
     launched: bool,
     eptp: u64,
-    /// The interrupt offered to the guest, taken when it can (SVM's V_IRQ; VMX has no such
-    /// slot without APIC virtualization, so the entry injects it when the guest is
-    /// interruptible and interrupt-window exiting waits for that moment otherwise).
-    offered: Option<u8>,
-    /// The kernel asked for an exit when the guest can take an interrupt.
-    window: bool,
-    /// Interrupt-window exiting is set in the VMCS now.
-    window_armed: bool,
+    /// The offered vector and interrupt-window state.
+    irq: Interrupts,
     /// The guest's CR2, which the VMCS does not hold.
     cr2: u64,
 }
 
 impl VcpuVmx {
-    const NONE: Self =
-        Self { vmcs: 0, launched: false, eptp: 0, offered: None, window: false, window_armed: false, cr2: 0 };
+    const NONE: Self = Self { vmcs: 0, launched: false, eptp: 0, irq: Interrupts::NONE, cr2: 0 };
 }
 
 /// Per-CPU VMX state, the bitmaps all guests share, and every vCPU's VMCS.
@@ -251,46 +242,12 @@ impl Vmx {
         c.write(f::HOST_SYSENTER_CS, 0);
     }
 
-    /// Before an entry with interrupt work: inject the offered vector if the guest can take
-    /// it now, and exit at the next moment it can if something still waits.
-    #[inline(never)]
-    fn prepare_interrupts(&mut self, v: VcpuId, c: &mut Current) {
-        let vc = &mut self.vcpus[v as usize];
-        if let Some(vector) = vc.offered {
-            if interruptible(c) {
-                c.write(f::ENTRY_INTERRUPTION_INFO, VALID | vector as u64);
-                vc.offered = None;
-            }
-        }
-        // Interrupt-window exiting (table 24-6): an exit at the start of any instruction
-        // with RFLAGS.IF set and no blocking by STI or MOV SS.
-        let arm = vc.offered.is_some() || vc.window;
-        if arm != vc.window_armed {
-            let window = if arm { proc1::INTERRUPT_WINDOW_EXITING } else { 0 };
-            c.write(f::PROC_CONTROLS, (self.controls.proc1 | window) as u64);
-            vc.window_armed = arm;
-        }
-    }
-
     /// After an exit other than VMCALL: re-inject an event whose delivery the exit cut
     /// short, then decode.
     #[inline(never)]
     fn exit_slow(&mut self, reason: u32, c: &mut Current) -> Exit {
-        // SDM 27.2.4: an exit during event delivery (an interrupt the entry injected, an
-        // exception, a software interrupt) records the event in the IDT-vectoring
-        // information and it is not delivered; the VMM re-injects it with the same
-        // information (bit 12 is undefined there and reserved on entry), error code and,
-        // for software events (types 4-6), instruction length. Left there, an injected
-        // interrupt would be lost.
-        let vectoring = c.read(f::IDT_VECTORING_INFO);
         let len = c.read(f::EXIT_INSTRUCTION_LENGTH);
-        if vectoring & VALID != 0 {
-            c.write(f::ENTRY_INTERRUPTION_INFO, vectoring & !(1 << 12));
-            if vectoring & (1 << 11) != 0 {
-                c.write(f::ENTRY_EXCEPTION_ERROR, c.read(f::IDT_VECTORING_ERROR));
-            }
-            c.write(f::ENTRY_INSTRUCTION_LENGTH, len);
-        }
+        events::reinject(c, len);
         let base = reason & 0xffff;
         let mut fields = ExitFields { reason, qualification: c.read(f::EXIT_QUALIFICATION), len, ..Default::default() };
         if base == exit::EPT_VIOLATION || base == exit::EPT_MISCONFIGURATION {
@@ -314,14 +271,6 @@ impl Vmx {
             }
         }
     }
-}
-
-/// The guest would take an external interrupt at its next instruction (SDM 26.3.1.5 and
-/// 26.6.5): RFLAGS.IF set, no blocking by STI or MOV SS, no event waiting for injection.
-fn interruptible(c: &Current) -> bool {
-    c.read(f::GUEST_RFLAGS) & RFLAGS_IF != 0
-        && c.read(f::GUEST_INTERRUPTIBILITY) & 3 == 0
-        && c.read(f::ENTRY_INTERRUPTION_INFO) & VALID == 0
 }
 
 /// INVEPT / INVVPID type 1: single context (SDM 30.3, "INVEPT" and "INVVPID").
@@ -373,9 +322,10 @@ impl VcpuHardware for Vmx {
     fn run(&mut self, v: VcpuId, regs: &mut Regs) -> Exit {
         let mut c = self.load(v);
         c.write(f::GUEST_RIP, regs.rip);
-        let vc = &self.vcpus[v as usize];
-        if vc.offered.is_some() || vc.window || vc.window_armed {
-            self.prepare_interrupts(v, &mut c);
+        let proc1 = self.controls.proc1;
+        let irq = &mut self.vcpus[v as usize].irq;
+        if irq.pending() {
+            irq.prepare(&mut c, proc1);
         }
         let vc = &mut self.vcpus[v as usize];
         // SAFETY: the VMCS of vCPU v is current and complete (`create`); `regs` is that
@@ -424,17 +374,11 @@ impl VcpuHardware for Vmx {
     }
 
     fn inject(&mut self, v: VcpuId, event: Event) {
-        // The VM-entry interruption information (table 24-16) has the layout of the ABI's
-        // event word's low half (vector, type, error-code flag, valid); the error code has
-        // its own field.
-        let e = event.encode();
-        let mut c = self.load(v);
-        c.write(f::ENTRY_INTERRUPTION_INFO, e & 0x8000_0fff);
-        c.write(f::ENTRY_EXCEPTION_ERROR, e >> 32);
+        events::inject(&mut self.load(v), event);
     }
 
     fn offer_interrupt(&mut self, v: VcpuId, vector: u8) -> bool {
-        let slot = &mut self.vcpus[v as usize].offered;
+        let slot = &mut self.vcpus[v as usize].irq.offered;
         if slot.is_some() {
             return false;
         }
@@ -443,7 +387,7 @@ impl VcpuHardware for Vmx {
     }
 
     fn interrupt_offered(&mut self, v: VcpuId) -> bool {
-        self.vcpus[v as usize].offered.is_some()
+        self.vcpus[v as usize].irq.offered.is_some()
     }
 
     fn flush_tlb(&mut self, v: VcpuId) {
@@ -476,7 +420,7 @@ impl VcpuHardware for Vmx {
 
 impl VirqHardware for Vmx {
     fn virq_offered(&mut self, v: VcpuId) -> Option<u8> {
-        self.vcpus[v as usize].offered
+        self.vcpus[v as usize].irq.offered
     }
 
     fn virq_offer(&mut self, v: VcpuId, vector: u8) {
@@ -484,12 +428,11 @@ impl VirqHardware for Vmx {
     }
 
     fn virq_injectable(&mut self, v: VcpuId) -> bool {
-        let c = self.load(v);
-        interruptible(&c)
+        events::interruptible(&self.load(v))
     }
 
     fn virq_window(&mut self, v: VcpuId, on: bool) {
-        self.vcpus[v as usize].window = on;
+        self.vcpus[v as usize].irq.window = on;
     }
 
     fn virq_inject(&mut self, v: VcpuId, vector: u8) {
