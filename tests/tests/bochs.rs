@@ -2,7 +2,8 @@
 //! guest), no IOMMU, no PCIe, no virtio. GRUB boots the microvisor's VMX build by
 //! Multiboot2 from an ISO; dom0 and the domains run in VMX non-root mode. The end-to-end
 //! tests that need no device run here as on QEMU: boot, IPC, a domain's exit, faults,
-//! rogue hypercalls, scheduling, the virtual timer and doorbells, the test VMM.
+//! rogue hypercalls, scheduling, the virtual timer and doorbells, the test VMM and a rogue
+//! VM.
 //!
 //! Each run costs a BIOS and GRUB boot (about 6 s) plus the stack at Bochs's pace, so the
 //! checks are grouped into few runs.
@@ -150,5 +151,22 @@ fn on_bochs_the_virtual_timer_and_doorbells_arrive_as_virtual_interrupts() {
     assert!(slept >= 20, "woke after {slept} ms, asked for 20:\n{}", run.console());
     assert_line(&run, "[bell] answering doorbells on \"ping-bell\" by virtual interrupt 0x40");
     assert_no_line(&run, "late or lost");
+    assert_no_line(&run, "FATAL");
+}
+
+#[test]
+fn on_bochs_a_rogue_vm_reaches_only_its_vmm() {
+    let Some(run) = bochs_run(
+        "tests/stacks/rogue-vm.toml",
+        "",
+        &["[vmm] rogue VM contained:", "[ping] 20000 calls to \"ping-pong\" answered correctly"],
+    ) else {
+        return;
+    };
+    assert_stopped(&run);
+    assert_line(&run, "[vmm] guest: tiny VM (rogue): 2000 random port accesses done");
+    assert_line(&run, "[vmm] guest: tiny VM (rogue): 500 wild MMIO accesses done");
+    assert_line(&run, "pausing it: Ok(())");
+    assert_no_line(&run, "[dom0] fault in");
     assert_no_line(&run, "FATAL");
 }
