@@ -135,7 +135,8 @@ mod dom0 {
             },
         };
 
-        println!("ready{}", if guest_mode { " (in SVM guest mode)" } else { "" });
+        let mode = if hypercall::on_vmx() { " (in VMX non-root mode)" } else { " (in SVM guest mode)" };
+        println!("ready{}", if guest_mode { mode } else { "" });
         if info.arg("on_ready") == Some("shutdown") {
             let e = hypercall::shutdown(ipc_spec::hypercall::dom0_slots::MACHINE, 0);
             println!("shutdown refused: {e}");

@@ -1,4 +1,7 @@
-//! Hypercall stubs: VMMCALL with the register convention of `ipc_spec::hypercall`.
+//! Hypercall stubs: VMMCALL (AMD) or VMCALL (Intel) with the register convention of
+//! `ipc_spec::hypercall`.
+
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use ipc_spec::hypercall::{result_of, Hypercall, REGISTER_WORDS};
 use ipc_spec::Error;
@@ -13,30 +16,71 @@ pub struct Regs {
     pub args: [u64; REGISTER_WORDS],
 }
 
+/// Which instruction traps to the microvisor: VMMCALL under AMD SVM, VMCALL under Intel VMX
+/// (each is #UD on the other vendor's CPU, SDM vol. 2 / APM vol. 3). Chosen from the CPU
+/// vendor string (CPUID leaf 0) on the first hypercall, never by build: the same domain
+/// image runs on both. The fast path pays one load and a branch.
+static INSTRUCTION: AtomicU8 = AtomicU8::new(UNKNOWN);
+const UNKNOWN: u8 = 0;
+const VMMCALL: u8 = 1;
+const VMCALL: u8 = 2;
+
+/// The CPU is Intel's (or another VMX vendor's): hypercalls are VMCALL.
+#[inline(always)]
+pub fn on_vmx() -> bool {
+    match INSTRUCTION.load(Ordering::Relaxed) {
+        VMCALL => true,
+        VMMCALL => false,
+        _ => choose(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn choose() -> bool {
+    // "AuthenticAMD" and "HygonGenuine" (AMD's design) have SVM; every other vendor VMX.
+    let r = core::arch::x86_64::__cpuid(0);
+    let amd = matches!(
+        (r.ebx, r.edx, r.ecx),
+        (0x6874_7541, 0x6974_6e65, 0x444d_4163) | (0x6f67_7948, 0x6e65_476e, 0x656e_6975)
+    );
+    INSTRUCTION.store(if amd { VMMCALL } else { VMCALL }, Ordering::Relaxed);
+    !amd
+}
+
 /// Make a hypercall with every argument register; returns every result register.
 #[inline(always)]
 pub fn raw(number: u64, rbx: u64, rcx: u64, args: [u64; REGISTER_WORDS]) -> Regs {
     let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5] = args;
     let (mut rax, mut b, mut c) = (number, rbx, rcx);
-    // SAFETY: VMMCALL traps to the microvisor, which reads and writes only the registers
-    // named here (RBX is swapped in and out around it, as LLVM reserves it) and touches
-    // our memory only as the call documents.
-    unsafe {
-        core::arch::asm!(
-            "xchg {b}, rbx",
-            "vmmcall",
-            "xchg {b}, rbx",
-            b = inout(reg) b,
-            inout("rax") rax,
-            inout("rcx") c,
-            inout("rdi") a0,
-            inout("rsi") a1,
-            inout("rdx") a2,
-            inout("r10") a3,
-            inout("r8") a4,
-            inout("r9") a5,
-            options(nostack),
-        );
+    macro_rules! trap {
+        ($insn:literal) => {
+            // SAFETY: VMMCALL/VMCALL traps to the microvisor, which reads and writes only
+            // the registers named here (RBX is swapped in and out around it, as LLVM
+            // reserves it) and touches our memory only as the call documents.
+            unsafe {
+                core::arch::asm!(
+                    "xchg {b}, rbx",
+                    $insn,
+                    "xchg {b}, rbx",
+                    b = inout(reg) b,
+                    inout("rax") rax,
+                    inout("rcx") c,
+                    inout("rdi") a0,
+                    inout("rsi") a1,
+                    inout("rdx") a2,
+                    inout("r10") a3,
+                    inout("r8") a4,
+                    inout("r9") a5,
+                    options(nostack),
+                )
+            }
+        };
+    }
+    if on_vmx() {
+        trap!("vmcall");
+    } else {
+        trap!("vmmcall");
     }
     Regs { rax, rbx: b, rcx: c, args: [a0, a1, a2, a3, a4, a5] }
 }

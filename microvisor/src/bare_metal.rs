@@ -10,8 +10,12 @@ use microvisor::kernel::{
 use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
 use microvisor::phys_mem::{PhysRead, PhysWrite};
 use microvisor::stage2::TableMemory;
-use microvisor::svm::hw::Svm;
 use microvisor::vcpu_hw::VcpuHardware;
+// The vendor backend of this build (cargo feature `vmx`) and its stage-2 format.
+#[cfg(feature = "vmx")]
+pub use microvisor::{ept::Ept as Stage2, vmx::hw::Vmx as Hw};
+#[cfg(not(feature = "vmx"))]
+pub use microvisor::{npt::Npt as Stage2, svm::hw::Svm as Hw};
 
 use crate::arch::apic::Clock;
 use crate::arch::fpu::FpuStates;
@@ -22,7 +26,7 @@ use crate::arch::vtd::Iommu;
 
 pub struct BareMetal {
     /// The vCPU hardware (the vendor backend).
-    pub svm: Svm,
+    pub hw: Hw,
     pub clock: Clock,
     /// Bumped whenever some stage-2 map shrinks; a vCPU that has not seen the current
     /// value flushes its TLB on entry (TCG has no flush-by-ASID).
@@ -48,10 +52,10 @@ pub struct BareMetal {
 
 impl BareMetal {
     /// Built in place in a static: it holds 16 KiB of FPU save areas, too much to pass
-    /// through the boot stack. `svm` and `clock` are filled in at boot.
+    /// through the boot stack. `hw` and `clock` are filled in at boot.
     pub const fn new() -> Self {
         Self {
-            svm: Svm::DISABLED,
+            hw: Hw::DISABLED,
             clock: Clock::UNCALIBRATED,
             tlb_epoch: 0,
             seen_epoch: [0; MAX_VCPUS],
@@ -92,14 +96,14 @@ impl BareMetal {
     /// never came back to its level at boot, which hides leaks). False if memory ran out
     /// (at boot).
     pub fn preallocate_vmcbs(&mut self) -> bool {
-        self.svm.preallocate()
+        self.hw.preallocate()
     }
 
     /// Flush the vCPU's TLB on its next entry if some stage-2 map shrank since its last.
     pub fn sync_tlb(&mut self, v: VcpuId) {
         if self.seen_epoch[v as usize] != self.tlb_epoch {
             self.seen_epoch[v as usize] = self.tlb_epoch;
-            self.svm.flush_tlb(v);
+            self.hw.flush_tlb(v);
         }
     }
 }
@@ -159,26 +163,26 @@ impl Platform for BareMetal {
     }
 
     fn vcpu_created(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
-        self.svm.create(v, boot)?;
+        self.hw.create(v, boot)?;
         self.seen_epoch[v as usize] = self.tlb_epoch;
         self.fpu.reset(v);
         Ok(())
     }
 
     fn vcpu_state(&mut self, v: VcpuId, regs: &mut Regs, s: &mut ArchState) {
-        self.svm.state(v, regs, s);
+        self.hw.state(v, regs, s);
     }
 
     fn vcpu_set_state(&mut self, v: VcpuId, regs: &mut Regs, mask: u16, s: &ArchState) {
-        self.svm.set_state(v, regs, mask, s);
+        self.hw.set_state(v, regs, mask, s);
     }
 
     fn vcpu_complete(&mut self, v: VcpuId, regs: &mut Regs, len: u8) {
-        self.svm.complete(v, regs, len);
+        self.hw.complete(v, regs, len);
     }
 
     fn vcpu_inject(&mut self, v: VcpuId, event: Event) {
-        self.svm.inject(v, event);
+        self.hw.inject(v, event);
     }
 
     fn stage2_changed(&mut self, _domain: DomainId) {

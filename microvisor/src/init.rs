@@ -8,8 +8,6 @@ use ipc_spec::machine_exit::MachineExit;
 use microvisor::frame_alloc::{FrameAllocator, PhysRange};
 use microvisor::kernel::caps::Object;
 use microvisor::kernel::Kernel;
-use microvisor::npt::Npt;
-use microvisor::svm::hw::Svm;
 use pvh::elf::{ElfError, ElfImage};
 use pvh::start_info::{self, MemmapEntry, ModuleSpec};
 
@@ -21,7 +19,7 @@ use crate::arch::pcie::Ecam;
 use crate::arch::phys::{alloc_zeroed_frames, phys_slice, FRAMES, PAGE_SIZE};
 use crate::arch::serial::Serial;
 use crate::arch::vtd::Iommu;
-use crate::bare_metal::BareMetal;
+use crate::bare_metal::{BareMetal, Hw, Stage2};
 use crate::println;
 
 pvh::pvh_entry!(microvisor_main, 64 * 1024);
@@ -39,7 +37,13 @@ const START_INFO_GPA: u64 = 0x1000;
 /// Images are linked at or above 1 MiB; below stays free for the start info.
 const IMAGE_MIN_GPA: u64 = 0x10_0000;
 
-static KERNEL: spin::Mutex<Kernel<Npt>> = spin::Mutex::new(Kernel::new());
+/// What this build runs on: the banner's words, and what dom0 is entered in.
+#[cfg(not(feature = "vmx"))]
+const BACKEND: [&str; 2] = ["AMD SVM + nested paging", "SVM guest mode"];
+#[cfg(feature = "vmx")]
+const BACKEND: [&str; 2] = ["Intel VMX + EPT + VPID", "VMX non-root mode with EPT and VPID"];
+
+static KERNEL: spin::Mutex<Kernel<Stage2>> = spin::Mutex::new(Kernel::new());
 static BARE_METAL: spin::Mutex<BareMetal> = spin::Mutex::new(BareMetal::new());
 
 extern "C" {
@@ -52,11 +56,7 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     Serial::init();
     mask_legacy_pic();
     cpu::init();
-    println!(
-        "microvisor {} (AMD SVM + nested paging, Intel VT-d), ABI {}",
-        env!("CARGO_PKG_VERSION"),
-        ipc_spec::ABI_VERSION
-    );
+    println!("microvisor {} ({}, Intel VT-d), ABI {}", env!("CARGO_PKG_VERSION"), BACKEND[0], ipc_spec::ABI_VERSION);
 
     let boot = crate::boot_info::read(boot_info, boot_protocol);
     if !boot.loader.is_empty() {
@@ -67,18 +67,19 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     }
     crate::selftest::configure(&boot.cmdline);
 
+    #[cfg(not(feature = "vmx"))]
     let features = match cpu::check_svm() {
         Ok(f) => f,
-        Err(p) => match crate::arch::vmx_probe::probe() {
-            Some(vmx) => stop_on_vmx(&vmx, boot.rsdp),
-            None => fail(MachineExit::CpuUnsupported, format_args!("CPU: {p}")),
-        },
+        Err(p) => fail(MachineExit::CpuUnsupported, format_args!("CPU: {}", p)),
     };
+    #[cfg(not(feature = "vmx"))]
     println!(
         "cpu: SVM with nested paging, {} ASIDs, next-RIP save {}",
         features.asids,
         if features.next_rip_save { "yes" } else { "no" }
     );
+    #[cfg(feature = "vmx")]
+    let features = crate::arch::vmx_probe::check();
 
     let platform = report_platform(boot.rsdp);
 
@@ -115,9 +116,15 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         fail(MachineExit::BadBoot, format_args!("boot bundle: no image named \"{}\"", ipc_spec::DOM0_IMAGE))
     };
 
-    let svm = match Svm::enable(alloc_zeroed_frames, features.asids) {
+    #[cfg(not(feature = "vmx"))]
+    let hw = match Hw::enable(alloc_zeroed_frames, features.asids) {
         Ok(s) => s,
         Err(_) => fail(MachineExit::BadBoot, format_args!("out of memory while enabling SVM")),
+    };
+    #[cfg(feature = "vmx")]
+    let hw = match Hw::enable(alloc_zeroed_frames, &features) {
+        Ok(s) => s,
+        Err(why) => fail(MachineExit::CpuUnsupported, format_args!("CPU: entering VMX operation: {why}")),
     };
     FpuStates::enable();
     let clock = Clock::start();
@@ -128,7 +135,9 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
         clock.apic_per_ms
     );
     let mut m = BARE_METAL.lock();
-    m.svm = svm;
+    m.hw = hw;
+    #[cfg(feature = "vmx")]
+    m.hw.set_tick(clock.tsc_mhz() * apic::TICK_NS / 1000);
     m.clock = clock;
     let mut k = KERNEL.lock();
     if !m.preallocate_vmcbs() {
@@ -143,35 +152,18 @@ extern "C" fn microvisor_main(boot_info: u32, boot_protocol: u32) -> ! {
     let stage2_root = k.domains[0].stage2.as_ref().map_or(0, |s| s.root());
     let entry = k.vcpus[0].regs.rip;
     println!(
-        "dom0: {} MiB RAM, ASID 1, stage-2 root {:#x}, entry {:#x}: entering SVM guest mode",
+        "dom0: {} MiB RAM, ASID 1, stage-2 root {:#x}, entry {:#x}: entering {}",
         DOM0_RAM >> 20,
         stage2_root,
-        entry
+        entry,
+        BACKEND[1]
     );
     crate::run_loop::run(&mut k, &mut m)
 }
 
-/// An Intel CPU (Bochs, real machines booted by GRUB): report what its VMX offers and the
-/// platform, then stop, since only the SVM backend exists so far.
-fn stop_on_vmx(msrs: &microvisor::vmx_caps::VmxMsrs, rsdp: u64) -> ! {
-    let caps = microvisor::vmx_caps::VmxCaps::decode(msrs);
-    println!("cpu: Intel {caps}");
-    if let Some(what) = caps.missing() {
-        println!("cpu: the VMX backend will need {what}, which this CPU lacks");
-    }
-    let platform = report_platform(rsdp);
-    if platform.dmar.is_none() {
-        println!("iommu: no IOMMU: passthrough refused (no device will be given to a domain)");
-    }
-    fail(
-        MachineExit::CpuUnsupported,
-        format_args!("CPU: Intel VMX found, but the VMX backend is not there yet: only AMD SVM can run dom0"),
-    )
-}
-
 /// dom0 is built like any domain, and starts with the root capabilities.
 fn build_dom0(
-    k: &mut Kernel<Npt>,
+    k: &mut Kernel<Stage2>,
     m: &mut BareMetal,
     image: &[u8],
     cmdline: &str,
@@ -290,7 +282,7 @@ fn start_iommu(m: &mut BareMetal, platform: &acpi::AcpiFacts) {
 }
 
 /// Find every PCI function through ECAM; endpoints become kernel devices.
-fn discover_pci(k: &mut Kernel<Npt>, m: &mut BareMetal, platform: &acpi::AcpiFacts) {
+fn discover_pci(k: &mut Kernel<Stage2>, m: &mut BareMetal, platform: &acpi::AcpiFacts) {
     let Some(ecam) = platform.ecam.and_then(|e| Ecam::new(e.base, e.bus_start, e.bus_end)) else {
         println!("pci: no reachable ECAM window: no devices can be assigned");
         return;

@@ -7,13 +7,20 @@
 pub mod cmdline;
 pub mod console;
 pub mod dmar;
+#[cfg(any(test, feature = "vmx"))]
+pub mod ept;
 pub mod frame_alloc;
 pub mod iommu;
 pub mod kernel;
+#[cfg(any(test, not(feature = "vmx")))]
 pub mod npt;
 pub mod pci;
 pub mod phys_mem;
 pub mod stage2;
+#[cfg(any(test, not(feature = "vmx")))]
 pub mod svm;
 pub mod vcpu_hw;
+#[cfg(any(test, feature = "vmx"))]
+pub mod vmx;
+#[cfg(any(test, feature = "vmx"))]
 pub mod vmx_caps;

@@ -3,17 +3,16 @@
 
 use ipc_spec::machine_exit::MachineExit;
 use microvisor::kernel::{Event, Kernel};
-use microvisor::npt::Npt;
 use microvisor::vcpu_hw::VcpuHardware;
 
 use crate::arch::apic;
 use crate::arch::cpu::{self, exit_machine};
-use crate::bare_metal::BareMetal;
+use crate::bare_metal::{BareMetal, Stage2};
 use crate::println;
 use crate::vmexit;
 
 /// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
-pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
+pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
     let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
     loop {
         let events = apic::events();
@@ -45,7 +44,7 @@ pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
         enter(k, m, v);
-        let exit = m.svm.run(v, &mut k.vcpus[v as usize].regs);
+        let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
         let event = vmexit::handle(k, m, v, exit);
         // A blocked DMA of this vCPU's domain goes to its exit handler now.
         if k.current == Some(v) {
@@ -73,15 +72,15 @@ pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
 
 /// Prepare the CPU for vCPU `v`: TLB, FPU, and its pending virtual interrupts handed to
 /// the hardware (`Kernel::deliver_irqs`).
-fn enter(k: &mut Kernel<Npt>, m: &mut BareMetal, v: microvisor::kernel::VcpuId) {
+fn enter(k: &mut Kernel<Stage2>, m: &mut BareMetal, v: microvisor::kernel::VcpuId) {
     m.sync_tlb(v);
     m.fpu.switch_to(v);
-    k.deliver_irqs(&mut m.svm, v);
+    k.deliver_irqs(&mut m.hw, v);
 }
 
 /// Report DMA faults the IOMMU recorded, and queue each for the domain that owns the
 /// device: it reaches that domain's fault handler when one of its vCPUs next runs.
-fn poll_iommu_faults(k: &Kernel<Npt>, m: &mut BareMetal) {
+fn poll_iommu_faults(k: &Kernel<Stage2>, m: &mut BareMetal) {
     let Some(iommu) = m.iommu.as_mut() else { return };
     while let Some(f) = iommu.poll_fault() {
         let bdf = microvisor::pci::Bdf::from_requester_id(f.source_id);

@@ -291,7 +291,8 @@ pub struct Stage2Map<F: Stage2Format> {
     _format: PhantomData<fn() -> F>,
 }
 
-/// The stage-2 map used on AMD SVM.
+/// The stage-2 map used on AMD SVM (the tests' format).
+#[cfg(test)]
 pub type NptMap = Stage2Map<crate::npt::Npt>;
 
 impl<F: Stage2Format> fmt::Debug for Stage2Map<F> {

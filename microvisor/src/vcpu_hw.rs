@@ -1,7 +1,7 @@
 //! The vendor seam: what the run loop and the exit handler need from the CPU's
-//! virtualization extension, in neutral terms. AMD SVM implements it (`svm/`); an Intel
-//! VMX backend implements the same trait. Nothing outside the vendor folder knows a VMCB
-//! offset, an exit code or how segment attributes are packed.
+//! virtualization extension, in neutral terms. AMD SVM implements it (`svm/`), Intel VMX
+//! (`vmx/`) the same trait; a build has one of them (cargo feature `vmx`). Nothing outside
+//! the vendor folder knows a VMCB offset, an exit code or how segment attributes are packed.
 
 use ipc_spec::exit::{Event, Io, VcpuState as ArchState};
 use ipc_spec::Error;
@@ -48,8 +48,9 @@ pub enum Exit {
     },
     /// Triple fault.
     Shutdown,
-    /// The hardware refused the vCPU state.
-    Invalid,
+    /// The hardware refused the vCPU state (VM entry failed); the vendor's reason, for the
+    /// report (VMX: the basic exit reason, or the VM-instruction error << 32; SVM: 0).
+    Invalid(u64),
     /// An intercept without a neutral meaning (SVM/VMX instructions, INVD...): the vendor's
     /// exit code, for reports.
     Other(u64),

@@ -9,40 +9,39 @@ use core::fmt;
 use ipc_spec::exit::{access, Event, ExitKind};
 use ipc_spec::hypercall::{CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 use microvisor::kernel::{Event as KernelEvent, Kernel, PendingExit, Regs, VcpuId};
-use microvisor::npt::Npt;
 use microvisor::vcpu_hw::{Exit, VcpuHardware};
 use pvh::exceptions::exception_name;
 
 use crate::arch::apic;
-use crate::bare_metal::BareMetal;
+use crate::bare_metal::{BareMetal, Stage2};
 use crate::println;
 
 const IA32_EFER: u64 = 0xc000_0080;
 
 /// Handle the exit of the running vCPU `v` (its RAX and RIP already in the kernel's
 /// register file).
-pub fn handle(k: &mut Kernel<Npt>, m: &mut BareMetal, v: VcpuId, exit: Exit) -> Option<KernelEvent> {
+pub fn handle(k: &mut Kernel<Stage2>, m: &mut BareMetal, v: VcpuId, exit: Exit) -> Option<KernelEvent> {
     let vcpu = &mut k.vcpus[v as usize];
     let regs = &mut vcpu.regs;
     match exit {
         // A VM's VMMCALL is its VMM's business (below); everyone else's is a hypercall.
         Exit::Hypercall { len } if !vcpu.vm => {
-            m.svm.complete(v, regs, len);
+            m.hw.complete(v, regs, len);
             return k.hypercall(m, v);
         }
         Exit::Cpuid { len } if !vcpu.vm => {
             crate::selftest::maybe_fault_in_exit_handler();
             emulate_cpuid(regs);
-            m.svm.complete(v, regs, len);
+            m.hw.complete(v, regs, len);
         }
         Exit::Msr { write, len } if regs.rcx == IA32_EFER => emulate_efer(m, v, regs, write, len),
-        Exit::Msr { .. } if !vcpu.vm => m.svm.inject(v, Event::Exception(13, Some(0))),
+        Exit::Msr { .. } if !vcpu.vm => m.hw.inject(v, Event::Exception(13, Some(0))),
         Exit::Hlt { len } => {
-            m.svm.complete(v, regs, len);
-            k.hlt_exit(&mut m.svm, v);
+            m.hw.complete(v, regs, len);
+            k.hlt_exit(&mut m.hw, v);
         }
         Exit::Interrupt => apic::take_pending_interrupts(),
-        Exit::InterruptWindow => k.interrupt_window_exit(&mut m.svm, v),
+        Exit::InterruptWindow => k.interrupt_window_exit(&mut m.hw, v),
         other => {
             let x = pending_exit(other, regs);
             send(k, m, v, x);
@@ -68,7 +67,7 @@ fn pending_exit(exit: Exit, regs: &Regs) -> PendingExit {
         Exit::Stage2Fault { gpa, access } => PendingExit::new(ExitKind::Stage2, gpa, access),
         Exit::Exception { vector, error } => PendingExit::new(ExitKind::Exception, vector as u64, error),
         Exit::Shutdown => PendingExit::new(ExitKind::Shutdown, 0, 0),
-        Exit::Invalid => PendingExit::new(ExitKind::Invalid, 0, 0),
+        Exit::Invalid(reason) => PendingExit::new(ExitKind::Invalid, reason, 0),
         Exit::Other(code) => PendingExit::new(ExitKind::Forbidden, code, 0),
         // Handled in `handle`; never sent.
         Exit::Hlt { .. } | Exit::Interrupt | Exit::InterruptWindow => PendingExit::new(ExitKind::Forbidden, 0, 0),
@@ -77,7 +76,7 @@ fn pending_exit(exit: Exit, regs: &Regs) -> PendingExit {
 
 /// Send exit `x` of vCPU `v` to its domain's exit handler, or stop `v` if it has none.
 /// Faults are reported on the console; a VM's ordinary exits are not.
-pub fn send(k: &mut Kernel<Npt>, m: &mut BareMetal, v: VcpuId, x: PendingExit) {
+pub fn send(k: &mut Kernel<Stage2>, m: &mut BareMetal, v: VcpuId, x: PendingExit) {
     let d = k.vcpus[v as usize].domain;
     let rip = k.vcpus[v as usize].regs.rip;
     let routine = k.domains[d as usize].vm
@@ -130,7 +129,7 @@ impl fmt::Display for Report {
                 let dir = if io.write { "OUT to" } else { "IN from" };
                 write!(f, "port I/O ({dir} port {:#x}): domains own no I/O ports, RIP {rip:#x}", io.port)
             }
-            ExitKind::Invalid => f.write_str("the hardware rejected the vCPU state"),
+            ExitKind::Invalid => write!(f, "the hardware rejected the vCPU state (VM entry failed, reason {:#x})", x.a),
             ExitKind::Forbidden => write!(f, "forbidden instruction (exit code {:#x}), RIP {rip:#x}", x.a),
             ExitKind::Cpuid => write!(f, "CPUID leaf {:#x}, RIP {rip:#x}", x.a),
             ExitKind::Msr => write!(f, "MSR {:#x} access, RIP {rip:#x}", x.a as u32),
@@ -176,14 +175,14 @@ fn emulate_cpuid(regs: &mut Regs) {
 fn emulate_efer(m: &mut BareMetal, v: VcpuId, regs: &mut Regs, write: bool, len: u8) {
     if write {
         let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-        if !m.svm.set_efer(v, value) {
-            m.svm.inject(v, Event::Exception(13, Some(0)));
+        if !m.hw.set_efer(v, value) {
+            m.hw.inject(v, Event::Exception(13, Some(0)));
             return;
         }
     } else {
-        let value = m.svm.efer(v);
+        let value = m.hw.efer(v);
         regs.rax = value & 0xffff_ffff;
         regs.rdx = value >> 32;
     }
-    m.svm.complete(v, regs, len);
+    m.hw.complete(v, regs, len);
 }

@@ -20,6 +20,15 @@ pub const MSR_VMX_PROCBASED_CTLS2: u32 = 0x48b;
 /// VPID.
 pub const MSR_VMX_EPT_VPID_CAP: u32 = 0x48c;
 
+/// IA32_VMX_TRUE_PINBASED_CTLS (appendix A.3.1), then the TRUE primary processor-based,
+/// exit and entry controls at 0x48e..0x490: they exist when IA32_VMX_BASIC bit 55 is set
+/// and let the default-1 controls be cleared (CR3 load/store exiting above all). Without
+/// bit 55 the plain MSRs 0x481, 0x482, 0x483 and 0x484 are read instead.
+pub const MSR_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
+pub const MSR_VMX_PINBASED_CTLS: u32 = 0x481;
+/// IA32_VMX_CR0_FIXED0 (appendix A.7); FIXED1 at 0x487, the CR4 pair at 0x488/0x489.
+pub const MSR_VMX_CR0_FIXED0: u32 = 0x486;
+
 /// The raw values, as read (0 for an MSR that does not exist on this CPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmxMsrs {
@@ -28,6 +37,18 @@ pub struct VmxMsrs {
     pub procbased: u64,
     pub procbased2: u64,
     pub ept_vpid: u64,
+    /// Pin-based, primary processor-based, exit and entry controls, from the TRUE MSRs
+    /// where the CPU has them (`procbased` above stays the plain MSR: its bit 63 says
+    /// whether secondary controls exist).
+    pub pinbased_ctls: u64,
+    pub procbased_ctls: u64,
+    pub exit_ctls: u64,
+    pub entry_ctls: u64,
+    /// IA32_VMX_MISC (appendix A.6): bits 4:0 the VMX-preemption timer's rate (TSC >> n).
+    pub misc: u64,
+    /// CR0 and CR4 bits fixed to 1 (FIXED0) and allowed to be 1 (FIXED1) in VMX operation.
+    pub cr0_fixed: (u64, u64),
+    pub cr4_fixed: (u64, u64),
 }
 
 impl VmxMsrs {
@@ -172,17 +193,24 @@ impl fmt::Display for VmxCaps {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Roughly what a Skylake-X reports (and Bochs's `corei7_skylake_x` model).
-    fn skylake() -> VmxMsrs {
+    pub(crate) fn skylake() -> VmxMsrs {
         VmxMsrs {
             feature_control: 0b101,
             basic: 0x00da_0400_0000_0004,
             procbased: 0xfff9_fffe_0401_e172,
             procbased2: 0x0057_cfff_0000_0000,
             ept_vpid: 0x0000_0f01_0673_4141,
+            pinbased_ctls: 0x0000_007f_0000_0016,
+            procbased_ctls: 0xfff9_fffe_0400_6172,
+            exit_ctls: 0x01ff_ffff_0003_6dfb,
+            entry_ctls: 0x0003_ffff_0000_11fb,
+            misc: 0x7004_c1e7,
+            cr0_fixed: (0x8000_0021, 0xffff_ffff),
+            cr4_fixed: (0x2000, 0x0037_67ff),
         }
     }
 

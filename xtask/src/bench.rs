@@ -7,6 +7,12 @@
 //!    doorbell (notification) ping-pong;
 //! 2. without icount, where the host times the IPC phase between the client's console
 //!    lines, for a wall-clock cost per round trip (noisy under emulation: compare ratios).
+//!
+//! With `--machine bochs` the same stack runs once on Bochs (the VMX build): with
+//! `clock: sync=none` Bochs's TSC advances one tick per emulated instruction (the
+//! microvisor's PIT calibration reads a TSC of `bochs::IPS` / 1 MHz, 10 MHz), so the
+//! client's RDTSC differences are instruction counts, microvisor included, and repeatable;
+//! there is no wall-clock run. `target/bench/ipc-vmx.json`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -96,12 +102,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
             return Err("bench: which benchmark? usage: cargo xtask bench ipc [--n N] | blk | net | boot [--n N] | restart [--kills N] | linux-io".into())
         }
     }
+    let (mut bochs, mut n_given) = (false, false);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--n" => {
                 let v = it.next().ok_or("--n needs a number")?;
                 n = v.parse().map_err(|_| format!("--n: `{v}` is not a number"))?;
+                n_given = true;
             }
+            "--machine" => match it.next().map(String::as_str) {
+                Some("bochs") => bochs = true,
+                Some("qemu") => bochs = false,
+                other => return Err(format!("--machine: {other:?} is neither `qemu` nor `bochs`")),
+            },
             other => return Err(format!("bench ipc: unknown option `{other}`")),
         }
     }
@@ -110,21 +123,43 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let timeout = Duration::from_secs(60 + n / 100);
     let vm_line = |l: &String| l.starts_with("[vmm] guest: bench: ");
     let done = |lines: &[String]| lines.iter().any(|l| l.starts_with("[ping] bench: n=")) && lines.iter().any(vm_line);
+    let figures_of = |run: &qemu::Run| -> Result<IpcFigures, String> {
+        let mut f = run
+            .lines
+            .iter()
+            .find_map(|l| if l.starts_with("[ping] bench: n=") { parse_figures(l) } else { None })
+            .ok_or_else(|| failure(run, "the run ended without results"))?;
+        f.vm_exit_roundtrip = run
+            .lines
+            .iter()
+            .filter(|l| vm_line(l))
+            .find_map(|l| parse_vm_exit(l))
+            .ok_or_else(|| failure(run, "the run ended without the VM exit figure"))?;
+        Ok(f)
+    };
+
+    if bochs {
+        // Bochs runs some 30 times slower than QEMU's TCG: fewer iterations by default.
+        let n = if n_given { n } else { 10_000 };
+        eprintln!("bench ipc: {n} iterations per phase on Bochs (VMX build; TSC = instructions)");
+        let m = bench_machine(&artifacts, n, false)?;
+        let dir = target.join("bench").join("bochs");
+        let bundle = m.initrd.clone().ok_or("the benchmark stack has no bundle")?;
+        let iso = crate::iso::build_iso(&build::vmx_image(&artifacts.microvisor), &bundle, "", &dir.join("stack.iso"))?;
+        let machine = crate::bochs::BochsMachine::new(&iso, &dir);
+        let run = crate::bochs::run_captured(&machine, Duration::from_secs(600 + n / 20), false, done)?;
+        return report(
+            &figures_of(&run)?,
+            None,
+            "Bochs corei7_skylake_x, VMX, clock sync=none",
+            &target.join("bench").join("ipc-vmx.json"),
+        );
+    }
 
     eprintln!("bench ipc: run 1 of 2: {n} iterations per phase under -icount (instruction counts)");
     let m = bench_machine(&artifacts, n, true)?;
     let run = qemu::run_captured(&m, timeout, false, done)?;
-    let mut figures = run
-        .lines
-        .iter()
-        .find_map(|l| if l.starts_with("[ping] bench: n=") { parse_figures(l) } else { None })
-        .ok_or_else(|| failure(&run, "the icount run ended without results"))?;
-    figures.vm_exit_roundtrip = run
-        .lines
-        .iter()
-        .filter(|l| vm_line(l))
-        .find_map(|l| parse_vm_exit(l))
-        .ok_or_else(|| failure(&run, "the icount run ended without the VM exit figure"))?;
+    let figures = figures_of(&run)?;
 
     eprintln!("bench ipc: run 2 of 2: the same without icount (wall-clock time)");
     let m = bench_machine(&artifacts, n, false)?;
@@ -144,13 +179,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         _ => return Err(failure(&run2, "the wall-clock run ended without results")),
     };
 
-    report(&figures, wall_ns, &target.join("bench").join("ipc.json"))
+    report(&figures, Some(wall_ns), "QEMU -icount shift=0", &target.join("bench").join("ipc.json"))
 }
 
-fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
+fn report(f: &IpcFigures, wall_ns: Option<f64>, machine: &str, json: &Path) -> Result<(), String> {
     let ratio = f.ipc_roundtrip as f64 / f.null_hypercall.max(1) as f64;
     let ntf_ratio = f.notification_roundtrip as f64 / f.null_hypercall.max(1) as f64;
-    println!("IPC benchmark: medians of {} iterations, in instructions (QEMU -icount shift=0)", f.n);
+    println!("IPC benchmark: medians of {} iterations, in instructions ({machine})", f.n);
     println!();
     println!("  operation                          instructions   vs null hypercall");
     println!("  null hypercall round trip          {:>12}   {:>6.2}x", f.null_hypercall, 1.0);
@@ -162,10 +197,12 @@ fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
         f.vm_exit_roundtrip as f64 / f.null_hypercall.max(1) as f64
     );
     println!();
-    println!(
-        "  wall clock per IPC round trip without icount: {:.1} us (TCG: compare ratios, not times)",
-        wall_ns / 1000.0
-    );
+    if let Some(ns) = wall_ns {
+        println!(
+            "  wall clock per IPC round trip without icount: {:.1} us (TCG: compare ratios, not times)",
+            ns / 1000.0
+        );
+    }
     println!("  samples over the histogram range: {}", f.outliers);
     println!(
         "  target: IPC round trip <= 3x the null hypercall (floor 2x: two exits and two entries): {}",
@@ -175,14 +212,14 @@ fn report(f: &IpcFigures, wall_ns: f64, json: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
     let text = format!(
-        "{{\n  \"iterations\": {},\n  \"ipc_roundtrip_instructions\": {},\n  \"null_hypercall_instructions\": {},\n  \"ipc_to_null_ratio\": {:.3},\n  \"notification_roundtrip_instructions\": {},\n  \"notification_to_null_ratio\": {:.3},\n  \"ipc_roundtrip_wall_ns\": {:.0},\n  \"outliers\": {},\n  \"vm_exit_roundtrip_instructions\": {}\n}}\n",
+        "{{\n  \"iterations\": {},\n  \"ipc_roundtrip_instructions\": {},\n  \"null_hypercall_instructions\": {},\n  \"ipc_to_null_ratio\": {:.3},\n  \"notification_roundtrip_instructions\": {},\n  \"notification_to_null_ratio\": {:.3},\n  \"ipc_roundtrip_wall_ns\": {},\n  \"outliers\": {},\n  \"vm_exit_roundtrip_instructions\": {}\n}}\n",
         f.n,
         f.ipc_roundtrip,
         f.null_hypercall,
         ratio,
         f.notification_roundtrip,
         ntf_ratio,
-        wall_ns,
+        wall_ns.map_or("null".to_string(), |ns| format!("{ns:.0}")),
         f.outliers,
         f.vm_exit_roundtrip
     );

@@ -50,6 +50,8 @@ pub struct Artifacts {
 pub struct StackInfo {
     /// The domains besides dom0, as the manifest names them.
     pub domains: Vec<String>,
+    /// Those of them that are VMs (their console goes through their VMM).
+    pub vms: Vec<String>,
     /// RAM of the machine (QEMU `-m`).
     pub memory_mib: u32,
     /// Devices the manifest assigns (e.g. `virtio-blk`): QEMU must provide them.
@@ -62,15 +64,27 @@ pub struct StackInfo {
     pub control: bool,
 }
 
+/// The microvisor builds, one per CPU vendor: (image name in the images folder, cargo
+/// features). The SVM build is the default one, booted by QEMU; the VMX build boots on
+/// Bochs and Intel machines.
+pub const MICROVISOR_BUILDS: [(&str, &[&str]); 2] = [("microvisor-svm", &[]), ("microvisor-vmx", &["vmx"])];
+
+/// Where the VMX build of the microvisor is, beside the SVM build `microvisor` (as
+/// `build` and `cargo xtask test` leave them).
+pub fn vmx_image(microvisor: &Path) -> PathBuf {
+    microvisor.with_file_name("microvisor-vmx.elf")
+}
+
 /// Compile every image (release, bare-metal) into `target_dir`; returns the images folder.
 pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     crate::setup::ensure_target()?;
+    let release = target_dir.join(BARE_METAL_TARGET).join("release");
     // The microvisor is built on its own: built together with the domains, cargo would
     // unify features and link ipc-spec's allocating manifest code into the microvisor.
-    for packages in [
-        &["microvisor"][..],
-        &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest", "linux-iobench"][..],
-    ] {
+    // Each vendor build is copied aside, since both are named `microvisor`.
+    let domains = &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest", "linux-iobench"][..];
+    let microvisors = MICROVISOR_BUILDS.iter().map(|(name, features)| (&["microvisor"][..], *features, Some(*name)));
+    for (packages, features, copy_to) in microvisors.chain([(domains, &[][..], None)]) {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace_root())
             .args(["build", "--release", "--target", BARE_METAL_TARGET])
@@ -78,13 +92,20 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
         for p in packages {
             cmd.args(["-p", p]);
         }
-        eprintln!("build: compiling {} for {BARE_METAL_TARGET}", packages.join(", "));
+        if !features.is_empty() {
+            cmd.args(["--features", &features.join(",")]);
+        }
+        eprintln!("build: compiling {} for {BARE_METAL_TARGET} {features:?}", packages.join(", "));
         let status = cmd.status().map_err(|e| format!("could not run cargo: {e}"))?;
         if !status.success() {
             return Err("cargo build of the bare-metal images failed (see the errors above)".into());
         }
+        if let Some(name) = copy_to {
+            std::fs::copy(release.join("microvisor"), release.join(name))
+                .map_err(|e| format!("copying the microvisor to {name}: {e}"))?;
+        }
     }
-    Ok(target_dir.join(BARE_METAL_TARGET).join("release"))
+    Ok(release)
 }
 
 /// Pack the bundle for the stack manifest `stack` from compiled `images` into `out`.
@@ -132,6 +153,7 @@ pub fn pack_manifest(images: &Path, manifest: &ipc_spec::manifest::Manifest, out
     std::fs::write(out, &bundle).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(StackInfo {
         domains: manifest.domains.iter().map(|d| d.name.clone()).collect(),
+        vms: manifest.domains.iter().filter(|d| !d.vmm.is_empty()).map(|d| d.name.clone()).collect(),
         memory_mib: manifest.machine_memory_mib,
         devices: manifest.domains.iter().filter(|d| !d.device.is_empty()).map(|d| d.device.clone()).collect(),
         linux: manifest.domains.iter().any(|d| !d.kernel.is_empty()),
@@ -177,9 +199,10 @@ pub fn build(target_dir: &Path, stack: &Path) -> Result<Artifacts, String> {
     let stack_dir = target_dir.join("stack");
     std::fs::create_dir_all(&stack_dir).map_err(|e| format!("creating {}: {e}", stack_dir.display()))?;
     let microvisor = stack_dir.join("microvisor.elf");
-    let from = images.join("microvisor");
-    std::fs::copy(&from, &microvisor)
-        .map_err(|e| format!("copying {} to {}: {e}", from.display(), microvisor.display()))?;
+    for (from, to) in [("microvisor-svm", microvisor.clone()), ("microvisor-vmx", vmx_image(&microvisor))] {
+        let from = images.join(from);
+        std::fs::copy(&from, &to).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    }
     let bundle = stack_dir.join("bundle.bin");
     let info = pack(&images, stack, &bundle)?;
     eprintln!(

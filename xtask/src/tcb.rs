@@ -28,6 +28,28 @@ use crate::{workspace_root, BARE_METAL_TARGET};
 /// path, SignalWait and the wake-up fixes had taken it past, by cutting duplication).
 pub const MICROVISOR_SLOC_LIMIT: usize = 6_500;
 
+/// The ceiling for the microvisor's VMX build (issue 13: at most 7,000 lines per build).
+/// `MICROVISOR_SLOC_LIMIT` above is the SVM build's: the default build, and the one every
+/// earlier figure counted.
+pub const VMX_BUILD_SLOC_LIMIT: usize = 7_000;
+
+/// Microvisor files only one vendor build compiles (a path ending in `/` is a folder):
+/// the other build leaves them out of its count. Items in shared files under
+/// `#[cfg(feature = "vmx")]` or `#[cfg(not(feature = "vmx"))]` are split the same way.
+pub const VMX_ONLY: &[&str] =
+    &["microvisor/src/vmx/", "microvisor/src/ept.rs", "microvisor/src/vmx_caps.rs", "microvisor/src/arch/vmx_probe.rs"];
+pub const SVM_ONLY: &[&str] = &["microvisor/src/svm/", "microvisor/src/npt.rs"];
+
+/// Which vendor build an item attribute (whitespace removed) confines code to: `Some(true)`
+/// for the VMX build only, `Some(false)` for the SVM build only.
+fn vendor_attribute(body: &str) -> Option<bool> {
+    match body {
+        "cfg(feature=\"vmx\")" | "cfg(any(test,feature=\"vmx\"))" => Some(true),
+        "cfg(not(feature=\"vmx\"))" | "cfg(any(test,not(feature=\"vmx\")))" => Some(false),
+        _ => None,
+    }
+}
+
 /// The shared crates linked into the microvisor binary, and so part of its TCB.
 pub const LINKED_SHARED_CRATES: &[&str] = &["pvh", "ipc-spec"];
 
@@ -84,6 +106,9 @@ pub struct FileAnalysis {
     pub all_test: bool,
     /// Modules declared `#[cfg(test)] mod name;` (their files are test code too).
     pub test_modules: Vec<String>,
+    /// Of `sloc`, the lines in items only the VMX build compiles, and only the SVM build.
+    pub vmx_only: usize,
+    pub svm_only: usize,
 }
 
 /// One line with comments removed and the contents of string and char literals replaced by
@@ -420,24 +445,53 @@ fn count_unsafe(code: &str) -> UnsafeCounts {
     counts
 }
 
+/// Per line: `Some(true)` inside an item only the VMX build compiles, `Some(false)` only
+/// the SVM build. (The attribute is read from the raw line `src`: stripping masks the
+/// string literal holding the feature's name.)
+fn vendor_lines(src: &str, lines: &[Stripped]) -> Vec<Option<bool>> {
+    let raw: Vec<&str> = src.lines().collect();
+    let mut vendor = vec![None; lines.len()];
+    let mut i = 0;
+    while i < lines.len() {
+        let attribute = if lines[i].has_code { raw.get(i).and_then(|l| leading_attribute(l)) } else { None };
+        match attribute {
+            Some((false, body, end)) if vendor_attribute(&body).is_some() => {
+                let (last, _) = item_end(lines, i, end);
+                for v in &mut vendor[i..=last] {
+                    *v = vendor_attribute(&body);
+                }
+                i = last + 1;
+            }
+            _ => i += 1,
+        }
+    }
+    vendor
+}
+
 /// Counts source lines and `unsafe` of one file; with `exclude_tests`, test code is left out.
 pub fn analyze(src: &str, exclude_tests: bool) -> FileAnalysis {
     let lines = strip(src);
     let (test, test_modules, all_test) =
         if exclude_tests { test_lines(&lines) } else { (vec![false; lines.len()], Vec::new(), false) };
+    let vendor = vendor_lines(src, &lines);
     let mut code = String::new();
-    let mut sloc = 0;
-    for (l, t) in lines.iter().zip(&test) {
+    let (mut sloc, mut vmx_only, mut svm_only) = (0, 0, 0);
+    for ((l, t), v) in lines.iter().zip(&test).zip(&vendor) {
         if *t {
             continue;
         }
         if l.has_code {
             sloc += 1;
+            match v {
+                Some(true) => vmx_only += 1,
+                Some(false) => svm_only += 1,
+                None => {}
+            }
         }
         code.push_str(&l.code);
         code.push('\n');
     }
-    FileAnalysis { sloc, unsafe_counts: count_unsafe(&code), all_test, test_modules }
+    FileAnalysis { sloc, unsafe_counts: count_unsafe(&code), all_test, test_modules, vmx_only, svm_only }
 }
 
 /// A part of the stack whose sources are counted.
@@ -462,6 +516,10 @@ pub struct ComponentCount {
     pub unsafe_counts: UnsafeCounts,
     /// Source lines per counted file (path relative to the workspace), for `--files`.
     pub per_file: Vec<(PathBuf, usize)>,
+    /// Source lines of the microvisor's SVM build and VMX build (the files and items each
+    /// compiles); for other components both are `sloc`.
+    pub svm_build: usize,
+    pub vmx_build: usize,
 }
 
 /// The components of the workspace: the microvisor, the shared crates, the domains, every
@@ -542,6 +600,14 @@ pub fn count_component(root: &Path, component: &Component) -> Result<ComponentCo
             continue;
         }
         count.sloc += a.sloc;
+        let rel = f.strip_prefix(root).unwrap_or(&f).to_string_lossy().replace('\\', "/");
+        let only = |list: &[&str]| list.iter().any(|p| if p.ends_with('/') { rel.starts_with(p) } else { rel == *p });
+        if !only(VMX_ONLY) {
+            count.svm_build += a.sloc - a.vmx_only;
+        }
+        if !only(SVM_ONLY) {
+            count.vmx_build += a.sloc - a.svm_only;
+        }
         count.files += 1;
         count.unsafe_counts += a.unsafe_counts;
         count.per_file.push((f.strip_prefix(root).unwrap_or(&f).to_path_buf(), a.sloc));
@@ -629,8 +695,10 @@ fn third_party_linked() -> Result<Vec<String>, String> {
 pub struct Report {
     /// (component name, count), in display order.
     pub components: Vec<(String, ComponentCount)>,
-    /// The microvisor crate's source lines.
+    /// The microvisor's source lines in its SVM build (the default one).
     pub microvisor_sloc: usize,
+    /// The microvisor's source lines in its VMX build.
+    pub microvisor_vmx_sloc: usize,
     /// The microvisor plus the modules of the shared crates linked into it.
     pub microvisor_tcb_sloc: usize,
     /// Files counted in `microvisor_tcb_sloc`.
@@ -742,13 +810,18 @@ pub fn render(r: &Report) -> String {
     for (system, size) in REFERENCE_POINTS {
         let _ = writeln!(o, "  {system:<22} {size}");
     }
-    let verdict = if r.microvisor_sloc < MICROVISOR_SLOC_LIMIT { "OK" } else { "OVER" };
-    let _ = writeln!(
-        o,
-        "\nbudget: microvisor {} of {} SLOC: {verdict}",
-        thousands(mv),
-        thousands(MICROVISOR_SLOC_LIMIT as u64)
-    );
+    let _ = writeln!(o, "\nbudget per build (each compiles one vendor backend)");
+    for (build, sloc, limit) in
+        [("SVM", r.microvisor_sloc, MICROVISOR_SLOC_LIMIT), ("VMX", r.microvisor_vmx_sloc, VMX_BUILD_SLOC_LIMIT)]
+    {
+        let verdict = if sloc < limit { "OK" } else { "OVER" };
+        let _ = writeln!(
+            o,
+            "  microvisor, {build} build: {} of {} SLOC: {verdict}",
+            thousands(sloc as u64),
+            thousands(limit as u64)
+        );
+    }
     o
 }
 
@@ -780,6 +853,8 @@ pub fn to_json(r: &Report) -> String {
     };
     field("microvisor_sloc", r.microvisor_sloc.to_string());
     field("microvisor_sloc_limit", MICROVISOR_SLOC_LIMIT.to_string());
+    field("microvisor_vmx_sloc", r.microvisor_vmx_sloc.to_string());
+    field("microvisor_vmx_sloc_limit", VMX_BUILD_SLOC_LIMIT.to_string());
     field("microvisor_tcb_sloc", r.microvisor_tcb_sloc.to_string());
     field(
         "microvisor_tcb_crates",
@@ -826,9 +901,10 @@ pub fn count_sources(root: &Path) -> Result<Report, String> {
         r.components.push((c.name, count));
     }
     let mv = r.get("microvisor");
-    r.microvisor_sloc = mv.sloc;
+    r.microvisor_sloc = mv.svm_build;
+    r.microvisor_vmx_sloc = mv.vmx_build;
     r.microvisor_unsafe = mv.unsafe_counts;
-    r.microvisor_tcb_sloc = mv.sloc;
+    r.microvisor_tcb_sloc = mv.svm_build;
     r.microvisor_tcb_files = mv.files;
     for n in LINKED_SHARED_CRATES {
         for (path, sloc) in r.get(n).per_file {
@@ -888,8 +964,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("tcb: wrote {}", json_path.display());
     if report.microvisor_sloc >= MICROVISOR_SLOC_LIMIT {
         return Err(format!(
-            "the microvisor has {} SLOC, at or over its limit of {MICROVISOR_SLOC_LIMIT}",
+            "the microvisor's SVM build has {} SLOC, at or over its limit of {MICROVISOR_SLOC_LIMIT}",
             report.microvisor_sloc
+        ));
+    }
+    if report.microvisor_vmx_sloc >= VMX_BUILD_SLOC_LIMIT {
+        return Err(format!(
+            "the microvisor's VMX build has {} SLOC, at or over its limit of {VMX_BUILD_SLOC_LIMIT}",
+            report.microvisor_vmx_sloc
         ));
     }
     Ok(())
@@ -989,6 +1071,19 @@ mod tests {
     }
 
     #[test]
+    fn vendor_items_are_counted_per_build() {
+        let src = "fn a() {}\n#[cfg(feature = \"vmx\")]\nfn v() {\n    1;\n}\n#[cfg(not(feature = \"vmx\"))]\nlet s = f(\n    1,\n);\n#[cfg(any(test, feature = \"vmx\"))]\npub mod vmx;\n";
+        let a = analyze(src, true);
+        assert_eq!((a.sloc, a.vmx_only, a.svm_only), (11, 6, 4));
+        let r = count_sources(&workspace_root()).unwrap();
+        let mv = r.get("microvisor");
+        assert!(
+            r.microvisor_sloc < mv.sloc && r.microvisor_vmx_sloc < mv.sloc,
+            "each build leaves the other vendor out"
+        );
+    }
+
+    #[test]
     fn thousands_separators() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
@@ -1017,9 +1112,14 @@ mod tests {
         let r = count_sources(&workspace_root()).unwrap();
         assert!(
             r.microvisor_sloc < MICROVISOR_SLOC_LIMIT,
-            "the microvisor has {} SLOC, at or over its limit of {MICROVISOR_SLOC_LIMIT}: \
+            "the microvisor's SVM build has {} SLOC, at or over its limit of {MICROVISOR_SLOC_LIMIT}: \
              see `cargo xtask tcb --files` for where the lines are",
             r.microvisor_sloc
+        );
+        assert!(
+            r.microvisor_vmx_sloc < VMX_BUILD_SLOC_LIMIT,
+            "the microvisor's VMX build has {} SLOC, at or over its limit of {VMX_BUILD_SLOC_LIMIT}",
+            r.microvisor_vmx_sloc
         );
     }
 
@@ -1033,6 +1133,6 @@ mod tests {
             .map(|l| l.split_whitespace().next().unwrap().replace(',', "").parse().unwrap())
             .collect();
         assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{listing}");
-        assert_eq!(sizes.iter().sum::<usize>(), r.microvisor_sloc);
+        assert_eq!(sizes.iter().sum::<usize>(), r.get("microvisor").sloc);
     }
 }

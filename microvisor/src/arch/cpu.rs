@@ -198,19 +198,22 @@ pub fn halt_forever() -> ! {
 }
 
 /// Facts about the CPU's SVM implementation the microvisor relies on.
+#[cfg(not(feature = "vmx"))]
 pub struct SvmFeatures {
     pub asids: u32,
     pub next_rip_save: bool,
 }
 
 /// The SVM features the microvisor needs, or why this CPU cannot run it (with the QEMU
-/// option that gives a CPU that can).
+/// option that gives a CPU that can). The VMX build checks in `vmx_probe`.
+#[cfg(not(feature = "vmx"))]
 pub fn check_svm() -> Result<SvmFeatures, &'static str> {
     let ext_max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
     let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
     if ext1.ecx & (1 << 2) == 0 || ext_max < 0x8000_000a {
         return Err("this CPU has no AMD SVM (CPUID 0x80000001 ECX bit 2). Start QEMU with \
-                    `-cpu qemu64,+svm,+npt` (or `-cpu max`).");
+                    `-cpu qemu64,+svm,+npt` (or `-cpu max`). An Intel CPU with VMX needs the VMX build \
+                    (cargo feature `vmx`).");
     }
     if ext1.edx & (1 << 20) == 0 {
         return Err("this CPU has no NX bit (CPUID 0x80000001 EDX bit 20), which stage-2 permissions need. \

@@ -8,5 +8,6 @@ pub mod fpu;
 pub mod pcie;
 pub mod phys;
 pub mod serial;
+#[cfg(feature = "vmx")]
 pub mod vmx_probe;
 pub mod vtd;

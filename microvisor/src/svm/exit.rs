@@ -62,7 +62,7 @@ pub fn decode(code: u64, info1: u64, info2: u64, rip: u64, next_rip: u64) -> Exi
         c if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&c) => {
             Exit::Exception { vector: (c - EXCEPTION_BASE) as u8, error: info1 }
         }
-        INVALID => Exit::Invalid,
+        INVALID => Exit::Invalid(0),
         other => Exit::Other(other),
     }
 }
@@ -84,7 +84,7 @@ mod tests {
             Exit::Stage2Fault { gpa: 0x5000, access: access::EXECUTE | access::PRESENT }
         );
         assert_eq!(decode(0x48, 0, 0, 0, 0), Exit::Exception { vector: 8, error: 0 });
-        assert_eq!(decode(u64::MAX, 0, 0, 0, 0), Exit::Invalid);
+        assert_eq!(decode(u64::MAX, 0, 0, 0, 0), Exit::Invalid(0));
         // IN AL from port 0x3f8 (type bit set, SZ8), next RIP in info2.
         assert_eq!(
             decode(0x7b, (0x3f8 << 16) | 1 << 4 | 1, 0x1002, 0x1000, 0),
