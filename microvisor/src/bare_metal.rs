@@ -311,6 +311,8 @@ impl Platform for BareMetal {
     }
 
     fn console_line(&mut self, domain: &str, line: &[u8]) {
+        #[cfg(feature = "trace")]
+        crate::trace::console_line(line);
         let _guard = CONSOLE_LOCK.lock();
         Serial::write_bytes(b"[");
         Serial::write_bytes(domain.as_bytes());

@@ -32,6 +32,8 @@ pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
                 poll_iommu_faults(k, m);
                 m.poll_console();
                 k.tick(m.clock.now_ns());
+                #[cfg(feature = "trace")]
+                crate::trace::tick(k);
             }
         }
         k.schedule();
@@ -45,8 +47,16 @@ pub fn run(k: &mut Kernel<Npt>, m: &mut BareMetal) -> ! {
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
         enter(k, m, v);
+        #[cfg(feature = "trace")]
+        crate::trace::enter(k, m, v);
         let exit = m.svm.run(v, &mut k.vcpus[v as usize].regs);
+        #[cfg(feature = "trace")]
+        crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);
+        #[cfg(feature = "trace")]
+        crate::trace::handled(k, v);
+        #[cfg(feature = "trace")]
+        crate::trace::dump_if_wanted(k);
         // A blocked DMA of this vCPU's domain goes to its exit handler now.
         if k.current == Some(v) {
             let d = k.vcpus[v as usize].domain;
