@@ -398,7 +398,7 @@ impl Model {
                 let v = n.in_guest?;
                 let (cuts, inject) = (n.cuts, n.hw.inject_second);
                 let c = n.hw.at(v);
-                if cuts >= MAX_CUTS || !inject || !(c.interrupt_flag && !c.shadow) || c.window {
+                if cuts >= MAX_CUTS || !inject || !c.interrupt_flag || c.shadow || c.window {
                     return None;
                 }
                 // V_IRQ is clear once the CPU takes the vector; the exit left it in
