@@ -16,7 +16,8 @@
 //!   and the kernel's signal count (a virtual timer firing signals).
 //!
 //! Dumped to the console (the last [`DUMP`] events) when a domain's console line reports
-//! a fallback ("late or lost", "fallback"), and when Signal and SignalWait hypercalls stop
+//! a fallback ("late or lost", "fallback"), a timeout ("did not answer") or a failure
+//! ("FAILED"), and when Signal and SignalWait hypercalls stop
 //! for [`STALL_TICKS`] after a ping-pong was under way: a hung doorbell test dumps its own trace long before
 //! the harness gives up on it.
 
@@ -161,7 +162,7 @@ pub fn tick(k: &Kernel<Npt>) {
 /// outside the console lock).
 pub fn console_line(line: &[u8]) {
     let has = |w: &[u8]| line.windows(w.len()).any(|x| x == w);
-    if has(b"late or lost") || has(b"fallback") {
+    if has(b"late or lost") || has(b"fallback") || has(b"did not answer") || has(b"FAILED") {
         TRACE.lock().wanted = true;
     }
 }
