@@ -31,7 +31,7 @@ use crate::bare_metal::BareMetal;
 use crate::println;
 
 const RING: usize = 8192;
-const DUMP: usize = 600;
+const DUMP: usize = RING;
 /// One second of ticks without a signal, after at least [`STALL_AFTER`] signals.
 const STALL_TICKS: u64 = 1000;
 const STALL_AFTER: u64 = 100;
