@@ -16,7 +16,11 @@
 //!   on such an endpoint goes to an empty slot instead;
 //! - `Wait` on a notification only when bits are certainly pending (the fuzzer signalled
 //!   it) or a short timer is certainly armed on it (the blocking case, ended by the timer);
-//!   otherwise it becomes `Poll`;
+//!   otherwise it becomes `Poll`; `SignalWait` likewise waits only on such a notification
+//!   or on the one it signals (which then has bits), else its wait slot becomes the
+//!   signalled one;
+//! - `ConsoleRead` needs the machine capability, which the fuzzer does not hold: it is
+//!   drawn with any slot, address and length, and a success is a surprise;
 //! - never `DomainExit`, never deleting its memory capability (it would end the fuzzing);
 //! - a message page only at its own scratch page, console writes only empty or invalid
 //!   (no garbage on the console), new domains only below its own priority (their vCPUs run
@@ -185,6 +189,7 @@ pub const STATUS_BINS: usize = 17;
 const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::Null, 2),
     (Hypercall::ConsoleWrite, 2),
+    (Hypercall::ConsoleRead, 1),
     (Hypercall::Shutdown, 1),
     (Hypercall::Yield, 1),
     (Hypercall::Clock, 1),
@@ -212,6 +217,7 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::Signal, 4),
     (Hypercall::Wait, 4),
     (Hypercall::Poll, 2),
+    (Hypercall::SignalWait, 3),
     (Hypercall::NotificationBind, 2),
     (Hypercall::TimerSet, 3),
     (Hypercall::DeviceInfo, 1),
@@ -305,6 +311,7 @@ impl Fuzzer {
         const NAMES: &[&str] = &[
             "Null",
             "ConsoleWrite",
+            "ConsoleRead",
             "Shutdown",
             "Yield",
             "Clock",
@@ -332,6 +339,7 @@ impl Fuzzer {
             "Signal",
             "Wait",
             "Poll",
+            "SignalWait",
             "NotificationBind",
             "TimerSet",
             "DeviceInfo",
@@ -562,6 +570,10 @@ impl Fuzzer {
                 let (addr, len) = (self.address(), self.length());
                 mk(h, 0, 0, [addr, len, 0, 0, 0, 0])
             }
+            H::ConsoleRead => {
+                let (slot, addr, len) = (self.any_slot(), self.address(), self.length());
+                mk(h, slot, 0, [addr, len, 0, 0, 0, 0])
+            }
             H::DomainCreate => {
                 let mem = self.slot_for(is_memory);
                 // Every domain created costs its RAM zeroed (slow under emulation): keep
@@ -747,6 +759,24 @@ impl Fuzzer {
                 }
                 mk(h, n, 0, [bits, 0, 0, 0, 0, 0])
             }
+            H::SignalWait => {
+                // Signal `n`, wait on `m`: often the same notification (the wait then
+                // takes the bits just set), else one made ready first as for `Wait`.
+                let n = self.slot_for(is_notification);
+                let m = if self.rng.chance(25) { n } else { self.slot_for(is_notification) };
+                let bits = match self.rng.below(3) {
+                    0 => 0,
+                    _ => self.value(),
+                };
+                let call = mk(h, n, 0, [bits, m, 0, 0, 0, 0]);
+                if m != n {
+                    if let Some(prep) = self.prepare_wait(m) {
+                        self.follow_up = Some(call);
+                        return prep;
+                    }
+                }
+                call
+            }
             H::NotificationBind => {
                 let n = self.slot_for(is_notification);
                 let vector = match self.rng.below(4) {
@@ -829,6 +859,18 @@ impl Fuzzer {
                     if let Held::Notification { pending, armed } = s.held {
                         if s.has_wait() && !pending && !armed {
                             c.number = Hypercall::Poll.number();
+                        }
+                    }
+                }
+            }
+            Some(Hypercall::SignalWait) => {
+                // The signal on RBX never ends a wait on another notification (no two of
+                // the fuzzer's slots hold one object): wait on the signalled one instead.
+                let wait = self.slots.get(c.args[1] as usize).copied().flatten();
+                if let Some(s) = wait {
+                    if let Held::Notification { pending, armed } = s.held {
+                        if s.has_wait() && !pending && !armed {
+                            c.args[1] = c.rbx;
                         }
                     }
                 }
@@ -925,6 +967,17 @@ impl Fuzzer {
                 // Whether an armed timer fired meanwhile is unknown: trust neither.
                 self.set_notification(slot, |p, a| (*p, *a) = (false, false));
             }
+            Hypercall::SignalWait => {
+                let wait = c.args[1] as usize;
+                if wait != slot && !self.notification_pending(wait) {
+                    self.timed_waits += 1;
+                }
+                // Signalled, then the waited-on one's bits taken (the same one: both).
+                self.set_notification(slot, |p, _| *p = true);
+                self.set_notification(wait, |p, a| (*p, *a) = (false, false));
+            }
+            // Only with the machine capability, which the fuzzer never holds.
+            Hypercall::ConsoleRead => self.surprises += 1,
             Hypercall::TimerSet => {
                 let ns = c.args[0];
                 self.set_notification(slot, |_, a| *a = ns != 0 && ns <= SHORT_TIMER_NS);
@@ -1112,6 +1165,9 @@ mod tests {
             let agent_answers = f.agent.is_some_and(|a| a.endpoint == c.rbx) && c.rcx <= REGISTER_WORDS as u64;
             let (rax, rdi) = if Hypercall::from_number(c.number).is_none() {
                 (Error::UnknownHypercall.code(), 0)
+            } else if c.number == Hypercall::ConsoleRead.number() {
+                // The fuzzer holds no machine capability.
+                (Error::WrongType.code(), 0)
             } else if c.number == Hypercall::Call.number() {
                 (if agent_answers { 0 } else { Error::InvalidArgument.code() }, c.args[0])
             } else if creates.iter().any(|h| h.number() == c.number) {
@@ -1165,6 +1221,15 @@ mod tests {
                     }
                     (Some(Hypercall::Wait), Some(Slot { held: Held::Notification { pending, armed }, .. })) => {
                         assert!(pending || armed, "a wait nobody ends: {c:?}")
+                    }
+                    (Some(Hypercall::SignalWait), Some(Slot { held: Held::Notification { .. }, rights: r }))
+                        if r & rights::SIGNAL != 0 && c.args[1] != c.rbx =>
+                    {
+                        if let Some(Slot { held: Held::Notification { pending, armed }, rights: w }) =
+                            f.slots.get(c.args[1] as usize).copied().flatten()
+                        {
+                            assert!(w & rights::WAIT == 0 || pending || armed, "a signal-wait nobody ends: {c:?}")
+                        }
                     }
                     (Some(Hypercall::CapDelete), Some(Slot { held: Held::Memory, .. })) => {
                         panic!("deleting the memory capability: {c:?}")

@@ -320,6 +320,8 @@ impl Platform for BareMetal {
     }
 
     fn console_line(&mut self, domain: &str, line: &[u8]) {
+        #[cfg(all(feature = "trace", not(feature = "vmx")))]
+        crate::trace::console_line(line);
         let _guard = CONSOLE_LOCK.lock();
         Serial::write_bytes(b"[");
         Serial::write_bytes(domain.as_bytes());

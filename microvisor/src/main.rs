@@ -24,5 +24,7 @@ mod init;
 mod run_loop;
 #[cfg(target_os = "none")]
 mod selftest;
+#[cfg(all(target_os = "none", feature = "trace", not(feature = "vmx")))]
+mod trace;
 #[cfg(target_os = "none")]
 mod vmexit;

@@ -31,6 +31,8 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 poll_iommu_faults(k, m);
                 m.poll_console();
                 k.tick(m.clock.now_ns());
+                #[cfg(all(feature = "trace", not(feature = "vmx")))]
+                crate::trace::tick(k);
             }
         }
         k.schedule();
@@ -44,8 +46,16 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
         enter(k, m, v);
+        #[cfg(all(feature = "trace", not(feature = "vmx")))]
+        crate::trace::enter(k, m, v);
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
+        #[cfg(all(feature = "trace", not(feature = "vmx")))]
+        crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);
+        #[cfg(all(feature = "trace", not(feature = "vmx")))]
+        crate::trace::handled(k, v);
+        #[cfg(all(feature = "trace", not(feature = "vmx")))]
+        crate::trace::dump_if_wanted(k);
         // A blocked DMA of this vCPU's domain goes to its exit handler now.
         if k.current == Some(v) {
             let d = k.vcpus[v as usize].domain;

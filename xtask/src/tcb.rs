@@ -362,16 +362,24 @@ fn module_name(header: &str) -> Option<String> {
 
 /// Which stripped lines are test code.
 /// Returns (per line: is test code, `#[cfg(test)] mod name;` names, whole file is test code).
-fn test_lines(lines: &[Stripped]) -> (Vec<bool>, Vec<String>, bool) {
+/// Code only the microvisor's `trace` feature compiles (`#[cfg(feature = "trace")]` or a
+/// `cfg(all(..))` naming it: the wake-up trace for loop runs) is left out the same way: it
+/// is never in the default build. (Stripped lines have literal contents masked, so the
+/// feature's name is looked for in `raw`, the source's lines.)
+fn test_lines(lines: &[Stripped], raw: &[&str]) -> (Vec<bool>, Vec<String>, bool) {
     let mut test = vec![false; lines.len()];
     let mut modules = Vec::new();
     let mut i = 0;
+    let trace_only = |i: usize, body: &str| {
+        let raw: String = raw.get(i).unwrap_or(&"").chars().filter(|c| !c.is_whitespace()).collect();
+        (body.starts_with("cfg(feature=") || body.starts_with("cfg(all(")) && raw.contains("feature=\"trace\"")
+    };
     while i < lines.len() {
         match leading_attribute(&lines[i].code) {
             Some((true, body, _)) if body == "cfg(test)" => {
                 return (vec![true; lines.len()], Vec::new(), true);
             }
-            Some((false, body, end)) if is_test_attribute(&body) => {
+            Some((false, body, end)) if is_test_attribute(&body) || trace_only(i, &body) => {
                 let (last, module) = item_end(lines, i, end);
                 for t in &mut test[i..=last] {
                     *t = true;
@@ -471,8 +479,11 @@ fn vendor_lines(src: &str, lines: &[Stripped]) -> Vec<Option<bool>> {
 /// Counts source lines and `unsafe` of one file; with `exclude_tests`, test code is left out.
 pub fn analyze(src: &str, exclude_tests: bool) -> FileAnalysis {
     let lines = strip(src);
-    let (test, test_modules, all_test) =
-        if exclude_tests { test_lines(&lines) } else { (vec![false; lines.len()], Vec::new(), false) };
+    let (test, test_modules, all_test) = if exclude_tests {
+        test_lines(&lines, &src.split('\n').collect::<Vec<_>>())
+    } else {
+        (vec![false; lines.len()], Vec::new(), false)
+    };
     let vendor = vendor_lines(src, &lines);
     let mut code = String::new();
     let (mut sloc, mut vmx_only, mut svm_only) = (0, 0, 0);
@@ -1039,6 +1050,10 @@ mod tests {
         let a = analyze(src, true);
         assert_eq!(a.sloc, 1);
         assert_eq!(a.test_modules, vec!["helpers".to_string()]);
+        // The trace feature's code is not in the default build.
+        assert_eq!(sloc("#[cfg(feature = \"trace\")]\ncrate::trace::tick(k);\nfn a() {}\n"), 1);
+        assert_eq!(sloc("#[cfg(all(target_os = \"none\", feature = \"trace\"))]\nmod trace;\n"), 0);
+        assert_eq!(sloc("#[cfg(feature = \"alloc\")]\nfn a() {}\n"), 2);
         // cfg(any(test, ..)) is not test-only.
         assert_eq!(sloc("#[cfg(any(test, feature = \"alloc\"))]\nfn a() {}\n"), 2);
         // A whole-file test module.

@@ -6,11 +6,15 @@
 //! by instruction.
 //!
 //! The stack is the doorbell test's: `bell` runs `domain_rt`'s loop (Poll the doorbell;
-//! if nothing, `sti; hlt; cli` and look at the interrupt counts), with the doorbell bound
-//! to vector 0x40 and a fallback timer bound to 0x41; `ping` rings the doorbell with the
-//! Signal hypercall. Every interleaving of guest instructions, timer firings, ticks
-//! (preemption) and interrupt delivery is explored breadth-first, with states merged
-//! when everything the kernel and the model keep is equal, under three priority pairs.
+//! if nothing, `sti; hlt; cli` and look at the interrupt counts; answer each doorbell
+//! with a Signal on the answer notification), with the doorbell bound to vector 0x40 and
+//! a fallback timer bound to 0x41; `ping` runs the test's loop: Signal the doorbell, then
+//! Wait for the answer (blocking in the kernel until bell's Signal wakes it). Every
+//! interleaving of guest instructions, timer firings, ticks (preemption), interrupt
+//! delivery and deliveries cut by an exit (the vector taken from V_IRQ lands in
+//! EXITINTINFO and the run loop re-injects it with EVENTINJ, APM 15.7.2) is explored
+//! breadth-first, with states merged when everything the kernel and the model keep is
+//! equal, under three priority pairs.
 //!
 //! Checked in every state:
 //! - no vCPU is Halted with a vector pending, offered or injected (a lost wake-up);
@@ -18,8 +22,10 @@
 //!   pending vector in the hardware: none waits in the kernel behind another in V_IRQ
 //!   (a late wake-up: the guest takes the first, looks, and finds the other's bits
 //!   without its interrupt: the "late or lost" report of the doorbell test);
-//! - from every state, running on without further events ends with bell halted and every
-//!   doorbell seen (no wake-up lost for good).
+//! - ping never waits on the answer while its bits are there (a lost Wait wake-up), and
+//!   every Wait returns bits;
+//! - from every state, running on without further events ends with bell halted, every
+//!   doorbell seen and every answer taken by ping (no wake-up lost for good).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -40,6 +46,8 @@ const TIMER_VECTOR: u8 = 0x41;
 const MAX_RINGS: u8 = 2;
 const MAX_TIMERS: u8 = 2;
 const MAX_TICKS: u8 = 3;
+/// Deliveries cut by an exit.
+const MAX_CUTS: u8 = 1;
 
 // ---- a minimal platform: memory for two small domains ------------------------------------
 
@@ -214,6 +222,10 @@ enum Action {
     Timer,
     /// The tick ends the running vCPU's slice.
     Tick,
+    /// The guest starts taking its offered vector and an exit (a nested page fault on
+    /// the stack, a host interrupt) cuts the delivery: the vector is in EXITINTINFO and
+    /// the run loop puts it into EVENTINJ.
+    Cut,
 }
 
 /// What the kernel keeps that the model changes, so states can be saved and restored.
@@ -234,7 +246,12 @@ struct State {
     rings: u8,
     timers: u8,
     ticks: u8,
+    cuts: u8,
     answered: u8,
+    /// Answers ping's Wait returned.
+    got: u8,
+    /// A Wait returned without bits, or ping waited while the answer's bits were there.
+    wait_lost: bool,
     /// A doorbell found by bell's poll after a wake-up by the timer alone.
     reports: u8,
     /// This step entered an interruptible guest with a vector still in the kernel.
@@ -248,9 +265,13 @@ struct Model {
     ping: VcpuId,
     doorbell: NotificationId,
     timer: NotificationId,
+    answer: NotificationId,
     /// ping's SIGNAL capability on the doorbell; bell's WAIT capability on it.
     ping_signal: u64,
     bell_wait: u64,
+    /// bell's SIGNAL capability on the answer; ping's WAIT capability on it.
+    bell_signal: u64,
+    ping_wait: u64,
 }
 
 impl Model {
@@ -268,11 +289,14 @@ impl Model {
         let bell_timer = k.grant_original(db, Object::Notification(timer), rights::WAIT).unwrap();
         assert_ne!(doorbell, timer);
         let ping_signal = k.grant_original(dp, Object::Notification(doorbell), rights::SIGNAL).unwrap();
+        let answer = k.notification_create().unwrap();
+        let ping_wait = k.grant_original(dp, Object::Notification(answer), rights::WAIT).unwrap();
+        let bell_signal = k.grant_original(db, Object::Notification(answer), rights::SIGNAL).unwrap();
         k.bind(bell, bell_wait, DOORBELL_VECTOR as u64).unwrap();
         k.bind(bell, bell_timer, TIMER_VECTOR as u64).unwrap();
         k.vcpu_start(bell).unwrap();
         k.vcpu_start(ping).unwrap();
-        Model { k, p, bell, ping, doorbell, timer, ping_signal, bell_wait }
+        Model { k, p, bell, ping, doorbell, timer, answer, ping_signal, bell_wait, bell_signal, ping_wait }
     }
 
     fn save(&self) -> KSnap {
@@ -285,7 +309,7 @@ impl Model {
                     (c.state, c.regs, c.pending_irqs, c.slice_left)
                 })
                 .collect(),
-            notifications: [self.doorbell, self.timer]
+            notifications: [self.doorbell, self.timer, self.answer]
                 .iter()
                 .map(|&n| (k.notifications[n as usize].bits, k.notifications[n as usize].waiter))
                 .collect(),
@@ -300,7 +324,7 @@ impl Model {
             let c = &mut self.k.vcpus[v as usize];
             (c.state, c.regs, c.pending_irqs, c.slice_left) = s.vcpus[i];
         }
-        for (i, &n) in [self.doorbell, self.timer].iter().enumerate() {
+        for (i, &n) in [self.doorbell, self.timer, self.answer].iter().enumerate() {
             let x = &mut self.k.notifications[n as usize];
             (x.bits, x.waiter) = s.notifications[i];
         }
@@ -319,15 +343,15 @@ impl Model {
                 (c.state, c.regs.rax, c.regs.rdi, c.pending_irqs, c.slice_left)
             })
             .collect();
-        let ns: Vec<_> = [self.doorbell, self.timer]
+        let ns: Vec<_> = [self.doorbell, self.timer, self.answer]
             .iter()
             .map(|&n| (k.notifications[n as usize].bits, k.notifications[n as usize].waiter))
             .collect();
         let rq: Vec<_> =
             [self.bell, self.ping].iter().map(|&v| k.runq.contains(v, k.vcpus[v as usize].priority, &k.next)).collect();
         format!(
-            "{vs:?}{ns:?}{rq:?}{:?}{:?}{:?}{}{}{}{}{}",
-            k.current, s.hw, s.in_guest, s.rings, s.timers, s.ticks, s.answered, s.reports
+            "{vs:?}{ns:?}{rq:?}{:?}{:?}{:?}{}{}{}{}{}{}{}{}",
+            k.current, s.hw, s.in_guest, s.rings, s.timers, s.ticks, s.cuts, s.answered, s.got, s.wait_lost, s.reports
         )
     }
 
@@ -370,6 +394,21 @@ impl Model {
                 self.k.vcpus[c as usize].slice_left = 1;
                 self.k.tick(0);
             }
+            Action::Cut => {
+                let v = n.in_guest?;
+                let (cuts, inject) = (n.cuts, n.hw.inject_second);
+                let c = n.hw.at(v);
+                if cuts >= MAX_CUTS || !inject || !c.interrupt_flag || c.shadow || c.window {
+                    return None;
+                }
+                // V_IRQ is clear once the CPU takes the vector; the exit left it in
+                // EXITINTINFO, which `svm::hw` puts back into EVENTINJ.
+                let x = c.v_irq.take()?;
+                assert!(c.event_inj.is_none(), "an injection pending while the guest took V_IRQ");
+                c.event_inj = Some(x);
+                n.cuts += 1;
+                n.in_guest = None;
+            }
             Action::Step => match n.in_guest {
                 None => {
                     // The run loop: pick, hand over the pending vectors, VMRUN.
@@ -377,8 +416,12 @@ impl Model {
                     let v = self.k.current?;
                     self.k.deliver_irqs(&mut n.hw, v);
                     let c = *n.hw.at(v);
-                    // Invariant 2: an interruptible guest has no vector waiting in the kernel.
-                    n.late = c.interrupt_flag && !c.shadow && self.k.vcpus[v as usize].has_irq();
+                    // Invariant 2: an interruptible guest has no vector waiting in the kernel,
+                    // unless it exits for it before its first instruction: the window is
+                    // requested with a vector offered (EVENTINJ busy with a delivery an exit
+                    // cut: the guest takes that one, then exits at the window).
+                    let exits_first = c.window && c.v_irq.is_some();
+                    n.late = c.interrupt_flag && !c.shadow && self.k.vcpus[v as usize].has_irq() && !exits_first;
                     n.in_guest = Some(v);
                     // EVENTINJ is delivered by VMRUN itself.
                     let c = n.hw.at(v);
@@ -411,15 +454,35 @@ impl Model {
         // The shadow covers exactly one instruction: this one.
         c.shadow = false;
         if v == self.ping {
-            if n.rings < MAX_RINGS {
-                n.rings += 1;
-                n.in_guest = None;
-                let (rax, _) = self.hypercall(v, Hypercall::Signal, self.ping_signal, 1);
-                assert_eq!(rax, 0);
-            } else {
-                // Done ringing: ping halts for good (nothing is bound to it).
-                n.in_guest = None;
-                self.k.hlt_exit(&mut n.hw, v);
+            match c.pc {
+                0 if n.rings < MAX_RINGS => {
+                    c.pc = 1;
+                    n.rings += 1;
+                    n.in_guest = None;
+                    let (rax, _) = self.hypercall(v, Hypercall::Signal, self.ping_signal, 1);
+                    assert_eq!(rax, 0);
+                }
+                0 => {
+                    // Done ringing: ping halts for good (nothing is bound to it).
+                    n.in_guest = None;
+                    self.k.hlt_exit(&mut n.hw, v);
+                }
+                1 => {
+                    // Wait for the answer: returns its bits at once, or blocks until
+                    // bell's Signal writes them into ping's registers.
+                    c.pc = 2;
+                    n.in_guest = None;
+                    self.hypercall(v, Hypercall::Wait, self.ping_wait, 0);
+                }
+                _ => {
+                    // The Wait returned (RAX, RDI as the kernel left them).
+                    c.pc = 0;
+                    let r = &self.k.vcpus[v as usize].regs;
+                    if r.rax != 0 || r.rdi == 0 {
+                        n.wait_lost = true;
+                    }
+                    n.got += 1;
+                }
             }
             return;
         }
@@ -432,12 +495,17 @@ impl Model {
                 let c = n.hw.at(v);
                 if bits != 0 {
                     n.answered += 1;
-                    if c.fallback {
-                        c.pc = 4;
-                    }
+                    c.pc = if c.fallback { 4 } else { 5 };
                 } else {
                     c.pc = 1;
                 }
+            }
+            5 => {
+                // Answer the doorbell.
+                c.pc = 0;
+                n.in_guest = None;
+                let (rax, _) = self.hypercall(v, Hypercall::Signal, self.bell_signal, 1);
+                assert_eq!(rax, 0);
             }
             1 => {
                 // STI: interrupts on after the next instruction.
@@ -468,7 +536,7 @@ impl Model {
                 if !others {
                     n.reports += 1;
                 }
-                (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, false, 0);
+                (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, false, 5);
             }
             _ => {
                 // CLI, then look at the counts.
@@ -503,6 +571,8 @@ struct Found {
     /// The same, with the doorbell's vector waiting behind the timer's in V_IRQ.
     doorbell_behind_timer: Option<Vec<Action>>,
     stuck: Option<Vec<Action>>,
+    /// A lost Wait wake-up on ping's side.
+    wait_lost: Option<Vec<Action>>,
     reports: usize,
     report_path: Option<Vec<Action>>,
 }
@@ -517,7 +587,10 @@ fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
         rings: 0,
         timers: 0,
         ticks: 0,
+        cuts: 0,
         answered: 0,
+        got: 0,
+        wait_lost: false,
         reports: 0,
         late: false,
     };
@@ -531,7 +604,7 @@ fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
         found.states += 1;
         assert!(found.states < 2_000_000, "the model's state space is larger than expected");
         let mut successors = 0;
-        for a in [Action::Step, Action::Timer, Action::Tick] {
+        for a in [Action::Step, Action::Timer, Action::Tick, Action::Cut] {
             let Some(n) = m.apply(&s, a) else { continue };
             let mut p = path.clone();
             p.push(a);
@@ -556,6 +629,12 @@ fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
                     found.halted_with_pending.get_or_insert(p.clone());
                 }
             }
+            // ping blocked on the answer while its bits are there.
+            let answer = &m.k.notifications[m.answer as usize];
+            if n.wait_lost || (m.k.vcpus[m.ping as usize].state == VcpuState::BlockedWait(m.answer) && answer.bits != 0)
+            {
+                found.wait_lost.get_or_insert(p.clone());
+            }
             if n.reports > 0 {
                 found.reports += 1;
                 found.report_path.get_or_insert(p.clone());
@@ -574,8 +653,10 @@ fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
                 && k.notifications[m.doorbell as usize].bits == 0
                 && !k.vcpus[m.bell as usize].has_irq()
                 && s.answered >= 1
-                && s.rings == MAX_RINGS;
-            let halted_ok = k.vcpus[m.bell as usize].state == VcpuState::Halted;
+                && s.rings == MAX_RINGS
+                && s.got == MAX_RINGS;
+            let halted_ok = k.vcpus[m.bell as usize].state == VcpuState::Halted
+                && k.vcpus[m.ping as usize].state == VcpuState::Halted;
             if !(done && halted_ok) {
                 found.stuck.get_or_insert(path.clone());
             }
@@ -595,6 +676,7 @@ fn no_wake_up_is_lost_or_late_in_any_interleaving() {
         assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: halted with a vector pending");
         assert_eq!(f.late, None, "bell {bell}, ping {ping}: a vector waited while the guest was interruptible");
         assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: a doorbell was never seen");
+        assert_eq!(f.wait_lost, None, "bell {bell}, ping {ping}: ping's Wait lost its wake-up");
         assert_eq!(
             f.reports, 0,
             "bell {bell}, ping {ping}: bell reported a doorbell late or lost after {:?}",
