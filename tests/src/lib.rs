@@ -22,6 +22,7 @@ pub fn artifacts() -> Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS
         .get_or_init(|| {
+            sweep_dead_scratch();
             let default_stack = xtask::manifest::default_stack_path();
             match (
                 std::env::var_os("STACK_MICROVISOR"),
@@ -43,6 +44,27 @@ pub fn artifacts() -> Artifacts {
             }
         })
         .clone()
+}
+
+/// Remove the scratch files (bundles, disk images, control sockets: `stack-tests-<pid>-*`
+/// in the temporary directory) of test processes that have ended. A test process cannot
+/// clean up after itself (the test harness has no teardown, and a test inspects its disk
+/// image after QEMU stops), so each one sweeps what the earlier ones left: without this a
+/// loop of test runs fills the disk (about 70 MiB per process).
+fn sweep_dead_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("stack-tests-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let path = e.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
 }
 
 /// A machine booting the stack described by `manifest` (a path relative to the workspace).
