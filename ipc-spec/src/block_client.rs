@@ -102,6 +102,19 @@ impl Client {
         self.incarnation
     }
 
+    /// The rings' indices as they are in the region now, for a stall report: request ring
+    /// (producer: this client, consumer: the driver), response ring (producer: the driver,
+    /// consumer: this client). Raw reads: nothing is checked or moved.
+    pub fn ring_indices<M: SharedMem + ?Sized>(&self, mem: &M) -> [u32; 4] {
+        let (rq, rs) = (self.layout.request_ring_offset(), self.layout.response_ring_offset());
+        [
+            mem.read_u32(rq + crate::ring::PRODUCER_INDEX_OFFSET),
+            mem.read_u32(rq + crate::ring::CONSUMER_INDEX_OFFSET),
+            mem.read_u32(rs + crate::ring::PRODUCER_INDEX_OFFSET),
+            mem.read_u32(rs + crate::ring::CONSUMER_INDEX_OFFSET),
+        ]
+    }
+
     /// Queue a request (its buffer must stay untouched until it is answered) and put it on
     /// the ring if there is room (else a later [`Self::poll`] does). Returns its id.
     pub fn submit<M: SharedMem + ?Sized>(
