@@ -305,7 +305,8 @@ fn block(region: Region, signal: u64, timer: u64) -> Result<Box<Blk>, String> {
             None => hypercall::sleep_ns(timer, CONNECT_STEP_NS).map_err(|e| format!("sleep: {e}"))?,
         }
     }
-    Err(String::from("the disk driver VM did not answer"))
+    // The state that says where the question stopped (as the stall report does later).
+    Err(format!("the disk driver VM did not answer ({})", chan.stall_state()))
 }
 
 fn net(region: Region, signal: u64, timer: u64) -> Result<Box<Net>, String> {
