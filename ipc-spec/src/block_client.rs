@@ -300,6 +300,23 @@ mod tests {
     }
 
     #[test]
+    fn ring_indices_show_where_requests_are() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 3);
+        assert_eq!(client.ring_indices(&mem), [3, 0, 0, 0], "on the request ring, not taken");
+        let answers = d.take(&mem, 2);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 0, 0], "two taken, none answered");
+        Driver::answer(&mem, &answers);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 2, 0], "two answers wait for the client");
+        assert_eq!(drain(&mut client, &mem).len(), 2);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 2, 2]);
+        assert_eq!(client.outstanding(), 1);
+    }
+
+    #[test]
     fn lost_answers_are_replayed_to_the_next_incarnation() {
         let mut bytes = vec![0u8; REGION];
         let mem = ByteMem::new(&mut bytes);
