@@ -102,6 +102,19 @@ impl Client {
         self.incarnation
     }
 
+    /// The rings' indices as they are in the region now, for a stall report: request ring
+    /// (producer: this client, consumer: the driver), response ring (producer: the driver,
+    /// consumer: this client). Raw reads: nothing is checked or moved.
+    pub fn ring_indices<M: SharedMem + ?Sized>(&self, mem: &M) -> [u32; 4] {
+        let (rq, rs) = (self.layout.request_ring_offset(), self.layout.response_ring_offset());
+        [
+            mem.read_u32(rq + crate::ring::PRODUCER_INDEX_OFFSET),
+            mem.read_u32(rq + crate::ring::CONSUMER_INDEX_OFFSET),
+            mem.read_u32(rs + crate::ring::PRODUCER_INDEX_OFFSET),
+            mem.read_u32(rs + crate::ring::CONSUMER_INDEX_OFFSET),
+        ]
+    }
+
     /// Queue a request (its buffer must stay untouched until it is answered) and put it on
     /// the ring if there is room (else a later [`Self::poll`] does). Returns its id.
     pub fn submit<M: SharedMem + ?Sized>(
@@ -284,6 +297,23 @@ mod tests {
             ids.insert(client.submit(mem, Op::Write, i, 1, off as u32).unwrap(), i);
         }
         ids
+    }
+
+    #[test]
+    fn ring_indices_show_where_requests_are() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        write_all(&mut client, &mem, 3);
+        assert_eq!(client.ring_indices(&mem), [3, 0, 0, 0], "on the request ring, not taken");
+        let answers = d.take(&mem, 2);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 0, 0], "two taken, none answered");
+        Driver::answer(&mem, &answers);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 2, 0], "two answers wait for the client");
+        assert_eq!(drain(&mut client, &mem).len(), 2);
+        assert_eq!(client.ring_indices(&mem), [3, 2, 2, 2]);
+        assert_eq!(client.outstanding(), 1);
     }
 
     #[test]

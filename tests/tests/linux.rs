@@ -44,7 +44,13 @@ fn linux_machine(tag: &str) -> Machine {
 fn boot_to_shell(tag: &str) -> Console {
     let m = linux_machine(tag);
     let mut c = Console::spawn(linux::console_command(&m)).unwrap_or_else(|e| panic!("{e}"));
-    c.wait_for(&format!("[linux] {SHELL_MARKER}"), BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let booted = c.wait_for(&format!("[linux] {SHELL_MARKER}"), BOOT_TIMEOUT);
+    // The VMM's stall reports (`vmm::stall`), also of stalls that passed: shown with
+    // `--nocapture` (a boot loop hunting a rare stall collects them).
+    for l in c.text().lines().filter(|l| l.contains("STALL")) {
+        eprintln!("{tag}: {l}");
+    }
+    booted.unwrap_or_else(|e| panic!("{e}"));
     // The VMM sends a partial line (the prompt) after a short pause.
     c.wait_for("[linux] / # ", SHORT).unwrap_or_else(|e| panic!("{e}"));
     c

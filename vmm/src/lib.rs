@@ -19,6 +19,7 @@ pub mod mmio;
 pub mod msr;
 pub mod platform;
 pub mod power;
+pub mod stall;
 pub mod stats;
 pub mod timebase;
 pub mod uart;

@@ -198,6 +198,11 @@ impl<B: BlockBackend> VirtioBlk<B> {
         self.stats
     }
 
+    /// A request taken from the queue waits for room on the back end.
+    pub fn waiting_for_room(&self) -> bool {
+        self.stalled.is_some()
+    }
+
     /// Requests handed to the back end and not completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()

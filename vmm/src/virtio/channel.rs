@@ -14,6 +14,8 @@
 //! guest memory. (The driver VM must not see guest RAM, so there is one copy each way.)
 
 use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -141,6 +143,27 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
     /// Answers dropped: from a dead incarnation, or to requests answered already.
     pub fn ignored(&self) -> u64 {
         self.client.ignored
+    }
+
+    /// The channel's state for a stall report: what the client has outstanding, the
+    /// incarnation it accepts (and the header's), and both rings' producer/consumer indices
+    /// as they are in the region (read only: nothing moves).
+    pub fn stall_state(&self) -> String {
+        let [rq_p, rq_c, rs_p, rs_c] = self.client.ring_indices(&self.mem);
+        format!(
+            "chan outstanding={} slots_used={}/{} local={} broken={} incarnation={} header_incarnation={} attach_index={} req_ring prod={rq_p} cons={rq_c} resp_ring prod={rs_p} cons={rs_c} next_id={} replayed={} ignored={}",
+            self.client.outstanding(),
+            self.slots.iter().filter(|s| s.is_some()).count(),
+            self.slots.len(),
+            self.local.len(),
+            self.broken,
+            self.client.incarnation(),
+            BlockLayout::incarnation(&self.mem),
+            BlockLayout::attach_index(&self.mem),
+            self.client.next_id(),
+            self.replayed,
+            self.client.ignored,
+        )
     }
 
     /// Lets the client notice a new incarnation (and replay to it) and send what did not fit

@@ -35,6 +35,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::queue::Queue;
@@ -239,6 +240,40 @@ impl VirtioPci {
     /// Number of MSI-X vectors.
     pub fn msix_vectors(&self) -> usize {
         self.msix_table.len()
+    }
+
+    /// The transport's state for a stall report: per queue the guest's avail index, what the
+    /// device has taken (next avail) and its used index, then the ISR, the MSI-X enable and
+    /// function mask, each queue's vector and whether its table entry is masked, the
+    /// pending-bit array and MSI writes not yet delivered.
+    pub fn stall_state(&self, mem: &dyn GuestMemory) -> String {
+        let mut s = alloc::format!("status={:#x}", self.status);
+        for (i, q) in self.queues.iter().enumerate() {
+            let avail = q.pending(mem).map(|p| alloc::format!("{}", q.next_avail().wrapping_add(p)));
+            let avail = avail.unwrap_or_else(|e| alloc::format!("{e:?}"));
+            let vector = self.queue_vectors.get(i).copied().unwrap_or(NO_VECTOR);
+            let masked = self.msix_table.get(usize::from(vector)).map(|e| e[3] & MSIX_ENTRY_MASKED != 0);
+            s += &alloc::format!(
+                " q{i}: avail={avail} taken={} used={} vector={vector} masked={masked:?};",
+                q.next_avail(),
+                q.next_used()
+            );
+        }
+        s += &alloc::format!(
+            " isr={:#x} msix_enabled={} function_mask={} msix_pending={:#x} msi_out={}",
+            self.isr,
+            self.msix_control & MSIX_ENABLE != 0,
+            self.msix_control & MSIX_FUNCTION_MASK != 0,
+            self.msix_pending,
+            self.out.len()
+        );
+        s
+    }
+
+    /// Chains the guest made available on queue `q` that the device has not taken (0 for a
+    /// queue not ready or broken).
+    pub fn untaken(&self, q: usize, mem: &dyn GuestMemory) -> u16 {
+        self.queues.get(q).and_then(|q| q.pending(mem).ok()).unwrap_or(0)
     }
 
     /// MSI writes waiting for delivery.

@@ -151,6 +151,67 @@ impl Devices {
         }
     }
 
+    /// Whether each device ([`BLOCK`], [`NET`]) has work outstanding, and a counter that moves
+    /// whenever it progresses (for [`vmm::stall::StallWatch`]). Block: requests the guest
+    /// made available and the VMM has not taken, taken but waiting for room, or on the
+    /// channel; net: transmit chains not taken or a frame waiting for room (the receive
+    /// queue always holds buffers: it is not work).
+    pub fn activity(&mut self, mem: &dyn vmm::memory::GuestMemory) -> [(bool, u64); 2] {
+        let mut out = [(false, 0); 2];
+        if let Some(f) = self.bus.function_mut(BLK_SLOT) {
+            let untaken = f.untaken(0, mem);
+            if let Some(b) = f.device_mut().as_any_mut().downcast_mut::<Blk>() {
+                let s = b.stats();
+                out[BLOCK] = (
+                    untaken > 0 || b.in_flight() > 0 || b.waiting_for_room(),
+                    s.submitted + s.completed + s.errors + s.busy,
+                );
+            }
+        }
+        if let Some(f) = self.bus.function_mut(NET_SLOT) {
+            let untaken = f.untaken(1, mem);
+            if let Some(n) = f.device_mut().as_any_mut().downcast_mut::<Net>() {
+                let s = n.stats();
+                out[NET] = (untaken > 0 || n.tx_waiting(), s.tx_frames + s.tx_dropped + s.rx_frames + s.rx_dropped);
+            }
+        }
+        out
+    }
+
+    /// One line per device `which` about a stall: the virtqueues and transport (avail, taken,
+    /// used, MSI-X), the device's requests, and for the disk the block channel's client and
+    /// rings. Only reads: nothing is rung or retried.
+    pub fn stall_report(&mut self, which: usize, mem: &dyn vmm::memory::GuestMemory, secs: u64) {
+        let (slot, name) = if which == BLOCK { (BLK_SLOT, "virtio-blk") } else { (NET_SLOT, "virtio-net") };
+        let (bells, answers, _) = bell_counters(which);
+        let Some(f) = self.bus.function_mut(slot) else { return };
+        let transport = f.stall_state(mem);
+        let dev = if let Some(b) = f.device_mut().as_any_mut().downcast_mut::<Blk>() {
+            let s = b.stats();
+            format!(
+                "dev in_flight={} waiting_for_room={} submitted={} completed={} busy={} | {}",
+                b.in_flight(),
+                b.waiting_for_room(),
+                s.submitted,
+                s.completed,
+                s.busy,
+                b.backend().stall_state()
+            )
+        } else if let Some(n) = f.device_mut().as_any_mut().downcast_mut::<Net>() {
+            let s = n.stats();
+            format!(
+                "dev tx_waiting={} tx={} rx={} rx_dropped={}",
+                n.tx_waiting(),
+                s.tx_frames,
+                s.rx_frames,
+                s.rx_dropped
+            )
+        } else {
+            String::new()
+        };
+        println!("STALL {name}: no progress for {secs} s: {transport} | {dev} | bells={bells} answered={answers}");
+    }
+
     /// What the devices did, for the VMM's last words.
     pub fn summary(&mut self) {
         if self.errors_seen.is_empty() {
@@ -244,7 +305,8 @@ fn block(region: Region, signal: u64, timer: u64) -> Result<Box<Blk>, String> {
             None => hypercall::sleep_ns(timer, CONNECT_STEP_NS).map_err(|e| format!("sleep: {e}"))?,
         }
     }
-    Err(String::from("the disk driver VM did not answer"))
+    // The state that says where the question stopped (as the stall report does later).
+    Err(format!("the disk driver VM did not answer ({})", chan.stall_state()))
 }
 
 fn net(region: Region, signal: u64, timer: u64) -> Result<Box<Net>, String> {

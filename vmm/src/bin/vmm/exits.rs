@@ -17,6 +17,7 @@ use vmm::memory::SliceMemory;
 use vmm::mmio::{fetch_instruction, CpuMode, PagingRegs, MAX_INSTRUCTION_LEN};
 use vmm::platform::Platform;
 use vmm::power::PowerEvent;
+use vmm::stall::StallWatch;
 use vmm::stats::{ExitStats, Kind};
 use vmm::timebase::{ns_until, ticks_in};
 use vmm::virtio::pci_bus::PciBus;
@@ -42,6 +43,9 @@ const KVM_ENOSYS: u64 = (-1000i64) as u64;
 const PANIC_GRACE_NS: u64 = 2_000_000_000;
 /// ... and after at least this many more exits (about 2 s of a 250 Hz tick and its EOI).
 const PANIC_GRACE_EXITS: u64 = 1_000;
+/// A device with work outstanding and no progress for this long gets a stall report
+/// (`vmm::stall`): one line per device with the state that says where the work stopped.
+const STALL_REPORT_NS: u64 = 5_000_000_000;
 /// Messages about unclaimed MMIO printed before they are only counted.
 const UNCLAIMED_REPORTS: u64 = 8;
 
@@ -75,6 +79,10 @@ pub struct Vmm {
     panic_deadline: Option<(u64, u64)>,
     /// Receives ended by a notification (the timer or a driver VM's doorbell).
     wakes: u64,
+    /// Per device ([`devices::BLOCK`], [`devices::NET`]): the stall report's trigger.
+    stalls: [StallWatch; 2],
+    /// The last vector injected (for the stall report).
+    last_injected: Option<u8>,
 }
 
 impl Vmm {
@@ -110,6 +118,8 @@ impl Vmm {
             boot_tsc: now,
             panic_deadline: None,
             wakes: 0,
+            stalls: [StallWatch::new(ticks_in(STALL_REPORT_NS, tsc_hz)); 2],
+            last_injected: None,
         }
     }
 
@@ -128,9 +138,16 @@ impl Vmm {
             }
             self.platform.acknowledge(v);
             self.stats.count(Kind::Injected);
+            self.last_injected = Some(v);
         }
         let now = rdtsc();
+        self.watch_stalls(now);
         let mut next = self.platform.next_deadline();
+        for w in &self.stalls {
+            if let Some(t) = w.deadline() {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
         let flush = self.out.due(ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz));
         let poll = self.console.map(|_| self.next_poll);
         for t in [flush, poll, self.panic_deadline.map(|(t, _)| t)].into_iter().flatten() {
@@ -168,6 +185,42 @@ impl Vmm {
             // A message to another APIC or not a fixed vector is the guest's own choice;
             // it is dropped (this VM has one vCPU).
             let _ = self.platform.deliver_msi(m);
+        }
+    }
+
+    /// Reports each device that has had work outstanding without progress for
+    /// [`STALL_REPORT_NS`] (then again after doubling gaps while the stall lasts): a report,
+    /// never a retry, so a lost wake-up or interrupt shows where it was lost. The doorbell
+    /// bits are not shown: reading them takes them (Poll).
+    fn watch_stalls(&mut self, now: u64) {
+        if self.devices.waits.is_empty() {
+            return;
+        }
+        let activity = self.devices.activity(&self.mem);
+        let mut reported = false;
+        for (which, (busy, progress)) in activity.into_iter().enumerate() {
+            if !self.stalls[which].check(now, busy, progress) {
+                continue;
+            }
+            let secs = self.stalls[which].stalled_for(now) / self.tsc_hz.max(1);
+            self.devices.stall_report(which, &self.mem, secs);
+            reported = true;
+        }
+        if reported {
+            let apic = self.platform.apic();
+            println!(
+                "STALL guest: apic irr_highest={:?} isr_highest={:?} ppr={:#x} deliverable={:?} last_injected={:?} injected={} exits={} wakes={} timer_armed={} apic_deadline={:?} now={now}",
+                apic.irr().highest(),
+                apic.isr().highest(),
+                apic.ppr(),
+                self.platform.pending_interrupt(),
+                self.last_injected,
+                self.stats.get(Kind::Injected),
+                self.stats.exits(),
+                self.wakes,
+                self.armed.is_some(),
+                self.platform.next_deadline(),
+            );
         }
     }
 
