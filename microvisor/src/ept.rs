@@ -7,7 +7,7 @@
 //! page. Accessed/dirty flags are off in the EPTP, so bits 8 and 9 are ignored and never
 //! written by the CPU.
 
-use crate::stage2::{Access, MemType, Stage2Error, Stage2Format};
+use crate::stage2::{Access, MemType, Stage2Format};
 pub use crate::stage2::{ADDR_MASK, ADDR_MASK_2M, PS};
 
 pub const R: u64 = 1 << 0;
@@ -22,16 +22,6 @@ pub struct Ept;
 
 impl Stage2Format for Ept {
     const HPA_BITS: u32 = 52;
-
-    /// Write without read is an EPT misconfiguration (28.2.3.1), and execute-only needs a
-    /// capability not every CPU has: READ is mandatory, as with NPT.
-    fn check_access(access: Access) -> Result<(), Stage2Error> {
-        if access.contains(Access::READ) && Access::all().contains(access) {
-            Ok(())
-        } else {
-            Err(Stage2Error::BadAccess { access })
-        }
-    }
 
     fn leaf_bits(access: Access, mem_type: MemType) -> u64 {
         let mut entry = R;

@@ -11,7 +11,7 @@
 //! place in the host (entry 0 = WB, entry 3 = UC), which is what the `PWT`/`PCD` encodings
 //! below select.
 
-use crate::stage2::{Access, MemType, Stage2Error, Stage2Format};
+use crate::stage2::{Access, MemType, Stage2Format};
 pub use crate::stage2::{ADDR_MASK, ADDR_MASK_2M, PS};
 
 /// Present.
@@ -36,16 +36,6 @@ pub struct Npt;
 
 impl Stage2Format for Npt {
     const HPA_BITS: u32 = 52;
-
-    /// A present NPT entry is always readable, so READ is mandatory; unknown bits are refused
-    /// rather than silently dropped.
-    fn check_access(access: Access) -> Result<(), Stage2Error> {
-        if access.contains(Access::READ) && Access::all().contains(access) {
-            Ok(())
-        } else {
-            Err(Stage2Error::BadAccess { access })
-        }
-    }
 
     /// `A` is preset on every leaf and `D` on writable ones: the walker would otherwise set
     /// them with locked read-modify-writes on first use, which buys nothing since the
@@ -94,7 +84,7 @@ impl Stage2Format for Npt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage2::PageSize;
+    use crate::stage2::{PageSize, Stage2Error};
     use proptest::prelude::*;
 
     #[test]

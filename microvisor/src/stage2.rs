@@ -198,8 +198,17 @@ pub trait Stage2Format {
     /// Host-physical address width the entries can hold.
     const HPA_BITS: u32;
 
-    /// Whether `access` is expressible, so `map` can refuse before touching anything.
-    fn check_access(access: Access) -> Result<(), Stage2Error>;
+    /// Whether `access` is expressible, so `map` can refuse before touching anything. Both
+    /// formats need READ: a present NPT entry is always readable, and in EPT write without
+    /// read is a misconfiguration (SDM 28.2.3.1) while execute-only needs a capability not
+    /// every CPU has. Unknown bits are refused rather than silently dropped.
+    fn check_access(access: Access) -> Result<(), Stage2Error> {
+        if access.contains(Access::READ) && Access::all().contains(access) {
+            Ok(())
+        } else {
+            Err(Stage2Error::BadAccess { access })
+        }
+    }
 
     /// The bits of a leaf mapping a page of `size` at `hpa`, besides the address and the
     /// large-page bit: `hpa` fits and is aligned to `size`, `access` passed `check_access`.

@@ -23,14 +23,7 @@ impl Timings {
 
     /// The middle run (the mean of the two middle ones for an even count).
     pub fn median(&self) -> Option<f64> {
-        let mut v = self.runs.clone();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        match n {
-            0 => None,
-            _ if n % 2 == 1 => Some(v[n / 2]),
-            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-        }
+        crate::bench_linux_io::median(&self.runs)
     }
 }
 
