@@ -97,8 +97,8 @@ pub struct Reattach {
     /// dom0's capabilities to the notification the client signals, and the one it waits on.
     to_server: u64,
     pub to_client: u64,
-    /// Where a block channel's region is mapped into dom0 too (read for `ctl list`'s I/O
-    /// counts, written to tell the client its server is gone).
+    /// Where a block or net channel's region is mapped into dom0 too (a block one's read
+    /// for `ctl list`'s I/O counts; both written to tell the client its server is gone).
     pub in_dom0: Option<u64>,
 }
 
@@ -232,7 +232,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
                 if keep {
                     let region = Some((r, gpa, bytes));
                     let fits = view.saturating_add(bytes) <= DOM0_VIEW_END;
-                    let in_dom0 = (c.kind == ChannelKind::Block && fits)
+                    let in_dom0 = (matches!(c.kind, ChannelKind::Block | ChannelKind::Net) && fits)
                         .then(|| hc(Hypercall::Map, dom0_slots::SELF_DOMAIN, [r, view, rw, 0, 0, 0]))
                         .and_then(|mapped| {
                             mapped.map_err(|e| println!("channel {}: not watched by dom0: {e}", c.name)).ok()

@@ -299,9 +299,9 @@ pub fn destroy(stack: &Stack, index: usize) {
     }
 }
 
-/// The block channels served by domain `index` that dom0 has mapped.
-fn block_views(stack: &Stack, index: usize) -> impl Iterator<Item = (Region, u64)> + '_ {
-    stack.reattach.iter().filter(move |k| k.server == index && k.kind == ChannelKind::Block).filter_map(|k| {
+/// The channels of `kind` served by domain `index` that dom0 has mapped.
+fn views(stack: &Stack, index: usize, kind: ChannelKind) -> impl Iterator<Item = (Region, u64)> + '_ {
+    stack.reattach.iter().filter(move |k| k.server == index && k.kind == kind).filter_map(|k| {
         let ((_, _, bytes), at) = (k.region?, k.in_dom0?);
         // SAFETY: builder::build mapped this region into dom0 at `at` for good (dom0 keeps
         // its capability); dom0's Rust code owns nothing there.
@@ -309,11 +309,19 @@ fn block_views(stack: &Stack, index: usize) -> impl Iterator<Item = (Region, u64
     })
 }
 
-/// Tell the clients of domain `index`'s block channels that their server is gone (or back),
-/// and ring them so that a client waiting for an answer sees it at once.
+/// Tell the clients of domain `index`'s block and net channels that their server is gone
+/// (or back), and ring them so that a client waiting for an answer or a frame sees it at
+/// once.
 fn mark_gone(stack: &Stack, index: usize, gone: bool) {
-    for (region, to_client) in block_views(stack, index) {
+    let block = views(stack, index, ChannelKind::Block).map(|(region, to_client)| {
         BlockLayout::set_server_gone(&region, gone);
+        to_client
+    });
+    let net = views(stack, index, ChannelKind::Net).map(|(region, to_client)| {
+        ipc_spec::net::mark_server_gone(&region, gone);
+        to_client
+    });
+    for to_client in block.chain(net) {
         if gone {
             let _ = hypercall::signal(to_client, 1);
         }
@@ -324,7 +332,7 @@ fn mark_gone(stack: &Stack, index: usize, gone: bool) {
 /// free-running producer indexes, which survive restarts), if dom0 watches any.
 fn answers(stack: &Stack, index: usize) -> Option<u64> {
     let mut total = None;
-    for (region, _) in block_views(stack, index) {
+    for (region, _) in views(stack, index, ChannelKind::Block) {
         let ring = region.read_u32(ipc_spec::block::header::RESPONSE_RING) as usize;
         // The guest wrote the offset: read only inside the region (read_u32 is checked).
         let produced = u64::from(region.read_u32(ring));

@@ -34,6 +34,8 @@
 //!                                     re-attach, never 0 once the magic is there); see
 //!                                     "Restarts"
 //!           +24  guest MAC       6 bytes, then 2 reserved bytes
+//!           +32  server state    u32  written by **dom0**: [`SERVER_GONE`] once it gave up
+//!                                     restarting the driver (0 otherwise); see "Restarts"
 //!           +64  drop counters   16 x u32, indexed by NetDropReason::code(); wrapping
 //!           rest of the page reserved (ignored)
 //! 0x1000  TX ring (guest -> driver): ring::HEADER_SIZE + capacity * DESC_SIZE bytes
@@ -127,6 +129,13 @@
 //! successor has attached. No frame of a dead incarnation can arrive later: dom0 destroys a
 //! driver VM (and quiesces its device) before it builds the next.
 //!
+//! When dom0 gives up on the driver (its restart limit), it writes [`SERVER_GONE`] at header
+//! +32 and the link word down ([`mark_server_gone`]), then rings the guest's doorbell: the
+//! guest ([`server_gone`]) then knows that no frame will come or go on this channel again
+//! and says so, instead of waiting for ever. The driver never writes +32 (it initialises
+//! only the fields above); if dom0 builds the driver again later (`xtask ctl restart`), it
+//! clears the word first and the new incarnation re-attaches as usual.
+//!
 //! A corrupt ring ([`NetDropReason::BadRing`]) stops that direction of that channel only.
 
 use core::fmt;
@@ -202,6 +211,8 @@ pub mod header {
     pub const INCARNATION: usize = 20;
     /// 6 bytes: the guest's MAC address, then 2 reserved bytes.
     pub const MAC: usize = 24;
+    /// `u32`: [`super::SERVER_GONE`] once dom0 gave up on the driver, else 0 (dom0's word).
+    pub const SERVER: usize = 32;
     /// [`super::DROP_COUNTERS`] `u32`s, indexed by [`super::NetDropReason::code`].
     pub const DROP_COUNTERS: usize = 64;
 }
@@ -809,6 +820,30 @@ pub fn set_link<M: SharedMem + ?Sized>(mem: &M, up: bool) {
 /// region too small for a header).
 pub fn link_up<M: SharedMem + ?Sized>(mem: &M) -> bool {
     mem.len() >= HEADER_PAGE_SIZE && mem.read_u32(header::LINK) == 1
+}
+
+/// `"GONE"` at header +32 (the block channel's word and value): dom0 will not restart the
+/// driver; no frame will move on the channel again.
+pub const SERVER_GONE: u32 = crate::block::SERVER_GONE;
+
+/// The guest: whether dom0 gave up on the channel's driver (header +32, see "Restarts");
+/// `false` for a region too small for a header.
+pub fn server_gone<M: SharedMem + ?Sized>(mem: &M) -> bool {
+    mem.len() >= HEADER_PAGE_SIZE && mem.read_u32(header::SERVER) == SERVER_GONE
+}
+
+/// dom0's side: mark the driver as given up on (`gone`: also the link word down, for a
+/// client that only looks at the link), or as coming back (the word cleared; the next
+/// incarnation writes the link itself). dom0 rings the guest's doorbell after this, which
+/// orders the stores before the guest's look.
+pub fn mark_server_gone<M: SharedMem + ?Sized>(mem: &M, gone: bool) {
+    if mem.len() < HEADER_PAGE_SIZE {
+        return;
+    }
+    mem.write_u32(header::SERVER, if gone { SERVER_GONE } else { 0 });
+    if gone {
+        mem.write_u32(header::LINK, 0);
+    }
 }
 
 /// Dropped frames by reason. The driver VM keeps its own copy, counts into it and publishes
@@ -1438,6 +1473,35 @@ mod tests {
         let d = header().attach_driver(&mem).unwrap();
         assert!(d.fresh);
         assert_eq!(d.incarnation, 1);
+    }
+
+    #[test]
+    fn dom0_marks_the_driver_gone_and_back_and_no_attach_touches_the_mark() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        assert!(!server_gone(&mem), "a zeroed region: not gone");
+        header().attach_driver(&mem).unwrap();
+        assert!(!server_gone(&mem) && link_up(&mem));
+        mark_server_gone(&mem, true);
+        assert!(server_gone(&mem));
+        assert!(!link_up(&mem), "a client that reads only the link sees it down");
+        assert_eq!(mem.read_u32(header::SERVER), SERVER_GONE);
+        // The header still checks (the guest keeps its MAC), and a re-attach leaves the mark.
+        assert_eq!(NetHeader::check(&mem).unwrap().0.mac, GUEST);
+        header().attach_driver(&mem).unwrap();
+        assert!(server_gone(&mem));
+        // `ctl restart`: cleared before the next incarnation, which raises the link again.
+        mark_server_gone(&mem, false);
+        assert!(!server_gone(&mem));
+        assert_eq!(header().attach_driver(&mem).unwrap().incarnation, 3);
+        assert!(link_up(&mem));
+        // Only the exact word counts; a small region is never gone and is not written.
+        mem.write_u32(header::SERVER, SERVER_GONE ^ 1);
+        assert!(!server_gone(&mem));
+        let mut small = [0u8; 16];
+        let small = ByteMem::new(&mut small);
+        mark_server_gone(&small, true);
+        assert!(!server_gone(&small));
     }
 
     #[test]

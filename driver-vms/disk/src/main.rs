@@ -425,7 +425,7 @@ mod serve {
             let seen = irq::count();
             while pass(&mut chans, dev, disk) {
                 if let Some(h) = heartbeat.as_mut() {
-                    h.beat();
+                    h.beat(dev.in_flight() > 0, dev.completed);
                 }
                 if !first_reported && dev.completed > 0 {
                     // With the crash time below, gives the time a restart costs the guest.
@@ -464,7 +464,7 @@ mod serve {
                 }
             }
             if let Some(h) = heartbeat.as_mut() {
-                h.beat();
+                h.beat(dev.in_flight() > 0, dev.completed);
                 if dev.in_flight() == 0 {
                     // Nothing on the device arms the fallback timer: wake for the next beat.
                     if let Some(t) = timer {

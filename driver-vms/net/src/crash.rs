@@ -3,6 +3,9 @@
 //! incarnation), in one of three ways, also drawn: a stage-2 fault, a triple fault, or an
 //! exit. dom0 hears of each and, with `restart = "always"`, builds the VM again; the
 //! guests' channels must survive it (`ipc_spec::net`, "Restarts").
+//!
+//! `rogue=hang-after=<n>` picks the point the same way but then spins for ever: no fault,
+//! no exit, no heartbeat. Only dom0's hang watchdog (manifest `watchdog_ms`) can notice.
 
 /// How the driver VM dies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +16,8 @@ pub enum Way {
     TripleFault,
     /// It exits (`DomainExit`) with a non-zero status.
     Exit,
+    /// It spins for ever (`hang-after`; never drawn for `crash-after`).
+    Hang,
 }
 
 impl Way {
@@ -31,6 +36,7 @@ impl Way {
             Way::Stage2 => "a stage-2 fault",
             Way::TripleFault => "a triple fault",
             Way::Exit => "an exit",
+            Way::Hang => "a hang",
         }
     }
 }
@@ -47,14 +53,20 @@ pub struct CrashAfter {
 }
 
 impl CrashAfter {
-    /// From the `rogue=` argument: `crash-after=<n>` (`n` at least 1), the crash point drawn
-    /// from `entropy` (any bits: the clock at start will do) in `n..2n`. `None` for anything
-    /// else.
+    /// From the `rogue=` argument: `crash-after=<n>` or `hang-after=<n>` (`n` at least 1),
+    /// the point drawn from `entropy` (any bits: the clock at start will do) in `n..2n`, and
+    /// for `crash-after` the way as well. `None` for anything else.
     pub fn parse(rogue: &str, entropy: u64) -> Option<Self> {
-        let n: u64 = rogue.strip_prefix("crash-after=")?.parse().ok().filter(|&n| n > 0)?;
+        let (n, hang) = match (rogue.strip_prefix("crash-after="), rogue.strip_prefix("hang-after=")) {
+            (Some(n), _) => (n, false),
+            (_, Some(n)) => (n, true),
+            _ => return None,
+        };
+        let n: u64 = n.parse().ok().filter(|&n| n > 0)?;
         // A cheap mix so that clock values close together still land far apart.
         let mixed = entropy.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-        Some(Self { frames: 0, at: n.saturating_add(mixed % n), way: Way::from_entropy(mixed) })
+        let way = if hang { Way::Hang } else { Way::from_entropy(mixed) };
+        Some(Self { frames: 0, at: n.saturating_add(mixed % n), way })
     }
 
     /// One more frame moved; whether it is time to crash.
@@ -84,6 +96,7 @@ mod tests {
                 Way::Stage2 => 0,
                 Way::TripleFault => 1,
                 Way::Exit => 2,
+                Way::Hang => panic!("crash-after never hangs"),
             }] = true;
         }
         assert!(ways.iter().all(|&w| w), "every way is drawn");
@@ -100,5 +113,17 @@ mod tests {
         assert!(!c.frame());
         assert!(c.frame());
         assert!(c.frame());
+    }
+
+    #[test]
+    fn hang_after_picks_the_point_the_same_way_and_always_hangs() {
+        assert_eq!(CrashAfter::parse("hang-after=0", 1), None);
+        assert_eq!(CrashAfter::parse("hang-after=", 1), None);
+        assert_eq!(CrashAfter::parse("hang-after=-3", 1), None);
+        for e in 0..300u64 {
+            let h = CrashAfter::parse("hang-after=40", e * 7_919).unwrap();
+            let c = CrashAfter::parse("crash-after=40", e * 7_919).unwrap();
+            assert_eq!((h.way, h.at), (Way::Hang, c.at));
+        }
     }
 }

@@ -33,6 +33,7 @@ mod driver {
     use core::fmt;
 
     use domain_rt::channels;
+    use domain_rt::heartbeat::Heartbeat;
     use domain_rt::hypercall;
     use domain_rt::shared::Region;
     use domain_rt::{println, BootInfo};
@@ -315,12 +316,19 @@ mod driver {
         }
     }
 
-    /// `rogue=crash-after=<n>`: count a frame moved; crash when it is time (mid-round: frames
-    /// taken and not yet passed on, guests not yet rung).
+    /// `rogue=crash-after=<n>` or `hang-after=<n>`: count a frame moved; crash or hang when
+    /// it is time (mid-round: frames taken and not yet passed on, guests not yet rung).
     fn maybe_crash(crash: &mut Option<CrashAfter>) {
         let Some(c) = crash.as_mut() else { return };
         if !c.frame() {
             return;
+        }
+        if c.way == Way::Hang {
+            println!("hanging after {} frames, at {} ns (rogue=hang-after)", c.frames, hypercall::clock_ns());
+            // Interrupts are off in the serving loop: nothing runs here again, nothing beats.
+            loop {
+                core::hint::spin_loop();
+            }
         }
         println!(
             "crashing after {} frames by {}, at {} ns (rogue=crash-after)",
@@ -340,15 +348,25 @@ mod driver {
                 let null: [u8; 10] = [0; 10];
                 core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
             },
-            Way::Exit => hypercall::domain_exit(99),
+            Way::Exit | Way::Hang => hypercall::domain_exit(99),
         }
     }
 
     /// Serve the device and the guests until the device fails.
     ///
     /// `wakeup`: the timer that wakes the loop when nothing else does ([`Wakeup`]); `crash`:
-    /// when to crash on purpose (`rogue=crash-after=<n>`).
-    #[allow(clippy::too_many_arguments)] // the device's three parts, the guests, two options
+    /// when to crash or hang on purpose (`rogue=crash-after=<n>`, `hang-after=<n>`);
+    /// `heartbeat`: dom0's hang watchdog, if the manifest asks for one.
+    ///
+    /// The heartbeat rides on the same timer: with one, the timer fires at least every half
+    /// beat interval (every 6.25 ms for a 50 ms watchdog), beats are sent from rounds the
+    /// timer started (paced by [`Heartbeat::beat`]: one clock read per such round, none on
+    /// the others), and only every `wakeup.ns`'th worth of them is a device watchdog round.
+    /// A beat says the loop turns and the device is keeping up with transmits (it gives
+    /// back buffers, or holds none): see `domain_rt::heartbeat`. A busy loop (work left
+    /// over: it yields instead of halting) lets the timer's interrupt in after each yield,
+    /// so it beats as an idle one does.
+    #[allow(clippy::too_many_arguments)] // the device's three parts, the guests, three options
     fn serve(
         net: &mut Net,
         rx: &mut Rx,
@@ -358,23 +376,32 @@ mod driver {
         kicker: &QueueKicker,
         wakeup: Option<Wakeup>,
         mut crash: Option<CrashAfter>,
+        mut heartbeat: Option<Heartbeat>,
     ) -> u64 {
         let mut frame = [0u8; MAX_FRAME_LEN];
         let mut first_reported = false;
         let mut counts = domain_rt::irq::Counts::now();
+        // The timer's period, and how many of its firings make one of `wakeup`'s.
+        let beat_every = heartbeat.as_ref().map(Heartbeat::every_ns);
+        let tick_ns = |w: Wakeup| beat_every.map_or(w.ns, |b| w.ns.min(b / 2).max(1));
+        let per_wakeup = |w: Wakeup| w.ns.div_ceil(tick_ns(w)).max(1);
         if let Some(w) = wakeup {
-            let _ = hypercall::timer_set(w.slot, w.ns, 1);
+            let _ = hypercall::timer_set(w.slot, tick_ns(w), 1);
         }
+        let mut ticks = 0u64;
         let mut missed_interrupts = 0u64;
         loop {
             // What woke us since the last round: the timer, and anything else?
             let now = domain_rt::irq::Counts::now();
             let arrived = counts.until(now);
             counts = now;
-            let watchdog = wakeup.filter(|w| w.watchdog && arrived.timer);
+            let mut wakeup_round = false;
             if let Some(w) = wakeup.filter(|_| arrived.timer) {
-                let _ = hypercall::timer_set(w.slot, w.ns, 1);
+                let _ = hypercall::timer_set(w.slot, tick_ns(w), 1);
+                ticks += 1;
+                wakeup_round = ticks.is_multiple_of(per_wakeup(w));
             }
+            let watchdog = wakeup.filter(|w| w.watchdog && wakeup_round);
             if watchdog.is_some() {
                 // Make sure the device has seen every buffer (see `Kicker`).
                 kicker.kick(RECEIVE_QUEUE);
@@ -471,6 +498,10 @@ mod driver {
                 }
             }
             tx.reap(net);
+            if let Some(h) = heartbeat.as_mut().filter(|_| arrived.timer) {
+                let (held, given_back) = tx.0.progress();
+                h.beat(held > 0, given_back);
+            }
             // Make sure the device saw the receive buffers this round posted (see `Kicker`):
             // a device out of them waits for a kick, and nothing else would come. A lost
             // transmit kick only delays frames until the next one, or the watchdog's: a
@@ -501,8 +532,10 @@ mod driver {
                 more |= g.more;
             }
             if more {
-                // Work left over: go round again, letting others run first.
+                // Work left over: go round again, letting others run first (and the
+                // timer's interrupt in, if it fired: the heartbeat rides on it).
                 hypercall::yield_now();
+                domain_rt::irq::let_offered_in();
             } else {
                 // Returns at once if anything arrived during this round.
                 domain_rt::irq::wait_for_virq(counts.all);
@@ -603,9 +636,14 @@ mod driver {
         }
         let crash = info.arg("rogue").and_then(|r| CrashAfter::parse(r, hypercall::clock_ns()));
         if let Some(c) = crash {
-            println!("will crash after {} frames by {} (rogue=crash-after)", c.at, c.way.name());
+            println!("will fail after {} frames by {} (rogue={})", c.at, c.way.name(), info.arg("rogue").unwrap_or(""));
+        }
+        // dom0's hang watchdog (manifest `watchdog_ms`): beats ride on the timer.
+        let heartbeat = Heartbeat::from_cmdline(info);
+        if heartbeat.is_some() && wakeup.is_none() {
+            println!("heartbeat: no timer to beat by; dom0's watchdog will call me hung when idle");
         }
         println!("ready");
-        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup, crash)
+        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup, crash, heartbeat)
     }
 }

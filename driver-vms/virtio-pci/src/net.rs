@@ -153,6 +153,8 @@ pub struct TxQueue<const M: usize> {
     stuck: bool,
     /// Frames were handed to the device since the last [`TxQueue::take_sent`].
     sent: bool,
+    /// Buffers the device gave back so far (a running count, for the heartbeat).
+    completed: u64,
 }
 
 impl<const M: usize> Default for TxQueue<M> {
@@ -169,6 +171,7 @@ impl<const M: usize> TxQueue<M> {
             in_flight: [None; M],
             stuck: false,
             sent: false,
+            completed: 0,
         }
     }
 
@@ -193,7 +196,10 @@ impl<const M: usize> TxQueue<M> {
             let len = self.in_flight[i].map_or(0, |(_, len)| len);
             // SAFETY: the same buffer (and length) that was submitted with this token.
             match unsafe { net.transmit_complete(token, &self.buffers[i][..len]) } {
-                Ok(_) => self.in_flight[i] = None,
+                Ok(_) => {
+                    self.in_flight[i] = None;
+                    self.completed += 1;
+                }
                 Err(e) => {
                     self.stuck = true;
                     return Err(ReapError::Complete(token, e));
@@ -201,6 +207,12 @@ impl<const M: usize> TxQueue<M> {
             }
         }
         Ok(())
+    }
+
+    /// How many buffers the device holds, and how many it gave back so far: whether it is
+    /// keeping up (`domain_rt::heartbeat::Progress`).
+    pub fn progress(&self) -> (usize, u64) {
+        (self.in_flight.iter().filter(|t| t.is_some()).count(), self.completed)
     }
 
     /// Whether every buffer is with the device (a frame now would be refused).

@@ -262,8 +262,8 @@ impl NetDevice for DirectDevice {
         }
     }
 
-    fn is_dead(&self) -> bool {
-        self.dead
+    fn dead(&self) -> Option<&'static str> {
+        self.dead.then_some("the NIC failed")
     }
 
     fn describe(&self, out: &mut alloc::string::String) {

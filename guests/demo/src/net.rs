@@ -22,11 +22,16 @@ pub trait NetDevice: Device {
     fn mac(&self) -> ipc_spec::net::MacAddr;
     /// Called after every poll: tell the other side about frames queued since the last call.
     fn kick(&mut self);
-    /// Whether the device can no longer be used.
-    fn is_dead(&self) -> bool;
+    /// Why the device cannot be used, if it cannot: for good (a corrupt ring, a failed
+    /// NIC), or until dom0 builds the net driver VM again ([`GONE`]).
+    fn dead(&self) -> Option<&'static str>;
     /// One line for the status page.
     fn describe(&self, out: &mut alloc::string::String);
 }
+
+/// Why a net channel is dead while dom0 has given up on its driver (`ipc_spec::net`,
+/// "Restarts"; dom0 rings our doorbell when it marks the channel).
+pub const GONE: &str = "server gone: dom0 gave up restarting the net driver VM";
 
 impl NetDevice for ChannelDevice {
     fn mac(&self) -> ipc_spec::net::MacAddr {
@@ -37,8 +42,14 @@ impl NetDevice for ChannelDevice {
         ChannelDevice::kick(self)
     }
 
-    fn is_dead(&self) -> bool {
-        self.is_corrupt()
+    fn dead(&self) -> Option<&'static str> {
+        if self.is_corrupt() {
+            Some("a ring of the net channel is corrupt")
+        } else if ipc_spec::net::server_gone(self.region) {
+            Some(GONE)
+        } else {
+            None
+        }
     }
 
     fn describe(&self, out: &mut alloc::string::String) {

@@ -137,11 +137,8 @@ impl<D: NetDevice> Server<D> {
             }
             self.iface.poll(now(), &mut self.dev, &mut self.sockets);
             self.dev.kick();
-            if self.dev.is_dead() {
-                println!("net: the network device failed: stopping the server");
-                loop {
-                    let _ = hypercall::wait(self.wait);
-                }
+            if let Some(why) = self.dev.dead() {
+                self.out_of_service(why);
             }
             if !progress {
                 // Sleep until a frame arrives (the driver's doorbell) or smoltcp has a timer due.
@@ -150,6 +147,33 @@ impl<D: NetDevice> Server<D> {
                     let _ = hypercall::timer_set(self.wait, delay.min(100_000) * 1000, 1 << 1);
                     let _ = hypercall::wait(self.wait);
                 }
+            }
+        }
+    }
+
+    /// The network device cannot be used (`why`): say so, drop every connection (no frame
+    /// can reach its peer: each gets a reset if the device comes back) and wait until the
+    /// device is usable again, checking every 100 ms and at each doorbell (a net channel
+    /// whose driver dom0 builds again after giving up, `ctl restart`), or for ever.
+    fn out_of_service(&mut self, why: &str) {
+        let open = self
+            .conns
+            .iter()
+            .filter(|c| {
+                let s = self.sockets.get::<tcp::Socket>(c.handle);
+                s.is_open() && s.state() != tcp::State::Listen
+            })
+            .count();
+        println!("net: {why}: {open} connection(s) dropped; serving nothing until the network device is back");
+        for c in &self.conns {
+            self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+        }
+        loop {
+            let _ = hypercall::timer_set(self.wait, 100_000_000, 1 << 1);
+            let _ = hypercall::wait(self.wait);
+            if self.dev.dead().is_none() {
+                println!("net: the network device is back: serving again");
+                return;
             }
         }
     }
