@@ -264,3 +264,70 @@ pub fn linux_artifacts() -> xtask::linux::Artifacts {
         })
         .clone()
 }
+
+/// A small deterministic generator (xorshift64*) for tests that draw random choices from a
+/// seed they print ([`kill_seed`]).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// In `0..n` (0 for `n == 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// The seed of a kill test: `KILL_SEED` if set (to replay a run's choices), else drawn from
+/// the clock (odd, so never 0: xorshift would stay at 0).
+pub fn kill_seed() -> u64 {
+    std::env::var("KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    })
+}
+
+/// [`run_serving`], but the client runs on a thread of its own while the console is still
+/// read, so the run keeps every line printed while the client ran (`run_serving` stops
+/// reading when the client starts). The run stops when the client returns (or at a FATAL
+/// line, or after `timeout`); the client's panic is passed on with the console shown.
+pub fn run_serving_whole<T: Send + 'static>(
+    m: &Machine,
+    servers: &[&str],
+    timeout: Duration,
+    client: impl FnOnce() -> T + Send + 'static,
+) -> (Run, T) {
+    let mut client = Some(client);
+    let mut thread: Option<std::thread::JoinHandle<T>> = None;
+    let run = xtask::qemu::run_captured_polling(m, timeout, false, true, |lines| {
+        if lines.iter().any(|l| l.contains("FATAL")) {
+            return true;
+        }
+        if let Some(t) = thread.as_ref() {
+            return t.is_finished();
+        }
+        let serving = |who: &&str| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
+        if servers.iter().all(serving) {
+            if let Some(c) = client.take() {
+                thread = Some(std::thread::spawn(c));
+            }
+        }
+        false
+    })
+    .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
+    let Some(thread) = thread else { panic!("{servers:?} never all served HTTP:\n{}", run.console()) };
+    if !thread.is_finished() {
+        panic!("the client did not finish: QEMU ended with {:?}; console:\n{}", run.ending, run.console());
+    }
+    match thread.join() {
+        Ok(t) => (run, t),
+        Err(panic) => {
+            eprintln!("console of the failed run:\n{}", run.console());
+            std::panic::resume_unwind(panic)
+        }
+    }
+}

@@ -62,22 +62,6 @@ fn ctl_lists_kills_and_restarts_domains_and_refuses_bad_input() {
     assert_no_line(&run, "FATAL");
 }
 
-/// A small deterministic generator (xorshift64*), seeded by the test and printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Sectors the kill test writes and reads: past the guest self-test's first run.
 const FIRST: u64 = 4096;
 const SPAN: u64 = 4096;
@@ -88,9 +72,7 @@ const SPAN: u64 = 4096;
 /// written, and the host's image must hold every write (all acknowledged, the last flush
 /// after them) afterwards.
 fn kill_test(kills: u64) {
-    let seed = std::env::var("KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
-    });
+    let seed = kill_seed();
     eprintln!("kill test: seed {seed} (KILL_SEED={seed} replays the choices), {kills} kills");
     let m = stack_machine("tests/stacks/ctl-disk.toml", "");
     let disk = m.disks[0].clone();
@@ -136,7 +118,7 @@ fn kill_test(kills: u64) {
             let at = ((lba - FIRST) * 512) as usize;
             let len = (count * 512) as usize;
             if rng.below(3) > 0 {
-                let data = noise(len, rng.next());
+                let data = noise(len, rng.next_u64());
                 let (status, body) = request(&mut s, "PUT", &format!("/blk/{lba}"), &data);
                 assert_eq!(status, 200, "PUT /blk/{lba} ({count} sectors): {}", String::from_utf8_lossy(&body));
                 model.lock().expect("model")[at..at + len].copy_from_slice(&data);
