@@ -3,8 +3,8 @@
 //!
 //! - Kills mixed (tests/stacks/crashy-net.toml): the driver crashes after a random number of
 //!   frames (`rogue=crash-after`: a stage-2 fault, a triple fault or an exit) and the test
-//!   kills it with `ctl kill net` at random times (seed printed; `KILL_SEED` replays the
-//!   test's choices). dom0 builds it again each time and the new incarnation re-attaches to
+//!   kills it with `ctl kill net` at random times: each after another 0.75 to 2.25 MiB of
+//!   the transfer, drawn from a seed (printed; `KILL_SEED` replays the test's choices). dom0 builds it again each time and the new incarnation re-attaches to
 //!   the guest's net channel as it is (`ipc_spec::net`, "Restarts").
 //! - Hangs (tests/stacks/hung-net.toml): the driver spins after a random number of frames
 //!   (`rogue=hang-after`): no fault, only dom0's hang watchdog (its heartbeat stops) can
@@ -16,7 +16,7 @@ use ipc_spec::ctl::State;
 use stack_tests::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,8 +57,8 @@ fn restarts(port: u16) -> ((u64, u64, u64, u64), String, String) {
 
 /// One `GET /source` of `bytes` seeded bytes on one connection; every byte checked as it
 /// comes, and a checksum of the whole compared with the expected one. Returns the time the
-/// body took.
-fn download(port: u16, bytes: u64, seed: u64) -> Duration {
+/// body took. The bytes received so far are published in `progress`.
+fn download(port: u16, bytes: u64, seed: u64, progress: &AtomicU64) -> Duration {
     let mut s: TcpStream = connect(port);
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(s, "GET /source?bytes={bytes}&seed={seed} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
@@ -101,6 +101,7 @@ fn download(port: u16, bytes: u64, seed: u64) -> Duration {
             );
         }
         at += n as u64;
+        progress.store(at, Ordering::Relaxed);
         if at >= next_report {
             eprintln!("net restart: {} MiB after {:.1} s", at >> 20, t0.elapsed().as_secs_f64());
             next_report += 4 << 20;
@@ -156,10 +157,12 @@ fn failures(run: &Run) -> Failures {
 #[derive(Clone, Copy)]
 enum Killer {
     None,
-    /// `ctl kill net` every `min_ms` to `max_ms` (drawn from the seed).
+    /// `ctl kill net` each time the transfer has moved another `min_kib` to `max_kib` KiB
+    /// (drawn from the seed): kill times follow the transfer's progress, so that a faster
+    /// or slower run gets as many kills, at points a seed replays.
     Ctl {
-        min_ms: u64,
-        max_ms: u64,
+        min_kib: u64,
+        max_kib: u64,
     },
 }
 
@@ -174,16 +177,20 @@ fn transfer_across_restarts(stack: &str, mib: u64, min_restarts: u64, killer: Ki
     let machine = m.clone();
     let (run, by_ctl) = run_serving_whole(&m, &["[guest]"], Duration::from_secs(900), move || {
         let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
         let killer = match killer {
             Killer::None => None,
-            Killer::Ctl { min_ms, max_ms } => {
-                let stop = stop.clone();
+            Killer::Ctl { min_kib, max_kib } => {
+                let (stop, progress) = (stop.clone(), progress.clone());
                 let mut c = ctl(&machine);
                 let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
                 Some(std::thread::spawn(move || {
-                    let mut sent = 0u64;
+                    let (mut sent, mut next) = (0u64, 0u64);
                     while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(min_ms + rng.below(max_ms - min_ms + 1)));
+                        next += (min_kib + rng.below(max_kib - min_kib + 1)) << 10;
+                        while progress.load(Ordering::Relaxed) < next && !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -199,7 +206,7 @@ fn transfer_across_restarts(stack: &str, mib: u64, min_restarts: u64, killer: Ki
             }
         };
         let ((_, before, _, _), _, _) = restarts(port);
-        let took = download(port, mib << 20, seed);
+        let took = download(port, mib << 20, seed, &progress);
         stop.store(true, Ordering::Relaxed);
         let by_ctl = killer.map_or(0, |k| k.join().expect("the killer thread"));
         let ((seen, after, stale, macs), gaps, page) = restarts(port);
@@ -226,7 +233,7 @@ fn transfer_across_restarts(stack: &str, mib: u64, min_restarts: u64, killer: Ki
 #[test]
 fn a_tcp_transfer_of_32_mib_survives_20_net_driver_kills_by_crashes_and_ctl() {
     let (run, by_ctl) =
-        transfer_across_restarts("tests/stacks/crashy-net.toml", 32, 20, Killer::Ctl { min_ms: 1000, max_ms: 3000 });
+        transfer_across_restarts("tests/stacks/crashy-net.toml", 32, 20, Killer::Ctl { min_kib: 768, max_kib: 2304 });
     let f = failures(&run);
     eprintln!(
         "net restart: {} crashes, {} ctl kills ({by_ctl} answered), {} found hung by the watchdog, {} restarts",
@@ -346,5 +353,5 @@ fn control_the_same_transfer_without_kills() {
 #[test]
 #[ignore]
 fn soak_a_tcp_transfer_of_256_mib_survives_150_net_driver_kills() {
-    transfer_across_restarts("tests/stacks/crashy-net.toml", 256, 150, Killer::Ctl { min_ms: 1000, max_ms: 3000 });
+    transfer_across_restarts("tests/stacks/crashy-net.toml", 256, 150, Killer::Ctl { min_kib: 768, max_kib: 2304 });
 }
