@@ -118,13 +118,17 @@ struct Failures {
     crashes: usize,
     /// `[net] hanging after` (rogue=hang-after).
     hangs: usize,
+    /// `[net] wedging my transmit path` (rogue=wedge-after).
+    wedges: usize,
+    /// `[net] heartbeat: withheld` (the device stopped keeping up).
+    withheld: usize,
     /// `[dom0] ctl: killing net`.
     ctl_kills: usize,
     /// `[dom0] watchdog: net` (found hung).
     watchdog: usize,
     /// `[dom0] restarted net`.
     restarts: usize,
-    /// For each hang that the watchdog noticed: ns from the hang to the watchdog's line.
+    /// For each hang or wedge that the watchdog noticed: ns from it to the watchdog's line.
     hang_to_watchdog: Vec<u64>,
 }
 
@@ -135,7 +139,7 @@ fn failures(run: &Run) -> Failures {
     let mut hang_to_watchdog = Vec::new();
     let mut hung = None;
     for l in &run.lines {
-        if l.contains("[net] hanging after") {
+        if l.contains("[net] hanging after") || l.contains("[net] wedging my transmit path") {
             hung = at(l);
         } else if l.contains("[dom0] watchdog: net") {
             if let (Some(h), Some(t)) = (hung.take(), at(l)) {
@@ -146,6 +150,8 @@ fn failures(run: &Run) -> Failures {
     Failures {
         crashes: count("[net] crashing after"),
         hangs: count("[net] hanging after"),
+        wedges: count("[net] wedging my transmit path"),
+        withheld: count("[net] heartbeat: withheld"),
         ctl_kills: count("[dom0] ctl: killing net"),
         watchdog: count("[dom0] watchdog: net"),
         restarts: count("[dom0] restarted net"),
@@ -278,6 +284,36 @@ fn a_tcp_transfer_survives_a_hanging_net_driver_restarted_by_the_watchdog() {
     // of the last beat, and the driver beats every 12.5 ms or so.
     let median = f.hang_to_watchdog.get(f.hang_to_watchdog.len() / 2).copied().unwrap_or(u64::MAX);
     assert!(median < 100_000_000, "hang to watchdog {ms:?} ms");
+}
+
+/// A driver whose loop turns but whose device stopped giving back transmit buffers
+/// (`rogue=wedge-after`) stops beating (`domain_rt::heartbeat::Progress`) and is restarted
+/// by the watchdog: the heartbeat proves more than "the loop turns".
+#[test]
+fn a_tcp_transfer_survives_a_net_driver_whose_transmit_path_wedges() {
+    let (run, _) = transfer_across_restarts("tests/stacks/wedged-net.toml", 8, 3, Killer::None);
+    let mut f = failures(&run);
+    f.hang_to_watchdog.sort();
+    let ms: Vec<u64> = f.hang_to_watchdog.iter().map(|t| t / 1_000_000).collect();
+    eprintln!(
+        "wedged net: {} wedges, {} beats withheld, {} noticed by the watchdog, {} restarts; wedge to watchdog {ms:?} ms",
+        f.wedges, f.withheld, f.watchdog, f.restarts
+    );
+    assert!(f.wedges >= 3, "only {} wedge(s)", f.wedges);
+    // Each wedged incarnation (but possibly the last) withheld its beats and was found hung.
+    assert!(
+        f.withheld + 1 >= f.wedges && f.watchdog + 1 >= f.wedges,
+        "{} wedges, {} withheld, {} noticed",
+        f.wedges,
+        f.withheld,
+        f.watchdog
+    );
+    assert!(f.restarts + 1 >= f.wedges, "{} restarts", f.restarts);
+    assert_no_line(&run, "fault in net");
+    assert_no_line(&run, "[net] hanging after");
+    // 4 periods of grace for the device, then the watchdog's period: about 260 ms.
+    let median = f.hang_to_watchdog.get(f.hang_to_watchdog.len() / 2).copied().unwrap_or(u64::MAX);
+    assert!(median < 600_000_000, "wedge to watchdog {ms:?} ms");
 }
 
 /// One `GET /` with short timeouts; whether it was answered 200.

@@ -6,6 +6,10 @@
 //!
 //! `rogue=hang-after=<n>` picks the point the same way but then spins for ever: no fault,
 //! no exit, no heartbeat. Only dom0's hang watchdog (manifest `watchdog_ms`) can notice.
+//! `rogue=wedge-after=<n>` picks it the same way but then only stops taking transmit
+//! completions (as after a failed reap: the device keeps the buffers), while the loop turns
+//! on: its heartbeat must stop because the device no longer keeps up
+//! (`domain_rt::heartbeat::Progress`), not because the loop stopped.
 
 /// How the driver VM dies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +22,8 @@ pub enum Way {
     Exit,
     /// It spins for ever (`hang-after`; never drawn for `crash-after`).
     Hang,
+    /// Its transmit path wedges, the loop turning on (`wedge-after`; never drawn).
+    Wedge,
 }
 
 impl Way {
@@ -37,6 +43,7 @@ impl Way {
             Way::TripleFault => "a triple fault",
             Way::Exit => "an exit",
             Way::Hang => "a hang",
+            Way::Wedge => "a wedged transmit path",
         }
     }
 }
@@ -53,19 +60,17 @@ pub struct CrashAfter {
 }
 
 impl CrashAfter {
-    /// From the `rogue=` argument: `crash-after=<n>` or `hang-after=<n>` (`n` at least 1),
-    /// the point drawn from `entropy` (any bits: the clock at start will do) in `n..2n`, and
-    /// for `crash-after` the way as well. `None` for anything else.
+    /// From the `rogue=` argument: `crash-after=<n>`, `hang-after=<n>` or `wedge-after=<n>`
+    /// (`n` at least 1), the point drawn from `entropy` (any bits: the clock at start will
+    /// do) in `n..2n`, and for `crash-after` the way as well. `None` for anything else.
     pub fn parse(rogue: &str, entropy: u64) -> Option<Self> {
-        let (n, hang) = match (rogue.strip_prefix("crash-after="), rogue.strip_prefix("hang-after=")) {
-            (Some(n), _) => (n, false),
-            (_, Some(n)) => (n, true),
-            _ => return None,
-        };
+        let (n, way) = [("crash-after=", None), ("hang-after=", Some(Way::Hang)), ("wedge-after=", Some(Way::Wedge))]
+            .into_iter()
+            .find_map(|(prefix, way)| Some((rogue.strip_prefix(prefix)?, way)))?;
         let n: u64 = n.parse().ok().filter(|&n| n > 0)?;
         // A cheap mix so that clock values close together still land far apart.
         let mixed = entropy.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-        let way = if hang { Way::Hang } else { Way::from_entropy(mixed) };
+        let way = way.unwrap_or(Way::from_entropy(mixed));
         Some(Self { frames: 0, at: n.saturating_add(mixed % n), way })
     }
 
@@ -96,7 +101,7 @@ mod tests {
                 Way::Stage2 => 0,
                 Way::TripleFault => 1,
                 Way::Exit => 2,
-                Way::Hang => panic!("crash-after never hangs"),
+                Way::Hang | Way::Wedge => panic!("crash-after never hangs or wedges"),
             }] = true;
         }
         assert!(ways.iter().all(|&w| w), "every way is drawn");
@@ -120,10 +125,14 @@ mod tests {
         assert_eq!(CrashAfter::parse("hang-after=0", 1), None);
         assert_eq!(CrashAfter::parse("hang-after=", 1), None);
         assert_eq!(CrashAfter::parse("hang-after=-3", 1), None);
+        assert_eq!(CrashAfter::parse("wedge-after=0", 1), None);
+        assert_eq!(CrashAfter::parse("wedge-after", 1), None);
         for e in 0..300u64 {
             let h = CrashAfter::parse("hang-after=40", e * 7_919).unwrap();
+            let w = CrashAfter::parse("wedge-after=40", e * 7_919).unwrap();
             let c = CrashAfter::parse("crash-after=40", e * 7_919).unwrap();
             assert_eq!((h.way, h.at), (Way::Hang, c.at));
+            assert_eq!((w.way, w.at), (Way::Wedge, c.at));
         }
     }
 }

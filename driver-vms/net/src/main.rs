@@ -125,6 +125,9 @@ mod driver {
 
         /// Take back every buffer the device is done with.
         fn reap(&mut self, net: &mut Net) {
+            if self.1 {
+                return; // completions stopped (or wedged on purpose: `rogue=wedge-after`)
+            }
             if let Err(e) = self.0.reap(net) {
                 println!("transmit: {e}");
                 self.1 = true;
@@ -316,11 +319,22 @@ mod driver {
         }
     }
 
-    /// `rogue=crash-after=<n>` or `hang-after=<n>`: count a frame moved; crash or hang when
-    /// it is time (mid-round: frames taken and not yet passed on, guests not yet rung).
-    fn maybe_crash(crash: &mut Option<CrashAfter>) {
+    /// `rogue=crash-after=<n>`, `hang-after=<n>` or `wedge-after=<n>`: count a frame moved;
+    /// crash or hang when it is time (mid-round: frames taken and not yet passed on, guests
+    /// not yet rung), or wedge the transmit path (`tx` takes no completion again).
+    fn maybe_crash(crash: &mut Option<CrashAfter>, tx: &mut Tx) {
         let Some(c) = crash.as_mut() else { return };
         if !c.frame() {
+            return;
+        }
+        if c.way == Way::Wedge {
+            println!(
+                "wedging my transmit path after {} frames, at {} ns (rogue=wedge-after)",
+                c.frames,
+                hypercall::clock_ns()
+            );
+            tx.1 = true;
+            *crash = None;
             return;
         }
         if c.way == Way::Hang {
@@ -348,7 +362,7 @@ mod driver {
                 let null: [u8; 10] = [0; 10];
                 core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
             },
-            Way::Exit | Way::Hang => hypercall::domain_exit(99),
+            Way::Exit | Way::Hang | Way::Wedge => hypercall::domain_exit(99),
         }
     }
 
@@ -424,7 +438,7 @@ mod driver {
                     None => break,
                     Some(Ok(())) => {
                         received += 1;
-                        maybe_crash(&mut crash);
+                        maybe_crash(&mut crash, tx);
                     }
                     Some(Err(e)) => {
                         println!("receiving: {e}");
@@ -494,7 +508,7 @@ mod driver {
                         }
                     }
                     deliver(guests, switch, to.guests(), f);
-                    maybe_crash(&mut crash);
+                    maybe_crash(&mut crash, tx);
                 }
             }
             tx.reap(net);
