@@ -12,7 +12,8 @@
 //! Command line (from dom0): `dev=<slot>` (the device capability), `irq=<slot>` (the
 //! notification its interrupts are routed to), and per net channel
 //! `chan.<name>.kind=net chan.<name>.region=<gpa>:<bytes> chan.<name>.signal=<slot>
-//! chan.<name>.wait=<slot>` (`net_driver::args`).
+//! chan.<name>.wait=<slot>` (`net_driver::args`); with a hang watchdog in the manifest,
+//! `heartbeat=<slot> heartbeat_ms=<period>` (`domain_rt::heartbeat`; beaten from `serve`).
 //!
 //! Waiting: the device's notification and every channel's doorbell (dom0 gives each channel
 //! its own) are bound to this vCPU as one virtual interrupt; the serve loop halts until any
@@ -362,6 +363,7 @@ mod driver {
                 let null: [u8; 10] = [0; 10];
                 core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
             },
+            // (Hang and Wedge were handled above.)
             Way::Exit | Way::Hang | Way::Wedge => hypercall::domain_exit(99),
         }
     }
