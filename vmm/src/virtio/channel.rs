@@ -315,6 +315,25 @@ impl<M: SharedMem, D: Doorbell> BlockBackend for BlockChannel<M, D> {
 }
 
 /// A net back end over a net channel region the driver VM has initialised.
+///
+/// The channel survives the net driver VM (`ipc_spec::net`, "Restarts"): when dom0 builds
+/// it again, the new incarnation re-attaches to the rings as they are and announces itself
+/// in the header. This back end follows it the way the demo guest does
+/// ([`FrameReceiver::follow_incarnations`]): an RX frame stamped by any other incarnation
+/// than the one in the header is a dead one's leftover and is dropped
+/// ([`NetDropReason::Stale`]); frames the guest queued on the TX ring that the dead one did
+/// not take are taken by the new one; those it took and had not sent are lost (TCP sends
+/// them again). On noticing a new incarnation the back end rings the doorbell (it reaches the
+/// new driver VM: dom0 gives it the same notifications), so frames queued while no driver ran
+/// go out without waiting for the guest's next one. MAC and MTU stay the device's: the
+/// driver must keep them (it derives the MAC from the channel's position), and a change is
+/// only counted.
+///
+/// When dom0 gives up on the driver it writes `SERVER_GONE` and the link word down
+/// ([`wire::mark_server_gone`]) and rings us: [`NetBackend::link_up`] is then false (the
+/// device model raises a configuration interrupt, Linux turns the carrier off) and frames
+/// are refused instead of waiting for room that will never come. `ctl restart` clears the
+/// mark and the new incarnation raises the link again.
 pub struct NetChannel<'m, M: SharedMem + ?Sized, D: Doorbell> {
     mem: &'m M,
     header: NetHeader,
@@ -323,6 +342,14 @@ pub struct NetChannel<'m, M: SharedMem + ?Sized, D: Doorbell> {
     doorbell: D,
     /// Frames the channel dropped, by reason code.
     pub drops: [u64; wire::DROP_COUNTERS],
+    /// Frames the guest sent while dom0 had given up on the driver (dropped).
+    pub gone_dropped: u64,
+    /// Incarnation changes already accounted for (the receiver's count, which wraps).
+    seen_changes: u32,
+    /// Driver restarts this channel lived through (several between two looks count as one).
+    pub restarts: u64,
+    /// Restarts after which the header named another MAC or MTU than the device's.
+    pub identity_changes: u64,
 }
 
 /// Why a net channel could not be attached.
@@ -336,11 +363,51 @@ pub enum NetChannelError {
 
 impl<'m, M: SharedMem + ?Sized, D: Doorbell> NetChannel<'m, M, D> {
     /// Attaches once the driver VM has written the header ([`NetHeader::check`]; retry after its
-    /// doorbell while this answers `Layout(BadMagic)`).
+    /// doorbell while this answers `Layout(BadMagic)`), following the driver's incarnations
+    /// from the one attached now.
     pub fn attach(mem: &'m M, doorbell: D) -> Result<Self, NetChannelError> {
         let (header, layout) = NetHeader::check(mem).map_err(NetChannelError::Layout)?;
-        let (tx, rx) = layout.guest_channel(mem, header.mtu).map_err(NetChannelError::Ring)?;
-        Ok(Self { mem, header, tx, rx, doorbell, drops: [0; wire::DROP_COUNTERS] })
+        let (tx, mut rx) = layout.guest_channel(mem, header.mtu).map_err(NetChannelError::Ring)?;
+        rx.follow_incarnations();
+        Ok(Self {
+            mem,
+            header,
+            tx,
+            rx,
+            doorbell,
+            drops: [0; wire::DROP_COUNTERS],
+            gone_dropped: 0,
+            seen_changes: 0,
+            restarts: 0,
+            identity_changes: 0,
+        })
+    }
+
+    /// The driver incarnation whose frames are taken now.
+    pub fn incarnation(&self) -> u32 {
+        self.rx.incarnation().unwrap_or(0)
+    }
+
+    /// The incarnation in the header now (for a stall report; frames are taken by
+    /// [`NetChannel::incarnation`]'s).
+    pub fn header_incarnation(&self) -> u32 {
+        wire::incarnation(self.mem)
+    }
+
+    /// Whether dom0 gave up on the driver (`SERVER_GONE` in the header).
+    pub fn server_gone(&self) -> bool {
+        wire::server_gone(self.mem)
+    }
+
+    /// RX frames of dead incarnations dropped.
+    pub fn stale_dropped(&self) -> u64 {
+        self.drops.get(NetDropReason::Stale.code()).copied().unwrap_or(0)
+    }
+
+    fn count_drop(&mut self, reason: NetDropReason) {
+        if let Some(d) = self.drops.get_mut(reason.code()) {
+            *d += 1;
+        }
     }
 }
 
@@ -355,39 +422,58 @@ impl<M: SharedMem + ?Sized, D: Doorbell> NetBackend for NetChannel<'_, M, D> {
     }
 
     fn link_up(&self) -> bool {
-        wire::link_up(self.mem)
+        // dom0 writes the link word down with the mark; both are looked at, so a link word
+        // a dying driver left up does not hide the mark.
+        wire::link_up(self.mem) && !wire::server_gone(self.mem)
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<(), SendError> {
+        if wire::server_gone(self.mem) {
+            // No driver will take it: refused, not kept (the link is down for the guest).
+            self.gone_dropped += 1;
+            return Err(SendError::Dropped);
+        }
         match self.tx.send(frame) {
             Ok(()) => Ok(()),
+            // A dead driver's full ring too: the next incarnation takes it as it is.
             Err(NetDropReason::RingFull) => Err(SendError::Busy),
             Err(reason) => {
-                if let Some(d) = self.drops.get_mut(reason.code()) {
-                    *d += 1;
-                }
+                self.count_drop(reason);
                 Err(SendError::Dropped)
             }
         }
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
-        // Each error consumed one bad entry; at most a ring's worth per call.
+        // Each error consumed one bad (or stale) entry; at most a ring's worth per call.
         for _ in 0..=wire::MAX_RING_CAPACITY {
             match self.rx.recv(buf) {
                 Ok(got) => return got,
                 Err(NetDropReason::BadRing) => return None,
-                Err(reason) => {
-                    if let Some(d) = self.drops.get_mut(reason.code()) {
-                        *d += 1;
-                    }
-                }
+                Err(reason) => self.count_drop(reason),
             }
         }
         None
     }
 
     fn kick(&mut self) {
+        self.doorbell.ring();
+    }
+
+    fn poll(&mut self) {
+        // One load from the header; `recv` may have noticed the change first (it looks too).
+        self.rx.check_incarnation();
+        let changes = self.rx.incarnation_changes();
+        if changes == self.seen_changes {
+            return;
+        }
+        self.restarts += u64::from(changes.wrapping_sub(self.seen_changes));
+        self.seen_changes = changes;
+        if !matches!(NetHeader::check(self.mem), Ok((h, _)) if h.mac == self.header.mac && h.mtu == self.header.mtu) {
+            self.identity_changes += 1;
+        }
+        // The new incarnation may have looked at the TX ring before our last frames landed
+        // there, and our doorbells while no driver ran went nowhere.
         self.doorbell.ring();
     }
 }
@@ -397,7 +483,7 @@ pub(crate) mod tests {
     use super::*;
     use alloc::boxed::Box;
     use ipc_spec::block::{validate, Request, Validated};
-    use ipc_spec::net::{Layout as NetLayout, MacAddr};
+    use ipc_spec::net::MacAddr;
     use ipc_spec::ring::ByteMem;
 
     #[derive(Default)]
@@ -631,9 +717,8 @@ pub(crate) mod tests {
         let mem: &'static ByteMem<'static> = Box::leak(Box::new(ByteMem::new(bytes)));
         let mut bell = Count::default();
         assert!(matches!(NetChannel::attach(mem, &mut bell), Err(NetChannelError::Layout(_))), "driver not ready");
-        let layout = NetLayout::new(mem.len()).unwrap();
-        NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 9]), mtu: 1500, link_up: true }.init(mem, &layout).unwrap();
-        let (mut from_guest, mut to_guest) = layout.driver_channel(mem, 1500).unwrap();
+        let d = NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 9]), mtu: 1500, link_up: true }.attach_driver(mem).unwrap();
+        let (mut from_guest, mut to_guest) = (d.tx, d.rx);
         let mut n = NetChannel::attach(mem, &mut bell).unwrap();
         assert_eq!((n.mac(), n.mtu(), n.link_up()), ([2, 0, 0, 0, 0, 9], 1500, true));
         let frame: Vec<u8> = (0..80u8).collect();
@@ -656,5 +741,86 @@ pub(crate) mod tests {
         wire::set_link(mem, false);
         assert!(!n.link_up());
         assert_eq!(bell.0, 1);
+    }
+
+    /// Issue 12: the net driver VM dies with frames on both rings and a new incarnation
+    /// re-attaches, many times over; the back end drops what the dead one left on the RX
+    /// ring, the new one takes what the guest queued on the TX ring, the doorbell rings for
+    /// it; when dom0 gives up the link goes down and frames are refused, and `ctl restart`
+    /// brings the link back.
+    #[test]
+    fn net_channel_follows_driver_restarts_and_server_gone() {
+        let bytes: &'static mut [u8] = Box::leak(vec![0u8; 256 << 10].into_boxed_slice());
+        let mem: &'static ByteMem<'static> = Box::leak(Box::new(ByteMem::new(bytes)));
+        let header = NetHeader { mac: MacAddr([2, 0x4d, 0, 0, 0, 0]), mtu: 1500, link_up: true };
+        let mut bell = Count::default();
+        let mut driver = header.attach_driver(mem).unwrap();
+        let mut n = NetChannel::attach(mem, &mut bell).unwrap();
+        let frame = |k: u32, len: usize| -> Vec<u8> { (0..len).map(|i| (k as usize * 7 + i) as u8).collect() };
+        let mut buf = [0u8; 1600];
+        let mut k = 0u32;
+        for restart in 1..=12u64 {
+            // The driver delivers two frames (taken), leaves `restart % 3` more behind, and
+            // the guest queues `restart % 4` frames it never takes.
+            for _ in 0..2 {
+                driver.rx.send(&frame(k, 60 + k as usize % 40)).unwrap();
+                assert_eq!(n.recv(&mut buf), Some(60 + k as usize % 40));
+                assert_eq!(&buf[..60 + k as usize % 40], &frame(k, 60 + k as usize % 40)[..]);
+                k += 1;
+            }
+            for _ in 0..restart % 3 {
+                driver.rx.send(&frame(9999, 70)).unwrap();
+            }
+            let queued: Vec<Vec<u8>> = (0..restart % 4).map(|j| frame(1000 + j as u32, 80)).collect();
+            for f in &queued {
+                n.send(f).unwrap();
+            }
+            let bells = n.doorbell.0;
+            drop(driver);
+            driver = header.attach_driver(mem).unwrap();
+            assert_eq!(driver.incarnation, restart as u32 + 1);
+            // The device's pass notices the new incarnation and rings it.
+            n.poll();
+            assert_eq!((n.restarts, n.incarnation()), (restart, restart as u32 + 1));
+            assert_eq!(n.doorbell.0, bells + 1, "the new incarnation is rung");
+            n.poll();
+            assert_eq!(n.doorbell.0, bells + 1, "once");
+            for f in &queued {
+                assert_eq!(driver.tx.recv(&mut buf), Ok(Some(f.len())));
+                assert_eq!(&buf[..f.len()], &f[..]);
+            }
+            assert_eq!(driver.tx.recv(&mut buf), Ok(None));
+            // The dead one's leftovers are dropped; the new one's frames come through.
+            driver.rx.send(&frame(k, 90)).unwrap();
+            assert_eq!(n.recv(&mut buf), Some(90));
+            assert_eq!(&buf[..90], &frame(k, 90)[..]);
+            k += 1;
+            assert!(n.link_up());
+        }
+        let stale: u64 = (1..=12u64).map(|r| r % 3).sum();
+        assert_eq!(n.stale_dropped(), stale);
+        assert_eq!(n.identity_changes, 0);
+        // Two restarts between two looks count as one change, and a MAC change is counted.
+        drop(driver);
+        header.attach_driver(mem).unwrap();
+        let driver = NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 1]), ..header }.attach_driver(mem).unwrap();
+        n.poll();
+        assert_eq!((n.restarts, n.incarnation(), n.identity_changes), (13, 15, 1));
+        assert_eq!(n.mac(), [2, 0x4d, 0, 0, 0, 0], "the device keeps its MAC");
+        // dom0 gives up: the link goes down, frames are refused (not kept for room).
+        drop(driver);
+        wire::mark_server_gone(mem, true);
+        n.poll();
+        assert!(!n.link_up() && n.server_gone());
+        assert_eq!(n.send(&frame(1, 60)), Err(SendError::Dropped));
+        assert_eq!(n.gone_dropped, 1);
+        // `ctl restart`: dom0 clears the mark, the next incarnation raises the link.
+        wire::mark_server_gone(mem, false);
+        let mut driver = header.attach_driver(mem).unwrap();
+        n.poll();
+        assert!(n.link_up() && !n.server_gone());
+        n.send(&frame(2, 60)).unwrap();
+        assert_eq!(driver.tx.recv(&mut buf), Ok(Some(60)));
+        assert_eq!(n.incarnation(), 16);
     }
 }

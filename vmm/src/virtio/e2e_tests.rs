@@ -922,13 +922,13 @@ fn block_through_the_channel_to_a_driver_vm() {
 fn net_through_the_channel_to_a_driver_vm() {
     use super::channel::tests::NoBell;
     use super::channel::NetChannel;
-    use ipc_spec::net::{Layout as NetLayout, MacAddr, NetHeader};
-    use ipc_spec::ring::{ByteMem, SharedMem};
+    use ipc_spec::net::{MacAddr, NetHeader};
+    use ipc_spec::ring::ByteMem;
     let bytes: &'static mut [u8] = Box::leak(vec![0u8; 256 << 10].into_boxed_slice());
     let shared: &'static ByteMem<'static> = Box::leak(Box::new(ByteMem::new(bytes)));
-    let layout = NetLayout::new(shared.len()).unwrap();
-    NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 0x11]), mtu: 1500, link_up: true }.init(shared, &layout).unwrap();
-    let (mut from_guest, mut to_guest) = layout.driver_channel(shared, 1500).unwrap();
+    let header = NetHeader { mac: MacAddr([2, 0, 0, 0, 0, 0x11]), mtu: 1500, link_up: true };
+    let d = header.attach_driver(shared).unwrap();
+    let (mut from_guest, mut to_guest) = (d.tx, d.rx);
     let chan = NetChannel::attach(shared, NoBell).unwrap();
     let mut bus = PciBus::new();
     bus.add(NET_SLOT, NET_BAR, VirtioPci::new(Box::new(VirtioNet::new(chan)))).unwrap();
@@ -966,6 +966,35 @@ fn net_through_the_channel_to_a_driver_vm() {
     g.bus.poll(&mut g.mem);
     assert_eq!(g.used(&mut rx), [(0, 102)]);
     assert_eq!(&g.mem.bytes()[0x2000c..0x2000c + 90], &reply[..]);
+
+    // The driver VM dies with a frame published and not taken; the next incarnation
+    // re-attaches. The guest gets only the new one's frame, and sees no link change.
+    g.messages();
+    to_guest.send(&[0xdd; 64]).unwrap();
+    drop((from_guest, to_guest));
+    let d = header.attach_driver(shared).unwrap();
+    let (_from_guest, mut to_guest) = (d.tx, d.rx);
+    to_guest.send(&reply[..70]).unwrap();
+    g.put_desc(rx.desc, 1, 0x21000, 12 + 1518, DESC_F_WRITE, 0);
+    g.post(&mut rx, 1);
+    g.notify(&c, 0);
+    assert_eq!(g.used(&mut rx), [(1, 82)]);
+    assert_eq!(&g.mem.bytes()[0x2100c..0x2100c + 70], &reply[..70]);
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x40 }], "no configuration interrupt");
+    assert_eq!(g.rd(c.device + 6, 2), u64::from(net::S_LINK_UP));
+
+    // dom0 gives up on the driver and rings the VMM: a configuration interrupt, link down;
+    // `ctl restart`'s incarnation raises it again.
+    drop(to_guest);
+    ipc_spec::net::mark_server_gone(shared, true);
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x42 }]);
+    assert_eq!(g.rd(c.device + 6, 2), 0);
+    ipc_spec::net::mark_server_gone(shared, false);
+    let _d = header.attach_driver(shared).unwrap();
+    g.bus.poll(&mut g.mem);
+    assert_eq!(g.messages(), [MsiMessage { address: 0xfee0_0000, data: 0x42 }]);
+    assert_eq!(g.rd(c.device + 6, 2), u64::from(net::S_LINK_UP));
 }
 
 /// Buffers outside guest RAM: the request fails with IOERR, the device and queue go on, and

@@ -7,7 +7,9 @@
 //! num_buffers to 1", §5.1.6.3.2), and a transmitted header asking for checksum or
 //! segmentation is a driver bug: the frame is dropped. Frames come from and go to a
 //! [`NetBackend`] (the net channel to the net driver VM). The MAC and MTU in the configuration
-//! are the back end's; link status follows it, with a configuration interrupt on a change.
+//! are the back end's; link status follows it (looked at on every pass), with a configuration
+//! interrupt on a change (`VIRTIO_NET_F_STATUS`, §5.1.4: Linux's `virtnet_config_changed_work`
+//! then turns the carrier off or on).
 //!
 //! Linux's `virtio_net` without `MRG_RXBUF` posts "small" receive buffers of
 //! `hdr_len + GOOD_PACKET_LEN` (12 + 1518) bytes; a frame that does not fit the buffer the
@@ -68,6 +70,9 @@ pub trait NetBackend {
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize>;
     /// Called after a pass that sent frames: ring the peer's doorbell once for all.
     fn kick(&mut self) {}
+    /// Called at the start of every pass, before the link is looked at: lets the back end
+    /// notice that the peer changed under it (a restarted net driver VM) and catch up.
+    fn poll(&mut self) {}
 }
 
 /// Counters for the VMM's log.
@@ -261,6 +266,7 @@ impl<N: NetBackend + 'static> VirtioDevice for VirtioNet<N> {
 
     fn process(&mut self, queues: &mut [Queue], mem: &mut dyn GuestMemory) -> Result<Signals, DeviceError> {
         let mut signals = Signals::default();
+        self.backend.poll();
         let link = self.backend.link_up();
         if link != self.link_up {
             self.link_up = link;

@@ -102,6 +102,9 @@ pub struct Devices {
     needs_reset: u32,
     /// Disk driver VM incarnations reported so far.
     incarnations: u64,
+    /// Net driver VM restarts reported so far, and the link state last reported.
+    net_restarts: u64,
+    net_link: Option<bool>,
 }
 
 impl Devices {
@@ -131,8 +134,11 @@ impl Devices {
     }
 
     /// Reports a new disk driver VM incarnation (a restarted driver: the block channel sent it
-    /// every request the dead one had not answered).
+    /// every request the dead one had not answered), a new net driver VM incarnation (the net
+    /// channel follows it) and the net link going down or up (dom0 gave up on the net driver
+    /// VM, or built it again).
     pub fn report_restarts(&mut self) {
+        self.report_net();
         let Some(b) = self.bus.function_mut(BLK_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Blk>())
         else {
             return;
@@ -148,6 +154,39 @@ impl Devices {
                 );
             }
             self.incarnations = chan.incarnations();
+        }
+    }
+
+    fn report_net(&mut self) {
+        let Some(n) = self.bus.function_mut(NET_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Net>())
+        else {
+            return;
+        };
+        let chan = n.backend();
+        if chan.restarts > self.net_restarts {
+            self.net_restarts = chan.restarts;
+            println!(
+                "net driver VM incarnation {} attached: {} restarts followed, {} stale frames dropped in all",
+                chan.incarnation(),
+                chan.restarts,
+                chan.stale_dropped()
+            );
+            if chan.identity_changes > 0 {
+                println!("net driver VM changed MAC or MTU {} times; the device keeps its own", chan.identity_changes);
+            }
+        }
+        let up = vmm::virtio::net::NetBackend::link_up(chan);
+        if self.net_link != Some(up) {
+            if self.net_link.is_some() {
+                if up {
+                    println!("virtio-net: link up (net driver VM incarnation {})", chan.incarnation());
+                } else if chan.server_gone() {
+                    println!("virtio-net: link down: dom0 gave up on the net driver VM");
+                } else {
+                    println!("virtio-net: link down (the net driver VM says so)");
+                }
+            }
+            self.net_link = Some(up);
         }
     }
 
@@ -199,12 +238,19 @@ impl Devices {
             )
         } else if let Some(n) = f.device_mut().as_any_mut().downcast_mut::<Net>() {
             let s = n.stats();
+            let chan = n.backend();
             format!(
-                "dev tx_waiting={} tx={} rx={} rx_dropped={}",
+                "dev tx_waiting={} tx={} rx={} rx_dropped={} | chan incarnation={} header_incarnation={} restarts={} stale={} gone={} link={}",
                 n.tx_waiting(),
                 s.tx_frames,
                 s.rx_frames,
-                s.rx_dropped
+                s.rx_dropped,
+                chan.incarnation(),
+                chan.header_incarnation(),
+                chan.restarts,
+                chan.stale_dropped(),
+                chan.server_gone(),
+                vmm::virtio::net::NetBackend::link_up(chan),
             )
         } else {
             String::new()
@@ -233,9 +279,15 @@ impl Devices {
         if let Some(n) = self.bus.function_mut(NET_SLOT).and_then(|f| f.device_mut().as_any_mut().downcast_mut::<Net>())
         {
             let s = n.stats();
+            let chan = n.backend();
             println!(
-                "virtio-net: {} frames sent, {} transmit chains dropped, {} frames received, {} dropped",
-                s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped
+                "virtio-net: {} frames sent, {} transmit chains dropped, {} frames received, {} dropped; {} net driver restarts followed, {} stale frames dropped",
+                s.tx_frames,
+                s.tx_dropped,
+                s.rx_frames,
+                s.rx_dropped,
+                chan.restarts,
+                chan.stale_dropped()
             );
         }
     }
@@ -257,8 +309,15 @@ fn first(cmdline: &str, kind: &'static str) -> Option<(String, Region, u64, u64)
 /// `timer` is this domain's timer notification (used to pace the waits here). A channel
 /// that cannot be connected is reported and left out: the VM boots without that device.
 pub fn connect(cmdline: &str, timer: u64) -> Devices {
-    let mut d =
-        Devices { bus: PciBus::new(), waits: Vec::new(), errors_seen: Vec::new(), needs_reset: 0, incarnations: 0 };
+    let mut d = Devices {
+        bus: PciBus::new(),
+        waits: Vec::new(),
+        errors_seen: Vec::new(),
+        needs_reset: 0,
+        incarnations: 0,
+        net_restarts: 0,
+        net_link: None,
+    };
     if let Some((name, region, signal, wait)) = first(cmdline, "block") {
         match block(region, signal, timer) {
             Ok(dev) => match d.bus.add(BLK_SLOT, BLK_BAR0, VirtioPci::new(dev)) {
