@@ -492,7 +492,10 @@ mod driver {
                     println!("first frames for a guest at {} ns", hypercall::clock_ns());
                     first_reported = true;
                 }
-                if core::mem::take(&mut g.to_signal) {
+                // Unless the guest said it will look at its RX ring before it waits
+                // (`ipc_spec::net`, "Doorbells": the fence and the load are in
+                // `wants_doorbell`).
+                if core::mem::take(&mut g.to_signal) && g.rx.wants_doorbell() {
                     let _ = hypercall::signal(g.signal, 1);
                 }
                 if core::mem::take(&mut g.dirty) {

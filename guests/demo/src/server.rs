@@ -146,10 +146,15 @@ impl<D: NetDevice> Server<D> {
             if !progress {
                 // Sleep until a frame arrives (the driver's doorbell) or smoltcp has a timer due.
                 let delay = self.iface.poll_delay(now(), &self.sockets).map_or(100_000, |d| d.total_micros());
-                if delay > 0 {
+                if delay == 0 {
+                    self.dev.flush();
+                }
+                // The device asks to be woken for frames from now on, and looks once more.
+                if delay > 0 && self.dev.prepare_to_wait() {
                     let _ = hypercall::timer_set(self.wait, delay.min(100_000) * 1000, 1 << 1);
                     let _ = hypercall::wait(self.wait);
                 }
+                self.dev.running();
             }
         }
     }
