@@ -472,15 +472,16 @@ mod driver {
             }
             tx.reap(net);
             // Make sure the device saw the receive buffers this round posted (see `Kicker`):
-            // a device out of them waits for a kick, and nothing else would come. A lost
-            // transmit kick only delays frames until the next one, or the watchdog's: a
-            // kick per round there costs a lot (QEMU is busy transmitting) and buys little.
+            // a device out of them waits for a kick, and nothing else would come.
             if rx.take_posted() {
                 kicker.kick(RECEIVE_QUEUE);
             }
-            // Guests wait for transmit buffers: here a lost kick would hold them until the
-            // watchdog's, so kick (rare: only when the device has all of them).
-            if tx_full {
+            // And the frames this round sent: virtio-drivers' own kick can be lost the same
+            // way, and then the frame waits for the next kick or the watchdog's (50 ms). On
+            // a TCP transfer to a guest that frame is the guest's ACK, and the sender waits
+            // for it. (Also when guests wait for transmit buffers: rare, only when the
+            // device has all of them.)
+            if tx.0.take_sent() || tx_full {
                 kicker.kick(TRANSMIT_QUEUE);
             }
 
