@@ -65,9 +65,24 @@ impl SharedMem for Region {
             out.fill(0);
             return;
         }
-        for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: in bounds (checked above); byte accesses need no alignment.
-            *b = unsafe { core::ptr::read_volatile((self.base + offset + i) as *const u8) };
+        let base = self.base + offset;
+        let mut i = 0;
+        // Byte by byte up to an 8-byte boundary, then 8 bytes per access: a frame copy (up
+        // to 1514 bytes, in 2 KiB-aligned slots) is 8 times fewer volatile accesses, each of
+        // which TCG emulates one by one (volatile: the compiler may not merge them itself).
+        while i < out.len() {
+            let at = base + i;
+            if at.is_multiple_of(8) && out.len() - i >= 8 {
+                // SAFETY: `at..at + 8` is in bounds (checked above: it lies inside
+                // `offset..offset + out.len()`) and 8-byte aligned; the region is mapped.
+                let v = unsafe { core::ptr::read_volatile(at as *const u64) };
+                out[i..i + 8].copy_from_slice(&v.to_ne_bytes());
+                i += 8;
+            } else {
+                // SAFETY: in bounds (checked above); byte accesses need no alignment.
+                out[i] = unsafe { core::ptr::read_volatile(at as *const u8) };
+                i += 1;
+            }
         }
     }
 
@@ -75,13 +90,64 @@ impl SharedMem for Region {
         if !self.in_bounds(offset, data.len()) {
             return;
         }
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: as in read_bytes.
-            unsafe { core::ptr::write_volatile((self.base + offset + i) as *mut u8, b) };
+        let base = self.base + offset;
+        let mut i = 0;
+        // As in `read_bytes`: 8 bytes per access where aligned.
+        while i < data.len() {
+            let at = base + i;
+            if at.is_multiple_of(8) && data.len() - i >= 8 {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&data[i..i + 8]);
+                // SAFETY: as in `read_bytes`.
+                unsafe { core::ptr::write_volatile(at as *mut u64, u64::from_ne_bytes(v)) };
+                i += 8;
+            } else {
+                // SAFETY: as in `read_bytes`.
+                unsafe { core::ptr::write_volatile(at as *mut u8, data[i]) };
+                i += 1;
+            }
         }
     }
 
     fn len(&self) -> usize {
         self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Region;
+    use ipc_spec::ring::SharedMem;
+
+    /// Copies of every length at every alignment read and write exactly their bytes.
+    #[test]
+    fn copies_are_exact_at_any_alignment_and_length() {
+        let mut backing = vec![0u64; 64];
+        let len = backing.len() * 8;
+        let base = backing.as_mut_ptr() as usize;
+        // SAFETY: the vector outlives the region's use in this test and nothing else touches
+        // it meanwhile.
+        let r = unsafe { Region::new(base, len) };
+        for offset in 0..17 {
+            for n in 0..40 {
+                let data: Vec<u8> = (0..n).map(|i| (i * 7 + offset + 1) as u8).collect();
+                r.write_bytes(0, &[0xEE; 64 + 17 + 40]);
+                r.write_bytes(offset, &data);
+                let mut all = vec![0u8; 128];
+                r.read_bytes(0, &mut all);
+                assert!(all[..offset].iter().all(|&b| b == 0xEE), "before {offset}+{n}");
+                assert_eq!(&all[offset..offset + n], &data[..], "at {offset}+{n}");
+                assert_eq!(all[offset + n], 0xEE, "after {offset}+{n}");
+                let mut back = vec![0u8; n];
+                r.read_bytes(offset, &mut back);
+                assert_eq!(back, data);
+            }
+        }
+        // Out of bounds: nothing written, zeros read.
+        r.write_bytes(len - 3, &[1, 2, 3, 4]);
+        let mut out = [9u8; 4];
+        r.read_bytes(len - 3, &mut out);
+        assert_eq!(out, [0; 4]);
+        drop(backing);
     }
 }

@@ -37,6 +37,10 @@
 //!           +32  server state    u32  written by **dom0**: [`SERVER_GONE`] once it gave up
 //!                                     restarting the driver (0 otherwise); see "Restarts"
 //!           +64  drop counters   16 x u32, indexed by NetDropReason::code(); wrapping
+//!           +128 RX no-doorbell  u32  written by the guest: 1 = do not ring me for RX
+//!                                     frames (see "Doorbells"); anything else = ring
+//!           +132 TX no-doorbell  u32  the same for the TX ring, written by the driver
+//!                                     (reserved: the driver writes 0, guests ring always)
 //!           rest of the page reserved (ignored)
 //! 0x1000  TX ring (guest -> driver): ring::HEADER_SIZE + capacity * DESC_SIZE bytes
 //!  ...    RX ring (driver -> guest), at the next 64-byte boundary
@@ -137,6 +141,39 @@
 //! clears the word first and the new incarnation re-attaches as usual.
 //!
 //! A corrupt ring ([`NetDropReason::BadRing`]) stops that direction of that channel only.
+//!
+//! # Doorbells
+//!
+//! A producer rings the consumer's doorbell (a notification signal: a hypercall, and for a
+//! consumer that waits, a wake-up) after a batch of frames, unless the consumer said it does
+//! not need it. Each ring's consumer owns one **no-doorbell** word in the header (RX ring:
+//! the guest's, +128; TX ring: the driver's, +132), like virtio's `VRING_USED_F_NO_NOTIFY`:
+//!
+//! - While it runs and will look at the ring again before it next waits, the consumer may
+//!   store 1 ([`FrameReceiver::suppress_doorbells`]): producers skip the signal.
+//! - Before it waits for the doorbell it stores 0, then a full fence, then looks at the
+//!   ring again, and waits only if the ring is empty ([`FrameReceiver::arm_doorbell`]).
+//! - The producer publishes its descriptors (the producer index), then a full fence, then
+//!   loads the word, and rings unless it is 1 ([`FrameSender::wants_doorbell`]).
+//!
+//! Why no wake-up is lost (Dekker's argument): call the consumer's store of 0 `Sc` and its
+//! load of the producer index `Lc`, the producer's store of the index `Sp` and its load of
+//! the word `Lp`. The fences order `Sc` before `Lc` and `Sp` before `Lp` (on x86 the only
+//! reordering a fence prevents here: a load done before an earlier store to another place).
+//! In the single total order of the two fences, either the consumer's comes first, so `Sc`
+//! is visible before `Lp` runs: the producer sees 0 and rings; or the producer's comes
+//! first, so `Sp` is visible before `Lc`: the consumer finds the frame and does not wait.
+//! Without the consumer's fence (or its second look), or without the producer's fence, both
+//! can miss each other: the consumer waits on a ring with a frame and nobody rings.
+//! `tests::doorbell_suppression_loses_no_wake_up` runs these functions on a memory that
+//! models x86's store buffer and fails if either fence or the second look is dropped.
+//!
+//! Notifications are latched bits, so a doorbell rung between the consumer's second look
+//! and its wait is not lost either. The word is a hint between parties that do not trust
+//! each other: a consumer that writes 1 and then waits only delays its own frames; a
+//! producer reads it once per batch and trusts nothing else in it. A consumer that never
+//! writes it (0 after init) is rung after every batch, as before the word existed. A
+//! restarted driver keeps the guest's word (the guest runs on) and writes its own again.
 
 use core::fmt;
 use core::ops::Range;
@@ -190,7 +227,8 @@ pub const ETHERTYPE_IPV6: u16 = 0x86DD;
 const _: () = {
     assert!(MAX_FRAME_LEN <= FRAME_SLOT_SIZE);
     assert!(DROP_COUNTERS >= NetDropReason::ALL.len());
-    assert!(header::DROP_COUNTERS + 4 * DROP_COUNTERS <= HEADER_PAGE_SIZE);
+    assert!(header::DROP_COUNTERS + 4 * DROP_COUNTERS <= header::RX_NO_DOORBELL);
+    assert!(header::TX_NO_DOORBELL + 4 <= HEADER_PAGE_SIZE);
     assert!(ring::capacity_is_valid(MAX_RING_CAPACITY));
     assert!(SLOTS_PER_ENTRY.is_power_of_two());
 };
@@ -215,6 +253,22 @@ pub mod header {
     pub const SERVER: usize = 32;
     /// [`super::DROP_COUNTERS`] `u32`s, indexed by [`super::NetDropReason::code`].
     pub const DROP_COUNTERS: usize = 64;
+    /// `u32`, written by the guest: [`super::NO_DOORBELL`] = do not ring me for RX frames.
+    pub const RX_NO_DOORBELL: usize = 128;
+    /// `u32`, written by the driver: the same for the TX ring.
+    pub const TX_NO_DOORBELL: usize = 132;
+}
+
+/// The value of a no-doorbell word that asks the producer not to ring (see "Doorbells");
+/// any other value asks for a doorbell.
+pub const NO_DOORBELL: u32 = 1;
+
+/// The offset of the no-doorbell word that `dir`'s consumer writes.
+pub const fn no_doorbell_offset(dir: Direction) -> usize {
+    match dir {
+        Direction::Rx => header::RX_NO_DOORBELL,
+        Direction::Tx => header::TX_NO_DOORBELL,
+    }
 }
 
 /// Offsets of the descriptor fields inside a ring slot.
@@ -693,6 +747,8 @@ impl NetHeader {
         mac[..6].copy_from_slice(&self.mac.0);
         mem.write_bytes(header::MAC, &mac);
         DropCounters::default().publish(mem);
+        mem.write_u32(header::RX_NO_DOORBELL, 0);
+        mem.write_u32(header::TX_NO_DOORBELL, 0);
         mem.write_u32(header::INCARNATION, 1);
         for dir in [Direction::Tx, Direction::Rx] {
             // Fits: checked by `Layout::new` against `mem.len()` just above.
@@ -771,8 +827,10 @@ impl NetHeader {
         Ok(DriverAttach { incarnation, fresh, tx, rx, drops })
     }
 
-    /// Writes MTU, link and MAC (not the magic, version or capacity).
+    /// Writes MTU, link and MAC, and the driver's no-doorbell word (0: ring; not the magic,
+    /// version or capacity, nor the guest's no-doorbell word).
     fn write_fields<M: SharedMem + ?Sized>(&self, mem: &M) {
+        mem.write_u32(header::TX_NO_DOORBELL, 0);
         mem.write_u32(header::MTU, self.mtu);
         mem.write_u32(header::LINK, u32::from(self.link_up));
         let mut mac = [0u8; 8];
@@ -947,6 +1005,14 @@ impl<'m, M: SharedMem + ?Sized> FrameSender<'m, M> {
         self.ring.free()
     }
 
+    /// After a batch of [`FrameSender::send`]s: whether the consumer wants its doorbell
+    /// rung. A full fence orders the descriptors published before the load of its
+    /// no-doorbell word (see "Doorbells"); only [`NO_DOORBELL`] there says no.
+    pub fn wants_doorbell(&self) -> bool {
+        self.mem.full_fence();
+        self.mem.read_u32(no_doorbell_offset(self.dir)) != NO_DOORBELL
+    }
+
     /// Frames sent and not yet taken by the peer.
     pub fn in_flight(&mut self) -> Result<u32, RingError> {
         self.ring.len()
@@ -1029,6 +1095,24 @@ impl<'m, M: SharedMem + ?Sized> FrameReceiver<'m, M> {
     /// Frames waiting to be received.
     pub fn pending(&mut self) -> Result<u32, RingError> {
         self.ring.len()
+    }
+
+    /// Tells the producer not to ring this side's doorbell after it publishes frames: this
+    /// side promises to call [`FrameReceiver::arm_doorbell`] before it next waits for it
+    /// (see "Doorbells"). One store; any time.
+    pub fn suppress_doorbells(&self) {
+        self.mem.write_u32(no_doorbell_offset(self.dir), NO_DOORBELL);
+    }
+
+    /// Before waiting for the doorbell: asks the producer to ring it again, then, after a
+    /// full fence, looks at the ring once more. `Ok(true)`: frames are waiting, so do not
+    /// wait (take them first); `Ok(false)`: the ring was empty after the request was
+    /// visible, so any frame published later is rung for. See "Doorbells" for why both
+    /// the fence and the second look are needed.
+    pub fn arm_doorbell(&mut self) -> Result<bool, RingError> {
+        self.mem.write_u32(no_doorbell_offset(self.dir), 0);
+        self.mem.full_fence();
+        Ok(self.ring.len()? > 0)
     }
 
     /// The guest's RX side: from now on take only frames stamped with the incarnation of the
@@ -1684,5 +1768,131 @@ mod tests {
                 prop_assert_eq!(tx_in.pending().unwrap() as usize, model.len());
             }
         }
+    }
+
+    /// A view of shared memory as one CPU of an x86 machine sees it: its stores wait in a
+    /// FIFO store buffer (so they are seen by the other side in program order, late) until
+    /// a full fence or [`TsoView::drain`]; its loads see its own buffered stores first. That
+    /// is x86's memory model for ordinary accesses (TSO): the one reordering it allows is a
+    /// load done before an earlier store to another place.
+    struct TsoView<'a> {
+        memory: &'a std::cell::RefCell<Vec<u8>>,
+        buffer: std::cell::RefCell<VecDeque<(usize, Vec<u8>)>>,
+    }
+
+    impl<'a> TsoView<'a> {
+        fn new(memory: &'a std::cell::RefCell<Vec<u8>>) -> Self {
+            Self { memory, buffer: Default::default() }
+        }
+
+        /// The store buffer empties into memory (a fence, or just time passing).
+        fn drain(&self) {
+            let mut m = self.memory.borrow_mut();
+            for (at, bytes) in self.buffer.borrow_mut().drain(..) {
+                m[at..at + bytes.len()].copy_from_slice(&bytes);
+            }
+        }
+    }
+
+    impl SharedMem for TsoView<'_> {
+        fn read_u32(&self, offset: usize) -> u32 {
+            let mut b = [0u8; 4];
+            self.read_bytes(offset, &mut b);
+            u32::from_le_bytes(b)
+        }
+        fn write_u32(&self, offset: usize, v: u32) {
+            self.write_bytes(offset, &v.to_le_bytes());
+        }
+        fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+            out.copy_from_slice(&self.memory.borrow()[offset..offset + out.len()]);
+            // Store forwarding: this CPU sees its own buffered stores, the latest last.
+            for (at, bytes) in self.buffer.borrow().iter() {
+                for (i, b) in bytes.iter().enumerate() {
+                    if let Some(o) = (at + i).checked_sub(offset).and_then(|k| out.get_mut(k)) {
+                        *o = *b;
+                    }
+                }
+            }
+        }
+        fn write_bytes(&self, offset: usize, data: &[u8]) {
+            self.buffer.borrow_mut().push_back((offset, data.to_vec()));
+        }
+        fn len(&self) -> usize {
+            self.memory.borrow().len()
+        }
+        fn full_fence(&self) {
+            self.drain();
+        }
+    }
+
+    /// The doorbell suppression of the RX ring (see "Doorbells"), run on memory that models
+    /// x86's store buffer, with the worst timing: each side's stores stay buffered until its
+    /// own fences, so the other side sees them as late as x86 allows. The guest was running
+    /// (no doorbell wanted) and now prepares to wait ([`FrameReceiver::arm_doorbell`]) while
+    /// the driver publishes a frame and decides whether to ring
+    /// ([`FrameSender::wants_doorbell`]), in either order. The guest must either find the
+    /// frame or be rung. Dropping the fence on either side, or the guest's second look at
+    /// the ring, makes this fail (the store-buffering outcome: both miss each other).
+    #[test]
+    fn doorbell_suppression_loses_no_wake_up() {
+        for driver_first in [false, true] {
+            let memory = std::cell::RefCell::new(vec![0u8; REGION]);
+            let (driver, guest) = (TsoView::new(&memory), TsoView::new(&memory));
+            let attached = header().attach_driver(&driver).unwrap();
+            driver.drain();
+            let (_, layout) = NetHeader::check(&guest).unwrap();
+            let (_, mut guest_rx) = layout.guest_channel(&guest, 1500).unwrap();
+            let mut driver_rx = attached.rx;
+            // The guest is running: it told the driver not to ring, and that is visible.
+            guest_rx.suppress_doorbells();
+            guest.drain();
+            assert!(!driver_rx.wants_doorbell(), "a suppressed doorbell is not wanted");
+
+            let mut found = false;
+            let mut rung = false;
+            let mut guest_prepares = |found: &mut bool| *found = guest_rx.arm_doorbell().unwrap();
+            let mut driver_publishes = |rung: &mut bool| {
+                driver_rx.send(&frame(1, 100)).unwrap();
+                *rung = driver_rx.wants_doorbell();
+            };
+            if driver_first {
+                driver_publishes(&mut rung);
+                guest_prepares(&mut found);
+            } else {
+                guest_prepares(&mut found);
+                driver_publishes(&mut rung);
+            }
+            assert!(found || rung, "lost wake-up (driver first: {driver_first}): the guest waits, nobody rings");
+            // Afterwards everything is visible: the frame is there, and the guest, which
+            // asked for a doorbell, gets one for the next frame.
+            driver.drain();
+            guest.drain();
+            assert_eq!(guest_rx.pending().unwrap(), 1);
+            assert!(driver_rx.wants_doorbell());
+        }
+    }
+
+    #[test]
+    fn no_doorbell_words_start_as_ring_and_survive_a_restart_as_the_guests() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        // Garbage where the words go: init makes them "ring".
+        mem.write_u32(header::RX_NO_DOORBELL, NO_DOORBELL);
+        mem.write_u32(header::TX_NO_DOORBELL, NO_DOORBELL);
+        let first = header().attach_driver(&mem).unwrap();
+        assert!(first.rx.wants_doorbell());
+        assert_eq!(mem.read_u32(header::TX_NO_DOORBELL), 0);
+        let (_, layout) = NetHeader::check(&mem).unwrap();
+        let (guest_tx, guest_rx) = layout.guest_channel(&mem, 1500).unwrap();
+        assert!(guest_tx.wants_doorbell());
+        guest_rx.suppress_doorbells();
+        mem.write_u32(header::TX_NO_DOORBELL, NO_DOORBELL);
+        // A restarted driver keeps the guest's word and writes its own again.
+        let second = header().attach_driver(&mem).unwrap();
+        assert!(!second.rx.wants_doorbell());
+        assert!(guest_tx.wants_doorbell());
+        // Any value but NO_DOORBELL asks for the doorbell.
+        mem.write_u32(header::RX_NO_DOORBELL, 7);
+        assert!(second.rx.wants_doorbell());
     }
 }

@@ -90,6 +90,16 @@ pub trait SharedMem {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// A full fence: this side's earlier stores to the region become visible before its
+    /// later loads from it are done ([`Ordering::SeqCst`]; MFENCE on x86, whose only
+    /// reordering is this one: Intel SDM vol. 3A, "Loads May Be Reordered with Earlier
+    /// Stores to Different Locations"). The
+    /// doorbell suppression of [`crate::net`] ("store my flag, fence, look again") needs
+    /// exactly this. Test memories that model a weaker order than sequential consistency
+    /// override it to drain their store buffer; nothing else should.
+    fn full_fence(&self) {
+        fence(Ordering::SeqCst);
+    }
 }
 
 /// A [`SharedMem`] over a byte array, for host tests, fuzzers and single-address-space use.

@@ -341,6 +341,11 @@ pub fn run_captured_polling(
         }
     };
     let _ = child.wait();
+    // Lines printed while `stop_when` was busy (a benchmark measures inside it) are still
+    // queued: keep them (QEMU is gone, so the reader ends at its pipe's end).
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+        lines.push(line);
+    }
     let stderr = err_thread.join().unwrap_or_default();
     Ok(Run { lines, ending, elapsed: start.elapsed(), stderr })
 }
