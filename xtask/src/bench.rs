@@ -221,10 +221,16 @@ fn blk(args: &[String]) -> Result<(), String> {
         let _ = std::fs::remove_file(&*disk);
     }
     eprintln!("bench blk: booting {} (wall-clock time; TCG: compare the ratios)", stack.display());
-    let done =
-        |lines: &[String]| ["via=driver done", "via=direct done"].iter().all(|d| lines.iter().any(|l| l.contains(d)));
+    // A side that fails stops the run at once (the other would wait for its turn for ever).
+    let failed = |l: &String| {
+        l.contains("bench blk: ") && ["failed", "could not", "did not answer"].iter().any(|f| l.contains(f))
+    };
+    let done = |lines: &[String]| {
+        lines.iter().any(failed)
+            || ["via=driver done", "via=direct done"].iter().all(|d| lines.iter().any(|l| l.contains(d)))
+    };
     let run = qemu::run_captured(&m, Duration::from_secs(600), false, done)?;
-    if !matches!(run.ending, Ending::Stopped) {
+    if !matches!(run.ending, Ending::Stopped) || run.lines.iter().any(failed) {
         return Err(failure(&run, "the block benchmark did not finish"));
     }
     // The whole console, for a look at what the domains said (e.g. about interrupts).

@@ -34,6 +34,10 @@ pub struct BlockClient {
     given_up: Option<u64>,
     /// Requests given up on so far.
     pub timeouts: u64,
+    /// When the timeout timer armed on `wait` fires, if it is armed (it is re-armed only
+    /// after it fired or when it would fire too late: a hypercall per wait would cost
+    /// more than the request).
+    timer_due: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -82,7 +86,7 @@ impl BlockClient {
     /// Lay out the region (rings + data area) and start with empty rings.
     pub fn new(region: Region, signal: u64, wait: u64) -> Result<Self, ClientError> {
         let core = Client::create(&region).map_err(|_| ClientError::Layout)?;
-        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0 })
+        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_due: None })
     }
 
     /// The data area: where buffers go (offsets relative to the region).
@@ -98,7 +102,7 @@ impl BlockClient {
     /// Send one request and wait for its response.
     pub fn request(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<Response, ClientError> {
         let id = self.submit(op, sector, count, data_offset as usize)?;
-        self.kick()?;
+        self.kick_if_needed()?;
         loop {
             let r = self.complete()?;
             if r.id == id {
@@ -120,28 +124,61 @@ impl BlockClient {
         hypercall::signal(self.signal, 1).map_err(ClientError::Doorbell)
     }
 
+    /// Ring the driver's doorbell for everything queued so far if it needs it: it sleeps
+    /// and would not look at the ring otherwise (`ipc_spec::block`, "Doorbells"). A driver
+    /// working on earlier requests takes these when one of those completes.
+    pub fn kick_if_needed(&mut self) -> Result<(), ClientError> {
+        if self.core.doorbell_needed(&self.region)? {
+            self.kick()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the driver's doorbell with the timeout timer due by `deadline` (`now`: the
+    /// time, if known). The timer is left armed between waits: set only when none is
+    /// pending or the pending one would fire after `deadline` (deadlines only grow, so it
+    /// rarely is); firing early just wakes this once more. Returns the bits.
+    fn wait_until(&mut self, deadline: u64, now: Option<u64>) -> Result<u64, ClientError> {
+        if self.timer_due.is_none_or(|due| due > deadline) {
+            let now = now.unwrap_or_else(hypercall::clock_ns);
+            hypercall::timer_set(self.wait, deadline.saturating_sub(now).max(1), TIMEOUT_BIT)
+                .map_err(ClientError::Doorbell)?;
+            self.timer_due = Some(deadline);
+        }
+        let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+        if bits & TIMEOUT_BIT != 0 {
+            self.timer_due = None;
+        }
+        Ok(bits)
+    }
+
     /// The next response, waiting for the driver's doorbell if there is none yet, at most
     /// [`REQUEST_TIMEOUT_NS`] without any answer; then every request sent so far is given
     /// up on. A driver restart meanwhile replays what is outstanding and restarts the clock.
     pub fn complete(&mut self) -> Result<Response, ClientError> {
-        let mut deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+        if let Some(r) = self.next_response()? {
+            return Ok(r);
+        }
+        // The clock is read once per wait, and again only when the timer fired.
+        let mut now = hypercall::clock_ns();
+        let mut deadline = now.saturating_add(REQUEST_TIMEOUT_NS);
         loop {
+            let bits = self.wait_until(deadline, Some(now))?;
+            let restarted = bits & !TIMEOUT_BIT != 0
+                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region);
             if let Some(r) = self.next_response()? {
                 return Ok(r);
             }
-            let now = hypercall::clock_ns();
-            if now >= deadline {
+            if bits & TIMEOUT_BIT != 0 || restarted {
+                now = hypercall::clock_ns();
+            }
+            if restarted {
+                // A new driver: it starts from scratch on the replayed requests.
+                deadline = now.saturating_add(REQUEST_TIMEOUT_NS);
+            } else if bits & TIMEOUT_BIT != 0 && now >= deadline {
                 self.given_up = Some(self.core.next_id().saturating_sub(1));
                 self.timeouts += 1;
                 return Err(ClientError::Timeout);
-            }
-            hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
-            let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
-            if bits & !TIMEOUT_BIT != 0
-                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region)
-            {
-                // A new driver: it starts from scratch on the replayed requests.
-                deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
             }
         }
     }
@@ -179,8 +216,7 @@ impl BlockClient {
                     self.given_up = Some(last);
                     break;
                 }
-                hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
-                hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+                self.wait_until(deadline, Some(now))?;
             }
         }
         match self.given_up {
