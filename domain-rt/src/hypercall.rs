@@ -13,13 +13,9 @@ pub struct Regs {
     pub args: [u64; REGISTER_WORDS],
 }
 
-pub static HYPERCALLS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-pub fn count() -> u64 { HYPERCALLS.load(core::sync::atomic::Ordering::Relaxed) }
-
 /// Make a hypercall with every argument register; returns every result register.
 #[inline(always)]
 pub fn raw(number: u64, rbx: u64, rcx: u64, args: [u64; REGISTER_WORDS]) -> Regs {
-    HYPERCALLS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5] = args;
     let (mut rax, mut b, mut c) = (number, rbx, rcx);
     // SAFETY: VMMCALL traps to the microvisor, which reads and writes only the registers

@@ -92,8 +92,6 @@ pub struct Disk {
     /// The timer count when the fallback timer was last armed: it is armed again only
     /// after it fired (a hypercall per sleep would cost more than the request).
     armed: Option<u64>,
-    pub sleeps: u64,
-    pub batches: u64,
 }
 
 impl Disk {
@@ -111,8 +109,6 @@ impl Disk {
             peak: 0,
             armed: None,
             completed: 0,
-            sleeps: 0,
-            batches: 0,
         }
     }
 
@@ -191,12 +187,7 @@ impl Disk {
             // looking for the next entry is a load: x86 may do it first without a full
             // fence, and then neither side sees the other (see virtio_pci::Kicker).
             fence(Ordering::SeqCst);
-            let Some(token) = self.blk.peek_used() else {
-                if taken > 0 {
-                    self.batches += 1;
-                }
-                return taken;
-            };
+            let Some(token) = self.blk.peek_used() else { return taken };
             let Some(i) = self.slots.iter().position(|s| s.busy && s.token == token) else {
                 // A token we never handed out: the device broke the virtio contract. Nothing
                 // can be completed safely; stop (the driver VM is then restarted by dom0).
@@ -229,7 +220,6 @@ impl Disk {
     /// interrupt), with the fallback timer armed while requests are in flight; returns the
     /// new count. Without interrupts, spins while requests are in flight.
     pub fn sleep(&mut self, seen: u64) -> u64 {
-        self.sleeps += 1;
         let before = irq::Counts { all: seen, timer: irq::timer_count() };
         if self.in_flight > 0 {
             fence(Ordering::SeqCst);

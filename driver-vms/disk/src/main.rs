@@ -50,7 +50,6 @@ mod driver {
             take_turn();
             let len = w.sectors as usize * 512;
             let t0 = domain_rt::hypercall::clock_ns();
-            let (hc0, vq0, sl0) = (domain_rt::hypercall::count(), domain_rt::irq::count(), disk.sleeps);
             let (mut sent, mut done, mut failed) = (0u32, 0u32, false);
             let mut free: u32 = (1u32 << crate::device::QUEUE_DEPTH) - 1;
             let mut seen = domain_rt::irq::count();
@@ -90,7 +89,6 @@ mod driver {
                 return 1;
             }
             domain_rt::bench::report("direct", w, domain_rt::hypercall::clock_ns() - t0);
-            println!("STATS direct {} hc={} virq={} sleeps={}", w.name, domain_rt::hypercall::count() - hc0, domain_rt::irq::count() - vq0, disk.sleeps - sl0);
             give_turn();
         }
         println!("bench blk: via=direct done (up to {} requests in flight)", disk.peak);
@@ -394,7 +392,6 @@ mod serve {
             println!("no block channel on my command line");
         }
         let mut first_reported = false;
-        let mut st = (0u64, 0u64, 0u64, 0u64, 0u64);
         loop {
             // Doorbells are not taken off the notifications: they are bound to the virtual
             // interrupt, which each signal raises whatever bits are set, and every wake-up
@@ -423,10 +420,6 @@ mod serve {
                     // microvisor stops it with a stage-2 fault and tells dom0.
                     unsafe { core::ptr::read_volatile(0x1000_0000 as *const u64) };
                 }
-            }
-            if dev.in_flight() == 0 && dev.completed - st.0 >= 256 {
-                println!("STATS driver completed={} hc={} virq={} sleeps={} batches={}", dev.completed - st.0, hypercall::count() - st.1, irq::count() - st.2, dev.sleeps - st.3, dev.batches - st.4);
-                st = (dev.completed, hypercall::count(), irq::count(), dev.sleeps, dev.batches);
             }
             if ask_for_doorbells(&mut chans, dev) {
                 continue; // requests came in meanwhile: no sleep
@@ -487,10 +480,8 @@ mod serve {
         // its last answer; each wake-up of the guest costs world switches, which under
         // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
-            let waiting = c
-                .layout
-                .and_then(|l| l.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).ok())
-                .unwrap_or(0);
+            let waiting =
+                c.layout.and_then(|l| l.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).ok()).unwrap_or(0);
             let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
             if c.answered.saturating_mul(2) >= window {
                 c.answered = 0;

@@ -152,7 +152,6 @@ mod guest {
             let depth = (data.len() / len).min(disk.ring_capacity()).clamp(1, 64);
             let op = if w.write { Op::Write } else { Op::Read };
             let t0 = domain_rt::hypercall::clock_ns();
-            let (hc0, vq0) = (domain_rt::hypercall::count(), domain_rt::irq::count());
             // Buffer k is free while bit k is set; the request with id `id` uses buffer
             // buf_of[id % MAX_OUTSTANDING] (the client never has two outstanding requests
             // whose ids share that slot).
@@ -200,7 +199,6 @@ mod guest {
                 }
             }
             domain_rt::bench::report("driver", w, domain_rt::hypercall::clock_ns() - t0);
-            println!("STATS guest {} hc={} virq={}", w.name, domain_rt::hypercall::count() - hc0, domain_rt::irq::count() - vq0);
             if let Some((signal, wait)) = turn {
                 if domain_rt::hypercall::signal(signal, 1).is_ok() {
                     let _ = domain_rt::hypercall::wait(wait);
