@@ -94,7 +94,11 @@
 //!   completion wakes it and it looks at the ring then. A client pushes its requests, then
 //!   (after a full fence) rings only if the flag is 1 ([`BlockLayout::doorbell_wanted`]).
 //!   The two fences make it impossible for both to miss each other (the client's requests
-//!   are seen by the driver's second look, or the driver's 1 by the client). Ringing
+//!   are seen by the driver's second look, or the driver's 1 by the client). Requests
+//!   without a free response slot do not keep it awake: a client that keeps more
+//!   requests and unread answers than the response ring holds must ring after it takes
+//!   answers (one that never has more outstanding than the ring's capacity never gets
+//!   there). Ringing
 //!   anyway is always allowed (a client that ignores the flag works unchanged), and a
 //!   client rings after replaying to a new incarnation whatever the flag says: it may have
 //!   been left by a dead one.
