@@ -438,7 +438,7 @@ mod serve {
     /// Before sleeping: where new requests would be taken now (the device has room, the
     /// channel waits for no flush and holds no request the device refused), ask the guest
     /// for its doorbell, then look at its ring once more (`ipc_spec::block`, "Doorbells").
-    /// Whether requests are waiting (then do not sleep). With the device full no doorbell
+    /// Whether requests it could take are waiting (then do not sleep). With the device full no doorbell
     /// is wanted: the next completion wakes this VM, which then looks at every ring.
     fn ask_for_doorbells(chans: &mut [Channel], dev: &Disk) -> bool {
         let mut waiting = false;
@@ -451,7 +451,13 @@ mod serve {
                 BlockLayout::set_doorbell_wanted(&c.region, true);
                 c.doorbell_wanted = true;
             }
-            waiting |= layout.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).is_ok_and(|n| n > 0);
+            // Only requests it could take now keep it awake: with no response slot for
+            // them (the guest has not taken its answers), it sleeps, and the guest rings
+            // once it drains (a driver spinning here would starve lower priorities).
+            waiting |= layout
+                .driver_rings(&c.region)
+                .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
+                .unwrap_or(false);
         }
         waiting
     }
