@@ -29,6 +29,9 @@
 //!                                      restarting the driver (0 otherwise); see "Restarts"
 //!           +36  attach index          written by the **driver** at attach, before the
 //!                                      incarnation: the request-ring index it serves from
+//!           +40  doorbell wanted       written by the **driver** (1 at setup by the guest):
+//!                                      1 while it sleeps and would take requests if
+//!                                      it looked; see "Doorbells"
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -94,6 +97,31 @@
 //!   an answer that cannot come. If dom0 builds the driver again later (`xtask ctl
 //!   restart`), it clears the word first; the new incarnation is then served as usual.
 //!
+//! # Doorbells
+//!
+//! Each doorbell is a world switch, dearer under emulation than a request, so both sides
+//! ring only when the other would otherwise not look:
+//!
+//! - The driver writes 1 at header +32 just before it sleeps while it could take more
+//!   requests (its device has room), then, after a full fence, looks at the request ring
+//!   once more and does not sleep if anything came ([`BlockLayout::set_doorbell_wanted`]).
+//!   It writes 0 when it wakes, and leaves 0 when it sleeps with its device full: a
+//!   completion wakes it and it looks at the ring then. A client pushes its requests, then
+//!   (after a full fence) rings only if the flag is 1 ([`BlockLayout::doorbell_wanted`]).
+//!   The two fences make it impossible for both to miss each other (the client's requests
+//!   are seen by the driver's second look, or the driver's 1 by the client). Requests
+//!   without a free response slot do not keep it awake: a client that keeps more
+//!   requests and unread answers than the response ring holds must ring after it takes
+//!   answers (one that never has more outstanding than the ring's capacity never gets
+//!   there). Ringing
+//!   anyway is always allowed (a client that ignores the flag works unchanged), and a
+//!   client rings after replaying to a new incarnation whatever the flag says: it may have
+//!   been left by a dead one.
+//! - The driver rings a client once half of what the client has in flight with it
+//!   (answers not yet rung about, requests on the device, requests still on the ring) is
+//!   answered, so a client that keeps the ring full refills it while the device still works
+//!   on the rest; and whenever it has nothing of the client's left (the last answer).
+//!
 //! # Durability
 //!
 //! A write answered `Ok` has been **completed by the device**, which may still hold it in a
@@ -154,6 +182,9 @@ pub mod header {
     pub const SERVER: usize = 32;
     /// `u32`: the request-ring index the attached driver serves from (written at attach).
     pub const ATTACH_INDEX: usize = 36;
+    /// `u32`: 1 while the driver sleeps and would take requests (ring it), written by the
+    /// driver; see "Doorbells".
+    pub const DOORBELL_WANTED: usize = 40;
 }
 
 /// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
@@ -424,6 +455,8 @@ impl BlockLayout {
         mem.write_u32(header::RING_CAPACITY, self.ring_capacity);
         mem.write_u32(header::DATA_OFFSET, self.data_offset);
         mem.write_u32(header::DATA_LEN, self.data_len);
+        // No driver has said anything yet: ring.
+        mem.write_u32(header::DOORBELL_WANTED, 1);
         // Magic last: a reader that sees it sees a complete header.
         fence(Ordering::Release);
         mem.write_u32(header::MAGIC, MAGIC);
@@ -517,6 +550,25 @@ impl BlockLayout {
         // Responses read after this must not be older than this read.
         fence(Ordering::Acquire);
         n
+    }
+
+    /// The driver, before it sleeps (`true`, when it could take requests now) and when it
+    /// wakes (`false`): whether a client that adds requests must ring its doorbell. Ends
+    /// with a full fence: a driver that wrote `true` must then look at the request ring
+    /// once more before it sleeps (see "Doorbells").
+    pub fn set_doorbell_wanted<M: SharedMem + ?Sized>(mem: &M, wanted: bool) {
+        mem.write_u32(header::DOORBELL_WANTED, u32::from(wanted));
+        // The flag's store must be visible before the driver's next look at the producer
+        // index (a load, which x86 may otherwise perform first).
+        fence(Ordering::SeqCst);
+    }
+
+    /// The client, after it pushed requests: whether the driver asked for its doorbell.
+    /// Starts with a full fence, so the pushed producer index is visible to the driver
+    /// before the flag is read (see "Doorbells").
+    pub fn doorbell_wanted<M: SharedMem + ?Sized>(mem: &M) -> bool {
+        fence(Ordering::SeqCst);
+        mem.read_u32(header::DOORBELL_WANTED) != 0
     }
 
     /// Offset of the request ring.
