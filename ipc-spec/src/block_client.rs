@@ -64,6 +64,8 @@ pub struct Client {
     count: usize,
     /// How many outstanding requests are not on the ring (`sent` false).
     unsent: usize,
+    /// Requests pushed or answers taken since [`Self::doorbell_needed`] last looked.
+    moved: bool,
     next_id: u64,
     /// Incarnation changes seen.
     pub restarts: u64,
@@ -89,6 +91,7 @@ impl Client {
             pending: [None; MAX_OUTSTANDING],
             count: 0,
             unsent: 0,
+            moved: false,
             next_id: 1,
             restarts: 0,
             ignored: 0,
@@ -175,6 +178,7 @@ impl Client {
             };
             self.pending[slot(id)] = Some(Entry { req, sent, at });
             self.unsent += usize::from(!sent);
+            self.moved |= sent;
             return Ok(id);
         }
         self.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
@@ -202,6 +206,7 @@ impl Client {
                     e.sent = true;
                     e.at = at;
                     self.unsent -= 1;
+                    self.moved = true;
                     sent += 1;
                 }
                 Err(RingError::Full) => break,
@@ -211,11 +216,17 @@ impl Client {
         Ok(sent)
     }
 
-    /// After requests were submitted: whether the driver must be rung for them, i.e. it
-    /// asked for its doorbell and some are still on the request ring (see
-    /// [`crate::block`], "Doorbells"). A client may always ring anyway; after a replay it
-    /// must ([`Polled::sent`]), whatever this says.
-    pub fn doorbell_needed<M: SharedMem + ?Sized>(&self, mem: &M) -> Result<bool, ClientError> {
+    /// Whether the driver must be rung now: call it after pushing requests and after
+    /// taking answers, at the latest before waiting for answers (see [`crate::block`],
+    /// "Doorbells"). True when something moved since the last look (requests pushed,
+    /// answers taken: either may be what a sleeping driver waits for), the driver asked
+    /// for its doorbell (read after a full fence, [`BlockLayout::doorbell_wanted`]) and
+    /// requests are still on the request ring. A client may always ring anyway; after a
+    /// replay it must ([`Polled::sent`]), whatever this says.
+    pub fn doorbell_needed<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<bool, ClientError> {
+        if !core::mem::take(&mut self.moved) {
+            return Ok(false);
+        }
         if !BlockLayout::doorbell_wanted(mem) {
             return Ok(false);
         }
@@ -265,6 +276,8 @@ impl Client {
         let (_, mut responses) = self.layout.guest_rings_attach(mem)?;
         loop {
             let Some(s) = responses.pop()? else { return Ok(None) };
+            // A slot freed: a driver that stopped taking for want of one may need a ring.
+            self.moved = true;
             let r = Response::decode(&s);
             if r.incarnation != self.incarnation || self.incarnation == 0 {
                 self.ignored += 1;

@@ -167,8 +167,12 @@ impl BlockClient {
         Ok(())
     }
 
-    /// Wait for the driver's doorbell or the timer; returns the bits.
+    /// Wait for the driver's doorbell or the timer; returns the bits. Rings the driver
+    /// first if it sleeps on requests of ours: ones pushed, or ones it stopped taking for
+    /// want of a response slot that the answers taken since have freed
+    /// (`ipc_spec::block`, "Doorbells").
     fn wait_bits(&mut self) -> Result<u64, ClientError> {
+        self.kick_if_needed()?;
         let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
         if bits & TIMEOUT_BIT != 0 {
             self.timer_armed = false;
