@@ -100,27 +100,64 @@
 //! # Doorbells
 //!
 //! Each doorbell is a world switch, dearer under emulation than a request, so both sides
-//! ring only when the other would otherwise not look:
+//! ring only when the other would otherwise not look. The driver asks for the client's
+//! doorbell with a flag, "doorbell wanted" (header +40); the client decides from it
+//! whether to ring. Sleep/wake flags are where lost wake-ups hide, so the rules are exact:
 //!
-//! - The driver writes 1 at header +32 just before it sleeps while it could take more
-//!   requests (its device has room), then, after a full fence, looks at the request ring
-//!   once more and does not sleep if anything came ([`BlockLayout::set_doorbell_wanted`]).
-//!   It writes 0 when it wakes, and leaves 0 when it sleeps with its device full: a
-//!   completion wakes it and it looks at the ring then. A client pushes its requests, then
-//!   (after a full fence) rings only if the flag is 1 ([`BlockLayout::doorbell_wanted`]).
-//!   The two fences make it impossible for both to miss each other (the client's requests
-//!   are seen by the driver's second look, or the driver's 1 by the client). Requests
-//!   without a free response slot do not keep it awake: a client that keeps more
-//!   requests and unread answers than the response ring holds must ring after it takes
-//!   answers (one that never has more outstanding than the ring's capacity never gets
-//!   there). Ringing
-//!   anyway is always allowed (a client that ignores the flag works unchanged), and a
-//!   client rings after replaying to a new incarnation whatever the flag says: it may have
-//!   been left by a dead one.
-//! - The driver rings a client once half of what the client has in flight with it
-//!   (answers not yet rung about, requests on the device, requests still on the ring) is
-//!   answered, so a client that keeps the ring full refills it while the device still works
-//!   on the rest; and whenever it has nothing of the client's left (the last answer).
+//! **The driver, before it sleeps** (`driver-vms/disk`, `ask_for_doorbells`), for each
+//! channel where it would take a request now if one were there (its device has room, no
+//! flush or refused request holds the channel):
+//!
+//! 1. D1: stores 1 to the flag ([`BlockLayout::set_doorbell_wanted`]);
+//! 2. D2: a full fence (`fence(SeqCst)`, an `MFENCE` on x86: a later load may otherwise
+//!    be performed while the flag's store still sits in the store buffer: Intel SDM Vol. 3A,
+//!    "Memory Ordering", "Loads May Be Reordered with Earlier Stores to Different
+//!    Locations");
+//! 3. D3: looks again: the request ring's producer index and the response ring's consumer
+//!    index. If a request is waiting and a response slot is free for it (beyond those the
+//!    requests on its device hold), it does not sleep but goes round again.
+//!
+//! It sleeps until an interrupt came after it read its interrupt count at the top of the
+//! pass (a doorbell or a completion), and stores 0 when it wakes. With its device full it
+//! sets no flag: the next completion wakes it and it looks at every ring then (a lost
+//! completion interrupt is what its fallback timer is for, not a doorbell).
+//!
+//! **The client** (`block_client::Client::doorbell_needed`), after it pushed requests
+//! (request producer index) **or took answers** (response consumer index), and at the
+//! latest before it waits for answers:
+//!
+//! 1. C1: its stores to the indices (done);
+//! 2. C2: a full fence ([`BlockLayout::doorbell_wanted`] starts with it);
+//! 3. C3: loads the flag; if 1 and requests are still on the request ring, rings.
+//!
+//! **Why no wake-up is lost.** The fences are both `SeqCst`, so they are totally ordered.
+//! If D2 comes before C2, the client's C3 sees the driver's 1 (or a later 0, stored only
+//! by a driver already awake, which then runs D3 again before it sleeps) and rings; if C2
+//! comes before D2, the driver's D3 sees the client's indices: the requests, and the slots
+//! the answers taken freed. Either way the request is seen (Dekker's argument). Without
+//! D2 or C2 both loads can read the old values (each store still in its store buffer)
+//! and both sides sleep; without D3 a request pushed between the driver's last pass and
+//! D1 is seen by nobody. The **check after taking answers** is what covers a driver that
+//! stopped taking for want of a response slot: its requests wait on the ring, the client
+//! takes answers and then waits for the rest; with the check only after pushing, nobody
+//! rings (issue 9's "driver halted, nothing pending, guest waiting" stall, for a client
+//! with more requests outstanding than response slots: answers left unread by a dead
+//! incarnation count too). `block_wakeup_model.rs` (host test) explores every
+//! interleaving of both sides on x86's memory model and finds a lost wake-up as soon as
+//! either fence, D3 or the check after taking answers is removed.
+//!
+//! A doorbell itself (a Signal hypercall, a VM exit) is ordered after the client's earlier
+//! stores. Ringing anyway is always allowed (a client that ignores the flag works
+//! unchanged); a client rings after replaying to a new incarnation whatever the flag says
+//! (it may have been left by a dead one). The client's setup writes 1, so a client rings
+//! until a driver has said otherwise.
+//!
+//! **The driver rings a client** once half of what the client has in flight with it
+//! (answers not yet rung about, requests on the device, requests still on the ring) is
+//! answered, so a client that keeps the ring full refills it while the device still works
+//! on the rest; and whenever it has nothing of the client's left (the last answer). The
+//! client's notification keeps its bits until the client waits, so an answer rung between
+//! its look at the ring and its wait is not lost.
 //!
 //! # Durability
 //!
@@ -552,10 +589,10 @@ impl BlockLayout {
         n
     }
 
-    /// The driver, before it sleeps (`true`, when it could take requests now) and when it
-    /// wakes (`false`): whether a client that adds requests must ring its doorbell. Ends
-    /// with a full fence: a driver that wrote `true` must then look at the request ring
-    /// once more before it sleeps (see "Doorbells").
+    /// The driver, before it sleeps (`true`, when it could take requests now: D1 and D2
+    /// of "Doorbells") and when it wakes (`false`): whether a client that pushed requests
+    /// or took answers must ring its doorbell. Ends with a full fence: a driver that wrote
+    /// `true` must then look at the rings once more (D3) before it sleeps.
     pub fn set_doorbell_wanted<M: SharedMem + ?Sized>(mem: &M, wanted: bool) {
         mem.write_u32(header::DOORBELL_WANTED, u32::from(wanted));
         // The flag's store must be visible before the driver's next look at the producer
@@ -563,9 +600,9 @@ impl BlockLayout {
         fence(Ordering::SeqCst);
     }
 
-    /// The client, after it pushed requests: whether the driver asked for its doorbell.
-    /// Starts with a full fence, so the pushed producer index is visible to the driver
-    /// before the flag is read (see "Doorbells").
+    /// The client, after it pushed requests or took answers: whether the driver asked for
+    /// its doorbell. Starts with a full fence (C2 of "Doorbells"), so the indices it
+    /// stored are visible to the driver before the flag is read.
     pub fn doorbell_wanted<M: SharedMem + ?Sized>(mem: &M) -> bool {
         fence(Ordering::SeqCst);
         mem.read_u32(header::DOORBELL_WANTED) != 0
