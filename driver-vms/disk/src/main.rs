@@ -498,9 +498,11 @@ mod serve {
 
     /// Before sleeping: where new requests would be taken now (the device has room, the
     /// channel waits for no flush and holds no request the device refused), ask the guest
-    /// for its doorbell, then look at its ring once more (`ipc_spec::block`, "Doorbells").
-    /// Whether requests it could take are waiting (then do not sleep). With the device full no doorbell
-    /// is wanted: the next completion wakes this VM, which then looks at every ring.
+    /// for its doorbell (D1, with the full fence D2, `BlockLayout::set_doorbell_wanted`),
+    /// then look at its rings once more (D3; `ipc_spec::block`, "Doorbells", gives the
+    /// ordering argument). Whether a request waits that could be taken now, i.e. with a
+    /// response slot for it (then do not sleep). With the device full no doorbell is
+    /// wanted: the next completion wakes this VM, which then looks at every ring.
     fn ask_for_doorbells(chans: &mut [Channel], dev: &Disk) -> bool {
         let mut waiting = false;
         for c in chans.iter_mut() {
@@ -513,8 +515,9 @@ mod serve {
                 c.doorbell_wanted = true;
             }
             // Only requests it could take now keep it awake: with no response slot for
-            // them (the guest has not taken its answers), it sleeps, and the guest rings
-            // once it drains (a driver spinning here would starve lower priorities).
+            // them (the guest has not taken its answers), it sleeps, and the guest, which
+            // looks at the flag after taking answers too, rings (a driver spinning here
+            // would starve lower priorities).
             waiting |= layout
                 .driver_rings(&c.region)
                 .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
