@@ -29,6 +29,9 @@
 //!                                      restarting the driver (0 otherwise); see "Restarts"
 //!           +36  attach index          written by the **driver** at attach, before the
 //!                                      incarnation: the request-ring index it serves from
+//!           +40  doorbell wanted       written by the **driver** (1 at setup by the guest):
+//!                                      1 while it sleeps and would take requests if
+//!                                      it looked; see "Doorbells"
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers
@@ -94,6 +97,68 @@
 //!   an answer that cannot come. If dom0 builds the driver again later (`xtask ctl
 //!   restart`), it clears the word first; the new incarnation is then served as usual.
 //!
+//! # Doorbells
+//!
+//! Each doorbell is a world switch, dearer under emulation than a request, so both sides
+//! ring only when the other would otherwise not look. The driver asks for the client's
+//! doorbell with a flag, "doorbell wanted" (header +40); the client decides from it
+//! whether to ring. Sleep/wake flags are where lost wake-ups hide, so the rules are exact:
+//!
+//! **The driver, before it sleeps** (`driver-vms/disk`, `ask_for_doorbells`), for each
+//! channel where it would take a request now if one were there (its device has room, no
+//! flush or refused request holds the channel):
+//!
+//! 1. D1: stores 1 to the flag ([`BlockLayout::set_doorbell_wanted`]);
+//! 2. D2: a full fence (`fence(SeqCst)`, an `MFENCE` on x86: a later load may otherwise
+//!    be performed while the flag's store still sits in the store buffer: Intel SDM Vol. 3A,
+//!    "Memory Ordering", "Loads May Be Reordered with Earlier Stores to Different
+//!    Locations");
+//! 3. D3: looks again: the request ring's producer index and the response ring's consumer
+//!    index. If a request is waiting and a response slot is free for it (beyond those the
+//!    requests on its device hold), it does not sleep but goes round again.
+//!
+//! It sleeps until an interrupt came after it read its interrupt count at the top of the
+//! pass (a doorbell or a completion), and stores 0 when it wakes. With its device full it
+//! sets no flag: the next completion wakes it and it looks at every ring then (a lost
+//! completion interrupt is what its fallback timer is for, not a doorbell).
+//!
+//! **The client** (`block_client::Client::doorbell_needed`), after it pushed requests
+//! (request producer index) **or took answers** (response consumer index), and at the
+//! latest before it waits for answers:
+//!
+//! 1. C1: its stores to the indices (done);
+//! 2. C2: a full fence ([`BlockLayout::doorbell_wanted`] starts with it);
+//! 3. C3: loads the flag; if 1 and requests are still on the request ring, rings.
+//!
+//! **Why no wake-up is lost.** The fences are both `SeqCst`, so they are totally ordered.
+//! If D2 comes before C2, the client's C3 sees the driver's 1 (or a later 0, stored only
+//! by a driver already awake, which then runs D3 again before it sleeps) and rings; if C2
+//! comes before D2, the driver's D3 sees the client's indices: the requests, and the slots
+//! the answers taken freed. Either way the request is seen (Dekker's argument). Without
+//! D2 or C2 both loads can read the old values (each store still in its store buffer)
+//! and both sides sleep; without D3 a request pushed between the driver's last pass and
+//! D1 is seen by nobody. The **check after taking answers** is what covers a driver that
+//! stopped taking for want of a response slot: its requests wait on the ring, the client
+//! takes answers and then waits for the rest; with the check only after pushing, nobody
+//! rings (issue 9's "driver halted, nothing pending, guest waiting" stall, for a client
+//! with more requests outstanding than response slots: answers left unread by a dead
+//! incarnation count too). `block_wakeup_model.rs` (host test) explores every
+//! interleaving of both sides on x86's memory model and finds a lost wake-up as soon as
+//! either fence, D3 or the check after taking answers is removed.
+//!
+//! A doorbell itself (a Signal hypercall, a VM exit) is ordered after the client's earlier
+//! stores. Ringing anyway is always allowed (a client that ignores the flag works
+//! unchanged); a client rings after replaying to a new incarnation whatever the flag says
+//! (it may have been left by a dead one). The client's setup writes 1, so a client rings
+//! until a driver has said otherwise.
+//!
+//! **The driver rings a client** once half of what the client has in flight with it
+//! (answers not yet rung about, requests on the device, requests still on the ring) is
+//! answered, so a client that keeps the ring full refills it while the device still works
+//! on the rest; and whenever it has nothing of the client's left (the last answer). The
+//! client's notification keeps its bits until the client waits, so an answer rung between
+//! its look at the ring and its wait is not lost.
+//!
 //! # Durability
 //!
 //! A write answered `Ok` has been **completed by the device**, which may still hold it in a
@@ -154,6 +219,9 @@ pub mod header {
     pub const SERVER: usize = 32;
     /// `u32`: the request-ring index the attached driver serves from (written at attach).
     pub const ATTACH_INDEX: usize = 36;
+    /// `u32`: 1 while the driver sleeps and would take requests (ring it), written by the
+    /// driver; see "Doorbells".
+    pub const DOORBELL_WANTED: usize = 40;
 }
 
 /// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
@@ -424,6 +492,8 @@ impl BlockLayout {
         mem.write_u32(header::RING_CAPACITY, self.ring_capacity);
         mem.write_u32(header::DATA_OFFSET, self.data_offset);
         mem.write_u32(header::DATA_LEN, self.data_len);
+        // No driver has said anything yet: ring.
+        mem.write_u32(header::DOORBELL_WANTED, 1);
         // Magic last: a reader that sees it sees a complete header.
         fence(Ordering::Release);
         mem.write_u32(header::MAGIC, MAGIC);
@@ -517,6 +587,25 @@ impl BlockLayout {
         // Responses read after this must not be older than this read.
         fence(Ordering::Acquire);
         n
+    }
+
+    /// The driver, before it sleeps (`true`, when it could take requests now: D1 and D2
+    /// of "Doorbells") and when it wakes (`false`): whether a client that pushed requests
+    /// or took answers must ring its doorbell. Ends with a full fence: a driver that wrote
+    /// `true` must then look at the rings once more (D3) before it sleeps.
+    pub fn set_doorbell_wanted<M: SharedMem + ?Sized>(mem: &M, wanted: bool) {
+        mem.write_u32(header::DOORBELL_WANTED, u32::from(wanted));
+        // The flag's store must be visible before the driver's next look at the producer
+        // index (a load, which x86 may otherwise perform first).
+        fence(Ordering::SeqCst);
+    }
+
+    /// The client, after it pushed requests or took answers: whether the driver asked for
+    /// its doorbell. Starts with a full fence (C2 of "Doorbells"), so the indices it
+    /// stored are visible to the driver before the flag is read.
+    pub fn doorbell_wanted<M: SharedMem + ?Sized>(mem: &M) -> bool {
+        fence(Ordering::SeqCst);
+        mem.read_u32(header::DOORBELL_WANTED) != 0
     }
 
     /// Offset of the request ring.

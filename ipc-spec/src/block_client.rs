@@ -48,18 +48,34 @@ pub struct Polled {
 }
 
 /// The client state of one block channel.
+///
+/// Every operation on the common path is O(1) (a client polls for every answer, and under
+/// emulation a scan of the whole table per request costs as much as the request): request
+/// `id` lives in slot `id % MAX_OUTSTANDING`; an id whose slot is still taken by an older
+/// request is skipped (ids only have to be unique and increasing, not consecutive).
 #[derive(Debug)]
 pub struct Client {
     layout: BlockLayout,
     /// The incarnation whose answers are accepted (0 until a driver attached).
     incarnation: u32,
-    /// Outstanding requests, in submission order (ids increase).
+    /// Outstanding requests, request `id` in slot `id % MAX_OUTSTANDING`.
     pending: [Option<Entry>; MAX_OUTSTANDING],
+    /// How many slots of `pending` are taken.
+    count: usize,
+    /// How many outstanding requests are not on the ring (`sent` false).
+    unsent: usize,
+    /// Requests pushed or answers taken since [`Self::doorbell_needed`] last looked.
+    moved: bool,
     next_id: u64,
     /// Incarnation changes seen.
     pub restarts: u64,
     /// Answers dropped: from a dead incarnation, or for requests already answered.
     pub ignored: u64,
+}
+
+/// The slot of request `id` in [`Client::pending`].
+fn slot(id: u64) -> usize {
+    (id % MAX_OUTSTANDING as u64) as usize
 }
 
 impl Client {
@@ -69,7 +85,17 @@ impl Client {
         let layout = BlockLayout::standard(mem.len()).map_err(|_| ClientError::Ring)?;
         layout.guest_rings(mem)?;
         layout.write(mem).map_err(|_| ClientError::Ring)?;
-        Ok(Self { layout, incarnation: 0, pending: [None; MAX_OUTSTANDING], next_id: 1, restarts: 0, ignored: 0 })
+        Ok(Self {
+            layout,
+            incarnation: 0,
+            pending: [None; MAX_OUTSTANDING],
+            count: 0,
+            unsent: 0,
+            moved: false,
+            next_id: 1,
+            restarts: 0,
+            ignored: 0,
+        })
     }
 
     /// The layout in use.
@@ -79,12 +105,12 @@ impl Client {
 
     /// Requests not answered yet.
     pub fn outstanding(&self) -> usize {
-        self.pending.iter().flatten().count()
+        self.count
     }
 
     /// Whether request `id` is still unanswered.
     pub fn is_outstanding(&self, id: u64) -> bool {
-        self.pending.iter().flatten().any(|e| e.req.id == id)
+        self.pending[slot(id)].is_some_and(|e| e.req.id == id)
     }
 
     /// Whether any request with an id up to `last` is still unanswered.
@@ -92,7 +118,7 @@ impl Client {
         self.pending.iter().flatten().any(|e| e.req.id <= last)
     }
 
-    /// The id the next request will get.
+    /// The id the next request will get (or a later one, if its slot is taken).
     pub fn next_id(&self) -> u64 {
         self.next_id
     }
@@ -126,35 +152,86 @@ impl Client {
         data_offset: u32,
     ) -> Result<u64, ClientError> {
         self.check_server(mem)?;
-        let free = self.pending.iter_mut().find(|e| e.is_none()).ok_or(ClientError::TooMany)?;
+        if self.count == MAX_OUTSTANDING {
+            return Err(ClientError::TooMany);
+        }
+        // A free slot exists: at most MAX_OUTSTANDING - 1 ids are skipped.
+        while self.pending[slot(self.next_id)].is_some() {
+            self.next_id += 1;
+        }
         let id = self.next_id;
         let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
-        *free = Some(Entry { req, sent: false, at: 0 });
         self.next_id += 1;
+        self.count += 1;
+        if self.unsent == 0 {
+            // Nothing older waits to be sent: this one goes straight on the ring.
+            let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+            let at = requests.index();
+            let sent = match requests.push(&req.encode()) {
+                Ok(()) => true,
+                Err(RingError::Full) => false,
+                Err(e) => {
+                    self.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
+                    self.unsent += 1;
+                    return Err(e.into());
+                }
+            };
+            self.pending[slot(id)] = Some(Entry { req, sent, at });
+            self.unsent += usize::from(!sent);
+            self.moved |= sent;
+            return Ok(id);
+        }
+        self.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
+        self.unsent += 1;
         self.send_unsent(mem)?;
         Ok(id)
     }
 
     /// Puts unsent requests on the ring, oldest first, while it has room; how many.
     fn send_unsent<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<usize, ClientError> {
+        if self.unsent == 0 {
+            return Ok(0);
+        }
         let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
         let mut sent = 0;
-        loop {
+        while self.unsent > 0 {
             // Oldest unsent first: replays keep the order the client submitted in.
             let Some(e) = self.pending.iter_mut().flatten().filter(|e| !e.sent).min_by_key(|e| e.req.id) else {
-                return Ok(sent);
+                self.unsent = 0; // cannot happen: the count says otherwise
+                break;
             };
             let at = requests.index();
             match requests.push(&e.req.encode()) {
                 Ok(()) => {
                     e.sent = true;
                     e.at = at;
+                    self.unsent -= 1;
+                    self.moved = true;
                     sent += 1;
                 }
-                Err(RingError::Full) => return Ok(sent),
+                Err(RingError::Full) => break,
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(sent)
+    }
+
+    /// Whether the driver must be rung now: call it after pushing requests and after
+    /// taking answers, at the latest before waiting for answers (see [`crate::block`],
+    /// "Doorbells"). True when something moved since the last look (requests pushed,
+    /// answers taken: either may be what a sleeping driver waits for), the driver asked
+    /// for its doorbell (read after a full fence, [`BlockLayout::doorbell_wanted`]) and
+    /// requests are still on the request ring. A client may always ring anyway; after a
+    /// replay it must ([`Polled::sent`]), whatever this says.
+    pub fn doorbell_needed<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<bool, ClientError> {
+        if !core::mem::take(&mut self.moved) {
+            return Ok(false);
+        }
+        if !BlockLayout::doorbell_wanted(mem) {
+            return Ok(false);
+        }
+        let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+        Ok(requests.len()? > 0)
     }
 
     /// Look at the channel: a new incarnation makes every outstanding request it did not
@@ -171,8 +248,9 @@ impl Client {
             // incarnation: send again. At or above it: on the new driver's ring already.
             let from = BlockLayout::attach_index(mem);
             for e in self.pending.iter_mut().flatten() {
-                if (from.wrapping_sub(e.at) as i32) > 0 {
+                if e.sent && (from.wrapping_sub(e.at) as i32) > 0 {
                     e.sent = false;
+                    self.unsent += 1;
                 }
             }
         }
@@ -187,6 +265,7 @@ impl Client {
             return Ok(());
         }
         self.pending = [None; MAX_OUTSTANDING];
+        (self.count, self.unsent) = (0, 0);
         Err(ClientError::ServerGone)
     }
 
@@ -196,19 +275,21 @@ impl Client {
     pub fn next_response<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Option<Response>, ClientError> {
         let (_, mut responses) = self.layout.guest_rings_attach(mem)?;
         loop {
-            let Some(slot) = responses.pop()? else { return Ok(None) };
-            let r = Response::decode(&slot);
+            let Some(s) = responses.pop()? else { return Ok(None) };
+            // A slot freed: a driver that stopped taking for want of one may need a ring.
+            self.moved = true;
+            let r = Response::decode(&s);
             if r.incarnation != self.incarnation || self.incarnation == 0 {
                 self.ignored += 1;
                 continue;
             }
-            match self.pending.iter_mut().find(|e| e.is_some_and(|e| e.req.id == r.id && e.sent)) {
-                Some(e) => {
-                    *e = None;
-                    return Ok(Some(r));
-                }
-                None => self.ignored += 1,
+            let e = &mut self.pending[slot(r.id)];
+            if e.is_some_and(|e| e.req.id == r.id && e.sent) {
+                *e = None;
+                self.count -= 1;
+                return Ok(Some(r));
             }
+            self.ignored += 1;
         }
     }
 }
@@ -297,6 +378,73 @@ mod tests {
             ids.insert(client.submit(mem, Op::Write, i, 1, off as u32).unwrap(), i);
         }
         ids
+    }
+
+    /// The driver's side of "Doorbells": about to sleep with room, it asks for the
+    /// doorbell and looks once more; whether it may sleep.
+    fn driver_may_sleep(mem: &ByteMem) -> bool {
+        let layout = BlockLayout::read(mem).unwrap();
+        BlockLayout::set_doorbell_wanted(mem, true);
+        let (mut requests, _) = layout.driver_rings(mem).unwrap();
+        requests.is_empty().unwrap()
+    }
+
+    #[test]
+    fn a_sleeping_driver_is_rung_and_a_busy_one_is_not() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        // No driver yet: the fresh header asks for doorbells.
+        write_all(&mut client, &mem, 1);
+        assert!(client.doorbell_needed(&mem).unwrap());
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        client.poll(&mem).unwrap();
+        Driver::answer(&mem, &d.take(&mem, 64));
+        drain(&mut client, &mem);
+        // The driver sleeps with room: the next request rings it.
+        assert!(driver_may_sleep(&mem));
+        write_all(&mut client, &mem, 1);
+        assert!(client.doorbell_needed(&mem).unwrap());
+        // It wakes (flag cleared) and works: requests added meanwhile need no doorbell.
+        BlockLayout::set_doorbell_wanted(&mem, false);
+        write_all(&mut client, &mem, 2);
+        assert!(!client.doorbell_needed(&mem).unwrap());
+        // Requests that came before its second look keep it awake: nothing is lost.
+        assert!(!driver_may_sleep(&mem));
+        Driver::answer(&mem, &d.take(&mem, 64));
+        assert_eq!(drain(&mut client, &mem).len(), 3);
+        // With the flag up but every request already taken, there is nothing to ring for.
+        assert!(driver_may_sleep(&mem));
+        assert!(!client.doorbell_needed(&mem).unwrap());
+    }
+
+    #[test]
+    fn a_slow_request_does_not_block_its_slot_for_the_others() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        client.poll(&mem).unwrap();
+        let first = client.submit(&mem, Op::Read, 0, 1, client.layout().data_offset() as u32).unwrap();
+        let held = d.take(&mem, 1);
+        // Many rounds of other requests pass the one held by the driver.
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let batch: Vec<u64> = write_all(&mut client, &mem, 40).into_keys().collect();
+            assert!(batch.iter().all(|&id| id != first && !ids.contains(&id)), "ids are never reused");
+            Driver::answer(&mem, &d.take(&mem, 64));
+            let mut done = drain(&mut client, &mem);
+            done.sort();
+            let mut want = batch.clone();
+            want.sort();
+            assert_eq!(done, want);
+            ids.extend(batch);
+        }
+        assert!(client.is_outstanding(first));
+        assert_eq!(client.outstanding(), 1);
+        Driver::answer(&mem, &held);
+        assert_eq!(drain(&mut client, &mem), vec![first]);
+        assert_eq!(client.outstanding(), 0);
     }
 
     #[test]

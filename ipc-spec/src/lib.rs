@@ -14,6 +14,8 @@ pub mod block;
 pub mod block_client;
 #[cfg(any(test, feature = "channels"))]
 pub mod block_part;
+#[cfg(test)]
+mod block_wakeup_model;
 pub mod bundle;
 #[cfg(any(test, feature = "channels"))]
 pub mod ctl;

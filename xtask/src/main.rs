@@ -73,8 +73,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench ipc --machine bochs [--n N]
                         the same figures under VMX on Bochs (TSC = instructions with
                         clock sync=none); writes target/bench/ipc-vmx.json
-  bench blk             block throughput through the disk driver VM vs. a domain owning
-                        the device; writes target/bench/blk.json
+  bench blk [--icount]  block throughput through the disk driver VM vs. a domain owning
+                        the device; writes target/bench/blk.json (--icount: time in
+                        instructions plus idle time, target/bench/blk-icount.json)
   bench net             TCP throughput and small requests per second through the net driver
                         VM vs. a guest owning its NIC; writes target/bench/net.json
   bench boot [--n N]    Debian's kernel booted natively (PVH) to its init marker, best and

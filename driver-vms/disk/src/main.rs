@@ -30,11 +30,27 @@ mod driver {
 
     /// The block benchmark run by the domain that owns the device: the same requests as
     /// the guest's, without the IPC hop (buffers in this VM's own memory), kept in flight
-    /// as many at a time as the device queue holds, as the serving loop does.
-    fn bench_direct(disk: &mut Disk) -> u64 {
+    /// as many at a time as the device queue holds, as the serving loop does. Each
+    /// workload starts when the guest gives the turn (`turn`: signal, wait) after running
+    /// it through the driver VM, and gives it back when done.
+    fn bench_direct(disk: &mut Disk, turn: Option<(u64, u64)>) -> u64 {
+        let take_turn = || {
+            if let Some((_, wait)) = turn {
+                let _ = hypercall::wait(wait);
+            }
+        };
+        let give_turn = || {
+            if let Some((signal, _)) = turn {
+                let _ = hypercall::signal(signal, 1);
+            }
+        };
+        // Ready: the guest starts its first workload only now, so this VM's start-up (its
+        // own device wait) never overlaps the guest's run.
+        give_turn();
         let capacity = disk.blk.capacity();
         let base = (&raw mut DIRECT).cast::<u8>();
         for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
+            take_turn();
             let len = w.sectors as usize * 512;
             let t0 = domain_rt::hypercall::clock_ns();
             let (mut sent, mut done, mut failed) = (0u32, 0u32, false);
@@ -55,7 +71,8 @@ mod driver {
                         }
                         Err(crate::device::Submit::Full) => break,
                         Err(crate::device::Submit::Failed(e)) => {
-                            println!("bench blk: {} request {sent}: {e}", w.name);
+                            println!("bench blk: {} request {sent} failed: {e}", w.name);
+                            give_turn();
                             return 1;
                         }
                     }
@@ -71,9 +88,11 @@ mod driver {
             }
             if failed {
                 println!("bench blk: {} request failed", w.name);
+                give_turn();
                 return 1;
             }
             domain_rt::bench::report("direct", w, domain_rt::hypercall::clock_ns() - t0);
+            give_turn();
         }
         println!("bench blk: via=direct done (up to {} requests in flight)", disk.peak);
         0
@@ -156,11 +175,7 @@ mod driver {
         let mut disk = Disk::new(blk, interrupts, timer);
         println!("ready");
         if info.arg("bench") == Some("direct") {
-            // Our turn comes when the guest's run through the driver VM is over.
-            if let Some(turn) = info.slot("chan.turn.wait") {
-                let _ = hypercall::wait(turn);
-            }
-            return bench_direct(&mut disk);
+            return bench_direct(&mut disk, info.slot("chan.turn.signal").zip(info.slot("chan.turn.wait")));
         }
         match info.arg("rogue") {
             Some("dma") => crate::rogue::stray_dma(&mut disk.blk),
@@ -297,9 +312,6 @@ mod serve {
     /// Largest request served at once (64 KiB): one virtio descriptor.
     const MAX_SECTORS: u32 = 128;
 
-    /// Answers pushed before the guest is rung while more of its requests are on the device.
-    const SIGNAL_BATCH: u32 = 16;
-
     /// A read or write taken off a channel's ring and checked, not yet on the device.
     #[derive(Clone, Copy)]
     struct Io {
@@ -333,6 +345,8 @@ mod serve {
         /// The window of the disk this channel's guest sees (`part.<name>=<first>+<count>`
         /// on the command line; the whole disk without one).
         part: Partition,
+        /// The guest was asked to ring for new requests (header flag set).
+        doorbell_wanted: bool,
     }
 
     /// The channels on the command line, each with its window of `disk` (a bad window is
@@ -369,6 +383,7 @@ mod serve {
                 incarnation: 0,
                 part,
                 broken,
+                doorbell_wanted: false,
             });
         }
         list
@@ -416,12 +431,10 @@ mod serve {
         let timer = info.slot("timer");
         let mut first_reported = false;
         loop {
-            // Taking the bits clears the doorbells before the rings are read, so a ring
-            // after this point rings again (and wakes the sleep below). Once per wake-up:
-            // every hypercall is a world switch, dearer than a request under emulation.
-            for c in &chans {
-                let _ = hypercall::poll(c.wait);
-            }
+            // Doorbells are not taken off the notifications: they are bound to the virtual
+            // interrupt, which each signal raises whatever bits are set, and every wake-up
+            // looks at every ring anyway (a hypercall per wake-up is a world switch, dearer
+            // than a request under emulation).
             let seen = irq::count();
             while pass(&mut chans, dev, disk) {
                 if let Some(h) = heartbeat.as_mut() {
@@ -463,6 +476,9 @@ mod serve {
                     unsafe { core::ptr::read_volatile(0x1000_0000 as *const u64) };
                 }
             }
+            if ask_for_doorbells(&mut chans, dev) {
+                continue; // requests came in meanwhile: no sleep
+            }
             if let Some(h) = heartbeat.as_mut() {
                 h.beat(dev.in_flight() > 0, dev.completed);
                 if dev.in_flight() == 0 {
@@ -473,7 +489,41 @@ mod serve {
                 }
             }
             dev.sleep(seen);
+            for c in chans.iter_mut().filter(|c| c.doorbell_wanted) {
+                c.doorbell_wanted = false;
+                BlockLayout::set_doorbell_wanted(&c.region, false);
+            }
         }
+    }
+
+    /// Before sleeping: where new requests would be taken now (the device has room, the
+    /// channel waits for no flush and holds no request the device refused), ask the guest
+    /// for its doorbell (D1, with the full fence D2, `BlockLayout::set_doorbell_wanted`),
+    /// then look at its rings once more (D3; `ipc_spec::block`, "Doorbells", gives the
+    /// ordering argument). Whether a request waits that could be taken now, i.e. with a
+    /// response slot for it (then do not sleep). With the device full no doorbell is
+    /// wanted: the next completion wakes this VM, which then looks at every ring.
+    fn ask_for_doorbells(chans: &mut [Channel], dev: &Disk) -> bool {
+        let mut waiting = false;
+        for c in chans.iter_mut() {
+            let Some(layout) = c.layout else { continue };
+            if c.broken || c.flush.is_some() || c.stalled.is_some() || !dev.has_room() {
+                continue;
+            }
+            if !c.doorbell_wanted {
+                BlockLayout::set_doorbell_wanted(&c.region, true);
+                c.doorbell_wanted = true;
+            }
+            // Only requests it could take now keep it awake: with no response slot for
+            // them (the guest has not taken its answers), it sleeps, and the guest, which
+            // looks at the flag after taking answers too, rings (a driver spinning here
+            // would starve lower priorities).
+            waiting |= layout
+                .driver_rings(&c.region)
+                .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
+                .unwrap_or(false);
+        }
+        waiting
     }
 
     /// One pass over the channels and the device; whether anything moved.
@@ -498,12 +548,15 @@ mod serve {
             }
         }
         progress |= complete(chans, dev) > 0;
-        // Completions are batched: a guest is rung once its channel has nothing left on
-        // the device (its last answer is in), or a quarter of its ring is answered (so it
-        // can refill while the device works on the rest); each wake-up of the guest
-        // costs a world switch, which under emulation costs more than a request.
+        // Completions are batched: a guest is rung once half of what it has in flight here
+        // is answered (so it refills while the device works on the rest), which includes
+        // its last answer; each wake-up of the guest costs world switches, which under
+        // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
-            if c.outstanding == 0 || c.answered >= SIGNAL_BATCH {
+            let waiting =
+                c.layout.and_then(|l| l.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).ok()).unwrap_or(0);
+            let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
+            if c.answered.saturating_mul(2) >= window {
                 c.answered = 0;
                 let _ = hypercall::signal(c.signal, 1);
             }
@@ -566,15 +619,19 @@ mod serve {
         if let Some(io) = c.stalled.take() {
             match start(chan, c, dev, io) {
                 Ok(()) => {}
-                Err(()) => return false,
+                Err(None) => return false,
+                Err(Some(id)) => answer(c, Response::new(id, Status::IoError)),
             }
         }
         let mut took = false;
+        // The rings are attached once per call (their indexes are read and checked here,
+        // and again by every pop and push).
+        let region = c.region;
+        let (mut requests, mut responses) = match layout.driver_rings(&region) {
+            Ok(r) => r,
+            Err(e) => return give_up(c, e),
+        };
         while c.flush.is_none() && c.stalled.is_none() && dev.has_room() {
-            let (mut requests, mut responses) = match layout.driver_rings(&c.region) {
-                Ok(r) => r,
-                Err(e) => return give_up(c, e),
-            };
             // Every request on the device and the one taken now need a response slot.
             match responses.free() {
                 Ok(free) if free > c.outstanding => {}
@@ -590,7 +647,10 @@ mod serve {
             let req = Request::decode(&slot);
             let io = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => {
-                    answer(c, Response::info(req.id, disk));
+                    if let Err(e) = responses.push(&Response::info(req.id, disk).from(c.incarnation).encode()) {
+                        return give_up(c, e);
+                    }
+                    c.answered += 1;
                     continue;
                 }
                 Ok(Validated::Flush) => {
@@ -612,20 +672,31 @@ mod serve {
                     data_len: t.data_len(),
                 },
                 Err(s) => {
-                    answer(c, Response::new(req.id, s));
+                    if let Err(e) = responses.push(&Response::new(req.id, s).from(c.incarnation).encode()) {
+                        return give_up(c, e);
+                    }
+                    c.answered += 1;
                     continue;
                 }
             };
-            if start(chan, c, dev, io).is_err() {
-                break;
+            match start(chan, c, dev, io) {
+                Ok(()) => {}
+                Err(None) => break,
+                Err(Some(id)) => {
+                    if let Err(e) = responses.push(&Response::new(id, Status::IoError).from(c.incarnation).encode()) {
+                        return give_up(c, e);
+                    }
+                    c.answered += 1;
+                }
             }
         }
         took
     }
 
-    /// Put a checked read or write on the device; `Err` if it had no room (kept as the
-    /// channel's stalled request).
-    fn start(chan: usize, c: &mut Channel, dev: &mut Disk, io: Io) -> Result<(), ()> {
+    /// Put a checked read or write on the device; `Err(None)` if it had no room (kept as
+    /// the channel's stalled request), `Err(Some(id))` if the device refused it (the caller
+    /// answers it with an I/O error).
+    fn start(chan: usize, c: &mut Channel, dev: &mut Disk, io: Io) -> Result<(), Option<u64>> {
         let buf = (c.region.base() + io.data_offset) as *mut u8;
         // SAFETY: `validate` placed the range inside the shared data area, which stays mapped
         // for this VM's life; the device DMAs straight into (or out of) it through the IOMMU.
@@ -637,12 +708,9 @@ mod serve {
             }
             Err(Submit::Full) => {
                 c.stalled = Some(io);
-                Err(())
+                Err(None)
             }
-            Err(Submit::Failed(_)) => {
-                answer(c, Response::new(io.id, Status::IoError));
-                Ok(())
-            }
+            Err(Submit::Failed(_)) => Err(Some(io.id)),
         }
     }
 

@@ -36,6 +36,19 @@ pub struct BlockClient {
     given_up: Option<u64>,
     /// Requests given up on so far.
     pub timeouts: u64,
+    /// The timeout timer on `wait` is armed (for at most [`REQUEST_TIMEOUT_NS`]). It is
+    /// left armed between waits and set again only after it fired: a hypercall per wait
+    /// costs more than a request under emulation.
+    timer_armed: bool,
+    /// The clock and the TSC read together at creation: waits are timed with the TSC (no
+    /// hypercall), converted to nanoseconds against these when the timer fired.
+    epoch: (u64, u64),
+}
+
+/// The time stamp counter (RDTSC is not intercepted: no exit).
+fn tsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter; every x86-64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 #[derive(Debug)]
@@ -88,7 +101,8 @@ impl BlockClient {
     /// Lay out the region (rings + data area) and start with empty rings.
     pub fn new(region: Region, signal: u64, wait: u64) -> Result<Self, ClientError> {
         let core = Client::create(&region).map_err(|_| ClientError::Layout)?;
-        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0 })
+        let epoch = (hypercall::clock_ns(), tsc());
+        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_armed: false, epoch })
     }
 
     /// The data area: where buffers go (offsets relative to the region).
@@ -104,7 +118,7 @@ impl BlockClient {
     /// Send one request and wait for its response.
     pub fn request(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<Response, ClientError> {
         let id = self.submit(op, sector, count, data_offset as usize)?;
-        self.kick()?;
+        self.kick_if_needed()?;
         loop {
             let r = self.complete()?;
             if r.id == id {
@@ -131,28 +145,82 @@ impl BlockClient {
         hypercall::signal(self.signal, 1).map_err(ClientError::Doorbell)
     }
 
+    /// Ring the driver's doorbell for everything queued so far if it needs it: it sleeps
+    /// and would not look at the ring otherwise (`ipc_spec::block`, "Doorbells"). A driver
+    /// working on earlier requests takes these when one of those completes.
+    pub fn kick_if_needed(&mut self) -> Result<(), ClientError> {
+        if self.core.doorbell_needed(&self.region)? {
+            self.kick()?;
+        }
+        Ok(())
+    }
+
+    /// Arm the timeout timer to fire in `ns` unless it is armed already. Every arming is
+    /// for at most [`REQUEST_TIMEOUT_NS`] and every wait's deadline is that long after its
+    /// start, so a timer armed earlier fires before the deadline of any later wait: at
+    /// worst it wakes that wait early, which then arms it again for the rest.
+    fn arm(&mut self, ns: u64) -> Result<(), ClientError> {
+        if !self.timer_armed {
+            hypercall::timer_set(self.wait, ns.max(1), TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
+            self.timer_armed = true;
+        }
+        Ok(())
+    }
+
+    /// Wait for the driver's doorbell or the timer; returns the bits. Rings the driver
+    /// first if it sleeps on requests of ours: ones pushed, or ones it stopped taking for
+    /// want of a response slot that the answers taken since have freed
+    /// (`ipc_spec::block`, "Doorbells").
+    fn wait_bits(&mut self) -> Result<u64, ClientError> {
+        self.kick_if_needed()?;
+        let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+        if bits & TIMEOUT_BIT != 0 {
+            self.timer_armed = false;
+        }
+        Ok(bits)
+    }
+
+    /// Nanoseconds since the TSC read `start`, from the clock and the TSC now and at
+    /// creation.
+    fn ns_since(&self, start: u64) -> u64 {
+        let (ns, now) = (hypercall::clock_ns(), tsc());
+        let (dns, dtsc) = (ns.saturating_sub(self.epoch.0), now.wrapping_sub(self.epoch.1));
+        if dtsc == 0 {
+            return dns;
+        }
+        (u128::from(now.wrapping_sub(start)) * u128::from(dns) / u128::from(dtsc)) as u64
+    }
+
     /// The next response, waiting for the driver's doorbell if there is none yet, at most
     /// [`REQUEST_TIMEOUT_NS`] without any answer; then every request sent so far is given
     /// up on. A driver restart meanwhile replays what is outstanding and restarts the clock.
+    /// No hypercall but the wait itself unless the timer fired.
     pub fn complete(&mut self) -> Result<Response, ClientError> {
-        let mut deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+        if let Some(r) = self.next_response()? {
+            return Ok(r);
+        }
+        let mut start = tsc();
+        let mut left = REQUEST_TIMEOUT_NS;
         loop {
+            self.arm(left)?;
+            let bits = self.wait_bits()?;
+            let restarted = bits & !TIMEOUT_BIT != 0
+                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region);
             if let Some(r) = self.next_response()? {
                 return Ok(r);
             }
-            let now = hypercall::clock_ns();
-            if now >= deadline {
-                self.given_up = Some(self.core.next_id().saturating_sub(1));
-                self.timeouts += 1;
-                return Err(ClientError::Timeout);
-            }
-            hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
-            let bits = hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
-            if bits & !TIMEOUT_BIT != 0
-                && self.core.incarnation() != ipc_spec::block::BlockLayout::incarnation(&self.region)
-            {
+            if restarted {
                 // A new driver: it starts from scratch on the replayed requests.
-                deadline = hypercall::clock_ns().saturating_add(REQUEST_TIMEOUT_NS);
+                start = tsc();
+                left = REQUEST_TIMEOUT_NS;
+            } else if bits & TIMEOUT_BIT != 0 {
+                let waited = self.ns_since(start);
+                if waited >= REQUEST_TIMEOUT_NS {
+                    self.given_up = Some(self.core.next_id().saturating_sub(1));
+                    self.timeouts += 1;
+                    return Err(ClientError::Timeout);
+                }
+                left = REQUEST_TIMEOUT_NS - waited;
             }
         }
     }
@@ -190,8 +258,8 @@ impl BlockClient {
                     self.given_up = Some(last);
                     break;
                 }
-                hypercall::timer_set(self.wait, deadline - now, TIMEOUT_BIT).map_err(ClientError::Doorbell)?;
-                hypercall::wait(self.wait).map_err(ClientError::Doorbell)?;
+                self.arm(deadline - now)?;
+                self.wait_bits()?;
             }
         }
         match self.given_up {

@@ -45,12 +45,8 @@ mod guest {
             None => println!("no block channel on my command line: \"{}\"", info.cmdline),
             // A failure is reported, not fatal: the guest stays up (without its disk).
             Some(disk) if info.arg("bench") == Some("blk") => {
-                bench(disk);
-                // The domain that owns a disk directly runs its workloads after ours, not
-                // meanwhile (it would take the CPU whenever the driver VM sleeps).
-                if let Some(turn) = info.slot("chan.turn.signal") {
-                    let _ = domain_rt::hypercall::signal(turn, 1);
-                }
+                let turn = info.slot("chan.turn.signal").zip(info.slot("chan.turn.wait"));
+                bench(disk, turn);
             }
             Some(disk) => match self_test(disk) {
                 Ok(summary) => println!("block self-test passed: {summary}"),
@@ -138,32 +134,45 @@ mod guest {
     /// at a time as the ring and the shared data area hold (a sliding window: each answer
     /// lets the next request go, with one doorbell per refill); the driver VM DMAs straight
     /// into the shared region.
-    fn bench(disk: &mut BlockClient) {
+    ///
+    /// `turn` (signal, wait): the domain that owns a disk directly runs each workload right
+    /// after ours, not meanwhile (it would take the CPU whenever the driver VM sleeps), and
+    /// gives the turn back: each pair is measured under the same load of the host.
+    fn bench(disk: &mut BlockClient, turn: Option<(u64, u64)>) {
         let Ok(info) = disk.info() else {
             println!("bench blk: the disk did not answer");
+            if let Some((signal, _)) = turn {
+                let _ = domain_rt::hypercall::signal(signal, 1);
+            }
             return;
         };
         let data = disk.data_range();
+        // The direct domain says when it is ready (its start-up must not overlap our run).
+        if let Some((_, wait)) = turn {
+            let _ = domain_rt::hypercall::wait(wait);
+        }
         for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
             let len = w.sectors as usize * 512;
             let depth = (data.len() / len).min(disk.ring_capacity()).clamp(1, 64);
             let op = if w.write { Op::Write } else { Op::Read };
             let t0 = domain_rt::hypercall::clock_ns();
-            // Buffer k is in use by the request whose id is in_use[k].
-            let mut in_use = [0u64; 64];
+            // Buffer k is free while bit k is set; the request with id `id` uses buffer
+            // buf_of[id % MAX_OUTSTANDING] (the client never has two outstanding requests
+            // whose ids share that slot).
+            let mut free: u64 = if depth >= 64 { u64::MAX } else { (1u64 << depth) - 1 };
+            let mut buf_of = [0usize; ipc_spec::block_client::MAX_OUTSTANDING];
+            let slot = |id: u64| (id % ipc_spec::block_client::MAX_OUTSTANDING as u64) as usize;
             let (mut sent, mut done) = (0u32, 0u32);
             while done < w.count {
                 let mut queued = false;
-                for (k, slot) in in_use.iter_mut().enumerate().take(depth) {
-                    if sent == w.count {
-                        break;
-                    }
-                    if *slot != 0 {
-                        continue;
-                    }
+                while sent < w.count && free != 0 {
+                    let k = free.trailing_zeros() as usize;
                     let buffer = data.start + k * len;
                     match disk.submit(op, w.sector(sent, info.capacity_sectors), w.sectors, buffer) {
-                        Ok(id) => *slot = id,
+                        Ok(id) => {
+                            buf_of[slot(id)] = k;
+                            free &= !(1 << k);
+                        }
                         Err(e) => {
                             println!("bench blk: {} could not queue request {sent}: {e}", w.name);
                             return;
@@ -172,19 +181,19 @@ mod guest {
                     sent += 1;
                     queued = true;
                 }
-                if queued && disk.kick().is_err() {
+                // The driver VM is rung only if it sleeps with room on its device; else it
+                // takes these when one of the earlier requests completes.
+                if queued && disk.kick_if_needed().is_err() {
                     return;
                 }
                 // Wait for one answer, then take every one already there before refilling,
-                // so the doorbell rings once per batch of answers, not per answer.
+                // so the driver VM's one doorbell covers a whole batch of answers.
                 let mut next = disk.complete().map(Some);
                 while let Ok(Some(r)) = next {
                     if r.status != Status::Ok {
                         break;
                     }
-                    if let Some(slot) = in_use.iter_mut().find(|s| **s == r.id) {
-                        *slot = 0;
-                    }
+                    free |= 1 << buf_of[slot(r.id)];
                     done += 1;
                     next = disk.try_complete();
                 }
@@ -194,6 +203,11 @@ mod guest {
                 }
             }
             domain_rt::bench::report("driver", w, domain_rt::hypercall::clock_ns() - t0);
+            if let Some((signal, wait)) = turn {
+                if domain_rt::hypercall::signal(signal, 1).is_ok() {
+                    let _ = domain_rt::hypercall::wait(wait);
+                }
+            }
         }
         println!("bench blk: via=driver done");
     }
