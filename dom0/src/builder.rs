@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 
 use domain_rt::hypercall::{call, Regs};
-use domain_rt::println;
+use domain_rt::{hypercall, println};
 use ipc_spec::bundle::Bundle;
 use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
 use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, Restart, DEVICE_KINDS};
@@ -168,7 +168,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             domains.push(placeholder);
             continue;
         }
-        let built = create_domain(bundle, m, d, i, fault_endpoint, &mut devices)?;
+        let built = create_domain(bundle, m, d, i, fault_endpoint, &mut devices, None)?;
         domains.push(built);
     }
 
@@ -297,7 +297,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             continue;
         }
         let baseline = machine_status()?;
-        let mut built = create_domain(bundle, m, spec, i, fault_endpoint, &mut devices)?;
+        let mut built = create_domain(bundle, m, spec, i, fault_endpoint, &mut devices, None)?;
         let mem = give(dom0_slots::MEMORY, built.slot, rights::CONTROL | rights::GRANT, 0)?;
         let _ = write!(built.args, " mem={mem} prio={}", spec.priority);
         start(&built, spec)?;
@@ -380,8 +380,8 @@ fn doorbells_kept(client: u64, server: u64, keep: bool) -> Result<(u64, u64, u64
 /// the same device kind (its function was released by the destruction: quiesced, its
 /// IOMMU context and interrupt-remapping entries revoked), the same channels' regions at
 /// the same addresses and the same doorbells; then start it. Endpoint channels are not
-/// re-attached.
-pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<(), String> {
+/// re-attached. Returns when each step ended ([`RestartStamps`], the machine's clock).
+pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<RestartStamps, String> {
     let spec = m.domains.get(index).ok_or_else(|| format!("no domain {index}"))?;
     let old = stack.domains.get_mut(index).ok_or_else(|| format!("no domain {index}"))?;
     // The capability went stale with the domain; free dom0's slot (and its heartbeat's).
@@ -390,7 +390,8 @@ pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -
         let _ = delete(h);
     }
     let mut devices = devices();
-    let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices)?;
+    let mut stamps = RestartStamps::default();
+    let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices, Some(&mut stamps))?;
     let rw = rights::READ | rights::WRITE;
     for k in stack.reattach.iter().filter(|k| k.server == index) {
         if let Some((r, gpa, _)) = k.region {
@@ -413,9 +414,26 @@ pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -
             }
         }
     }
+    stamps.attached = hypercall::clock_ns();
     start(&built, spec)?;
+    stamps.started = hypercall::clock_ns();
     stack.domains[index] = built;
-    Ok(())
+    Ok(stamps)
+}
+
+/// When each step of [`restart`] ended (machine clock, ns): the bench's phase breakdown.
+#[derive(Clone, Copy, Default)]
+pub struct RestartStamps {
+    /// The domain exists with its RAM (zeroed) and stage-2 tables.
+    pub created: u64,
+    /// Its image is loaded.
+    pub loaded: u64,
+    /// Its device is assigned (IOMMU context, FLR-free function handed over).
+    pub assigned: u64,
+    /// Its channels' regions and doorbells are given again.
+    pub attached: u64,
+    /// Its vCPU runs.
+    pub started: u64,
 }
 
 /// Create the domain `d` (index `i` in the manifest `m`), load its image, give it its fault
@@ -427,6 +445,7 @@ fn create_domain(
     i: usize,
     fault_endpoint: u64,
     devices: &mut [(u64, u16, u16, bool)],
+    mut stamps: Option<&mut RestartStamps>,
 ) -> Result<Built, String> {
     if !d.kernel.is_empty() {
         // A VM booting a kernel: an empty VM; its VMM loads the kernel (handed over by
@@ -471,8 +490,14 @@ fn create_domain(
     )
     .map_err(|e| format!("domain {}: {e}", d.name))?;
     let slot = r.args[0];
+    if let Some(s) = stamps.as_deref_mut() {
+        s.created = hypercall::clock_ns();
+    }
     for seg in elf.segments() {
         load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
+    }
+    if let Some(s) = stamps.as_deref_mut() {
+        s.loaded = hypercall::clock_ns();
     }
     if vm {
         // Its VMM is wired up once every domain exists; its vCPU is made now (started
@@ -531,6 +556,9 @@ fn create_domain(
         delete(n)?;
         let _ = write!(args, " dev={dev} irq={irq}");
         println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
+    }
+    if let Some(s) = stamps.as_deref_mut() {
+        s.assigned = hypercall::clock_ns();
     }
     if d.status {
         // A call right on dom0's endpoint, badged apart from fault messages: the status

@@ -46,8 +46,120 @@ pub fn gaps(lines: &[String]) -> Vec<u64> {
     out
 }
 
+/// The phases of one restart, in order, as [`phases`] names them.
+pub const PHASES: [&str; 14] = [
+    "destroy",
+    "policy",
+    "domain",
+    "image",
+    "device",
+    "channels",
+    "vcpu",
+    "to main",
+    "negotiate",
+    "first read",
+    "interrupts",
+    "attach",
+    "replay",
+    "first io",
+];
+
+/// What each phase covers (for the report).
+pub const PHASE_MEANING: [&str; 14] = [
+    "dom0 destroys the domain: the microvisor quiesces its device (bus mastering off, FLR if any), revokes its IOMMU context and interrupt-remapping entries, frees its memory",
+    "dom0's console lines and restart policy, up to the rebuild",
+    "DomainCreate: the new domain's RAM (allocated and zeroed) and stage-2 tables",
+    "the image's segments copied into its RAM",
+    "the virtio-blk function assigned (IOMMU context), its capabilities",
+    "the channels' regions mapped again, the doorbells given",
+    "start info written, vCPU created and started",
+    "dom0's report, scheduling, the new domain's runtime set-up",
+    "virtio: device reset, feature negotiation, queue set-up",
+    "the driver's first read (sector 0) by DMA",
+    "the completion interrupt routed through remapping and proven by a read",
+    "the channels read, attached as the next incarnation, the client rung",
+    "the client notices the new incarnation and replays: the first request reaches the device",
+    "that request on the device until it completes",
+];
+
+/// `<n> <unit>` right after `word ` in `line` (e.g. `("domain", "us")`).
+fn field(line: &str, word: &str) -> Option<u64> {
+    let key = format!("{word} ");
+    let (at, _) = line.match_indices(&key).find(|(i, _)| {
+        // A whole word: not the tail of a longer one ("at" in "that").
+        line[..*i].chars().next_back().is_none_or(|c| !c.is_alphanumeric())
+    })?;
+    line[at + key.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Per restart (a kill that started a gap and ended in a first completion, with every
+/// stamp found): the length of each of [`PHASES`], in the machine clock's ns.
+pub fn phases(lines: &[String]) -> Vec<[u64; 14]> {
+    #[derive(Default)]
+    struct R {
+        kill: u64,
+        several: bool,
+        destroyed: Option<u64>,
+        rebuilt: Option<[u64; 6]>,
+        steps: Option<[u64; 6]>,
+    }
+    let mut out = Vec::new();
+    let mut cur: Option<R> = None;
+    for l in lines {
+        if l.contains("[dom0] ctl: killing disk at") {
+            match cur.as_mut() {
+                Some(r) => r.several = true,
+                None => cur = stamp(l).map(|kill| R { kill, ..R::default() }),
+            }
+        } else if let Some(r) = cur.as_mut() {
+            if l.starts_with("[dom0] destroyed disk:") {
+                r.destroyed = field(l, "at");
+            } else if l.starts_with("[dom0] restarted disk") {
+                let from = field(l, "from");
+                let us = ["domain", "image", "device", "channels", "vCPU"].map(|w| field(l, w));
+                if let (Some(from), [Some(a), Some(b), Some(c), Some(d), Some(e)]) = (from, us) {
+                    r.rebuilt = Some([from, a * 1000, b * 1000, c * 1000, d * 1000, e * 1000]);
+                }
+            } else if l.starts_with("[disk] start-up steps (ns):") {
+                let s = ["entered", "negotiated", "read", "interrupts", "attached", "taken"].map(|w| field(l, w));
+                if let [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] = s {
+                    r.steps = Some([a, b, c, d, e, f]);
+                }
+            } else if l.contains("[disk] first request completed at") {
+                let done = stamp(l);
+                if let Some(R { kill, several: false, destroyed: Some(x), rebuilt: Some(b), steps: Some(s) }) = cur.take()
+                {
+                    if let Some(done) = done {
+                        let started = b[0] + b[1] + b[2] + b[3] + b[4] + b[5];
+                        let d = |a: u64, b: u64| b.saturating_sub(a);
+                        out.push([
+                            d(kill, x),
+                            d(x, b[0]),
+                            b[1],
+                            b[2],
+                            b[3],
+                            b[4],
+                            b[5],
+                            d(started, s[0]),
+                            d(s[0], s[1]),
+                            d(s[1], s[2]),
+                            d(s[2], s[3]),
+                            d(s[3], s[4]),
+                            d(s[4], s[5]),
+                            d(s[5], done),
+                        ]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 struct Phase {
     gaps: Vec<u64>,
+    /// Per restart, the length of each of [`PHASES`].
+    phases: Vec<[u64; 14]>,
     baseline_kib_s: f64,
     during_kib_s: f64,
     kills: u64,
@@ -183,7 +295,16 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
     let (baseline_kib_s, during_kib_s, sent, elapsed) = *figures.lock().map_err(|_| "figures")?;
     let mut g = gaps(&run.lines);
     g.sort();
-    Ok(Phase { gaps: g, baseline_kib_s, during_kib_s, kills: sent, elapsed })
+    Ok(Phase { gaps: g, phases: phases(&run.lines), baseline_kib_s, during_kib_s, kills: sent, elapsed })
+}
+
+/// Each phase's median over the restarts.
+fn phase_medians(all: &[[u64; 14]]) -> [u64; 14] {
+    core::array::from_fn(|i| {
+        let mut v: Vec<u64> = all.iter().map(|p| p[i]).collect();
+        v.sort();
+        median(&v)
+    })
 }
 
 fn median(v: &[u64]) -> u64 {
@@ -192,6 +313,7 @@ fn median(v: &[u64]) -> u64 {
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut kills = DEFAULT_KILLS;
+    let (mut want_wall, mut want_icount) = (true, true);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -199,16 +321,47 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 let v = it.next().ok_or("--kills needs a number")?;
                 kills = v.parse().map_err(|_| format!("--kills: `{v}` is not a number"))?;
             }
+            "--only" => match it.next().map(String::as_str) {
+                Some("wall") => want_icount = false,
+                Some("icount") => want_wall = false,
+                other => return Err(format!("--only wall | icount, not {other:?}")),
+            },
             other => return Err(format!("bench restart: unknown option `{other}`")),
         }
     }
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let wall = phase(&artifacts, false, kills)?;
-    let icount = phase(&artifacts, true, kills)?;
+    let skipped = || Phase {
+        gaps: Vec::new(),
+        phases: Vec::new(),
+        baseline_kib_s: 0.0,
+        during_kib_s: 0.0,
+        kills: 0,
+        elapsed: Duration::ZERO,
+    };
+    let wall = if want_wall { phase(&artifacts, false, kills)? } else { skipped() };
+    let icount = if want_icount { phase(&artifacts, true, kills)? } else { skipped() };
     let ms = |ns: u64| ns as f64 / 1e6;
+    let wall_phases = phase_medians(&wall.phases);
+    let icount_phases = phase_medians(&icount.phases);
+    println!(
+        "bench restart: phases, median over {} (wall) and {} (icount) restarts with every stamp:",
+        wall.phases.len(),
+        icount.phases.len()
+    );
+    for (i, name) in PHASES.iter().enumerate() {
+        println!(
+            "  {name:>10}: {:>8.2} ms wall {:>10} instructions  {}",
+            ms(wall_phases[i]),
+            icount_phases[i],
+            PHASE_MEANING[i]
+        );
+    }
     for (name, p) in [("wall", &wall), ("icount", &icount)] {
+        if p.kills == 0 {
+            continue;
+        }
         println!(
             "bench restart ({name}): {} kills in {:.1} s, {} gaps measured; kill to next completed I/O: median {:.1} ms, worst {:.1} ms{}; throughput {:.0} KiB/s before the kills, {:.0} KiB/s during them",
             p.kills,
@@ -222,9 +375,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
         );
     }
     let list = |v: &[u64]| v.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ");
+    let phase_json = |v: &[u64; 14]| {
+        PHASES.iter().zip(v.iter()).map(|(n, x)| format!("\"{n}\": {x}")).collect::<Vec<_>>().join(", ")
+    };
     let json = format!(
-        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
+        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"host_loadavg_after\": \"{}\",\n  \"phases_median_wall_ns\": {{ {} }},\n  \"phases_median_icount_instructions\": {{ {} }},\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
         load.trim(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        phase_json(&wall_phases),
+        phase_json(&icount_phases),
         ms(median(&wall.gaps)),
         ms(wall.gaps.last().copied().unwrap_or(0)),
         list(&wall.gaps),
@@ -266,5 +425,30 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         assert_eq!(gaps(&lines), [60000, 190000]);
+    }
+
+    #[test]
+    fn phases_come_from_the_stamped_lines_of_one_restart() {
+        let lines: Vec<String> = [
+            "[dom0] ctl: killing disk at 1000 ns",
+            "[dom0] destroyed disk: its memory is free again (in 1 us, at 3000 ns)",
+            "[dom0] restarted disk (1 of 9 within 9 ms), rebuilt in 20 us (domain 5 us, image 4 us, device 3 us, channels 2 us, vCPU 1 us) from 4000 to 24000 ns",
+            "[disk] start-up steps (ns): entered 30000, negotiated 31000, first read 33000, interrupts 36000, attached 40000, first taken 45000",
+            "[disk] first request completed at 51000 ns",
+            // Two kills before a completion: no phases (the second rebuild's lines would
+            // be taken for the first's).
+            "[dom0] ctl: killing disk at 60000 ns",
+            "[dom0] ctl: killing disk at 70000 ns",
+            "[disk] first request completed at 90000 ns",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = phases(&lines);
+        assert_eq!(
+            p,
+            [[2000, 1000, 5000, 4000, 3000, 2000, 1000, 11000, 1000, 2000, 3000, 4000, 5000, 6000]]
+        );
+        assert_eq!(p[0].iter().sum::<u64>(), 50000, "the phases cover the gap exactly");
     }
 }

@@ -12,6 +12,8 @@ fn main() {}
 
 #[cfg(target_os = "none")]
 mod device;
+#[cfg(target_os = "none")]
+mod startup;
 
 #[cfg(target_os = "none")]
 mod driver {
@@ -21,6 +23,7 @@ mod driver {
     use virtio_pci::{DriverHal, HypercallConfig, Transport};
 
     use crate::device::Disk;
+    use crate::startup;
 
     domain_rt::domain_main!(main);
 
@@ -118,6 +121,7 @@ mod driver {
     }
 
     fn main(info: &BootInfo) -> u64 {
+        startup::mark(startup::Step::Entered);
         let (dev, transport) = match virtio_pci::open_from_cmdline(info) {
             Ok(opened) => opened,
             Err(e) => {
@@ -132,6 +136,7 @@ mod driver {
                 return 4;
             }
         };
+        startup::mark(startup::Step::Negotiated);
         let capacity = blk.capacity();
         println!(
             "virtio-blk: {} sectors ({} MiB){}, VIRTIO_F_ACCESS_PLATFORM negotiated",
@@ -141,7 +146,10 @@ mod driver {
         );
         let mut sector = [0u8; 512];
         match blk.read_blocks(0, &mut sector) {
-            Ok(()) => println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8]),
+            Ok(()) => {
+                startup::mark(startup::Step::FirstRead);
+                println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8])
+            }
             Err(e) => {
                 println!("reading sector 0: {e}");
                 return 5;
@@ -153,6 +161,7 @@ mod driver {
             interrupt_check(&dev.config, irq, &mut blk) && hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
         });
         let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
+        startup::mark(startup::Step::Interrupts);
         let mut disk = Disk::new(blk, interrupts, timer);
         println!("ready");
         if info.arg("bench") == Some("direct") {
@@ -430,6 +439,7 @@ mod serve {
                 if !first_reported && dev.completed > 0 {
                     // With the crash time below, gives the time a restart costs the guest.
                     println!("first request completed at {} ns", hypercall::clock_ns());
+                    crate::startup::report();
                     first_reported = true;
                 }
                 // The worst moment is with work in flight; but a guest that sends one request
@@ -551,6 +561,7 @@ mod serve {
                     // answered (this VM may be a restarted one).
                     match l.driver_attach(&c.region) {
                         Ok(n) => {
+                            crate::startup::mark(crate::startup::Step::Attached);
                             println!("channel {}: attached as incarnation {n}", c.name);
                             c.incarnation = n;
                         }
@@ -632,6 +643,9 @@ mod serve {
         // The guest may scribble on it meanwhile: that only spoils its own data.
         match unsafe { dev.submit(Tag { chan, id: io.id }, io.write, io.sector, buf, io.data_len) } {
             Ok(()) => {
+                if !crate::startup::marked(crate::startup::Step::FirstTaken) {
+                    crate::startup::mark(crate::startup::Step::FirstTaken);
+                }
                 c.outstanding += 1;
                 Ok(())
             }
