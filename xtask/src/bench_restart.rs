@@ -47,7 +47,7 @@ pub fn gaps(lines: &[String]) -> Vec<u64> {
 }
 
 /// The phases of one restart, in order, as [`phases`] names them.
-pub const PHASES: [&str; 14] = [
+pub const PHASES: [&str; 15] = [
     "destroy",
     "policy",
     "domain",
@@ -56,6 +56,7 @@ pub const PHASES: [&str; 14] = [
     "channels",
     "vcpu",
     "to main",
+    "open",
     "negotiate",
     "first read",
     "interrupts",
@@ -65,7 +66,7 @@ pub const PHASES: [&str; 14] = [
 ];
 
 /// What each phase covers (for the report).
-pub const PHASE_MEANING: [&str; 14] = [
+pub const PHASE_MEANING: [&str; 15] = [
     "dom0 destroys the domain: the microvisor quiesces its device (bus mastering off, FLR if any), revokes its IOMMU context and interrupt-remapping entries, frees its memory",
     "dom0's console lines and restart policy, up to the rebuild",
     "DomainCreate: the new domain's RAM (allocated and zeroed) and stage-2 tables",
@@ -73,7 +74,8 @@ pub const PHASE_MEANING: [&str; 14] = [
     "the virtio-blk function assigned (IOMMU context), its capabilities",
     "the channels' regions mapped again, the doorbells given",
     "start info written, vCPU created and started",
-    "dom0's report, scheduling, the new domain's runtime set-up",
+    "dom0's report, scheduling, the new domain's boot (.bss zeroed, page tables) and runtime set-up",
+    "DeviceInfo, the virtio capabilities read through the configuration hypercalls",
     "virtio: device reset, feature negotiation, queue set-up",
     "the driver's first read (sector 0) by DMA",
     "the completion interrupt routed through remapping and proven by a read",
@@ -94,14 +96,15 @@ fn field(line: &str, word: &str) -> Option<u64> {
 
 /// Per restart (a kill that started a gap and ended in a first completion, with every
 /// stamp found): the length of each of [`PHASES`], in the machine clock's ns.
-pub fn phases(lines: &[String]) -> Vec<[u64; 14]> {
+pub fn phases(lines: &[String]) -> Vec<[u64; 15]> {
     #[derive(Default)]
     struct R {
         kill: u64,
         several: bool,
         destroyed: Option<u64>,
         rebuilt: Option<[u64; 6]>,
-        steps: Option<[u64; 6]>,
+        /// The first completion.
+        done: Option<u64>,
     }
     let mut out = Vec::new();
     let mut cur: Option<R> = None;
@@ -120,35 +123,36 @@ pub fn phases(lines: &[String]) -> Vec<[u64; 14]> {
                 if let (Some(from), [Some(a), Some(b), Some(c), Some(d), Some(e)]) = (from, us) {
                     r.rebuilt = Some([from, a * 1000, b * 1000, c * 1000, d * 1000, e * 1000]);
                 }
-            } else if l.starts_with("[disk] start-up steps (ns):") {
-                let s = ["entered", "negotiated", "read", "interrupts", "attached", "taken"].map(|w| field(l, w));
-                if let [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] = s {
-                    r.steps = Some([a, b, c, d, e, f]);
-                }
             } else if l.contains("[disk] first request completed at") {
-                let done = stamp(l);
-                if let Some(R { kill, several: false, destroyed: Some(x), rebuilt: Some(b), steps: Some(s) }) = cur.take()
+                r.done = stamp(l);
+            } else if l.starts_with("[disk] start-up steps (ns):") && r.done.is_some() {
+                // Printed right after the first completion, by the same incarnation.
+                let s = ["entered", "opened", "negotiated", "read", "interrupts", "attached", "taken"].map(|w| field(l, w));
+                let r = cur.take();
+                if let (
+                    [Some(a), Some(o), Some(n), Some(f), Some(i), Some(at), Some(t)],
+                    Some(R { kill, several: false, destroyed: Some(x), rebuilt: Some(b), done: Some(done) }),
+                ) = (s, r)
                 {
-                    if let Some(done) = done {
-                        let started = b[0] + b[1] + b[2] + b[3] + b[4] + b[5];
-                        let d = |a: u64, b: u64| b.saturating_sub(a);
-                        out.push([
-                            d(kill, x),
-                            d(x, b[0]),
-                            b[1],
-                            b[2],
-                            b[3],
-                            b[4],
-                            b[5],
-                            d(started, s[0]),
-                            d(s[0], s[1]),
-                            d(s[1], s[2]),
-                            d(s[2], s[3]),
-                            d(s[3], s[4]),
-                            d(s[4], s[5]),
-                            d(s[5], done),
-                        ]);
-                    }
+                    let started = b[0] + b[1] + b[2] + b[3] + b[4] + b[5];
+                    let d = |a: u64, b: u64| b.saturating_sub(a);
+                    out.push([
+                        d(kill, x),
+                        d(x, b[0]),
+                        b[1],
+                        b[2],
+                        b[3],
+                        b[4],
+                        b[5],
+                        d(started, a),
+                        d(a, o),
+                        d(o, n),
+                        d(n, f),
+                        d(f, i),
+                        d(i, at),
+                        d(at, t),
+                        d(t, done),
+                    ]);
                 }
             }
         }
@@ -159,7 +163,7 @@ pub fn phases(lines: &[String]) -> Vec<[u64; 14]> {
 struct Phase {
     gaps: Vec<u64>,
     /// Per restart, the length of each of [`PHASES`].
-    phases: Vec<[u64; 14]>,
+    phases: Vec<[u64; 15]>,
     baseline_kib_s: f64,
     during_kib_s: f64,
     kills: u64,
@@ -299,7 +303,7 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
 }
 
 /// Each phase's median over the restarts.
-fn phase_medians(all: &[[u64; 14]]) -> [u64; 14] {
+fn phase_medians(all: &[[u64; 15]]) -> [u64; 15] {
     core::array::from_fn(|i| {
         let mut v: Vec<u64> = all.iter().map(|p| p[i]).collect();
         v.sort();
@@ -375,7 +379,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         );
     }
     let list = |v: &[u64]| v.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ");
-    let phase_json = |v: &[u64; 14]| {
+    let phase_json = |v: &[u64; 15]| {
         PHASES.iter().zip(v.iter()).map(|(n, x)| format!("\"{n}\": {x}")).collect::<Vec<_>>().join(", ")
     };
     let json = format!(
@@ -433,8 +437,8 @@ mod tests {
             "[dom0] ctl: killing disk at 1000 ns",
             "[dom0] destroyed disk: its memory is free again (in 1 us, at 3000 ns)",
             "[dom0] restarted disk (1 of 9 within 9 ms), rebuilt in 20 us (domain 5 us, image 4 us, device 3 us, channels 2 us, vCPU 1 us) from 4000 to 24000 ns",
-            "[disk] start-up steps (ns): entered 30000, negotiated 31000, first read 33000, interrupts 36000, attached 40000, first taken 45000",
             "[disk] first request completed at 51000 ns",
+            "[disk] start-up steps (ns): entered 30000, opened 30500, negotiated 31000, first read 33000, interrupts 36000, attached 40000, first taken 45000",
             // Two kills before a completion: no phases (the second rebuild's lines would
             // be taken for the first's).
             "[dom0] ctl: killing disk at 60000 ns",
@@ -447,7 +451,7 @@ mod tests {
         let p = phases(&lines);
         assert_eq!(
             p,
-            [[2000, 1000, 5000, 4000, 3000, 2000, 1000, 11000, 1000, 2000, 3000, 4000, 5000, 6000]]
+            [[2000, 1000, 5000, 4000, 3000, 2000, 1000, 11000, 500, 500, 2000, 3000, 4000, 5000, 6000]]
         );
         assert_eq!(p[0].iter().sum::<u64>(), 50000, "the phases cover the gap exactly");
     }

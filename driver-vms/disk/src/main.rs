@@ -129,6 +129,7 @@ mod driver {
                 return e.status();
             }
         };
+        startup::mark(startup::Step::Opened);
         let mut blk = match VirtIOBlk::<DriverHal, _>::new(transport) {
             Ok(b) => b,
             Err(e) => {

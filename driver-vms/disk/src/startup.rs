@@ -16,6 +16,9 @@ use domain_rt::{hypercall, println};
 pub enum Step {
     /// `main` entered (the runtime is set up).
     Entered,
+    /// The device is described (DeviceInfo) and its virtio transport found (capabilities
+    /// read through the configuration hypercalls).
+    Opened,
     /// The device is reset, its features negotiated and its queue set up.
     Negotiated,
     /// The first read (sector 0) by DMA through the IOMMU is done.
@@ -28,8 +31,8 @@ pub enum Step {
     FirstTaken,
 }
 
-const STEPS: usize = 6;
-const NAMES: [&str; STEPS] = ["entered", "negotiated", "first read", "interrupts", "attached", "first taken"];
+const STEPS: usize = 7;
+const NAMES: [&str; STEPS] = ["entered", "opened", "negotiated", "first read", "interrupts", "attached", "first taken"];
 
 static STAMPS: [AtomicU64; STEPS] = [const { AtomicU64::new(0) }; STEPS];
 
