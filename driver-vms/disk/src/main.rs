@@ -20,7 +20,7 @@ mod driver {
     use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-    use virtio_pci::{DriverHal, HypercallConfig, Transport};
+    use virtio_pci::{DriverHal, Transport};
 
     use crate::device::Disk;
     use crate::startup;
@@ -82,42 +82,30 @@ mod driver {
         0
     }
 
-    /// Route the queue's interrupt to our notification and wait for one real completion
-    /// interrupt: device MSI-X → interrupt remapping (source-id checked) → host vector →
-    /// our notification. Whether the route is in place.
-    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, Transport>) -> bool {
-        let handle = match virtio_pci::irq::route_queue0(cfg, irq) {
-            Ok(h) => h,
-            Err(e) => {
-                println!("device interrupts: {e}; polling instead");
-                return false;
-            }
-        };
-        let _ = hypercall::poll(irq);
-        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
-        let mut buf = [0u8; 512];
-        // SAFETY: req, resp and buf outlive the request, completed below before they go.
-        let token = match unsafe { blk.read_blocks_nb(0, &mut req, &mut buf, &mut resp) } {
-            Ok(t) => t,
-            Err(e) => {
-                println!("device interrupts: {e}");
-                return false;
-            }
-        };
-        match hypercall::wait(irq) {
-            Ok(bits) => {
-                println!("device interrupt arrived as a notification (remapping entry {handle}, bits {bits:#x})")
-            }
-            Err(e) => println!("device interrupts: waiting: {e}"),
+    /// The first read, sector 0 into `buf`: it proves that the device's DMA reaches this
+    /// VM's memory through the IOMMU and, when `irq` is given (queue 0's interrupt routed
+    /// to that notification), that its completion interrupt arrives through interrupt
+    /// remapping (device MSI-X → remapping entry, source-id checked → host vector → our
+    /// notification): one device round trip for both, as a restarted driver VM has a guest
+    /// waiting. The notification's bits if it waited for one.
+    fn first_read(
+        blk: &mut VirtIOBlk<DriverHal, Transport>,
+        buf: &mut [u8; 512],
+        irq: Option<u64>,
+    ) -> Result<Option<Result<u64, ipc_spec::Error>>, virtio_drivers::Error> {
+        if let Some(irq) = irq {
+            let _ = hypercall::poll(irq);
         }
+        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+        // SAFETY: req, resp and buf outlive the request, completed below before they go.
+        let token = unsafe { blk.read_blocks_nb(0, &mut req, buf, &mut resp) }?;
+        let bits = irq.map(hypercall::wait);
         while blk.peek_used() != Some(token) {
             core::hint::spin_loop();
         }
         // SAFETY: the same buffers as in read_blocks_nb, and the device is done with them.
-        if let Err(e) = unsafe { blk.complete_read_blocks(token, &req, &mut buf, &mut resp) } {
-            println!("device interrupts: completing: {e}");
-        }
-        true
+        unsafe { blk.complete_read_blocks(token, &req, buf, &mut resp) }?;
+        Ok(bits)
     }
 
     fn main(info: &BootInfo) -> u64 {
@@ -145,22 +133,38 @@ mod driver {
             capacity / 2048,
             if blk.readonly() { ", read-only" } else { "" }
         );
+        let routed = info.slot("irq").and_then(|irq| match virtio_pci::irq::route_queue0(&dev.config, irq) {
+            Ok(handle) => Some((irq, handle)),
+            Err(e) => {
+                println!("device interrupts: {e}; polling instead");
+                None
+            }
+        });
         let mut sector = [0u8; 512];
-        match blk.read_blocks(0, &mut sector) {
-            Ok(()) => {
+        let waited = match first_read(&mut blk, &mut sector, routed.map(|(irq, _)| irq)) {
+            Ok(waited) => {
                 startup::mark(startup::Step::FirstRead);
-                println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8])
+                println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8]);
+                waited
             }
             Err(e) => {
                 println!("reading sector 0: {e}");
                 return 5;
             }
-        }
+        };
         // From here on the completion interrupt arrives as the virtual interrupt (with the
         // channels' doorbells), and the timer as the other vector (the fallback).
-        let interrupts = info.slot("irq").is_some_and(|irq| {
-            interrupt_check(&dev.config, irq, &mut blk) && hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
-        });
+        let interrupts = match (routed, waited) {
+            (Some((irq, handle)), Some(Ok(bits))) => {
+                println!("device interrupt arrived as a notification (remapping entry {handle}, bits {bits:#x})");
+                hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
+            }
+            (Some(_), Some(Err(e))) => {
+                println!("device interrupts: waiting: {e}; polling instead");
+                false
+            }
+            _ => false,
+        };
         let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
         startup::mark(startup::Step::Interrupts);
         let mut disk = Disk::new(blk, interrupts, timer);
