@@ -127,7 +127,8 @@ pub fn phases(lines: &[String]) -> Vec<[u64; 15]> {
                 r.done = stamp(l);
             } else if l.starts_with("[disk] start-up steps (ns):") && r.done.is_some() {
                 // Printed right after the first completion, by the same incarnation.
-                let s = ["entered", "opened", "negotiated", "read", "interrupts", "attached", "taken"].map(|w| field(l, w));
+                let s =
+                    ["entered", "opened", "negotiated", "read", "interrupts", "attached", "taken"].map(|w| field(l, w));
                 let r = cur.take();
                 if let (
                     [Some(a), Some(o), Some(n), Some(f), Some(i), Some(at), Some(t)],
@@ -168,6 +169,33 @@ struct Phase {
     during_kib_s: f64,
     kills: u64,
     elapsed: Duration,
+    /// QEMU's threads over the kills: (ran, waited runnable) in ns ([`qemu_sched`]).
+    sched: Option<(u64, u64)>,
+}
+
+/// How long this process's QEMU child has run on the host's CPUs and waited, runnable, on
+/// their run queues (ns, summed over its threads: /proc/<pid>/task/*/schedstat). Over the
+/// kills, the waiting is the host's share of the wall-time spread (2 cores shared with
+/// other work).
+fn qemu_sched() -> Option<(u64, u64)> {
+    let me = std::process::id().to_string();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // "<pid> (<comm>) <state> <ppid> …"
+        let Some((head, tail)) = stat.rsplit_once(") ") else { continue };
+        if !head.contains("(qemu-system-x86") || tail.split_whitespace().nth(1) != Some(me.as_str()) {
+            continue;
+        }
+        let (mut run, mut wait) = (0, 0);
+        for t in std::fs::read_dir(e.path().join("task")).ok()?.flatten() {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            let mut it = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+            run += it.next().unwrap_or(0);
+            wait += it.next().unwrap_or(0);
+        }
+        return Some((run, wait));
+    }
+    None
 }
 
 fn machine(artifacts: &Artifacts, icount: bool) -> Result<Machine, String> {
@@ -224,7 +252,7 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
     let bytes = Arc::new(AtomicU64::new(0));
     let error = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
-    let figures = Arc::new(Mutex::new((0.0f64, 0.0f64, 0u64, Duration::ZERO)));
+    let figures = Arc::new(Mutex::new((0.0f64, 0.0f64, 0u64, Duration::ZERO, None::<(u64, u64)>)));
     let mut started = false;
     let timeout = Duration::from_secs(if icount { 900 } else { 600 });
     let label = if icount { "icount" } else { "wall" };
@@ -244,7 +272,7 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
                 let t0 = Instant::now();
                 std::thread::sleep(BASELINE);
                 let baseline = bytes.load(Ordering::Relaxed) as f64 / 1024.0 / t0.elapsed().as_secs_f64();
-                let (b1, t1) = (bytes.load(Ordering::Relaxed), Instant::now());
+                let (b1, t1, s1) = (bytes.load(Ordering::Relaxed), Instant::now(), qemu_sched());
                 let mut sent = 0;
                 match crate::ctl::Ctl::connect(&socket) {
                     Ok(mut c) => {
@@ -278,7 +306,11 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
                 stop.store(true, Ordering::Relaxed);
                 let _ = loader.join();
                 if let Ok(mut f) = figures.lock() {
-                    *f = (baseline, during, sent, t1.elapsed());
+                    let sched = match (s1, qemu_sched()) {
+                        (Some((r1, w1)), Some((r2, w2))) => Some((r2.saturating_sub(r1), w2.saturating_sub(w1))),
+                        _ => None,
+                    };
+                    *f = (baseline, during, sent, t1.elapsed(), sched);
                 }
                 done.store(true, Ordering::Relaxed);
             });
@@ -296,10 +328,10 @@ fn phase(artifacts: &Artifacts, icount: bool, kills: u64) -> Result<Phase, Strin
     if !matches!(run.ending, Ending::Stopped) {
         return Err(crate::bench::failure(&run, &format!("bench restart ({label})")));
     }
-    let (baseline_kib_s, during_kib_s, sent, elapsed) = *figures.lock().map_err(|_| "figures")?;
+    let (baseline_kib_s, during_kib_s, sent, elapsed, sched) = *figures.lock().map_err(|_| "figures")?;
     let mut g = gaps(&run.lines);
     g.sort();
-    Ok(Phase { gaps: g, phases: phases(&run.lines), baseline_kib_s, during_kib_s, kills: sent, elapsed })
+    Ok(Phase { gaps: g, phases: phases(&run.lines), baseline_kib_s, during_kib_s, kills: sent, elapsed, sched })
 }
 
 /// Each phase's median over the restarts.
@@ -343,6 +375,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         during_kib_s: 0.0,
         kills: 0,
         elapsed: Duration::ZERO,
+        sched: None,
     };
     let wall = if want_wall { phase(&artifacts, false, kills)? } else { skipped() };
     let icount = if want_icount { phase(&artifacts, true, kills)? } else { skipped() };
@@ -377,15 +410,31 @@ pub fn run(args: &[String]) -> Result<(), String> {
             p.baseline_kib_s,
             p.during_kib_s
         );
+        if let Some((ran, waited)) = p.sched {
+            let wall = p.elapsed.as_secs_f64() * 1e9;
+            println!(
+                "bench restart ({name}): over the kills QEMU's threads ran {:.0}% and waited runnable on the host's run queues {:.0}% of the wall time",
+                ran as f64 / wall * 100.0,
+                waited as f64 / wall * 100.0
+            );
+        }
     }
     let list = |v: &[u64]| v.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ");
     let phase_json = |v: &[u64; 15]| {
         PHASES.iter().zip(v.iter()).map(|(n, x)| format!("\"{n}\": {x}")).collect::<Vec<_>>().join(", ")
     };
+    let share = |p: &Phase| {
+        p.sched.map_or("null".to_string(), |(ran, waited)| {
+            let wall = p.elapsed.as_secs_f64() * 1e9;
+            format!("{{ \"ran\": {:.3}, \"waited_runnable\": {:.3} }}", ran as f64 / wall, waited as f64 / wall)
+        })
+    };
     let json = format!(
-        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"host_loadavg_after\": \"{}\",\n  \"phases_median_wall_ns\": {{ {} }},\n  \"phases_median_icount_instructions\": {{ {} }},\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
+        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"host_loadavg_after\": \"{}\",\n  \"qemu_cpu_share_during_kills\": {{ \"wall\": {}, \"icount\": {} }},\n  \"phases_median_wall_ns\": {{ {} }},\n  \"phases_median_icount_instructions\": {{ {} }},\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
         load.trim(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        share(&wall),
+        share(&icount),
         phase_json(&wall_phases),
         phase_json(&icount_phases),
         ms(median(&wall.gaps)),
@@ -449,10 +498,7 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let p = phases(&lines);
-        assert_eq!(
-            p,
-            [[2000, 1000, 5000, 4000, 3000, 2000, 1000, 11000, 500, 500, 2000, 3000, 4000, 5000, 6000]]
-        );
+        assert_eq!(p, [[2000, 1000, 5000, 4000, 3000, 2000, 1000, 11000, 500, 500, 2000, 3000, 4000, 5000, 6000]]);
         assert_eq!(p[0].iter().sum::<u64>(), 50000, "the phases cover the gap exactly");
     }
 }
