@@ -562,7 +562,7 @@ fn create_domain(
             println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
         }
     }
-    if let Some(s) = stamps.as_deref_mut() {
+    if let Some(s) = stamps {
         s.assigned = hypercall::clock_ns();
     }
     if d.status {

@@ -169,14 +169,14 @@ struct Phase {
     during_kib_s: f64,
     kills: u64,
     elapsed: Duration,
-    /// QEMU's threads over the kills: (ran, waited runnable) in ns ([`qemu_sched`]).
+    /// QEMU's vCPU thread over the kills: (ran, waited runnable) in ns ([`qemu_sched`]).
     sched: Option<(u64, u64)>,
 }
 
-/// How long this process's QEMU child has run on the host's CPUs and waited, runnable, on
-/// their run queues (ns, summed over its threads: /proc/<pid>/task/*/schedstat). Over the
-/// kills, the waiting is the host's share of the wall-time spread (2 cores shared with
-/// other work).
+/// How long this process's QEMU child's vCPU thread has run on the host's CPUs and waited,
+/// runnable, on their run queues (ns: /proc/<pid>/task/<tid>/schedstat; the vCPU thread is
+/// named "CPU 0/TCG" with `-name debug-threads=on`). Over the kills, the waiting is the
+/// host's share of the wall-time spread (2 cores shared with other work).
 fn qemu_sched() -> Option<(u64, u64)> {
     let me = std::process::id().to_string();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -186,14 +186,14 @@ fn qemu_sched() -> Option<(u64, u64)> {
         if !head.contains("(qemu-system-x86") || tail.split_whitespace().nth(1) != Some(me.as_str()) {
             continue;
         }
-        let (mut run, mut wait) = (0, 0);
         for t in std::fs::read_dir(e.path().join("task")).ok()?.flatten() {
+            if !std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().contains("TCG") {
+                continue;
+            }
             let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
             let mut it = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
-            run += it.next().unwrap_or(0);
-            wait += it.next().unwrap_or(0);
+            return Some((it.next().unwrap_or(0), it.next().unwrap_or(0)));
         }
-        return Some((run, wait));
     }
     None
 }
@@ -202,8 +202,10 @@ fn machine(artifacts: &Artifacts, icount: bool) -> Result<Machine, String> {
     let out = artifacts.bundle.with_file_name("bench-restart.bin");
     let stack = build::pack(&artifacts.images, &crate::workspace_root().join(STACK), &out)?;
     let mut m = Machine::new(&Artifacts { bundle: out, stack, ..artifacts.clone() });
+    // Named threads: the vCPU's is "CPU 0/TCG" (qemu_sched).
+    m.extra = vec!["-name".into(), "bench-restart,debug-threads=on".into()];
     if icount {
-        m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=off".into()];
+        m.extra.extend(["-icount".into(), "shift=0,align=off,sleep=off".into()]);
     }
     for p in m.net_ports.iter_mut() {
         *p = qemu::free_port()?;
@@ -413,7 +415,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if let Some((ran, waited)) = p.sched {
             let wall = p.elapsed.as_secs_f64() * 1e9;
             println!(
-                "bench restart ({name}): over the kills QEMU's threads ran {:.0}% and waited runnable on the host's run queues {:.0}% of the wall time",
+                "bench restart ({name}): over the kills QEMU's vCPU thread ran {:.0}% of the wall time and waited runnable on the host's run queues {:.0}%",
                 ran as f64 / wall * 100.0,
                 waited as f64 / wall * 100.0
             );
@@ -430,7 +432,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         })
     };
     let json = format!(
-        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"host_loadavg_after\": \"{}\",\n  \"qemu_cpu_share_during_kills\": {{ \"wall\": {}, \"icount\": {} }},\n  \"phases_median_wall_ns\": {{ {} }},\n  \"phases_median_icount_instructions\": {{ {} }},\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
+        "{{\n  \"kills\": {kills},\n  \"host_loadavg\": \"{}\",\n  \"host_loadavg_after\": \"{}\",\n  \"qemu_vcpu_thread_share_during_kills\": {{ \"wall\": {}, \"icount\": {} }},\n  \"phases_median_wall_ns\": {{ {} }},\n  \"phases_median_icount_instructions\": {{ {} }},\n  \"wall\": {{ \"median_ms\": {:.2}, \"worst_ms\": {:.2}, \"gaps_ns\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"icount\": {{ \"median_instructions\": {}, \"worst_instructions\": {}, \"gaps_instructions\": [{}], \"throughput_baseline_kib_s\": {:.1}, \"throughput_during_kills_kib_s\": {:.1} }},\n  \"goal_median_ms\": 100,\n  \"goal_met\": {}\n}}\n",
         load.trim(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         share(&wall),

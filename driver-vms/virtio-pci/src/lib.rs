@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod irq;
 pub mod net;
+mod probe;
 mod transport;
 
 use core::fmt;
@@ -128,8 +129,9 @@ pub fn device(slot: u64) -> Result<Device, OpenError> {
 /// with decoding off (as the microvisor leaves a device it quiesced for a restarted
 /// driver) and decoding is switched on once, before anything touches them.
 pub fn open(dev: &Device) -> Result<Transport, OpenError> {
-    let mut root = PciRoot::new(dev.config);
     let f = dev.config.function;
+    // Repeated reads and BAR sizings answered without a hypercall each (probe.rs).
+    let mut root = PciRoot::new(probe::ProbeConfig::new(dev.config, f));
     if root.get_status_command(f).1.intersects(Command::MEMORY_SPACE | Command::IO_SPACE) {
         root.set_command(f, Command::empty());
     }
