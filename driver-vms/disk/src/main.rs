@@ -99,10 +99,16 @@ mod driver {
         let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
         // SAFETY: req, resp and buf outlive the request, completed below before they go.
         let token = unsafe { blk.read_blocks_nb(0, &mut req, buf, &mut resp) }?;
-        let bits = irq.map(hypercall::wait);
+        // Spin for the completion, then take the interrupt, which the device raised with it
+        // (virtio: the used ring is written before the notification). Not the other way
+        // round: a halted vCPU is woken by the emulator only after the host has scheduled
+        // its I/O thread and then the vCPU's thread again, which on a loaded host took
+        // up to hundreds of ms for this one read (bench restart); spinning keeps the vCPU's
+        // thread running meanwhile.
         while blk.peek_used() != Some(token) {
             core::hint::spin_loop();
         }
+        let bits = irq.map(hypercall::wait);
         // SAFETY: the same buffers as in read_blocks_nb, and the device is done with them.
         unsafe { blk.complete_read_blocks(token, &req, buf, &mut resp) }?;
         Ok(bits)
