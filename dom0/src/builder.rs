@@ -15,7 +15,7 @@ use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
 use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, Restart, DEVICE_KINDS};
 use ipc_spec::{Error, Hypercall};
 use pvh::elf::ElfImage;
-use pvh::start_info::{add_flags, build_start_page, MemmapEntry, MEMMAP_RAM, SIF_BSS_ZEROED};
+use pvh::start_info::{build_start_page, MemmapEntry, MEMMAP_RAM};
 
 /// Guest-physical address of every domain's start info page.
 const START_INFO_GPA: u64 = 0x1000;
@@ -606,10 +606,6 @@ fn start(d: &Built, spec: &DomainSpec, report: bool) -> Result<(), String> {
     let page_arr: &mut [u8; 4096] = page.as_mut_slice().try_into().map_err(|_| String::from("page size"))?;
     build_start_page(page_arr, START_INFO_GPA, cmdline.as_bytes(), &[MemmapEntry::new(0, d.ram, MEMMAP_RAM)], &[], 0)
         .map_err(|e| format!("domain {}: start info: {e}", d.name))?;
-    // DomainCreate gave zeroed RAM and `load` wrote only the segments' file bytes: the
-    // image's .bss is zero, and its trampoline need not zero it again (a 2 MiB .bss is
-    // about 0.5 M instructions of a restart under emulation).
-    add_flags(page_arr, SIF_BSS_ZEROED);
     hc(Hypercall::DomainWrite, d.slot, [START_INFO_GPA, page.as_ptr() as u64, 4096, 0, 0, 0])?;
     let v = match d.vcpu {
         Some(v) => v,

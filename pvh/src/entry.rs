@@ -39,12 +39,6 @@ macro_rules! pvh_entry {
             "cld",
             // EBP: how the image was entered (the PVH magic here; EAX via the Multiboot2 entry).
             "mov ebp, 0x336ec578",
-            // A loader that built us on zeroed RAM and wrote only the file's bytes says so
-            // (start_info::SIF_BSS_ZEROED in the start info's flags, EBX + 8): .bss is zero
-            // already. (Only on this path: EBX is the PVH start info here.)
-            "mov esi, ebx",
-            "test dword ptr [ebx + 8], 0x80000000",
-            "jnz pvh_bss_zeroed",
             ".global pvh_start32_common",
             "pvh_start32_common:",
             "mov esi, ebx",
@@ -62,7 +56,6 @@ macro_rules! pvh_entry {
             "mov ecx, edx",
             "and ecx, 3",
             "rep stosb",
-            "pvh_bss_zeroed:",
             // PML4[0] -> PDPT; PDPT[0..4] -> PD0..PD3.
             "mov edi, offset pvh_boot_tables",
             "lea eax, [edi + 0x1003]",

@@ -25,13 +25,6 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// `XEN_HVM_MEMMAP_TYPE_RAM`: usable RAM.
 pub const MEMMAP_RAM: u32 = 1;
-/// A flag of this project's (not Xen's: its `SIF_*` use bits 0-4 and 8-15): every byte of
-/// the image's memory that the ELF file does not give is already zero — the loader built
-/// the domain on zeroed RAM and wrote only the segments' file data — so the entry
-/// trampoline need not zero `.bss` again ([`pvh_entry!`](crate::pvh_entry)).
-pub const SIF_BSS_ZEROED: u32 = 1 << 31;
-/// Where `flags` is in the start info (as the trampoline reads it).
-pub const FLAGS_OFFSET: usize = 8;
 /// `XEN_HVM_MEMMAP_TYPE_RESERVED`.
 pub const MEMMAP_RESERVED: u32 = 2;
 /// `XEN_HVM_MEMMAP_TYPE_ACPI`: ACPI tables, reclaimable after they are parsed.
@@ -194,15 +187,6 @@ fn check_len(what: &'static str, needed: usize, bytes: &[u8]) -> Result<(), Star
     } else {
         Ok(())
     }
-}
-
-/// Set `flags` (`SIF_*`) in the start info at the beginning of `page`, as
-/// [`build_start_page`] wrote it.
-pub fn add_flags(page: &mut [u8; PAGE_SIZE], flags: u32) {
-    let at = FLAGS_OFFSET..FLAGS_OFFSET + 4;
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&page[at.clone()]);
-    page[at].copy_from_slice(&(u32::from_le_bytes(word) | flags).to_le_bytes());
 }
 
 /// `struct hvm_start_info`.
@@ -628,21 +612,6 @@ mod tests {
 
     fn sample_modules() -> [ModuleSpec; 2] {
         [ModuleSpec { paddr: 0x200_0000, size: 0x12345 }, ModuleSpec { paddr: 0x300_0000, size: 1 }]
-    }
-
-    #[test]
-    fn added_flags_land_in_the_flags_field_and_keep_the_rest() {
-        let mut page = [0u8; PAGE_SIZE];
-        build_start_page(&mut page, GPA, b"x", &sample_memmap(), &[], 0).unwrap();
-        let before = StartInfo::from_bytes(&page).unwrap();
-        add_flags(&mut page, SIF_BSS_ZEROED);
-        add_flags(&mut page, 1);
-        let after = StartInfo::from_bytes(&page).unwrap();
-        assert_eq!(after.flags, SIF_BSS_ZEROED | 1);
-        assert_eq!(StartInfo { flags: before.flags, ..after }, before);
-        // Where the trampoline tests it.
-        assert_eq!(page[FLAGS_OFFSET + 3], 0x80);
-        assert!(parse_start_page(&page, GPA).is_ok());
     }
 
     #[test]
