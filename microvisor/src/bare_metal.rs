@@ -177,7 +177,9 @@ impl Platform for BareMetal {
                 return Some(pa);
             }
         }
-        let pa = match FRAMES.lock().alloc(frames, align) {
+        // (The lock is dropped at the end of this statement: releasing the pool takes it.)
+        let first = FRAMES.lock().alloc(frames, align);
+        let pa = match first {
             Ok(pa) => pa,
             Err(_) => {
                 // Memory is short: the chunks held for scrubbing are free memory too.
