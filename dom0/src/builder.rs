@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 
 use domain_rt::hypercall::{call, Regs};
-use domain_rt::println;
+use domain_rt::{hypercall, println};
 use ipc_spec::bundle::Bundle;
 use ipc_spec::hypercall::{dom0_slots, domain_flags, rights};
 use ipc_spec::manifest::{ChannelKind, DomainSpec, Manifest, Restart, DEVICE_KINDS};
@@ -168,7 +168,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             domains.push(placeholder);
             continue;
         }
-        let built = create_domain(bundle, m, d, i, fault_endpoint, &mut devices)?;
+        let built = create_domain(bundle, m, d, i, fault_endpoint, &mut devices, None)?;
         domains.push(built);
     }
 
@@ -287,7 +287,7 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
 
     for (d, spec) in domains.iter().zip(m.domains.iter()) {
         if !spec.fuzz {
-            start(d, spec)?;
+            start(d, spec, true)?;
         }
     }
 
@@ -297,10 +297,10 @@ pub fn build(bundle: &Bundle, m: &Manifest) -> Result<Stack, String> {
             continue;
         }
         let baseline = machine_status()?;
-        let mut built = create_domain(bundle, m, spec, i, fault_endpoint, &mut devices)?;
+        let mut built = create_domain(bundle, m, spec, i, fault_endpoint, &mut devices, None)?;
         let mem = give(dom0_slots::MEMORY, built.slot, rights::CONTROL | rights::GRANT, 0)?;
         let _ = write!(built.args, " mem={mem} prio={}", spec.priority);
-        start(&built, spec)?;
+        start(&built, spec, true)?;
         built.fuzz_baseline = Some(baseline);
         domains[i] = built;
     }
@@ -380,8 +380,8 @@ fn doorbells_kept(client: u64, server: u64, keep: bool) -> Result<(u64, u64, u64
 /// the same device kind (its function was released by the destruction: quiesced, its
 /// IOMMU context and interrupt-remapping entries revoked), the same channels' regions at
 /// the same addresses and the same doorbells; then start it. Endpoint channels are not
-/// re-attached.
-pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<(), String> {
+/// re-attached. Returns when each step ended ([`RestartStamps`], the machine's clock).
+pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -> Result<RestartStamps, String> {
     let spec = m.domains.get(index).ok_or_else(|| format!("no domain {index}"))?;
     let old = stack.domains.get_mut(index).ok_or_else(|| format!("no domain {index}"))?;
     // The capability went stale with the domain; free dom0's slot (and its heartbeat's).
@@ -390,7 +390,8 @@ pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -
         let _ = delete(h);
     }
     let mut devices = devices();
-    let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices)?;
+    let mut stamps = RestartStamps::default();
+    let mut built = create_domain(bundle, m, spec, index, stack.fault_endpoint, &mut devices, Some(&mut stamps))?;
     let rw = rights::READ | rights::WRITE;
     for k in stack.reattach.iter().filter(|k| k.server == index) {
         if let Some((r, gpa, _)) = k.region {
@@ -413,9 +414,28 @@ pub fn restart(bundle: &Bundle, m: &Manifest, stack: &mut Stack, index: usize) -
             }
         }
     }
-    start(&built, spec)?;
+    stamps.attached = hypercall::clock_ns();
+    // Quietly: the restart's one line (supervise.rs) says what was done. Every console
+    // byte is a port write the microvisor makes while the guest waits for its disk.
+    start(&built, spec, false)?;
+    stamps.started = hypercall::clock_ns();
     stack.domains[index] = built;
-    Ok(())
+    Ok(stamps)
+}
+
+/// When each step of [`restart`] ended (machine clock, ns): the bench's phase breakdown.
+#[derive(Clone, Copy, Default)]
+pub struct RestartStamps {
+    /// The domain exists with its RAM (zeroed) and stage-2 tables.
+    pub created: u64,
+    /// Its image is loaded.
+    pub loaded: u64,
+    /// Its device is assigned (IOMMU context, FLR-free function handed over).
+    pub assigned: u64,
+    /// Its channels' regions and doorbells are given again.
+    pub attached: u64,
+    /// Its vCPU runs.
+    pub started: u64,
 }
 
 /// Create the domain `d` (index `i` in the manifest `m`), load its image, give it its fault
@@ -427,6 +447,7 @@ fn create_domain(
     i: usize,
     fault_endpoint: u64,
     devices: &mut [(u64, u16, u16, bool)],
+    mut stamps: Option<&mut RestartStamps>,
 ) -> Result<Built, String> {
     if !d.kernel.is_empty() {
         // A VM booting a kernel: an empty VM; its VMM loads the kernel (handed over by
@@ -471,8 +492,14 @@ fn create_domain(
     )
     .map_err(|e| format!("domain {}: {e}", d.name))?;
     let slot = r.args[0];
+    if let Some(s) = stamps.as_deref_mut() {
+        s.created = hypercall::clock_ns();
+    }
     for seg in elf.segments() {
         load(slot, seg.paddr, elf.segment_data(seg)).map_err(|e| format!("domain {}: loading: {e}", d.name))?;
+    }
+    if let Some(s) = stamps.as_deref_mut() {
+        s.loaded = hypercall::clock_ns();
     }
     if vm {
         // Its VMM is wired up once every domain exists; its vCPU is made now (started
@@ -530,7 +557,13 @@ fn create_domain(
         let irq = give(n, slot, rights::SIGNAL | rights::WAIT, 0)?;
         delete(n)?;
         let _ = write!(args, " dev={dev} irq={irq}");
-        println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
+        if stamps.is_none() {
+            // (A restart says it in its one line.)
+            println!("assigned {} ({vendor:04x}:{device:04x}) to {}", d.device, d.name);
+        }
+    }
+    if let Some(s) = stamps {
+        s.assigned = hypercall::clock_ns();
     }
     if d.status {
         // A call right on dom0's endpoint, badged apart from fault messages: the status
@@ -558,8 +591,8 @@ fn create_domain(
     })
 }
 
-/// Write the start info of `d` and start its vCPU.
-fn start(d: &Built, spec: &DomainSpec) -> Result<(), String> {
+/// Write the start info of `d` and start its vCPU; `report`: say so on the console.
+fn start(d: &Built, spec: &DomainSpec, report: bool) -> Result<(), String> {
     if d.vmm_boots {
         println!("{}: {} MiB, priority {}, booted by its VMM", d.name, d.ram >> 20, spec.priority);
         return Ok(());
@@ -580,6 +613,8 @@ fn start(d: &Built, spec: &DomainSpec) -> Result<(), String> {
     };
     hc(Hypercall::VcpuStart, v, [0; 6])?;
     delete(v)?;
-    println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
+    if report {
+        println!("started {}: {} MiB, priority {}, command line \"{}\"", d.name, d.ram >> 20, spec.priority, cmdline);
+    }
     Ok(())
 }

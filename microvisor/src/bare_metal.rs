@@ -5,10 +5,12 @@ use ipc_spec::exit::{Event, VcpuState as ArchState};
 use ipc_spec::hypercall::CONSOLE_INPUT_BUFFER;
 use ipc_spec::Error;
 use microvisor::kernel::{
-    DeviceId, DomainId, Gpa, Hpa, IrqAllocation, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS,
+    DeviceId, DomainId, Gpa, Hpa, IrqAllocation, Platform, Regs, VcpuBoot, VcpuId, MAX_DEVICES, MAX_VCPUS, PAGE,
+    RAM_CHUNK,
 };
 use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
 use microvisor::phys_mem::{PhysRead, PhysWrite};
+use microvisor::scrub::ChunkPool;
 use microvisor::stage2::TableMemory;
 use microvisor::vcpu_hw::VcpuHardware;
 // The vendor backend of this build (cargo feature `vmx`) and its stage-2 format.
@@ -48,9 +50,32 @@ pub struct BareMetal {
     /// Typed console bytes not yet read (ConsoleRead); beyond the buffer, new bytes are
     /// dropped.
     console_in: heapless::Deque<u8, CONSOLE_INPUT_BUFFER>,
+    /// Freed domain RAM chunks, zeroed while the machine is idle (`microvisor::scrub`).
+    scrub: ChunkPool,
 }
 
 impl BareMetal {
+    /// Idle work: zero the next piece of a freed RAM chunk. Whether more is waiting. A
+    /// step is 64 KiB: short enough that an interrupt arriving meanwhile is taken late by
+    /// little (the run loop lets interrupts in between steps).
+    pub fn scrub_step(&mut self) -> bool {
+        const STEP: u64 = 64 << 10;
+        self.scrub.scrub_step(STEP, |pa, bytes| {
+            // SAFETY: `pa..pa + bytes` lies in a RAM chunk the pool holds: freed by its
+            // domain (whose device was quiesced and detached first), owned by nobody else
+            // until the pool hands it out, inside the identity map.
+            unsafe { crate::arch::phys::zero_frames(pa, bytes / PAGE) }
+        })
+    }
+
+    /// Give every chunk held for scrubbing back to the frame allocator (dirty ones are
+    /// zeroed when allocated, as all frames are).
+    fn release_scrub_pool(&mut self) {
+        self.scrub.drain(|pa| {
+            let _ = FRAMES.lock().free(pa, RAM_CHUNK / PAGE);
+        });
+    }
+
     /// Built in place in a static: it holds 16 KiB of FPU save areas, too much to pass
     /// through the boot stack. `hw` and `clock` are filled in at boot.
     pub const fn new() -> Self {
@@ -65,6 +90,7 @@ impl BareMetal {
             functions: heapless::Vec::new(),
             devices: [const { None }; MAX_DEVICES],
             pending_dma: [None; microvisor::kernel::MAX_DOMAINS],
+            scrub: ChunkPool::new(RAM_CHUNK),
             vectors: [None; microvisor::kernel::DEVICE_VECTORS],
             console_in: heapless::Deque::new(),
         }
@@ -110,7 +136,10 @@ impl BareMetal {
 
 impl TableMemory for BareMetal {
     fn alloc_table(&mut self) -> Option<u64> {
-        PhysTables.alloc_table()
+        PhysTables.alloc_table().or_else(|| {
+            self.release_scrub_pool();
+            PhysTables.alloc_table()
+        })
     }
     fn free_table(&mut self, table: u64) {
         PhysTables.free_table(table)
@@ -142,13 +171,33 @@ impl PhysWrite for BareMetal {
 
 impl Platform for BareMetal {
     fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64> {
-        let pa = FRAMES.lock().alloc(frames, align).ok()?;
+        if frames * PAGE == RAM_CHUNK && align == RAM_CHUNK {
+            // Domain RAM: a chunk scrubbed while the machine was idle, if one is ready.
+            if let Some(pa) = self.scrub.take_clean() {
+                return Some(pa);
+            }
+        }
+        // (The lock is dropped at the end of this statement: releasing the pool takes it.)
+        let first = FRAMES.lock().alloc(frames, align);
+        let pa = match first {
+            Ok(pa) => pa,
+            Err(_) => {
+                // Memory is short: the chunks held for scrubbing are free memory too.
+                self.release_scrub_pool();
+                FRAMES.lock().alloc(frames, align).ok()?
+            }
+        };
         // SAFETY: freshly allocated frames, exclusively ours, inside the identity map.
         unsafe { crate::arch::phys::zero_frames(pa, frames) };
         Some(pa)
     }
 
     fn free_frames(&mut self, hpa: u64, frames: u64) {
+        // A domain's RAM chunk is kept to be zeroed while idle (the device that could DMA
+        // into it was quiesced and detached before its domain's memory was freed).
+        if frames * PAGE == RAM_CHUNK && self.scrub.take_freed(hpa) {
+            return;
+        }
         // Frames come back only from the kernel, which got them from alloc_frames; a
         // refused free leaks them rather than handing them out twice.
         let _ = FRAMES.lock().free(hpa, frames);
@@ -159,7 +208,8 @@ impl Platform for BareMetal {
     }
 
     fn free_frame_count(&self) -> u64 {
-        FRAMES.lock().free_frames()
+        // Chunks held for scrubbing are free memory (a fuzzer's leak check compares this).
+        FRAMES.lock().free_frames() + self.scrub.held() as u64 * (RAM_CHUNK / PAGE)
     }
 
     fn vcpu_created(&mut self, v: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {

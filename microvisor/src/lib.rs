@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod npt;
 pub mod pci;
 pub mod phys_mem;
+pub mod scrub;
 pub mod stage2;
 #[cfg(any(test, not(feature = "vmx")))]
 pub mod svm;

@@ -41,6 +41,11 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 println!("no runnable domains left: stopping the machine");
                 exit_machine(MachineExit::NoDomainsLeft);
             }
+            if m.scrub_step() {
+                // Idle with freed RAM to zero: one step, then whatever arrived meanwhile.
+                apic::take_pending_interrupts();
+                continue;
+            }
             apic::wait_for_interrupt();
             continue;
         };

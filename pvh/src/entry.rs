@@ -42,11 +42,19 @@ macro_rules! pvh_entry {
             ".global pvh_start32_common",
             "pvh_start32_common:",
             "mov esi, ebx",
-            // Zero .bss (it holds the boot page tables and stack).
+            // Zero .bss (it holds the boot page tables and stack): by dwords, then the
+            // last 0-3 bytes. Not byte by byte: an emulator (QEMU's TCG, icount) runs a REP
+            // string instruction one iteration at a time, and a domain's 2 MiB of .bss
+            // byte by byte was half of what a driver VM restart cost (bench restart).
             "mov edi, offset __bss_start",
-            "mov ecx, offset __bss_end",
-            "sub ecx, edi",
+            "mov edx, offset __bss_end",
+            "sub edx, edi",
             "xor eax, eax",
+            "mov ecx, edx",
+            "shr ecx, 2",
+            "rep stosd",
+            "mov ecx, edx",
+            "and ecx, 3",
             "rep stosb",
             // PML4[0] -> PDPT; PDPT[0..4] -> PD0..PD3.
             "mov edi, offset pvh_boot_tables",

@@ -12,15 +12,18 @@ fn main() {}
 
 #[cfg(target_os = "none")]
 mod device;
+#[cfg(target_os = "none")]
+mod startup;
 
 #[cfg(target_os = "none")]
 mod driver {
     use domain_rt::hypercall;
     use domain_rt::{println, BootInfo};
     use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-    use virtio_pci::{DriverHal, HypercallConfig, Transport};
+    use virtio_pci::{DriverHal, Transport};
 
     use crate::device::Disk;
+    use crate::startup;
 
     domain_rt::domain_main!(main);
 
@@ -98,45 +101,40 @@ mod driver {
         0
     }
 
-    /// Route the queue's interrupt to our notification and wait for one real completion
-    /// interrupt: device MSI-X → interrupt remapping (source-id checked) → host vector →
-    /// our notification. Whether the route is in place.
-    fn interrupt_check(cfg: &HypercallConfig, irq: u64, blk: &mut VirtIOBlk<DriverHal, Transport>) -> bool {
-        let handle = match virtio_pci::irq::route_queue0(cfg, irq) {
-            Ok(h) => h,
-            Err(e) => {
-                println!("device interrupts: {e}; polling instead");
-                return false;
-            }
-        };
-        let _ = hypercall::poll(irq);
-        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
-        let mut buf = [0u8; 512];
-        // SAFETY: req, resp and buf outlive the request, completed below before they go.
-        let token = match unsafe { blk.read_blocks_nb(0, &mut req, &mut buf, &mut resp) } {
-            Ok(t) => t,
-            Err(e) => {
-                println!("device interrupts: {e}");
-                return false;
-            }
-        };
-        match hypercall::wait(irq) {
-            Ok(bits) => {
-                println!("device interrupt arrived as a notification (remapping entry {handle}, bits {bits:#x})")
-            }
-            Err(e) => println!("device interrupts: waiting: {e}"),
+    /// The first read, sector 0 into `buf`: it proves that the device's DMA reaches this
+    /// VM's memory through the IOMMU and, when `irq` is given (queue 0's interrupt routed
+    /// to that notification), that its completion interrupt arrives through interrupt
+    /// remapping (device MSI-X → remapping entry, source-id checked → host vector → our
+    /// notification): one device round trip for both, as a restarted driver VM has a guest
+    /// waiting. The notification's bits if it waited for one.
+    fn first_read(
+        blk: &mut VirtIOBlk<DriverHal, Transport>,
+        buf: &mut [u8; 512],
+        irq: Option<u64>,
+    ) -> Result<Option<Result<u64, ipc_spec::Error>>, virtio_drivers::Error> {
+        if let Some(irq) = irq {
+            let _ = hypercall::poll(irq);
         }
+        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+        // SAFETY: req, resp and buf outlive the request, completed below before they go.
+        let token = unsafe { blk.read_blocks_nb(0, &mut req, buf, &mut resp) }?;
+        // Spin for the completion, then take the interrupt, which the device raised with it
+        // (virtio: the used ring is written before the notification). Not the other way
+        // round: a halted vCPU is woken by the emulator only after the host has scheduled
+        // its I/O thread and then the vCPU's thread again, which on a loaded host took
+        // up to hundreds of ms for this one read (bench restart); spinning keeps the vCPU's
+        // thread running meanwhile.
         while blk.peek_used() != Some(token) {
             core::hint::spin_loop();
         }
+        let bits = irq.map(hypercall::wait);
         // SAFETY: the same buffers as in read_blocks_nb, and the device is done with them.
-        if let Err(e) = unsafe { blk.complete_read_blocks(token, &req, &mut buf, &mut resp) } {
-            println!("device interrupts: completing: {e}");
-        }
-        true
+        unsafe { blk.complete_read_blocks(token, &req, buf, &mut resp) }?;
+        Ok(bits)
     }
 
     fn main(info: &BootInfo) -> u64 {
+        startup::mark(startup::Step::Entered);
         let (dev, transport) = match virtio_pci::open_from_cmdline(info) {
             Ok(opened) => opened,
             Err(e) => {
@@ -144,6 +142,7 @@ mod driver {
                 return e.status();
             }
         };
+        startup::mark(startup::Step::Opened);
         let mut blk = match VirtIOBlk::<DriverHal, _>::new(transport) {
             Ok(b) => b,
             Err(e) => {
@@ -151,6 +150,7 @@ mod driver {
                 return 4;
             }
         };
+        startup::mark(startup::Step::Negotiated);
         let capacity = blk.capacity();
         println!(
             "virtio-blk: {} sectors ({} MiB){}, VIRTIO_F_ACCESS_PLATFORM negotiated",
@@ -158,20 +158,40 @@ mod driver {
             capacity / 2048,
             if blk.readonly() { ", read-only" } else { "" }
         );
+        let routed = info.slot("irq").and_then(|irq| match virtio_pci::irq::route_queue0(&dev.config, irq) {
+            Ok(handle) => Some((irq, handle)),
+            Err(e) => {
+                println!("device interrupts: {e}; polling instead");
+                None
+            }
+        });
         let mut sector = [0u8; 512];
-        match blk.read_blocks(0, &mut sector) {
-            Ok(()) => println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8]),
+        let waited = match first_read(&mut blk, &mut sector, routed.map(|(irq, _)| irq)) {
+            Ok(waited) => {
+                startup::mark(startup::Step::FirstRead);
+                println!("read sector 0 by DMA through the IOMMU: first bytes {:02x?}", &sector[..8]);
+                waited
+            }
             Err(e) => {
                 println!("reading sector 0: {e}");
                 return 5;
             }
-        }
+        };
         // From here on the completion interrupt arrives as the virtual interrupt (with the
         // channels' doorbells), and the timer as the other vector (the fallback).
-        let interrupts = info.slot("irq").is_some_and(|irq| {
-            interrupt_check(&dev.config, irq, &mut blk) && hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
-        });
+        let interrupts = match (routed, waited) {
+            (Some((irq, handle)), Some(Ok(bits))) => {
+                println!("device interrupt arrived as a notification (remapping entry {handle}, bits {bits:#x})");
+                hypercall::bind(irq, domain_rt::irq::VIRQ_VECTOR).is_ok()
+            }
+            (Some(_), Some(Err(e))) => {
+                println!("device interrupts: waiting: {e}; polling instead");
+                false
+            }
+            _ => false,
+        };
         let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
+        startup::mark(startup::Step::Interrupts);
         let mut disk = Disk::new(blk, interrupts, timer);
         println!("ready");
         if info.arg("bench") == Some("direct") {
@@ -443,6 +463,7 @@ mod serve {
                 if !first_reported && dev.completed > 0 {
                     // With the crash time below, gives the time a restart costs the guest.
                     println!("first request completed at {} ns", hypercall::clock_ns());
+                    crate::startup::report();
                     first_reported = true;
                 }
                 // The worst moment is with work in flight; but a guest that sends one request
@@ -604,6 +625,7 @@ mod serve {
                     // answered (this VM may be a restarted one).
                     match l.driver_attach(&c.region) {
                         Ok(n) => {
+                            crate::startup::mark(crate::startup::Step::Attached);
                             println!("channel {}: attached as incarnation {n}", c.name);
                             c.incarnation = n;
                         }
@@ -703,6 +725,9 @@ mod serve {
         // The guest may scribble on it meanwhile: that only spoils its own data.
         match unsafe { dev.submit(Tag { chan, id: io.id }, io.write, io.sector, buf, io.data_len) } {
             Ok(()) => {
+                if !crate::startup::marked(crate::startup::Step::FirstTaken) {
+                    crate::startup::mark(crate::startup::Step::FirstTaken);
+                }
                 c.outstanding += 1;
                 Ok(())
             }

@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod irq;
 pub mod net;
+mod probe;
 mod transport;
 
 use core::fmt;
@@ -119,12 +120,22 @@ pub fn device(slot: u64) -> Result<Device, OpenError> {
     })
 }
 
-/// Enable the device's memory space and bus mastering and bring up its virtio transport,
-/// wrapped to negotiate VIRTIO_F_ACCESS_PLATFORM.
+/// Bring up the device's virtio transport, wrapped to negotiate VIRTIO_F_ACCESS_PLATFORM,
+/// then enable its memory space and bus mastering.
+///
+/// The transport sizes the BAR of each of its four regions, and switches memory decoding
+/// off and on again around each sizing if it is on: eight command-register writes, each a
+/// hypercall and, in an emulator, a remapping of the device's BARs. So the BARs are sized
+/// with decoding off (as the microvisor leaves a device it quiesced for a restarted
+/// driver) and decoding is switched on once, before anything touches them.
 pub fn open(dev: &Device) -> Result<Transport, OpenError> {
-    let mut root = PciRoot::new(dev.config);
-    root.set_command(dev.config.function, Command::MEMORY_SPACE | Command::BUS_MASTER);
-    PciTransport::new::<DriverHal, _>(&mut root, dev.config.function)
-        .map(AccessPlatform::new)
-        .map_err(OpenError::Transport)
+    let f = dev.config.function;
+    // Repeated reads and BAR sizings answered without a hypercall each (probe.rs).
+    let mut root = PciRoot::new(probe::ProbeConfig::new(dev.config, f));
+    if root.get_status_command(f).1.intersects(Command::MEMORY_SPACE | Command::IO_SPACE) {
+        root.set_command(f, Command::empty());
+    }
+    let transport = PciTransport::new::<DriverHal, _>(&mut root, f).map_err(OpenError::Transport)?;
+    root.set_command(f, Command::MEMORY_SPACE | Command::BUS_MASTER);
+    Ok(AccessPlatform::new(transport))
 }
