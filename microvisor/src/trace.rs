@@ -19,7 +19,13 @@
 //! a fallback ("late or lost", "fallback"), a timeout ("did not answer") or a failure
 //! ("FAILED"), and when Signal and SignalWait hypercalls stop
 //! for [`STALL_TICKS`] after a ping-pong was under way: a hung doorbell test dumps its own trace long before
-//! the harness gives up on it.
+//! the harness gives up on it. A loop build can also ask for one dump at a fixed uptime
+//! (`TRACE_DUMP_AT_MS=<ms>` in the build's environment): a run still going then is one
+//! that hung without any of the above (a test client waiting on a silent guest).
+//!
+//! Besides the ring, each vCPU's last entry and exit (tick, exit code, RIP) and its number
+//! of entries are kept, so a vCPU that stopped running long before the ring's window is
+//! still visible in the dump.
 
 use ipc_spec::hypercall::Hypercall;
 use microvisor::kernel::{Kernel, VcpuId, VcpuState};
@@ -35,6 +41,20 @@ const DUMP: usize = RING;
 /// One second of ticks without a signal, after at least [`STALL_AFTER`] signals.
 const STALL_TICKS: u64 = 1000;
 const STALL_AFTER: u64 = 100;
+/// The uptime (ms) of the fixed dump, from the build's environment; none without it.
+const DUMP_AT_MS: Option<&str> = option_env!("TRACE_DUMP_AT_MS");
+/// vCPUs with a summary.
+const VCPUS: usize = 16;
+
+/// Per vCPU: last entry tick, last exit tick, last exit code, RIP at the last exit, entries.
+#[derive(Clone, Copy)]
+struct Last {
+    entered: u64,
+    exited: u64,
+    code: u64,
+    rip: u64,
+    entries: u64,
+}
 
 #[derive(Clone, Copy)]
 struct Event {
@@ -60,6 +80,7 @@ struct Trace {
     signals: u64,
     since: u64,
     stalled: bool,
+    last: [Last; VCPUS],
 }
 
 static TRACE: spin::Mutex<Trace> = spin::Mutex::new(Trace {
@@ -71,6 +92,7 @@ static TRACE: spin::Mutex<Trace> = spin::Mutex::new(Trace {
     signals: 0,
     since: 0,
     stalled: false,
+    last: [Last { entered: 0, exited: 0, code: 0, rip: 0, entries: 0 }; VCPUS],
 });
 
 fn record(vcpu: u8, kind: u8, flags: u16, a: u64, b: u64) {
@@ -101,6 +123,10 @@ fn pending(k: &Kernel<Npt>, v: VcpuId) -> u64 {
 pub fn exit(k: &Kernel<Npt>, m: &mut BareMetal, v: VcpuId) {
     let flags = vmcb_flags(m, v);
     let code = m.hw.vmcb(v).read_u64(control::EXIT_CODE);
+    let rip = m.hw.vmcb(v).read_u64(save::RIP);
+    if let Some(l) = TRACE.lock().last.get_mut(v as usize) {
+        (l.exited, l.code, l.rip) = (apic::ticks(), code, rip);
+    }
     let r = &k.vcpus[v as usize].regs;
     record(v as u8, b'X', flags, code, (r.rax & 0xffff) | (r.rbx & 0xffff) << 16 | (r.rdi & 0xffff_ffff) << 32);
     // Signal and SignalWait by a domain (timers signal too, so the kernel's count would
@@ -131,6 +157,10 @@ pub fn handled(k: &Kernel<Npt>, v: VcpuId) {
 pub fn enter(k: &Kernel<Npt>, m: &mut BareMetal, v: VcpuId) {
     let flags = vmcb_flags(m, v);
     let inj = m.hw.vmcb(v).read_u64(control::EVENT_INJECTION);
+    if let Some(l) = TRACE.lock().last.get_mut(v as usize) {
+        l.entered = apic::ticks();
+        l.entries += 1;
+    }
     record(v as u8, b'E', flags, inj, pending(k, v));
 }
 
@@ -153,9 +183,14 @@ pub fn tick(k: &Kernel<Npt>) {
         t.stalled |= stalled;
         stalled
     };
+    let at = DUMP_AT_MS.and_then(|ms| ms.parse::<u64>().ok()).is_some_and(|ms| now >= ms);
+    let timed = at && !t.stalled;
+    t.stalled |= timed;
     drop(t);
     if stalled {
         dump(k, "no signal for 1 s after a ping-pong");
+    } else if timed {
+        dump(k, "the run is still going at TRACE_DUMP_AT_MS");
     }
 }
 
@@ -215,6 +250,12 @@ fn dump(k: &Kernel<Npt>, why: &str) {
             state_name(state_code(v.state)),
             v.pending_irqs[1]
         );
+        if let Some(l) = t.last.get(i) {
+            println!(
+                "trace: v{i} last entered at {}, last exit at {} (code {:#x}, RIP {:#x}), {} entries",
+                l.entered, l.exited, l.code, l.rip, l.entries
+            );
+        }
     }
     for (i, n) in k.notifications.iter().enumerate().take(16).filter(|(_, n)| n.refs != 0) {
         println!("trace: n{i} bits {:#x} waiter {:?} bound {:?} timer {:?}", n.bits, n.waiter, n.bound, n.timer);

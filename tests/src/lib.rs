@@ -217,7 +217,15 @@ pub fn run_serving_after(m: &Machine, servers: &[&str], also: &[&str], client: i
         lines.iter().any(|l| l.contains("FATAL"))
     })
     .unwrap_or_else(|e| panic!("could not run QEMU: {e}"));
-    assert!(client.is_none(), "{servers:?} never all served HTTP:\n{}", run.console());
+    // (QEMU's ending and stderr too: a QEMU that could not start, a host port taken
+    // between `free_port` and QEMU's bind for one, leaves an empty console.)
+    assert!(
+        client.is_none(),
+        "{servers:?} never all served HTTP (QEMU ended with {:?}; its stderr: {:?}):\n{}",
+        run.ending,
+        run.stderr,
+        run.console()
+    );
     if let Some(panic) = failure {
         eprintln!("console of the failed run:\n{}", run.console());
         std::panic::resume_unwind(panic);

@@ -18,6 +18,7 @@ pub mod http_client;
 pub mod iso;
 pub mod kmod;
 pub mod linux;
+pub mod load;
 pub mod manifest;
 pub mod qemu;
 pub mod setup;

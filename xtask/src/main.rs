@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Some("fuzz") => xtask::fuzz::run(&args[1..]),
         Some("tcb") => xtask::tcb::run(&args[1..]),
         Some("linux") => xtask::linux::run(&args[1..]),
+        Some("load") => xtask::load::run(&args[1..]),
         Some("ctl") => xtask::ctl::run(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", USAGE);
@@ -94,6 +95,10 @@ const USAGE: &str = "usage: cargo xtask <command>
                         hypercalls from seed S (random by default, always printed); fails on
                         a microvisor fault, a leak (dom0 compares free frames and kernel
                         objects before and after), or if the other domains stop serving
+  load web [-n N] [-c C] [--microvisor path]
+                        ApacheBench (`ab -k`, apache2-utils; default -n 20000 -c 8) against
+                        the demo guest's HTTP server; fails on a failed request or on any
+                        watchdog, fallback, timeout, failure or trace report on the console
   tcb                   size of the trusted computing base (SLOC, unsafe, image bytes) beside
                         the reference points; writes target/tcb.json
   ctl [--socket path] list | kill NAME | restart NAME | help

@@ -341,11 +341,15 @@ pub fn run_captured_polling(
         }
     };
     let _ = child.wait();
-    // Lines printed while `stop_when` was busy (a benchmark measures inside it) are still
-    // queued: keep them (QEMU is gone, so the reader ends at its pipe's end).
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
-        lines.push(line);
-    }
+    // What QEMU printed while `stop_when` ran (a test's client runs inside it, for up to
+    // minutes) or before it was killed is still in the channel: keep it, or the console of
+    // a failed run ends where its client started (what a hung client was waiting for, and
+    // the `trace` microvisor's dumps, would be missing). The reader ends at QEMU's EOF.
+    lines.extend(rx.iter().inspect(|l| {
+        if echo {
+            println!("{l}");
+        }
+    }));
     let stderr = err_thread.join().unwrap_or_default();
     Ok(Run { lines, ending, elapsed: start.elapsed(), stderr })
 }

@@ -26,6 +26,12 @@ pub trait VirqHardware {
     /// Exit (`Exit::InterruptWindow`) when the guest is about to take the offered vector
     /// (SVM: the VINTR intercept), or no longer.
     fn virq_window(&mut self, v: VcpuId, on: bool);
+    /// The HLT that just exited may have been preceded by an interrupt the guest should
+    /// have taken after it (an entry that dropped the interrupt shadow over it: QEMU's
+    /// VMRUN, see `svm/hw.rs`): it must not sleep. Hardware that honours the shadow: never.
+    fn hlt_woken(&mut self, _v: VcpuId) -> bool {
+        false
+    }
 }
 
 impl<F: Stage2Format> Kernel<F> {
@@ -81,7 +87,7 @@ impl<F: Stage2Format> Kernel<F> {
     /// sleeps unless a virtual interrupt is offered (the guest did STI; HLT with STI's
     /// shadow covering the HLT: it takes the interrupt as soon as it resumes) or pending.
     pub fn hlt_exit<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
-        if h.virq_offered(v).is_none() {
+        if h.virq_offered(v).is_none() && !h.hlt_woken(v) {
             self.halt(v);
         }
     }

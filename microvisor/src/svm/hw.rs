@@ -48,6 +48,10 @@ pub struct Svm {
     alloc: AllocFrames,
     /// Physical address of each vCPU's VMCB (0 = none yet); pages are kept for reuse.
     vmcbs: [u64; MAX_VCPUS],
+    /// Per vCPU: the RIP it last exited at inside an interrupt shadow, kept until its
+    /// next HLT exit; and whether that HLT was that instruction (see `run`).
+    shadowed_at: [Option<u64>; MAX_VCPUS],
+    hlt_woken: [bool; MAX_VCPUS],
 }
 
 impl Svm {
@@ -60,6 +64,8 @@ impl Svm {
         asids: 0,
         alloc: |_| None,
         vmcbs: [0; MAX_VCPUS],
+        shadowed_at: [None; MAX_VCPUS],
+        hlt_woken: [false; MAX_VCPUS],
     };
 
     /// Set EFER.SVME, give the CPU its host save area, and build the shared permission
@@ -94,7 +100,7 @@ impl Svm {
             Msr::new(VM_HSAVE_PA).write(hsave);
             core::arch::asm!("vmsave rax", in("rax") host_save_pa, options(nostack));
         }
-        Ok(Self { host_save_pa, iopm_pa, msrpm_pa, msrpm_vm_pa, asids, alloc, vmcbs: [0; MAX_VCPUS] })
+        Ok(Self { host_save_pa, iopm_pa, msrpm_pa, msrpm_vm_pa, asids, alloc, ..Self::DISABLED })
     }
 
     pub fn vmcb_pa(&self, v: VcpuId) -> u64 {
@@ -178,6 +184,7 @@ impl VcpuHardware for Svm {
             self.vmcbs[v as usize] = (self.alloc)(1).ok_or(Error::OutOfMemory)?;
         }
         let pa = self.vmcbs[v as usize];
+        (self.shadowed_at[v as usize], self.hlt_woken[v as usize]) = (None, false);
         // SAFETY: the page was allocated above (or earlier) for this vCPU's VMCB alone and
         // is identity-mapped; no other reference to it exists while this one lives.
         let vmcb = unsafe { &mut *(pa as *mut Vmcb) };
@@ -215,13 +222,25 @@ impl VcpuHardware for Svm {
         if interrupted & EVENT_VALID != 0 {
             vmcb.write_u64(control::EVENT_INJECTION, interrupted);
         }
-        exit::decode(
-            code,
-            vmcb.read_u64(control::EXIT_INFO1),
-            vmcb.read_u64(control::EXIT_INFO2),
-            regs.rip,
-            vmcb.read_u64(NEXT_RIP),
-        )
+        // A CPU's VMRUN loads INTERRUPT_SHADOW (APM vol. 2, 15.21.5): a guest stopped
+        // between STI and HLT (a tick's exit) executes its HLT before it takes an interrupt
+        // offered meanwhile, and the interrupt wakes the HLT. QEMU's VMRUN ignores the field:
+        // the guest takes the interrupt at once, its handler returns to the HLT, and the HLT
+        // sleeps with its wake-up already consumed (the doorbell test's hang: bell halted,
+        // its doorbell's bits set, nothing pending). So the shadowed instruction is
+        // remembered until the next HLT exit, and a HLT exit at it counts as woken
+        // (`VirqHardware::hlt_woken`): where the shadow was honoured, the cost is at most
+        // one spurious wake-up.
+        let in_shadow = vmcb.read_u64(control::INTERRUPT_SHADOW) & 1 != 0;
+        let (info1, info2, next_rip) =
+            (vmcb.read_u64(control::EXIT_INFO1), vmcb.read_u64(control::EXIT_INFO2), vmcb.read_u64(NEXT_RIP));
+        let shadowed = &mut self.shadowed_at[v as usize];
+        if code == exit::HLT {
+            self.hlt_woken[v as usize] = shadowed.take() == Some(regs.rip);
+        } else if in_shadow {
+            *shadowed = Some(regs.rip);
+        }
+        exit::decode(code, info1, info2, regs.rip, next_rip)
     }
 
     #[inline(always)]
@@ -313,6 +332,10 @@ impl VirqHardware for Svm {
 
     fn virq_inject(&mut self, v: VcpuId, vector: u8) {
         self.inject(v, Event::Interrupt(vector));
+    }
+
+    fn hlt_woken(&mut self, v: VcpuId) -> bool {
+        core::mem::take(&mut self.hlt_woken[v as usize])
     }
 }
 
