@@ -299,6 +299,32 @@ pub fn kill_seed() -> u64 {
     })
 }
 
+/// Crashes of a driver that a `ctl kill` overtook, in console order: a `crash` line, then a
+/// `kill` line before the next `restart` line. The driver prints its crash line just before
+/// it faults; when the test's kill reaches dom0 before the fault message does, dom0 kills
+/// the incarnation that was about to fault (it still runs as far as dom0 knows) and builds
+/// the next one, and the fault message of the destroyed incarnation is stale: one restart
+/// answers both. Every other crash or kill gets a restart of its own.
+pub fn overtaken_crashes<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    crash: &str,
+    kill: &str,
+    restart: &str,
+) -> usize {
+    let (mut crashed, mut overtaken) = (false, 0);
+    for l in lines {
+        if l.contains(crash) {
+            crashed = true;
+        } else if l.contains(kill) && crashed {
+            overtaken += 1;
+            crashed = false;
+        } else if l.contains(restart) {
+            crashed = false;
+        }
+    }
+    overtaken
+}
+
 /// [`run_serving`], but the client runs on a thread of its own while the console is still
 /// read, so the run keeps every line printed while the client ran (`run_serving` stops
 /// reading when the client starts). The run stops when the client returns (or at a FATAL
@@ -337,5 +363,27 @@ pub fn run_serving_whole<T: Send + 'static>(
             eprintln!("console of the failed run:\n{}", run.console());
             std::panic::resume_unwind(panic)
         }
+    }
+}
+
+#[cfg(test)]
+mod overtaken_tests {
+    use super::overtaken_crashes;
+
+    #[test]
+    fn a_crash_a_kill_overtook_shares_its_restart_and_others_do_not() {
+        let console = [
+            "[net] crashing after 1200 frames",
+            "[dom0] restarted net (1 of 30)",
+            "[dom0] ctl: killing net at 5 ns",
+            "[dom0] restarted net (2 of 30)",
+            "[net] crashing after 1500 frames",
+            "[dom0] ctl: killing net at 9 ns",
+            "[dom0] restarted net (3 of 30)",
+            "[dom0] ctl: killing net at 12 ns",
+            "[dom0] restarted net (4 of 30)",
+        ];
+        let n = overtaken_crashes(console, "[net] crashing after", "[dom0] ctl: killing net", "[dom0] restarted net");
+        assert_eq!(n, 1);
     }
 }
