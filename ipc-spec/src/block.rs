@@ -177,6 +177,17 @@ use core::sync::atomic::{fence, Ordering};
 
 use crate::ring::{self, Consumer, Producer, RingError, SharedMem};
 
+/// The driver's rule for ringing a client ("The driver rings a client" in "Doorbells"):
+/// `answered` answers pushed since its last ring, out of `window`, what the client has in
+/// flight with it (those answers, requests on the device, requests still on the ring).
+/// Rings once half the window is answered, which includes the last answer
+/// (`answered == window`), so no client waits for an answer already on the ring. (Ringing
+/// at three quarters instead, fewer wake-ups of a client that keeps the ring full, measured
+/// no better on `bench blk`.)
+pub fn ring_client_now(answered: u32, window: u32) -> bool {
+    answered > 0 && u64::from(answered) * 2 >= u64::from(window)
+}
+
 /// `"BLK1"` as a little-endian `u32`: the bytes `42 4c 4b 31` at offset 0.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"BLK1");
 /// The only layout version this module reads and writes.
@@ -1038,6 +1049,18 @@ mod tests {
             b[i * 4..i * 4 + 4].copy_from_slice(&f.to_le_bytes());
         }
         b
+    }
+
+    #[test]
+    fn ring_client_at_half_the_window_and_at_the_last_answer() {
+        assert!(!ring_client_now(0, 0));
+        assert!(!ring_client_now(0, 5));
+        assert!(ring_client_now(1, 1));
+        assert!(!ring_client_now(1, 3));
+        assert!(ring_client_now(2, 4));
+        assert!(!ring_client_now(31, 64));
+        assert!(ring_client_now(32, 64));
+        assert!(ring_client_now(u32::MAX, u32::MAX));
     }
 
     #[test]

@@ -384,7 +384,7 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
         Dpc::RingClient => {
             let waiting = x.d_req_prod_seen.wrapping_sub(x.d_req_cons);
             let window = x.answered + x.on_device + waiting;
-            if x.answered > 0 && x.answered * 2 >= window {
+            if crate::block::ring_client_now(u32::from(x.answered), u32::from(window)) {
                 x.drain_d();
                 x.c_bits = true;
                 x.answered = 0;

@@ -577,7 +577,7 @@ mod serve {
             let waiting =
                 c.layout.and_then(|l| l.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).ok()).unwrap_or(0);
             let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
-            if c.answered.saturating_mul(2) >= window {
+            if ipc_spec::block::ring_client_now(c.answered, window) {
                 c.answered = 0;
                 let _ = hypercall::signal(c.signal, 1);
             }
