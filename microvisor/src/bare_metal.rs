@@ -260,6 +260,14 @@ impl Platform for BareMetal {
         let state = AssignedState::new(f).map_err(config_error)?;
         // Passthrough without an IOMMU would let the domain's device write anywhere.
         let iommu = self.iommu.as_mut().ok_or(Error::InvalidState)?;
+        // A function may still be running what firmware left it (SeaBIOS leaves virtio-blk
+        // with bus mastering on and a virtqueue in its own memory: once in about 1,000 web
+        // test boots it read that ring right after assignment, a blocked DMA charged to the
+        // new owner, who was destroyed for it before its first instruction). Stop it, as on
+        // release; its driver turns on what it uses (command bits a driver may write).
+        if let Some(ecam) = self.ecam.as_mut() {
+            pci::quiesce(ecam, name);
+        }
         let attached = iommu.ensure_space(d, ram, regions).and_then(|()| iommu.attach(rid, d));
         if let Err(why) = attached {
             crate::println!("iommu: assigning {name}: {why}");

@@ -598,7 +598,7 @@ pub fn function_reset(cs: &mut impl ConfigSpace, f: &Function) -> bool {
 
 /// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
 /// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
-/// before a dying domain's device changes hands.
+/// before a function is given to a domain, and when a dying domain's device is taken back.
 pub fn quiesce(cs: &mut impl ConfigSpace, bdf: Bdf) {
     let command = cs.read32(bdf, REG_COMMAND) as u16 & !(COMMAND_BUS_MASTER | COMMAND_DECODE);
     cs.write32(bdf, REG_COMMAND, u32::from(command));
