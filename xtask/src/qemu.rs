@@ -299,14 +299,21 @@ pub fn run_captured_polling(
     });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+        // Bytes, not `lines()`: a line that is not UTF-8 (a domain or the firmware may print
+        // any byte) ended the reading, and QEMU then died of SIGPIPE at its next console
+        // byte: an empty console and `Exited(None)`, seen in the web-test loops.
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    if tx.send(line.trim_end_matches(['\n', '\r']).to_string()).is_err() {
                         break;
                     }
                 }
-                Err(_) => break,
             }
         }
     });
