@@ -134,6 +134,16 @@ pub fn ctl(m: &Machine) -> xtask::ctl::Ctl {
     xtask::ctl::Ctl::connect(socket).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// `ctl kill NAME`; whether it was killed. A domain that crashed by itself a moment ago
+/// and is being rebuilt (or stays dead) refuses the kill: not an error for a kill test.
+pub fn ctl_kill(c: &mut xtask::ctl::Ctl, name: &str) -> bool {
+    match c.request(&format!("kill {name}")) {
+        Ok(_) => true,
+        Err(e) if e.contains("is restarting") || e.contains("is dead") => false,
+        Err(e) => panic!("ctl kill {name}: {e}"),
+    }
+}
+
 /// Give a machine with network devices host ports of its own (free now, picked by the
 /// system) instead of 8080 and up: tests run in parallel, and the host may use 8080.
 fn own_ports(m: &mut Machine) {

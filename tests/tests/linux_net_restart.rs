@@ -155,12 +155,7 @@ fn killer(m: &Machine, seed: u64, progress: Arc<AtomicU64>, stop: Arc<AtomicBool
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            match c.request("kill net") {
-                Ok(_) => sent += 1,
-                // It crashed by itself a moment ago and is being rebuilt.
-                Err(e) if e.contains("is restarting") || e.contains("is dead") => {}
-                Err(e) => panic!("ctl kill net: {e}"),
-            }
+            sent += u64::from(ctl_kill(&mut c, "net"));
             last = Instant::now();
         }
         sent

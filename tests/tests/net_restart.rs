@@ -200,12 +200,7 @@ fn transfer_across_restarts(stack: &str, mib: u64, min_restarts: u64, killer: Ki
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        match c.request("kill net") {
-                            Ok(_) => sent += 1,
-                            // It crashed by itself a moment ago and is being rebuilt.
-                            Err(e) if e.contains("is restarting") || e.contains("is dead") => {}
-                            Err(e) => panic!("ctl kill net: {e}"),
-                        }
+                        sent += u64::from(ctl_kill(&mut c, "net"));
                     }
                     sent
                 }))
