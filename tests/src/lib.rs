@@ -71,7 +71,13 @@ fn sweep_dead_scratch() {
 pub fn stack_machine(manifest: &str, append: &str) -> Machine {
     let a = artifacts();
     let name = manifest.replace(['/', '.'], "-");
-    let out = std::env::temp_dir().join(format!("stack-tests-{}-{name}.bin", std::process::id()));
+    // A bundle per machine, not per manifest: tests of one process run in parallel, and a
+    // second test packing the same manifest into the same file truncated it while the first
+    // one's QEMU was loading it (the microvisor then booted with no bundle module, or QEMU
+    // died on a short file: the web loops' "no boot bundle module" and empty consoles).
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("stack-tests-{}-{name}-{n}.bin", std::process::id()));
     let stack = xtask::build::pack(&a.images, &xtask::workspace_root().join(manifest), &out)
         .unwrap_or_else(|e| panic!("packing {manifest}: {e}"));
     let mut m = Machine::new(&Artifacts { bundle: out, stack, ..a });
