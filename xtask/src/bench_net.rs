@@ -31,26 +31,35 @@ const REQUESTS: usize = 500;
 /// ratio by up to a factor of 2 at a load of 10 on 2 cores).
 const ROUNDS: usize = 9;
 
-/// One path's figures: medians over the rounds.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Figures {
-    pub host_to_guest_mb_s: f64,
-    pub guest_to_host_mb_s: f64,
-    pub requests_per_s: f64,
-    /// QEMU's CPU time per workload (ms; 0: not measured): what the work cost, which the
-    /// host's load changes far less than it changes wall clock.
-    pub cpu_ms: [f64; 3],
-}
+/// What is reported per workload (host to guest, guest to host, small requests), in this
+/// order: (JSON name, printed name, whether more is better).
+const MEASURES: [(&str, &str, bool); 9] = [
+    ("host_to_guest_mb_s", "host -> guest (MB/s)", true),
+    ("guest_to_host_mb_s", "guest -> host (MB/s)", true),
+    ("requests_per_s", "small requests per s", true),
+    ("host_to_guest_unqueued_mb_s", "host -> guest (MB/s)", true),
+    ("guest_to_host_unqueued_mb_s", "guest -> host (MB/s)", true),
+    ("unqueued_requests_per_s", "small requests per s", true),
+    ("host_to_guest_cpu_ms", "host -> guest, 8 MiB", false),
+    ("guest_to_host_cpu_ms", "guest -> host, 8 MiB", false),
+    ("requests_cpu_ms", "small requests", false),
+];
 
-/// The ratios, medians of the per-pair ratios (driver VM / direct for the rates, direct /
-/// driver VM for CPU time: above 1 is the driver VM doing better either way), with the
-/// least and greatest pair.
+/// One path's figures, medians over the rounds, in the order of [`MEASURES`]: the rates by
+/// wall clock; the rates by wall clock less the time QEMU's vCPU thread waited for a host
+/// CPU (runnable, not running: the host's other load, see [`Sample`]); QEMU's CPU time per
+/// workload (ms; what the work cost, which the host's load changes far less than it changes
+/// wall clock).
+pub type Figures = [f64; 9];
+
+/// The ratios, in the order of [`MEASURES`]: medians of the per-pair ratios (driver VM /
+/// direct for rates, direct / driver VM for CPU time: above 1 is the driver VM doing better
+/// either way), with the least and greatest pair.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ratios {
-    /// host to guest, guest to host, small requests; then the same in CPU time.
-    pub median: [f64; 6],
-    pub min: [f64; 6],
-    pub max: [f64; 6],
+    pub median: [f64; 9],
+    pub min: [f64; 9],
+    pub max: [f64; 9],
 }
 
 /// The median of `v` (the mean of the middle two for an even count; 0 for none).
@@ -74,66 +83,93 @@ fn find_qemu(port: u16) -> Option<u32> {
     })
 }
 
-/// CPU time (ns) used so far by every thread of process `pid` (the vCPU's and the I/O
-/// thread's, which runs the user network); 0 without one.
-fn cpu_ns(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+/// What QEMU's threads have done so far (from `/proc/<pid>/task/*/schedstat`: time on a
+/// CPU, time runnable waiting for one).
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    /// CPU time of every thread (the vCPU's and the I/O thread's, which runs the user
+    /// network), ns.
+    cpu_ns: u64,
+    /// Time the vCPU thread (`CPU 0/TCG`, named with `-name debug-threads=on`) was runnable
+    /// but not running, ns: while it waits, the emulated machine stands still because the
+    /// host is busy with other work, which the wall clock counts and the workload did not
+    /// cause.
+    queued_ns: u64,
 }
 
-/// Runs `work` and returns its result with the CPU time QEMU used meanwhile (ms).
-fn timed<T>(qemu: Option<u32>, work: impl FnOnce() -> Result<T, String>) -> Result<(T, f64), String> {
-    let t0 = cpu_ns(qemu);
-    let r = work()?;
-    Ok((r, cpu_ns(qemu).saturating_sub(t0) as f64 / 1e6))
+fn sample(pid: Option<u32>) -> Sample {
+    let Some(pid) = pid else { return Sample::default() };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Sample::default() };
+    let mut s = Sample::default();
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        s.cpu_ns += run;
+        if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.contains("TCG")) {
+            s.queued_ns += wait;
+        }
+    }
+    s
 }
 
-fn mb_s(bytes: usize, t: Duration) -> f64 {
-    bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
+/// One workload's run on one path: its amount (MB or requests) and times.
+struct Timed {
+    amount: f64,
+    wall_s: f64,
+    queued_s: f64,
+    cpu_ms: f64,
 }
 
-/// Host to guest: one `POST /sink` of [`TRANSFER`] bytes.
+/// Runs `work` (which returns its amount) and returns it with the times QEMU spent.
+fn timed(qemu: Option<u32>, work: impl FnOnce() -> Result<f64, String>) -> Result<Timed, String> {
+    let s0 = sample(qemu);
+    let t0 = Instant::now();
+    let amount = work()?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let s1 = sample(qemu);
+    Ok(Timed {
+        amount,
+        wall_s,
+        queued_s: s1.queued_ns.saturating_sub(s0.queued_ns) as f64 / 1e9,
+        cpu_ms: s1.cpu_ns.saturating_sub(s0.cpu_ns) as f64 / 1e6,
+    })
+}
+
+/// Host to guest: one `POST /sink` of [`TRANSFER`] bytes; MB moved.
 fn upload(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
     let body = vec![0x5au8; TRANSFER];
-    let t0 = Instant::now();
     let (status, _) = request(&mut s, "POST", "/sink", &body)?;
     if status != 200 {
         return Err(format!("POST /sink answered {status}"));
     }
-    Ok(mb_s(TRANSFER, t0.elapsed()))
+    Ok(TRANSFER as f64 / 1e6)
 }
 
-/// Guest to host: one `GET /source` of [`TRANSFER`] bytes.
+/// Guest to host: one `GET /source` of [`TRANSFER`] bytes; MB moved.
 fn download(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
-    let t0 = Instant::now();
     let (status, body) = request(&mut s, "GET", &format!("/source?bytes={TRANSFER}"), b"")?;
     if status != 200 || body.len() != TRANSFER {
         return Err(format!("GET /source answered {status} with {} bytes", body.len()));
     }
-    Ok(mb_s(TRANSFER, t0.elapsed()))
+    Ok(TRANSFER as f64 / 1e6)
 }
 
-/// Small requests: [`REQUESTS`] `GET /` on one kept-alive connection.
+/// Small requests: [`REQUESTS`] `GET /` on one kept-alive connection; requests made.
 fn requests(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
-    let t0 = Instant::now();
     for _ in 0..REQUESTS {
         let (status, _) = request(&mut s, "GET", "/", b"")?;
         if status != 200 {
             return Err(format!("GET / answered {status}"));
         }
     }
-    Ok(REQUESTS as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+    Ok(REQUESTS as f64)
 }
 
-/// One workload on the path at `port`: its rate (MB/s or requests/s).
+/// One workload on the path at `port`.
 fn workload(w: usize, port: u16) -> Result<f64, String> {
     match w {
         0 => upload(port),
@@ -145,10 +181,9 @@ fn workload(w: usize, port: u16) -> Result<f64, String> {
 /// Measures both paths in [`ROUNDS`] pairs per workload (see the module's comment).
 fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Ratios), String> {
     let qemu = find_qemu(driver_port);
-    // [workload][path] -> per-round rates and CPU times; [workload] -> per-pair ratios.
-    let mut rate = [[[0.0; ROUNDS]; 2]; 3];
-    let mut cpu = [[[0.0; ROUNDS]; 2]; 3];
-    let mut pair = [[0.0; ROUNDS]; 6];
+    // [measure][path][round], and [measure][round]: the pairs' ratios.
+    let mut v = [[[0.0; ROUNDS]; 2]; 9];
+    let mut pair = [[0.0; ROUNDS]; 9];
     for round in 0..ROUNDS {
         for w in 0..3 {
             let mut order = [(0, driver_port), (1, direct_port)];
@@ -156,30 +191,42 @@ fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Rati
                 order.reverse();
             }
             for (i, port) in order {
-                let (r, ms) = timed(qemu, || workload(w, port))?;
-                rate[w][i][round] = r;
-                cpu[w][i][round] = ms;
+                if std::env::var("BENCH_NET_ONLY").is_ok_and(|o| o != i.to_string()) {
+                    continue;
+                }
+                let t = timed(qemu, || workload(w, port))?;
+                if std::env::var_os("BENCH_NET_VERBOSE").is_some() {
+                    eprintln!(
+                        "bench net:   workload {w} path {i}: wall {:.3} s, vCPU queued {:.3} s, CPU {:.0} ms",
+                        t.wall_s, t.queued_s, t.cpu_ms
+                    );
+                }
+                v[w][i][round] = t.amount / t.wall_s.max(1e-9);
+                // (Never below a tenth of the wall clock: a bound against a miscounted wait.)
+                v[3 + w][i][round] = t.amount / (t.wall_s - t.queued_s).max(t.wall_s / 10.0).max(1e-9);
+                v[6 + w][i][round] = t.cpu_ms;
             }
-            pair[w][round] = rate[w][0][round] / rate[w][1][round].max(1e-9);
-            pair[3 + w][round] = cpu[w][1][round] / cpu[w][0][round].max(1e-9);
+            for k in [w, 3 + w, 6 + w] {
+                let [d, x] = [v[k][0][round], v[k][1][round]];
+                pair[k][round] = if MEASURES[k].2 { d / x.max(1e-9) } else { x / d.max(1e-9) };
+            }
         }
+        let p = |k: usize| pair[k][round];
         eprintln!(
-            "bench net: round {}/{ROUNDS}: ratios {:.2} {:.2} {:.2}, CPU {:.2} {:.2} {:.2}",
+            "bench net: round {}/{ROUNDS}: ratios {:.2} {:.2} {:.2}, less queueing {:.2} {:.2} {:.2}, CPU {:.2} {:.2} {:.2}",
             round + 1,
-            pair[0][round],
-            pair[1][round],
-            pair[2][round],
-            pair[3][round],
-            pair[4][round],
-            pair[5][round]
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8)
         );
     }
-    let figures = |i: usize| Figures {
-        host_to_guest_mb_s: median(&rate[0][i]),
-        guest_to_host_mb_s: median(&rate[1][i]),
-        requests_per_s: median(&rate[2][i]),
-        cpu_ms: [median(&cpu[0][i]), median(&cpu[1][i]), median(&cpu[2][i])],
-    };
+    let figures = |i: usize| -> Figures { core::array::from_fn(|k| median(&v[k][i])) };
     let mut ratios = Ratios::default();
     for (k, p) in pair.iter().enumerate() {
         ratios.median[k] = median(p);
@@ -192,26 +239,19 @@ fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Rati
 /// The JSON report: each path's median figure and the median of the pair ratios, with the
 /// least and greatest pair.
 pub fn to_json(driver: &Figures, direct: &Figures, r: &Ratios) -> String {
-    let (d, x) = (driver, direct);
-    let names = [
-        ("host_to_guest_mb_s", d.host_to_guest_mb_s, x.host_to_guest_mb_s),
-        ("guest_to_host_mb_s", d.guest_to_host_mb_s, x.guest_to_host_mb_s),
-        ("requests_per_s", d.requests_per_s, x.requests_per_s),
-        ("host_to_guest_cpu_ms", d.cpu_ms[0], x.cpu_ms[0]),
-        ("guest_to_host_cpu_ms", d.cpu_ms[1], x.cpu_ms[1]),
-        ("requests_cpu_ms", d.cpu_ms[2], x.cpu_ms[2]),
-    ];
     let mut j = String::from("{\n");
     j.push_str(&format!(
         "  \"transfer_bytes\": {TRANSFER},\n  \"requests_per_round\": {REQUESTS},\n  \"pairs\": {ROUNDS},\n"
     ));
-    for (k, (name, dv, xv)) in names.iter().enumerate() {
+    for (k, (name, _, _)) in MEASURES.iter().enumerate() {
         j.push_str(&format!(
-            "  \"{name}\": {{ \"driver_vm\": {dv:.2}, \"direct\": {xv:.2}, \"ratio\": {:.3}, \"ratio_min\": {:.3}, \"ratio_max\": {:.3} }}{}\n",
+            "  \"{name}\": {{ \"driver_vm\": {:.2}, \"direct\": {:.2}, \"ratio\": {:.3}, \"ratio_min\": {:.3}, \"ratio_max\": {:.3} }}{}\n",
+            driver[k],
+            direct[k],
             r.median[k],
             r.min[k],
             r.max[k],
-            if k + 1 == names.len() { "" } else { "," }
+            if k + 1 == MEASURES.len() { "" } else { "," }
         ));
     }
     j.push_str("}\n");
@@ -229,6 +269,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let out = artifacts.bundle.with_file_name("bench-net.bin");
     let info = build::pack(&artifacts.images, &stack, &out)?;
     let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
+    // Thread names, so that the vCPU thread's waits can be told apart (`Sample`).
+    m.extra.extend(["-name".to_string(), "bench-net,debug-threads=on".to_string()]);
     for port in m.net_ports.iter_mut() {
         *port = qemu::free_port()?;
     }
@@ -262,21 +304,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("(wall clock under TCG; medians of {ROUNDS} pairs, each pair both paths back to back;");
     println!(" the ratio is the median of the pairs' ratios, with the least and greatest pair)\n");
     println!("  measure                     driver VM      direct     ratio   (pairs)");
-    let rows = [
-        ("host -> guest (MB/s)", driver.host_to_guest_mb_s, direct.host_to_guest_mb_s),
-        ("guest -> host (MB/s)", driver.guest_to_host_mb_s, direct.guest_to_host_mb_s),
-        ("small requests per s", driver.requests_per_s, direct.requests_per_s),
-        ("CPU ms, host -> guest", driver.cpu_ms[0], direct.cpu_ms[0]),
-        ("CPU ms, guest -> host", driver.cpu_ms[1], direct.cpu_ms[1]),
-        ("CPU ms, small requests", driver.cpu_ms[2], direct.cpu_ms[2]),
-    ];
-    for (k, (name, d, x)) in rows.iter().enumerate() {
-        if k == 3 {
-            println!("\n  QEMU CPU time: the ratio is direct / driver VM (above 1: the driver VM costs less)");
+    for (k, (_, name, _)) in MEASURES.iter().enumerate() {
+        match k {
+            3 => println!("\n  less the time QEMU's vCPU thread waited for a host CPU (the host's other load)"),
+            6 => {
+                println!("\n  QEMU CPU time (ms): the ratio is direct / driver VM (above 1: the driver VM costs less)")
+            }
+            _ => {}
         }
         println!(
-            "  {name:<24} {d:>12.2} {x:>11.2} {:>9.2}   ({:.2} to {:.2})",
-            ratios.median[k], ratios.min[k], ratios.max[k]
+            "  {name:<24} {:>12.2} {:>11.2} {:>9.2}   ({:.2} to {:.2})",
+            driver[k], direct[k], ratios.median[k], ratios.min[k], ratios.max[k]
         );
     }
     let path = target.join("bench").join("net.json");
@@ -301,16 +339,16 @@ mod tests {
 
     #[test]
     fn json_has_both_paths_and_ratios() {
-        let d = Figures { host_to_guest_mb_s: 2.0, guest_to_host_mb_s: 3.0, requests_per_s: 100.0, cpu_ms: [10.0; 3] };
-        let x = Figures { host_to_guest_mb_s: 4.0, guest_to_host_mb_s: 3.0, requests_per_s: 400.0, cpu_ms: [8.0; 3] };
-        let r = Ratios { median: [0.5, 1.0, 0.25, 0.8, 0.8, 0.8], min: [0.4; 6], max: [1.1; 6] };
+        let d: Figures = [2.0, 3.0, 100.0, 2.0, 3.0, 100.0, 10.0, 10.0, 10.0];
+        let x: Figures = [4.0, 3.0, 400.0, 4.0, 3.0, 400.0, 8.0, 8.0, 8.0];
+        let r = Ratios { median: [0.5, 1.0, 0.25, 0.5, 1.0, 0.25, 0.8, 0.8, 0.8], min: [0.4; 9], max: [1.1; 9] };
         let j = to_json(&d, &x, &r);
         assert!(
             j.contains("\"host_to_guest_mb_s\": { \"driver_vm\": 2.00, \"direct\": 4.00, \"ratio\": 0.500, \"ratio_min\": 0.400, \"ratio_max\": 1.100 },"),
             "{j}"
         );
         assert!(
-            j.contains("\"requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250,"),
+            j.contains("\"unqueued_requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250,"),
             "{j}"
         );
         assert!(
