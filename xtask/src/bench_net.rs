@@ -12,7 +12,7 @@
 //! alternates), so that a change in the host's load falls on both halves of a pair alike;
 //! each pair gives a ratio, and the figure reported is the median over [`ROUNDS`] pairs
 //! (the paths' own figures are their medians too). QEMU's CPU time per workload is paired
-//! the same way.
+//! the same way. `BENCH_NET_VERBOSE=1` prints every run's wall clock and CPU time.
 
 use std::time::{Duration, Instant};
 
@@ -33,33 +33,29 @@ const ROUNDS: usize = 9;
 
 /// What is reported per workload (host to guest, guest to host, small requests), in this
 /// order: (JSON name, printed name, whether more is better).
-const MEASURES: [(&str, &str, bool); 9] = [
+const MEASURES: [(&str, &str, bool); 6] = [
     ("host_to_guest_mb_s", "host -> guest (MB/s)", true),
     ("guest_to_host_mb_s", "guest -> host (MB/s)", true),
     ("requests_per_s", "small requests per s", true),
-    ("host_to_guest_unqueued_mb_s", "host -> guest (MB/s)", true),
-    ("guest_to_host_unqueued_mb_s", "guest -> host (MB/s)", true),
-    ("unqueued_requests_per_s", "small requests per s", true),
     ("host_to_guest_cpu_ms", "host -> guest, 8 MiB", false),
     ("guest_to_host_cpu_ms", "guest -> host, 8 MiB", false),
     ("requests_cpu_ms", "small requests", false),
 ];
 
 /// One path's figures, medians over the rounds, in the order of [`MEASURES`]: the rates by
-/// wall clock; the rates by wall clock less the time QEMU's vCPU thread waited for a host
-/// CPU (runnable, not running: the host's other load, see [`Sample`]); QEMU's CPU time per
-/// workload (ms; what the work cost, which the host's load changes far less than it changes
-/// wall clock).
-pub type Figures = [f64; 9];
+/// wall clock, then QEMU's CPU time per workload (ms; all its threads: the vCPU's and the
+/// I/O thread's, which runs the user network). CPU time is what the work cost, which the
+/// host's load changes far less than it changes wall clock.
+pub type Figures = [f64; 6];
 
 /// The ratios, in the order of [`MEASURES`]: medians of the per-pair ratios (driver VM /
 /// direct for rates, direct / driver VM for CPU time: above 1 is the driver VM doing better
 /// either way), with the least and greatest pair.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ratios {
-    pub median: [f64; 9],
-    pub min: [f64; 9],
-    pub max: [f64; 9],
+    pub median: [f64; 6],
+    pub min: [f64; 6],
+    pub max: [f64; 6],
 }
 
 /// The median of `v` (the mean of the middle two for an even count; 0 for none).
@@ -83,57 +79,31 @@ fn find_qemu(port: u16) -> Option<u32> {
     })
 }
 
-/// What QEMU's threads have done so far (from `/proc/<pid>/task/*/schedstat`: time on a
-/// CPU, time runnable waiting for one).
-#[derive(Clone, Copy, Default)]
-struct Sample {
-    /// CPU time of every thread (the vCPU's and the I/O thread's, which runs the user
-    /// network), ns.
-    cpu_ns: u64,
-    /// Time the vCPU thread (`CPU 0/TCG`, named with `-name debug-threads=on`) was runnable
-    /// but not running, ns: while it waits, the emulated machine stands still because the
-    /// host is busy with other work, which the wall clock counts and the workload did not
-    /// cause.
-    queued_ns: u64,
-}
-
-fn sample(pid: Option<u32>) -> Sample {
-    let Some(pid) = pid else { return Sample::default() };
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Sample::default() };
-    let mut s = Sample::default();
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
-        let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
-        let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
-        s.cpu_ns += run;
-        if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.contains("TCG")) {
-            s.queued_ns += wait;
-        }
-    }
-    s
+/// CPU time (ns) used so far by every thread of process `pid`; 0 without one.
+fn cpu_ns(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One workload's run on one path: its amount (MB or requests) and times.
 struct Timed {
     amount: f64,
     wall_s: f64,
-    queued_s: f64,
     cpu_ms: f64,
 }
 
 /// Runs `work` (which returns its amount) and returns it with the times QEMU spent.
 fn timed(qemu: Option<u32>, work: impl FnOnce() -> Result<f64, String>) -> Result<Timed, String> {
-    let s0 = sample(qemu);
+    let c0 = cpu_ns(qemu);
     let t0 = Instant::now();
     let amount = work()?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let s1 = sample(qemu);
-    Ok(Timed {
-        amount,
-        wall_s,
-        queued_s: s1.queued_ns.saturating_sub(s0.queued_ns) as f64 / 1e9,
-        cpu_ms: s1.cpu_ns.saturating_sub(s0.cpu_ns) as f64 / 1e6,
-    })
+    Ok(Timed { amount, wall_s, cpu_ms: cpu_ns(qemu).saturating_sub(c0) as f64 / 1e6 })
 }
 
 /// Host to guest: one `POST /sink` of [`TRANSFER`] bytes; MB moved.
@@ -182,8 +152,8 @@ fn workload(w: usize, port: u16) -> Result<f64, String> {
 fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Ratios), String> {
     let qemu = find_qemu(driver_port);
     // [measure][path][round], and [measure][round]: the pairs' ratios.
-    let mut v = [[[0.0; ROUNDS]; 2]; 9];
-    let mut pair = [[0.0; ROUNDS]; 9];
+    let mut v = [[[0.0; ROUNDS]; 2]; 6];
+    let mut pair = [[0.0; ROUNDS]; 6];
     for round in 0..ROUNDS {
         for w in 0..3 {
             let mut order = [(0, driver_port), (1, direct_port)];
@@ -191,39 +161,34 @@ fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Rati
                 order.reverse();
             }
             for (i, port) in order {
-                if std::env::var("BENCH_NET_ONLY").is_ok_and(|o| o != i.to_string()) {
-                    continue;
-                }
                 let t = timed(qemu, || workload(w, port))?;
                 if std::env::var_os("BENCH_NET_VERBOSE").is_some() {
                     eprintln!(
-                        "bench net:   workload {w} path {i}: wall {:.3} s, vCPU queued {:.3} s, CPU {:.0} ms",
-                        t.wall_s, t.queued_s, t.cpu_ms
+                        "bench net:   {} through the {}: wall {:.3} s, CPU {:.0} ms",
+                        MEASURES[w].1,
+                        ["driver VM", "direct NIC"][i],
+                        t.wall_s,
+                        t.cpu_ms
                     );
                 }
                 v[w][i][round] = t.amount / t.wall_s.max(1e-9);
-                // (Never below a tenth of the wall clock: a bound against a miscounted wait.)
-                v[3 + w][i][round] = t.amount / (t.wall_s - t.queued_s).max(t.wall_s / 10.0).max(1e-9);
-                v[6 + w][i][round] = t.cpu_ms;
+                v[3 + w][i][round] = t.cpu_ms;
             }
-            for k in [w, 3 + w, 6 + w] {
+            for k in [w, 3 + w] {
                 let [d, x] = [v[k][0][round], v[k][1][round]];
                 pair[k][round] = if MEASURES[k].2 { d / x.max(1e-9) } else { x / d.max(1e-9) };
             }
         }
         let p = |k: usize| pair[k][round];
         eprintln!(
-            "bench net: round {}/{ROUNDS}: ratios {:.2} {:.2} {:.2}, less queueing {:.2} {:.2} {:.2}, CPU {:.2} {:.2} {:.2}",
+            "bench net: round {}/{ROUNDS}: ratios {:.2} {:.2} {:.2}, CPU {:.2} {:.2} {:.2}",
             round + 1,
             p(0),
             p(1),
             p(2),
             p(3),
             p(4),
-            p(5),
-            p(6),
-            p(7),
-            p(8)
+            p(5)
         );
     }
     let figures = |i: usize| -> Figures { core::array::from_fn(|k| median(&v[k][i])) };
@@ -269,8 +234,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let out = artifacts.bundle.with_file_name("bench-net.bin");
     let info = build::pack(&artifacts.images, &stack, &out)?;
     let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
-    // Thread names, so that the vCPU thread's waits can be told apart (`Sample`).
-    m.extra.extend(["-name".to_string(), "bench-net,debug-threads=on".to_string()]);
     for port in m.net_ports.iter_mut() {
         *port = qemu::free_port()?;
     }
@@ -339,16 +302,16 @@ mod tests {
 
     #[test]
     fn json_has_both_paths_and_ratios() {
-        let d: Figures = [2.0, 3.0, 100.0, 2.0, 3.0, 100.0, 10.0, 10.0, 10.0];
-        let x: Figures = [4.0, 3.0, 400.0, 4.0, 3.0, 400.0, 8.0, 8.0, 8.0];
-        let r = Ratios { median: [0.5, 1.0, 0.25, 0.5, 1.0, 0.25, 0.8, 0.8, 0.8], min: [0.4; 9], max: [1.1; 9] };
+        let d: Figures = [2.0, 3.0, 100.0, 10.0, 10.0, 10.0];
+        let x: Figures = [4.0, 3.0, 400.0, 8.0, 8.0, 8.0];
+        let r = Ratios { median: [0.5, 1.0, 0.25, 0.8, 0.8, 0.8], min: [0.4; 6], max: [1.1; 6] };
         let j = to_json(&d, &x, &r);
         assert!(
             j.contains("\"host_to_guest_mb_s\": { \"driver_vm\": 2.00, \"direct\": 4.00, \"ratio\": 0.500, \"ratio_min\": 0.400, \"ratio_max\": 1.100 },"),
             "{j}"
         );
         assert!(
-            j.contains("\"unqueued_requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250,"),
+            j.contains("\"requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250,"),
             "{j}"
         );
         assert!(
