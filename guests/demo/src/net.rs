@@ -28,7 +28,7 @@ pub trait NetDevice: Device {
     fn dead(&self) -> Option<&'static str>;
     /// Called when the server is about to poll again at once with no progress made: tell
     /// the other side about every frame it has not taken yet (before a wait,
-    /// [`NetDevice::prepare_to_wait`] does).
+    /// [`NetDevice::prepare_to_wait`] and [`NetDevice::wait`] do).
     fn flush(&mut self) {}
     /// Before the server waits for its notification: ask to be woken for what arrives
     /// from now on, and tell the other side about every frame it has not taken yet;
@@ -78,7 +78,7 @@ impl NetDevice for ChannelDevice {
     /// Asks the driver to ring for RX frames again and looks at the RX ring once more
     /// (`ipc_spec::net`, "Doorbells"); the doorbell for frames the driver has not taken yet
     /// is left to [`NetDevice::wait`], which rings it and waits in one hypercall
-    /// (`SignalWait`): the driver VM runs at once (it outranks us) and then the CPU goes
+    /// (`SignalWait`): a driver VM that outranks us runs at once, and then the CPU goes
     /// idle, with no return to this guest in between only to wait (one world switch fewer
     /// per idle period). Frames the driver puts on our RX ring in that round are rung for
     /// (the doorbell is armed by then): the wait ends at once. A corrupt ring: wait anyway
