@@ -5,8 +5,14 @@
 //! channel; the second is owned directly by a second demo guest, `direct`. Both serve the
 //! same HTTP server, so the host measures, in one run and alternating between the two:
 //! host-to-guest throughput (`POST /sink`), guest-to-host throughput (`GET /source`) and
-//! small requests per second (`GET /` on a kept-alive connection). Wall-clock times under
-//! TCG are noisy: the ratios are what carries over; each figure is the best of a few rounds.
+//! small requests per second (`GET /` on a kept-alive connection).
+//!
+//! Wall-clock times under TCG on a shared host are noisy, so the two paths are measured as
+//! pairs: each workload runs on one path and at once on the other (which goes first
+//! alternates), so that a change in the host's load falls on both halves of a pair alike;
+//! each pair gives a ratio, and the figure reported is the median over [`ROUNDS`] pairs
+//! (the paths' own figures are their medians too). QEMU's CPU time per workload is paired
+//! the same way. `BENCH_NET_VERBOSE=1` prints every run's wall clock and CPU time.
 
 use std::time::{Duration, Instant};
 
@@ -17,21 +23,50 @@ use crate::qemu::{self, Ending, Machine};
 
 /// Bytes per throughput transfer.
 const TRANSFER: usize = 8 << 20;
-/// Requests per requests-per-second round.
-const REQUESTS: usize = 200;
-/// Rounds per figure (the best is kept: on a shared, loaded host the least disturbed one;
-/// 3 left single figures off by a factor of 2 at a load of 10 on 2 cores).
-const ROUNDS: usize = 5;
+/// Requests per requests-per-second round (200, about a quarter second, let one
+/// descheduling of QEMU by the host's other load decide a round).
+const REQUESTS: usize = 500;
+/// Pairs per workload (the median pair is reported: best-of-5 per path, as before, took
+/// each path's luckiest round independently, so one lucky round on either side moved the
+/// ratio by up to a factor of 2 at a load of 10 on 2 cores).
+const ROUNDS: usize = 9;
 
-/// One path's figures.
+/// What is reported per workload (host to guest, guest to host, small requests), in this
+/// order: (JSON name, printed name, whether more is better).
+const MEASURES: [(&str, &str, bool); 6] = [
+    ("host_to_guest_mb_s", "host -> guest (MB/s)", true),
+    ("guest_to_host_mb_s", "guest -> host (MB/s)", true),
+    ("requests_per_s", "small requests per s", true),
+    ("host_to_guest_cpu_ms", "host -> guest, 8 MiB", false),
+    ("guest_to_host_cpu_ms", "guest -> host, 8 MiB", false),
+    ("requests_cpu_ms", "small requests", false),
+];
+
+/// One path's figures, medians over the rounds, in the order of [`MEASURES`]: the rates by
+/// wall clock, then QEMU's CPU time per workload (ms; all its threads: the vCPU's and the
+/// I/O thread's, which runs the user network). CPU time is what the work cost, which the
+/// host's load changes far less than it changes wall clock.
+pub type Figures = [f64; 6];
+
+/// The ratios, in the order of [`MEASURES`]: medians of the per-pair ratios (driver VM /
+/// direct for rates, direct / driver VM for CPU time: above 1 is the driver VM doing better
+/// either way), with the least and greatest pair.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Figures {
-    pub host_to_guest_mb_s: f64,
-    pub guest_to_host_mb_s: f64,
-    pub requests_per_s: f64,
-    /// QEMU's CPU time per workload (ms; the least of the rounds; 0: not measured): what
-    /// the work cost, which the host's load changes far less than it changes wall clock.
-    pub cpu_ms: [f64; 3],
+pub struct Ratios {
+    pub median: [f64; 6],
+    pub min: [f64; 6],
+    pub max: [f64; 6],
+}
+
+/// The median of `v` (the mean of the middle two for an even count; 0 for none).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// QEMU's process, found by the host forward of `port` on its command line.
@@ -44,8 +79,7 @@ fn find_qemu(port: u16) -> Option<u32> {
     })
 }
 
-/// CPU time (ns) used so far by every thread of process `pid` (the vCPU's and the I/O
-/// thread's, which runs the user network); 0 without one.
+/// CPU time (ns) used so far by every thread of process `pid`; 0 without one.
 fn cpu_ns(pid: Option<u32>) -> u64 {
     let Some(pid) = pid else { return 0 };
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
@@ -56,126 +90,134 @@ fn cpu_ns(pid: Option<u32>) -> u64 {
         .sum()
 }
 
-/// Runs `work` and returns its result with the CPU time QEMU used meanwhile (ms).
-fn timed<T>(qemu: Option<u32>, work: impl FnOnce() -> Result<T, String>) -> Result<(T, f64), String> {
-    let t0 = cpu_ns(qemu);
-    let r = work()?;
-    Ok((r, cpu_ns(qemu).saturating_sub(t0) as f64 / 1e6))
+/// One workload's run on one path: its amount (MB or requests) and times.
+struct Timed {
+    amount: f64,
+    wall_s: f64,
+    cpu_ms: f64,
 }
 
-/// Keeps the least non-zero CPU time.
-fn least(best: &mut f64, ms: f64) {
-    if ms > 0.0 && (*best == 0.0 || ms < *best) {
-        *best = ms;
-    }
+/// Runs `work` (which returns its amount) and returns it with the times QEMU spent.
+fn timed(qemu: Option<u32>, work: impl FnOnce() -> Result<f64, String>) -> Result<Timed, String> {
+    let c0 = cpu_ns(qemu);
+    let t0 = Instant::now();
+    let amount = work()?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    Ok(Timed { amount, wall_s, cpu_ms: cpu_ns(qemu).saturating_sub(c0) as f64 / 1e6 })
 }
 
-fn mb_s(bytes: usize, t: Duration) -> f64 {
-    bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
-}
-
-/// Host to guest: one `POST /sink` of [`TRANSFER`] bytes.
+/// Host to guest: one `POST /sink` of [`TRANSFER`] bytes; MB moved.
 fn upload(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
     let body = vec![0x5au8; TRANSFER];
-    let t0 = Instant::now();
     let (status, _) = request(&mut s, "POST", "/sink", &body)?;
     if status != 200 {
         return Err(format!("POST /sink answered {status}"));
     }
-    Ok(mb_s(TRANSFER, t0.elapsed()))
+    Ok(TRANSFER as f64 / 1e6)
 }
 
-/// Guest to host: one `GET /source` of [`TRANSFER`] bytes.
+/// Guest to host: one `GET /source` of [`TRANSFER`] bytes; MB moved.
 fn download(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
-    let t0 = Instant::now();
     let (status, body) = request(&mut s, "GET", &format!("/source?bytes={TRANSFER}"), b"")?;
     if status != 200 || body.len() != TRANSFER {
         return Err(format!("GET /source answered {status} with {} bytes", body.len()));
     }
-    Ok(mb_s(TRANSFER, t0.elapsed()))
+    Ok(TRANSFER as f64 / 1e6)
 }
 
-/// Small requests: [`REQUESTS`] `GET /` on one kept-alive connection.
+/// Small requests: [`REQUESTS`] `GET /` on one kept-alive connection; requests made.
 fn requests(port: u16) -> Result<f64, String> {
     let mut s = connect(port)?;
-    let t0 = Instant::now();
     for _ in 0..REQUESTS {
         let (status, _) = request(&mut s, "GET", "/", b"")?;
         if status != 200 {
             return Err(format!("GET / answered {status}"));
         }
     }
-    Ok(REQUESTS as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+    Ok(REQUESTS as f64)
 }
 
-/// Measures both paths, alternating (which one goes first alternates too), best of
-/// [`ROUNDS`].
-fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures), String> {
-    let mut best = [Figures::default(); 2];
-    let qemu = find_qemu(driver_port);
-    for round in 0..ROUNDS {
-        let mut order = [(0, driver_port), (1, direct_port)];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for (i, port) in order {
-            let f = &mut best[i];
-            let (up, cpu) = timed(qemu, || upload(port))?;
-            f.host_to_guest_mb_s = f.host_to_guest_mb_s.max(up);
-            least(&mut f.cpu_ms[0], cpu);
-            let (down, cpu) = timed(qemu, || download(port))?;
-            f.guest_to_host_mb_s = f.guest_to_host_mb_s.max(down);
-            least(&mut f.cpu_ms[1], cpu);
-            let (rps, cpu) = timed(qemu, || requests(port))?;
-            f.requests_per_s = f.requests_per_s.max(rps);
-            least(&mut f.cpu_ms[2], cpu);
-        }
-        eprintln!("bench net: round {}/{ROUNDS} done", round + 1);
+/// One workload on the path at `port`.
+fn workload(w: usize, port: u16) -> Result<f64, String> {
+    match w {
+        0 => upload(port),
+        1 => download(port),
+        _ => requests(port),
     }
-    Ok((best[0], best[1]))
 }
 
-/// The JSON report. Throughput ratios are driver VM / direct; CPU-time ratios direct /
-/// driver VM: above 1 is the driver VM doing better either way.
-pub fn to_json(driver: &Figures, direct: &Figures) -> String {
-    let entry = |name: &str, d: f64, x: f64, ratio: f64, last: bool| {
-        format!(
-            "  \"{name}\": {{ \"driver_vm\": {d:.2}, \"direct\": {x:.2}, \"ratio\": {ratio:.3} }}{}\n",
-            if last { "" } else { "," }
-        )
-    };
-    let per = |a: f64, b: f64| a / b.max(1e-9);
+/// Measures both paths in [`ROUNDS`] pairs per workload (see the module's comment).
+fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Ratios), String> {
+    let qemu = find_qemu(driver_port);
+    // [measure][path][round], and [measure][round]: the pairs' ratios.
+    let mut v = [[[0.0; ROUNDS]; 2]; 6];
+    let mut pair = [[0.0; ROUNDS]; 6];
+    for round in 0..ROUNDS {
+        for w in 0..3 {
+            let mut order = [(0, driver_port), (1, direct_port)];
+            if (round + w) % 2 == 1 {
+                order.reverse();
+            }
+            for (i, port) in order {
+                let t = timed(qemu, || workload(w, port))?;
+                if std::env::var_os("BENCH_NET_VERBOSE").is_some() {
+                    eprintln!(
+                        "bench net:   {} through the {}: wall {:.3} s, CPU {:.0} ms",
+                        MEASURES[w].1,
+                        ["driver VM", "direct NIC"][i],
+                        t.wall_s,
+                        t.cpu_ms
+                    );
+                }
+                v[w][i][round] = t.amount / t.wall_s.max(1e-9);
+                v[3 + w][i][round] = t.cpu_ms;
+            }
+            for k in [w, 3 + w] {
+                let [d, x] = [v[k][0][round], v[k][1][round]];
+                pair[k][round] = if MEASURES[k].2 { d / x.max(1e-9) } else { x / d.max(1e-9) };
+            }
+        }
+        let p = |k: usize| pair[k][round];
+        eprintln!(
+            "bench net: round {}/{ROUNDS}: ratios {:.2} {:.2} {:.2}, CPU {:.2} {:.2} {:.2}",
+            round + 1,
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
+        );
+    }
+    let figures = |i: usize| -> Figures { core::array::from_fn(|k| median(&v[k][i])) };
+    let mut ratios = Ratios::default();
+    for (k, p) in pair.iter().enumerate() {
+        ratios.median[k] = median(p);
+        ratios.min[k] = p.iter().copied().fold(f64::INFINITY, f64::min);
+        ratios.max[k] = p.iter().copied().fold(0.0, f64::max);
+    }
+    Ok((figures(0), figures(1), ratios))
+}
+
+/// The JSON report: each path's median figure and the median of the pair ratios, with the
+/// least and greatest pair.
+pub fn to_json(driver: &Figures, direct: &Figures, r: &Ratios) -> String {
     let mut j = String::from("{\n");
     j.push_str(&format!(
-        "  \"transfer_bytes\": {TRANSFER},\n  \"requests_per_round\": {REQUESTS},\n  \"rounds\": {ROUNDS},\n"
+        "  \"transfer_bytes\": {TRANSFER},\n  \"requests_per_round\": {REQUESTS},\n  \"pairs\": {ROUNDS},\n"
     ));
-    let (d, x) = (driver, direct);
-    j.push_str(&entry(
-        "host_to_guest_mb_s",
-        d.host_to_guest_mb_s,
-        x.host_to_guest_mb_s,
-        per(d.host_to_guest_mb_s, x.host_to_guest_mb_s),
-        false,
-    ));
-    j.push_str(&entry(
-        "guest_to_host_mb_s",
-        d.guest_to_host_mb_s,
-        x.guest_to_host_mb_s,
-        per(d.guest_to_host_mb_s, x.guest_to_host_mb_s),
-        false,
-    ));
-    j.push_str(&entry(
-        "requests_per_s",
-        d.requests_per_s,
-        x.requests_per_s,
-        per(d.requests_per_s, x.requests_per_s),
-        false,
-    ));
-    let names = ["host_to_guest_cpu_ms", "guest_to_host_cpu_ms", "requests_cpu_ms"];
-    for (k, name) in names.iter().enumerate() {
-        j.push_str(&entry(name, d.cpu_ms[k], x.cpu_ms[k], per(x.cpu_ms[k], d.cpu_ms[k]), k + 1 == names.len()));
+    for (k, (name, _, _)) in MEASURES.iter().enumerate() {
+        j.push_str(&format!(
+            "  \"{name}\": {{ \"driver_vm\": {:.2}, \"direct\": {:.2}, \"ratio\": {:.3}, \"ratio_min\": {:.3}, \"ratio_max\": {:.3} }}{}\n",
+            driver[k],
+            direct[k],
+            r.median[k],
+            r.min[k],
+            r.max[k],
+            if k + 1 == MEASURES.len() { "" } else { "," }
+        ));
     }
     j.push_str("}\n");
     j
@@ -217,29 +259,28 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let log = target.join("bench").join("net.log");
     std::fs::create_dir_all(log.parent().unwrap_or(&target)).map_err(|e| format!("creating {}: {e}", log.display()))?;
     std::fs::write(&log, run.lines.join("\n") + "\n").map_err(|e| format!("writing {}: {e}", log.display()))?;
-    let (driver, direct) = result.map_err(|e| format!("bench net: {e}"))?;
+    let (driver, direct, ratios) = result.map_err(|e| format!("bench net: {e}"))?;
     if !matches!(run.ending, Ending::Stopped) {
         return Err(failure(&run, "QEMU ended early"));
     }
     println!("Network benchmark: the guest through the net driver VM vs. a guest owning its NIC");
-    println!("(wall clock under TCG, best of {ROUNDS} rounds: the ratio is what carries over)\n");
-    println!("  measure                     driver VM      direct     ratio");
-    for (name, d, x) in [
-        ("host -> guest (MB/s)", driver.host_to_guest_mb_s, direct.host_to_guest_mb_s),
-        ("guest -> host (MB/s)", driver.guest_to_host_mb_s, direct.guest_to_host_mb_s),
-        ("small requests per s", driver.requests_per_s, direct.requests_per_s),
-    ] {
-        println!("  {name:<24} {d:>12.2} {x:>11.2} {:>9.2}", d / x.max(1e-9));
-    }
-    println!("\n  QEMU CPU time (ms)         driver VM      direct  direct/driver VM");
-    for (k, name) in ["host -> guest, 8 MiB", "guest -> host, 8 MiB", "small requests"].iter().enumerate() {
-        let (d, x) = (driver.cpu_ms[k], direct.cpu_ms[k]);
-        println!("  {name:<24} {d:>12.1} {x:>11.1} {:>9.2}", x / d.max(1e-9));
+    println!("(wall clock under TCG; medians of {ROUNDS} pairs, each pair both paths back to back;");
+    println!(" the ratio is the median of the pairs' ratios, with the least and greatest pair)\n");
+    println!("  measure                     driver VM      direct     ratio   (pairs)");
+    for (k, (_, name, _)) in MEASURES.iter().enumerate() {
+        if k == 3 {
+            println!("\n  QEMU CPU time (ms): the ratio is direct / driver VM (above 1: the driver VM costs less)");
+        }
+        println!(
+            "  {name:<24} {:>12.2} {:>11.2} {:>9.2}   ({:.2} to {:.2})",
+            driver[k], direct[k], ratios.median[k], ratios.min[k], ratios.max[k]
+        );
     }
     let path = target.join("bench").join("net.json");
     std::fs::create_dir_all(path.parent().unwrap_or(&target))
         .map_err(|e| format!("creating {}: {e}", path.display()))?;
-    std::fs::write(&path, to_json(&driver, &direct)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    std::fs::write(&path, to_json(&driver, &direct, &ratios))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
     println!("\nbench net: wrote {}", path.display());
     Ok(())
 }
@@ -249,20 +290,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn median_of_odd_even_and_none() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
     fn json_has_both_paths_and_ratios() {
-        let d = Figures { host_to_guest_mb_s: 2.0, guest_to_host_mb_s: 3.0, requests_per_s: 100.0, cpu_ms: [10.0; 3] };
-        let x = Figures { host_to_guest_mb_s: 4.0, guest_to_host_mb_s: 3.0, requests_per_s: 400.0, cpu_ms: [8.0; 3] };
-        let j = to_json(&d, &x);
+        let d: Figures = [2.0, 3.0, 100.0, 10.0, 10.0, 10.0];
+        let x: Figures = [4.0, 3.0, 400.0, 8.0, 8.0, 8.0];
+        let r = Ratios { median: [0.5, 1.0, 0.25, 0.8, 0.8, 0.8], min: [0.4; 6], max: [1.1; 6] };
+        let j = to_json(&d, &x, &r);
         assert!(
-            j.contains("\"host_to_guest_mb_s\": { \"driver_vm\": 2.00, \"direct\": 4.00, \"ratio\": 0.500 },"),
+            j.contains("\"host_to_guest_mb_s\": { \"driver_vm\": 2.00, \"direct\": 4.00, \"ratio\": 0.500, \"ratio_min\": 0.400, \"ratio_max\": 1.100 },"),
             "{j}"
         );
         assert!(
-            j.contains("\"requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250 },"),
+            j.contains("\"requests_per_s\": { \"driver_vm\": 100.00, \"direct\": 400.00, \"ratio\": 0.250,"),
             "{j}"
         );
         assert!(
-            j.contains("\"requests_cpu_ms\": { \"driver_vm\": 10.00, \"direct\": 8.00, \"ratio\": 0.800 }\n}"),
+            j.contains("\"requests_cpu_ms\": { \"driver_vm\": 10.00, \"direct\": 8.00, \"ratio\": 0.800, \"ratio_min\": 0.400, \"ratio_max\": 1.100 }\n}"),
             "{j}"
         );
     }

@@ -28,13 +28,18 @@ pub trait NetDevice: Device {
     fn dead(&self) -> Option<&'static str>;
     /// Called when the server is about to poll again at once with no progress made: tell
     /// the other side about every frame it has not taken yet (before a wait,
-    /// [`NetDevice::prepare_to_wait`] does).
+    /// [`NetDevice::prepare_to_wait`] and [`NetDevice::wait`] do).
     fn flush(&mut self) {}
     /// Before the server waits for its notification: ask to be woken for what arrives
     /// from now on, and tell the other side about every frame it has not taken yet;
     /// `false` if something already arrived (then do not wait: poll again).
     fn prepare_to_wait(&mut self) -> bool {
         true
+    }
+    /// Waits on the server's notification `slot` (after [`NetDevice::prepare_to_wait`] said
+    /// to, and the server armed its timer on it).
+    fn wait(&mut self, slot: u64) {
+        let _ = hypercall::wait(slot);
     }
     /// The server runs again (after a wait, or instead of one) and will call
     /// [`NetDevice::prepare_to_wait`] before it next waits.
@@ -70,14 +75,36 @@ impl NetDevice for ChannelDevice {
         ChannelDevice::flush(self)
     }
 
-    /// Rings for the frames the driver has not taken yet ([`ChannelDevice::flush`]: it
-    /// runs at once and may put frames on our RX ring meanwhile, without a doorbell, as we
-    /// said we would look), then asks the driver to ring for RX frames again and looks at
-    /// the RX ring once more (`ipc_spec::net`, "Doorbells"). A corrupt ring: wait anyway
+    /// Asks the driver to ring for RX frames again and looks at the RX ring once more
+    /// (`ipc_spec::net`, "Doorbells"); the doorbell for frames the driver has not taken yet
+    /// is left to [`NetDevice::wait`], which rings it and waits in one hypercall
+    /// (`SignalWait`): a driver VM that outranks us runs at once, and then the CPU goes
+    /// idle, with no return to this guest in between only to wait (one world switch fewer
+    /// per idle period). Frames the driver puts on our RX ring in that round are rung for
+    /// (the doorbell is armed by then): the wait ends at once. A corrupt ring: wait anyway
     /// (the server stops).
     fn prepare_to_wait(&mut self) -> bool {
-        self.flush();
-        !matches!(self.rx.arm_doorbell(), Ok(true))
+        self.ring_on_wait = self.sent && self.tx.in_flight().map_or(true, |n| n > 0);
+        self.sent = false;
+        let waiting = matches!(self.rx.arm_doorbell(), Ok(true));
+        if waiting && self.ring_on_wait {
+            // Not waiting after all: ring now (the frames must not wait for our next idle).
+            self.ring_on_wait = false;
+            self.ring();
+        }
+        !waiting
+    }
+
+    fn wait(&mut self, slot: u64) {
+        if core::mem::take(&mut self.ring_on_wait) {
+            self.kicks += 1;
+            if hypercall::signal_wait(self.signal, 1, slot).is_ok() {
+                return;
+            }
+            // (Refused: ring and wait apart.)
+            let _ = hypercall::signal(self.signal, 1);
+        }
+        let _ = hypercall::wait(slot);
     }
 
     /// While the server runs it looks at the RX ring before it waits: no doorbells needed.
@@ -127,6 +154,8 @@ pub struct ChannelDevice {
     rx_buf: [u8; MAX_FRAME_LEN],
     /// Frames queued since the last doorbell.
     sent: bool,
+    /// [`NetDevice::wait`] rings the doorbell for frames still on the TX ring.
+    ring_on_wait: bool,
     /// Frames received, sent, and dropped on receive (with the reason of the last).
     pub counters: Counters,
     signal: u64,
@@ -220,6 +249,7 @@ impl ChannelDevice {
             rx,
             rx_buf: [0; MAX_FRAME_LEN],
             sent: false,
+            ring_on_wait: false,
             counters: Counters::default(),
             signal,
             header,

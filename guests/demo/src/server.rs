@@ -152,7 +152,7 @@ impl<D: NetDevice> Server<D> {
                 // The device asks to be woken for frames from now on, and looks once more.
                 if delay > 0 && self.dev.prepare_to_wait() {
                     let _ = hypercall::timer_set(self.wait, delay.min(100_000) * 1000, 1 << 1);
-                    let _ = hypercall::wait(self.wait);
+                    self.dev.wait(self.wait);
                 }
                 self.dev.running();
             }
