@@ -9,6 +9,7 @@ use microvisor::kernel::{
     RAM_CHUNK,
 };
 use microvisor::pci::{self, AssignedState, ConfigError, Function, MAX_FUNCTIONS};
+use microvisor::pci_release;
 use microvisor::phys_mem::{PhysRead, PhysWrite};
 use microvisor::scrub::ChunkPool;
 use microvisor::stage2::TableMemory;
@@ -283,17 +284,24 @@ impl Platform for BareMetal {
     fn device_release(&mut self, dev: DeviceId) {
         let Some((index, _)) = self.devices.get(dev as usize).copied().flatten() else { return };
         let Some(bdf) = self.functions.get(index).map(|f| f.bdf) else { return };
-        // Quiesce: no more bus mastering or decoding, a function-level reset where the
-        // device has one (then the 100 ms the spec asks for before it is touched again:
-        // a rare operation, it may pause the machine), then no DMA path at all.
+        // Stop it for good (`pci_release`): no more bus mastering or decoding, a virtio
+        // reset (QEMU completes the requests it holds now, into memory the domain still
+        // has, not later into freed memory), a function-level reset where the device has
+        // one (then the 100 ms the spec asks for before it is touched again: a rare
+        // operation on hardware, it may pause the machine), then no DMA path at all.
         if let (Some(ecam), Some(f)) = (self.ecam.as_mut(), self.functions.get(index)) {
-            pci::quiesce(ecam, bdf);
-            if pci::function_reset(ecam, f) {
+            let done = pci_release::release(ecam, f, 1000);
+            if done.flr {
                 let t0 = self.clock.now_ns();
                 while self.clock.now_ns() - t0 < 100_000_000 {
                     core::hint::spin_loop();
                 }
                 crate::println!("pci: {bdf} reset (function-level reset)");
+            }
+            match done.virtio_reset {
+                Some(true) => crate::println!("pci: {bdf} released: virtio reset done"),
+                Some(false) => crate::println!("pci: {bdf} released: virtio reset NOT done"),
+                None => {}
             }
         }
         if let Some(iommu) = self.iommu.as_mut() {

@@ -15,6 +15,7 @@ pub mod kernel;
 #[cfg(any(test, not(feature = "vmx")))]
 pub mod npt;
 pub mod pci;
+pub mod pci_release;
 pub mod phys_mem;
 pub mod scrub;
 pub mod stage2;

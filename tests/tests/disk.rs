@@ -154,6 +154,11 @@ fn a_disk_driver_vm_that_keeps_crashing_is_restarted_and_no_acknowledged_write_i
     assert!(restarts + 1 >= crashes, "{crashes} crashes, {restarts} restarts:\n{}", run.console());
     assert_no_line(&run, "restarting disk failed");
     assert_no_line(&run, "FATAL");
+    // Each dead incarnation's device was reset before its memory was freed, so the requests
+    // it had in flight completed then and not later into freed memory (`pci_release`).
+    let resets = run.console().lines().filter(|l| l.contains("released: virtio reset done")).count();
+    assert!(resets + 1 >= crashes, "{crashes} crashes, {resets} device resets:\n{}", run.console());
+    assert_no_line(&run, "virtio reset NOT done");
     let mut gaps = restart_gaps(&run);
     gaps.sort();
     if let (Some(median), Some(worst)) = (gaps.get(gaps.len() / 2), gaps.last()) {

@@ -259,6 +259,10 @@ fn a_tcp_transfer_of_32_mib_survives_20_net_driver_kills_by_crashes_and_ctl() {
         "{} restarts ({overtaken} crashes overtaken by a kill)",
         f.restarts
     );
+    // Every dead incarnation's device was reset before its memory was freed (`pci_release`).
+    let resets = run.lines.iter().filter(|l| l.contains("released: virtio reset done")).count();
+    assert!(resets >= f.restarts, "{} restarts, {resets} device resets", f.restarts);
+    assert_no_line(&run, "virtio reset NOT done");
 }
 
 #[test]

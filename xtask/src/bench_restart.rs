@@ -67,7 +67,7 @@ pub const PHASES: [&str; 15] = [
 
 /// What each phase covers (for the report).
 pub const PHASE_MEANING: [&str; 15] = [
-    "dom0 destroys the domain: the microvisor quiesces its device (bus mastering off, FLR if any), revokes its IOMMU context and interrupt-remapping entries, frees its memory",
+    "dom0 destroys the domain: the microvisor quiesces its device (bus mastering off, virtio reset, FLR if any), revokes its IOMMU context and interrupt-remapping entries, frees its memory",
     "dom0's console lines and restart policy, up to the rebuild",
     "DomainCreate: the new domain's RAM (allocated and zeroed) and stage-2 tables",
     "the image's segments copied into its RAM",
