@@ -596,6 +596,16 @@ pub fn function_reset(cs: &mut impl ConfigSpace, f: &Function) -> bool {
     true
 }
 
+/// Stop a function's DMA: clear bus mastering only (decoding stays: a bridge's, or the LPC
+/// bridge's legacy ports, may be what the machine itself uses). Done for every endpoint at
+/// boot, before the IOMMU blocks unassigned devices (the status half is written as zeros).
+pub fn stop_bus_mastering(cs: &mut impl ConfigSpace, bdf: Bdf) {
+    let command = cs.read32(bdf, REG_COMMAND) as u16;
+    if command & COMMAND_BUS_MASTER != 0 {
+        cs.write32(bdf, REG_COMMAND, u32::from(command & !COMMAND_BUS_MASTER));
+    }
+}
+
 /// Stop a function from touching memory: clear bus mastering and memory/IO decoding (the
 /// status half is written as zeros, which leaves its write-one-to-clear bits alone). Used
 /// before a function is given to a domain, and when a dying domain's device is taken back.
@@ -828,6 +838,22 @@ mod tests {
 
     fn sizing(st: &AssignedState, slot: usize) -> bool {
         st.sizing & (1 << slot) != 0
+    }
+
+    #[test]
+    fn bus_mastering_stops_and_decoding_stays() {
+        let bdf = Bdf { bus: 0, dev: 1, func: 0 };
+        // Bus mastering, memory and I/O decode on; a write-one-to-clear status bit set.
+        let mut cs =
+            FakeCs::default().with(0, 1, 0, FakeFn::new(0x1af4, 0x1042, 0x01_00_00, 0, 0).command(0x0407, 0x8000));
+        stop_bus_mastering(&mut cs, bdf);
+        assert_eq!(cs.reg(bdf, REG_COMMAND), 0x8000_0403, "BME off, decode and INTx disable kept, status kept");
+        // Nothing to do: no write.
+        let writes = cs.writes.len();
+        stop_bus_mastering(&mut cs, bdf);
+        assert_eq!(cs.writes.len(), writes);
+        quiesce(&mut cs, bdf);
+        assert_eq!(cs.reg(bdf, REG_COMMAND), 0x8000_0400);
     }
 
     #[test]
