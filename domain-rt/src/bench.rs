@@ -52,5 +52,5 @@ pub const ROUNDS: u32 = 3;
 
 /// Print one result line in the format `cargo xtask bench blk` reads.
 pub fn report(via: &str, w: &Workload, ns: u64) {
-    crate::println!("bench blk: via={via} workload={} bytes={} ns={ns}", w.name, w.bytes());
+    crate::println!("bench blk: via={via} workload={} bytes={} requests={} ns={ns}", w.name, w.bytes(), w.count);
 }

@@ -14,6 +14,8 @@ use crate::vmexit;
 /// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
 pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
     let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
+    // The vCPU entered last (None: the idle loop ran since), for the switch count.
+    let mut last: Option<microvisor::kernel::VcpuId> = None;
     loop {
         let events = apic::events();
         if events != seen_events {
@@ -47,6 +49,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 continue;
             }
             apic::wait_for_interrupt();
+            last = None;
             continue;
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
@@ -54,6 +57,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::enter(k, m, v);
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
+        count(k, v, &exit, core::mem::replace(&mut last, Some(v)) != Some(v));
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);
@@ -82,6 +86,22 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
             ),
         }
         cpu::set_current_domain(None);
+    }
+}
+
+/// Count exit `exit` of vCPU `v` for its domain (`ExitCounts`); `switched`: another vCPU
+/// or the idle loop ran before this entry.
+fn count(k: &mut Kernel<Stage2>, v: microvisor::kernel::VcpuId, exit: &microvisor::vcpu_hw::Exit, switched: bool) {
+    use microvisor::vcpu_hw::Exit;
+    let d = k.vcpus[v as usize].domain as usize;
+    let c = &mut k.domains[d].counts;
+    c.exits += 1;
+    c.switches += u64::from(switched);
+    match exit {
+        Exit::Hypercall { .. } => c.hypercalls += 1,
+        Exit::Hlt { .. } => c.hlts += 1,
+        Exit::Interrupt => c.interrupts += 1,
+        _ => {}
     }
 }
 

@@ -352,6 +352,33 @@ fn blk(args: &[String]) -> Result<(), String> {
         ));
     }
     json.push_str("  }");
+    // Exits, world switches, virtual interrupts and doorbells per request (the microvisor's
+    // counts around each run; see bench_counts), summed over the rounds.
+    let counts = crate::bench_counts::per_request(&run.lines, |l| {
+        let (via, name, ..) = parse_blk(l)?;
+        let n = l.split_ascii_whitespace().find_map(|w| w.strip_prefix("requests="))?.parse().ok()?;
+        Some((via, name, n))
+    });
+    if !counts.is_empty() {
+        println!("\n  per request (whole machine; exits: all, hc: hypercalls, hlt, int: physical interrupts,");
+        println!("  sw: world switches into a domain, virq: virtual interrupts, sig: notification signals)");
+        println!("  workload         via         exits     hc    hlt    int     sw   virq    sig");
+        json.push_str(",\n  \"per_request\": {\n");
+        for (i, ((via, name), c)) in counts.iter().enumerate() {
+            println!(
+                "  {name:<16} {via:<8} {:>8.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+            );
+            let fields: Vec<String> =
+                crate::bench_counts::FIELDS.iter().zip(c).map(|(f, v)| format!("\"{f}\": {v:.3}")).collect();
+            json.push_str(&format!(
+                "    \"{name}/{via}\": {{ {} }}{}\n",
+                fields.join(", "),
+                if i + 1 < counts.len() { "," } else { "" }
+            ));
+        }
+        json.push_str("  }");
+    }
     if let Some(w) = worst {
         println!(
             "\n  goal (issue 12): every workload through the driver VM >= 0.85 of direct (paired): worst {w:.2} ({})",
