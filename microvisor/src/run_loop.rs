@@ -48,7 +48,9 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 apic::take_pending_interrupts();
                 continue;
             }
+            let idle_from = m.clock.now_ns();
             apic::wait_for_interrupt();
+            k.stats.idle_ns += m.clock.now_ns().saturating_sub(idle_from);
             last = None;
             continue;
         };

@@ -100,7 +100,9 @@ impl From<block_client::ClientError> for ClientError {
 impl BlockClient {
     /// Lay out the region (rings + data area) and start with empty rings.
     pub fn new(region: Region, signal: u64, wait: u64) -> Result<Self, ClientError> {
-        let core = Client::create(&region).map_err(|_| ClientError::Layout)?;
+        // The deep ring where the region is large enough: the block benchmark keeps up to
+        // that many requests in flight, and the driver wakes it once per half of them.
+        let core = Client::create_deep(&region).map_err(|_| ClientError::Layout)?;
         let epoch = (hypercall::clock_ns(), tsc());
         Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_armed: false, epoch })
     }

@@ -205,6 +205,9 @@ pub struct Stats {
     pub ipc_calls: u64,
     pub signals: u64,
     pub ticks: u64,
+    /// Nanoseconds the machine spent idle (every vCPU waiting), by the microvisor's clock:
+    /// under `-icount` the rest of the time is instructions executed.
+    pub idle_ns: u64,
 }
 
 /// A console line with this in it (a block benchmark result, `cargo xtask bench blk`) is
@@ -235,7 +238,7 @@ impl<F: Stage2Format> Kernel<F> {
             root: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
             next_cap_id: 0,
-            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0 },
+            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0, idle_ns: 0 },
         }
     }
 
@@ -298,6 +301,7 @@ impl<F: Stage2Format> Kernel<F> {
                 dom.signals
             );
         }
+        let _ = write!(s, " (machine) idle={};", self.stats.idle_ns);
         p.console_line("microvisor", s.as_bytes());
     }
 
