@@ -495,8 +495,8 @@ impl BlockLayout {
         let ring = Self::ring_pages(capacity) * 4096;
         let data = 4096 + 2 * ring;
         let end = (region_len as u64).min(1 << 32);
-        let data_len = end.checked_sub(data).ok_or(LayoutError::EmptyData)? / u64::from(SECTOR_SIZE)
-            * u64::from(SECTOR_SIZE);
+        let data_len =
+            end.checked_sub(data).ok_or(LayoutError::EmptyData)? / u64::from(SECTOR_SIZE) * u64::from(SECTOR_SIZE);
         let data_len = u32::try_from(data_len).map_err(|_| LayoutError::EmptyData)?;
         Self::new(0x1000, (4096 + ring) as u32, capacity, data as u32, data_len, region_len)
     }
@@ -1126,7 +1126,7 @@ mod tests {
         assert_eq!(l.ring_capacity(), DEEP_RING_CAPACITY);
         // 256 slots of 32 bytes and the ring header: three pages per ring.
         assert_eq!((l.request_ring_offset(), l.response_ring_offset(), l.data_offset()), (0x1000, 0x4000, 0x7000));
-        assert_eq!(l.data_len() as usize, 4160 * 1024 - 0x7000);
+        assert_eq!(l.data_len(), 4160 * 1024 - 0x7000);
         assert_eq!(BlockLayout::deep(1024 * 1024).unwrap().ring_capacity(), DEEP_RING_CAPACITY);
         // Too small for 2 KiB per entry: the standard layout.
         let small = BlockLayout::deep(512 * 1024).unwrap();

@@ -59,7 +59,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::enter(k, m, v);
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
-        count(k, v, &exit, core::mem::replace(&mut last, Some(v)) != Some(v));
+        count(k, v, &exit, last.replace(v) != Some(v));
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);

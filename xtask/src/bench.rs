@@ -368,9 +368,10 @@ fn blk(args: &[String]) -> Result<(), String> {
                 .iter()
                 .filter(|(v, w, ..)| v == via && w == name)
                 .filter_map(|(.., ns)| {
-                    let l = run.lines.iter().find(|l| {
-                        parse_blk(l).is_some_and(|(v, w, _, t)| v == via && w == name && t == *ns)
-                    })?;
+                    let l = run
+                        .lines
+                        .iter()
+                        .find(|l| parse_blk(l).is_some_and(|(v, w, _, t)| v == via && w == name && t == *ns))?;
                     let n: u64 = l.split_ascii_whitespace().find_map(|w| w.strip_prefix("requests="))?.parse().ok()?;
                     Some((*ns as f64, n as f64))
                 })
@@ -411,10 +412,7 @@ fn blk(args: &[String]) -> Result<(), String> {
             json.push_str(",\n  \"busy_ratio\": {\n");
             for (i, (name, r)) in busy_ratios.iter().enumerate() {
                 println!("  {name:<16} {r:>6.2}");
-                json.push_str(&format!(
-                    "    \"{name}\": {r:.3}{}\n",
-                    if i + 1 < busy_ratios.len() { "," } else { "" }
-                ));
+                json.push_str(&format!("    \"{name}\": {r:.3}{}\n", if i + 1 < busy_ratios.len() { "," } else { "" }));
             }
             json.push_str("  }");
         }

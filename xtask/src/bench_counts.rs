@@ -39,8 +39,8 @@ fn total_delta(before: &BTreeMap<String, Counts>, after: &BTreeMap<String, Count
     let mut sum = [0u64; FIELDS.len()];
     for (name, a) in after {
         let b = before.get(name).copied().unwrap_or([0; FIELDS.len()]);
-        for i in 0..FIELDS.len() {
-            sum[i] += a[i].saturating_sub(b[i]);
+        for ((acc, x), y) in sum.iter_mut().zip(a).zip(b) {
+            *acc += x.saturating_sub(y);
         }
     }
     sum
@@ -63,17 +63,15 @@ pub fn per_request(
             if let (Some(before), Some((via, name, n))) = (last.as_ref(), result.take()) {
                 let d = total_delta(before, &now);
                 let e = sums.entry((via, name)).or_insert(([0; FIELDS.len()], 0));
-                for i in 0..FIELDS.len() {
-                    e.0[i] += d[i];
+                for (acc, x) in e.0.iter_mut().zip(d) {
+                    *acc += x;
                 }
                 e.1 += n;
             }
             last = Some(now);
         }
     }
-    sums.into_iter()
-        .map(|(k, (c, n))| (k, c.map(|x| x as f64 / n.max(1) as f64)))
-        .collect()
+    sums.into_iter().map(|(k, (c, n))| (k, c.map(|x| x as f64 / n.max(1) as f64))).collect()
 }
 
 #[cfg(test)]

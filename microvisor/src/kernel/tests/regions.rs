@@ -116,7 +116,7 @@ fn large_regions_are_mapped_with_large_pages() {
     // free frame is then not on one, and a first fit would start the region there.
     let mut boundary = false;
     for _ in 0..4096 {
-        if s.p.frames.alloc(1, PAGE).unwrap() % MIB2 == 0 {
+        if s.p.frames.alloc(1, PAGE).unwrap().is_multiple_of(MIB2) {
             boundary = true;
             break;
         }
@@ -126,7 +126,7 @@ fn large_regions_are_mapped_with_large_pages() {
     let reg = s.hc(v0, Hypercall::RegionCreate, dom0_slots::MEMORY, &[bytes]).unwrap();
     let Object::Region(r) = s.cap(d0, reg).object else { panic!() };
     let hpa = s.k.regions[r as usize].hpa;
-    assert_eq!(hpa % MIB2, 0, "a large region starts on a 2 MiB boundary");
+    assert!(hpa.is_multiple_of(MIB2), "a large region starts on a 2 MiB boundary");
     let gpa = 0x4000_0000;
     assert_eq!(s.hc(v0, Hypercall::Map, dslot, &[reg, gpa, rights::READ | rights::WRITE]), Ok(reg));
     let stage2 = s.k.domains[d as usize].stage2.as_ref().unwrap();
