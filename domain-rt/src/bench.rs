@@ -46,11 +46,13 @@ impl Workload {
     }
 }
 
-/// Times each side runs every workload: `cargo xtask bench blk` keeps the best of them, so
-/// a round disturbed by the host (wall-clock time under TCG is noisy) does not count.
-pub const ROUNDS: u32 = 3;
+/// Times each side runs every workload: `cargo xtask bench blk` keeps the best of them and
+/// the median of the rounds' ratios, so a round disturbed by the host (wall-clock time
+/// under TCG on a loaded host is noisy: single rounds 5 to 30 times slower than the rest
+/// were seen) does not count. The workloads take seconds; the boot takes most of the run.
+pub const ROUNDS: u32 = 7;
 
 /// Print one result line in the format `cargo xtask bench blk` reads.
 pub fn report(via: &str, w: &Workload, ns: u64) {
-    crate::println!("bench blk: via={via} workload={} bytes={} ns={ns}", w.name, w.bytes());
+    crate::println!("bench blk: via={via} workload={} bytes={} requests={} ns={ns}", w.name, w.bytes(), w.count);
 }

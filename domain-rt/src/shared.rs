@@ -60,6 +60,21 @@ impl SharedMem for Region {
         }
     }
 
+    fn read_u64(&self, offset: usize) -> u64 {
+        if !self.in_bounds(offset, 8) || !offset.is_multiple_of(8) {
+            return 0;
+        }
+        // SAFETY: in bounds and aligned (checked); the region is mapped (see `new`).
+        u64::from_le(unsafe { core::ptr::read_volatile((self.base + offset) as *const u64) })
+    }
+
+    fn write_u64(&self, offset: usize, v: u64) {
+        if self.in_bounds(offset, 8) && offset.is_multiple_of(8) {
+            // SAFETY: as in read_u64.
+            unsafe { core::ptr::write_volatile((self.base + offset) as *mut u64, v.to_le()) }
+        }
+    }
+
     fn read_bytes(&self, offset: usize, out: &mut [u8]) {
         if !self.in_bounds(offset, out.len()) {
             out.fill(0);

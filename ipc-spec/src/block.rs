@@ -205,6 +205,11 @@ pub const SECTOR_SIZE: u32 = 512;
 pub const SLOT_SIZE: usize = 32;
 /// Ring capacity used by [`BlockLayout::standard`].
 pub const STANDARD_RING_CAPACITY: u32 = 64;
+/// Ring capacity of [`BlockLayout::deep`]: for a client that keeps many requests in flight
+/// (a sliding window over a data area of a few MiB). The driver is rung back once half of
+/// a client's window is answered (`ring_client_now`), so the deeper the ring, the fewer
+/// wake-ups of the client per request: each costs two exits and two world switches.
+pub const DEEP_RING_CAPACITY: u32 = 256;
 /// Smallest region [`BlockLayout::standard`] accepts: header, two ring pages, one data page.
 pub const STANDARD_MIN_REGION: usize = 4 * 4096;
 
@@ -462,11 +467,38 @@ impl BlockLayout {
         if region_len < STANDARD_MIN_REGION {
             return Err(LayoutError::RegionTooSmall { len: region_len, min: STANDARD_MIN_REGION });
         }
-        const DATA: u64 = 3 * 4096;
+        Self::paged(region_len, STANDARD_RING_CAPACITY)
+    }
+
+    /// The layout for a client that keeps up to [`DEEP_RING_CAPACITY`] requests in flight:
+    /// as [`Self::standard`], with each ring in whole pages of its own (request ring at
+    /// 0x1000, response ring after it, data area after that), if the region's data area
+    /// then holds at least 2 KiB per ring entry (a 1 MiB channel qualifies); else the
+    /// standard layout (a deeper ring could hardly be kept full).
+    pub fn deep(region_len: usize) -> Result<Self, LayoutError> {
+        let ring_pages = Self::ring_pages(DEEP_RING_CAPACITY) as usize;
+        let min = (1 + 2 * ring_pages) * 4096 + DEEP_RING_CAPACITY as usize * 2048;
+        if region_len < min {
+            return Self::standard(region_len);
+        }
+        Self::paged(region_len, DEEP_RING_CAPACITY)
+    }
+
+    /// Pages one ring of `capacity` entries takes.
+    const fn ring_pages(capacity: u32) -> u64 {
+        (capacity as u64 * SLOT_SIZE as u64 + ring::HEADER_SIZE as u64).div_ceil(4096)
+    }
+
+    /// Header page, request ring, response ring (each in whole pages), data area to the
+    /// end of the region (rounded down to whole sectors, and to the first 4 GiB).
+    fn paged(region_len: usize, capacity: u32) -> Result<Self, LayoutError> {
+        let ring = Self::ring_pages(capacity) * 4096;
+        let data = 4096 + 2 * ring;
         let end = (region_len as u64).min(1 << 32);
-        let data_len = (end - DATA) / u64::from(SECTOR_SIZE) * u64::from(SECTOR_SIZE);
+        let data_len =
+            end.checked_sub(data).ok_or(LayoutError::EmptyData)? / u64::from(SECTOR_SIZE) * u64::from(SECTOR_SIZE);
         let data_len = u32::try_from(data_len).map_err(|_| LayoutError::EmptyData)?;
-        Self::new(0x1000, 0x2000, STANDARD_RING_CAPACITY, DATA as u32, data_len, region_len)
+        Self::new(0x1000, (4096 + ring) as u32, capacity, data as u32, data_len, region_len)
     }
 
     /// Reads the header of `mem` (each field once, into locals) and checks it against
@@ -540,6 +572,23 @@ impl BlockLayout {
         let requests = Producer::attach(mem, self.request_ring_offset(), self.ring_capacity)?;
         let responses = Consumer::attach(mem, self.response_ring_offset(), self.ring_capacity)?;
         Ok((requests, responses))
+    }
+
+    /// The guest's request ring alone, as [`Self::guest_rings_attach`] attaches it (a client
+    /// that only pushes need not read and check the other ring's indexes).
+    pub fn guest_requests_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<RequestProducer<'m, M>, RingError> {
+        Producer::attach(mem, self.request_ring_offset(), self.ring_capacity)
+    }
+
+    /// The guest's response ring alone (see [`Self::guest_requests_attach`]).
+    pub fn guest_responses_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<ResponseConsumer<'m, M>, RingError> {
+        Consumer::attach(mem, self.response_ring_offset(), self.ring_capacity)
     }
 
     /// The driver's side: attaches to both rings as they are (continuing after a restart)
@@ -1069,6 +1118,20 @@ mod tests {
         assert_eq!(ring::ring_size(STANDARD_RING_CAPACITY, SLOT_SIZE), Some(8 + 64 * 32));
         // The largest ring still fits the format's arithmetic comfortably.
         assert_eq!(ring::ring_size(ring::MAX_CAPACITY, SLOT_SIZE), Some(8 + 32 * 1024));
+    }
+
+    #[test]
+    fn deep_layout_gives_each_ring_its_pages_and_falls_back_when_small() {
+        let l = BlockLayout::deep(4160 * 1024).unwrap();
+        assert_eq!(l.ring_capacity(), DEEP_RING_CAPACITY);
+        // 256 slots of 32 bytes and the ring header: three pages per ring.
+        assert_eq!((l.request_ring_offset(), l.response_ring_offset(), l.data_offset()), (0x1000, 0x4000, 0x7000));
+        assert_eq!(l.data_len(), 4160 * 1024 - 0x7000);
+        assert_eq!(BlockLayout::deep(1024 * 1024).unwrap().ring_capacity(), DEEP_RING_CAPACITY);
+        // Too small for 2 KiB per entry: the standard layout.
+        let small = BlockLayout::deep(512 * 1024).unwrap();
+        assert_eq!(small, BlockLayout::standard(512 * 1024).unwrap());
+        assert_eq!(small.ring_capacity(), STANDARD_RING_CAPACITY);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 use crate::block::{BlockLayout, Op, Request, Response};
 use crate::ring::{RingError, SharedMem};
 
-/// Requests outstanding at most: the standard ring's capacity.
-pub const MAX_OUTSTANDING: usize = crate::block::STANDARD_RING_CAPACITY as usize;
+/// Requests outstanding at most: the deep ring's capacity ([`Client::create_deep`]); a
+/// client on a smaller ring is limited to that ring's capacity.
+pub const MAX_OUTSTANDING: usize = crate::block::DEEP_RING_CAPACITY as usize;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -22,7 +23,8 @@ struct Entry {
 /// Why the client could not go on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientError {
-    /// [`MAX_OUTSTANDING`] requests are unanswered already.
+    /// As many requests as the ring holds (at most [`MAX_OUTSTANDING`]) are unanswered
+    /// already.
     TooMany,
     /// A ring is corrupt: the driver broke the protocol.
     Ring,
@@ -62,6 +64,8 @@ pub struct Client {
     pending: [Option<Entry>; MAX_OUTSTANDING],
     /// How many slots of `pending` are taken.
     count: usize,
+    /// Requests outstanding at most: the ring's capacity (at most [`MAX_OUTSTANDING`]).
+    limit: usize,
     /// How many outstanding requests are not on the ring (`sent` false).
     unsent: usize,
     /// Requests pushed or answers taken since [`Self::doorbell_needed`] last looked.
@@ -83,6 +87,18 @@ impl Client {
     /// (the client's setup, before the driver is told about the region).
     pub fn create<M: SharedMem + ?Sized>(mem: &M) -> Result<Self, ClientError> {
         let layout = BlockLayout::standard(mem.len()).map_err(|_| ClientError::Ring)?;
+        Self::create_with(mem, layout)
+    }
+
+    /// As [`Self::create`], with [`BlockLayout::deep`]: up to [`MAX_OUTSTANDING`] requests
+    /// in flight if the region is large enough, so a client with many requests in flight
+    /// is woken less often per request.
+    pub fn create_deep<M: SharedMem + ?Sized>(mem: &M) -> Result<Self, ClientError> {
+        let layout = BlockLayout::deep(mem.len()).map_err(|_| ClientError::Ring)?;
+        Self::create_with(mem, layout)
+    }
+
+    fn create_with<M: SharedMem + ?Sized>(mem: &M, layout: BlockLayout) -> Result<Self, ClientError> {
         layout.guest_rings(mem)?;
         layout.write(mem).map_err(|_| ClientError::Ring)?;
         Ok(Self {
@@ -90,6 +106,7 @@ impl Client {
             incarnation: 0,
             pending: [None; MAX_OUTSTANDING],
             count: 0,
+            limit: (layout.ring_capacity() as usize).min(MAX_OUTSTANDING),
             unsent: 0,
             moved: false,
             next_id: 1,
@@ -152,7 +169,7 @@ impl Client {
         data_offset: u32,
     ) -> Result<u64, ClientError> {
         self.check_server(mem)?;
-        if self.count == MAX_OUTSTANDING {
+        if self.count >= self.limit {
             return Err(ClientError::TooMany);
         }
         // A free slot exists: at most MAX_OUTSTANDING - 1 ids are skipped.
@@ -165,7 +182,7 @@ impl Client {
         self.count += 1;
         if self.unsent == 0 {
             // Nothing older waits to be sent: this one goes straight on the ring.
-            let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+            let mut requests = self.layout.guest_requests_attach(mem)?;
             let at = requests.index();
             let sent = match requests.push(&req.encode()) {
                 Ok(()) => true,
@@ -192,7 +209,7 @@ impl Client {
         if self.unsent == 0 {
             return Ok(0);
         }
-        let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+        let mut requests = self.layout.guest_requests_attach(mem)?;
         let mut sent = 0;
         while self.unsent > 0 {
             // Oldest unsent first: replays keep the order the client submitted in.
@@ -230,7 +247,7 @@ impl Client {
         if !BlockLayout::doorbell_wanted(mem) {
             return Ok(false);
         }
-        let (mut requests, _) = self.layout.guest_rings_attach(mem)?;
+        let mut requests = self.layout.guest_requests_attach(mem)?;
         Ok(requests.len()? > 0)
     }
 
@@ -273,7 +290,7 @@ impl Client {
     /// on the response ring; answers from other incarnations and duplicates are dropped.
     /// Call [`Self::poll`] first (it notices restarts).
     pub fn next_response<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Option<Response>, ClientError> {
-        let (_, mut responses) = self.layout.guest_rings_attach(mem)?;
+        let mut responses = self.layout.guest_responses_attach(mem)?;
         loop {
             let Some(s) = responses.pop()? else { return Ok(None) };
             // A slot freed: a driver that stopped taking for want of one may need a ring.
@@ -580,6 +597,48 @@ mod tests {
         assert_eq!(answered, ids.len());
         assert_eq!(client.restarts, 21);
         for s in 0..64usize {
+            assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
+        }
+    }
+
+    #[test]
+    fn a_deep_ring_replays_a_full_window_across_restarts() {
+        // A region with a 4 KiB buffer per deep-ring entry: MAX_OUTSTANDING in flight.
+        let mut bytes = vec![0u8; 2 << 20];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create_deep(&mem).unwrap();
+        assert_eq!(client.layout().ring_capacity() as usize, MAX_OUTSTANDING);
+        // Request i writes sector i % 64 (the test disk's size) from its own buffer, with
+        // the same bytes as every other write of that sector: order does not matter.
+        let mut disk = vec![0; 64 * 512];
+        let data = client.layout().data_offset();
+        let mut ids = HashMap::new();
+        for i in 0..MAX_OUTSTANDING {
+            let off = data + i * 512;
+            mem.write_bytes(off, &[(i % 64) as u8 + 1; 512]);
+            ids.insert(client.submit(&mem, Op::Write, (i % 64) as u64, 1, off as u32).unwrap(), i);
+        }
+        assert_eq!(client.outstanding(), MAX_OUTSTANDING);
+        assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::TooMany));
+        let mut answered = 0;
+        for round in 0..10 {
+            let mut d = Driver::attach(&mem, disk);
+            client.poll(&mem).unwrap();
+            // Each incarnation executes many, answers half of them and dies.
+            let answers = d.take(&mem, 40 + round * 7);
+            Driver::answer(&mem, &answers[..answers.len() / 2]);
+            answered += drain(&mut client, &mem).len();
+            disk = d.disk;
+        }
+        let mut d = Driver::attach(&mem, disk);
+        while client.outstanding() > 0 {
+            client.poll(&mem).unwrap();
+            let answers = d.take(&mem, MAX_OUTSTANDING);
+            Driver::answer(&mem, &answers);
+            answered += drain(&mut client, &mem).len();
+        }
+        assert_eq!(answered, ids.len());
+        for s in 0..64 {
             assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
         }
     }

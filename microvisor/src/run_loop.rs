@@ -14,6 +14,8 @@ use crate::vmexit;
 /// The scheduler loop: run the current vCPU until it exits, handle the exit, repeat.
 pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
     let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
+    // The vCPU entered last (None: the idle loop ran since), for the switch count.
+    let mut last: Option<microvisor::kernel::VcpuId> = None;
     loop {
         let events = apic::events();
         if events != seen_events {
@@ -46,7 +48,10 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 apic::take_pending_interrupts();
                 continue;
             }
+            let idle_from = m.clock.now_ns();
             apic::wait_for_interrupt();
+            k.stats.idle_ns += m.clock.now_ns().saturating_sub(idle_from);
+            last = None;
             continue;
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
@@ -54,6 +59,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::enter(k, m, v);
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
+        count(k, v, &exit, last.replace(v) != Some(v));
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);
@@ -82,6 +88,22 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
             ),
         }
         cpu::set_current_domain(None);
+    }
+}
+
+/// Count exit `exit` of vCPU `v` for its domain (`ExitCounts`); `switched`: another vCPU
+/// or the idle loop ran before this entry.
+fn count(k: &mut Kernel<Stage2>, v: microvisor::kernel::VcpuId, exit: &microvisor::vcpu_hw::Exit, switched: bool) {
+    use microvisor::vcpu_hw::Exit;
+    let d = k.vcpus[v as usize].domain as usize;
+    let c = &mut k.domains[d].counts;
+    c.exits += 1;
+    c.switches += u64::from(switched);
+    match exit {
+        Exit::Hypercall { .. } => c.hypercalls += 1,
+        Exit::Hlt { .. } => c.hlts += 1,
+        Exit::Interrupt => c.interrupts += 1,
+        _ => {}
     }
 }
 

@@ -352,6 +352,71 @@ fn blk(args: &[String]) -> Result<(), String> {
         ));
     }
     json.push_str("  }");
+    // Exits, world switches, virtual interrupts and doorbells per request (the microvisor's
+    // counts around each run; see bench_counts), summed over the rounds.
+    let counts = crate::bench_counts::per_request(&run.lines, |l| {
+        let (via, name, ..) = parse_blk(l)?;
+        let n = l.split_ascii_whitespace().find_map(|w| w.strip_prefix("requests="))?.parse().ok()?;
+        Some((via, name, n))
+    });
+    if !counts.is_empty() {
+        // The time per request the machine was busy: each run's time less the machine's idle
+        // time meanwhile. Under -icount that is instructions executed (microvisor and every
+        // domain), whatever the host's load.
+        let busy = |via: &str, name: &str, idle: f64| {
+            let (ns, n) = results
+                .iter()
+                .filter(|(v, w, ..)| v == via && w == name)
+                .filter_map(|(.., ns)| {
+                    let l = run
+                        .lines
+                        .iter()
+                        .find(|l| parse_blk(l).is_some_and(|(v, w, _, t)| v == via && w == name && t == *ns))?;
+                    let n: u64 = l.split_ascii_whitespace().find_map(|w| w.strip_prefix("requests="))?.parse().ok()?;
+                    Some((*ns as f64, n as f64))
+                })
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            (ns / n.max(1.0) - idle).max(0.0)
+        };
+        println!("\n  per request (whole machine; exits: all, hc: hypercalls, hlt, int: physical interrupts,");
+        println!("  sw: world switches into a domain, virq: virtual interrupts, sig: notification signals,");
+        println!(
+            "  idle, busy: ns the machine was idle, busy{})",
+            if icount { "; under -icount busy ns = instructions executed" } else { "" }
+        );
+        println!("  workload         via         exits     hc    hlt    int     sw   virq    sig     idle     busy");
+        json.push_str(",\n  \"per_request\": {\n");
+        let mut busy_ratios = Vec::new();
+        for (i, ((via, name), c)) in counts.iter().enumerate() {
+            let b = busy(via, name, c[7]);
+            println!(
+                "  {name:<16} {via:<8} {:>8.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>8.0} {b:>8.0}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+            );
+            if via == "driver" {
+                if let Some(d) = counts.get(&("direct".to_string(), name.clone())) {
+                    busy_ratios.push((name.clone(), busy("direct", name, d[7]) / b.max(1.0)));
+                }
+            }
+            let fields: Vec<String> =
+                crate::bench_counts::FIELDS.iter().zip(c).map(|(f, v)| format!("\"{f}\": {v:.3}")).collect();
+            json.push_str(&format!(
+                "    \"{name}/{via}\": {{ {}, \"busy_ns\": {b:.0} }}{}\n",
+                fields.join(", "),
+                if i + 1 < counts.len() { "," } else { "" }
+            ));
+        }
+        json.push_str("  }");
+        if !busy_ratios.is_empty() {
+            println!("\n  busy time per request, direct / driver VM (1 = no cost for the hop):");
+            json.push_str(",\n  \"busy_ratio\": {\n");
+            for (i, (name, r)) in busy_ratios.iter().enumerate() {
+                println!("  {name:<16} {r:>6.2}");
+                json.push_str(&format!("    \"{name}\": {r:.3}{}\n", if i + 1 < busy_ratios.len() { "," } else { "" }));
+            }
+            json.push_str("  }");
+        }
+    }
     if let Some(w) = worst {
         println!(
             "\n  goal (issue 12): every workload through the driver VM >= 0.85 of direct (paired): worst {w:.2} ({})",

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_boot;
+pub mod bench_counts;
 pub mod bench_linux_io;
 pub mod bench_net;
 pub mod bench_restart;

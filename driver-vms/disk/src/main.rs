@@ -301,11 +301,12 @@ mod rogue {
         // SAFETY: the channel region dom0 mapped for us.
         let region = unsafe { a.region() };
         let _ = hypercall::wait(wait);
-        // The response ring of the standard layout sits at 0x2000: claim 0x7fff_ffff
-        // responses and fill the slots with noise.
-        region.write_u32(0x2000, 0x7fff_ffff);
+        // The response ring where the guest's header puts it (0x2000 in the standard
+        // layout): claim 0x7fff_ffff responses and fill the slots with noise.
+        let at = ipc_spec::block::BlockLayout::read(&region).map_or(0x2000, |l| l.response_ring_offset());
+        region.write_u32(at, 0x7fff_ffff);
         for i in 0..256 {
-            region.write_u32(0x2008 + i * 4, 0xdead_beef ^ i as u32);
+            region.write_u32(at + 8 + i * 4, 0xdead_beef ^ i as u32);
         }
         let _ = hypercall::signal(signal, 1);
         println!("answered \"{name}\" with a corrupt response ring");
@@ -585,14 +586,49 @@ mod serve {
         progress
     }
 
-    /// Answer every request the device completed; how many.
+    /// Answer every request the device completed; how many. The completions are taken
+    /// first and then answered channel by channel, with each channel's response ring
+    /// attached once (its indexes read and checked once per batch, not per answer).
     fn complete(chans: &mut [Channel], dev: &mut Disk) -> usize {
-        dev.take_completions(|tag: Tag, r| {
-            if let Some(c) = chans.get_mut(tag.chan) {
-                c.outstanding = c.outstanding.saturating_sub(1);
-                answer(c, Response::new(tag.id, status(r)));
+        // At most QUEUE_DEPTH are in flight, and nothing is submitted while taking them.
+        let mut done = [(Tag { chan: 0, id: 0 }, Status::Ok); crate::device::QUEUE_DEPTH];
+        let mut n = 0;
+        let taken = dev.take_completions(|tag: Tag, r| {
+            if let Some(slot) = done.get_mut(n) {
+                *slot = (tag, status(r));
+                n += 1;
             }
-        })
+        });
+        let done = &done[..n];
+        for (i, c) in chans.iter_mut().enumerate() {
+            if !done.iter().any(|(t, _)| t.chan == i) {
+                continue;
+            }
+            let region = c.region;
+            let mut responses = match c.layout.map(|l| l.driver_rings(&region)) {
+                Some(Ok((_, responses))) => Some(responses),
+                Some(Err(e)) => {
+                    give_up(c, e);
+                    None
+                }
+                None => None,
+            };
+            for (tag, s) in done.iter().filter(|(t, _)| t.chan == i) {
+                c.outstanding = c.outstanding.saturating_sub(1);
+                if c.broken {
+                    continue;
+                }
+                let Some(r) = responses.as_mut() else { continue };
+                // Room was reserved when the request was taken.
+                match r.push(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
+                    Ok(()) => c.answered += 1,
+                    Err(e) => {
+                        give_up(c, e);
+                    }
+                }
+            }
+        }
+        taken
     }
 
     /// Push a response (room was reserved when its request was taken).

@@ -14,6 +14,8 @@
 //! (its restart limit), it marks the channel and rings us: every request then fails at once
 //! with [`ClientError::ServerGone`], without waiting for the timeout.
 
+use alloc::boxed::Box;
+
 use domain_rt::hypercall;
 use domain_rt::shared::Region;
 use ipc_spec::block::{DiskInfo, Op, Response, Status};
@@ -28,7 +30,9 @@ const TIMEOUT_BIT: u64 = 1 << 62;
 
 pub struct BlockClient {
     region: Region,
-    core: Client,
+    /// On the heap: with the deep ring's table of outstanding requests it is 10 KiB, and
+    /// the client is moved through several frames of a 64 KiB stack (it overflowed there).
+    core: Box<Client>,
     signal: u64,
     wait: u64,
     /// The newest request given up on (timed out) while the driver has not answered it:
@@ -100,7 +104,9 @@ impl From<block_client::ClientError> for ClientError {
 impl BlockClient {
     /// Lay out the region (rings + data area) and start with empty rings.
     pub fn new(region: Region, signal: u64, wait: u64) -> Result<Self, ClientError> {
-        let core = Client::create(&region).map_err(|_| ClientError::Layout)?;
+        // The deep ring where the region is large enough: the block benchmark keeps up to
+        // that many requests in flight, and the driver wakes it once per half of them.
+        let core = Box::new(Client::create_deep(&region).map_err(|_| ClientError::Layout)?);
         let epoch = (hypercall::clock_ns(), tsc());
         Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_armed: false, epoch })
     }

@@ -153,25 +153,31 @@ mod guest {
         }
         for w in (0..domain_rt::bench::ROUNDS).flat_map(|_| domain_rt::bench::WORKLOADS) {
             let len = w.sectors as usize * 512;
-            let depth = (data.len() / len).min(disk.ring_capacity()).clamp(1, 64);
+            const MAX: usize = ipc_spec::block_client::MAX_OUTSTANDING;
+            let depth = (data.len() / len).min(disk.ring_capacity()).clamp(1, MAX);
             let op = if w.write { Op::Write } else { Op::Read };
             let t0 = domain_rt::hypercall::clock_ns();
-            // Buffer k is free while bit k is set; the request with id `id` uses buffer
-            // buf_of[id % MAX_OUTSTANDING] (the client never has two outstanding requests
-            // whose ids share that slot).
-            let mut free: u64 = if depth >= 64 { u64::MAX } else { (1u64 << depth) - 1 };
-            let mut buf_of = [0usize; ipc_spec::block_client::MAX_OUTSTANDING];
-            let slot = |id: u64| (id % ipc_spec::block_client::MAX_OUTSTANDING as u64) as usize;
+            // The free buffers are a stack (`free[..nfree]`, lowest on top, so a shallow
+            // window reuses the same few); the request with id `id` uses buffer
+            // buf_of[id % MAX] (the client never has two outstanding requests whose ids
+            // share that slot).
+            let mut free = [0u16; MAX];
+            for (i, f) in free.iter_mut().take(depth).enumerate() {
+                *f = (depth - 1 - i) as u16;
+            }
+            let mut nfree = depth;
+            let mut buf_of = [0u16; MAX];
+            let slot = |id: u64| (id % MAX as u64) as usize;
             let (mut sent, mut done) = (0u32, 0u32);
             while done < w.count {
                 let mut queued = false;
-                while sent < w.count && free != 0 {
-                    let k = free.trailing_zeros() as usize;
-                    let buffer = data.start + k * len;
+                while sent < w.count && nfree > 0 {
+                    let k = free[nfree - 1];
+                    let buffer = data.start + usize::from(k) * len;
                     match disk.submit(op, w.sector(sent, info.capacity_sectors), w.sectors, buffer) {
                         Ok(id) => {
                             buf_of[slot(id)] = k;
-                            free &= !(1 << k);
+                            nfree -= 1;
                         }
                         Err(e) => {
                             println!("bench blk: {} could not queue request {sent}: {e}", w.name);
@@ -193,7 +199,8 @@ mod guest {
                     if r.status != Status::Ok {
                         break;
                     }
-                    free |= 1 << buf_of[slot(r.id)];
+                    free[nfree] = buf_of[slot(r.id)];
+                    nfree += 1;
                     done += 1;
                     next = disk.try_complete();
                 }

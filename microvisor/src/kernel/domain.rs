@@ -41,6 +41,26 @@ pub struct Domain<F: Stage2Format> {
     /// IPC calls and notification signals its vCPUs made (for `DomainStatus`).
     pub ipc_calls: u64,
     pub signals: u64,
+    /// Where its vCPUs' time went, for the block benchmark's per-request accounting
+    /// (printed after each `bench blk: via=` line of any domain; see [`ExitCounts`]).
+    pub counts: ExitCounts,
+}
+
+/// Exits and world switches of one domain's vCPUs, cumulative since boot. Cheap enough to
+/// keep always (a few additions per exit, which costs thousands of cycles itself); printed
+/// only when a benchmark asks, so that its figures can be explained per request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Exits of every kind.
+    pub exits: u64,
+    /// Of those: hypercalls, HLTs, and physical interrupts (device or tick).
+    pub hypercalls: u64,
+    pub hlts: u64,
+    pub interrupts: u64,
+    /// Entries after another vCPU (or the idle loop) ran: world switches into this domain.
+    pub switches: u64,
+    /// Virtual interrupts handed to its vCPUs (injected or offered).
+    pub virqs: u64,
 }
 
 impl<F: Stage2Format> Domain<F> {
@@ -63,6 +83,7 @@ impl<F: Stage2Format> Domain<F> {
         vcpus: 0,
         ipc_calls: 0,
         signals: 0,
+        counts: ExitCounts { exits: 0, hypercalls: 0, hlts: 0, interrupts: 0, switches: 0, virqs: 0 },
     };
 
     pub fn name(&self) -> &str {

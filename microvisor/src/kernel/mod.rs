@@ -205,7 +205,15 @@ pub struct Stats {
     pub ipc_calls: u64,
     pub signals: u64,
     pub ticks: u64,
+    /// Nanoseconds the machine spent idle (every vCPU waiting), by the microvisor's clock:
+    /// under `-icount` the rest of the time is instructions executed.
+    pub idle_ns: u64,
 }
+
+/// A console line with this in it (a block benchmark result, `cargo xtask bench blk`) is
+/// followed by a line of exit counts (`Kernel::print_counts`), so the benchmark can give
+/// exits, world switches and virtual interrupts per request.
+const BENCH_LINE: &[u8] = b"bench blk: via=";
 
 impl<F: Stage2Format> Default for Kernel<F> {
     fn default() -> Self {
@@ -230,7 +238,7 @@ impl<F: Stage2Format> Kernel<F> {
             root: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
             next_cap_id: 0,
-            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0 },
+            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0, idle_ns: 0 },
         }
     }
 
@@ -262,7 +270,39 @@ impl<F: Stage2Format> Kernel<F> {
     pub fn console_write<P: Platform>(&mut self, p: &mut P, d: DomainId, bytes: &[u8]) {
         let dom = &mut self.domains[d as usize];
         let name = core::str::from_utf8(&dom.name[..dom.name_len]).unwrap_or("?");
-        dom.console.push(bytes, |line| p.console_line(name, line));
+        let mut bench = false;
+        dom.console.push(bytes, |line| {
+            bench |= line.windows(BENCH_LINE.len()).any(|w| w == BENCH_LINE);
+            p.console_line(name, line)
+        });
+        if bench {
+            self.print_counts(p);
+        }
+    }
+
+    /// One console line with every live domain's [`domain::ExitCounts`] and signals.
+    fn print_counts<P: Platform>(&self, p: &mut P) {
+        use core::fmt::Write;
+        let mut s: heapless::String<640> = heapless::String::new();
+        let _ = s.push_str("counts:");
+        for dom in self.domains.iter().filter(|d| d.state == DomainState::Alive) {
+            let c = dom.counts;
+            // A line that does not fit is cut short: the counts are diagnostics.
+            let _ = write!(
+                s,
+                " {} exits={} hc={} hlt={} int={} sw={} virq={} sig={};",
+                dom.name(),
+                c.exits,
+                c.hypercalls,
+                c.hlts,
+                c.interrupts,
+                c.switches,
+                c.virqs,
+                dom.signals
+            );
+        }
+        let _ = write!(s, " (machine) idle={};", self.stats.idle_ns);
+        p.console_line("microvisor", s.as_bytes());
     }
 
     pub fn console_flush<P: Platform>(&mut self, p: &mut P, d: DomainId) {

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// A large page: the alignment of regions that can use one (see `region_create`).
+const LARGE: u64 = 2 << 20;
+
 pub struct Region {
     /// Capabilities plus mappings referring to it; 0 = free.
     pub refs: u32,
@@ -17,7 +20,16 @@ impl<F: Stage2Format> Kernel<F> {
         }
         let r = self.regions.iter().position(|r| r.refs == 0).ok_or(Error::OutOfMemory)?;
         let frames = bytes.div_ceil(PAGE);
-        let hpa = p.alloc_frames(frames, PAGE).ok_or(Error::OutOfMemory)?;
+        // A region of 2 MiB or more starts on a 2 MiB boundary if memory allows: mapped at a
+        // 2 MiB-aligned guest address it then takes 2 MiB leaves in the stage-2 map and in
+        // the IOMMU's tables (`Stage2Map::map`). A device DMAing into a shared buffer area
+        // of a few MiB (a block channel's data area) otherwise needs an IOTLB entry per
+        // 4 KiB page: over the IOTLB's size, every page of every transfer is a table walk.
+        let hpa = (frames * PAGE >= LARGE)
+            .then(|| p.alloc_frames(frames, LARGE))
+            .flatten()
+            .or_else(|| p.alloc_frames(frames, PAGE))
+            .ok_or(Error::OutOfMemory)?;
         self.regions[r] = Region { refs: 0, hpa, frames };
         Ok(r as RegionId)
     }

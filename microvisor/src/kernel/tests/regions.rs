@@ -103,3 +103,39 @@ fn too_many_mappings_is_out_of_memory() {
     assert_eq!(s.hc(v0, Hypercall::Map, dslot, &[reg, 0x5000_0000, rights::READ]), Err(Error::OutOfMemory));
     check_invariants(&s.k);
 }
+
+/// A region of a few MiB (a block channel's data area) starts on a 2 MiB boundary, so a
+/// 2 MiB-aligned mapping of it takes 2 MiB leaves (one IOTLB entry each for its device's
+/// DMA), with 4 KiB leaves for the tail.
+#[test]
+fn large_regions_are_mapped_with_large_pages() {
+    let mut s = boot();
+    let (d0, v0) = (s.d0, s.v0);
+    let (d, dslot) = s.create_domain("guest", MIB2, 10);
+    // Single frames taken (small gaps first) until one starts a 2 MiB boundary: the next
+    // free frame is then not on one, and a first fit would start the region there.
+    let mut boundary = false;
+    for _ in 0..4096 {
+        if s.p.frames.alloc(1, PAGE).unwrap().is_multiple_of(MIB2) {
+            boundary = true;
+            break;
+        }
+    }
+    assert!(boundary);
+    let bytes = 2 * MIB2 + 16 * PAGE;
+    let reg = s.hc(v0, Hypercall::RegionCreate, dom0_slots::MEMORY, &[bytes]).unwrap();
+    let Object::Region(r) = s.cap(d0, reg).object else { panic!() };
+    let hpa = s.k.regions[r as usize].hpa;
+    assert!(hpa.is_multiple_of(MIB2), "a large region starts on a 2 MiB boundary");
+    let gpa = 0x4000_0000;
+    assert_eq!(s.hc(v0, Hypercall::Map, dslot, &[reg, gpa, rights::READ | rights::WRITE]), Ok(reg));
+    let stage2 = s.k.domains[d as usize].stage2.as_ref().unwrap();
+    let at = |off: u64| stage2.translate(&s.p, gpa + off).unwrap();
+    assert_eq!(at(MIB2 + 5).page_size, crate::stage2::PageSize::Size2M);
+    assert_eq!(at(MIB2 + 5).hpa, hpa + MIB2 + 5);
+    assert_eq!(at(2 * MIB2 + 3 * PAGE).page_size, crate::stage2::PageSize::Size4K);
+    // A small one needs no such alignment (and takes 4 KiB leaves wherever it lands).
+    let small = s.hc(v0, Hypercall::RegionCreate, dom0_slots::MEMORY, &[3 * PAGE]).unwrap();
+    let Object::Region(r2) = s.cap(d0, small).object else { panic!() };
+    assert_eq!(s.k.regions[r2 as usize].frames, 3);
+}
