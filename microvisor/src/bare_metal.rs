@@ -296,7 +296,9 @@ impl Platform for BareMetal {
                 while self.clock.now_ns() - t0 < 100_000_000 {
                     core::hint::spin_loop();
                 }
-                crate::println!("pci: {bdf} reset (function-level reset)");
+                // The FLR cleared the BARs the next owner's mapping relies on.
+                pci::restore_after_reset(ecam, f);
+                crate::println!("pci: {bdf} reset (function-level reset), BARs restored");
             }
             match done.virtio_reset {
                 Some(true) => crate::println!("pci: {bdf} released: virtio reset done"),
