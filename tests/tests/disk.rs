@@ -216,6 +216,7 @@ fn a_disk_function_behind_a_root_port_gets_a_function_level_reset_and_its_bars_b
     assert!(!disk.contains("pci: 00:"), "the disk is not behind a root port: {disk}");
     let crashes = console.lines().filter(|l| l.contains("[disk] crashing after")).count();
     let flrs = console.lines().filter(|l| l.contains("reset (function-level reset), BARs restored")).count();
+    eprintln!("root ports: {crashes} crashes, {flrs} function-level resets; {disk}");
     assert!(crashes >= 2, "only {crashes} crash(es):\n{console}");
     assert!(flrs + 1 >= crashes, "{crashes} crashes, {flrs} function-level resets:\n{console}");
     assert_no_line(&run, "restarting disk failed");
