@@ -21,7 +21,8 @@
 //!   wait under QEMU (its reset is synchronous);
 //! - a function-level reset where the function has one ([`function_reset`]; PCIe functions on
 //!   hardware; the caller then owes the 100 ms of PCIe 6.6.2, and the BARs the reset
-//!   cleared: [`crate::pci::restore_after_reset`]).
+//!   cleared: [`crate::pci::restore_after_reset`]; the bare-metal platform does both at
+//!   the function's next assignment, refused with `DeviceResetting` until then).
 //!
 //! Why not the other ways (docs/design.md, "Late DMA"): FLR needs the functions behind PCIe
 //! root ports in QEMU and 100 ms before the next owner may touch them, which is longer than a
