@@ -608,10 +608,11 @@ pub fn function_reset(cs: &mut impl ConfigSpace, f: &Function) -> bool {
 /// firmware assigned ([`Function::bars`]), with decoding and bus mastering left off.
 ///
 /// An FLR sets the function's registers back to their defaults, sticky and HwInit ones
-/// excepted (PCIe base spec §6.6.2), so the BARs read 0 (or the device's default) while the microvisor maps the boot addresses into the next
-/// owner and never lets a driver move a BAR ([`filter_write`]). The command register is reset
-/// too and is written here with decoding and bus mastering off ([`quiesce`]): the next owner's
-/// driver turns on what it uses through the filtered command bits, as after any assignment.
+/// excepted (PCIe base spec §6.6.2), so the BARs read 0 (or the device's default) while the
+/// microvisor maps the boot addresses into the next owner and never lets a driver move a BAR
+/// ([`filter_write`]). The command register is reset too and is written here with decoding
+/// and bus mastering off ([`quiesce`]): the next owner's driver turns on what it uses
+/// through the filtered command bits, as after any assignment.
 /// Call only once the function may be accessed again (100 ms after the FLR started).
 pub fn restore_after_reset(cs: &mut impl ConfigSpace, f: &Function) {
     quiesce(cs, f.bdf);
@@ -622,6 +623,16 @@ pub fn restore_after_reset(cs: &mut impl ConfigSpace, f: &Function) {
     };
     for (slot, &bar) in f.bars.iter().take(count).enumerate() {
         cs.write32(f.bdf, REG_BAR0 + 4 * slot as u16, bar);
+    }
+}
+
+/// Stop a function's DMA: clear bus mastering only (decoding stays: a bridge's, or the LPC
+/// bridge's legacy ports, may be what the machine itself uses). Done for every endpoint at
+/// boot, before the IOMMU blocks unassigned devices (the status half is written as zeros).
+pub fn stop_bus_mastering(cs: &mut impl ConfigSpace, bdf: Bdf) {
+    let command = cs.read32(bdf, REG_COMMAND) as u16;
+    if command & COMMAND_BUS_MASTER != 0 {
+        cs.write32(bdf, REG_COMMAND, u32::from(command & !COMMAND_BUS_MASTER));
     }
 }
 
@@ -888,6 +899,22 @@ mod tests {
 
     fn sizing(st: &AssignedState, slot: usize) -> bool {
         st.sizing & (1 << slot) != 0
+    }
+
+    #[test]
+    fn bus_mastering_stops_and_decoding_stays() {
+        let bdf = Bdf { bus: 0, dev: 1, func: 0 };
+        // Bus mastering, memory and I/O decode on; a write-one-to-clear status bit set.
+        let mut cs =
+            FakeCs::default().with(0, 1, 0, FakeFn::new(0x1af4, 0x1042, 0x01_00_00, 0, 0).command(0x0407, 0x8000));
+        stop_bus_mastering(&mut cs, bdf);
+        assert_eq!(cs.reg(bdf, REG_COMMAND), 0x8000_0403, "BME off, decode and INTx disable kept, status kept");
+        // Nothing to do: no write.
+        let writes = cs.writes.len();
+        stop_bus_mastering(&mut cs, bdf);
+        assert_eq!(cs.writes.len(), writes);
+        quiesce(&mut cs, bdf);
+        assert_eq!(cs.reg(bdf, REG_COMMAND), 0x8000_0400);
     }
 
     #[test]

@@ -50,9 +50,9 @@ fn a_guest_corrupting_its_virtqueues_is_contained() {
         let at = words.iter().position(|w| w.starts_with(word)).unwrap_or_else(|| panic!("{word:?} in {line:?}"));
         words[at - 1].parse().unwrap_or_else(|_| panic!("a number before {word:?} in {line:?}"))
     };
-    assert!(number_before("[rogue] virtio: ", "device") >= 15, "too few device stops reported");
-    assert!(number_before("[rogue] virtio-blk: ", "failed") >= 10, "too few block requests failed");
-    assert!(number_before("[rogue] virtio-net: ", "transmit") >= 6, "too few bad frames dropped");
+    assert!(number_before("[rogue] virtio: ", "device") >= 15, "too few device stops reported:\n{console}");
+    assert!(number_before("[rogue] virtio-blk: ", "failed") >= 10, "too few block requests failed:\n{console}");
+    assert!(number_before("[rogue] virtio-net: ", "transmit") >= 6, "too few bad frames dropped:\n{console}");
     // Nobody else noticed: no fault reached dom0, no domain but the VM and its VMM ended,
     // the driver VMs and the demo guest kept going.
     assert_no_line(&run, "[dom0] fault in");

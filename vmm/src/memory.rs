@@ -34,6 +34,10 @@ pub trait GuestMemory {
     /// Writes `data` starting at `gpa`; fails without partial effect if any byte is outside
     /// guest RAM.
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError>;
+    /// Whether `[gpa, gpa + len)` lies inside guest RAM, without touching it: for a device
+    /// that must know before it starts work it could not finish (`virtio::blk` fails a read
+    /// into buffers outside RAM before the back end does the read).
+    fn check(&self, gpa: u64, len: usize) -> Result<(), MemError>;
 
     /// Reads a little-endian `u64` at `gpa`.
     fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
@@ -86,6 +90,10 @@ impl GuestMemory for SliceMemory<'_> {
         self.bytes[r].copy_from_slice(data);
         Ok(())
     }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<(), MemError> {
+        self.range(gpa, len).map(|_| ())
+    }
 }
 
 /// Owned guest RAM starting at guest-physical `base`, for tests and tools.
@@ -127,6 +135,16 @@ impl GuestMemory for VecMemory {
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         self.as_slice_memory().write(gpa, data)
     }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<(), MemError> {
+        let err = MemError { gpa, len };
+        let off = usize::try_from(gpa.checked_sub(self.base).ok_or(err)?).map_err(|_| err)?;
+        let end = off.checked_add(len).ok_or(err)?;
+        if end > self.bytes.len() {
+            return Err(err);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -151,10 +169,19 @@ mod tests {
         // Zero-length accesses at the end are fine, one past is not.
         assert!(m.read(0x1100, &mut []).is_ok());
         assert!(m.read(0x1101, &mut []).is_err());
+        // `check` agrees with the accesses and touches nothing.
+        assert_eq!(m.check(0x1000, 0x100), Ok(()));
+        assert_eq!(m.check(0x10fd, 4), Err(MemError { gpa: 0x10fd, len: 4 }));
+        assert!(m.check(0xfff, 1).is_err());
+        assert!(m.check(u64::MAX, 2).is_err());
+        assert_eq!(m.read_u32(0x10fc), Ok(0x0909_0909));
         let mut raw = [0u8; 8];
         let mut s = SliceMemory::new(u64::MAX - 7, &mut raw);
         s.write(u64::MAX - 7, &[1; 8]).unwrap();
         assert!(s.write(u64::MAX - 6, &[1; 8]).is_err());
+        assert_eq!(s.check(u64::MAX - 7, 8), Ok(()));
+        assert!(s.check(u64::MAX - 6, 8).is_err());
+        assert!(s.check(0, 1).is_err());
         assert_eq!(s.read_u64(u64::MAX - 7), Ok(0x0101_0101_0101_0101));
     }
 }

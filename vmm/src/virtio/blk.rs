@@ -8,6 +8,9 @@
 //! when the back end answers that id. `GET_ID` is answered here from the configured serial.
 //! Anything malformed is completed with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types),
 //! so a confused guest sees I/O errors and the queue goes on; only a corrupt ring stops it.
+//! Whatever can be known before the back end is asked is checked here, at once: a read whose
+//! buffers are not all guest RAM fails before it is forwarded, as a write whose data cannot
+//! be read does; only what the disk itself says comes back later.
 //!
 //! Request size: the back end moves at most [`BlockGeometry::max_request_bytes`] at once, and
 //! Linux's `virtio_blk` sets no sector limit (`blk_queue_max_hw_sectors(q, UINT_MAX)`) but
@@ -293,7 +296,13 @@ impl<B: BlockBackend> VirtioBlk<B> {
                     && !(op == BlockOp::Write && g.read_only)
             }
         };
-        if !ok {
+        // A read into buffers that are not all guest RAM could only fail when its data comes
+        // back (the scatter in `complete`): fail it now, as a write whose data cannot be
+        // gathered fails in `submit`. So the guest's error does not depend on how long the
+        // disk driver VM takes (a guest that resets the device first never saw one), and no
+        // disk read or data slot is spent on it.
+        let buffers_ok = op != BlockOp::Read || chain.writable_in_ram(mem);
+        if !ok || !buffers_ok {
             self.finish(q, mem, &chain, 0, S_IOERR)?;
             return Ok(None);
         }

@@ -141,6 +141,14 @@ impl Chain {
         self.descs.iter().filter(|d| d.writable).map(|d| u64::from(d.len)).sum()
     }
 
+    /// Whether every writable buffer lies inside guest RAM (checked, nothing written).
+    pub fn writable_in_ram(&self, mem: &dyn GuestMemory) -> bool {
+        self.descs
+            .iter()
+            .filter(|d| d.writable)
+            .all(|d| usize::try_from(d.len).is_ok_and(|len| mem.check(d.addr, len).is_ok()))
+    }
+
     /// Copies from the readable buffers, seen as one byte stream, starting at `offset`; returns
     /// how many bytes were copied (fewer than `buf.len()` at the end of the stream).
     pub fn read_at(&self, mem: &dyn GuestMemory, offset: u64, buf: &mut [u8]) -> Result<usize, MemError> {

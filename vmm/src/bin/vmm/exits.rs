@@ -34,6 +34,9 @@ const INIT_MARKER: &[u8] = b"linux-init: reached init";
 const BENCH_MARK: &[u8] = b"linux-io: mark";
 /// A partial console line (a prompt) goes out after this long without a newline.
 const PARTIAL_FLUSH_NS: u64 = 150_000_000;
+/// ... and only if no byte came this long after it was first found due (the VM may just not
+/// have run: `vmm::console`).
+const PARTIAL_GRACE_NS: u64 = 30_000_000;
 /// How often typed input is polled while there is console input.
 const INPUT_POLL_NS: u64 = 20_000_000;
 /// KVM's "no such hypercall" (-KVM_ENOSYS), the answer to a VMMCALL.
@@ -148,7 +151,7 @@ impl Vmm {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
-        let flush = self.out.due(ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz));
+        let flush = self.out.due(ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz), ticks_in(PARTIAL_GRACE_NS, self.tsc_hz));
         let poll = self.console.map(|_| self.next_poll);
         for t in [flush, poll, self.panic_deadline.map(|(t, _)| t)].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
@@ -238,7 +241,8 @@ impl Vmm {
                 self.next_poll = now + ticks_in(INPUT_POLL_NS, self.tsc_hz);
             }
         }
-        if let Some(line) = self.out.flush_due(now, ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz)) {
+        let (delay, grace) = (ticks_in(PARTIAL_FLUSH_NS, self.tsc_hz), ticks_in(PARTIAL_GRACE_NS, self.tsc_hz));
+        if let Some(line) = self.out.flush_due(now, delay, grace) {
             write_console(&line);
         }
         if let Some((_, exits)) = self.panic_deadline.filter(|&(t, _)| now >= t) {
