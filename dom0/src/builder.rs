@@ -106,6 +106,24 @@ pub fn hc(h: Hypercall, slot: u64, args: [u64; 6]) -> Result<Regs, String> {
     call(h, slot, args).map_err(|e: Error| format!("{h:?}: {e}"))
 }
 
+/// Assign device `dev` to the domain in `slot`. A device whose function-level reset (on its
+/// last release) is not 100 ms old is refused with `DeviceResetting` until it is (PCIe base
+/// spec §6.6.2): wait on a timer meanwhile, so that the other domains run rather than the
+/// microvisor spinning the core.
+fn assign(dev: u64, slot: u64) -> Result<(), String> {
+    loop {
+        match call(Hypercall::DeviceAssign, dev, [slot, 0, 0, 0, 0, 0]) {
+            Err(Error::DeviceResetting) => {
+                let timer = create(Hypercall::NotificationCreate)?;
+                let slept = hypercall::sleep_ns(timer, 10_000_000);
+                delete(timer)?;
+                slept.map_err(|e| format!("waiting for a device reset: {e}"))?;
+            }
+            other => return other.map(|_| ()).map_err(|e| format!("{:?}: {e}", Hypercall::DeviceAssign)),
+        }
+    }
+}
+
 /// Create a fresh object in dom0's table; returns its slot.
 fn create(h: Hypercall) -> Result<u64, String> {
     Ok(hc(h, dom0_slots::MEMORY, [0; 6])?.args[0])
@@ -547,7 +565,7 @@ fn create_domain(
             .iter_mut()
             .find(|(_, v, dv, taken)| *v == vendor && *dv == device && !*taken)
             .ok_or_else(|| format!("domain {}: no free {} device on this machine", d.name, d.device))?;
-        hc(Hypercall::DeviceAssign, found.0, [slot, 0, 0, 0, 0, 0]).map_err(|e| format!("domain {}: {e}", d.name))?;
+        assign(found.0, slot).map_err(|e| format!("domain {}: {e}", d.name))?;
         found.3 = true;
         // The driver names the device to reach its configuration space; it cannot
         // reassign it (no rights).

@@ -64,6 +64,9 @@ errors! {
     PartnerGone = 14 => "IPC partner went away",
     /// The device is assigned to another domain (or, for config access, not to the caller).
     DeviceBusy = 15 => "device assigned elsewhere",
+    /// The device is completing a function-level reset (100 ms after its last release,
+    /// PCIe base spec §6.6.2): try again later.
+    DeviceResetting = 16 => "device still resetting: try again",
     /// A status word the caller's ABI version does not know (only produced by decoders).
     Unknown = 0xffff => "unknown error code",
 }

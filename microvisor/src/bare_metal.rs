@@ -43,6 +43,9 @@ pub struct BareMetal {
     pub functions: heapless::Vec<Function, MAX_FUNCTIONS>,
     /// Kernel device id → index in `functions`, and the filter state while assigned.
     devices: [Option<(usize, Option<AssignedState>)>; MAX_DEVICES],
+    /// When a released device's function-level reset started (clock ns): its BARs are
+    /// written back, and it may be assigned again, 100 ms later.
+    flr_since: [Option<u64>; MAX_DEVICES],
     /// A blocked DMA per domain, waiting for one of its vCPUs to run so it can be sent to
     /// the domain's fault handler: (address, requester id | reason << 16 | write << 24).
     pub pending_dma: [Option<(u64, u64)>; microvisor::kernel::MAX_DOMAINS],
@@ -90,6 +93,7 @@ impl BareMetal {
             iommu: None,
             functions: heapless::Vec::new(),
             devices: [const { None }; MAX_DEVICES],
+            flr_since: [None; MAX_DEVICES],
             pending_dma: [None; microvisor::kernel::MAX_DOMAINS],
             scrub: ChunkPool::new(RAM_CHUNK),
             vectors: [None; microvisor::kernel::DEVICE_VECTORS],
@@ -258,6 +262,19 @@ impl Platform for BareMetal {
         };
         let f = self.functions.get(index).ok_or(Error::InvalidState)?;
         let (rid, name) = (f.bdf.requester_id(), f.bdf);
+        // After an FLR the function may not be touched for 100 ms (PCIe base spec §6.6.2):
+        // refused until then (dom0 retries), then its BARs are written back (the reset
+        // cleared them; the new owner maps the boot addresses).
+        if let Some(t0) = self.flr_since.get(dev as usize).copied().flatten() {
+            if self.clock.now_ns().saturating_sub(t0) < 100_000_000 {
+                return Err(Error::DeviceResetting);
+            }
+            if let Some(ecam) = self.ecam.as_mut() {
+                pci::restore_after_reset(ecam, f);
+            }
+            self.flr_since[dev as usize] = None;
+            crate::println!("pci: {name} reset (function-level reset), BARs restored");
+        }
         let state = AssignedState::new(f).map_err(config_error)?;
         // Passthrough without an IOMMU would let the domain's device write anywhere.
         let iommu = self.iommu.as_mut().ok_or(Error::InvalidState)?;
@@ -287,16 +304,13 @@ impl Platform for BareMetal {
         // Stop it for good (`pci_release`): no more bus mastering or decoding, a virtio
         // reset (QEMU completes the requests it holds now, into memory the domain still
         // has, not later into freed memory), a function-level reset where the device has
-        // one (then the 100 ms the spec asks for before it is touched again: a rare
-        // operation on hardware, it may pause the machine), then no DMA path at all.
+        // one (the 100 ms the spec asks for before it is touched again are waited by its
+        // next assignment, not here), then no DMA path at all.
         if let (Some(ecam), Some(f)) = (self.ecam.as_mut(), self.functions.get(index)) {
             let done = pci_release::release(ecam, f, 1000);
             if done.flr {
-                let t0 = self.clock.now_ns();
-                while self.clock.now_ns() - t0 < 100_000_000 {
-                    core::hint::spin_loop();
-                }
-                crate::println!("pci: {bdf} reset (function-level reset)");
+                self.flr_since[dev as usize] = Some(self.clock.now_ns());
+                crate::println!("pci: {bdf} function-level reset started");
             }
             match done.virtio_reset {
                 Some(true) => crate::println!("pci: {bdf} released: virtio reset done"),

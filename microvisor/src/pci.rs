@@ -181,6 +181,10 @@ pub struct Function {
     /// the type bits; 0 for a slot that is not implemented or that the layout lacks): what a
     /// driver sizing the BAR is shown.
     pub bar_masks: [u32; 6],
+    /// The BAR dwords as firmware programmed them (read at boot; 0 for slots the layout
+    /// lacks). BARs never move afterwards, but a function-level reset clears them: they are
+    /// written back from here ([`restore_after_reset`]).
+    pub bars: [u32; 6],
     /// Capabilities as `(id, offset, byte 2)`, in list order (at most [`MAX_CAPS`]). Byte 2 of
     /// a vendor-specific capability is its length: the filter needs it to know which bytes the
     /// capability covers.
@@ -297,6 +301,7 @@ fn read_function(cs: &mut impl ConfigSpace, bdf: Bdf, header_type: u8) -> Functi
         header_type,
         mem_bars: Vec::new(),
         bar_masks: [0; 6],
+        bars: [0; 6],
         capabilities: Vec::new(),
     };
     let bar_count = match f.layout() {
@@ -304,6 +309,9 @@ fn read_function(cs: &mut impl ConfigSpace, bdf: Bdf, header_type: u8) -> Functi
         HeaderLayout::Bridge => 2,
         HeaderLayout::Other => return f,
     };
+    for (slot, bar) in f.bars.iter_mut().take(bar_count).enumerate() {
+        *bar = cs.read32(bdf, REG_BAR0 + 4 * slot as u16);
+    }
     (f.bar_masks, f.mem_bars) = size_bars(cs, bdf, bar_count);
     if cs.read32(bdf, REG_COMMAND) & STATUS_CAP_LIST != 0 {
         f.capabilities = walk_capabilities(cs, bdf, cs.read32(bdf, REG_CAP_PTR) as u8);
@@ -596,6 +604,28 @@ pub fn function_reset(cs: &mut impl ConfigSpace, f: &Function) -> bool {
     true
 }
 
+/// Undo what a completed function-level reset did to `f`'s addressing: write back the BARs
+/// firmware assigned ([`Function::bars`]), with decoding and bus mastering left off.
+///
+/// An FLR sets the function's registers back to their defaults, sticky and HwInit ones
+/// excepted (PCIe base spec §6.6.2), so the BARs read 0 (or the device's default) while the
+/// microvisor maps the boot addresses into the next owner and never lets a driver move a BAR
+/// ([`filter_write`]). The command register is reset too and is written here with decoding
+/// and bus mastering off ([`quiesce`]): the next owner's driver turns on what it uses
+/// through the filtered command bits, as after any assignment.
+/// Call only once the function may be accessed again (100 ms after the FLR started).
+pub fn restore_after_reset(cs: &mut impl ConfigSpace, f: &Function) {
+    quiesce(cs, f.bdf);
+    let count = match f.layout() {
+        HeaderLayout::Endpoint => 6,
+        HeaderLayout::Bridge => 2,
+        HeaderLayout::Other => 0,
+    };
+    for (slot, &bar) in f.bars.iter().take(count).enumerate() {
+        cs.write32(f.bdf, REG_BAR0 + 4 * slot as u16, bar);
+    }
+}
+
 /// Stop a function's DMA: clear bus mastering only (decoding stays: a bridge's, or the LPC
 /// bridge's legacy ports, may be what the machine itself uses). Done for every endpoint at
 /// boot, before the IOMMU blocks unassigned devices (the status half is written as zeros).
@@ -638,12 +668,18 @@ mod tests {
         regs: Box<[u32; DWORDS]>,
         wmask: Box<[u32; DWORDS]>,
         w1c: Box<[u32; DWORDS]>,
+        /// Where its PCIe capability with FLR is, if it has one ([`FakeFn::flr`]).
+        flr: Option<u16>,
     }
 
     impl FakeFn {
         fn new(vendor: u16, device: u16, class: u32, revision: u8, header_type: u8) -> Self {
-            let mut f =
-                FakeFn { regs: Box::new([0; DWORDS]), wmask: Box::new([u32::MAX; DWORDS]), w1c: Box::new([0; DWORDS]) };
+            let mut f = FakeFn {
+                regs: Box::new([0; DWORDS]),
+                wmask: Box::new([u32::MAX; DWORDS]),
+                w1c: Box::new([0; DWORDS]),
+                flr: None,
+            };
             f.regs[0] = u32::from(vendor) | u32::from(device) << 16;
             f.regs[2] = class << 8 | u32::from(revision);
             f.regs[3] = u32::from(header_type) << 16;
@@ -708,6 +744,28 @@ mod tests {
             self
         }
 
+        /// Put a PCIe capability with FLR (DevCap bit 28) at `at`, first in the list.
+        fn flr(mut self, at: u16) -> Self {
+            let first = self.regs[13] & 0xFF;
+            self.regs[1] |= STATUS_CAP_LIST;
+            self.regs[13] = u32::from(at);
+            self.regs[usize::from(at) / 4] = 0x10 | first << 8 | 0x0002 << 16;
+            self.regs[usize::from(at) / 4 + 1] = 1 << 28;
+            self.flr = Some(at);
+            self
+        }
+
+        /// What a function-level reset does to the registers modelled here (PCIe base spec
+        /// §6.6.2): the BARs and the command register lose what software wrote (their
+        /// read-only bits, such as a BAR's type, stay), Initiate FLR reads 0 again.
+        fn reset(&mut self, cap: u16) {
+            for i in 4..10 {
+                self.regs[i] &= !self.wmask[i];
+            }
+            self.regs[1] &= 0xFFFF_0000;
+            self.regs[usize::from(cap) / 4 + 2] &= !(1 << 15);
+        }
+
         fn set(mut self, offset: u16, value: u32) -> Self {
             self.regs[usize::from(offset) / 4] = value;
             self
@@ -746,6 +804,9 @@ mod tests {
                 let i = usize::from(offset) / 4;
                 let old = f.regs[i];
                 f.regs[i] = ((old & !f.wmask[i]) | (value & f.wmask[i])) & !(value & f.w1c[i]);
+                if let Some(cap) = f.flr.filter(|&cap| offset == cap + 8 && value & (1 << 15) != 0) {
+                    f.reset(cap);
+                }
             }
         }
     }
@@ -890,6 +951,7 @@ mod tests {
             header_type: 0,
             mem_bars: [(u64::from(BAR1_ADDR), 4096), (BAR4_ADDR, 16384)].into_iter().collect(),
             bar_masks: [0, 0xFFFF_F000, 0, 0, 0xFFFF_C00C, 0xFFFF_FFFF],
+            bars: [0, BAR1_ADDR, 0, 0, BAR4_ADDR as u32 | 0xC, (BAR4_ADDR >> 32) as u32],
             // Byte 2: the MSI-X table size, then the vendor capabilities' lengths.
             capabilities: caps_of(&[
                 (CAP_MSIX, 0x98, 2),
@@ -903,6 +965,30 @@ mod tests {
         assert_eq!(f, expected);
         assert_eq!(f.layout(), HeaderLayout::Endpoint);
         assert_eq!(f.to_string(), "00:01.0 1af4:1042 class 01/00/00");
+    }
+
+    #[test]
+    fn after_a_function_level_reset_the_boot_bars_come_back_and_decoding_stays_off() {
+        let mut cs = FakeCs::default().with(0, 1, 0, virtio_blk().flr(0xC0));
+        let boot = find(&enumerate_all(&mut cs).0, VIRTIO);
+        assert_eq!(boot.capabilities[0], (0x10, 0xC0, 2));
+        assert_eq!(boot.bars, [0, BAR1_ADDR, 0, 0, BAR4_ADDR as u32 | 0xC, (BAR4_ADDR >> 32) as u32]);
+        // Its driver turned decoding and bus mastering on, then its domain died.
+        cs.write32(VIRTIO, REG_COMMAND, 0x0007);
+        assert!(function_reset(&mut cs, &boot));
+        // The reset forgot the addresses: the function decodes nothing where the next
+        // owner's mapping points.
+        assert_eq!(cs.reg(VIRTIO, REG_BAR0 + 4), 0);
+        assert_eq!(cs.reg(VIRTIO, REG_BAR0 + 16), 0xC);
+        assert_eq!(cs.reg(VIRTIO, REG_BAR0 + 20), 0);
+        restore_after_reset(&mut cs, &boot);
+        for (slot, &bar) in boot.bars.iter().enumerate() {
+            assert_eq!(cs.reg(VIRTIO, REG_BAR0 + 4 * slot as u16), bar, "BAR{slot}");
+        }
+        // Quiesced: the next owner's driver enables what it uses; status left alone.
+        assert_eq!(cs.reg(VIRTIO, REG_COMMAND), u32::from(VIRTIO_STATUS) << 16);
+        // Enumerated again, it is the function the microvisor recorded at boot.
+        assert_eq!(find(&enumerate_all(&mut cs).0, VIRTIO), boot);
     }
 
     #[test]

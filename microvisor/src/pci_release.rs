@@ -20,7 +20,9 @@
 //!   read of device_status to return 0"); a few configuration accesses, no BAR mapping, no
 //!   wait under QEMU (its reset is synchronous);
 //! - a function-level reset where the function has one ([`function_reset`]; PCIe functions on
-//!   hardware; the caller then owes the 100 ms of PCIe 6.6.2).
+//!   hardware; the caller then owes the 100 ms of PCIe 6.6.2, and the BARs the reset
+//!   cleared: [`crate::pci::restore_after_reset`]; the bare-metal platform does both at
+//!   the function's next assignment, refused with `DeviceResetting` until then).
 //!
 //! Why not the other ways (docs/design.md, "Late DMA"): FLR needs the functions behind PCIe
 //! root ports in QEMU and 100 ms before the next owner may touch them, which is longer than a
@@ -44,7 +46,8 @@ const DEVICE_STATUS: u32 = 0x14;
 /// What [`release`] did to a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
-    /// A function-level reset was started: the function must not be used for 100 ms.
+    /// A function-level reset was started: the function must not be used for 100 ms, and
+    /// then needs its BARs back ([`crate::pci::restore_after_reset`]).
     pub flr: bool,
     /// A virtio function was reset: whether its device status read 0 within the polls
     /// allowed (`None`: not a virtio function with a configuration access window).
@@ -150,6 +153,7 @@ mod tests {
                 header_type: 0,
                 mem_bars: Vec::new(),
                 bar_masks: [0; 6],
+                bars: [0; 6],
                 capabilities: caps.iter().copied().collect(),
             }
         }

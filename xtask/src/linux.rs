@@ -508,6 +508,7 @@ pub fn native_machine(a: &Artifacts, cmdline_extra: &str) -> Machine {
         disk_ext4: false,
         cdrom: None,
         ctl: None,
+        root_ports: false,
     }
 }
 

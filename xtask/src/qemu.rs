@@ -48,6 +48,11 @@ pub struct Machine {
     /// dom0's host control interface (`[machine] control`): a virtio console whose other
     /// end is a unix socket at this path (`cargo xtask ctl`).
     pub ctl: Option<PathBuf>,
+    /// Put each virtio-blk and virtio-net function behind a `pcie-root-port` of its own
+    /// (on secondary buses, not on bus 0): QEMU then makes it a PCIe endpoint with a PCIe
+    /// capability offering function-level reset (virtio-pci's `x-pcie-flr-init`), as
+    /// hardware functions have, so the microvisor's FLR path on release runs.
+    pub root_ports: bool,
 }
 
 /// The host port forwarded to port 80 of the first network device (`cargo xtask run --port`).
@@ -97,6 +102,7 @@ impl Machine {
             net_port_forwards: Vec::new(),
             disk_ext4: artifacts.stack.linux,
             ctl: artifacts.stack.control.then(|| artifacts.bundle.with_file_name(crate::ctl::SOCKET_NAME)),
+            root_ports: false,
         }
     }
 
@@ -127,12 +133,24 @@ impl Machine {
         // VIRTIO_F_ACCESS_PLATFORM, and every DMA goes through VT-d. Without an IOMMU (the
         // native Linux baseline) the devices are plain modern virtio.
         let platform = if self.iommu { ",iommu_platform=on" } else { "" };
+        // With `root_ports`, a root port per function (chassis numbers must differ) and the
+        // function on its secondary bus.
+        let mut ports = 0;
+        let mut bus = |a: &mut Vec<String>| {
+            if !self.root_ports {
+                return String::new();
+            }
+            ports += 1;
+            a.extend(["-device".into(), format!("pcie-root-port,id=rp{ports},chassis={ports}")]);
+            format!(",bus=rp{ports}")
+        };
         for (i, disk) in self.disks.iter().enumerate() {
+            let bus = bus(&mut a);
             a.extend([
                 "-drive".into(),
                 format!("file={},if=none,id=disk{i},format=raw", disk.display()),
                 "-device".into(),
-                format!("virtio-blk-pci,drive=disk{i},disable-legacy=on{platform}"),
+                format!("virtio-blk-pci,drive=disk{i},disable-legacy=on{platform}{bus}"),
             ]);
         }
         for (i, port) in self.net_ports.iter().enumerate() {
@@ -146,11 +164,12 @@ impl Machine {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-10.0.2.15:{guest}"));
                 }
             }
+            let bus = bus(&mut a);
             a.extend([
                 "-netdev".into(),
                 netdev,
                 "-device".into(),
-                format!("virtio-net-pci,netdev=net{i},disable-legacy=on{platform}"),
+                format!("virtio-net-pci,netdev=net{i},disable-legacy=on{platform}{bus}"),
             ]);
         }
         if let Some(socket) = &self.ctl {
