@@ -147,6 +147,13 @@ pub fn signal_wait(signal: u64, bits: u64, wait: u64) -> Result<u64, Error> {
     call(Hypercall::SignalWait, signal, [bits, wait, 0, 0, 0, 0]).map(|r| r.args[0])
 }
 
+/// Signal `signal` with `bits` and halt until a virtual interrupt arrives, in one
+/// hypercall. Call it with interrupts off; it returns with them off and the interrupt
+/// offered, not taken ([`crate::irq::signal_and_wait_for_virq`] is the whole pattern).
+pub fn signal_halt(signal: u64, bits: u64) -> Result<(), Error> {
+    call(Hypercall::SignalHalt, signal, [bits, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
 pub fn poll(slot: u64) -> Result<u64, Error> {
     call(Hypercall::Poll, slot, [0; 6]).map(|r| r.args[0])
 }

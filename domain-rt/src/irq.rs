@@ -100,8 +100,21 @@ impl Arrived {
 }
 
 /// Halt until a virtual interrupt arrives after `seen` (the count from before the wait).
+///
+/// An interrupt already offered is let in first, without a HLT: a loop that runs with
+/// interrupts off and was interrupted meanwhile (a physical interrupt exit, after which the
+/// microvisor offers the vector) would otherwise pay a HLT exit that does not sleep (the
+/// microvisor sees the offered vector and enters us again at once) to learn it. That was
+/// the net driver VM's case on most small requests: the next request's device interrupt
+/// arrived while it was still sending the response. Nothing new can sleep: if the count
+/// has not moved, the loop below runs as it always did.
 #[cfg(target_os = "none")]
 pub fn wait_for_virq(seen: u64) -> u64 {
+    let_offered_in();
+    let now = count();
+    if now != seen {
+        return now;
+    }
     loop {
         // SAFETY: interrupts are enabled only for the HLT (STI's shadow makes STI;HLT
         // atomic); the only interrupt this domain gets is its own counting handler. Not
@@ -112,6 +125,32 @@ pub fn wait_for_virq(seen: u64) -> u64 {
             return now;
         }
     }
+}
+
+/// Signal notification `signal` and then halt until a virtual interrupt arrives after
+/// `seen`, as [`wait_for_virq`], with one exit instead of two (a `Signal` hypercall and a
+/// HLT): the `SignalHalt` hypercall. For a loop that runs with interrupts off and, at the
+/// end of a round, rings a peer and goes idle.
+///
+/// No wake-up is lost: everything signalled to us since `seen` was read is, with
+/// interrupts off, either pending in the microvisor or offered to this vCPU, and then the
+/// microvisor does not let it sleep (`Kernel::signal_halt`); anything later wakes it as it
+/// wakes a HLT. Either way it returns with a vector offered, which `let_offered_in` takes;
+/// if the count has still not moved (an offered interrupt another round already counted,
+/// or a refused hypercall) it falls back to [`wait_for_virq`], whose HLT sleeps only while
+/// nothing is offered. A refused `SignalHalt` (an older microvisor) rings with `Signal`.
+#[cfg(target_os = "none")]
+pub fn signal_and_wait_for_virq(signal: u64, seen: u64) -> u64 {
+    if crate::hypercall::signal_halt(signal, 1).is_err() {
+        let _ = crate::hypercall::signal(signal, 1);
+    } else {
+        let_offered_in();
+        let now = count();
+        if now != seen {
+            return now;
+        }
+    }
+    wait_for_virq(seen)
 }
 
 /// Let in a virtual interrupt that is already offered (interrupts on for one instruction:

@@ -189,6 +189,15 @@ hypercalls! {
     /// happens. Returns RDI = the bits taken, as [`Hypercall::Wait`]. A woken vCPU of
     /// higher or equal priority runs at once.
     SignalWait = 65,
+    /// Signal a notification, then halt as HLT does, in one hypercall (a server that
+    /// answers and goes idle: one exit instead of two). RBX = slot to signal (SIGNAL),
+    /// RDI = bits (0 = the capability's badge). Called with RFLAGS.IF clear: the vCPU
+    /// sleeps unless a virtual interrupt is pending or offered to it, and is woken, as a
+    /// halted vCPU is, by a signal on any notification bound to one of its vectors.
+    /// Returns 0 (RAX) either way, interrupts still off: the caller lets the offered
+    /// interrupt in (`sti; nop; cli`) and looks at what arrived. A woken vCPU of higher
+    /// priority runs at once.
+    SignalHalt = 66,
 
     /// Describe a PCI function. RBX = device capability (any rights). Returns
     /// RDI = requester id (bus << 8 | device << 3 | function), RSI = vendor | device << 16,

@@ -212,6 +212,10 @@ impl Platform for BareMetal {
         self.clock.now_ns()
     }
 
+    fn virq_offered(&mut self, v: VcpuId) -> bool {
+        microvisor::kernel::notify::VirqHardware::virq_offered(&mut self.hw, v).is_some()
+    }
+
     fn free_frame_count(&self) -> u64 {
         // Chunks held for scrubbing are free memory (a fuzzer's leak check compares this).
         FRAMES.lock().free_frames() + self.scrub.held() as u64 * (RAM_CHUNK / PAGE)

@@ -129,10 +129,12 @@ pub fn exit(k: &Kernel<Npt>, m: &mut BareMetal, v: VcpuId) {
     }
     let r = &k.vcpus[v as usize].regs;
     record(v as u8, b'X', flags, code, (r.rax & 0xffff) | (r.rbx & 0xffff) << 16 | (r.rdi & 0xffff_ffff) << 32);
-    // Signal and SignalWait by a domain (timers signal too, so the kernel's count would
+    // Signal, SignalWait and SignalHalt by a domain (timers signal too, so the kernel's count would
     // never stall while a fallback timer runs).
     if code == microvisor::svm::exit::VMMCALL
-        && (r.rax == Hypercall::Signal as u64 || r.rax == Hypercall::SignalWait as u64)
+        && (r.rax == Hypercall::Signal as u64
+            || r.rax == Hypercall::SignalWait as u64
+            || r.rax == Hypercall::SignalHalt as u64)
     {
         TRACE.lock().hypercall_signals += 1;
     }

@@ -81,6 +81,10 @@ impl<F: Stage2Format> Kernel<F> {
             Hypercall::Signal => Done::Status(self.signal(v, slot, arg0)),
             Hypercall::Wait => pending(self.wait(v, slot)),
             Hypercall::SignalWait => pending(self.signal_wait(v, slot, arg0, r.rsi)),
+            Hypercall::SignalHalt => {
+                let offered = p.virq_offered(v);
+                pending(self.signal_halt(v, slot, arg0, offered))
+            }
             Hypercall::Poll => Done::Status(self.poll(v, slot).and_then(|bits| self.results(v, &[bits]))),
             Hypercall::Yield => {
                 self.vcpus[v as usize].regs.rax = 0;

@@ -90,6 +90,10 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn console_read(&mut self, _out: &mut [u8]) -> usize {
         0
     }
+    /// A virtual interrupt is offered to `vcpu` and not yet taken (SVM: V_IRQ set): it
+    /// must not sleep in `SignalHalt` ([`notify::VirqHardware::virq_offered`]; no default,
+    /// so that no platform forgets it and loses a wake-up).
+    fn virq_offered(&mut self, vcpu: VcpuId) -> bool;
 
     // Device passthrough.
 

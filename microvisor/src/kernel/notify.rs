@@ -263,6 +263,38 @@ impl<F: Stage2Format> Kernel<F> {
         Ok(())
     }
 
+    /// `SignalHalt`: signal `slot`, then halt as [`Self::hlt_exit`] does (`offered`: a
+    /// virtual interrupt is offered to `v` and not yet taken), in one hypercall.
+    ///
+    /// No wake-up is lost: the caller runs with interrupts off, so whatever was signalled
+    /// to it since it last looked is pending in the kernel (`has_irq`) or offered in the
+    /// hardware (`offered`), and either keeps it awake; anything signalled later finds it
+    /// `Halted` and makes it ready (`signal_wake`), exactly as after a HLT. The halt is
+    /// decided after the signal, so a signal to a notification bound to `v` itself counts.
+    /// (Unlike HLT there is no interrupt shadow to lose: `VirqHardware::hlt_woken` is a
+    /// HLT's matter.) A woken vCPU that may run now does, as in [`Self::signal_wait`].
+    pub fn signal_halt(&mut self, v: VcpuId, slot: u64, bits: u64, offered: bool) -> Result<(), Error> {
+        let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
+        let bits = if bits != 0 { bits } else { badge.max(1) };
+        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
+        let woken = self.signal_wake(n, bits);
+        self.vcpus[v as usize].regs.rax = 0;
+        if offered || self.vcpus[v as usize].has_irq() || self.current != Some(v) {
+            if let Some(w) = woken {
+                self.wake_from(v, w);
+            }
+            return Ok(());
+        }
+        self.block_current(VcpuState::Halted);
+        match woken {
+            Some(w) if self.may_run_now(w) => self.switch_to(w),
+            Some(w) => self.make_ready(w),
+            None => {}
+        }
+        self.schedule();
+        Ok(())
+    }
+
     /// `Wait`: on success with no bits pending, the vCPU blocks (its result arrives with
     /// the signal).
     pub fn wait(&mut self, v: VcpuId, slot: u64) -> Result<(), Error> {

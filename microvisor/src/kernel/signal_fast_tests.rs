@@ -225,3 +225,48 @@ fn signal_wait_lets_a_higher_ready_vcpu_go_first() {
     assert!(t.ready(vb), "the woken one waits its turn");
     assert_eq!(t.state(va), VcpuState::BlockedWait(t.ba));
 }
+
+/// `SignalHalt` as the net driver VM uses it: a (the driver, its doorbell `ba` bound to a
+/// vector) rings b (a guest waiting on `ab`) and halts in one hypercall.
+#[test]
+fn signal_halt_rings_then_sleeps_until_a_bound_notification_and_never_over_one() {
+    for (pa, pb) in [(20, 10), (10, 10), (10, 20)] {
+        let mut t = pair(pa, pb);
+        let (va, vb, a_signal, a_wait, b_signal) = (t.va, t.vb, t.a_signal, t.a_wait, t.b_signal);
+        t.run(va);
+        assert_eq!(t.hc(va, Hypercall::NotificationBind, a_wait, 0x40, 0).0, 0);
+        t.b_waits();
+        // Nothing pending: a rings b and halts; b runs whatever the priorities (a sleeps).
+        assert_eq!(t.hc(va, Hypercall::SignalHalt, a_signal, 0b1, 0).0, 0);
+        assert_eq!(t.state(va), VcpuState::Halted, "priorities {pa}/{pb}");
+        assert_eq!(t.k.current, Some(vb));
+        assert_eq!(t.k.vcpus[vb as usize].regs.rdi, 0b1, "b woke with a's bits");
+        // b's doorbell wakes a, as it wakes a HLT, with the vector pending.
+        t.hc(vb, Hypercall::Signal, b_signal, 1, 0);
+        assert!(t.k.vcpus[va as usize].has_irq());
+        assert_ne!(t.state(va), VcpuState::Halted);
+        // A doorbell that arrived while a ran with interrupts off (pending in the kernel):
+        // a rings and does not sleep.
+        t.run(va);
+        t.b_waits();
+        assert_eq!(t.hc(va, Hypercall::SignalHalt, a_signal, 0b1, 0).0, 0);
+        assert_ne!(t.state(va), VcpuState::Halted, "a woken vCPU was not put to sleep");
+        assert_eq!(t.k.vcpus[vb as usize].regs.rdi, 0b1);
+    }
+}
+
+#[test]
+fn signal_halt_does_not_sleep_over_an_offered_vector_and_checks_its_capability() {
+    let mut t = pair(20, 10);
+    let (va, a_signal, a_wait) = (t.va, t.a_signal, t.a_wait);
+    t.run(va);
+    // The vector already sits in V_IRQ (not pending in the kernel): a stays awake.
+    assert_eq!(t.k.signal_halt(va, a_signal, 1, true), Ok(()));
+    assert_eq!(t.k.current, Some(va));
+    assert_eq!(t.state(va), VcpuState::Running);
+    // Wrong capability: refused before anything happens (no signal, no halt).
+    assert_eq!(t.hc(va, Hypercall::SignalHalt, a_wait, 1, 0).0, Error::PermissionDenied.code());
+    assert_eq!(t.hc(va, Hypercall::SignalHalt, 40, 1, 0).0, Error::InvalidSlot.code());
+    assert_eq!(t.state(va), VcpuState::Running);
+    assert_eq!(t.k.notifications[t.ba as usize].bits, 0);
+}

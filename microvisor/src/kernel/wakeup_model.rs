@@ -108,6 +108,11 @@ impl TableMemory for Plat {
 }
 
 impl Platform for Plat {
+    /// The model's hardware is its own (`Hw`); its programs make no `SignalHalt`.
+    fn virq_offered(&mut self, _v: VcpuId) -> bool {
+        false
+    }
+
     fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64> {
         self.frames.alloc(frames, align).ok()
     }

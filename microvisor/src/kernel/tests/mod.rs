@@ -126,6 +126,11 @@ impl TableMemory for Sim {
 }
 
 impl Platform for Sim {
+    /// The simulation has no interrupt hardware: nothing is ever offered.
+    fn virq_offered(&mut self, _v: VcpuId) -> bool {
+        false
+    }
+
     fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64> {
         let hpa = self.frames.alloc(frames, align).ok()?;
         assert!(self.live.insert(hpa, frames).is_none());
