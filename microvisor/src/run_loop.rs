@@ -15,6 +15,7 @@ use crate::vmexit;
 pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
     let (mut seen_events, mut seen_ticks) = (apic::events(), apic::ticks());
     // The vCPU entered last (None: the idle loop ran since), for the switch count.
+    #[cfg(feature = "counts")]
     let mut last: Option<microvisor::kernel::VcpuId> = None;
     loop {
         let events = apic::events();
@@ -48,10 +49,14 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 apic::take_pending_interrupts();
                 continue;
             }
+            #[cfg(feature = "counts")]
             let idle_from = m.clock.now_ns();
             apic::wait_for_interrupt();
-            k.stats.idle_ns += m.clock.now_ns().saturating_sub(idle_from);
-            last = None;
+            #[cfg(feature = "counts")]
+            {
+                k.stats.idle_ns += m.clock.now_ns().saturating_sub(idle_from);
+                last = None;
+            }
             continue;
         };
         cpu::set_current_domain(Some(k.vcpus[v as usize].domain));
@@ -59,6 +64,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::enter(k, m, v);
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
+        #[cfg(feature = "counts")]
         count(k, v, &exit, last.replace(v) != Some(v));
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::exit(k, m, v);
@@ -91,6 +97,7 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
     }
 }
 
+#[cfg(feature = "counts")]
 /// Count exit `exit` of vCPU `v` for its domain (`ExitCounts`); `switched`: another vCPU
 /// or the idle loop ran before this entry.
 fn count(k: &mut Kernel<Stage2>, v: microvisor::kernel::VcpuId, exit: &microvisor::vcpu_hw::Exit, switched: bool) {

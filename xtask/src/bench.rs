@@ -280,7 +280,10 @@ fn blk(args: &[String]) -> Result<(), String> {
     let stack = crate::workspace_root().join("stacks/bench-blk.toml");
     let out = artifacts.bundle.with_file_name("bench-blk.bin");
     let info = build::pack(&artifacts.images, &stack, &out)?;
-    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
+    // The `counts` build: it prints every domain's exits after each result line, for the
+    // per-request table (diagnostics kept out of the default build and its line count).
+    let microvisor = build::compile_microvisor_with(&target, &["counts"])?;
+    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() });
     if icount {
         m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=on".into()];
     }

@@ -108,6 +108,25 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     Ok(release)
 }
 
+/// The SVM microvisor built with diagnostic cargo `features` (e.g. `counts`), in a target
+/// folder of its own under `target_dir` (so the default images stay as they are); returns
+/// the image's path.
+pub fn compile_microvisor_with(target_dir: &Path, features: &[&str]) -> Result<PathBuf, String> {
+    let dir = target_dir.join(features.join("-"));
+    eprintln!("build: compiling microvisor for {BARE_METAL_TARGET} {features:?} into {}", dir.display());
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--target", BARE_METAL_TARGET, "-p", "microvisor", "--features"])
+        .arg(features.join(","))
+        .env("CARGO_TARGET_DIR", &dir)
+        .status()
+        .map_err(|e| format!("could not run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of the microvisor with {features:?} failed (see the errors above)"));
+    }
+    Ok(dir.join(BARE_METAL_TARGET).join("release").join("microvisor"))
+}
+
 /// Pack the bundle for the stack manifest `stack` from compiled `images` into `out`.
 pub fn pack(images: &Path, stack: &Path, out: &Path) -> Result<StackInfo, String> {
     let manifest = crate::manifest::load(stack, &known_images())?;

@@ -362,9 +362,9 @@ fn module_name(header: &str) -> Option<String> {
 
 /// Which stripped lines are test code.
 /// Returns (per line: is test code, `#[cfg(test)] mod name;` names, whole file is test code).
-/// Code only the microvisor's `trace` feature compiles (`#[cfg(feature = "trace")]` or a
-/// `cfg(all(..))` naming it: the wake-up trace for loop runs) is left out the same way: it
-/// is never in the default build. (Stripped lines have literal contents masked, so the
+/// Code only the microvisor's `trace` or `counts` feature compiles (`#[cfg(feature =
+/// "trace")]` or a `cfg(all(..))` naming it: the wake-up trace for loop runs, the exit
+/// counts for `bench blk`) is left out the same way: it is never in the default build. (Stripped lines have literal contents masked, so the
 /// feature's name is looked for in `raw`, the source's lines.)
 fn test_lines(lines: &[Stripped], raw: &[&str]) -> (Vec<bool>, Vec<String>, bool) {
     let mut test = vec![false; lines.len()];
@@ -372,7 +372,8 @@ fn test_lines(lines: &[Stripped], raw: &[&str]) -> (Vec<bool>, Vec<String>, bool
     let mut i = 0;
     let trace_only = |i: usize, body: &str| {
         let raw: String = raw.get(i).unwrap_or(&"").chars().filter(|c| !c.is_whitespace()).collect();
-        (body.starts_with("cfg(feature=") || body.starts_with("cfg(all(")) && raw.contains("feature=\"trace\"")
+        (body.starts_with("cfg(feature=") || body.starts_with("cfg(all("))
+            && (raw.contains("feature=\"trace\"") || raw.contains("feature=\"counts\""))
     };
     while i < lines.len() {
         match leading_attribute(&lines[i].code) {
@@ -1053,6 +1054,7 @@ mod tests {
         // The trace feature's code is not in the default build.
         assert_eq!(sloc("#[cfg(feature = \"trace\")]\ncrate::trace::tick(k);\nfn a() {}\n"), 1);
         assert_eq!(sloc("#[cfg(all(target_os = \"none\", feature = \"trace\"))]\nmod trace;\n"), 0);
+        assert_eq!(sloc("#[cfg(feature = \"counts\")]\nfn count() {\n    x += 1;\n}\nfn a() {}\n"), 1);
         assert_eq!(sloc("#[cfg(feature = \"alloc\")]\nfn a() {}\n"), 2);
         // cfg(any(test, ..)) is not test-only.
         assert_eq!(sloc("#[cfg(any(test, feature = \"alloc\"))]\nfn a() {}\n"), 2);

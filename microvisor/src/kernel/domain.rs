@@ -41,11 +41,13 @@ pub struct Domain<F: Stage2Format> {
     /// IPC calls and notification signals its vCPUs made (for `DomainStatus`).
     pub ipc_calls: u64,
     pub signals: u64,
+    #[cfg(feature = "counts")]
     /// Where its vCPUs' time went, for the block benchmark's per-request accounting
     /// (printed after each `bench blk: via=` line of any domain; see [`ExitCounts`]).
     pub counts: ExitCounts,
 }
 
+#[cfg(feature = "counts")]
 /// Exits and world switches of one domain's vCPUs, cumulative since boot. Cheap enough to
 /// keep always (a few additions per exit, which costs thousands of cycles itself); printed
 /// only when a benchmark asks, so that its figures can be explained per request.
@@ -83,6 +85,7 @@ impl<F: Stage2Format> Domain<F> {
         vcpus: 0,
         ipc_calls: 0,
         signals: 0,
+        #[cfg(feature = "counts")]
         counts: ExitCounts { exits: 0, hypercalls: 0, hlts: 0, interrupts: 0, switches: 0, virqs: 0 },
     };
 

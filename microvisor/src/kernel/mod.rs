@@ -209,11 +209,13 @@ pub struct Stats {
     pub ipc_calls: u64,
     pub signals: u64,
     pub ticks: u64,
+    #[cfg(feature = "counts")]
     /// Nanoseconds the machine spent idle (every vCPU waiting), by the microvisor's clock:
     /// under `-icount` the rest of the time is instructions executed.
     pub idle_ns: u64,
 }
 
+#[cfg(feature = "counts")]
 /// A console line with this in it (a block benchmark result, `cargo xtask bench blk`) is
 /// followed by a line of exit counts (`Kernel::print_counts`), so the benchmark can give
 /// exits, world switches and virtual interrupts per request.
@@ -242,7 +244,14 @@ impl<F: Stage2Format> Kernel<F> {
             root: None,
             // All-zero initial state keeps the kernel in .bss, not in the loaded image.
             next_cap_id: 0,
-            stats: Stats { hypercalls: 0, ipc_calls: 0, signals: 0, ticks: 0, idle_ns: 0 },
+            stats: Stats {
+                hypercalls: 0,
+                ipc_calls: 0,
+                signals: 0,
+                ticks: 0,
+                #[cfg(feature = "counts")]
+                idle_ns: 0,
+            },
         }
     }
 
@@ -271,6 +280,16 @@ impl<F: Stage2Format> Kernel<F> {
     }
 
     /// Console output of domain `d`, assembled into lines for the platform.
+    #[cfg(not(feature = "counts"))]
+    pub fn console_write<P: Platform>(&mut self, p: &mut P, d: DomainId, bytes: &[u8]) {
+        let dom = &mut self.domains[d as usize];
+        let name = core::str::from_utf8(&dom.name[..dom.name_len]).unwrap_or("?");
+        dom.console.push(bytes, |line| p.console_line(name, line));
+    }
+
+    /// Console output of domain `d`, assembled into lines for the platform; a block
+    /// benchmark's result line is followed by the exit counts (the `counts` build).
+    #[cfg(feature = "counts")]
     pub fn console_write<P: Platform>(&mut self, p: &mut P, d: DomainId, bytes: &[u8]) {
         let dom = &mut self.domains[d as usize];
         let name = core::str::from_utf8(&dom.name[..dom.name_len]).unwrap_or("?");
@@ -284,6 +303,7 @@ impl<F: Stage2Format> Kernel<F> {
         }
     }
 
+    #[cfg(feature = "counts")]
     /// One console line with every live domain's [`domain::ExitCounts`] and signals.
     fn print_counts<P: Platform>(&self, p: &mut P) {
         use core::fmt::Write;

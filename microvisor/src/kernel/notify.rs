@@ -52,6 +52,7 @@ impl<F: Stage2Format> Kernel<F> {
     #[inline(never)]
     fn deliver_pending<H: VirqHardware>(&mut self, h: &mut H, v: VcpuId) {
         let vcpu = &mut self.vcpus[v as usize];
+        #[cfg(feature = "counts")]
         let mut handed = 0;
         match h.virq_offered(v) {
             // The same vector again before the guest took it: one request, as a local
@@ -60,14 +61,20 @@ impl<F: Stage2Format> Kernel<F> {
             None => {
                 if let Some(vector) = vcpu.take_irq() {
                     h.virq_offer(v, vector);
-                    handed += 1;
+                    #[cfg(feature = "counts")]
+                    {
+                        handed += 1;
+                    }
                 }
             }
         }
         if vcpu.has_irq() && h.virq_injectable(v) {
             if let Some(vector) = vcpu.take_irq() {
                 h.virq_inject(v, vector);
-                handed += 1;
+                #[cfg(feature = "counts")]
+                {
+                    handed += 1;
+                }
             }
         }
         // Still more (the guest cannot take an interrupt now, or a third vector): exit
@@ -77,8 +84,11 @@ impl<F: Stage2Format> Kernel<F> {
         if vcpu.has_irq() {
             h.virq_window(v, true);
         }
-        let d = vcpu.domain as usize;
-        self.domains[d].counts.virqs += handed;
+        #[cfg(feature = "counts")]
+        {
+            let d = vcpu.domain as usize;
+            self.domains[d].counts.virqs += handed;
+        }
     }
 
     /// `v` exited because it was about to take its offered vector (the window requested
