@@ -13,6 +13,7 @@
 //! slot; a read's data is copied out of the slot into the device's buffer and scattered into
 //! guest memory. (The driver VM must not see guest RAM, so there is one copy each way.)
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
@@ -55,7 +56,10 @@ struct Slot {
 /// a read, a write or a flush is harmless. So a driver VM restart costs the VM only delay.
 pub struct BlockChannel<M: SharedMem, D: Doorbell> {
     mem: M,
-    client: Client,
+    /// Boxed: its table of outstanding requests makes it about 10 KiB (sized for the deep
+    /// ring), and the channel moves by value through several frames before it is boxed
+    /// (the same move overflowed the demo guest's stack).
+    client: Box<Client>,
     doorbell: D,
     info: Option<DiskInfo>,
     /// The `GetInfo` request while it is unanswered.
@@ -87,6 +91,7 @@ impl<M: SharedMem, D: Doorbell> BlockChannel<M, D> {
         // It lays out the same standard layout, which fits (checked above), on rings it
         // empties itself: it cannot fail where `standard` did not.
         let client = Client::create(&mem)
+            .map(Box::new)
             .map_err(|_| LayoutError::RegionTooSmall { len: mem.len(), min: ipc_spec::block::STANDARD_MIN_REGION })?;
         let mut c = Self {
             mem,
