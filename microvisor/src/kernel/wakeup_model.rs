@@ -210,6 +210,8 @@ struct Hw {
     /// A mutation for the negative test: the run loop tells `SignalHalt` that nothing is
     /// offered whatever V_IRQ holds.
     ignore_offered: bool,
+    /// Another: `signal_halt` does not see the vectors pending in the kernel (`has_irq`).
+    ignore_pending: bool,
 }
 
 /// Which hardware, guest program and (for negative tests) mutation to explore.
@@ -220,6 +222,7 @@ struct Mode {
     shadowed_hlt_wakes: bool,
     net_wait: bool,
     ignore_offered: bool,
+    ignore_pending: bool,
 }
 
 impl Mode {
@@ -231,6 +234,7 @@ impl Mode {
         shadowed_hlt_wakes: true,
         net_wait: false,
         ignore_offered: false,
+        ignore_pending: false,
     };
 }
 
@@ -347,6 +351,8 @@ struct Model {
     /// that returned at once (a vector pending or offered, or the CPU given to ping).
     signal_halts_slept: usize,
     signal_halts_returned: usize,
+    /// Those made with a vector pending in the kernel (`has_irq`).
+    signal_halts_with_pending: usize,
 }
 
 impl Model {
@@ -385,6 +391,7 @@ impl Model {
             ping_wait,
             signal_halts_slept: 0,
             signal_halts_returned: 0,
+            signal_halts_with_pending: 0,
         }
     }
 
@@ -606,7 +613,19 @@ impl Model {
                 let offered = c.v_irq.is_some();
                 n.in_guest = None;
                 self.p.offered = offered && !n.hw.ignore_offered;
+                if self.k.vcpus[v as usize].has_irq() {
+                    self.signal_halts_with_pending += 1;
+                }
+                // (The mutation hides the pending vectors from the call, then puts them back.)
+                let hidden = if n.hw.ignore_pending {
+                    core::mem::take(&mut self.k.vcpus[v as usize].pending_irqs)
+                } else {
+                    [0; 4]
+                };
                 let (rax, _) = self.hypercall(v, Hypercall::SignalHalt, self.bell_signal, 1);
+                for (p, h) in self.k.vcpus[v as usize].pending_irqs.iter_mut().zip(hidden) {
+                    *p |= h;
+                }
                 self.p.offered = false;
                 assert_eq!(rax, 0);
                 if self.k.vcpus[v as usize].state == VcpuState::Halted {
@@ -728,6 +747,8 @@ struct Found {
     report_path: Option<Vec<Action>>,
     signal_halts_slept: usize,
     signal_halts_returned: usize,
+    /// Those made with a vector pending in the kernel (`has_irq`).
+    signal_halts_with_pending: usize,
 }
 
 fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
@@ -736,7 +757,7 @@ fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
 
 fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
     let mut m = Model::new(bell_prio, ping_prio);
-    let Mode { inject_second, drops_shadow, shadowed_hlt_wakes, net_wait, ignore_offered } = mode;
+    let Mode { inject_second, drops_shadow, shadowed_hlt_wakes, net_wait, ignore_offered, ignore_pending } = mode;
     let hw = Hw {
         cpu: [Cpu::default(); 2],
         ids: [m.bell, m.ping],
@@ -745,6 +766,7 @@ fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
         shadowed_hlt_wakes,
         net_wait,
         ignore_offered,
+        ignore_pending,
     };
     let start = State {
         k: std::rc::Rc::new(m.save()),
@@ -828,7 +850,8 @@ fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
             }
         }
     }
-    (found.signal_halts_slept, found.signal_halts_returned) = (m.signal_halts_slept, m.signal_halts_returned);
+    (found.signal_halts_slept, found.signal_halts_returned, found.signal_halts_with_pending) =
+        (m.signal_halts_slept, m.signal_halts_returned, m.signal_halts_with_pending);
     found
 }
 
@@ -915,8 +938,8 @@ fn signal_halt_loses_no_wake_up_in_any_interleaving() {
             let f = explore_on(bell, ping, Mode { drops_shadow, net_wait: true, ..Mode::CPU });
             let what = format!("bell {bell}, ping {ping}, SignalHalt, shadow dropped {drops_shadow}");
             eprintln!(
-                "{what}: {} states; SignalHalts explored: {} slept, {} returned at once",
-                f.states, f.signal_halts_slept, f.signal_halts_returned
+                "{what}: {} states; SignalHalts explored: {} slept, {} returned at once, {} with a vector pending in the kernel",
+                f.states, f.signal_halts_slept, f.signal_halts_returned, f.signal_halts_with_pending
             );
             assert!(f.states > 500, "{what}: the model explored only {} states", f.states);
             assert!(f.signal_halts_slept > 0, "{what}: no SignalHalt ever slept");
@@ -946,4 +969,27 @@ fn a_signal_halt_that_ignores_the_offered_vector_loses_a_wake_up() {
         lost_somewhere |= f.halted_with_pending.is_some();
     }
     assert!(lost_somewhere, "the model should find bell halted with its vector offered");
+}
+
+/// A `SignalHalt` that does not see the vectors pending in the kernel (`has_irq`) loses
+/// nothing in this stack: the model reaches SignalHalts with a vector pending, but every
+/// one of them has another in V_IRQ (each entry puts the lowest pending vector there
+/// first, and bell's answer is not bound to bell), so `offered` alone keeps bell awake.
+/// `has_irq` matters to a SignalHalt that rings a notification bound to its caller, and
+/// to callers that enter no guest in between (the unit tests in `signal_fast_tests.rs`);
+/// this test fails if the model ever reaches a SignalHalt where it alone matters.
+#[test]
+fn has_irq_without_offered_is_not_reached_by_the_net_drivers_signal_halt() {
+    let mut with_pending = 0;
+    for (bell, ping) in PRIORITIES {
+        let f = explore_on(bell, ping, Mode { net_wait: true, ignore_pending: true, ..Mode::CPU });
+        eprintln!(
+            "bell {bell}, ping {ping}, SignalHalt ignoring has_irq: {} states, {} SignalHalts with a vector pending",
+            f.states, f.signal_halts_with_pending
+        );
+        with_pending += f.signal_halts_with_pending;
+        assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: has_irq alone kept bell awake");
+        assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: has_irq alone kept bell awake");
+    }
+    assert!(with_pending > 0, "the model should reach a SignalHalt with a vector pending in the kernel");
 }
