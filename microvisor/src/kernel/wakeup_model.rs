@@ -33,6 +33,14 @@
 //! the second, the model includes what `svm/hw.rs` does about it (a HLT exit at the
 //! instruction an earlier exit found shadowed is a woken HLT: `VirqHardware::hlt_woken`),
 //! and shows that without it the doorbell test hangs.
+//!
+//! bell can also wait as the net driver VM does (`Mode::net_wait`): it answers a doorbell
+//! with `SignalHalt` (`Kernel::signal_halt`, through the dispatcher, told whether V_IRQ
+//! holds a vector as `svm/hw.rs` tells it), the counts looked at with interrupts off at the
+//! start of the round; after the call `sti; nop; cli` and a look, then `wait_for_virq`:
+//! `sti; nop; cli` and a look, then its `sti; hlt; cli` loop (`domain_rt::irq`). The
+//! same invariants hold over all its interleavings, on a CPU and on QEMU's SVM; a
+//! `SignalHalt` not told about V_IRQ halts bell with a vector offered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
