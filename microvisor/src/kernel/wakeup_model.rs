@@ -361,6 +361,8 @@ struct Model {
     signal_halts_returned: usize,
     /// Those made with a vector pending in the kernel (`has_irq`).
     signal_halts_with_pending: usize,
+    /// `sti; nop; cli` steps that let an offered vector in.
+    let_in: usize,
 }
 
 impl Model {
@@ -400,6 +402,7 @@ impl Model {
             signal_halts_slept: 0,
             signal_halts_returned: 0,
             signal_halts_with_pending: 0,
+            let_in: 0,
         }
     }
 
@@ -713,6 +716,7 @@ impl Model {
         }
         if let Some(x) = c.v_irq.take() {
             take_interrupt(c, x);
+            self.let_in += 1;
         }
         c.interrupt_flag = false;
         true
@@ -757,6 +761,8 @@ struct Found {
     signal_halts_returned: usize,
     /// Those made with a vector pending in the kernel (`has_irq`).
     signal_halts_with_pending: usize,
+    /// `sti; nop; cli` steps that let an offered vector in.
+    let_in: usize,
 }
 
 fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
@@ -860,6 +866,7 @@ fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
     }
     (found.signal_halts_slept, found.signal_halts_returned, found.signal_halts_with_pending) =
         (m.signal_halts_slept, m.signal_halts_returned, m.signal_halts_with_pending);
+    found.let_in = m.let_in;
     found
 }
 
@@ -946,12 +953,13 @@ fn signal_halt_loses_no_wake_up_in_any_interleaving() {
             let f = explore_on(bell, ping, Mode { drops_shadow, net_wait: true, ..Mode::CPU });
             let what = format!("bell {bell}, ping {ping}, SignalHalt, shadow dropped {drops_shadow}");
             eprintln!(
-                "{what}: {} states; SignalHalts explored: {} slept, {} returned at once, {} with a vector pending in the kernel",
-                f.states, f.signal_halts_slept, f.signal_halts_returned, f.signal_halts_with_pending
+                "{what}: {} states; SignalHalts explored: {} slept, {} returned at once, {} with a vector pending in the kernel; {} vectors let in by `sti; nop; cli`",
+                f.states, f.signal_halts_slept, f.signal_halts_returned, f.signal_halts_with_pending, f.let_in
             );
             assert!(f.states > 500, "{what}: the model explored only {} states", f.states);
             assert!(f.signal_halts_slept > 0, "{what}: no SignalHalt ever slept");
             assert!(f.signal_halts_returned > 0, "{what}: every SignalHalt slept");
+            assert!(f.let_in > 0, "{what}: no `sti; nop; cli` ever let a vector in");
             assert_eq!(f.halted_with_pending, None, "{what}: halted with a vector pending");
             assert_eq!(f.late, None, "{what}: a vector waited while the guest was interruptible");
             assert_eq!(f.stuck, None, "{what}: a doorbell was never seen");
