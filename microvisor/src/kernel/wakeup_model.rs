@@ -33,6 +33,14 @@
 //! the second, the model includes what `svm/hw.rs` does about it (a HLT exit at the
 //! instruction an earlier exit found shadowed is a woken HLT: `VirqHardware::hlt_woken`),
 //! and shows that without it the doorbell test hangs.
+//!
+//! bell can also wait as the net driver VM does (`Mode::net_wait`): it answers a doorbell
+//! with `SignalHalt` (`Kernel::signal_halt`, through the dispatcher, told whether V_IRQ
+//! holds a vector as `svm/hw.rs` tells it), the counts looked at with interrupts off at the
+//! start of the round; after the call `sti; nop; cli` and a look, then `wait_for_virq`:
+//! `sti; nop; cli` and a look, then its `sti; hlt; cli` loop (`domain_rt::irq`). The
+//! same invariants hold over all its interleavings, on a CPU and on QEMU's SVM; a
+//! `SignalHalt` not told about V_IRQ halts bell with a vector offered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -61,6 +69,9 @@ const MAX_CUTS: u8 = 1;
 pub(super) struct Plat {
     frames: FrameAllocator,
     mem: HashMap<u64, Box<[u8; PAGE as usize]>>,
+    /// What `virq_offered` answers for the `SignalHalt` being made: the model sets it from
+    /// its hardware (`Hw`) just before the hypercall.
+    offered: bool,
 }
 
 impl Plat {
@@ -68,6 +79,7 @@ impl Plat {
         Plat {
             frames: FrameAllocator::new(&[PhysRange::new(0x100_0000, 0x100_0000 + (16 << 20))], &[]),
             mem: HashMap::new(),
+            offered: false,
         }
     }
 }
@@ -108,9 +120,10 @@ impl TableMemory for Plat {
 }
 
 impl Platform for Plat {
-    /// The model's hardware is its own (`Hw`); its programs make no `SignalHalt`.
+    /// The model's hardware is its own (`Hw`): V_IRQ as it stood when the guest made its
+    /// `SignalHalt` (false for every other user of this platform, whose programs make none).
     fn virq_offered(&mut self, _v: VcpuId) -> bool {
-        false
+        self.offered
     }
 
     fn alloc_frames(&mut self, frames: u64, align: u64) -> Option<u64> {
@@ -198,6 +211,39 @@ struct Hw {
     drops_shadow: bool,
     /// `svm/hw.rs` treats a HLT exit at a shadowed instruction as woken.
     shadowed_hlt_wakes: bool,
+    /// bell waits as the net driver VM does: the answer is rung with `SignalHalt`
+    /// (`domain_rt::irq::signal_and_wait_for_virq`), and every wait lets an offered
+    /// interrupt in (`sti; nop; cli`) before its `sti; hlt` (`wait_for_virq`).
+    net_wait: bool,
+    /// A mutation for the negative test: the run loop tells `SignalHalt` that nothing is
+    /// offered whatever V_IRQ holds.
+    ignore_offered: bool,
+    /// Another: `signal_halt` does not see the vectors pending in the kernel (`has_irq`).
+    ignore_pending: bool,
+}
+
+/// Which hardware, guest program and (for negative tests) mutation to explore.
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    inject_second: bool,
+    drops_shadow: bool,
+    shadowed_hlt_wakes: bool,
+    net_wait: bool,
+    ignore_offered: bool,
+    ignore_pending: bool,
+}
+
+impl Mode {
+    /// The hardware as the microvisor drives it (`svm/hw.rs`), on a CPU, bell as the
+    /// doorbell test's loop.
+    const CPU: Mode = Mode {
+        inject_second: true,
+        drops_shadow: false,
+        shadowed_hlt_wakes: true,
+        net_wait: false,
+        ignore_offered: false,
+        ignore_pending: false,
+    };
 }
 
 impl Hw {
@@ -309,6 +355,14 @@ struct Model {
     /// bell's SIGNAL capability on the answer; ping's WAIT capability on it.
     bell_signal: u64,
     ping_wait: u64,
+    /// bell's `SignalHalt`s explored (transitions, not states) that left it halted, and
+    /// that returned at once (a vector pending or offered, or the CPU given to ping).
+    signal_halts_slept: usize,
+    signal_halts_returned: usize,
+    /// Those made with a vector pending in the kernel (`has_irq`).
+    signal_halts_with_pending: usize,
+    /// `sti; nop; cli` steps that let an offered vector in.
+    let_in: usize,
 }
 
 impl Model {
@@ -333,7 +387,23 @@ impl Model {
         k.bind(bell, bell_timer, TIMER_VECTOR as u64).unwrap();
         k.vcpu_start(bell).unwrap();
         k.vcpu_start(ping).unwrap();
-        Model { k, p, bell, ping, doorbell, timer, answer, ping_signal, bell_wait, bell_signal, ping_wait }
+        Model {
+            k,
+            p,
+            bell,
+            ping,
+            doorbell,
+            timer,
+            answer,
+            ping_signal,
+            bell_wait,
+            bell_signal,
+            ping_wait,
+            signal_halts_slept: 0,
+            signal_halts_returned: 0,
+            signal_halts_with_pending: 0,
+            let_in: 0,
+        }
     }
 
     fn save(&self) -> KSnap {
@@ -531,12 +601,60 @@ impl Model {
                 n.in_guest = None;
                 let (rax, bits) = self.hypercall(v, Hypercall::Poll, self.bell_wait, 0);
                 assert_eq!(rax, 0);
+                let net_wait = n.hw.net_wait;
                 let c = n.hw.at(v);
                 if bits != 0 {
                     n.answered += 1;
-                    c.pc = if c.fallback { 4 } else { 5 };
+                    c.pc = match (c.fallback, net_wait) {
+                        (true, _) => 4,
+                        (false, false) => 5,
+                        (false, true) => 6,
+                    };
                 } else {
-                    c.pc = 1;
+                    // Nothing: wait (`wait_for_virq`; the net driver's first lets an
+                    // offered interrupt in).
+                    c.pc = if net_wait { 8 } else { 1 };
+                }
+            }
+            6 => {
+                // The net driver's end of a round: ring the answer and halt in one
+                // hypercall (`signal_and_wait_for_virq`), interrupts still off. The run
+                // loop tells the kernel whether V_IRQ holds a vector (dispatch.rs).
+                c.pc = 7;
+                let offered = c.v_irq.is_some();
+                n.in_guest = None;
+                self.p.offered = offered && !n.hw.ignore_offered;
+                if self.k.vcpus[v as usize].has_irq() {
+                    self.signal_halts_with_pending += 1;
+                }
+                // (The mutation hides the pending vectors from the call, then puts them back.)
+                let hidden = if n.hw.ignore_pending {
+                    core::mem::take(&mut self.k.vcpus[v as usize].pending_irqs)
+                } else {
+                    [0; 4]
+                };
+                let (rax, _) = self.hypercall(v, Hypercall::SignalHalt, self.bell_signal, 1);
+                for (p, h) in self.k.vcpus[v as usize].pending_irqs.iter_mut().zip(hidden) {
+                    *p |= h;
+                }
+                self.p.offered = false;
+                assert_eq!(rax, 0);
+                if self.k.vcpus[v as usize].state == VcpuState::Halted {
+                    self.signal_halts_slept += 1;
+                } else {
+                    self.signal_halts_returned += 1;
+                }
+            }
+            7 | 8 => {
+                // After the SignalHalt returned (7), and at the start of `wait_for_virq`
+                // (8): `sti; nop; cli`, then look at the counts; nothing new: on to the
+                // next (7 -> 8), or to `sti; hlt` (8 -> 1).
+                if !self.let_offered_in(n, v) {
+                    return;
+                }
+                let c = n.hw.at(v);
+                if !look(c) {
+                    c.pc = if c.pc == 7 { 8 } else { 1 };
                 }
             }
             5 => {
@@ -560,36 +678,60 @@ impl Model {
             4 => {
                 // The doorbell was found after a wake-up by the timer alone: `sti; nop; cli`
                 // lets an offered interrupt in, then the counts tell whether it came.
-                // (With the window requested, the guest exits there instead; the entry
-                // after injects the rest, and the interrupts are taken at the NOP.)
-                if c.window && c.v_irq.is_some() {
-                    c.interrupt_flag = true;
-                    n.exit_guest();
-                    self.k.interrupt_window_exit(&mut n.hw, v);
+                if !self.let_offered_in(n, v) {
                     return;
                 }
-                if let Some(x) = c.v_irq.take() {
-                    take_interrupt(c, x);
-                }
-                c.interrupt_flag = false;
+                let net_wait = n.hw.net_wait;
+                let c = n.hw.at(v);
                 let others = c.all - c.seen_all != c.timer - c.seen_timer;
                 if !others {
                     n.reports += 1;
                 }
-                (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, false, 5);
+                let answer = if net_wait { 6 } else { 5 };
+                (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, false, answer);
             }
             _ => {
                 // CLI, then look at the counts.
                 c.interrupt_flag = false;
-                if c.all != c.seen_all {
-                    let timer_only = c.timer != c.seen_timer && c.all - c.seen_all == c.timer - c.seen_timer;
-                    (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, timer_only, 0);
-                } else {
+                if !look(c) {
                     c.pc = 1;
                 }
             }
         }
     }
+
+    /// `sti; nop; cli` (`domain_rt::irq::let_offered_in`), as one step: STI's shadow
+    /// covers the NOP, so an offered vector is taken before the CLI. (With the window
+    /// requested, the guest exits there instead, IF set; the entry after injects the rest,
+    /// the interrupts are taken at the NOP, and the step runs again: false.) An exit
+    /// inside the sequence changes nothing: the interrupt is then taken at the entry or
+    /// the NOP, before the CLI either way.
+    fn let_offered_in(&mut self, n: &mut State, v: VcpuId) -> bool {
+        let c = n.hw.at(v);
+        if c.window && c.v_irq.is_some() {
+            c.interrupt_flag = true;
+            n.exit_guest();
+            self.k.interrupt_window_exit(&mut n.hw, v);
+            return false;
+        }
+        if let Some(x) = c.v_irq.take() {
+            take_interrupt(c, x);
+            self.let_in += 1;
+        }
+        c.interrupt_flag = false;
+        true
+    }
+}
+
+/// bell looks at the counts (interrupts off): if any moved, it notes them, whether the
+/// timer alone moved them, and starts a round (Poll, pc 0): true.
+fn look(c: &mut Cpu) -> bool {
+    if c.all == c.seen_all {
+        return false;
+    }
+    let timer_only = c.timer != c.seen_timer && c.all - c.seen_all == c.timer - c.seen_timer;
+    (c.seen_all, c.seen_timer, c.fallback, c.pc) = (c.all, c.timer, timer_only, 0);
+    true
 }
 
 /// The guest takes interrupt `x`: the handler counts it and returns (atomic: it runs with
@@ -615,21 +757,31 @@ struct Found {
     wait_lost: Option<Vec<Action>>,
     reports: usize,
     report_path: Option<Vec<Action>>,
+    signal_halts_slept: usize,
+    signal_halts_returned: usize,
+    /// Those made with a vector pending in the kernel (`has_irq`).
+    signal_halts_with_pending: usize,
+    /// `sti; nop; cli` steps that let an offered vector in.
+    let_in: usize,
 }
 
 fn explore(bell_prio: u8, ping_prio: u8, inject_second: bool) -> Found {
-    explore_on(bell_prio, ping_prio, inject_second, false, true)
+    explore_on(bell_prio, ping_prio, Mode { inject_second, ..Mode::CPU })
 }
 
-fn explore_on(
-    bell_prio: u8,
-    ping_prio: u8,
-    inject_second: bool,
-    drops_shadow: bool,
-    shadowed_hlt_wakes: bool,
-) -> Found {
+fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
     let mut m = Model::new(bell_prio, ping_prio);
-    let hw = Hw { cpu: [Cpu::default(); 2], ids: [m.bell, m.ping], inject_second, drops_shadow, shadowed_hlt_wakes };
+    let Mode { inject_second, drops_shadow, shadowed_hlt_wakes, net_wait, ignore_offered, ignore_pending } = mode;
+    let hw = Hw {
+        cpu: [Cpu::default(); 2],
+        ids: [m.bell, m.ping],
+        inject_second,
+        drops_shadow,
+        shadowed_hlt_wakes,
+        net_wait,
+        ignore_offered,
+        ignore_pending,
+    };
     let start = State {
         k: std::rc::Rc::new(m.save()),
         hw,
@@ -712,6 +864,9 @@ fn explore_on(
             }
         }
     }
+    (found.signal_halts_slept, found.signal_halts_returned, found.signal_halts_with_pending) =
+        (m.signal_halts_slept, m.signal_halts_returned, m.signal_halts_with_pending);
+    found.let_in = m.let_in;
     found
 }
 
@@ -768,13 +923,13 @@ fn with_v_irq_alone_a_doorbell_waits_behind_the_timer() {
 fn a_vmrun_that_drops_the_shadow_loses_a_doorbell_unless_the_shadowed_hlt_wakes() {
     let mut lost_somewhere = false;
     for (bell, ping) in PRIORITIES {
-        let f = explore_on(bell, ping, true, true, false);
+        let f = explore_on(bell, ping, Mode { drops_shadow: true, shadowed_hlt_wakes: false, ..Mode::CPU });
         eprintln!(
             "bell {bell}, ping {ping}, shadow dropped, HLT not woken: {} states, stuck after {:?}",
             f.states, f.stuck
         );
         lost_somewhere |= f.stuck.is_some();
-        let f = explore_on(bell, ping, true, true, true);
+        let f = explore_on(bell, ping, Mode { drops_shadow: true, ..Mode::CPU });
         eprintln!("bell {bell}, ping {ping}, shadow dropped, shadowed HLT woken: {} states", f.states);
         assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: halted with a vector pending");
         assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: a doorbell was never seen");
@@ -782,4 +937,75 @@ fn a_vmrun_that_drops_the_shadow_loses_a_doorbell_unless_the_shadowed_hlt_wakes(
         assert_eq!(f.reports, 0, "bell {bell}, ping {ping}: bell reported a doorbell late after {:?}", f.report_path);
     }
     assert!(lost_somewhere, "the model should find the doorbell lost when the shadowed HLT sleeps");
+}
+
+/// bell waits as the net driver VM now does: it answers the doorbell with `SignalHalt`
+/// (the counts looked at with interrupts off at the start of the round, then signal and
+/// halt in one hypercall, then `sti; nop; cli` and a look), and every `wait_for_virq`
+/// lets an offered interrupt in before its `sti; hlt`. Over every interleaving with
+/// ping's signals, the timer, deliveries cut by an exit, and ticks, on a CPU and on
+/// QEMU's SVM (VMRUN drops the shadow, `hlt_woken` on): no wake-up is lost or late, and
+/// both outcomes of `SignalHalt` (it sleeps; it returns at once) are reached.
+#[test]
+fn signal_halt_loses_no_wake_up_in_any_interleaving() {
+    for drops_shadow in [false, true] {
+        for (bell, ping) in PRIORITIES {
+            let f = explore_on(bell, ping, Mode { drops_shadow, net_wait: true, ..Mode::CPU });
+            let what = format!("bell {bell}, ping {ping}, SignalHalt, shadow dropped {drops_shadow}");
+            eprintln!(
+                "{what}: {} states; SignalHalts explored: {} slept, {} returned at once, {} with a vector pending in the kernel; {} vectors let in by `sti; nop; cli`",
+                f.states, f.signal_halts_slept, f.signal_halts_returned, f.signal_halts_with_pending, f.let_in
+            );
+            assert!(f.states > 500, "{what}: the model explored only {} states", f.states);
+            assert!(f.signal_halts_slept > 0, "{what}: no SignalHalt ever slept");
+            assert!(f.signal_halts_returned > 0, "{what}: every SignalHalt slept");
+            assert!(f.let_in > 0, "{what}: no `sti; nop; cli` ever let a vector in");
+            assert_eq!(f.halted_with_pending, None, "{what}: halted with a vector pending");
+            assert_eq!(f.late, None, "{what}: a vector waited while the guest was interruptible");
+            assert_eq!(f.stuck, None, "{what}: a doorbell was never seen");
+            assert_eq!(f.wait_lost, None, "{what}: ping's Wait lost its wake-up");
+            assert_eq!(f.reports, 0, "{what}: bell reported a doorbell late or lost after {:?}", f.report_path);
+        }
+    }
+}
+
+/// The negative test: a `SignalHalt` that does not know a vector is offered (the run loop
+/// passing `offered = false`, or `signal_halt` ignoring it) halts bell with the timer's
+/// vector waiting in V_IRQ, taken from the kernel at the entry before; nothing pending
+/// in the kernel wakes it, so the wake-up is lost until some later signal.
+#[test]
+fn a_signal_halt_that_ignores_the_offered_vector_loses_a_wake_up() {
+    let mut lost_somewhere = false;
+    for (bell, ping) in PRIORITIES {
+        let f = explore_on(bell, ping, Mode { net_wait: true, ignore_offered: true, ..Mode::CPU });
+        eprintln!(
+            "bell {bell}, ping {ping}, SignalHalt ignoring V_IRQ: {} states, halted with a vector offered after {:?}",
+            f.states, f.halted_with_pending
+        );
+        lost_somewhere |= f.halted_with_pending.is_some();
+    }
+    assert!(lost_somewhere, "the model should find bell halted with its vector offered");
+}
+
+/// A `SignalHalt` that does not see the vectors pending in the kernel (`has_irq`) loses
+/// nothing in this stack: the model reaches SignalHalts with a vector pending, but every
+/// one of them has another in V_IRQ (each entry puts the lowest pending vector there
+/// first, and bell's answer is not bound to bell), so `offered` alone keeps bell awake.
+/// `has_irq` matters to a SignalHalt that rings a notification bound to its caller, and
+/// to callers that enter no guest in between (the unit tests in `signal_fast_tests.rs`);
+/// this test fails if the model ever reaches a SignalHalt where it alone matters.
+#[test]
+fn has_irq_without_offered_is_not_reached_by_the_net_drivers_signal_halt() {
+    let mut with_pending = 0;
+    for (bell, ping) in PRIORITIES {
+        let f = explore_on(bell, ping, Mode { net_wait: true, ignore_pending: true, ..Mode::CPU });
+        eprintln!(
+            "bell {bell}, ping {ping}, SignalHalt ignoring has_irq: {} states, {} SignalHalts with a vector pending",
+            f.states, f.signal_halts_with_pending
+        );
+        with_pending += f.signal_halts_with_pending;
+        assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: has_irq alone kept bell awake");
+        assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: has_irq alone kept bell awake");
+    }
+    assert!(with_pending > 0, "the model should reach a SignalHalt with a vector pending in the kernel");
 }
