@@ -386,6 +386,35 @@ mod tests {
     }
 
     /// Write `n` distinct sectors (sector i holds byte i+1), return the ids by sector.
+    /// Incarnations that each execute `take(round)` requests, answer half of them and die,
+    /// then one that serves until nothing is outstanding (`batch` a round). Returns how
+    /// many answers the client took, and the last incarnation (its disk).
+    fn restarts_then_serve(
+        client: &mut Client,
+        mem: &ByteMem,
+        mut disk: Vec<u8>,
+        takes: impl Iterator<Item = usize>,
+        batch: usize,
+    ) -> (usize, Driver) {
+        let mut answered = 0;
+        for n in takes {
+            let mut d = Driver::attach(mem, disk);
+            client.poll(mem).unwrap();
+            let answers = d.take(mem, n);
+            Driver::answer(mem, &answers[..answers.len() / 2]);
+            answered += drain(client, mem).len();
+            disk = d.disk;
+        }
+        let mut d = Driver::attach(mem, disk);
+        while client.outstanding() > 0 {
+            client.poll(mem).unwrap();
+            let answers = d.take(mem, batch);
+            Driver::answer(mem, &answers);
+            answered += drain(client, mem).len();
+        }
+        (answered, d)
+    }
+
     fn write_all(client: &mut Client, mem: &ByteMem, n: u64) -> HashMap<u64, u64> {
         let data = client.layout().data_offset();
         let mut ids = HashMap::new();
@@ -572,28 +601,13 @@ mod tests {
         let mut bytes = vec![0u8; REGION];
         let mem = ByteMem::new(&mut bytes);
         let mut client = Client::create(&mem).unwrap();
-        let mut disk = vec![0; 64 * 512];
+        let disk = vec![0; 64 * 512];
         let n = MAX_OUTSTANDING as u64;
         // The first writes cover sectors 0..64 (64 requests, the whole ring).
         let ids = write_all(&mut client, &mem, n.min(64));
         assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::TooMany));
-        let mut answered = 0;
-        for round in 0..20 {
-            let mut d = Driver::attach(&mem, disk);
-            client.poll(&mem).unwrap();
-            // Each incarnation executes a few, answers some of them and dies.
-            let answers = d.take(&mem, 3 + round % 5);
-            Driver::answer(&mem, &answers[..answers.len() / 2]);
-            answered += drain(&mut client, &mem).len();
-            disk = d.disk;
-        }
-        let mut d = Driver::attach(&mem, disk);
-        while client.outstanding() > 0 {
-            client.poll(&mem).unwrap();
-            let answers = d.take(&mem, 64);
-            Driver::answer(&mem, &answers);
-            answered += drain(&mut client, &mem).len();
-        }
+        // Each incarnation executes a few, answers some of them and dies.
+        let (answered, d) = restarts_then_serve(&mut client, &mem, disk, (0..20).map(|r| 3 + r % 5), 64);
         assert_eq!(answered, ids.len());
         assert_eq!(client.restarts, 21);
         for s in 0..64usize {
@@ -610,7 +624,7 @@ mod tests {
         assert_eq!(client.layout().ring_capacity() as usize, MAX_OUTSTANDING);
         // Request i writes sector i % 64 (the test disk's size) from its own buffer, with
         // the same bytes as every other write of that sector: order does not matter.
-        let mut disk = vec![0; 64 * 512];
+        let disk = vec![0; 64 * 512];
         let data = client.layout().data_offset();
         let mut ids = HashMap::new();
         for i in 0..MAX_OUTSTANDING {
@@ -620,23 +634,9 @@ mod tests {
         }
         assert_eq!(client.outstanding(), MAX_OUTSTANDING);
         assert_eq!(client.submit(&mem, Op::Flush, 0, 0, 0), Err(ClientError::TooMany));
-        let mut answered = 0;
-        for round in 0..10 {
-            let mut d = Driver::attach(&mem, disk);
-            client.poll(&mem).unwrap();
-            // Each incarnation executes many, answers half of them and dies.
-            let answers = d.take(&mem, 40 + round * 7);
-            Driver::answer(&mem, &answers[..answers.len() / 2]);
-            answered += drain(&mut client, &mem).len();
-            disk = d.disk;
-        }
-        let mut d = Driver::attach(&mem, disk);
-        while client.outstanding() > 0 {
-            client.poll(&mem).unwrap();
-            let answers = d.take(&mem, MAX_OUTSTANDING);
-            Driver::answer(&mem, &answers);
-            answered += drain(&mut client, &mem).len();
-        }
+        // Each incarnation executes many, answers half of them and dies.
+        let takes = (0..10).map(|r| 40 + r * 7);
+        let (answered, d) = restarts_then_serve(&mut client, &mem, disk, takes, MAX_OUTSTANDING);
         assert_eq!(answered, ids.len());
         for s in 0..64 {
             assert!(d.disk[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");

@@ -1795,14 +1795,6 @@ mod tests {
     }
 
     impl SharedMem for TsoView<'_> {
-        fn read_u32(&self, offset: usize) -> u32 {
-            let mut b = [0u8; 4];
-            self.read_bytes(offset, &mut b);
-            u32::from_le_bytes(b)
-        }
-        fn write_u32(&self, offset: usize, v: u32) {
-            self.write_bytes(offset, &v.to_le_bytes());
-        }
         fn read_bytes(&self, offset: usize, out: &mut [u8]) {
             out.copy_from_slice(&self.memory.borrow()[offset..offset + out.len()]);
             // Store forwarding: this CPU sees its own buffered stores, the latest last.

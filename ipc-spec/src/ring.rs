@@ -75,10 +75,18 @@ use core::sync::atomic::{fence, Ordering};
 /// may treat an out-of-range access as a bug in this crate.
 pub trait SharedMem {
     /// Reads the little-endian `u32` at `offset` (4-byte aligned whenever the ring code calls
-    /// it) as one access.
-    fn read_u32(&self, offset: usize) -> u32;
-    /// Writes `v` as a little-endian `u32` at `offset` as one access.
-    fn write_u32(&self, offset: usize, v: u32);
+    /// it). A domain overrides it with one access (the indices are read and written with
+    /// this, and each must be seen whole); the default, through [`Self::read_bytes`], is
+    /// for host memories that are not shared with another CPU.
+    fn read_u32(&self, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read_bytes(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    /// Writes `v` as a little-endian `u32` at `offset` (see [`Self::read_u32`]).
+    fn write_u32(&self, offset: usize, v: u32) {
+        self.write_bytes(offset, &v.to_le_bytes());
+    }
     /// Copies `out.len()` bytes starting at `offset` into `out`.
     fn read_bytes(&self, offset: usize, out: &mut [u8]);
     /// Copies `data` to the bytes starting at `offset`.
@@ -138,16 +146,6 @@ impl<'a> ByteMem<'a> {
 }
 
 impl SharedMem for ByteMem<'_> {
-    fn read_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.read_bytes(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn write_u32(&self, offset: usize, v: u32) {
-        self.write_bytes(offset, &v.to_le_bytes());
-    }
-
     fn read_bytes(&self, offset: usize, out: &mut [u8]) {
         for (i, o) in out.iter_mut().enumerate() {
             *o = offset.checked_add(i).and_then(|at| self.cells.get(at)).map_or(0, Cell::get);

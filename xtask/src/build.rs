@@ -85,21 +85,7 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
     let domains = &["dom0", "domains", "vmm", "disk-driver", "net-driver", "demo-guest", "linux-iobench"][..];
     let microvisors = MICROVISOR_BUILDS.iter().map(|(name, features)| (&["microvisor"][..], *features, Some(*name)));
     for (packages, features, copy_to) in microvisors.chain([(domains, &[][..], None)]) {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(workspace_root())
-            .args(["build", "--release", "--target", BARE_METAL_TARGET])
-            .env("CARGO_TARGET_DIR", target_dir);
-        for p in packages {
-            cmd.args(["-p", p]);
-        }
-        if !features.is_empty() {
-            cmd.args(["--features", &features.join(",")]);
-        }
-        eprintln!("build: compiling {} for {BARE_METAL_TARGET} {features:?}", packages.join(", "));
-        let status = cmd.status().map_err(|e| format!("could not run cargo: {e}"))?;
-        if !status.success() {
-            return Err("cargo build of the bare-metal images failed (see the errors above)".into());
-        }
+        cargo_build(target_dir, packages, features)?;
         if let Some(name) = copy_to {
             std::fs::copy(release.join("microvisor"), release.join(name))
                 .map_err(|e| format!("copying the microvisor to {name}: {e}"))?;
@@ -113,18 +99,28 @@ pub fn compile(target_dir: &Path) -> Result<PathBuf, String> {
 /// the image's path.
 pub fn compile_microvisor_with(target_dir: &Path, features: &[&str]) -> Result<PathBuf, String> {
     let dir = target_dir.join(features.join("-"));
-    eprintln!("build: compiling microvisor for {BARE_METAL_TARGET} {features:?} into {}", dir.display());
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--target", BARE_METAL_TARGET, "-p", "microvisor", "--features"])
-        .arg(features.join(","))
-        .env("CARGO_TARGET_DIR", &dir)
-        .status()
-        .map_err(|e| format!("could not run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build of the microvisor with {features:?} failed (see the errors above)"));
-    }
+    cargo_build(&dir, &["microvisor"], features)?;
     Ok(dir.join(BARE_METAL_TARGET).join("release").join("microvisor"))
+}
+
+/// `cargo build --release` of bare-metal `packages` with `features` into `target_dir`.
+fn cargo_build(target_dir: &Path, packages: &[&str], features: &[&str]) -> Result<(), String> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .args(["build", "--release", "--target", BARE_METAL_TARGET])
+        .env("CARGO_TARGET_DIR", target_dir);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    eprintln!("build: compiling {} for {BARE_METAL_TARGET} {features:?}", packages.join(", "));
+    let status = cmd.status().map_err(|e| format!("could not run cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build of the bare-metal images failed (see the errors above)".into());
+    }
+    Ok(())
 }
 
 /// Pack the bundle for the stack manifest `stack` from compiled `images` into `out`.

@@ -117,12 +117,31 @@ impl<F: Stage2Format> Kernel<F> {
 
     pub fn signal(&mut self, v: VcpuId, slot: u64, bits: u64) -> Result<(), Error> {
         let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
-        let bits = if bits != 0 { bits } else { badge.max(1) };
-        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
-        if let Some(w) = self.signal_wake(n, bits) {
+        if let Some(w) = self.signal_by(v, n, bits, badge) {
             self.wake_from(v, w);
         }
         Ok(())
+    }
+
+    /// vCPU `v` signals `n` with `bits` (its capability's `badge` when 0), counted for its
+    /// domain: the common part of `Signal`, `SignalWait` and `SignalHalt`. Returns the vCPU
+    /// the signal unblocks ([`Self::signal_wake`]).
+    fn signal_by(&mut self, v: VcpuId, n: NotificationId, bits: u64, badge: u64) -> Option<VcpuId> {
+        let bits = if bits != 0 { bits } else { badge.max(1) };
+        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
+        self.signal_wake(n, bits)
+    }
+
+    /// The running vCPU blocks as `state` after its signal unblocked `woken`, which takes
+    /// the CPU at once when it may ([`Self::may_run_now`]), as a called server does.
+    fn block_after_signal(&mut self, state: VcpuState, woken: Option<VcpuId>) {
+        self.block_current(state);
+        match woken {
+            Some(w) if self.may_run_now(w) => self.switch_to(w),
+            Some(w) => self.make_ready(w),
+            None => {}
+        }
+        self.schedule();
     }
 
     /// Set `bits` on notification `n` and wake whoever is interested (from a timer, a
@@ -245,14 +264,12 @@ impl<F: Stage2Format> Kernel<F> {
     pub fn signal_wait(&mut self, v: VcpuId, slot: u64, bits: u64, wait_slot: u64) -> Result<(), Error> {
         let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
         let (m, _) = self.notification_of(v, wait_slot, rights::WAIT)?;
-        let bits = if bits != 0 { bits } else { badge.max(1) };
         // One waiter at a time. (A waiter on `m` with `m == n` is woken by this very
         // signal, and the caller takes its place.)
         if n != m && self.notifications[m as usize].waiter.is_some() {
             return Err(Error::InvalidState);
         }
-        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
-        let woken = self.signal_wake(n, bits);
+        let woken = self.signal_by(v, n, bits, badge);
         let ntf = &mut self.notifications[m as usize];
         if ntf.bits != 0 {
             let r = &mut self.vcpus[v as usize].regs;
@@ -263,13 +280,7 @@ impl<F: Stage2Format> Kernel<F> {
             return Ok(());
         }
         ntf.waiter = Some(v);
-        self.block_current(VcpuState::BlockedWait(m));
-        match woken {
-            Some(w) if self.may_run_now(w) => self.switch_to(w),
-            Some(w) => self.make_ready(w),
-            None => {}
-        }
-        self.schedule();
+        self.block_after_signal(VcpuState::BlockedWait(m), woken);
         Ok(())
     }
 
@@ -285,9 +296,7 @@ impl<F: Stage2Format> Kernel<F> {
     /// HLT's matter.) A woken vCPU that may run now does, as in [`Self::signal_wait`].
     pub fn signal_halt(&mut self, v: VcpuId, slot: u64, bits: u64, offered: bool) -> Result<(), Error> {
         let (n, badge) = self.notification_of(v, slot, rights::SIGNAL)?;
-        let bits = if bits != 0 { bits } else { badge.max(1) };
-        self.domains[self.vcpus[v as usize].domain as usize].signals += 1;
-        let woken = self.signal_wake(n, bits);
+        let woken = self.signal_by(v, n, bits, badge);
         self.vcpus[v as usize].regs.rax = 0;
         if offered || self.vcpus[v as usize].has_irq() || self.current != Some(v) {
             if let Some(w) = woken {
@@ -295,13 +304,7 @@ impl<F: Stage2Format> Kernel<F> {
             }
             return Ok(());
         }
-        self.block_current(VcpuState::Halted);
-        match woken {
-            Some(w) if self.may_run_now(w) => self.switch_to(w),
-            Some(w) => self.make_ready(w),
-            None => {}
-        }
-        self.schedule();
+        self.block_after_signal(VcpuState::Halted, woken);
         Ok(())
     }
 

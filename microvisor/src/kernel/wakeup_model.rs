@@ -872,21 +872,25 @@ fn explore_on(bell_prio: u8, ping_prio: u8, mode: Mode) -> Found {
 
 const PRIORITIES: [(u8, u8); 3] = [(10, 10), (20, 10), (10, 20)];
 
+impl Found {
+    /// Nothing lost in any interleaving `what` names: bell never halted with a vector
+    /// pending, every doorbell seen, ping's Wait never lost, no late report.
+    fn assert_nothing_lost(&self, what: &str) {
+        assert_eq!(self.halted_with_pending, None, "{what}: halted with a vector pending");
+        assert_eq!(self.stuck, None, "{what}: a doorbell was never seen");
+        assert_eq!(self.wait_lost, None, "{what}: ping's Wait lost its wake-up");
+        assert_eq!(self.reports, 0, "{what}: bell reported a doorbell late or lost after {:?}", self.report_path);
+    }
+}
+
 #[test]
 fn no_wake_up_is_lost_or_late_in_any_interleaving() {
     for (bell, ping) in PRIORITIES {
         let f = explore(bell, ping, true);
         eprintln!("bell {bell}, ping {ping}: {} states", f.states);
         assert!(f.states > 500, "the model explored only {} states", f.states);
-        assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: halted with a vector pending");
         assert_eq!(f.late, None, "bell {bell}, ping {ping}: a vector waited while the guest was interruptible");
-        assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: a doorbell was never seen");
-        assert_eq!(f.wait_lost, None, "bell {bell}, ping {ping}: ping's Wait lost its wake-up");
-        assert_eq!(
-            f.reports, 0,
-            "bell {bell}, ping {ping}: bell reported a doorbell late or lost after {:?}",
-            f.report_path
-        );
+        f.assert_nothing_lost(&format!("bell {bell}, ping {ping}"));
     }
 }
 
@@ -931,10 +935,7 @@ fn a_vmrun_that_drops_the_shadow_loses_a_doorbell_unless_the_shadowed_hlt_wakes(
         lost_somewhere |= f.stuck.is_some();
         let f = explore_on(bell, ping, Mode { drops_shadow: true, ..Mode::CPU });
         eprintln!("bell {bell}, ping {ping}, shadow dropped, shadowed HLT woken: {} states", f.states);
-        assert_eq!(f.halted_with_pending, None, "bell {bell}, ping {ping}: halted with a vector pending");
-        assert_eq!(f.stuck, None, "bell {bell}, ping {ping}: a doorbell was never seen");
-        assert_eq!(f.wait_lost, None, "bell {bell}, ping {ping}: ping's Wait lost its wake-up");
-        assert_eq!(f.reports, 0, "bell {bell}, ping {ping}: bell reported a doorbell late after {:?}", f.report_path);
+        f.assert_nothing_lost(&format!("bell {bell}, ping {ping}, shadow dropped"));
     }
     assert!(lost_somewhere, "the model should find the doorbell lost when the shadowed HLT sleeps");
 }
@@ -960,11 +961,8 @@ fn signal_halt_loses_no_wake_up_in_any_interleaving() {
             assert!(f.signal_halts_slept > 0, "{what}: no SignalHalt ever slept");
             assert!(f.signal_halts_returned > 0, "{what}: every SignalHalt slept");
             assert!(f.let_in > 0, "{what}: no `sti; nop; cli` ever let a vector in");
-            assert_eq!(f.halted_with_pending, None, "{what}: halted with a vector pending");
             assert_eq!(f.late, None, "{what}: a vector waited while the guest was interruptible");
-            assert_eq!(f.stuck, None, "{what}: a doorbell was never seen");
-            assert_eq!(f.wait_lost, None, "{what}: ping's Wait lost its wake-up");
-            assert_eq!(f.reports, 0, "{what}: bell reported a doorbell late or lost after {:?}", f.report_path);
+            f.assert_nothing_lost(&what);
         }
     }
 }
