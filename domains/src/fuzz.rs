@@ -19,6 +19,21 @@
 //!   otherwise it becomes `Poll`; `SignalWait` likewise waits only on such a notification
 //!   or on the one it signals (which then has bits), else its wait slot becomes the
 //!   signalled one;
+//! - `SignalHalt` (signal, then halt as HLT does: it sleeps unless a virtual interrupt is
+//!   pending or offered) is drawn with any slot and bits; one the microvisor refuses (bad
+//!   slot, wrong type, no SIGNAL right) is left as is. One that would halt sleeps until a
+//!   notification bound to one of the fuzzer's vectors is signalled, so the fuzzer keeps a
+//!   *wake* notification (its timer, or another of its notifications if it deleted that)
+//!   bound to [`WAKE_VECTOR`] and arms a short timer on it first: the generator puts a
+//!   `NotificationBind` (when the model does not know it bound) and a `TimerSet` (when no
+//!   short timer is known to be armed since the binding and the last halt) before the
+//!   call, and `make_safe` turns a halt that could still sleep for good into a `Signal`.
+//!   Random binds, deletions and timers on the wake notification are made as drawn; the
+//!   model notes what they undo, and the next halt re-establishes it. A signal to the wake
+//!   notification itself raises the fuzzer's vector: that halt returns at once. (Copies of
+//!   the wake notification lose WAIT, so that no other domain could wait on it or rebind
+//!   it.) After a halt the fuzzer lets the offered interrupts in (`sti; nop; cli`), with a
+//!   counting handler on every vector from 32 up;
 //! - `ConsoleRead` needs the machine capability, which the fuzzer does not hold: it is
 //!   drawn with any slot, address and length, and a success is a surprise;
 //! - never `DomainExit`, never deleting its memory capability (it would end the fuzzing);
@@ -180,6 +195,10 @@ pub struct Slot {
 /// Timers up to this long may be waited for (the wait ends at the next tick after it).
 pub const SHORT_TIMER_NS: u64 = 2_000_000;
 
+/// The vector the fuzzer's wake notification is bound to (see the module docs): the
+/// runtime's timer vector, whose handler counts apart from the others.
+pub const WAKE_VECTOR: u8 = domain_rt::irq::TIMER_VECTOR;
+
 /// Statuses seen, by code: index 0 = success, `code` for each [`Error`] code up to
 /// [`Fuzzer::MAX_CODE`], the last index for anything else (an unknown status is a bug).
 pub const STATUS_BINS: usize = 17;
@@ -218,6 +237,7 @@ const WEIGHTS: &[(Hypercall, u64)] = &[
     (Hypercall::Wait, 4),
     (Hypercall::Poll, 2),
     (Hypercall::SignalWait, 3),
+    (Hypercall::SignalHalt, 3),
     (Hypercall::NotificationBind, 2),
     (Hypercall::TimerSet, 3),
     (Hypercall::DeviceInfo, 1),
@@ -243,8 +263,19 @@ pub struct Fuzzer {
     setup: Setup,
     pub slots: [Option<Slot>; CAP_SLOTS],
     message_page: bool,
-    /// A call to make right after the current one (a `Wait` after its `Signal`/`TimerSet`).
-    follow_up: Option<Call>,
+    /// Calls to make right after the current one, in order (a `Wait` after its
+    /// `Signal`/`TimerSet`; a `SignalHalt` after its `NotificationBind` and `TimerSet`).
+    follow_ups: [Option<Call>; 2],
+    /// The slot of the wake notification, once chosen (see the module docs).
+    pub wake: Option<u64>,
+    /// The wake notification is certainly bound to [`WAKE_VECTOR`] of the fuzzer's vCPU.
+    pub wake_bound: bool,
+    /// A timer of at most [`SHORT_TIMER_NS`] was set on it since it was bound and since the
+    /// last halt let the interrupts in: a halt now certainly ends.
+    pub wake_armed: bool,
+    /// No earlier than this clock reading the wake timer fires (its `TimerSet`'s clock
+    /// before the call plus its time), when known.
+    wake_deadline: Option<u64>,
     /// Statuses by code (see [`STATUS_BINS`]).
     pub statuses: [u64; STATUS_BINS],
     /// Calls made, by hypercall number (index into [`WEIGHTS`]; the last: unknown numbers).
@@ -254,6 +285,16 @@ pub struct Fuzzer {
     pub surprises: u64,
     /// Waits that blocked until a timer fired.
     pub timed_waits: u64,
+    /// `SignalHalt`s that succeeded, and how they ended (with the clock readings around
+    /// them, see [`Self::record_timed`]): `slept` entered before the wake timer's deadline
+    /// and returned after it (it slept until the timer, or was held up that long);
+    /// `at_once` returned before the deadline, or signalled the bound wake notification
+    /// itself (its vector then pending); `unclear`: the deadline had passed before the
+    /// call (the timer may have fired already), or no clock readings.
+    pub signal_halts: u64,
+    pub halts_slept: u64,
+    pub halts_at_once: u64,
+    pub halts_unclear: u64,
     /// The echo agent, while the model knows it answers.
     pub agent: Option<Agent>,
     agent_step: Option<AgentStep>,
@@ -290,11 +331,19 @@ impl Fuzzer {
             setup,
             slots,
             message_page: false,
-            follow_up: None,
+            follow_ups: [None; 2],
+            wake: setup.timer,
+            wake_bound: false,
+            wake_armed: false,
+            wake_deadline: None,
             statuses: [0; STATUS_BINS],
             by_call: [0; WEIGHTS.len() + 1],
             surprises: 0,
             timed_waits: 0,
+            signal_halts: 0,
+            halts_slept: 0,
+            halts_at_once: 0,
+            halts_unclear: 0,
             agent: None,
             agent_step: None,
             in_step: false,
@@ -340,6 +389,7 @@ impl Fuzzer {
             "Wait",
             "Poll",
             "SignalWait",
+            "SignalHalt",
             "NotificationBind",
             "TimerSet",
             "DeviceInfo",
@@ -370,7 +420,8 @@ impl Fuzzer {
 
     /// The next call to make.
     pub fn next_call(&mut self) -> Call {
-        if let Some(c) = self.follow_up.take() {
+        if let Some(c) = self.follow_ups[0].take() {
+            self.follow_ups.rotate_left(1);
             return self.checked(c);
         }
         if self.agent_step.is_none() && self.agent.is_none() && self.only.is_none() && self.rng.below(AGENT_EVERY) == 0
@@ -753,7 +804,7 @@ impl Fuzzer {
                 };
                 if h == H::Wait {
                     if let Some(prep) = self.prepare_wait(n) {
-                        self.follow_up = Some(mk(h, n, 0, [0; 6]));
+                        self.follow(mk(h, n, 0, [0; 6]));
                         return prep;
                     }
                 }
@@ -771,9 +822,26 @@ impl Fuzzer {
                 let call = mk(h, n, 0, [bits, m, 0, 0, 0, 0]);
                 if m != n {
                     if let Some(prep) = self.prepare_wait(m) {
-                        self.follow_up = Some(call);
+                        self.follow(call);
                         return prep;
                     }
+                }
+                call
+            }
+            H::SignalHalt => {
+                // Mostly a notification (now and then the wake notification, whose
+                // signal raises the fuzzer's own vector), else any slot: refused.
+                let n = match self.wake {
+                    Some(w) if self.rng.chance(15) => w,
+                    _ => self.slot_for(is_notification),
+                };
+                let bits = match self.rng.below(3) {
+                    0 => 0,
+                    _ => self.value(),
+                };
+                let call = mk(h, n, 0, [bits, 0, 0, 0, 0, 0]);
+                if self.halt_may_sleep(&call) {
+                    return self.prepare_halt(call);
                 }
                 call
             }
@@ -823,6 +891,64 @@ impl Fuzzer {
             return Some(mk(Hypercall::Signal, slot, 0, [self.rng.next_u64() | 1, 0, 0, 0, 0, 0]));
         }
         None
+    }
+
+    /// Queue `c` to be made after the current call (and after those queued before it).
+    fn follow(&mut self, c: Call) {
+        if let Some(free) = self.follow_ups.iter_mut().find(|f| f.is_none()) {
+            *free = Some(c);
+        }
+    }
+
+    /// Would `c`, a `SignalHalt`, halt if nothing were pending: the microvisor accepts its
+    /// capability (a notification with SIGNAL), and its signal does not raise one of the
+    /// fuzzer's vectors (the wake notification, bound, raises [`WAKE_VECTOR`]).
+    fn halt_may_sleep(&self, c: &Call) -> bool {
+        let accepted = matches!(
+            self.slots.get(c.rbx as usize).copied().flatten(),
+            Some(Slot { held: Held::Notification { .. }, rights: r }) if r & rights::SIGNAL != 0
+        );
+        accepted && !(self.wake == Some(c.rbx) && self.wake_bound)
+    }
+
+    /// A halt now certainly ends: the wake notification is bound and a short timer armed.
+    pub fn wake_ready(&self) -> bool {
+        self.wake.is_some() && self.wake_bound && self.wake_armed
+    }
+
+    /// Before `halt`, a `SignalHalt` that may sleep: the calls that make it end (choose a
+    /// wake notification if there is none; bind it; arm a short timer on it), the first
+    /// returned and the rest queued with the halt after them. With none possible (no
+    /// notification to wait with) the halt is left to `make_safe`.
+    fn prepare_halt(&mut self, halt: Call) -> Call {
+        if self.wake.is_none() {
+            let candidates = |s: &Option<Slot>| matches!(s, Some(Slot { held: Held::Notification { .. }, rights: r }) if r & rights::WAIT != 0);
+            let n = self.slots.iter().filter(|s| candidates(s)).count() as u64;
+            if n == 0 {
+                return halt;
+            }
+            let k = self.rng.below(n) as usize;
+            self.wake = self.slots.iter().enumerate().filter(|(_, s)| candidates(s)).nth(k).map(|(i, _)| i as u64);
+            (self.wake_bound, self.wake_armed, self.wake_deadline) = (false, false, None);
+        }
+        let Some(wake) = self.wake else { return halt };
+        // Mostly a timer well after the halt is made (it then sleeps); sometimes one that
+        // may fire before (it then returns at once, or sleeps until the next tick).
+        let ns = match self.rng.below(4) {
+            0 => 1 + self.rng.below(SHORT_TIMER_NS / 2),
+            _ => SHORT_TIMER_NS / 2 + self.rng.below(SHORT_TIMER_NS / 2 + 1),
+        };
+        let timer = mk(Hypercall::TimerSet, wake, 0, [ns, 1 + self.rng.below(7), 0, 0, 0, 0]);
+        if !self.wake_bound {
+            self.follow(timer);
+            self.follow(halt);
+            return mk(Hypercall::NotificationBind, wake, 0, [WAKE_VECTOR as u64, 0, 0, 0, 0, 0]);
+        }
+        if !self.wake_armed {
+            self.follow(halt);
+            return timer;
+        }
+        halt
     }
 
     /// Rewrite a call that would block forever or harm the fuzzer (see the module docs).
@@ -878,6 +1004,13 @@ impl Fuzzer {
             Some(Hypercall::CapDelete) if slot.is_some_and(|s| s.held == Held::Memory) => {
                 c.number = Hypercall::CapRevoke.number();
             }
+            // A halt nothing is certain to end (its preparation failed): signal only.
+            Some(Hypercall::SignalHalt) if self.halt_may_sleep(&c) && !self.wake_ready() => {
+                c.number = Hypercall::Signal.number();
+            }
+            // Whoever holds a copy of the wake notification must not wait on it (a waiter
+            // takes the timer's bits: no vector is raised) nor rebind it.
+            Some(Hypercall::CapCopy) if self.wake == Some(c.rbx) => c.args[1] &= !rights::WAIT,
             Some(Hypercall::VcpuSetMessagePage) => {
                 let a = c.args[0];
                 if a != 0 && a.is_multiple_of(4096) && a.checked_add(4096).is_some_and(|end| end <= self.setup.ram) {
@@ -901,6 +1034,17 @@ impl Fuzzer {
 
     /// Learn from a call's outcome: statistics and the model.
     pub fn record(&mut self, c: &Call, out: &Call) {
+        self.record_timed(c, out, None);
+    }
+
+    /// Calls whose outcome [`Self::record_timed`] wants the clock around (before, after).
+    pub fn wants_clock(c: &Call) -> bool {
+        c.number == Hypercall::TimerSet.number() || c.number == Hypercall::SignalHalt.number()
+    }
+
+    /// [`Self::record`], with the clock read just before and just after the call (for
+    /// [`Self::wants_clock`]'s calls: when the wake timer fires, how a halt ended).
+    pub fn record_timed(&mut self, c: &Call, out: &Call, clock: Option<(u64, u64)>) {
         let (rax, rdi) = (out.number, out.args[0]);
         if core::mem::take(&mut self.in_step) {
             if let Some(step) = self.agent_step {
@@ -950,10 +1094,17 @@ impl Fuzzer {
                 self.created(rdi, new(held, rights::SIGNAL | rights::WAIT | rights::GRANT))
             }
             // Success on a slot outside the table cannot happen: a surprise.
-            Hypercall::CapDelete => match self.slots.get_mut(slot) {
-                Some(s) => *s = None,
-                None => self.surprises += 1,
-            },
+            Hypercall::CapDelete => {
+                match self.slots.get_mut(slot) {
+                    Some(s) => *s = None,
+                    None => self.surprises += 1,
+                }
+                if self.wake == Some(c.rbx) {
+                    // Another is chosen (and bound) before the next halt that needs it.
+                    self.wake = None;
+                    (self.wake_bound, self.wake_armed, self.wake_deadline) = (false, false, None);
+                }
+            }
             Hypercall::DomainDestroy => {
                 if let Some(Some(s)) = self.slots.get_mut(slot) {
                     s.held = Held::Domain { alive: false };
@@ -964,6 +1115,10 @@ impl Fuzzer {
                 if h == Hypercall::Wait && !self.notification_pending(slot) {
                     self.timed_waits += 1;
                 }
+                // A wait took the timer's bits (as a waiter, no vector is raised).
+                if h == Hypercall::Wait && self.wake == Some(c.rbx) {
+                    self.wake_armed = false;
+                }
                 // Whether an armed timer fired meanwhile is unknown: trust neither.
                 self.set_notification(slot, |p, a| (*p, *a) = (false, false));
             }
@@ -971,6 +1126,9 @@ impl Fuzzer {
                 let wait = c.args[1] as usize;
                 if wait != slot && !self.notification_pending(wait) {
                     self.timed_waits += 1;
+                }
+                if self.wake == Some(c.args[1]) {
+                    self.wake_armed = false;
                 }
                 // Signalled, then the waited-on one's bits taken (the same one: both).
                 self.set_notification(slot, |p, _| *p = true);
@@ -980,7 +1138,34 @@ impl Fuzzer {
             Hypercall::ConsoleRead => self.surprises += 1,
             Hypercall::TimerSet => {
                 let ns = c.args[0];
-                self.set_notification(slot, |_, a| *a = ns != 0 && ns <= SHORT_TIMER_NS);
+                let short = ns != 0 && ns <= SHORT_TIMER_NS;
+                self.set_notification(slot, |_, a| *a = short);
+                if self.wake == Some(c.rbx) {
+                    // One timer per notification: this one replaced (or cancelled) any other.
+                    self.wake_armed = short;
+                    self.wake_deadline = clock.filter(|_| ns != 0).map(|(before, _)| before.saturating_add(ns));
+                }
+            }
+            Hypercall::NotificationBind if self.wake == Some(c.rbx) => {
+                // A timer that fired before this binding raised no vector: re-arm after it.
+                self.wake_bound = c.args[0] == WAKE_VECTOR as u64;
+                self.wake_armed = false;
+            }
+            Hypercall::SignalHalt => {
+                self.signal_halts += 1;
+                if self.wake == Some(c.rbx) && self.wake_bound {
+                    self.halts_at_once += 1;
+                } else {
+                    match (clock, self.wake_deadline) {
+                        (Some((_, after)), Some(d)) if after < d => self.halts_at_once += 1,
+                        (Some((before, _)), Some(d)) if before < d => self.halts_slept += 1,
+                        _ => self.halts_unclear += 1,
+                    }
+                }
+                // Its signal as `Signal`'s; the interrupts let in after it may have taken
+                // the wake timer's vector.
+                self.set_notification(slot, |p, _| *p = true);
+                self.wake_armed = false;
             }
             Hypercall::VcpuSetMessagePage => self.message_page = c.args[0] != 0,
             _ => {}
@@ -1234,6 +1419,9 @@ mod tests {
                     (Some(Hypercall::CapDelete), Some(Slot { held: Held::Memory, .. })) => {
                         panic!("deleting the memory capability: {c:?}")
                     }
+                    (Some(Hypercall::SignalHalt), _) if f.halt_may_sleep(c) => {
+                        assert!(f.wake_ready(), "a halt nothing is certain to end: {c:?}")
+                    }
                     (Some(Hypercall::DomainCreate), _) if (1..=254).contains(&c.args[1]) => {
                         assert!(c.args[1] <= 4, "a domain at priority {} (limit 4)", c.args[1])
                     }
@@ -1250,6 +1438,7 @@ mod tests {
             assert!(*n > 0, "{} never called", Fuzzer::call_name(i));
         }
         assert!(f.timed_waits > 0, "no wait ever blocked on a timer");
+        assert!(f.signal_halts > 0, "no SignalHalt ever succeeded");
         assert!(f.echoes > 0, "the agent never answered");
         assert!(f.bursts > 0, "no burst filled the tables");
         assert_eq!(f.surprises, 0);
@@ -1297,5 +1486,308 @@ mod tests {
         assert!(f.slots.get(recv.rbx as usize).copied().flatten().is_none());
         let call = f.make_safe(Call { number: Hypercall::Call.number(), rbx: 0, rcx: 2, ..Call::default() });
         assert!(call.rcx > REGISTER_WORDS as u64);
+    }
+
+    /// Unknown numbers are numbers the ABI does not define: never SignalHalt or any other
+    /// known one, and every known number the generator makes is one it models.
+    #[test]
+    fn unknown_numbers_avoid_every_known_hypercall() {
+        let mut f = Fuzzer::new(3, setup());
+        for _ in 0..20_000 {
+            let c = f.unknown();
+            assert!(Hypercall::from_number(c.number).is_none(), "unknown() drew {c:?}");
+        }
+        drive(11, 20_000, |_, c| {
+            if let Some(h) = Hypercall::from_number(c.number) {
+                assert!(WEIGHTS.iter().any(|(w, _)| *w == h), "{h:?} is made but not modelled");
+            }
+        });
+    }
+
+    fn call(h: Hypercall, rbx: u64, args: [u64; 6]) -> Call {
+        mk(h, rbx, 0, args)
+    }
+
+    fn ok() -> Call {
+        out(0, 0)
+    }
+
+    #[test]
+    fn a_halt_with_nothing_armed_gets_a_binding_and_a_timer_first() {
+        let mut f = Fuzzer::new(9, setup());
+        f.only = Fuzzer::call_index("SignalHalt");
+        assert_eq!(f.wake, Some(3), "the timer is the first wake notification");
+        let mut seen = 0;
+        for _ in 0..200 {
+            let c = f.next_call();
+            if c.number == Hypercall::SignalHalt.number() && c.rbx == 3 {
+                // The wake notification itself: no preparation needed once bound.
+                assert!(f.wake_bound, "{c:?}");
+            } else if f.halt_may_sleep(&c) || c.number == Hypercall::NotificationBind.number() {
+                // Unbound: bind, then a timer, then the halt.
+                assert_eq!(c, call(Hypercall::NotificationBind, 3, [WAKE_VECTOR as u64, 0, 0, 0, 0, 0]));
+                f.record(&c, &ok());
+                let t = f.next_call();
+                assert_eq!((t.number, t.rbx), (Hypercall::TimerSet.number(), 3), "{t:?}");
+                assert!((1..=SHORT_TIMER_NS).contains(&t.args[0]), "{t:?}");
+                f.record_timed(&t, &ok(), Some((1_000, 1_100)));
+                let h = f.next_call();
+                assert_eq!(h.number, Hypercall::SignalHalt.number(), "{h:?}");
+                assert!(f.wake_ready());
+                // Returned after the deadline: it slept (unless it signalled the wake
+                // notification, now bound: at once). The next halt needs a new timer but
+                // no new binding.
+                f.record_timed(&h, &ok(), Some((1_000, 1_000 + t.args[0] + 5)));
+                let slept = u64::from(h.rbx != 3);
+                assert_eq!((f.halts_slept, f.halts_at_once), (slept, 1 - slept), "{h:?}");
+                assert!(f.wake_bound && !f.wake_armed);
+                seen += 1;
+                break;
+            }
+            f.record(&c, &out(Error::InvalidSlot.code(), 0));
+        }
+        assert_eq!(seen, 1, "no halt that may sleep drawn");
+        // Armed but unbound is not enough, and a timer set before the binding is not
+        // trusted (it may have fired while nothing was bound).
+        let halt = call(Hypercall::SignalHalt, 3, [1, 0, 0, 0, 0, 0]);
+        let mut f = Fuzzer::new(9, setup());
+        f.record(&call(Hypercall::TimerSet, 3, [1000, 1, 0, 0, 0, 0]), &ok());
+        assert!(f.wake_armed && !f.wake_ready());
+        f.record(&call(Hypercall::NotificationBind, 3, [WAKE_VECTOR as u64, 0, 0, 0, 0, 0]), &ok());
+        assert!(f.wake_bound && !f.wake_armed);
+        // Bound: a halt signalling the wake notification raises its own vector.
+        assert!(!f.halt_may_sleep(&halt));
+        f.record(&halt, &ok());
+        assert_eq!(f.halts_at_once, 1);
+    }
+
+    #[test]
+    fn a_refused_halt_is_left_as_is_and_an_unsafe_one_only_signals() {
+        let mut f = Fuzzer::new(5, setup());
+        f.record(&call(Hypercall::EndpointCreate, 5, [0; 6]), &out(0, 0));
+        f.slots[7] = Some(Slot { held: Held::Notification { pending: false, armed: false }, rights: rights::WAIT });
+        // Out of range, empty, the wrong type, no SIGNAL right: refused, never halted.
+        for slot in [CAP_SLOTS as u64, u64::MAX, 9, 0, 5, 7] {
+            let c = call(Hypercall::SignalHalt, slot, [1, 0, 0, 0, 0, 0]);
+            assert!(!f.halt_may_sleep(&c), "{c:?}");
+            assert_eq!(f.make_safe(c), c);
+        }
+        // A notification with SIGNAL and nothing armed: only a signal.
+        f.record(&call(Hypercall::NotificationCreate, 5, [0; 6]), &out(0, 1));
+        let c = call(Hypercall::SignalHalt, 1, [6, 0, 0, 0, 0, 0]);
+        assert!(f.halt_may_sleep(&c));
+        assert_eq!(f.make_safe(c), call(Hypercall::Signal, 1, [6, 0, 0, 0, 0, 0]));
+        // Bound and armed: made as drawn.
+        f.record(&call(Hypercall::NotificationBind, 3, [WAKE_VECTOR as u64, 0, 0, 0, 0, 0]), &ok());
+        f.record(&call(Hypercall::TimerSet, 3, [SHORT_TIMER_NS, 1, 0, 0, 0, 0]), &ok());
+        assert_eq!(f.make_safe(c), c);
+        // A long timer replaces the short one; a rebind elsewhere undoes the binding.
+        f.record(&call(Hypercall::TimerSet, 3, [SHORT_TIMER_NS + 1, 1, 0, 0, 0, 0]), &ok());
+        assert!(!f.wake_ready());
+        f.record(&call(Hypercall::TimerSet, 3, [5, 1, 0, 0, 0, 0]), &ok());
+        f.record(&call(Hypercall::NotificationBind, 3, [0x42, 0, 0, 0, 0, 0]), &ok());
+        assert!(!f.wake_bound && f.make_safe(c).number == Hypercall::Signal.number());
+        // Copies of the wake notification lose WAIT.
+        let copy = f.make_safe(call(Hypercall::CapCopy, 3, [2, rights::ALL, 0, 0, 0, 0]));
+        assert_eq!(copy.args[1], rights::ALL & !rights::WAIT);
+        // Deleting it: another notification becomes the wake one before the next halt.
+        f.record(&call(Hypercall::CapDelete, 3, [0; 6]), &ok());
+        assert_eq!(f.wake, None);
+        let prep = f.prepare_halt(c);
+        assert_eq!((prep.number, prep.rbx), (Hypercall::NotificationBind.number(), 1));
+        assert_eq!(f.wake, Some(1));
+    }
+
+    /// A stand-in for the microvisor's notifications, independent of the model: objects,
+    /// bindings, one-shot timers that fire at random moments (before a binding, too), bits,
+    /// and the fuzzer's vCPU with its vectors raised and not yet let in. A wait or a halt
+    /// that nothing would ever end fails the test.
+    struct Notifications {
+        rng: Rng,
+        /// Per slot of the fuzzer's table: a notification (its index) with its rights, or
+        /// another object.
+        table: [Option<(Option<usize>, u64)>; CAP_SLOTS],
+        /// bound vector (0: to receive), short timer armed, bits pending.
+        objects: Vec<(Option<u64>, Option<u64>, bool)>,
+        /// A vector raised and not yet let in.
+        raised: bool,
+        halts_slept: u64,
+        halts_at_once: u64,
+        /// Random binds and deletions of the wake notification the model had chosen.
+        wake_undone: u64,
+    }
+
+    impl Notifications {
+        fn new(seed: u64) -> Self {
+            let mut table = [None; CAP_SLOTS];
+            table[5] = Some((None, rights::CONTROL | rights::GRANT));
+            table[3] = Some((Some(0), rights::SIGNAL | rights::WAIT));
+            Self {
+                rng: Rng::new(seed),
+                table,
+                objects: vec![(None, None, false)],
+                raised: false,
+                halts_slept: 0,
+                halts_at_once: 0,
+                wake_undone: 0,
+            }
+        }
+
+        fn notification(&self, slot: u64, right: u64) -> Result<usize, Error> {
+            match self.table.get(slot as usize).copied().flatten() {
+                None => Err(Error::InvalidSlot),
+                Some((Some(n), r)) if r & right != 0 => Ok(n),
+                Some((Some(_), _)) => Err(Error::PermissionDenied),
+                Some((None, _)) => Err(Error::WrongType),
+            }
+        }
+
+        fn signal(&mut self, n: usize) {
+            self.objects[n].2 = true;
+            if self.objects[n].0.is_some_and(|v| v != 0) {
+                self.raised = true;
+            }
+        }
+
+        fn fire(&mut self, n: usize) {
+            self.objects[n].1 = None;
+            self.signal(n);
+        }
+
+        fn wait(&mut self, n: usize, c: &Call) {
+            if !self.objects[n].2 {
+                assert!(self.objects[n].1.is_some(), "a wait nobody ends: {c:?}");
+                // The waiter takes the timer's bits: no vector.
+                self.objects[n].1 = None;
+            }
+            self.objects[n].2 = false;
+        }
+
+        /// Make `c`: its status and RDI.
+        fn make(&mut self, f: &Fuzzer, c: &Call) -> (u64, u64) {
+            // Timers fire whenever they like.
+            for n in 0..self.objects.len() {
+                if self.objects[n].1.is_some() && self.rng.chance(30) {
+                    self.fire(n);
+                }
+            }
+            let status = |r: Result<(), Error>| r.map_or_else(|e| e.code(), |()| 0);
+            let slot = c.rbx;
+            match Hypercall::from_number(c.number) {
+                None => (Error::UnknownHypercall.code(), 0),
+                Some(
+                    h @ (Hypercall::DomainCreate
+                    | Hypercall::VcpuCreate
+                    | Hypercall::RegionCreate
+                    | Hypercall::EndpointCreate
+                    | Hypercall::NotificationCreate),
+                ) => match self.table.iter().position(|s| s.is_none()) {
+                    Some(i) if self.rng.chance(70) => {
+                        self.table[i] = Some(if h == Hypercall::NotificationCreate {
+                            self.objects.push((None, None, false));
+                            (Some(self.objects.len() - 1), rights::SIGNAL | rights::WAIT | rights::GRANT)
+                        } else {
+                            (None, rights::ALL)
+                        });
+                        (0, i as u64)
+                    }
+                    _ => (Error::OutOfMemory.code(), 0),
+                },
+                Some(Hypercall::CapDelete) => match self.table.get_mut(slot as usize) {
+                    Some(s @ Some(_)) => {
+                        *s = None;
+                        self.wake_undone += u64::from(f.wake == Some(slot));
+                        (0, 0)
+                    }
+                    _ => (Error::InvalidSlot.code(), 0),
+                },
+                Some(Hypercall::NotificationBind) => {
+                    let r = self.notification(slot, rights::WAIT).and_then(|n| {
+                        let v = u8::try_from(c.args[0]).ok().filter(|&v| v >= 32 || v == 0);
+                        self.objects[n].0 = Some(v.ok_or(Error::InvalidArgument)? as u64);
+                        Ok(())
+                    });
+                    if r.is_ok() && f.wake == Some(slot) && c.args[0] != WAKE_VECTOR as u64 {
+                        self.wake_undone += 1;
+                    }
+                    (status(r), 0)
+                }
+                Some(Hypercall::TimerSet) => {
+                    let r = self.notification(slot, rights::WAIT).map(|n| {
+                        let ns = c.args[0];
+                        self.objects[n].1 = (ns != 0 && ns <= SHORT_TIMER_NS).then_some(ns);
+                    });
+                    (status(r), 0)
+                }
+                Some(Hypercall::Signal) => (status(self.notification(slot, rights::SIGNAL).map(|n| self.signal(n))), 0),
+                Some(Hypercall::Poll) => {
+                    let r = self.notification(slot, rights::WAIT).map(|n| self.objects[n].2 = false);
+                    (status(r), 0)
+                }
+                Some(Hypercall::Wait) => (status(self.notification(slot, rights::WAIT).map(|n| self.wait(n, c))), 0),
+                Some(Hypercall::SignalWait) => {
+                    let r = self.notification(slot, rights::SIGNAL).and_then(|n| {
+                        let m = self.notification(c.args[1], rights::WAIT)?;
+                        self.signal(n);
+                        self.wait(m, c);
+                        Ok(())
+                    });
+                    (status(r), 0)
+                }
+                Some(Hypercall::SignalHalt) => {
+                    let r = self.notification(slot, rights::SIGNAL).map(|n| {
+                        self.signal(n);
+                        if self.raised {
+                            self.halts_at_once += 1;
+                        } else {
+                            // Asleep: only a timer on a notification bound to a vector
+                            // wakes the fuzzer.
+                            let waker = (0..self.objects.len())
+                                .find(|&m| self.objects[m].1.is_some() && self.objects[m].0.is_some_and(|v| v != 0));
+                            let Some(m) = waker else { panic!("halted for good: {c:?}") };
+                            self.fire(m);
+                            self.halts_slept += 1;
+                        }
+                        // The fuzzer lets the interrupts in.
+                        self.raised = false;
+                    });
+                    (status(r), 0)
+                }
+                Some(Hypercall::ConsoleRead) => (Error::WrongType.code(), 0),
+                Some(Hypercall::Call) => {
+                    let answers = f.agent.is_some_and(|a| a.endpoint == slot) && c.rcx <= REGISTER_WORDS as u64;
+                    (if answers { 0 } else { Error::InvalidArgument.code() }, c.args[0])
+                }
+                // Only these take a notification besides the calls above.
+                Some(Hypercall::CapCopy | Hypercall::CapRevoke) => (0, 0),
+                Some(_) if self.notification(slot, rights::ALL).is_ok() => (Error::WrongType.code(), 0),
+                Some(_) if slot < CAP_SLOTS as u64 && self.rng.chance(80) => (0, 0),
+                Some(_) => (Error::InvalidSlot.code(), 0),
+            }
+        }
+    }
+
+    #[test]
+    fn the_wake_binding_survives_random_rebinds_deletions_and_timers() {
+        let (mut slept, mut at_once, mut undone) = (0, 0, 0);
+        for seed in 0..6 {
+            let mut f = Fuzzer::new(seed, setup());
+            let mut k = Notifications::new(seed ^ 0x5eed);
+            for _ in 0..30_000 {
+                let c = f.next_call();
+                let (rax, rdi) = k.make(&f, &c);
+                let mut out = Call { number: rax, rbx: 0, rcx: c.rcx, args: c.args };
+                out.args[0] = rdi;
+                if c.number == Hypercall::Call.number() && rax == 0 {
+                    out.args = c.args;
+                }
+                f.record(&c, &out);
+            }
+            assert_eq!(f.surprises, 0, "seed {seed}");
+            (slept, at_once, undone) = (slept + k.halts_slept, at_once + k.halts_at_once, undone + k.wake_undone);
+        }
+        eprintln!("halts: {slept} slept, {at_once} at once, wake undone {undone}");
+        assert!(slept > 50 && at_once > 50, "halts: {slept} slept, {at_once} at once");
+        assert!(undone > 10, "the wake notification was rebound or deleted only {undone} times");
     }
 }

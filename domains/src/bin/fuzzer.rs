@@ -5,8 +5,14 @@
 //! frame and kernel object came back.
 //!
 //! Prints `fuzz: <n> calls, <ms> ms` every `progress=<n>` calls (default 10,000) and ends
-//! with `fuzz: done: ...` (calls per second, counts per status code). The exit status is 0
-//! when every status was a known code and the model saw nothing impossible, else 1.
+//! with `fuzz: done: ...` (calls per second, counts per status code) and `fuzz: halts: ...`
+//! (how its `SignalHalt`s ended). The exit status is 0 when every status was a known code
+//! and the model saw nothing impossible, else 1.
+//!
+//! It runs with interrupts off. After a `SignalHalt` that succeeded it lets the offered
+//! virtual interrupts in (`sti; nop; cli`) until none is left; its random `NotificationBind`s
+//! pick any vector, so its interrupt table has a counting handler on every vector from 32
+//! up (the runtime's timer handler on the wake vector).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(not(target_os = "none"))]
@@ -14,10 +20,14 @@ fn main() {}
 
 #[cfg(target_os = "none")]
 mod fuzzer {
-    use domain_rt::hypercall;
+    extern crate alloc;
+
+    use domain_rt::{hypercall, irq};
     use domain_rt::{println, BootInfo};
-    use domains::fuzz::{Call, Fuzzer, Setup, AGENT_CODE, STATUS_BINS};
+    use domains::fuzz::{Call, Fuzzer, Setup, AGENT_CODE, STATUS_BINS, WAKE_VECTOR};
+    use ipc_spec::hypercall::Hypercall;
     use ipc_spec::Error;
+    use pvh::exceptions::Idt;
 
     domain_rt::domain_main!(main);
 
@@ -30,6 +40,33 @@ mod fuzzer {
     static mut MESSAGE_PAGE: Page = Page([0; 4096]);
     /// Names for DomainCreate (any 1..=31 bytes from the first 8 offsets are valid).
     static NAMES: [u8; 64] = *b"fz-child-abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQR!";
+
+    /// Load the fuzzer's interrupt table (see the module docs), kept for good.
+    fn load_idt() {
+        let idt: &'static mut Idt = alloc::boxed::Box::leak(alloc::boxed::Box::new(Idt::new()));
+        for (vector, stub) in pvh::exceptions::exception_stub_addresses().into_iter().enumerate() {
+            idt.set(vector as u8, stub, 0x08, 0);
+        }
+        for vector in 32..=255 {
+            idt.set(vector, irq::entry_address(), 0x08, 0);
+        }
+        idt.set(WAKE_VECTOR, irq::timer_entry_address(), 0x08, 0);
+        let idt: &'static Idt = idt;
+        idt.load();
+    }
+
+    /// Let the offered virtual interrupts in until none is left (each `sti; nop; cli` takes
+    /// the one offered; the microvisor offers the next at the following entry). Bounded:
+    /// there are not more pending vectors than vectors.
+    fn let_all_in() {
+        for _ in 0..=256 {
+            let seen = irq::count();
+            irq::let_offered_in();
+            if irq::count() == seen {
+                break;
+            }
+        }
+    }
 
     fn main(info: &BootInfo) -> u64 {
         let seed = info.arg("seed").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
@@ -50,6 +87,7 @@ mod fuzzer {
             name: NAMES.as_ptr() as u64,
             agent_code: AGENT.as_ptr() as u64,
         };
+        load_idt();
         println!("fuzzing: seed={seed} calls={calls} ram={} MiB memory slot {memory}", ram >> 20);
         println!("ready");
         let mut f = Fuzzer::new(seed, setup);
@@ -60,8 +98,14 @@ mod fuzzer {
         let t0 = hypercall::clock_ns();
         for i in 1..=calls {
             let c = f.next_call();
+            let timed = Fuzzer::wants_clock(&c);
+            let before = if timed { hypercall::clock_ns() } else { 0 };
             let r = hypercall::raw(c.number, c.rbx, c.rcx, c.args);
-            f.record(&c, &Call { number: r.rax, rbx: r.rbx, rcx: r.rcx, args: r.args });
+            let clock = timed.then(|| (before, hypercall::clock_ns()));
+            if c.number == Hypercall::SignalHalt.number() && r.rax == 0 {
+                let_all_in();
+            }
+            f.record_timed(&c, &Call { number: r.rax, rbx: r.rbx, rcx: r.rcx, args: r.args }, clock);
             if i % progress == 0 {
                 let ms = (hypercall::clock_ns() - t0) / 1_000_000;
                 println!(
@@ -80,6 +124,15 @@ mod fuzzer {
             f.echoes,
             f.bursts,
             f.surprises
+        );
+        println!(
+            "fuzz: halts: signal_halts={} slept={} at_once={} unclear={} interrupts_let_in={} on_wake_vector={}",
+            f.signal_halts,
+            f.halts_slept,
+            f.halts_at_once,
+            f.halts_unclear,
+            irq::count(),
+            irq::timer_count()
         );
         let mut line = Line::new("fuzz: statuses:");
         for (code, &n) in f.statuses.iter().enumerate().filter(|(_, n)| **n > 0) {
