@@ -70,7 +70,7 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// QEMU's process, found by the host forward of `port` on its command line.
-fn find_qemu(port: u16) -> Option<u32> {
+pub fn find_qemu(port: u16) -> Option<u32> {
     let needle = format!("hostfwd=tcp:127.0.0.1:{port}-");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;

@@ -83,7 +83,12 @@ pub fn run() -> Result<(), String> {
     let info = build::pack(&artifacts.images, &stack, &out)?;
     let microvisor = build::compile_microvisor_with(&target, &["counts-periodic"])?;
     let mut m = Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() });
-    m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=on".into()];
+    // `BENCH_NET_PERF=1`: no icount; `perf record --call-graph dwarf` of QEMU around each workload instead,
+    // into target/bench/perf-<n>.data (n in the order of ORDER).
+    let perf = std::env::var_os("BENCH_NET_PERF").is_some();
+    if !perf {
+        m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=on".into()];
+    }
     for port in m.net_ports.iter_mut() {
         *port = qemu::free_port()?;
     }
@@ -97,10 +102,39 @@ pub fn run() -> Result<(), String> {
         if serving("[guest]", lines) && serving("[direct]", lines) {
             let pause = || std::thread::sleep(Duration::from_millis(1500));
             pause();
-            result = Some(ORDER.iter().try_for_each(|&(w, name)| {
+            let qemu = crate::bench_net::find_qemu(driver_port);
+            result = Some(ORDER.iter().enumerate().try_for_each(|(n, &(w, name))| {
                 let port = if name.ends_with("direct") { direct_port } else { driver_port };
                 eprintln!("bench net --counts: {name}");
+                let recorder = match (perf, qemu) {
+                    (true, Some(pid)) => {
+                        let out = target.join("bench").join(format!("perf-{n}.data"));
+                        let r = std::process::Command::new("perf")
+                            .args([
+                                "record",
+                                "-q",
+                                "--call-graph",
+                                "dwarf,16384",
+                                "-F",
+                                "4000",
+                                "-p",
+                                &pid.to_string(),
+                                "-o",
+                            ])
+                            .arg(&out)
+                            .stderr(std::process::Stdio::null())
+                            .spawn()
+                            .map_err(|e| format!("perf: {e}"))?;
+                        std::thread::sleep(Duration::from_millis(300));
+                        Some(r)
+                    }
+                    _ => None,
+                };
                 crate::bench_net::workload(w, port)?;
+                if let Some(mut r) = recorder {
+                    let _ = std::process::Command::new("kill").args(["-INT", &r.id().to_string()]).status();
+                    let _ = r.wait();
+                }
                 pause();
                 Ok::<(), String>(())
             }));

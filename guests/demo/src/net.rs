@@ -152,6 +152,10 @@ pub struct ChannelDevice {
     tx: FrameSender<'static, Region>,
     rx: FrameReceiver<'static, Region>,
     rx_buf: [u8; MAX_FRAME_LEN],
+    /// Where smoltcp builds a frame before it is copied into the TX ring (kept, not a fresh
+    /// zeroed array per frame: a 1514-byte memset per frame sent, under TCG). Boxed: the
+    /// device is moved by value through the server's frames.
+    tx_buf: Box<[u8; MAX_FRAME_LEN]>,
     /// Frames queued since the last doorbell.
     sent: bool,
     /// [`NetDevice::wait`] rings the doorbell for frames still on the TX ring.
@@ -248,6 +252,7 @@ impl ChannelDevice {
             tx,
             rx,
             rx_buf: [0; MAX_FRAME_LEN],
+            tx_buf: Box::new([0; MAX_FRAME_LEN]),
             sent: false,
             ring_on_wait: false,
             counters: Counters::default(),
@@ -338,6 +343,7 @@ pub struct Rx<'a>(&'a [u8]);
 
 pub struct Tx<'a> {
     tx: &'a mut FrameSender<'static, Region>,
+    buf: &'a mut [u8; MAX_FRAME_LEN],
     sent: &'a mut bool,
     counters: &'a mut Counters,
 }
@@ -350,10 +356,12 @@ impl phy::RxToken for Rx<'_> {
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = [0u8; MAX_FRAME_LEN];
         let len = len.min(MAX_FRAME_LEN);
-        let r = f(&mut frame[..len]);
-        match self.tx.send(&frame[..len]) {
+        // Holds the last frame's bytes until smoltcp writes this one over (all `len` of
+        // them: it builds whole frames); our own data either way.
+        let frame = &mut self.buf[..len];
+        let r = f(frame);
+        match self.tx.send(frame) {
             Ok(()) => {
                 self.counters.sent += 1;
                 *self.sent = true;
@@ -376,7 +384,12 @@ impl Device for ChannelDevice {
                 Ok(Some(len)) => {
                     self.frame_arrived(now);
                     self.counters.received += 1;
-                    let tx = Tx { tx: &mut self.tx, sent: &mut self.sent, counters: &mut self.counters };
+                    let tx = Tx {
+                        tx: &mut self.tx,
+                        buf: &mut *self.tx_buf,
+                        sent: &mut self.sent,
+                        counters: &mut self.counters,
+                    };
                     return Some((Rx(&self.rx_buf[..len]), tx));
                 }
                 Ok(None) => return None,
@@ -394,7 +407,7 @@ impl Device for ChannelDevice {
         if !matches!(self.tx.free(), Ok(n) if n > 0) {
             return None;
         }
-        Some(Tx { tx: &mut self.tx, sent: &mut self.sent, counters: &mut self.counters })
+        Some(Tx { tx: &mut self.tx, buf: &mut *self.tx_buf, sent: &mut self.sent, counters: &mut self.counters })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
