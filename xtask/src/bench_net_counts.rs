@@ -83,9 +83,10 @@ pub fn run() -> Result<(), String> {
     let info = build::pack(&artifacts.images, &stack, &out)?;
     let microvisor = build::compile_microvisor_with(&target, &["counts-periodic"])?;
     let mut m = Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() });
-    // `BENCH_NET_PERF=1`: no icount; `perf record --call-graph dwarf` of QEMU around each workload instead,
-    // into target/bench/perf-<n>.data (n in the order of ORDER).
+    // `BENCH_NET_PERF=1`: no icount; `perf record --call-graph dwarf` of QEMU around each
+    // workload instead, into target/bench/perf-<n>.data (n in the order of ORDER).
     let perf = std::env::var_os("BENCH_NET_PERF").is_some();
+    let sched = std::env::var("BENCH_NET_PERF").is_ok_and(|v| v == "sched");
     if !perf {
         m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=on".into()];
     }
@@ -109,18 +110,17 @@ pub fn run() -> Result<(), String> {
                 let recorder = match (perf, qemu) {
                     (true, Some(pid)) => {
                         let out = target.join("bench").join(format!("perf-{n}.data"));
+                        // `BENCH_NET_PERF=sched`: the scheduler's switches and wake-ups (why a
+                        // thread was off the CPU) instead of CPU samples.
+                        let what: &[&str] = if sched {
+                            &["-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-g"]
+                        } else {
+                            &["--call-graph", "dwarf,16384", "-F", "4000"]
+                        };
                         let r = std::process::Command::new("perf")
-                            .args([
-                                "record",
-                                "-q",
-                                "--call-graph",
-                                "dwarf,16384",
-                                "-F",
-                                "4000",
-                                "-p",
-                                &pid.to_string(),
-                                "-o",
-                            ])
+                            .args(["record", "-q"])
+                            .args(what)
+                            .args(["-p", &pid.to_string(), "-o"])
                             .arg(&out)
                             .stderr(std::process::Stdio::null())
                             .spawn()

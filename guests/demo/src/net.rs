@@ -386,7 +386,7 @@ impl Device for ChannelDevice {
                     self.counters.received += 1;
                     let tx = Tx {
                         tx: &mut self.tx,
-                        buf: &mut *self.tx_buf,
+                        buf: &mut self.tx_buf,
                         sent: &mut self.sent,
                         counters: &mut self.counters,
                     };
@@ -407,7 +407,7 @@ impl Device for ChannelDevice {
         if !matches!(self.tx.free(), Ok(n) if n > 0) {
             return None;
         }
-        Some(Tx { tx: &mut self.tx, buf: &mut *self.tx_buf, sent: &mut self.sent, counters: &mut self.counters })
+        Some(Tx { tx: &mut self.tx, buf: &mut self.tx_buf, sent: &mut self.sent, counters: &mut self.counters })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
