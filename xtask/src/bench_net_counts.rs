@@ -99,6 +99,7 @@ pub fn run() -> Result<(), String> {
     eprintln!("bench net --counts: booting {} under -icount", stack.display());
     let serving = |who: &str, lines: &[String]| lines.iter().any(|l| l.starts_with(who) && l.contains("serving HTTP"));
     let mut result = None;
+    let mut status_lines = Vec::new();
     let run = qemu::run_captured(&m, Duration::from_secs(900), false, |lines| {
         if serving("[guest]", lines) && serving("[direct]", lines) {
             let pause = || std::thread::sleep(Duration::from_millis(1500));
@@ -138,6 +139,17 @@ pub fn run() -> Result<(), String> {
                 pause();
                 Ok::<(), String>(())
             }));
+            // The guests' own account (their status pages' device lines: doorbells, waits
+            // that only the timer ended).
+            for port in [driver_port, direct_port] {
+                let page = crate::http_client::connect(port)
+                    .and_then(|mut s| crate::http_client::request(&mut s, "GET", "/", b""));
+                if let Ok((_, body)) = page {
+                    for l in String::from_utf8_lossy(&body).lines().filter(|l| l.starts_with("net")) {
+                        status_lines.push(l.to_string());
+                    }
+                }
+            }
             return true;
         }
         lines.iter().any(|l| l.contains("FATAL"))
@@ -205,6 +217,9 @@ pub fn run() -> Result<(), String> {
                 field(mc, "idle") as f64 / per
             );
         }
+    }
+    for l in &status_lines {
+        println!("  status page: {l}");
     }
     println!("\nbench net --counts: console in {}", log.display());
     Ok(())

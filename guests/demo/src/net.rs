@@ -96,15 +96,22 @@ impl NetDevice for ChannelDevice {
     }
 
     fn wait(&mut self, slot: u64) {
-        if core::mem::take(&mut self.ring_on_wait) {
+        let bits = if core::mem::take(&mut self.ring_on_wait) {
             self.kicks += 1;
-            if hypercall::signal_wait(self.signal, 1, slot).is_ok() {
-                return;
-            }
-            // (Refused: ring and wait apart.)
-            let _ = hypercall::signal(self.signal, 1);
+            hypercall::signal_wait(self.signal, 1, slot).or_else(|_| {
+                // (Refused: ring and wait apart.)
+                let _ = hypercall::signal(self.signal, 1);
+                hypercall::wait(slot)
+            })
+        } else {
+            hypercall::wait(slot)
+        };
+        // Woken by the server's timer alone (bit 1, see `Server::run`): nothing from the
+        // driver VM. Counted for the status page: a wait that a frame should have ended
+        // shows here as a timer wake-up.
+        if bits == Ok(TIMER_BIT) {
+            self.timer_wakeups += 1;
         }
-        let _ = hypercall::wait(slot);
     }
 
     /// While the server runs it looks at the RX ring before it waits: no doorbells needed.
@@ -117,12 +124,13 @@ impl NetDevice for ChannelDevice {
         let c = &self.counters;
         let _ = write!(
             out,
-            "net: channel to the net driver VM, MAC {}, {} frames received, {} sent ({} doorbells), {} receive drops",
+            "net: channel to the net driver VM, MAC {}, {} frames received, {} sent ({} doorbells), {} receive drops, {} waits ended by the timer alone",
             self.header.mac,
             c.received,
             c.sent,
             self.kicks,
-            c.receive_dropped.total()
+            c.receive_dropped.total(),
+            self.timer_wakeups
         );
         let r = &self.restarts;
         let _ = write!(
@@ -169,7 +177,12 @@ pub struct ChannelDevice {
     restarts: Restarts,
     /// Doorbells rung to the driver VM.
     kicks: u64,
+    /// Waits that only the server's timer ended.
+    timer_wakeups: u64,
 }
+
+/// The bit the server's timer sets on its notification (`Server::run`).
+const TIMER_BIT: u64 = 1 << 1;
 
 /// Frames on the TX ring that make [`ChannelDevice::kick`] ring the driver at once (a
 /// quarter of the 64 entries of a 520 KiB channel: the pipeline to the device keeps going
@@ -261,6 +274,7 @@ impl ChannelDevice {
             region,
             restarts: Restarts::default(),
             kicks: 0,
+            timer_wakeups: 0,
         })
     }
 
