@@ -34,6 +34,8 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
                 poll_iommu_faults(k, m);
                 m.poll_console();
                 k.tick(m.clock.now_ns());
+                #[cfg(feature = "counts-periodic")]
+                print_counts_every(k, m);
                 #[cfg(all(feature = "trace", not(feature = "vmx")))]
                 crate::trace::tick(k);
             }
@@ -63,9 +65,11 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
         enter(k, m, v);
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::enter(k, m, v);
+        #[cfg(feature = "counts")]
+        let entered_at = m.clock.now_ns();
         let exit = m.hw.run(v, &mut k.vcpus[v as usize].regs);
         #[cfg(feature = "counts")]
-        count(k, v, &exit, last.replace(v) != Some(v));
+        count(k, v, &exit, last.replace(v) != Some(v), m.clock.now_ns().saturating_sub(entered_at));
         #[cfg(all(feature = "trace", not(feature = "vmx")))]
         crate::trace::exit(k, m, v);
         let event = vmexit::handle(k, m, v, exit);
@@ -100,17 +104,39 @@ pub fn run(k: &mut Kernel<Stage2>, m: &mut BareMetal) -> ! {
 #[cfg(feature = "counts")]
 /// Count exit `exit` of vCPU `v` for its domain (`ExitCounts`); `switched`: another vCPU
 /// or the idle loop ran before this entry.
-fn count(k: &mut Kernel<Stage2>, v: microvisor::kernel::VcpuId, exit: &microvisor::vcpu_hw::Exit, switched: bool) {
+/// `ran_ns`: from just before the entry to just after the exit.
+fn count(
+    k: &mut Kernel<Stage2>,
+    v: microvisor::kernel::VcpuId,
+    exit: &microvisor::vcpu_hw::Exit,
+    switched: bool,
+    ran_ns: u64,
+) {
     use microvisor::vcpu_hw::Exit;
     let d = k.vcpus[v as usize].domain as usize;
     let c = &mut k.domains[d].counts;
     c.exits += 1;
+    c.run_ns += ran_ns;
     c.switches += u64::from(switched);
     match exit {
         Exit::Hypercall { .. } => c.hypercalls += 1,
         Exit::Hlt { .. } => c.hlts += 1,
         Exit::Interrupt => c.interrupts += 1,
         _ => {}
+    }
+}
+
+#[cfg(feature = "counts-periodic")]
+/// Every 50 ms of the microvisor's clock, one line of every domain's counts (checked at
+/// ticks), so that a host driving the workloads can take the differences around each.
+fn print_counts_every(k: &Kernel<Stage2>, m: &mut BareMetal) {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    const EVERY_NS: u64 = 50_000_000;
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = m.clock.now_ns();
+    if now / EVERY_NS != LAST.load(Ordering::Relaxed) {
+        LAST.store(now / EVERY_NS, Ordering::Relaxed);
+        k.print_counts(m);
     }
 }
 

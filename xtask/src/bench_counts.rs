@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 
 /// The counted fields, in the order they are kept.
-/// (`idle`: nanoseconds the whole machine was idle, on the pseudo-domain `(machine)`.)
-pub const FIELDS: [&str; 8] = ["exits", "hc", "hlt", "int", "sw", "virq", "sig", "idle"];
+/// (`run`: nanoseconds in guest mode, instructions under `-icount`; `idle`: nanoseconds the
+/// whole machine was idle, and `now` its clock, on the pseudo-domain `(machine)`.)
+pub const FIELDS: [&str; 10] = ["exits", "hc", "hlt", "int", "sw", "virq", "sig", "idle", "run", "now"];
 
 /// One domain's counts.
 pub type Counts = [u64; FIELDS.len()];
@@ -82,8 +83,8 @@ mod tests {
     fn parses_a_counts_line() {
         let l = "[microvisor] counts: dom0 exits=5 hc=4 hlt=0 int=1 sw=2 virq=0 sig=3; disk exits=10 hc=2 hlt=3 int=4 sw=5 virq=6 sig=7;";
         let c = parse_counts(l).unwrap();
-        assert_eq!(c["dom0"], [5, 4, 0, 1, 2, 0, 3, 0]);
-        assert_eq!(c["disk"], [10, 2, 3, 4, 5, 6, 7, 0]);
+        assert_eq!(c["dom0"], [5, 4, 0, 1, 2, 0, 3, 0, 0, 0]);
+        assert_eq!(c["disk"], [10, 2, 3, 4, 5, 6, 7, 0, 0, 0]);
         let m = parse_counts("[microvisor] counts: a exits=1; (machine) idle=77;").unwrap();
         assert_eq!(m["(machine)"][7], 77);
         assert!(parse_counts("[guest] ready").is_none());

@@ -25,7 +25,7 @@ use crate::qemu::{self, Ending, Machine};
 const TRANSFER: usize = 8 << 20;
 /// Requests per requests-per-second round (200, about a quarter second, let one
 /// descheduling of QEMU by the host's other load decide a round).
-const REQUESTS: usize = 500;
+pub const REQUESTS: usize = 500;
 /// Pairs per workload (the median pair is reported: best-of-5 per path, as before, took
 /// each path's luckiest round independently, so one lucky round on either side moved the
 /// ratio by up to a factor of 2 at a load of 10 on 2 cores).
@@ -70,7 +70,7 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// QEMU's process, found by the host forward of `port` on its command line.
-fn find_qemu(port: u16) -> Option<u32> {
+pub fn find_qemu(port: u16) -> Option<u32> {
     let needle = format!("hostfwd=tcp:127.0.0.1:{port}-");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
@@ -140,7 +140,7 @@ fn requests(port: u16) -> Result<f64, String> {
 }
 
 /// One workload on the path at `port`.
-fn workload(w: usize, port: u16) -> Result<f64, String> {
+pub fn workload(w: usize, port: u16) -> Result<f64, String> {
     match w {
         0 => upload(port),
         1 => download(port),
@@ -225,8 +225,10 @@ pub fn to_json(driver: &Figures, direct: &Figures, r: &Ratios) -> String {
 
 /// `cargo xtask bench net`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    if let Some(a) = args.first() {
-        return Err(format!("bench net: unknown option `{a}`"));
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("--counts") if args.len() == 1 => return crate::bench_net_counts::run(),
+        Some(a) => return Err(format!("bench net: unknown option `{a}` (known: --counts)")),
     }
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;

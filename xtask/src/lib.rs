@@ -6,6 +6,7 @@ pub mod bench_boot;
 pub mod bench_counts;
 pub mod bench_linux_io;
 pub mod bench_net;
+pub mod bench_net_counts;
 pub mod bench_restart;
 pub mod bochs;
 pub mod build;

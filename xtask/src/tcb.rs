@@ -362,9 +362,9 @@ fn module_name(header: &str) -> Option<String> {
 
 /// Which stripped lines are test code.
 /// Returns (per line: is test code, `#[cfg(test)] mod name;` names, whole file is test code).
-/// Code only the microvisor's `trace` or `counts` feature compiles (`#[cfg(feature =
-/// "trace")]` or a `cfg(all(..))` naming it: the wake-up trace for loop runs, the exit
-/// counts for `bench blk`) is left out the same way: it is never in the default build. (Stripped lines have literal contents masked, so the
+/// Code only the microvisor's `trace`, `counts` or `counts-periodic` feature compiles
+/// (`#[cfg(feature = "trace")]` or a `cfg(all(..))` naming it: the wake-up trace for loop
+/// runs, the exit counts for `bench blk` and `bench net --counts`) is left out the same way: it is never in the default build. (Stripped lines have literal contents masked, so the
 /// feature's name is looked for in `raw`, the source's lines.)
 fn test_lines(lines: &[Stripped], raw: &[&str]) -> (Vec<bool>, Vec<String>, bool) {
     let mut test = vec![false; lines.len()];
@@ -373,7 +373,7 @@ fn test_lines(lines: &[Stripped], raw: &[&str]) -> (Vec<bool>, Vec<String>, bool
     let trace_only = |i: usize, body: &str| {
         let raw: String = raw.get(i).unwrap_or(&"").chars().filter(|c| !c.is_whitespace()).collect();
         (body.starts_with("cfg(feature=") || body.starts_with("cfg(all("))
-            && (raw.contains("feature=\"trace\"") || raw.contains("feature=\"counts\""))
+            && ["trace", "counts", "counts-periodic"].iter().any(|f| raw.contains(&format!("feature=\"{f}\"")))
     };
     while i < lines.len() {
         match leading_attribute(&lines[i].code) {

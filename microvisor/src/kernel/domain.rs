@@ -63,6 +63,9 @@ pub struct ExitCounts {
     pub switches: u64,
     /// Virtual interrupts handed to its vCPUs (injected or offered).
     pub virqs: u64,
+    /// Nanoseconds by the microvisor's clock from just before each entry to just after its
+    /// exit: under `-icount` the instructions its vCPUs executed (plus the entry and exit).
+    pub run_ns: u64,
 }
 
 impl<F: Stage2Format> Domain<F> {
@@ -86,7 +89,7 @@ impl<F: Stage2Format> Domain<F> {
         ipc_calls: 0,
         signals: 0,
         #[cfg(feature = "counts")]
-        counts: ExitCounts { exits: 0, hypercalls: 0, hlts: 0, interrupts: 0, switches: 0, virqs: 0 },
+        counts: ExitCounts { exits: 0, hypercalls: 0, hlts: 0, interrupts: 0, switches: 0, virqs: 0, run_ns: 0 },
     };
 
     pub fn name(&self) -> &str {

@@ -305,16 +305,16 @@ impl<F: Stage2Format> Kernel<F> {
 
     #[cfg(feature = "counts")]
     /// One console line with every live domain's [`domain::ExitCounts`] and signals.
-    fn print_counts<P: Platform>(&self, p: &mut P) {
+    pub fn print_counts<P: Platform>(&self, p: &mut P) {
         use core::fmt::Write;
-        let mut s: heapless::String<640> = heapless::String::new();
+        let mut s: heapless::String<800> = heapless::String::new();
         let _ = s.push_str("counts:");
         for dom in self.domains.iter().filter(|d| d.state == DomainState::Alive) {
             let c = dom.counts;
             // A line that does not fit is cut short: the counts are diagnostics.
             let _ = write!(
                 s,
-                " {} exits={} hc={} hlt={} int={} sw={} virq={} sig={};",
+                " {} exits={} hc={} hlt={} int={} sw={} virq={} sig={} run={};",
                 dom.name(),
                 c.exits,
                 c.hypercalls,
@@ -322,10 +322,11 @@ impl<F: Stage2Format> Kernel<F> {
                 c.interrupts,
                 c.switches,
                 c.virqs,
-                dom.signals
+                dom.signals,
+                c.run_ns
             );
         }
-        let _ = write!(s, " (machine) idle={};", self.stats.idle_ns);
+        let _ = write!(s, " (machine) idle={} now={};", self.stats.idle_ns, p.now_ns());
         p.console_line("microvisor", s.as_bytes());
     }
 
