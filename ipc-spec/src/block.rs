@@ -603,6 +603,23 @@ impl BlockLayout {
         Ok((requests, responses))
     }
 
+    /// The driver's request ring alone, as [`Self::driver_rings`] attaches it (the driver
+    /// only looking whether requests wait need not read and check the other ring).
+    pub fn driver_requests_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<RequestConsumer<'m, M>, RingError> {
+        Consumer::attach(mem, self.request_ring_offset(), self.ring_capacity)
+    }
+
+    /// The driver's response ring alone (answering completions needs no request ring).
+    pub fn driver_responses_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<ResponseProducer<'m, M>, RingError> {
+        Producer::attach(mem, self.response_ring_offset(), self.ring_capacity)
+    }
+
     /// The driver's announcement at (re)attach: drops the requests waiting on the request
     /// ring (the client replays them) and writes the next incarnation number into the
     /// header, after the drop is published. Returns the new incarnation, which every
