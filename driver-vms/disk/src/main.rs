@@ -578,7 +578,17 @@ mod serve {
             let waiting =
                 c.layout.and_then(|l| l.driver_requests_attach(&c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
             let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
-            if ipc_spec::block::ring_client_now(c.answered, window) {
+            // Held back only if the client asked for its last answer only and every answer
+            // still owed has a response slot (looked at only when the ring would be due).
+            let hold = |c: &Channel| {
+                let owed = window - c.answered;
+                BlockLayout::last_answer_only(&c.region)
+                    && c.layout
+                        .and_then(|l| l.driver_responses_attach(&c.region).and_then(|mut r| r.free()).ok())
+                        .is_some_and(|free| ipc_spec::block::may_hold_ring(true, free, owed))
+            };
+            let due = ipc_spec::block::ring_client_now(c.answered, window, false);
+            if due && ipc_spec::block::ring_client_now(c.answered, window, c.answered < window && hold(c)) {
                 c.answered = 0;
                 let _ = hypercall::signal(c.signal, 1);
             }

@@ -171,6 +171,13 @@ impl BlockClient {
         Ok(BlockSubmitter { inner: core.submitter(region)? })
     }
 
+    /// Ask the driver to ring only at the last answer (`true`: nothing more will be sent
+    /// until then) or at half the window again (`false`); a hint (`ipc_spec::block`,
+    /// "Doorbells"): the last answer always rings.
+    pub fn last_answer_only(&mut self, on: bool) {
+        ipc_spec::block::BlockLayout::set_last_answer_only(&self.region, on);
+    }
+
     /// Ring the driver's doorbell for everything queued so far.
     pub fn kick(&mut self) -> Result<(), ClientError> {
         hypercall::signal(self.signal, 1).map_err(ClientError::Doorbell)

@@ -197,6 +197,11 @@ mod guest {
                         queued = true;
                     }
                 }
+                // Everything sent: no use for answers before the last one (each wake-up
+                // costs world switches), so the driver VM may hold back its rings.
+                if queued && sent == w.count {
+                    disk.last_answer_only(true);
+                }
                 // The driver VM is rung only if it sleeps with room on its device; else it
                 // takes these when one of the earlier requests completes.
                 if queued && disk.kick_if_needed().is_err() {
@@ -219,6 +224,7 @@ mod guest {
                     return;
                 }
             }
+            disk.last_answer_only(false);
             domain_rt::bench::report("driver", w, domain_rt::hypercall::clock_ns() - t0);
             if let Some((signal, wait)) = turn {
                 if domain_rt::hypercall::signal(signal, 1).is_ok() {
