@@ -155,7 +155,9 @@
 //! **The driver rings a client** once half of what the client has in flight with it
 //! (answers not yet rung about, requests on the device, requests still on the ring) is
 //! answered, so a client that keeps the ring full refills it while the device still works
-//! on the rest; and whenever it has nothing of the client's left (the last answer). The
+//! on the rest; and whenever it has nothing of the client's left (the last answer). A ring
+//! found due is sent when the driver next goes to sleep (the disk driver VM: with the halt,
+//! one exit; a client of lower priority could not run before anyway). The
 //! client's notification keeps its bits until the client waits, so an answer rung between
 //! its look at the ring and its wait is not lost. A client with nothing more to send may
 //! set "last answer only" (header +44): the driver then holds back the half-window ring

@@ -17,8 +17,9 @@
 //! The driver (`driver-vms/disk`, `serve`) reads its interrupt count ("seen"), then passes
 //! over the channel until nothing moves: it answers completed requests, takes requests
 //! while the device has room and the response ring a slot for each request on the device
-//! plus the new one, and rings the client once half of its window (answers not rung about,
-//! requests on the device, requests seen waiting on the ring) is answered. Before sleeping with room on the device it
+//! plus the new one, and finds a ring of the client due once half of its window (answers
+//! not rung about, requests on the device, requests seen waiting on the ring) is answered;
+//! it sends that ring when it next goes to sleep (with the halt, `SignalHalt`). Before sleeping with room on the device it
 //! sets "doorbell wanted", fences, and looks at the request ring once more (requests it
 //! could take: no sleep). It sleeps until an interrupt came after "seen" (a doorbell or a
 //! device completion: the device completes what it holds at any moment), and clears the
@@ -58,6 +59,10 @@ struct Rules {
     /// The hold needs a response slot for every answer the driver still owes (else it
     /// rings at half the window as usual).
     hold_needs_room: bool,
+    /// A ring found due in a pass is sent when the driver goes to sleep (`SignalHalt`,
+    /// modelled as a ring step before the sleep, other steps allowed in between), not at
+    /// once; until then it stays due across passes.
+    ring_at_sleep: bool,
 }
 
 const CORRECT: Rules = Rules {
@@ -68,6 +73,7 @@ const CORRECT: Rules = Rules {
     tso: true,
     last_only: false,
     hold_needs_room: true,
+    ring_at_sleep: true,
 };
 
 /// The sizes of one run.
@@ -212,6 +218,8 @@ struct State {
     irq: bool,
     progress: bool,
     flag_set: bool,
+    /// A ring found due, not sent yet (`ring_at_sleep`).
+    ring_due: bool,
 }
 
 impl State {
@@ -241,6 +249,7 @@ impl State {
             irq: false,
             progress: false,
             flag_set: true,
+            ring_due: false,
         }
     }
 
@@ -409,8 +418,12 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
                 )
             };
             if crate::block::ring_client_now(u32::from(x.answered), u32::from(window), hold) {
-                x.drain_d();
-                x.c_bits = true;
+                if r.ring_at_sleep {
+                    x.ring_due = true;
+                } else {
+                    x.drain_d();
+                    x.c_bits = true;
+                }
                 x.answered = 0;
             }
             x.dpc = Dpc::EndPass;
@@ -447,6 +460,13 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
             x.dpc = if free > x.on_device { Dpc::Top } else { Dpc::Sleep };
         }
         Dpc::Sleep => {
+            if x.ring_due {
+                // The hypercall (an exit) empties the store buffer, then rings.
+                x.drain_d();
+                x.c_bits = true;
+                x.ring_due = false;
+                return Some(x);
+            }
             if !x.irq {
                 return None; // halted until an interrupt
             }
@@ -624,6 +644,18 @@ fn a_driver_stopped_for_room_needs_the_clients_check_after_draining() {
 fn the_protocol_holds_with_sequentially_consistent_memory_too() {
     for s in SIZES {
         assert!(check(s, Rules { tso: false, ..CORRECT }).is_ok(), "{s:?}");
+    }
+}
+
+#[test]
+fn ringing_the_client_at_once_instead_of_at_sleep_holds_too() {
+    for tso in [true, false] {
+        for last_only in [false, true] {
+            for s in SIZES {
+                let r = Rules { ring_at_sleep: false, tso, last_only, ..CORRECT };
+                assert!(check(s, r).is_ok(), "{s:?} tso {tso} last_only {last_only}");
+            }
+        }
     }
 }
 

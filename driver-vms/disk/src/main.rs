@@ -368,6 +368,9 @@ mod serve {
         part: Partition,
         /// The guest was asked to ring for new requests (header flag set).
         doorbell_wanted: bool,
+        /// Its doorbell is due: rung when this VM is about to sleep (the guest, lower in
+        /// priority, cannot run before anyway), the last one with the halt itself.
+        ring_due: bool,
     }
 
     /// The channels on the command line, each with its window of `disk` (a bad window is
@@ -405,6 +408,7 @@ mod serve {
                 part,
                 broken,
                 doorbell_wanted: false,
+                ring_due: false,
             });
         }
         list
@@ -510,7 +514,15 @@ mod serve {
                     }
                 }
             }
-            dev.sleep(seen);
+            // The doorbells due: all but the last now, the last with the halt.
+            let mut ring = None;
+            for c in chans.iter_mut().filter(|c| c.ring_due) {
+                c.ring_due = false;
+                if let Some(r) = ring.replace(c.signal) {
+                    let _ = hypercall::signal(r, 1);
+                }
+            }
+            dev.sleep_ringing(seen, ring);
             for c in chans.iter_mut().filter(|c| c.doorbell_wanted) {
                 c.doorbell_wanted = false;
                 BlockLayout::set_doorbell_wanted(&c.region, false);
@@ -590,7 +602,7 @@ mod serve {
             let due = ipc_spec::block::ring_client_now(c.answered, window, false);
             if due && ipc_spec::block::ring_client_now(c.answered, window, c.answered < window && hold(c)) {
                 c.answered = 0;
-                let _ = hypercall::signal(c.signal, 1);
+                c.ring_due = true;
             }
         }
         progress
