@@ -155,9 +155,17 @@
 //! **The driver rings a client** once half of what the client has in flight with it
 //! (answers not yet rung about, requests on the device, requests still on the ring) is
 //! answered, so a client that keeps the ring full refills it while the device still works
-//! on the rest; and whenever it has nothing of the client's left (the last answer). The
+//! on the rest; and whenever it has nothing of the client's left (the last answer). A ring
+//! found due is sent when the driver next goes to sleep (the disk driver VM: with the halt,
+//! one exit; a client of lower priority could not run before anyway). The
 //! client's notification keeps its bits until the client waits, so an answer rung between
-//! its look at the ring and its wait is not lost.
+//! its look at the ring and its wait is not lost. A client with nothing more to send may
+//! set "last answer only" (header +44): the driver then holds back the half-window ring
+//! as long as the response ring has a slot for every answer it still owes the client
+//! ([`may_hold_ring`]), and rings at the last one; a wake-up that would only show the
+//! client answers it has no use for yet (each costs world switches) is saved. The flag is
+//! a hint, read without ordering: the last answer rings whatever it says, and a driver
+//! short of response slots rings at half the window whatever it says.
 //!
 //! # Durability
 //!
@@ -184,8 +192,23 @@ use crate::ring::{self, Consumer, Producer, RingError, SharedMem};
 /// (`answered == window`), so no client waits for an answer already on the ring. (Ringing
 /// at three quarters instead, fewer wake-ups of a client that keeps the ring full, measured
 /// no better on `bench blk`.)
-pub fn ring_client_now(answered: u32, window: u32) -> bool {
-    answered > 0 && u64::from(answered) * 2 >= u64::from(window)
+///
+/// `hold`: the half-window ring is held back ([`may_hold_ring`]: the client asked to be
+/// rung at its last answer only, and the driver is not short of response slots); the
+/// last answer rings whatever `hold` says.
+pub fn ring_client_now(answered: u32, window: u32, hold: bool) -> bool {
+    answered > 0 && (answered >= window || (!hold && u64::from(answered) * 2 >= u64::from(window)))
+}
+
+/// Whether the driver may hold back the half-window ring ("The driver rings a client" in
+/// "Doorbells"): the client set "last answer only" (header +44, `last_only`, a hint it
+/// writes when it has nothing more to send) and the response ring has a free slot for
+/// every answer the driver still owes it (`free` slots, `owed` = its requests on the
+/// device and still on the request ring), so the driver never waits for the client to
+/// drain answers. A client whose hint is stale only gets rung earlier or later than it
+/// asked, never not at all: the last answer always rings.
+pub fn may_hold_ring(last_only: bool, free: u32, owed: u32) -> bool {
+    last_only && free >= owed
 }
 
 /// `"BLK1"` as a little-endian `u32`: the bytes `42 4c 4b 31` at offset 0.
@@ -238,6 +261,9 @@ pub mod header {
     /// `u32`: 1 while the driver sleeps and would take requests (ring it), written by the
     /// driver; see "Doorbells".
     pub const DOORBELL_WANTED: usize = 40;
+    /// `u32`: 1 while the client wants to be rung only at its last answer (it has nothing
+    /// more to send), written by the client; see "Doorbells" and [`super::may_hold_ring`].
+    pub const LAST_ANSWER_ONLY: usize = 44;
 }
 
 /// `"GONE"` at header +32: dom0 will not restart the driver; requests cannot be answered.
@@ -537,6 +563,7 @@ impl BlockLayout {
         mem.write_u32(header::DATA_LEN, self.data_len);
         // No driver has said anything yet: ring.
         mem.write_u32(header::DOORBELL_WANTED, 1);
+        mem.write_u32(header::LAST_ANSWER_ONLY, 0);
         // Magic last: a reader that sees it sees a complete header.
         fence(Ordering::Release);
         mem.write_u32(header::MAGIC, MAGIC);
@@ -603,6 +630,23 @@ impl BlockLayout {
         Ok((requests, responses))
     }
 
+    /// The driver's request ring alone, as [`Self::driver_rings`] attaches it (the driver
+    /// only looking whether requests wait need not read and check the other ring).
+    pub fn driver_requests_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<RequestConsumer<'m, M>, RingError> {
+        Consumer::attach(mem, self.request_ring_offset(), self.ring_capacity)
+    }
+
+    /// The driver's response ring alone (answering completions needs no request ring).
+    pub fn driver_responses_attach<'m, M: SharedMem + ?Sized>(
+        &self,
+        mem: &'m M,
+    ) -> Result<ResponseProducer<'m, M>, RingError> {
+        Producer::attach(mem, self.response_ring_offset(), self.ring_capacity)
+    }
+
     /// The driver's announcement at (re)attach: drops the requests waiting on the request
     /// ring (the client replays them) and writes the next incarnation number into the
     /// header, after the drop is published. Returns the new incarnation, which every
@@ -666,6 +710,19 @@ impl BlockLayout {
     pub fn doorbell_wanted<M: SharedMem + ?Sized>(mem: &M) -> bool {
         fence(Ordering::SeqCst);
         mem.read_u32(header::DOORBELL_WANTED) != 0
+    }
+
+    /// The client: ring me only at my last answer (`true`: I have nothing more to send
+    /// for now), or at half my window as usual (`false`); see [`may_hold_ring`]. A hint:
+    /// no fence, a driver that reads the old value rings earlier or later, never not at
+    /// all.
+    pub fn set_last_answer_only<M: SharedMem + ?Sized>(mem: &M, on: bool) {
+        mem.write_u32(header::LAST_ANSWER_ONLY, u32::from(on));
+    }
+
+    /// The driver: whether the client asked to be rung at its last answer only.
+    pub fn last_answer_only<M: SharedMem + ?Sized>(mem: &M) -> bool {
+        mem.read_u32(header::LAST_ANSWER_ONLY) == 1
     }
 
     /// Offset of the request ring.
@@ -1102,14 +1159,36 @@ mod tests {
 
     #[test]
     fn ring_client_at_half_the_window_and_at_the_last_answer() {
-        assert!(!ring_client_now(0, 0));
-        assert!(!ring_client_now(0, 5));
-        assert!(ring_client_now(1, 1));
-        assert!(!ring_client_now(1, 3));
-        assert!(ring_client_now(2, 4));
-        assert!(!ring_client_now(31, 64));
-        assert!(ring_client_now(32, 64));
-        assert!(ring_client_now(u32::MAX, u32::MAX));
+        assert!(!ring_client_now(0, 0, false));
+        assert!(!ring_client_now(0, 5, false));
+        assert!(ring_client_now(1, 1, false));
+        assert!(!ring_client_now(1, 3, false));
+        assert!(ring_client_now(2, 4, false));
+        assert!(!ring_client_now(31, 64, false));
+        assert!(ring_client_now(32, 64, false));
+        assert!(ring_client_now(u32::MAX, u32::MAX, false));
+        // Held back: only the last answer rings.
+        assert!(!ring_client_now(32, 64, true));
+        assert!(!ring_client_now(63, 64, true));
+        assert!(ring_client_now(64, 64, true));
+        assert!(ring_client_now(1, 1, true));
+        assert!(!ring_client_now(0, 0, true));
+    }
+
+    #[test]
+    fn the_ring_is_held_back_only_if_asked_and_no_answer_waits_for_a_slot() {
+        assert!(may_hold_ring(true, 128, 128));
+        assert!(may_hold_ring(true, 200, 10));
+        assert!(!may_hold_ring(true, 127, 128), "the driver would wait for the client to drain");
+        assert!(!may_hold_ring(false, 256, 0));
+        let mut bytes = vec![0u8; 64 * 1024];
+        let mem = ByteMem::new(&mut bytes);
+        BlockLayout::standard(mem.len()).unwrap().write(&mem).unwrap();
+        assert!(!BlockLayout::last_answer_only(&mem), "a fresh header asks for the usual rings");
+        BlockLayout::set_last_answer_only(&mem, true);
+        assert!(BlockLayout::last_answer_only(&mem));
+        BlockLayout::set_last_answer_only(&mem, false);
+        assert!(!BlockLayout::last_answer_only(&mem));
     }
 
     #[test]

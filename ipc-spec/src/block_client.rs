@@ -168,40 +168,18 @@ impl Client {
         count: u32,
         data_offset: u32,
     ) -> Result<u64, ClientError> {
+        self.submitter(mem)?.submit(op, sector, count, data_offset)
+    }
+
+    /// For several requests in a row: the checks [`Self::submit`] makes once per call
+    /// (whether dom0 gave up on the driver, the request ring's header) are made once for
+    /// all of them (under emulation every read of the shared header costs).
+    pub fn submitter<'c, 'm, M: SharedMem + ?Sized>(
+        &'c mut self,
+        mem: &'m M,
+    ) -> Result<Submitter<'c, 'm, M>, ClientError> {
         self.check_server(mem)?;
-        if self.count >= self.limit {
-            return Err(ClientError::TooMany);
-        }
-        // A free slot exists: at most MAX_OUTSTANDING - 1 ids are skipped.
-        while self.pending[slot(self.next_id)].is_some() {
-            self.next_id += 1;
-        }
-        let id = self.next_id;
-        let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
-        self.next_id += 1;
-        self.count += 1;
-        if self.unsent == 0 {
-            // Nothing older waits to be sent: this one goes straight on the ring.
-            let mut requests = self.layout.guest_requests_attach(mem)?;
-            let at = requests.index();
-            let sent = match requests.push(&req.encode()) {
-                Ok(()) => true,
-                Err(RingError::Full) => false,
-                Err(e) => {
-                    self.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
-                    self.unsent += 1;
-                    return Err(e.into());
-                }
-            };
-            self.pending[slot(id)] = Some(Entry { req, sent, at });
-            self.unsent += usize::from(!sent);
-            self.moved |= sent;
-            return Ok(id);
-        }
-        self.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
-        self.unsent += 1;
-        self.send_unsent(mem)?;
-        Ok(id)
+        Ok(Submitter { client: self, mem, requests: None })
     }
 
     /// Puts unsent requests on the ring, oldest first, while it has room; how many.
@@ -292,22 +270,112 @@ impl Client {
     pub fn next_response<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Option<Response>, ClientError> {
         let mut responses = self.layout.guest_responses_attach(mem)?;
         loop {
-            let Some(s) = responses.pop()? else { return Ok(None) };
-            // A slot freed: a driver that stopped taking for want of one may need a ring.
-            self.moved = true;
-            let r = Response::decode(&s);
-            if r.incarnation != self.incarnation || self.incarnation == 0 {
-                self.ignored += 1;
-                continue;
-            }
-            let e = &mut self.pending[slot(r.id)];
-            if e.is_some_and(|e| e.req.id == r.id && e.sent) {
-                *e = None;
-                self.count -= 1;
+            let Some(s) = responses.pop_cached()? else { return Ok(None) };
+            if let Some(r) = self.accept(&s) {
                 return Ok(Some(r));
             }
-            self.ignored += 1;
         }
+    }
+
+    /// Every answer on the response ring, as [`Self::next_response`] takes them (with one
+    /// attach of the ring and one read of its producer index per batch), given to `f`;
+    /// how many. Call [`Self::poll`] first.
+    pub fn take_responses<M: SharedMem + ?Sized>(
+        &mut self,
+        mem: &M,
+        mut f: impl FnMut(Response),
+    ) -> Result<usize, ClientError> {
+        let mut responses = self.layout.guest_responses_attach(mem)?;
+        let mut n = 0;
+        while let Some(s) = responses.pop_cached()? {
+            if let Some(r) = self.accept(&s) {
+                f(r);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// One slot taken off the response ring: the answer if it is the current incarnation's
+    /// to a request outstanding and sent to it (then no longer outstanding); else dropped.
+    fn accept(&mut self, s: &[u8; crate::block::SLOT_SIZE]) -> Option<Response> {
+        // A slot freed: a driver that stopped taking for want of one may need a ring.
+        self.moved = true;
+        let r = Response::decode(s);
+        if r.incarnation != self.incarnation || self.incarnation == 0 {
+            self.ignored += 1;
+            return None;
+        }
+        let e = &mut self.pending[slot(r.id)];
+        if e.is_some_and(|e| e.req.id == r.id && e.sent) {
+            *e = None;
+            self.count -= 1;
+            return Some(r);
+        }
+        self.ignored += 1;
+        None
+    }
+}
+
+/// Requests submitted in a row ([`Client::submitter`]): the request ring is attached once,
+/// at the first request that goes straight onto it, and its consumer index is read again
+/// only when the ring looks full ([`crate::ring::Producer::push_cached`]).
+pub struct Submitter<'c, 'm, M: SharedMem + ?Sized> {
+    client: &'c mut Client,
+    mem: &'m M,
+    requests: Option<crate::block::RequestProducer<'m, M>>,
+}
+
+impl<M: SharedMem + ?Sized> Submitter<'_, '_, M> {
+    /// As [`Client::submit`].
+    pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<u64, ClientError> {
+        let c = &mut *self.client;
+        if c.count >= c.limit {
+            return Err(ClientError::TooMany);
+        }
+        // A free slot exists: at most MAX_OUTSTANDING - 1 ids are skipped.
+        while c.pending[slot(c.next_id)].is_some() {
+            c.next_id += 1;
+        }
+        let id = c.next_id;
+        let req = Request { id, op, sector, count, data_offset, data_len: count.saturating_mul(512) };
+        c.next_id += 1;
+        c.count += 1;
+        if c.unsent == 0 {
+            // Nothing older waits to be sent: this one goes straight on the ring.
+            let requests = match self.requests.as_mut() {
+                Some(r) => r,
+                None => match c.layout.guest_requests_attach(self.mem) {
+                    Ok(r) => self.requests.insert(r),
+                    Err(e) => {
+                        c.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
+                        c.unsent += 1;
+                        return Err(e.into());
+                    }
+                },
+            };
+            let at = requests.index();
+            let sent = match requests.push_cached(&req.encode()) {
+                Ok(()) => true,
+                Err(RingError::Full) => false,
+                Err(e) => {
+                    c.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
+                    c.unsent += 1;
+                    return Err(e.into());
+                }
+            };
+            c.pending[slot(id)] = Some(Entry { req, sent, at });
+            c.unsent += usize::from(!sent);
+            c.moved |= sent;
+            return Ok(id);
+        }
+        c.pending[slot(id)] = Some(Entry { req, sent: false, at: 0 });
+        c.unsent += 1;
+        // The ring may be attached here: `send_unsent` attaches its own (and moves the
+        // producer index), so this one is dropped first.
+        self.requests = None;
+        c.send_unsent(self.mem)?;
+        Ok(id)
     }
 }
 
@@ -491,6 +559,42 @@ mod tests {
         Driver::answer(&mem, &held);
         assert_eq!(drain(&mut client, &mem), vec![first]);
         assert_eq!(client.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_batch_submits_and_takes_answers_as_single_calls_do() {
+        let mut bytes = vec![0u8; REGION];
+        let mem = ByteMem::new(&mut bytes);
+        let mut client = Client::create(&mem).unwrap();
+        let mut d = Driver::attach(&mem, vec![0; 64 * 512]);
+        client.poll(&mem).unwrap();
+        let data = client.layout().data_offset() as u32;
+        let mut ids = Vec::new();
+        {
+            let mut batch = client.submitter(&mem).unwrap();
+            for i in 0..5 {
+                ids.push(batch.submit(Op::Read, i, 1, data + i as u32 * 512).unwrap());
+            }
+        }
+        // One more through the single call, after the batch: the ring index continues.
+        ids.push(client.submit(&mem, Op::Read, 5, 1, data + 5 * 512).unwrap());
+        assert_eq!(client.ring_indices(&mem)[0], 6);
+        let answers = d.take(&mem, 64);
+        assert_eq!(answers.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        // Answers doubled, plus one from a dead incarnation: each request completes once.
+        let mut pushed: Vec<Response> = answers.iter().chain(answers.iter()).copied().collect();
+        pushed.push(Response::new(ids[0], Status::Ok).from(d.incarnation.wrapping_sub(1)));
+        Driver::answer(&mem, &pushed);
+        let mut got = Vec::new();
+        assert_eq!(client.take_responses(&mem, |r| got.push(r.id)).unwrap(), 6);
+        assert_eq!(got, ids);
+        assert_eq!(client.ignored, 7);
+        assert_eq!(client.outstanding(), 0);
+        // Nothing left: a second batch takes none (after a fresh look at the ring).
+        assert_eq!(client.take_responses(&mem, |_| {}).unwrap(), 0);
+        // A batch fails like a single call once dom0 gave up on the driver.
+        BlockLayout::set_server_gone(&mem, true);
+        assert_eq!(client.submitter(&mem).err(), Some(ClientError::ServerGone));
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! The driver (`driver-vms/disk`, `serve`) reads its interrupt count ("seen"), then passes
 //! over the channel until nothing moves: it answers completed requests, takes requests
 //! while the device has room and the response ring a slot for each request on the device
-//! plus the new one, and rings the client once half of its window (answers not rung about,
-//! requests on the device, requests seen waiting on the ring) is answered. Before sleeping with room on the device it
+//! plus the new one, and finds a ring of the client due once half of its window (answers
+//! not rung about, requests on the device, requests seen waiting on the ring) is answered;
+//! it sends that ring when it next goes to sleep (with the halt, `SignalHalt`). Before sleeping with room on the device it
 //! sets "doorbell wanted", fences, and looks at the request ring once more (requests it
 //! could take: no sleep). It sleeps until an interrupt came after "seen" (a doorbell or a
 //! device completion: the device completes what it holds at any moment), and clears the
@@ -52,10 +53,28 @@ struct Rules {
     /// Stores wait in store buffers (x86); `false`: every store reaches memory at once
     /// (sequential consistency, as under QEMU's TCG with one CPU).
     tso: bool,
+    /// The client set "last answer only" (header +44) for the whole run: the driver holds
+    /// back the half-window ring where [`crate::block::may_hold_ring`] lets it.
+    last_only: bool,
+    /// The hold needs a response slot for every answer the driver still owes (else it
+    /// rings at half the window as usual).
+    hold_needs_room: bool,
+    /// A ring found due in a pass is sent when the driver goes to sleep (`SignalHalt`,
+    /// modelled as a ring step before the sleep, other steps allowed in between), not at
+    /// once; until then it stays due across passes.
+    ring_at_sleep: bool,
 }
 
-const CORRECT: Rules =
-    Rules { driver_fence: true, driver_recheck: true, client_fence: true, client_checks_after_drain: true, tso: true };
+const CORRECT: Rules = Rules {
+    driver_fence: true,
+    driver_recheck: true,
+    client_fence: true,
+    client_checks_after_drain: true,
+    tso: true,
+    last_only: false,
+    hold_needs_room: true,
+    ring_at_sleep: true,
+};
 
 /// The sizes of one run.
 #[derive(Clone, Copy, Debug)]
@@ -199,6 +218,8 @@ struct State {
     irq: bool,
     progress: bool,
     flag_set: bool,
+    /// A ring found due, not sent yet (`ring_at_sleep`).
+    ring_due: bool,
 }
 
 impl State {
@@ -228,6 +249,7 @@ impl State {
             irq: false,
             progress: false,
             flag_set: true,
+            ring_due: false,
         }
     }
 
@@ -384,9 +406,24 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
         Dpc::RingClient => {
             let waiting = x.d_req_prod_seen.wrapping_sub(x.d_req_cons);
             let window = x.answered + x.on_device + waiting;
-            if crate::block::ring_client_now(u32::from(x.answered), u32::from(window)) {
-                x.drain_d();
-                x.c_bits = true;
+            // The response ring's room, as the driver sees it (a load), only when the
+            // client asked to be rung at its last answer.
+            let hold = r.last_only && {
+                let free = s.resp_cap - x.d_resp_prod.wrapping_sub(x.dload(Loc::RespCons));
+                let owed = x.on_device + waiting;
+                crate::block::may_hold_ring(
+                    true,
+                    if r.hold_needs_room { u32::from(free) } else { u32::MAX },
+                    u32::from(owed),
+                )
+            };
+            if crate::block::ring_client_now(u32::from(x.answered), u32::from(window), hold) {
+                if r.ring_at_sleep {
+                    x.ring_due = true;
+                } else {
+                    x.drain_d();
+                    x.c_bits = true;
+                }
                 x.answered = 0;
             }
             x.dpc = Dpc::EndPass;
@@ -423,6 +460,13 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
             x.dpc = if free > x.on_device { Dpc::Top } else { Dpc::Sleep };
         }
         Dpc::Sleep => {
+            if x.ring_due {
+                // The hypercall (an exit) empties the store buffer, then rings.
+                x.drain_d();
+                x.c_bits = true;
+                x.ring_due = false;
+                return Some(x);
+            }
             if !x.irq {
                 return None; // halted until an interrupt
             }
@@ -601,4 +645,38 @@ fn the_protocol_holds_with_sequentially_consistent_memory_too() {
     for s in SIZES {
         assert!(check(s, Rules { tso: false, ..CORRECT }).is_ok(), "{s:?}");
     }
+}
+
+#[test]
+fn ringing_the_client_at_once_instead_of_at_sleep_holds_too() {
+    for tso in [true, false] {
+        for last_only in [false, true] {
+            for s in SIZES {
+                let r = Rules { ring_at_sleep: false, tso, last_only, ..CORRECT };
+                assert!(check(s, r).is_ok(), "{s:?} tso {tso} last_only {last_only}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_rung_at_its_last_answer_only_loses_no_wake_up() {
+    for tso in [true, false] {
+        for s in SIZES {
+            let r = Rules { last_only: true, tso, ..CORRECT };
+            match check(s, r) {
+                Ok(n) => assert!(n > 100, "{s:?}: only {n} states"),
+                Err(path) => panic!("{s:?} tso {tso}: a lost wake-up after {} steps:\n{}", path.len(), report(&path)),
+            }
+        }
+    }
+}
+
+#[test]
+fn holding_the_ring_back_while_short_of_response_slots_loses_a_wake_up() {
+    // A client with more outstanding than response slots, rung at its last answer only
+    // whatever the room: the driver stops for want of a slot with requests still on the
+    // ring, so the last answer never comes, and the client waits for a ring.
+    let r = Rules { last_only: true, hold_needs_room: false, ..CORRECT };
+    assert!(SIZES.iter().filter(|s| s.window > s.resp_cap).all(|&s| check(s, r).is_err()));
 }

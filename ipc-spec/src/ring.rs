@@ -229,6 +229,7 @@ struct Geometry {
 }
 
 impl Geometry {
+    #[inline]
     fn new<M: SharedMem + ?Sized>(mem: &M, offset: usize, capacity: u32, slot_size: usize) -> Result<Self, RingError> {
         if !capacity_is_valid(capacity) || slot_size == 0 || !offset.is_multiple_of(RING_ALIGN) {
             return Err(RingError::BadLayout);
@@ -286,6 +287,7 @@ impl Geometry {
 
     /// Offset of the slot for the free-running `index`. Only ever called with this side's
     /// private index, never with a value read from shared memory.
+    #[inline]
     fn slot_offset(&self, index: u32, slot_size: usize) -> usize {
         // `capacity >= 1` (a power of two), so the mask is `capacity - 1`.
         let slot = index & self.capacity.wrapping_sub(1);
@@ -298,6 +300,7 @@ impl Geometry {
 /// Copies slot `at` (inside the ring, checked by the caller) into `out`: 8 bytes per access
 /// when the slot is 8-byte aligned and a multiple of 8 bytes long, as every block and net
 /// slot is (the slots follow the 8-byte ring header), else byte by byte.
+#[inline]
 fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, out: &mut [u8; N]) {
     if N.is_multiple_of(8) && at.is_multiple_of(8) {
         for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
@@ -309,6 +312,7 @@ fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, out: &mu
 }
 
 /// Copies `entry` into slot `at` (see [`read_slot`]).
+#[inline]
 fn write_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, entry: &[u8; N]) {
     if N.is_multiple_of(8) && at.is_multiple_of(8) {
         for (i, chunk) in entry.chunks_exact(8).enumerate() {
@@ -352,6 +356,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     }
 
     /// Reads the consumer index once, checks it and returns the number of entries in the ring.
+    #[inline]
     fn observe(&mut self) -> Result<u32, RingError> {
         if self.corrupt {
             return Err(RingError::Corrupt);
@@ -374,6 +379,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// Copies `entry` into the next slot and publishes it. [`RingError::Full`] if the consumer
     /// has not made room; [`RingError::Corrupt`] if its index is impossible (nothing is
     /// written then).
+    #[inline]
     pub fn push(&mut self, entry: &[u8; SLOT_SIZE]) -> Result<(), RingError> {
         let used = self.observe()?;
         if used >= self.geo.capacity {
@@ -385,6 +391,35 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
         self.producer = self.producer.wrapping_add(1);
         self.mem.write_u32(self.geo.producer_index(), self.producer);
         Ok(())
+    }
+
+    /// As [`Self::push`], but reads the consumer index only if the one read last leaves no
+    /// room (then [`RingError::Full`] only after a fresh read, as `push`). For a batch of
+    /// pushes right after [`Self::attach`] (which read it) or a fresh look: under emulation
+    /// each read of shared memory costs, and an index read earlier is still a safe bound
+    /// (the consumer only moves it forward, and the acquire fence after that read already
+    /// orders this slot write after it). A corrupt index is found at the next read.
+    #[inline]
+    pub fn push_cached(&mut self, entry: &[u8; SLOT_SIZE]) -> Result<(), RingError> {
+        if self.corrupt {
+            return Err(RingError::Corrupt);
+        }
+        if self.producer.wrapping_sub(self.consumer_seen) >= self.geo.capacity && self.observe()? >= self.geo.capacity {
+            return Err(RingError::Full);
+        }
+        write_slot(self.mem, self.geo.slot_offset(self.producer, SLOT_SIZE), entry);
+        fence(Ordering::Release);
+        self.producer = self.producer.wrapping_add(1);
+        self.mem.write_u32(self.geo.producer_index(), self.producer);
+        Ok(())
+    }
+
+    /// Slots free as of the consumer index read last (no read: at least this many are
+    /// free now, as the consumer only moves forward; [`Self::free`] reads it again).
+    #[inline]
+    pub fn free_seen(&self) -> u32 {
+        // Invariant: `producer - consumer_seen <= capacity`.
+        self.geo.capacity - self.producer.wrapping_sub(self.consumer_seen)
     }
 
     /// Entries pushed and not yet taken by the consumer.
@@ -450,6 +485,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     }
 
     /// Reads the producer index once, checks it and returns the number of entries available.
+    #[inline]
     fn observe(&mut self) -> Result<u32, RingError> {
         if self.corrupt {
             return Err(RingError::Corrupt);
@@ -470,6 +506,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// Copies the oldest entry out of the ring and frees its slot; `Ok(None)` if the ring is
     /// empty. The copy is private: validate it, the producer may already be rewriting the
     /// slot. [`RingError::Corrupt`] if the producer's index is impossible (nothing is read).
+    #[inline]
     pub fn pop(&mut self) -> Result<Option<[u8; SLOT_SIZE]>, RingError> {
         if self.observe()? == 0 {
             return Ok(None);
@@ -477,6 +514,28 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
         let mut entry = [0u8; SLOT_SIZE];
         read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
         // The copy must be complete before the producer may reuse the slot.
+        fence(Ordering::Release);
+        self.consumer = self.consumer.wrapping_add(1);
+        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
+        Ok(Some(entry))
+    }
+
+    /// As [`Self::pop`], but reads the producer index only if the one read last shows no
+    /// entry left (so `Ok(None)` still comes only after a fresh read, as from `pop`): a
+    /// batch of pops after [`Self::attach`] or a fresh look reads it once. The entries
+    /// below the index read last were published before it (the producer's release fence)
+    /// and the acquire fence after that read orders these slot reads after it. A corrupt
+    /// index is found at the next read.
+    #[inline]
+    pub fn pop_cached(&mut self) -> Result<Option<[u8; SLOT_SIZE]>, RingError> {
+        if self.corrupt {
+            return Err(RingError::Corrupt);
+        }
+        if self.producer_seen == self.consumer && self.observe()? == 0 {
+            return Ok(None);
+        }
+        let mut entry = [0u8; SLOT_SIZE];
+        read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
         fence(Ordering::Release);
         self.consumer = self.consumer.wrapping_add(1);
         self.mem.write_u32(self.geo.consumer_index(), self.consumer);
@@ -813,16 +872,21 @@ mod tests {
         assert_eq!(bytes, [0, 0, 1, 2, 3, 4, 0xFF, 0xFF]);
     }
 
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Step {
         Push,
         Pop,
+        /// [`Producer::push_cached`] / [`Consumer::pop_cached`].
+        PushCached,
+        PopCached,
     }
 
     #[derive(Clone, Debug)]
     enum HostileStep {
         Push,
         Pop,
+        PushCached,
+        PopCached,
         Len,
         /// Overwrite a header word with an arbitrary value.
         Scribble {
@@ -837,6 +901,8 @@ mod tests {
         prop_oneof![
             Just(HostileStep::Push),
             Just(HostileStep::Pop),
+            Just(HostileStep::PushCached),
+            Just(HostileStep::PopCached),
             Just(HostileStep::Len),
             (any::<bool>(), any::<u32>())
                 .prop_map(|(consumer_word, value)| HostileStep::Scribble { consumer_word, value }),
@@ -849,7 +915,11 @@ mod tests {
         fn interleavings_match_a_queue(
             cap_log in 0u32..5,
             start in prop_oneof![any::<u32>(), (u32::MAX - 40)..=u32::MAX],
-            steps in proptest::collection::vec(prop_oneof![Just(Step::Push), Just(Step::Pop)], 0..200),
+            steps in proptest::collection::vec(
+                prop_oneof![Just(Step::Push), Just(Step::Pop), Just(Step::PushCached), Just(Step::PopCached)],
+                0..200,
+            ),
+            look in any::<bool>(),
         ) {
             let cap = 1u32 << cap_log;
             let mem = mem_for(16, cap);
@@ -859,8 +929,8 @@ mod tests {
             let mut n = 0u32;
             for step in steps {
                 match step {
-                    Step::Push => {
-                        let r = p.push(&entry(n));
+                    Step::Push | Step::PushCached => {
+                        let r = if step == Step::Push { p.push(&entry(n)) } else { p.push_cached(&entry(n)) };
                         if model.len() == cap as usize {
                             prop_assert_eq!(r, Err(RingError::Full));
                         } else {
@@ -870,10 +940,17 @@ mod tests {
                         n += 1;
                     }
                     Step::Pop => prop_assert_eq!(c.pop().unwrap(), model.pop_front().map(entry)),
+                    Step::PopCached => prop_assert_eq!(c.pop_cached().unwrap(), model.pop_front().map(entry)),
                 }
-                prop_assert_eq!(p.len().unwrap() as usize, model.len());
-                prop_assert_eq!(c.len().unwrap() as usize, model.len());
-                prop_assert_eq!(p.free().unwrap() as usize, cap as usize - model.len());
+                // The cached views are bounds: never more room than there is.
+                prop_assert!(p.free_seen() as usize <= cap as usize - model.len());
+                // Without a fresh look in between, the cached operations run on old indexes.
+                if look {
+                    prop_assert_eq!(p.len().unwrap() as usize, model.len());
+                    prop_assert_eq!(c.len().unwrap() as usize, model.len());
+                    prop_assert_eq!(p.free().unwrap() as usize, cap as usize - model.len());
+                    prop_assert_eq!(p.free_seen() as usize, cap as usize - model.len());
+                }
             }
         }
 
@@ -915,6 +992,13 @@ mod tests {
                     HostileStep::Pop => {
                         let _ = c.pop();
                     }
+                    HostileStep::PushCached => {
+                        let _ = p.push_cached(&entry(1));
+                        prop_assert!(p.free_seen() <= cap);
+                    }
+                    HostileStep::PopCached => {
+                        let _ = c.pop_cached();
+                    }
                     HostileStep::Len => {
                         if let Ok(n) = p.len() {
                             prop_assert!(n <= cap);
@@ -940,6 +1024,10 @@ mod tests {
             }
             if c.is_corrupt() {
                 prop_assert_eq!(c.pop(), Err(RingError::Corrupt));
+                prop_assert_eq!(c.pop_cached(), Err(RingError::Corrupt));
+            }
+            if p.is_corrupt() {
+                prop_assert_eq!(p.push_cached(&entry(0)), Err(RingError::Corrupt));
             }
         }
     }

@@ -220,13 +220,27 @@ impl Disk {
     /// interrupt), with the fallback timer armed while requests are in flight; returns the
     /// new count. Without interrupts, spins while requests are in flight.
     pub fn sleep(&mut self, seen: u64) -> u64 {
+        self.sleep_ringing(seen, None)
+    }
+
+    /// [`Self::sleep`], signalling notification `ring` first (bit 1) if given: with the
+    /// halt in one hypercall (`SignalHalt`, one exit instead of two) when it does halt, with
+    /// a plain signal when it does not.
+    pub fn sleep_ringing(&mut self, seen: u64, ring: Option<u64>) -> u64 {
+        let ring_now = |ring: Option<u64>| {
+            if let Some(r) = ring {
+                let _ = hypercall::signal(r, 1);
+            }
+        };
         let before = irq::Counts { all: seen, timer: irq::timer_count() };
         if self.in_flight > 0 {
             fence(Ordering::SeqCst);
             if self.blk.peek_used().is_some() {
+                ring_now(ring);
                 return irq::count();
             }
             if !self.interrupts {
+                ring_now(ring);
                 core::hint::spin_loop();
                 return irq::count();
             }
@@ -237,7 +251,10 @@ impl Disk {
                 self.armed = Some(before.timer);
             }
         }
-        let now = irq::wait_for_virq(seen);
+        let now = match ring {
+            Some(r) => irq::signal_and_wait_for_virq(r, seen),
+            None => irq::wait_for_virq(seen),
+        };
         if self.in_flight > 0 {
             self.note_missed_interrupt(before.until(irq::Counts::now()));
         }

@@ -368,6 +368,9 @@ mod serve {
         part: Partition,
         /// The guest was asked to ring for new requests (header flag set).
         doorbell_wanted: bool,
+        /// Its doorbell is due: rung when this VM is about to sleep (the guest, lower in
+        /// priority, cannot run before anyway), the last one with the halt itself.
+        ring_due: bool,
     }
 
     /// The channels on the command line, each with its window of `disk` (a bad window is
@@ -405,6 +408,7 @@ mod serve {
                 part,
                 broken,
                 doorbell_wanted: false,
+                ring_due: false,
             });
         }
         list
@@ -510,7 +514,15 @@ mod serve {
                     }
                 }
             }
-            dev.sleep(seen);
+            // The doorbells due: all but the last now, the last with the halt.
+            let mut ring = None;
+            for c in chans.iter_mut().filter(|c| c.ring_due) {
+                c.ring_due = false;
+                if let Some(r) = ring.replace(c.signal) {
+                    let _ = hypercall::signal(r, 1);
+                }
+            }
+            dev.sleep_ringing(seen, ring);
             for c in chans.iter_mut().filter(|c| c.doorbell_wanted) {
                 c.doorbell_wanted = false;
                 BlockLayout::set_doorbell_wanted(&c.region, false);
@@ -569,18 +581,35 @@ mod serve {
                 }
             }
         }
-        progress |= complete(chans, dev) > 0;
+        // Completions that arrived meanwhile are taken by the next pass (the loop goes
+        // round while passes move, and the sleep looks at the used ring first), not by a
+        // second take here: each take that finds one moves virtio's used-event index
+        // on (virtio-drivers writes it after every completion taken), so the device
+        // interrupts for the very next completion, mostly while this VM is still awake,
+        // and an interrupt taken while a VM runs costs it an exit (`bench blk`: 0.11 device
+        // interrupts per request through the driver VM with a second take here, 0.08 as
+        // direct without).
         // Completions are batched: a guest is rung once half of what it has in flight here
         // is answered (so it refills while the device works on the rest), which includes
         // its last answer; each wake-up of the guest costs world switches, which under
         // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
             let waiting =
-                c.layout.and_then(|l| l.driver_rings(&c.region).and_then(|(mut r, _)| r.len()).ok()).unwrap_or(0);
+                c.layout.and_then(|l| l.driver_requests_attach(&c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
             let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
-            if ipc_spec::block::ring_client_now(c.answered, window) {
+            // Held back only if the client asked for its last answer only and every answer
+            // still owed has a response slot (looked at only when the ring would be due).
+            let hold = |c: &Channel| {
+                let owed = window - c.answered;
+                BlockLayout::last_answer_only(&c.region)
+                    && c.layout
+                        .and_then(|l| l.driver_responses_attach(&c.region).and_then(|mut r| r.free()).ok())
+                        .is_some_and(|free| ipc_spec::block::may_hold_ring(true, free, owed))
+            };
+            let due = ipc_spec::block::ring_client_now(c.answered, window, false);
+            if due && ipc_spec::block::ring_client_now(c.answered, window, c.answered < window && hold(c)) {
                 c.answered = 0;
-                let _ = hypercall::signal(c.signal, 1);
+                c.ring_due = true;
             }
         }
         progress
@@ -599,31 +628,35 @@ mod serve {
                 n += 1;
             }
         });
-        let done = &done[..n];
-        for (i, c) in chans.iter_mut().enumerate() {
-            if !done.iter().any(|(t, _)| t.chan == i) {
+        // In runs of one channel's completions (usually one run: one guest), each run with
+        // that channel's response ring attached once.
+        let mut done = &done[..n];
+        while let Some(&(first, _)) = done.first() {
+            let run = done.iter().position(|(t, _)| t.chan != first.chan).unwrap_or(done.len());
+            let (these, rest) = done.split_at(run);
+            done = rest;
+            let Some(c) = chans.get_mut(first.chan) else { continue };
+            c.outstanding = c.outstanding.saturating_sub(these.len() as u32);
+            if c.broken {
                 continue;
             }
             let region = c.region;
-            let mut responses = match c.layout.map(|l| l.driver_rings(&region)) {
-                Some(Ok((_, responses))) => Some(responses),
+            let mut responses = match c.layout.map(|l| l.driver_responses_attach(&region)) {
+                Some(Ok(responses)) => responses,
                 Some(Err(e)) => {
                     give_up(c, e);
-                    None
-                }
-                None => None,
-            };
-            for (tag, s) in done.iter().filter(|(t, _)| t.chan == i) {
-                c.outstanding = c.outstanding.saturating_sub(1);
-                if c.broken {
                     continue;
                 }
-                let Some(r) = responses.as_mut() else { continue };
-                // Room was reserved when the request was taken.
-                match r.push(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
+                None => continue,
+            };
+            for (tag, s) in these {
+                // Room was reserved when the request was taken (so the consumer index
+                // read at the attach is normally enough: `push_cached`).
+                match responses.push_cached(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
                     Ok(()) => c.answered += 1,
                     Err(e) => {
                         give_up(c, e);
+                        break;
                     }
                 }
             }
@@ -690,13 +723,18 @@ mod serve {
             Err(e) => return give_up(c, e),
         };
         while c.flush.is_none() && c.stalled.is_none() && dev.has_room() {
-            // Every request on the device and the one taken now need a response slot.
-            match responses.free() {
-                Ok(free) if free > c.outstanding => {}
-                Ok(_) => break, // the guest must drain responses first
-                Err(e) => return give_up(c, e),
+            // Every request on the device and the one taken now need a response slot. The
+            // consumer index read last is a lower bound of the room (the guest only frees
+            // slots): it is read again only when that bound is not enough.
+            if responses.free_seen() <= c.outstanding {
+                match responses.free() {
+                    Ok(free) if free > c.outstanding => {}
+                    Ok(_) => break, // the guest must drain responses first
+                    Err(e) => return give_up(c, e),
+                }
             }
-            let slot = match requests.pop() {
+            // The producer index is read again only once the entries seen are taken.
+            let slot = match requests.pop_cached() {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
                 Err(e) => return give_up(c, e),
@@ -705,7 +743,7 @@ mod serve {
             let req = Request::decode(&slot);
             let io = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => {
-                    if let Err(e) = responses.push(&Response::info(req.id, disk).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_cached(&Response::info(req.id, disk).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -730,7 +768,7 @@ mod serve {
                     data_len: t.data_len(),
                 },
                 Err(s) => {
-                    if let Err(e) = responses.push(&Response::new(req.id, s).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_cached(&Response::new(req.id, s).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -741,7 +779,9 @@ mod serve {
                 Ok(()) => {}
                 Err(None) => break,
                 Err(Some(id)) => {
-                    if let Err(e) = responses.push(&Response::new(id, Status::IoError).from(c.incarnation).encode()) {
+                    if let Err(e) =
+                        responses.push_cached(&Response::new(id, Status::IoError).from(c.incarnation).encode())
+                    {
                         return give_up(c, e);
                     }
                     c.answered += 1;

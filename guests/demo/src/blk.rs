@@ -55,6 +55,18 @@ fn tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Requests submitted in a row ([`BlockClient::submitter`]).
+pub struct BlockSubmitter<'a> {
+    inner: block_client::Submitter<'a, 'a, Region>,
+}
+
+impl BlockSubmitter<'_> {
+    /// Queue a request (rung with [`BlockClient::kick_if_needed`]); returns its id.
+    pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: usize) -> Result<u64, ClientError> {
+        Ok(self.inner.submit(op, sector, count, data_offset as u32)?)
+    }
+}
+
 #[derive(Debug)]
 pub enum ClientError {
     Layout,
@@ -146,6 +158,26 @@ impl BlockClient {
         Ok(self.core.submit(&self.region, op, sector, count, data_offset as u32)?)
     }
 
+    /// For several requests in a row ([`BlockSubmitter::submit`]): the checks
+    /// [`Self::submit`] makes per request are made once (under emulation each look at the
+    /// shared header costs).
+    pub fn submitter(&mut self) -> Result<BlockSubmitter<'_>, ClientError> {
+        if ipc_spec::block::BlockLayout::server_gone(&self.region) {
+            self.given_up = None;
+            return Err(ClientError::ServerGone);
+        }
+        self.check_answering()?;
+        let Self { region, core, .. } = self;
+        Ok(BlockSubmitter { inner: core.submitter(region)? })
+    }
+
+    /// Ask the driver to ring only at the last answer (`true`: nothing more will be sent
+    /// until then) or at half the window again (`false`); a hint (`ipc_spec::block`,
+    /// "Doorbells"): the last answer always rings.
+    pub fn last_answer_only(&mut self, on: bool) {
+        ipc_spec::block::BlockLayout::set_last_answer_only(&self.region, on);
+    }
+
     /// Ring the driver's doorbell for everything queued so far.
     pub fn kick(&mut self) -> Result<(), ClientError> {
         hypercall::signal(self.signal, 1).map_err(ClientError::Doorbell)
@@ -231,9 +263,31 @@ impl BlockClient {
         }
     }
 
-    /// The next response if one is there already (no waiting).
-    pub fn try_complete(&mut self) -> Result<Option<Response>, ClientError> {
-        self.next_response()
+    /// Wait for a response as [`Self::complete`], then take every other one already there
+    /// in one batch (one look at the response ring's header for all of them): each is
+    /// given to `f`; how many.
+    pub fn complete_all(&mut self, mut f: impl FnMut(Response)) -> Result<usize, ClientError> {
+        f(self.complete()?);
+        let polled = self.core.poll(&self.region)?;
+        if polled.sent > 0 {
+            self.kick()?;
+        }
+        let given_up = self.given_up;
+        let mut n = 1;
+        self.core.take_responses(&self.region, |r| match given_up {
+            // An answer to a request given up on: nobody waits for it.
+            Some(last) if r.id <= last => {}
+            _ => {
+                f(r);
+                n += 1;
+            }
+        })?;
+        if let Some(last) = self.given_up {
+            if !self.core.any_outstanding_up_to(last) {
+                self.given_up = None;
+            }
+        }
+        Ok(n)
     }
 
     /// Whether the driver VM is answering (no request given up on is still unanswered).
