@@ -19,12 +19,25 @@ use ipc_spec::status::{DomainState, DomainStatusReply};
 /// Connections served at once (one listening socket each; a connection beyond these is
 /// refused).
 const SOCKETS: usize = 16;
-/// Socket buffer sizes: receive (the window the client sees) and send. 16 KiB of window
-/// (11 full frames) halves the round trips of an upload against 8 KiB; each round trip
-/// through the net driver VM costs two switches to it and back (`cargo xtask bench net`).
-/// 16 sockets take 512 KiB of the 1 MiB heap.
-const RX_BUFFER: usize = 16 * 1024;
+/// Socket buffer sizes: receive (the window the client sees) and send. A 64 KiB window
+/// (44 full frames) keeps a host's upload flowing while the guest's acknowledgements wait
+/// for its next idle moment (through the net driver VM a frame leaves only when the driver
+/// VM runs; `cargo xtask bench net`). 16 sockets take 1.25 MiB, more than the runtime's
+/// 1 MiB heap: they live in [`SOCKET_MEMORY`].
+const RX_BUFFER: usize = 64 * 1024;
 const TX_BUFFER: usize = 16 * 1024;
+/// Every socket's buffers, taken once by [`socket_memory`].
+static mut SOCKET_MEMORY: [u8; SOCKETS * (RX_BUFFER + TX_BUFFER)] = [0; SOCKETS * (RX_BUFFER + TX_BUFFER)];
+static SOCKET_MEMORY_TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// [`SOCKET_MEMORY`], the first time only (a second server would get none).
+fn socket_memory() -> Option<&'static mut [u8]> {
+    if SOCKET_MEMORY_TAKEN.swap(true, core::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    // SAFETY: the flag above hands the static out once, so this is its only reference.
+    Some(unsafe { &mut *(&raw mut SOCKET_MEMORY) })
+}
 /// Sectors per disk request while streaming (32 KiB).
 const DISK_CHUNK: u64 = 64;
 
@@ -99,9 +112,18 @@ impl<D: NetDevice> Server<D> {
         let _ = iface.routes_mut().add_default_ipv4_route(gateway);
         let mut sockets = SocketSet::new(Vec::new());
         let mut conns = Vec::new();
+        let mut memory = socket_memory();
         for _ in 0..SOCKETS {
-            let rx = tcp::SocketBuffer::new(vec![0; RX_BUFFER]);
-            let tx = tcp::SocketBuffer::new(vec![0; TX_BUFFER]);
+            let (rx, tx) = match memory.take() {
+                Some(m) => {
+                    let (mine, rest) = m.split_at_mut(RX_BUFFER + TX_BUFFER);
+                    memory = Some(rest);
+                    let (rx, tx) = mine.split_at_mut(RX_BUFFER);
+                    (tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx))
+                }
+                // A second server (none is made today) gets small buffers from the heap.
+                None => (tcp::SocketBuffer::new(vec![0; 4096]), tcp::SocketBuffer::new(vec![0; 4096])),
+            };
             let mut socket = tcp::Socket::new(rx, tx);
             // Listening from the start: a connection that comes before the first poll must
             // not find the port closed.
