@@ -35,8 +35,11 @@ fn socket_memory() -> Option<&'static mut [u8]> {
     if SOCKET_MEMORY_TAKEN.swap(true, core::sync::atomic::Ordering::AcqRel) {
         return None;
     }
-    // SAFETY: the flag above hands the static out once, so this is its only reference.
-    Some(unsafe { &mut *(&raw mut SOCKET_MEMORY) })
+    // SAFETY: the flag above hands the static out once, so this is its only reference;
+    // the length is the static's own.
+    Some(unsafe {
+        core::slice::from_raw_parts_mut((&raw mut SOCKET_MEMORY).cast::<u8>(), SOCKETS * (RX_BUFFER + TX_BUFFER))
+    })
 }
 /// Sectors per disk request while streaming (32 KiB).
 const DISK_CHUNK: u64 = 64;
