@@ -32,6 +32,9 @@
 //!           +40  doorbell wanted       written by the **driver** (1 at setup by the guest):
 //!                                      1 while it sleeps and would take requests if
 //!                                      it looked; see "Doorbells"
+//!           +44  last answer only      written by the **guest**: 1 while it has nothing
+//!                                      more to send and wants only its last answer rung
+//!                                      (any other value: 0); see "Doorbells"
 //!           rest of the page reserved (ignored)
 //!  ...    request ring, response ring: ring::HEADER_SIZE + capacity * SLOT_SIZE bytes each
 //!  ...    data area: request buffers

@@ -56,6 +56,10 @@ struct Rules {
     /// The client set "last answer only" (header +44) for the whole run: the driver holds
     /// back the half-window ring where [`crate::block::may_hold_ring`] lets it.
     last_only: bool,
+    /// The client may set or clear "last answer only" at any moment (the driver reads the
+    /// flag from guest-written memory whenever a ring is due; a flag whose store waits in a
+    /// buffer is the same as one flipped later, so the flip is modelled as instant).
+    last_only_flips: bool,
     /// The hold needs a response slot for every answer the driver still owes (else it
     /// rings at half the window as usual).
     hold_needs_room: bool,
@@ -72,6 +76,7 @@ const CORRECT: Rules = Rules {
     client_checks_after_drain: true,
     tso: true,
     last_only: false,
+    last_only_flips: false,
     hold_needs_room: true,
     ring_at_sleep: true,
 };
@@ -203,6 +208,8 @@ struct State {
     round: bool,
     /// Its notification's bits (set by the driver's ring, taken by its wait).
     c_bits: bool,
+    /// "Last answer only" as the client has it set now (with `Rules::last_only_flips`).
+    c_last_only: bool,
     // driver
     dpc: Dpc,
     d_req_cons: u8,
@@ -239,6 +246,7 @@ impl State {
             moved: false,
             round: false,
             c_bits: false,
+            c_last_only: false,
             dpc: Dpc::Top,
             d_req_cons: 0,
             d_resp_prod: 0,
@@ -408,7 +416,7 @@ fn driver_step(st: &State, s: Sizes, r: Rules) -> Option<State> {
             let window = x.answered + x.on_device + waiting;
             // The response ring's room, as the driver sees it (a load), only when the
             // client asked to be rung at its last answer.
-            let hold = r.last_only && {
+            let hold = (r.last_only || x.c_last_only) && {
                 let free = s.resp_cap - x.d_resp_prod.wrapping_sub(x.dload(Loc::RespCons));
                 let owed = x.on_device + waiting;
                 crate::block::may_hold_ring(
@@ -509,6 +517,11 @@ fn successors(st: &State, s: Sizes, r: Rules) -> Vec<(&'static str, State)> {
             x.mem[l as usize] = v;
         }
         out.push(("driver store reaches memory", x));
+    }
+    if r.last_only_flips {
+        let mut x = *st;
+        x.c_last_only = !x.c_last_only;
+        out.push(("client flips last-answer-only", x));
     }
     if st.dev_done < st.on_device {
         let mut x = *st;
@@ -668,6 +681,19 @@ fn a_client_rung_at_its_last_answer_only_loses_no_wake_up() {
                 Ok(n) => assert!(n > 100, "{s:?}: only {n} states"),
                 Err(path) => panic!("{s:?} tso {tso}: a lost wake-up after {} steps:\n{}", path.len(), report(&path)),
             }
+        }
+    }
+}
+
+#[test]
+fn a_client_that_flips_last_answer_only_at_any_moment_loses_no_wake_up() {
+    // The flag is guest-written: set, then more submitted; cleared mid-window; set again.
+    // Store buffers only: every sequentially consistent run is one of theirs (each store
+    // may reach memory at once).
+    for s in SIZES {
+        let r = Rules { last_only_flips: true, ..CORRECT };
+        if let Err(path) = check(s, r) {
+            panic!("{s:?}: a lost wake-up after {} steps:\n{}", path.len(), report(&path));
         }
     }
 }

@@ -596,11 +596,17 @@ mod serve {
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
             let waiting =
                 c.layout.and_then(|l| l.driver_requests_attach(&c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
-            let window = c.answered + c.outstanding + waiting + u32::from(c.flush.is_some() || c.stalled.is_some());
+            // Saturating: `answered` grows until the guest is rung, and a guest that keeps
+            // its last-answer-only flag set and never drains must not wrap it.
+            let window = c
+                .answered
+                .saturating_add(c.outstanding)
+                .saturating_add(waiting)
+                .saturating_add(u32::from(c.flush.is_some() || c.stalled.is_some()));
             // Held back only if the client asked for its last answer only and every answer
             // still owed has a response slot (looked at only when the ring would be due).
             let hold = |c: &Channel| {
-                let owed = window - c.answered;
+                let owed = window.saturating_sub(c.answered);
                 BlockLayout::last_answer_only(&c.region)
                     && c.layout
                         .and_then(|l| l.driver_responses_attach(&c.region).and_then(|mut r| r.free()).ok())
