@@ -592,20 +592,9 @@ impl BlockLayout {
         Ok((requests, responses))
     }
 
-    /// The guest's side after [`Self::guest_rings`]: attaches to both rings at the indexes
-    /// in the header (its own producer index, the driver's consumer index), so a client
-    /// need not keep the halves alive between requests.
-    pub fn guest_rings_attach<'m, M: SharedMem + ?Sized>(
-        &self,
-        mem: &'m M,
-    ) -> Result<(RequestProducer<'m, M>, ResponseConsumer<'m, M>), RingError> {
-        let requests = Producer::attach(mem, self.request_ring_offset(), self.ring_capacity)?;
-        let responses = Consumer::attach(mem, self.response_ring_offset(), self.ring_capacity)?;
-        Ok((requests, responses))
-    }
-
-    /// The guest's request ring alone, as [`Self::guest_rings_attach`] attaches it (a client
-    /// that only pushes need not read and check the other ring's indexes).
+    /// The guest's request ring after [`Self::guest_rings`], attached at the indexes in the
+    /// header (its own producer index, the driver's consumer index), so a client need not
+    /// keep the halves alive between requests (nor read the other ring's indexes).
     pub fn guest_requests_attach<'m, M: SharedMem + ?Sized>(
         &self,
         mem: &'m M,
@@ -628,9 +617,7 @@ impl BlockLayout {
         &self,
         mem: &'m M,
     ) -> Result<(RequestConsumer<'m, M>, ResponseProducer<'m, M>), RingError> {
-        let requests = Consumer::attach(mem, self.request_ring_offset(), self.ring_capacity)?;
-        let responses = Producer::attach(mem, self.response_ring_offset(), self.ring_capacity)?;
-        Ok((requests, responses))
+        Ok((self.driver_requests_attach(mem)?, self.driver_responses_attach(mem)?))
     }
 
     /// The driver's request ring alone, as [`Self::driver_rings`] attaches it (the driver

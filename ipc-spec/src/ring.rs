@@ -385,12 +385,18 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
         if used >= self.geo.capacity {
             return Err(RingError::Full);
         }
+        self.publish(entry);
+        Ok(())
+    }
+
+    /// Writes `entry` into the next slot and publishes it (room already checked).
+    #[inline]
+    fn publish(&mut self, entry: &[u8; SLOT_SIZE]) {
         write_slot(self.mem, self.geo.slot_offset(self.producer, SLOT_SIZE), entry);
         // The slot must be visible before the index that publishes it.
         fence(Ordering::Release);
         self.producer = self.producer.wrapping_add(1);
         self.mem.write_u32(self.geo.producer_index(), self.producer);
-        Ok(())
     }
 
     /// As [`Self::push`], but reads the consumer index only if the one read last leaves no
@@ -407,10 +413,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
         if self.producer.wrapping_sub(self.consumer_seen) >= self.geo.capacity && self.observe()? >= self.geo.capacity {
             return Err(RingError::Full);
         }
-        write_slot(self.mem, self.geo.slot_offset(self.producer, SLOT_SIZE), entry);
-        fence(Ordering::Release);
-        self.producer = self.producer.wrapping_add(1);
-        self.mem.write_u32(self.geo.producer_index(), self.producer);
+        self.publish(entry);
         Ok(())
     }
 
@@ -511,13 +514,19 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
         if self.observe()? == 0 {
             return Ok(None);
         }
+        Ok(Some(self.take()))
+    }
+
+    /// Copies the oldest entry out and frees its slot (an entry already known to be there).
+    #[inline]
+    fn take(&mut self) -> [u8; SLOT_SIZE] {
         let mut entry = [0u8; SLOT_SIZE];
         read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
         // The copy must be complete before the producer may reuse the slot.
         fence(Ordering::Release);
         self.consumer = self.consumer.wrapping_add(1);
         self.mem.write_u32(self.geo.consumer_index(), self.consumer);
-        Ok(Some(entry))
+        entry
     }
 
     /// As [`Self::pop`], but reads the producer index only if the one read last shows no
@@ -534,12 +543,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
         if self.producer_seen == self.consumer && self.observe()? == 0 {
             return Ok(None);
         }
-        let mut entry = [0u8; SLOT_SIZE];
-        read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
-        fence(Ordering::Release);
-        self.consumer = self.consumer.wrapping_add(1);
-        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
-        Ok(Some(entry))
+        Ok(Some(self.take()))
     }
 
     /// Drops every entry waiting (frees their slots unread); returns how many. A restarted

@@ -14,7 +14,7 @@
 //! client's RDTSC differences are instruction counts, microvisor included, and repeatable;
 //! there is no wall-clock run. `target/bench/ipc-vmx.json`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::build::{self, Artifacts};
@@ -60,6 +60,25 @@ pub fn parse_figures(line: &str) -> Option<IpcFigures> {
         }
     }
     (seen == 5).then_some(f)
+}
+
+/// The machine of a benchmark stack, `stacks/<name>.toml` packed beside `artifacts`' bundle
+/// as `<name>.bin`, booting a microvisor built with `features` (none: `artifacts`' own);
+/// with the stack file's path, for messages.
+pub(crate) fn stack_machine(
+    target: &Path,
+    artifacts: &Artifacts,
+    name: &str,
+    features: &[&str],
+) -> Result<(PathBuf, Machine), String> {
+    let stack = crate::workspace_root().join("stacks").join(format!("{name}.toml"));
+    let out = artifacts.bundle.with_file_name(format!("{name}.bin"));
+    let info = build::pack(&artifacts.images, &stack, &out)?;
+    let microvisor = match features {
+        [] => artifacts.microvisor.clone(),
+        _ => build::compile_microvisor_with(target, features)?,
+    };
+    Ok((stack, Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() })))
 }
 
 fn bench_machine(artifacts: &Artifacts, n: u64, icount: bool) -> Result<Machine, String> {
@@ -277,13 +296,9 @@ fn blk(args: &[String]) -> Result<(), String> {
     }
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
-    let stack = crate::workspace_root().join("stacks/bench-blk.toml");
-    let out = artifacts.bundle.with_file_name("bench-blk.bin");
-    let info = build::pack(&artifacts.images, &stack, &out)?;
     // The `counts` build: it prints every domain's exits after each result line, for the
     // per-request table (diagnostics kept out of the default build and its line count).
-    let microvisor = build::compile_microvisor_with(&target, &["counts"])?;
-    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() });
+    let (stack, mut m) = stack_machine(&target, &artifacts, "bench-blk", &["counts"])?;
     if icount {
         m.extra = vec!["-icount".into(), "shift=0,align=off,sleep=on".into()];
     }

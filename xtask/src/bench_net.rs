@@ -17,9 +17,9 @@
 use std::time::{Duration, Instant};
 
 use crate::bench::failure;
-use crate::build::{self, Artifacts};
+use crate::build;
 use crate::http_client::{connect, request};
-use crate::qemu::{self, Ending, Machine};
+use crate::qemu::{self, Ending};
 
 /// Bytes per throughput transfer.
 const TRANSFER: usize = 8 << 20;
@@ -232,10 +232,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
-    let stack = crate::workspace_root().join("stacks/bench-net.toml");
-    let out = artifacts.bundle.with_file_name("bench-net.bin");
-    let info = build::pack(&artifacts.images, &stack, &out)?;
-    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, ..artifacts.clone() });
+    let (stack, mut m) = crate::bench::stack_machine(&target, &artifacts, "bench-net", &[])?;
     for port in m.net_ports.iter_mut() {
         *port = qemu::free_port()?;
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::bench::failure;
 use crate::bench_counts::{parse_counts, Counts, FIELDS};
-use crate::build::{self, Artifacts};
-use crate::qemu::{self, Ending, Machine};
+use crate::build;
+use crate::qemu::{self, Ending};
 
 /// The workloads in the order they run, each on the driver VM path, then direct.
 const ORDER: [(usize, &str); 6] = [
@@ -78,11 +78,7 @@ pub fn segments(lines: &[String], gap: usize) -> Vec<BTreeMap<String, Counts>> {
 pub fn run() -> Result<(), String> {
     let target = build::default_target_dir();
     let artifacts = build::build(&target, &crate::manifest::default_stack_path())?;
-    let stack = crate::workspace_root().join("stacks/bench-net.toml");
-    let out = artifacts.bundle.with_file_name("bench-net.bin");
-    let info = build::pack(&artifacts.images, &stack, &out)?;
-    let microvisor = build::compile_microvisor_with(&target, &["counts-periodic"])?;
-    let mut m = Machine::new(&Artifacts { bundle: out, stack: info, microvisor, ..artifacts.clone() });
+    let (stack, mut m) = crate::bench::stack_machine(&target, &artifacts, "bench-net", &["counts-periodic"])?;
     // `BENCH_NET_PERF=1`: no icount; `perf record --call-graph dwarf` of QEMU around each
     // workload instead, into target/bench/perf-<n>.data (n in the order of ORDER).
     let perf = std::env::var_os("BENCH_NET_PERF").is_some();

@@ -268,10 +268,7 @@ impl BlockClient {
     /// given to `f`; how many.
     pub fn complete_all(&mut self, mut f: impl FnMut(Response)) -> Result<usize, ClientError> {
         f(self.complete()?);
-        let polled = self.core.poll(&self.region)?;
-        if polled.sent > 0 {
-            self.kick()?;
-        }
+        self.send_unsent()?;
         let given_up = self.given_up;
         let mut n = 1;
         self.core.take_responses(&self.region, |r| match given_up {
@@ -282,11 +279,7 @@ impl BlockClient {
                 n += 1;
             }
         })?;
-        if let Some(last) = self.given_up {
-            if !self.core.any_outstanding_up_to(last) {
-                self.given_up = None;
-            }
-        }
+        self.settle_given_up();
         Ok(n)
     }
 
@@ -332,26 +325,33 @@ impl BlockClient {
     /// replayed first (ringing the new driver). Answers to requests given up on are dropped
     /// here; once none of them is outstanding, `given_up` clears.
     fn next_response(&mut self) -> Result<Option<Response>, ClientError> {
-        let polled = self.core.poll(&self.region)?;
-        if polled.sent > 0 {
-            self.kick()?;
-        }
+        self.send_unsent()?;
         loop {
             let Some(r) = self.core.next_response(&self.region)? else {
-                if let Some(last) = self.given_up {
-                    if !self.core.any_outstanding_up_to(last) {
-                        self.given_up = None;
-                    }
-                }
+                self.settle_given_up();
                 return Ok(None);
             };
             match self.given_up {
-                Some(last) if r.id <= last => {
-                    if !self.core.any_outstanding_up_to(last) {
-                        self.given_up = None;
-                    }
-                }
+                Some(last) if r.id <= last => self.settle_given_up(),
                 _ => return Ok(Some(r)),
+            }
+        }
+    }
+
+    /// Puts what the client holds back on the ring (a replay after a restart, requests
+    /// that found no room) and rings the driver VM if that sent anything.
+    fn send_unsent(&mut self) -> Result<(), ClientError> {
+        if self.core.poll(&self.region)?.sent > 0 {
+            self.kick()?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the request given up on once nothing up to it is outstanding any more.
+    fn settle_given_up(&mut self) {
+        if let Some(last) = self.given_up {
+            if !self.core.any_outstanding_up_to(last) {
+                self.given_up = None;
             }
         }
     }
