@@ -35,11 +35,29 @@ fn check(port: u16, device: &str) {
     }
 }
 
+/// Small requests on one kept-alive connection, then the server's own count of the sleeps
+/// it began with work waiting (a wake-up it lost itself, which only a timer would end): none.
+fn small_requests_without_lost_wakeups(port: u16) {
+    let mut s = connect(port);
+    for i in 0..300 {
+        assert_eq!(request(&mut s, "GET", "/", b"").0, 200, "port {port}: small request {i}");
+    }
+    let (status, body) = request(&mut s, "GET", "/", b"");
+    assert_eq!(status, 200, "GET / on port {port}");
+    let page = String::from_utf8_lossy(&body);
+    assert!(
+        page.contains(", 0 sleeps with work waiting"),
+        "port {port}: the server went to sleep with a request or an answer waiting:\n{page}"
+    );
+}
+
 #[test]
 fn a_guest_behind_the_net_driver_vm_and_a_guest_owning_its_nic_both_serve_http() {
     let run = with_servers(|via_driver, direct| {
         check(via_driver, "net: channel to the net driver VM");
         check(direct, "net: virtio-net owned directly, MAC 52:54:00:12:34:57");
+        small_requests_without_lost_wakeups(via_driver);
+        small_requests_without_lost_wakeups(direct);
         // Both still answer after the other was busy.
         assert_eq!(request(&mut connect(via_driver), "GET", "/", b"").0, 200);
         assert_eq!(request(&mut connect(direct), "GET", "/", b"").0, 200);

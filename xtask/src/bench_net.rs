@@ -149,7 +149,7 @@ pub fn workload(w: usize, port: u16) -> Result<f64, String> {
 }
 
 /// Measures both paths in [`ROUNDS`] pairs per workload (see the module's comment).
-fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Ratios), String> {
+fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Ratios, [String; 2]), String> {
     let qemu = find_qemu(driver_port);
     // [measure][path][round], and [measure][round]: the pairs' ratios.
     let mut v = [[[0.0; ROUNDS]; 2]; 6];
@@ -198,7 +198,19 @@ fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Rati
         ratios.min[k] = p.iter().copied().fold(f64::INFINITY, f64::min);
         ratios.max[k] = p.iter().copied().fold(0.0, f64::max);
     }
-    Ok((figures(0), figures(1), ratios))
+    Ok((figures(0), figures(1), ratios, [server_line(driver_port)?, server_line(direct_port)?]))
+}
+
+/// The HTTP server's own counts from its status page (requests, and the sleeps it began
+/// with work waiting: a wake-up lost inside the guest costs a request a timer's wait, which
+/// looks like a slow path; this says whether that happened).
+fn server_line(port: u16) -> Result<String, String> {
+    let (status, body) = request(&mut connect(port)?, "GET", "/", b"")?;
+    let page = String::from_utf8_lossy(&body);
+    match page.lines().find(|l| l.starts_with("http: ")) {
+        Some(l) if status == 200 => Ok(l.to_string()),
+        _ => Err(format!("GET / on port {port} answered {status} without an `http:` line")),
+    }
 }
 
 /// The JSON report: each path's median figure and the median of the pair ratios, with the
@@ -258,7 +270,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let log = target.join("bench").join("net.log");
     std::fs::create_dir_all(log.parent().unwrap_or(&target)).map_err(|e| format!("creating {}: {e}", log.display()))?;
     std::fs::write(&log, run.lines.join("\n") + "\n").map_err(|e| format!("writing {}: {e}", log.display()))?;
-    let (driver, direct, ratios) = result.map_err(|e| format!("bench net: {e}"))?;
+    let (driver, direct, ratios, servers) = result.map_err(|e| format!("bench net: {e}"))?;
     if !matches!(run.ending, Ending::Stopped) {
         return Err(failure(&run, "QEMU ended early"));
     }
@@ -275,6 +287,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             driver[k], direct[k], ratios.median[k], ratios.min[k], ratios.max[k]
         );
     }
+    println!("\n  the servers' own counts: via the driver VM {}; direct {}", servers[0], servers[1]);
     let path = target.join("bench").join("net.json");
     std::fs::create_dir_all(path.parent().unwrap_or(&target))
         .map_err(|e| format!("creating {}: {e}", path.display()))?;

@@ -171,6 +171,16 @@ impl Machine {
                 "-device".into(),
                 format!("virtio-net-pci,netdev=net{i},disable-legacy=on{platform}{bus}"),
             ]);
+            // Diagnostics: `STACK_NET_PCAP=<dir>` has QEMU write every frame of this NIC, both
+            // ways and timestamped (headers: the first 120 bytes), to <dir>/net<i>.pcap. One
+            // machine at a time (the names are per NIC, not per machine).
+            if let Some(dir) = std::env::var_os("STACK_NET_PCAP") {
+                let file = std::path::Path::new(&dir).join(format!("net{i}.pcap"));
+                a.extend([
+                    "-object".into(),
+                    format!("filter-dump,id=dump{i},netdev=net{i},maxlen=120,file={}", file.display()),
+                ]);
+            }
         }
         if let Some(socket) = &self.ctl {
             // A modern virtio-serial function behind the IOMMU whose port 0 is a console
