@@ -428,7 +428,10 @@ impl Device for ChannelDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = ipc_spec::net::max_frame_len(self.header.mtu);
-        caps.max_burst_size = Some(16);
+        // No `max_burst_size`: smoltcp caps every TCP window it advertises at that many
+        // segments (16 gave 23 KiB, a third of the sockets' 64 KiB receive buffers, and a
+        // host's upload stalled on our acknowledgements). The channel's RX ring has more
+        // entries (64 in the default stacks) than a 64 KiB window has frames.
         caps
     }
 }
