@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 use demo_guest::http::{self, Disk, Head, Refusal, Route, Status, SECTOR};
 use domain_rt::{hypercall, println};
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
@@ -96,6 +96,9 @@ pub struct Server<D: NetDevice> {
     /// The disk's size, once its driver VM has told us (0: not yet).
     disk_sectors: u64,
     wait: u64,
+    /// When the timer armed on `wait` fires (smoltcp microseconds), if armed by
+    /// [`Self::arm_timer`] and not yet known to have fired.
+    timer_deadline: Option<i64>,
     stats: Stats,
     started_ns: u64,
     /// dom0's status service (`ipc_spec::status`), if this guest may ask.
@@ -146,6 +149,7 @@ impl<D: NetDevice> Server<D> {
             disk,
             disk_sectors,
             wait,
+            timer_deadline: None,
             stats: Stats::default(),
             started_ns: hypercall::clock_ns(),
             status: None,
@@ -159,25 +163,29 @@ impl<D: NetDevice> Server<D> {
     }
 
     /// Serves forever.
+    ///
+    /// The clock is read once per pass (a hypercall, so an exit, each time): smoltcp's
+    /// timers need no finer time than a pass. A pass ends in sleep only if nothing moved:
+    /// no connection served and no frame taken in by the second poll (a frame the driver
+    /// VM delivered while we served). Frames sent by that poll are no reason for another
+    /// pass (nothing to serve comes of them), so an answer queued there leaves with the
+    /// doorbell of the sleep right after it, not one pass later.
     pub fn run(&mut self) -> ! {
         loop {
-            self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            let t = now();
+            self.iface.poll(t, &mut self.dev, &mut self.sockets);
             let mut progress = false;
             for i in 0..self.conns.len() {
                 progress |= self.serve(i);
             }
-            // A frame that came while we served (the driver VM delivers between any two
-            // instructions of ours) is taken in here: if it changed a socket, serve again
-            // rather than sleep with a request in a socket buffer and nothing to wake us for
-            // it but smoltcp's next timer (its 10 ms delayed ACK).
-            progress |= self.iface.poll(now(), &mut self.dev, &mut self.sockets) == PollResult::SocketStateChanged;
+            progress |= self.take_in_and_send(t);
             self.dev.kick();
             if let Some(why) = self.dev.dead() {
                 self.out_of_service(why);
             }
             if !progress {
                 // Sleep until a frame arrives (the driver's doorbell) or smoltcp has a timer due.
-                let delay = self.iface.poll_delay(now(), &self.sockets).map_or(100_000, |d| d.total_micros());
+                let delay = self.iface.poll_delay(t, &self.sockets).map_or(100_000, |d| d.total_micros());
                 if delay == 0 {
                     self.dev.flush();
                 }
@@ -188,11 +196,41 @@ impl<D: NetDevice> Server<D> {
                         // that input or output but a timer (counted, and shown: must be 0).
                         self.stats.slept_with_work += 1;
                     }
-                    let _ = hypercall::timer_set(self.wait, delay.min(100_000) * 1000, 1 << 1);
+                    self.arm_timer(t, delay.min(100_000));
                     self.dev.wait(self.wait);
                 }
                 self.dev.running();
             }
+        }
+    }
+
+    /// smoltcp's second poll of a pass: every frame that arrived, then what the sockets
+    /// have to send. Whether a frame changed a socket (then serve again rather than sleep
+    /// with a request in a socket buffer and only smoltcp's next timer, its 10 ms delayed
+    /// ACK, to wake us for it).
+    fn take_in_and_send(&mut self, t: Instant) -> bool {
+        let mut changed = false;
+        loop {
+            match self.iface.poll_ingress_single(t, &mut self.dev, &mut self.sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+        }
+        self.iface.poll_egress(t, &mut self.dev, &mut self.sockets);
+        changed
+    }
+
+    /// Has the timer signal our notification `us` microseconds after `t`, unless it is
+    /// armed to fire no later than that already (a wake-up earlier than needed only costs
+    /// a pass; re-arming for every sleep cost a hypercall each).
+    fn arm_timer(&mut self, t: Instant, us: u64) {
+        let deadline = t.total_micros().saturating_add(us as i64);
+        if matches!(self.timer_deadline, Some(d) if d > t.total_micros() && d <= deadline) {
+            return;
+        }
+        if hypercall::timer_set(self.wait, us * 1000, 1 << 1).is_ok() {
+            self.timer_deadline = Some(deadline);
         }
     }
 
@@ -230,6 +268,8 @@ impl<D: NetDevice> Server<D> {
             let _ = hypercall::wait(self.wait);
             if self.dev.dead().is_none() {
                 println!("net: the network device is back: serving again");
+                // The timer was re-armed here: the next sleep arms it afresh.
+                self.timer_deadline = None;
                 return;
             }
         }
