@@ -13,7 +13,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use domain_rt::{hypercall, irq, println};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-use virtio_pci::{DriverHal, Transport};
+use virtio_pci::{DriverHal, QueueKicker, Transport};
 
 pub type Blk = VirtIOBlk<DriverHal, Transport>;
 
@@ -76,6 +76,8 @@ pub enum Submit {
 
 pub struct Disk {
     pub blk: Blk,
+    /// Holds the queue's notifications back while a batch is submitted ([`Self::submitting`]).
+    kicker: QueueKicker,
     /// The queue's completion interrupt arrives as this VM's virtual interrupt.
     interrupts: bool,
     /// A timer notification bound to [`irq::TIMER_VECTOR`], for the fallback.
@@ -97,10 +99,11 @@ pub struct Disk {
 impl Disk {
     /// `interrupts`: the queue's interrupt is routed to a notification bound to this VM's
     /// virtual interrupt; `timer`: a timer notification bound to [`irq::TIMER_VECTOR`].
-    pub fn new(blk: Blk, interrupts: bool, timer: Option<u64>) -> Self {
+    pub fn new(blk: Blk, kicker: QueueKicker, interrupts: bool, timer: Option<u64>) -> Self {
         let slots: Vec<Slot> = (0..QUEUE_DEPTH).map(|_| Slot::empty()).collect();
         Self {
             blk,
+            kicker,
             interrupts,
             timer,
             missed: 0,
@@ -120,6 +123,16 @@ impl Disk {
     /// Whether another request can be submitted now (the virtqueue may still say full).
     pub fn has_room(&self) -> bool {
         self.in_flight < QUEUE_DEPTH
+    }
+
+    /// Runs `submit`, which submits a batch of requests, and notifies the device once at
+    /// the end (if any request needed it), so that it takes the batch at once
+    /// ([`virtio_pci::Kicker::hold`]: QEMU's virtio-blk then merges adjacent requests).
+    pub fn submitting<R>(&mut self, submit: impl FnOnce(&mut Self) -> R) -> R {
+        self.kicker.hold();
+        let r = submit(self);
+        self.kicker.release();
+        r
     }
 
     /// Start a read (`write` false: device → `buf`) or a write (`buf` → device) of `len`

@@ -60,25 +60,30 @@ mod driver {
             let mut free: u32 = (1u32 << crate::device::QUEUE_DEPTH) - 1;
             let mut seen = domain_rt::irq::count();
             while done < w.count && !failed {
-                while sent < w.count && disk.has_room() && free != 0 {
-                    let k = free.trailing_zeros();
-                    // SAFETY: buffer k is DIRECT's k-th 64 KiB, used by this request alone
-                    // (its bit is clear in `free` until the request completes).
-                    let buf = unsafe { base.add(k as usize * 128 * 512) };
-                    let tag = crate::device::Tag { chan: k as usize, id: u64::from(sent) };
-                    // SAFETY: as above; DIRECT is static, so it outlives the request.
-                    match unsafe { disk.submit(tag, w.write, w.sector(sent, capacity), buf, len) } {
-                        Ok(()) => {
-                            free &= !(1 << k);
-                            sent += 1;
-                        }
-                        Err(crate::device::Submit::Full) => break,
-                        Err(crate::device::Submit::Failed(e)) => {
-                            println!("bench blk: {} request {sent} failed: {e}", w.name);
-                            give_turn();
-                            return 1;
+                // The batch, with one notification at its end (as the serving loop does).
+                let refused = disk.submitting(|disk| {
+                    while sent < w.count && disk.has_room() && free != 0 {
+                        let k = free.trailing_zeros();
+                        // SAFETY: buffer k is DIRECT's k-th 64 KiB, used by this request
+                        // alone (its bit is clear in `free` until the request completes).
+                        let buf = unsafe { base.add(k as usize * 128 * 512) };
+                        let tag = crate::device::Tag { chan: k as usize, id: u64::from(sent) };
+                        // SAFETY: as above; DIRECT is static, so it outlives the request.
+                        match unsafe { disk.submit(tag, w.write, w.sector(sent, capacity), buf, len) } {
+                            Ok(()) => {
+                                free &= !(1 << k);
+                                sent += 1;
+                            }
+                            Err(crate::device::Submit::Full) => break,
+                            Err(crate::device::Submit::Failed(e)) => return Some(e),
                         }
                     }
+                    None
+                });
+                if let Some(e) = refused {
+                    println!("bench blk: {} request {sent} failed: {e}", w.name);
+                    give_turn();
+                    return 1;
                 }
                 let n = disk.take_completions(|tag, r| {
                     free |= 1 << tag.chan;
@@ -143,6 +148,7 @@ mod driver {
             }
         };
         startup::mark(startup::Step::Opened);
+        let kicker = transport.kicker();
         let mut blk = match VirtIOBlk::<DriverHal, _>::new(transport) {
             Ok(b) => b,
             Err(e) => {
@@ -192,7 +198,7 @@ mod driver {
         };
         let timer = info.slot("timer").filter(|&t| hypercall::bind(t, domain_rt::irq::TIMER_VECTOR).is_ok());
         startup::mark(startup::Step::Interrupts);
-        let mut disk = Disk::new(blk, interrupts, timer);
+        let mut disk = Disk::new(blk, kicker, interrupts, timer);
         println!("ready");
         if info.arg("bench") == Some("direct") {
             return bench_direct(&mut disk, info.slot("chan.turn.signal").zip(info.slot("chan.turn.wait")));
@@ -575,11 +581,16 @@ mod serve {
             }
         }
         if !chans.iter().any(|c| c.flush.is_some()) {
-            for (i, c) in chans.iter_mut().enumerate() {
-                if !c.broken {
-                    progress |= take_requests(i, c, dev, disk);
+            // Every channel's requests, with one notification of the device at the end.
+            progress |= dev.submitting(|dev| {
+                let mut taken = false;
+                for (i, c) in chans.iter_mut().enumerate() {
+                    if !c.broken {
+                        taken |= take_requests(i, c, dev, disk);
+                    }
                 }
-            }
+                taken
+            });
         }
         // Completions that arrived meanwhile are taken by the next pass (the loop goes
         // round while passes move, and the sleep looks at the used ring first), not by a
