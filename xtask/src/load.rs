@@ -108,6 +108,7 @@ fn web(o: &Options) -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
     let mut started = false;
     let mut ab_result = None;
+    let mut server_line = None;
     let run = qemu::run_captured_polling(&m, Duration::from_secs(3600), false, true, |lines| {
         if !started && lines.iter().any(|l| l.starts_with("[guest]") && l.contains("serving HTTP")) {
             started = true;
@@ -122,6 +123,16 @@ fn web(o: &Options) -> Result<(), String> {
         }
         if let Ok(out) = rx.try_recv() {
             ab_result = Some(out);
+            // The server's own line, while QEMU still runs: its count of sleeps begun
+            // with work waiting (a wake-up it lost itself) must be 0.
+            server_line = Some(crate::http_client::connect(port).and_then(|mut s| {
+                let (status, body) = crate::http_client::request(&mut s, "GET", "/", b"")?;
+                let page = String::from_utf8_lossy(&body).into_owned();
+                match page.lines().find(|l| l.starts_with("http: ")) {
+                    Some(l) if status == 200 => Ok(l.to_string()),
+                    _ => Err(format!("GET / answered {status} without an `http:` line")),
+                }
+            }));
             return true;
         }
         lines.iter().any(|l| l.contains("FATAL"))
@@ -132,7 +143,17 @@ fn web(o: &Options) -> Result<(), String> {
     let out = out.map_err(|e| format!("load web: running ab: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let figures = parse_ab(&stdout);
-    let found = reports(&run.lines);
+    let mut found: Vec<String> = reports(&run.lines).into_iter().cloned().collect();
+    match server_line {
+        Some(Ok(l)) => {
+            println!("load web: the guest's server: {l}");
+            if !l.contains(", 0 sleeps with work waiting") {
+                found.push(format!("the guest's server slept with work waiting: {l}"));
+            }
+        }
+        Some(Err(e)) => found.push(format!("the guest's status page after ab: {e}")),
+        None => {}
+    }
     for l in &found {
         println!("report: {l}");
     }
