@@ -1,7 +1,7 @@
 //! Hypercall stubs: VMMCALL (AMD) or VMCALL (Intel) with the register convention of
 //! `ipc_spec::hypercall`.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use ipc_spec::hypercall::{result_of, Hypercall, REGISTER_WORDS};
 use ipc_spec::Error;
@@ -163,9 +163,27 @@ pub fn timer_set(slot: u64, ns: u64, bits: u64) -> Result<(), Error> {
     call(Hypercall::TimerSet, slot, [ns, bits, 0, 0, 0, 0]).map(|_| ())
 }
 
-/// Nanoseconds since boot.
+/// The microvisor's clock rate, from the first `Clock` hypercall that gave one: the TSC at
+/// the clock's zero, and TSC ticks per ms (0: not known yet, ask the microvisor).
+static CLOCK_START: AtomicU64 = AtomicU64::new(0);
+static CLOCK_PER_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Nanoseconds since boot: the microvisor's clock, computed here from the TSC once the
+/// first `Clock` hypercall told its rate (a hypercall is an exit; under emulation a world
+/// switch costs more than most of what a domain does between two readings).
 pub fn clock_ns() -> u64 {
-    raw(Hypercall::Clock.number(), 0, 0, [0; 6]).args[0]
+    let per_ms = CLOCK_PER_MS.load(Ordering::Acquire);
+    if per_ms != 0 {
+        // SAFETY: RDTSC only reads the counter; every x86-64 CPU has it.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        return ipc_spec::hypercall::clock_ns_from_tsc(tsc, CLOCK_START.load(Ordering::Relaxed), per_ms);
+    }
+    let r = raw(Hypercall::Clock.number(), 0, 0, [0; 6]);
+    if r.args[2] != 0 {
+        CLOCK_START.store(r.args[1], Ordering::Relaxed);
+        CLOCK_PER_MS.store(r.args[2], Ordering::Release);
+    }
+    r.args[0]
 }
 
 pub fn yield_now() {

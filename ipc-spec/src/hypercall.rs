@@ -75,7 +75,10 @@ hypercalls! {
     Shutdown = 3,
     /// Give up the rest of this time slice.
     Yield = 4,
-    /// Nanoseconds since boot → RDI.
+    /// Nanoseconds since boot → RDI; and RSI = the TSC at the clock's zero, RDX = TSC
+    /// ticks per millisecond (0 while uncalibrated), with which a domain reads the same
+    /// clock without this hypercall: [`clock_ns_from_tsc`] of its own RDTSC (the microvisor
+    /// neither intercepts nor offsets the TSC).
     Clock = 5,
     /// Take bytes typed on the machine's console (the microvisor keeps the last
     /// [`CONSOLE_INPUT_BUFFER`] unread ones). RBX = machine capability (right READ, which
@@ -248,6 +251,14 @@ impl Hypercall {
 }
 
 /// Capability rights (a bit set).
+/// The microvisor's clock: nanoseconds since `start` at `per_ms` TSC ticks per millisecond
+/// (the `Clock` hypercall's results; `per_ms` 0 counts as 1). The microvisor and every
+/// domain compute it this one way, so a domain's reading agrees with the hypercall's and
+/// with the timers the microvisor arms.
+pub fn clock_ns_from_tsc(tsc: u64, start: u64, per_ms: u64) -> u64 {
+    (u128::from(tsc.wrapping_sub(start)) * 1_000_000 / u128::from(per_ms.max(1))) as u64
+}
+
 pub mod rights {
     /// Memory: map readable.
     pub const READ: u64 = 1 << 0;
@@ -331,6 +342,20 @@ pub const fn result_of(status: u64) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_from_the_tsc() {
+        // 2 GHz: 2,000,000 ticks per ms, 2 per ns.
+        assert_eq!(clock_ns_from_tsc(1_000, 1_000, 2_000_000), 0);
+        assert_eq!(clock_ns_from_tsc(3_000, 1_000, 2_000_000), 1_000);
+        // The TSC may wrap between the clock's zero and now.
+        assert_eq!(clock_ns_from_tsc(1, u64::MAX, 2_000_000), 1);
+        // An uncalibrated rate (0) counts as 1 tick per ms, as the microvisor does.
+        assert_eq!(clock_ns_from_tsc(7, 5, 0), 2_000_000);
+        // No overflow for a long uptime: a day at 5 GHz.
+        let day = 86_400u64 * 5_000_000_000;
+        assert_eq!(clock_ns_from_tsc(day, 0, 5_000_000), 86_400 * 1_000_000_000);
+    }
 
     #[test]
     fn numbers_round_trip() {

@@ -212,6 +212,10 @@ impl Platform for BareMetal {
         self.clock.now_ns()
     }
 
+    fn clock_rate(&self) -> [u64; 2] {
+        [self.clock.tsc_start, self.clock.tsc_per_ms]
+    }
+
     fn virq_offered(&mut self, v: VcpuId) -> bool {
         microvisor::kernel::notify::VirqHardware::virq_offered(&mut self.hw, v).is_some()
     }

@@ -147,8 +147,8 @@ fn pit_window() -> (u64, u32) {
 
 /// The calibrated clock and tick source.
 pub struct Clock {
-    tsc_start: u64,
-    tsc_per_ms: u64,
+    pub tsc_start: u64,
+    pub tsc_per_ms: u64,
     pub apic_per_ms: u32,
 }
 
@@ -178,8 +178,7 @@ impl Clock {
     }
 
     pub fn now_ns(&self) -> u64 {
-        let t = rdtsc().wrapping_sub(self.tsc_start) as u128;
-        (t * 1_000_000 / self.tsc_per_ms.max(1) as u128) as u64
+        ipc_spec::hypercall::clock_ns_from_tsc(rdtsc(), self.tsc_start, self.tsc_per_ms)
     }
 
     pub fn tsc_mhz(&self) -> u64 {

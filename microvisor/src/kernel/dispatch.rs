@@ -91,7 +91,10 @@ impl<F: Stage2Format> Kernel<F> {
                 self.yield_current();
                 Done::Pending
             }
-            Hypercall::Clock => Done::Status(self.results(v, &[p.now_ns()])),
+            Hypercall::Clock => {
+                let [start, per_ms] = p.clock_rate();
+                Done::Status(self.results(v, &[p.now_ns(), start, per_ms]))
+            }
             Hypercall::ConsoleWrite => Done::Status(self.hc_console(p, v, arg0, r.rsi)),
             Hypercall::ConsoleRead => Done::Status(self.hc_console_read(p, v, slot, arg0, r.rsi)),
             Hypercall::DomainExit => {

@@ -63,6 +63,11 @@ pub trait Platform: TableMemory + PhysRead + PhysWrite {
     fn free_frames(&mut self, hpa: u64, frames: u64);
     /// Nanoseconds since boot.
     fn now_ns(&self) -> u64;
+    /// How domains compute [`Self::now_ns`] from the TSC themselves: [TSC at zero, ticks
+    /// per ms] (`Clock`'s RSI and RDX; 0 per ms: they cannot).
+    fn clock_rate(&self) -> [u64; 2] {
+        [0, 0]
+    }
     /// Build the hardware state (VMCB/VMCS) of a new vCPU; fails when memory for it or a
     /// TLB tag runs out.
     fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) -> Result<(), Error>;

@@ -39,6 +39,8 @@ fn null_clock_yield_and_unknown_numbers() {
     assert_eq!((r.rax, r.rbx, r.rcx, words(&r)), (0, 77, 9, w), "Null changes nothing but RAX");
     s.p.now = 123_456;
     assert_eq!(s.hc(v0, Hypercall::Clock, 0, &[]), Ok(123_456));
+    let r = s.regs(v0);
+    assert_eq!((r.rsi, r.rdx), (5, 2_000_000), "Clock gives the platform's TSC rate too");
     for nr in [8, 7, 9, 27, 23, 43, 67, 1000, u64::MAX] {
         s.raw(v0, nr, 0, 3, w);
         let r = s.regs(v0);

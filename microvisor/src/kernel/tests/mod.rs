@@ -149,6 +149,10 @@ impl Platform for Sim {
         self.now
     }
 
+    fn clock_rate(&self) -> [u64; 2] {
+        [5, 2_000_000]
+    }
+
     fn vcpu_created(&mut self, vcpu: VcpuId, boot: &VcpuBoot) -> Result<(), Error> {
         self.boots.push((vcpu, *boot));
         Ok(())
