@@ -668,8 +668,8 @@ mod serve {
             };
             for (tag, s) in these {
                 // Room was reserved when the request was taken (so the consumer index
-                // read at the attach is normally enough: `push_cached`).
-                match responses.push_cached(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
+                // read at the attach is normally enough: `push_batched`).
+                match responses.push_batched(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
                     Ok(()) => c.answered += 1,
                     Err(e) => {
                         give_up(c, e);
@@ -751,7 +751,7 @@ mod serve {
                 }
             }
             // The producer index is read again only once the entries seen are taken.
-            let slot = match requests.pop_cached() {
+            let slot = match requests.pop_batched() {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
                 Err(e) => return give_up(c, e),
@@ -760,7 +760,7 @@ mod serve {
             let req = Request::decode(&slot);
             let io = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => {
-                    if let Err(e) = responses.push_cached(&Response::info(req.id, disk).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_batched(&Response::info(req.id, disk).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -785,7 +785,7 @@ mod serve {
                     data_len: t.data_len(),
                 },
                 Err(s) => {
-                    if let Err(e) = responses.push_cached(&Response::new(req.id, s).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_batched(&Response::new(req.id, s).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -797,7 +797,7 @@ mod serve {
                 Err(None) => break,
                 Err(Some(id)) => {
                     if let Err(e) =
-                        responses.push_cached(&Response::new(id, Status::IoError).from(c.incarnation).encode())
+                        responses.push_batched(&Response::new(id, Status::IoError).from(c.incarnation).encode())
                     {
                         return give_up(c, e);
                     }
