@@ -327,7 +327,9 @@ pub struct Submitter<'c, 'm, M: SharedMem + ?Sized> {
 }
 
 impl<M: SharedMem + ?Sized> Submitter<'_, '_, M> {
-    /// As [`Client::submit`].
+    /// As [`Client::submit`]. Inlined: a batch calls it once per request, and under
+    /// emulation the call itself (saving and restoring registers) costs a fifth of it.
+    #[inline(always)]
     pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<u64, ClientError> {
         let c = &mut *self.client;
         if c.count >= c.limit {

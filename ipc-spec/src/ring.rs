@@ -328,9 +328,13 @@ const COPY_WORDS: usize = 8;
 /// [`COPY_WORDS`] 8-byte words (one range check per run, in the domains' memories) when the
 /// slot is 8-byte aligned and a multiple of 8 bytes long, as every block and net slot is
 /// (the slots follow the 8-byte ring header), else byte by byte.
+///
+/// Returned by value, each branch filling its own array: the compiler then sees every byte
+/// of the word path written and drops the zeroing (four stores per slot under emulation).
 #[inline]
-fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, out: &mut [u8; N]) {
+fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize) -> [u8; N] {
     if N.is_multiple_of(8) && at.is_multiple_of(8) {
+        let mut out = [0u8; N];
         let mut words = [0u64; COPY_WORDS];
         for (i, run) in out.chunks_mut(COPY_WORDS * 8).enumerate() {
             let words = &mut words[..run.len() / 8];
@@ -339,9 +343,11 @@ fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, out: &mu
                 bytes.copy_from_slice(&w.to_le_bytes());
             }
         }
-    } else {
-        mem.read_bytes(at, out);
+        return out;
     }
+    let mut out = [0u8; N];
+    mem.read_bytes(at, &mut out);
+    out
 }
 
 /// Copies `entry` into slot `at` (see [`read_slot`]).
@@ -602,8 +608,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// taken until [`Self::release`].
     #[inline]
     fn take(&mut self) -> [u8; SLOT_SIZE] {
-        let mut entry = [0u8; SLOT_SIZE];
-        read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
+        let entry = read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE));
         self.consumer = self.consumer.wrapping_add(1);
         entry
     }

@@ -332,7 +332,7 @@ mod serve {
     use domain_rt::shared::Region;
     use domain_rt::{channels, println, BootInfo};
     use domain_rt::{hypercall, irq};
-    use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
+    use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, ResponseProducer, Status, Validated};
     use ipc_spec::block_part::Partition;
     use ipc_spec::ring::RingError;
 
@@ -352,7 +352,9 @@ mod serve {
     /// One guest's block channel.
     struct Channel<'a> {
         name: &'a str,
-        region: Region,
+        /// Lives as long as this VM (leaked at start-up), so that ring halves attached to it
+        /// can be kept while the channel's other fields change (`complete`).
+        region: &'static Region,
         signal: u64,
         wait: u64,
         layout: Option<BlockLayout>,
@@ -388,6 +390,7 @@ mod serve {
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
             // address and size it put on our command line; nothing else in this VM uses it.
             let region = unsafe { a.region() };
+            let region: &'static Region = alloc::boxed::Box::leak(alloc::boxed::Box::new(region));
             let key = alloc::format!("part.{name}");
             let (part, broken) = match info.arg(&key).map(|p| Partition::parse(p).and_then(|p| p.check(disk))) {
                 None => (Partition::whole(disk), false),
@@ -531,7 +534,7 @@ mod serve {
             dev.sleep_ringing(seen, ring);
             for c in chans.iter_mut().filter(|c| c.doorbell_wanted) {
                 c.doorbell_wanted = false;
-                BlockLayout::set_doorbell_wanted(&c.region, false);
+                BlockLayout::set_doorbell_wanted(c.region, false);
             }
         }
     }
@@ -551,7 +554,7 @@ mod serve {
                 continue;
             }
             if !c.doorbell_wanted {
-                BlockLayout::set_doorbell_wanted(&c.region, true);
+                BlockLayout::set_doorbell_wanted(c.region, true);
                 c.doorbell_wanted = true;
             }
             // Only requests it could take now keep it awake: with no response slot for
@@ -559,7 +562,7 @@ mod serve {
             // looks at the flag after taking answers too, rings (a driver spinning here
             // would starve lower priorities).
             waiting |= layout
-                .driver_rings(&c.region)
+                .driver_rings(c.region)
                 .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
                 .unwrap_or(false);
         }
@@ -606,7 +609,7 @@ mod serve {
         // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
             let waiting =
-                c.layout.and_then(|l| l.driver_requests_attach(&c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
+                c.layout.and_then(|l| l.driver_requests_attach(c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
             // Saturating: `answered` grows until the guest is rung, and a guest that keeps
             // its last-answer-only flag set and never drains must not wrap it.
             let window = c
@@ -618,9 +621,9 @@ mod serve {
             // still owed has a response slot (looked at only when the ring would be due).
             let hold = |c: &Channel| {
                 let owed = window.saturating_sub(c.answered);
-                BlockLayout::last_answer_only(&c.region)
+                BlockLayout::last_answer_only(c.region)
                     && c.layout
-                        .and_then(|l| l.driver_responses_attach(&c.region).and_then(|mut r| r.free()).ok())
+                        .and_then(|l| l.driver_responses_attach(c.region).and_then(|mut r| r.free()).ok())
                         .is_some_and(|free| ipc_spec::block::may_hold_ring(true, free, owed))
             };
             let due = ipc_spec::block::ring_client_now(c.answered, window, false);
@@ -632,52 +635,43 @@ mod serve {
         progress
     }
 
-    /// Answer every request the device completed; how many. The completions are taken
-    /// first and then answered channel by channel, with each channel's response ring
-    /// attached once (its indexes read and checked once per batch, not per answer).
+    /// Answer every request the device completed, as it takes them; how many. Each run of
+    /// one channel's completions (usually all of them: one guest) pushes its answers with
+    /// that channel's response ring attached once and its producer index written once (its
+    /// indexes read and checked once per run, not per answer).
     fn complete(chans: &mut [Channel], dev: &mut Disk) -> usize {
-        // At most QUEUE_DEPTH are in flight, and nothing is submitted while taking them.
-        let mut done = [(Tag { chan: 0, id: 0 }, Status::Ok); crate::device::QUEUE_DEPTH];
-        let mut n = 0;
+        // The response ring of the channel of the run under way; dropping it publishes the
+        // run's answers.
+        let mut run: Option<(usize, ResponseProducer<'static, Region>)> = None;
         let taken = dev.take_completions(|tag: Tag, r| {
-            if let Some(slot) = done.get_mut(n) {
-                *slot = (tag, status(r));
-                n += 1;
+            let Some(c) = chans.get_mut(tag.chan) else { return };
+            c.outstanding = c.outstanding.saturating_sub(1);
+            if c.broken {
+                return;
+            }
+            if run.as_ref().is_none_or(|(chan, _)| *chan != tag.chan) {
+                run = None;
+                match c.layout.map(|l| l.driver_responses_attach(c.region)) {
+                    Some(Ok(responses)) => run = Some((tag.chan, responses)),
+                    Some(Err(e)) => {
+                        give_up(c, e);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            let Some((_, responses)) = run.as_mut() else { return };
+            // Room was reserved when the request was taken (so the consumer index read at
+            // the attach is normally enough: `push_batched`).
+            match responses.push_batched(&Response::new(tag.id, status(r)).from(c.incarnation).encode()) {
+                Ok(()) => c.answered += 1,
+                Err(e) => {
+                    give_up(c, e);
+                    run = None;
+                }
             }
         });
-        // In runs of one channel's completions (usually one run: one guest), each run with
-        // that channel's response ring attached once.
-        let mut done = &done[..n];
-        while let Some(&(first, _)) = done.first() {
-            let run = done.iter().position(|(t, _)| t.chan != first.chan).unwrap_or(done.len());
-            let (these, rest) = done.split_at(run);
-            done = rest;
-            let Some(c) = chans.get_mut(first.chan) else { continue };
-            c.outstanding = c.outstanding.saturating_sub(these.len() as u32);
-            if c.broken {
-                continue;
-            }
-            let region = c.region;
-            let mut responses = match c.layout.map(|l| l.driver_responses_attach(&region)) {
-                Some(Ok(responses)) => responses,
-                Some(Err(e)) => {
-                    give_up(c, e);
-                    continue;
-                }
-                None => continue,
-            };
-            for (tag, s) in these {
-                // Room was reserved when the request was taken (so the consumer index
-                // read at the attach is normally enough: `push_batched`).
-                match responses.push_batched(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
-                    Ok(()) => c.answered += 1,
-                    Err(e) => {
-                        give_up(c, e);
-                        break;
-                    }
-                }
-            }
-        }
+        drop(run);
         taken
     }
 
@@ -688,7 +682,7 @@ mod serve {
         }
         let Some(layout) = c.layout else { return };
         let resp = resp.from(c.incarnation);
-        let pushed = layout.driver_rings(&c.region).and_then(|(_, mut responses)| responses.push(&resp.encode()));
+        let pushed = layout.driver_responses_attach(c.region).and_then(|mut responses| responses.push(&resp.encode()));
         match pushed {
             Ok(()) => c.answered += 1,
             Err(e) => {
@@ -704,12 +698,12 @@ mod serve {
         let disk = c.part.info(&disk);
         let layout = match c.layout {
             Some(l) => l,
-            None => match BlockLayout::read(&c.region) {
+            None => match BlockLayout::read(c.region) {
                 Ok(l) => {
                     // Announce this incarnation: requests still on the ring are dropped and
                     // the client, rung below, sends again everything it has not seen
                     // answered (this VM may be a restarted one).
-                    match l.driver_attach(&c.region) {
+                    match l.driver_attach(c.region) {
                         Ok(n) => {
                             crate::startup::mark(crate::startup::Step::Attached);
                             println!("channel {}: attached as incarnation {n}", c.name);
@@ -731,15 +725,20 @@ mod serve {
                 Err(Some(id)) => answer(c, Response::new(id, Status::IoError)),
             }
         }
+        if c.flush.is_some() || c.stalled.is_some() {
+            return false;
+        }
         let mut took = false;
-        // The rings are attached once per call (their indexes are read and checked here,
-        // and again by every pop and push).
-        let region = c.region;
-        let (mut requests, mut responses) = match layout.driver_rings(&region) {
+        let on_device = c.outstanding;
+        // The rings are attached once per call (their indexes are read and checked here),
+        // and each index is written once, when they are dropped at the return.
+        let (mut requests, mut responses) = match layout.driver_rings(c.region) {
             Ok(r) => r,
             Err(e) => return give_up(c, e),
         };
-        while c.flush.is_none() && c.stalled.is_none() && dev.has_room() {
+        // A flush or a request the device has no room for ends the batch (`break`): the
+        // loop looks only at the device's room.
+        while dev.has_room() {
             // Every request on the device and the one taken now need a response slot. The
             // consumer index read last is a lower bound of the room (the guest only frees
             // slots): it is read again only when that bound is not enough.
@@ -805,6 +804,11 @@ mod serve {
                 }
             }
         }
+        // Noted once per batch, not per request (the check costs little, the registers it
+        // needs in the loop do).
+        if c.outstanding != on_device && !crate::startup::marked(crate::startup::Step::FirstTaken) {
+            crate::startup::mark(crate::startup::Step::FirstTaken);
+        }
         took
     }
 
@@ -818,9 +822,6 @@ mod serve {
         // The guest may scribble on it meanwhile: that only spoils its own data.
         match unsafe { dev.submit(Tag { chan, id: io.id }, io.write, io.sector, buf, io.data_len) } {
             Ok(()) => {
-                if !crate::startup::marked(crate::startup::Step::FirstTaken) {
-                    crate::startup::mark(crate::startup::Step::FirstTaken);
-                }
                 c.outstanding += 1;
                 Ok(())
             }
