@@ -149,6 +149,14 @@
 //! interleaving of both sides on x86's memory model and finds a lost wake-up as soon as
 //! either fence, D3 or the check after taking answers is removed.
 //!
+//! Both sides write their ring indexes once per batch ([`crate::ring::Producer::push_batched`],
+//! [`crate::ring::Consumer::pop_batched`]: the index store comes when the batch ends, at the
+//! latest when the half is dropped). The stores above are those: the client's C1 are done
+//! before `doorbell_needed` (its ring halves are dropped by then), the driver's index
+//! stores before D1 (its halves live for one `take_requests` or `complete`). A batch only
+//! holds a store back over steps that neither fence nor look at that index, which is what a
+//! store buffer may do to the per-entry stores anyway, so the model's interleavings cover it.
+//!
 //! A doorbell itself (a Signal hypercall, a VM exit) is ordered after the client's earlier
 //! stores. Ringing anyway is always allowed (a client that ignores the flag works
 //! unchanged); a client rings after replaying to a new incarnation whatever the flag says
