@@ -332,7 +332,9 @@ mod serve {
     use domain_rt::shared::Region;
     use domain_rt::{channels, println, BootInfo};
     use domain_rt::{hypercall, irq};
-    use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, ResponseProducer, Status, Validated};
+    use ipc_spec::block::{
+        validate, BlockLayout, DiskInfo, Request, RequestConsumer, Response, ResponseProducer, Status, Validated,
+    };
     use ipc_spec::block_part::Partition;
     use ipc_spec::ring::RingError;
 
@@ -349,6 +351,17 @@ mod serve {
         data_len: usize,
     }
 
+    /// A channel's two ring halves, attached once when the channel is (each keeps its own
+    /// index privately, as `ipc_spec::ring` wants, and the peer's last one seen): a
+    /// pass then reads the guest's index only when the one seen shows no work, instead of
+    /// attaching (checking the geometry, reading both indexes) several times per pass.
+    /// Entries held back by `push_batched`/`pop_batched` are published explicitly: at the
+    /// end of `take_requests` and of `complete`, before this VM looks again or sleeps.
+    struct Rings {
+        requests: RequestConsumer<'static, Region>,
+        responses: ResponseProducer<'static, Region>,
+    }
+
     /// One guest's block channel.
     struct Channel<'a> {
         name: &'a str,
@@ -358,6 +371,8 @@ mod serve {
         signal: u64,
         wait: u64,
         layout: Option<BlockLayout>,
+        /// Its rings, once attached (with `layout`).
+        rings: Option<Rings>,
         /// The guest broke the protocol (corrupt ring): this channel is no longer served.
         broken: bool,
         /// Requests of this channel on the device: each will need a response slot.
@@ -409,6 +424,7 @@ mod serve {
                 signal: a.signal,
                 wait: a.wait,
                 layout: None,
+                rings: None,
                 outstanding: 0,
                 flush: None,
                 stalled: None,
@@ -549,8 +565,7 @@ mod serve {
     fn ask_for_doorbells(chans: &mut [Channel], dev: &Disk) -> bool {
         let mut waiting = false;
         for c in chans.iter_mut() {
-            let Some(layout) = c.layout else { continue };
-            if c.broken || c.flush.is_some() || c.stalled.is_some() || !dev.has_room() {
+            if c.rings.is_none() || c.broken || c.flush.is_some() || c.stalled.is_some() || !dev.has_room() {
                 continue;
             }
             if !c.doorbell_wanted {
@@ -561,10 +576,10 @@ mod serve {
             // them (the guest has not taken its answers), it sleeps, and the guest, which
             // looks at the flag after taking answers too, rings (a driver spinning here
             // would starve lower priorities).
-            waiting |= layout
-                .driver_rings(c.region)
-                .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
-                .unwrap_or(false);
+            let outstanding = c.outstanding;
+            waiting |= c.rings.as_mut().is_some_and(
+                |r| matches!((r.requests.len(), r.responses.free()), (Ok(n), Ok(free)) if n > 0 && free > outstanding),
+            );
         }
         waiting
     }
@@ -608,8 +623,7 @@ mod serve {
         // its last answer; each wake-up of the guest costs world switches, which under
         // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
-            let waiting =
-                c.layout.and_then(|l| l.driver_requests_attach(c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
+            let waiting = c.rings.as_mut().and_then(|r| r.requests.len().ok()).unwrap_or(0);
             // Saturating: `answered` grows until the guest is rung, and a guest that keeps
             // its last-answer-only flag set and never drains must not wrap it.
             let window = c
@@ -619,11 +633,12 @@ mod serve {
                 .saturating_add(u32::from(c.flush.is_some() || c.stalled.is_some()));
             // Held back only if the client asked for its last answer only and every answer
             // still owed has a response slot (looked at only when the ring would be due).
-            let hold = |c: &Channel| {
+            let hold = |c: &mut Channel| {
                 let owed = window.saturating_sub(c.answered);
                 BlockLayout::last_answer_only(c.region)
-                    && c.layout
-                        .and_then(|l| l.driver_responses_attach(c.region).and_then(|mut r| r.free()).ok())
+                    && c.rings
+                        .as_mut()
+                        .and_then(|r| r.responses.free().ok())
                         .is_some_and(|free| ipc_spec::block::may_hold_ring(true, free, owed))
             };
             let due = ipc_spec::block::ring_client_now(c.answered, window, false);
@@ -635,43 +650,31 @@ mod serve {
         progress
     }
 
-    /// Answer every request the device completed, as it takes them; how many. Each run of
-    /// one channel's completions (usually all of them: one guest) pushes its answers with
-    /// that channel's response ring attached once and its producer index written once (its
-    /// indexes read and checked once per run, not per answer).
+    /// Answer every request the device completed, as it takes them; how many. The answers
+    /// go on each channel's response ring as they come and are published once, at the end
+    /// (one write of each ring's producer index per pass).
     fn complete(chans: &mut [Channel], dev: &mut Disk) -> usize {
-        // The response ring of the channel of the run under way; dropping it publishes the
-        // run's answers.
-        let mut run: Option<(usize, ResponseProducer<'static, Region>)> = None;
         let taken = dev.take_completions(|tag: Tag, r| {
             let Some(c) = chans.get_mut(tag.chan) else { return };
             c.outstanding = c.outstanding.saturating_sub(1);
             if c.broken {
                 return;
             }
-            if run.as_ref().is_none_or(|(chan, _)| *chan != tag.chan) {
-                run = None;
-                match c.layout.map(|l| l.driver_responses_attach(c.region)) {
-                    Some(Ok(responses)) => run = Some((tag.chan, responses)),
-                    Some(Err(e)) => {
-                        give_up(c, e);
-                        return;
-                    }
-                    None => return,
-                }
-            }
-            let Some((_, responses)) = run.as_mut() else { return };
-            // Room was reserved when the request was taken (so the consumer index read at
-            // the attach is normally enough: `push_batched`).
-            match responses.push_batched(&Response::new(tag.id, status(r)).from(c.incarnation).encode()) {
+            let Some(rings) = c.rings.as_mut() else { return };
+            // Room was reserved when the request was taken (so the consumer index read
+            // last is normally enough: `push_batched`).
+            match rings.responses.push_batched(&Response::new(tag.id, status(r)).from(c.incarnation).encode()) {
                 Ok(()) => c.answered += 1,
                 Err(e) => {
                     give_up(c, e);
-                    run = None;
                 }
             }
         });
-        drop(run);
+        if taken > 0 {
+            for rings in chans.iter_mut().filter_map(|c| c.rings.as_mut()) {
+                rings.responses.publish();
+            }
+        }
         taken
     }
 
@@ -680,10 +683,9 @@ mod serve {
         if c.broken {
             return;
         }
-        let Some(layout) = c.layout else { return };
+        let Some(rings) = c.rings.as_mut() else { return };
         let resp = resp.from(c.incarnation);
-        let pushed = layout.driver_responses_attach(c.region).and_then(|mut responses| responses.push(&resp.encode()));
-        match pushed {
+        match rings.responses.push(&resp.encode()) {
             Ok(()) => c.answered += 1,
             Err(e) => {
                 give_up(c, e);
@@ -711,6 +713,10 @@ mod serve {
                         }
                         Err(e) => return give_up(c, e),
                     }
+                    match l.driver_rings(c.region) {
+                        Ok((requests, responses)) => c.rings = Some(Rings { requests, responses }),
+                        Err(e) => return give_up(c, e),
+                    }
                     c.layout = Some(l);
                     c.answered += 1;
                     return true;
@@ -730,12 +736,10 @@ mod serve {
         }
         let mut took = false;
         let on_device = c.outstanding;
-        // The rings are attached once per call (their indexes are read and checked here),
-        // and each index is written once, when they are dropped at the return.
-        let (mut requests, mut responses) = match layout.driver_rings(c.region) {
-            Ok(r) => r,
-            Err(e) => return give_up(c, e),
-        };
+        // Out of the channel while it is worked on (given back at the end, with every index
+        // written once; a channel given up on below keeps none).
+        let Some(mut rings) = c.rings.take() else { return false };
+        let Rings { requests, responses } = &mut rings;
         // A flush or a request the device has no room for ends the batch (`break`): the
         // loop looks only at the device's room.
         while dev.has_room() {
@@ -804,6 +808,9 @@ mod serve {
                 }
             }
         }
+        requests.release();
+        responses.publish();
+        c.rings = Some(rings);
         // Noted once per batch, not per request (the check costs little, the registers it
         // needs in the loop do).
         if c.outstanding != on_device && !crate::startup::marked(crate::startup::Step::FirstTaken) {
