@@ -149,6 +149,14 @@
 //! interleaving of both sides on x86's memory model and finds a lost wake-up as soon as
 //! either fence, D3 or the check after taking answers is removed.
 //!
+//! Both sides write their ring indexes once per batch ([`crate::ring::Producer::push_batched`],
+//! [`crate::ring::Consumer::pop_batched`]: the index store comes when the batch ends, at the
+//! latest when the half is dropped). The stores above are those: the client's C1 are done
+//! before `doorbell_needed` (its ring halves are dropped by then), the driver's index
+//! stores before D1 (its halves live for one `take_requests` or `complete`). A batch only
+//! holds a store back over steps that neither fence nor look at that index, which is what a
+//! store buffer may do to the per-entry stores anyway, so the model's interleavings cover it.
+//!
 //! A doorbell itself (a Signal hypercall, a VM exit) is ordered after the client's earlier
 //! stores. Ringing anyway is always allowed (a client that ignores the flag works
 //! unchanged); a client rings after replaying to a new incarnation whatever the flag says
@@ -875,10 +883,13 @@ fn get_u8(b: &[u8; SLOT_SIZE], at: usize) -> u8 {
     b.get(at).copied().unwrap_or(0)
 }
 
-fn put(b: &mut [u8; SLOT_SIZE], at: usize, bytes: &[u8]) {
-    if let Some(dst) = b.get_mut(at..at + bytes.len()) {
-        dst.copy_from_slice(bytes);
+/// A slot from its four words, each little endian.
+fn words_to_slot(words: [u64; SLOT_SIZE / 8]) -> [u8; SLOT_SIZE] {
+    let mut b = [0u8; SLOT_SIZE];
+    for (bytes, w) in b.chunks_exact_mut(8).zip(words) {
+        bytes.copy_from_slice(&w.to_le_bytes());
     }
+    b
 }
 
 /// A request as decoded from a ring slot: raw, unchecked values (see [`validate`]).
@@ -906,14 +917,14 @@ impl Request {
 
     /// The ring slot for this request.
     pub fn encode(&self) -> [u8; SLOT_SIZE] {
-        let mut b = [0u8; SLOT_SIZE];
-        put(&mut b, request::ID, &self.id.to_le_bytes());
-        put(&mut b, request::SECTOR, &self.sector.to_le_bytes());
-        put(&mut b, request::COUNT, &self.count.to_le_bytes());
-        put(&mut b, request::DATA_OFFSET, &self.data_offset.to_le_bytes());
-        put(&mut b, request::DATA_LEN, &self.data_len.to_le_bytes());
-        put(&mut b, request::OP, &[self.op.code()]);
-        b
+        // As four little-endian words (the fields in the layout above, reserved bytes
+        // zero): four stores, which the ring's 8-byte slot copy then loads as they are.
+        words_to_slot([
+            self.id,
+            self.sector,
+            u64::from(self.count) | u64::from(self.data_offset) << 32,
+            u64::from(self.data_len) | u64::from(self.op.code()) << 32,
+        ])
     }
 
     /// Decodes a ring slot. Total: every byte pattern is some request (an unknown op is
@@ -961,15 +972,15 @@ impl Response {
 
     /// The ring slot for this response.
     pub fn encode(&self) -> [u8; SLOT_SIZE] {
-        let mut b = [0u8; SLOT_SIZE];
-        put(&mut b, response::ID, &self.id.to_le_bytes());
-        put(&mut b, response::CAPACITY_SECTORS, &self.info.capacity_sectors.to_le_bytes());
-        put(&mut b, response::SECTOR_SIZE, &self.info.sector_size.to_le_bytes());
-        put(&mut b, response::MAX_SECTORS_PER_REQUEST, &self.info.max_sectors_per_request.to_le_bytes());
-        put(&mut b, response::STATUS, &[self.status.code()]);
-        put(&mut b, response::READ_ONLY, &[u8::from(self.info.read_only)]);
-        put(&mut b, response::INCARNATION, &self.incarnation.to_le_bytes());
-        b
+        // As four little-endian words, as [`Request::encode`].
+        words_to_slot([
+            self.id,
+            self.info.capacity_sectors,
+            u64::from(self.info.sector_size) | u64::from(self.info.max_sectors_per_request) << 32,
+            u64::from(self.status.code())
+                | u64::from(u8::from(self.info.read_only)) << 8
+                | u64::from(self.incarnation) << 32,
+        ])
     }
 
     /// Decodes a ring slot. Total: unknown status codes are [`Status::Unknown`], any

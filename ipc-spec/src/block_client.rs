@@ -270,7 +270,7 @@ impl Client {
     pub fn next_response<M: SharedMem + ?Sized>(&mut self, mem: &M) -> Result<Option<Response>, ClientError> {
         let mut responses = self.layout.guest_responses_attach(mem)?;
         loop {
-            let Some(s) = responses.pop_cached()? else { return Ok(None) };
+            let Some(s) = responses.pop_batched()? else { return Ok(None) };
             if let Some(r) = self.accept(&s) {
                 return Ok(Some(r));
             }
@@ -287,7 +287,7 @@ impl Client {
     ) -> Result<usize, ClientError> {
         let mut responses = self.layout.guest_responses_attach(mem)?;
         let mut n = 0;
-        while let Some(s) = responses.pop_cached()? {
+        while let Some(s) = responses.pop_batched()? {
             if let Some(r) = self.accept(&s) {
                 f(r);
                 n += 1;
@@ -319,7 +319,7 @@ impl Client {
 
 /// Requests submitted in a row ([`Client::submitter`]): the request ring is attached once,
 /// at the first request that goes straight onto it, and its consumer index is read again
-/// only when the ring looks full ([`crate::ring::Producer::push_cached`]).
+/// only when the ring looks full ([`crate::ring::Producer::push_batched`]).
 pub struct Submitter<'c, 'm, M: SharedMem + ?Sized> {
     client: &'c mut Client,
     mem: &'m M,
@@ -327,7 +327,9 @@ pub struct Submitter<'c, 'm, M: SharedMem + ?Sized> {
 }
 
 impl<M: SharedMem + ?Sized> Submitter<'_, '_, M> {
-    /// As [`Client::submit`].
+    /// As [`Client::submit`]. Inlined: a batch calls it once per request, and under
+    /// emulation the call itself (saving and restoring registers) costs a fifth of it.
+    #[inline(always)]
     pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: u32) -> Result<u64, ClientError> {
         let c = &mut *self.client;
         if c.count >= c.limit {
@@ -355,7 +357,7 @@ impl<M: SharedMem + ?Sized> Submitter<'_, '_, M> {
                 },
             };
             let at = requests.index();
-            let sent = match requests.push_cached(&req.encode()) {
+            let sent = match requests.push_batched(&req.encode()) {
                 Ok(()) => true,
                 Err(RingError::Full) => false,
                 Err(e) => {

@@ -35,6 +35,13 @@
 //!   copies the slot, then a release fence, then publishes `consumer`: the producer cannot
 //!   reuse the slot before the copy is complete.
 //!
+//! A batch may publish once: [`Producer::push_batched`] writes slots and
+//! [`Producer::publish`] then writes `producer` once for all of them (fence first, as
+//! above); [`Consumer::pop_batched`] copies entries and [`Consumer::release`] writes
+//! `consumer` once. Either half publishes what it holds back when it is dropped at the
+//! latest. Holding an index back only delays what the peer sees (it sees an older, valid
+//! index), so no order above is weakened.
+//!
 //! The fences are [`core::sync::atomic::fence`] calls inside [`Producer`] and [`Consumer`].
 //! A [`SharedMem`] implementation must do each [`SharedMem::read_u32`] and
 //! [`SharedMem::write_u32`] as one aligned 32-bit access (a volatile or relaxed-atomic load or
@@ -103,6 +110,23 @@ pub trait SharedMem {
     /// Writes `v` as a little-endian `u64` at `offset` (see [`Self::read_u64`]).
     fn write_u64(&self, offset: usize, v: u64) {
         self.write_bytes(offset, &v.to_le_bytes());
+    }
+    /// Reads `out.len()` consecutive little-endian `u64`s starting at `offset` (8-byte
+    /// aligned whenever the ring code calls it): how the ring copies a slot out. A domain
+    /// overrides it to check the whole range once and then make one access per word (the
+    /// default checks each word, through [`Self::read_u64`]: under emulation each check
+    /// costs as much as the access).
+    fn read_u64s(&self, offset: usize, out: &mut [u64]) {
+        for (i, w) in out.iter_mut().enumerate() {
+            *w = self.read_u64(offset + i * 8);
+        }
+    }
+    /// Writes `words` as consecutive little-endian `u64`s from `offset` (see
+    /// [`Self::read_u64s`]).
+    fn write_u64s(&self, offset: usize, words: &[u64]) {
+        for (i, &w) in words.iter().enumerate() {
+            self.write_u64(offset + i * 8, w);
+        }
     }
     /// Size of the region in bytes, as mapped by this side. Assumed constant: it is this
     /// side's own mapping, not a value the peer controls.
@@ -297,28 +321,48 @@ impl Geometry {
     }
 }
 
-/// Copies slot `at` (inside the ring, checked by the caller) into `out`: 8 bytes per access
-/// when the slot is 8-byte aligned and a multiple of 8 bytes long, as every block and net
-/// slot is (the slots follow the 8-byte ring header), else byte by byte.
+/// Words a slot copy moves per [`SharedMem::read_u64s`] / [`SharedMem::write_u64s`] call.
+const COPY_WORDS: usize = 8;
+
+/// Copies slot `at` (inside the ring, checked by the caller) into `out`: in runs of up to
+/// [`COPY_WORDS`] 8-byte words (one range check per run, in the domains' memories) when the
+/// slot is 8-byte aligned and a multiple of 8 bytes long, as every block and net slot is
+/// (the slots follow the 8-byte ring header), else byte by byte.
+///
+/// Returned by value, each branch filling its own array: the compiler then sees every byte
+/// of the word path written and drops the zeroing (four stores per slot under emulation).
 #[inline]
-fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, out: &mut [u8; N]) {
+fn read_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize) -> [u8; N] {
     if N.is_multiple_of(8) && at.is_multiple_of(8) {
-        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&mem.read_u64(at + i * 8).to_le_bytes());
+        let mut out = [0u8; N];
+        let mut words = [0u64; COPY_WORDS];
+        for (i, run) in out.chunks_mut(COPY_WORDS * 8).enumerate() {
+            let words = &mut words[..run.len() / 8];
+            mem.read_u64s(at + i * COPY_WORDS * 8, words);
+            for (bytes, w) in run.chunks_exact_mut(8).zip(words.iter()) {
+                bytes.copy_from_slice(&w.to_le_bytes());
+            }
         }
-    } else {
-        mem.read_bytes(at, out);
+        return out;
     }
+    let mut out = [0u8; N];
+    mem.read_bytes(at, &mut out);
+    out
 }
 
 /// Copies `entry` into slot `at` (see [`read_slot`]).
 #[inline]
 fn write_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, entry: &[u8; N]) {
     if N.is_multiple_of(8) && at.is_multiple_of(8) {
-        for (i, chunk) in entry.chunks_exact(8).enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            mem.write_u64(at + i * 8, u64::from_le_bytes(w));
+        let mut words = [0u64; COPY_WORDS];
+        for (i, run) in entry.chunks(COPY_WORDS * 8).enumerate() {
+            let words = &mut words[..run.len() / 8];
+            for (w, bytes) in words.iter_mut().zip(run.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(bytes);
+                *w = u64::from_le_bytes(b);
+            }
+            mem.write_u64s(at + i * COPY_WORDS * 8, words);
         }
     } else {
         mem.write_bytes(at, entry);
@@ -326,14 +370,23 @@ fn write_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, entry: 
 }
 
 /// The writing half of a ring: owns the `producer` index.
+///
+/// [`Self::push`] publishes each entry at once. [`Self::push_batched`] writes the entry's
+/// slot but publishes it (one write of the index for the whole batch) only with
+/// [`Self::publish`], the next [`Self::push`], or when the half is dropped, whichever comes
+/// first: under emulation each access to shared memory costs, and a peer on the same CPU
+/// cannot look at the ring in the middle of a batch anyway.
 #[derive(Debug)]
 pub struct Producer<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> {
     mem: &'m M,
     geo: Geometry,
     /// Index of the next slot to fill. Private: published to the header, never read back.
     producer: u32,
+    /// The producer index last written to the header (`producer` minus the entries written
+    /// by [`Self::push_batched`] and not yet published).
+    published: u32,
     /// The consumer index last accepted. The consumer may only move it forward, up to
-    /// `producer`; invariant: `producer - consumer_seen <= capacity`.
+    /// `published`; invariant: `producer - consumer_seen <= capacity`.
     consumer_seen: u32,
     corrupt: bool,
 }
@@ -344,7 +397,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// [`Consumer::init`]) before telling the peer about the ring.
     pub fn init(mem: &'m M, offset: usize, capacity: u32, start: u32) -> Result<Self, RingError> {
         let geo = Geometry::init(mem, offset, capacity, SLOT_SIZE, start)?;
-        Ok(Self { mem, geo, producer: start, consumer_seen: start, corrupt: false })
+        Ok(Self { mem, geo, producer: start, published: start, consumer_seen: start, corrupt: false })
     }
 
     /// Takes over the producer side of an existing ring, continuing from the indexes in its
@@ -352,7 +405,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// holds more than `capacity` entries.
     pub fn attach(mem: &'m M, offset: usize, capacity: u32) -> Result<Self, RingError> {
         let (geo, producer, consumer) = Geometry::attach(mem, offset, capacity, SLOT_SIZE)?;
-        Ok(Self { mem, geo, producer, consumer_seen: consumer, corrupt: false })
+        Ok(Self { mem, geo, producer, published: producer, consumer_seen: consumer, corrupt: false })
     }
 
     /// Reads the consumer index once, checks it and returns the number of entries in the ring.
@@ -364,56 +417,68 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
         let consumer = self.mem.read_u32(self.geo.consumer_index());
         // No slot write may happen before this read: the consumer could still be copying.
         fence(Ordering::Acquire);
-        let used = self.producer.wrapping_sub(consumer);
-        // Legitimate values of `consumer` lie in `consumer_seen..=producer`, i.e. `used` is at
-        // most what was in the ring at the last check (which is at most `capacity`). This
-        // rejects both "more than capacity" and "moved backwards".
-        if used > self.producer.wrapping_sub(self.consumer_seen) {
+        // Legitimate values of `consumer` lie in `consumer_seen..=published` (it only moves
+        // forward, and never past what was published), a range of at most `capacity`. This
+        // rejects "moved backwards", "past the entries published" and so "more than
+        // capacity" at once (wrapping differences: a move backwards is a huge one).
+        if consumer.wrapping_sub(self.consumer_seen) > self.published.wrapping_sub(self.consumer_seen) {
             self.corrupt = true;
             return Err(RingError::Corrupt);
         }
         self.consumer_seen = consumer;
-        Ok(used)
+        Ok(self.producer.wrapping_sub(consumer))
     }
 
-    /// Copies `entry` into the next slot and publishes it. [`RingError::Full`] if the consumer
-    /// has not made room; [`RingError::Corrupt`] if its index is impossible (nothing is
-    /// written then).
+    /// Copies `entry` into the next slot and publishes it (with any entry written by
+    /// [`Self::push_batched`] before it). [`RingError::Full`] if the consumer has not made
+    /// room; [`RingError::Corrupt`] if its index is impossible (nothing is written then).
     #[inline]
     pub fn push(&mut self, entry: &[u8; SLOT_SIZE]) -> Result<(), RingError> {
         let used = self.observe()?;
         if used >= self.geo.capacity {
             return Err(RingError::Full);
         }
-        self.publish(entry);
+        self.write_next(entry);
+        self.publish();
         Ok(())
     }
 
-    /// Writes `entry` into the next slot and publishes it (room already checked).
+    /// Writes `entry` into the next slot (room already checked), unpublished.
     #[inline]
-    fn publish(&mut self, entry: &[u8; SLOT_SIZE]) {
+    fn write_next(&mut self, entry: &[u8; SLOT_SIZE]) {
         write_slot(self.mem, self.geo.slot_offset(self.producer, SLOT_SIZE), entry);
-        // The slot must be visible before the index that publishes it.
-        fence(Ordering::Release);
         self.producer = self.producer.wrapping_add(1);
-        self.mem.write_u32(self.geo.producer_index(), self.producer);
     }
 
-    /// As [`Self::push`], but reads the consumer index only if the one read last leaves no
-    /// room (then [`RingError::Full`] only after a fresh read, as `push`). For a batch of
-    /// pushes right after [`Self::attach`] (which read it) or a fresh look: under emulation
-    /// each read of shared memory costs, and an index read earlier is still a safe bound
-    /// (the consumer only moves it forward, and the acquire fence after that read already
+    /// Makes every entry written so far visible to the consumer: one write of the producer
+    /// index (none if nothing is unpublished). Not on a corrupt ring (it is abandoned).
+    #[inline]
+    pub fn publish(&mut self) {
+        if self.producer == self.published || self.corrupt {
+            return;
+        }
+        // The slots must be visible before the index that publishes them.
+        fence(Ordering::Release);
+        self.mem.write_u32(self.geo.producer_index(), self.producer);
+        self.published = self.producer;
+    }
+
+    /// As [`Self::push`], for a batch: reads the consumer index only if the one read last
+    /// leaves no room (then [`RingError::Full`] only after a fresh read, as `push`), and
+    /// leaves the entry unpublished until [`Self::publish`] (or the next `push`, or the
+    /// drop of this half). For a batch of pushes right after [`Self::attach`] (which read
+    /// the index) or a fresh look: an index read earlier is still a safe bound (the
+    /// consumer only moves it forward, and the acquire fence after that read already
     /// orders this slot write after it). A corrupt index is found at the next read.
     #[inline]
-    pub fn push_cached(&mut self, entry: &[u8; SLOT_SIZE]) -> Result<(), RingError> {
+    pub fn push_batched(&mut self, entry: &[u8; SLOT_SIZE]) -> Result<(), RingError> {
         if self.corrupt {
             return Err(RingError::Corrupt);
         }
         if self.producer.wrapping_sub(self.consumer_seen) >= self.geo.capacity && self.observe()? >= self.geo.capacity {
             return Err(RingError::Full);
         }
-        self.publish(entry);
+        self.write_next(entry);
         Ok(())
     }
 
@@ -425,7 +490,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
         self.geo.capacity - self.producer.wrapping_sub(self.consumer_seen)
     }
 
-    /// Entries pushed and not yet taken by the consumer.
+    /// Entries pushed (published or not) and not yet taken by the consumer.
     pub fn len(&mut self) -> Result<u32, RingError> {
         self.observe()
     }
@@ -457,15 +522,31 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     }
 }
 
+/// Entries written by [`Producer::push_batched`] are published when the half goes at the
+/// latest: none is left written but invisible to the consumer.
+impl<M: SharedMem + ?Sized, const SLOT_SIZE: usize> Drop for Producer<'_, M, SLOT_SIZE> {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
 /// The reading half of a ring: owns the `consumer` index.
+///
+/// [`Self::pop`] frees each slot at once. [`Self::pop_batched`] copies the entry out but
+/// frees its slot (one write of the index for the whole batch) only with
+/// [`Self::release`], the next [`Self::pop`] or [`Self::skip_all`], or when the half is
+/// dropped, whichever comes first (see [`Producer`]).
 #[derive(Debug)]
 pub struct Consumer<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> {
     mem: &'m M,
     geo: Geometry,
     /// Index of the next slot to take. Private: published to the header, never read back.
     consumer: u32,
+    /// The consumer index last written to the header (`consumer` minus the entries taken
+    /// by [`Self::pop_batched`] whose slots are not yet freed).
+    released: u32,
     /// The producer index last accepted. The producer may only move it forward, up to
-    /// `consumer + capacity`; invariant: `producer_seen - consumer <= capacity`.
+    /// `released + capacity`; invariant: `producer_seen - released <= capacity`.
     producer_seen: u32,
     corrupt: bool,
 }
@@ -475,7 +556,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// its consumer half. See [`Producer::init`].
     pub fn init(mem: &'m M, offset: usize, capacity: u32, start: u32) -> Result<Self, RingError> {
         let geo = Geometry::init(mem, offset, capacity, SLOT_SIZE, start)?;
-        Ok(Self { mem, geo, consumer: start, producer_seen: start, corrupt: false })
+        Ok(Self { mem, geo, consumer: start, released: start, producer_seen: start, corrupt: false })
     }
 
     /// Takes over the consumer side of an existing ring, continuing from the indexes in its
@@ -484,7 +565,7 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// than `capacity` entries.
     pub fn attach(mem: &'m M, offset: usize, capacity: u32) -> Result<Self, RingError> {
         let (geo, producer, consumer) = Geometry::attach(mem, offset, capacity, SLOT_SIZE)?;
-        Ok(Self { mem, geo, consumer, producer_seen: producer, corrupt: false })
+        Ok(Self { mem, geo, consumer, released: consumer, producer_seen: producer, corrupt: false })
     }
 
     /// Reads the producer index once, checks it and returns the number of entries available.
@@ -496,47 +577,65 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
         let producer = self.mem.read_u32(self.geo.producer_index());
         // Slot reads must come after this read, or they could see the slot's old contents.
         fence(Ordering::Acquire);
-        let available = producer.wrapping_sub(self.consumer);
-        // Legitimate values of `producer` lie in `producer_seen..=consumer + capacity`.
-        if available > self.geo.capacity || available < self.producer_seen.wrapping_sub(self.consumer) {
+        // Legitimate values of `producer` lie in `producer_seen..=released + capacity` (it
+        // only moves forward, into slots freed): wrapping differences, as in
+        // `Producer::observe`. `consumer <= producer_seen`, so what is available then is at
+        // most `capacity`.
+        let limit = self.released.wrapping_add(self.geo.capacity);
+        if producer.wrapping_sub(self.producer_seen) > limit.wrapping_sub(self.producer_seen) {
             self.corrupt = true;
             return Err(RingError::Corrupt);
         }
         self.producer_seen = producer;
-        Ok(available)
+        Ok(producer.wrapping_sub(self.consumer))
     }
 
-    /// Copies the oldest entry out of the ring and frees its slot; `Ok(None)` if the ring is
-    /// empty. The copy is private: validate it, the producer may already be rewriting the
-    /// slot. [`RingError::Corrupt`] if the producer's index is impossible (nothing is read).
+    /// Copies the oldest entry out of the ring and frees its slot (and those of entries
+    /// taken by [`Self::pop_batched`] before it); `Ok(None)` if the ring is empty. The copy
+    /// is private: validate it, the producer may already be rewriting the slot.
+    /// [`RingError::Corrupt`] if the producer's index is impossible (nothing is read).
     #[inline]
     pub fn pop(&mut self) -> Result<Option<[u8; SLOT_SIZE]>, RingError> {
         if self.observe()? == 0 {
             return Ok(None);
         }
-        Ok(Some(self.take()))
+        let entry = self.take();
+        self.release();
+        Ok(Some(entry))
     }
 
-    /// Copies the oldest entry out and frees its slot (an entry already known to be there).
+    /// Copies the oldest entry out (an entry already known to be there); its slot stays
+    /// taken until [`Self::release`].
     #[inline]
     fn take(&mut self) -> [u8; SLOT_SIZE] {
-        let mut entry = [0u8; SLOT_SIZE];
-        read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE), &mut entry);
-        // The copy must be complete before the producer may reuse the slot.
-        fence(Ordering::Release);
+        let entry = read_slot(self.mem, self.geo.slot_offset(self.consumer, SLOT_SIZE));
         self.consumer = self.consumer.wrapping_add(1);
-        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
         entry
     }
 
-    /// As [`Self::pop`], but reads the producer index only if the one read last shows no
-    /// entry left (so `Ok(None)` still comes only after a fresh read, as from `pop`): a
-    /// batch of pops after [`Self::attach`] or a fresh look reads it once. The entries
-    /// below the index read last were published before it (the producer's release fence)
-    /// and the acquire fence after that read orders these slot reads after it. A corrupt
-    /// index is found at the next read.
+    /// Frees the slots of every entry taken so far: one write of the consumer index (none
+    /// if every slot is freed already). Not on a corrupt ring (it is abandoned).
     #[inline]
-    pub fn pop_cached(&mut self) -> Result<Option<[u8; SLOT_SIZE]>, RingError> {
+    pub fn release(&mut self) {
+        if self.consumer == self.released || self.corrupt {
+            return;
+        }
+        // The copies must be complete before the producer may reuse the slots.
+        fence(Ordering::Release);
+        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
+        self.released = self.consumer;
+    }
+
+    /// As [`Self::pop`], for a batch: reads the producer index only if the one read last
+    /// shows no entry left (so `Ok(None)` still comes only after a fresh read, as from
+    /// `pop`), and frees the slot only at [`Self::release`] (or the next `pop`, or the drop
+    /// of this half): a batch of pops after [`Self::attach`] or a fresh look reads the
+    /// producer index once and writes the consumer index once. The entries below the index
+    /// read last were published before it (the producer's release fence) and the acquire
+    /// fence after that read orders these slot reads after it. A corrupt index is found at
+    /// the next read.
+    #[inline]
+    pub fn pop_batched(&mut self) -> Result<Option<[u8; SLOT_SIZE]>, RingError> {
         if self.corrupt {
             return Err(RingError::Corrupt);
         }
@@ -550,10 +649,9 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// server calls this at attach: its client replays whatever it has not seen answered.
     pub fn skip_all(&mut self) -> Result<u32, RingError> {
         let available = self.observe()?;
-        // `observe` accepted `producer_seen`: at most `capacity` past our index.
-        fence(Ordering::Release);
+        // `observe` accepted `producer_seen`: at most `capacity` past the freed slots.
         self.consumer = self.producer_seen;
-        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
+        self.release();
         Ok(available)
     }
 
@@ -585,6 +683,14 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// Whether the producer's index was found impossible (every operation now fails).
     pub fn is_corrupt(&self) -> bool {
         self.corrupt
+    }
+}
+
+/// Slots of entries taken by [`Consumer::pop_batched`] are freed when the half goes at the
+/// latest: the producer never waits for room that is already free.
+impl<M: SharedMem + ?Sized, const SLOT_SIZE: usize> Drop for Consumer<'_, M, SLOT_SIZE> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -803,6 +909,68 @@ mod tests {
     }
 
     #[test]
+    fn batches_are_seen_only_once_published_or_dropped() {
+        let cap = 8;
+        let mem = mem_for(16, cap);
+        let mut p = Producer::<_, S>::init(&mem, 16, cap, 0).unwrap();
+        let mut c = Consumer::<_, S>::attach(&mem, 16, cap).unwrap();
+        p.push_batched(&entry(1)).unwrap();
+        p.push_batched(&entry(2)).unwrap();
+        assert_eq!(mem.peek(16 + PRODUCER_INDEX_OFFSET), 0, "nothing published yet");
+        assert_eq!(c.pop_batched().unwrap(), None);
+        p.publish();
+        assert_eq!(mem.peek(16 + PRODUCER_INDEX_OFFSET), 2);
+        // A plain push publishes the batch before it with itself.
+        p.push_batched(&entry(3)).unwrap();
+        p.push(&entry(4)).unwrap();
+        assert_eq!(mem.peek(16 + PRODUCER_INDEX_OFFSET), 4);
+        assert_eq!(c.pop_batched().unwrap(), Some(entry(1)));
+        assert_eq!(c.pop_batched().unwrap(), Some(entry(2)));
+        assert_eq!(mem.peek(16 + CONSUMER_INDEX_OFFSET), 0, "no slot freed yet");
+        assert_eq!(p.free().unwrap(), cap - 4);
+        c.release();
+        assert_eq!(mem.peek(16 + CONSUMER_INDEX_OFFSET), 2);
+        assert_eq!(p.free().unwrap(), cap - 2);
+        // Dropping either half publishes what it held back.
+        assert_eq!(c.pop_batched().unwrap(), Some(entry(3)));
+        drop(c);
+        assert_eq!(mem.peek(16 + CONSUMER_INDEX_OFFSET), 3);
+        p.push_batched(&entry(5)).unwrap();
+        drop(p);
+        assert_eq!(mem.peek(16 + PRODUCER_INDEX_OFFSET), 5);
+        let mut c = Consumer::<_, S>::attach(&mem, 16, cap).unwrap();
+        assert_eq!(c.pop().unwrap(), Some(entry(4)));
+        assert_eq!(c.pop().unwrap(), Some(entry(5)));
+    }
+
+    #[test]
+    fn a_peer_index_into_what_was_held_back_is_corrupt() {
+        let cap = 8;
+        // The consumer claims entries written but not yet published.
+        let mem = mem_for(16, cap);
+        let mut p = Producer::<_, S>::init(&mem, 16, cap, 0).unwrap();
+        p.push(&entry(1)).unwrap();
+        p.push_batched(&entry(2)).unwrap();
+        mem.poke(16 + CONSUMER_INDEX_OFFSET, 2);
+        assert_eq!(p.free(), Err(RingError::Corrupt));
+        // The producer claims slots the consumer copied out but has not freed.
+        let mem = mem_for(16, cap);
+        let mut p = Producer::<_, S>::init(&mem, 16, cap, 0).unwrap();
+        let mut c = Consumer::<_, S>::attach(&mem, 16, cap).unwrap();
+        for i in 0..cap {
+            p.push(&entry(i)).unwrap();
+        }
+        assert_eq!(c.pop_batched().unwrap(), Some(entry(0)));
+        c.release();
+        assert_eq!(c.pop_batched().unwrap(), Some(entry(1)));
+        // One slot freed: the producer may be at most one past a full ring, not two.
+        mem.poke(16 + PRODUCER_INDEX_OFFSET, cap + 1);
+        assert_eq!(c.len(), Ok(cap - 1));
+        mem.poke(16 + PRODUCER_INDEX_OFFSET, cap + 2);
+        assert_eq!(c.len(), Err(RingError::Corrupt));
+    }
+
+    #[test]
     fn own_index_overwritten_by_peer_is_ignored() {
         let mem = mem_for(0, 4);
         let mut p = Producer::<_, S>::init(&mem, 0, 4, 0).unwrap();
@@ -880,17 +1048,22 @@ mod tests {
     enum Step {
         Push,
         Pop,
-        /// [`Producer::push_cached`] / [`Consumer::pop_cached`].
-        PushCached,
-        PopCached,
+        /// [`Producer::push_batched`] / [`Consumer::pop_batched`].
+        PushBatched,
+        PopBatched,
+        /// [`Producer::publish`] / [`Consumer::release`].
+        Publish,
+        Release,
     }
 
     #[derive(Clone, Debug)]
     enum HostileStep {
         Push,
         Pop,
-        PushCached,
-        PopCached,
+        PushBatched,
+        PopBatched,
+        Publish,
+        Release,
         Len,
         /// Overwrite a header word with an arbitrary value.
         Scribble {
@@ -905,8 +1078,10 @@ mod tests {
         prop_oneof![
             Just(HostileStep::Push),
             Just(HostileStep::Pop),
-            Just(HostileStep::PushCached),
-            Just(HostileStep::PopCached),
+            Just(HostileStep::PushBatched),
+            Just(HostileStep::PopBatched),
+            Just(HostileStep::Publish),
+            Just(HostileStep::Release),
             Just(HostileStep::Len),
             (any::<bool>(), any::<u32>())
                 .prop_map(|(consumer_word, value)| HostileStep::Scribble { consumer_word, value }),
@@ -920,7 +1095,14 @@ mod tests {
             cap_log in 0u32..5,
             start in prop_oneof![any::<u32>(), (u32::MAX - 40)..=u32::MAX],
             steps in proptest::collection::vec(
-                prop_oneof![Just(Step::Push), Just(Step::Pop), Just(Step::PushCached), Just(Step::PopCached)],
+                prop_oneof![
+                    Just(Step::Push),
+                    Just(Step::Pop),
+                    Just(Step::PushBatched),
+                    Just(Step::PopBatched),
+                    Just(Step::Publish),
+                    Just(Step::Release),
+                ],
                 0..200,
             ),
             look in any::<bool>(),
@@ -929,33 +1111,63 @@ mod tests {
             let mem = mem_for(16, cap);
             let mut p = Producer::<_, S>::init(&mem, 16, cap, start).unwrap();
             let mut c = Consumer::<_, S>::attach(&mem, 16, cap).unwrap();
+            // Every entry between the consumer index in the header and the producer's own:
+            // the first `taken` copied out by the consumer (slots not yet freed), the last
+            // `unpublished` not yet visible to it.
             let mut model = VecDeque::new();
+            let (mut taken, mut unpublished) = (0usize, 0usize);
             let mut n = 0u32;
             for step in steps {
                 match step {
-                    Step::Push | Step::PushCached => {
-                        let r = if step == Step::Push { p.push(&entry(n)) } else { p.push_cached(&entry(n)) };
+                    Step::Push | Step::PushBatched => {
+                        let r = if step == Step::Push { p.push(&entry(n)) } else { p.push_batched(&entry(n)) };
                         if model.len() == cap as usize {
                             prop_assert_eq!(r, Err(RingError::Full));
                         } else {
                             prop_assert_eq!(r, Ok(()));
                             model.push_back(n);
+                            // A push publishes the batch before it too.
+                            unpublished = if step == Step::Push { 0 } else { unpublished + 1 };
                         }
                         n += 1;
                     }
-                    Step::Pop => prop_assert_eq!(c.pop().unwrap(), model.pop_front().map(entry)),
-                    Step::PopCached => prop_assert_eq!(c.pop_cached().unwrap(), model.pop_front().map(entry)),
+                    Step::Pop | Step::PopBatched => {
+                        let visible = model.len() - taken - unpublished;
+                        let want = if visible > 0 { Some(entry(model[taken])) } else { None };
+                        let got = if step == Step::Pop { c.pop().unwrap() } else { c.pop_batched().unwrap() };
+                        prop_assert_eq!(got, want);
+                        taken += usize::from(want.is_some());
+                        if step == Step::Pop && want.is_some() {
+                            model.drain(..taken);
+                            taken = 0;
+                        }
+                    }
+                    Step::Publish => {
+                        p.publish();
+                        unpublished = 0;
+                    }
+                    Step::Release => {
+                        c.release();
+                        model.drain(..taken);
+                        taken = 0;
+                    }
                 }
                 // The cached views are bounds: never more room than there is.
                 prop_assert!(p.free_seen() as usize <= cap as usize - model.len());
                 // Without a fresh look in between, the cached operations run on old indexes.
                 if look {
                     prop_assert_eq!(p.len().unwrap() as usize, model.len());
-                    prop_assert_eq!(c.len().unwrap() as usize, model.len());
+                    prop_assert_eq!(c.len().unwrap() as usize, model.len() - taken - unpublished);
                     prop_assert_eq!(p.free().unwrap() as usize, cap as usize - model.len());
                     prop_assert_eq!(p.free_seen() as usize, cap as usize - model.len());
                 }
             }
+            // Dropping the halves publishes and frees what they held back.
+            let left = model.len() - taken;
+            drop(p);
+            drop(c);
+            let mut c = Consumer::<_, S>::attach(&mem, 16, cap).unwrap();
+            prop_assert_eq!(c.len().unwrap() as usize, left);
         }
 
         #[test]
@@ -996,13 +1208,15 @@ mod tests {
                     HostileStep::Pop => {
                         let _ = c.pop();
                     }
-                    HostileStep::PushCached => {
-                        let _ = p.push_cached(&entry(1));
+                    HostileStep::PushBatched => {
+                        let _ = p.push_batched(&entry(1));
                         prop_assert!(p.free_seen() <= cap);
                     }
-                    HostileStep::PopCached => {
-                        let _ = c.pop_cached();
+                    HostileStep::PopBatched => {
+                        let _ = c.pop_batched();
                     }
+                    HostileStep::Publish => p.publish(),
+                    HostileStep::Release => c.release(),
                     HostileStep::Len => {
                         if let Ok(n) = p.len() {
                             prop_assert!(n <= cap);
@@ -1028,10 +1242,10 @@ mod tests {
             }
             if c.is_corrupt() {
                 prop_assert_eq!(c.pop(), Err(RingError::Corrupt));
-                prop_assert_eq!(c.pop_cached(), Err(RingError::Corrupt));
+                prop_assert_eq!(c.pop_batched(), Err(RingError::Corrupt));
             }
             if p.is_corrupt() {
-                prop_assert_eq!(p.push_cached(&entry(0)), Err(RingError::Corrupt));
+                prop_assert_eq!(p.push_batched(&entry(0)), Err(RingError::Corrupt));
             }
         }
     }

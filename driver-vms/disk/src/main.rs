@@ -332,7 +332,9 @@ mod serve {
     use domain_rt::shared::Region;
     use domain_rt::{channels, println, BootInfo};
     use domain_rt::{hypercall, irq};
-    use ipc_spec::block::{validate, BlockLayout, DiskInfo, Request, Response, Status, Validated};
+    use ipc_spec::block::{
+        validate, BlockLayout, DiskInfo, Request, RequestConsumer, Response, ResponseProducer, Status, Validated,
+    };
     use ipc_spec::block_part::Partition;
     use ipc_spec::ring::RingError;
 
@@ -349,13 +351,28 @@ mod serve {
         data_len: usize,
     }
 
+    /// A channel's two ring halves, attached once when the channel is (each keeps its own
+    /// index privately, as `ipc_spec::ring` wants, and the peer's last one seen): a
+    /// pass then reads the guest's index only when the one seen shows no work, instead of
+    /// attaching (checking the geometry, reading both indexes) several times per pass.
+    /// Entries held back by `push_batched`/`pop_batched` are published explicitly: at the
+    /// end of `take_requests` and of `complete`, before this VM looks again or sleeps.
+    struct Rings {
+        requests: RequestConsumer<'static, Region>,
+        responses: ResponseProducer<'static, Region>,
+    }
+
     /// One guest's block channel.
     struct Channel<'a> {
         name: &'a str,
-        region: Region,
+        /// Lives as long as this VM (leaked at start-up), so that ring halves attached to it
+        /// can be kept while the channel's other fields change (`complete`).
+        region: &'static Region,
         signal: u64,
         wait: u64,
         layout: Option<BlockLayout>,
+        /// Its rings, once attached (with `layout`).
+        rings: Option<Rings>,
         /// The guest broke the protocol (corrupt ring): this channel is no longer served.
         broken: bool,
         /// Requests of this channel on the device: each will need a response slot.
@@ -388,6 +405,7 @@ mod serve {
             // SAFETY: dom0 mapped this region into our stage-2 for this channel at the
             // address and size it put on our command line; nothing else in this VM uses it.
             let region = unsafe { a.region() };
+            let region: &'static Region = alloc::boxed::Box::leak(alloc::boxed::Box::new(region));
             let key = alloc::format!("part.{name}");
             let (part, broken) = match info.arg(&key).map(|p| Partition::parse(p).and_then(|p| p.check(disk))) {
                 None => (Partition::whole(disk), false),
@@ -406,6 +424,7 @@ mod serve {
                 signal: a.signal,
                 wait: a.wait,
                 layout: None,
+                rings: None,
                 outstanding: 0,
                 flush: None,
                 stalled: None,
@@ -531,7 +550,7 @@ mod serve {
             dev.sleep_ringing(seen, ring);
             for c in chans.iter_mut().filter(|c| c.doorbell_wanted) {
                 c.doorbell_wanted = false;
-                BlockLayout::set_doorbell_wanted(&c.region, false);
+                BlockLayout::set_doorbell_wanted(c.region, false);
             }
         }
     }
@@ -546,22 +565,21 @@ mod serve {
     fn ask_for_doorbells(chans: &mut [Channel], dev: &Disk) -> bool {
         let mut waiting = false;
         for c in chans.iter_mut() {
-            let Some(layout) = c.layout else { continue };
-            if c.broken || c.flush.is_some() || c.stalled.is_some() || !dev.has_room() {
+            if c.rings.is_none() || c.broken || c.flush.is_some() || c.stalled.is_some() || !dev.has_room() {
                 continue;
             }
             if !c.doorbell_wanted {
-                BlockLayout::set_doorbell_wanted(&c.region, true);
+                BlockLayout::set_doorbell_wanted(c.region, true);
                 c.doorbell_wanted = true;
             }
             // Only requests it could take now keep it awake: with no response slot for
             // them (the guest has not taken its answers), it sleeps, and the guest, which
             // looks at the flag after taking answers too, rings (a driver spinning here
             // would starve lower priorities).
-            waiting |= layout
-                .driver_rings(&c.region)
-                .and_then(|(mut r, mut a)| Ok(r.len()? > 0 && a.free()? > c.outstanding))
-                .unwrap_or(false);
+            let outstanding = c.outstanding;
+            waiting |= c.rings.as_mut().is_some_and(
+                |r| matches!((r.requests.len(), r.responses.free()), (Ok(n), Ok(free)) if n > 0 && free > outstanding),
+            );
         }
         waiting
     }
@@ -605,8 +623,7 @@ mod serve {
         // its last answer; each wake-up of the guest costs world switches, which under
         // emulation cost more than a request.
         for c in chans.iter_mut().filter(|c| c.answered > 0) {
-            let waiting =
-                c.layout.and_then(|l| l.driver_requests_attach(&c.region).and_then(|mut r| r.len()).ok()).unwrap_or(0);
+            let waiting = c.rings.as_mut().and_then(|r| r.requests.len().ok()).unwrap_or(0);
             // Saturating: `answered` grows until the guest is rung, and a guest that keeps
             // its last-answer-only flag set and never drains must not wrap it.
             let window = c
@@ -616,11 +633,12 @@ mod serve {
                 .saturating_add(u32::from(c.flush.is_some() || c.stalled.is_some()));
             // Held back only if the client asked for its last answer only and every answer
             // still owed has a response slot (looked at only when the ring would be due).
-            let hold = |c: &Channel| {
+            let hold = |c: &mut Channel| {
                 let owed = window.saturating_sub(c.answered);
-                BlockLayout::last_answer_only(&c.region)
-                    && c.layout
-                        .and_then(|l| l.driver_responses_attach(&c.region).and_then(|mut r| r.free()).ok())
+                BlockLayout::last_answer_only(c.region)
+                    && c.rings
+                        .as_mut()
+                        .and_then(|r| r.responses.free().ok())
                         .is_some_and(|free| ipc_spec::block::may_hold_ring(true, free, owed))
             };
             let due = ipc_spec::block::ring_client_now(c.answered, window, false);
@@ -632,50 +650,29 @@ mod serve {
         progress
     }
 
-    /// Answer every request the device completed; how many. The completions are taken
-    /// first and then answered channel by channel, with each channel's response ring
-    /// attached once (its indexes read and checked once per batch, not per answer).
+    /// Answer every request the device completed, as it takes them; how many. The answers
+    /// go on each channel's response ring as they come and are published once, at the end
+    /// (one write of each ring's producer index per pass).
     fn complete(chans: &mut [Channel], dev: &mut Disk) -> usize {
-        // At most QUEUE_DEPTH are in flight, and nothing is submitted while taking them.
-        let mut done = [(Tag { chan: 0, id: 0 }, Status::Ok); crate::device::QUEUE_DEPTH];
-        let mut n = 0;
         let taken = dev.take_completions(|tag: Tag, r| {
-            if let Some(slot) = done.get_mut(n) {
-                *slot = (tag, status(r));
-                n += 1;
+            let Some(c) = chans.get_mut(tag.chan) else { return };
+            c.outstanding = c.outstanding.saturating_sub(1);
+            if c.broken {
+                return;
+            }
+            let Some(rings) = c.rings.as_mut() else { return };
+            // Room was reserved when the request was taken (so the consumer index read
+            // last is normally enough: `push_batched`).
+            match rings.responses.push_batched(&Response::new(tag.id, status(r)).from(c.incarnation).encode()) {
+                Ok(()) => c.answered += 1,
+                Err(e) => {
+                    give_up(c, e);
+                }
             }
         });
-        // In runs of one channel's completions (usually one run: one guest), each run with
-        // that channel's response ring attached once.
-        let mut done = &done[..n];
-        while let Some(&(first, _)) = done.first() {
-            let run = done.iter().position(|(t, _)| t.chan != first.chan).unwrap_or(done.len());
-            let (these, rest) = done.split_at(run);
-            done = rest;
-            let Some(c) = chans.get_mut(first.chan) else { continue };
-            c.outstanding = c.outstanding.saturating_sub(these.len() as u32);
-            if c.broken {
-                continue;
-            }
-            let region = c.region;
-            let mut responses = match c.layout.map(|l| l.driver_responses_attach(&region)) {
-                Some(Ok(responses)) => responses,
-                Some(Err(e)) => {
-                    give_up(c, e);
-                    continue;
-                }
-                None => continue,
-            };
-            for (tag, s) in these {
-                // Room was reserved when the request was taken (so the consumer index
-                // read at the attach is normally enough: `push_cached`).
-                match responses.push_cached(&Response::new(tag.id, *s).from(c.incarnation).encode()) {
-                    Ok(()) => c.answered += 1,
-                    Err(e) => {
-                        give_up(c, e);
-                        break;
-                    }
-                }
+        if taken > 0 {
+            for rings in chans.iter_mut().filter_map(|c| c.rings.as_mut()) {
+                rings.responses.publish();
             }
         }
         taken
@@ -686,10 +683,9 @@ mod serve {
         if c.broken {
             return;
         }
-        let Some(layout) = c.layout else { return };
+        let Some(rings) = c.rings.as_mut() else { return };
         let resp = resp.from(c.incarnation);
-        let pushed = layout.driver_rings(&c.region).and_then(|(_, mut responses)| responses.push(&resp.encode()));
-        match pushed {
+        match rings.responses.push(&resp.encode()) {
             Ok(()) => c.answered += 1,
             Err(e) => {
                 give_up(c, e);
@@ -704,17 +700,21 @@ mod serve {
         let disk = c.part.info(&disk);
         let layout = match c.layout {
             Some(l) => l,
-            None => match BlockLayout::read(&c.region) {
+            None => match BlockLayout::read(c.region) {
                 Ok(l) => {
                     // Announce this incarnation: requests still on the ring are dropped and
                     // the client, rung below, sends again everything it has not seen
                     // answered (this VM may be a restarted one).
-                    match l.driver_attach(&c.region) {
+                    match l.driver_attach(c.region) {
                         Ok(n) => {
                             crate::startup::mark(crate::startup::Step::Attached);
                             println!("channel {}: attached as incarnation {n}", c.name);
                             c.incarnation = n;
                         }
+                        Err(e) => return give_up(c, e),
+                    }
+                    match l.driver_rings(c.region) {
+                        Ok((requests, responses)) => c.rings = Some(Rings { requests, responses }),
                         Err(e) => return give_up(c, e),
                     }
                     c.layout = Some(l);
@@ -731,15 +731,18 @@ mod serve {
                 Err(Some(id)) => answer(c, Response::new(id, Status::IoError)),
             }
         }
+        if c.flush.is_some() || c.stalled.is_some() {
+            return false;
+        }
         let mut took = false;
-        // The rings are attached once per call (their indexes are read and checked here,
-        // and again by every pop and push).
-        let region = c.region;
-        let (mut requests, mut responses) = match layout.driver_rings(&region) {
-            Ok(r) => r,
-            Err(e) => return give_up(c, e),
-        };
-        while c.flush.is_none() && c.stalled.is_none() && dev.has_room() {
+        let on_device = c.outstanding;
+        // Out of the channel while it is worked on (given back at the end, with every index
+        // written once; a channel given up on below keeps none).
+        let Some(mut rings) = c.rings.take() else { return false };
+        let Rings { requests, responses } = &mut rings;
+        // A flush or a request the device has no room for ends the batch (`break`): the
+        // loop looks only at the device's room.
+        while dev.has_room() {
             // Every request on the device and the one taken now need a response slot. The
             // consumer index read last is a lower bound of the room (the guest only frees
             // slots): it is read again only when that bound is not enough.
@@ -751,7 +754,7 @@ mod serve {
                 }
             }
             // The producer index is read again only once the entries seen are taken.
-            let slot = match requests.pop_cached() {
+            let slot = match requests.pop_batched() {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
                 Err(e) => return give_up(c, e),
@@ -760,7 +763,7 @@ mod serve {
             let req = Request::decode(&slot);
             let io = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => {
-                    if let Err(e) = responses.push_cached(&Response::info(req.id, disk).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_batched(&Response::info(req.id, disk).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -785,7 +788,7 @@ mod serve {
                     data_len: t.data_len(),
                 },
                 Err(s) => {
-                    if let Err(e) = responses.push_cached(&Response::new(req.id, s).from(c.incarnation).encode()) {
+                    if let Err(e) = responses.push_batched(&Response::new(req.id, s).from(c.incarnation).encode()) {
                         return give_up(c, e);
                     }
                     c.answered += 1;
@@ -797,13 +800,21 @@ mod serve {
                 Err(None) => break,
                 Err(Some(id)) => {
                     if let Err(e) =
-                        responses.push_cached(&Response::new(id, Status::IoError).from(c.incarnation).encode())
+                        responses.push_batched(&Response::new(id, Status::IoError).from(c.incarnation).encode())
                     {
                         return give_up(c, e);
                     }
                     c.answered += 1;
                 }
             }
+        }
+        requests.release();
+        responses.publish();
+        c.rings = Some(rings);
+        // Noted once per batch, not per request (the check costs little, the registers it
+        // needs in the loop do).
+        if c.outstanding != on_device && !crate::startup::marked(crate::startup::Step::FirstTaken) {
+            crate::startup::mark(crate::startup::Step::FirstTaken);
         }
         took
     }
@@ -818,9 +829,6 @@ mod serve {
         // The guest may scribble on it meanwhile: that only spoils its own data.
         match unsafe { dev.submit(Tag { chan, id: io.id }, io.write, io.sector, buf, io.data_len) } {
             Ok(()) => {
-                if !crate::startup::marked(crate::startup::Step::FirstTaken) {
-                    crate::startup::mark(crate::startup::Step::FirstTaken);
-                }
                 c.outstanding += 1;
                 Ok(())
             }

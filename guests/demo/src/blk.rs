@@ -62,6 +62,7 @@ pub struct BlockSubmitter<'a> {
 
 impl BlockSubmitter<'_> {
     /// Queue a request (rung with [`BlockClient::kick_if_needed`]); returns its id.
+    #[inline]
     pub fn submit(&mut self, op: Op, sector: u64, count: u32, data_offset: usize) -> Result<u64, ClientError> {
         Ok(self.inner.submit(op, sector, count, data_offset as u32)?)
     }
