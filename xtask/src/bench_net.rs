@@ -198,19 +198,12 @@ fn measure(driver_port: u16, direct_port: u16) -> Result<(Figures, Figures, Rati
         ratios.min[k] = p.iter().copied().fold(f64::INFINITY, f64::min);
         ratios.max[k] = p.iter().copied().fold(0.0, f64::max);
     }
-    Ok((figures(0), figures(1), ratios, [server_line(driver_port)?, server_line(direct_port)?]))
-}
-
-/// The HTTP server's own counts from its status page (requests, and the sleeps it began
-/// with work waiting: a wake-up lost inside the guest costs a request a timer's wait, which
-/// looks like a slow path; this says whether that happened).
-fn server_line(port: u16) -> Result<String, String> {
-    let (status, body) = request(&mut connect(port)?, "GET", "/", b"")?;
-    let page = String::from_utf8_lossy(&body);
-    match page.lines().find(|l| l.starts_with("http: ")) {
-        Some(l) if status == 200 => Ok(l.to_string()),
-        _ => Err(format!("GET / on port {port} answered {status} without an `http:` line")),
-    }
+    Ok((
+        figures(0),
+        figures(1),
+        ratios,
+        [crate::http_client::server_line(driver_port)?, crate::http_client::server_line(direct_port)?],
+    ))
 }
 
 /// The JSON report: each path's median figure and the median of the pair ratios, with the

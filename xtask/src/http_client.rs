@@ -25,6 +25,18 @@ pub fn request(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> Resu
     read_response(s)
 }
 
+/// The demo guest's HTTP server's own counts: the `http: ` line of its status page (`GET /`
+/// on the guest at `port`): requests, refusals and the sleeps it began with work waiting
+/// (a wake-up it lost itself; must be 0).
+pub fn server_line(port: u16) -> Result<String, String> {
+    let (status, body) = request(&mut connect(port)?, "GET", "/", b"")?;
+    let page = String::from_utf8_lossy(&body);
+    match page.lines().find(|l| l.starts_with("http: ")) {
+        Some(l) if status == 200 => Ok(l.to_string()),
+        _ => Err(format!("GET / on port {port} answered {status} without an `http:` line")),
+    }
+}
+
 /// Reads one response: (status code, body).
 pub fn read_response(s: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
     let mut head = Vec::new();

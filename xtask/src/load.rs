@@ -125,14 +125,7 @@ fn web(o: &Options) -> Result<(), String> {
             ab_result = Some(out);
             // The server's own line, while QEMU still runs: its count of sleeps begun
             // with work waiting (a wake-up it lost itself) must be 0.
-            server_line = Some(crate::http_client::connect(port).and_then(|mut s| {
-                let (status, body) = crate::http_client::request(&mut s, "GET", "/", b"")?;
-                let page = String::from_utf8_lossy(&body).into_owned();
-                match page.lines().find(|l| l.starts_with("http: ")) {
-                    Some(l) if status == 200 => Ok(l.to_string()),
-                    _ => Err(format!("GET / answered {status} without an `http:` line")),
-                }
-            }));
+            server_line = Some(crate::http_client::server_line(port));
             return true;
         }
         lines.iter().any(|l| l.contains("FATAL"))

@@ -799,50 +799,40 @@ mod serve {
             };
             took = true;
             let req = Request::decode(&slot);
-            let io = match validate(&req, &layout, disk) {
+            let (write, t) = match validate(&req, &layout, disk) {
                 Ok(Validated::GetInfo) => {
-                    if let Err(e) = responses.push_batched(&Response::info(req.id, disk).from(c.incarnation).encode()) {
+                    if let Err(e) = push_answer(responses, c, Response::info(req.id, disk)) {
                         return give_up(c, e);
                     }
-                    c.answered += 1;
                     continue;
                 }
                 Ok(Validated::Flush) => {
                     c.flush = Some(req.id);
                     break;
                 }
-                Ok(Validated::Read(t)) => Io {
-                    id: req.id,
-                    write: false,
-                    sector: c.part.to_disk(t.sector()),
-                    data_offset: t.data_offset(),
-                    data_len: t.data_len(),
-                },
-                Ok(Validated::Write(t)) => Io {
-                    id: req.id,
-                    write: true,
-                    sector: c.part.to_disk(t.sector()),
-                    data_offset: t.data_offset(),
-                    data_len: t.data_len(),
-                },
+                Ok(Validated::Read(t)) => (false, t),
+                Ok(Validated::Write(t)) => (true, t),
                 Err(s) => {
-                    if let Err(e) = responses.push_batched(&Response::new(req.id, s).from(c.incarnation).encode()) {
+                    if let Err(e) = push_answer(responses, c, Response::new(req.id, s)) {
                         return give_up(c, e);
                     }
-                    c.answered += 1;
                     continue;
                 }
+            };
+            let io = Io {
+                id: req.id,
+                write,
+                sector: c.part.to_disk(t.sector()),
+                data_offset: t.data_offset(),
+                data_len: t.data_len(),
             };
             match start(chan, c, dev, io) {
                 Ok(()) => {}
                 Err(None) => break,
                 Err(Some(id)) => {
-                    if let Err(e) =
-                        responses.push_batched(&Response::new(id, Status::IoError).from(c.incarnation).encode())
-                    {
+                    if let Err(e) = push_answer(responses, c, Response::new(id, Status::IoError)) {
                         return give_up(c, e);
                     }
-                    c.answered += 1;
                 }
             }
         }
@@ -855,6 +845,18 @@ mod serve {
             crate::startup::mark(crate::startup::Step::FirstTaken);
         }
         took
+    }
+
+    /// Answer on the channel's response ring (as its incarnation), held back for the batch's
+    /// one index write; room was reserved when the request was taken.
+    fn push_answer(
+        responses: &mut ResponseProducer<'static, Region>,
+        c: &mut Channel,
+        resp: Response,
+    ) -> Result<(), RingError> {
+        responses.push_batched(&resp.from(c.incarnation).encode())?;
+        c.answered += 1;
+        Ok(())
     }
 
     /// Put a checked read or write on the device; `Err(None)` if it had no room (kept as

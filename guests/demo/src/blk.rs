@@ -44,15 +44,6 @@ pub struct BlockClient {
     /// left armed between waits and set again only after it fired: a hypercall per wait
     /// costs more than a request under emulation.
     timer_armed: bool,
-    /// The clock and the TSC read together at creation: waits are timed with the TSC (no
-    /// hypercall), converted to nanoseconds against these when the timer fired.
-    epoch: (u64, u64),
-}
-
-/// The time stamp counter (RDTSC is not intercepted: no exit).
-fn tsc() -> u64 {
-    // SAFETY: RDTSC only reads the counter; every x86-64 CPU has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// Requests submitted in a row ([`BlockClient::submitter`]).
@@ -120,8 +111,7 @@ impl BlockClient {
         // The deep ring where the region is large enough: the block benchmark keeps up to
         // that many requests in flight, and the driver wakes it once per half of them.
         let core = Box::new(Client::create_deep(&region).map_err(|_| ClientError::Layout)?);
-        let epoch = (hypercall::clock_ns(), tsc());
-        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_armed: false, epoch })
+        Ok(Self { region, core, signal, wait, given_up: None, timeouts: 0, timer_armed: false })
     }
 
     /// The data area: where buffers go (offsets relative to the region).
@@ -219,17 +209,6 @@ impl BlockClient {
         Ok(bits)
     }
 
-    /// Nanoseconds since the TSC read `start`, from the clock and the TSC now and at
-    /// creation.
-    fn ns_since(&self, start: u64) -> u64 {
-        let (ns, now) = (hypercall::clock_ns(), tsc());
-        let (dns, dtsc) = (ns.saturating_sub(self.epoch.0), now.wrapping_sub(self.epoch.1));
-        if dtsc == 0 {
-            return dns;
-        }
-        (u128::from(now.wrapping_sub(start)) * u128::from(dns) / u128::from(dtsc)) as u64
-    }
-
     /// The next response, waiting for the driver's doorbell if there is none yet, at most
     /// [`REQUEST_TIMEOUT_NS`] without any answer; then every request sent so far is given
     /// up on. A driver restart meanwhile replays what is outstanding and restarts the clock.
@@ -238,7 +217,8 @@ impl BlockClient {
         if let Some(r) = self.next_response()? {
             return Ok(r);
         }
-        let mut start = tsc();
+        // The clock is read from the TSC (`hypercall::clock_ns`): no exit.
+        let mut start = hypercall::clock_ns();
         let mut left = REQUEST_TIMEOUT_NS;
         loop {
             self.arm(left)?;
@@ -250,10 +230,10 @@ impl BlockClient {
             }
             if restarted {
                 // A new driver: it starts from scratch on the replayed requests.
-                start = tsc();
+                start = hypercall::clock_ns();
                 left = REQUEST_TIMEOUT_NS;
             } else if bits & TIMEOUT_BIT != 0 {
-                let waited = self.ns_since(start);
+                let waited = hypercall::clock_ns().saturating_sub(start);
                 if waited >= REQUEST_TIMEOUT_NS {
                     self.given_up = Some(self.core.next_id().saturating_sub(1));
                     self.timeouts += 1;
