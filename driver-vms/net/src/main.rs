@@ -42,6 +42,7 @@ mod driver {
         DropCounters, FrameReceiver, FrameSender, MacAddr, NetDropReason, NetHeader, MAX_FRAME_LEN, MAX_MTU,
     };
     use net_driver::crash::{CrashAfter, Way};
+    use net_driver::idle_poll::{self, IdlePoll};
     use net_driver::switch::{Port, Switch, MAX_GUESTS};
     use net_driver::{arp, drops};
     use virtio_drivers::device::net::VirtIONetRaw;
@@ -384,7 +385,7 @@ mod driver {
     /// back buffers, or holds none): see `domain_rt::heartbeat`. A busy loop (work left
     /// over: it yields instead of halting) lets the timer's interrupt in after each yield,
     /// so it beats as an idle one does.
-    #[allow(clippy::too_many_arguments)] // the device's three parts, the guests, three options
+    #[allow(clippy::too_many_arguments)] // the device's three parts, the guests, four options
     fn serve(
         net: &mut Net,
         rx: &mut Rx,
@@ -395,6 +396,7 @@ mod driver {
         wakeup: Option<Wakeup>,
         mut crash: Option<CrashAfter>,
         mut heartbeat: Option<Heartbeat>,
+        mut idle_poll: IdlePoll,
     ) -> u64 {
         let mut frame = [0u8; MAX_FRAME_LEN];
         let mut first_reported = false;
@@ -408,6 +410,13 @@ mod driver {
         }
         let mut ticks = 0u64;
         let mut missed_interrupts = 0u64;
+        // Polling before sleeping (`net_driver::idle_poll`) switches the device's receive
+        // interrupts off while it polls: only with them.
+        let rx_notes = wakeup.filter(|w| w.watchdog).and_then(|_| kicker.used_notifications(RECEIVE_QUEUE));
+        // Whether the last idle period ended in a poll, with the device's interrupts off:
+        // frames found after it came without an interrupt by design, not late. (A poll that
+        // found nothing turned them on again before the sleep.)
+        let mut polled = false;
         loop {
             // What woke us since the last round: the timer, and anything else?
             let now = domain_rt::irq::Counts::now();
@@ -454,7 +463,7 @@ mod driver {
             // loop runs with interrupts off: the frames' interrupt may have been raised
             // and offered meanwhile. Let it in first (the next round then looks again);
             // only an interrupt still missing now was late or lost.
-            let late = watchdog.is_some() && arrived.timer_only() && received > 0 && {
+            let late = watchdog.is_some() && !core::mem::take(&mut polled) && arrived.timer_only() && received > 0 && {
                 domain_rt::irq::let_offered_in();
                 !counts.until(domain_rt::irq::Counts::now()).others
             };
@@ -575,10 +584,57 @@ mod driver {
                 // (`domain_rt::irq::signal_and_wait_for_virq`).
                 domain_rt::irq::signal_and_wait_for_virq(signal, counts.all);
             } else {
-                // Returns at once if anything arrived during this round.
-                domain_rt::irq::wait_for_virq(counts.all);
+                // Idle (nothing to ring, nothing left over): poll first while every guest
+                // sleeps, then sleep. Both return at once if anything arrived during this
+                // round.
+                let asleep = rx_notes.is_some() && guests.iter().flatten().all(|g| g.rx.wants_doorbell());
+                match rx_notes.as_ref().filter(|_| asleep && idle_poll.max_ns() > 0) {
+                    Some(notes) => {
+                        let start = hypercall::clock_ns();
+                        polled = poll_before_sleep(notes, guests, counts.all, start + idle_poll.window_ns());
+                        if !polled {
+                            domain_rt::irq::wait_for_virq(counts.all);
+                        }
+                        idle_poll.idle_ended(hypercall::clock_ns().saturating_sub(start));
+                    }
+                    None => {
+                        domain_rt::irq::wait_for_virq(counts.all);
+                    }
+                }
             }
         }
+    }
+
+    /// Before sleeping, while every guest sleeps: look at the device's receive queue, the
+    /// guests' TX rings and our own interrupts until the clock reads `deadline`, with the
+    /// device's receive interrupts off (`net_driver::idle_poll` says why). `true` if
+    /// anything arrived; then the loop goes round instead of sleeping.
+    fn poll_before_sleep(
+        notes: &virtio_pci::UsedNotifications,
+        guests: &mut [Option<Guest>],
+        seen: u64,
+        deadline: u64,
+    ) -> bool {
+        let last = notes.pause();
+        let found = loop {
+            if notes.arrived(last) {
+                break true;
+            }
+            if guests.iter_mut().flatten().any(|g| g.tx.pending().map_or(true, |n| n > 0)) {
+                break true;
+            }
+            domain_rt::irq::let_offered_in();
+            if domain_rt::irq::count() != seen {
+                break true;
+            }
+            if hypercall::clock_ns() >= deadline {
+                break false;
+            }
+            core::hint::spin_loop();
+        };
+        // Interrupts back on, then one more look: a frame that arrived while they were
+        // off raises none.
+        notes.resume(last) || found
     }
 
     fn main(info: &BootInfo) -> u64 {
@@ -681,7 +737,27 @@ mod driver {
         if heartbeat.is_some() && wakeup.is_none() {
             println!("heartbeat: no timer to beat by; dom0's watchdog will call me hung when idle");
         }
+        // `idle_poll_us=N`: the longest poll before sleeping (`net_driver::idle_poll`); 0: none.
+        let idle_poll_max_ns = match info.arg("idle_poll_us").map(str::parse::<u64>) {
+            None => idle_poll::DEFAULT_MAX_NS,
+            Some(Ok(us)) => us.saturating_mul(1000),
+            Some(Err(_)) => {
+                println!(
+                    "idle_poll_us={}: not a number of microseconds; polling up to the default {} us",
+                    info.arg("idle_poll_us").unwrap_or(""),
+                    idle_poll::DEFAULT_MAX_NS / 1000
+                );
+                idle_poll::DEFAULT_MAX_NS
+            }
+        };
+        if routed.is_some() {
+            match idle_poll_max_ns {
+                0 => println!("idle polling: off (idle_poll_us=0)"),
+                ns => println!("idle polling: up to {} us before sleeping while every guest sleeps", ns / 1000),
+            }
+        }
         println!("ready");
-        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup, crash, heartbeat)
+        let idle_poll = IdlePoll::new(idle_poll_max_ns);
+        serve(&mut net, &mut rx, &mut tx, &mut guests, &mut switch, &kicker, wakeup, crash, heartbeat, idle_poll)
     }
 }

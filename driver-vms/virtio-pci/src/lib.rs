@@ -21,7 +21,7 @@ use ipc_spec::Hypercall;
 use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
 
-pub use transport::{AccessPlatform, DriverHal, HypercallConfig, Kicker};
+pub use transport::{AccessPlatform, DriverHal, HypercallConfig, Kicker, UsedNotifications};
 
 /// A virtio PCI transport through the IOMMU, as the device drivers take it.
 pub type Transport = AccessPlatform<PciTransport>;
