@@ -26,6 +26,13 @@ const SOCKETS: usize = 16;
 /// 1 MiB heap: they live in [`SOCKET_MEMORY`].
 const RX_BUFFER: usize = 64 * 1024;
 const TX_BUFFER: usize = 16 * 1024;
+/// How much a streamed answer (`/source`, `/echo`) keeps in a connection's output at most.
+/// A phase appends to what is there, so the first piece of a body goes out with the
+/// answer's head: sent alone first, the head was a segment that smoltcp's Nagle rule made
+/// a small body wait behind until the host acknowledged it (a 256-byte `GET /source` took
+/// 2.5 ms instead of 0.2 behind QEMU's user network; behind a peer's 40 ms delayed ACK it
+/// would take 40).
+const OUT_CHUNK: usize = 16 * 1024;
 /// Every socket's buffers, taken once by [`socket_memory`].
 static mut SOCKET_MEMORY: [u8; SOCKETS * (RX_BUFFER + TX_BUFFER)] = [0; SOCKETS * (RX_BUFFER + TX_BUFFER)];
 static SOCKET_MEMORY_TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
@@ -339,6 +346,8 @@ impl<D: NetDevice> Server<D> {
     /// Advances connection `i`'s phase with the bytes in `input` and room in `out`.
     fn step(&mut self, i: usize) -> bool {
         let out_room = self.conns[i].out.is_empty();
+        // What a streamed answer may still append (`OUT_CHUNK`).
+        let out_free = OUT_CHUNK.saturating_sub(self.conns[i].out.len());
         let parsing = matches!(self.conns[i].phase, Phase::Head) && !self.conns[i].input.is_empty();
         let disk = if parsing { self.disk_for_router() } else { Disk::None };
         let conn = &mut self.conns[i];
@@ -358,10 +367,10 @@ impl<D: NetDevice> Server<D> {
                 }
             },
             Phase::Echo { left } => {
-                if !out_room || conn.input.is_empty() {
+                if out_free == 0 || conn.input.is_empty() {
                     return false;
                 }
-                let n = (conn.input.len() as u64).min(left) as usize;
+                let n = (conn.input.len() as u64).min(left).min(out_free as u64) as usize;
                 conn.out.extend(conn.input.drain(..n));
                 let left = left - n as u64;
                 conn.phase = if left == 0 { Phase::Answer { close: !conn.keep_alive } } else { Phase::Echo { left } };
@@ -424,16 +433,17 @@ impl<D: NetDevice> Server<D> {
                 true
             }
             Phase::Source { left, seed, at } => {
-                if !out_room {
+                if out_free == 0 {
                     return false;
                 }
-                let n = left.min(16 * 1024) as usize;
+                let n = left.min(out_free as u64) as usize;
+                let start = conn.out.len();
                 match seed {
                     Some(seed) => {
-                        conn.out.resize(n, 0);
-                        http::seeded_fill(seed, at, &mut conn.out);
+                        conn.out.resize(start + n, 0);
+                        http::seeded_fill(seed, at, &mut conn.out[start..]);
                     }
-                    None => conn.out.extend((0..n).map(|k| b'a' + (k % 26) as u8)),
+                    None => conn.out.extend((0..n as u64).map(|k| b'a' + ((at + k) % 26) as u8)),
                 }
                 let left = left - n as u64;
                 conn.phase = if left == 0 {
@@ -471,6 +481,8 @@ impl<D: NetDevice> Server<D> {
                 );
                 self.conns[i].phase =
                     if len == 0 { Phase::Answer { close: !head.keep_alive } } else { Phase::Echo { left: len } };
+                // The body there already goes out with the head (`OUT_CHUNK`).
+                self.step(i);
             }
             Route::BlkRead { lba, count } => {
                 self.conns[i].out.extend_from_slice(
@@ -490,6 +502,9 @@ impl<D: NetDevice> Server<D> {
                 } else {
                     Phase::Source { left: bytes, seed, at: 0 }
                 };
+                // The body's first piece (a small body whole) goes out with the head
+                // (`OUT_CHUNK`).
+                self.step(i);
             }
             Route::Flush => match self.disk.as_mut().map(|d| d.flush()) {
                 Some(Ok(ipc_spec::block::Status::Ok)) => self.answer(i, Status::Ok, "text/plain", b"flushed\n"),
