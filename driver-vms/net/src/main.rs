@@ -13,13 +13,16 @@
 //! notification its interrupts are routed to), and per net channel
 //! `chan.<name>.kind=net chan.<name>.region=<gpa>:<bytes> chan.<name>.signal=<slot>
 //! chan.<name>.wait=<slot>` (`net_driver::args`); with a hang watchdog in the manifest,
-//! `heartbeat=<slot> heartbeat_ms=<period>` (`domain_rt::heartbeat`; beaten from `serve`).
+//! `heartbeat=<slot> heartbeat_ms=<period>` (`domain_rt::heartbeat`; beaten from `serve`);
+//! from the manifest's `args`, `idle_poll_us=<N>` (the longest poll before sleeping, default
+//! 200; 0: none) and `rogue=...` (`net_driver::crash`).
 //!
 //! Waiting: the device's notification and every channel's doorbell (dom0 gives each channel
 //! its own) are bound to this vCPU as one virtual interrupt; the serve loop halts until any
 //! of them is signalled, then looks at everything (the device's receive queue and every
-//! guest's TX ring). Transmit completions are polled (reaped before each transmit and once
-//! per round).
+//! guest's TX ring). Before it halts while every guest sleeps, it polls for a while with the
+//! device's receive interrupts off (`net_driver::idle_poll`). Transmit completions are
+//! polled (reaped before each transmit and once per round).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(not(target_os = "none"))]
