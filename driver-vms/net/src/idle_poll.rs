@@ -23,6 +23,11 @@ pub const GROW_START_NS: u64 = 50_000;
 /// The default longest window (haltpoll's `guest_halt_poll_ns`, KVM's `halt_poll_ns` on x86).
 pub const DEFAULT_MAX_NS: u64 = 200_000;
 
+/// The longest window a command line may ask for: two of the microvisor's 5 ms time
+/// slices, longer than any answer worth waiting for, and the most a polling driver may
+/// hold vCPUs of its priority or below back.
+pub const LONGEST_MAX_NS: u64 = 10_000_000;
+
 /// The polling window and how it adapts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdlePoll {

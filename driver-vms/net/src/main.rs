@@ -466,7 +466,8 @@ mod driver {
             // loop runs with interrupts off: the frames' interrupt may have been raised
             // and offered meanwhile. Let it in first (the next round then looks again);
             // only an interrupt still missing now was late or lost.
-            let late = watchdog.is_some() && !core::mem::take(&mut polled) && arrived.timer_only() && received > 0 && {
+            let after_poll = core::mem::take(&mut polled);
+            let late = watchdog.is_some() && !after_poll && arrived.timer_only() && received > 0 && {
                 domain_rt::irq::let_offered_in();
                 !counts.until(domain_rt::irq::Counts::now()).others
             };
@@ -743,7 +744,14 @@ mod driver {
         // `idle_poll_us=N`: the longest poll before sleeping (`net_driver::idle_poll`); 0: none.
         let idle_poll_max_ns = match info.arg("idle_poll_us").map(str::parse::<u64>) {
             None => idle_poll::DEFAULT_MAX_NS,
-            Some(Ok(us)) => us.saturating_mul(1000),
+            Some(Ok(us)) if us.saturating_mul(1000) > idle_poll::LONGEST_MAX_NS => {
+                println!(
+                    "idle_poll_us={us}: more than the {} us a poll may hold lower priorities back; polling up to that",
+                    idle_poll::LONGEST_MAX_NS / 1000
+                );
+                idle_poll::LONGEST_MAX_NS
+            }
+            Some(Ok(us)) => us * 1000,
             Some(Err(_)) => {
                 println!(
                     "idle_poll_us={}: not a number of microseconds; polling up to the default {} us",
