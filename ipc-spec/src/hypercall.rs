@@ -250,7 +250,6 @@ impl Hypercall {
     }
 }
 
-/// Capability rights (a bit set).
 /// The microvisor's clock: nanoseconds since `start` at `per_ms` TSC ticks per millisecond
 /// (the `Clock` hypercall's results; `per_ms` 0 counts as 1). The microvisor and every
 /// domain compute it this one way, so a domain's reading agrees with the hypercall's and
@@ -259,6 +258,7 @@ pub fn clock_ns_from_tsc(tsc: u64, start: u64, per_ms: u64) -> u64 {
     (u128::from(tsc.wrapping_sub(start)) * 1_000_000 / u128::from(per_ms.max(1))) as u64
 }
 
+/// Capability rights (a bit set).
 pub mod rights {
     /// Memory: map readable.
     pub const READ: u64 = 1 << 0;

@@ -369,6 +369,20 @@ fn write_slot<M: SharedMem + ?Sized, const N: usize>(mem: &M, at: usize, entry: 
     }
 }
 
+/// Writes a half's own index `index` to the header word at `at`, after a release fence (the
+/// slot accesses before it, writes by the producer or copies by the consumer, come first),
+/// if it moved since it was last written (`written`, updated). Not on a corrupt ring (it is
+/// abandoned).
+#[inline]
+fn write_own_index<M: SharedMem + ?Sized>(mem: &M, at: usize, index: u32, written: &mut u32, corrupt: bool) {
+    if index == *written || corrupt {
+        return;
+    }
+    fence(Ordering::Release);
+    mem.write_u32(at, index);
+    *written = index;
+}
+
 /// The writing half of a ring: owns the `producer` index.
 ///
 /// [`Self::push`] publishes each entry at once. [`Self::push_batched`] writes the entry's
@@ -454,13 +468,8 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Producer<'m, M, SLOT_SIZ
     /// index (none if nothing is unpublished). Not on a corrupt ring (it is abandoned).
     #[inline]
     pub fn publish(&mut self) {
-        if self.producer == self.published || self.corrupt {
-            return;
-        }
         // The slots must be visible before the index that publishes them.
-        fence(Ordering::Release);
-        self.mem.write_u32(self.geo.producer_index(), self.producer);
-        self.published = self.producer;
+        write_own_index(self.mem, self.geo.producer_index(), self.producer, &mut self.published, self.corrupt);
     }
 
     /// As [`Self::push`], for a batch: reads the consumer index only if the one read last
@@ -617,13 +626,8 @@ impl<'m, M: SharedMem + ?Sized, const SLOT_SIZE: usize> Consumer<'m, M, SLOT_SIZ
     /// if every slot is freed already). Not on a corrupt ring (it is abandoned).
     #[inline]
     pub fn release(&mut self) {
-        if self.consumer == self.released || self.corrupt {
-            return;
-        }
         // The copies must be complete before the producer may reuse the slots.
-        fence(Ordering::Release);
-        self.mem.write_u32(self.geo.consumer_index(), self.consumer);
-        self.released = self.consumer;
+        write_own_index(self.mem, self.geo.consumer_index(), self.consumer, &mut self.released, self.corrupt);
     }
 
     /// As [`Self::pop`], for a batch: reads the producer index only if the one read last

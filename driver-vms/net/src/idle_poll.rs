@@ -28,6 +28,35 @@ pub const DEFAULT_MAX_NS: u64 = 200_000;
 /// hold vCPUs of its priority or below back.
 pub const LONGEST_MAX_NS: u64 = 10_000_000;
 
+/// Why the command line's `idle_poll_us=<N>` was not taken as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxArgProblem {
+    /// Not a number of microseconds: the default is used.
+    NotMicroseconds,
+    /// Above [`LONGEST_MAX_NS`]: that is used.
+    TooLong,
+}
+
+impl core::fmt::Display for MaxArgProblem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            MaxArgProblem::NotMicroseconds => "not a number of microseconds",
+            MaxArgProblem::TooLong => "more than a poll may hold lower priorities back",
+        })
+    }
+}
+
+/// The longest window from the command line's `idle_poll_us=<N>` (`None`: not given, the
+/// default; 0: no polling). A value it cannot take gives the window used instead and why.
+pub fn max_ns_from_arg(arg: Option<&str>) -> Result<u64, (u64, MaxArgProblem)> {
+    match arg.map(str::parse::<u64>) {
+        None => Ok(DEFAULT_MAX_NS),
+        Some(Ok(us)) if us.saturating_mul(1000) > LONGEST_MAX_NS => Err((LONGEST_MAX_NS, MaxArgProblem::TooLong)),
+        Some(Ok(us)) => Ok(us * 1000),
+        Some(Err(_)) => Err((DEFAULT_MAX_NS, MaxArgProblem::NotMicroseconds)),
+    }
+}
+
 /// The polling window and how it adapts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdlePoll {
@@ -112,6 +141,19 @@ mod tests {
         for gap in [0, 1, 5_000, 54_000, 1_000_000] {
             p.idle_ended(gap);
             assert_eq!(p.window_ns(), 0);
+        }
+    }
+
+    #[test]
+    fn the_longest_window_from_the_command_line() {
+        assert_eq!(max_ns_from_arg(None), Ok(DEFAULT_MAX_NS));
+        assert_eq!(max_ns_from_arg(Some("0")), Ok(0));
+        assert_eq!(max_ns_from_arg(Some("50")), Ok(50_000));
+        assert_eq!(max_ns_from_arg(Some("10000")), Ok(LONGEST_MAX_NS));
+        assert_eq!(max_ns_from_arg(Some("10001")), Err((LONGEST_MAX_NS, MaxArgProblem::TooLong)));
+        assert_eq!(max_ns_from_arg(Some(&u64::MAX.to_string())), Err((LONGEST_MAX_NS, MaxArgProblem::TooLong)));
+        for bad in ["", "-1", "200us", "0x10"] {
+            assert_eq!(max_ns_from_arg(Some(bad)), Err((DEFAULT_MAX_NS, MaxArgProblem::NotMicroseconds)), "{bad:?}");
         }
     }
 

@@ -414,8 +414,10 @@ mod driver {
         let mut ticks = 0u64;
         let mut missed_interrupts = 0u64;
         // Polling before sleeping (`net_driver::idle_poll`) switches the device's receive
-        // interrupts off while it polls: only with them.
-        let rx_notes = wakeup.filter(|w| w.watchdog).and_then(|_| kicker.used_notifications(RECEIVE_QUEUE));
+        // interrupts off while it polls: only with them, and only if it polls at all.
+        let rx_notes = wakeup
+            .filter(|w| w.watchdog && idle_poll.max_ns() > 0)
+            .and_then(|_| kicker.used_notifications(RECEIVE_QUEUE));
         // Whether the last idle period ended in a poll, with the device's interrupts off:
         // frames found after it came without an interrupt by design, not late. (A poll that
         // found nothing turned them on again before the sleep.)
@@ -591,8 +593,7 @@ mod driver {
                 // Idle (nothing to ring, nothing left over): poll first while every guest
                 // sleeps, then sleep. Both return at once if anything arrived during this
                 // round.
-                let asleep = rx_notes.is_some() && guests.iter().flatten().all(|g| g.rx.wants_doorbell());
-                match rx_notes.as_ref().filter(|_| asleep && idle_poll.max_ns() > 0) {
+                match rx_notes.as_ref().filter(|_| guests.iter().flatten().all(|g| g.rx.wants_doorbell())) {
                     Some(notes) => {
                         let start = hypercall::clock_ns();
                         polled = poll_before_sleep(notes, guests, counts.all, start + idle_poll.window_ns());
@@ -742,25 +743,11 @@ mod driver {
             println!("heartbeat: no timer to beat by; dom0's watchdog will call me hung when idle");
         }
         // `idle_poll_us=N`: the longest poll before sleeping (`net_driver::idle_poll`); 0: none.
-        let idle_poll_max_ns = match info.arg("idle_poll_us").map(str::parse::<u64>) {
-            None => idle_poll::DEFAULT_MAX_NS,
-            Some(Ok(us)) if us.saturating_mul(1000) > idle_poll::LONGEST_MAX_NS => {
-                println!(
-                    "idle_poll_us={us}: more than the {} us a poll may hold lower priorities back; polling up to that",
-                    idle_poll::LONGEST_MAX_NS / 1000
-                );
-                idle_poll::LONGEST_MAX_NS
-            }
-            Some(Ok(us)) => us * 1000,
-            Some(Err(_)) => {
-                println!(
-                    "idle_poll_us={}: not a number of microseconds; polling up to the default {} us",
-                    info.arg("idle_poll_us").unwrap_or(""),
-                    idle_poll::DEFAULT_MAX_NS / 1000
-                );
-                idle_poll::DEFAULT_MAX_NS
-            }
-        };
+        let arg = info.arg("idle_poll_us");
+        let idle_poll_max_ns = idle_poll::max_ns_from_arg(arg).unwrap_or_else(|(ns, why)| {
+            println!("idle_poll_us={}: {why}; polling up to {} us", arg.unwrap_or(""), ns / 1000);
+            ns
+        });
         if routed.is_some() {
             match idle_poll_max_ns {
                 0 => println!("idle polling: off (idle_poll_us=0)"),
